@@ -1,0 +1,1 @@
+"""gRPC servicers and interceptors: transport only, no business logic."""

@@ -1,0 +1,28 @@
+"""The authenticated caller of the current RPC.
+
+The auth interceptor sets it before the servicer runs, in the RPC's own task,
+so servicers read it without threading it through every signature.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+from svantic_grpc.core.auth import Caller
+from svantic_grpc.core.errors import Unauthenticated
+
+__all__ = ["current_caller", "set_caller"]
+
+_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("svantic_caller", default=None)
+
+
+def set_caller(caller: Caller | None) -> None:
+    _caller.set(caller)
+
+
+def current_caller() -> Caller:
+    """The caller of this RPC; ``Unauthenticated`` if none was established."""
+    caller = _caller.get()
+    if caller is None:
+        raise Unauthenticated("this call needs an authorization: Bearer <token> header", reason="NO_TOKEN")
+    return caller

@@ -1,0 +1,220 @@
+"""Conversions between protobuf messages and core records. No logic beyond mapping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, StatusChanged
+from svantic_grpc.core.models import (
+    AgentRegistration,
+    AgentStatus,
+    DeploymentMode,
+    JoinReason,
+    Session,
+    SessionAgent,
+    SessionStatus,
+    Skill,
+    Tool,
+)
+from svantic_grpc.core.registry import AgentSpec
+from svantic_grpc.pb import agent_types_pb2 as agent_pb
+from svantic_grpc.pb import event_types_pb2 as event_pb
+from svantic_grpc.pb import registry_service_pb2 as registry_pb
+from svantic_grpc.pb import session_types_pb2 as session_pb
+
+SESSION_STATUS = {
+    SessionStatus.OPENING: session_pb.SESSION_STATUS_OPENING,
+    SessionStatus.ACTIVE: session_pb.SESSION_STATUS_ACTIVE,
+    SessionStatus.PAUSED: session_pb.SESSION_STATUS_PAUSED,
+    SessionStatus.CLOSED: session_pb.SESSION_STATUS_CLOSED,
+}
+SESSION_STATUS_FROM_PB = {v: k for k, v in SESSION_STATUS.items()}
+JOIN_REASON = {
+    JoinReason.AUTO: agent_pb.JOIN_REASON_AUTO,
+    JoinReason.SELF: agent_pb.JOIN_REASON_SELF,
+    JoinReason.ROUTED: agent_pb.JOIN_REASON_ROUTED,
+    JoinReason.INVITED: agent_pb.JOIN_REASON_INVITED,
+}
+AGENT_STATUS = {
+    AgentStatus.AVAILABLE: agent_pb.AGENT_STATUS_AVAILABLE,
+    AgentStatus.BUSY: agent_pb.AGENT_STATUS_BUSY,
+    AgentStatus.DRAINING: agent_pb.AGENT_STATUS_DRAINING,
+    AgentStatus.OFFLINE: agent_pb.AGENT_STATUS_OFFLINE,
+    AgentStatus.UNHEALTHY: agent_pb.AGENT_STATUS_UNHEALTHY,
+    AgentStatus.UNKNOWN: agent_pb.AGENT_STATUS_UNKNOWN,
+}
+AGENT_STATUS_FROM_PB = {v: k for k, v in AGENT_STATUS.items()}
+DEPLOYMENT_MODE = {
+    DeploymentMode.HOSTED: agent_pb.DEPLOYMENT_MODE_HOSTED,
+    DeploymentMode.CONNECTED: agent_pb.DEPLOYMENT_MODE_CONNECTED,
+}
+DEPLOYMENT_MODE_FROM_PB = {v: k for k, v in DEPLOYMENT_MODE.items()}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for epoch seconds; ``None`` stays unset."""
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def session_agent(agent: SessionAgent) -> session_pb.SessionAgent:
+    return session_pb.SessionAgent(
+        agent_type=agent.agent_type,
+        instance_id=agent.instance_id,
+        join_reason=JOIN_REASON[agent.join_reason],
+        joined_at=timestamp(agent.joined_at),
+        internal=agent.internal,
+        left_at=timestamp(agent.left_at),
+    )
+
+
+def session(record: Session, *, expires_at: float | None, include_agents: bool = True) -> session_pb.Session:
+    return session_pb.Session(
+        session_id=record.session_id,
+        status=SESSION_STATUS[record.status],
+        user_id=record.user_id,
+        created_by=record.created_by,
+        creator_agent_type=record.creator_agent_type,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        last_activity_at=timestamp(record.last_activity_at),
+        expires_at=timestamp(expires_at),
+        closed_at=timestamp(record.closed_at),
+        close_reason=record.close_reason,
+        agents=[session_agent(a) for a in record.agents] if include_agents else [],
+        version=record.version,
+    )
+
+
+def event(record: Event) -> event_pb.SessionEvent:
+    message = event_pb.SessionEvent(
+        session_id=record.session_id, sequence=record.sequence, time=timestamp(record.time)
+    )
+    payload = record.payload
+    if isinstance(payload, AgentJoined):
+        message.agent_joined.agent.CopyFrom(session_agent(payload.agent))
+    elif isinstance(payload, AgentLeft):
+        message.agent_left.CopyFrom(
+            event_pb.AgentLeft(
+                agent_type=payload.agent_type, instance_id=payload.instance_id, reason=payload.reason
+            )
+        )
+    elif isinstance(payload, StatusChanged):
+        message.status_changed.CopyFrom(
+            event_pb.SessionStatusChanged(
+                from_status=SESSION_STATUS[payload.from_status],
+                to_status=SESSION_STATUS[payload.to_status],
+                reason=payload.reason,
+            )
+        )
+    return message
+
+
+def agent(record: AgentRegistration, *, status: AgentStatus) -> agent_pb.Agent:
+    conn = record.connection
+    return agent_pb.Agent(
+        agent_type=record.agent_type,
+        instance_id=record.instance_id,
+        url=record.url,
+        deployment_mode=DEPLOYMENT_MODE[record.deployment_mode],
+        agent_card=struct(record.agent_card),
+        skills=[
+            agent_pb.AgentSkill(
+                id=s.id,
+                name=s.name,
+                description=s.description,
+                tags=s.tags,
+                examples=s.examples,
+                input_modes=s.input_modes,
+                output_modes=s.output_modes,
+            )
+            for s in record.skills
+        ],
+        tools=[
+            agent_pb.AgentTool(name=t.name, description=t.description, input_schema=struct(t.input_schema))
+            for t in record.tools
+        ],
+        mcp_servers=struct(record.mcp_servers),
+        max_concurrent_sessions=record.max_concurrent_sessions,
+        status=AGENT_STATUS[status],
+        reported_status=AGENT_STATUS[record.reported_status],
+        session_ids=record.session_ids,
+        reported_sessions=record.reported_sessions,
+        registered_at=timestamp(record.registered_at),
+        last_seen_at=timestamp(record.last_seen_at),
+        connection=agent_pb.ConnectionState(
+            transport=conn.transport,
+            connected=conn.connected,
+            connected_since=timestamp(conn.connected_since),
+            last_dispatch_at=timestamp(conn.last_dispatch_at),
+            successes=conn.successes,
+            failures=conn.failures,
+            last_error=conn.last_error,
+        ),
+        version=record.version,
+    )
+
+
+def agent_spec(request: registry_pb.RegisterAgentRequest) -> AgentSpec:
+    """The core's view of a RegisterAgentRequest. Skills fall back to the agent card's."""
+    card = from_struct(request.agent_card)
+    skills = tuple(
+        Skill(
+            id=s.id,
+            name=s.name,
+            description=s.description,
+            tags=tuple(s.tags),
+            examples=tuple(s.examples),
+            input_modes=tuple(s.input_modes),
+            output_modes=tuple(s.output_modes),
+        )
+        for s in request.skills
+    ) or _card_skills(card)
+    return AgentSpec(
+        agent_type=request.agent_type,
+        instance_id=request.instance_id,
+        deployment_mode=DEPLOYMENT_MODE_FROM_PB.get(request.deployment_mode),
+        url=request.url,
+        agent_card=card,
+        skills=skills,
+        tools=tuple(
+            Tool(name=t.name, description=t.description, input_schema=from_struct(t.input_schema))
+            for t in request.tools
+        ),
+        mcp_servers=from_struct(request.mcp_servers),
+        max_concurrent_sessions=request.max_concurrent_sessions,
+    )
+
+
+def _card_skills(card: dict[str, Any]) -> tuple[Skill, ...]:
+    skills = card.get("skills")
+    if not isinstance(skills, list):
+        return ()
+    return tuple(
+        Skill(
+            id=str(s.get("id", "")),
+            name=str(s.get("name", "")),
+            description=str(s.get("description", "")),
+            tags=tuple(str(t) for t in s.get("tags", []) or []),
+            examples=tuple(str(e) for e in s.get("examples", []) or []),
+            input_modes=tuple(str(m) for m in s.get("inputModes", []) or []),
+            output_modes=tuple(str(m) for m in s.get("outputModes", []) or []),
+        )
+        for s in skills
+        if isinstance(s, dict)
+    )

@@ -1,0 +1,129 @@
+"""The interceptor that authenticates callers and maps errors for every RPC.
+
+It wraps each method handler so that, inside the RPC's own task:
+  1. the bearer token is verified (except on open methods: GetToken, health,
+     reflection) and the caller is made available to the servicer;
+  2. a ``MeshError`` raised anywhere below becomes its gRPC status with rich
+     details, and any other exception becomes INTERNAL without leaking internals.
+Scopes are checked by the core, next to what they protect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from svantic_grpc.api._context import set_caller
+from svantic_grpc.api.errors import to_grpc_status
+from svantic_grpc.core.auth import TokenIssuer
+from svantic_grpc.core.errors import MeshError, Unauthenticated
+
+__all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
+
+_log = logging.getLogger(__name__)
+
+#: Methods that need no token.
+OPEN_METHOD_PREFIXES = (
+    "/svantic.v1.AuthService/",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Authentication and error mapping around every handler."""
+
+    def __init__(self, issuer: TokenIssuer) -> None:
+        self._issuer = issuer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        if method.startswith(OPEN_METHOD_PREFIXES[2:]):
+            return handler  # health and reflection: grpc's own code, leave untouched
+        authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
+        return _wrap(handler, method, self._issuer if authenticate else None)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None) -> grpc.RpcMethodHandler:
+    async def prepare(context: aio.ServicerContext) -> None:
+        set_caller(None)
+        if issuer is not None:
+            set_caller(issuer.verify(_bearer_token(context)))
+
+    if handler.unary_unary or handler.stream_unary:
+        behavior = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+            try:
+                await prepare(context)
+                return await behavior(request, context)
+            except aio.AbortError:
+                raise
+            except MeshError as error:
+                await _abort(context, error, method)
+            except Exception:
+                await _abort_internal(context, method)
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    behavior = handler.unary_stream or handler.stream_stream
+
+    async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            await prepare(context)
+            async for response in behavior(request, context):
+                yield response
+        except aio.AbortError:
+            raise
+        except MeshError as error:
+            await _abort(context, error, method)
+        except Exception:
+            await _abort_internal(context, method)
+
+    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _bearer_token(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <token>'", reason="MALFORMED_AUTH")
+            return token.strip()
+    raise Unauthenticated(
+        "this call needs an 'authorization: Bearer <token>' header; get a token with AuthService.GetToken",
+        reason="NO_TOKEN",
+    )
+
+
+async def _abort(context: aio.ServicerContext, error: MeshError, method: str) -> None:
+    status = to_grpc_status(error)
+    _log.debug("%s -> %s %s", method, status.code.name, error.message)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _abort_internal(context: aio.ServicerContext, method: str) -> None:
+    _log.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")

@@ -1,0 +1,91 @@
+"""SessionService: each RPC builds the caller, calls one core method, converts the result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from svantic_grpc.api import convert
+from svantic_grpc.api._context import current_caller
+from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.mesh import Mesh
+from svantic_grpc.core.models import Session, SessionStatus
+from svantic_grpc.pb import session_service_pb2 as pb
+from svantic_grpc.pb import session_service_pb2_grpc as pb_grpc
+
+__all__ = ["SessionServicer"]
+
+
+class SessionServicer(pb_grpc.SessionServiceServicer):  # type: ignore[misc]
+    def __init__(self, mesh: Mesh) -> None:
+        self._sessions = mesh.sessions
+
+    def _session(self, record: Session, *, include_agents: bool = True) -> object:
+        return convert.session(record, expires_at=self._sessions.expires_at(record), include_agents=include_agents)
+
+    async def InitSession(
+        self, request: pb.InitSessionRequest, context: aio.ServicerContext
+    ) -> pb.InitSessionResponse:
+        session = await self._sessions.init(
+            current_caller(),
+            session_id=request.session_id,
+            user_id=request.user_id,
+            self_agent_type=request.self_agent_type,
+            self_instance_id=request.self_instance_id,
+        )
+        return pb.InitSessionResponse(session=self._session(session))
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
+        session = await self._sessions.get(current_caller(), request.session_id)
+        return pb.GetSessionResponse(session=self._session(session, include_agents=request.include_agents))
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        statuses: list[SessionStatus] = []
+        for index, value in enumerate(request.statuses):
+            status = convert.SESSION_STATUS_FROM_PB.get(value)
+            if status is None:
+                raise InvalidArgument(f"statuses[{index}]", f"unknown session status {value}")
+            statuses.append(status)
+        page = await self._sessions.list_sessions(
+            current_caller(), statuses=statuses, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListSessionsResponse(
+            sessions=[self._session(s, include_agents=False) for s in page.sessions],
+            next_page_token=page.next_cursor,
+        )
+
+    async def InviteAgent(
+        self, request: pb.InviteAgentRequest, context: aio.ServicerContext
+    ) -> pb.InviteAgentResponse:
+        agent = await self._sessions.invite(
+            current_caller(), request.session_id, agent_type=request.agent_type, instance_id=request.instance_id
+        )
+        return pb.InviteAgentResponse(session_id=request.session_id, agent=convert.session_agent(agent))
+
+    async def ListSessionAgents(
+        self, request: pb.ListSessionAgentsRequest, context: aio.ServicerContext
+    ) -> pb.ListSessionAgentsResponse:
+        session = await self._sessions.agents(
+            current_caller(), request.session_id, include_departed=request.include_departed
+        )
+        return pb.ListSessionAgentsResponse(
+            session_id=session.session_id, agents=[convert.session_agent(a) for a in session.agents]
+        )
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        session, closed_now = await self._sessions.close(current_caller(), request.session_id, reason=request.reason)
+        return pb.CloseSessionResponse(session=self._session(session), closed_now=closed_now)
+
+    async def WatchSession(
+        self, request: pb.WatchSessionRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchSessionResponse]:
+        events = await self._sessions.watch(
+            current_caller(), request.session_id, after_sequence=request.after_sequence
+        )
+        async for event in events:
+            yield pb.WatchSessionResponse(event=convert.event(event))

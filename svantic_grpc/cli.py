@@ -1,0 +1,72 @@
+"""The `svantic-grpc` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from svantic_grpc.config import Settings, SettingsError, load_settings
+from svantic_grpc.core.auth import hash_secret
+from svantic_grpc.server import MeshServer
+
+__all__ = ["main"]
+
+DEFAULT_SETTINGS = "settings.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svantic-grpc", description="An agent mesh served over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the mesh server")
+    serve.add_argument("--settings", default=DEFAULT_SETTINGS, help="settings file (default: ./settings.json)")
+    serve.add_argument("--grpc-address", help="override grpc_address, e.g. 127.0.0.1:50051")
+    commands.add_parser("hash-secret", help="hash a client secret for settings.json (reads it from stdin)")
+    args = parser.parse_args(argv)
+    if args.command == "hash-secret":
+        secret = getpass.getpass("client secret: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if not secret:
+            print("no secret given", file=sys.stderr)
+            return 2
+        print(hash_secret(secret))
+        return 0
+    return _serve(args.settings, args.grpc_address)
+
+
+def _serve(settings_path: str, grpc_address: str | None) -> int:
+    try:
+        settings = load_settings(Path(settings_path))
+        if grpc_address:
+            settings = settings.model_copy(update={"grpc_address": grpc_address})
+    except SettingsError as exc:
+        print(f"svantic-grpc: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_run(settings))
+    except SettingsError as exc:
+        print(f"svantic-grpc: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _run(settings: Settings) -> None:
+    server = MeshServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+        logging.getLogger("svantic_grpc").info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

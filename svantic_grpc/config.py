@@ -1,0 +1,185 @@
+"""settings.json: the server's configuration, validated at start-up.
+
+Unknown keys and wrong types are errors that name the key's path. Secrets are
+never read from the file: the token signing key comes from the environment
+variable named by ``auth.signing_key_env``, and credentials are stored hashed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from svantic_grpc.core.auth import Credential, Scope, TokenSettings, hash_secret
+
+__all__ = [
+    "DEV_CLIENT_ID",
+    "DEV_TENANT_ID",
+    "AuthSettings",
+    "ResolvedAuth",
+    "Settings",
+    "SettingsError",
+    "is_loopback",
+    "load_settings",
+    "parse_settings",
+    "resolve_auth",
+]
+
+#: DEVELOPMENT DEFAULT, LOOPBACK ONLY: the credential the product's walkthrough uses.
+#: Active only when no signing key is set in the environment, and refused on any
+#: non-loopback bind.
+DEV_TENANT_ID = "dev"
+DEV_CLIENT_ID = "svantic"
+_DEV_CLIENT_SECRET = "your-secret"  # noqa: S105 - documented development default, loopback only
+_DEV_SIGNING_KEY = "svantic-grpc-DEVELOPMENT-ONLY-signing-key-not-for-production"  # noqa: S105
+
+
+class SettingsError(ValueError):
+    """settings.json is unreadable or invalid; the message names each bad key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class CredentialSettings(_Model):
+    """One client credential of a tenant."""
+
+    client_id: str = Field(min_length=1)
+    secret_hash: str = Field(pattern=r"^scrypt\$")
+    """Made with `svantic-grpc hash-secret`; never the secret itself."""
+    scopes: list[Literal["read", "full", "admin"]] = ["full"]
+
+
+class TenantSettings(_Model):
+    """A tenant (account) and its credentials."""
+
+    tenant_id: str = Field(min_length=1)
+    credentials: list[CredentialSettings] = []
+
+
+class AuthSettings(_Model):
+    """How tokens are made."""
+
+    issuer: str = "svantic-grpc"
+    signing_key_env: str = "SVANTIC_SIGNING_KEY"
+    """Environment variable holding the HS256 signing key (at least 32 bytes)."""
+    token_ttl_s: int = Field(default=86_400, gt=0)
+    max_token_ttl_s: int = Field(default=7 * 86_400, gt=0)
+
+
+class Settings(_Model):
+    """The whole settings.json."""
+
+    grpc_address: str = "127.0.0.1:50051"
+    """host:port for gRPC; port 0 picks a free one."""
+    http_address: str = "127.0.0.1:8080"
+    """host:port for the adapters' inbound HTTP (Slack, webhooks)."""
+    session_ttl_ms: int = Field(default=1_800_000, ge=0)
+    """Idle time after which a session is closed; 0 disables."""
+    input_request_ttl_ms: int = Field(default=3_600_000, gt=0)
+    """How long an input request waits for a human before it expires."""
+    heartbeat_timeout_ms: int = Field(default=90_000, gt=0)
+    """Silence after which a registered instance is unhealthy."""
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    """How long in-flight calls may finish on shutdown."""
+    subscriber_buffer: int = Field(default=1024, gt=0)
+    """Events a live stream subscriber may fall behind before it is cut off."""
+    store: str = "memory"
+    """`memory` (default)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    auth: AuthSettings = AuthSettings()
+    tenants: list[TenantSettings] = []
+    policies: list[dict[str, Any]] = []
+    """Tool policies; validated when the input-required work lands."""
+    adapters: dict[str, dict[str, Any]] = {}
+    """Adapter name -> its configuration."""
+
+    @field_validator("grpc_address", "http_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, for example 127.0.0.1:50051")
+        return value
+
+
+def parse_settings(data: Any, *, source: str = "settings") -> Settings:
+    """Validate already-parsed JSON."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{source}: {path or '(top level)'}: {message}")
+        raise SettingsError("\n".join(problems)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a settings file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such settings file") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{path}: not valid JSON: {exc}") from None
+    return parse_settings(data, source=str(path))
+
+
+class ResolvedAuth:
+    """Token settings and credentials after applying the environment."""
+
+    def __init__(self, tokens: TokenSettings, credentials: tuple[Credential, ...], development: bool) -> None:
+        self.tokens = tokens
+        self.credentials = credentials
+        self.development = development
+        """True when the loopback-only development default is in use."""
+
+
+def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> ResolvedAuth:
+    """Signing key from the environment; without one, the development default."""
+    env = os.environ if env is None else env
+    auth = settings.auth
+    credentials = tuple(
+        Credential(tenant.tenant_id, c.client_id, c.secret_hash, tuple(Scope(s) for s in c.scopes))
+        for tenant in settings.tenants
+        for c in tenant.credentials
+    )
+    key = env.get(auth.signing_key_env, "")
+    development = not key
+    if development:
+        key = _DEV_SIGNING_KEY
+        if not any(c.client_id == DEV_CLIENT_ID for c in credentials):
+            dev = Credential(DEV_TENANT_ID, DEV_CLIENT_ID, hash_secret(_DEV_CLIENT_SECRET), (Scope.FULL, Scope.ADMIN))
+            credentials = (*credentials, dev)
+    elif len(key.encode()) < 32:
+        raise SettingsError(f"${auth.signing_key_env}: the signing key must be at least 32 bytes")
+    seen: set[str] = set()
+    for c in credentials:
+        if c.client_id in seen:
+            raise SettingsError(f"tenants: client_id {c.client_id!r} appears more than once")
+        seen.add(c.client_id)
+    tokens = TokenSettings(
+        signing_key=key, issuer=auth.issuer, default_ttl_s=auth.token_ttl_s, max_ttl_s=auth.max_token_ttl_s
+    )
+    return ResolvedAuth(tokens, credentials, development)
+
+
+def is_loopback(address: str) -> bool:
+    """True when a host:port binds only to this machine."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

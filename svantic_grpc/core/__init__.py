@@ -1,0 +1,1 @@
+"""The domain: sessions, registry, events, tokens. No gRPC here."""

@@ -1,0 +1,239 @@
+"""Credentials, tokens and the caller they identify.
+
+Secrets are stored as scrypt hashes; tokens are HS256 JWTs made with PyJWT. A
+token names its tenant, so every core call scopes itself with ``Caller.tenant_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+__all__ = [
+    "Caller",
+    "Credential",
+    "Scope",
+    "TokenIssuer",
+    "TokenSettings",
+    "hash_secret",
+    "verify_secret",
+]
+
+_ALGORITHM = "HS256"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+class Scope(enum.Enum):
+    """What a token may do. ``read`` reads; ``full`` also writes; ``admin`` does everything."""
+
+    READ = "read"
+    FULL = "full"
+    ADMIN = "admin"
+
+    def satisfied_by(self, granted: Iterable[Scope]) -> bool:
+        """True when any granted scope covers this one."""
+        rank = {Scope.READ: 0, Scope.FULL: 1, Scope.ADMIN: 2}
+        return any(rank[g] >= rank[self] for g in granted)
+
+
+def hash_secret(secret: str) -> str:
+    """A salted scrypt hash of ``secret``, as stored in settings.json."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    encode = base64.urlsafe_b64encode
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """True when ``secret`` matches a hash made by ``hash_secret`` (constant time)."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.urlsafe_b64decode(digest)
+        actual = hashlib.scrypt(
+            secret.encode(), salt=base64.urlsafe_b64decode(salt), n=int(n), r=int(r), p=int(p)
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A client id, its hashed secret, its tenant and the scopes it may hold."""
+
+    tenant_id: str
+    client_id: str
+    secret_hash: str
+    scopes: tuple[Scope, ...] = (Scope.FULL,)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: decoded from a verified token."""
+
+    tenant_id: str
+    subject: str
+    agent_type: str
+    scopes: tuple[Scope, ...]
+    token_id: str
+
+    def require(self, scope: Scope) -> None:
+        """Raise ``PermissionDenied`` unless the caller holds ``scope``."""
+        if not scope.satisfied_by(self.scopes):
+            held = ", ".join(s.value for s in self.scopes) or "none"
+            raise PermissionDenied(
+                f"this call needs the {scope.value!r} scope; the token has {held}",
+                reason="MISSING_SCOPE",
+                metadata={"required_scope": scope.value},
+            )
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """How tokens are signed and how long they live."""
+
+    signing_key: str
+    issuer: str = "svantic-grpc"
+    default_ttl_s: int = 86_400
+    max_ttl_s: int = 7 * 86_400
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token and what it grants."""
+
+    token: str
+    token_id: str
+    tenant_id: str
+    scopes: tuple[Scope, ...]
+    expires_at: float
+
+
+class TokenIssuer:
+    """Checks credentials, mints tokens, and verifies them."""
+
+    def __init__(
+        self,
+        *,
+        settings: TokenSettings,
+        credentials: Iterable[Credential],
+        clock: Clock,
+        ids: IdGenerator,
+    ) -> None:
+        self._settings = settings
+        self._credentials: Mapping[str, Credential] = {c.client_id: c for c in credentials}
+        self._clock = clock
+        self._ids = ids
+
+    async def issue(
+        self,
+        *,
+        client_id: str,
+        client_secret: str,
+        agent_type: str,
+        expires_in: int = 0,
+        scopes: Iterable[str] = (),
+    ) -> IssuedToken:
+        """A token for a valid credential.
+
+        Raises:
+            InvalidArgument: a field is missing or out of range.
+            Unauthenticated: the credential is unknown or the secret is wrong.
+            PermissionDenied: a requested scope is not held by the credential.
+        """
+        if not client_id:
+            raise InvalidArgument("client_id", "is required")
+        if not client_secret:
+            raise InvalidArgument("client_secret", "is required")
+        if not agent_type:
+            raise InvalidArgument("agent_type", "is required (for example 'a2ui-terminal')")
+        if expires_in < 0:
+            raise InvalidArgument("expires_in", "must be 0 (server default) or a positive number of seconds")
+        requested = _parse_scopes(scopes)
+        credential = self._credentials.get(client_id)
+        # Hash even for unknown ids so timing does not reveal which ids exist.
+        stored = credential.secret_hash if credential else _DUMMY_HASH
+        valid = await asyncio.to_thread(verify_secret, client_secret, stored)
+        if credential is None or not valid:
+            raise Unauthenticated("unknown client_id or wrong client_secret", reason="BAD_CREDENTIALS")
+        granted = requested or credential.scopes
+        missing = [s.value for s in granted if s not in credential.scopes]
+        if missing:
+            raise PermissionDenied(
+                f"the credential does not hold scope(s) {', '.join(missing)}", reason="SCOPE_NOT_GRANTED"
+            )
+        lifetime = min(expires_in or self._settings.default_ttl_s, self._settings.max_ttl_s)
+        now = self._clock.now()
+        token_id = self._ids.new_id("tok_")
+        claims: dict[str, Any] = {
+            "iss": self._settings.issuer,
+            "sub": client_id,
+            "tenant_id": credential.tenant_id,
+            "agent_type": agent_type,
+            "scopes": [s.value for s in granted],
+            "iat": int(now),
+            "exp": int(now) + lifetime,
+            "jti": token_id,
+        }
+        token = jwt.encode(claims, self._settings.signing_key, algorithm=_ALGORITHM)
+        return IssuedToken(token, token_id, credential.tenant_id, tuple(granted), float(claims["exp"]))
+
+    def verify(self, token: str) -> Caller:
+        """The caller a token identifies.
+
+        Raises:
+            Unauthenticated: malformed, wrongly signed, unsigned, expired or
+                missing claims.
+        """
+        try:
+            claims = jwt.decode(
+                token,
+                self._settings.signing_key,
+                algorithms=[_ALGORITHM],
+                issuer=self._settings.issuer,
+                options={"require": ["exp", "iat", "sub", "jti", "iss"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}", reason="INVALID_TOKEN") from exc
+        # Expiry is checked against the injected clock, not the wall clock.
+        if float(claims["exp"]) <= self._clock.now():
+            raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
+        try:
+            return Caller(
+                tenant_id=str(claims["tenant_id"]),
+                subject=str(claims["sub"]),
+                agent_type=str(claims.get("agent_type", "")),
+                scopes=_parse_scopes(claims.get("scopes", [])),
+                token_id=str(claims["jti"]),
+            )
+        except (KeyError, InvalidArgument, TypeError) as exc:
+            raise Unauthenticated("token is missing tenant or scope claims", reason="INVALID_TOKEN") from exc
+
+
+def _parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:
+    scopes: list[Scope] = []
+    for value in values:
+        try:
+            scope = Scope(value)
+        except ValueError:
+            raise InvalidArgument("scopes", f"unknown scope {value!r}; use read, full or admin") from None
+        if scope not in scopes:
+            scopes.append(scope)
+    return tuple(scopes)
+
+
+_DUMMY_HASH = hash_secret(os.urandom(16).hex())

@@ -1,0 +1,51 @@
+"""Injectable time and ids, so TTLs, expiry and tokens are testable without sleeping."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Protocol
+
+__all__ = ["Clock", "IdGenerator", "ManualClock", "SystemClock", "UuidGenerator"]
+
+
+class Clock(Protocol):
+    """Wall-clock time in seconds since the epoch."""
+
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """A clock that moves only when told to; for tests and simulations."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``."""
+        if seconds < 0:
+            raise ValueError("time only moves forward")
+        self._now += seconds
+
+
+class IdGenerator(Protocol):
+    """Makes unique ids; ``prefix`` hints what the id is for."""
+
+    def new_id(self, prefix: str = "") -> str: ...
+
+
+class UuidGenerator:
+    """Random 128-bit ids, hex-encoded, optionally prefixed."""
+
+    def new_id(self, prefix: str = "") -> str:
+        return f"{prefix}{uuid.uuid4().hex}"

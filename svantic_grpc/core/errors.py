@@ -1,0 +1,104 @@
+"""Domain errors. Each maps to one gRPC status in ``svantic_grpc.api.errors``.
+
+Every error carries a machine-readable ``reason`` (UPPER_SNAKE, published as
+``google.rpc.ErrorInfo.reason``) and a message a person can act on.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExists",
+    "Conflict",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "MeshError",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]
+
+
+class MeshError(Exception):
+    """Base of every error the mesh reports to a caller.
+
+    Args:
+        message: What went wrong, for a person.
+        reason: Machine-readable reason; defaults to the class's ``default_reason``.
+        metadata: Extra machine-readable facts (ids, counts), all strings.
+    """
+
+    default_reason = "MESH_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgument(MeshError):
+    """The request is malformed; ``field`` names the offending field."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, *, reason: str | None = None):
+        super().__init__(f"{field}: {message}", reason=reason, metadata={"field": field})
+        self.field = field
+        self.description = message
+
+
+class NotFound(MeshError):
+    """The thing does not exist, or belongs to another tenant."""
+
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(MeshError):
+    """Creating something whose id is taken."""
+
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(MeshError):
+    """The thing is in the wrong state for the request."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Conflict(MeshError):
+    """A concurrent writer won the race; nothing was overwritten."""
+
+    default_reason = "VERSION_CONFLICT"
+
+
+class PermissionDenied(MeshError):
+    """The caller is known but lacks the scope for this."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(MeshError):
+    """No valid credential or token."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(MeshError):
+    """A limit was reached (budget, buffer, capacity)."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(MeshError):
+    """No agent (or other resource) can take this now; trying later may work."""
+
+    default_reason = "UNAVAILABLE"
+
+
+class Unimplemented(MeshError):
+    """The RPC is part of the contract but not served yet."""
+
+    default_reason = "UNIMPLEMENTED"

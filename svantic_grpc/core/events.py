@@ -1,0 +1,197 @@
+"""Session events and the live event bus.
+
+The durable event log lives in the store (so a watcher can resume after any
+sequence number); the bus is the live seam that fans new events out to the
+subscribers of a session. Replicas sharing a store will swap in a bus backed by
+their shared engine; the interface stays the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core.errors import ResourceExhausted
+from svantic_grpc.core.models import SessionAgent, SessionStatus
+
+if TYPE_CHECKING:
+    from svantic_grpc.core.clock import Clock
+    from svantic_grpc.stores.base import Store
+
+__all__ = [
+    "AgentJoined",
+    "AgentLeft",
+    "Event",
+    "EventBus",
+    "EventPayload",
+    "StatusChanged",
+    "Subscription",
+]
+
+
+@dataclass(frozen=True)
+class AgentJoined:
+    """An agent joined the session."""
+
+    agent: SessionAgent
+
+
+@dataclass(frozen=True)
+class AgentLeft:
+    """An agent left the session."""
+
+    agent_type: str
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """The session moved between lifecycle phases."""
+
+    from_status: SessionStatus
+    to_status: SessionStatus
+    reason: str = ""
+
+
+EventPayload: TypeAlias = AgentJoined | AgentLeft | StatusChanged
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a session's event log."""
+
+    tenant_id: str
+    session_id: str
+    sequence: int
+    time: float
+    payload: EventPayload
+
+    @property
+    def closes_session(self) -> bool:
+        """True for the event after which nothing more happens in the session."""
+        return isinstance(self.payload, StatusChanged) and self.payload.to_status is SessionStatus.CLOSED
+
+
+class Subscription:
+    """A live feed of one session's events with a bounded buffer.
+
+    A subscriber that falls ``capacity`` events behind is cut off: iterating
+    raises ``ResourceExhausted`` naming the last sequence it received, so it can
+    resume from the durable log instead of slowing the session or growing memory.
+    """
+
+    def __init__(self, capacity: int, on_close: object) -> None:
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=capacity)
+        self._overflowed = False
+        self._last_delivered = 0
+        self._on_close = on_close
+        self._closed = False
+
+    def offer(self, event: Event) -> None:
+        if self._overflowed or self._closed:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._overflowed = True
+
+    async def next(self) -> Event:
+        """The next event; raises ``ResourceExhausted`` once the buffer overflowed."""
+        if self._overflowed and self._queue.empty():
+            raise ResourceExhausted(
+                f"event stream fell behind by more than {self._queue.maxsize} events and was cut off; "
+                f"resume with after_sequence={self._last_delivered}",
+                reason="SUBSCRIBER_TOO_SLOW",
+                metadata={"after_sequence": str(self._last_delivered)},
+            )
+        event = await self._queue.get()
+        self._last_delivered = event.sequence
+        return event
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            callback = self._on_close
+            if callable(callback):
+                callback(self)
+
+
+class EventBus:
+    """Appends events to the store's log and hands them to live subscribers.
+
+    Appending and fanning out happen under a per-session lock, so every
+    subscriber sees a session's events in sequence order.
+    """
+
+    def __init__(self, *, store: Store, clock: Clock, subscriber_buffer: int = 1024) -> None:
+        self._store = store
+        self._clock = clock
+        self._buffer = subscriber_buffer
+        self._locks = KeyedLock()
+        self._subscribers: dict[tuple[str, str], set[Subscription]] = {}
+
+    async def publish(self, tenant_id: str, session_id: str, payload: EventPayload) -> Event:
+        """Record ``payload`` in the session's log and deliver it live."""
+        key = (tenant_id, session_id)
+        async with self._locks.hold(key):
+            event = await self._store.append_event(
+                tenant_id=tenant_id, session_id=session_id, time=self._clock.now(), payload=payload
+            )
+            for subscription in tuple(self._subscribers.get(key, ())):
+                subscription.offer(event)
+        return event
+
+    def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
+        """Start receiving the session's new events. Close the subscription when done."""
+        key = (tenant_id, session_id)
+
+        def _remove(subscription: Subscription) -> None:
+            subscribers = self._subscribers.get(key)
+            if subscribers is not None:
+                subscribers.discard(subscription)
+                if not subscribers:
+                    del self._subscribers[key]
+
+        subscription = Subscription(self._buffer, _remove)
+        self._subscribers.setdefault(key, set()).add(subscription)
+        return subscription
+
+    def subscriber_count(self, tenant_id: str, session_id: str) -> int:
+        """How many live subscribers the session has."""
+        return len(self._subscribers.get((tenant_id, session_id), ()))
+
+    async def replay_then_follow(
+        self, tenant_id: str, session_id: str, *, after_sequence: int, follow: bool = True, page: int = 500
+    ) -> AsyncIterator[Event]:
+        """Every stored event after ``after_sequence``, then (with ``follow``) live ones, in order.
+
+        Stops after the event that closes the session.
+        """
+        subscription = self.subscribe(tenant_id, session_id)
+        try:
+            last = after_sequence
+            while True:
+                stored = await self._store.list_events(
+                    tenant_id=tenant_id, session_id=session_id, after_sequence=last, limit=page
+                )
+                for event in stored:
+                    last = event.sequence
+                    yield event
+                    if event.closes_session:
+                        return
+                if len(stored) < page:
+                    break
+            while follow:
+                event = await subscription.next()
+                if event.sequence <= last:
+                    continue  # already replayed from the log
+                last = event.sequence
+                yield event
+                if event.closes_session:
+                    return
+        finally:
+            subscription.close()

@@ -1,0 +1,171 @@
+"""Plain domain records shared by the core and the stores.
+
+Records are frozen dataclasses: a change is a new record (``dataclasses.replace``)
+with ``version`` bumped by the store, so a lost race can always be detected.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "INTERNAL_ROLES",
+    "AgentRegistration",
+    "AgentStatus",
+    "ConnectionStats",
+    "DeploymentMode",
+    "JoinReason",
+    "Session",
+    "SessionAgent",
+    "SessionStatus",
+    "Skill",
+    "Tool",
+]
+
+
+class SessionStatus(enum.Enum):
+    """A session's lifecycle phase: opening -> active <-> paused -> closed."""
+
+    OPENING = "opening"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    CLOSED = "closed"
+
+
+class JoinReason(enum.Enum):
+    """How an agent came to be in a session."""
+
+    AUTO = "auto"
+    SELF = "self"
+    ROUTED = "routed"
+    INVITED = "invited"
+
+
+class DeploymentMode(enum.Enum):
+    """How the mesh reaches a remote agent."""
+
+    HOSTED = "hosted"
+    CONNECTED = "connected"
+
+
+class AgentStatus(enum.Enum):
+    """An instance's availability."""
+
+    AVAILABLE = "available"
+    BUSY = "busy"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+    UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"
+
+
+#: The per-session internal agents, in the order they are created.
+INTERNAL_ROLES: tuple[str, ...] = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
+
+
+@dataclass(frozen=True)
+class SessionAgent:
+    """One agent's participation in a session."""
+
+    agent_type: str
+    instance_id: str
+    join_reason: JoinReason
+    joined_at: float
+    internal: bool = False
+    left_at: float | None = None
+    """Set when the agent left; ``None`` while present."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session: the unit of work, owned by one tenant."""
+
+    tenant_id: str
+    session_id: str
+    status: SessionStatus
+    created_at: float
+    updated_at: float
+    last_activity_at: float
+    user_id: str = ""
+    created_by: str = ""
+    creator_agent_type: str = ""
+    closed_at: float | None = None
+    close_reason: str = ""
+    agents: tuple[SessionAgent, ...] = ()
+    version: int = 0
+    """0 before the store has it; the store sets 1 on create and bumps it on update."""
+
+    def present_agents(self) -> tuple[SessionAgent, ...]:
+        """Agents that have not left."""
+        return tuple(a for a in self.agents if a.left_at is None)
+
+    def find_agent(self, *, instance_id: str) -> SessionAgent | None:
+        """The present agent with this instance id, if any."""
+        return next((a for a in self.present_agents() if a.instance_id == instance_id), None)
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A declared skill (as in an A2A agent card)."""
+
+    id: str
+    name: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+    input_modes: tuple[str, ...] = ()
+    output_modes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A declared tool; policies match on its name."""
+
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    """How the mesh reaches an instance and how that went."""
+
+    transport: str = ""
+    connected: bool = False
+    connected_since: float | None = None
+    last_dispatch_at: float | None = None
+    successes: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class AgentRegistration:
+    """A registered remote agent instance, owned by one tenant."""
+
+    tenant_id: str
+    agent_type: str
+    instance_id: str
+    deployment_mode: DeploymentMode
+    registered_at: float
+    last_seen_at: float
+    url: str = ""
+    agent_card: dict[str, Any] = field(default_factory=dict)
+    skills: tuple[Skill, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    mcp_servers: dict[str, Any] = field(default_factory=dict)
+    max_concurrent_sessions: int = 0
+    """0 is unlimited."""
+    reported_status: AgentStatus = AgentStatus.UNKNOWN
+    reported_sessions: int = 0
+    session_ids: tuple[str, ...] = ()
+    """Sessions this instance is bound to."""
+    connection: ConnectionStats = field(default_factory=ConnectionStats)
+    version: int = 0
+
+    @property
+    def load(self) -> int:
+        """Sessions it serves: the larger of the mesh's count and its own."""
+        return max(len(self.session_ids), self.reported_sessions)

@@ -1,0 +1,251 @@
+"""The registry: remote agent instances that declared themselves available.
+
+Status is derived, never stored stale: an instance's effective status is the
+one it reported, made ``unhealthy`` when its heartbeats stop and ``busy`` when
+its sessions reach ``max_concurrent_sessions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlparse
+
+from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core._validate import check_id
+from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode, Skill, Tool
+from svantic_grpc.stores.base import Store
+
+__all__ = ["ROUTABLE", "AgentSpec", "Registry"]
+
+#: Only these effective statuses are picked by routing and invitation.
+ROUTABLE = frozenset({AgentStatus.AVAILABLE, AgentStatus.UNKNOWN})
+RESERVED_PREFIX = "savant:"
+
+ReleaseHook = Callable[[str, AgentRegistration, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What an agent declares when it registers."""
+
+    agent_type: str
+    instance_id: str
+    deployment_mode: DeploymentMode | None = None
+    """``None``: hosted when a URL is given, else connected."""
+    url: str = ""
+    agent_card: dict[str, Any] = field(default_factory=dict)
+    skills: tuple[Skill, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    mcp_servers: dict[str, Any] = field(default_factory=dict)
+    max_concurrent_sessions: int = 0
+
+
+class Registry:
+    """Registers, tracks and picks remote agent instances, per tenant."""
+
+    def __init__(self, *, store: Store, clock: Clock, heartbeat_timeout_s: float) -> None:
+        self._store = store
+        self._clock = clock
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self.locks = KeyedLock()
+        """Held per (tenant, instance) around every change of a registration."""
+        self._release_hooks: list[ReleaseHook] = []
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        return self._heartbeat_timeout_s
+
+    def on_release(self, hook: ReleaseHook) -> None:
+        """Call ``hook(session_id, agent, reason)`` for each session an instance leaves on deregistration."""
+        self._release_hooks.append(hook)
+
+    def effective_status(self, agent: AgentRegistration) -> AgentStatus:
+        """The status routing sees now."""
+        reported = agent.reported_status
+        if reported in (AgentStatus.DRAINING, AgentStatus.OFFLINE, AgentStatus.UNHEALTHY):
+            return reported
+        alive = agent.connection.connected or (
+            self._clock.now() - agent.last_seen_at <= self._heartbeat_timeout_s
+        )
+        if not alive:
+            return AgentStatus.UNHEALTHY
+        if agent.max_concurrent_sessions and len(agent.session_ids) >= agent.max_concurrent_sessions:
+            return AgentStatus.BUSY
+        return reported
+
+    def is_routable(self, agent: AgentRegistration) -> bool:
+        return self.effective_status(agent) in ROUTABLE
+
+    async def register(self, caller: Caller, spec: AgentSpec) -> tuple[AgentRegistration, bool]:
+        """Register or update an instance; returns it and whether it is new."""
+        caller.require(Scope.FULL)
+        spec = _validated(spec)
+        mode = spec.deployment_mode or (DeploymentMode.HOSTED if spec.url else DeploymentMode.CONNECTED)
+        now = self._clock.now()
+        async with self.locks.hold((caller.tenant_id, spec.instance_id)):
+            current = await self._store.get_agent(tenant_id=caller.tenant_id, instance_id=spec.instance_id)
+            if current is None:
+                agent = AgentRegistration(
+                    tenant_id=caller.tenant_id,
+                    agent_type=spec.agent_type,
+                    instance_id=spec.instance_id,
+                    deployment_mode=mode,
+                    registered_at=now,
+                    last_seen_at=now,
+                    url=spec.url,
+                    agent_card=spec.agent_card,
+                    skills=spec.skills,
+                    tools=spec.tools,
+                    mcp_servers=spec.mcp_servers,
+                    max_concurrent_sessions=spec.max_concurrent_sessions,
+                )
+                return await self._store.create_agent(agent), True
+            if current.deployment_mode is not mode:
+                raise FailedPrecondition(
+                    f"instance {spec.instance_id!r} is registered as {current.deployment_mode.value}; "
+                    f"deregister it before registering it as {mode.value}",
+                    reason="DEPLOYMENT_MODE_CONFLICT",
+                )
+            if current.agent_type != spec.agent_type:
+                raise FailedPrecondition(
+                    f"instance {spec.instance_id!r} is registered as agent type {current.agent_type!r}; "
+                    "deregister it before reusing its id for another type",
+                    reason="AGENT_TYPE_CONFLICT",
+                )
+            updated = replace(
+                current,
+                url=spec.url,
+                agent_card=spec.agent_card,
+                skills=spec.skills,
+                tools=spec.tools,
+                mcp_servers=spec.mcp_servers,
+                max_concurrent_sessions=spec.max_concurrent_sessions,
+                last_seen_at=now,
+            )
+            return await self._store.update_agent(updated), False
+
+    async def heartbeat(
+        self, caller: Caller, instance_id: str, *, status: AgentStatus | None, current_sessions: int
+    ) -> AgentRegistration:
+        """Record that an instance is alive, with its status and load."""
+        caller.require(Scope.FULL)
+        check_id("instance_id", instance_id)
+        if current_sessions < 0:
+            raise InvalidArgument("current_sessions", "must not be negative")
+        async with self.locks.hold((caller.tenant_id, instance_id)):
+            current = await self.get(caller, instance_id)
+            updated = replace(
+                current,
+                reported_status=status or current.reported_status,
+                reported_sessions=current_sessions,
+                last_seen_at=self._clock.now(),
+            )
+            return await self._store.update_agent(updated)
+
+    async def deregister(self, caller: Caller, instance_id: str) -> tuple[str, ...]:
+        """Remove an instance; returns the sessions it left."""
+        caller.require(Scope.FULL)
+        check_id("instance_id", instance_id)
+        async with self.locks.hold((caller.tenant_id, instance_id)):
+            current = await self.get(caller, instance_id)
+            await self._store.delete_agent(
+                tenant_id=caller.tenant_id, instance_id=instance_id, version=current.version
+            )
+        for session_id in current.session_ids:
+            for hook in self._release_hooks:
+                await hook(session_id, current, "deregistered")
+        return current.session_ids
+
+    async def get(self, caller: Caller, instance_id: str) -> AgentRegistration:
+        """One instance of the caller's tenant."""
+        caller.require(Scope.READ)
+        check_id("instance_id", instance_id)
+        agent = await self._store.get_agent(tenant_id=caller.tenant_id, instance_id=instance_id)
+        if agent is None:
+            raise NotFound(f"agent instance {instance_id!r} not found", reason="AGENT_NOT_FOUND")
+        return agent
+
+    async def list_agents(
+        self, caller: Caller, *, agent_type: str = "", routable_only: bool = False
+    ) -> Sequence[AgentRegistration]:
+        """The tenant's instances."""
+        caller.require(Scope.READ)
+        agents = await self._store.list_agents(tenant_id=caller.tenant_id, agent_type=agent_type)
+        return [a for a in agents if not routable_only or self.is_routable(a)]
+
+    async def pick(self, tenant_id: str, agent_type: str) -> AgentRegistration:
+        """The least-loaded routable instance of ``agent_type``.
+
+        Ties go to the instance seen most recently, then to the lowest id, so the
+        choice is stable.
+
+        Raises:
+            Unavailable: no instance of that type can take a session now.
+        """
+        agents = await self._store.list_agents(tenant_id=tenant_id, agent_type=agent_type)
+        routable = [a for a in agents if self.is_routable(a)]
+        if not routable:
+            if not agents:
+                detail = "none is registered"
+            else:
+                counts: dict[str, int] = {}
+                for a in agents:
+                    status = self.effective_status(a).value
+                    counts[status] = counts.get(status, 0) + 1
+                detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            raise Unavailable(
+                f"no available instance of agent type {agent_type!r} ({detail})",
+                reason="NO_AGENT_AVAILABLE",
+                metadata={"agent_type": agent_type},
+            )
+        return min(routable, key=lambda a: (a.load, -a.last_seen_at, a.instance_id))
+
+    async def bind(self, agent: AgentRegistration, session_id: str) -> AgentRegistration:
+        """Record that ``agent`` serves ``session_id``. Hold ``locks`` for the instance."""
+        if session_id in agent.session_ids:
+            return agent
+        return await self._store.update_agent(replace(agent, session_ids=(*agent.session_ids, session_id)))
+
+    async def unbind(self, tenant_id: str, instance_id: str, session_id: str) -> None:
+        """Release ``instance_id`` from ``session_id``, if it is still registered and bound."""
+        async with self.locks.hold((tenant_id, instance_id)):
+            agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+            if agent is None or session_id not in agent.session_ids:
+                return
+            remaining = tuple(s for s in agent.session_ids if s != session_id)
+            await self._store.update_agent(replace(agent, session_ids=remaining))
+
+    def next_heartbeat_before(self, agent: AgentRegistration) -> float:
+        """When the instance turns unhealthy without another heartbeat."""
+        return agent.last_seen_at + self._heartbeat_timeout_s
+
+
+def _validated(spec: AgentSpec) -> AgentSpec:
+    check_id("agent_type", spec.agent_type)
+    check_id("instance_id", spec.instance_id)
+    if spec.agent_type.startswith(RESERVED_PREFIX):
+        raise InvalidArgument("agent_type", f"the {RESERVED_PREFIX!r} prefix is reserved for internal agents")
+    if spec.max_concurrent_sessions < 0:
+        raise InvalidArgument("max_concurrent_sessions", "must be 0 (unlimited) or positive")
+    if spec.url:
+        parsed = urlparse(spec.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InvalidArgument("url", f"{spec.url!r} is not an http(s) URL")
+    if spec.deployment_mode is DeploymentMode.HOSTED and not spec.url:
+        raise InvalidArgument("url", "is required for a hosted agent (the A2A endpoint the mesh calls)")
+    seen: set[str] = set()
+    for index, skill in enumerate(spec.skills):
+        if not skill.id:
+            raise InvalidArgument(f"skills[{index}].id", "is required")
+        if skill.id in seen:
+            raise InvalidArgument(f"skills[{index}].id", f"duplicate skill id {skill.id!r}")
+        seen.add(skill.id)
+    for index, tool in enumerate(spec.tools):
+        if not tool.name:
+            raise InvalidArgument(f"tools[{index}].name", "is required")
+    return spec

@@ -1,0 +1,323 @@
+"""Sessions: the unit of work, their agents and their lifecycle.
+
+Every change to a session happens under that session's lock and is written with
+the version it read, so two writers never silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
+
+from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core._validate import check_id
+from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, StatusChanged
+from svantic_grpc.core.models import (
+    INTERNAL_ROLES,
+    AgentRegistration,
+    JoinReason,
+    Session,
+    SessionAgent,
+    SessionStatus,
+)
+from svantic_grpc.core.reaper import IdleReaper
+from svantic_grpc.core.registry import Registry
+from svantic_grpc.stores.base import SessionPage, Store
+
+__all__ = ["MAX_PAGE_SIZE", "Sessions"]
+
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+
+
+class Sessions:
+    """Opens, changes, watches and closes sessions."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: EventBus,
+        registry: Registry,
+        clock: Clock,
+        ids: IdGenerator,
+        ttl_s: float,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._registry = registry
+        self._clock = clock
+        self._ids = ids
+        self._ttl_s = ttl_s
+        self._locks = KeyedLock()
+        self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
+        registry.on_release(self._agent_released)
+
+    @property
+    def ttl_s(self) -> float:
+        """Idle time after which a session closes; 0 disables."""
+        return self._ttl_s
+
+    def expires_at(self, session: Session) -> float | None:
+        """When the idle TTL closes the session, or ``None``."""
+        if not self._ttl_s or session.status is SessionStatus.CLOSED:
+            return None
+        return session.last_activity_at + self._ttl_s
+
+    async def init(
+        self,
+        caller: Caller,
+        *,
+        session_id: str = "",
+        user_id: str = "",
+        self_agent_type: str = "",
+        self_instance_id: str = "",
+    ) -> Session:
+        """Create a session with its internal agents and, optionally, the caller."""
+        caller.require(Scope.FULL)
+        check_id("session_id", session_id, required=False)
+        if bool(self_agent_type) != bool(self_instance_id):
+            missing = "self_instance_id" if self_agent_type else "self_agent_type"
+            raise InvalidArgument(missing, "self-join needs both self_agent_type and self_instance_id")
+        check_id("self_agent_type", self_agent_type, required=False)
+        check_id("self_instance_id", self_instance_id, required=False)
+        if self_agent_type.startswith("savant:"):
+            raise InvalidArgument("self_agent_type", "internal agents never create sessions")
+        if len(user_id) > 256:
+            raise InvalidArgument("user_id", "is longer than 256 characters")
+        session_id = session_id or self._ids.new_id("ses_")
+        now = self._clock.now()
+        agents = [
+            SessionAgent(f"savant:{role}", f"{role}-{session_id}", JoinReason.AUTO, now, internal=True)
+            for role in INTERNAL_ROLES
+        ]
+        if self_agent_type:
+            agents.append(SessionAgent(self_agent_type, self_instance_id, JoinReason.SELF, now))
+        draft = Session(
+            tenant_id=caller.tenant_id,
+            session_id=session_id,
+            status=SessionStatus.OPENING,
+            created_at=now,
+            updated_at=now,
+            last_activity_at=now,
+            user_id=user_id,
+            created_by=caller.subject,
+            creator_agent_type=caller.agent_type,
+            agents=tuple(agents),
+        )
+        async with self._locks.hold((caller.tenant_id, session_id)):
+            session = await self._store.create_session(draft)
+            for agent in session.agents:
+                await self._bus.publish(caller.tenant_id, session_id, AgentJoined(agent))
+            session = await self._store.update_session(replace(session, status=SessionStatus.ACTIVE))
+            await self._bus.publish(
+                caller.tenant_id,
+                session_id,
+                StatusChanged(SessionStatus.OPENING, SessionStatus.ACTIVE, f"opened by {caller.subject}"),
+            )
+        if self._ttl_s:
+            self.reaper.schedule(caller.tenant_id, session_id, now + self._ttl_s)
+        return session
+
+    async def get(self, caller: Caller, session_id: str) -> Session:
+        """One session of the caller's tenant."""
+        caller.require(Scope.READ)
+        return await self._get(caller.tenant_id, session_id)
+
+    async def list_sessions(
+        self,
+        caller: Caller,
+        *,
+        statuses: Iterable[SessionStatus] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> SessionPage:
+        """The tenant's sessions, newest first."""
+        caller.require(Scope.READ)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        return await self._store.list_sessions(
+            tenant_id=caller.tenant_id,
+            statuses=statuses,
+            page_size=page_size or DEFAULT_PAGE_SIZE,
+            cursor=page_token,
+        )
+
+    async def invite(
+        self, caller: Caller, session_id: str, *, agent_type: str, instance_id: str = ""
+    ) -> SessionAgent:
+        """Bring a registered remote agent into a session (join reason ``invited``)."""
+        caller.require(Scope.FULL)
+        check_id("agent_type", agent_type)
+        check_id("instance_id", instance_id, required=False)
+        return await self.add_remote_agent(
+            caller.tenant_id, session_id, agent_type=agent_type, instance_id=instance_id, reason=JoinReason.INVITED
+        )
+
+    async def add_remote_agent(
+        self, tenant_id: str, session_id: str, *, agent_type: str, instance_id: str, reason: JoinReason
+    ) -> SessionAgent:
+        """Bind a remote instance to a session: the given one, one already there, or the least loaded.
+
+        Used by invitation and by routing (``reason`` says which).
+        """
+        async with self._locks.hold((tenant_id, session_id)):
+            session = self._require_open(await self._get(tenant_id, session_id))
+            if instance_id:
+                present = session.find_agent(instance_id=instance_id)
+            else:  # session affinity: reuse the instance of this type already here
+                present = next((a for a in session.present_agents() if a.agent_type == agent_type), None)
+            if present is not None:
+                if present.agent_type != agent_type:
+                    raise InvalidArgument(
+                        "agent_type", f"instance {instance_id!r} is in the session as {present.agent_type!r}"
+                    )
+                return present
+            agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id)
+            now = self._clock.now()
+            joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
+            try:
+                await self._store.update_session(
+                    replace(session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now)
+                )
+            except BaseException:
+                await self._registry.unbind(tenant_id, agent.instance_id, session_id)
+                raise
+            await self._bus.publish(tenant_id, session_id, AgentJoined(joined))
+            return joined
+
+    async def _bind_instance(
+        self, tenant_id: str, session_id: str, agent_type: str, instance_id: str
+    ) -> AgentRegistration:
+        registry = self._registry
+        if not instance_id:
+            instance_id = (await registry.pick(tenant_id, agent_type)).instance_id
+        async with registry.locks.hold((tenant_id, instance_id)):
+            # Re-read under the instance lock: the pick above may be stale by now.
+            agent = await self._store_agent(tenant_id, instance_id)
+            if agent.agent_type != agent_type:
+                raise InvalidArgument(
+                    "agent_type", f"instance {instance_id!r} is a {agent.agent_type!r}, not {agent_type!r}"
+                )
+            if not registry.is_routable(agent):
+                status = registry.effective_status(agent).value
+                raise Unavailable(
+                    f"instance {instance_id!r} is {status} and cannot join a session now",
+                    reason="AGENT_NOT_ROUTABLE",
+                    metadata={"instance_id": instance_id, "status": status},
+                )
+            return await registry.bind(agent, session_id)
+
+    async def _store_agent(self, tenant_id: str, instance_id: str) -> AgentRegistration:
+        agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+        if agent is None:
+            raise NotFound(f"agent instance {instance_id!r} not found", reason="AGENT_NOT_FOUND")
+        return agent
+
+    async def agents(self, caller: Caller, session_id: str, *, include_departed: bool = False) -> Session:
+        """The session, for its agent list."""
+        caller.require(Scope.READ)
+        session = await self._get(caller.tenant_id, session_id)
+        if include_departed:
+            return session
+        return replace(session, agents=session.present_agents())
+
+    async def close(self, caller: Caller, session_id: str, *, reason: str = "") -> tuple[Session, bool]:
+        """Close a session; returns it and whether this call closed it."""
+        caller.require(Scope.FULL)
+        check_id("session_id", session_id)
+        if len(reason) > 1024:
+            raise InvalidArgument("reason", "is longer than 1024 characters")
+        return await self._close(caller.tenant_id, session_id, reason or f"closed by {caller.subject}")
+
+    async def _close(self, tenant_id: str, session_id: str, reason: str) -> tuple[Session, bool]:
+        async with self._locks.hold((tenant_id, session_id)):
+            session = await self._get(tenant_id, session_id)
+            if session.status is SessionStatus.CLOSED:
+                return session, False
+            now = self._clock.now()
+            leaving = session.present_agents()
+            agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
+            closed = await self._store.update_session(
+                replace(
+                    session,
+                    status=SessionStatus.CLOSED,
+                    agents=agents,
+                    closed_at=now,
+                    close_reason=reason,
+                    updated_at=now,
+                )
+            )
+            for agent in leaving:
+                if not agent.internal and agent.join_reason is not JoinReason.SELF:
+                    await self._registry.unbind(tenant_id, agent.instance_id, session_id)
+                left_reason = "session closed" if agent.internal else "released: session closed"
+                await self._bus.publish(
+                    tenant_id, session_id, AgentLeft(agent.agent_type, agent.instance_id, left_reason)
+                )
+            await self._bus.publish(
+                tenant_id, session_id, StatusChanged(session.status, SessionStatus.CLOSED, reason)
+            )
+        self.reaper.forget(tenant_id, session_id)
+        return closed, True
+
+    async def watch(self, caller: Caller, session_id: str, *, after_sequence: int = 0) -> AsyncIterator[Event]:
+        """The session's events after ``after_sequence``, then live ones until it closes."""
+        caller.require(Scope.READ)
+        if after_sequence < 0:
+            raise InvalidArgument("after_sequence", "must not be negative")
+        session = await self._get(caller.tenant_id, session_id)
+        follow = session.status is not SessionStatus.CLOSED
+        return self._bus.replay_then_follow(
+            caller.tenant_id, session_id, after_sequence=after_sequence, follow=follow
+        )
+
+    async def recover(self) -> int:
+        """Arm the idle TTL of every open session in the store (at start-up)."""
+        sessions = await self._store.open_sessions()
+        if self._ttl_s:
+            for session in sessions:
+                self.reaper.schedule(session.tenant_id, session.session_id, session.last_activity_at + self._ttl_s)
+        return len(sessions)
+
+    async def _agent_released(self, session_id: str, agent: AgentRegistration, reason: str) -> None:
+        """An instance was deregistered: it leaves the session."""
+        async with self._locks.hold((agent.tenant_id, session_id)):
+            session = await self._store.get_session(tenant_id=agent.tenant_id, session_id=session_id)
+            if session is None or session.status is SessionStatus.CLOSED:
+                return
+            present = session.find_agent(instance_id=agent.instance_id)
+            if present is None:
+                return
+            now = self._clock.now()
+            agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
+            await self._store.update_session(replace(session, agents=agents, updated_at=now))
+            await self._bus.publish(
+                agent.tenant_id, session_id, AgentLeft(agent.agent_type, agent.instance_id, reason)
+            )
+
+    async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
+        session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+        return None if session is None else self.expires_at(session)
+
+    async def _close_idle(self, tenant_id: str, session_id: str) -> None:
+        await self._close(tenant_id, session_id, "idle ttl")
+
+    async def _get(self, tenant_id: str, session_id: str) -> Session:
+        check_id("session_id", session_id)
+        session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+        if session is None:
+            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+        return session
+
+    @staticmethod
+    def _require_open(session: Session) -> Session:
+        if session.status is SessionStatus.CLOSED:
+            raise FailedPrecondition(
+                f"session {session.session_id!r} is closed ({session.close_reason})",
+                reason="SESSION_CLOSED",
+            )
+        return session

@@ -1,0 +1,164 @@
+"""The composition root: settings in, a running gRPC server out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from svantic_grpc.api.auth_service import AuthServicer
+from svantic_grpc.api.interceptors import MeshInterceptor
+from svantic_grpc.api.message_service import MessageServicer
+from svantic_grpc.api.registry_service import RegistryServicer
+from svantic_grpc.api.session_service import SessionServicer
+from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.pb import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    message_service_pb2,
+    message_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+)
+from svantic_grpc.stores import open_store
+
+__all__ = ["SERVICE_NAMES", "MeshServer"]
+
+_log = logging.getLogger("svantic_grpc")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (auth_service_pb2, "AuthService"),
+        (session_service_pb2, "SessionService"),
+        (registry_service_pb2, "RegistryService"),
+        (message_service_pb2, "MessageService"),
+    )
+)
+
+
+class MeshServer:
+    """One gRPC server process: the mesh core behind its four services.
+
+    Use ``async with MeshServer(settings) as server:``; ``server.port`` is the
+    bound port (useful with port 0).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        env: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+        ids: IdGenerator | None = None,
+    ) -> None:
+        self.settings = settings
+        auth = resolve_auth(settings, env)
+        self.development = auth.development
+        if auth.development and not is_loopback(settings.grpc_address):
+            raise SettingsError(
+                f"grpc_address {settings.grpc_address!r} is not loopback, and no signing key is set in "
+                f"${settings.auth.signing_key_env}: the development default only runs on loopback. "
+                "Set the signing key and configure tenants to serve on other addresses."
+            )
+        try:
+            store = open_store(settings.store)
+        except ValueError as exc:
+            raise SettingsError(f"store: {exc}") from None
+        self.mesh = Mesh(
+            store=store,
+            tokens=auth.tokens,
+            credentials=auth.credentials,
+            options=MeshOptions(
+                session_ttl_s=settings.session_ttl_ms / 1000,
+                heartbeat_timeout_s=settings.heartbeat_timeout_ms / 1000,
+                subscriber_buffer=settings.subscriber_buffer,
+            ),
+            clock=clock,
+            ids=ids,
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self.port = 0
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Bind, start serving and start background work."""
+        if self.development:
+            _log.warning(
+                "DEVELOPMENT MODE: no signing key in $%s. Tokens are signed with a built-in key and the "
+                "walkthrough credential (client_id 'svantic') is accepted. Loopback only; never use in "
+                "production.",
+                self.settings.auth.signing_key_env,
+            )
+        await self.mesh.start()
+        server = aio.server(
+            interceptors=[MeshInterceptor(self.mesh.tokens)],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.mesh), server)
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.mesh), server)
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.mesh), server)
+        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(self.settings.grpc_address)
+        except RuntimeError as exc:
+            await self.mesh.stop()
+            raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.settings.grpc_address.rpartition(":")[0]
+        _log.info("svantic-grpc serving gRPC on %s:%d (store: %s)", host, self.port, self.settings.store)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: health NOT_SERVING, background work stops, in-flight calls get ``grace``.
+
+        Safe to call twice.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self._health.enter_graceful_shutdown()  # every service NOT_SERVING from here on
+        await self.mesh.sessions.reaper.stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.mesh.stop()
+        _log.info("svantic-grpc stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    @property
+    def target(self) -> str:
+        """``host:port`` a client on this machine dials."""
+        host = self.settings.grpc_address.rpartition(":")[0]
+        if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - a bind-all address is dialed on loopback
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def __aenter__(self) -> MeshServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop(grace=0)
+

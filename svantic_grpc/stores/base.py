@@ -1,0 +1,129 @@
+"""The store seam: one async interface, an in-memory and a SQLite implementation.
+
+Both pass the contract suite in ``tests/stores``. Writers pass the version they
+read; a store refuses an update whose version is stale with ``Conflict`` and
+never overwrites silently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+
+__all__ = ["SessionPage", "Store"]
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """One page of sessions, newest first."""
+
+    sessions: tuple[Session, ...]
+    next_cursor: str
+    """Opaque; empty on the last page."""
+
+
+class Store(ABC):
+    """Durable state of the mesh, partitioned by tenant.
+
+    Every read takes the tenant id, and a record of another tenant is
+    indistinguishable from a missing one.
+    """
+
+    # Sessions
+
+    @abstractmethod
+    async def create_session(self, session: Session) -> Session:
+        """Insert a new session; returns it with ``version`` 1.
+
+        Raises:
+            AlreadyExists: the tenant already has a session with this id.
+        """
+
+    @abstractmethod
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
+        """The session, or ``None``."""
+
+    @abstractmethod
+    async def update_session(self, session: Session) -> Session:
+        """Replace a session whose stored version equals ``session.version``.
+
+        Returns it with the version bumped.
+
+        Raises:
+            NotFound: no such session.
+            Conflict: the stored version differs (someone else wrote first).
+        """
+
+    @abstractmethod
+    async def list_sessions(
+        self,
+        *,
+        tenant_id: str,
+        statuses: Iterable[SessionStatus] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> SessionPage:
+        """The tenant's sessions, newest first, optionally filtered by status."""
+
+    @abstractmethod
+    async def open_sessions(self) -> Sequence[Session]:
+        """Every session of every tenant that is not closed (for start-up recovery)."""
+
+    # Agent registrations
+
+    @abstractmethod
+    async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        """Insert a registration; returns it with ``version`` 1.
+
+        Raises:
+            AlreadyExists: the tenant already has this instance id.
+        """
+
+    @abstractmethod
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
+        """The registration, or ``None``."""
+
+    @abstractmethod
+    async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        """Replace a registration whose stored version equals ``agent.version``.
+
+        Raises:
+            NotFound: no such instance.
+            Conflict: the stored version differs.
+        """
+
+    @abstractmethod
+    async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
+        """Remove a registration at ``version``.
+
+        Raises:
+            NotFound: no such instance.
+            Conflict: the stored version differs.
+        """
+
+    @abstractmethod
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        """The tenant's registrations, by agent type then instance id."""
+
+    # Event log
+
+    @abstractmethod
+    async def append_event(
+        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
+    ) -> Event:
+        """Append to the session's log; the event gets the next sequence number (from 1)."""
+
+    @abstractmethod
+    async def list_events(
+        self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
+    ) -> Sequence[Event]:
+        """Events with a sequence above ``after_sequence``, in order, at most ``limit``."""
+
+    # Lifecycle
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, idempotent
+        """Release resources. Safe to call twice."""

@@ -1,0 +1,143 @@
+"""The in-memory store: the default, and the reference for the contract suite.
+
+It copies records on the way in and out so callers cannot change stored state
+behind its back, exactly as with a database.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
+from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores.base import SessionPage, Store
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """Keeps everything in dicts; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._agents: dict[tuple[str, str], AgentRegistration] = {}
+        self._events: dict[tuple[str, str], list[Event]] = {}
+
+    async def create_session(self, session: Session) -> Session:
+        key = (session.tenant_id, session.session_id)
+        if key in self._sessions:
+            raise AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
+        stored = replace(copy.deepcopy(session), version=1)
+        self._sessions[key] = stored
+        return copy.deepcopy(stored)
+
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
+        return copy.deepcopy(self._sessions.get((tenant_id, session_id)))
+
+    async def update_session(self, session: Session) -> Session:
+        key = (session.tenant_id, session.session_id)
+        current = self._sessions.get(key)
+        if current is None:
+            raise NotFound(f"session {session.session_id!r} not found", reason="SESSION_NOT_FOUND")
+        if current.version != session.version:
+            raise Conflict(
+                f"session {session.session_id!r} changed concurrently "
+                f"(version {session.version} was read, {current.version} is stored)",
+                metadata={"stored_version": str(current.version)},
+            )
+        stored = replace(copy.deepcopy(session), version=current.version + 1)
+        self._sessions[key] = stored
+        return copy.deepcopy(stored)
+
+    async def list_sessions(
+        self,
+        *,
+        tenant_id: str,
+        statuses: Iterable[SessionStatus] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> SessionPage:
+        wanted = set(statuses)
+        after = decode_cursor(cursor) if cursor else None
+        rows = sorted(
+            (
+                s
+                for (tenant, _), s in self._sessions.items()
+                if tenant == tenant_id and (not wanted or s.status in wanted)
+            ),
+            key=lambda s: (s.created_at, s.session_id),
+            reverse=True,
+        )
+        if after is not None:
+            rows = [s for s in rows if (s.created_at, s.session_id) < after]
+        page = rows[:page_size]
+        more = len(rows) > page_size
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].session_id) if more and page else ""
+        return SessionPage(tuple(copy.deepcopy(page)), next_cursor)
+
+    async def open_sessions(self) -> Sequence[Session]:
+        return [copy.deepcopy(s) for s in self._sessions.values() if s.status is not SessionStatus.CLOSED]
+
+    async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        key = (agent.tenant_id, agent.instance_id)
+        if key in self._agents:
+            raise AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
+        stored = replace(copy.deepcopy(agent), version=1)
+        self._agents[key] = stored
+        return copy.deepcopy(stored)
+
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
+        return copy.deepcopy(self._agents.get((tenant_id, instance_id)))
+
+    async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        key = (agent.tenant_id, agent.instance_id)
+        current = self._check_agent_version(key, agent.version)
+        stored = replace(copy.deepcopy(agent), version=current.version + 1)
+        self._agents[key] = stored
+        return copy.deepcopy(stored)
+
+    async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
+        key = (tenant_id, instance_id)
+        self._check_agent_version(key, version)
+        del self._agents[key]
+
+    def _check_agent_version(self, key: tuple[str, str], version: int) -> AgentRegistration:
+        current = self._agents.get(key)
+        if current is None:
+            raise NotFound(f"agent instance {key[1]!r} not found", reason="AGENT_NOT_FOUND")
+        if current.version != version:
+            raise Conflict(
+                f"agent instance {key[1]!r} changed concurrently "
+                f"(version {version} was read, {current.version} is stored)",
+                metadata={"stored_version": str(current.version)},
+            )
+        return current
+
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        rows = [
+            a
+            for (tenant, _), a in self._agents.items()
+            if tenant == tenant_id and (not agent_type or a.agent_type == agent_type)
+        ]
+        rows.sort(key=lambda a: (a.agent_type, a.instance_id))
+        return copy.deepcopy(rows)
+
+    async def append_event(
+        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
+    ) -> Event:
+        log = self._events.setdefault((tenant_id, session_id), [])
+        event = Event(tenant_id, session_id, len(log) + 1, time, copy.deepcopy(payload))
+        log.append(event)
+        return event
+
+    async def list_events(
+        self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
+    ) -> Sequence[Event]:
+        log = self._events.get((tenant_id, session_id), [])
+        # Sequence n sits at index n - 1, so slicing is the lookup.
+        start = max(after_sequence, 0)
+        return copy.deepcopy(log[start : start + limit])
