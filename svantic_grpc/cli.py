@@ -23,12 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="svantic-grpc", description="An agent mesh served over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the mesh server")
-    serve.add_argument("--settings", default=DEFAULT_SETTINGS, help="settings file (default: ./settings.json)")
+    serve.add_argument(
+        "--settings", default=DEFAULT_SETTINGS, help="settings file (default: ./settings.json)"
+    )
     serve.add_argument("--grpc-address", help="override grpc_address, e.g. 127.0.0.1:50051")
     commands.add_parser("hash-secret", help="hash a client secret for settings.json (reads it from stdin)")
     args = parser.parse_args(argv)
     if args.command == "hash-secret":
-        secret = getpass.getpass("client secret: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        secret = (
+            getpass.getpass("client secret: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        )
         if not secret:
             print("no secret given", file=sys.stderr)
             return 2

@@ -36,8 +36,8 @@ __all__ = [
 #: non-loopback bind.
 DEV_TENANT_ID = "dev"
 DEV_CLIENT_ID = "svantic"
-_DEV_CLIENT_SECRET = "your-secret"  # noqa: S105 - documented development default, loopback only
-_DEV_SIGNING_KEY = "svantic-grpc-DEVELOPMENT-ONLY-signing-key-not-for-production"  # noqa: S105
+_DEV_CLIENT_SECRET = "your-secret"
+_DEV_SIGNING_KEY = "svantic-grpc-DEVELOPMENT-ONLY-signing-key-not-for-production"
 
 
 class SettingsError(ValueError):
@@ -159,7 +159,9 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
     if development:
         key = _DEV_SIGNING_KEY
         if not any(c.client_id == DEV_CLIENT_ID for c in credentials):
-            dev = Credential(DEV_TENANT_ID, DEV_CLIENT_ID, hash_secret(_DEV_CLIENT_SECRET), (Scope.FULL, Scope.ADMIN))
+            dev = Credential(
+                DEV_TENANT_ID, DEV_CLIENT_ID, hash_secret(_DEV_CLIENT_SECRET), (Scope.FULL, Scope.ADMIN)
+            )
             credentials = (*credentials, dev)
     elif len(key.encode()) < 32:
         raise SettingsError(f"${auth.signing_key_env}: the signing key must be at least 32 bytes")

@@ -110,7 +110,11 @@ class MeshServer:
         message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         try:
@@ -149,7 +153,7 @@ class MeshServer:
     def target(self) -> str:
         """``host:port`` a client on this machine dials."""
         host = self.settings.grpc_address.rpartition(":")[0]
-        if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - a bind-all address is dialed on loopback
+        if host in ("0.0.0.0", "[::]", "::"):
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
@@ -161,4 +165,3 @@ class MeshServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop(grace=0)
-

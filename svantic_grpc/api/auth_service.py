@@ -12,11 +12,13 @@ from svantic_grpc.pb import auth_service_pb2_grpc as pb_grpc
 __all__ = ["AuthServicer"]
 
 
-class AuthServicer(pb_grpc.AuthServiceServicer):  # type: ignore[misc]
+class AuthServicer(pb_grpc.AuthServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._mesh = mesh
 
-    async def GetToken(self, request: pb.GetTokenRequest, context: aio.ServicerContext) -> pb.GetTokenResponse:
+    async def GetToken(
+        self, request: pb.GetTokenRequest, context: aio.ServicerContext
+    ) -> pb.GetTokenResponse:
         issued = await self._mesh.tokens.issue(
             client_id=request.client_id,
             client_secret=request.client_secret,

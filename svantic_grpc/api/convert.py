@@ -69,7 +69,8 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+    result: dict[str, Any] = json_format.MessageToDict(message)
+    return result
 
 
 def session_agent(agent: SessionAgent) -> session_pb.SessionAgent:

@@ -8,7 +8,7 @@ the standard ``grpc-status-details-bin`` trailer.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -35,7 +35,7 @@ STATUS_BY_ERROR: dict[type[errors.MeshError], grpc.StatusCode] = {
 def status_code_for(error: errors.MeshError) -> grpc.StatusCode:
     """The gRPC code for ``error`` (its nearest class in the table)."""
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
+        code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN
@@ -47,13 +47,15 @@ def to_grpc_status(error: errors.MeshError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     details = [_pack(info)]
     if isinstance(error, errors.InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.description
+        )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
     return rpc_status.to_status(status)
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(detail: message.Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)
+    packed.Pack(detail)
     return packed

@@ -76,7 +76,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | Non
             except Exception:
                 await _abort_internal(context, method)
 
-        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
         return factory(
             unary_response,
             request_deserializer=handler.request_deserializer,
@@ -97,7 +101,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | Non
         except Exception:
             await _abort_internal(context, method)
 
-    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
     return factory(
         stream_response,
         request_deserializer=handler.request_deserializer,
@@ -110,7 +118,9 @@ def _bearer_token(context: aio.ServicerContext) -> str:
         if key == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("authorization metadata must be 'Bearer <token>'", reason="MALFORMED_AUTH")
+                raise Unauthenticated(
+                    "authorization metadata must be 'Bearer <token>'", reason="MALFORMED_AUTH"
+                )
             return token.strip()
     raise Unauthenticated(
         "this call needs an 'authorization: Bearer <token>' header; get a token with AuthService.GetToken",

@@ -24,7 +24,7 @@ def _not_yet(rpc: str) -> Unimplemented:
     return Unimplemented(f"MessageService.{rpc} is not served by this version yet", reason="NOT_YET_SERVED")
 
 
-class MessageServicer(pb_grpc.MessageServiceServicer):  # type: ignore[misc]
+class MessageServicer(pb_grpc.MessageServiceServicer):
     async def SendMessage(self, request: Any, context: aio.ServicerContext) -> Any:
         raise _not_yet("SendMessage")
 

@@ -13,16 +13,19 @@ from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.models import Session, SessionStatus
 from svantic_grpc.pb import session_service_pb2 as pb
 from svantic_grpc.pb import session_service_pb2_grpc as pb_grpc
+from svantic_grpc.pb import session_types_pb2
 
 __all__ = ["SessionServicer"]
 
 
-class SessionServicer(pb_grpc.SessionServiceServicer):  # type: ignore[misc]
+class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._sessions = mesh.sessions
 
-    def _session(self, record: Session, *, include_agents: bool = True) -> object:
-        return convert.session(record, expires_at=self._sessions.expires_at(record), include_agents=include_agents)
+    def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
+        return convert.session(
+            record, expires_at=self._sessions.expires_at(record), include_agents=include_agents
+        )
 
     async def InitSession(
         self, request: pb.InitSessionRequest, context: aio.ServicerContext
@@ -36,7 +39,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):  # type: ignore[misc]
         )
         return pb.InitSessionResponse(session=self._session(session))
 
-    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: aio.ServicerContext
+    ) -> pb.GetSessionResponse:
         session = await self._sessions.get(current_caller(), request.session_id)
         return pb.GetSessionResponse(session=self._session(session, include_agents=request.include_agents))
 
@@ -61,7 +66,10 @@ class SessionServicer(pb_grpc.SessionServiceServicer):  # type: ignore[misc]
         self, request: pb.InviteAgentRequest, context: aio.ServicerContext
     ) -> pb.InviteAgentResponse:
         agent = await self._sessions.invite(
-            current_caller(), request.session_id, agent_type=request.agent_type, instance_id=request.instance_id
+            current_caller(),
+            request.session_id,
+            agent_type=request.agent_type,
+            instance_id=request.instance_id,
         )
         return pb.InviteAgentResponse(session_id=request.session_id, agent=convert.session_agent(agent))
 
@@ -78,7 +86,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):  # type: ignore[misc]
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        session, closed_now = await self._sessions.close(current_caller(), request.session_id, reason=request.reason)
+        session, closed_now = await self._sessions.close(
+            current_caller(), request.session_id, reason=request.reason
+        )
         return pb.CloseSessionResponse(session=self._session(session), closed_now=closed_now)
 
     async def WatchSession(

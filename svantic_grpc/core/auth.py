@@ -205,7 +205,11 @@ class TokenIssuer:
                 self._settings.signing_key,
                 algorithms=[_ALGORITHM],
                 issuer=self._settings.issuer,
-                options={"require": ["exp", "iat", "sub", "jti", "iss"], "verify_exp": False, "verify_iat": False},
+                options={
+                    "require": ["exp", "iat", "sub", "jti", "iss"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="INVALID_TOKEN") from exc

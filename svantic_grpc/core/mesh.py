@@ -36,7 +36,7 @@ class Mesh:
         store: Store,
         tokens: TokenSettings,
         credentials: Iterable[Credential],
-        options: MeshOptions = MeshOptions(),  # noqa: B008 - frozen, safe to share
+        options: MeshOptions = MeshOptions(),
         clock: Clock | None = None,
         ids: IdGenerator | None = None,
     ) -> None:
@@ -45,7 +45,9 @@ class Mesh:
         self.store = store
         self.tokens = TokenIssuer(settings=tokens, credentials=credentials, clock=self.clock, ids=self.ids)
         self.bus = EventBus(store=store, clock=self.clock, subscriber_buffer=options.subscriber_buffer)
-        self.registry = Registry(store=store, clock=self.clock, heartbeat_timeout_s=options.heartbeat_timeout_s)
+        self.registry = Registry(
+            store=store, clock=self.clock, heartbeat_timeout_s=options.heartbeat_timeout_s
+        )
         self.sessions = Sessions(
             store=store,
             bus=self.bus,

@@ -154,7 +154,11 @@ class Sessions:
         check_id("agent_type", agent_type)
         check_id("instance_id", instance_id, required=False)
         return await self.add_remote_agent(
-            caller.tenant_id, session_id, agent_type=agent_type, instance_id=instance_id, reason=JoinReason.INVITED
+            caller.tenant_id,
+            session_id,
+            agent_type=agent_type,
+            instance_id=instance_id,
+            reason=JoinReason.INVITED,
         )
 
     async def add_remote_agent(
@@ -264,7 +268,9 @@ class Sessions:
         self.reaper.forget(tenant_id, session_id)
         return closed, True
 
-    async def watch(self, caller: Caller, session_id: str, *, after_sequence: int = 0) -> AsyncIterator[Event]:
+    async def watch(
+        self, caller: Caller, session_id: str, *, after_sequence: int = 0
+    ) -> AsyncIterator[Event]:
         """The session's events after ``after_sequence``, then live ones until it closes."""
         caller.require(Scope.READ)
         if after_sequence < 0:
@@ -280,7 +286,9 @@ class Sessions:
         sessions = await self._store.open_sessions()
         if self._ttl_s:
             for session in sessions:
-                self.reaper.schedule(session.tenant_id, session.session_id, session.last_activity_at + self._ttl_s)
+                self.reaper.schedule(
+                    session.tenant_id, session.session_id, session.last_activity_at + self._ttl_s
+                )
         return len(sessions)
 
     async def _agent_released(self, session_id: str, agent: AgentRegistration, reason: str) -> None:
