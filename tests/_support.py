@@ -75,7 +75,9 @@ class Client:
         key = (client_id, agent_type)
         if key not in self._tokens:
             response = await self.auth.GetToken(
-                auth_service_pb2.GetTokenRequest(client_id=client_id, client_secret=SECRET, agent_type=agent_type)
+                auth_service_pb2.GetTokenRequest(
+                    client_id=client_id, client_secret=SECRET, agent_type=agent_type
+                )
             )
             self._tokens[key] = response.token
         return self._tokens[key]
@@ -90,7 +92,11 @@ async def running_server(
     *, clock: ManualClock | None = None, env: dict[str, str] | None = None, **overrides: Any
 ) -> AsyncIterator[Client]:
     """A real server on 127.0.0.1:0 with the test tenants; ``overrides`` patch settings.json keys."""
-    data: dict[str, Any] = {"grpc_address": "127.0.0.1:0", "tenants": tenant_settings(), "shutdown_grace_s": 0}
+    data: dict[str, Any] = {
+        "grpc_address": "127.0.0.1:0",
+        "tenants": tenant_settings(),
+        "shutdown_grace_s": 0,
+    }
     data.update(overrides)
     server = MeshServer(parse_settings(data), env=SIGNING_ENV if env is None else env, clock=clock)
     async with server, aio.insecure_channel(server.target) as channel:

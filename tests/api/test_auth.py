@@ -103,14 +103,20 @@ def _claims(**overrides: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     "token",
     [
-        pytest.param(jwt.encode(_claims(), "some-other-key-0123456789abcdef0123", algorithm="HS256"), id="wrong-key"),
+        pytest.param(
+            jwt.encode(_claims(), "some-other-key-0123456789abcdef0123", algorithm="HS256"), id="wrong-key"
+        ),
         pytest.param(jwt.encode(_claims(), None, algorithm="none"), id="alg-none"),
-        pytest.param(jwt.encode(_claims(iss="someone-else"), SIGNING_KEY, algorithm="HS256"), id="wrong-issuer"),
+        pytest.param(
+            jwt.encode(_claims(iss="someone-else"), SIGNING_KEY, algorithm="HS256"), id="wrong-issuer"
+        ),
         pytest.param(
             jwt.encode(_claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), SIGNING_KEY),
             id="expired",
         ),
-        pytest.param(jwt.encode({k: v for k, v in _claims().items() if k != "exp"}, SIGNING_KEY), id="no-exp"),
+        pytest.param(
+            jwt.encode({k: v for k, v in _claims().items() if k != "exp"}, SIGNING_KEY), id="no-exp"
+        ),
     ],
 )
 async def test_bad_tokens_are_unauthenticated(client: Client, token: str) -> None:
@@ -139,7 +145,9 @@ async def test_token_expiry_follows_the_server_clock(clock: object) -> None:
 
 
 async def test_read_scope_reads_but_cannot_write(client: Client) -> None:
-    created = await client.sessions.InitSession(session_service_pb2.InitSessionRequest(), metadata=await client.md())
+    created = await client.sessions.InitSession(
+        session_service_pb2.InitSessionRequest(), metadata=await client.md()
+    )
     read_md = await client.md("acme-read")
     got = await client.sessions.GetSession(
         session_service_pb2.GetSessionRequest(session_id=created.session.session_id), metadata=read_md
@@ -167,15 +175,21 @@ async def test_health_and_reflection_need_no_token(client: Client) -> None:
         services = {s.name for s in response.list_services_response.service}
         break
     call.cancel()
-    assert {"svantic.v1.AuthService", "svantic.v1.SessionService", "svantic.v1.RegistryService",
-            "svantic.v1.MessageService"} <= services
+    assert {
+        "svantic.v1.AuthService",
+        "svantic.v1.SessionService",
+        "svantic.v1.RegistryService",
+        "svantic.v1.MessageService",
+    } <= services
 
 
 async def test_development_default_accepts_the_walkthrough_credential() -> None:
     async with running_server(env={}, tenants=[]) as client:
         assert client.server.development
         response = await client.auth.GetToken(
-            auth_service_pb2.GetTokenRequest(client_id="svantic", client_secret="your-secret", agent_type="cliq")
+            auth_service_pb2.GetTokenRequest(
+                client_id="svantic", client_secret="your-secret", agent_type="cliq"
+            )
         )
         md = (("authorization", f"Bearer {response.token}"),)
         created = await client.sessions.InitSession(
@@ -188,6 +202,8 @@ async def test_configured_signing_key_turns_the_development_credential_off(clien
     assert not client.server.development
     with pytest.raises(grpc.aio.AioRpcError) as excinfo:
         await client.auth.GetToken(
-            auth_service_pb2.GetTokenRequest(client_id="svantic", client_secret="your-secret", agent_type="cliq")
+            auth_service_pb2.GetTokenRequest(
+                client_id="svantic", client_secret="your-secret", agent_type="cliq"
+            )
         )
     assert code_of(excinfo) == grpc.StatusCode.UNAUTHENTICATED
