@@ -140,6 +140,7 @@ class MeshServer:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING from here on
         await self.mesh.sessions.reaper.stop()
+        self.mesh.bus.shutdown()  # open streams end now with UNAVAILABLE instead of eating the grace
         if self._server is not None:
             await self._server.stop(grace)
         await self.mesh.stop()

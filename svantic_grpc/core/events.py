@@ -9,12 +9,13 @@ their shared engine; the interface stays the same.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core.errors import ResourceExhausted
+from svantic_grpc.core.errors import MeshError, ResourceExhausted, Unavailable
 from svantic_grpc.core.models import SessionAgent, SessionStatus
 
 if TYPE_CHECKING:
@@ -79,45 +80,63 @@ class Event:
 class Subscription:
     """A live feed of one session's events with a bounded buffer.
 
-    A subscriber that falls ``capacity`` events behind is cut off: iterating
-    raises ``ResourceExhausted`` naming the last sequence it received, so it can
-    resume from the durable log instead of slowing the session or growing memory.
+    A subscriber that falls ``capacity`` events behind is cut off: once it has
+    read what was buffered, ``next`` raises ``ResourceExhausted`` naming the
+    last sequence it received, so it can resume from the durable log instead of
+    slowing the session or growing memory. ``end`` stops it the same way with
+    another error (server shutdown).
     """
 
-    def __init__(self, capacity: int, on_close: object) -> None:
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=capacity)
-        self._overflowed = False
+    def __init__(self, capacity: int, on_close: Callable[[Subscription], None]) -> None:
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=capacity)
+        self._capacity = capacity
         self._last_delivered = 0
         self._on_close = on_close
         self._closed = False
+        self._error: MeshError | None = None
 
     def offer(self, event: Event) -> None:
-        if self._overflowed or self._closed:
+        if self._error is not None or self._closed:
             return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self._overflowed = True
+            self._error = ResourceExhausted(
+                f"event stream fell behind by more than {self._capacity} events and was cut off",
+                reason="SUBSCRIBER_TOO_SLOW",
+            )
+
+    def end(self, error: MeshError) -> None:
+        """Stop the feed: after the buffered events, ``next`` raises ``error``."""
+        if self._error is None:
+            self._error = error
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(None)  # wake a reader blocked on an empty queue
 
     async def next(self) -> Event:
-        """The next event; raises ``ResourceExhausted`` once the buffer overflowed."""
-        if self._overflowed and self._queue.empty():
-            raise ResourceExhausted(
-                f"event stream fell behind by more than {self._queue.maxsize} events and was cut off; "
-                f"resume with after_sequence={self._last_delivered}",
-                reason="SUBSCRIBER_TOO_SLOW",
-                metadata={"after_sequence": str(self._last_delivered)},
+        """The next event; raises once the feed was cut off or ended and the buffer is drained."""
+        event = None
+        if not (self._error is not None and self._queue.empty()):
+            event = await self._queue.get()
+        if event is None:
+            assert self._error is not None
+            error = self._error
+            raise type(error)(
+                f"{error.message}; resume with after_sequence={self._last_delivered}",
+                reason=error.reason,
+                metadata={**error.metadata, "after_sequence": str(self._last_delivered)},
             )
-        event = await self._queue.get()
-        self._last_delivered = event.sequence
+        self.acknowledge(event.sequence)
         return event
+
+    def acknowledge(self, sequence: int) -> None:
+        """The reader has passed ``sequence`` (also through replay); resume points start after it."""
+        self._last_delivered = max(self._last_delivered, sequence)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            callback = self._on_close
-            if callable(callback):
-                callback(self)
+            self._on_close(self)
 
 
 class EventBus:
@@ -160,6 +179,12 @@ class EventBus:
         self._subscribers.setdefault(key, set()).add(subscription)
         return subscription
 
+    def shutdown(self) -> None:
+        """End every live subscription (server stopping); readers are told to reconnect."""
+        for subscribers in tuple(self._subscribers.values()):
+            for subscription in tuple(subscribers):
+                subscription.end(Unavailable("the server is shutting down", reason="SERVER_SHUTTING_DOWN"))
+
     def subscriber_count(self, tenant_id: str, session_id: str) -> int:
         """How many live subscribers the session has."""
         return len(self._subscribers.get((tenant_id, session_id), ()))
@@ -172,6 +197,7 @@ class EventBus:
         Stops after the event that closes the session.
         """
         subscription = self.subscribe(tenant_id, session_id)
+        subscription.acknowledge(after_sequence)
         try:
             last = after_sequence
             while True:
@@ -180,6 +206,7 @@ class EventBus:
                 )
                 for event in stored:
                     last = event.sequence
+                    subscription.acknowledge(last)
                     yield event
                     if event.closes_session:
                         return
