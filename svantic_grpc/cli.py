@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from svantic_grpc.config import Settings, SettingsError, load_settings
+from svantic_grpc.config import Settings, SettingsError, load_settings, with_overrides
 from svantic_grpc.core.auth import hash_secret
 from svantic_grpc.server import MeshServer
 
@@ -45,7 +45,7 @@ def _serve(settings_path: str, grpc_address: str | None) -> int:
     try:
         settings = load_settings(Path(settings_path))
         if grpc_address:
-            settings = settings.model_copy(update={"grpc_address": grpc_address})
+            settings = with_overrides(settings, grpc_address=grpc_address)
     except SettingsError as exc:
         print(f"svantic-grpc: invalid settings\n{exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from svantic_grpc.core.auth import Credential, Scope, TokenSettings, hash_secret
 
@@ -29,6 +29,7 @@ __all__ = [
     "load_settings",
     "parse_settings",
     "resolve_auth",
+    "with_overrides",
 ]
 
 #: DEVELOPMENT DEFAULT, LOOPBACK ONLY: the credential the product's walkthrough uses.
@@ -52,7 +53,7 @@ class CredentialSettings(_Model):
     """One client credential of a tenant."""
 
     client_id: str = Field(min_length=1)
-    secret_hash: str = Field(pattern=r"^scrypt\$")
+    secret_hash: str = Field(pattern=r"^scrypt\$\d{1,8}\$\d{1,3}\$\d{1,3}\$[A-Za-z0-9_=-]+\$[A-Za-z0-9_=-]+$")
     """Made with `svantic-grpc hash-secret`; never the secret itself."""
     scopes: list[Literal["read", "full", "admin"]] = ["full"]
 
@@ -72,6 +73,12 @@ class AuthSettings(_Model):
     """Environment variable holding the HS256 signing key (at least 32 bytes)."""
     token_ttl_s: int = Field(default=86_400, gt=0)
     max_token_ttl_s: int = Field(default=7 * 86_400, gt=0)
+
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> AuthSettings:
+        if self.token_ttl_s > self.max_token_ttl_s:
+            raise ValueError("token_ttl_s must not exceed max_token_ttl_s")
+        return self
 
 
 class Settings(_Model):
@@ -121,6 +128,13 @@ def parse_settings(data: Any, *, source: str = "settings") -> Settings:
             message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
             problems.append(f"{source}: {path or '(top level)'}: {message}")
         raise SettingsError("\n".join(problems)) from None
+
+
+def with_overrides(settings: Settings, **overrides: Any) -> Settings:
+    """``settings`` with some keys replaced, validated like the file (command-line flags)."""
+    data = settings.model_dump()
+    data.update(overrides)
+    return parse_settings(data, source="command line")
 
 
 def load_settings(path: str | Path) -> Settings:

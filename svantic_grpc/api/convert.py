@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, StatusChanged
 from svantic_grpc.core.models import (
     AgentRegistration,
@@ -23,6 +25,8 @@ from svantic_grpc.pb import agent_types_pb2 as agent_pb
 from svantic_grpc.pb import event_types_pb2 as event_pb
 from svantic_grpc.pb import registry_service_pb2 as registry_pb
 from svantic_grpc.pb import session_types_pb2 as session_pb
+
+E = TypeVar("E")
 
 SESSION_STATUS = {
     SessionStatus.OPENING: session_pb.SESSION_STATUS_OPENING,
@@ -171,6 +175,27 @@ def agent(record: AgentRegistration, *, status: AgentStatus) -> agent_pb.Agent:
     )
 
 
+def deployment_mode(value: int) -> DeploymentMode | None:
+    """The mode for a wire value; unspecified is ``None``, an unknown number is invalid."""
+    if value == agent_pb.DEPLOYMENT_MODE_UNSPECIFIED:
+        return None
+    return _enum_value(DEPLOYMENT_MODE_FROM_PB, value, "deployment_mode")
+
+
+def agent_status(value: int, field: str = "status") -> AgentStatus | None:
+    """The status for a wire value; unspecified is ``None``, an unknown number is invalid."""
+    if value == agent_pb.AGENT_STATUS_UNSPECIFIED:
+        return None
+    return _enum_value(AGENT_STATUS_FROM_PB, value, field)
+
+
+def _enum_value(table: Mapping[Any, E], value: int, field: str) -> E:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(field, f"unknown value {value}") from None
+
+
 def agent_spec(request: registry_pb.RegisterAgentRequest) -> AgentSpec:
     """The core's view of a RegisterAgentRequest. Skills fall back to the agent card's."""
     card = from_struct(request.agent_card)
@@ -189,7 +214,7 @@ def agent_spec(request: registry_pb.RegisterAgentRequest) -> AgentSpec:
     return AgentSpec(
         agent_type=request.agent_type,
         instance_id=request.instance_id,
-        deployment_mode=DEPLOYMENT_MODE_FROM_PB.get(request.deployment_mode),
+        deployment_mode=deployment_mode(request.deployment_mode),
         url=request.url,
         agent_card=card,
         skills=skills,

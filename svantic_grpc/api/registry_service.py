@@ -37,7 +37,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         agent = await self._registry.heartbeat(
             current_caller(),
             request.instance_id,
-            status=convert.AGENT_STATUS_FROM_PB.get(request.status),
+            status=convert.agent_status(request.status),
             current_sessions=request.current_sessions,
         )
         return pb.HeartbeatResponse(

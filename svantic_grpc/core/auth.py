@@ -66,8 +66,8 @@ def verify_secret(secret: str, stored: str) -> bool:
         actual = hashlib.scrypt(
             secret.encode(), salt=base64.urlsafe_b64decode(salt), n=int(n), r=int(r), p=int(p)
         )
-    except ValueError:
-        return False
+    except (ValueError, TypeError, OverflowError):
+        return False  # not a hash we made (or parameters scrypt refuses)
     return hmac.compare_digest(actual, expected)
 
 
@@ -206,26 +206,31 @@ class TokenIssuer:
                 algorithms=[_ALGORITHM],
                 issuer=self._settings.issuer,
                 options={
-                    "require": ["exp", "iat", "sub", "jti", "iss"],
+                    "require": ["exp", "iat", "sub", "jti", "iss", "tenant_id", "scopes"],
                     "verify_exp": False,
                     "verify_iat": False,
                 },
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="INVALID_TOKEN") from exc
-        # Expiry is checked against the injected clock, not the wall clock.
-        if float(claims["exp"]) <= self._clock.now():
-            raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
         try:
-            return Caller(
+            expires = float(claims["exp"])
+            scopes = claims["scopes"]
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                raise TypeError("scopes must be a list of strings")
+            caller = Caller(
                 tenant_id=str(claims["tenant_id"]),
                 subject=str(claims["sub"]),
                 agent_type=str(claims.get("agent_type", "")),
-                scopes=_parse_scopes(claims.get("scopes", [])),
+                scopes=_parse_scopes(scopes),
                 token_id=str(claims["jti"]),
             )
-        except (KeyError, InvalidArgument, TypeError) as exc:
-            raise Unauthenticated("token is missing tenant or scope claims", reason="INVALID_TOKEN") from exc
+        except (KeyError, InvalidArgument, TypeError, ValueError) as exc:
+            raise Unauthenticated("token claims are malformed", reason="INVALID_TOKEN") from exc
+        # Expiry is checked against the injected clock, not the wall clock.
+        if expires <= self._clock.now():
+            raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
+        return caller
 
 
 def _parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:

@@ -88,7 +88,7 @@ class IdleReaper:
             except Exception:
                 # One session failing to close must not stop the reaper for the rest.
                 _log.exception("idle reaper could not close session %s/%s; retrying later", *key)
-                self.schedule(*key, now + self._max_sleep_s)
+                self.schedule(*key, now + max(self._max_sleep_s, 1.0))
         return closed
 
     def start(self) -> None:

@@ -74,7 +74,7 @@ class Registry:
         )
         if not alive:
             return AgentStatus.UNHEALTHY
-        if agent.max_concurrent_sessions and len(agent.session_ids) >= agent.max_concurrent_sessions:
+        if agent.max_concurrent_sessions and agent.load >= agent.max_concurrent_sessions:
             return AgentStatus.BUSY
         return reported
 
@@ -126,6 +126,8 @@ class Registry:
                 mcp_servers=spec.mcp_servers,
                 max_concurrent_sessions=spec.max_concurrent_sessions,
                 last_seen_at=now,
+                # Registering again declares the instance available afresh (e.g. after a restart).
+                reported_status=AgentStatus.UNKNOWN,
             )
             return await self._store.update_agent(updated), False
 

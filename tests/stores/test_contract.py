@@ -1,0 +1,467 @@
+"""The store contract: every ``Store`` implementation must pass this suite.
+
+A new implementation joins by adding one line to ``FACTORIES``. A factory gets
+the test's ``tmp_path`` (for a database file) and returns the store, or an
+awaitable of it; the fixture always closes the store at teardown.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from svantic_grpc.core.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from svantic_grpc.core.events import AgentJoined, AgentLeft, EventPayload, StatusChanged
+from svantic_grpc.core.models import (
+    AgentRegistration,
+    AgentStatus,
+    ConnectionStats,
+    DeploymentMode,
+    JoinReason,
+    Session,
+    SessionAgent,
+    SessionStatus,
+    Skill,
+    Tool,
+)
+from svantic_grpc.stores import MemoryStore, Store
+
+StoreFactory = Callable[[Path], "Store | Awaitable[Store]"]
+
+FACTORIES: dict[str, StoreFactory] = {
+    "memory": lambda tmp_path: MemoryStore(),
+}
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh store of each implementation, closed after the test."""
+    made = FACTORIES[request.param](tmp_path)
+    instance = await made if inspect.isawaitable(made) else made
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+def make_session(
+    session_id: str = "s1",
+    *,
+    tenant_id: str = "acme",
+    created_at: float = T0,
+    status: SessionStatus = SessionStatus.ACTIVE,
+) -> Session:
+    return Session(
+        tenant_id=tenant_id,
+        session_id=session_id,
+        status=status,
+        created_at=created_at,
+        updated_at=created_at,
+        last_activity_at=created_at,
+        user_id="u-1",
+        created_by="acme-full",
+        creator_agent_type="a2ui-terminal",
+    )
+
+
+def make_agent(
+    instance_id: str = "i1", *, tenant_id: str = "acme", agent_type: str = "researcher"
+) -> AgentRegistration:
+    return AgentRegistration(
+        tenant_id=tenant_id,
+        agent_type=agent_type,
+        instance_id=instance_id,
+        deployment_mode=DeploymentMode.HOSTED,
+        registered_at=T0,
+        last_seen_at=T0,
+        url=f"http://agents.example/{instance_id}",
+        agent_card={"name": instance_id, "capabilities": {"streaming": True}},
+        mcp_servers={"files": {"url": "http://mcp.example"}},
+    )
+
+
+# Sessions
+
+
+async def test_create_returns_version_one_and_get_returns_the_same_record(store: Store) -> None:
+    session = make_session()
+    created = await store.create_session(replace(session, version=7))
+    assert created == replace(session, version=1)
+    assert await store.get_session(tenant_id="acme", session_id="s1") == created
+
+
+async def test_full_session_record_round_trips(store: Store) -> None:
+    agents = (
+        SessionAgent("orchestrator", "orch-1", JoinReason.AUTO, T0, internal=True),
+        SessionAgent("researcher", "r-1", JoinReason.ROUTED, T0 + 1, left_at=T0 + 2.5),
+        SessionAgent("a2ui-terminal", "term-1", JoinReason.SELF, T0 + 3),
+    )
+    session = replace(
+        make_session(status=SessionStatus.CLOSED),
+        closed_at=T0 + 9.25,
+        close_reason="idle",
+        agents=agents,
+    )
+    created = await store.create_session(session)
+    assert created == replace(session, version=1)
+    assert await store.get_session(tenant_id="acme", session_id="s1") == created
+
+
+async def test_missing_session_is_none(store: Store) -> None:
+    assert await store.get_session(tenant_id="acme", session_id="nope") is None
+
+
+async def test_duplicate_session_is_already_exists(store: Store) -> None:
+    await store.create_session(make_session())
+    with pytest.raises(AlreadyExists):
+        await store.create_session(make_session(status=SessionStatus.PAUSED))
+    stored = await store.get_session(tenant_id="acme", session_id="s1")
+    assert stored is not None and stored.status is SessionStatus.ACTIVE
+
+
+async def test_update_with_the_read_version_bumps_it(store: Store) -> None:
+    created = await store.create_session(make_session())
+    updated = await store.update_session(replace(created, status=SessionStatus.PAUSED, updated_at=T0 + 5))
+    assert updated.version == 2
+    assert updated.status is SessionStatus.PAUSED
+    again = await store.update_session(replace(updated, status=SessionStatus.ACTIVE))
+    assert again.version == 3
+    assert await store.get_session(tenant_id="acme", session_id="s1") == again
+
+
+async def test_update_with_a_stale_version_is_a_conflict_and_changes_nothing(store: Store) -> None:
+    first_read = await store.create_session(make_session())
+    second_read = await store.get_session(tenant_id="acme", session_id="s1")
+    assert second_read is not None
+    winner = await store.update_session(replace(second_read, status=SessionStatus.PAUSED))
+    with pytest.raises(Conflict):
+        await store.update_session(replace(first_read, status=SessionStatus.CLOSED, close_reason="lost"))
+    assert await store.get_session(tenant_id="acme", session_id="s1") == winner
+
+
+async def test_update_of_a_missing_session_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.update_session(replace(make_session("ghost"), version=1))
+    assert await store.get_session(tenant_id="acme", session_id="ghost") is None
+
+
+async def test_same_session_id_in_two_tenants_is_independent(store: Store) -> None:
+    acme = await store.create_session(make_session("shared", tenant_id="acme"))
+    globex = await store.create_session(make_session("shared", tenant_id="globex", created_at=T0 + 1))
+    await store.update_session(replace(acme, status=SessionStatus.PAUSED))
+    stored_globex = await store.get_session(tenant_id="globex", session_id="shared")
+    assert stored_globex == globex
+    stored_acme = await store.get_session(tenant_id="acme", session_id="shared")
+    assert stored_acme is not None and stored_acme.status is SessionStatus.PAUSED
+
+
+async def test_get_with_the_wrong_tenant_is_none(store: Store) -> None:
+    await store.create_session(make_session("s1", tenant_id="acme"))
+    assert await store.get_session(tenant_id="globex", session_id="s1") is None
+    with pytest.raises(NotFound):
+        await store.update_session(replace(make_session("s1", tenant_id="globex"), version=1))
+
+
+# Listing sessions
+
+
+async def test_list_sessions_pages_newest_first_over_ties(store: Store) -> None:
+    # 60 sessions over 9 distinct timestamps: many ties on created_at.
+    for i in range(60):
+        await store.create_session(make_session(f"s{i:02d}", created_at=T0 + i // 7))
+    await store.create_session(make_session("other-tenant", tenant_id="globex", created_at=T0 + 100))
+    seen: list[Session] = []
+    cursor = ""
+    for _ in range(20):
+        page = await store.list_sessions(tenant_id="acme", page_size=7, cursor=cursor)
+        assert 0 < len(page.sessions) <= 7
+        seen.extend(page.sessions)
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    ids = [s.session_id for s in seen]
+    assert sorted(ids) == [f"s{i:02d}" for i in range(60)]  # each exactly once, no other tenant
+    created = [s.created_at for s in seen]
+    assert created == sorted(created, reverse=True)
+
+
+async def test_list_sessions_has_no_trailing_empty_page(store: Store) -> None:
+    for i in range(14):
+        await store.create_session(make_session(f"s{i:02d}", created_at=T0 + i))
+    first = await store.list_sessions(tenant_id="acme", page_size=7)
+    assert [s.session_id for s in first.sessions] == [f"s{i:02d}" for i in range(13, 6, -1)]
+    assert first.next_cursor
+    second = await store.list_sessions(tenant_id="acme", page_size=7, cursor=first.next_cursor)
+    assert [s.session_id for s in second.sessions] == [f"s{i:02d}" for i in range(6, -1, -1)]
+    assert second.next_cursor == ""
+
+
+async def test_list_sessions_cursor_is_stable_when_newer_sessions_arrive(store: Store) -> None:
+    for i in range(6):
+        await store.create_session(make_session(f"s{i}", created_at=T0 + i))
+    first = await store.list_sessions(tenant_id="acme", page_size=3)
+    await store.create_session(make_session("newer", created_at=T0 + 50))
+    second = await store.list_sessions(tenant_id="acme", page_size=3, cursor=first.next_cursor)
+    assert [s.session_id for s in first.sessions + second.sessions] == ["s5", "s4", "s3", "s2", "s1", "s0"]
+
+
+async def test_list_sessions_filters_by_status(store: Store) -> None:
+    statuses = [SessionStatus.OPENING, SessionStatus.ACTIVE, SessionStatus.PAUSED, SessionStatus.CLOSED]
+    for i in range(20):
+        await store.create_session(make_session(f"s{i:02d}", created_at=T0 + i, status=statuses[i % 4]))
+    wanted = {SessionStatus.ACTIVE, SessionStatus.PAUSED}
+    seen: list[Session] = []
+    cursor = ""
+    while True:
+        page = await store.list_sessions(tenant_id="acme", statuses=wanted, page_size=3, cursor=cursor)
+        seen.extend(page.sessions)
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    expected = [f"s{i:02d}" for i in range(19, -1, -1) if statuses[i % 4] in wanted]
+    assert [s.session_id for s in seen] == expected
+    closed = await store.list_sessions(tenant_id="acme", statuses=[SessionStatus.CLOSED])
+    assert [s.session_id for s in closed.sessions] == ["s19", "s15", "s11", "s07", "s03"]
+    assert closed.next_cursor == ""
+
+
+async def test_list_sessions_of_an_empty_tenant(store: Store) -> None:
+    await store.create_session(make_session(tenant_id="acme"))
+    page = await store.list_sessions(tenant_id="globex")
+    assert page.sessions == ()
+    assert page.next_cursor == ""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not a cursor!",
+        "é",
+        "A",
+        _b64(b"foo"),
+        _b64(b"null"),
+        _b64(b"[1]"),
+        _b64(b'["x", "y"]'),
+        _b64(b'{"a": 1}'),
+        _b64(b"[1, 2, 3]"),
+    ],
+)
+async def test_foreign_cursor_is_invalid_argument(store: Store, cursor: str) -> None:
+    await store.create_session(make_session())
+    with pytest.raises(InvalidArgument) as excinfo:
+        await store.list_sessions(tenant_id="acme", cursor=cursor)
+    assert excinfo.value.field == "page_token"
+
+
+async def test_open_sessions_spans_tenants_and_excludes_closed(store: Store) -> None:
+    await store.create_session(make_session("a-open", tenant_id="acme"))
+    await store.create_session(make_session("a-paused", tenant_id="acme", status=SessionStatus.PAUSED))
+    await store.create_session(make_session("a-opening", tenant_id="acme", status=SessionStatus.OPENING))
+    await store.create_session(make_session("a-closed", tenant_id="acme", status=SessionStatus.CLOSED))
+    g = await store.create_session(make_session("g-open", tenant_id="globex"))
+    await store.update_session(replace(g, status=SessionStatus.CLOSED, closed_at=T0 + 1))
+    await store.create_session(make_session("g-open2", tenant_id="globex"))
+    found = {(s.tenant_id, s.session_id) for s in await store.open_sessions()}
+    assert found == {("acme", "a-open"), ("acme", "a-paused"), ("acme", "a-opening"), ("globex", "g-open2")}
+
+
+# Agent registrations
+
+
+async def test_agent_create_get_update_delete_with_versions(store: Store) -> None:
+    agent = replace(
+        make_agent(),
+        skills=(Skill("search", "Search", "finds things", tags=("web",), examples=("find x",)),),
+        tools=(Tool("fetch", "GET a URL", {"type": "object", "properties": {"url": {"type": "string"}}}),),
+        max_concurrent_sessions=3,
+        reported_status=AgentStatus.AVAILABLE,
+        reported_sessions=1,
+        session_ids=("s1", "s2"),
+        connection=ConnectionStats("grpc", True, T0, T0 + 1, 4, 1, "timeout"),
+    )
+    created = await store.create_agent(replace(agent, version=9))
+    assert created == replace(agent, version=1)
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") == created
+
+    updated = await store.update_agent(
+        replace(created, reported_status=AgentStatus.BUSY, last_seen_at=T0 + 5)
+    )
+    assert updated.version == 2
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") == updated
+
+    await store.delete_agent(tenant_id="acme", instance_id="i1", version=2)
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") is None
+    recreated = await store.create_agent(make_agent())
+    assert recreated.version == 1
+
+
+async def test_duplicate_agent_is_already_exists(store: Store) -> None:
+    await store.create_agent(make_agent())
+    with pytest.raises(AlreadyExists):
+        await store.create_agent(make_agent(agent_type="writer"))
+    stored = await store.get_agent(tenant_id="acme", instance_id="i1")
+    assert stored is not None and stored.agent_type == "researcher"
+
+
+async def test_stale_agent_update_and_delete_are_conflicts(store: Store) -> None:
+    stale = await store.create_agent(make_agent())
+    winner = await store.update_agent(replace(stale, url="http://new.example"))
+    with pytest.raises(Conflict):
+        await store.update_agent(replace(stale, url="http://lost.example"))
+    with pytest.raises(Conflict):
+        await store.delete_agent(tenant_id="acme", instance_id="i1", version=stale.version)
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") == winner
+
+
+async def test_missing_agent_update_and_delete_are_not_found(store: Store) -> None:
+    assert await store.get_agent(tenant_id="acme", instance_id="ghost") is None
+    with pytest.raises(NotFound):
+        await store.update_agent(replace(make_agent("ghost"), version=1))
+    with pytest.raises(NotFound):
+        await store.delete_agent(tenant_id="acme", instance_id="ghost", version=1)
+
+
+async def test_agents_are_partitioned_by_tenant(store: Store) -> None:
+    await store.create_agent(make_agent("i1", tenant_id="acme"))
+    theirs = await store.create_agent(make_agent("i1", tenant_id="globex", agent_type="writer"))
+    assert await store.get_agent(tenant_id="initech", instance_id="i1") is None
+    with pytest.raises(NotFound):
+        await store.delete_agent(tenant_id="initech", instance_id="i1", version=1)
+    await store.delete_agent(tenant_id="acme", instance_id="i1", version=1)
+    assert await store.get_agent(tenant_id="globex", instance_id="i1") == theirs
+
+
+async def test_list_agents_sorted_by_type_then_instance_and_filtered(store: Store) -> None:
+    for agent_type, instance_id in [
+        ("writer", "b"),
+        ("researcher", "z"),
+        ("writer", "a"),
+        ("researcher", "c"),
+    ]:
+        await store.create_agent(make_agent(instance_id, agent_type=agent_type))
+    await store.create_agent(make_agent("x", tenant_id="globex", agent_type="researcher"))
+    listed = await store.list_agents(tenant_id="acme")
+    assert [(a.agent_type, a.instance_id) for a in listed] == [
+        ("researcher", "c"),
+        ("researcher", "z"),
+        ("writer", "a"),
+        ("writer", "b"),
+    ]
+    writers = await store.list_agents(tenant_id="acme", agent_type="writer")
+    assert [a.instance_id for a in writers] == ["a", "b"]
+    assert list(await store.list_agents(tenant_id="acme", agent_type="critic")) == []
+    assert [a.instance_id for a in await store.list_agents(tenant_id="globex")] == ["x"]
+
+
+async def test_records_returned_are_copies(store: Store) -> None:
+    agent = make_agent()
+    created = await store.create_agent(agent)
+    agent.agent_card["name"] = "changed after create"
+    created.agent_card["capabilities"]["streaming"] = False
+    created.mcp_servers.clear()
+
+    fetched = await store.get_agent(tenant_id="acme", instance_id="i1")
+    assert fetched is not None
+    assert fetched.agent_card == {"name": "i1", "capabilities": {"streaming": True}}
+    assert fetched.mcp_servers == {"files": {"url": "http://mcp.example"}}
+    fetched.agent_card["name"] = "changed after get"
+    (listed,) = await store.list_agents(tenant_id="acme")
+    listed.agent_card["name"] = "changed after list"
+    updated = await store.update_agent(fetched)
+    updated.agent_card["name"] = "changed after update"
+    again = await store.get_agent(tenant_id="acme", instance_id="i1")
+    assert again is not None and again.agent_card["name"] == "changed after get"
+
+
+async def test_tool_schema_is_copied(store: Store) -> None:
+    schema: dict[str, object] = {"type": "object"}
+    created = await store.create_agent(replace(make_agent(), tools=(Tool("fetch", input_schema=schema),)))
+    schema["type"] = "string"
+    created.tools[0].input_schema["type"] = "array"
+    fetched = await store.get_agent(tenant_id="acme", instance_id="i1")
+    assert fetched is not None and fetched.tools[0].input_schema == {"type": "object"}
+
+
+# Event log
+
+
+def _status(to: SessionStatus = SessionStatus.PAUSED) -> StatusChanged:
+    return StatusChanged(SessionStatus.ACTIVE, to)
+
+
+async def test_append_event_numbers_each_session_from_one(store: Store) -> None:
+    sequences = []
+    for session_id in ["s1", "s2", "s1", "s1", "s2"]:
+        event = await store.append_event(tenant_id="acme", session_id=session_id, time=T0, payload=_status())
+        sequences.append((session_id, event.sequence))
+    other = await store.append_event(tenant_id="globex", session_id="s1", time=T0, payload=_status())
+    assert sequences == [("s1", 1), ("s2", 1), ("s1", 2), ("s1", 3), ("s2", 2)]
+    assert other.sequence == 1
+
+
+async def test_list_events_after_sequence_and_limit(store: Store) -> None:
+    for i in range(10):
+        await store.append_event(tenant_id="acme", session_id="s1", time=T0 + i, payload=_status())
+        await store.append_event(tenant_id="acme", session_id="s2", time=T0 + i, payload=_status())
+        await store.append_event(tenant_id="globex", session_id="s1", time=T0 + i, payload=_status())
+    events = await store.list_events(tenant_id="acme", session_id="s1")
+    assert [e.sequence for e in events] == list(range(1, 11))
+    assert all((e.tenant_id, e.session_id) == ("acme", "s1") for e in events)
+    assert [e.time for e in events] == [T0 + i for i in range(10)]
+
+    after = await store.list_events(tenant_id="acme", session_id="s1", after_sequence=4, limit=3)
+    assert [e.sequence for e in after] == [5, 6, 7]
+    tail = await store.list_events(tenant_id="acme", session_id="s1", after_sequence=8, limit=3)
+    assert [e.sequence for e in tail] == [9, 10]
+    assert list(await store.list_events(tenant_id="acme", session_id="s1", after_sequence=10)) == []
+    assert list(await store.list_events(tenant_id="acme", session_id="s1", after_sequence=99)) == []
+    assert list(await store.list_events(tenant_id="acme", session_id="nope")) == []
+    assert list(await store.list_events(tenant_id="initech", session_id="s1")) == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        AgentJoined(SessionAgent("orchestrator", "orch-1", JoinReason.AUTO, T0, internal=True)),
+        AgentJoined(SessionAgent("researcher", "r-1", JoinReason.INVITED, T0 + 0.5, left_at=T0 + 1.25)),
+        AgentLeft("researcher", "r-1", "heartbeat lost"),
+        StatusChanged(SessionStatus.OPENING, SessionStatus.ACTIVE),
+        StatusChanged(SessionStatus.PAUSED, SessionStatus.CLOSED, reason="idle for 3600s"),
+    ],
+    ids=["joined-internal", "joined-left", "left", "status", "closed"],
+)
+async def test_event_payloads_round_trip(store: Store, payload: EventPayload) -> None:
+    appended = await store.append_event(tenant_id="acme", session_id="s1", time=T0 + 0.125, payload=payload)
+    (stored,) = await store.list_events(tenant_id="acme", session_id="s1")
+    assert stored == appended
+    assert stored.payload == payload
+    assert type(stored.payload) is type(payload)
+    assert (stored.tenant_id, stored.session_id, stored.sequence, stored.time) == (
+        "acme",
+        "s1",
+        1,
+        T0 + 0.125,
+    )
+    assert stored.closes_session == (
+        isinstance(payload, StatusChanged) and payload.to_status is SessionStatus.CLOSED
+    )
+
+
+# Lifecycle
+
+
+async def test_close_is_idempotent(store: Store) -> None:
+    await store.create_session(make_session())
+    await store.close()
+    await store.close()
