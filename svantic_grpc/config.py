@@ -22,6 +22,7 @@ __all__ = [
     "DEV_CLIENT_ID",
     "DEV_TENANT_ID",
     "AuthSettings",
+    "DispatchSettings",
     "ResolvedAuth",
     "Settings",
     "SettingsError",
@@ -81,6 +82,25 @@ class AuthSettings(_Model):
         return self
 
 
+class DispatchSettings(_Model):
+    """How messages are handed to remote agents."""
+
+    timeout_ms: int = Field(default=60_000, gt=0)
+    """How long one dispatch may take before its message fails."""
+    connect_timeout_ms: int = Field(default=5_000, gt=0)
+    """How long to wait for a hosted agent's connection (then fail over)."""
+    failover_attempts: int = Field(default=2, ge=0)
+    """Other instances tried when a dispatch could not be delivered."""
+    critic_retries: int = Field(default=1, ge=0)
+    """Re-dispatches when a result does not fit the skill's declared output."""
+    max_dispatches_per_session: int = Field(default=1000, ge=0)
+    """Guardrail budget per session; 0 is unlimited."""
+    token_ttl_s: int = Field(default=300, gt=0)
+    """Lifetime of the signed token sent with each dispatch."""
+    signing_key_env: str = "SVANTIC_DISPATCH_KEY"
+    """Env var with the Ed25519 private key (PEM) for dispatch tokens; unset: a new key per run."""
+
+
 class Settings(_Model):
     """The whole settings.json."""
 
@@ -102,6 +122,9 @@ class Settings(_Model):
     """`memory` (default)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     auth: AuthSettings = AuthSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    internal_agents: dict[str, str] = {}
+    """Role -> `module:Class` replacing an internal agent (orchestrator, executor, planner, chat, ...)."""
     tenants: list[TenantSettings] = []
     policies: list[dict[str, Any]] = []
     """Tool policies; validated when the input-required work lands."""

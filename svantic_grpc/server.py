@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -16,8 +17,10 @@ from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
 from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
+from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.pb import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -73,18 +76,36 @@ class MeshServer:
             store = open_store(settings.store)
         except ValueError as exc:
             raise SettingsError(f"store: {exc}") from None
-        self.mesh = Mesh(
-            store=store,
-            tokens=auth.tokens,
-            credentials=auth.credentials,
-            options=MeshOptions(
-                session_ttl_s=settings.session_ttl_ms / 1000,
-                heartbeat_timeout_s=settings.heartbeat_timeout_ms / 1000,
-                subscriber_buffer=settings.subscriber_buffer,
-            ),
-            clock=clock,
-            ids=ids,
-        )
+        env = os.environ if env is None else env
+        dispatch = settings.dispatch
+        try:
+            self.mesh = Mesh(
+                store=store,
+                tokens=auth.tokens,
+                credentials=auth.credentials,
+                options=MeshOptions(
+                    session_ttl_s=settings.session_ttl_ms / 1000,
+                    heartbeat_timeout_s=settings.heartbeat_timeout_ms / 1000,
+                    subscriber_buffer=settings.subscriber_buffer,
+                    messages=MessageOptions(
+                        dispatch_timeout_s=dispatch.timeout_ms / 1000,
+                        max_dispatches_per_session=dispatch.max_dispatches_per_session,
+                        failover_attempts=dispatch.failover_attempts,
+                        critic_retries=dispatch.critic_retries,
+                    ),
+                    dispatch_token_ttl_s=dispatch.token_ttl_s,
+                    dispatch_signing_key_pem=env.get(dispatch.signing_key_env) or None,
+                    internal_agents=settings.internal_agents,
+                ),
+                clock=clock,
+                ids=ids,
+                hosted=A2ATransport(
+                    connect_timeout_s=dispatch.connect_timeout_ms / 1000,
+                    read_timeout_s=dispatch.timeout_ms / 1000,
+                ),
+            )
+        except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
+            raise SettingsError(f"settings: {exc}") from None
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -107,7 +128,7 @@ class MeshServer:
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.mesh), server)
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.mesh), server)
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.mesh), server)
-        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(), server)
+        message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(self.mesh), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (

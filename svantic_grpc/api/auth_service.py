@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc import aio
 
-from svantic_grpc.api import convert
+from svantic_grpc.api import _wkt
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.pb import auth_service_pb2 as pb
 from svantic_grpc.pb import auth_service_pb2_grpc as pb_grpc
@@ -29,8 +29,14 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         return pb.GetTokenResponse(
             token=issued.token,
             token_type="Bearer",
-            expires_at=convert.timestamp(issued.expires_at),
+            expires_at=_wkt.timestamp(issued.expires_at),
             tenant_id=issued.tenant_id,
             scopes=[s.value for s in issued.scopes],
             token_id=issued.token_id,
         )
+
+    async def GetDispatchKeys(
+        self, request: pb.GetDispatchKeysRequest, context: aio.ServicerContext
+    ) -> pb.GetDispatchKeysResponse:
+        keys = self._mesh.dispatch_tokens
+        return pb.GetDispatchKeysResponse(issuer=keys.issuer, jwks=_wkt.struct(keys.jwks()))

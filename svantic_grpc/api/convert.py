@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-
+from svantic_grpc.api._wkt import from_struct, struct, timestamp
+from svantic_grpc.api.convert_messages import message_event
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, StatusChanged
 from svantic_grpc.core.models import (
@@ -55,26 +55,6 @@ DEPLOYMENT_MODE = {
     DeploymentMode.CONNECTED: agent_pb.DEPLOYMENT_MODE_CONNECTED,
 }
 DEPLOYMENT_MODE_FROM_PB = {v: k for k, v in DEPLOYMENT_MODE.items()}
-
-
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for epoch seconds; ``None`` stays unset."""
-    if seconds is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(seconds * 1e9))
-    return ts
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
-
-
-def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(message)
-    return result
 
 
 def session_agent(agent: SessionAgent) -> session_pb.SessionAgent:
@@ -127,6 +107,8 @@ def event(record: Event) -> event_pb.SessionEvent:
                 reason=payload.reason,
             )
         )
+    else:
+        message_event(message, payload)
     return message
 
 

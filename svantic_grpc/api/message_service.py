@@ -1,52 +1,158 @@
-"""MessageService: in the contract, not served yet.
-
-Every RPC answers UNIMPLEMENTED with reason NOT_YET_SERVED (after checking the
-token like every other RPC), so clients can be generated against the whole API
-now.
-"""
+"""MessageService: each RPC builds the caller, calls the core, converts the result."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from grpc import aio
 
+from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
-from svantic_grpc.core.errors import Unimplemented
+from svantic_grpc.api.convert_messages import message_state, message_to_pb, outgoing
+from svantic_grpc.api.errors import status_code_for
+from svantic_grpc.core.auth import Caller
+from svantic_grpc.core.errors import InvalidArgument, MeshError, Unimplemented
+from svantic_grpc.core.mesh import Mesh
+from svantic_grpc.pb import message_service_pb2 as pb
 from svantic_grpc.pb import message_service_pb2_grpc as pb_grpc
 
 __all__ = ["MessageServicer"]
 
+_CONVERSE_BUFFER = 64
+
 
 def _not_yet(rpc: str) -> Unimplemented:
-    current_caller()
-    return Unimplemented(f"MessageService.{rpc} is not served by this version yet", reason="NOT_YET_SERVED")
+    return Unimplemented(
+        f"MessageService.{rpc} arrives with the input-required work; it is not served yet",
+        reason="NOT_YET_SERVED",
+    )
 
 
 class MessageServicer(pb_grpc.MessageServiceServicer):
-    async def SendMessage(self, request: Any, context: aio.ServicerContext) -> Any:
-        raise _not_yet("SendMessage")
+    def __init__(self, mesh: Mesh) -> None:
+        self._messages = mesh.messages
+        self._sessions = mesh.sessions
 
-    async def SendStreamingMessage(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        raise _not_yet("SendStreamingMessage")
-        yield  # pragma: no cover - makes this an async generator
+    async def SendMessage(
+        self, request: pb.SendMessageRequest, context: aio.ServicerContext
+    ) -> pb.SendMessageResponse:
+        message = await self._messages.send_and_wait(
+            current_caller(), request.session_id, **outgoing(request.message)
+        )
+        return pb.SendMessageResponse(message=message_to_pb(message))
 
-    async def Converse(self, request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        raise _not_yet("Converse")
-        yield  # pragma: no cover - makes this an async generator
+    async def SendStreamingMessage(
+        self, request: pb.SendStreamingMessageRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.SendStreamingMessageResponse]:
+        events = await self._messages.send_streaming(
+            current_caller(), request.session_id, **outgoing(request.message)
+        )
+        async for event in events:
+            yield pb.SendStreamingMessageResponse(event=convert.event(event))
 
-    async def GetMessage(self, request: Any, context: aio.ServicerContext) -> Any:
-        raise _not_yet("GetMessage")
+    async def GetMessage(
+        self, request: pb.GetMessageRequest, context: aio.ServicerContext
+    ) -> pb.GetMessageResponse:
+        message = await self._messages.get(current_caller(), request.session_id, request.message_id)
+        return pb.GetMessageResponse(message=message_to_pb(message))
 
-    async def ListMessages(self, request: Any, context: aio.ServicerContext) -> Any:
-        raise _not_yet("ListMessages")
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: aio.ServicerContext
+    ) -> pb.ListMessagesResponse:
+        states = [message_state(s, f"states[{i}]") for i, s in enumerate(request.states)]
+        page = await self._messages.list_messages(
+            current_caller(),
+            session_id=request.session_id,
+            states=states,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListMessagesResponse(
+            messages=[message_to_pb(m) for m in page.messages], next_page_token=page.next_cursor
+        )
 
-    async def CancelMessage(self, request: Any, context: aio.ServicerContext) -> Any:
-        raise _not_yet("CancelMessage")
+    async def CancelMessage(
+        self, request: pb.CancelMessageRequest, context: aio.ServicerContext
+    ) -> pb.CancelMessageResponse:
+        message = await self._messages.cancel(
+            current_caller(), request.session_id, request.message_id, reason=request.reason
+        )
+        return pb.CancelMessageResponse(message=message_to_pb(message))
 
-    async def ListPendingInputs(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def ListPendingInputs(
+        self, request: pb.ListPendingInputsRequest, context: aio.ServicerContext
+    ) -> pb.ListPendingInputsResponse:
         raise _not_yet("ListPendingInputs")
 
-    async def ResolveInput(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def ResolveInput(
+        self, request: pb.ResolveInputRequest, context: aio.ServicerContext
+    ) -> pb.ResolveInputResponse:
         raise _not_yet("ResolveInput")
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ConverseResponse]:
+        caller = current_caller()
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("action") != "open":
+            raise InvalidArgument("open", "the first request on Converse must be open (naming the session)")
+        session_id = first.open.session_id
+        events = await self._sessions.watch(caller, session_id, after_sequence=first.open.after_sequence)
+        out: asyncio.Queue[pb.ConverseResponse | MeshError | None] = asyncio.Queue(_CONVERSE_BUFFER)
+
+        async def pump_events() -> None:
+            try:
+                async for event in events:
+                    await out.put(pb.ConverseResponse(event=convert.event(event)))
+                await out.put(None)  # the session closed
+            except MeshError as error:
+                await out.put(error)
+
+        async def take_actions() -> None:
+            async for request in requests:
+                try:
+                    await self._converse_action(caller, session_id, request)
+                except MeshError as error:
+                    await out.put(pb.ConverseResponse(error=_converse_error(error)))
+
+        tasks = [asyncio.create_task(pump_events()), asyncio.create_task(take_actions())]
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, MeshError):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _converse_action(self, caller: Caller, session_id: str, request: pb.ConverseRequest) -> None:
+        action = request.WhichOneof("action")
+        if action == "send":
+            await self._messages.send(caller, session_id, **outgoing(request.send))
+        elif action == "cancel":
+            await self._messages.cancel(
+                caller, session_id, request.cancel.message_id, reason=request.cancel.reason
+            )
+        elif action == "resolve":
+            raise _not_yet("Converse resolve")
+        elif action == "open":
+            raise InvalidArgument("open", "this stream is already bound to a session")
+        else:
+            raise InvalidArgument("action", "set one of send, cancel or resolve")
+
+
+def _converse_error(error: MeshError) -> pb.ConverseError:
+    return pb.ConverseError(
+        code=status_code_for(error).value[0],
+        reason=error.reason,
+        message=error.message,
+        field=getattr(error, "field", ""),
+    )

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from svantic_grpc.api import convert
+from svantic_grpc.api import _wkt, convert
 from svantic_grpc.api._context import current_caller
-from svantic_grpc.core.errors import Unimplemented
+from svantic_grpc.api.convert_messages import dispatch_to_pb, update_from_pb
+from svantic_grpc.core.connections import AgentConnection
+from svantic_grpc.core.dispatch import DispatchUpdate
+from svantic_grpc.core.errors import InvalidArgument, MeshError
 from svantic_grpc.core.mesh import Mesh
+from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.pb import agent_types_pb2
 from svantic_grpc.pb import registry_service_pb2 as pb
@@ -17,10 +24,13 @@ from svantic_grpc.pb import registry_service_pb2_grpc as pb_grpc
 
 __all__ = ["RegistryServicer"]
 
+_log = logging.getLogger(__name__)
+
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._registry = mesh.registry
+        self._connections = mesh.connections
 
     def _agent(self, record: AgentRegistration) -> agent_types_pb2.Agent:
         return convert.agent(record, status=self._registry.effective_status(record))
@@ -42,7 +52,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         return pb.HeartbeatResponse(
             agent=self._agent(agent),
-            next_heartbeat_before=convert.timestamp(self._registry.next_heartbeat_before(agent)),
+            next_heartbeat_before=_wkt.timestamp(self._registry.next_heartbeat_before(agent)),
         )
 
     async def DeregisterAgent(
@@ -68,9 +78,57 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ConnectResponse]:
-        current_caller()
-        raise Unimplemented(
-            "Connect (connected-mode agents) is not served yet; register the agent as hosted with a URL",
-            reason="NOT_YET_SERVED",
-        )
-        yield  # pragma: no cover - makes this an async generator
+        caller = current_caller()
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("payload") != "hello":
+            raise InvalidArgument("hello", "the first message on Connect must be hello")
+        connection = await self._connections.attach(caller, first.hello.instance_id)
+        reader = asyncio.create_task(self._read(connection, requests))
+        try:
+            interval_ms = int(self._registry.heartbeat_timeout_s * 1000 / 3)
+            yield pb.ConnectResponse(
+                welcome=pb.ConnectWelcome(
+                    agent=self._agent(connection.agent), heartbeat_interval_ms=interval_ms
+                )
+            )
+            while (out := await connection.outbox.get()) is not None:
+                if out.job is not None:
+                    yield pb.ConnectResponse(dispatch=dispatch_to_pb(out.job))
+                else:
+                    cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
+                    yield pb.ConnectResponse(cancel=cancel)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await self._connections.detach(connection, "the agent's stream ended")
+
+    async def _read(self, connection: AgentConnection, requests: AsyncIterator[pb.ConnectRequest]) -> None:
+        """Feed the agent's updates and heartbeats to the core until its side of the stream ends."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("payload")
+                if kind == "update":
+                    dispatch_id = request.update.dispatch_id
+                    try:
+                        update = update_from_pb(request.update)
+                    except InvalidArgument as error:
+                        update = DispatchUpdate(
+                            MessageState.FAILED, reason=f"the agent sent an invalid update: {error}"
+                        )
+                    if not self._connections.receive(connection, dispatch_id, update):
+                        _log.debug("update for unknown dispatch %s from %s", dispatch_id, connection.key)
+                elif kind == "heartbeat":
+                    beat = request.heartbeat
+                    await self._connections.heartbeat(
+                        connection,
+                        status=convert.agent_status(beat.status, "heartbeat.status"),
+                        current_sessions=beat.current_sessions,
+                    )
+        except (aio.AioRpcError, MeshError) as error:
+            _log.info("agent stream of %s/%s failed: %s", *connection.key, error)
+        finally:
+            await self._connections.detach(connection, "the agent closed its stream")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.errors import MeshError, ResourceExhausted, Unavailable
+from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.models import SessionAgent, SessionStatus
 
 if TYPE_CHECKING:
@@ -25,11 +26,14 @@ if TYPE_CHECKING:
 __all__ = [
     "AgentJoined",
     "AgentLeft",
+    "ArtifactAdded",
     "Event",
     "EventBus",
     "EventPayload",
+    "MessageStateChanged",
     "StatusChanged",
     "Subscription",
+    "TurnAdded",
 ]
 
 
@@ -58,7 +62,37 @@ class StatusChanged:
     reason: str = ""
 
 
-EventPayload: TypeAlias = AgentJoined | AgentLeft | StatusChanged
+@dataclass(frozen=True)
+class MessageStateChanged:
+    """A message changed state. ``message`` is its snapshot when it stops (terminal or input-required)."""
+
+    message_id: str
+    from_state: MessageState | None
+    """``None`` when the message was just created."""
+    to_state: MessageState
+    reason: str = ""
+    message: Message | None = None
+
+
+@dataclass(frozen=True)
+class TurnAdded:
+    """An agent said something about a message."""
+
+    message_id: str
+    turn: Turn
+
+
+@dataclass(frozen=True)
+class ArtifactAdded:
+    """An agent produced output for a message."""
+
+    message_id: str
+    artifact: Artifact
+
+
+EventPayload: TypeAlias = (
+    AgentJoined | AgentLeft | StatusChanged | MessageStateChanged | TurnAdded | ArtifactAdded
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +104,11 @@ class Event:
     sequence: int
     time: float
     payload: EventPayload
+
+    @property
+    def message_id(self) -> str:
+        """The message the event is about, or ``""``."""
+        return getattr(self.payload, "message_id", "")
 
     @property
     def closes_session(self) -> bool:

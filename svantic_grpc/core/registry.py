@@ -7,7 +7,7 @@ its sessions reach ``max_concurrent_sessions``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
@@ -180,16 +180,28 @@ class Registry:
         agents = await self._store.list_agents(tenant_id=caller.tenant_id, agent_type=agent_type)
         return [a for a in agents if not routable_only or self.is_routable(a)]
 
-    async def pick(self, tenant_id: str, agent_type: str) -> AgentRegistration:
-        """The least-loaded routable instance of ``agent_type``.
+    async def pick(
+        self,
+        tenant_id: str,
+        agent_type: str,
+        *,
+        exclude: Collection[str] = (),
+        rank: Callable[[AgentRegistration], float] | None = None,
+    ) -> AgentRegistration:
+        """The least-loaded routable instance of ``agent_type``, not in ``exclude``.
 
-        Ties go to the instance seen most recently, then to the lowest id, so the
-        choice is stable.
+        Ties go to the better ``rank`` (lower; the learner's success record), then
+        to the instance seen most recently, then to the lowest id, so the choice
+        is stable.
 
         Raises:
             Unavailable: no instance of that type can take a session now.
         """
-        agents = await self._store.list_agents(tenant_id=tenant_id, agent_type=agent_type)
+        agents = [
+            a
+            for a in await self._store.list_agents(tenant_id=tenant_id, agent_type=agent_type)
+            if a.instance_id not in exclude
+        ]
         routable = [a for a in agents if self.is_routable(a)]
         if not routable:
             if not agents:
@@ -205,7 +217,8 @@ class Registry:
                 reason="NO_AGENT_AVAILABLE",
                 metadata={"agent_type": agent_type},
             )
-        return min(routable, key=lambda a: (a.load, -a.last_seen_at, a.instance_id))
+        score = rank or (lambda _: 0.0)
+        return min(routable, key=lambda a: (a.load, score(a), -a.last_seen_at, a.instance_id))
 
     async def bind(self, agent: AgentRegistration, session_id: str) -> AgentRegistration:
         """Record that ``agent`` serves ``session_id``. Hold ``locks`` for the instance."""
@@ -221,6 +234,35 @@ class Registry:
                 return
             remaining = tuple(s for s in agent.session_ids if s != session_id)
             await self._store.update_agent(replace(agent, session_ids=remaining))
+
+    async def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
+        """Count a dispatch outcome on the instance's connection state (GetAgent shows it)."""
+        async with self.locks.hold((tenant_id, instance_id)):
+            agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+            if agent is None:
+                return
+            conn = agent.connection
+            conn = replace(
+                conn,
+                last_dispatch_at=self._clock.now(),
+                successes=conn.successes + ok,
+                failures=conn.failures + (not ok),
+                last_error=conn.last_error if ok else error,
+            )
+            await self._store.update_agent(replace(agent, connection=conn))
+
+    async def set_connection(
+        self, tenant_id: str, instance_id: str, **changes: Any
+    ) -> AgentRegistration | None:
+        """Update an instance's connection state (transport, connected, connected_since)."""
+        async with self.locks.hold((tenant_id, instance_id)):
+            agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+            if agent is None:
+                return None
+            now = self._clock.now()
+            return await self._store.update_agent(
+                replace(agent, connection=replace(agent.connection, **changes), last_seen_at=now)
+            )
 
     def next_heartbeat_before(self, agent: AgentRegistration) -> float:
         """When the instance turns unhealthy without another heartbeat."""

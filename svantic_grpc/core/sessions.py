@@ -6,7 +6,7 @@ the version it read, so two writers never silently overwrite each other.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import replace
 
 from svantic_grpc.core._locks import KeyedLock
@@ -54,7 +54,12 @@ class Sessions:
         self._ttl_s = ttl_s
         self._locks = KeyedLock()
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
+        self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         registry.on_release(self._agent_released)
+
+    def on_close(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
+        """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its work)."""
+        self._close_hooks.append(hook)
 
     @property
     def ttl_s(self) -> float:
@@ -162,25 +167,41 @@ class Sessions:
         )
 
     async def add_remote_agent(
-        self, tenant_id: str, session_id: str, *, agent_type: str, instance_id: str, reason: JoinReason
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        agent_type: str,
+        instance_id: str,
+        reason: JoinReason,
+        exclude: Collection[str] = (),
+        rank: Callable[[AgentRegistration], float] | None = None,
     ) -> SessionAgent:
         """Bind a remote instance to a session: the given one, one already there, or the least loaded.
 
-        Used by invitation and by routing (``reason`` says which).
+        Used by invitation and by routing (``reason`` says which). Instances in
+        ``exclude`` (unreachable ones, during fail-over) are neither reused nor picked.
         """
         async with self._locks.hold((tenant_id, session_id)):
             session = self._require_open(await self._get(tenant_id, session_id))
             if instance_id:
                 present = session.find_agent(instance_id=instance_id)
             else:  # session affinity: reuse the instance of this type already here
-                present = next((a for a in session.present_agents() if a.agent_type == agent_type), None)
+                present = next(
+                    (
+                        a
+                        for a in session.present_agents()
+                        if a.agent_type == agent_type and a.instance_id not in exclude
+                    ),
+                    None,
+                )
             if present is not None:
                 if present.agent_type != agent_type:
                     raise InvalidArgument(
                         "agent_type", f"instance {instance_id!r} is in the session as {present.agent_type!r}"
                     )
                 return present
-            agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id)
+            agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id, exclude, rank)
             now = self._clock.now()
             joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
             try:
@@ -194,11 +215,17 @@ class Sessions:
             return joined
 
     async def _bind_instance(
-        self, tenant_id: str, session_id: str, agent_type: str, instance_id: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        agent_type: str,
+        instance_id: str,
+        exclude: Collection[str] = (),
+        rank: Callable[[AgentRegistration], float] | None = None,
     ) -> AgentRegistration:
         registry = self._registry
         if not instance_id:
-            instance_id = (await registry.pick(tenant_id, agent_type)).instance_id
+            instance_id = (await registry.pick(tenant_id, agent_type, exclude=exclude, rank=rank)).instance_id
         async with registry.locks.hold((tenant_id, instance_id)):
             # Re-read under the instance lock: the pick above may be stale by now.
             agent = await self._store_agent(tenant_id, instance_id)
@@ -238,6 +265,11 @@ class Sessions:
         return await self._close(caller.tenant_id, session_id, reason or f"closed by {caller.subject}")
 
     async def _close(self, tenant_id: str, session_id: str, reason: str) -> tuple[Session, bool]:
+        current = await self._get(tenant_id, session_id)
+        if current.status is not SessionStatus.CLOSED:
+            # Cancel running work first, outside the session lock: cancellation writes to the session.
+            for hook in self._close_hooks:
+                await hook(tenant_id, session_id, reason)
         async with self._locks.hold((tenant_id, session_id)):
             session = await self._get(tenant_id, session_id)
             if session.status is SessionStatus.CLOSED:
@@ -293,19 +325,32 @@ class Sessions:
 
     async def _agent_released(self, session_id: str, agent: AgentRegistration, reason: str) -> None:
         """An instance was deregistered: it leaves the session."""
-        async with self._locks.hold((agent.tenant_id, session_id)):
-            session = await self._store.get_session(tenant_id=agent.tenant_id, session_id=session_id)
+        await self.remove_agent(agent.tenant_id, session_id, agent.instance_id, reason=reason, unbind=False)
+
+    async def remove_agent(
+        self, tenant_id: str, session_id: str, instance_id: str, *, reason: str, unbind: bool = True
+    ) -> None:
+        """A remote instance leaves an open session (unreachable, deregistered)."""
+        async with self._locks.hold((tenant_id, session_id)):
+            session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
             if session is None or session.status is SessionStatus.CLOSED:
                 return
-            present = session.find_agent(instance_id=agent.instance_id)
-            if present is None:
+            present = session.find_agent(instance_id=instance_id)
+            if present is None or present.internal:
                 return
             now = self._clock.now()
             agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
             await self._store.update_session(replace(session, agents=agents, updated_at=now))
-            await self._bus.publish(
-                agent.tenant_id, session_id, AgentLeft(agent.agent_type, agent.instance_id, reason)
-            )
+            if unbind:
+                await self._registry.unbind(tenant_id, instance_id, session_id)
+            await self._bus.publish(tenant_id, session_id, AgentLeft(present.agent_type, instance_id, reason))
+
+    async def touch(self, tenant_id: str, session_id: str) -> Session:
+        """Record activity (a message), pushing back the idle TTL; the session must be open."""
+        async with self._locks.hold((tenant_id, session_id)):
+            session = self._require_open(await self._get(tenant_id, session_id))
+            now = self._clock.now()
+            return await self._store.update_session(replace(session, last_activity_at=now, updated_at=now))
 
     async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)

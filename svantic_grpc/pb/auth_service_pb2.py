@@ -23,20 +23,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsvantic/v1/auth_service.proto\x12\nsvantic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0fGetTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"\x9a\x01\n\x10GetTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x10\n\x08token_id\x18\x06 \x01(\t2T\n\x0b\x41uthService\x12\x45\n\x08GetToken\x12\x1b.svantic.v1.GetTokenRequest\x1a\x1c.svantic.v1.GetTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsvantic/v1/auth_service.proto\x12\nsvantic.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0fGetTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"\x9a\x01\n\x10GetTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x10\n\x08token_id\x18\x06 \x01(\t\"\x18\n\x16GetDispatchKeysRequest\"P\n\x17GetDispatchKeysResponse\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12%\n\x04jwks\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb0\x01\n\x0b\x41uthService\x12\x45\n\x08GetToken\x12\x1b.svantic.v1.GetTokenRequest\x1a\x1c.svantic.v1.GetTokenResponse\x12Z\n\x0fGetDispatchKeys\x12\".svantic.v1.GetDispatchKeysRequest\x1a#.svantic.v1.GetDispatchKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'svantic.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETTOKENREQUEST']._serialized_start=78
-  _globals['_GETTOKENREQUEST']._serialized_end=193
-  _globals['_GETTOKENRESPONSE']._serialized_start=196
-  _globals['_GETTOKENRESPONSE']._serialized_end=350
-  _globals['_AUTHSERVICE']._serialized_start=352
-  _globals['_AUTHSERVICE']._serialized_end=436
+  _globals['_GETTOKENREQUEST']._serialized_start=108
+  _globals['_GETTOKENREQUEST']._serialized_end=223
+  _globals['_GETTOKENRESPONSE']._serialized_start=226
+  _globals['_GETTOKENRESPONSE']._serialized_end=380
+  _globals['_GETDISPATCHKEYSREQUEST']._serialized_start=382
+  _globals['_GETDISPATCHKEYSREQUEST']._serialized_end=406
+  _globals['_GETDISPATCHKEYSRESPONSE']._serialized_start=408
+  _globals['_GETDISPATCHKEYSRESPONSE']._serialized_end=488
+  _globals['_AUTHSERVICE']._serialized_start=491
+  _globals['_AUTHSERVICE']._serialized_end=667
 # @@protoc_insertion_point(module_scope)

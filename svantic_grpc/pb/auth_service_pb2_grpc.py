@@ -44,6 +44,11 @@ class AuthServiceStub:
                 request_serializer=svantic_dot_v1_dot_auth__service__pb2.GetTokenRequest.SerializeToString,
                 response_deserializer=svantic_dot_v1_dot_auth__service__pb2.GetTokenResponse.FromString,
                 _registered_method=True)
+        self.GetDispatchKeys = channel.unary_unary(
+                '/svantic.v1.AuthService/GetDispatchKeys',
+                request_serializer=svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysRequest.SerializeToString,
+                response_deserializer=svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -62,6 +67,15 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDispatchKeys(self, request, context):
+        """GetDispatchKeys returns the public keys (a JWKS) that verify the short-lived
+        dispatch tokens the mesh sends with each dispatch to a remote agent. Agents
+        call it, without a token, to check that a dispatch really comes from this mesh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -69,6 +83,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetToken,
                     request_deserializer=svantic_dot_v1_dot_auth__service__pb2.GetTokenRequest.FromString,
                     response_serializer=svantic_dot_v1_dot_auth__service__pb2.GetTokenResponse.SerializeToString,
+            ),
+            'GetDispatchKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDispatchKeys,
+                    request_deserializer=svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysRequest.FromString,
+                    response_serializer=svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,6 +121,33 @@ class AuthService:
             '/svantic.v1.AuthService/GetToken',
             svantic_dot_v1_dot_auth__service__pb2.GetTokenRequest.SerializeToString,
             svantic_dot_v1_dot_auth__service__pb2.GetTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDispatchKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svantic.v1.AuthService/GetDispatchKeys',
+            svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysRequest.SerializeToString,
+            svantic_dot_v1_dot_auth__service__pb2.GetDispatchKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ from . import message_types_pb2 as svantic_dot_v1_dot_message__types__pb2
 from . import session_types_pb2 as svantic_dot_v1_dot_session__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csvantic/v1/event_types.proto\x12\nsvantic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esvantic/v1/message_types.proto\x1a\x1esvantic/v1/session_types.proto\"6\n\x0b\x41gentJoined\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionAgent\"D\n\tAgentLeft\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x84\x01\n\x14SessionStatusChanged\x12.\n\x0b\x66rom_status\x18\x01 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12,\n\tto_status\x18\x02 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb9\x01\n\x13MessageStateChanged\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12,\n\nfrom_state\x18\x02 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12*\n\x08to_state\x18\x03 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12$\n\x07message\x18\x05 \x01(\x0b\x32\x13.svantic.v1.Message\"K\n\rArtifactAdded\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12&\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x14.svantic.v1.Artifact\":\n\rInputRequired\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest\":\n\rInputResolved\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"\xe2\x03\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0c\x61gent_joined\x18\x04 \x01(\x0b\x32\x17.svantic.v1.AgentJoinedH\x00\x12+\n\nagent_left\x18\x05 \x01(\x0b\x32\x15.svantic.v1.AgentLeftH\x00\x12:\n\x0estatus_changed\x18\x06 \x01(\x0b\x32 .svantic.v1.SessionStatusChangedH\x00\x12@\n\x15message_state_changed\x18\x07 \x01(\x0b\x32\x1f.svantic.v1.MessageStateChangedH\x00\x12\x33\n\x0e\x61rtifact_added\x18\x08 \x01(\x0b\x32\x19.svantic.v1.ArtifactAddedH\x00\x12\x33\n\x0einput_required\x18\t \x01(\x0b\x32\x19.svantic.v1.InputRequiredH\x00\x12\x33\n\x0einput_resolved\x18\n \x01(\x0b\x32\x19.svantic.v1.InputResolvedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csvantic/v1/event_types.proto\x12\nsvantic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esvantic/v1/message_types.proto\x1a\x1esvantic/v1/session_types.proto\"6\n\x0b\x41gentJoined\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionAgent\"D\n\tAgentLeft\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x84\x01\n\x14SessionStatusChanged\x12.\n\x0b\x66rom_status\x18\x01 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12,\n\tto_status\x18\x02 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb9\x01\n\x13MessageStateChanged\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12,\n\nfrom_state\x18\x02 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12*\n\x08to_state\x18\x03 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12$\n\x07message\x18\x05 \x01(\x0b\x32\x13.svantic.v1.Message\"K\n\rArtifactAdded\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12&\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x14.svantic.v1.Artifact\"?\n\tTurnAdded\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x1e\n\x04turn\x18\x02 \x01(\x0b\x32\x10.svantic.v1.Turn\":\n\rInputRequired\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest\":\n\rInputResolved\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"\x8f\x04\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0c\x61gent_joined\x18\x04 \x01(\x0b\x32\x17.svantic.v1.AgentJoinedH\x00\x12+\n\nagent_left\x18\x05 \x01(\x0b\x32\x15.svantic.v1.AgentLeftH\x00\x12:\n\x0estatus_changed\x18\x06 \x01(\x0b\x32 .svantic.v1.SessionStatusChangedH\x00\x12@\n\x15message_state_changed\x18\x07 \x01(\x0b\x32\x1f.svantic.v1.MessageStateChangedH\x00\x12\x33\n\x0e\x61rtifact_added\x18\x08 \x01(\x0b\x32\x19.svantic.v1.ArtifactAddedH\x00\x12\x33\n\x0einput_required\x18\t \x01(\x0b\x32\x19.svantic.v1.InputRequiredH\x00\x12\x33\n\x0einput_resolved\x18\n \x01(\x0b\x32\x19.svantic.v1.InputResolvedH\x00\x12+\n\nturn_added\x18\x0b \x01(\x0b\x32\x15.svantic.v1.TurnAddedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,10 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGESTATECHANGED']._serialized_end=588
   _globals['_ARTIFACTADDED']._serialized_start=590
   _globals['_ARTIFACTADDED']._serialized_end=665
-  _globals['_INPUTREQUIRED']._serialized_start=667
-  _globals['_INPUTREQUIRED']._serialized_end=725
-  _globals['_INPUTRESOLVED']._serialized_start=727
-  _globals['_INPUTRESOLVED']._serialized_end=785
-  _globals['_SESSIONEVENT']._serialized_start=788
-  _globals['_SESSIONEVENT']._serialized_end=1270
+  _globals['_TURNADDED']._serialized_start=667
+  _globals['_TURNADDED']._serialized_end=730
+  _globals['_INPUTREQUIRED']._serialized_start=732
+  _globals['_INPUTREQUIRED']._serialized_end=790
+  _globals['_INPUTRESOLVED']._serialized_start=792
+  _globals['_INPUTRESOLVED']._serialized_end=850
+  _globals['_SESSIONEVENT']._serialized_start=853
+  _globals['_SESSIONEVENT']._serialized_end=1380
 # @@protoc_insertion_point(module_scope)

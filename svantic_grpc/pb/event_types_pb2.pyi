@@ -59,6 +59,14 @@ class ArtifactAdded(_message.Message):
     artifact: _message_types_pb2.Artifact
     def __init__(self, message_id: _Optional[str] = ..., artifact: _Optional[_Union[_message_types_pb2.Artifact, _Mapping]] = ...) -> None: ...
 
+class TurnAdded(_message.Message):
+    __slots__ = ("message_id", "turn")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    turn: _message_types_pb2.Turn
+    def __init__(self, message_id: _Optional[str] = ..., turn: _Optional[_Union[_message_types_pb2.Turn, _Mapping]] = ...) -> None: ...
+
 class InputRequired(_message.Message):
     __slots__ = ("request",)
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -72,7 +80,7 @@ class InputResolved(_message.Message):
     def __init__(self, request: _Optional[_Union[_message_types_pb2.InputRequest, _Mapping]] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "sequence", "time", "agent_joined", "agent_left", "status_changed", "message_state_changed", "artifact_added", "input_required", "input_resolved")
+    __slots__ = ("session_id", "sequence", "time", "agent_joined", "agent_left", "status_changed", "message_state_changed", "artifact_added", "input_required", "input_resolved", "turn_added")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +91,7 @@ class SessionEvent(_message.Message):
     ARTIFACT_ADDED_FIELD_NUMBER: _ClassVar[int]
     INPUT_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     INPUT_RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    TURN_ADDED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -93,4 +102,5 @@ class SessionEvent(_message.Message):
     artifact_added: ArtifactAdded
     input_required: InputRequired
     input_resolved: InputResolved
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_joined: _Optional[_Union[AgentJoined, _Mapping]] = ..., agent_left: _Optional[_Union[AgentLeft, _Mapping]] = ..., status_changed: _Optional[_Union[SessionStatusChanged, _Mapping]] = ..., message_state_changed: _Optional[_Union[MessageStateChanged, _Mapping]] = ..., artifact_added: _Optional[_Union[ArtifactAdded, _Mapping]] = ..., input_required: _Optional[_Union[InputRequired, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ...) -> None: ...
+    turn_added: TurnAdded
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_joined: _Optional[_Union[AgentJoined, _Mapping]] = ..., agent_left: _Optional[_Union[AgentLeft, _Mapping]] = ..., status_changed: _Optional[_Union[SessionStatusChanged, _Mapping]] = ..., message_state_changed: _Optional[_Union[MessageStateChanged, _Mapping]] = ..., artifact_added: _Optional[_Union[ArtifactAdded, _Mapping]] = ..., input_required: _Optional[_Union[InputRequired, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ..., turn_added: _Optional[_Union[TurnAdded, _Mapping]] = ...) -> None: ...

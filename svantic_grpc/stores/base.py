@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 
-__all__ = ["SessionPage", "Store"]
+__all__ = ["MessagePage", "SessionPage", "Store"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,15 @@ class SessionPage:
     """One page of sessions, newest first."""
 
     sessions: tuple[Session, ...]
+    next_cursor: str
+    """Opaque; empty on the last page."""
+
+
+@dataclass(frozen=True)
+class MessagePage:
+    """One page of messages, oldest first."""
+
+    messages: tuple[Message, ...]
     next_cursor: str
     """Opaque; empty on the last page."""
 
@@ -108,6 +118,41 @@ class Store(ABC):
     @abstractmethod
     async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
         """The tenant's registrations, by agent type then instance id."""
+
+    # Messages
+
+    @abstractmethod
+    async def create_message(self, message: Message) -> Message:
+        """Insert a message; returns it with ``version`` 1.
+
+        Raises:
+            AlreadyExists: the session already has a message with this id.
+        """
+
+    @abstractmethod
+    async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
+        """The message, or ``None``."""
+
+    @abstractmethod
+    async def update_message(self, message: Message) -> Message:
+        """Replace a message whose stored version equals ``message.version``.
+
+        Raises:
+            NotFound: no such message.
+            Conflict: the stored version differs.
+        """
+
+    @abstractmethod
+    async def list_messages(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        states: Iterable[MessageState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> MessagePage:
+        """The tenant's messages (of one session, if given), oldest first, optionally by state."""
 
     # Event log
 

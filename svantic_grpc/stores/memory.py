@@ -12,9 +12,10 @@ from dataclasses import replace
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores.base import SessionPage, Store
+from svantic_grpc.stores.base import MessagePage, SessionPage, Store
 
 __all__ = ["MemoryStore"]
 
@@ -26,6 +27,8 @@ class MemoryStore(Store):
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
+        # Insertion order is creation order, which list_messages pages through.
+        self._messages: dict[tuple[str, str, str], Message] = {}
 
     async def create_session(self, session: Session) -> Session:
         key = (session.tenant_id, session.session_id)
@@ -125,6 +128,66 @@ class MemoryStore(Store):
         ]
         rows.sort(key=lambda a: (a.agent_type, a.instance_id))
         return copy.deepcopy(rows)
+
+    async def create_message(self, message: Message) -> Message:
+        key = (message.tenant_id, message.session_id, message.message_id)
+        if key in self._messages:
+            raise AlreadyExists(
+                f"message {message.message_id!r} already exists in session {message.session_id!r}",
+                reason="MESSAGE_EXISTS",
+            )
+        stored = replace(copy.deepcopy(message), version=1)
+        self._messages[key] = stored
+        return copy.deepcopy(stored)
+
+    async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
+        return copy.deepcopy(self._messages.get((tenant_id, session_id, message_id)))
+
+    async def update_message(self, message: Message) -> Message:
+        key = (message.tenant_id, message.session_id, message.message_id)
+        current = self._messages.get(key)
+        if current is None:
+            raise NotFound(f"message {message.message_id!r} not found", reason="MESSAGE_NOT_FOUND")
+        if current.version != message.version:
+            raise Conflict(
+                f"message {message.message_id!r} changed concurrently "
+                f"(version {message.version} was read, {current.version} is stored)",
+                metadata={"stored_version": str(current.version)},
+            )
+        stored = replace(copy.deepcopy(message), version=current.version + 1)
+        self._messages[key] = stored
+        return copy.deepcopy(stored)
+
+    async def list_messages(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        states: Iterable[MessageState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> MessagePage:
+        wanted = set(states)
+        after = decode_cursor(cursor) if cursor else None
+        rows = sorted(
+            (
+                m
+                for (tenant, session, _), m in self._messages.items()
+                if tenant == tenant_id
+                and (not session_id or session == session_id)
+                and (not wanted or m.state in wanted)
+            ),
+            key=lambda m: (m.created_at, f"{m.session_id}/{m.message_id}"),
+        )
+        if after is not None:
+            rows = [m for m in rows if (m.created_at, f"{m.session_id}/{m.message_id}") > after]
+        page = rows[:page_size]
+        last = page[-1] if page else None
+        more = len(rows) > page_size
+        next_cursor = (
+            encode_cursor(last.created_at, f"{last.session_id}/{last.message_id}") if more and last else ""
+        )
+        return MessagePage(tuple(copy.deepcopy(page)), next_cursor)
 
     async def append_event(
         self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload

@@ -599,7 +599,7 @@ async def test_registry_needs_a_token(client: Client) -> None:
     assert code_of(excinfo) == grpc.StatusCode.UNAUTHENTICATED
 
 
-# --- not served yet -------------------------------------------------------------------------
+# --- message service: tokens everywhere; input requests not served yet ---------------------
 
 _UNARY_MESSAGE_RPCS = [
     "SendMessage",
@@ -614,9 +614,7 @@ _UNARY_MESSAGE_RPCS = [
 async def _call_message_rpc(client: Client, name: str, metadata: tuple[tuple[str, str], ...]) -> None:
     method = getattr(client.messages, name)
     if name == "SendStreamingMessage":
-        async for _ in method(
-            message_service_pb2.SendStreamingMessageRequest(session_id="s"), metadata=metadata
-        ):
+        async for _ in method(message_service_pb2.SendStreamingMessageRequest(session_id="s"), metadata=metadata):
             pass
     elif name == "Converse":
         opening = message_service_pb2.ConverseRequest(open=message_service_pb2.ConverseOpen(session_id="s"))
@@ -627,28 +625,35 @@ async def _call_message_rpc(client: Client, name: str, metadata: tuple[tuple[str
 
 
 @pytest.mark.parametrize("name", [*_UNARY_MESSAGE_RPCS, "SendStreamingMessage", "Converse"])
-async def test_message_service_is_not_served_yet(client: Client, name: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-        await _call_message_rpc(client, name, await client.md())
-    assert code_of(excinfo) == grpc.StatusCode.UNIMPLEMENTED
-    assert error_details(excinfo)[0] == "NOT_YET_SERVED"
-
+async def test_message_service_needs_a_token(client: Client, name: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         await _call_message_rpc(client, name, ())
     assert code_of(anonymous) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_connect_stream_is_not_served_yet(client: Client) -> None:
-    hello = registry_service_pb2.ConnectRequest(
-        hello=registry_service_pb2.ConnectHello(instance_id="laptop-1")
-    )
+@pytest.mark.parametrize("name", ["ListPendingInputs", "ResolveInput"])
+async def test_input_requests_are_not_served_yet(client: Client, name: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-        async for _ in client.registry.Connect(iter([hello]), metadata=await client.md()):
-            pass
+        await _call_message_rpc(client, name, await client.md())
     assert code_of(excinfo) == grpc.StatusCode.UNIMPLEMENTED
     assert error_details(excinfo)[0] == "NOT_YET_SERVED"
 
+
+async def test_connect_needs_a_token_and_a_registered_connected_instance(client: Client) -> None:
+    hello = registry_service_pb2.ConnectRequest(hello=registry_service_pb2.ConnectHello(instance_id="laptop-1"))
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         async for _ in client.registry.Connect(iter([hello])):
             pass
     assert code_of(anonymous) == grpc.StatusCode.UNAUTHENTICATED
+
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        async for _ in client.registry.Connect(iter([hello]), metadata=await client.md()):
+            pass
+    assert code_of(unknown) == grpc.StatusCode.NOT_FOUND
+
+    await _register(client, instance_id="laptop-1", url="http://127.0.0.1:4100")
+    with pytest.raises(grpc.aio.AioRpcError) as hosted:
+        async for _ in client.registry.Connect(iter([hello]), metadata=await client.md()):
+            pass
+    assert code_of(hosted) == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(hosted)[0] == "NOT_A_CONNECTED_AGENT"

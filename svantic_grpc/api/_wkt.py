@@ -1,0 +1,29 @@
+"""Well-known protobuf types (Timestamp, Struct) to and from Python values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+__all__ = ["from_struct", "struct", "timestamp"]
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for epoch seconds; ``None`` stays unset."""
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message)
+    return result

@@ -1,0 +1,168 @@
+"""The executor: dispatches to remote agents with timeouts, fail-over and a budget."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+from svantic_grpc.core.agents.base import InternalAgent, SessionScope
+from svantic_grpc.core.agents.orchestrator import Route
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, NotDelivered
+from svantic_grpc.core.errors import ResourceExhausted, Unavailable
+from svantic_grpc.core.messages.model import Artifact, MessageState, Part
+from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.models import JoinReason
+
+__all__ = ["BudgetedExecutor", "Executor", "Outcome"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one dispatch ended (the message's state is written by the caller)."""
+
+    state: MessageState
+    reason: str = ""
+    agent_type: str = ""
+    instance_id: str = ""
+    parts: tuple[Part, ...] = ()
+    """Everything the agent said during the dispatch."""
+    artifacts: tuple[Artifact, ...] = ()
+    latency_s: float = 0.0
+
+
+class Executor(InternalAgent):
+    """Carries out routes. Subclass and override ``dispatch`` to change how."""
+
+    role = "executor"
+
+    async def dispatch(self, writer: MessageWriter, route: Route, *, parts: tuple[Part, ...] = ()) -> Outcome:
+        """Send the message (or ``parts`` instead of its own) to ``route`` and follow it to its end."""
+        raise NotImplementedError
+
+
+class BudgetedExecutor(Executor):
+    """Dispatches with a per-session budget, a timeout per dispatch, and fail-over.
+
+    Fail-over happens only when nothing reached the agent, so no work is ever
+    done twice; a timeout or an agent error ends the message with the cause.
+    """
+
+    def __init__(self, scope: SessionScope) -> None:
+        super().__init__(scope)
+        self.dispatches = 0
+        """Dispatches made in this session: the guardrail budget counts these."""
+
+    async def dispatch(self, writer: MessageWriter, route: Route, *, parts: tuple[Part, ...] = ()) -> Outcome:
+        services = self.scope.services
+        options = services.options
+        if options.max_dispatches_per_session and self.dispatches >= options.max_dispatches_per_session:
+            raise ResourceExhausted(
+                f"guardrail: this session used its budget of {options.max_dispatches_per_session} dispatches",
+                reason="DISPATCH_BUDGET_EXHAUSTED",
+            )
+        self.dispatches += 1
+        skill_id = route.skill.id if route.skill else ""
+        excluded: set[str] = set()
+        last_error = ""
+        for _attempt in range(options.failover_attempts + 1):
+            try:
+                member = await services.sessions.add_remote_agent(
+                    self.scope.tenant_id,
+                    self.scope.session_id,
+                    agent_type=route.agent_type,
+                    instance_id=route.instance_id,
+                    reason=JoinReason.ROUTED,
+                    exclude=excluded,
+                    rank=services.knowledge.ranker(self.scope.tenant_id, skill_id),
+                )
+            except Unavailable as exc:
+                if not excluded:
+                    raise
+                return Outcome(
+                    MessageState.FAILED,
+                    f"no reachable instance of {route.agent_type!r}: {last_error}; then {exc.message}",
+                    route.agent_type,
+                )
+            try:
+                return await self._dispatch_once(
+                    writer, member.agent_type, member.instance_id, parts, skill_id
+                )
+            except NotDelivered as exc:
+                last_error = f"{member.instance_id}: {exc}"
+                excluded.add(member.instance_id)
+                await services.sessions.remove_agent(
+                    self.scope.tenant_id,
+                    self.scope.session_id,
+                    member.instance_id,
+                    reason=f"unreachable: {exc}",
+                )
+                if route.instance_id:
+                    break  # the caller asked for this instance: no other will do
+        return Outcome(
+            MessageState.FAILED,
+            f"could not reach an instance of {route.agent_type!r} ({last_error})",
+            route.agent_type,
+        )
+
+    async def _dispatch_once(
+        self, writer: MessageWriter, agent_type: str, instance_id: str, parts: tuple[Part, ...], skill_id: str
+    ) -> Outcome:
+        services = self.scope.services
+        tenant_id, session_id = self.scope.tenant_id, self.scope.session_id
+        agent = await services.store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+        if agent is None:
+            raise NotDelivered("deregistered")
+        await writer.assign(agent_type, instance_id)
+        dispatch_id = services.ids.new_id("dsp_")
+        token, _ = services.dispatch_tokens.sign(
+            tenant_id=tenant_id,
+            agent_type=agent_type,
+            instance_id=instance_id,
+            session_id=session_id,
+            dispatch_id=dispatch_id,
+        )
+        timeout = services.options.dispatch_timeout_s
+        message = writer.message if not parts else replace(writer.message, parts=parts)
+        job = DispatchJob(
+            dispatch_id, tenant_id, session_id, agent, message, token, services.clock.now() + timeout
+        )
+        started = services.clock.now()
+        loop_started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(timeout):
+                outcome = await self._follow(writer, job)
+        except NotDelivered as exc:
+            await services.registry.record_dispatch(
+                tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
+            )
+            raise
+        except TimeoutError:
+            reason = f"{agent_type} instance {instance_id!r} did not finish within {timeout:g}s"
+            outcome = Outcome(MessageState.FAILED, reason)
+        except DispatchFailed as exc:
+            outcome = Outcome(MessageState.FAILED, f"{agent_type} instance {instance_id!r} failed: {exc}")
+        latency = max(asyncio.get_running_loop().time() - loop_started, services.clock.now() - started, 0.0)
+        outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
+        ok = outcome.state is MessageState.COMPLETED
+        await services.registry.record_dispatch(
+            tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
+        )
+        return outcome
+
+    async def _follow(self, writer: MessageWriter, job: DispatchJob) -> Outcome:
+        said: list[Part] = []
+        made: list[Artifact] = []
+        updates = self.scope.services.dispatcher.dispatch(job)
+        async for update in updates:
+            if update.parts:
+                said.extend(update.parts)
+                await writer.turn(update.parts, instance_id=job.agent.instance_id)
+            if update.artifacts:
+                made.extend(update.artifacts)
+                await writer.artifacts(update.artifacts)
+            if update.state is not None and update.state not in (
+                MessageState.SUBMITTED,
+                MessageState.WORKING,
+            ):
+                return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))
+        raise DispatchFailed("the agent ended the dispatch without a final state")

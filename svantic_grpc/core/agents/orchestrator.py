@@ -1,0 +1,102 @@
+"""The orchestrator: decides which agent handles a message.
+
+An explicit ``target_agent`` wins; then a multi-step ``action_data.plan`` goes to
+the planner; then the best skill match among the tenant's registered agents;
+otherwise ``savant:chat``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from svantic_grpc.core.agents.base import InternalAgent
+from svantic_grpc.core.messages.model import Message, MessageMetadata
+from svantic_grpc.core.models import Skill
+
+__all__ = ["KeywordOrchestrator", "Orchestrator", "Route"]
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP_WORDS = frozenset(
+    {"a", "an", "and", "the", "to", "of", "for", "in", "on", "with", "please", "me", "my", "is"}
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a message goes."""
+
+    agent_type: str
+    instance_id: str = ""
+    """A specific instance (``target_agent`` of the form ``type/instance``)."""
+    skill: Skill | None = None
+    """The matched skill, for the critic and the learner."""
+    why: str = ""
+
+    @property
+    def internal(self) -> bool:
+        return self.agent_type.startswith("savant:")
+
+
+class Orchestrator(InternalAgent):
+    """Routes messages. Subclass and override ``route`` to change the policy."""
+
+    role = "orchestrator"
+
+    async def route(self, message: Message, metadata: MessageMetadata) -> Route:
+        raise NotImplementedError
+
+
+class KeywordOrchestrator(Orchestrator):
+    """Explicit target, then plan, then skill keywords, then chat."""
+
+    async def route(self, message: Message, metadata: MessageMetadata) -> Route:
+        if metadata.target_agent:
+            agent_type, _, instance_id = metadata.target_agent.partition("/")
+            skill = None if agent_type.startswith("savant:") else await self._skill_of(agent_type, message)
+            return Route(agent_type, instance_id, skill, why="target_agent")
+        if "plan" in metadata.action_data:
+            return Route("savant:planner", why="action_data.plan")
+        matched = await self._best_skill(message)
+        if matched is not None:
+            agent_type, skill = matched
+            return Route(agent_type, skill=skill, why=f"skill {skill.id}")
+        return Route("savant:chat", why="no skill matched")
+
+    async def _candidates(self) -> list[tuple[str, Skill]]:
+        services = self.scope.services
+        agents = await services.store.list_agents(tenant_id=self.scope.tenant_id)
+        seen: set[tuple[str, str]] = set()
+        found: list[tuple[str, Skill]] = []
+        for agent in agents:
+            for skill in agent.skills:
+                if (agent.agent_type, skill.id) not in seen:
+                    seen.add((agent.agent_type, skill.id))
+                    found.append((agent.agent_type, skill))
+        return found
+
+    async def _best_skill(self, message: Message) -> tuple[str, Skill] | None:
+        words = _words(message.text)
+        if not words:
+            return None
+        best: tuple[int, str, Skill] | None = None
+        for agent_type, skill in await self._candidates():
+            score = len(words & _skill_words(skill))
+            if score and (best is None or score > best[0]):
+                best = (score, agent_type, skill)
+        return None if best is None else (best[1], best[2])
+
+    async def _skill_of(self, agent_type: str, message: Message) -> Skill | None:
+        words = _words(message.text)
+        skills = [s for t, s in await self._candidates() if t == agent_type]
+        scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
+        return scored[0] if len(skills) == 1 or (scored and words & _skill_words(scored[0])) else None
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP_WORDS}
+
+
+def _skill_words(skill: Skill) -> set[str]:
+    text = " ".join((skill.id, skill.name, *skill.tags))
+    return _words(text.replace("_", " ").replace("-", " "))

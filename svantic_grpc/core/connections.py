@@ -1,0 +1,163 @@
+"""Connected-mode agents: the live side of their ``Connect`` streams.
+
+The transport layer (the gRPC servicer) attaches a stream here, drains the
+connection's outbox onto the wire and feeds the agent's updates back in. Seen
+from the executor, this is just another ``Transport``.
+
+A dropped stream ends what was in flight on it: a dispatch the agent had not
+acknowledged yet (no update received) is ``NotDelivered`` and fails over to
+another instance; one it was working on fails with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.errors import FailedPrecondition
+from svantic_grpc.core.messages.model import MessageState
+from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode
+from svantic_grpc.core.registry import Registry
+
+__all__ = ["AgentConnection", "ConnectedAgents", "Outbound"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """Something to send to the agent: a dispatch, or the cancel of one."""
+
+    dispatch_id: str
+    job: DispatchJob | None = None
+    cancel_reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Dropped:
+    reason: str
+
+
+@dataclass(eq=False)
+class AgentConnection:
+    """One open ``Connect`` stream of one instance."""
+
+    caller: Caller
+    agent: AgentRegistration
+    outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+    """What the stream writer sends; ``None`` tells it to stop."""
+    pending: dict[str, asyncio.Queue[DispatchUpdate | _Dropped]] = field(default_factory=dict)
+    acknowledged: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.agent.tenant_id, self.agent.instance_id)
+
+
+class ConnectedAgents:
+    """The registry of open agent streams, and the transport that uses them."""
+
+    def __init__(self, *, registry: Registry, clock: Clock) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._live: dict[tuple[str, str], AgentConnection] = {}
+
+    def is_connected(self, tenant_id: str, instance_id: str) -> bool:
+        return (tenant_id, instance_id) in self._live
+
+    async def attach(self, caller: Caller, instance_id: str) -> AgentConnection:
+        """Open an instance's stream (its hello). A newer stream replaces an older one."""
+        caller.require(Scope.FULL)
+        agent = await self._registry.get(caller, instance_id)
+        if agent.deployment_mode is not DeploymentMode.CONNECTED:
+            raise FailedPrecondition(
+                f"instance {instance_id!r} is registered as {agent.deployment_mode.value}; register it as "
+                "connected to use Connect",
+                reason="NOT_A_CONNECTED_AGENT",
+            )
+        connection = AgentConnection(caller, agent)
+        previous = self._live.get(connection.key)
+        if previous is not None:
+            self._drop(previous, "replaced by a newer stream of the same instance")
+        self._live[connection.key] = connection
+        now = self._clock.now()
+        updated = await self._registry.set_connection(
+            agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
+        )
+        connection.agent = updated or agent
+        return connection
+
+    async def detach(self, connection: AgentConnection, reason: str) -> None:
+        """The stream ended: fail or release what was in flight; safe to call twice."""
+        if self._live.get(connection.key) is connection:
+            del self._live[connection.key]
+            await self._registry.set_connection(*connection.key, connected=False, last_error=reason)
+        self._drop(connection, reason)
+
+    def receive(self, connection: AgentConnection, dispatch_id: str, update: DispatchUpdate) -> bool:
+        """An update from the agent; ``False`` if no dispatch with that id is in flight."""
+        queue = connection.pending.get(dispatch_id)
+        if queue is None:
+            return False
+        connection.acknowledged.add(dispatch_id)
+        queue.put_nowait(update)
+        return True
+
+    async def heartbeat(
+        self, connection: AgentConnection, *, status: AgentStatus | None, current_sessions: int
+    ) -> AgentRegistration:
+        return await self._registry.heartbeat(
+            connection.caller, connection.agent.instance_id, status=status, current_sessions=current_sessions
+        )
+
+    async def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+        connection = self._live.get((job.tenant_id, job.agent.instance_id))
+        if connection is None or connection.closed:
+            raise NotDelivered("the agent is not connected")
+        queue: asyncio.Queue[DispatchUpdate | _Dropped] = asyncio.Queue()
+        connection.pending[job.dispatch_id] = queue
+        connection.outbox.put_nowait(Outbound(job.dispatch_id, job))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Dropped):
+                    finished = True
+                    if job.dispatch_id in connection.acknowledged:
+                        raise DispatchFailed(f"the agent's stream dropped mid-dispatch ({item.reason})")
+                    raise NotDelivered(
+                        f"the agent's stream dropped before it took the dispatch ({item.reason})"
+                    )
+                yield item
+                if item.state is not None and item.state not in (
+                    MessageState.SUBMITTED,
+                    MessageState.WORKING,
+                ):
+                    finished = True
+                    return
+        finally:
+            connection.pending.pop(job.dispatch_id, None)
+            connection.acknowledged.discard(job.dispatch_id)
+            if not finished and not connection.closed:
+                # The mesh stopped following (cancel, timeout): tell the agent to stop too.
+                connection.outbox.put_nowait(Outbound(job.dispatch_id, cancel_reason="canceled by the mesh"))
+
+    async def close(self) -> None:
+        """End every stream (server shutdown)."""
+        for connection in list(self._live.values()):
+            await self.detach(connection, "the server is shutting down")
+
+    def _drop(self, connection: AgentConnection, reason: str) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        for queue in connection.pending.values():
+            queue.put_nowait(_Dropped(reason))
+        connection.outbox.put_nowait(None)
+        _log.info("agent stream of %s/%s ended: %s", *connection.key, reason)

@@ -1,0 +1,94 @@
+"""The seam between the mesh and remote agents.
+
+A transport delivers a ``DispatchJob`` to one remote instance and yields what
+the agent reports until it ends. Hosted agents are reached over A2A
+(``svantic_grpc.dispatch.a2a``), connected agents over their ``Connect`` stream
+(``svantic_grpc.core.connections``); ``Dispatcher`` picks by deployment mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
+from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+
+__all__ = [
+    "DispatchFailed",
+    "DispatchJob",
+    "DispatchUpdate",
+    "Dispatcher",
+    "NotDelivered",
+    "Transport",
+]
+
+
+@dataclass(frozen=True)
+class DispatchJob:
+    """One message handed to one remote instance."""
+
+    dispatch_id: str
+    tenant_id: str
+    session_id: str
+    agent: AgentRegistration
+    message: Message
+    token: str
+    """Signed, short-lived; the agent may verify it (see ``DispatchTokens``)."""
+    deadline: float
+    """Epoch seconds after which the mesh gives up."""
+
+
+@dataclass(frozen=True)
+class DispatchUpdate:
+    """What an agent reported: a state, words, outputs, or all of them."""
+
+    state: MessageState | None = None
+    """``None`` for progress that does not change the state."""
+    parts: tuple[Part, ...] = ()
+    """A turn to append to the message's history."""
+    artifacts: tuple[Artifact, ...] = ()
+    reason: str = ""
+
+
+class NotDelivered(Exception):
+    """The agent never received the dispatch (unreachable, not connected): failing over is safe."""
+
+
+class DispatchFailed(Exception):
+    """The dispatch reached the agent and then failed; the message fails with this reason."""
+
+
+class Transport(Protocol):
+    """Delivers dispatches to remote agents of one deployment mode."""
+
+    def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+        """Yield the agent's updates until a terminal or input-required state.
+
+        Raises:
+            NotDelivered: nothing reached the agent.
+            DispatchFailed: the agent or the connection failed after delivery.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections; safe to call twice."""
+        ...
+
+
+class Dispatcher:
+    """Routes a dispatch to the transport for the agent's deployment mode."""
+
+    def __init__(self, transports: Mapping[DeploymentMode, Transport]) -> None:
+        self._transports = dict(transports)
+
+    def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+        transport = self._transports.get(job.agent.deployment_mode)
+        if transport is None:
+            raise NotDelivered(f"this server cannot reach {job.agent.deployment_mode.value} agents")
+        return transport.dispatch(job)
+
+    async def close(self) -> None:
+        for transport in self._transports.values():
+            await transport.close()

@@ -1,0 +1,160 @@
+"""Messages: one interaction inside a session (A2A calls it a task)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from svantic_grpc.core.errors import InvalidArgument
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Artifact",
+    "FilePart",
+    "Message",
+    "MessageMetadata",
+    "MessageState",
+    "Part",
+    "Role",
+    "Turn",
+    "parse_metadata",
+]
+
+
+class MessageState(enum.Enum):
+    """Aligned with A2A task states."""
+
+    SUBMITTED = "submitted"
+    WORKING = "working"
+    INPUT_REQUIRED = "input-required"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
+)
+
+
+class Role(enum.Enum):
+    USER = "user"
+    AGENT = "agent"
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A file, inline (``data``) or by reference (``uri``)."""
+
+    name: str = ""
+    media_type: str = ""
+    data: bytes | None = None
+    uri: str = ""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of content: exactly one of text, data or file."""
+
+    text: str | None = None
+    data: dict[str, Any] | None = None
+    file: FilePart | None = None
+
+    @property
+    def media_type(self) -> str:
+        if self.text is not None:
+            return "text/plain"
+        if self.data is not None:
+            return "application/json"
+        return self.file.media_type if self.file is not None else ""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One entry of a message's history."""
+
+    role: Role
+    parts: tuple[Part, ...]
+    time: float
+    instance_id: str = ""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An output an agent produced."""
+
+    artifact_id: str
+    parts: tuple[Part, ...]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message and everything that happened to it."""
+
+    tenant_id: str
+    session_id: str
+    message_id: str
+    role: Role
+    parts: tuple[Part, ...]
+    state: MessageState
+    created_at: float
+    updated_at: float
+    sender: str = ""
+    state_reason: str = ""
+    history: tuple[Turn, ...] = ()
+    artifacts: tuple[Artifact, ...] = ()
+    agent_type: str = ""
+    instance_id: str = ""
+    input_request_ids: tuple[str, ...] = ()
+    version: int = 0
+
+    @property
+    def text(self) -> str:
+        """The message's text parts joined by newlines."""
+        return "\n".join(p.text for p in self.parts if p.text is not None)
+
+
+METADATA_KEYS = ("target_agent", "yolo_mode", "context", "files", "action_data")
+
+
+@dataclass(frozen=True)
+class MessageMetadata:
+    """Metadata carried in data parts (a data part whose object has one of the keys)."""
+
+    target_agent: str = ""
+    yolo_mode: bool = False
+    context: dict[str, Any] = field(default_factory=dict)
+    files: tuple[dict[str, Any], ...] = ()
+    action_data: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_metadata(parts: tuple[Part, ...]) -> MessageMetadata:
+    """Collect the metadata keys from data parts; wrong types name the part and key."""
+    found: dict[str, Any] = {}
+    for index, part in enumerate(parts):
+        if part.data is None:
+            continue
+        for key in METADATA_KEYS:
+            if key in part.data:
+                found[key] = (index, part.data[key])
+    result: dict[str, Any] = {}
+    expected: dict[str, tuple[type, ...]] = {
+        "target_agent": (str,),
+        "yolo_mode": (bool,),
+        "context": (dict,),
+        "files": (list,),
+        "action_data": (dict,),
+    }
+    for key, (index, value) in found.items():
+        if not isinstance(value, expected[key]):
+            kind = expected[key][0].__name__.replace("dict", "object").replace("list", "array")
+            raise InvalidArgument(f"message.parts[{index}].data.{key}", f"must be a {kind}")
+        result[key] = tuple(value) if isinstance(value, list) else value
+    return MessageMetadata(**result)

@@ -1,0 +1,151 @@
+"""A session's running work: its internal agents and the tasks of its messages.
+
+Each message runs in a task owned by its session's runtime. The run routes it
+(orchestrator), carries it out (planner, executor or chat), reviews it (critic)
+and learns from it (learner). Cancelling the task cancels the message; closing
+the session cancels them all. A failure in one message, or one session, stays there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+
+from svantic_grpc.core.agents import AgentSet, Outcome, Route, SessionScope
+from svantic_grpc.core.errors import MeshError
+from svantic_grpc.core.messages.model import Message, MessageMetadata, MessageState, Part, Role
+from svantic_grpc.core.messages.writer import MessageWriter
+
+__all__ = ["SessionRuntime"]
+
+_log = logging.getLogger(__name__)
+
+#: The states a waiting sender is released at.
+STOPS = frozenset({MessageState.INPUT_REQUIRED}) | {s for s in MessageState if s.terminal}
+
+
+class SessionRuntime:
+    """Runs the messages of one session."""
+
+    def __init__(self, scope: SessionScope, agents: AgentSet) -> None:
+        self.scope = scope
+        self.agents = agents
+        self._tasks: dict[str, asyncio.Task[Message]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._closed = False
+
+    def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
+        """Run ``message`` in the background; the task's result is the message where it stopped."""
+        task = asyncio.create_task(self._run(message, metadata), name=f"message-{message.message_id}")
+        self._tasks[message.message_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(message.message_id, None))
+        return task
+
+    def task(self, message_id: str) -> asyncio.Task[Message] | None:
+        return self._tasks.get(message_id)
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def cancel(self, message_id: str, reason: str) -> Message | None:
+        """Cancel a running message; ``None`` if it is not running here."""
+        task = self._tasks.get(message_id)
+        if task is None:
+            return None
+        self._cancel_reasons[message_id] = reason
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await asyncio.shield(task)
+        return None
+
+    async def close(self, reason: str) -> None:
+        """Cancel every running message and close the internal agents; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for message_id in list(self._tasks):
+            await self.cancel(message_id, reason)
+        await self.agents.close()
+
+    def _writer(self, message: Message) -> MessageWriter:
+        services = self.scope.services
+        return MessageWriter(
+            message, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
+        )
+
+    async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
+        writer = self._writer(message)
+        try:
+            route = await self.agents.orchestrator.route(writer.message, metadata)
+            await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
+            outcome = await self._carry_out(writer, route, metadata)
+            return await writer.state(outcome.state, outcome.reason)
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(message.message_id, "canceled")
+            return await writer.state(MessageState.CANCELED, reason)
+        except MeshError as error:
+            return await writer.state(MessageState.FAILED, error.message)
+        except Exception as error:  # keep the failure inside this message
+            _log.exception("message %s failed unexpectedly", message.message_id)
+            return await writer.state(MessageState.FAILED, f"internal error: {type(error).__name__}")
+
+    async def _carry_out(self, writer: MessageWriter, route: Route, metadata: MessageMetadata) -> Outcome:
+        if route.agent_type == "savant:planner":
+            return await self._run_plan(writer, metadata)
+        return await self._run_route(writer, route)
+
+    async def _run_route(self, writer: MessageWriter, route: Route, parts: tuple[Part, ...] = ()) -> Outcome:
+        if route.internal:
+            if route.agent_type != "savant:chat":
+                return Outcome(
+                    MessageState.REJECTED,
+                    f"{route.agent_type} does not take messages; "
+                    "target savant:chat or a remote agent, or send a plan",
+                )
+            chat = self.agents.chat
+            await writer.assign(chat.agent_type, chat.instance_id)
+            said = await chat.answer(replace(writer.message, parts=parts) if parts else writer.message)
+            await writer.turn(said, instance_id=chat.instance_id)
+            return Outcome(MessageState.COMPLETED, "", chat.agent_type, chat.instance_id, said)
+        attempts = self.scope.services.options.critic_retries + 1
+        for attempt in range(attempts):
+            outcome = await self.agents.executor.dispatch(writer, route, parts=parts)
+            await self.agents.learner.learn(outcome, route.skill)
+            if outcome.state is not MessageState.COMPLETED:
+                return outcome
+            verdict = await self.agents.critic.review(outcome, route.skill)
+            if verdict.ok:
+                return outcome
+            if attempt + 1 == attempts:
+                return Outcome(MessageState.FAILED, verdict.reason, outcome.agent_type, outcome.instance_id)
+            _log.info("retrying message %s: %s", writer.message.message_id, verdict.reason)
+        raise AssertionError("unreachable")
+
+    async def _run_plan(self, writer: MessageWriter, metadata: MessageMetadata) -> Outcome:
+        steps = await self.agents.planner.plan(metadata.action_data)
+        outcome = Outcome(MessageState.COMPLETED)
+        for index, step in enumerate(steps, start=1):
+            route = await self._step_route(step.agent_type, step.instance_id, step.text)
+            outcome = await self._run_route(writer, route, (Part(text=step.text),))
+            if outcome.state is not MessageState.COMPLETED:
+                reason = f"plan step {index}/{len(steps)} ({step.agent_type}): {outcome.reason}"
+                return Outcome(outcome.state, reason, outcome.agent_type, outcome.instance_id)
+        return Outcome(
+            MessageState.COMPLETED,
+            f"plan of {len(steps)} steps done",
+            outcome.agent_type,
+            outcome.instance_id,
+        )
+
+    async def _step_route(self, agent_type: str, instance_id: str, text: str) -> Route:
+        step_metadata = MessageMetadata(
+            target_agent=f"{agent_type}/{instance_id}" if instance_id else agent_type
+        )
+        scope = self.scope
+        probe = Message(
+            scope.tenant_id, scope.session_id, "", Role.USER, (Part(text=text),), MessageState.SUBMITTED, 0, 0
+        )
+        return await self.agents.orchestrator.route(probe, step_metadata)

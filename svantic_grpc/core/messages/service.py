@@ -1,0 +1,226 @@
+"""The message service: send, follow, read and cancel messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+from svantic_grpc.core._validate import check_id
+from svantic_grpc.core.agents import AgentSet, InternalAgent, MeshServices, SessionScope, parse_plan
+from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from svantic_grpc.core.events import Event, MessageStateChanged
+from svantic_grpc.core.messages.model import (
+    Message,
+    MessageState,
+    Part,
+    Role,
+    Turn,
+    parse_metadata,
+)
+from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
+from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.stores.base import MessagePage
+
+__all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
+
+MAX_PARTS = 64
+MAX_TOTAL_BYTES = 4 * 1024 * 1024
+
+
+class Messages:
+    """Messages of every session in this process, and the runtimes that run them."""
+
+    def __init__(self, *, services: MeshServices, agent_classes: Mapping[str, type[InternalAgent]]) -> None:
+        self._services = services
+        self._classes = dict(agent_classes)
+        self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
+        services.sessions.on_close(self._session_closing)
+
+    def runtime(self, tenant_id: str, session_id: str) -> SessionRuntime:
+        """The session's runtime, created with its internal agents on first use."""
+        key = (tenant_id, session_id)
+        runtime = self._runtimes.get(key)
+        if runtime is None:
+            scope = SessionScope(tenant_id, session_id, self._services)
+            runtime = SessionRuntime(scope, AgentSet.create(scope, self._classes))
+            self._runtimes[key] = runtime
+        return runtime
+
+    async def send(
+        self,
+        caller: Caller,
+        session_id: str,
+        *,
+        message_id: str = "",
+        role: Role = Role.USER,
+        parts: tuple[Part, ...],
+    ) -> tuple[Message, asyncio.Task[Message]]:
+        """Accept a message and start running it; returns it (submitted) and its task."""
+        caller.require(Scope.FULL)
+        check_id("session_id", session_id)
+        check_id("message.message_id", message_id, required=False)
+        _check_parts(parts)
+        metadata = parse_metadata(parts)
+        if "plan" in metadata.action_data:
+            parse_plan(metadata.action_data, field="message.action_data")
+        if metadata.target_agent:
+            check_id("message.target_agent", metadata.target_agent.partition("/")[0])
+        services = self._services
+        await services.sessions.touch(caller.tenant_id, session_id)  # NotFound, or closed
+        now = services.clock.now()
+        message = Message(
+            tenant_id=caller.tenant_id,
+            session_id=session_id,
+            message_id=message_id or services.ids.new_id("msg_"),
+            role=role,
+            parts=parts,
+            state=MessageState.SUBMITTED,
+            created_at=now,
+            updated_at=now,
+            sender=caller.subject,
+            history=(Turn(role, parts, now),),
+        )
+        stored = await services.store.create_message(message)
+        await services.bus.publish(
+            caller.tenant_id, session_id, MessageStateChanged(stored.message_id, None, MessageState.SUBMITTED)
+        )
+        return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
+
+    async def send_and_wait(
+        self,
+        caller: Caller,
+        session_id: str,
+        *,
+        message_id: str = "",
+        role: Role = Role.USER,
+        parts: tuple[Part, ...],
+    ) -> Message:
+        """Send, then wait until the message is terminal or input-required.
+
+        The caller going away does not cancel the message (use ``cancel``).
+        """
+        _, task = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
+        return await asyncio.shield(task)
+
+    async def send_streaming(
+        self,
+        caller: Caller,
+        session_id: str,
+        *,
+        message_id: str = "",
+        role: Role = Role.USER,
+        parts: tuple[Part, ...],
+    ) -> AsyncIterator[Event]:
+        """Send, then yield the message's events until it is terminal or input-required."""
+        caller.require(Scope.FULL)
+        subscription = self._services.bus.subscribe(caller.tenant_id, session_id)
+        try:
+            message, _ = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
+        except BaseException:
+            subscription.close()
+            raise
+
+        async def follow() -> AsyncIterator[Event]:
+            try:
+                while True:
+                    event = await subscription.next()
+                    if event.message_id != message.message_id:
+                        continue
+                    yield event
+                    payload = event.payload
+                    if isinstance(payload, MessageStateChanged) and payload.to_state in STOPS:
+                        return
+            finally:
+                subscription.close()
+
+        return follow()
+
+    async def get(self, caller: Caller, session_id: str, message_id: str) -> Message:
+        caller.require(Scope.READ)
+        check_id("session_id", session_id)
+        check_id("message_id", message_id)
+        message = await self._services.store.get_message(
+            tenant_id=caller.tenant_id, session_id=session_id, message_id=message_id
+        )
+        if message is None:
+            raise NotFound(
+                f"message {message_id!r} not found in session {session_id!r}", reason="MESSAGE_NOT_FOUND"
+            )
+        return message
+
+    async def list_messages(
+        self,
+        caller: Caller,
+        *,
+        session_id: str = "",
+        states: Iterable[MessageState] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> MessagePage:
+        caller.require(Scope.READ)
+        check_id("session_id", session_id, required=False)
+        if page_size < 0 or page_size > 500:
+            raise InvalidArgument("page_size", "must be between 0 and 500")
+        return await self._services.store.list_messages(
+            tenant_id=caller.tenant_id,
+            session_id=session_id,
+            states=states,
+            page_size=page_size or 50,
+            cursor=page_token,
+        )
+
+    async def cancel(self, caller: Caller, session_id: str, message_id: str, *, reason: str = "") -> Message:
+        """Cancel a message that has not ended; a terminal one is ``FailedPrecondition``."""
+        caller.require(Scope.FULL)
+        message = await self.get(caller, session_id, message_id)
+        reason = reason or f"canceled by {caller.subject}"
+        if message.state.terminal:
+            raise FailedPrecondition(
+                f"message {message_id!r} is already {message.state.value} and cannot be canceled",
+                reason="MESSAGE_TERMINAL",
+                metadata={"state": message.state.value},
+            )
+        runtime = self._runtimes.get((caller.tenant_id, session_id))
+        canceled = await runtime.cancel(message_id, reason) if runtime else None
+        if canceled is not None:
+            return canceled
+        # Not running in this process (waiting for input): end it here.
+        services = self._services
+        current = await self.get(caller, session_id, message_id)
+        if current.state.terminal:
+            return current
+        writer = MessageWriter(
+            current, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
+        )
+        return await writer.state(MessageState.CANCELED, reason)
+
+    async def close(self, reason: str = "the server is shutting down") -> None:
+        """Cancel all running work (server shutdown)."""
+        for key in list(self._runtimes):
+            await self._runtimes.pop(key).close(reason)
+
+    async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
+        runtime = self._runtimes.pop((tenant_id, session_id), None)
+        if runtime is not None:
+            await runtime.close(f"session closed ({reason})")
+
+
+def _check_parts(parts: tuple[Part, ...]) -> None:
+    if not parts:
+        raise InvalidArgument("message.parts", "needs at least one part")
+    if len(parts) > MAX_PARTS:
+        raise InvalidArgument("message.parts", f"has {len(parts)} parts; at most {MAX_PARTS}")
+    total = 0
+    for index, part in enumerate(parts):
+        where = f"message.parts[{index}]"
+        present = sum(x is not None for x in (part.text, part.data, part.file))
+        if present != 1:
+            raise InvalidArgument(where, "must have exactly one of text, data or file")
+        if part.file is not None:
+            if (part.file.data is None) == (not part.file.uri):
+                raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
+            total += len(part.file.data or b"")
+        total += len(part.text or "")
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidArgument("message.parts", f"carry {total} bytes; at most {MAX_TOTAL_BYTES}")

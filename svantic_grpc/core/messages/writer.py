@@ -1,0 +1,77 @@
+"""The single writer of one message's record while it runs.
+
+Every change is a versioned store update followed by the matching session
+event, so the record and the event log never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.events import ArtifactAdded, EventBus, MessageStateChanged, TurnAdded
+from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
+from svantic_grpc.stores.base import Store
+
+__all__ = ["MessageWriter"]
+
+#: States in which a message stops for now; the snapshot travels with the event.
+STOPPING = frozenset(MessageState) - {MessageState.SUBMITTED, MessageState.WORKING}
+
+
+class MessageWriter:
+    """Applies changes to one message and publishes them."""
+
+    def __init__(
+        self, message: Message, *, store: Store, bus: EventBus, clock: Clock, ids: IdGenerator
+    ) -> None:
+        self.message = message
+        self._store = store
+        self._bus = bus
+        self._clock = clock
+        self._ids = ids
+
+    async def _save(self, message: Message) -> Message:
+        self.message = await self._store.update_message(replace(message, updated_at=self._clock.now()))
+        return self.message
+
+    async def assign(self, agent_type: str, instance_id: str) -> None:
+        """Record which agent handles the message."""
+        if (self.message.agent_type, self.message.instance_id) != (agent_type, instance_id):
+            await self._save(replace(self.message, agent_type=agent_type, instance_id=instance_id))
+
+    async def state(self, to: MessageState, reason: str = "") -> Message:
+        """Move to ``to`` (no-op if already there with the same reason)."""
+        current = self.message
+        if current.state is to and current.state_reason == reason:
+            return current
+        saved = await self._save(replace(current, state=to, state_reason=reason))
+        snapshot = saved if to in STOPPING else None
+        await self._publish(MessageStateChanged(saved.message_id, current.state, to, reason, snapshot))
+        return saved
+
+    async def turn(self, parts: tuple[Part, ...], *, instance_id: str) -> None:
+        """Append an agent turn to the history."""
+        if not parts:
+            return
+        turn = Turn(Role.AGENT, parts, self._clock.now(), instance_id)
+        await self._save(replace(self.message, history=(*self.message.history, turn)))
+        await self._publish(TurnAdded(self.message.message_id, turn))
+
+    async def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
+        """Add outputs (ids are made unique within the message)."""
+        if not artifacts:
+            return
+        taken = {a.artifact_id for a in self.message.artifacts}
+        fresh = tuple(
+            a
+            if a.artifact_id and a.artifact_id not in taken
+            else replace(a, artifact_id=self._ids.new_id("art_"))
+            for a in artifacts
+        )
+        await self._save(replace(self.message, artifacts=(*self.message.artifacts, *fresh)))
+        for artifact in fresh:
+            await self._publish(ArtifactAdded(self.message.message_id, artifact))
+
+    async def _publish(self, payload: MessageStateChanged | TurnAdded | ArtifactAdded) -> None:
+        await self._bus.publish(self.message.tenant_id, self.message.session_id, payload)

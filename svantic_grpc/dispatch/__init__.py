@@ -1,0 +1,1 @@
+"""Transports from the mesh to remote agents that live outside the core (A2A)."""

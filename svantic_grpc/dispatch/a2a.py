@@ -1,0 +1,226 @@
+"""Hosted agents over A2A, with the ``a2a-sdk`` client.
+
+The agent's card (fetched once per URL) says whether to speak JSON-RPC or gRPC.
+Each dispatch streams (``message/stream``), so progress, turns and artifacts
+reach the session as they happen. The A2A context id is the session id, so an
+agent shared by many sessions keeps their conversations apart. The dispatch
+token travels as ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
+
+import grpc
+import httpx
+from a2a.client import (
+    A2AClientError,
+    A2AClientTimeoutError,
+    AgentCardResolutionError,
+    Client,
+    ClientCallContext,
+    ClientConfig,
+    ClientFactory,
+)
+from a2a.helpers import new_data_part
+from a2a.types import Artifact as A2AArtifact
+from a2a.types import (
+    CancelTaskRequest,
+    SendMessageRequest,
+    TaskState,
+)
+from a2a.types import Message as A2AMessage
+from a2a.types import Part as A2APart
+from a2a.types import Role as A2ARole
+from a2a.utils.constants import TransportProtocol
+from a2a.utils.errors import A2AError
+from google.protobuf import json_format
+
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
+
+__all__ = ["A2ATransport"]
+
+_log = logging.getLogger(__name__)
+
+_STATES = {
+    TaskState.TASK_STATE_SUBMITTED: None,
+    TaskState.TASK_STATE_WORKING: MessageState.WORKING,
+    TaskState.TASK_STATE_COMPLETED: MessageState.COMPLETED,
+    TaskState.TASK_STATE_FAILED: MessageState.FAILED,
+    TaskState.TASK_STATE_CANCELED: MessageState.CANCELED,
+    TaskState.TASK_STATE_INPUT_REQUIRED: MessageState.INPUT_REQUIRED,
+    TaskState.TASK_STATE_REJECTED: MessageState.REJECTED,
+    TaskState.TASK_STATE_AUTH_REQUIRED: MessageState.INPUT_REQUIRED,
+}
+_ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
+
+
+class A2ATransport:
+    """Dispatches to hosted agents; one HTTP connection pool and one client per agent URL.
+
+    Args:
+        connect_timeout_s: How long to wait for a connection (a refused or
+            silent agent is then "not delivered" and may fail over).
+        read_timeout_s: Longest silence on a stream before giving up.
+    """
+
+    def __init__(self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0) -> None:
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self._factory = ClientFactory(
+            ClientConfig(
+                streaming=True,
+                httpx_client=self._http,
+                supported_protocol_bindings=[TransportProtocol.JSONRPC, TransportProtocol.GRPC],
+                grpc_channel_factory=grpc.aio.insecure_channel,
+            )
+        )
+        self._clients: dict[str, Client] = {}
+        self._lock = asyncio.Lock()
+
+    async def _client(self, url: str) -> Client:
+        client = self._clients.get(url)
+        if client is not None:
+            return client
+        async with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                try:
+                    client = await self._factory.create_from_url(url)
+                except (AgentCardResolutionError, A2AClientError, httpx.HTTPError) as exc:
+                    raise NotDelivered(f"cannot read the agent card at {url}: {exc}") from exc
+                self._clients[url] = client
+            return client
+
+    async def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+        client = await self._client(job.agent.url)
+        request = SendMessageRequest(message=_to_a2a_message(job))
+        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.token}"})
+        task_id = ""
+        delivered = False
+        ended = False
+        try:
+            events = cast("AsyncGenerator[Any, None]", client.send_message(request, context=context))
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    delivered = True
+                    update, task_id = _update_from(event, task_id)
+                    if update is None:
+                        continue
+                    yield update
+                    if update.state in _ENDS or update.state is MessageState.INPUT_REQUIRED:
+                        ended = True
+                        return
+        except A2AClientTimeoutError as exc:
+            raise DispatchFailed(f"the agent went silent: {exc}") from exc
+        except A2AClientError as exc:
+            if not delivered and isinstance(exc.__cause__, httpx.TransportError | grpc.aio.AioRpcError):
+                self._clients.pop(job.agent.url, None)  # the agent may come back elsewhere
+                raise NotDelivered(f"cannot reach the agent: {exc}") from exc
+            raise DispatchFailed(str(exc)) from exc
+        except A2AError as exc:
+            raise DispatchFailed(
+                f"the agent answered with an error: {getattr(exc, 'message', '') or exc}"
+            ) from exc
+        finally:
+            if task_id and not ended:
+                await _cancel_quietly(client, task_id, context)
+        if not ended:
+            raise DispatchFailed("the agent closed the stream without a final state")
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        await self._http.aclose()
+
+
+async def _cancel_quietly(client: Client, task_id: str, context: ClientCallContext) -> None:
+    """Best effort: tell the agent to stop a task the mesh no longer follows."""
+    try:
+        async with asyncio.timeout(2.0):
+            await client.cancel_task(CancelTaskRequest(id=task_id), context=context)
+    except (Exception, TimeoutError) as exc:  # the message is already ending; this is courtesy
+        _log.debug("cancel of A2A task %s failed: %s", task_id, exc)
+
+
+def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:
+    kind = event.WhichOneof("payload")
+    if kind == "message":  # a direct reply: the whole answer
+        return DispatchUpdate(MessageState.COMPLETED, _parts_from(event.message.parts)), task_id
+    if kind == "task":
+        task = event.task
+        state = _STATES.get(task.status.state)
+        said = _parts_from(task.status.message.parts) if task.status.HasField("message") else ()
+        artifacts = tuple(_artifact_from(a) for a in task.artifacts)
+        return DispatchUpdate(state, said, artifacts, _reason(state, said)), task.id
+    if kind == "status_update":
+        status = event.status_update.status
+        state = _STATES.get(status.state)
+        said = _parts_from(status.message.parts) if status.HasField("message") else ()
+        return DispatchUpdate(state, said, (), _reason(state, said)), event.status_update.task_id or task_id
+    if kind == "artifact_update":
+        return DispatchUpdate(artifacts=(_artifact_from(event.artifact_update.artifact),)), task_id
+    return None, task_id
+
+
+def _reason(state: MessageState | None, said: tuple[Part, ...]) -> str:
+    if state in (
+        MessageState.FAILED,
+        MessageState.REJECTED,
+        MessageState.CANCELED,
+        MessageState.INPUT_REQUIRED,
+    ):
+        return " ".join(p.text for p in said if p.text) or f"the agent reported {state.value}"
+    return ""
+
+
+def _to_a2a_message(job: DispatchJob) -> A2AMessage:
+    message = job.message
+    return A2AMessage(
+        message_id=job.dispatch_id,
+        context_id=job.session_id,
+        role=A2ARole.ROLE_USER if message.role is Role.USER else A2ARole.ROLE_AGENT,
+        parts=[_to_a2a_part(p) for p in message.parts],
+        metadata={"svantic": {"session_id": job.session_id, "message_id": message.message_id}},
+    )
+
+
+def _to_a2a_part(part: Part) -> A2APart:
+    if part.text is not None:
+        return A2APart(text=part.text)
+    if part.data is not None:
+        return new_data_part(part.data)
+    file = part.file
+    assert file is not None
+    if file.data is not None:
+        return A2APart(raw=file.data, media_type=file.media_type, filename=file.name)
+    return A2APart(url=file.uri, media_type=file.media_type, filename=file.name)
+
+
+def _parts_from(parts: Any) -> tuple[Part, ...]:
+    result = []
+    for part in parts:
+        kind = part.WhichOneof("content")
+        if kind == "text":
+            result.append(Part(text=part.text))
+        elif kind == "data":
+            value = json_format.MessageToDict(part.data)
+            result.append(Part(data=value if isinstance(value, dict) else {"value": value}))
+        elif kind == "raw":
+            result.append(Part(file=FilePart(part.filename, part.media_type, data=part.raw)))
+        elif kind == "url":
+            result.append(Part(file=FilePart(part.filename, part.media_type, uri=part.url)))
+    return tuple(result)
+
+
+def _artifact_from(artifact: A2AArtifact) -> Artifact:
+    return Artifact(artifact.artifact_id, _parts_from(artifact.parts), artifact.name)
