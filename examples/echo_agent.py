@@ -1,0 +1,47 @@
+"""A connected-mode echo agent.
+
+Start the mesh (`svantic-grpc serve`), then in another terminal:
+
+    python examples/echo_agent.py [host:port] [instance-id]
+
+It registers as agent type `echo` with a skill tagged `echo`, dials the mesh and
+answers every dispatch with an artifact `echo: <text>`. Send it a message whose
+text mentions "echo" (skill routing) or with a data part {"target_agent": "echo"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
+from svantic_grpc.pb.agent_types_pb2 import AgentSkill
+
+
+async def echo(dispatch: Dispatch, reply: Reply) -> None:
+    await reply.artifact(f"echo: {dispatch.text}", name="echo")
+    await reply.complete()
+
+
+def make_agent(target: str, instance_id: str = "echo-1") -> ConnectedAgent:
+    return ConnectedAgent(
+        target,
+        client_id="svantic",
+        client_secret="your-secret",
+        agent_type="echo",
+        instance_id=instance_id,
+        handler=echo,
+        skills=[
+            AgentSkill(
+                id="echo", name="Echo", description="Repeats the text it gets", tags=["echo", "repeat"]
+            )
+        ],
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
+    instance = sys.argv[2] if len(sys.argv) > 2 else "echo-1"
+    asyncio.run(make_agent(target, instance).run())

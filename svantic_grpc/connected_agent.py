@@ -1,0 +1,321 @@
+"""Write a connected-mode agent in a few lines.
+
+A connected agent dials the mesh (it works behind NAT, on a laptop, in CI) and
+keeps ``RegistryService.Connect`` open; the mesh sends it dispatches on that
+stream. This helper registers the instance, keeps the stream and its heartbeats
+going, verifies each dispatch's signed token, runs your handler per dispatch and
+sends its replies::
+
+    async def handle(dispatch: Dispatch, reply: Reply) -> None:
+        await reply.artifact(f"echo: {dispatch.text}")
+        await reply.complete()
+
+    agent = ConnectedAgent("127.0.0.1:50051", client_id="svantic", client_secret="your-secret",
+                           agent_type="echo", instance_id="echo-1", handler=handle)
+    await agent.run()
+
+The helper acknowledges each dispatch (state ``working``) before calling the
+handler, so the mesh knows it was delivered. A handler that returns without a
+final state completes the message; one that raises fails it with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from google.protobuf import json_format
+from grpc import aio
+
+from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
+from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
+from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
+
+__all__ = ["ConnectedAgent", "Dispatch", "Handler", "Reply"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One piece of work from the mesh."""
+
+    dispatch_id: str
+    session_id: str
+    message: message_types_pb2.Message
+    claims: dict[str, Any]
+    """The verified dispatch token's claims (tenant_id, agent_type, session_id, ...)."""
+
+    @property
+    def text(self) -> str:
+        """The message's text parts, joined by newlines."""
+        return "\n".join(p.text for p in self.message.parts if p.WhichOneof("content") == "text")
+
+    @property
+    def data(self) -> list[dict[str, Any]]:
+        """The message's data parts as dicts."""
+        return [
+            json_format.MessageToDict(p.data) for p in self.message.parts if p.WhichOneof("content") == "data"
+        ]
+
+
+PartLike = str | dict[str, Any] | message_types_pb2.Part
+
+
+def _parts(content: PartLike | Iterable[PartLike]) -> list[message_types_pb2.Part]:
+    items = [content] if isinstance(content, str | dict | message_types_pb2.Part) else list(content)
+    parts = []
+    for item in items:
+        if isinstance(item, message_types_pb2.Part):
+            parts.append(item)
+        elif isinstance(item, str):
+            parts.append(message_types_pb2.Part(text=item))
+        else:
+            part = message_types_pb2.Part()
+            part.data.update(item)
+            parts.append(part)
+    return parts
+
+
+@dataclass
+class Reply:
+    """How a handler answers one dispatch. Each call sends one update to the mesh."""
+
+    dispatch_id: str
+    _send: Callable[[registry_service_pb2.DispatchUpdate], Awaitable[None]]
+    done: bool = field(default=False, init=False)
+
+    async def _update(
+        self, state: int = 0, *, say: Any = None, artifacts: Any = None, reason: str = ""
+    ) -> None:
+        if self.done:
+            raise RuntimeError(f"dispatch {self.dispatch_id} already ended")
+        update = registry_service_pb2.DispatchUpdate(dispatch_id=self.dispatch_id, state=state, reason=reason)  # type: ignore[arg-type]
+        if say is not None:
+            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
+        update.artifacts.extend(artifacts or ())
+        if state not in (
+            0,
+            message_types_pb2.MESSAGE_STATE_WORKING,
+            message_types_pb2.MESSAGE_STATE_SUBMITTED,
+        ):
+            self.done = True
+        await self._send(update)
+
+    async def say(self, content: PartLike | Iterable[PartLike]) -> None:
+        """Add a turn to the message's history (progress the user sees)."""
+        await self._update(message_types_pb2.MESSAGE_STATE_WORKING, say=content)
+
+    async def artifact(
+        self, content: PartLike | Iterable[PartLike], *, name: str = "", artifact_id: str = ""
+    ) -> None:
+        """Send an output."""
+        artifact = message_types_pb2.Artifact(artifact_id=artifact_id, name=name, parts=_parts(content))
+        await self._update(artifacts=[artifact])
+
+    async def complete(self, content: PartLike | Iterable[PartLike] | None = None) -> None:
+        """Finish successfully, optionally with a last turn."""
+        await self._update(message_types_pb2.MESSAGE_STATE_COMPLETED, say=content)
+
+    async def fail(self, reason: str) -> None:
+        """Finish with an error a person can act on."""
+        await self._update(message_types_pb2.MESSAGE_STATE_FAILED, reason=reason)
+
+    async def reject(self, reason: str) -> None:
+        """Refuse the work."""
+        await self._update(message_types_pb2.MESSAGE_STATE_REJECTED, reason=reason)
+
+    async def input_required(self, question: str) -> None:
+        """Stop and ask the human something."""
+        await self._update(message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED, say=question, reason=question)
+
+
+Handler = Callable[[Dispatch, Reply], Awaitable[None]]
+
+
+class ConnectedAgent:
+    """A connected-mode agent process: register, connect, serve dispatches until stopped.
+
+    Args:
+        target: The mesh's ``host:port``.
+        handler: ``async def handler(dispatch, reply)``, run once per dispatch.
+        skills: Declared skills, for routing by skill.
+        max_concurrent_sessions: Capacity declared to the mesh (0 = unlimited).
+        reconnect_delay_s: Pause before reconnecting after the stream drops.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        client_id: str,
+        client_secret: str,
+        agent_type: str,
+        instance_id: str,
+        handler: Handler,
+        skills: Iterable[agent_types_pb2.AgentSkill] = (),
+        max_concurrent_sessions: int = 0,
+        reconnect_delay_s: float = 1.0,
+    ) -> None:
+        self.target = target
+        self.instance_id = instance_id
+        self._credential = (client_id, client_secret)
+        self._agent_type = agent_type
+        self._handler = handler
+        self._skills = list(skills)
+        self._max_sessions = max_concurrent_sessions
+        self._reconnect_delay_s = reconnect_delay_s
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest] = asyncio.Queue()
+        self._keys: dict[str, Any] = {}
+        self._issuer = ""
+        self.connected = asyncio.Event()
+        """Set while the stream is open and welcomed."""
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve until ``stop``; reconnects when the stream drops."""
+        async with aio.insecure_channel(self.target) as channel:
+            auth, registry = AuthServiceStub(channel), RegistryServiceStub(channel)
+            token = await auth.GetToken(
+                auth_service_pb2.GetTokenRequest(
+                    client_id=self._credential[0],
+                    client_secret=self._credential[1],
+                    agent_type=self._agent_type,
+                )
+            )
+            metadata = (("authorization", f"Bearer {token.token}"),)
+            keys = await auth.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
+            self._issuer = keys.issuer
+            jwks = json_format.MessageToDict(keys.jwks)
+            self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"]}
+            await registry.RegisterAgent(
+                registry_service_pb2.RegisterAgentRequest(
+                    agent_type=self._agent_type,
+                    instance_id=self.instance_id,
+                    deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_CONNECTED,
+                    skills=self._skills,
+                    max_concurrent_sessions=self._max_sessions,
+                ),
+                metadata=metadata,
+            )
+            while not self._stopping.is_set():
+                try:
+                    await self._serve_stream(registry, metadata)
+                except aio.AioRpcError as error:
+                    _log.warning("connection to the mesh dropped: %s", error.details())
+                self.connected.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._reconnect_delay_s)
+
+    async def stop(self) -> None:
+        """Stop serving: running handlers are cancelled and the stream closes."""
+        self._stopping.set()
+        for task in list(self._running.values()):
+            task.cancel()
+
+    async def _serve_stream(
+        self, registry: RegistryServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        hello = registry_service_pb2.ConnectRequest(
+            hello=registry_service_pb2.ConnectHello(instance_id=self.instance_id)
+        )
+        self._outbox = asyncio.Queue()
+        self._outbox.put_nowait(hello)
+        call = registry.Connect(self._requests(), metadata=metadata)
+        stop = asyncio.create_task(self._stopping.wait())
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            reader = aiter(call)
+            while True:
+                next_response = asyncio.ensure_future(anext(reader))
+                done, _ = await asyncio.wait({next_response, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    next_response.cancel()
+                    call.cancel()
+                    return
+                try:
+                    response = next_response.result()
+                except StopAsyncIteration:
+                    return
+                kind = response.WhichOneof("payload")
+                if kind == "welcome":
+                    interval = max(response.welcome.heartbeat_interval_ms / 1000, 0.05)
+                    heartbeat = asyncio.create_task(self._heartbeats(interval))
+                    self.connected.set()
+                elif kind == "dispatch":
+                    self._start(response.dispatch)
+                elif kind == "cancel":
+                    task = self._running.get(response.cancel.dispatch_id)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            stop.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
+            for task in list(self._running.values()):
+                task.cancel()
+
+    async def _requests(self) -> AsyncIterator[registry_service_pb2.ConnectRequest]:
+        outbox = self._outbox
+        while True:
+            yield await outbox.get()
+
+    async def _heartbeats(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            beat = registry_service_pb2.HeartbeatRequest(
+                instance_id=self.instance_id,
+                status=agent_types_pb2.AGENT_STATUS_AVAILABLE,
+                current_sessions=len(self._running),
+            )
+            self._outbox.put_nowait(registry_service_pb2.ConnectRequest(heartbeat=beat))
+
+    def _start(self, dispatch: registry_service_pb2.Dispatch) -> None:
+        outbox = self._outbox
+
+        async def send(update: registry_service_pb2.DispatchUpdate) -> None:
+            outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
+
+        reply = Reply(dispatch.dispatch_id, send)
+        task = asyncio.create_task(self._handle(dispatch, reply), name=f"dispatch-{dispatch.dispatch_id}")
+        self._running[dispatch.dispatch_id] = task
+        task.add_done_callback(lambda _: self._running.pop(dispatch.dispatch_id, None))
+
+    async def _handle(self, dispatch: registry_service_pb2.Dispatch, reply: Reply) -> None:
+        try:
+            claims = self._verify(dispatch)
+        except jwt.InvalidTokenError as error:
+            await reply.reject(f"dispatch token rejected: {error}")
+            return
+        await reply._update(message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledge: delivered
+        try:
+            await self._handler(
+                Dispatch(dispatch.dispatch_id, dispatch.session_id, dispatch.message, claims), reply
+            )
+        except asyncio.CancelledError:
+            return  # the mesh withdrew it, or we are stopping
+        except Exception as error:
+            _log.exception("handler failed on dispatch %s", dispatch.dispatch_id)
+            if not reply.done:
+                await reply.fail(f"{type(error).__name__}: {error}")
+            return
+        if not reply.done:
+            await reply.complete()
+
+    def _verify(self, dispatch: registry_service_pb2.Dispatch) -> dict[str, Any]:
+        header = jwt.get_unverified_header(dispatch.dispatch_token)
+        key = self._keys.get(header.get("kid", ""))
+        if key is None:
+            raise jwt.InvalidKeyError("unknown signing key")
+        claims: dict[str, Any] = jwt.decode(
+            dispatch.dispatch_token, key, algorithms=["EdDSA"], audience=self.instance_id, issuer=self._issuer
+        )
+        if claims.get("dispatch_id") != dispatch.dispatch_id:
+            raise jwt.InvalidTokenError("token is for another dispatch")
+        return claims
