@@ -55,7 +55,12 @@ class Sessions:
         self._locks = KeyedLock()
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
+        self._busy_checks: list[Callable[[str, str], bool]] = []
         registry.on_release(self._agent_released)
+
+    def busy_when(self, check: Callable[[str, str], bool]) -> None:
+        """Treat a session as active while ``check(tenant_id, session_id)`` is true (work is running)."""
+        self._busy_checks.append(check)
 
     def on_close(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
         """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its work)."""
@@ -354,7 +359,12 @@ class Sessions:
 
     async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
-        return None if session is None else self.expires_at(session)
+        if session is None:
+            return None
+        if any(check(tenant_id, session_id) for check in self._busy_checks):
+            # A message still running is activity: look again one TTL from now.
+            return self._clock.now() + self._ttl_s
+        return self.expires_at(session)
 
     async def _close_idle(self, tenant_id: str, session_id: str) -> None:
         await self._close(tenant_id, session_id, "idle ttl")

@@ -36,6 +36,11 @@ class Messages:
         self._classes = dict(agent_classes)
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
         services.sessions.on_close(self._session_closing)
+        services.sessions.busy_when(self._has_running_work)
+
+    def _has_running_work(self, tenant_id: str, session_id: str) -> bool:
+        runtime = self._runtimes.get((tenant_id, session_id))
+        return runtime is not None and runtime.running > 0
 
     def runtime(self, tenant_id: str, session_id: str) -> SessionRuntime:
         """The session's runtime, created with its internal agents on first use."""
