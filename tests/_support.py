@@ -35,7 +35,8 @@ SECRET = "s3cret-for-tests"
 
 @functools.cache
 def _secret_hash() -> str:
-    return hash_secret(SECRET)  # scrypt is slow on purpose: hash once per run
+    # scrypt is slow on purpose; a lower cost keeps GetToken quick in tests (hashes record their cost).
+    return hash_secret(SECRET, cost=2**10)
 
 
 def tenant_settings() -> list[dict[str, Any]]:

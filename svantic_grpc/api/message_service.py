@@ -61,7 +61,9 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
     async def ListMessages(
         self, request: pb.ListMessagesRequest, context: aio.ServicerContext
     ) -> pb.ListMessagesResponse:
-        states = [message_state(s, f"states[{i}]") for i, s in enumerate(request.states)]
+        states = [message_state(s, f"states[{i}]") for i, s in enumerate(request.states) if s]
+        if len(states) < len(request.states):
+            states = []  # MESSAGE_STATE_UNSPECIFIED in the filter means any state
         page = await self._messages.list_messages(
             current_caller(),
             session_id=request.session_id,

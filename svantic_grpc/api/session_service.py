@@ -50,10 +50,14 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     ) -> pb.ListSessionsResponse:
         statuses: list[SessionStatus] = []
         for index, value in enumerate(request.statuses):
+            if value == session_types_pb2.SESSION_STATUS_UNSPECIFIED:
+                continue  # documented as "any status"
             status = convert.SESSION_STATUS_FROM_PB.get(value)
             if status is None:
                 raise InvalidArgument(f"statuses[{index}]", f"unknown session status {value}")
             statuses.append(status)
+        if len(statuses) < len(request.statuses):
+            statuses = []  # "any" in the filter widens it to everything
         page = await self._sessions.list_sessions(
             current_caller(), statuses=statuses, page_size=request.page_size, page_token=request.page_token
         )

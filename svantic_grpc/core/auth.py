@@ -48,12 +48,16 @@ class Scope(enum.Enum):
         return any(rank[g] >= rank[self] for g in granted)
 
 
-def hash_secret(secret: str) -> str:
-    """A salted scrypt hash of ``secret``, as stored in settings.json."""
+def hash_secret(secret: str, *, cost: int = _SCRYPT_N) -> str:
+    """A salted scrypt hash of ``secret``, as stored in settings.json.
+
+    ``cost`` is scrypt's N (a power of two); the default suits production, tests
+    may lower it. The hash records its parameters, so verification needs no setting.
+    """
     salt = os.urandom(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=cost, r=_SCRYPT_R, p=_SCRYPT_P)
     encode = base64.urlsafe_b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
+    return f"scrypt${cost}${_SCRYPT_R}${_SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
 
 
 def verify_secret(secret: str, stored: str) -> bool:

@@ -614,7 +614,9 @@ _UNARY_MESSAGE_RPCS = [
 async def _call_message_rpc(client: Client, name: str, metadata: tuple[tuple[str, str], ...]) -> None:
     method = getattr(client.messages, name)
     if name == "SendStreamingMessage":
-        async for _ in method(message_service_pb2.SendStreamingMessageRequest(session_id="s"), metadata=metadata):
+        async for _ in method(
+            message_service_pb2.SendStreamingMessageRequest(session_id="s"), metadata=metadata
+        ):
             pass
     elif name == "Converse":
         opening = message_service_pb2.ConverseRequest(open=message_service_pb2.ConverseOpen(session_id="s"))
@@ -640,7 +642,9 @@ async def test_input_requests_are_not_served_yet(client: Client, name: str) -> N
 
 
 async def test_connect_needs_a_token_and_a_registered_connected_instance(client: Client) -> None:
-    hello = registry_service_pb2.ConnectRequest(hello=registry_service_pb2.ConnectHello(instance_id="laptop-1"))
+    hello = registry_service_pb2.ConnectRequest(
+        hello=registry_service_pb2.ConnectHello(instance_id="laptop-1")
+    )
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         async for _ in client.registry.Connect(iter([hello])):
             pass
