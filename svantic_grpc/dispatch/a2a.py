@@ -114,9 +114,10 @@ class A2ATransport:
                     update, task_id = _update_from(event, task_id)
                     if update is None:
                         continue
+                    # Mark the end before yielding: the caller stops reading after a final update.
+                    ended = update.state in _ENDS or update.state is MessageState.INPUT_REQUIRED
                     yield update
-                    if update.state in _ENDS or update.state is MessageState.INPUT_REQUIRED:
-                        ended = True
+                    if ended:
                         return
         except A2AClientTimeoutError as exc:
             raise DispatchFailed(f"the agent went silent: {exc}") from exc

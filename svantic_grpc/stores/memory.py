@@ -1,12 +1,12 @@
 """The in-memory store: the default, and the reference for the contract suite.
 
 It copies records on the way in and out so callers cannot change stored state
-behind its back, exactly as with a database.
+behind its back, exactly as with a database (``detach`` copies only what is
+mutable inside the frozen records).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -14,6 +14,7 @@ from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores.base import MessagePage, SessionPage, Store
 
@@ -34,12 +35,12 @@ class MemoryStore(Store):
         key = (session.tenant_id, session.session_id)
         if key in self._sessions:
             raise AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
-        stored = replace(copy.deepcopy(session), version=1)
+        stored = replace(detach(session), version=1)
         self._sessions[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
-        return copy.deepcopy(self._sessions.get((tenant_id, session_id)))
+        return detach(self._sessions.get((tenant_id, session_id)))
 
     async def update_session(self, session: Session) -> Session:
         key = (session.tenant_id, session.session_id)
@@ -52,9 +53,9 @@ class MemoryStore(Store):
                 f"(version {session.version} was read, {current.version} is stored)",
                 metadata={"stored_version": str(current.version)},
             )
-        stored = replace(copy.deepcopy(session), version=current.version + 1)
+        stored = replace(detach(session), version=current.version + 1)
         self._sessions[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def list_sessions(
         self,
@@ -80,28 +81,28 @@ class MemoryStore(Store):
         page = rows[:page_size]
         more = len(rows) > page_size
         next_cursor = encode_cursor(page[-1].created_at, page[-1].session_id) if more and page else ""
-        return SessionPage(tuple(copy.deepcopy(page)), next_cursor)
+        return SessionPage(tuple(detach(page)), next_cursor)
 
     async def open_sessions(self) -> Sequence[Session]:
-        return [copy.deepcopy(s) for s in self._sessions.values() if s.status is not SessionStatus.CLOSED]
+        return [detach(s) for s in self._sessions.values() if s.status is not SessionStatus.CLOSED]
 
     async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
         key = (agent.tenant_id, agent.instance_id)
         if key in self._agents:
             raise AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
-        stored = replace(copy.deepcopy(agent), version=1)
+        stored = replace(detach(agent), version=1)
         self._agents[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
-        return copy.deepcopy(self._agents.get((tenant_id, instance_id)))
+        return detach(self._agents.get((tenant_id, instance_id)))
 
     async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
         key = (agent.tenant_id, agent.instance_id)
         current = self._check_agent_version(key, agent.version)
-        stored = replace(copy.deepcopy(agent), version=current.version + 1)
+        stored = replace(detach(agent), version=current.version + 1)
         self._agents[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
         key = (tenant_id, instance_id)
@@ -127,7 +128,7 @@ class MemoryStore(Store):
             if tenant == tenant_id and (not agent_type or a.agent_type == agent_type)
         ]
         rows.sort(key=lambda a: (a.agent_type, a.instance_id))
-        return copy.deepcopy(rows)
+        return detach(rows)
 
     async def create_message(self, message: Message) -> Message:
         key = (message.tenant_id, message.session_id, message.message_id)
@@ -136,12 +137,12 @@ class MemoryStore(Store):
                 f"message {message.message_id!r} already exists in session {message.session_id!r}",
                 reason="MESSAGE_EXISTS",
             )
-        stored = replace(copy.deepcopy(message), version=1)
+        stored = replace(detach(message), version=1)
         self._messages[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
-        return copy.deepcopy(self._messages.get((tenant_id, session_id, message_id)))
+        return detach(self._messages.get((tenant_id, session_id, message_id)))
 
     async def update_message(self, message: Message) -> Message:
         key = (message.tenant_id, message.session_id, message.message_id)
@@ -154,9 +155,9 @@ class MemoryStore(Store):
                 f"(version {message.version} was read, {current.version} is stored)",
                 metadata={"stored_version": str(current.version)},
             )
-        stored = replace(copy.deepcopy(message), version=current.version + 1)
+        stored = replace(detach(message), version=current.version + 1)
         self._messages[key] = stored
-        return copy.deepcopy(stored)
+        return detach(stored)
 
     async def list_messages(
         self,
@@ -187,13 +188,13 @@ class MemoryStore(Store):
         next_cursor = (
             encode_cursor(last.created_at, f"{last.session_id}/{last.message_id}") if more and last else ""
         )
-        return MessagePage(tuple(copy.deepcopy(page)), next_cursor)
+        return MessagePage(tuple(detach(page)), next_cursor)
 
     async def append_event(
         self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
     ) -> Event:
         log = self._events.setdefault((tenant_id, session_id), [])
-        event = Event(tenant_id, session_id, len(log) + 1, time, copy.deepcopy(payload))
+        event = Event(tenant_id, session_id, len(log) + 1, time, detach(payload))
         log.append(event)
         return event
 
@@ -203,4 +204,4 @@ class MemoryStore(Store):
         log = self._events.get((tenant_id, session_id), [])
         # Sequence n sits at index n - 1, so slicing is the lookup.
         start = max(after_sequence, 0)
-        return copy.deepcopy(log[start : start + limit])
+        return detach(log[start : start + limit])

@@ -8,7 +8,11 @@ awaitable of it; the fixture always closes the store at teardown.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import enum
 import inspect
+import types
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +33,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.stores import MemoryStore, Store
+from svantic_grpc.stores import MemoryStore, Store, _copy
 
 StoreFactory = Callable[[Path], "Store | Awaitable[Store]"]
 
@@ -465,3 +469,37 @@ async def test_close_is_idempotent(store: Store) -> None:
     await store.create_session(make_session())
     await store.close()
     await store.close()
+
+
+def test_records_shared_without_copying_really_hold_nothing_mutable() -> None:
+    """The in-memory store hands out these record types without copying them (see stores/_copy.py)."""
+    immutable_leaves = (str, int, float, bool, bytes, type(None))
+
+    def check(tp: object, seen: set[object]) -> None:
+        if tp in seen:
+            return
+        seen.add(tp)
+        origin = typing.get_origin(tp)
+        if origin is tuple:
+            for arg in typing.get_args(tp):
+                if arg is not Ellipsis:
+                    check(arg, seen)
+            return
+        if origin in (typing.Union, types.UnionType):
+            for arg in typing.get_args(tp):
+                check(arg, seen)
+            return
+        assert origin is None, f"{tp} is a mutable container"
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            assert tp.__dataclass_params__.frozen, tp  # type: ignore[attr-defined]
+            hints = typing.get_type_hints(tp)
+            for f in dataclasses.fields(tp):
+                check(hints[f.name], seen)
+            return
+        assert tp in immutable_leaves, f"{tp} may be mutable"
+
+    for cls in _copy._SHARED:
+        if dataclasses.is_dataclass(cls):
+            check(cls, set())

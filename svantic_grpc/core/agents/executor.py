@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
+from typing import cast
 
 from svantic_grpc.core.agents.base import InternalAgent, SessionScope
 from svantic_grpc.core.agents.orchestrator import Route
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, NotDelivered
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import ResourceExhausted, Unavailable
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.models import JoinReason
 
 __all__ = ["BudgetedExecutor", "Executor", "Outcome"]
+
+_PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
 
 
 @dataclass(frozen=True)
@@ -152,17 +157,15 @@ class BudgetedExecutor(Executor):
     async def _follow(self, writer: MessageWriter, job: DispatchJob) -> Outcome:
         said: list[Part] = []
         made: list[Artifact] = []
-        updates = self.scope.services.dispatcher.dispatch(job)
-        async for update in updates:
-            if update.parts:
-                said.extend(update.parts)
-                await writer.turn(update.parts, instance_id=job.agent.instance_id)
-            if update.artifacts:
-                made.extend(update.artifacts)
-                await writer.artifacts(update.artifacts)
-            if update.state is not None and update.state not in (
-                MessageState.SUBMITTED,
-                MessageState.WORKING,
-            ):
-                return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))
+        updates = cast("AsyncGenerator[DispatchUpdate, None]", self.scope.services.dispatcher.dispatch(job))
+        async with contextlib.aclosing(updates):  # close the transport's stream at once, not at GC
+            async for update in updates:
+                if update.parts:
+                    said.extend(update.parts)
+                    await writer.turn(update.parts, instance_id=job.agent.instance_id)
+                if update.artifacts:
+                    made.extend(update.artifacts)
+                    await writer.artifacts(update.artifacts)
+                if update.state not in _PROGRESS:
+                    return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))
         raise DispatchFailed("the agent ended the dispatch without a final state")

@@ -1,0 +1,68 @@
+"""Copies of stored records that share every immutable part.
+
+Records are frozen dataclasses, so only the mutable containers inside them
+(JSON dicts and lists: agent cards, data parts) need copying to keep callers
+from changing stored state. ``detach`` rebuilds just the paths that lead to such
+containers and returns anything fully immutable as is, which is much cheaper
+than ``copy.deepcopy`` on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, TypeVar
+
+from svantic_grpc.core.events import AgentJoined, AgentLeft, StatusChanged
+from svantic_grpc.core.models import Session, SessionAgent
+
+__all__ = ["detach"]
+
+T = TypeVar("T")
+
+# Atoms, and records with nothing mutable anywhere inside: returned as is.
+_SHARED = (
+    str,
+    int,
+    float,
+    bool,
+    bytes,
+    type(None),
+    enum.Enum,
+    Session,
+    SessionAgent,
+    AgentJoined,
+    AgentLeft,
+    StatusChanged,
+)
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def detach(value: T) -> T:
+    """A copy of ``value`` that shares nothing mutable with it."""
+    return _detach(value)  # type: ignore[no-any-return]
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, _SHARED):
+        return value
+    if isinstance(value, dict):
+        return {key: _detach(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_detach(item) for item in value]
+    if isinstance(value, tuple):
+        items = tuple(_detach(item) for item in value)
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    cls = type(value)
+    names = _FIELDS.get(cls)
+    if names is None:
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+            raise TypeError(f"cannot detach a {cls.__name__}")
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    changes = {}
+    for name in names:
+        current = getattr(value, name)
+        copied = _detach(current)
+        if copied is not current:
+            changes[name] = copied
+    return dataclasses.replace(value, **changes) if changes else value

@@ -1,0 +1,471 @@
+"""Real ``a2a-sdk`` agents on loopback, for testing hosted dispatch.
+
+``hosted_agents(mesh_channel, HostedAgent("echo", "echo-1"), ...)`` serves each
+agent at its own path of one uvicorn server on ``127.0.0.1`` (a random port),
+inside the running event loop, speaking A2A JSON-RPC with an agent card and
+skills. Every agent verifies the dispatch token the mesh sends as
+``Authorization: Bearer``: an EdDSA JWT checked with the mesh's public key
+(``AuthService.GetDispatchKeys`` on ``mesh_channel``, as ``jwt.PyJWK``), with the
+audience its own instance id and the issuer the mesh. A missing or bad token
+makes the agent reject the task. Each agent records what it saw (``Seen``:
+claims, context id, text) and the tasks it was asked to cancel, for tests to
+assert on.
+
+Kinds of agent (``HostedAgent.kind``):
+
+- ``echo``: an artifact ``"echo: <text>"``, then completes.
+- ``slow``: says it is working, sleeps ``slow_s``, honours cancel.
+- ``error``: starts working, then raises ``RuntimeError``.
+- ``streaming``: two progress status updates, an artifact, completes with "all done".
+- ``ask``: input-required ("What is your name?") on the first turn.
+- ``json``: its skill declares ``application/json`` output but it answers text.
+
+Lessons from the a2a-sdk 1.3 prototype that this module follows: the listening
+socket is created with ``IPPROTO_TCP`` (else asyncio leaves Nagle on and each
+response waits ~40 ms); uvicorn runs with ``log_config=None`` and
+``lifespan="off"``; each request handler is closed (``aclose``) before uvicorn
+stops, so parked and slow tasks end and open SSE streams close; an executor
+never sends an event after its task reached a final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import uvicorn
+from a2a.helpers import new_task_from_user_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    Task,
+    TaskState,
+)
+from a2a.utils.constants import TransportProtocol
+from google.protobuf import json_format
+from grpc import aio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
+
+from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, auth_service_pb2_grpc, registry_service_pb2
+
+__all__ = [
+    "ISSUER",
+    "KINDS",
+    "AgentServer",
+    "HostedAgent",
+    "HostedAgents",
+    "Seen",
+    "SkillSpec",
+    "closed_port_url",
+    "hosted_agents",
+]
+
+ISSUER = "svantic-grpc"
+
+
+@dataclass(frozen=True)
+class SkillSpec:
+    """A skill as the agent card and the registration declare it."""
+
+    id: str
+    name: str
+    tags: tuple[str, ...]
+    output_modes: tuple[str, ...] = ("text/plain",)
+    description: str = ""
+
+
+#: The default skill of each kind of agent. Tags are distinct words so skill
+#: matching in tests is unambiguous.
+KINDS: dict[str, SkillSpec] = {
+    "echo": SkillSpec("echo", "Echo", ("echo", "repeat")),
+    "slow": SkillSpec("slow-work", "Slow work", ("slow", "ponder")),
+    "error": SkillSpec("explode", "Explode", ("explode", "crash")),
+    "streaming": SkillSpec("report", "Report", ("report", "stream")),
+    "ask": SkillSpec("ask-name", "Ask name", ("ask", "question")),
+    "json": SkillSpec("json-report", "Json report", ("json",), ("application/json",)),
+}
+
+
+@dataclass(frozen=True)
+class HostedAgent:
+    """One agent to serve: its kind, instance id and agent type (default ``<kind>-agent``)."""
+
+    kind: str
+    instance_id: str
+    agent_type: str = ""
+    slow_s: float = 30.0
+    """How long the ``slow`` kind works before it completes."""
+
+    @property
+    def type(self) -> str:
+        return self.agent_type or f"{self.kind}-agent"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request an agent received, as it saw it."""
+
+    instance_id: str
+    text: str
+    context_id: str
+    task_id: str
+    claims: dict[str, Any] | None
+    """The verified dispatch token's claims; ``None`` when it was rejected."""
+    token_error: str
+    """Why the token was rejected; empty when it verified."""
+    metadata: dict[str, Any]
+    """The A2A message's metadata."""
+    token: str
+    """The raw bearer token (empty when none came)."""
+    at: float
+
+
+class _Keys:
+    """The mesh's dispatch-token keys, fetched once from ``GetDispatchKeys``."""
+
+    def __init__(self, channel: aio.Channel) -> None:
+        self._stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        self._keys: dict[str, jwt.PyJWK] | None = None
+        self.issuer = ""
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> dict[str, jwt.PyJWK]:
+        async with self._lock:
+            if self._keys is None:
+                response = await self._stub.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
+                jwks = json_format.MessageToDict(response.jwks)
+                self._keys = {str(k.get("kid", "")): jwt.PyJWK(k) for k in jwks["keys"]}
+                self.issuer = response.issuer
+            return self._keys
+
+    async def verify(self, token: str, audience: str) -> dict[str, Any]:
+        keys = await self.load()
+        kid = str(jwt.get_unverified_header(token).get("kid", ""))
+        key = keys.get(kid)
+        if key is None:
+            raise jwt.InvalidKeyError(f"no dispatch key with kid {kid!r}")
+        if self.issuer != ISSUER:
+            raise jwt.InvalidIssuerError(f"the mesh says its issuer is {self.issuer!r}, not {ISSUER!r}")
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=["EdDSA"],
+            audience=audience,
+            issuer=ISSUER,
+            options={"require": ["exp", "iat", "aud", "iss"]},
+        )
+        return claims
+
+
+class AgentServer(AgentExecutor):
+    """One served agent: verifies tokens, records what it saw, then acts per its kind."""
+
+    def __init__(self, spec: HostedAgent, keys: _Keys, url: str) -> None:
+        if spec.kind not in KINDS:
+            raise ValueError(f"unknown agent kind {spec.kind!r}; kinds: {', '.join(KINDS)}")
+        self.spec = spec
+        self.url = url
+        self.skill = KINDS[spec.kind]
+        self._keys = keys
+        self.seen: list[Seen] = []
+        """Every request, in order, including rejected ones."""
+        self.cancels: list[str] = []
+        """Task ids the mesh asked to cancel."""
+        self.cancelled_work = 0
+        """Times a running ``execute`` was interrupted by cancellation."""
+        self.methods: list[str] = []
+        """JSON-RPC methods called on this agent, in order (``SendStreamingMessage``, ``CancelTask``...)."""
+        self.card = _card(spec, url, self.skill)
+
+    @property
+    def instance_id(self) -> str:
+        return self.spec.instance_id
+
+    @property
+    def agent_type(self) -> str:
+        return self.spec.type
+
+    @property
+    def accepted(self) -> list[Seen]:
+        """Requests whose token verified."""
+        return [s for s in self.seen if s.claims is not None]
+
+    def skills_pb(self) -> list[agent_types_pb2.AgentSkill]:
+        s = self.skill
+        return [
+            agent_types_pb2.AgentSkill(
+                id=s.id,
+                name=s.name,
+                description=s.description or f"{s.name} ({self.spec.kind} test agent)",
+                tags=list(s.tags),
+                output_modes=list(s.output_modes),
+            )
+        ]
+
+    def registration(self, **fields: Any) -> registry_service_pb2.RegisterAgentRequest:
+        """A RegisterAgentRequest for this agent (``fields`` override: url, max_concurrent_sessions...)."""
+        request: dict[str, Any] = {
+            "agent_type": self.agent_type,
+            "instance_id": self.instance_id,
+            "url": self.url,
+            "deployment_mode": agent_types_pb2.DEPLOYMENT_MODE_HOSTED,
+            "skills": self.skills_pb(),
+        }
+        request.update(fields)
+        return registry_service_pb2.RegisterAgentRequest(**request)
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        first_turn = context.current_task is None
+        task: Task | None = context.current_task
+        if task is None:
+            assert context.message is not None
+            task = new_task_from_user_message(context.message)
+            await event_queue.enqueue_event(task)
+        updater = TaskUpdater(event_queue, task.id, task.context_id)
+        token = _bearer(context)
+        claims, error = await self._check_token(token)
+        self.seen.append(
+            Seen(
+                instance_id=self.instance_id,
+                text=context.get_user_input(),
+                context_id=context.context_id or "",
+                task_id=task.id,
+                claims=claims,
+                token_error=error,
+                metadata=json_format.MessageToDict(context.message.metadata) if context.message else {},
+                token=token,
+                at=time.time(),
+            )
+        )
+        if claims is None:
+            await updater.reject(
+                updater.new_agent_message([new_text_part(f"dispatch token rejected: {error}")])
+            )
+            return
+        try:
+            await self._act(context, updater, first_turn)
+        except asyncio.CancelledError:
+            self.cancelled_work += 1
+            raise
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        # The framework calls this before cancelling the running execute().
+        self.cancels.append(context.task_id or "")
+        updater = TaskUpdater(event_queue, context.task_id or "", context.context_id or "")
+        await updater.cancel(updater.new_agent_message([new_text_part("canceled on request")]))
+
+    async def _check_token(self, token: str) -> tuple[dict[str, Any] | None, str]:
+        if not token:
+            return None, "missing bearer token"
+        try:
+            return await self._keys.verify(token, self.instance_id), ""
+        except jwt.PyJWTError as exc:
+            return None, f"invalid token: {exc}"
+
+    async def _act(self, context: RequestContext, updater: TaskUpdater, first_turn: bool) -> None:
+        text = context.get_user_input()
+        say = updater.new_agent_message
+        kind = self.spec.kind
+        if kind == "echo":
+            await updater.add_artifact([new_text_part(f"echo: {text}")], name="echo")
+            await updater.complete()
+        elif kind == "slow":
+            await updater.start_work(say([new_text_part("working slowly...")]))
+            await asyncio.sleep(self.spec.slow_s)
+            await updater.add_artifact([new_text_part("finally done")])
+            await updater.complete()
+        elif kind == "error":
+            await updater.start_work()
+            raise RuntimeError("agent blew up: database unavailable")
+        elif kind == "streaming":
+            for step in (1, 2):
+                await updater.update_status(
+                    TaskState.TASK_STATE_WORKING, message=say([new_text_part(f"progress {step}/2")])
+                )
+                if step == 1:
+                    await updater.add_artifact([new_text_part(f"report on {text}")], name="report")
+            await updater.complete(say([new_text_part("all done")]))
+        elif kind == "ask":
+            if first_turn:
+                await updater.requires_input(say([new_text_part("What is your name?")]))
+                return
+            await updater.add_artifact([new_text_part(f"Nice to meet you, {text}")])
+            await updater.complete()
+        elif kind == "json":
+            await updater.add_artifact([new_text_part("this is not json")], name="report")
+            await updater.complete()
+
+
+def _bearer(context: RequestContext) -> str:
+    """The token of an ``Authorization: Bearer`` header (the JSON-RPC context keeps headers lower-case)."""
+    headers: Mapping[str, str] = context.call_context.state.get("headers") or {}
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _card(spec: HostedAgent, url: str, skill: SkillSpec) -> AgentCard:
+    return AgentCard(
+        name=spec.instance_id,
+        description=f"{spec.kind} test agent ({spec.type})",
+        version="1.0.0",
+        supported_interfaces=[
+            AgentInterface(url=url, protocol_binding=TransportProtocol.JSONRPC, protocol_version="1.0")
+        ],
+        capabilities=AgentCapabilities(streaming=True, push_notifications=False),
+        default_input_modes=["text/plain"],
+        default_output_modes=list(skill.output_modes),
+        skills=[
+            AgentSkill(
+                id=skill.id,
+                name=skill.name,
+                description=skill.description or skill.name,
+                tags=list(skill.tags),
+                output_modes=list(skill.output_modes),
+            )
+        ],
+    )
+
+
+@dataclass
+class HostedAgents:
+    """The agents of one ``hosted_agents`` block, by instance id."""
+
+    base_url: str
+    agents: dict[str, AgentServer]
+    handlers: list[DefaultRequestHandler] = field(default_factory=list)
+
+    def __getitem__(self, instance_id: str) -> AgentServer:
+        return self.agents[instance_id]
+
+    def __iter__(self) -> Any:
+        return iter(self.agents.values())
+
+    @property
+    def seen(self) -> list[Seen]:
+        """Every request any agent saw, in time order."""
+        return sorted((s for a in self.agents.values() for s in a.seen), key=lambda s: s.at)
+
+
+class _RecordMethods:
+    """ASGI middleware: notes each agent's JSON-RPC method names, then passes the request on unchanged."""
+
+    def __init__(self, app: ASGIApp, agents: Mapping[str, AgentServer]) -> None:
+        self.app = app
+        self.agents = agents
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        agent = self.agents.get(str(scope.get("path", "")).strip("/"))
+        if scope["type"] != "http" or scope["method"] != "POST" or agent is None:
+            await self.app(scope, receive, send)
+            return
+        received: list[ASGIMessage] = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in received)
+        try:
+            request = json.loads(body)
+            agent.methods.append(str(request.get("method", "")) if isinstance(request, dict) else "")
+        except ValueError:
+            agent.methods.append("")
+        replay = iter(received)
+
+        async def replayed() -> ASGIMessage:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+
+def _listening_socket() -> socket.socket:
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted sockets of that proto.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def closed_port_url(path: str = "gone") -> str:
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+@contextlib.asynccontextmanager
+async def hosted_agents(mesh_channel: aio.Channel, *specs: HostedAgent) -> AsyncIterator[HostedAgents]:
+    """Serve ``specs`` on one loopback port.
+
+    Each agent verifies dispatch tokens with the keys of the mesh behind ``mesh_channel``.
+    """
+    keys = _Keys(mesh_channel)
+    sock = _listening_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    agents: dict[str, AgentServer] = {}
+    handlers: list[DefaultRequestHandler] = []
+    routes: list[BaseRoute] = []
+    for spec in specs:
+        if spec.instance_id in agents:
+            raise ValueError(f"duplicate instance id {spec.instance_id!r}")
+        agent = AgentServer(spec, keys, f"{base}/{spec.instance_id}")
+        handler = DefaultRequestHandler(
+            agent_executor=agent, task_store=InMemoryTaskStore(), agent_card=agent.card
+        )
+        agents[spec.instance_id] = agent
+        handlers.append(handler)
+        routes += create_agent_card_routes(
+            agent.card, card_url=f"/{spec.instance_id}/.well-known/agent-card.json"
+        )
+        routes += create_jsonrpc_routes(handler, rpc_url=f"/{spec.instance_id}")
+    config = uvicorn.Config(
+        Starlette(routes=routes, middleware=[Middleware(_RecordMethods, agents=agents)]),
+        log_level="warning",
+        log_config=None,  # leave the process's logging alone (pytest's caplog)
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(5):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                    raise RuntimeError("the agent server stopped before it started")
+                await asyncio.sleep(0.005)
+        yield HostedAgents(base, agents, handlers)
+    finally:
+        # Parked (input-required) and slow tasks end, and their SSE streams close, before uvicorn stops.
+        for handler in handlers:
+            with contextlib.suppress(Exception):
+                await handler.aclose()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await serving
+        if not serving.done():
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await serving
+        sock.close()
