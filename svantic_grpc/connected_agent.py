@@ -171,7 +171,7 @@ class ConnectedAgent:
         self._max_sessions = max_concurrent_sessions
         self._reconnect_delay_s = reconnect_delay_s
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest] = asyncio.Queue()
+        self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self._keys: dict[str, Any] = {}
         self._issuer = ""
         self.connected = asyncio.Event()
@@ -179,39 +179,46 @@ class ConnectedAgent:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        """Serve until ``stop``; reconnects when the stream drops."""
+        """Serve until ``stop``; reconnects (and re-registers) when the stream drops or the mesh restarts."""
         async with aio.insecure_channel(self.target) as channel:
             auth, registry = AuthServiceStub(channel), RegistryServiceStub(channel)
-            token = await auth.GetToken(
-                auth_service_pb2.GetTokenRequest(
-                    client_id=self._credential[0],
-                    client_secret=self._credential[1],
-                    agent_type=self._agent_type,
-                )
-            )
-            metadata = (("authorization", f"Bearer {token.token}"),)
-            keys = await auth.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
-            self._issuer = keys.issuer
-            jwks = json_format.MessageToDict(keys.jwks)
-            self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"]}
-            await registry.RegisterAgent(
-                registry_service_pb2.RegisterAgentRequest(
-                    agent_type=self._agent_type,
-                    instance_id=self.instance_id,
-                    deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_CONNECTED,
-                    skills=self._skills,
-                    max_concurrent_sessions=self._max_sessions,
-                ),
-                metadata=metadata,
-            )
             while not self._stopping.is_set():
                 try:
+                    # Every (re)connection starts afresh: a restarted mesh may have forgotten the
+                    # registration, rotated its dispatch key, and the old token may have expired.
+                    metadata = await self._register(auth, registry)
                     await self._serve_stream(registry, metadata)
                 except aio.AioRpcError as error:
-                    _log.warning("connection to the mesh dropped: %s", error.details())
+                    _log.warning("connection to the mesh failed: %s %s", error.code().name, error.details())
                 self.connected.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._reconnect_delay_s)
+
+    async def _register(
+        self, auth: AuthServiceStub, registry: RegistryServiceStub
+    ) -> tuple[tuple[str, str], ...]:
+        client_id, client_secret = self._credential
+        token = await auth.GetToken(
+            auth_service_pb2.GetTokenRequest(
+                client_id=client_id, client_secret=client_secret, agent_type=self._agent_type
+            )
+        )
+        metadata = (("authorization", f"Bearer {token.token}"),)
+        keys = await auth.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
+        self._issuer = keys.issuer
+        jwks = json_format.MessageToDict(keys.jwks)
+        self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"]}
+        await registry.RegisterAgent(
+            registry_service_pb2.RegisterAgentRequest(
+                agent_type=self._agent_type,
+                instance_id=self.instance_id,
+                deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_CONNECTED,
+                skills=self._skills,
+                max_concurrent_sessions=self._max_sessions,
+            ),
+            metadata=metadata,
+        )
+        return metadata
 
     async def stop(self) -> None:
         """Stop serving: running handlers are cancelled and the stream closes."""
@@ -255,6 +262,7 @@ class ConnectedAgent:
                     if task is not None:
                         task.cancel()
         finally:
+            self._outbox.put_nowait(None)  # ends the request stream of this connection
             stop.cancel()
             if heartbeat is not None:
                 heartbeat.cancel()
@@ -263,8 +271,8 @@ class ConnectedAgent:
 
     async def _requests(self) -> AsyncIterator[registry_service_pb2.ConnectRequest]:
         outbox = self._outbox
-        while True:
-            yield await outbox.get()
+        while (request := await outbox.get()) is not None:
+            yield request
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:

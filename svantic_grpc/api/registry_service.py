@@ -100,6 +100,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 else:
                     cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
                     yield pb.ConnectResponse(cancel=cancel)
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]  # the agent sent something invalid: tell it
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,7 +109,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             await self._connections.detach(connection, "the agent's stream ended")
 
     async def _read(self, connection: AgentConnection, requests: AsyncIterator[pb.ConnectRequest]) -> None:
-        """Feed the agent's updates and heartbeats to the core until its side of the stream ends."""
+        """Feed the agent's updates and heartbeats to the core until its side of the stream ends.
+
+        Raises:
+            MeshError: the agent sent something invalid; the stream ends with that status.
+        """
+        reason = "the agent closed its stream"
         try:
             async for request in requests:
                 kind = request.WhichOneof("payload")
@@ -128,7 +135,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                         status=convert.agent_status(beat.status, "heartbeat.status"),
                         current_sessions=beat.current_sessions,
                     )
-        except (aio.AioRpcError, MeshError) as error:
-            _log.info("agent stream of %s/%s failed: %s", *connection.key, error)
+        except MeshError as error:
+            reason = f"the agent sent an invalid message: {error.message}"
+            raise
+        except aio.AioRpcError as error:
+            reason = f"the agent's stream failed: {error.details()}"
         finally:
-            await self._connections.detach(connection, "the agent closed its stream")
+            await self._connections.detach(connection, reason)
