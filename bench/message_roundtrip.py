@@ -1,0 +1,876 @@
+"""Message round-trip benchmark: the mesh's two hops against a bare gRPC echo, in one run.
+
+Run from the repository root::
+
+    .venv/bin/python bench/message_roundtrip.py                  # ~1 minute
+    .venv/bin/python bench/message_roundtrip.py --concurrency 8,32 --duration 5 --rounds 1
+    .venv/bin/python bench/message_roundtrip.py --profile        # + cProfile of the mesh processes
+    .venv/bin/python bench/message_roundtrip.py --py-spy         # + sampling profile (pip install py-spy)
+    .venv/bin/python bench/message_roundtrip.py --relay          # + a bare two-hop relay for reference
+
+What runs, each in its own process (started with ``subprocess``) so no two
+share an event loop or the GIL, all on 127.0.0.1:
+
+* **bare**: a ``grpc.aio`` server with one unary echo method (generic handler,
+  bytes in, the same bytes out). This is the transport's ceiling on the machine:
+  one hop, no auth, no work.
+* **mesh**: a ``MeshServer`` (in-memory store, development mode on loopback,
+  ``session_ttl_ms`` 0, no dispatch budget), and a second process running the
+  connected echo agent of ``examples/echo_agent.py`` (``ConnectedAgent`` over
+  ``RegistryService.Connect``). A message goes client -> mesh -> agent -> mesh ->
+  client: two gRPC hops plus routing, the message record and the session events.
+* **relay** (``--relay``, optional): the mesh's shape without the mesh: a
+  grpc.aio server that forwards each unary call as one frame on an agent's
+  bidirectional stream and answers with the agent's last reply, and an agent
+  process that replies with ``--relay-updates`` frames (3, like the connected
+  agent's ack, artifact and complete). It shows how much of the gap is the
+  two-hop transport itself and how much is the mesh's own work.
+* **client**: the same program for all. ``--concurrency`` asyncio tasks share
+  one channel; each sends a small message, waits for the answer, and sends the
+  next, until the time is up. For the mesh each task has its own session (made
+  with ``InitSession`` before the clock starts) and calls ``SendMessage``
+  (unary, returns when the message is completed) with a text part and the data
+  part ``{"target_agent": "echo"}``.
+
+Each measurement warms up for ``--warmup`` seconds (not counted), then counts
+``--duration`` seconds: messages/s (calls completed in the window / window) and
+p50/p99 latency of the calls that started and ended inside it. With
+``--rounds`` > 1 the order of the modes rotates each round and the
+table shows every round plus the median per mode; the verdict uses the
+medians. The servers stay up across rounds; a fresh client process measures
+each time. CPU% is each process's user+system time over the window (100% = one
+core), read from /proc; "cpu ms/msg" divides it by the throughput, which is
+steadier than msgs/s on a busy machine.
+
+Targets (issue 3): mesh throughput >= 0.5x bare at the same concurrency.
+
+``--profile`` runs the mesh server and the agent under cProfile, switched on
+only for the mesh measurement windows (SIGUSR1/SIGUSR2), and prints where the
+time went by function and by module. Profiling slows the mesh down a lot: the
+ratio printed in that mode is not the benchmark's figure. ``--py-spy`` instead
+samples the mesh server and the agent from outside (``py-spy record
+--nonblocking``, when py-spy is installed next to Python) during the first mesh
+window of each concurrency: far less distortion, and the same kind of tables.
+
+Every process stops by itself: clients after their window, servers when the
+parent closes their stdin, and each child after ``--max-seconds`` whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import itertools
+import json
+import logging
+import os
+import platform
+import pstats
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+PY_SPY = Path(sys.executable).parent / "py-spy"
+HOST = "127.0.0.1"
+ECHO_METHOD = "/bench.Echo/Echo"
+RELAY_CALL = "/bench.Relay/Call"
+RELAY_AGENT = "/bench.Relay/Agent"
+RELAY_FRAME = struct.Struct(">QB")  # dispatch number, update number
+DEV_CLIENT = ("svantic", "your-secret")  # the loopback-only development credential
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _say(line: str) -> None:
+    """One protocol line to the parent."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _watchdog(max_seconds: float) -> None:
+    """Hard stop for a child, whatever the parent does."""
+    timer = threading.Timer(max_seconds, lambda: os._exit(3))
+    timer.daemon = True
+    timer.start()
+
+
+async def _until_stdin_closes() -> None:
+    """Return when the parent closes our stdin (or dies)."""
+    loop = asyncio.get_running_loop()
+    closed = asyncio.Event()
+
+    def read() -> None:
+        with contextlib.suppress(Exception):
+            sys.stdin.read()
+        loop.call_soon_threadsafe(closed.set)
+
+    threading.Thread(target=read, daemon=True).start()
+    await closed.wait()
+
+
+class _Profiler:
+    """cProfile switched on by SIGUSR1 and off by SIGUSR2; dumped to ``path`` at exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.profile = cProfile.Profile()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, self.profile.enable)
+        loop.add_signal_handler(signal.SIGUSR2, self.profile.disable)
+
+    def dump(self) -> None:
+        self.profile.disable()
+        self.profile.dump_stats(self.path)
+
+
+async def run_bare_server(args: argparse.Namespace) -> None:
+    async def echo(request: bytes, context: aio.ServicerContext) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                echo, request_deserializer=None, response_serializer=None
+            )
+        },
+    )
+    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"{HOST}:0")
+    await server.start()
+    _say(f"PORT {port}")
+    await _until_stdin_closes()
+    await server.stop(0)
+
+
+async def run_mesh_server(args: argparse.Namespace) -> None:
+    from svantic_grpc.config import parse_settings
+    from svantic_grpc.server import MeshServer
+
+    settings = parse_settings(
+        {
+            "grpc_address": f"{HOST}:0",
+            "session_ttl_ms": 0,
+            "shutdown_grace_s": 0,
+            "store": "memory",
+            "log_level": "WARNING",
+            # The benchmark sends far more than the default guardrail of 1000 per session.
+            "dispatch": {"max_dispatches_per_session": 0},
+        }
+    )
+    # env={}: no signing key, so the development default (loopback only, credential 'svantic').
+    server = MeshServer(settings, env={})
+    profiler = _Profiler(args.profile_out) if args.profile_out else None
+    await server.start()
+    _say(f"PORT {server.port}")
+    try:
+        await _until_stdin_closes()
+    finally:
+        if profiler:
+            profiler.dump()
+        await server.stop(0)
+
+
+async def run_agent(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    from echo_agent import make_agent  # the example agent, as the README walks through it
+
+    agent = make_agent(args.target, "echo-bench-1")
+    profiler = _Profiler(args.profile_out) if args.profile_out else None
+    task = asyncio.create_task(agent.run())
+    connected = asyncio.create_task(agent.connected.wait())
+    done, _ = await asyncio.wait({task, connected}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if connected not in done:
+        task.cancel()
+        raise SystemExit("the echo agent did not connect within 30s")
+    _say("READY")
+    try:
+        await _until_stdin_closes()
+    finally:
+        if profiler:
+            profiler.dump()
+        await agent.stop()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(task, 5)
+
+
+async def run_relay_server(args: argparse.Namespace) -> None:
+    """The two-hop shape with no mesh logic: unary in, one frame to the agent's stream, its reply out."""
+    loop = asyncio.get_running_loop()
+    pending: dict[int, asyncio.Future[bytes]] = {}
+    outbox: asyncio.Queue[bytes] = asyncio.Queue()
+    numbers = itertools.count()
+    last = args.relay_updates - 1
+
+    async def call(request: bytes, context: aio.ServicerContext) -> bytes:
+        number = next(numbers)
+        future: asyncio.Future[bytes] = loop.create_future()
+        pending[number] = future
+        outbox.put_nowait(RELAY_FRAME.pack(number, 0) + request)
+        try:
+            return await future
+        finally:
+            pending.pop(number, None)
+
+    async def agent(requests: Any, context: aio.ServicerContext) -> Any:
+        async def read() -> None:
+            async for frame in requests:
+                number, update = RELAY_FRAME.unpack_from(frame)
+                future = pending.get(number)
+                if update == last and future is not None and not future.done():
+                    future.set_result(frame[RELAY_FRAME.size :])
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield await outbox.get()
+        finally:
+            reader.cancel()
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Relay",
+        {
+            "Call": grpc.unary_unary_rpc_method_handler(call),
+            "Agent": grpc.stream_stream_rpc_method_handler(agent),
+        },
+    )
+    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"{HOST}:0")
+    await server.start()
+    _say(f"PORT {port}")
+    await _until_stdin_closes()
+    await server.stop(0)
+
+
+async def run_relay_agent(args: argparse.Namespace) -> None:
+    """Answers each frame with ``--relay-updates`` frames (like ack, artifact, complete); the last echoes."""
+    async with aio.insecure_channel(args.target) as channel:
+        outbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def requests() -> Any:
+            while True:
+                yield await outbox.get()
+
+        stream = channel.stream_stream(RELAY_AGENT)(requests())
+        last = args.relay_updates - 1
+
+        async def serve() -> None:
+            async for frame in stream:
+                number, _ = RELAY_FRAME.unpack_from(frame)
+                for update in range(last):
+                    outbox.put_nowait(RELAY_FRAME.pack(number, update))
+                outbox.put_nowait(RELAY_FRAME.pack(number, last) + frame[RELAY_FRAME.size :])
+
+        server = asyncio.create_task(serve())
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        _say("READY")
+        await _until_stdin_closes()
+        server.cancel()
+        stream.cancel()
+
+
+Call = Callable[[], Awaitable[None]]
+
+
+async def _mesh_calls(channel: aio.Channel, concurrency: int, sessions: int) -> list[Call]:
+    from svantic_grpc.pb import auth_service_pb2, message_service_pb2, message_types_pb2
+    from svantic_grpc.pb import session_service_pb2 as session_pb
+    from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
+    from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
+    from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
+
+    token = await AuthServiceStub(channel).GetToken(
+        auth_service_pb2.GetTokenRequest(
+            client_id=DEV_CLIENT[0], client_secret=DEV_CLIENT[1], agent_type="bench-client"
+        )
+    )
+    md = (("authorization", f"Bearer {token.token}"),)
+    session_ids = []
+    for _ in range(sessions):
+        created = await SessionServiceStub(channel).InitSession(session_pb.InitSessionRequest(), metadata=md)
+        session_ids.append(created.session.session_id)
+    stub = MessageServiceStub(channel)
+    completed = message_types_pb2.MESSAGE_STATE_COMPLETED
+
+    def make(index: int) -> Call:
+        target = message_types_pb2.Part()
+        target.data.update({"target_agent": "echo"})
+        request = message_service_pb2.SendMessageRequest(
+            session_id=session_ids[index % sessions],
+            message=message_service_pb2.OutgoingMessage(
+                parts=[message_types_pb2.Part(text=f"hello from client {index}"), target]
+            ),
+        )
+
+        async def call() -> None:
+            response = await stub.SendMessage(request, metadata=md)
+            message = response.message
+            if message.state != completed:
+                raise RuntimeError(f"message ended {message.state}: {message.state_reason}")
+
+        return call
+
+    return [make(i) for i in range(concurrency)]
+
+
+def _bare_calls(channel: aio.Channel, concurrency: int, size: int, method: str = ECHO_METHOD) -> list[Call]:
+    echo = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+    def make(index: int) -> Call:
+        payload = (f"hello from client {index} ".encode() * size)[:size]
+
+        async def call() -> None:
+            if await echo(payload) != payload:
+                raise RuntimeError("echo returned other bytes")
+
+        return call
+
+    return [make(i) for i in range(concurrency)]
+
+
+async def run_client(args: argparse.Namespace) -> None:
+    async with aio.insecure_channel(args.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        if args.mode == "bare":
+            calls = _bare_calls(channel, args.concurrency, args.payload)
+        elif args.mode == "relay":
+            calls = _bare_calls(channel, args.concurrency, args.payload, RELAY_CALL)
+        else:
+            sessions = args.sessions or args.concurrency
+            calls = await _mesh_calls(channel, args.concurrency, sessions)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        measure_from = start + args.warmup
+        measure_to = measure_from + args.duration
+        latencies: list[float] = []
+        errors: list[str] = []
+        counted = 0
+
+        async def worker(call: Call) -> None:
+            nonlocal counted
+            while (began := loop.time()) < measure_to:
+                try:
+                    await call()
+                except Exception as error:
+                    errors.append(f"{type(error).__name__}: {error}"[:200])
+                    if len(errors) > 1000:
+                        return
+                    continue
+                ended = loop.time()
+                if measure_from <= ended <= measure_to:
+                    counted += 1
+                    if began >= measure_from:
+                        latencies.append(ended - began)
+
+        async def marks() -> None:
+            await asyncio.sleep(max(measure_from - loop.time(), 0))
+            _say("WARM")
+            await asyncio.sleep(max(measure_to - loop.time(), 0))
+            _say("DONE")
+
+        await asyncio.gather(marks(), *(worker(c) for c in calls))
+        latencies.sort()
+
+        def pct(p: float) -> float:
+            if not latencies:
+                return float("nan")
+            return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+        result = {
+            "count": counted,
+            "rate": counted / args.duration,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else "",
+        }
+        _say("RESULT " + json.dumps(result))
+
+
+# --------------------------------------------------------------------------- parent
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+
+    async def line(self, wait_s: float) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), wait_s)
+        if not raw:
+            raise RuntimeError(f"{self.name} exited (code {await self.process.wait()}) before answering")
+        return raw.decode().strip()
+
+    async def expect(self, prefix: str, wait_s: float) -> str:
+        while True:
+            text = await self.line(wait_s)
+            if text.startswith(prefix):
+                return text[len(prefix) :].strip()
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+
+    async def stop(self) -> None:
+        if self.process.returncode is not None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()  # this child only, by its own handle
+            await self.process.wait()
+
+
+async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SCRIPT),
+        "--role",
+        role,
+        "--max-seconds",
+        str(max_seconds),
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    return Child(name, process)
+
+
+@dataclass
+class Row:
+    mode: str
+    concurrency: int
+    round: int
+    result: dict[str, Any]
+    cpu: dict[str, float]
+
+
+async def measure(
+    args: argparse.Namespace,
+    mode: str,
+    concurrency: int,
+    round_no: int,
+    target: str,
+    servers: dict[str, Child],
+    profiled: list[Child],
+    spied: dict[str, Path] | None = None,
+) -> Row:
+    extra = [
+        "--mode",
+        mode,
+        "--target",
+        target,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--sessions",
+        str(args.sessions),
+        "--payload",
+        str(args.payload),
+    ]
+    client = await spawn(f"client-{mode}", "client", args.warmup + args.duration + 60, *extra)
+    watched = {**servers, "client": client}
+    try:
+        await client.expect("WARM", args.warmup + 60)
+        before = {name: child.cpu_seconds() for name, child in watched.items()}
+        began = time.monotonic()
+        for child in profiled:
+            child.signal(signal.SIGUSR1)
+        spies = [
+            await _start_py_spy(servers[name], out, max(1, int(args.duration) - 1), args.native)
+            for name, out in (spied or {}).items()
+        ]
+        await client.expect("DONE", args.duration + 30)
+        for spy in spies:
+            await asyncio.wait_for(spy.wait(), 60)
+        for child in profiled:
+            child.signal(signal.SIGUSR2)
+        elapsed = time.monotonic() - began
+        cpu = {name: (child.cpu_seconds() - before[name]) / elapsed * 100 for name, child in watched.items()}
+        result = json.loads(await client.expect("RESULT", 60))
+    finally:
+        await client.stop()
+    return Row(mode, concurrency, round_no, result, cpu)
+
+
+def _print_rows(rows: list[Row]) -> None:
+    header = (
+        f"{'mode':<6}{'conc':>5}{'round':>7}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"  {'cpu% server/agent/client':>26}  {'cpu ms/msg server/agent/client':>32}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        r = row.result
+        rate = r["rate"] or float("nan")
+        names = ("server", "agent", "client")
+        pct = "/".join(f"{row.cpu[n]:.0f}" if n in row.cpu else "-" for n in names)
+        per = "/".join(f"{row.cpu[n] * 10 / rate:.2f}" if n in row.cpu else "-" for n in names)
+        print(
+            f"{row.mode:<6}{row.concurrency:>5}{row.round:>7}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['errors']:>8}  {pct:>26}  {per:>32}"
+        )
+        if r["first_error"]:
+            print(f"{'':<6}first error: {r['first_error']}")
+
+
+def _median(rows: list[Row], key: str) -> float:
+    return statistics.median(r.result[key] for r in rows)
+
+
+def _print_profile(path: Path, title: str, top: int) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        print(f"\n(no profile for {title})")
+        return
+    stats = pstats.Stats(str(path))
+    total = sum(v[2] for v in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    print(f"\n== profile: {title} (cProfile, mesh windows only; own time = tottime) ==")
+    print(f"total own time {total:.2f}s")
+    by_area: dict[str, float] = defaultdict(float)
+    for (file, _line, func), value in stats.stats.items():  # type: ignore[attr-defined]
+        by_area[_area(file, func)] += value[2]
+    print(f"\n{'own %':>7}  area")
+    for area, seconds in sorted(by_area.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{seconds / total * 100:7.1f}  {area}")
+    print(f"\n{'own %':>7}{'cum %':>7}{'calls':>10}  function")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    for (file, line, func), value in rows:
+        where = _short(file)
+        print(
+            f"{value[2] / total * 100:7.1f}{value[3] / total * 100:7.1f}{value[1]:>10}  {where}:{line} {func}"
+        )
+    print(f"\n{'cum %':>7}  svantic_grpc functions by cumulative time")
+    ours = [
+        (key, value)
+        for key, value in stats.stats.items()  # type: ignore[attr-defined]
+        if "svantic_grpc" in key[0] or "connected_agent" in key[0] or "echo_agent" in key[0]
+    ]
+    for (file, line, func), value in sorted(ours, key=lambda kv: -kv[1][3])[:top]:
+        print(f"{value[3] / total * 100:7.1f}  {_short(file)}:{line} {func}")
+
+
+async def _start_py_spy(child: Child, out: Path, seconds: int, native: bool) -> asyncio.subprocess.Process:
+    # --native needs to pause the process for each sample (py-spy has no non-blocking native mode).
+    mode = ["--native", "--rate", "100"] if native else ["--nonblocking", "--rate", "250"]
+    return await asyncio.create_subprocess_exec(
+        str(PY_SPY),
+        "record",
+        *mode,
+        "--pid",
+        str(child.process.pid),
+        "--duration",
+        str(seconds),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=out.with_suffix(".log").open("wb"),
+    )
+
+
+def _print_py_spy(path: Path, title: str, top: int) -> None:
+    """Tables from py-spy's collapsed stacks: own time by area and function, inclusive time of ours."""
+    if not path.exists():
+        log = path.with_suffix(".log")
+        print(f"\n(no py-spy samples for {title}: {log.read_text().strip() if log.exists() else ''})")
+        return
+    own_fn: dict[str, int] = defaultdict(int)
+    own_area: dict[str, int] = defaultdict(int)
+    inclusive: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        if "Thread._bootstrap" in stack:
+            continue  # the benchmark's own helper threads (stdin watcher, watchdog), idle in C
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        func, file = frames[-1]
+        own_fn[f"{_short(file)} {func}"] += count
+        own_area[_area(file, func)] += count
+        for name in {f"{_short(file)} {func}" for func, file in frames}:
+            inclusive[name] += count
+    if not total:
+        print(f"\n(no py-spy samples for {title})")
+        return
+    print(f"\n== py-spy: {title} ({total} samples of a busy thread, mesh window) ==")
+    print(f"\n{'own %':>7}  area (leaf frame)")
+    for area, n in sorted(own_area.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{n / total * 100:7.1f}  {area}")
+    print(f"\n{'own %':>7}  function (leaf frame)")
+    for name, n in sorted(own_fn.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{n / total * 100:7.1f}  {name}")
+    print(f"\n{'incl %':>7}  function (anywhere on the stack)")
+    for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[: top * 2]:
+        print(f"{n / total * 100:7.1f}  {name}")
+
+
+def _frame(text: str) -> tuple[str, str]:
+    """``func (file:line)`` -> (func, file)."""
+    func, _, where = text.partition(" (")
+    return func, where.rstrip(")").rpartition(":")[0] or where
+
+
+def _short(file: str) -> str:
+    for marker in ("site-packages/", "svantic_grpc/", "lib/python3.11/"):
+        if marker in file:
+            head = "svantic_grpc/" if marker == "svantic_grpc/" else ""
+            return head + file.split(marker, 1)[1]
+    return file
+
+
+def _area(file: str, func: str) -> str:
+    if file == "~":  # a builtin: name it by what it is
+        if "grpc" in func or "cygrpc" in func:
+            return "grpc (C/Cython)"
+        if "deepcopy" in func or "copy" in func:
+            return "builtin copy"
+        return f"builtin {func.split(' of ')[0].strip('<>{}')[:40]}"
+    short = _short(file)
+    if short.startswith("svantic_grpc/"):
+        return "/".join(short.split("/")[:3])
+    if "connected_agent" in short or "echo_agent" in short:
+        return short
+    parts = short.split("/")
+    return parts[0] if len(parts) > 1 else short
+
+
+def _revision() -> str:
+    """The commit measured, and whether the product code differs from it."""
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "svantic_grpc", "examples")
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+async def parent(args: argparse.Namespace, revision: str) -> int:
+    concurrencies = [int(c) for c in str(args.concurrency).split(",")]
+    print(
+        f"nproc {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))})"
+        f" | Python {platform.python_version()}"
+        f" | grpcio {grpc.__version__} | {platform.machine()} {platform.system()} {platform.release()}"
+        f" | svantic-grpc at {revision}"
+    )
+    print(
+        f"concurrency {args.concurrency}, warm-up {args.warmup:g}s + measured {args.duration:g}s per point, "
+        f"{args.rounds} round(s), sessions "
+        + (f"{args.sessions} shared by the clients" if args.sessions else "one per client")
+        + f", bare payload {args.payload} B"
+    )
+    if args.profile:
+        print("PROFILING: cProfile slows the mesh processes; the ratio below is not the benchmark figure.")
+    sys.stdout.flush()
+    modes = ["bare", "mesh", *(["relay"] if args.relay else [])]
+    life = 60 + len(concurrencies) * args.rounds * len(modes) * (args.warmup + args.duration + 30)
+    tmp = Path(tempfile.mkdtemp(prefix="svantic-bench-"))
+    mesh_prof, agent_prof = tmp / "mesh-server.prof", tmp / "agent.prof"
+    children: list[Child] = []
+    rows: list[Row] = []
+    try:
+        bare = await spawn("bare-server", "bare-server", life)
+        children.append(bare)
+        mesh = await spawn(
+            "mesh-server", "mesh-server", life, *(["--profile-out", str(mesh_prof)] if args.profile else [])
+        )
+        children.append(mesh)
+        bare_target = f"{HOST}:{await bare.expect('PORT', 30)}"
+        mesh_target = f"{HOST}:{await mesh.expect('PORT', 60)}"
+        agent = await spawn(
+            "agent",
+            "agent",
+            life,
+            "--target",
+            mesh_target,
+            *(["--profile-out", str(agent_prof)] if args.profile else []),
+        )
+        children.append(agent)
+        await agent.expect("READY", 60)
+        if args.relay:
+            relay = await spawn(
+                "relay-server", "relay-server", life, "--relay-updates", str(args.relay_updates)
+            )
+            children.append(relay)
+            relay_target = f"{HOST}:{await relay.expect('PORT', 30)}"
+            relay_agent = await spawn(
+                "relay-agent",
+                "relay-agent",
+                life,
+                "--target",
+                relay_target,
+                "--relay-updates",
+                str(args.relay_updates),
+            )
+            children.append(relay_agent)
+            await relay_agent.expect("READY", 30)
+        for concurrency in concurrencies:
+            for round_no in range(1, args.rounds + 1):
+                shift = (round_no - 1) % len(modes)
+                order = modes[shift:] + modes[:shift]  # alternate which mode runs first
+                for mode in order:
+                    if mode == "bare":
+                        row = await measure(
+                            args, "bare", concurrency, round_no, bare_target, {"server": bare}, []
+                        )
+                    elif mode == "relay":
+                        servers = {"server": relay, "agent": relay_agent}
+                        row = await measure(args, "relay", concurrency, round_no, relay_target, servers, [])
+                    else:
+                        profiled = [mesh, agent] if args.profile else []
+                        servers = {"server": mesh, "agent": agent}
+                        spied = None
+                        if args.py_spy and round_no == 1:
+                            spied = {
+                                "server": tmp / f"py-spy-mesh-server-c{concurrency}.txt",
+                                "agent": tmp / f"py-spy-agent-c{concurrency}.txt",
+                            }
+                        row = await measure(
+                            args, "mesh", concurrency, round_no, mesh_target, servers, profiled, spied
+                        )
+                    rows.append(row)
+                    rate = row.result["rate"]
+                    print(
+                        f"  measured {mode} c={concurrency} round {round_no}: {rate:.0f} msgs/s", flush=True
+                    )
+    finally:
+        for child in reversed(children):
+            await child.stop()
+
+    print()
+    _print_rows(rows)
+    print()
+    verdicts = []
+    for concurrency in concurrencies:
+        bare_rows = [r for r in rows if r.mode == "bare" and r.concurrency == concurrency]
+        mesh_rows = [r for r in rows if r.mode == "mesh" and r.concurrency == concurrency]
+        bare_rate, mesh_rate = _median(bare_rows, "rate"), _median(mesh_rows, "rate")
+        ratio = mesh_rate / bare_rate if bare_rate else float("nan")
+        ok = ratio >= 0.5
+        verdicts.append(ok)
+        print(
+            f"c={concurrency}: median bare {bare_rate:.0f} msgs/s (p50 {_median(bare_rows, 'p50_ms'):.2f} ms,"
+            f" p99 {_median(bare_rows, 'p99_ms'):.2f} ms) | median mesh {mesh_rate:.0f} msgs/s"
+            f" (p50 {_median(mesh_rows, 'p50_ms'):.2f} ms, p99 {_median(mesh_rows, 'p99_ms'):.2f} ms)"
+        )
+        print(
+            f"c={concurrency}: mesh/bare throughput = {ratio:.2f}x  (target >= 0.50x: "
+            f"{'MET' if ok else 'NOT MET'})"
+        )
+        relay_rows = [r for r in rows if r.mode == "relay" and r.concurrency == concurrency]
+        if relay_rows:
+            relay_rate = _median(relay_rows, "rate")
+            relay_p50 = _median(relay_rows, "p50_ms")
+            print(
+                f"c={concurrency}: median relay {relay_rate:.0f} msgs/s (p50 {relay_p50:.2f} ms)"
+                f" | relay/bare = {relay_rate / bare_rate:.2f}x (the two-hop shape's own ceiling),"
+                f" mesh/relay = {mesh_rate / relay_rate:.2f}x"
+            )
+    if args.profile:
+        _print_profile(mesh_prof, "mesh server process", args.top)
+        _print_profile(agent_prof, "echo agent process", args.top)
+    if args.py_spy:
+        for concurrency in concurrencies:
+            _print_py_spy(
+                tmp / f"py-spy-mesh-server-c{concurrency}.txt", f"mesh server, c={concurrency}", args.top
+            )
+            _print_py_spy(tmp / f"py-spy-agent-c{concurrency}.txt", f"echo agent, c={concurrency}", args.top)
+    if args.profile or args.py_spy:
+        print(f"\n(profiles and temporary files in {tmp})")
+    errors = sum(r.result["errors"] for r in rows)
+    return 1 if errors else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="32", help="concurrent clients; a comma list runs each")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating bare/mesh rounds per concurrency")
+    parser.add_argument(
+        "--sessions", type=int, default=0, help="mesh sessions shared by the clients (0: one per client)"
+    )
+    parser.add_argument(
+        "--relay", action="store_true", help="also measure a bare two-hop relay (the mesh's shape, no logic)"
+    )
+    parser.add_argument(
+        "--relay-updates", type=int, default=3, help="frames the relay agent answers each dispatch with"
+    )
+    parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
+    parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
+    parser.add_argument(
+        "--py-spy", action="store_true", help="sample the mesh server and agent with py-spy (if installed)"
+    )
+    parser.add_argument("--native", action="store_true", help="with --py-spy: sample C frames too")
+    parser.add_argument("--top", type=int, default=25, help="rows of each profile table")
+    # Internal: how the parent starts its children.
+    parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
+    parser.add_argument("--max-seconds", type=float, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="bare", help=argparse.SUPPRESS)
+    parser.add_argument("--target", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "parent":
+        if args.py_spy and not PY_SPY.exists():
+            raise SystemExit(f"--py-spy: {PY_SPY} not found (pip install py-spy into this environment)")
+        raise SystemExit(asyncio.run(parent(args, _revision())))
+    logging.basicConfig(level=logging.ERROR)
+    if args.max_seconds:
+        _watchdog(args.max_seconds)
+    if args.role == "client":
+        args.concurrency = int(args.concurrency)
+    roles = {
+        "bare-server": run_bare_server,
+        "mesh-server": run_mesh_server,
+        "agent": run_agent,
+        "client": run_client,
+        "relay-server": run_relay_server,
+        "relay-agent": run_relay_agent,
+    }
+    asyncio.run(roles[args.role](args))
+
+
+if __name__ == "__main__":
+    main()
