@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -147,6 +148,8 @@ class MeshServer:
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Everything made so far lives as long as the server: keep the collector from rescanning it.
+        gc.freeze()
         host = self.settings.grpc_address.rpartition(":")[0]
         _log.info("svantic-grpc serving gRPC on %s:%d (store: %s)", host, self.port, self.settings.store)
 

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _ALGORITHM = "HS256"
+_VERIFIED_CACHE_SIZE = 10_000
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
@@ -142,6 +143,9 @@ class TokenIssuer:
         self._credentials: Mapping[str, Credential] = {c.client_id: c for c in credentials}
         self._clock = clock
         self._ids = ids
+        # Verified tokens -> (caller, expiry). A token is immutable, so its signature needs
+        # checking once; expiry is still checked on every call. Bounded: oldest dropped first.
+        self._verified: dict[str, tuple[Caller, float]] = {}
 
     async def issue(
         self,
@@ -203,6 +207,19 @@ class TokenIssuer:
             Unauthenticated: malformed, wrongly signed, unsigned, expired or
                 missing claims.
         """
+        verified = self._verified.get(token)
+        if verified is None:
+            verified = self._decode(token)
+            if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = verified
+        caller, expires = verified
+        # Expiry is checked against the injected clock, not the wall clock, on every call.
+        if expires <= self._clock.now():
+            raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
+        return caller
+
+    def _decode(self, token: str) -> tuple[Caller, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -231,10 +248,7 @@ class TokenIssuer:
             )
         except (KeyError, InvalidArgument, TypeError, ValueError) as exc:
             raise Unauthenticated("token claims are malformed", reason="INVALID_TOKEN") from exc
-        # Expiry is checked against the injected clock, not the wall clock.
-        if expires <= self._clock.now():
-            raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
-        return caller
+        return caller, expires
 
 
 def _parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:

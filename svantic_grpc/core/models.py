@@ -1,7 +1,9 @@
 """Plain domain records shared by the core and the stores.
 
-Records are frozen dataclasses: a change is a new record (``dataclasses.replace``)
-with ``version`` bumped by the store, so a lost race can always be detected.
+Records are frozen dataclasses, and the JSON they hold is read-only
+(``core._frozen``), so a record can be shared freely: a change is a new record
+(``dataclasses.replace``) with ``version`` bumped by the store, so a lost race can
+always be detected.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from svantic_grpc.core._frozen import freeze
 
 __all__ = [
     "INTERNAL_ROLES",
@@ -127,6 +131,9 @@ class Tool:
     description: str = ""
     input_schema: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_schema", freeze(self.input_schema))
+
 
 @dataclass(frozen=True)
 class ConnectionStats:
@@ -164,6 +171,11 @@ class AgentRegistration:
     """Sessions this instance is bound to."""
     connection: ConnectionStats = field(default_factory=ConnectionStats)
     version: int = 0
+
+    def __post_init__(self) -> None:
+        # JSON fields are made read-only so a registration can be shared, never copied.
+        object.__setattr__(self, "agent_card", freeze(self.agent_card))
+        object.__setattr__(self, "mcp_servers", freeze(self.mcp_servers))
 
     @property
     def load(self) -> int:

@@ -17,7 +17,14 @@ from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode, Skill, Tool
+from svantic_grpc.core.models import (
+    AgentRegistration,
+    AgentStatus,
+    ConnectionStats,
+    DeploymentMode,
+    Skill,
+    Tool,
+)
 from svantic_grpc.stores.base import Store
 
 __all__ = ["ROUTABLE", "AgentSpec", "Registry"]
@@ -55,6 +62,7 @@ class Registry:
         self.locks = KeyedLock()
         """Held per (tenant, instance) around every change of a registration."""
         self._release_hooks: list[ReleaseHook] = []
+        self._dispatch_counts: dict[tuple[str, str], ConnectionStats] = {}
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -104,7 +112,7 @@ class Registry:
                     mcp_servers=spec.mcp_servers,
                     max_concurrent_sessions=spec.max_concurrent_sessions,
                 )
-                return await self._store.create_agent(agent), True
+                return self.with_counters(await self._store.create_agent(agent)), True
             if current.deployment_mode is not mode:
                 raise FailedPrecondition(
                     f"instance {spec.instance_id!r} is registered as {current.deployment_mode.value}; "
@@ -129,7 +137,7 @@ class Registry:
                 # Registering again declares the instance available afresh (e.g. after a restart).
                 reported_status=AgentStatus.UNKNOWN,
             )
-            return await self._store.update_agent(updated), False
+            return self.with_counters(await self._store.update_agent(updated)), False
 
     async def heartbeat(
         self, caller: Caller, instance_id: str, *, status: AgentStatus | None, current_sessions: int
@@ -147,7 +155,7 @@ class Registry:
                 reported_sessions=current_sessions,
                 last_seen_at=self._clock.now(),
             )
-            return await self._store.update_agent(updated)
+            return self.with_counters(await self._store.update_agent(updated))
 
     async def deregister(self, caller: Caller, instance_id: str) -> tuple[str, ...]:
         """Remove an instance; returns the sessions it left."""
@@ -158,6 +166,7 @@ class Registry:
             await self._store.delete_agent(
                 tenant_id=caller.tenant_id, instance_id=instance_id, version=current.version
             )
+            self._dispatch_counts.pop((caller.tenant_id, instance_id), None)
         for session_id in current.session_ids:
             for hook in self._release_hooks:
                 await hook(session_id, current, "deregistered")
@@ -170,7 +179,7 @@ class Registry:
         agent = await self._store.get_agent(tenant_id=caller.tenant_id, instance_id=instance_id)
         if agent is None:
             raise NotFound(f"agent instance {instance_id!r} not found", reason="AGENT_NOT_FOUND")
-        return agent
+        return self.with_counters(agent)
 
     async def list_agents(
         self, caller: Caller, *, agent_type: str = "", routable_only: bool = False
@@ -178,7 +187,7 @@ class Registry:
         """The tenant's instances."""
         caller.require(Scope.READ)
         agents = await self._store.list_agents(tenant_id=caller.tenant_id, agent_type=agent_type)
-        return [a for a in agents if not routable_only or self.is_routable(a)]
+        return [self.with_counters(a) for a in agents if not routable_only or self.is_routable(a)]
 
     async def pick(
         self,
@@ -236,20 +245,34 @@ class Registry:
             await self._store.update_agent(replace(agent, session_ids=remaining))
 
     async def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
-        """Count a dispatch outcome on the instance's connection state (GetAgent shows it)."""
-        async with self.locks.hold((tenant_id, instance_id)):
-            agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-            if agent is None:
-                return
-            conn = agent.connection
-            conn = replace(
-                conn,
-                last_dispatch_at=self._clock.now(),
-                successes=conn.successes + ok,
-                failures=conn.failures + (not ok),
-                last_error=conn.last_error if ok else error,
-            )
-            await self._store.update_agent(replace(agent, connection=conn))
+        """Count a dispatch outcome on the instance's connection state (GetAgent shows it).
+
+        Counters live in this process (they would cost a store write per message);
+        they start again from zero after a restart.
+        """
+        key = (tenant_id, instance_id)
+        counts = self._dispatch_counts.get(key, ConnectionStats())
+        self._dispatch_counts[key] = replace(
+            counts,
+            last_dispatch_at=self._clock.now(),
+            successes=counts.successes + ok,
+            failures=counts.failures + (not ok),
+            last_error=counts.last_error if ok else error,
+        )
+
+    def with_counters(self, agent: AgentRegistration) -> AgentRegistration:
+        """``agent`` with this process's dispatch counters in its connection state."""
+        counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
+        if counts is None:
+            return agent
+        connection = replace(
+            agent.connection,
+            last_dispatch_at=counts.last_dispatch_at,
+            successes=counts.successes,
+            failures=counts.failures,
+            last_error=counts.last_error or agent.connection.last_error,
+        )
+        return replace(agent, connection=connection)
 
     async def set_connection(
         self, tenant_id: str, instance_id: str, **changes: Any

@@ -1,10 +1,10 @@
 """Copies of stored records that share every immutable part.
 
-Records are frozen dataclasses, so only the mutable containers inside them
-(JSON dicts and lists: agent cards, data parts) need copying to keep callers
-from changing stored state. ``detach`` rebuilds just the paths that lead to such
-containers and returns anything fully immutable as is, which is much cheaper
-than ``copy.deepcopy`` on the hot path.
+The core's records are frozen dataclasses whose JSON is read-only, so they are
+returned as is; ``detach`` copies only plain mutable containers that a caller
+might still hand in (a dict or list that is not frozen), rebuilding just the
+paths that lead to them. That keeps the in-memory store's "copy on read and
+write" promise at almost no cost on the hot path.
 """
 
 from __future__ import annotations
@@ -13,15 +13,39 @@ import dataclasses
 import enum
 from typing import Any, TypeVar
 
-from svantic_grpc.core.events import AgentJoined, AgentLeft, StatusChanged
-from svantic_grpc.core.models import Session, SessionAgent
+from svantic_grpc.core._frozen import FrozenDict, FrozenList
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    ArtifactAdded,
+    MessageStateChanged,
+    StatusChanged,
+    TurnAdded,
+)
+from svantic_grpc.core.messages.model import Artifact, FilePart, Message, Part, Turn
+from svantic_grpc.core.models import AgentRegistration, ConnectionStats, Session, SessionAgent, Skill, Tool
 
 __all__ = ["detach"]
 
 T = TypeVar("T")
 
-# Atoms, and records with nothing mutable anywhere inside: returned as is.
+# Atoms, read-only JSON, and records with nothing mutable anywhere inside (their JSON is
+# frozen on construction; tests/stores checks this): returned as is.
 _SHARED = (
+    FrozenDict,
+    FrozenList,
+    Message,
+    Turn,
+    Part,
+    Artifact,
+    FilePart,
+    AgentRegistration,
+    Tool,
+    Skill,
+    ConnectionStats,
+    MessageStateChanged,
+    TurnAdded,
+    ArtifactAdded,
     str,
     int,
     float,

@@ -16,11 +16,13 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from svantic_grpc.core.events import AgentJoined, AgentLeft, EventPayload, StatusChanged
+from svantic_grpc.core.messages.model import Part
 from svantic_grpc.core.models import (
     AgentRegistration,
     AgentStatus,
@@ -368,33 +370,43 @@ async def test_list_agents_sorted_by_type_then_instance_and_filtered(store: Stor
     assert [a.instance_id for a in await store.list_agents(tenant_id="globex")] == ["x"]
 
 
-async def test_records_returned_are_copies(store: Store) -> None:
-    agent = make_agent()
-    created = await store.create_agent(agent)
-    agent.agent_card["name"] = "changed after create"
-    created.agent_card["capabilities"]["streaming"] = False
-    created.mcp_servers.clear()
-
+async def test_stored_json_cannot_be_changed_behind_the_stores_back(store: Store) -> None:
+    """Records copy the JSON they are given and hand out read-only views of it."""
+    card: dict[str, Any] = {"name": "i1", "capabilities": {"streaming": True}}
+    created = await store.create_agent(replace(make_agent(), agent_card=card))
+    card["name"] = "changed by the caller after create"  # the caller's dict is not the record's
+    card["capabilities"]["streaming"] = False
+    for change in (
+        lambda: created.agent_card.__setitem__("name", "x"),
+        lambda: created.agent_card["capabilities"].update(streaming=False),
+        lambda: created.mcp_servers.clear(),
+    ):
+        with pytest.raises(TypeError):
+            change()
     fetched = await store.get_agent(tenant_id="acme", instance_id="i1")
     assert fetched is not None
     assert fetched.agent_card == {"name": "i1", "capabilities": {"streaming": True}}
     assert fetched.mcp_servers == {"files": {"url": "http://mcp.example"}}
-    fetched.agent_card["name"] = "changed after get"
-    (listed,) = await store.list_agents(tenant_id="acme")
-    listed.agent_card["name"] = "changed after list"
-    updated = await store.update_agent(fetched)
-    updated.agent_card["name"] = "changed after update"
+    # A change is a new record, written with the version that was read.
+    renamed = await store.update_agent(replace(fetched, agent_card={**fetched.agent_card, "name": "renamed"}))
     again = await store.get_agent(tenant_id="acme", instance_id="i1")
-    assert again is not None and again.agent_card["name"] == "changed after get"
+    assert again is not None and again.agent_card["name"] == "renamed" and again.version == renamed.version
 
 
-async def test_tool_schema_is_copied(store: Store) -> None:
-    schema: dict[str, object] = {"type": "object"}
+async def test_tool_schema_and_data_parts_are_read_only(store: Store) -> None:
+    schema: dict[str, Any] = {"type": "object", "required": ["url"]}
     created = await store.create_agent(replace(make_agent(), tools=(Tool("fetch", input_schema=schema),)))
     schema["type"] = "string"
-    created.tools[0].input_schema["type"] = "array"
+    with pytest.raises(TypeError):
+        created.tools[0].input_schema["required"].append("x")
     fetched = await store.get_agent(tenant_id="acme", instance_id="i1")
-    assert fetched is not None and fetched.tools[0].input_schema == {"type": "object"}
+    assert fetched is not None and fetched.tools[0].input_schema == {"type": "object", "required": ["url"]}
+    data: dict[str, Any] = {"target_agent": "echo", "context": {"k": [1]}}
+    part = Part(data=data)
+    data["target_agent"] = "other"
+    assert part.data == {"target_agent": "echo", "context": {"k": [1]}}
+    with pytest.raises(TypeError):
+        part.data["context"]["k"].append(2)
 
 
 # Event log
@@ -472,10 +484,15 @@ async def test_close_is_idempotent(store: Store) -> None:
 
 
 def test_records_shared_without_copying_really_hold_nothing_mutable() -> None:
-    """The in-memory store hands out these record types without copying them (see stores/_copy.py)."""
-    immutable_leaves = (str, int, float, bool, bytes, type(None))
+    """The in-memory store hands out these record types without copying them (see stores/_copy.py).
 
-    def check(tp: object, seen: set[object]) -> None:
+    JSON fields (``dict``/``list`` annotations) are allowed only in classes that freeze
+    them on construction; the test above shows that freezing holds.
+    """
+    immutable_leaves = (str, int, float, bool, bytes, type(None))
+    freezes_json = {Part, Tool, AgentRegistration}
+
+    def check(tp: object, seen: set[object], owner: type | None = None) -> None:
         if tp in seen:
             return
         seen.add(tp)
@@ -483,11 +500,14 @@ def test_records_shared_without_copying_really_hold_nothing_mutable() -> None:
         if origin is tuple:
             for arg in typing.get_args(tp):
                 if arg is not Ellipsis:
-                    check(arg, seen)
+                    check(arg, seen, owner)
             return
         if origin in (typing.Union, types.UnionType):
             for arg in typing.get_args(tp):
-                check(arg, seen)
+                check(arg, seen, owner)
+            return
+        if origin in (dict, list):
+            assert owner in freezes_json, f"{owner} holds a mutable {tp} it does not freeze"
             return
         assert origin is None, f"{tp} is a mutable container"
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -496,7 +516,7 @@ def test_records_shared_without_copying_really_hold_nothing_mutable() -> None:
             assert tp.__dataclass_params__.frozen, tp  # type: ignore[attr-defined]
             hints = typing.get_type_hints(tp)
             for f in dataclasses.fields(tp):
-                check(hints[f.name], seen)
+                check(hints[f.name], seen, tp)
             return
         assert tp in immutable_leaves, f"{tp} may be mutable"
 

@@ -63,9 +63,9 @@ class KeywordOrchestrator(Orchestrator):
             return Route(agent_type, skill=skill, why=f"skill {skill.id}")
         return Route("savant:chat", why="no skill matched")
 
-    async def _candidates(self) -> list[tuple[str, Skill]]:
+    async def _candidates(self, agent_type: str = "") -> list[tuple[str, Skill]]:
         services = self.scope.services
-        agents = await services.store.list_agents(tenant_id=self.scope.tenant_id)
+        agents = await services.store.list_agents(tenant_id=self.scope.tenant_id, agent_type=agent_type)
         seen: set[tuple[str, str]] = set()
         found: list[tuple[str, Skill]] = []
         for agent in agents:
@@ -88,7 +88,7 @@ class KeywordOrchestrator(Orchestrator):
 
     async def _skill_of(self, agent_type: str, message: Message) -> Skill | None:
         words = _words(message.text)
-        skills = [s for t, s in await self._candidates() if t == agent_type]
+        skills = [s for _, s in await self._candidates(agent_type)]
         scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
         return scored[0] if len(skills) == 1 or (scored and words & _skill_words(scored[0])) else None
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from svantic_grpc.core._frozen import freeze
 from svantic_grpc.core.errors import InvalidArgument
 
 __all__ = [
@@ -60,11 +61,15 @@ class FilePart:
 
 @dataclass(frozen=True)
 class Part:
-    """One piece of content: exactly one of text, data or file."""
+    """One piece of content: exactly one of text, data or file. ``data`` is made read-only."""
 
     text: str | None = None
     data: dict[str, Any] | None = None
     file: FilePart | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            object.__setattr__(self, "data", freeze(self.data))
 
     @property
     def media_type(self) -> str:

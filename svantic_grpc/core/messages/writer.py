@@ -30,15 +30,19 @@ class MessageWriter:
         self._bus = bus
         self._clock = clock
         self._ids = ids
+        self._assigned: tuple[str, str] | None = None
 
     async def _save(self, message: Message) -> Message:
+        if self._assigned is not None:
+            message = replace(message, agent_type=self._assigned[0], instance_id=self._assigned[1])
+            self._assigned = None
         self.message = await self._store.update_message(replace(message, updated_at=self._clock.now()))
         return self.message
 
     async def assign(self, agent_type: str, instance_id: str) -> None:
-        """Record which agent handles the message."""
+        """Record which agent handles the message (written with the next change, saving a write)."""
         if (self.message.agent_type, self.message.instance_id) != (agent_type, instance_id):
-            await self._save(replace(self.message, agent_type=agent_type, instance_id=instance_id))
+            self._assigned = (agent_type, instance_id)
 
     async def state(self, to: MessageState, reason: str = "") -> Message:
         """Move to ``to`` (no-op if already there with the same reason)."""
