@@ -7,6 +7,7 @@ event, so the record and the event log never disagree.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.events import ArtifactAdded, EventBus, MessageStateChanged, TurnAdded
@@ -32,11 +33,14 @@ class MessageWriter:
         self._ids = ids
         self._assigned: tuple[str, str] | None = None
 
-    async def _save(self, message: Message) -> Message:
+    async def _save(self, **changes: Any) -> Message:
+        """Write ``changes`` (and a pending assignment) in one versioned update."""
         if self._assigned is not None:
-            message = replace(message, agent_type=self._assigned[0], instance_id=self._assigned[1])
+            changes["agent_type"], changes["instance_id"] = self._assigned
             self._assigned = None
-        self.message = await self._store.update_message(replace(message, updated_at=self._clock.now()))
+        self.message = await self._store.update_message(
+            replace(self.message, updated_at=self._clock.now(), **changes)
+        )
         return self.message
 
     async def assign(self, agent_type: str, instance_id: str) -> None:
@@ -49,7 +53,7 @@ class MessageWriter:
         current = self.message
         if current.state is to and current.state_reason == reason:
             return current
-        saved = await self._save(replace(current, state=to, state_reason=reason))
+        saved = await self._save(state=to, state_reason=reason)
         snapshot = saved if to in STOPPING else None
         await self._publish(MessageStateChanged(saved.message_id, current.state, to, reason, snapshot))
         return saved
@@ -59,7 +63,7 @@ class MessageWriter:
         if not parts:
             return
         turn = Turn(Role.AGENT, parts, self._clock.now(), instance_id)
-        await self._save(replace(self.message, history=(*self.message.history, turn)))
+        await self._save(history=(*self.message.history, turn))
         await self._publish(TurnAdded(self.message.message_id, turn))
 
     async def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
@@ -73,7 +77,7 @@ class MessageWriter:
             else replace(a, artifact_id=self._ids.new_id("art_"))
             for a in artifacts
         )
-        await self._save(replace(self.message, artifacts=(*self.message.artifacts, *fresh)))
+        await self._save(artifacts=(*self.message.artifacts, *fresh))
         for artifact in fresh:
             await self._publish(ArtifactAdded(self.message.message_id, artifact))
 
