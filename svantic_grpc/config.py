@@ -101,6 +101,43 @@ class DispatchSettings(_Model):
     """Env var with the Ed25519 private key (PEM) for dispatch tokens; unset: a new key per run."""
 
 
+class PolicyMatch(_Model):
+    """What a policy applies to (``fnmatch`` patterns)."""
+
+    tool: str = "*"
+    agent_type: str = "*"
+
+
+class EvaluatorSettings(_Model):
+    """Makes a policy apply only above a threshold (bulk operations)."""
+
+    type: Literal["bulk"]
+    argument: str = Field(min_length=1)
+    """The tool argument to count: a list's length, or a number."""
+    threshold: int = Field(ge=0)
+
+
+class PolicySettings(_Model):
+    """One tool or plan policy."""
+
+    name: str = Field(min_length=1)
+    scope: Literal["tool", "plan"] = "tool"
+    match: PolicyMatch = PolicyMatch()
+    enforcement: Literal["block", "allow", "require_approval", "audit", "notify"]
+    priority: int = 100
+    """Lower wins."""
+    approvers: list[str] = []
+    """Who may answer approvals this policy asks for; empty means anyone in the tenant."""
+    evaluator: EvaluatorSettings | None = None
+
+
+class GuardrailSettings(_Model):
+    """Per-session budgets."""
+
+    max_tool_calls_per_session: int = Field(default=0, ge=0)
+    """0 is unlimited."""
+
+
 class Settings(_Model):
     """The whole settings.json."""
 
@@ -126,10 +163,20 @@ class Settings(_Model):
     internal_agents: dict[str, str] = {}
     """Role -> `module:Class` replacing an internal agent (orchestrator, executor, planner, chat, ...)."""
     tenants: list[TenantSettings] = []
-    policies: list[dict[str, Any]] = []
-    """Tool policies; validated when the input-required work lands."""
+    policies: list[PolicySettings] = []
+    """Tool and plan policies."""
+    guardrails: GuardrailSettings = GuardrailSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_policy_names(cls, value: list[PolicySettings]) -> list[PolicySettings]:
+        names = [p.name for p in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"policy names must be unique: {', '.join(duplicates)}")
+        return value
 
     @field_validator("grpc_address", "http_address")
     @classmethod

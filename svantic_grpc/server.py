@@ -20,6 +20,7 @@ from svantic_grpc.api.session_service import SessionServicer
 from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
 from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.pb import (
@@ -97,6 +98,9 @@ class MeshServer:
                     dispatch_token_ttl_s=dispatch.token_ttl_s,
                     dispatch_signing_key_pem=env.get(dispatch.signing_key_env) or None,
                     internal_agents=settings.internal_agents,
+                    policies=PolicyEngine.from_settings(p.model_dump() for p in settings.policies),
+                    max_tool_calls_per_session=settings.guardrails.max_tool_calls_per_session,
+                    input_request_ttl_s=settings.input_request_ttl_ms / 1000,
                 ),
                 clock=clock,
                 ids=ids,

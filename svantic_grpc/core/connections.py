@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import FailedPrecondition
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode
 from svantic_grpc.core.registry import Registry
@@ -28,14 +29,18 @@ __all__ = ["AgentConnection", "ConnectedAgents", "Outbound"]
 
 _log = logging.getLogger(__name__)
 
+#: States in which a dispatch goes on (input-required waits for the answer on the same stream).
+_GOING_ON = (MessageState.SUBMITTED, MessageState.WORKING, MessageState.INPUT_REQUIRED)
+
 
 @dataclass(frozen=True)
 class Outbound:
-    """Something to send to the agent: a dispatch, or the cancel of one."""
+    """Something to send to the agent: a dispatch, the cancel of one, or a human's answer."""
 
     dispatch_id: str
     job: DispatchJob | None = None
     cancel_reason: str = ""
+    answer: InputRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class ConnectedAgents:
             connection.caller, connection.agent.instance_id, status=status, current_sessions=current_sessions
         )
 
-    async def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+    async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
         connection = self._live.get((job.tenant_id, job.agent.instance_id))
         if connection is None or connection.closed:
             raise NotDelivered("the agent is not connected")
@@ -134,11 +139,11 @@ class ConnectedAgents:
                     raise NotDelivered(
                         f"the agent's stream dropped before it took the dispatch ({item.reason})"
                     )
-                yield item
-                if item.state is not None and item.state not in (
-                    MessageState.SUBMITTED,
-                    MessageState.WORKING,
-                ):
+                answer = yield item
+                if answer is not None:  # a human answered what the agent asked: pass it on
+                    connection.outbox.put_nowait(Outbound(job.dispatch_id, answer=answer))
+                    continue
+                if item.state is not None and item.state not in _GOING_ON:
                     finished = True
                     return
         finally:

@@ -1,17 +1,21 @@
 """The seam between the mesh and remote agents.
 
 A transport delivers a ``DispatchJob`` to one remote instance and yields what
-the agent reports until it ends. Hosted agents are reached over A2A
+the agent reports until it ends. When the agent needs a human (an update in
+state ``input-required``, with an ``ask``), the executor sends the ended
+``InputRequest`` back into the generator (``asend``) and the transport hands the
+answer to the agent and goes on following it. Hosted agents are reached over A2A
 (``svantic_grpc.dispatch.a2a``), connected agents over their ``Connect`` stream
 (``svantic_grpc.core.connections``); ``Dispatcher`` picks by deployment mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 
@@ -20,6 +24,7 @@ __all__ = [
     "DispatchJob",
     "DispatchUpdate",
     "Dispatcher",
+    "InputAsk",
     "NotDelivered",
     "Transport",
 ]
@@ -41,6 +46,17 @@ class DispatchJob:
 
 
 @dataclass(frozen=True)
+class InputAsk:
+    """What an agent asks a human for (with an ``input-required`` update)."""
+
+    kind: InputKind
+    tool_call: ToolCall | None = None
+    form: Form | None = None
+    plan: tuple[PlanItem, ...] = ()
+    allowed_responders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DispatchUpdate:
     """What an agent reported: a state, words, outputs, or all of them."""
 
@@ -50,6 +66,8 @@ class DispatchUpdate:
     """A turn to append to the message's history."""
     artifacts: tuple[Artifact, ...] = ()
     reason: str = ""
+    ask: InputAsk | None = None
+    """With state ``input-required``: what the agent needs; ``None`` means a free-text question."""
 
 
 class NotDelivered(Exception):
@@ -63,8 +81,12 @@ class DispatchFailed(Exception):
 class Transport(Protocol):
     """Delivers dispatches to remote agents of one deployment mode."""
 
-    def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
-        """Yield the agent's updates until a terminal or input-required state.
+    def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
+        """Yield the agent's updates until a terminal state.
+
+        After an ``input-required`` update the caller either sends the ended
+        ``InputRequest`` (``asend``) so the agent gets its answer and the
+        dispatch goes on, or closes the generator (the transport then cancels).
 
         Raises:
             NotDelivered: nothing reached the agent.
@@ -83,7 +105,7 @@ class Dispatcher:
     def __init__(self, transports: Mapping[DeploymentMode, Transport]) -> None:
         self._transports = dict(transports)
 
-    def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+    def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
         transport = self._transports.get(job.agent.deployment_mode)
         if transport is None:
             raise NotDelivered(f"this server cannot reach {job.agent.deployment_mode.value} agents")

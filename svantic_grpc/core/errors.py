@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyExists",
+    "AlreadyResolved",
     "Conflict",
     "FailedPrecondition",
     "InvalidArgument",
@@ -72,6 +73,12 @@ class Conflict(MeshError):
     """A concurrent writer won the race; nothing was overwritten."""
 
     default_reason = "VERSION_CONFLICT"
+
+
+class AlreadyResolved(Conflict):
+    """An input request ended before this answer; the message names who answered, how and when."""
+
+    default_reason = "INPUT_ALREADY_RESOLVED"
 
 
 class PermissionDenied(MeshError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.errors import MeshError, ResourceExhausted, Unavailable
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.models import SessionAgent, SessionStatus
 
@@ -30,6 +31,8 @@ __all__ = [
     "Event",
     "EventBus",
     "EventPayload",
+    "InputEnded",
+    "InputRaised",
     "MessageStateChanged",
     "StatusChanged",
     "Subscription",
@@ -90,8 +93,37 @@ class ArtifactAdded:
     artifact: Artifact
 
 
+@dataclass(frozen=True)
+class InputRaised:
+    """A message now waits for a human."""
+
+    request: InputRequest
+
+    @property
+    def message_id(self) -> str:
+        return self.request.message_id
+
+
+@dataclass(frozen=True)
+class InputEnded:
+    """An input request was resolved, expired or canceled."""
+
+    request: InputRequest
+
+    @property
+    def message_id(self) -> str:
+        return self.request.message_id
+
+
 EventPayload: TypeAlias = (
-    AgentJoined | AgentLeft | StatusChanged | MessageStateChanged | TurnAdded | ArtifactAdded
+    AgentJoined
+    | AgentLeft
+    | StatusChanged
+    | MessageStateChanged
+    | TurnAdded
+    | ArtifactAdded
+    | InputRaised
+    | InputEnded
 )
 
 

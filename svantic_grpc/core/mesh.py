@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from svantic_grpc.core.agents import MeshServices, MessageOptions, load_agent_classes
@@ -12,6 +12,9 @@ from svantic_grpc.core.connections import ConnectedAgents
 from svantic_grpc.core.dispatch import Dispatcher, Transport
 from svantic_grpc.core.dispatch_tokens import DispatchTokens
 from svantic_grpc.core.events import EventBus
+from svantic_grpc.core.inputs.model import InputState
+from svantic_grpc.core.inputs.policies import Policy, PolicyEngine
+from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
 from svantic_grpc.core.messages.service import Messages
 from svantic_grpc.core.models import DeploymentMode
@@ -38,6 +41,12 @@ class MeshOptions:
     """Ed25519 private key for dispatch tokens; ``None`` makes one per process."""
     internal_agents: Mapping[str, str] = field(default_factory=dict)
     """Role -> ``module:Class`` overrides of the internal agents."""
+    policies: Sequence[Policy] = ()
+    """Tool and plan policies."""
+    max_tool_calls_per_session: int = 0
+    """Guardrail budget of tool calls per session; 0 is unlimited."""
+    input_request_ttl_s: float = 3600.0
+    """How long an input request waits before it expires."""
 
 
 class Mesh:
@@ -87,6 +96,18 @@ class Mesh:
             transports[DeploymentMode.HOSTED] = hosted
         self.dispatcher = Dispatcher(transports)
         self.knowledge = Knowledge()
+        self.inputs = Inputs(
+            store=store,
+            bus=self.bus,
+            pause=self.sessions.set_paused,
+            clock=self.clock,
+            ids=self.ids,
+            policies=PolicyEngine(
+                options.policies, max_tool_calls_per_session=options.max_tool_calls_per_session
+            ),
+            default_ttl_s=options.input_request_ttl_s,
+        )
+        self.sessions.on_close(self._session_closing)
         self.messages = Messages(
             services=MeshServices(
                 store=store,
@@ -96,6 +117,7 @@ class Mesh:
                 dispatcher=self.dispatcher,
                 dispatch_tokens=self.dispatch_tokens,
                 knowledge=self.knowledge,
+                inputs=self.inputs,
                 clock=self.clock,
                 ids=self.ids,
                 options=options.messages,
@@ -104,18 +126,32 @@ class Mesh:
         )
         self._started = False
 
+    async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
+        """Pending requests of a closing session fail; its grants and budgets go."""
+        page = await self.store.list_inputs(
+            tenant_id=tenant_id, session_id=session_id, states=(InputState.PENDING,), page_size=500
+        )
+        for message_id in {r.message_id for r in page.requests}:
+            await self.inputs.cancel_for_message(
+                tenant_id, session_id, message_id, f"session closed ({reason})"
+            )
+        self.inputs.policies.forget_session(tenant_id, session_id)
+
     async def start(self) -> None:
         """Recover timers from the store and start background work."""
         if self._started:
             return
         self._started = True
         await self.sessions.recover()
+        await self.inputs.recover()
         self.sessions.reaper.start()
+        self.inputs.expiry.start()
 
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""
         await self.sessions.reaper.stop()
         await self.messages.close()
+        await self.inputs.close()
         await self.dispatcher.close()
         if self._started:
             self._started = False

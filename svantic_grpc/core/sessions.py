@@ -318,6 +318,21 @@ class Sessions:
             caller.tenant_id, session_id, after_sequence=after_sequence, follow=follow
         )
 
+    async def set_paused(self, tenant_id: str, session_id: str, paused: bool, reason: str) -> None:
+        """Pause a session while a message waits for a human, or make it active again."""
+        async with self._locks.hold((tenant_id, session_id)):
+            session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+            if session is None or session.status is SessionStatus.CLOSED:
+                return
+            target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
+            if session.status is target:
+                return
+            now = self._clock.now()
+            await self._store.update_session(
+                replace(session, status=target, updated_at=now, last_activity_at=now)
+            )
+            await self._bus.publish(tenant_id, session_id, StatusChanged(session.status, target, reason))
+
     async def recover(self) -> int:
         """Arm the idle TTL of every open session in the store (at start-up)."""
         sessions = await self._store.open_sessions()

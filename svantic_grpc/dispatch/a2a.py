@@ -1,6 +1,10 @@
 """Hosted agents over A2A, with the ``a2a-sdk`` client.
 
 The agent's card (fetched once per URL) says whether to speak JSON-RPC or gRPC.
+An agent that needs a human answers ``input-required``; a data part
+``{"input_request": {...}}`` in its status message says what it needs (see
+``core.inputs.asks``; without one it is a free-text question). The human's answer
+goes back on the same task as ``{"input_resolution": {...}}``.
 Each dispatch streams (``message/stream``), so progress, turns and artifacts
 reach the session as they happen. The A2A context id is the session id, so an
 agent shared by many sessions keeps their conversations apart. The dispatch
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 import grpc
@@ -41,6 +45,8 @@ from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.inputs.asks import parse_ask
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 
 __all__ = ["A2ATransport"]
@@ -99,26 +105,34 @@ class A2ATransport:
                 self._clients[url] = client
             return client
 
-    async def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+    async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
         client = await self._client(job.agent.url)
-        request = SendMessageRequest(message=_to_a2a_message(job))
+        message = _to_a2a_message(job)
         context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.token}"})
         task_id = ""
         delivered = False
         ended = False
         try:
-            events = cast("AsyncGenerator[Any, None]", client.send_message(request, context=context))
-            async with contextlib.aclosing(events) as stream:
-                async for event in stream:
-                    delivered = True
-                    update, task_id = _update_from(event, task_id)
-                    if update is None:
-                        continue
-                    # Mark the end before yielding: the caller stops reading after a final update.
-                    ended = update.state in _ENDS or update.state is MessageState.INPUT_REQUIRED
-                    yield update
-                    if ended:
-                        return
+            while True:  # one A2A call per turn: the first, then one per human answer
+                answer: InputRequest | None = None
+                call = client.send_message(SendMessageRequest(message=message), context=context)
+                async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
+                    async for event in stream:
+                        delivered = True
+                        update, task_id = _update_from(event, task_id)
+                        if update is None:
+                            continue
+                        if update.state is MessageState.INPUT_REQUIRED:
+                            answer = yield update
+                            break
+                        # Mark the end before yielding: the caller stops reading after a final update.
+                        ended = update.state in _ENDS
+                        yield update
+                        if ended:
+                            return
+                if answer is None:
+                    break
+                message = _answer_message(job, task_id, answer)
         except A2AClientTimeoutError as exc:
             raise DispatchFailed(f"the agent went silent: {exc}") from exc
         except A2AClientError as exc:
@@ -127,9 +141,8 @@ class A2ATransport:
                 raise NotDelivered(f"cannot reach the agent: {exc}") from exc
             raise DispatchFailed(str(exc)) from exc
         except A2AError as exc:
-            raise DispatchFailed(
-                f"the agent answered with an error: {getattr(exc, 'message', '') or exc}"
-            ) from exc
+            detail = getattr(exc, "message", "") or exc
+            raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
             if task_id and not ended:
                 await _cancel_quietly(client, task_id, context)
@@ -162,12 +175,15 @@ def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:
         state = _STATES.get(task.status.state)
         said = _parts_from(task.status.message.parts) if task.status.HasField("message") else ()
         artifacts = tuple(_artifact_from(a) for a in task.artifacts)
-        return DispatchUpdate(state, said, artifacts, _reason(state, said)), task.id
+        ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
+        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask), task.id
     if kind == "status_update":
         status = event.status_update.status
         state = _STATES.get(status.state)
         said = _parts_from(status.message.parts) if status.HasField("message") else ()
-        return DispatchUpdate(state, said, (), _reason(state, said)), event.status_update.task_id or task_id
+        ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
+        update = DispatchUpdate(state, said, (), _reason(state, said), ask)
+        return update, event.status_update.task_id or task_id
     if kind == "artifact_update":
         return DispatchUpdate(artifacts=(_artifact_from(event.artifact_update.artifact),)), task_id
     return None, task_id
@@ -192,6 +208,33 @@ def _to_a2a_message(job: DispatchJob) -> A2AMessage:
         role=A2ARole.ROLE_USER if message.role is Role.USER else A2ARole.ROLE_AGENT,
         parts=[_to_a2a_part(p) for p in message.parts],
         metadata={"svantic": {"session_id": job.session_id, "message_id": message.message_id}},
+    )
+
+
+def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2AMessage:
+    """The human's answer, sent on the agent's task: a text line and ``{"input_resolution": ...}``."""
+    resolution = request.resolution
+    answer: dict[str, Any] = {"request_id": request.request_id, "state": request.state.value}
+    text = f"{request.summary}: {request.state.value}"
+    if resolution is not None:
+        answer.update(
+            approved=resolution.approved,
+            decision=resolution.decision.value if resolution.decision else "",
+            reason=resolution.reason,
+            values=dict(resolution.values),
+            confirmed=resolution.confirmed,
+            payload=dict(resolution.payload),
+            resolved_by=resolution.resolved_by,
+        )
+        text = f"{request.summary}: {'approved' if resolution.approved else 'denied'}"
+        if resolution.reason:
+            text += f" ({resolution.reason})"
+    return A2AMessage(
+        message_id=f"{job.dispatch_id}-{request.request_id}",
+        context_id=job.session_id,
+        task_id=task_id,
+        role=A2ARole.ROLE_USER,
+        parts=[A2APart(text=text), new_data_part({"input_resolution": answer})],
     )
 
 

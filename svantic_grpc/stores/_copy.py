@@ -22,8 +22,10 @@ from svantic_grpc.core.events import (
     StatusChanged,
     TurnAdded,
 )
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, Message, Part, Turn
 from svantic_grpc.core.models import AgentRegistration, ConnectionStats, Session, SessionAgent, Skill, Tool
+from svantic_grpc.stores.base import AuditRecord
 
 __all__ = ["detach"]
 
@@ -43,6 +45,8 @@ _SHARED = (
     Tool,
     Skill,
     ConnectionStats,
+    InputRequest,
+    AuditRecord,
     MessageStateChanged,
     TurnAdded,
     ArtifactAdded,

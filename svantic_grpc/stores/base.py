@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 
-__all__ = ["MessagePage", "SessionPage", "Store"]
+__all__ = ["AuditRecord", "InputPage", "MessagePage", "SessionPage", "Store"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,32 @@ class MessagePage:
     messages: tuple[Message, ...]
     next_cursor: str
     """Opaque; empty on the last page."""
+
+
+@dataclass(frozen=True)
+class InputPage:
+    """One page of input requests, oldest first."""
+
+    requests: tuple[InputRequest, ...]
+    next_cursor: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One resolution of an input request: who, through which surface, when, and what."""
+
+    tenant_id: str
+    request_id: str
+    session_id: str
+    message_id: str
+    kind: str
+    outcome: str
+    """``approve``, ``deny: <reason>``, ``form submitted``, ``confirmed``, ``expired``, ``canceled``..."""
+    actor: str
+    surface: str
+    time: float
+    sequence: int = 0
+    """Set by the store: order within the tenant."""
 
 
 class Store(ABC):
@@ -153,6 +180,51 @@ class Store(ABC):
         cursor: str = "",
     ) -> MessagePage:
         """The tenant's messages (of one session, if given), oldest first, optionally by state."""
+
+    # Input requests and their audit trail
+
+    @abstractmethod
+    async def create_input(self, request: InputRequest) -> InputRequest:
+        """Insert a request; returns it with ``version`` 1 (``AlreadyExists`` on a taken id)."""
+
+    @abstractmethod
+    async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
+        """The request, or ``None``."""
+
+    @abstractmethod
+    async def update_input(self, request: InputRequest) -> InputRequest:
+        """Replace a request whose stored version equals ``request.version``: the compare-and-set
+        that makes the first resolution win.
+
+        Raises:
+            NotFound: no such request.
+            Conflict: the stored version differs.
+        """
+
+    @abstractmethod
+    async def list_inputs(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        message_id: str = "",
+        states: Iterable[InputState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> InputPage:
+        """The tenant's requests (of one session or message, if given), oldest first."""
+
+    @abstractmethod
+    async def pending_inputs(self) -> Sequence[InputRequest]:
+        """Every pending request of every tenant (for start-up recovery of expiries)."""
+
+    @abstractmethod
+    async def append_audit(self, record: AuditRecord) -> AuditRecord:
+        """Add to the tenant's audit trail; returns it with its sequence."""
+
+    @abstractmethod
+    async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
+        """The tenant's audit trail (of one request, if given), oldest first."""
 
     # Event log
 

@@ -12,11 +12,12 @@ from dataclasses import replace
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores.base import MessagePage, SessionPage, Store
+from svantic_grpc.stores.base import AuditRecord, InputPage, MessagePage, SessionPage, Store
 
 __all__ = ["MemoryStore"]
 
@@ -30,6 +31,8 @@ class MemoryStore(Store):
         self._events: dict[tuple[str, str], list[Event]] = {}
         # Insertion order is creation order, which list_messages pages through.
         self._messages: dict[tuple[str, str, str], Message] = {}
+        self._inputs: dict[tuple[str, str], InputRequest] = {}
+        self._audit: dict[str, list[AuditRecord]] = {}
 
     async def create_session(self, session: Session) -> Session:
         key = (session.tenant_id, session.session_id)
@@ -189,6 +192,74 @@ class MemoryStore(Store):
             encode_cursor(last.created_at, f"{last.session_id}/{last.message_id}") if more and last else ""
         )
         return MessagePage(tuple(detach(page)), next_cursor)
+
+    async def create_input(self, request: InputRequest) -> InputRequest:
+        key = (request.tenant_id, request.request_id)
+        if key in self._inputs:
+            raise AlreadyExists(f"input request {request.request_id!r} already exists")
+        stored = replace(detach(request), version=1)
+        self._inputs[key] = stored
+        return stored
+
+    async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
+        return detach(self._inputs.get((tenant_id, request_id)))
+
+    async def update_input(self, request: InputRequest) -> InputRequest:
+        key = (request.tenant_id, request.request_id)
+        current = self._inputs.get(key)
+        if current is None:
+            raise NotFound(f"input request {request.request_id!r} not found", reason="INPUT_NOT_FOUND")
+        if current.version != request.version:
+            raise Conflict(
+                f"input request {request.request_id!r} changed concurrently "
+                f"(version {request.version} was read, {current.version} is stored)",
+                metadata={"stored_version": str(current.version)},
+            )
+        stored = replace(detach(request), version=current.version + 1)
+        self._inputs[key] = stored
+        return stored
+
+    async def list_inputs(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        message_id: str = "",
+        states: Iterable[InputState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> InputPage:
+        wanted = set(states)
+        after = decode_cursor(cursor) if cursor else None
+        rows = sorted(
+            (
+                r
+                for (tenant, _), r in self._inputs.items()
+                if tenant == tenant_id
+                and (not session_id or r.session_id == session_id)
+                and (not message_id or r.message_id == message_id)
+                and (not wanted or r.state in wanted)
+            ),
+            key=lambda r: (r.created_at, r.request_id),
+        )
+        if after is not None:
+            rows = [r for r in rows if (r.created_at, r.request_id) > after]
+        page = rows[:page_size]
+        more = len(rows) > page_size
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].request_id) if more and page else ""
+        return InputPage(tuple(page), next_cursor)
+
+    async def pending_inputs(self) -> Sequence[InputRequest]:
+        return [r for r in self._inputs.values() if r.state is InputState.PENDING]
+
+    async def append_audit(self, record: AuditRecord) -> AuditRecord:
+        trail = self._audit.setdefault(record.tenant_id, [])
+        stored = replace(record, sequence=len(trail) + 1)
+        trail.append(stored)
+        return stored
+
+    async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
+        return [r for r in self._audit.get(tenant_id, []) if not request_id or r.request_id == request_id]
 
     async def append_event(
         self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload

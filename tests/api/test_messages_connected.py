@@ -494,7 +494,8 @@ async def test_reject_and_input_required_end_the_send_with_the_agents_words() ->
 
         asking = await send(client, session_id, "echo my balance")
         assert asking.state == INPUT_REQUIRED
-        assert asking.state_reason == "Which account should I use?"
+        assert asking.state_reason == "waiting for a human: answer: Which account should I use?"
+        assert len(asking.input_request_ids) == 1
         assert asking.history[-1].role == message_types_pb2.ROLE_AGENT
         assert asking.history[-1].parts[0].text == "Which account should I use?"
         assert asking.history[-1].instance_id == "echo-1"

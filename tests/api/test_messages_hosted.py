@@ -701,7 +701,8 @@ async def test_an_agent_asking_for_input_leaves_the_message_input_required(
     message = await send(client, session_id, text("hello"), target("ask-agent"))
 
     assert message.state == INPUT_REQUIRED
-    assert message.state_reason == "What is your name?"
+    assert message.state_reason == "waiting for a human: answer: What is your name?"
+    assert len(message.input_request_ids) == 1
     assert message.history[-1].role == pb.ROLE_AGENT
     assert message.history[-1].instance_id == "ask-1"
     assert turn_texts(message)[-1] == "What is your name?"

@@ -9,6 +9,7 @@ from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch import Dispatcher
 from svantic_grpc.core.dispatch_tokens import DispatchTokens
 from svantic_grpc.core.events import EventBus
+from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.stores.base import Store
@@ -44,6 +45,7 @@ class MeshServices:
     dispatcher: Dispatcher
     dispatch_tokens: DispatchTokens
     knowledge: Knowledge
+    inputs: Inputs
     clock: Clock
     ids: IdGenerator
     options: MessageOptions

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
-from typing import cast
 
 from svantic_grpc.core.agents.base import InternalAgent, SessionScope
 from svantic_grpc.core.agents.orchestrator import Route
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, InputAsk, NotDelivered
 from svantic_grpc.core.errors import ResourceExhausted, Unavailable
-from svantic_grpc.core.messages.model import Artifact, MessageState, Part
+from svantic_grpc.core.inputs.asks import question_form
+from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, InputState
+from svantic_grpc.core.inputs.service import Inputs
+from svantic_grpc.core.messages.model import Artifact, MessageState, Part, parse_metadata
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.models import JoinReason
 
-__all__ = ["BudgetedExecutor", "Executor", "Outcome"]
+__all__ = ["BudgetedExecutor", "Executor", "Outcome", "wait_for_human"]
 
 _PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
 
@@ -134,8 +135,8 @@ class BudgetedExecutor(Executor):
         started = services.clock.now()
         loop_started = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(timeout):
-                outcome = await self._follow(writer, job)
+            async with asyncio.timeout(timeout) as deadline:
+                outcome = await self._follow(writer, job, deadline)
         except NotDelivered as exc:
             await services.registry.record_dispatch(
                 tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
@@ -154,18 +155,107 @@ class BudgetedExecutor(Executor):
         )
         return outcome
 
-    async def _follow(self, writer: MessageWriter, job: DispatchJob) -> Outcome:
+    async def _follow(self, writer: MessageWriter, job: DispatchJob, deadline: asyncio.Timeout) -> Outcome:
         said: list[Part] = []
         made: list[Artifact] = []
-        updates = cast("AsyncGenerator[DispatchUpdate, None]", self.scope.services.dispatcher.dispatch(job))
+        updates = self.scope.services.dispatcher.dispatch(job)
         async with contextlib.aclosing(updates):  # close the transport's stream at once, not at GC
-            async for update in updates:
+            answer: InputRequest | None = None
+            while True:
+                try:
+                    update = await updates.asend(answer)
+                except StopAsyncIteration:
+                    raise DispatchFailed("the agent ended the dispatch without a final state") from None
+                answer = None
                 if update.parts:
                     said.extend(update.parts)
                     await writer.turn(update.parts, instance_id=job.agent.instance_id)
                 if update.artifacts:
                     made.extend(update.artifacts)
                     await writer.artifacts(update.artifacts)
+                if update.state is MessageState.INPUT_REQUIRED:
+                    ended = await self._ask_human(writer, job, update, deadline)
+                    if isinstance(ended, Outcome):
+                        return replace(ended, parts=tuple(said), artifacts=tuple(made))
+                    answer = ended
+                    continue
                 if update.state not in _PROGRESS:
+                    assert update.state is not None
                     return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))
-        raise DispatchFailed("the agent ended the dispatch without a final state")
+
+    async def _ask_human(
+        self, writer: MessageWriter, job: DispatchJob, update: DispatchUpdate, deadline: asyncio.Timeout
+    ) -> InputRequest | Outcome:
+        """Settle what the agent asks: by policy when one decides, else by a human (the clock stops)."""
+        services = self.scope.services
+        inputs = services.inputs
+        tenant_id, session_id, message_id = (
+            self.scope.tenant_id,
+            self.scope.session_id,
+            writer.message.message_id,
+        )
+        ask = update.ask or InputAsk(
+            InputKind.FORM,
+            form=question_form(" ".join(p.text for p in update.parts if p.text) or update.reason),
+        )
+        call = ask.tool_call
+        if call is not None:
+            call = replace(call, agent_type=job.agent.agent_type, instance_id=job.agent.instance_id)
+        policy, responders = "", ask.allowed_responders
+        if ask.kind is InputKind.TOOL_APPROVAL and call is not None:
+            yolo = parse_metadata(writer.message.parts).yolo_mode
+            verdict = inputs.policies.decide_tool(tenant_id, session_id, call, yolo=yolo)
+            policy = verdict.policy.name if verdict.policy else ""
+            if not verdict.needs_human:
+                return await inputs.decided_by_policy(
+                    tenant_id=tenant_id,
+                    session_id=session_id,
+                    message_id=message_id,
+                    tool_call=call,
+                    decision=Decision.DENY if verdict.blocked else Decision.APPROVE,
+                    policy=policy,
+                    reason=verdict.reason or verdict.enforcement.value,
+                )
+            assert verdict.policy is not None
+            responders = verdict.policy.approvers or responders
+        request = await inputs.ask(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            message_id=message_id,
+            kind=ask.kind,
+            tool_call=call,
+            form=ask.form,
+            plan=ask.plan,
+            policy=policy,
+            allowed_responders=responders,
+        )
+        return await wait_for_human(writer, inputs, request, deadline)
+
+
+async def wait_for_human(
+    writer: MessageWriter, inputs: Inputs, request: InputRequest, deadline: asyncio.Timeout | None = None
+) -> InputRequest | Outcome:
+    """Park the message on ``request`` until it ends; a resolution resumes it (``working``).
+
+    The dispatch timeout does not run while a human thinks.
+    """
+    await writer.input_required(request)
+    loop = asyncio.get_running_loop()
+    when = deadline.when() if deadline is not None else None
+    remaining = None if when is None else max(when - loop.time(), 0.0)
+    if deadline is not None:
+        deadline.reschedule(None)
+    try:
+        ended = await inputs.wait(request.tenant_id, request.request_id)
+    finally:
+        if deadline is not None and remaining is not None:
+            deadline.reschedule(loop.time() + remaining)
+    if ended.state is InputState.RESOLVED and ended.resolution is not None:
+        verdict = "approved" if ended.resolution.approved else "denied"
+        await writer.state(
+            MessageState.WORKING, f"{ended.summary}: {verdict} by {ended.resolution.resolved_by}"
+        )
+        return ended
+    if ended.state is InputState.EXPIRED:
+        return Outcome(MessageState.FAILED, f"expired: nobody answered '{ended.summary}' in time")
+    return Outcome(MessageState.CANCELED, ended.outcome_reason or "input request canceled")

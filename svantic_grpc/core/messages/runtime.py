@@ -13,8 +13,10 @@ import contextlib
 import logging
 from dataclasses import replace
 
-from svantic_grpc.core.agents import AgentSet, Outcome, Route, SessionScope
+from svantic_grpc.core.agents import AgentSet, Outcome, PlanStep, Route, SessionScope
+from svantic_grpc.core.agents.executor import wait_for_human
 from svantic_grpc.core.errors import MeshError
+from svantic_grpc.core.inputs.model import InputKind, PlanItem
 from svantic_grpc.core.messages.model import Message, MessageMetadata, MessageState, Part, Role
 from svantic_grpc.core.messages.writer import MessageWriter
 
@@ -34,14 +36,39 @@ class SessionRuntime:
         self.agents = agents
         self._tasks: dict[str, asyncio.Task[Message]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        self._stops: dict[str, asyncio.Future[Message]] = {}
         self._closed = False
 
     def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
-        """Run ``message`` in the background; the task's result is the message where it stopped."""
-        task = asyncio.create_task(self._run(message, metadata), name=f"message-{message.message_id}")
-        self._tasks[message.message_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(message.message_id, None))
+        """Run ``message`` in the background; the task's result is the message where it ended."""
+        message_id = message.message_id
+        self._stops[message_id] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._run(message, metadata), name=f"message-{message_id}")
+        self._tasks[message_id] = task
+
+        def finished(_: object) -> None:
+            self._tasks.pop(message_id, None)
+            stop = self._stops.pop(message_id, None)
+            if stop is not None and not stop.done():
+                stop.set_exception(RuntimeError(f"message {message_id} ended without a final state"))
+
+        task.add_done_callback(finished)
         return task
+
+    async def stopped(self, message_id: str) -> Message:
+        """The message when it first stops: terminal, or waiting for a human (input-required)."""
+        stop = self._stops.get(message_id)
+        if stop is None:
+            task = self._tasks.get(message_id)
+            if task is None:
+                raise RuntimeError(f"message {message_id} is not running here")
+            return await asyncio.shield(task)
+        return await asyncio.shield(stop)
+
+    def _stopped(self, message: Message) -> None:
+        stop = self._stops.pop(message.message_id, None)
+        if stop is not None and not stop.done():
+            stop.set_result(message)
 
     def task(self, message_id: str) -> asyncio.Task[Message] | None:
         return self._tasks.get(message_id)
@@ -73,7 +100,12 @@ class SessionRuntime:
     def _writer(self, message: Message) -> MessageWriter:
         services = self.scope.services
         return MessageWriter(
-            message, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
+            message,
+            store=services.store,
+            bus=services.bus,
+            clock=services.clock,
+            ids=services.ids,
+            on_stop=self._stopped,
         )
 
     async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
@@ -82,15 +114,20 @@ class SessionRuntime:
             route = await self.agents.orchestrator.route(writer.message, metadata)
             await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
             outcome = await self._carry_out(writer, route, metadata)
-            return await writer.state(outcome.state, outcome.reason)
+            ended = await writer.state(outcome.state, outcome.reason)
         except asyncio.CancelledError:
             reason = self._cancel_reasons.pop(message.message_id, "canceled")
-            return await writer.state(MessageState.CANCELED, reason)
+            ended = await writer.state(MessageState.CANCELED, reason)
         except MeshError as error:
-            return await writer.state(MessageState.FAILED, error.message)
+            ended = await writer.state(MessageState.FAILED, error.message)
         except Exception as error:  # keep the failure inside this message
             _log.exception("message %s failed unexpectedly", message.message_id)
-            return await writer.state(MessageState.FAILED, f"internal error: {type(error).__name__}")
+            ended = await writer.state(MessageState.FAILED, f"internal error: {type(error).__name__}")
+        if ended.input_request_ids:  # withdraw what nobody answered: the message will not use it
+            await self.scope.services.inputs.cancel_for_message(
+                ended.tenant_id, ended.session_id, ended.message_id, f"message {ended.state.value}"
+            )
+        return ended
 
     async def _carry_out(self, writer: MessageWriter, route: Route, metadata: MessageMetadata) -> Outcome:
         if route.agent_type == "savant:planner":
@@ -126,6 +163,9 @@ class SessionRuntime:
 
     async def _run_plan(self, writer: MessageWriter, metadata: MessageMetadata) -> Outcome:
         steps = await self.agents.planner.plan(metadata.action_data)
+        signed_off = await self._sign_off(writer, steps)
+        if signed_off is not None:
+            return signed_off
         outcome = Outcome(MessageState.COMPLETED)
         for index, step in enumerate(steps, start=1):
             route = await self._step_route(step.agent_type, step.instance_id, step.text)
@@ -139,6 +179,31 @@ class SessionRuntime:
             outcome.agent_type,
             outcome.instance_id,
         )
+
+    async def _sign_off(self, writer: MessageWriter, steps: tuple[PlanStep, ...]) -> Outcome | None:
+        """Ask a human to sign the plan off when a plan policy says so; ``None`` means go ahead."""
+        inputs = self.scope.services.inputs
+        policy = inputs.policies.plan_policy(step.agent_type for step in steps)
+        if policy is None:
+            return None
+        request = await inputs.ask(
+            tenant_id=self.scope.tenant_id,
+            session_id=self.scope.session_id,
+            message_id=writer.message.message_id,
+            kind=InputKind.PLAN_APPROVAL,
+            plan=tuple(PlanItem(step.text, step.agent_type) for step in steps),
+            policy=policy.name,
+            allowed_responders=policy.approvers,
+        )
+        ended = await wait_for_human(writer, inputs, request)
+        if isinstance(ended, Outcome):
+            return ended
+        resolution = ended.resolution
+        if resolution is not None and not resolution.approved:
+            return Outcome(
+                MessageState.REJECTED, f"plan denied by {resolution.resolved_by}: {resolution.reason}"
+            )
+        return None
 
     async def _step_route(self, agent_type: str, instance_id: str, text: str) -> Route:
         step_metadata = MessageMetadata(

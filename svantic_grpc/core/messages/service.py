@@ -101,12 +101,12 @@ class Messages:
         role: Role = Role.USER,
         parts: tuple[Part, ...],
     ) -> Message:
-        """Send, then wait until the message is terminal or input-required.
+        """Send, then wait until the message is terminal or waits for a human (input-required).
 
         The caller going away does not cancel the message (use ``cancel``).
         """
-        _, task = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
-        return await asyncio.shield(task)
+        message, _ = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
+        return await self.runtime(caller.tenant_id, session_id).stopped(message.message_id)
 
     async def send_streaming(
         self,

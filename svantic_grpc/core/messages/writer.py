@@ -6,11 +6,13 @@ event, so the record and the event log never disagree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.events import ArtifactAdded, EventBus, MessageStateChanged, TurnAdded
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
 from svantic_grpc.stores.base import Store
 
@@ -24,9 +26,17 @@ class MessageWriter:
     """Applies changes to one message and publishes them."""
 
     def __init__(
-        self, message: Message, *, store: Store, bus: EventBus, clock: Clock, ids: IdGenerator
+        self,
+        message: Message,
+        *,
+        store: Store,
+        bus: EventBus,
+        clock: Clock,
+        ids: IdGenerator,
+        on_stop: Callable[[Message], None] | None = None,
     ) -> None:
         self.message = message
+        self._on_stop = on_stop
         self._store = store
         self._bus = bus
         self._clock = clock
@@ -56,7 +66,14 @@ class MessageWriter:
         saved = await self._save(state=to, state_reason=reason)
         snapshot = saved if to in STOPPING else None
         await self._publish(MessageStateChanged(saved.message_id, current.state, to, reason, snapshot))
+        if snapshot is not None and self._on_stop is not None:
+            self._on_stop(saved)
         return saved
+
+    async def input_required(self, request: InputRequest) -> Message:
+        """The message waits for a human on ``request``."""
+        await self._save(input_request_ids=(*self.message.input_request_ids, request.request_id))
+        return await self.state(MessageState.INPUT_REQUIRED, f"waiting for a human: {request.summary}")
 
     async def turn(self, parts: tuple[Part, ...], *, instance_id: str) -> None:
         """Append an agent turn to the history."""

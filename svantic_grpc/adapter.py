@@ -1,0 +1,92 @@
+"""The interface adapters implement, and what the mesh offers them.
+
+An adapter tells humans about input requests and carries their answers back
+(Slack, webhooks, ...). Adapters are found through the ``svantic_grpc.adapters``
+entry-point group, configured under ``adapters`` in settings.json, and run on the
+server's event loop. The core never imports an adapter; an adapter uses only this
+module and the input-request model (``svantic_grpc.core.inputs.model``).
+
+Lifecycle: the server constructs each enabled adapter, mounts its ``routes()``
+on the shared HTTP server, calls ``start()``, then ``on_request`` for each new
+pending request and ``on_outcome`` once for each request that ended (resolved on
+any surface, expired, or canceled), and ``stop()`` at shutdown. A failing adapter
+is logged and never blocks the mesh or the other adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
+
+__all__ = ["ENTRY_POINT_GROUP", "Adapter", "AdapterContext"]
+
+ENTRY_POINT_GROUP = "svantic_grpc.adapters"
+
+
+class AdapterContext(Protocol):
+    """What the mesh offers adapters."""
+
+    clock: Clock
+    ids: IdGenerator
+
+    @property
+    def http_base_url(self) -> str:
+        """Where the shared HTTP server listens, e.g. ``http://127.0.0.1:8080``."""
+        ...
+
+    async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
+        """A request of the tenant (``NotFound`` otherwise)."""
+        ...
+
+    async def resolve(
+        self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
+    ) -> InputRequest:
+        """Answer a request. First resolution wins.
+
+        Raises (``svantic_grpc.core.errors``):
+            NotFound: no such request in the tenant.
+            AlreadyResolved: it ended already; the message names who, how and when.
+            PermissionDenied: ``responder`` is not an allowed responder.
+            InvalidArgument: the answer does not fit the request (decision, form values).
+        """
+        ...
+
+
+class Adapter:
+    """Base class of adapters. Override the hooks you need.
+
+    Args:
+        name: The adapter's key under ``adapters`` in settings.json.
+        config: That key's object.
+        context: The mesh.
+        env: The process environment (secrets come from here, never from config).
+    """
+
+    def __init__(
+        self, name: str, config: Mapping[str, Any], context: AdapterContext, env: Mapping[str, str]
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+        self.env = env
+
+    def routes(self) -> Sequence[web.RouteDef]:
+        """Inbound HTTP routes to mount on the shared HTTP server."""
+        return ()
+
+    async def start(self) -> None:
+        """Called once after routes are mounted, before any request is announced."""
+
+    async def stop(self) -> None:
+        """Called once at shutdown; release clients and background tasks."""
+
+    async def on_request(self, request: InputRequest) -> None:
+        """A new pending request: tell the humans."""
+
+    async def on_outcome(self, request: InputRequest) -> None:
+        """A request ended (``request.state``: resolved, expired or canceled): update what was shown."""

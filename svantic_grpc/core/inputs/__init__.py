@@ -1,0 +1,1 @@
+"""Input requests: what a message waits on while a human decides."""

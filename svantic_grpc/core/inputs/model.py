@@ -1,0 +1,179 @@
+"""Input requests and their resolutions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from svantic_grpc.core._frozen import freeze
+
+__all__ = [
+    "APPROVAL_DECISIONS",
+    "FIELD_TYPES",
+    "Decision",
+    "Form",
+    "FormField",
+    "InputKind",
+    "InputRequest",
+    "InputState",
+    "PlanItem",
+    "Resolution",
+    "Surface",
+    "ToolCall",
+]
+
+
+class InputKind(enum.Enum):
+    TOOL_APPROVAL = "tool_approval"
+    FORM = "form"
+    CONFIRMATION = "confirmation"
+    PLAN_APPROVAL = "plan_approval"
+
+
+class InputState(enum.Enum):
+    PENDING = "pending"
+    RESOLVED = "resolved"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+
+
+class Decision(enum.Enum):
+    APPROVE = "approve"
+    APPROVE_FOR_SESSION = "approve_for_session"
+    APPROVE_ALWAYS = "approve_always"
+    DENY = "deny"
+
+    @property
+    def approves(self) -> bool:
+        return self is not Decision.DENY
+
+
+class Surface(enum.Enum):
+    """Where a resolution came from."""
+
+    GRPC = "grpc"
+    SLACK = "slack"
+    WEBHOOK = "webhook"
+    CHAT = "chat"
+    POLICY = "policy"
+    """Decided by a policy (allow, block, yolo, an earlier grant) without a human."""
+
+
+APPROVAL_DECISIONS = (Decision.APPROVE, Decision.APPROVE_FOR_SESSION, Decision.APPROVE_ALWAYS, Decision.DENY)
+FIELD_TYPES = frozenset({"action", "text", "select", "number", "password", "textarea", "checkbox", "date"})
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call awaiting approval or confirmation."""
+
+    tool_name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    agent_type: str = ""
+    instance_id: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments", freeze(self.arguments))
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str
+    type: str = "text"
+    label: str = ""
+    required: bool = False
+    sensitive: bool = False
+    options: tuple[str, ...] = ()
+    default: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default", freeze(self.default))
+
+
+@dataclass(frozen=True)
+class Form:
+    title: str = ""
+    description: str = ""
+    fields: tuple[FormField, ...] = ()
+
+    @property
+    def sensitive(self) -> bool:
+        """True when any field must never leave the mesh (Slack, webhooks); passwords always."""
+        return any(f.sensitive or f.type == "password" for f in self.fields)
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One step of a plan awaiting sign-off."""
+
+    description: str
+    agent_type: str = ""
+    tool_name: str = ""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A human's (or a policy's) answer."""
+
+    decision: Decision | None = None
+    reason: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+    confirmed: bool = False
+    payload: dict[str, Any] = field(default_factory=dict)
+    resolved_by: str = ""
+    surface: Surface = Surface.GRPC
+    resolved_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", freeze(self.values))
+        object.__setattr__(self, "payload", freeze(self.payload))
+
+    @property
+    def approved(self) -> bool:
+        """Whether the agent may go ahead (approvals, confirmations, plans; a form counts as given)."""
+        if self.decision is not None:
+            return self.decision.approves
+        return self.confirmed or bool(self.values)
+
+
+@dataclass(frozen=True)
+class InputRequest:
+    """What a message waits on while it is input-required."""
+
+    tenant_id: str
+    request_id: str
+    session_id: str
+    message_id: str
+    kind: InputKind
+    created_at: float
+    expires_at: float
+    tool_call: ToolCall | None = None
+    form: Form | None = None
+    plan: tuple[PlanItem, ...] = ()
+    allowed_decisions: tuple[Decision, ...] = APPROVAL_DECISIONS
+    allowed_responders: tuple[str, ...] = ()
+    policy: str = ""
+    state: InputState = InputState.PENDING
+    resolution: Resolution | None = None
+    outcome_reason: str = ""
+    """Why it ended when nobody resolved it (expired, canceled)."""
+    version: int = 0
+
+    @property
+    def sensitive(self) -> bool:
+        """Must be answered through the API or chat, never shown on Slack or webhooks."""
+        return self.form is not None and self.form.sensitive
+
+    @property
+    def summary(self) -> str:
+        """One line for a person: what is asked."""
+        if self.kind is InputKind.TOOL_APPROVAL and self.tool_call:
+            return f"approve tool call {self.tool_call.tool_name}"
+        if self.kind is InputKind.CONFIRMATION and self.tool_call:
+            return f"confirm tool call {self.tool_call.tool_name}"
+        if self.kind is InputKind.PLAN_APPROVAL:
+            return f"sign off a plan of {len(self.plan)} steps"
+        if self.form is not None and [f.name for f in self.form.fields] == ["answer"]:
+            return f"answer: {self.form.title}"  # an agent's free-text question
+        return f"fill in {self.form.title if self.form and self.form.title else 'a form'}"

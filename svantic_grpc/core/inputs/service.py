@@ -1,0 +1,474 @@
+"""Raising, answering, expiring and cancelling input requests.
+
+Answering is one compare-and-set on the stored request (its version), so the
+first resolution wins whichever surface it comes from, even across processes
+sharing a store; every later attempt gets ``AlreadyResolved`` naming the winner.
+Every outcome is written to the audit trail, published as a session event and
+told to the adapters, and wakes the message that waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+from typing import Any, Protocol
+
+from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core._validate import check_id
+from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.errors import AlreadyResolved, Conflict, InvalidArgument, NotFound, PermissionDenied
+from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
+from svantic_grpc.core.inputs.model import (
+    APPROVAL_DECISIONS,
+    FIELD_TYPES,
+    Decision,
+    Form,
+    InputKind,
+    InputRequest,
+    InputState,
+    PlanItem,
+    Resolution,
+    Surface,
+    ToolCall,
+)
+from svantic_grpc.core.inputs.policies import PolicyEngine
+from svantic_grpc.core.reaper import IdleReaper
+from svantic_grpc.stores.base import AuditRecord, InputPage, Store
+
+__all__ = ["InputListener", "Inputs"]
+
+_log = logging.getLogger(__name__)
+
+
+class InputListener(Protocol):
+    """Told of every new pending request and every outcome (the adapters)."""
+
+    async def on_request(self, request: InputRequest) -> None: ...
+
+    async def on_outcome(self, request: InputRequest) -> None: ...
+
+
+class Inputs:
+    """Input requests of every session in this process."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: EventBus,
+        pause: Callable[[str, str, bool, str], Awaitable[None]],
+        clock: Clock,
+        ids: IdGenerator,
+        policies: PolicyEngine,
+        default_ttl_s: float,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._pause = pause
+        self._clock = clock
+        self._ids = ids
+        self.policies = policies
+        self._default_ttl_s = default_ttl_s
+        self._locks = KeyedLock()
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[InputRequest]]] = {}
+        self._listeners: list[InputListener] = []
+        self._notifications: set[asyncio.Task[None]] = set()
+        self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
+
+    def add_listener(self, listener: InputListener) -> None:
+        self._listeners.append(listener)
+
+    # Raising
+
+    async def ask(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str,
+        message_id: str,
+        kind: InputKind,
+        tool_call: ToolCall | None = None,
+        form: Form | None = None,
+        plan: tuple[PlanItem, ...] = (),
+        policy: str = "",
+        allowed_responders: Iterable[str] = (),
+        ttl_s: float | None = None,
+    ) -> InputRequest:
+        """Raise a pending request for a human; the session pauses until no request is pending."""
+        _check_ask(kind, tool_call, form, plan)
+        now = self._clock.now()
+        decisions: tuple[Decision, ...] = ()
+        if kind is InputKind.TOOL_APPROVAL:
+            decisions = APPROVAL_DECISIONS
+        elif kind is InputKind.PLAN_APPROVAL:
+            decisions = (Decision.APPROVE, Decision.DENY)
+        request = await self._store.create_input(
+            InputRequest(
+                tenant_id=tenant_id,
+                request_id=self._ids.new_id("inp_"),
+                session_id=session_id,
+                message_id=message_id,
+                kind=kind,
+                created_at=now,
+                expires_at=now + (ttl_s or self._default_ttl_s),
+                tool_call=tool_call,
+                form=form,
+                plan=plan,
+                allowed_decisions=decisions,
+                allowed_responders=tuple(allowed_responders),
+                policy=policy,
+            )
+        )
+        await self._bus.publish(tenant_id, session_id, InputRaised(request))
+        await self._pause(tenant_id, session_id, True, f"waiting for a human: {request.summary}")
+        self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
+        self._notify("on_request", request)
+        return request
+
+    async def decided_by_policy(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str,
+        message_id: str,
+        tool_call: ToolCall,
+        decision: Decision,
+        policy: str,
+        reason: str,
+    ) -> InputRequest:
+        """Record a tool call a policy decided without a human (allow, block, yolo, a grant)."""
+        now = self._clock.now()
+        request = await self._store.create_input(
+            InputRequest(
+                tenant_id=tenant_id,
+                request_id=self._ids.new_id("inp_"),
+                session_id=session_id,
+                message_id=message_id,
+                kind=InputKind.TOOL_APPROVAL,
+                created_at=now,
+                expires_at=now,
+                tool_call=tool_call,
+                policy=policy,
+                state=InputState.RESOLVED,
+                resolution=Resolution(
+                    decision=decision,
+                    reason=reason,
+                    resolved_by=f"policy:{policy}" if policy else "policy",
+                    surface=Surface.POLICY,
+                    resolved_at=now,
+                ),
+            )
+        )
+        await self._audit(request)
+        return request
+
+    # Answering
+
+    async def resolve_as(
+        self, caller: Caller, request_id: str, resolution: Resolution, *, surface: Surface = Surface.GRPC
+    ) -> InputRequest:
+        """``resolve`` for an authenticated caller (``ResolveInput``, ``Converse``)."""
+        caller.require(Scope.FULL)
+        return await self.resolve(
+            tenant_id=caller.tenant_id,
+            request_id=request_id,
+            resolution=resolution,
+            responder=caller.subject,
+            surface=surface,
+        )
+
+    async def resolve(
+        self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
+    ) -> InputRequest:
+        """Answer a pending request; the first answer wins (see the module docstring)."""
+        check_id("request_id", request_id)
+        async with self._locks.hold((tenant_id, request_id)):
+            request = await self.get(tenant_id, request_id)
+            if request.state is not InputState.PENDING:
+                raise _already(request)
+            if request.allowed_responders and not _responder_allowed(responder, request.allowed_responders):
+                allowed = ", ".join(request.allowed_responders)
+                raise PermissionDenied(
+                    f"{responder} may not answer this request; allowed: {allowed}",
+                    reason="RESPONDER_NOT_ALLOWED",
+                )
+            if request.sensitive and surface in (Surface.SLACK, Surface.WEBHOOK):
+                raise InvalidArgument(
+                    "resolution",
+                    "this request has sensitive fields: answer it through the API or the session chat",
+                )
+            answer = _checked(request, resolution)
+            resolved = replace(
+                request,
+                state=InputState.RESOLVED,
+                resolution=replace(
+                    answer, resolved_by=responder, surface=surface, resolved_at=self._clock.now()
+                ),
+            )
+            try:
+                saved = await self._store.update_input(resolved)
+            except Conflict:
+                # Another process answered first: report who won, never overwrite.
+                raise _already(await self.get(tenant_id, request_id)) from None
+        decision = answer.decision
+        if decision is Decision.APPROVE_FOR_SESSION and saved.tool_call is not None:
+            self.policies.grant_for_session(tenant_id, saved.session_id, saved.tool_call.tool_name)
+        if decision is Decision.APPROVE_ALWAYS and saved.policy:
+            self.policies.allow_always(tenant_id, saved.policy)
+        await self._ended(saved)
+        return saved
+
+    # Ending without an answer
+
+    async def cancel_for_message(self, tenant_id: str, session_id: str, message_id: str, reason: str) -> None:
+        """Withdraw the pending requests of a message that ended (canceled, session closed)."""
+        page = await self._store.list_inputs(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            message_id=message_id,
+            states=(InputState.PENDING,),
+            page_size=500,
+        )
+        for request in page.requests:
+            await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
+
+    async def _expire(self, tenant_id: str, request_id: str) -> None:
+        await self._end_unanswered(
+            tenant_id, request_id, InputState.EXPIRED, "expired: nobody answered in time"
+        )
+
+    async def _deadline(self, tenant_id: str, request_id: str) -> float | None:
+        request = await self._store.get_input(tenant_id=tenant_id, request_id=request_id)
+        return request.expires_at if request and request.state is InputState.PENDING else None
+
+    async def _end_unanswered(self, tenant_id: str, request_id: str, state: InputState, reason: str) -> None:
+        async with self._locks.hold((tenant_id, request_id)):
+            request = await self._store.get_input(tenant_id=tenant_id, request_id=request_id)
+            if request is None or request.state is not InputState.PENDING:
+                return
+            try:
+                saved = await self._store.update_input(replace(request, state=state, outcome_reason=reason))
+            except Conflict:
+                return  # answered meanwhile: that answer stands
+        await self._ended(saved)
+
+    async def _ended(self, request: InputRequest) -> None:
+        self.expiry.forget(request.tenant_id, request.request_id)
+        await self._audit(request)
+        await self._bus.publish(request.tenant_id, request.session_id, InputEnded(request))
+        pending = await self._store.list_inputs(
+            tenant_id=request.tenant_id,
+            session_id=request.session_id,
+            states=(InputState.PENDING,),
+            page_size=1,
+        )
+        if not pending.requests:
+            await self._pause(
+                request.tenant_id, request.session_id, False, f"{request.summary}: {_outcome(request)}"
+            )
+        for waiter in self._waiters.pop((request.tenant_id, request.request_id), []):
+            if not waiter.done():
+                waiter.set_result(request)
+        self._notify("on_outcome", request)
+
+    async def _audit(self, request: InputRequest) -> None:
+        resolution = request.resolution
+        await self._store.append_audit(
+            AuditRecord(
+                tenant_id=request.tenant_id,
+                request_id=request.request_id,
+                session_id=request.session_id,
+                message_id=request.message_id,
+                kind=request.kind.value,
+                outcome=_outcome(request),
+                actor=resolution.resolved_by if resolution else "mesh",
+                surface=resolution.surface.value if resolution else "mesh",
+                time=resolution.resolved_at if resolution else self._clock.now(),
+            )
+        )
+
+    # Reading and waiting
+
+    async def get(self, tenant_id: str, request_id: str) -> InputRequest:
+        request = await self._store.get_input(tenant_id=tenant_id, request_id=request_id)
+        if request is None:
+            raise NotFound(f"input request {request_id!r} not found", reason="INPUT_NOT_FOUND")
+        return request
+
+    async def list_pending(
+        self, caller: Caller, *, session_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> InputPage:
+        """The approval queue of a session or of the whole tenant, oldest first."""
+        caller.require(Scope.READ)
+        check_id("session_id", session_id, required=False)
+        if page_size < 0 or page_size > 500:
+            raise InvalidArgument("page_size", "must be between 0 and 500")
+        return await self._store.list_inputs(
+            tenant_id=caller.tenant_id,
+            session_id=session_id,
+            states=(InputState.PENDING,),
+            page_size=page_size or 50,
+            cursor=page_token,
+        )
+
+    async def wait(self, tenant_id: str, request_id: str) -> InputRequest:
+        """Until the request ends (resolved, expired or canceled)."""
+        future: asyncio.Future[InputRequest] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault((tenant_id, request_id), []).append(future)
+        request = await self.get(tenant_id, request_id)
+        if request.state is not InputState.PENDING:
+            self._waiters.pop((tenant_id, request_id), None)
+            return request
+        return await future
+
+    async def recover(self) -> int:
+        """Re-arm the expiry of every pending request in the store (at start-up)."""
+        pending = await self._store.pending_inputs()
+        for request in pending:
+            self.expiry.schedule(request.tenant_id, request.request_id, request.expires_at)
+        return len(pending)
+
+    async def close(self) -> None:
+        await self.expiry.stop()
+        tasks = list(self._notifications)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _notify(self, hook: str, request: InputRequest) -> None:
+        """Tell every listener, each in its own task: a slow or broken adapter never blocks the mesh."""
+        for listener in self._listeners:
+
+            async def call(listener: InputListener = listener) -> None:
+                try:
+                    await getattr(listener, hook)(request)
+                except Exception:
+                    _log.exception("adapter %r failed in %s for %s", listener, hook, request.request_id)
+
+            task = asyncio.create_task(call(), name=f"notify-{hook}-{request.request_id}")
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
+
+
+def _responder_allowed(responder: str, allowed: Iterable[str]) -> bool:
+    bare = responder.partition(":")[2] or responder
+    return any(a in (responder, bare) for a in allowed)
+
+
+def _already(request: InputRequest) -> AlreadyResolved:
+    resolution = request.resolution
+    if resolution is not None:
+        when = datetime.datetime.fromtimestamp(resolution.resolved_at, datetime.UTC).isoformat(
+            timespec="seconds"
+        )
+        message = (
+            f"input request {request.request_id!r} was already answered by {resolution.resolved_by} "
+            f"via {resolution.surface.value} at {when} ({_outcome(request)})"
+        )
+        metadata = {
+            "resolved_by": resolution.resolved_by,
+            "surface": resolution.surface.value,
+            "resolved_at": when,
+            "outcome": _outcome(request),
+        }
+    else:
+        ended = request.outcome_reason or request.state.value
+        message = f"input request {request.request_id!r} already ended: {ended}"
+        metadata = {"state": request.state.value}
+    return AlreadyResolved(message, metadata=metadata)
+
+
+def _outcome(request: InputRequest) -> str:
+    resolution = request.resolution
+    if request.state is not InputState.RESOLVED or resolution is None:
+        return request.outcome_reason or request.state.value
+    if resolution.decision is Decision.DENY:
+        return f"deny: {resolution.reason}"
+    if resolution.decision is not None:
+        return str(resolution.decision.value)
+    if request.kind is InputKind.CONFIRMATION:
+        return "confirmed" if resolution.confirmed else "not confirmed"
+    return "form submitted"
+
+
+def _check_ask(
+    kind: InputKind, tool_call: ToolCall | None, form: Form | None, plan: tuple[PlanItem, ...]
+) -> None:
+    if kind in (InputKind.TOOL_APPROVAL, InputKind.CONFIRMATION) and (
+        tool_call is None or not tool_call.tool_name
+    ):
+        raise InvalidArgument(
+            "input_request.tool_call.tool_name", "is required for approvals and confirmations"
+        )
+    if kind is InputKind.PLAN_APPROVAL and not plan:
+        raise InvalidArgument("input_request.plan", "a plan approval needs the plan's steps")
+    if kind is InputKind.FORM:
+        if form is None or not form.fields:
+            raise InvalidArgument("input_request.form.fields", "a form needs at least one field")
+        names: set[str] = set()
+        for index, field in enumerate(form.fields):
+            where = f"input_request.form.fields[{index}]"
+            if not field.name or field.name in names:
+                raise InvalidArgument(f"{where}.name", "is required and must be unique within the form")
+            names.add(field.name)
+            if field.type not in FIELD_TYPES:
+                raise InvalidArgument(f"{where}.type", f"must be one of {', '.join(sorted(FIELD_TYPES))}")
+            if field.type == "select" and not field.options:
+                raise InvalidArgument(f"{where}.options", "a select field needs options")
+
+
+def _checked(request: InputRequest, resolution: Resolution) -> Resolution:
+    """The resolution, validated against what the request asks; errors name the field."""
+    if request.kind in (InputKind.TOOL_APPROVAL, InputKind.PLAN_APPROVAL):
+        if resolution.decision is None:
+            raise InvalidArgument("resolution.decision", "is required to answer an approval")
+        if resolution.decision not in request.allowed_decisions:
+            allowed = ", ".join(d.value for d in request.allowed_decisions)
+            raise InvalidArgument(
+                "resolution.decision", f"{resolution.decision.value} is not allowed here ({allowed})"
+            )
+        if resolution.decision is Decision.DENY and not resolution.reason.strip():
+            raise InvalidArgument("resolution.reason", "a denial needs a reason the agent can act on")
+        return resolution
+    if request.kind is InputKind.CONFIRMATION:
+        if resolution.decision is not None and resolution.decision is not Decision.DENY:
+            return replace(resolution, confirmed=True)
+        if resolution.decision is Decision.DENY:
+            return replace(resolution, confirmed=False)
+        return resolution
+    form = request.form
+    assert form is not None
+    values = dict(resolution.values)
+    known = {f.name for f in form.fields}
+    for name in values:
+        if name not in known:
+            raise InvalidArgument(f"resolution.values.{name}", "is not a field of this form")
+    for field in form.fields:
+        where = f"resolution.values.{field.name}"
+        value = values.get(field.name)
+        if value is None or value == "":
+            if field.required:
+                raise InvalidArgument(where, "is required")
+            continue
+        _check_value(where, field.type, field.options, value)
+    return replace(resolution, decision=None)
+
+
+def _check_value(where: str, kind: str, options: tuple[str, ...], value: Any) -> None:
+    if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise InvalidArgument(where, "must be a number")
+    if kind == "checkbox" and not isinstance(value, bool):
+        raise InvalidArgument(where, "must be true or false")
+    if kind in ("text", "textarea", "password", "action", "select", "date") and not isinstance(value, str):
+        raise InvalidArgument(where, "must be a string")
+    if kind == "select" and value not in options:
+        raise InvalidArgument(where, f"must be one of {', '.join(options)}")
+    if kind == "date":
+        try:
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            raise InvalidArgument(where, "must be a date like 2026-11-22") from None
