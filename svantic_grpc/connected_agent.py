@@ -89,6 +89,7 @@ class Reply:
     dispatch_id: str
     _send: Callable[[registry_service_pb2.DispatchUpdate], Awaitable[None]]
     done: bool = field(default=False, init=False)
+    _answers: asyncio.Queue[message_types_pb2.InputRequest] = field(default_factory=asyncio.Queue, init=False)
 
     async def _update(
         self, state: int = 0, *, say: Any = None, artifacts: Any = None, reason: str = ""
@@ -130,9 +131,67 @@ class Reply:
         """Refuse the work."""
         await self._update(message_types_pb2.MESSAGE_STATE_REJECTED, reason=reason)
 
-    async def input_required(self, question: str) -> None:
-        """Stop and ask the human something."""
-        await self._update(message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED, say=question, reason=question)
+    async def input_required(self, question: str) -> str | None:
+        """Ask the human a free-text question and wait: the answer, or ``None`` if nobody gave one."""
+        field = message_types_pb2.FormField(name="answer", type="textarea", label=question, required=True)
+        request = message_types_pb2.InputRequest(
+            kind=message_types_pb2.INPUT_KIND_FORM,
+            form=message_types_pb2.Form(title=question, fields=[field]),
+        )
+        answer = await self.request_input(request, say=question)
+        if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
+            return None
+        return str(json_format.MessageToDict(answer.resolution.values).get("answer", ""))
+
+    async def request_input(
+        self, request: message_types_pb2.InputRequest, *, say: PartLike | Iterable[PartLike] | None = None
+    ) -> message_types_pb2.InputRequest:
+        """Ask for input and wait for the answer: the request as it ended (state and resolution).
+
+        Tool approvals are first checked against the mesh's policies, so the answer
+        may come at once (allowed or blocked by policy) or after a human decides.
+        """
+        update = registry_service_pb2.DispatchUpdate(
+            dispatch_id=self.dispatch_id,
+            state=message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED,
+            input_request=request,
+        )
+        if say is not None:
+            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
+        await self._send(update)
+        return await self._answers.get()
+
+    async def ask_approval(self, tool_name: str, arguments: dict[str, Any] | None = None) -> bool:
+        """Ask whether the agent may call a tool; ``True`` when approved (by policy or a human)."""
+        request = message_types_pb2.InputRequest(
+            kind=message_types_pb2.INPUT_KIND_TOOL_APPROVAL,
+            tool_call=message_types_pb2.ToolCall(tool_name=tool_name),
+        )
+        request.tool_call.arguments.update(arguments or {})
+        answer = await self.request_input(request)
+        return _approved(answer)
+
+    async def ask_form(
+        self, title: str, fields: Iterable[message_types_pb2.FormField]
+    ) -> dict[str, Any] | None:
+        """Ask a human to fill in a form; the values, or ``None`` when it expired or was withdrawn."""
+        request = message_types_pb2.InputRequest(
+            kind=message_types_pb2.INPUT_KIND_FORM,
+            form=message_types_pb2.Form(title=title, fields=list(fields)),
+        )
+        answer = await self.request_input(request)
+        if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
+            return None
+        return json_format.MessageToDict(answer.resolution.values)
+
+
+def _approved(answer: message_types_pb2.InputRequest) -> bool:
+    if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
+        return False
+    resolution = answer.resolution
+    if resolution.decision != message_types_pb2.DECISION_UNSPECIFIED:
+        return resolution.decision != message_types_pb2.DECISION_DENY
+    return resolution.confirmed
 
 
 Handler = Callable[[Dispatch, Reply], Awaitable[None]]
@@ -171,6 +230,7 @@ class ConnectedAgent:
         self._max_sessions = max_concurrent_sessions
         self._reconnect_delay_s = reconnect_delay_s
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._replies: dict[str, Reply] = {}
         self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self._keys: dict[str, Any] = {}
         self._issuer = ""
@@ -261,6 +321,10 @@ class ConnectedAgent:
                     task = self._running.get(response.cancel.dispatch_id)
                     if task is not None:
                         task.cancel()
+                elif kind == "input_answer":
+                    reply = self._replies.get(response.input_answer.dispatch_id)
+                    if reply is not None:
+                        reply._answers.put_nowait(response.input_answer.request)
         finally:
             self._outbox.put_nowait(None)  # ends the request stream of this connection
             stop.cancel()
@@ -293,7 +357,13 @@ class ConnectedAgent:
         reply = Reply(dispatch.dispatch_id, send)
         task = asyncio.create_task(self._handle(dispatch, reply), name=f"dispatch-{dispatch.dispatch_id}")
         self._running[dispatch.dispatch_id] = task
-        task.add_done_callback(lambda _: self._running.pop(dispatch.dispatch_id, None))
+        self._replies[dispatch.dispatch_id] = reply
+
+        def finished(_: object) -> None:
+            self._running.pop(dispatch.dispatch_id, None)
+            self._replies.pop(dispatch.dispatch_id, None)
+
+        task.add_done_callback(finished)
 
     async def _handle(self, dispatch: registry_service_pb2.Dispatch, reply: Reply) -> None:
         try:

@@ -12,6 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from svantic_grpc.adapter_host import AdapterHost, AdapterLoadError
 from svantic_grpc.api.auth_service import AuthServicer
 from svantic_grpc.api.interceptors import MeshInterceptor
 from svantic_grpc.api.message_service import MessageServicer
@@ -111,6 +112,19 @@ class MeshServer:
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None
+        self.adapters = AdapterHost(
+            configs=settings.adapters,
+            http_address=settings.http_address,
+            public_url=settings.http_public_url,
+            inputs=self.mesh.inputs,
+            clock=self.mesh.clock,
+            ids=self.mesh.ids,
+            env=env,
+        )
+        try:
+            self.adapters.load()
+        except AdapterLoadError as exc:
+            raise SettingsError(str(exc)) from None
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -126,6 +140,11 @@ class MeshServer:
                 self.settings.auth.signing_key_env,
             )
         await self.mesh.start()
+        try:
+            await self.adapters.start()
+        except AdapterLoadError as exc:
+            await self.mesh.stop()
+            raise SettingsError(str(exc)) from None
         server = aio.server(
             interceptors=[MeshInterceptor(self.mesh.tokens)],
             options=[("grpc.so_reuseport", 0)],
@@ -146,6 +165,7 @@ class MeshServer:
         try:
             self.port = server.add_insecure_port(self.settings.grpc_address)
         except RuntimeError as exc:
+            await self.adapters.stop()
             await self.mesh.stop()
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
@@ -171,6 +191,7 @@ class MeshServer:
         self.mesh.bus.shutdown()  # open streams end now with UNAVAILABLE instead of eating the grace
         if self._server is not None:
             await self._server.stop(grace)
+        await self.adapters.stop()
         await self.mesh.stop()
         _log.info("svantic-grpc stopped")
 

@@ -6,9 +6,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from svantic_grpc.api._wkt import from_struct, struct, timestamp
+from svantic_grpc.api.convert_inputs import ask_from_pb, request_to_pb
 from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.events import ArtifactAdded, EventPayload, MessageStateChanged, TurnAdded
+from svantic_grpc.core.events import (
+    ArtifactAdded,
+    EventPayload,
+    InputEnded,
+    InputRaised,
+    MessageStateChanged,
+    TurnAdded,
+)
 from svantic_grpc.core.messages.model import Artifact, FilePart, Message, MessageState, Part, Role, Turn
 from svantic_grpc.pb import event_types_pb2 as event_pb
 from svantic_grpc.pb import message_service_pb2 as service_pb
@@ -136,6 +144,10 @@ def message_event(target: event_pb.SessionEvent, payload: EventPayload) -> None:
         target.turn_added.CopyFrom(
             event_pb.TurnAdded(message_id=payload.message_id, turn=turn_to_pb(payload.turn))
         )
+    elif isinstance(payload, InputRaised):
+        target.input_required.request.CopyFrom(request_to_pb(payload.request))
+    elif isinstance(payload, InputEnded):
+        target.input_resolved.request.CopyFrom(request_to_pb(payload.request))
     elif isinstance(payload, ArtifactAdded):
         target.artifact_added.CopyFrom(
             event_pb.ArtifactAdded(message_id=payload.message_id, artifact=artifact_to_pb(payload.artifact))
@@ -161,4 +173,7 @@ def update_from_pb(update: registry_pb.DispatchUpdate) -> DispatchUpdate:
         Artifact(a.artifact_id, parts_from_pb(a.parts, f"update.artifacts[{i}].parts"), a.name)
         for i, a in enumerate(update.artifacts)
     )
-    return DispatchUpdate(state, parts, artifacts, update.reason)
+    ask = ask_from_pb(update.input_request) if update.HasField("input_request") else None
+    if ask is not None and state is None:
+        state = MessageState.INPUT_REQUIRED
+    return DispatchUpdate(state, parts, artifacts, update.reason, ask)

@@ -10,10 +10,12 @@ from grpc import aio
 
 from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.api.convert_inputs import request_to_pb, resolution_from_pb
 from svantic_grpc.api.convert_messages import message_state, message_to_pb, outgoing
 from svantic_grpc.api.errors import status_code_for
 from svantic_grpc.core.auth import Caller
-from svantic_grpc.core.errors import InvalidArgument, MeshError, Unimplemented
+from svantic_grpc.core.errors import InvalidArgument, MeshError
+from svantic_grpc.core.inputs.model import Surface
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.pb import message_service_pb2 as pb
 from svantic_grpc.pb import message_service_pb2_grpc as pb_grpc
@@ -23,17 +25,11 @@ __all__ = ["MessageServicer"]
 _CONVERSE_BUFFER = 64
 
 
-def _not_yet(rpc: str) -> Unimplemented:
-    return Unimplemented(
-        f"MessageService.{rpc} arrives with the input-required work; it is not served yet",
-        reason="NOT_YET_SERVED",
-    )
-
-
 class MessageServicer(pb_grpc.MessageServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._messages = mesh.messages
         self._sessions = mesh.sessions
+        self._inputs = mesh.inputs
 
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: aio.ServicerContext
@@ -86,12 +82,23 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
     async def ListPendingInputs(
         self, request: pb.ListPendingInputsRequest, context: aio.ServicerContext
     ) -> pb.ListPendingInputsResponse:
-        raise _not_yet("ListPendingInputs")
+        page = await self._inputs.list_pending(
+            current_caller(),
+            session_id=request.session_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListPendingInputsResponse(
+            requests=[request_to_pb(r) for r in page.requests], next_page_token=page.next_cursor
+        )
 
     async def ResolveInput(
         self, request: pb.ResolveInputRequest, context: aio.ServicerContext
     ) -> pb.ResolveInputResponse:
-        raise _not_yet("ResolveInput")
+        resolved = await self._inputs.resolve_as(
+            current_caller(), request.request_id, resolution_from_pb(request.resolution), surface=Surface.GRPC
+        )
+        return pb.ResolveInputResponse(request=request_to_pb(resolved))
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: aio.ServicerContext
@@ -144,7 +151,10 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
                 caller, session_id, request.cancel.message_id, reason=request.cancel.reason
             )
         elif action == "resolve":
-            raise _not_yet("Converse resolve")
+            resolution = resolution_from_pb(request.resolve.resolution, "resolve.resolution")
+            await self._inputs.resolve_as(
+                caller, request.resolve.request_id, resolution, surface=Surface.CHAT
+            )
         elif action == "open":
             raise InvalidArgument("open", "this stream is already bound to a session")
         else:

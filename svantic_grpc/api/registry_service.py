@@ -11,6 +11,7 @@ from grpc import aio
 
 from svantic_grpc.api import _wkt, convert
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.api.convert_inputs import request_to_pb
 from svantic_grpc.api.convert_messages import dispatch_to_pb, update_from_pb
 from svantic_grpc.core.connections import AgentConnection
 from svantic_grpc.core.dispatch import DispatchUpdate
@@ -97,6 +98,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             while (out := await connection.outbox.get()) is not None:
                 if out.job is not None:
                     yield pb.ConnectResponse(dispatch=dispatch_to_pb(out.job))
+                elif out.answer is not None:
+                    answer = pb.InputAnswer(dispatch_id=out.dispatch_id, request=request_to_pb(out.answer))
+                    yield pb.ConnectResponse(input_answer=answer)
                 else:
                     cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
                     yield pb.ConnectResponse(cancel=cancel)

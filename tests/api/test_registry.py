@@ -599,7 +599,7 @@ async def test_registry_needs_a_token(client: Client) -> None:
     assert code_of(excinfo) == grpc.StatusCode.UNAUTHENTICATED
 
 
-# --- message service: tokens everywhere; input requests not served yet ---------------------
+# --- message service and Connect need tokens ------------------------------------------------
 
 _UNARY_MESSAGE_RPCS = [
     "SendMessage",
@@ -631,14 +631,6 @@ async def test_message_service_needs_a_token(client: Client, name: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         await _call_message_rpc(client, name, ())
     assert code_of(anonymous) == grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.mark.parametrize("name", ["ListPendingInputs", "ResolveInput"])
-async def test_input_requests_are_not_served_yet(client: Client, name: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-        await _call_message_rpc(client, name, await client.md())
-    assert code_of(excinfo) == grpc.StatusCode.UNIMPLEMENTED
-    assert error_details(excinfo)[0] == "NOT_YET_SERVED"
 
 
 async def test_connect_needs_a_token_and_a_registered_connected_instance(client: Client) -> None:
