@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import Any, TypeVar
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
@@ -35,30 +36,15 @@ class MemoryStore(Store):
         self._audit: dict[str, list[AuditRecord]] = {}
 
     async def create_session(self, session: Session) -> Session:
-        key = (session.tenant_id, session.session_id)
-        if key in self._sessions:
-            raise AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
-        stored = replace(detach(session), version=1)
-        self._sessions[key] = stored
-        return detach(stored)
+        exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
+        return _insert(self._sessions, (session.tenant_id, session.session_id), session, exists)
 
     async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
         return detach(self._sessions.get((tenant_id, session_id)))
 
     async def update_session(self, session: Session) -> Session:
         key = (session.tenant_id, session.session_id)
-        current = self._sessions.get(key)
-        if current is None:
-            raise NotFound(f"session {session.session_id!r} not found", reason="SESSION_NOT_FOUND")
-        if current.version != session.version:
-            raise Conflict(
-                f"session {session.session_id!r} changed concurrently "
-                f"(version {session.version} was read, {current.version} is stored)",
-                metadata={"stored_version": str(current.version)},
-            )
-        stored = replace(detach(session), version=current.version + 1)
-        self._sessions[key] = stored
-        return detach(stored)
+        return _replace(self._sessions, key, session, f"session {session.session_id!r}", "SESSION_NOT_FOUND")
 
     async def list_sessions(
         self,
@@ -90,39 +76,20 @@ class MemoryStore(Store):
         return [detach(s) for s in self._sessions.values() if s.status is not SessionStatus.CLOSED]
 
     async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
-        key = (agent.tenant_id, agent.instance_id)
-        if key in self._agents:
-            raise AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
-        stored = replace(detach(agent), version=1)
-        self._agents[key] = stored
-        return detach(stored)
+        exists = AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
+        return _insert(self._agents, (agent.tenant_id, agent.instance_id), agent, exists)
 
     async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
         return detach(self._agents.get((tenant_id, instance_id)))
 
     async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
         key = (agent.tenant_id, agent.instance_id)
-        current = self._check_agent_version(key, agent.version)
-        stored = replace(detach(agent), version=current.version + 1)
-        self._agents[key] = stored
-        return detach(stored)
+        return _replace(self._agents, key, agent, f"agent instance {agent.instance_id!r}", "AGENT_NOT_FOUND")
 
     async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
         key = (tenant_id, instance_id)
-        self._check_agent_version(key, version)
+        _current(self._agents, key, version, f"agent instance {instance_id!r}", "AGENT_NOT_FOUND")
         del self._agents[key]
-
-    def _check_agent_version(self, key: tuple[str, str], version: int) -> AgentRegistration:
-        current = self._agents.get(key)
-        if current is None:
-            raise NotFound(f"agent instance {key[1]!r} not found", reason="AGENT_NOT_FOUND")
-        if current.version != version:
-            raise Conflict(
-                f"agent instance {key[1]!r} changed concurrently "
-                f"(version {version} was read, {current.version} is stored)",
-                metadata={"stored_version": str(current.version)},
-            )
-        return current
 
     async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
         rows = [
@@ -134,33 +101,19 @@ class MemoryStore(Store):
         return detach(rows)
 
     async def create_message(self, message: Message) -> Message:
+        exists = AlreadyExists(
+            f"message {message.message_id!r} already exists in session {message.session_id!r}",
+            reason="MESSAGE_EXISTS",
+        )
         key = (message.tenant_id, message.session_id, message.message_id)
-        if key in self._messages:
-            raise AlreadyExists(
-                f"message {message.message_id!r} already exists in session {message.session_id!r}",
-                reason="MESSAGE_EXISTS",
-            )
-        stored = replace(detach(message), version=1)
-        self._messages[key] = stored
-        return detach(stored)
+        return _insert(self._messages, key, message, exists)
 
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return detach(self._messages.get((tenant_id, session_id, message_id)))
 
     async def update_message(self, message: Message) -> Message:
         key = (message.tenant_id, message.session_id, message.message_id)
-        current = self._messages.get(key)
-        if current is None:
-            raise NotFound(f"message {message.message_id!r} not found", reason="MESSAGE_NOT_FOUND")
-        if current.version != message.version:
-            raise Conflict(
-                f"message {message.message_id!r} changed concurrently "
-                f"(version {message.version} was read, {current.version} is stored)",
-                metadata={"stored_version": str(current.version)},
-            )
-        stored = replace(detach(message), version=current.version + 1)
-        self._messages[key] = stored
-        return detach(stored)
+        return _replace(self._messages, key, message, f"message {message.message_id!r}", "MESSAGE_NOT_FOUND")
 
     async def list_messages(
         self,
@@ -194,30 +147,17 @@ class MemoryStore(Store):
         return MessagePage(tuple(detach(page)), next_cursor)
 
     async def create_input(self, request: InputRequest) -> InputRequest:
-        key = (request.tenant_id, request.request_id)
-        if key in self._inputs:
-            raise AlreadyExists(f"input request {request.request_id!r} already exists")
-        stored = replace(detach(request), version=1)
-        self._inputs[key] = stored
-        return stored
+        exists = AlreadyExists(f"input request {request.request_id!r} already exists")
+        return _insert(self._inputs, (request.tenant_id, request.request_id), request, exists)
 
     async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
         return detach(self._inputs.get((tenant_id, request_id)))
 
     async def update_input(self, request: InputRequest) -> InputRequest:
         key = (request.tenant_id, request.request_id)
-        current = self._inputs.get(key)
-        if current is None:
-            raise NotFound(f"input request {request.request_id!r} not found", reason="INPUT_NOT_FOUND")
-        if current.version != request.version:
-            raise Conflict(
-                f"input request {request.request_id!r} changed concurrently "
-                f"(version {request.version} was read, {current.version} is stored)",
-                metadata={"stored_version": str(current.version)},
-            )
-        stored = replace(detach(request), version=current.version + 1)
-        self._inputs[key] = stored
-        return stored
+        return _replace(
+            self._inputs, key, request, f"input request {request.request_id!r}", "INPUT_NOT_FOUND"
+        )
 
     async def list_inputs(
         self,
@@ -276,3 +216,36 @@ class MemoryStore(Store):
         # Sequence n sits at index n - 1, so slicing is the lookup.
         start = max(after_sequence, 0)
         return detach(log[start : start + limit])
+
+
+Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
+
+
+def _insert(table: dict[Any, Record], key: Any, record: Record, exists: AlreadyExists) -> Record:
+    """Store a new record at version 1."""
+    if key in table:
+        raise exists
+    stored = replace(detach(record), version=1)
+    table[key] = stored
+    return stored
+
+
+def _current(table: dict[Any, Record], key: Any, version: int, what: str, not_found: str) -> Record:
+    """The stored record, if it is still at ``version`` (the compare of compare-and-set)."""
+    current = table.get(key)
+    if current is None:
+        raise NotFound(f"{what} not found", reason=not_found)
+    if current.version != version:
+        raise Conflict(
+            f"{what} changed concurrently (version {version} was read, {current.version} is stored)",
+            metadata={"stored_version": str(current.version)},
+        )
+    return current
+
+
+def _replace(table: dict[Any, Record], key: Any, record: Record, what: str, not_found: str) -> Record:
+    """Replace a record written at the version it was read; bump the version."""
+    current = _current(table, key, record.version, what, not_found)
+    stored = replace(detach(record), version=current.version + 1)
+    table[key] = stored
+    return stored
