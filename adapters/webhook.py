@@ -69,6 +69,8 @@ __all__ = ["RECEIVE_PATH", "SENSITIVE_NOTE", "WebhookAdapter", "WebhookSettings"
 _log = logging.getLogger(__name__)
 
 RECEIVE_PATH = "/webhooks/receive"
+_ENDED_TOKENS_KEPT = 10_000
+
 SENSITIVE_NOTE = "This request has sensitive fields; complete it through the API or chat, not a webhook."
 _DEFAULT_INBOUND_ENV = "SVANTIC_WEBHOOK_SECRET"
 _SECRET_PREFIX = "whsec_"
@@ -232,6 +234,8 @@ def _form_json(form: Form | None) -> dict[str, Any] | None:
         return None
     fields = []
     for f in form.fields:
+        if f.private:
+            continue  # nothing of a sensitive field leaves the mesh, not even its label
         item: dict[str, Any] = {
             "name": f.name,
             "type": f.type,
@@ -240,7 +244,7 @@ def _form_json(form: Form | None) -> dict[str, Any] | None:
             "sensitive": f.sensitive,
             "options": list(f.options),
         }
-        if f.default is not None and not f.sensitive:
+        if f.default is not None:
             item["default"] = f.default
         fields.append(item)
     return {
@@ -253,7 +257,7 @@ def _form_json(form: Form | None) -> dict[str, Any] | None:
 
 def _public_values(request: InputRequest, values: Mapping[str, Any]) -> dict[str, Any]:
     """Form values minus those of sensitive fields."""
-    hidden = {f.name for f in request.form.fields if f.sensitive} if request.form else set()
+    hidden = {f.name for f in request.form.fields if f.private} if request.form else set()
     return {k: v for k, v in values.items() if k not in hidden}
 
 
@@ -441,6 +445,7 @@ class WebhookAdapter(Adapter):
         self._tasks: set[asyncio.Task[None]] = set()
         self._announcing: dict[_Key, set[asyncio.Task[None]]] = {}
         self._grants: dict[str, _Grant] = {}  # token digest -> grant
+        self._ended: dict[str, _Grant] = {}  # token digests of requests that ended -> grant
         # Requests with outstanding tokens; a key stays until the outcome revokes them all.
         self._tokens_of: dict[_Key, set[str]] = {}
         self._seen: dict[str, int] = {}  # processed webhook-id -> its timestamp, oldest first
@@ -629,6 +634,10 @@ class WebhookAdapter(Adapter):
         """Consume the body's token; raises ``_Refused`` (401) unless it is valid for the request."""
         digest = _digest(str(body["callback_token"]))
         grant = self._grants.get(digest)
+        if grant is None and digest in self._ended:
+            # The request ended before this token was used: let the mesh say who answered (409).
+            grant = self._ended[digest]
+            return digest, grant
         if (
             grant is None
             or body.get("request_id") not in (None, "", grant.request_id)
@@ -650,7 +659,12 @@ class WebhookAdapter(Adapter):
 
     def _revoke(self, key: _Key) -> None:
         for digest in self._tokens_of.pop(key, ()):
-            self._grants.pop(digest, None)
+            grant = self._grants.pop(digest, None)
+            if grant is not None:
+                # Remembered (bounded) so a late answer is told who won instead of "invalid token".
+                self._ended[digest] = grant
+                while len(self._ended) > _ENDED_TOKENS_KEPT:
+                    del self._ended[next(iter(self._ended))]
 
     # -- inbound
 

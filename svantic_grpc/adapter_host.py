@@ -33,15 +33,15 @@ class AdapterLoadError(ValueError):
 class _Context:
     """What adapters may do with the mesh (``svantic_grpc.adapter.AdapterContext``)."""
 
-    def __init__(self, inputs: Inputs, clock: Clock, ids: IdGenerator, http_base_url: str) -> None:
+    def __init__(self, host: AdapterHost, inputs: Inputs, clock: Clock, ids: IdGenerator) -> None:
+        self._host = host
         self._inputs = inputs
         self.clock = clock
         self.ids = ids
-        self._http_base_url = http_base_url
 
     @property
     def http_base_url(self) -> str:
-        return self._http_base_url
+        return self._host.http_base_url
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
         return await self._inputs.get(tenant_id, request_id)
@@ -92,9 +92,7 @@ class AdapterHost:
         if not self._configs:
             return
         available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-        host, _, port = self._address.rpartition(":")
-        base = self._public_url or f"http://{host.strip('[]')}:{port}"
-        context = _Context(self._inputs, self._clock, self._ids, base)
+        context = _Context(self, self._inputs, self._clock, self._ids)
         for name, config in self._configs.items():
             entry = available.get(name)
             if entry is None:
@@ -106,6 +104,16 @@ class AdapterHost:
                 self.adapters[name] = adapter_class(name, config, context, self._env)
             except (ValueError, KeyError, TypeError) as exc:
                 raise AdapterLoadError(f"adapters.{name}: {exc}") from None
+
+    @property
+    def http_base_url(self) -> str:
+        """How callers reach the adapters' HTTP server (the bound port once serving)."""
+        if self._public_url:
+            return self._public_url.rstrip("/")
+        host, _, port = self._address.rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.http_port or port}"
 
     async def start(self) -> None:
         """Serve the adapters' routes, start them, and subscribe them to input requests."""

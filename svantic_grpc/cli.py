@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from svantic_grpc import cli_inputs
 from svantic_grpc.config import Settings, SettingsError, load_settings, with_overrides
 from svantic_grpc.core.auth import hash_secret
 from svantic_grpc.server import MeshServer
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--grpc-address", help="override grpc_address, e.g. 127.0.0.1:50051")
     commands.add_parser("hash-secret", help="hash a client secret for settings.json (reads it from stdin)")
+    cli_inputs.add_commands(commands)  # pending, resolve: operator commands for input requests
     args = parser.parse_args(argv)
+    if args.command in cli_inputs.COMMANDS:
+        return cli_inputs.run(args)
     if args.command == "hash-secret":
         secret = (
             getpass.getpass("client secret: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")

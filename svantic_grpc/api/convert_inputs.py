@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from svantic_grpc.api._wkt import from_struct, struct, timestamp
 from svantic_grpc.core.dispatch import InputAsk
@@ -98,6 +98,8 @@ def request_to_pb(request: InputRequest, *, redact_sensitive: bool = False) -> p
         created_at=timestamp(request.created_at),
         expires_at=timestamp(request.expires_at),
         policy=request.policy,
+        summary=request.summary,
+        outcome_reason=request.outcome_reason,
     )
     if request.tool_call is not None:
         call = request.tool_call
@@ -135,7 +137,7 @@ def _form_to_pb(form: Form) -> pb.Form:
             sensitive=f.sensitive,
             options=f.options,
         )
-        if f.default is not None and not f.sensitive:
+        if f.default is not None and not f.private:
             field.default_value.CopyFrom(_value(f.default))
         fields.append(field)
     return pb.Form(title=form.title, description=form.description, fields=fields)
@@ -167,6 +169,9 @@ def ask_from_pb(request: pb.InputRequest, field: str = "update.input_request") -
                     required=f.required,
                     sensitive=f.sensitive,
                     options=tuple(f.options),
+                    default=json_format.MessageToDict(f.default_value)
+                    if f.HasField("default_value")
+                    else None,
                 )
                 for f in request.form.fields
             ),

@@ -239,7 +239,7 @@ class Resolution(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., confirmed: _Optional[bool] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., resolved_by: _Optional[str] = ..., surface: _Optional[_Union[Surface, str]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class InputRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "message_id", "kind", "tool_call", "form", "plan", "allowed_decisions", "allowed_responders", "state", "created_at", "expires_at", "resolution", "policy")
+    __slots__ = ("request_id", "session_id", "message_id", "kind", "tool_call", "form", "plan", "allowed_decisions", "allowed_responders", "state", "created_at", "expires_at", "resolution", "policy", "summary", "outcome_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,8 @@ class InputRequest(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     message_id: str
@@ -268,4 +270,6 @@ class InputRequest(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     resolution: Resolution
     policy: str
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., form: _Optional[_Union[Form, _Mapping]] = ..., plan: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., allowed_decisions: _Optional[_Iterable[_Union[Decision, str]]] = ..., allowed_responders: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[InputState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    summary: str
+    outcome_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., form: _Optional[_Union[Form, _Mapping]] = ..., plan: _Optional[_Iterable[_Union[PlanStep, _Mapping]]] = ..., allowed_decisions: _Optional[_Iterable[_Union[Decision, str]]] = ..., allowed_responders: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[InputState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., policy: _Optional[str] = ..., summary: _Optional[str] = ..., outcome_reason: _Optional[str] = ...) -> None: ...

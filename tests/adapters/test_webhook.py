@@ -302,8 +302,7 @@ async def test_sensitive_form_never_leaves_with_a_value_or_a_token(build: Build)
     assert "API or chat" in payload["note"]
     fields = {f["name"]: f for f in payload["request"]["form"]["fields"]}
     assert fields["user"]["default"] == "admin"
-    assert "default" not in fields["password"]
-    assert fields["password"]["sensitive"] is True
+    assert "password" not in fields  # not even its label leaves the mesh
 
     status, body = await h.post_signed(answer("f1", values={"user": "root", "password": "x"}))
     assert status == 422
@@ -380,11 +379,12 @@ async def test_expiry_and_cancellation_are_reported(build: Build, state: InputSt
     assert payload["request"]["state"] == state.value
     assert payload["request"]["resolution"] is None
     assert payload["request"]["outcome_reason"] == state.value
-    status, _ = await h.post(answer("r1", token))
-    assert status == 401  # the outcome revoked the token
+    status, body = await h.post(answer("r1", token))
+    assert status == 409  # the request ended: a late answer is told how, not "invalid token"
+    assert state.value in body["error"]["message"]
 
 
-async def test_resolution_elsewhere_is_reported_and_revokes_the_token(build: Build) -> None:
+async def test_resolution_elsewhere_is_reported_and_a_late_token_is_told_who_won(build: Build) -> None:
     h = await build()
     token = (await h.announce(tool_request()))["callback"]["token"]
     resolved = await h.mesh.resolve(
@@ -403,8 +403,10 @@ async def test_resolution_elsewhere_is_reported_and_revokes_the_token(build: Bui
     assert (resolution["resolved_by"], resolution["surface"]) == ("alice", "slack")
 
     status, body = await h.post(answer("r1", token))
-    assert status == 401
-    assert body["error"]["reason"] == "INVALID_CALLBACK_TOKEN"
+    assert status == 409
+    assert "alice" in body["error"]["message"] and "slack" in body["error"]["message"]
+    status, body = await h.post(answer("r1", token))
+    assert status == 409  # still only told, never resolved
 
 
 async def test_outcome_replaces_an_announcement_still_retrying(build: Build) -> None:

@@ -90,6 +90,11 @@ class FormField:
     def __post_init__(self) -> None:
         object.__setattr__(self, "default", freeze(self.default))
 
+    @property
+    def private(self) -> bool:
+        """Never shown outside the mesh (Slack, webhooks): flagged sensitive, or a password."""
+        return self.sensitive or self.type == "password"
+
 
 @dataclass(frozen=True)
 class Form:
@@ -100,7 +105,7 @@ class Form:
     @property
     def sensitive(self) -> bool:
         """True when any field must never leave the mesh (Slack, webhooks); passwords always."""
-        return any(f.sensitive or f.type == "password" for f in self.fields)
+        return any(f.private for f in self.fields)
 
 
 @dataclass(frozen=True)
