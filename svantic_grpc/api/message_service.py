@@ -151,10 +151,17 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
                 caller, session_id, request.cancel.message_id, reason=request.cancel.reason
             )
         elif action == "resolve":
-            resolution = resolution_from_pb(request.resolve.resolution, "resolve.resolution")
-            await self._inputs.resolve_as(
-                caller, request.resolve.request_id, resolution, surface=Surface.CHAT
-            )
+            try:
+                resolution = resolution_from_pb(request.resolve.resolution)
+                await self._inputs.resolve_as(
+                    caller,
+                    request.resolve.request_id,
+                    resolution,
+                    surface=Surface.CHAT,
+                    session_id=session_id,
+                )
+            except InvalidArgument as error:  # name the field by its path in this request
+                raise InvalidArgument(f"resolve.{error.field}", error.description) from None
         elif action == "open":
             raise InvalidArgument("open", "this stream is already bound to a session")
         else:

@@ -57,6 +57,7 @@ class AgentConnection:
     outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
     """What the stream writer sends; ``None`` tells it to stop."""
     pending: dict[str, asyncio.Queue[DispatchUpdate | _Dropped]] = field(default_factory=dict)
+    jobs: dict[str, DispatchJob] = field(default_factory=dict)
     acknowledged: set[str] = field(default_factory=set)
     closed: bool = False
 
@@ -127,6 +128,7 @@ class ConnectedAgents:
             raise NotDelivered("the agent is not connected")
         queue: asyncio.Queue[DispatchUpdate | _Dropped] = asyncio.Queue()
         connection.pending[job.dispatch_id] = queue
+        connection.jobs[job.dispatch_id] = job
         connection.outbox.put_nowait(Outbound(job.dispatch_id, job))
         finished = False
         try:
@@ -148,6 +150,7 @@ class ConnectedAgents:
                     return
         finally:
             connection.pending.pop(job.dispatch_id, None)
+            connection.jobs.pop(job.dispatch_id, None)
             connection.acknowledged.discard(job.dispatch_id)
             if not finished and not connection.closed:
                 # The mesh stopped following (cancel, timeout): tell the agent to stop too.
@@ -164,5 +167,8 @@ class ConnectedAgents:
         connection.closed = True
         for queue in connection.pending.values():
             queue.put_nowait(_Dropped(reason))
+        for job in connection.jobs.values():
+            if job.lost is not None:
+                job.lost.set()
         connection.outbox.put_nowait(None)
         _log.info("agent stream of %s/%s ended: %s", *connection.key, reason)

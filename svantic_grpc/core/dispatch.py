@@ -11,8 +11,9 @@ answer to the agent and goes on following it. Hosted agents are reached over A2A
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
@@ -43,6 +44,9 @@ class DispatchJob:
     """Signed, short-lived; the agent may verify it (see ``DispatchTokens``)."""
     deadline: float
     """Epoch seconds after which the mesh gives up."""
+    lost: asyncio.Event | None = field(default=None, compare=False)
+    """Set by the transport when the agent is gone (e.g. its stream dropped) while the mesh is
+    not reading the dispatch, such as while a human decides."""
 
 
 @dataclass(frozen=True)

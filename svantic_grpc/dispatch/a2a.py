@@ -229,6 +229,8 @@ def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2
         text = f"{request.summary}: {'approved' if resolution.approved else 'denied'}"
         if resolution.reason:
             text += f" ({resolution.reason})"
+        if isinstance(resolution.values.get("answer"), str):
+            text = resolution.values["answer"]  # the human's reply to the agent's question, as is
     return A2AMessage(
         message_id=f"{job.dispatch_id}-{request.request_id}",
         context_id=job.session_id,

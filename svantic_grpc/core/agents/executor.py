@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 
 from svantic_grpc.core.agents.base import InternalAgent, SessionScope
@@ -130,7 +131,14 @@ class BudgetedExecutor(Executor):
         timeout = services.options.dispatch_timeout_s
         message = writer.message if not parts else replace(writer.message, parts=parts)
         job = DispatchJob(
-            dispatch_id, tenant_id, session_id, agent, message, token, services.clock.now() + timeout
+            dispatch_id,
+            tenant_id,
+            session_id,
+            agent,
+            message,
+            token,
+            services.clock.now() + timeout,
+            lost=asyncio.Event(),
         )
         started = services.clock.now()
         loop_started = asyncio.get_running_loop().time()
@@ -229,15 +237,21 @@ class BudgetedExecutor(Executor):
             policy=policy,
             allowed_responders=responders,
         )
-        return await wait_for_human(writer, inputs, request, deadline)
+        return await wait_for_human(writer, inputs, request, deadline, lost=job.lost)
 
 
 async def wait_for_human(
-    writer: MessageWriter, inputs: Inputs, request: InputRequest, deadline: asyncio.Timeout | None = None
+    writer: MessageWriter,
+    inputs: Inputs,
+    request: InputRequest,
+    deadline: asyncio.Timeout | None = None,
+    *,
+    lost: asyncio.Event | None = None,
 ) -> InputRequest | Outcome:
     """Park the message on ``request`` until it ends; a resolution resumes it (``working``).
 
-    The dispatch timeout does not run while a human thinks.
+    The dispatch timeout does not run while a human thinks. If the agent goes away
+    meanwhile (``lost``), the request is withdrawn and the message fails.
     """
     await writer.input_required(request)
     loop = asyncio.get_running_loop()
@@ -246,7 +260,11 @@ async def wait_for_human(
     if deadline is not None:
         deadline.reschedule(None)
     try:
-        ended = await inputs.wait(request.tenant_id, request.request_id)
+        ended = await _first_of(inputs.wait(request.tenant_id, request.request_id), lost)
+        if ended is None:
+            reason = "the agent disconnected while waiting for a human"
+            await inputs.withdraw(request.tenant_id, request.request_id, reason)
+            return Outcome(MessageState.FAILED, reason)
     finally:
         if deadline is not None and remaining is not None:
             deadline.reschedule(loop.time() + remaining)
@@ -259,3 +277,18 @@ async def wait_for_human(
     if ended.state is InputState.EXPIRED:
         return Outcome(MessageState.FAILED, f"expired: nobody answered '{ended.summary}' in time")
     return Outcome(MessageState.CANCELED, ended.outcome_reason or "input request canceled")
+
+
+async def _first_of(answer: Awaitable[InputRequest], lost: asyncio.Event | None) -> InputRequest | None:
+    """The ended request, or ``None`` if ``lost`` is set first."""
+    if lost is None:
+        return await answer
+    waiting = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    return waiting.result() if waiting.done() and not waiting.cancelled() else None

@@ -126,11 +126,13 @@ class PolicyEngine:
         return Verdict(Enforcement.REQUIRE_APPROVAL, policy)
 
     def plan_policy(self, agent_types: Iterable[str]) -> Policy | None:
-        """The plan-scope policy requiring sign-off for a plan over these agent types, if any."""
+        """The plan-scope policy (block or require_approval) for a plan over these agent types."""
         types = list(agent_types)
+        deciding = (Enforcement.BLOCK, Enforcement.REQUIRE_APPROVAL)
         for policy in self._policies:
-            needs_sign_off = policy.scope == "plan" and policy.enforcement is Enforcement.REQUIRE_APPROVAL
-            if needs_sign_off and any(fnmatch.fnmatchcase(t, policy.agent_type) for t in types):
+            if policy.scope != "plan" or policy.enforcement not in deciding:
+                continue
+            if any(fnmatch.fnmatchcase(t, policy.agent_type) for t in types):
                 return policy
         return None
 

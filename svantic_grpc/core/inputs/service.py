@@ -104,8 +104,8 @@ class Inputs:
         decisions: tuple[Decision, ...] = ()
         if kind is InputKind.TOOL_APPROVAL:
             decisions = APPROVAL_DECISIONS
-        elif kind is InputKind.PLAN_APPROVAL:
-            decisions = (Decision.APPROVE, Decision.DENY)
+        elif kind in (InputKind.PLAN_APPROVAL, InputKind.CONFIRMATION):
+            decisions = (Decision.APPROVE, Decision.DENY)  # grants only come from policy approvals
         request = await self._store.create_input(
             InputRequest(
                 tenant_id=tenant_id,
@@ -169,10 +169,20 @@ class Inputs:
     # Answering
 
     async def resolve_as(
-        self, caller: Caller, request_id: str, resolution: Resolution, *, surface: Surface = Surface.GRPC
+        self,
+        caller: Caller,
+        request_id: str,
+        resolution: Resolution,
+        *,
+        surface: Surface = Surface.GRPC,
+        session_id: str = "",
     ) -> InputRequest:
-        """``resolve`` for an authenticated caller (``ResolveInput``, ``Converse``)."""
+        """``resolve`` for a caller (``ResolveInput``; ``Converse`` limits it to its own session)."""
         caller.require(Scope.FULL)
+        if session_id and (await self.get(caller.tenant_id, request_id)).session_id != session_id:
+            raise NotFound(
+                f"input request {request_id!r} not found in this session", reason="INPUT_NOT_FOUND"
+            )
         return await self.resolve(
             tenant_id=caller.tenant_id,
             request_id=request_id,
@@ -186,6 +196,9 @@ class Inputs:
     ) -> InputRequest:
         """Answer a pending request; the first answer wins (see the module docstring)."""
         check_id("request_id", request_id)
+        current = await self.get(tenant_id, request_id)
+        if current.state is InputState.PENDING and self._clock.now() >= current.expires_at:
+            await self._expire(tenant_id, request_id)  # too late, even if the timer has not run yet
         async with self._locks.hold((tenant_id, request_id)):
             request = await self.get(tenant_id, request_id)
             if request.state is not InputState.PENDING:
@@ -215,10 +228,11 @@ class Inputs:
                 # Another process answered first: report who won, never overwrite.
                 raise _already(await self.get(tenant_id, request_id)) from None
         decision = answer.decision
-        if decision is Decision.APPROVE_FOR_SESSION and saved.tool_call is not None:
-            self.policies.grant_for_session(tenant_id, saved.session_id, saved.tool_call.tool_name)
-        if decision is Decision.APPROVE_ALWAYS and saved.policy:
-            self.policies.allow_always(tenant_id, saved.policy)
+        if saved.kind is InputKind.TOOL_APPROVAL and saved.tool_call is not None:
+            if decision is Decision.APPROVE_FOR_SESSION:
+                self.policies.grant_for_session(tenant_id, saved.session_id, saved.tool_call.tool_name)
+            if decision is Decision.APPROVE_ALWAYS and saved.policy:
+                self.policies.allow_always(tenant_id, saved.policy)
         await self._ended(saved)
         return saved
 
@@ -235,6 +249,10 @@ class Inputs:
         )
         for request in page.requests:
             await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
+
+    async def withdraw(self, tenant_id: str, request_id: str, reason: str) -> None:
+        """Cancel one pending request (its message no longer waits for it)."""
+        await self._end_unanswered(tenant_id, request_id, InputState.CANCELED, reason)
 
     async def _expire(self, tenant_id: str, request_id: str) -> None:
         await self._end_unanswered(
@@ -435,11 +453,13 @@ def _checked(request: InputRequest, resolution: Resolution) -> Resolution:
             raise InvalidArgument("resolution.reason", "a denial needs a reason the agent can act on")
         return resolution
     if request.kind is InputKind.CONFIRMATION:
-        if resolution.decision is not None and resolution.decision is not Decision.DENY:
-            return replace(resolution, confirmed=True)
-        if resolution.decision is Decision.DENY:
-            return replace(resolution, confirmed=False)
-        return resolution
+        if resolution.decision is None:
+            return resolution
+        if resolution.decision not in request.allowed_decisions:
+            raise InvalidArgument(
+                "resolution.decision", "a confirmation takes approve or deny (or confirmed)"
+            )
+        return replace(resolution, confirmed=resolution.decision is Decision.APPROVE)
     form = request.form
     assert form is not None
     values = dict(resolution.values)

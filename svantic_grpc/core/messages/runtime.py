@@ -17,6 +17,7 @@ from svantic_grpc.core.agents import AgentSet, Outcome, PlanStep, Route, Session
 from svantic_grpc.core.agents.executor import wait_for_human
 from svantic_grpc.core.errors import MeshError
 from svantic_grpc.core.inputs.model import InputKind, PlanItem
+from svantic_grpc.core.inputs.policies import Enforcement
 from svantic_grpc.core.messages.model import Message, MessageMetadata, MessageState, Part, Role
 from svantic_grpc.core.messages.writer import MessageWriter
 
@@ -163,7 +164,7 @@ class SessionRuntime:
 
     async def _run_plan(self, writer: MessageWriter, metadata: MessageMetadata) -> Outcome:
         steps = await self.agents.planner.plan(metadata.action_data)
-        signed_off = await self._sign_off(writer, steps)
+        signed_off = await self._sign_off(writer, steps, yolo=metadata.yolo_mode)
         if signed_off is not None:
             return signed_off
         outcome = Outcome(MessageState.COMPLETED)
@@ -180,11 +181,20 @@ class SessionRuntime:
             outcome.instance_id,
         )
 
-    async def _sign_off(self, writer: MessageWriter, steps: tuple[PlanStep, ...]) -> Outcome | None:
-        """Ask a human to sign the plan off when a plan policy says so; ``None`` means go ahead."""
+    async def _sign_off(
+        self, writer: MessageWriter, steps: tuple[PlanStep, ...], *, yolo: bool
+    ) -> Outcome | None:
+        """Ask a human to sign the plan off when a plan policy says so; ``None`` means go ahead.
+
+        A blocking plan policy rejects the plan; ``yolo_mode`` skips a sign-off, never a block.
+        """
         inputs = self.scope.services.inputs
         policy = inputs.policies.plan_policy(step.agent_type for step in steps)
         if policy is None:
+            return None
+        if policy.enforcement is Enforcement.BLOCK:
+            return Outcome(MessageState.REJECTED, f"plan blocked by policy {policy.name!r}")
+        if yolo:
             return None
         request = await inputs.ask(
             tenant_id=self.scope.tenant_id,
