@@ -90,6 +90,9 @@ class Reply:
     _send: Callable[[registry_service_pb2.DispatchUpdate], Awaitable[None]]
     done: bool = field(default=False, init=False)
     _answers: asyncio.Queue[message_types_pb2.InputRequest] = field(default_factory=asyncio.Queue, init=False)
+    prefilled: list[message_types_pb2.InputRequest] = field(default_factory=list)
+    """Answers that came with the dispatch: given before a mesh restart to a question this
+    handler asked then. ``request_input`` uses a matching one instead of asking again."""
 
     async def _update(
         self, state: int = 0, *, say: Any = None, artifacts: Any = None, reason: str = ""
@@ -151,6 +154,9 @@ class Reply:
         Tool approvals are first checked against the mesh's policies, so the answer
         may come at once (allowed or blocked by policy) or after a human decides.
         """
+        for index, answer in enumerate(self.prefilled):
+            if answer.kind == request.kind and answer.tool_call.tool_name == request.tool_call.tool_name:
+                return self.prefilled.pop(index)
         update = registry_service_pb2.DispatchUpdate(
             dispatch_id=self.dispatch_id,
             state=message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED,
@@ -354,7 +360,7 @@ class ConnectedAgent:
         async def send(update: registry_service_pb2.DispatchUpdate) -> None:
             outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
 
-        reply = Reply(dispatch.dispatch_id, send)
+        reply = Reply(dispatch.dispatch_id, send, prefilled=_answers_in(dispatch.message))
         task = asyncio.create_task(self._handle(dispatch, reply), name=f"dispatch-{dispatch.dispatch_id}")
         self._running[dispatch.dispatch_id] = task
         self._replies[dispatch.dispatch_id] = reply
@@ -397,3 +403,46 @@ class ConnectedAgent:
         if claims.get("dispatch_id") != dispatch.dispatch_id:
             raise jwt.InvalidTokenError("token is for another dispatch")
         return claims
+
+
+_KINDS = {
+    "tool_approval": message_types_pb2.INPUT_KIND_TOOL_APPROVAL,
+    "form": message_types_pb2.INPUT_KIND_FORM,
+    "confirmation": message_types_pb2.INPUT_KIND_CONFIRMATION,
+    "plan_approval": message_types_pb2.INPUT_KIND_PLAN_APPROVAL,
+}
+_STATES = {
+    "resolved": message_types_pb2.INPUT_STATE_RESOLVED,
+    "expired": message_types_pb2.INPUT_STATE_EXPIRED,
+    "canceled": message_types_pb2.INPUT_STATE_CANCELED,
+}
+_DECISIONS = {
+    "approve": message_types_pb2.DECISION_APPROVE,
+    "approve_for_session": message_types_pb2.DECISION_APPROVE_FOR_SESSION,
+    "approve_always": message_types_pb2.DECISION_APPROVE_ALWAYS,
+    "deny": message_types_pb2.DECISION_DENY,
+}
+
+
+def _answers_in(message: message_types_pb2.Message) -> list[message_types_pb2.InputRequest]:
+    """The ``{"input_resolution": ...}`` data parts of a resumed dispatch, as InputRequests."""
+    answers = []
+    for part in message.parts:
+        if part.WhichOneof("content") != "data" or "input_resolution" not in part.data:
+            continue
+        raw = json_format.MessageToDict(part.data)["input_resolution"]
+        answer = message_types_pb2.InputRequest(
+            request_id=str(raw.get("request_id", "")),
+            kind=_KINDS.get(raw.get("kind", ""), message_types_pb2.INPUT_KIND_UNSPECIFIED),
+            state=_STATES.get(raw.get("state", ""), message_types_pb2.INPUT_STATE_UNSPECIFIED),
+            tool_call=message_types_pb2.ToolCall(tool_name=str(raw.get("tool_name", ""))),
+        )
+        resolution = answer.resolution
+        resolution.decision = _DECISIONS.get(raw.get("decision", ""), message_types_pb2.DECISION_UNSPECIFIED)
+        resolution.reason = str(raw.get("reason", ""))
+        resolution.confirmed = bool(raw.get("confirmed", False))
+        resolution.resolved_by = str(raw.get("resolved_by", ""))
+        resolution.values.update(raw.get("values") or {})
+        resolution.payload.update(raw.get("payload") or {})
+        answers.append(answer)
+    return answers

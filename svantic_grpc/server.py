@@ -139,7 +139,11 @@ class MeshServer:
                 "production.",
                 self.settings.auth.signing_key_env,
             )
-        await self.mesh.start()
+        try:
+            await self.mesh.start()
+        except ValueError as exc:  # the store refused its file (foreign, damaged, newer schema)
+            await self.mesh.stop()
+            raise SettingsError(f"store: {exc}") from None
         try:
             await self.adapters.start()
         except AdapterLoadError as exc:

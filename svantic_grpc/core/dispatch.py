@@ -44,6 +44,10 @@ class DispatchJob:
     """Signed, short-lived; the agent may verify it (see ``DispatchTokens``)."""
     deadline: float
     """Epoch seconds after which the mesh gives up."""
+    resume_task_id: str = ""
+    """Continue this agent-side task (A2A) instead of starting one: send ``answer`` on it."""
+    answer: InputRequest | None = None
+    """A human's answer the agent asked for before the mesh restarted."""
     lost: asyncio.Event | None = field(default=None, compare=False)
     """Set by the transport when the agent is gone (e.g. its stream dropped) while the mesh is
     not reading the dispatch, such as while a human decides."""
@@ -72,6 +76,8 @@ class DispatchUpdate:
     reason: str = ""
     ask: InputAsk | None = None
     """With state ``input-required``: what the agent needs; ``None`` means a free-text question."""
+    task_ref: str = ""
+    """The agent's own id for the work (A2A task id), when it has one."""
 
 
 class NotDelivered(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.stores.base import Store
 
 __all__ = ["Mesh", "MeshOptions"]
+
+_log = logging.getLogger("svantic_grpc")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Mesh:
             ttl_s=options.session_ttl_s,
         )
         self.connections = ConnectedAgents(registry=self.registry, clock=self.clock)
+        self.registry.is_live = self.connections.is_connected
         transports: dict[DeploymentMode, Transport] = {DeploymentMode.CONNECTED: self.connections}
         if hosted is not None:
             transports[DeploymentMode.HOSTED] = hosted
@@ -142,8 +146,14 @@ class Mesh:
         if self._started:
             return
         self._started = True
+        await self.store.connect()
         await self.sessions.recover()
         await self.inputs.recover()
+        interrupted, resumed = await self.messages.recover()
+        if interrupted or resumed:
+            _log.info(
+                "recovered messages: %d interrupted, %d waiting for a human again", interrupted, resumed
+            )
         self.sessions.reaper.start()
         self.inputs.expiry.start()
 

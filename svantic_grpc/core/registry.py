@@ -63,6 +63,9 @@ class Registry:
         """Held per (tenant, instance) around every change of a registration."""
         self._release_hooks: list[ReleaseHook] = []
         self._dispatch_counts: dict[tuple[str, str], ConnectionStats] = {}
+        self.is_live: Callable[[str, str], bool] = lambda tenant_id, instance_id: False
+        """Whether this process holds the instance's open stream (set by the composition root).
+        The stored ``connected`` flag can be stale after a crash; this never is."""
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -77,7 +80,7 @@ class Registry:
         reported = agent.reported_status
         if reported in (AgentStatus.DRAINING, AgentStatus.OFFLINE, AgentStatus.UNHEALTHY):
             return reported
-        alive = agent.connection.connected or (
+        alive = self.is_live(agent.tenant_id, agent.instance_id) or (
             self._clock.now() - agent.last_seen_at <= self._heartbeat_timeout_s
         )
         if not alive:
@@ -263,10 +266,14 @@ class Registry:
     def with_counters(self, agent: AgentRegistration) -> AgentRegistration:
         """``agent`` with this process's dispatch counters in its connection state."""
         counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
+        live = self.is_live(agent.tenant_id, agent.instance_id)
         if counts is None:
-            return agent
+            if live == agent.connection.connected:
+                return agent
+            return replace(agent, connection=replace(agent.connection, connected=live))
         connection = replace(
             agent.connection,
+            connected=live,
             last_dispatch_at=counts.last_dispatch_at,
             successes=counts.successes,
             failures=counts.failures,

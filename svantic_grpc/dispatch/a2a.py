@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any, cast
 
 import grpc
@@ -45,7 +46,7 @@ from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
-from svantic_grpc.core.inputs.asks import parse_ask
+from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 
@@ -108,8 +109,11 @@ class A2ATransport:
     async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
         client = await self._client(job.agent.url)
         message = _to_a2a_message(job)
-        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.token}"})
         task_id = ""
+        if job.resume_task_id and job.answer is not None:
+            task_id = job.resume_task_id  # the agent still waits on its task: answer it there
+            message = _answer_message(job, task_id, job.answer)
+        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.token}"})
         delivered = False
         ended = False
         try:
@@ -122,6 +126,7 @@ class A2ATransport:
                         update, task_id = _update_from(event, task_id)
                         if update is None:
                             continue
+                        update = replace(update, task_ref=task_id)
                         if update.state is MessageState.INPUT_REQUIRED:
                             answer = yield update
                             break
@@ -214,18 +219,9 @@ def _to_a2a_message(job: DispatchJob) -> A2AMessage:
 def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2AMessage:
     """The human's answer, sent on the agent's task: a text line and ``{"input_resolution": ...}``."""
     resolution = request.resolution
-    answer: dict[str, Any] = {"request_id": request.request_id, "state": request.state.value}
+    answer = resolution_json(request)
     text = f"{request.summary}: {request.state.value}"
     if resolution is not None:
-        answer.update(
-            approved=resolution.approved,
-            decision=resolution.decision.value if resolution.decision else "",
-            reason=resolution.reason,
-            values=dict(resolution.values),
-            confirmed=resolution.confirmed,
-            payload=dict(resolution.payload),
-            resolved_by=resolution.resolved_by,
-        )
         text = f"{request.summary}: {'approved' if resolution.approved else 'denied'}"
         if resolution.reason:
             text += f" ({resolution.reason})"

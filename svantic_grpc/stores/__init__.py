@@ -7,11 +7,20 @@ __all__ = ["MemoryStore", "SessionPage", "Store", "open_store"]
 
 
 def open_store(uri: str) -> Store:
-    """The store named by a settings value: ``memory`` (the default).
+    """The store named by a settings value, not yet connected (``await store.connect()``).
+
+    ``memory`` (the default) or ``sqlite:///absolute/path.db`` (``sqlite://relative.db``).
 
     Raises:
         ValueError: the value names no store this build has.
     """
     if uri in ("", "memory", "memory://"):
         return MemoryStore()
-    raise ValueError(f"unknown store {uri!r}: use 'memory' (sqlite lands with the durability work)")
+    if uri.startswith("sqlite://"):
+        path = uri.removeprefix("sqlite://")
+        if not path or path == "/":
+            raise ValueError(f"{uri!r} names no file: use sqlite:///absolute/path.db")
+        from svantic_grpc.stores.sqlite import SqliteStore  # aiosqlite only when asked for
+
+        return SqliteStore(path)
+    raise ValueError(f"unknown store {uri!r}: use 'memory' or 'sqlite:///path/to/mesh.db'")

@@ -181,6 +181,10 @@ class Store(ABC):
     ) -> MessagePage:
         """The tenant's messages (of one session, if given), oldest first, optionally by state."""
 
+    @abstractmethod
+    async def unfinished_messages(self) -> Sequence[Message]:
+        """Every message of every tenant that is not terminal (for start-up recovery)."""
+
     # Input requests and their audit trail
 
     @abstractmethod
@@ -241,6 +245,9 @@ class Store(ABC):
         """Events with a sequence above ``after_sequence``, in order, at most ``limit``."""
 
     # Lifecycle
+
+    async def connect(self) -> None:  # noqa: B027 - optional hook
+        """Open files or connections and prepare the schema; the server calls it before use."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, idempotent
         """Release resources. Safe to call twice."""

@@ -146,6 +146,9 @@ class MemoryStore(Store):
         )
         return MessagePage(tuple(detach(page)), next_cursor)
 
+    async def unfinished_messages(self) -> Sequence[Message]:
+        return [m for m in self._messages.values() if not m.state.terminal]
+
     async def create_input(self, request: InputRequest) -> InputRequest:
         exists = AlreadyExists(f"input request {request.request_id!r} already exists")
         return _insert(self._inputs, (request.tenant_id, request.request_id), request, exists)

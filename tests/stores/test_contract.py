@@ -37,11 +37,13 @@ from svantic_grpc.core.models import (
     Tool,
 )
 from svantic_grpc.stores import MemoryStore, Store, _copy
+from svantic_grpc.stores.sqlite import SqliteStore
 
 StoreFactory = Callable[[Path], "Store | Awaitable[Store]"]
 
 FACTORIES: dict[str, StoreFactory] = {
     "memory": lambda tmp_path: MemoryStore(),
+    "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "mesh.db"),
 }
 
 T0 = 1_700_000_000.0

@@ -11,7 +11,7 @@ from svantic_grpc.core.agents.base import InternalAgent, SessionScope
 from svantic_grpc.core.agents.orchestrator import Route
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, InputAsk, NotDelivered
 from svantic_grpc.core.errors import ResourceExhausted, Unavailable
-from svantic_grpc.core.inputs.asks import question_form
+from svantic_grpc.core.inputs.asks import question_form, resolution_json
 from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, InputState
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part, parse_metadata
@@ -42,8 +42,18 @@ class Executor(InternalAgent):
 
     role = "executor"
 
-    async def dispatch(self, writer: MessageWriter, route: Route, *, parts: tuple[Part, ...] = ()) -> Outcome:
-        """Send the message (or ``parts`` instead of its own) to ``route`` and follow it to its end."""
+    async def dispatch(
+        self,
+        writer: MessageWriter,
+        route: Route,
+        *,
+        parts: tuple[Part, ...] = (),
+        resume: InputRequest | None = None,
+    ) -> Outcome:
+        """Send the message (or ``parts`` instead of its own) to ``route`` and follow it to its end.
+
+        With ``resume`` (after a restart), hand the agent that human answer it asked for.
+        """
         raise NotImplementedError
 
 
@@ -59,7 +69,14 @@ class BudgetedExecutor(Executor):
         self.dispatches = 0
         """Dispatches made in this session: the guardrail budget counts these."""
 
-    async def dispatch(self, writer: MessageWriter, route: Route, *, parts: tuple[Part, ...] = ()) -> Outcome:
+    async def dispatch(
+        self,
+        writer: MessageWriter,
+        route: Route,
+        *,
+        parts: tuple[Part, ...] = (),
+        resume: InputRequest | None = None,
+    ) -> Outcome:
         services = self.scope.services
         options = services.options
         if options.max_dispatches_per_session and self.dispatches >= options.max_dispatches_per_session:
@@ -92,7 +109,7 @@ class BudgetedExecutor(Executor):
                 )
             try:
                 return await self._dispatch_once(
-                    writer, member.agent_type, member.instance_id, parts, skill_id
+                    writer, member.agent_type, member.instance_id, parts, skill_id, resume
                 )
             except NotDelivered as exc:
                 last_error = f"{member.instance_id}: {exc}"
@@ -112,7 +129,13 @@ class BudgetedExecutor(Executor):
         )
 
     async def _dispatch_once(
-        self, writer: MessageWriter, agent_type: str, instance_id: str, parts: tuple[Part, ...], skill_id: str
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        parts: tuple[Part, ...],
+        skill_id: str,
+        resume: InputRequest | None = None,
     ) -> Outcome:
         services = self.scope.services
         tenant_id, session_id = self.scope.tenant_id, self.scope.session_id
@@ -130,6 +153,10 @@ class BudgetedExecutor(Executor):
         )
         timeout = services.options.dispatch_timeout_s
         message = writer.message if not parts else replace(writer.message, parts=parts)
+        if resume is not None:
+            # The agent may have lost its state with the restart: the answer travels with the message.
+            answer = Part(data={"input_resolution": resolution_json(resume)})
+            message = replace(message, parts=(*message.parts, answer))
         job = DispatchJob(
             dispatch_id,
             tenant_id,
@@ -138,6 +165,8 @@ class BudgetedExecutor(Executor):
             message,
             token,
             services.clock.now() + timeout,
+            resume_task_id=writer.message.remote_task_id if resume is not None else "",
+            answer=resume,
             lost=asyncio.Event(),
         )
         started = services.clock.now()
@@ -175,6 +204,7 @@ class BudgetedExecutor(Executor):
                 except StopAsyncIteration:
                     raise DispatchFailed("the agent ended the dispatch without a final state") from None
                 answer = None
+                writer.remote_task(update.task_ref)
                 if update.parts:
                     said.extend(update.parts)
                     await writer.turn(update.parts, instance_id=job.agent.instance_id)

@@ -19,10 +19,32 @@ from typing import Any
 
 from svantic_grpc.core.dispatch import InputAsk
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.inputs.model import Form, FormField, InputKind, PlanItem, ToolCall
+from svantic_grpc.core.inputs.model import Form, FormField, InputKind, InputRequest, PlanItem, ToolCall
 from svantic_grpc.core.messages.model import Part
 
-__all__ = ["parse_ask", "question_form"]
+__all__ = ["parse_ask", "question_form", "resolution_json"]
+
+
+def resolution_json(request: InputRequest) -> dict[str, Any]:
+    """How a request ended, as the ``input_resolution`` object agents receive."""
+    answer: dict[str, Any] = {
+        "request_id": request.request_id,
+        "kind": request.kind.value,
+        "state": request.state.value,
+        "tool_name": request.tool_call.tool_name if request.tool_call else "",
+    }
+    resolution = request.resolution
+    if resolution is not None:
+        answer.update(
+            approved=resolution.approved,
+            decision=resolution.decision.value if resolution.decision else "",
+            reason=resolution.reason,
+            values=dict(resolution.values),
+            confirmed=resolution.confirmed,
+            payload=dict(resolution.payload),
+            resolved_by=resolution.resolved_by,
+        )
+    return answer
 
 
 def question_form(question: str) -> Form:

@@ -118,6 +118,8 @@ class Message:
     agent_type: str = ""
     instance_id: str = ""
     input_request_ids: tuple[str, ...] = ()
+    remote_task_id: str = ""
+    """The agent's own id for this work (an A2A task id), to continue it after a restart."""
     version: int = 0
 
     @property

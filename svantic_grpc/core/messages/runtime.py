@@ -11,14 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from svantic_grpc.core.agents import AgentSet, Outcome, PlanStep, Route, SessionScope
 from svantic_grpc.core.agents.executor import wait_for_human
 from svantic_grpc.core.errors import MeshError
-from svantic_grpc.core.inputs.model import InputKind, PlanItem
+from svantic_grpc.core.inputs.model import InputKind, InputState, PlanItem
 from svantic_grpc.core.inputs.policies import Enforcement
-from svantic_grpc.core.messages.model import Message, MessageMetadata, MessageState, Part, Role
+from svantic_grpc.core.messages.model import (
+    Message,
+    MessageMetadata,
+    MessageState,
+    Part,
+    Role,
+    parse_metadata,
+)
 from svantic_grpc.core.messages.writer import MessageWriter
 
 __all__ = ["SessionRuntime"]
@@ -42,9 +51,16 @@ class SessionRuntime:
 
     def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
         """Run ``message`` in the background; the task's result is the message where it ended."""
+        return self._spawn(message, self._run(message, metadata))
+
+    def resume(self, message: Message) -> asyncio.Task[Message]:
+        """After a restart: wait for the human answer the message waits on, then carry on with it."""
+        return self._spawn(message, self._resume(message))
+
+    def _spawn(self, message: Message, work: Coroutine[Any, Any, Message]) -> asyncio.Task[Message]:
         message_id = message.message_id
         self._stops[message_id] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._run(message, metadata), name=f"message-{message_id}")
+        task = asyncio.create_task(work, name=f"message-{message_id}")
         self._tasks[message_id] = task
 
         def finished(_: object) -> None:
@@ -111,10 +127,45 @@ class SessionRuntime:
 
     async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
         writer = self._writer(message)
-        try:
+
+        async def work() -> Outcome:
             route = await self.agents.orchestrator.route(writer.message, metadata)
             await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
-            outcome = await self._carry_out(writer, route, metadata)
+            return await self._carry_out(writer, route, metadata)
+
+        return await self._guarded(writer, work)
+
+    async def _resume(self, message: Message) -> Message:
+        writer = self._writer(message)
+
+        async def work() -> Outcome:
+            inputs = self.scope.services.inputs
+            ended = await inputs.wait(message.tenant_id, message.input_request_ids[-1])
+            if ended.state is InputState.EXPIRED:
+                return Outcome(MessageState.FAILED, f"expired: nobody answered '{ended.summary}' in time")
+            resolution = ended.resolution
+            if ended.state is not InputState.RESOLVED or resolution is None:
+                return Outcome(MessageState.CANCELED, ended.outcome_reason or "input request canceled")
+            who = f"{'approved' if resolution.approved else 'denied'} by {resolution.resolved_by}"
+            if ended.kind is InputKind.PLAN_APPROVAL:
+                if not resolution.approved:
+                    return Outcome(
+                        MessageState.REJECTED, f"plan denied by {resolution.resolved_by}: {resolution.reason}"
+                    )
+                await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
+                metadata = parse_metadata(message.parts)
+                return await self._run_plan(writer, metadata, signed_off=True)
+            await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
+            route = Route(message.agent_type, message.instance_id)
+            return await self.agents.executor.dispatch(writer, route, resume=ended)
+
+        return await self._guarded(writer, work)
+
+    async def _guarded(self, writer: MessageWriter, work: Callable[[], Awaitable[Outcome]]) -> Message:
+        """Run ``work`` and write how the message ended, whatever happens: failures stay in it."""
+        message = writer.message
+        try:
+            outcome = await work()
             ended = await writer.state(outcome.state, outcome.reason)
         except asyncio.CancelledError:
             reason = self._cancel_reasons.pop(message.message_id, "canceled")
@@ -162,11 +213,14 @@ class SessionRuntime:
             _log.info("retrying message %s: %s", writer.message.message_id, verdict.reason)
         raise AssertionError("unreachable")
 
-    async def _run_plan(self, writer: MessageWriter, metadata: MessageMetadata) -> Outcome:
+    async def _run_plan(
+        self, writer: MessageWriter, metadata: MessageMetadata, *, signed_off: bool = False
+    ) -> Outcome:
         steps = await self.agents.planner.plan(metadata.action_data)
-        signed_off = await self._sign_off(writer, steps, yolo=metadata.yolo_mode)
-        if signed_off is not None:
-            return signed_off
+        if not signed_off:
+            refused = await self._sign_off(writer, steps, yolo=metadata.yolo_mode)
+            if refused is not None:
+                return refused
         outcome = Outcome(MessageState.COMPLETED)
         for index, step in enumerate(steps, start=1):
             route = await self._step_route(step.agent_type, step.instance_id, step.text)

@@ -200,6 +200,23 @@ class Messages:
         )
         return await writer.state(MessageState.CANCELED, reason)
 
+    async def recover(self) -> tuple[int, int]:
+        """At start-up: fail what was running when the server stopped; go on waiting where a human
+        was asked. Returns (interrupted, resumed)."""
+        services = self._services
+        interrupted = resumed = 0
+        for message in await services.store.unfinished_messages():
+            if message.state is MessageState.INPUT_REQUIRED and message.input_request_ids:
+                self.runtime(message.tenant_id, message.session_id).resume(message)
+                resumed += 1
+                continue
+            writer = MessageWriter(
+                message, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
+            )
+            await writer.state(MessageState.FAILED, "interrupted: the server stopped while this message ran")
+            interrupted += 1
+        return interrupted, resumed
+
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Cancel all running work (server shutdown)."""
         for key in list(self._runtimes):

@@ -41,13 +41,14 @@ class MessageWriter:
         self._bus = bus
         self._clock = clock
         self._ids = ids
-        self._assigned: tuple[str, str] | None = None
+        self._pending: dict[str, Any] = {}
+        """Changes written with the next save (saves a write each)."""
 
     async def _save(self, **changes: Any) -> Message:
         """Write ``changes`` (and a pending assignment) in one versioned update."""
-        if self._assigned is not None:
-            changes["agent_type"], changes["instance_id"] = self._assigned
-            self._assigned = None
+        if self._pending:
+            changes = {**self._pending, **changes}
+            self._pending = {}
         self.message = await self._store.update_message(
             replace(self.message, updated_at=self._clock.now(), **changes)
         )
@@ -56,7 +57,12 @@ class MessageWriter:
     async def assign(self, agent_type: str, instance_id: str) -> None:
         """Record which agent handles the message (written with the next change, saving a write)."""
         if (self.message.agent_type, self.message.instance_id) != (agent_type, instance_id):
-            self._assigned = (agent_type, instance_id)
+            self._pending.update(agent_type=agent_type, instance_id=instance_id)
+
+    def remote_task(self, task_id: str) -> None:
+        """Remember the agent's own task id (written with the next change)."""
+        if task_id and task_id != self.message.remote_task_id:
+            self._pending["remote_task_id"] = task_id
 
     async def state(self, to: MessageState, reason: str = "") -> Message:
         """Move to ``to`` (no-op if already there with the same reason)."""

@@ -1,0 +1,545 @@
+"""The durable store: one SQLite file through ``aiosqlite``.
+
+Every store call is one trip to the connection's thread: a read is one
+statement, a write is one ``BEGIN IMMEDIATE`` transaction. Updates are
+conditional on the integer ``version`` that was read, so two writers (two
+coroutines, or two processes sharing the file) can never overwrite each other:
+the loser gets ``Conflict``. Event and audit sequence numbers are taken inside
+the write transaction, so appends from several processes never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+import aiosqlite
+
+from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
+from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.inputs.model import InputRequest, InputState
+from svantic_grpc.core.messages.model import Message, MessageState
+from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.stores import _codec
+from svantic_grpc.stores._copy import detach
+from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError, prepare
+from svantic_grpc.stores.base import AuditRecord, InputPage, MessagePage, SessionPage, Store
+
+__all__ = ["ForeignDatabaseError", "SqliteStore", "StoreVersionError"]
+
+T = TypeVar("T")
+R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
+Query = Callable[[sqlite3.Connection], T]
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class _Kind(Generic[R]):
+    """A versioned record kind: its table, key and indexed columns, codec, and SQL."""
+
+    def __init__(
+        self,
+        table: str,
+        keys: tuple[str, ...],
+        columns: tuple[str, ...],
+        row: Callable[[R], tuple[Any, ...]],
+        encode: Callable[[R], dict[str, Any]],
+        decode: Callable[[dict[str, Any]], R],
+    ) -> None:
+        self.table = table
+        self.keys = keys
+        self.row: Callable[[R], tuple[Any, ...]] = row
+        """Values of ``keys + columns`` for a record; ``columns`` are rewritten on every update."""
+        self.encode: Callable[[R], dict[str, Any]] = encode
+        self.decode: Callable[[dict[str, Any]], R] = decode
+        match_key = " AND ".join(f"{k} = ?" for k in keys)
+        names = (*keys, *columns, "version", "record")
+        self.insert_sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        self.update_sql = (
+            f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in names[len(keys) :])} "
+            f"WHERE {match_key} AND version = ?"
+        )
+        self.delete_sql = f"DELETE FROM {table} WHERE {match_key} AND version = ?"
+        self.get_sql = f"SELECT record FROM {table} WHERE {match_key}"
+        self.version_sql = f"SELECT version FROM {table} WHERE {match_key}"
+
+
+def _message_key(m: Message) -> str:
+    """The tie-breaker after ``created_at`` in message order and cursors (as in the memory store)."""
+    return f"{m.session_id}/{m.message_id}"
+
+
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'canceled', 'rejected')"
+"""Messages whose state is not terminal (``TERMINAL_STATES``); the same text as their partial index."""
+
+_SESSIONS = _Kind[Session](
+    "sessions",
+    ("tenant_id", "session_id"),
+    ("status", "created_at"),
+    lambda s: (s.tenant_id, s.session_id, s.status.value, s.created_at),
+    _codec.encode_session,
+    _codec.decode_session,
+)
+_AGENTS = _Kind[AgentRegistration](
+    "agents",
+    ("tenant_id", "instance_id"),
+    ("agent_type",),
+    lambda a: (a.tenant_id, a.instance_id, a.agent_type),
+    _codec.encode_agent,
+    _codec.decode_agent,
+)
+_MESSAGES = _Kind[Message](
+    "messages",
+    ("tenant_id", "session_id", "message_id"),
+    ("state", "created_at", "sort_key"),
+    lambda m: (m.tenant_id, m.session_id, m.message_id, m.state.value, m.created_at, _message_key(m)),
+    _codec.encode_message,
+    _codec.decode_message,
+)
+_INPUTS = _Kind[InputRequest](
+    "inputs",
+    ("tenant_id", "request_id"),
+    ("session_id", "message_id", "state", "created_at"),
+    lambda r: (r.tenant_id, r.request_id, r.session_id, r.message_id, r.state.value, r.created_at),
+    _codec.encode_input,
+    _codec.decode_input,
+)
+
+
+class SqliteStore(Store):
+    """A store in one SQLite file; several processes may share the file.
+
+    ``SqliteStore(path)`` opens nothing; ``await store.connect()`` opens the file
+    (creating it and its directories if missing) and migrates its schema forward.
+    ``await SqliteStore.open(path)`` does both. Close it when done.
+
+    Args:
+        path: The database file.
+        busy_timeout_ms: How long a write waits for another writer's lock before failing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
+        self._path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._opening = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> SqliteStore:
+        """A connected store on ``path`` (see ``connect``)."""
+        store = cls(path, busy_timeout_ms=busy_timeout_ms)
+        await store.connect()
+        return store
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    async def connect(self) -> None:
+        """Open (or create) the database file and migrate its schema forward; a no-op when open.
+
+        Raises:
+            ForeignDatabaseError: the file is not SQLite, is damaged, or belongs to another program.
+            StoreVersionError: the file was written by a newer svantic-grpc.
+        """
+        async with self._opening:
+            if self._db is not None:
+                return
+            path = self._path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: sqlite3 opens no transactions behind our back; we issue BEGIN.
+            connection = await aiosqlite.connect(path, isolation_level=None)
+            timeout = self._busy_timeout_ms
+            try:
+                await _on_thread(connection, lambda conn: prepare(conn, str(path), busy_timeout_ms=timeout))
+            except BaseException:
+                await connection.close()
+                raise
+            self._db = connection
+
+    async def close(self) -> None:
+        connection, self._db = self._db, None
+        if connection is not None:
+            await connection.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # Sessions
+
+    async def create_session(self, session: Session) -> Session:
+        exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
+        return await self._insert(_SESSIONS, session, exists)
+
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
+        return await self._get(_SESSIONS, (tenant_id, session_id))
+
+    async def update_session(self, session: Session) -> Session:
+        what = f"session {session.session_id!r}"
+        return await self._replace(_SESSIONS, session, what, "SESSION_NOT_FOUND")
+
+    async def list_sessions(
+        self,
+        *,
+        tenant_id: str,
+        statuses: Iterable[SessionStatus] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> SessionPage:
+        after = decode_cursor(cursor) if cursor else None
+        where: list[str] = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        _any_of(where, params, "status", [s.value for s in set(statuses)])
+        if after is not None:
+            where.append("(created_at, session_id) < (?, ?)")
+            params.extend(after)
+        order = "created_at DESC, session_id DESC"
+        page, more = await self._page(_SESSIONS, where, params, order, page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, last.session_id) if more and last else ""
+        return SessionPage(tuple(page), next_cursor)
+
+    async def open_sessions(self) -> Sequence[Session]:
+        sql = "SELECT record FROM sessions WHERE status != 'closed' ORDER BY rowid"
+        return await self._read(lambda conn: _records(_SESSIONS, conn.execute(sql)))
+
+    # Agent registrations
+
+    async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        exists = AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
+        return await self._insert(_AGENTS, agent, exists)
+
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
+        return await self._get(_AGENTS, (tenant_id, instance_id))
+
+    async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        what = f"agent instance {agent.instance_id!r}"
+        return await self._replace(_AGENTS, agent, what, "AGENT_NOT_FOUND")
+
+    async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
+        key = (tenant_id, instance_id)
+        sql = _AGENTS.delete_sql
+
+        def delete(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql, (*key, version)).rowcount == 0:
+                _raise_lost(conn, _AGENTS, key, version, f"agent instance {instance_id!r}", "AGENT_NOT_FOUND")
+
+        await self._write(delete)
+
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        where: list[str] = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        if agent_type:
+            where.append("agent_type = ?")
+            params.append(agent_type)
+        page, _ = await self._page(_AGENTS, where, params, "agent_type, instance_id", None)
+        return page
+
+    # Messages
+
+    async def create_message(self, message: Message) -> Message:
+        exists = AlreadyExists(
+            f"message {message.message_id!r} already exists in session {message.session_id!r}",
+            reason="MESSAGE_EXISTS",
+        )
+        return await self._insert(_MESSAGES, message, exists)
+
+    async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
+        return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
+
+    async def update_message(self, message: Message) -> Message:
+        what = f"message {message.message_id!r}"
+        return await self._replace(_MESSAGES, message, what, "MESSAGE_NOT_FOUND")
+
+    async def list_messages(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        states: Iterable[MessageState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> MessagePage:
+        after = decode_cursor(cursor) if cursor else None
+        where: list[str] = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        if session_id:
+            where.append("session_id = ?")
+            params.append(session_id)
+        _any_of(where, params, "state", [s.value for s in set(states)])
+        if after is not None:
+            where.append("(created_at, sort_key) > (?, ?)")
+            params.extend(after)
+        page, more = await self._page(_MESSAGES, where, params, "created_at, sort_key", page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, _message_key(last)) if more and last else ""
+        return MessagePage(tuple(page), next_cursor)
+
+    async def unfinished_messages(self) -> Sequence[Message]:
+        # The same condition as the messages_unfinished index, so SQLite can use it.
+        sql = f"SELECT record FROM messages WHERE {_UNFINISHED} ORDER BY rowid"
+        return await self._read(lambda conn: _records(_MESSAGES, conn.execute(sql)))
+
+    # Input requests and their audit trail
+
+    async def create_input(self, request: InputRequest) -> InputRequest:
+        exists = AlreadyExists(f"input request {request.request_id!r} already exists")
+        return await self._insert(_INPUTS, request, exists)
+
+    async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
+        return await self._get(_INPUTS, (tenant_id, request_id))
+
+    async def update_input(self, request: InputRequest) -> InputRequest:
+        what = f"input request {request.request_id!r}"
+        return await self._replace(_INPUTS, request, what, "INPUT_NOT_FOUND")
+
+    async def list_inputs(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        message_id: str = "",
+        states: Iterable[InputState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> InputPage:
+        after = decode_cursor(cursor) if cursor else None
+        where: list[str] = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        for column, value in (("session_id", session_id), ("message_id", message_id)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        _any_of(where, params, "state", [s.value for s in set(states)])
+        if after is not None:
+            where.append("(created_at, request_id) > (?, ?)")
+            params.extend(after)
+        page, more = await self._page(_INPUTS, where, params, "created_at, request_id", page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, last.request_id) if more and last else ""
+        return InputPage(tuple(page), next_cursor)
+
+    async def pending_inputs(self) -> Sequence[InputRequest]:
+        sql = "SELECT record FROM inputs WHERE state = 'pending' ORDER BY rowid"
+        return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql)))
+
+    async def append_audit(self, record: AuditRecord) -> AuditRecord:
+        def append(conn: sqlite3.Connection) -> AuditRecord:
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(sequence), 0) FROM audit WHERE tenant_id = ?", (record.tenant_id,)
+            ).fetchone()
+            stored = replace(record, sequence=last + 1)
+            conn.execute(
+                "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES (?, ?, ?, ?)",
+                (stored.tenant_id, stored.sequence, stored.request_id, _dumps(_codec.encode_audit(stored))),
+            )
+            return stored
+
+        return await self._write(append)
+
+    async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
+        if request_id:
+            sql = "SELECT record FROM audit WHERE tenant_id = ? AND request_id = ? ORDER BY sequence"
+            params: tuple[str, ...] = (tenant_id, request_id)
+        else:
+            sql, params = "SELECT record FROM audit WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
+        return await self._read(
+            lambda conn: [_codec.decode_audit(json.loads(r)) for (r,) in conn.execute(sql, params)]
+        )
+
+    # Event log
+
+    async def append_event(
+        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
+    ) -> Event:
+        (event,) = await self.append_events(
+            tenant_id=tenant_id, session_id=session_id, time=time, payloads=(payload,)
+        )
+        return event
+
+    async def append_events(
+        self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    ) -> list[Event]:
+        """Append several events to the session's log in one transaction, numbered consecutively.
+
+        Not (yet) part of ``Store``: a batch costs one commit instead of one per event.
+        """
+        payloads = [detach(p) for p in payloads]
+        encoded = [_dumps(_codec.encode_payload(p)) for p in payloads]
+
+        def append(conn: sqlite3.Connection) -> list[Event]:
+            # Numbered under the write lock, so appends from other processes cannot collide.
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE tenant_id = ? AND session_id = ?",
+                (tenant_id, session_id),
+            ).fetchone()
+            conn.executemany(
+                "INSERT INTO events (tenant_id, session_id, sequence, time, payload) VALUES (?, ?, ?, ?, ?)",
+                [(tenant_id, session_id, last + n, time, e) for n, e in enumerate(encoded, start=1)],
+            )
+            return [Event(tenant_id, session_id, last + n, time, p) for n, p in enumerate(payloads, start=1)]
+
+        return await self._write(append)
+
+    async def list_events(
+        self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
+    ) -> Sequence[Event]:
+        if limit <= 0:
+            return []
+        sql = (
+            "SELECT sequence, time, payload FROM events WHERE tenant_id = ? AND session_id = ? "
+            "AND sequence > ? ORDER BY sequence LIMIT ?"
+        )
+        params = (tenant_id, session_id, after_sequence, limit)
+        return await self._read(
+            lambda conn: [
+                Event(tenant_id, session_id, sequence, time, _codec.decode_payload(json.loads(payload)))
+                for sequence, time, payload in conn.execute(sql, params)
+            ]
+        )
+
+    # The versioned insert/get/replace shared by every record kind
+
+    async def _insert(self, kind: _Kind[R], record: R, exists: AlreadyExists) -> R:
+        stored: R = replace(detach(record), version=1)
+        values = (*kind.row(stored), 1, _dumps(kind.encode(stored)))
+        sql = kind.insert_sql
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(sql, values)
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise exists from exc
+                raise
+
+        await self._write(insert)
+        return stored
+
+    async def _get(self, kind: _Kind[R], key: tuple[str, ...]) -> R | None:
+        sql = kind.get_sql
+
+        def get(conn: sqlite3.Connection) -> R | None:
+            row = conn.execute(sql, key).fetchone()
+            return None if row is None else kind.decode(json.loads(row[0]))
+
+        return await self._read(get)
+
+    async def _replace(self, kind: _Kind[R], record: R, what: str, not_found: str) -> R:
+        """Write a record at the version it was read; bump the version."""
+        stored: R = replace(detach(record), version=record.version + 1)
+        row: tuple[Any, ...] = kind.row(stored)
+        key: tuple[Any, ...] = row[: len(kind.keys)]
+        values = (*row[len(kind.keys) :], stored.version, _dumps(kind.encode(stored)), *key, record.version)
+        sql = kind.update_sql
+
+        def update(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql, values).rowcount == 0:
+                _raise_lost(conn, kind, key, record.version, what, not_found)
+
+        await self._write(update)
+        return stored
+
+    async def _page(
+        self, kind: _Kind[R], where: list[str], params: list[Any], order: str, page_size: int | None
+    ) -> tuple[list[R], bool]:
+        """Records matching ``where`` in ``order``: at most ``page_size``, and whether more follow."""
+        sql = f"SELECT record FROM {kind.table} WHERE {' AND '.join(where)} ORDER BY {order}"
+        if page_size is not None:
+            page_size = max(page_size, 0)
+            sql += " LIMIT ?"
+            params = [*params, page_size + 1]  # one more than asked tells whether a next page exists
+        records = await self._read(lambda conn: _records(kind, conn.execute(sql, params)))
+        if page_size is None:
+            return records, False
+        return records[:page_size], len(records) > page_size
+
+    # One trip to the connection's thread per store call
+
+    async def _read(self, query: Query[T]) -> T:
+        return await _on_thread(self._connection(), query)
+
+    async def _write(self, query: Query[T]) -> T:
+        """Run ``query`` in one ``BEGIN IMMEDIATE`` transaction, rolled back if it raises."""
+
+        path, timeout = self._path, self._busy_timeout_ms
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so the
+            # version a conditional update compares is the latest committed one.
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname.startswith("SQLITE_BUSY"):
+                    raise Unavailable(
+                        f"the store {path} is busy: another writer held it for over {timeout} ms",
+                        reason="STORE_BUSY",
+                    ) from exc
+                raise
+            try:
+                result = query(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await _on_thread(self._connection(), transaction)
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError(f"the SQLite store at {self._path} is not open (connect() it first)")
+        return self._db
+
+
+async def _on_thread(connection: aiosqlite.Connection, query: Query[T]) -> T:
+    """Run ``query`` with the raw sqlite3 connection on aiosqlite's thread.
+
+    aiosqlite has no public call for this, but every one of its methods is built on
+    ``_execute``. One trip per store call matters: each costs tens of microseconds,
+    and a transaction spread over several trips could be left open by a caller
+    cancelled half-way; a function on the thread always runs to COMMIT or ROLLBACK.
+    """
+    result = await connection._execute(lambda: query(connection._conn))  # type: ignore[no-untyped-call]
+    return cast(T, result)
+
+
+def _records(kind: _Kind[R], rows: Iterable[tuple[Any, ...]]) -> list[R]:
+    return [kind.decode(json.loads(row[0])) for row in rows]
+
+
+def _any_of(where: list[str], params: list[Any], column: str, values: list[str]) -> None:
+    """Add ``column IN (values)`` to a query when a filter is given."""
+    if values:
+        where.append(f"{column} IN ({', '.join('?' * len(values))})")
+        params.extend(values)
+
+
+def _raise_lost(
+    conn: sqlite3.Connection, kind: _Kind[R], key: tuple[Any, ...], version: int, what: str, not_found: str
+) -> None:
+    """A conditional write matched no row: the record is missing, or someone else wrote first."""
+    row = conn.execute(kind.version_sql, key).fetchone()
+    if row is None:
+        raise NotFound(f"{what} not found", reason=not_found)
+    raise Conflict(
+        f"{what} changed concurrently (version {version} was read, {row[0]} is stored)",
+        metadata={"stored_version": str(row[0])},
+    )
