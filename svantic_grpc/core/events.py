@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.errors import MeshError, ResourceExhausted, Unavailable
@@ -23,6 +23,8 @@ from svantic_grpc.core.models import SessionAgent, SessionStatus
 if TYPE_CHECKING:
     from svantic_grpc.core.clock import Clock
     from svantic_grpc.stores.base import Store
+
+T = TypeVar("T")
 
 __all__ = [
     "AgentJoined",
@@ -234,6 +236,39 @@ class EventBus:
             for subscription in tuple(self._subscribers.get(key, ())):
                 subscription.offer(event)
         return event
+
+    async def publish_many(
+        self, tenant_id: str, session_id: str, payloads: Sequence[EventPayload]
+    ) -> Sequence[Event]:
+        """Record several events in one store write and deliver them live, in order."""
+        key = (tenant_id, session_id)
+        async with self._locks.hold(key):
+            events = await self._store.append_events(
+                tenant_id=tenant_id, session_id=session_id, time=self._clock.now(), payloads=payloads
+            )
+            for subscription in tuple(self._subscribers.get(key, ())):
+                for event in events:
+                    subscription.offer(event)
+        return events
+
+    async def commit(
+        self,
+        tenant_id: str,
+        session_id: str,
+        write: Callable[[float], Awaitable[tuple[T, Sequence[Event]]]],
+    ) -> T:
+        """Run ``write(now)`` (a store change that appends events with it) and deliver its events live.
+
+        Lets a record change and its events land in one store write, in order with every other
+        event of the session.
+        """
+        key = (tenant_id, session_id)
+        async with self._locks.hold(key):
+            result, events = await write(self._clock.now())
+            for subscription in tuple(self._subscribers.get(key, ())):
+                for event in events:
+                    subscription.offer(event)
+        return result
 
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""

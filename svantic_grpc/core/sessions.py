@@ -14,7 +14,7 @@ from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, StatusChanged
+from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
 from svantic_grpc.core.models import (
     INTERNAL_ROLES,
     AgentRegistration,
@@ -119,14 +119,14 @@ class Sessions:
             agents=tuple(agents),
         )
         async with self._locks.hold((caller.tenant_id, session_id)):
-            session = await self._store.create_session(draft)
-            for agent in session.agents:
-                await self._bus.publish(caller.tenant_id, session_id, AgentJoined(agent))
-            session = await self._store.update_session(replace(session, status=SessionStatus.ACTIVE))
-            await self._bus.publish(
+            # Opening lasts only while the agents attach; stored at once as active (one write).
+            active = replace(draft, status=SessionStatus.ACTIVE)
+            opened = StatusChanged(SessionStatus.OPENING, SessionStatus.ACTIVE, f"opened by {caller.subject}")
+            events: list[EventPayload] = [*(AgentJoined(a) for a in active.agents), opened]
+            session = await self._bus.commit(
                 caller.tenant_id,
                 session_id,
-                StatusChanged(SessionStatus.OPENING, SessionStatus.ACTIVE, f"opened by {caller.subject}"),
+                lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
             )
         if self._ttl_s:
             self.reaper.schedule(caller.tenant_id, session_id, now + self._ttl_s)
@@ -282,25 +282,25 @@ class Sessions:
             now = self._clock.now()
             leaving = session.present_agents()
             agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-            closed = await self._store.update_session(
-                replace(
-                    session,
-                    status=SessionStatus.CLOSED,
-                    agents=agents,
-                    closed_at=now,
-                    close_reason=reason,
-                    updated_at=now,
-                )
-            )
+            events: list[EventPayload] = []
             for agent in leaving:
                 if not agent.internal and agent.join_reason is not JoinReason.SELF:
                     await self._registry.unbind(tenant_id, agent.instance_id, session_id)
                 left_reason = "session closed" if agent.internal else "released: session closed"
-                await self._bus.publish(
-                    tenant_id, session_id, AgentLeft(agent.agent_type, agent.instance_id, left_reason)
-                )
-            await self._bus.publish(
-                tenant_id, session_id, StatusChanged(session.status, SessionStatus.CLOSED, reason)
+                events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
+            events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
+            ended = replace(
+                session,
+                status=SessionStatus.CLOSED,
+                agents=agents,
+                closed_at=now,
+                close_reason=reason,
+                updated_at=now,
+            )
+            closed = await self._bus.commit(
+                tenant_id,
+                session_id,
+                lambda at: self._store.update_session_with_events(ended, time=at, payloads=events),
             )
         self.reaper.forget(tenant_id, session_id)
         return closed, True

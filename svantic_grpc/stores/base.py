@@ -238,6 +238,35 @@ class Store(ABC):
     ) -> Event:
         """Append to the session's log; the event gets the next sequence number (from 1)."""
 
+    async def create_session_with_events(
+        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Session, Sequence[Event]]:
+        """``create_session`` and ``append_events`` together (a store may do both in one write)."""
+        created = await self.create_session(session)
+        events = await self.append_events(
+            tenant_id=session.tenant_id, session_id=session.session_id, time=time, payloads=payloads
+        )
+        return created, events
+
+    async def update_session_with_events(
+        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Session, Sequence[Event]]:
+        """``update_session`` and ``append_events`` together (a store may do both in one write)."""
+        updated = await self.update_session(session)
+        events = await self.append_events(
+            tenant_id=session.tenant_id, session_id=session.session_id, time=time, payloads=payloads
+        )
+        return updated, events
+
+    async def append_events(
+        self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    ) -> Sequence[Event]:
+        """Append several events at once, numbered consecutively (a store may do it in one write)."""
+        return [
+            await self.append_event(tenant_id=tenant_id, session_id=session_id, time=time, payload=p)
+            for p in payloads
+        ]
+
     @abstractmethod
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500

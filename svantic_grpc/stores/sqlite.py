@@ -376,26 +376,9 @@ class SqliteStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
-        """Append several events to the session's log in one transaction, numbered consecutively.
-
-        Not (yet) part of ``Store``: a batch costs one commit instead of one per event.
-        """
-        payloads = [detach(p) for p in payloads]
-        encoded = [_dumps(_codec.encode_payload(p)) for p in payloads]
-
-        def append(conn: sqlite3.Connection) -> list[Event]:
-            # Numbered under the write lock, so appends from other processes cannot collide.
-            (last,) = conn.execute(
-                "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE tenant_id = ? AND session_id = ?",
-                (tenant_id, session_id),
-            ).fetchone()
-            conn.executemany(
-                "INSERT INTO events (tenant_id, session_id, sequence, time, payload) VALUES (?, ?, ?, ?, ?)",
-                [(tenant_id, session_id, last + n, time, e) for n, e in enumerate(encoded, start=1)],
-            )
-            return [Event(tenant_id, session_id, last + n, time, p) for n, p in enumerate(payloads, start=1)]
-
-        return await self._write(append)
+        """Append several events to the session's log in one transaction (one commit), numbered
+        consecutively."""
+        return await self._write(_append_op(tenant_id, session_id, time, payloads))
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -417,18 +400,7 @@ class SqliteStore(Store):
     # The versioned insert/get/replace shared by every record kind
 
     async def _insert(self, kind: _Kind[R], record: R, exists: AlreadyExists) -> R:
-        stored: R = replace(detach(record), version=1)
-        values = (*kind.row(stored), 1, _dumps(kind.encode(stored)))
-        sql = kind.insert_sql
-
-        def insert(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute(sql, values)
-            except sqlite3.IntegrityError as exc:
-                if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
-                    raise exists from exc
-                raise
-
+        stored, insert = _insert_op(kind, record, exists)
         await self._write(insert)
         return stored
 
@@ -443,18 +415,35 @@ class SqliteStore(Store):
 
     async def _replace(self, kind: _Kind[R], record: R, what: str, not_found: str) -> R:
         """Write a record at the version it was read; bump the version."""
-        stored: R = replace(detach(record), version=record.version + 1)
-        row: tuple[Any, ...] = kind.row(stored)
-        key: tuple[Any, ...] = row[: len(kind.keys)]
-        values = (*row[len(kind.keys) :], stored.version, _dumps(kind.encode(stored)), *key, record.version)
-        sql = kind.update_sql
-
-        def update(conn: sqlite3.Connection) -> None:
-            if conn.execute(sql, values).rowcount == 0:
-                _raise_lost(conn, kind, key, record.version, what, not_found)
-
+        stored, update = _replace_op(kind, record, what, not_found)
         await self._write(update)
         return stored
+
+    async def create_session_with_events(
+        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Session, Sequence[Event]]:
+        exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
+        stored, insert = _insert_op(_SESSIONS, session, exists)
+        append = _append_op(session.tenant_id, session.session_id, time, payloads)
+
+        def both(conn: sqlite3.Connection) -> list[Event]:
+            insert(conn)
+            return append(conn)
+
+        return stored, await self._write(both)
+
+    async def update_session_with_events(
+        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Session, Sequence[Event]]:
+        what = f"session {session.session_id!r}"
+        stored, update = _replace_op(_SESSIONS, session, what, "SESSION_NOT_FOUND")
+        append = _append_op(session.tenant_id, session.session_id, time, payloads)
+
+        def both(conn: sqlite3.Connection) -> list[Event]:
+            update(conn)
+            return append(conn)
+
+        return stored, await self._write(both)
 
     async def _page(
         self, kind: _Kind[R], where: list[str], params: list[Any], order: str, page_size: int | None
@@ -543,3 +532,56 @@ def _raise_lost(
         f"{what} changed concurrently (version {version} was read, {row[0]} is stored)",
         metadata={"stored_version": str(row[0])},
     )
+
+
+def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Query[None]]:
+    """The record as stored (version 1) and the statement that inserts it."""
+    stored: R = replace(detach(record), version=1)
+    values = (*kind.row(stored), 1, _dumps(kind.encode(stored)))
+    sql = kind.insert_sql
+
+    def insert(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute(sql, values)
+        except sqlite3.IntegrityError as exc:
+            if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                raise exists from exc
+            raise
+
+    return stored, insert
+
+
+def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R, Query[None]]:
+    """The record as stored (version bumped) and the conditional update that writes it."""
+    stored: R = replace(detach(record), version=record.version + 1)
+    row: tuple[Any, ...] = kind.row(stored)
+    key: tuple[Any, ...] = row[: len(kind.keys)]
+    values = (*row[len(kind.keys) :], stored.version, _dumps(kind.encode(stored)), *key, record.version)
+    sql = kind.update_sql
+
+    def update(conn: sqlite3.Connection) -> None:
+        if conn.execute(sql, values).rowcount == 0:
+            _raise_lost(conn, kind, key, record.version, what, not_found)
+
+    return stored, update
+
+
+def _append_op(
+    tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+) -> Query[list[Event]]:
+    """The statements that append events, numbered under the write lock so processes never collide."""
+    frozen = [detach(p) for p in payloads]
+    encoded = [_dumps(_codec.encode_payload(p)) for p in frozen]
+
+    def append(conn: sqlite3.Connection) -> list[Event]:
+        (last,) = conn.execute(
+            "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE tenant_id = ? AND session_id = ?",
+            (tenant_id, session_id),
+        ).fetchone()
+        conn.executemany(
+            "INSERT INTO events (tenant_id, session_id, sequence, time, payload) VALUES (?, ?, ?, ?, ?)",
+            [(tenant_id, session_id, last + n, time, e) for n, e in enumerate(encoded, start=1)],
+        )
+        return [Event(tenant_id, session_id, last + n, time, p) for n, p in enumerate(frozen, start=1)]
+
+    return append
