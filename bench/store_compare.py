@@ -121,9 +121,8 @@ async def main() -> None:
                     f"  round {round_no + 1} {name:6}: "
                     + ", ".join(f"{k} {v:7.0f}/s" for k, v in results[name][-1].items())
                 )
-    print(
-        f"\nPython {sys.version.split()[0]}; {args.cycles} operations x {args.rounds} rounds, concurrency {args.concurrency}"
-    )
+    python = sys.version.split()[0]
+    print(f"\nPython {python}; {args.cycles} ops x {args.rounds} rounds, concurrency {args.concurrency}")
     print(f"{'operation':28} {'memory ops/s':>13} {'sqlite ops/s':>13} {'sqlite/memory time':>19}")
     for op, label in (("session", "session create + close"), ("message", "message round trip (chat)")):
         memory = statistics.median(r[op] for r in results["memory"])
