@@ -74,7 +74,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -83,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _child import say, until_stdin_closes, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -97,33 +97,6 @@ DEV_CLIENT = ("svantic", "your-secret")  # the loopback-only development credent
 
 
 # --------------------------------------------------------------------------- children
-
-
-def _say(line: str) -> None:
-    """One protocol line to the parent."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _watchdog(max_seconds: float) -> None:
-    """Hard stop for a child, whatever the parent does."""
-    timer = threading.Timer(max_seconds, lambda: os._exit(3))
-    timer.daemon = True
-    timer.start()
-
-
-async def _until_stdin_closes() -> None:
-    """Return when the parent closes our stdin (or dies)."""
-    loop = asyncio.get_running_loop()
-    closed = asyncio.Event()
-
-    def read() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdin.read()
-        loop.call_soon_threadsafe(closed.set)
-
-    threading.Thread(target=read, daemon=True).start()
-    await closed.wait()
 
 
 class _Profiler:
@@ -157,8 +130,8 @@ async def run_bare_server(args: argparse.Namespace) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(f"{HOST}:0")
     await server.start()
-    _say(f"PORT {port}")
-    await _until_stdin_closes()
+    say(f"PORT {port}")
+    await until_stdin_closes()
     await server.stop(0)
 
 
@@ -181,9 +154,9 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     server = MeshServer(settings, env={})
     profiler = _Profiler(args.profile_out) if args.profile_out else None
     await server.start()
-    _say(f"PORT {server.port}")
+    say(f"PORT {server.port}")
     try:
-        await _until_stdin_closes()
+        await until_stdin_closes()
     finally:
         if profiler:
             profiler.dump()
@@ -202,9 +175,9 @@ async def run_agent(args: argparse.Namespace) -> None:
     if connected not in done:
         task.cancel()
         raise SystemExit("the echo agent did not connect within 30s")
-    _say("READY")
+    say("READY")
     try:
-        await _until_stdin_closes()
+        await until_stdin_closes()
     finally:
         if profiler:
             profiler.dump()
@@ -257,8 +230,8 @@ async def run_relay_server(args: argparse.Namespace) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(f"{HOST}:0")
     await server.start()
-    _say(f"PORT {port}")
-    await _until_stdin_closes()
+    say(f"PORT {port}")
+    await until_stdin_closes()
     await server.stop(0)
 
 
@@ -283,8 +256,8 @@ async def run_relay_agent(args: argparse.Namespace) -> None:
 
         server = asyncio.create_task(serve())
         await asyncio.wait_for(channel.channel_ready(), 10)
-        _say("READY")
-        await _until_stdin_closes()
+        say("READY")
+        await until_stdin_closes()
         server.cancel()
         stream.cancel()
 
@@ -384,9 +357,9 @@ async def run_client(args: argparse.Namespace) -> None:
 
         async def marks() -> None:
             await asyncio.sleep(max(measure_from - loop.time(), 0))
-            _say("WARM")
+            say("WARM")
             await asyncio.sleep(max(measure_to - loop.time(), 0))
-            _say("DONE")
+            say("DONE")
 
         await asyncio.gather(marks(), *(worker(c) for c in calls))
         latencies.sort()
@@ -404,7 +377,7 @@ async def run_client(args: argparse.Namespace) -> None:
             "errors": len(errors),
             "first_error": errors[0] if errors else "",
         }
-        _say("RESULT " + json.dumps(result))
+        say("RESULT " + json.dumps(result))
 
 
 # --------------------------------------------------------------------------- parent
@@ -858,7 +831,7 @@ def main() -> None:
         raise SystemExit(asyncio.run(parent(args, _revision())))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:
-        _watchdog(args.max_seconds)
+        watchdog(args.max_seconds)
     if args.role == "client":
         args.concurrency = int(args.concurrency)
     roles = {

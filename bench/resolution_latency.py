@@ -64,12 +64,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from _child import say, until_stdin_closes, watchdog
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
@@ -84,33 +85,6 @@ STEP_TIMEOUT_S = 10.0  # any single wait of the parent
 
 
 # --------------------------------------------------------------------------- children
-
-
-def _say(line: str) -> None:
-    """One protocol line to the parent."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _watchdog(max_seconds: float) -> None:
-    """Hard stop for a child, whatever the parent does."""
-    timer = threading.Timer(max_seconds, lambda: os._exit(3))
-    timer.daemon = True
-    timer.start()
-
-
-async def _until_stdin_closes() -> None:
-    """Return when the parent closes our stdin (or dies)."""
-    loop = asyncio.get_running_loop()
-    closed = asyncio.Event()
-
-    def read() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdin.read()
-        loop.call_soon_threadsafe(closed.set)
-
-    threading.Thread(target=read, daemon=True).start()
-    await closed.wait()
 
 
 async def run_mesh_server(args: argparse.Namespace) -> None:
@@ -141,9 +115,9 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     env = {name: os.environ[name] for name in (TARGET_SECRET_ENV, INBOUND_SECRET_ENV)}
     server = MeshServer(settings, env=env)
     await server.start()
-    _say(f"PORT {server.port} {server.adapters.http_port}")
+    say(f"PORT {server.port} {server.adapters.http_port}")
     try:
-        await _until_stdin_closes()
+        await until_stdin_closes()
     finally:
         await server.stop(0)
 
@@ -154,7 +128,7 @@ async def run_agent(args: argparse.Namespace) -> None:
     async def handle(dispatch: Dispatch, reply: Reply) -> None:
         approved = await reply.ask_approval(TOOL, {"ids": [len(dispatch.text)]})
         decided = time.perf_counter()  # the decision is in the handler's hands
-        _say(f"DECIDED {dispatch.text} {decided!r} {int(approved)}")
+        say(f"DECIDED {dispatch.text} {decided!r} {int(approved)}")
         await reply.complete("deleted" if approved else "kept")
 
     agent = ConnectedAgent(
@@ -171,9 +145,9 @@ async def run_agent(args: argparse.Namespace) -> None:
     if connected not in done:
         task.cancel()
         raise SystemExit("the crm agent did not connect within 30s")
-    _say("READY")
+    say("READY")
     try:
-        await _until_stdin_closes()
+        await until_stdin_closes()
     finally:
         await agent.stop()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
@@ -613,7 +587,7 @@ def main() -> None:
         raise SystemExit(asyncio.run(parent(args)))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:
-        _watchdog(args.max_seconds)
+        watchdog(args.max_seconds)
     roles = {"mesh-server": run_mesh_server, "agent": run_agent}
     asyncio.run(roles[args.role](args))
 
