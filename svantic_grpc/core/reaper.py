@@ -1,10 +1,10 @@
-"""The idle-session reaper.
+"""A deadline heap: the idle-session reaper, and the expiry of input requests.
 
-Deadlines sit in a heap, one entry per open session. The reaper sleeps until
-the earliest one, so its cost per tick depends only on the sessions that are due,
-never on how many idle sessions are waiting. Activity does not touch the heap:
-when an entry comes due, the session's real deadline is read back and the entry
-is pushed again if the session was active meanwhile.
+Deadlines sit in a heap, one entry per tracked item (an open session, a pending
+request). The reaper sleeps until the earliest one, so its cost per tick depends
+only on the items that are due, never on how many are waiting. Activity does not
+touch the heap: when an entry comes due, the item's real deadline is read back and
+the entry is pushed again if it moved meanwhile.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ Key = tuple[str, str]
 
 
 class IdleReaper:
-    """Closes sessions whose idle deadline passed.
+    """Acts on items whose deadline passed (closes idle sessions, expires requests).
 
     Args:
         clock: Time source.
-        close: Closes one session, given tenant id and session id.
-        load: The session's current deadline, or ``None`` if it needs no reaping.
+        close: Acts on one item, given tenant id and item id.
+        load: The item's current deadline, or ``None`` if it needs nothing any more.
         max_sleep_s: Longest sleep between checks, a guard against clock jumps.
     """
 
