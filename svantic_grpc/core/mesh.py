@@ -132,6 +132,9 @@ class Mesh:
 
     async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
         """Pending requests of a closing session fail; its grants and budgets go."""
+        self.inputs.policies.forget_session(tenant_id, session_id)
+        if not self.inputs.has_pending(tenant_id, session_id):
+            return
         page = await self.store.list_inputs(
             tenant_id=tenant_id, session_id=session_id, states=(InputState.PENDING,), page_size=500
         )
@@ -139,7 +142,6 @@ class Mesh:
             await self.inputs.cancel_for_message(
                 tenant_id, session_id, message_id, f"session closed ({reason})"
             )
-        self.inputs.policies.forget_session(tenant_id, session_id)
 
     async def start(self) -> None:
         """Recover timers from the store and start background work."""

@@ -77,6 +77,8 @@ class Inputs:
         self._waiters: dict[tuple[str, str], list[asyncio.Future[InputRequest]]] = {}
         self._listeners: list[InputListener] = []
         self._notifications: set[asyncio.Task[None]] = set()
+        self._pending: dict[tuple[str, str], set[str]] = {}
+        """Pending request ids per (tenant, session) in this process: spares store reads on the hot path."""
         self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
 
     def add_listener(self, listener: InputListener) -> None:
@@ -123,6 +125,7 @@ class Inputs:
                 policy=policy,
             )
         )
+        self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
         await self._bus.publish(tenant_id, session_id, InputRaised(request))
         await self._pause(tenant_id, session_id, True, f"waiting for a human: {request.summary}")
         self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
@@ -278,6 +281,11 @@ class Inputs:
         self.expiry.forget(request.tenant_id, request.request_id)
         await self._audit(request)
         await self._bus.publish(request.tenant_id, request.session_id, InputEnded(request))
+        waiting = self._pending.get((request.tenant_id, request.session_id))
+        if waiting is not None:
+            waiting.discard(request.request_id)
+            if not waiting:
+                del self._pending[(request.tenant_id, request.session_id)]
         pending = await self._store.list_inputs(
             tenant_id=request.tenant_id,
             session_id=request.session_id,
@@ -310,6 +318,10 @@ class Inputs:
         )
 
     # Reading and waiting
+
+    def has_pending(self, tenant_id: str, session_id: str) -> bool:
+        """Whether the session waits for a human on anything (as this process, its owner, knows)."""
+        return bool(self._pending.get((tenant_id, session_id)))
 
     async def get(self, tenant_id: str, request_id: str) -> InputRequest:
         request = await self._store.get_input(tenant_id=tenant_id, request_id=request_id)
@@ -347,6 +359,7 @@ class Inputs:
         """Re-arm the expiry of every pending request in the store (at start-up)."""
         pending = await self._store.pending_inputs()
         for request in pending:
+            self._pending.setdefault((request.tenant_id, request.session_id), set()).add(request.request_id)
             self.expiry.schedule(request.tenant_id, request.request_id, request.expires_at)
         return len(pending)
 
