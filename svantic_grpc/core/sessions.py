@@ -270,11 +270,11 @@ class Sessions:
         return await self._close(caller.tenant_id, session_id, reason or f"closed by {caller.subject}")
 
     async def _close(self, tenant_id: str, session_id: str, reason: str) -> tuple[Session, bool]:
-        current = await self._get(tenant_id, session_id)
-        if current.status is not SessionStatus.CLOSED:
-            # Cancel running work first, outside the session lock: cancellation writes to the session.
-            for hook in self._close_hooks:
-                await hook(tenant_id, session_id, reason)
+        check_id("session_id", session_id)
+        # Cancel running work first, outside the session lock: cancellation writes to the session.
+        # The hooks do nothing for a session without work (closed, unknown, another tenant's).
+        for hook in self._close_hooks:
+            await hook(tenant_id, session_id, reason)
         async with self._locks.hold((tenant_id, session_id)):
             session = await self._get(tenant_id, session_id)
             if session.status is SessionStatus.CLOSED:
