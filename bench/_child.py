@@ -7,8 +7,9 @@ import contextlib
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
-__all__ = ["say", "until_stdin_closes", "watchdog"]
+__all__ = ["Child", "say", "until_stdin_closes", "watchdog"]
 
 
 def say(line: str) -> None:
@@ -36,3 +37,36 @@ async def until_stdin_closes() -> None:
 
     threading.Thread(target=read, daemon=True).start()
     await closed.wait()
+
+
+@dataclass
+class Child:
+    """A benchmark child process seen from the parent: its protocol lines and its stop."""
+
+    name: str
+    process: asyncio.subprocess.Process
+
+    async def line(self, wait_s: float) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), wait_s)
+        if not raw:
+            raise RuntimeError(f"{self.name} exited (code {await self.process.wait()}) before answering")
+        return raw.decode().strip()
+
+    async def expect(self, prefix: str, wait_s: float) -> str:
+        while True:
+            text = await self.line(wait_s)
+            if text.startswith(prefix):
+                return text[len(prefix) :].strip()
+
+    async def stop(self) -> None:
+        """Close its stdin (its signal to stop), then wait; kill it only if it hangs."""
+        if self.process.returncode is not None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()  # this child only, by its own handle
+            await self.process.wait()

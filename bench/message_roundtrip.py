@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _child import say, until_stdin_closes, watchdog
+from _child import Child, say, until_stdin_closes, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -383,23 +383,8 @@ async def run_client(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-@dataclass
-class Child:
-    name: str
-    process: asyncio.subprocess.Process
-
-    async def line(self, wait_s: float) -> str:
-        assert self.process.stdout is not None
-        raw = await asyncio.wait_for(self.process.stdout.readline(), wait_s)
-        if not raw:
-            raise RuntimeError(f"{self.name} exited (code {await self.process.wait()}) before answering")
-        return raw.decode().strip()
-
-    async def expect(self, prefix: str, wait_s: float) -> str:
-        while True:
-            text = await self.line(wait_s)
-            if text.startswith(prefix):
-                return text[len(prefix) :].strip()
+class MeasuredChild(Child):
+    """A child whose CPU time the parent reads from /proc."""
 
     def cpu_seconds(self) -> float:
         try:
@@ -412,19 +397,8 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signum)
 
-    async def stop(self) -> None:
-        if self.process.returncode is not None:
-            return
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            self.process.kill()  # this child only, by its own handle
-            await self.process.wait()
 
-
-async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
+async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> MeasuredChild:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCRIPT),
@@ -437,7 +411,7 @@ async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
-    return Child(name, process)
+    return MeasuredChild(name, process)
 
 
 @dataclass
@@ -455,8 +429,8 @@ async def measure(
     concurrency: int,
     round_no: int,
     target: str,
-    servers: dict[str, Child],
-    profiled: list[Child],
+    servers: dict[str, MeasuredChild],
+    profiled: list[MeasuredChild],
     spied: dict[str, Path] | None = None,
 ) -> Row:
     extra = [
@@ -556,7 +530,9 @@ def _print_profile(path: Path, title: str, top: int) -> None:
         print(f"{value[3] / total * 100:7.1f}  {_short(file)}:{line} {func}")
 
 
-async def _start_py_spy(child: Child, out: Path, seconds: int, native: bool) -> asyncio.subprocess.Process:
+async def _start_py_spy(
+    child: MeasuredChild, out: Path, seconds: int, native: bool
+) -> asyncio.subprocess.Process:
     # --native needs to pause the process for each sample (py-spy has no non-blocking native mode).
     mode = ["--native", "--rate", "100"] if native else ["--nonblocking", "--rate", "250"]
     return await asyncio.create_subprocess_exec(
@@ -681,7 +657,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     life = 60 + len(concurrencies) * args.rounds * len(modes) * (args.warmup + args.duration + 30)
     tmp = Path(tempfile.mkdtemp(prefix="svantic-bench-"))
     mesh_prof, agent_prof = tmp / "mesh-server.prof", tmp / "agent.prof"
-    children: list[Child] = []
+    children: list[MeasuredChild] = []
     rows: list[Row] = []
     try:
         bare = await spawn("bare-server", "bare-server", life)

@@ -70,7 +70,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _child import say, until_stdin_closes, watchdog
+from _child import Child, say, until_stdin_closes, watchdog
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
@@ -155,36 +155,6 @@ async def run_agent(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-
-
-@dataclass
-class Child:
-    name: str
-    process: asyncio.subprocess.Process
-
-    async def line(self, wait_s: float) -> str:
-        assert self.process.stdout is not None
-        raw = await asyncio.wait_for(self.process.stdout.readline(), wait_s)
-        if not raw:
-            raise RuntimeError(f"{self.name} exited (code {await self.process.wait()}) before answering")
-        return raw.decode().strip()
-
-    async def expect(self, prefix: str, wait_s: float) -> str:
-        while True:
-            text = await self.line(wait_s)
-            if text.startswith(prefix):
-                return text[len(prefix) :].strip()
-
-    async def stop(self) -> None:
-        if self.process.returncode is not None:
-            return
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            self.process.kill()  # this child only, by its own handle
-            await self.process.wait()
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str, env: dict[str, str]) -> Child:
