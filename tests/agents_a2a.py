@@ -35,7 +35,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -422,23 +422,33 @@ async def hosted_agents(mesh_channel: aio.Channel, *specs: HostedAgent) -> Async
     sock = _listening_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     agents: dict[str, AgentServer] = {}
-    handlers: list[DefaultRequestHandler] = []
-    routes: list[BaseRoute] = []
     for spec in specs:
         if spec.instance_id in agents:
             raise ValueError(f"duplicate instance id {spec.instance_id!r}")
-        agent = AgentServer(spec, keys, f"{base}/{spec.instance_id}")
+        agents[spec.instance_id] = AgentServer(spec, keys, f"{base}/{spec.instance_id}")
+    entries = [(instance_id, agent, agent.card) for instance_id, agent in agents.items()]
+    async with serve_a2a(sock, entries, [Middleware(_RecordMethods, agents=agents)]) as handlers:
+        yield HostedAgents(base, agents, handlers)
+
+
+@contextlib.asynccontextmanager
+async def serve_a2a(
+    sock: socket.socket,
+    entries: Iterable[tuple[str, AgentExecutor, AgentCard]],
+    middleware: Sequence[Middleware] = (),
+) -> AsyncIterator[list[DefaultRequestHandler]]:
+    """Serve a2a-sdk agents (JSON-RPC and cards under ``/<name>``) with uvicorn in this loop."""
+    handlers: list[DefaultRequestHandler] = []
+    routes: list[BaseRoute] = []
+    for name, executor, card in entries:
         handler = DefaultRequestHandler(
-            agent_executor=agent, task_store=InMemoryTaskStore(), agent_card=agent.card
+            agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card
         )
-        agents[spec.instance_id] = agent
         handlers.append(handler)
-        routes += create_agent_card_routes(
-            agent.card, card_url=f"/{spec.instance_id}/.well-known/agent-card.json"
-        )
-        routes += create_jsonrpc_routes(handler, rpc_url=f"/{spec.instance_id}")
+        routes += create_agent_card_routes(card, card_url=f"/{name}/.well-known/agent-card.json")
+        routes += create_jsonrpc_routes(handler, rpc_url=f"/{name}")
     config = uvicorn.Config(
-        Starlette(routes=routes, middleware=[Middleware(_RecordMethods, agents=agents)]),
+        Starlette(routes=routes, middleware=list(middleware)),
         log_level="warning",
         log_config=None,  # leave the process's logging alone (pytest's caplog)
         access_log=False,
@@ -454,7 +464,7 @@ async def hosted_agents(mesh_channel: aio.Channel, *specs: HostedAgent) -> Async
                     serving.result()
                     raise RuntimeError("the agent server stopped before it started")
                 await asyncio.sleep(0.005)
-        yield HostedAgents(base, agents, handlers)
+        yield handlers
     finally:
         # Parked (input-required) and slow tasks end, and their SSE streams close, before uvicorn stops.
         for handler in handlers:

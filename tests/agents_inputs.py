@@ -33,20 +33,15 @@ from typing import Any
 
 import grpc
 import pytest
-import uvicorn
 from a2a.helpers import new_data_part, new_task_from_user_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
-from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
-from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.server.tasks import TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Task
 from a2a.utils.constants import TransportProtocol
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
-from starlette.applications import Starlette
-from starlette.routing import BaseRoute
 
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import (
@@ -60,7 +55,7 @@ from svantic_grpc.pb import (
 )
 from svantic_grpc.stores.base import AuditRecord
 from tests._support import Client
-from tests.agents_a2a import _bearer, _Keys, _listening_socket
+from tests.agents_a2a import _bearer, _Keys, _listening_socket, serve_a2a
 from tests.agents_connected import WAIT
 
 pb = message_types_pb2
@@ -364,50 +359,10 @@ async def hosted_input_agents(
     sock = _listening_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     served = HostedInputAgents()
-    handlers: list[DefaultRequestHandler] = []
-    routes: list[BaseRoute] = []
     for spec in specs:
-        agent = _InputExecutor(spec, keys, f"{base}/{spec.instance_id}")
-        handler = DefaultRequestHandler(
-            agent_executor=agent, task_store=InMemoryTaskStore(), agent_card=agent.card
-        )
-        served.agents[spec.instance_id] = agent
-        handlers.append(handler)
-        routes += create_agent_card_routes(
-            agent.card, card_url=f"/{spec.instance_id}/.well-known/agent-card.json"
-        )
-        routes += create_jsonrpc_routes(handler, rpc_url=f"/{spec.instance_id}")
-    config = uvicorn.Config(
-        Starlette(routes=routes),
-        log_level="warning",
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(5):
-            while not server.started:
-                if serving.done():
-                    serving.result()
-                    raise RuntimeError("the agent server stopped before it started")
-                await asyncio.sleep(0.005)
+        served.agents[spec.instance_id] = _InputExecutor(spec, keys, f"{base}/{spec.instance_id}")
+    async with serve_a2a(sock, [(i, agent, agent.card) for i, agent in served.agents.items()]):
         yield served
-    finally:
-        for handler in handlers:
-            with contextlib.suppress(Exception):
-                await handler.aclose()
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await serving
-        if not serving.done():
-            serving.cancel()
-            with contextlib.suppress(BaseException):
-                await serving
-        sock.close()
 
 
 # --- what a person does: the approval queue, answers, errors, events ----------------------------
