@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Child", "say", "until_stdin_closes", "watchdog"]
+__all__ = ["Child", "revision", "say", "until_stdin_closes", "watchdog"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def say(line: str) -> None:
@@ -70,3 +74,18 @@ class Child:
         except TimeoutError:
             self.process.kill()  # this child only, by its own handle
             await self.process.wait()
+
+
+def revision(*paths: str) -> str:
+    """The commit measured, and whether the code under ``paths`` differs from it."""
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", *paths)
+    return commit + (" + uncommitted changes" if dirty else "")

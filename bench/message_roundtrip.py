@@ -71,7 +71,6 @@ import pstats
 import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _child import Child, say, until_stdin_closes, watchdog
+from _child import Child, revision, say, until_stdin_closes, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -622,18 +621,7 @@ def _area(file: str, func: str) -> str:
 
 
 def _revision() -> str:
-    """The commit measured, and whether the product code differs from it."""
-
-    def git(*argv: str) -> str:
-        try:
-            done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "svantic_grpc", "examples")
-    return commit + (" + uncommitted changes" if dirty else "")
+    return revision("svantic_grpc", "examples")
 
 
 async def parent(args: argparse.Namespace, revision: str) -> int:

@@ -62,7 +62,6 @@ import platform
 import secrets
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _child import Child, say, until_stdin_closes, watchdog
+from _child import Child, revision, say, until_stdin_closes, watchdog
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
@@ -382,16 +381,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def _revision() -> str:
-    def git(*argv: str) -> str:
-        try:
-            done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "svantic_grpc", "adapters")
-    return commit + (" + uncommitted changes" if dirty else "")
+    return revision("svantic_grpc", "adapters")
 
 
 async def parent(args: argparse.Namespace) -> int:
