@@ -401,6 +401,69 @@ async def test_a_write_that_outwaits_the_busy_timeout_is_unavailable(db_path: Pa
             other.close()
 
 
+async def test_writes_sent_together_share_a_commit_yet_fail_one_by_one(db_path: Path) -> None:
+    async with await SqliteStore.open(db_path) as store:
+        first = await store.create_input(_pending("in-0"))
+        await _resolve(store, first, "earlier")  # leaves `first` a stale read
+        writes = [
+            *(store.create_input(_pending(f"in-{n}")) for n in range(1, 9)),
+            store.create_input(_pending("in-3")),  # a duplicate of one in this very batch
+            _resolve(store, first, "late"),  # written at a version that is gone
+            store.append_events(tenant_id="acme", session_id="s1", time=T0, payloads=full_payloads()),
+        ]
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes[8:10]] == ["AlreadyExists", "Conflict"]
+    assert not any(isinstance(o, BaseException) for o in outcomes[:8] + outcomes[10:]), outcomes
+    async with await SqliteStore.open(db_path) as reopened:  # what landed is on disk
+        stored = await reopened.list_inputs(tenant_id="acme", page_size=50)
+        assert sorted(r.request_id for r in stored.requests) == [f"in-{n}" for n in range(9)]
+        resolved = await reopened.get_input(tenant_id="acme", request_id="in-0")
+        assert resolved is not None and resolved.resolution.resolved_by == "earlier"
+        logged = await reopened.list_events(tenant_id="acme", session_id="s1")
+        assert [e.payload for e in logged] == full_payloads()
+
+
+async def test_a_write_failing_half_way_leaves_nothing_while_its_batch_commits(store: SqliteStore) -> None:
+    # No store call fails after it has written today; this holds the rule for one that will.
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES ('acme', 99, 'x', '{}')"
+        )
+        raise Conflict("second statement failed")
+
+    outcomes = await asyncio.gather(
+        store.create_input(_pending("in-1")),
+        store._write(half),
+        store.append_audit(full_audit()),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], Conflict) and isinstance(outcomes[2], AuditRecord)
+    assert [a.sequence for a in await store.list_audit(tenant_id="acme")] == [1]
+    assert await store.get_input(tenant_id="acme", request_id="in-1") == outcomes[0]
+
+
+async def test_closing_the_store_first_commits_the_writes_it_accepted(db_path: Path) -> None:
+    store = await SqliteStore.open(db_path)
+    writes = [asyncio.create_task(store.create_input(_pending(f"in-{n}"))) for n in range(5)]
+    await asyncio.sleep(0)  # the writes are queued, none committed yet
+    await store.close()
+    assert [(await w).version for w in writes] == [1] * 5
+    async with await SqliteStore.open(db_path) as reopened:
+        assert len((await reopened.list_inputs(tenant_id="acme")).requests) == 5
+
+
+async def test_a_write_whose_caller_is_cancelled_still_lands_whole(store: SqliteStore) -> None:
+    cancelled = asyncio.create_task(
+        store.append_events(tenant_id="acme", session_id="s1", time=T0, payloads=full_payloads())
+    )
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await store.create_input(_pending("in-1"))  # queued after it, so committed after it
+    assert cancelled.cancelled()
+    logged = await store.list_events(tenant_id="acme", session_id="s1")
+    assert [e.payload for e in logged] == full_payloads()
+
+
 RACER = textwrap.dedent(
     """
     import asyncio, sys
