@@ -49,7 +49,8 @@ class Dispatch:
     session_id: str
     message: message_types_pb2.Message
     claims: dict[str, Any]
-    """The verified dispatch token's claims (tenant_id, agent_type, session_id, ...)."""
+    """The verified dispatch token's claims (tenant_id, agent_type, session_id, ...); empty
+    unless the agent was made with ``verify_dispatches``."""
 
     @property
     def text(self) -> str:
@@ -212,6 +213,10 @@ class ConnectedAgent:
         skills: Declared skills, for routing by skill.
         max_concurrent_sessions: Capacity declared to the mesh (0 = unlimited).
         reconnect_delay_s: Pause before reconnecting after the stream drops.
+        verify_dispatches: Ask the mesh to sign every dispatch and refuse any whose token
+            does not verify (issuer, audience this instance, expiry, dispatch id). Off by
+            default: the agent dialed the mesh, so the stream already says who sends the
+            work, and a signature check per dispatch costs CPU.
     """
 
     def __init__(
@@ -226,6 +231,7 @@ class ConnectedAgent:
         skills: Iterable[agent_types_pb2.AgentSkill] = (),
         max_concurrent_sessions: int = 0,
         reconnect_delay_s: float = 1.0,
+        verify_dispatches: bool = False,
     ) -> None:
         self.target = target
         self.instance_id = instance_id
@@ -235,6 +241,7 @@ class ConnectedAgent:
         self._skills = list(skills)
         self._max_sessions = max_concurrent_sessions
         self._reconnect_delay_s = reconnect_delay_s
+        self._verify_dispatches = verify_dispatches
         self._running: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, Reply] = {}
         self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
@@ -296,7 +303,11 @@ class ConnectedAgent:
         self, registry: RegistryServiceStub, metadata: tuple[tuple[str, str], ...]
     ) -> None:
         hello = registry_service_pb2.ConnectRequest(
-            hello=registry_service_pb2.ConnectHello(instance_id=self.instance_id)
+            hello=registry_service_pb2.ConnectHello(
+                instance_id=self.instance_id,
+                dispatch_tokens=self._verify_dispatches,
+                dispatch_batches=True,
+            )
         )
         self._outbox = asyncio.Queue()
         self._outbox.put_nowait(hello)
@@ -323,6 +334,9 @@ class ConnectedAgent:
                     self.connected.set()
                 elif kind == "dispatch":
                     self._start(response.dispatch)
+                elif kind == "dispatch_batch":
+                    for dispatch in response.dispatch_batch.dispatches:
+                        self._start(dispatch)
                 elif kind == "cancel":
                     task = self._running.get(response.cancel.dispatch_id)
                     if task is not None:
@@ -340,9 +354,26 @@ class ConnectedAgent:
                 task.cancel()
 
     async def _requests(self) -> AsyncIterator[registry_service_pb2.ConnectRequest]:
+        """The outbox as frames: updates queued together travel in one frame (a frame costs
+        far more than an update in it), other requests each in their own, in order."""
         outbox = self._outbox
-        while (request := await outbox.get()) is not None:
-            yield request
+        while True:
+            queued = [await outbox.get()]
+            while not outbox.empty():
+                queued.append(outbox.get_nowait())
+            updates: list[registry_service_pb2.DispatchUpdate] = []
+            for request in queued:
+                if request is not None and request.WhichOneof("payload") == "update":
+                    updates.append(request.update)
+                    continue
+                if updates:
+                    yield _update_frame(updates)
+                    updates = []
+                if request is None:
+                    return
+                yield request
+            if updates:
+                yield _update_frame(updates)
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
@@ -372,11 +403,13 @@ class ConnectedAgent:
         task.add_done_callback(finished)
 
     async def _handle(self, dispatch: registry_service_pb2.Dispatch, reply: Reply) -> None:
-        try:
-            claims = self._verify(dispatch)
-        except jwt.InvalidTokenError as error:
-            await reply.reject(f"dispatch token rejected: {error}")
-            return
+        claims: dict[str, Any] = {}
+        if self._verify_dispatches:
+            try:
+                claims = self._verify(dispatch)
+            except jwt.InvalidTokenError as error:
+                await reply.reject(f"dispatch token rejected: {error}")
+                return
         await reply._update(message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledge: delivered
         try:
             await self._handler(
@@ -403,6 +436,13 @@ class ConnectedAgent:
         if claims.get("dispatch_id") != dispatch.dispatch_id:
             raise jwt.InvalidTokenError("token is for another dispatch")
         return claims
+
+
+def _update_frame(updates: list[registry_service_pb2.DispatchUpdate]) -> registry_service_pb2.ConnectRequest:
+    if len(updates) == 1:
+        return registry_service_pb2.ConnectRequest(update=updates[0])
+    batch = registry_service_pb2.DispatchUpdateBatch(updates=updates)
+    return registry_service_pb2.ConnectRequest(update_batch=batch)
 
 
 _KINDS = {

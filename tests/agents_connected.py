@@ -46,6 +46,7 @@ async def running_agent(
     max_concurrent_sessions: int = 0,
     client_id: str = "acme-full",
     client_secret: str = SECRET,
+    verify_dispatches: bool = False,
 ) -> AsyncIterator[ConnectedAgent]:
     """A connected agent serving ``handler``, connected when this yields; stopped on exit."""
     agent = ConnectedAgent(
@@ -58,6 +59,7 @@ async def running_agent(
         skills=skills,
         max_concurrent_sessions=max_concurrent_sessions,
         reconnect_delay_s=0.05,
+        verify_dispatches=verify_dispatches,
     )
     async with run_agent(agent):
         yield agent
@@ -100,8 +102,8 @@ class RawAgent:
     def send(self, request: registry_service_pb2.ConnectRequest) -> None:
         self._requests.put_nowait(request)
 
-    def hello(self, instance_id: str | None = None) -> None:
-        hello = registry_service_pb2.ConnectHello(instance_id=instance_id or self.instance_id)
+    def hello(self, instance_id: str | None = None, **fields: Any) -> None:
+        hello = registry_service_pb2.ConnectHello(instance_id=instance_id or self.instance_id, **fields)
         self.send(registry_service_pb2.ConnectRequest(hello=hello))
 
     def update(self, dispatch_id: str, state: int = 0, **fields: Any) -> None:
@@ -149,6 +151,7 @@ async def raw_agent(
     register: bool = True,
     hello: bool = True,
     skills: Iterable[agent_types_pb2.AgentSkill] = (),
+    **hello_fields: Any,
 ) -> AsyncIterator[RawAgent]:
     """A raw Connect stream of a registered connected instance, welcomed when this yields."""
     md = await client.md()
@@ -157,7 +160,7 @@ async def raw_agent(
     agent = RawAgent(client, md, instance_id)
     try:
         if hello:
-            agent.hello()
+            agent.hello(**hello_fields)
             await agent.welcome()
         yield agent
     finally:

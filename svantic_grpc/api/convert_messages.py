@@ -154,12 +154,13 @@ def message_event(target: event_pb.SessionEvent, payload: EventPayload) -> None:
         )
 
 
-def dispatch_to_pb(job: DispatchJob) -> registry_pb.Dispatch:
+def dispatch_to_pb(job: DispatchJob, *, token: bool) -> registry_pb.Dispatch:
+    """The dispatch for a connected agent; signed only when ``token`` (the agent asked)."""
     return registry_pb.Dispatch(
         dispatch_id=job.dispatch_id,
         session_id=job.session_id,
         message=message_to_pb(job.message),
-        dispatch_token=job.token,
+        dispatch_token=job.sign() if token else "",
         deadline=timestamp(job.deadline),
     )
 

@@ -13,7 +13,7 @@ from svantic_grpc.api import _wkt, convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_inputs import request_to_pb
 from svantic_grpc.api.convert_messages import dispatch_to_pb, update_from_pb
-from svantic_grpc.core.connections import AgentConnection
+from svantic_grpc.core.connections import AgentConnection, Outbound
 from svantic_grpc.core.dispatch import DispatchUpdate
 from svantic_grpc.core.errors import InvalidArgument, MeshError
 from svantic_grpc.core.mesh import Mesh
@@ -95,15 +95,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     agent=self._agent(connection.agent), heartbeat_interval_ms=interval_ms
                 )
             )
-            while (out := await connection.outbox.get()) is not None:
-                if out.job is not None:
-                    yield pb.ConnectResponse(dispatch=dispatch_to_pb(out.job))
-                elif out.answer is not None:
-                    answer = pb.InputAnswer(dispatch_id=out.dispatch_id, request=request_to_pb(out.answer))
-                    yield pb.ConnectResponse(input_answer=answer)
-                else:
-                    cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
-                    yield pb.ConnectResponse(cancel=cancel)
+            async for frame in _frames(connection.outbox, first.hello):
+                yield frame
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]  # the agent sent something invalid: tell it
         finally:
@@ -123,15 +116,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             async for request in requests:
                 kind = request.WhichOneof("payload")
                 if kind == "update":
-                    dispatch_id = request.update.dispatch_id
-                    try:
-                        update = update_from_pb(request.update)
-                    except InvalidArgument as error:
-                        update = DispatchUpdate(
-                            MessageState.FAILED, reason=f"the agent sent an invalid update: {error}"
-                        )
-                    if not self._connections.receive(connection, dispatch_id, update):
-                        _log.debug("update for unknown dispatch %s from %s", dispatch_id, connection.key)
+                    self._receive(connection, request.update)
+                elif kind == "update_batch":
+                    for update in request.update_batch.updates:
+                        self._receive(connection, update)
                 elif kind == "heartbeat":
                     beat = request.heartbeat
                     await self._connections.heartbeat(
@@ -146,3 +134,48 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             reason = f"the agent's stream failed: {error.details()}"
         finally:
             await self._connections.detach(connection, reason)
+
+    def _receive(self, connection: AgentConnection, message: pb.DispatchUpdate) -> None:
+        """Hand one update to the dispatch it is for; an invalid one fails that dispatch alone."""
+        try:
+            update = update_from_pb(message)
+        except InvalidArgument as error:
+            update = DispatchUpdate(MessageState.FAILED, reason=f"the agent sent an invalid update: {error}")
+        if not self._connections.receive(connection, message.dispatch_id, update):
+            _log.debug("update for unknown dispatch %s from %s", message.dispatch_id, connection.key)
+
+
+async def _frames(
+    outbox: asyncio.Queue[Outbound | None], hello: pb.ConnectHello
+) -> AsyncIterator[pb.ConnectResponse]:
+    """The outbox as frames for the agent, until the mesh ends the stream (``None``).
+
+    When the agent reads batches, dispatches queued together go out in one frame
+    (a frame costs far more than a dispatch in it); cancels and answers keep their
+    place in the order.
+    """
+    held: list[Outbound | None] = []  # taken from the queue behind a batch, sent next
+    while True:
+        out = held.pop() if held else await outbox.get()
+        if out is None:
+            return
+        if out.job is None:
+            if out.answer is not None:
+                answer = pb.InputAnswer(dispatch_id=out.dispatch_id, request=request_to_pb(out.answer))
+                yield pb.ConnectResponse(input_answer=answer)
+            else:
+                cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
+                yield pb.ConnectResponse(cancel=cancel)
+            continue
+        jobs = [out.job]
+        while hello.dispatch_batches and not outbox.empty():
+            following = outbox.get_nowait()
+            if following is None or following.job is None:
+                held.append(following)
+                break
+            jobs.append(following.job)
+        dispatches = [dispatch_to_pb(job, token=hello.dispatch_tokens) for job in jobs]
+        if len(dispatches) == 1:
+            yield pb.ConnectResponse(dispatch=dispatches[0])
+        else:
+            yield pb.ConnectResponse(dispatch_batch=pb.DispatchBatch(dispatches=dispatches))

@@ -12,7 +12,7 @@ answer to the agent and goes on following it. Hosted agents are reached over A2A
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,8 +40,9 @@ class DispatchJob:
     session_id: str
     agent: AgentRegistration
     message: Message
-    token: str
-    """Signed, short-lived; the agent may verify it (see ``DispatchTokens``)."""
+    sign: Callable[[], str] = field(compare=False, repr=False)
+    """A signed, short-lived token for this dispatch that the agent may verify (see
+    ``DispatchTokens``). Signing costs a signature, so only transports that send one call it."""
     deadline: float
     """Epoch seconds after which the mesh gives up."""
     resume_task_id: str = ""

@@ -113,7 +113,7 @@ class A2ATransport:
         if job.resume_task_id and job.answer is not None:
             task_id = job.resume_task_id  # the agent still waits on its task: answer it there
             message = _answer_message(job, task_id, job.answer)
-        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.token}"})
+        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
         delivered = False
         ended = False
         try:

@@ -100,12 +100,16 @@ class GetAgentResponse(_message.Message):
     def __init__(self, agent: _Optional[_Union[_agent_types_pb2.Agent, _Mapping]] = ...) -> None: ...
 
 class ConnectHello(_message.Message):
-    __slots__ = ("instance_id", "resume_dispatch_ids")
+    __slots__ = ("instance_id", "resume_dispatch_ids", "dispatch_tokens", "dispatch_batches")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_DISPATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_BATCHES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     resume_dispatch_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, instance_id: _Optional[str] = ..., resume_dispatch_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    dispatch_tokens: bool
+    dispatch_batches: bool
+    def __init__(self, instance_id: _Optional[str] = ..., resume_dispatch_ids: _Optional[_Iterable[str]] = ..., dispatch_tokens: _Optional[bool] = ..., dispatch_batches: _Optional[bool] = ...) -> None: ...
 
 class ConnectWelcome(_message.Message):
     __slots__ = ("agent", "heartbeat_interval_ms")
@@ -128,6 +132,12 @@ class Dispatch(_message.Message):
     dispatch_token: str
     deadline: _timestamp_pb2.Timestamp
     def __init__(self, dispatch_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message: _Optional[_Union[_message_types_pb2.Message, _Mapping]] = ..., dispatch_token: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DispatchBatch(_message.Message):
+    __slots__ = ("dispatches",)
+    DISPATCHES_FIELD_NUMBER: _ClassVar[int]
+    dispatches: _containers.RepeatedCompositeFieldContainer[Dispatch]
+    def __init__(self, dispatches: _Optional[_Iterable[_Union[Dispatch, _Mapping]]] = ...) -> None: ...
 
 class DispatchCancel(_message.Message):
     __slots__ = ("dispatch_id", "reason")
@@ -153,6 +163,12 @@ class DispatchUpdate(_message.Message):
     input_request: _message_types_pb2.InputRequest
     def __init__(self, dispatch_id: _Optional[str] = ..., state: _Optional[_Union[_message_types_pb2.MessageState, str]] = ..., turn: _Optional[_Union[_message_types_pb2.Turn, _Mapping]] = ..., artifacts: _Optional[_Iterable[_Union[_message_types_pb2.Artifact, _Mapping]]] = ..., reason: _Optional[str] = ..., input_request: _Optional[_Union[_message_types_pb2.InputRequest, _Mapping]] = ...) -> None: ...
 
+class DispatchUpdateBatch(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[DispatchUpdate]
+    def __init__(self, updates: _Optional[_Iterable[_Union[DispatchUpdate, _Mapping]]] = ...) -> None: ...
+
 class InputAnswer(_message.Message):
     __slots__ = ("dispatch_id", "request")
     DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -162,23 +178,27 @@ class InputAnswer(_message.Message):
     def __init__(self, dispatch_id: _Optional[str] = ..., request: _Optional[_Union[_message_types_pb2.InputRequest, _Mapping]] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("hello", "update", "heartbeat")
+    __slots__ = ("hello", "update", "heartbeat", "update_batch")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_BATCH_FIELD_NUMBER: _ClassVar[int]
     hello: ConnectHello
     update: DispatchUpdate
     heartbeat: HeartbeatRequest
-    def __init__(self, hello: _Optional[_Union[ConnectHello, _Mapping]] = ..., update: _Optional[_Union[DispatchUpdate, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...
+    update_batch: DispatchUpdateBatch
+    def __init__(self, hello: _Optional[_Union[ConnectHello, _Mapping]] = ..., update: _Optional[_Union[DispatchUpdate, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ..., update_batch: _Optional[_Union[DispatchUpdateBatch, _Mapping]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "dispatch", "cancel", "input_answer")
+    __slots__ = ("welcome", "dispatch", "cancel", "input_answer", "dispatch_batch")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_BATCH_FIELD_NUMBER: _ClassVar[int]
     welcome: ConnectWelcome
     dispatch: Dispatch
     cancel: DispatchCancel
     input_answer: InputAnswer
-    def __init__(self, welcome: _Optional[_Union[ConnectWelcome, _Mapping]] = ..., dispatch: _Optional[_Union[Dispatch, _Mapping]] = ..., cancel: _Optional[_Union[DispatchCancel, _Mapping]] = ..., input_answer: _Optional[_Union[InputAnswer, _Mapping]] = ...) -> None: ...
+    dispatch_batch: DispatchBatch
+    def __init__(self, welcome: _Optional[_Union[ConnectWelcome, _Mapping]] = ..., dispatch: _Optional[_Union[Dispatch, _Mapping]] = ..., cancel: _Optional[_Union[DispatchCancel, _Mapping]] = ..., input_answer: _Optional[_Union[InputAnswer, _Mapping]] = ..., dispatch_batch: _Optional[_Union[DispatchBatch, _Mapping]] = ...) -> None: ...

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import pytest
+from google.protobuf import json_format
 from grpc import aio
 
 from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
@@ -282,7 +284,7 @@ async def test_connected_echo_agent_completes_a_skill_routed_message() -> None:
     recorder = Recorder()
     async with (
         running_server() as client,
-        running_agent(client, recorder, instance_id="echo-1", skills=ECHO_SKILLS),
+        running_agent(client, recorder, instance_id="echo-1", skills=ECHO_SKILLS, verify_dispatches=True),
     ):
         session_id = await new_session(client)
         message = await send(client, session_id, "please echo hello there")
@@ -567,7 +569,7 @@ async def test_a_stream_that_drops_mid_dispatch_fails_the_message(how: str) -> N
         sending = asyncio.create_task(send(client, session_id, "work", data({"target_agent": "echo"})))
         dispatch = await raw.dispatch()
         assert dispatch.session_id == session_id
-        assert dispatch.dispatch_token and dispatch.deadline.seconds > 0
+        assert dispatch.deadline.seconds > 0
         await acknowledge(client, raw, dispatch)
         if how == "half-close":
             raw.end()
@@ -629,6 +631,109 @@ async def test_a_stream_that_drops_before_acknowledging_fails_over_then_reconnec
             assert message.state == COMPLETED, message.state_reason
             assert message.instance_id == "raw-1"
             assert artifact_texts(message) == ["raw says hi"]
+
+
+@pytest.mark.parametrize("asked", [True, False])
+async def test_dispatches_are_signed_only_for_an_agent_whose_hello_asks(asked: bool) -> None:
+    async with running_server() as client, raw_agent(client, "raw-1", dispatch_tokens=asked) as raw:
+        session_id = await new_session(client)
+        sending = asyncio.create_task(send(client, session_id, "work", data({"target_agent": "echo"})))
+        dispatch = await raw.dispatch()
+        if asked:
+            keys = await client.auth.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
+            [jwk] = json_format.MessageToDict(keys.jwks)["keys"]
+            claims = jwt.decode(
+                dispatch.dispatch_token,
+                jwt.PyJWK(jwk).key,
+                algorithms=["EdDSA"],
+                audience="raw-1",
+                issuer=keys.issuer,
+            )
+            assert (claims["dispatch_id"], claims["session_id"]) == (dispatch.dispatch_id, session_id)
+        else:
+            assert dispatch.dispatch_token == ""
+        raw.update(dispatch.dispatch_id, COMPLETED)
+        assert (await sending).state == COMPLETED
+
+
+async def test_updates_for_several_dispatches_in_one_batch_frame_are_each_applied_in_order() -> None:
+    async with running_server() as client, raw_agent(client, "raw-1") as raw:
+        sessions = [await new_session(client) for _ in range(2)]
+        sending = [
+            asyncio.create_task(send(client, s, f"work {n}", data({"target_agent": "echo/raw-1"})))
+            for n, s in enumerate(sessions)
+        ]
+        dispatches = [await raw.dispatch(), await raw.dispatch()]
+        first, second = sorted(dispatches, key=lambda d: d.message.parts[0].text)
+
+        def update(dispatch: registry_service_pb2.Dispatch, state: int, **fields: Any) -> Any:
+            return registry_service_pb2.DispatchUpdate(
+                dispatch_id=dispatch.dispatch_id, state=state, **fields
+            )
+
+        artifact = message_types_pb2.Artifact(parts=[text("made in a batch")])
+        batch = registry_service_pb2.DispatchUpdateBatch(
+            updates=[
+                update(first, WORKING),
+                update(second, WORKING),
+                update(first, 0, artifacts=[artifact]),
+                update(first, COMPLETED),
+                update(second, FAILED, reason="cannot do work 1"),
+                update(second, COMPLETED),  # after the terminal one: ignored
+            ]
+        )
+        raw.send(registry_service_pb2.ConnectRequest(update_batch=batch))
+        done, failed = await asyncio.gather(*sending)
+        assert done.state == COMPLETED and artifact_texts(done) == ["made in a batch"]
+        assert failed.state == FAILED and "cannot do work 1" in failed.state_reason
+
+
+async def test_dispatches_queued_together_go_out_in_one_frame_for_an_agent_that_reads_batches() -> None:
+    from svantic_grpc.api.registry_service import _frames
+    from svantic_grpc.core.connections import Outbound
+    from svantic_grpc.core.dispatch import DispatchJob
+    from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
+    from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+
+    agent = AgentRegistration("acme", "echo", "raw-1", DeploymentMode.CONNECTED, 0.0, 0.0)
+    message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+    signed: list[str] = []
+
+    def job(dispatch_id: str) -> DispatchJob:
+        def sign() -> str:
+            signed.append(dispatch_id)
+            return f"token-{dispatch_id}"
+
+        return DispatchJob(dispatch_id, "acme", "s1", agent, message, sign, 0.0)
+
+    def queued() -> asyncio.Queue[Outbound | None]:
+        outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
+        for out in (
+            Outbound("d1", job("d1")),
+            Outbound("d2", job("d2")),
+            Outbound("d1", cancel_reason="withdrawn"),
+            Outbound("d3", job("d3")),
+            None,
+            Outbound("d4", job("d4")),  # after the end: never sent
+        ):
+            outbox.put_nowait(out)
+        return outbox
+
+    def shape(frame: registry_service_pb2.ConnectResponse) -> Any:
+        kind = frame.WhichOneof("payload")
+        if kind == "dispatch_batch":
+            return [d.dispatch_id for d in frame.dispatch_batch.dispatches]
+        return frame.dispatch.dispatch_id if kind == "dispatch" else (kind, frame.cancel.dispatch_id)
+
+    batching = registry_service_pb2.ConnectHello(dispatch_batches=True)
+    frames = [f async for f in _frames(queued(), batching)]
+    assert [shape(f) for f in frames] == [["d1", "d2"], ("cancel", "d1"), "d3"]
+    assert all(d.dispatch_token == "" for d in frames[0].dispatch_batch.dispatches) and signed == []
+
+    one_by_one = registry_service_pb2.ConnectHello(dispatch_tokens=True)
+    frames = [f async for f in _frames(queued(), one_by_one)]
+    assert [shape(f) for f in frames] == ["d1", "d2", ("cancel", "d1"), "d3"]
+    assert frames[0].dispatch.dispatch_token == "token-d1" and signed == ["d1", "d2", "d3"]
 
 
 async def test_a_second_connect_for_the_same_instance_replaces_the_first() -> None:
@@ -815,7 +920,7 @@ async def test_two_sessions_sharing_one_instance_never_see_each_other() -> None:
     recorder = Recorder(say=True)
     async with (
         running_server() as client,
-        running_agent(client, recorder, instance_id="echo-1", skills=ECHO_SKILLS),
+        running_agent(client, recorder, instance_id="echo-1", skills=ECHO_SKILLS, verify_dispatches=True),
     ):
         alpha, bravo = await new_session(client), await new_session(client)
         a1 = await send(client, alpha, "echo alpha secret one")

@@ -144,13 +144,17 @@ class BudgetedExecutor(Executor):
             raise NotDelivered("deregistered")
         await writer.assign(agent_type, instance_id)
         dispatch_id = services.ids.new_id("dsp_")
-        token, _ = services.dispatch_tokens.sign(
-            tenant_id=tenant_id,
-            agent_type=agent_type,
-            instance_id=instance_id,
-            session_id=session_id,
-            dispatch_id=dispatch_id,
-        )
+
+        def sign() -> str:
+            token, _ = services.dispatch_tokens.sign(
+                tenant_id=tenant_id,
+                agent_type=agent_type,
+                instance_id=instance_id,
+                session_id=session_id,
+                dispatch_id=dispatch_id,
+            )
+            return token
+
         timeout = services.options.dispatch_timeout_s
         message = writer.message if not parts else replace(writer.message, parts=parts)
         if resume is not None:
@@ -163,7 +167,7 @@ class BudgetedExecutor(Executor):
             session_id,
             agent,
             message,
-            token,
+            sign,
             services.clock.now() + timeout,
             resume_task_id=writer.message.remote_task_id if resume is not None else "",
             answer=resume,
