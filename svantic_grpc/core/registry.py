@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
@@ -255,7 +256,7 @@ class Registry:
         """
         key = (tenant_id, instance_id)
         counts = self._dispatch_counts.get(key, ConnectionStats())
-        self._dispatch_counts[key] = replace(
+        self._dispatch_counts[key] = evolve(
             counts,
             last_dispatch_at=self._clock.now(),
             successes=counts.successes + ok,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import replace
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
@@ -370,7 +371,7 @@ class Sessions:
         async with self._locks.hold((tenant_id, session_id)):
             session = self._require_open(await self._get(tenant_id, session_id))
             now = self._clock.now()
-            return await self._store.update_session(replace(session, last_activity_at=now, updated_at=now))
+            return await self._store.update_session(evolve(session, last_activity_at=now, updated_at=now))
 
     async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)

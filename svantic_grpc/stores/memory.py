@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.inputs.model import InputRequest, InputState
@@ -228,7 +229,7 @@ def _insert(table: dict[Any, Record], key: Any, record: Record, exists: AlreadyE
     """Store a new record at version 1."""
     if key in table:
         raise exists
-    stored = replace(detach(record), version=1)
+    stored = evolve(detach(record), version=1)
     table[key] = stored
     return stored
 
@@ -249,6 +250,6 @@ def _current(table: dict[Any, Record], key: Any, version: int, what: str, not_fo
 def _replace(table: dict[Any, Record], key: Any, record: Record, what: str, not_found: str) -> Record:
     """Replace a record written at the version it was read; bump the version."""
     current = _current(table, key, record.version, what, not_found)
-    stored = replace(detach(record), version=current.version + 1)
+    stored = evolve(detach(record), version=current.version + 1)
     table[key] = stored
     return stored

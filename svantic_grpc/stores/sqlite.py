@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar, cast
 import aiosqlite
 import orjson
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.inputs.model import InputRequest, InputState
@@ -606,7 +607,7 @@ def _raise_lost(
 
 def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Query[None]]:
     """The record as stored (version 1) and the statement that inserts it."""
-    stored: R = replace(detach(record), version=1)
+    stored: R = evolve(detach(record), version=1)
     values = (*kind.row(stored), 1, _dumps(kind.encode(stored)))
     sql = kind.insert_sql
 
@@ -623,7 +624,7 @@ def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Que
 
 def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R, Query[None]]:
     """The record as stored (version bumped) and the conditional update that writes it."""
-    stored: R = replace(detach(record), version=record.version + 1)
+    stored: R = evolve(detach(record), version=record.version + 1)
     row: tuple[Any, ...] = kind.row(stored)
     key: tuple[Any, ...] = row[: len(kind.keys)]
     values = (*row[len(kind.keys) :], stored.version, _dumps(kind.encode(stored)), *key, record.version)

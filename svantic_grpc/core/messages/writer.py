@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.events import ArtifactAdded, EventBus, MessageStateChanged, TurnAdded
 from svantic_grpc.core.inputs.model import InputRequest
@@ -50,7 +51,7 @@ class MessageWriter:
             changes = {**self._pending, **changes}
             self._pending = {}
         self.message = await self._store.update_message(
-            replace(self.message, updated_at=self._clock.now(), **changes)
+            evolve(self.message, updated_at=self._clock.now(), **changes)
         )
         return self.message
 
