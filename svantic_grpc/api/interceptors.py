@@ -40,6 +40,8 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, issuer: TokenIssuer) -> None:
         self._issuer = issuer
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """Per method: the servicer's handler and its wrapper, made once instead of per call."""
 
     async def intercept_service(
         self,
@@ -52,8 +54,13 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if method.startswith(OPEN_METHOD_PREFIXES[2:]):
             return handler  # health and reflection: grpc's own code, leave untouched
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
-        return _wrap(handler, method, self._issuer if authenticate else None)
+        wrapped = _wrap(handler, method, self._issuer if authenticate else None)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None) -> grpc.RpcMethodHandler:
