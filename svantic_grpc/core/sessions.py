@@ -2,19 +2,26 @@
 
 Every change to a session happens under that session's lock and is written with
 the version it read, so two writers never silently overwrite each other.
+
+The frequent changes (activity on every message, close) start from the record as
+this process last read or wrote it instead of reading the store again: a change
+made meanwhile by another process sharing the store fails the version check, and
+the change is then made once more from a fresh read.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import replace
+from functools import partial
+from typing import TypeVar
 
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
 from svantic_grpc.core.models import (
     INTERNAL_ROLES,
@@ -29,6 +36,8 @@ from svantic_grpc.core.registry import Registry
 from svantic_grpc.stores.base import SessionPage, Store
 
 __all__ = ["MAX_PAGE_SIZE", "Sessions"]
+
+T = TypeVar("T")
 
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
@@ -54,6 +63,8 @@ class Sessions:
         self._ids = ids
         self._ttl_s = ttl_s
         self._locks = KeyedLock()
+        self._latest: dict[tuple[str, str], Session] = {}
+        """Each open session's record as this process last read or wrote it."""
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
@@ -129,6 +140,7 @@ class Sessions:
                 session_id,
                 lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
             )
+            self._keep(session)
         if self._ttl_s:
             self.reaper.schedule(caller.tenant_id, session_id, now + self._ttl_s)
         return session
@@ -189,36 +201,54 @@ class Sessions:
         ``exclude`` (unreachable ones, during fail-over) are neither reused nor picked.
         """
         async with self._locks.hold((tenant_id, session_id)):
-            session = self._require_open(await self._get(tenant_id, session_id))
-            if instance_id:
-                present = session.find_agent(instance_id=instance_id)
-            else:  # session affinity: reuse the instance of this type already here
-                present = next(
-                    (
-                        a
-                        for a in session.present_agents()
-                        if a.agent_type == agent_type and a.instance_id not in exclude
-                    ),
-                    None,
-                )
+            known = self._latest.get((tenant_id, session_id))
+            if known is not None:  # routing to an instance already here needs no store trip
+                present = self._present(known, agent_type, instance_id, exclude)
+                if present is not None:
+                    return present
+            session = self._keep(self._require_open(await self._get(tenant_id, session_id)))
+            present = self._present(session, agent_type, instance_id, exclude)
             if present is not None:
-                if present.agent_type != agent_type:
-                    raise InvalidArgument(
-                        "agent_type", f"instance {instance_id!r} is in the session as {present.agent_type!r}"
-                    )
                 return present
             agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id, exclude, rank)
             now = self._clock.now()
             joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
             try:
-                await self._store.update_session(
-                    replace(session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now)
+                self._keep(
+                    await self._store.update_session(
+                        replace(
+                            session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
+                        )
+                    )
                 )
             except BaseException:
+                self._forget(tenant_id, session_id)
                 await self._registry.unbind(tenant_id, agent.instance_id, session_id)
                 raise
             await self._bus.publish(tenant_id, session_id, AgentJoined(joined))
             return joined
+
+    @staticmethod
+    def _present(
+        session: Session, agent_type: str, instance_id: str, exclude: Collection[str]
+    ) -> SessionAgent | None:
+        """The agent a routing to ``agent_type``/``instance_id`` reuses, if it is in the session."""
+        if instance_id:
+            present = session.find_agent(instance_id=instance_id)
+        else:  # session affinity: reuse the instance of this type already here
+            present = next(
+                (
+                    a
+                    for a in session.present_agents()
+                    if a.agent_type == agent_type and a.instance_id not in exclude
+                ),
+                None,
+            )
+        if present is not None and present.agent_type != agent_type:
+            raise InvalidArgument(
+                "agent_type", f"instance {instance_id!r} is in the session as {present.agent_type!r}"
+            )
+        return present
 
     async def _bind_instance(
         self,
@@ -277,32 +307,37 @@ class Sessions:
         for hook in self._close_hooks:
             await hook(tenant_id, session_id, reason)
         async with self._locks.hold((tenant_id, session_id)):
-            session = await self._get(tenant_id, session_id)
-            if session.status is SessionStatus.CLOSED:
-                return session, False
-            now = self._clock.now()
-            leaving = session.present_agents()
-            agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-            events: list[EventPayload] = []
-            for agent in leaving:
-                if not agent.internal and agent.join_reason is not JoinReason.SELF:
-                    await self._registry.unbind(tenant_id, agent.instance_id, session_id)
-                left_reason = "session closed" if agent.internal else "released: session closed"
-                events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
-            events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
-            ended = replace(
-                session,
-                status=SessionStatus.CLOSED,
-                agents=agents,
-                closed_at=now,
-                close_reason=reason,
-                updated_at=now,
-            )
-            closed = await self._bus.commit(
-                tenant_id,
-                session_id,
-                lambda at: self._store.update_session_with_events(ended, time=at, payloads=events),
-            )
+            return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
+
+    async def _end(self, session: Session, *, reason: str) -> tuple[Session, bool]:
+        """Write ``session`` closed, its agents gone; ``False`` if it was closed already."""
+        tenant_id, session_id = session.tenant_id, session.session_id
+        if session.status is SessionStatus.CLOSED:
+            return session, False
+        now = self._clock.now()
+        leaving = session.present_agents()
+        agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
+        events: list[EventPayload] = []
+        for agent in leaving:
+            if not agent.internal and agent.join_reason is not JoinReason.SELF:
+                await self._registry.unbind(tenant_id, agent.instance_id, session_id)
+            left_reason = "session closed" if agent.internal else "released: session closed"
+            events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
+        events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
+        ended = replace(
+            session,
+            status=SessionStatus.CLOSED,
+            agents=agents,
+            closed_at=now,
+            close_reason=reason,
+            updated_at=now,
+        )
+        closed = await self._bus.commit(
+            tenant_id,
+            session_id,
+            lambda at: self._store.update_session_with_events(ended, time=at, payloads=events),
+        )
+        self._forget(tenant_id, session_id)
         self.reaper.forget(tenant_id, session_id)
         return closed, True
 
@@ -329,9 +364,7 @@ class Sessions:
             if session.status is target:
                 return
             now = self._clock.now()
-            await self._store.update_session(
-                replace(session, status=target, updated_at=now, last_activity_at=now)
-            )
+            await self._store_update(replace(session, status=target, updated_at=now, last_activity_at=now))
             await self._bus.publish(tenant_id, session_id, StatusChanged(session.status, target, reason))
 
     async def recover(self) -> int:
@@ -361,7 +394,7 @@ class Sessions:
                 return
             now = self._clock.now()
             agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
-            await self._store.update_session(replace(session, agents=agents, updated_at=now))
+            await self._store_update(replace(session, agents=agents, updated_at=now))
             if unbind:
                 await self._registry.unbind(tenant_id, instance_id, session_id)
             await self._bus.publish(tenant_id, session_id, AgentLeft(present.agent_type, instance_id, reason))
@@ -369,9 +402,46 @@ class Sessions:
     async def touch(self, tenant_id: str, session_id: str) -> Session:
         """Record activity (a message), pushing back the idle TTL; the session must be open."""
         async with self._locks.hold((tenant_id, session_id)):
-            session = self._require_open(await self._get(tenant_id, session_id))
-            now = self._clock.now()
-            return await self._store.update_session(evolve(session, last_activity_at=now, updated_at=now))
+            return await self._changing(tenant_id, session_id, self._active_now)
+
+    async def _active_now(self, session: Session) -> Session:
+        now = self._clock.now()
+        return await self._store_update(
+            evolve(self._require_open(session), last_activity_at=now, updated_at=now)
+        )
+
+    async def _changing(
+        self, tenant_id: str, session_id: str, change: Callable[[Session], Awaitable[T]]
+    ) -> T:
+        """``change(session)`` from the record last known here; once more from a fresh read if the
+        store says it changed meanwhile (another process). Call under the session's lock."""
+        known = self._latest.get((tenant_id, session_id))
+        if known is not None:
+            try:
+                return await change(known)
+            except Conflict:
+                self._forget(tenant_id, session_id)
+        return await change(self._keep(await self._get(tenant_id, session_id)))
+
+    async def _store_update(self, session: Session) -> Session:
+        """Write a changed session (at the version it was read) and remember what was stored."""
+        try:
+            return self._keep(await self._store.update_session(session))
+        except BaseException:
+            self._forget(session.tenant_id, session.session_id)
+            raise
+
+    def _keep(self, session: Session) -> Session:
+        """Remember the record of an open session (a closed one is forgotten)."""
+        key = (session.tenant_id, session.session_id)
+        if session.status is SessionStatus.CLOSED:
+            self._latest.pop(key, None)
+        else:
+            self._latest[key] = session
+        return session
+
+    def _forget(self, tenant_id: str, session_id: str) -> None:
+        self._latest.pop((tenant_id, session_id), None)
 
     async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)

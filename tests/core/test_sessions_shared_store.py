@@ -1,0 +1,72 @@
+"""Two meshes on one SQLite file: what one remembers of a session never hides what the other did.
+
+Each process starts its frequent session changes (activity, close) from the record
+it last saw; these tests change the session in the other mesh first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from svantic_grpc.core.auth import Caller, Scope, TokenSettings
+from svantic_grpc.core.clock import ManualClock
+from svantic_grpc.core.errors import FailedPrecondition
+from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.messages.model import MessageState, Part
+from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.stores.sqlite import SqliteStore
+
+CALLER = Caller("acme", "acme-full", "bench", (Scope.FULL,), "tok_1")
+
+
+@pytest.fixture
+async def meshes(tmp_path: Path, clock: ManualClock) -> AsyncIterator[tuple[Mesh, Mesh]]:
+    stores = [await SqliteStore.open(tmp_path / "mesh.db") for _ in range(2)]
+    try:
+        yield tuple(  # type: ignore[misc]
+            Mesh(
+                store=store,
+                tokens=TokenSettings(signing_key="k" * 32),
+                credentials=(),
+                options=MeshOptions(session_ttl_s=60),
+                clock=clock,
+            )
+            for store in stores
+        )
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_session_closed_by_the_other_mesh_takes_no_more_messages(meshes: tuple[Mesh, Mesh]) -> None:
+    first, second = meshes
+    session = await first.sessions.init(CALLER)
+    await first.sessions.touch("acme", session.session_id)  # `first` now remembers it open
+    await second.sessions.close(CALLER, session.session_id, reason="done elsewhere")
+
+    with pytest.raises(FailedPrecondition, match="done elsewhere"):
+        await first.messages.send(CALLER, session.session_id, parts=(Part(text="hello"),))
+    closed, closed_now = await first.sessions.close(CALLER, session.session_id)
+    assert not closed_now and closed.close_reason == "done elsewhere"
+
+
+async def test_activity_and_close_after_the_other_mesh_wrote_keep_both_changes(
+    meshes: tuple[Mesh, Mesh], clock: ManualClock
+) -> None:
+    first, second = meshes
+    session = await first.sessions.init(CALLER)
+    clock.advance(5)
+    touched = await second.sessions.touch("acme", session.session_id)  # version 2, written by `second`
+    clock.advance(5)
+    again = await first.sessions.touch("acme", session.session_id)  # `first` still holds version 1
+    assert again.version == touched.version + 1 and again.last_activity_at == clock.now()
+
+    message = await second.messages.send_and_wait(CALLER, session.session_id, parts=(Part(text="hi"),))
+    assert message.state is MessageState.COMPLETED  # answered by chat; another session write
+    closed, closed_now = await first.sessions.close(CALLER, session.session_id, reason="bye")
+    assert closed_now and closed.status is SessionStatus.CLOSED and closed.close_reason == "bye"
+    stored = await second.sessions.get(CALLER, session.session_id)
+    assert stored == closed
