@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/store_compare.py              # ~30 s
+    .venv/bin/python bench/store_compare.py              # ~1.5 minutes
     .venv/bin/python bench/store_compare.py --cycles 500 --concurrency 8
 
 For each store a real server runs in this process on 127.0.0.1:0 (the SQLite one
@@ -106,9 +106,9 @@ async def _measure(store: str, cycles: int, concurrency: int) -> dict[str, float
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cycles", type=int, default=400, help="operations per store and round")
+    parser.add_argument("--cycles", type=int, default=1200, help="operations per store and round")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"memory": [], "sqlite": []}
     with tempfile.TemporaryDirectory() as folder:
