@@ -8,7 +8,7 @@ never overwrites silently.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from svantic_grpc.core.events import Event, EventPayload
@@ -255,6 +255,29 @@ class Store(ABC):
         updated = await self.update_session(session)
         events = await self.append_events(
             tenant_id=session.tenant_id, session_id=session.session_id, time=time, payloads=payloads
+        )
+        return updated, events
+
+    async def create_message_with_events(
+        self, message: Message, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Message, Sequence[Event]]:
+        """``create_message`` and ``append_events`` together (a store may do both in one write)."""
+        created = await self.create_message(message)
+        events = await self.append_events(
+            tenant_id=message.tenant_id, session_id=message.session_id, time=time, payloads=payloads
+        )
+        return created, events
+
+    async def update_message_with_events(
+        self, message: Message, *, time: float, payloads: Callable[[Message], Sequence[EventPayload]]
+    ) -> tuple[Message, Sequence[Event]]:
+        """``update_message`` and ``append_events`` together (a store may do both in one write).
+
+        ``payloads`` is given the message as it will be stored (its version bumped).
+        """
+        updated = await self.update_message(message)
+        events = await self.append_events(
+            tenant_id=message.tenant_id, session_id=message.session_id, time=time, payloads=payloads(updated)
         )
         return updated, events
 

@@ -81,6 +81,13 @@ class _Kind(Generic[R]):
         self.version_sql = f"SELECT version FROM {table} WHERE {match_key}"
 
 
+def _message_exists(message: Message) -> AlreadyExists:
+    return AlreadyExists(
+        f"message {message.message_id!r} already exists in session {message.session_id!r}",
+        reason="MESSAGE_EXISTS",
+    )
+
+
 def _message_key(m: Message) -> str:
     """The tie-breaker after ``created_at`` in message order and cursors (as in the memory store)."""
     return f"{m.session_id}/{m.message_id}"
@@ -267,11 +274,7 @@ class SqliteStore(Store):
     # Messages
 
     async def create_message(self, message: Message) -> Message:
-        exists = AlreadyExists(
-            f"message {message.message_id!r} already exists in session {message.session_id!r}",
-            reason="MESSAGE_EXISTS",
-        )
-        return await self._insert(_MESSAGES, message, exists)
+        return await self._insert(_MESSAGES, message, _message_exists(message))
 
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
@@ -451,6 +454,32 @@ class SqliteStore(Store):
         what = f"session {session.session_id!r}"
         stored, update = _replace_op(_SESSIONS, session, what, "SESSION_NOT_FOUND")
         append = _append_op(session.tenant_id, session.session_id, time, payloads)
+
+        def both(conn: sqlite3.Connection) -> list[Event]:
+            update(conn)
+            return append(conn)
+
+        return stored, await self._write(both)
+
+    async def create_message_with_events(
+        self, message: Message, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Message, Sequence[Event]]:
+        stored, insert = _insert_op(_MESSAGES, message, _message_exists(message))
+        append = _append_op(message.tenant_id, message.session_id, time, payloads)
+
+        def both(conn: sqlite3.Connection) -> list[Event]:
+            insert(conn)
+            return append(conn)
+
+        return stored, await self._write(both)
+
+    async def update_message_with_events(
+        self, message: Message, *, time: float, payloads: Callable[[Message], Sequence[EventPayload]]
+    ) -> tuple[Message, Sequence[Event]]:
+        stored, update = _replace_op(
+            _MESSAGES, message, f"message {message.message_id!r}", "MESSAGE_NOT_FOUND"
+        )
+        append = _append_op(message.tenant_id, message.session_id, time, payloads(stored))
 
         def both(conn: sqlite3.Connection) -> list[Event]:
             update(conn)

@@ -21,9 +21,16 @@ from typing import Any
 import pytest
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from svantic_grpc.core.events import AgentJoined, AgentLeft, EventPayload, StatusChanged
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    ArtifactAdded,
+    EventPayload,
+    MessageStateChanged,
+    StatusChanged,
+)
 from svantic_grpc.core.inputs.model import FormField, Resolution, ToolCall
-from svantic_grpc.core.messages.model import Part
+from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role
 from svantic_grpc.core.models import (
     AgentRegistration,
     AgentStatus,
@@ -526,3 +533,83 @@ def test_records_shared_without_copying_really_hold_nothing_mutable() -> None:
     for cls in _copy._SHARED:
         if dataclasses.is_dataclass(cls):
             check(cls, set())
+
+
+# Messages
+
+
+def make_message(message_id: str, *, session_id: str = "s1", created_at: float = T0) -> Message:
+    return Message(
+        "acme",
+        session_id,
+        message_id,
+        Role.USER,
+        (Part(text="hi"),),
+        MessageState.SUBMITTED,
+        created_at,
+        created_at,
+    )
+
+
+async def test_message_versions_guard_updates(store: Store) -> None:
+    created = await store.create_message(make_message("m1"))
+    assert created.version == 1
+    with pytest.raises(AlreadyExists):
+        await store.create_message(make_message("m1"))
+    working = await store.update_message(replace(created, state=MessageState.WORKING))
+    assert working.version == 2
+    with pytest.raises(Conflict):
+        await store.update_message(replace(created, state=MessageState.FAILED))  # read at version 1
+    with pytest.raises(NotFound):
+        await store.update_message(make_message("nope"))
+    assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m1") == working
+
+
+async def test_a_message_change_and_its_events_are_written_together(store: Store) -> None:
+    submitted = MessageStateChanged("m1", None, MessageState.SUBMITTED)
+    created, events = await store.create_message_with_events(
+        make_message("m1"), time=T0, payloads=(submitted,)
+    )
+    assert created.version == 1 and [(e.sequence, e.payload) for e in events] == [(1, submitted)]
+
+    def announce(saved: Message) -> tuple[EventPayload, ...]:
+        return (
+            MessageStateChanged(saved.message_id, MessageState.SUBMITTED, saved.state, "", saved),
+            ArtifactAdded(saved.message_id, saved.artifacts[0]),
+        )
+
+    done = replace(created, state=MessageState.COMPLETED, artifacts=(Artifact("a1", (Part(text="out"),)),))
+    updated, events = await store.update_message_with_events(done, time=T0 + 1, payloads=announce)
+    assert updated.version == 2 and updated.state is MessageState.COMPLETED
+    assert [e.sequence for e in events] == [2, 3]
+    first = events[0].payload
+    assert isinstance(first, MessageStateChanged) and first.message == updated  # the record as stored
+    logged = await store.list_events(tenant_id="acme", session_id="s1")
+    assert [e.payload for e in logged] == [submitted, *(e.payload for e in events)]
+    assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m1") == updated
+
+    # A stale change writes neither the record nor its events.
+    with pytest.raises(Conflict):
+        await store.update_message_with_events(done, time=T0 + 2, payloads=announce)
+    with pytest.raises(AlreadyExists):
+        await store.create_message_with_events(make_message("m1"), time=T0, payloads=(submitted,))
+    assert len(await store.list_events(tenant_id="acme", session_id="s1")) == 3
+
+
+async def test_list_messages_by_session_and_state_oldest_first_in_pages(store: Store) -> None:
+    for n in range(5):
+        await store.create_message(make_message(f"m{n}", created_at=T0 + n))
+    await store.create_message(make_message("other", session_id="s2", created_at=T0))
+    m3 = await store.get_message(tenant_id="acme", session_id="s1", message_id="m3")
+    assert m3 is not None
+    await store.update_message(replace(m3, state=MessageState.COMPLETED))
+
+    first = await store.list_messages(tenant_id="acme", session_id="s1", page_size=3)
+    rest = await store.list_messages(tenant_id="acme", session_id="s1", page_size=3, cursor=first.next_cursor)
+    assert [m.message_id for m in first.messages + rest.messages] == ["m0", "m1", "m2", "m3", "m4"]
+    assert rest.next_cursor == ""
+    done = await store.list_messages(tenant_id="acme", states=(MessageState.COMPLETED,))
+    assert [m.message_id for m in done.messages] == ["m3"]
+    everything = await store.list_messages(tenant_id="acme", page_size=50)
+    assert len(everything.messages) == 6
+    assert (await store.list_messages(tenant_id="globex")).messages == ()

@@ -86,9 +86,11 @@ class Messages:
             sender=caller.subject,
             history=(Turn(role, parts, now),),
         )
-        stored = await services.store.create_message(message)
-        await services.bus.publish(
-            caller.tenant_id, session_id, MessageStateChanged(stored.message_id, None, MessageState.SUBMITTED)
+        submitted = (MessageStateChanged(message.message_id, None, MessageState.SUBMITTED),)
+        stored = await services.bus.commit(
+            caller.tenant_id,
+            session_id,
+            lambda now: services.store.create_message_with_events(message, time=now, payloads=submitted),
         )
         return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
 

@@ -6,13 +6,13 @@ event, so the record and the event log never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.events import ArtifactAdded, EventBus, MessageStateChanged, TurnAdded
+from svantic_grpc.core.events import ArtifactAdded, Event, EventBus, MessageStateChanged, TurnAdded
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
 from svantic_grpc.stores.base import Store
@@ -21,6 +21,9 @@ __all__ = ["MessageWriter"]
 
 #: States in which a message stops for now; the snapshot travels with the event.
 STOPPING = frozenset(MessageState) - {MessageState.SUBMITTED, MessageState.WORKING}
+
+MessageEvent = MessageStateChanged | TurnAdded | ArtifactAdded
+"""What a writer announces about its message."""
 
 
 class MessageWriter:
@@ -45,14 +48,24 @@ class MessageWriter:
         self._pending: dict[str, Any] = {}
         """Changes written with the next save (saves a write each)."""
 
-    async def _save(self, **changes: Any) -> Message:
-        """Write ``changes`` (and a pending assignment) in one versioned update."""
+    async def _save(
+        self, announce: Callable[[Message], Sequence[MessageEvent]] | None = None, **changes: Any
+    ) -> Message:
+        """Write ``changes`` (and a pending assignment) in one versioned update, with the events
+        ``announce`` makes of the message as stored in the same store write."""
         if self._pending:
             changes = {**self._pending, **changes}
             self._pending = {}
-        self.message = await self._store.update_message(
-            evolve(self.message, updated_at=self._clock.now(), **changes)
-        )
+        draft = evolve(self.message, updated_at=self._clock.now(), **changes)
+        if announce is None:
+            self.message = await self._store.update_message(draft)
+            return self.message
+        store = self._store
+
+        async def write(now: float) -> tuple[Message, Sequence[Event]]:
+            return await store.update_message_with_events(draft, time=now, payloads=announce)
+
+        self.message = await self._bus.commit(draft.tenant_id, draft.session_id, write)
         return self.message
 
     async def assign(self, agent_type: str, instance_id: str) -> None:
@@ -70,10 +83,14 @@ class MessageWriter:
         current = self.message
         if current.state is to and current.state_reason == reason:
             return current
-        saved = await self._save(state=to, state_reason=reason)
-        snapshot = saved if to in STOPPING else None
-        await self._publish(MessageStateChanged(saved.message_id, current.state, to, reason, snapshot))
-        if snapshot is not None and self._on_stop is not None:
+        stopping = to in STOPPING
+
+        def announce(saved: Message) -> tuple[MessageEvent]:
+            snapshot = saved if stopping else None
+            return (MessageStateChanged(saved.message_id, current.state, to, reason, snapshot),)
+
+        saved = await self._save(announce, state=to, state_reason=reason)
+        if stopping and self._on_stop is not None:
             self._on_stop(saved)
         return saved
 
@@ -87,8 +104,9 @@ class MessageWriter:
         if not parts:
             return
         turn = Turn(Role.AGENT, parts, self._clock.now(), instance_id)
-        await self._save(history=(*self.message.history, turn))
-        await self._publish(TurnAdded(self.message.message_id, turn))
+        await self._save(
+            lambda saved: (TurnAdded(saved.message_id, turn),), history=(*self.message.history, turn)
+        )
 
     async def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
         """Add outputs (ids are made unique within the message)."""
@@ -101,9 +119,7 @@ class MessageWriter:
             else replace(a, artifact_id=self._ids.new_id("art_"))
             for a in artifacts
         )
-        await self._save(artifacts=(*self.message.artifacts, *fresh))
-        for artifact in fresh:
-            await self._publish(ArtifactAdded(self.message.message_id, artifact))
-
-    async def _publish(self, payload: MessageStateChanged | TurnAdded | ArtifactAdded) -> None:
-        await self._bus.publish(self.message.tenant_id, self.message.session_id, payload)
+        await self._save(
+            lambda saved: tuple(ArtifactAdded(saved.message_id, a) for a in fresh),
+            artifacts=(*self.message.artifacts, *fresh),
+        )
