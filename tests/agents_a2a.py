@@ -3,19 +3,23 @@
 ``hosted_agents(mesh_channel, HostedAgent("echo", "echo-1"), ...)`` serves each
 agent at its own path of one uvicorn server on ``127.0.0.1`` (a random port),
 inside the running event loop, speaking A2A JSON-RPC with an agent card and
-skills. Every agent verifies the dispatch token the mesh sends as
-``Authorization: Bearer``: an EdDSA JWT checked with the mesh's public key
-(``AuthService.GetDispatchKeys`` on ``mesh_channel``, as ``jwt.PyJWK``), with the
-audience its own instance id and the issuer the mesh. A missing or bad token
-makes the agent reject the task. Each agent records what it saw (``Seen``:
-claims, context id, text) and the tasks it was asked to cancel, for tests to
-assert on.
+skills. An agent with ``binding=TransportProtocol.GRPC`` keeps its card at that
+path but speaks the A2A gRPC binding on a grpc.aio server of its own (also
+``127.0.0.1``, a random port), and only that interface is on its card.
+Every agent verifies the dispatch token the mesh sends as ``Authorization:
+Bearer`` (an HTTP header, or gRPC metadata): an EdDSA JWT checked with the
+mesh's public key (``AuthService.GetDispatchKeys`` on ``mesh_channel``, as
+``jwt.PyJWK``), with the audience its own instance id and the issuer the mesh.
+A missing or bad token makes the agent reject the task. Each agent records
+what it saw (``Seen``: claims, context id, text), the A2A methods called on it
+and the tasks it was asked to cancel, for tests to assert on.
 
 Kinds of agent (``HostedAgent.kind``):
 
 - ``echo``: an artifact ``"echo: <text>"``, then completes.
 - ``slow``: says it is working, sleeps ``slow_s``, honours cancel.
 - ``error``: starts working, then raises ``RuntimeError``.
+- ``crash``: raises ``RuntimeError`` (after checking the token) before sending any event.
 - ``streaming``: two progress status updates, an artifact, completes with "all done".
 - ``ask``: input-required ("What is your name?") on the first turn.
 - ``json``: its skill declares ``application/json`` output but it answers text.
@@ -35,16 +39,23 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import jwt
 import uvicorn
 from a2a.helpers import new_task_from_user_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
-from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers import (
+    DefaultGrpcServerCallContextBuilder,
+    DefaultRequestHandler,
+    GrpcHandler,
+    RequestHandler,
+)
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import (
@@ -54,6 +65,7 @@ from a2a.types import (
     AgentSkill,
     Task,
     TaskState,
+    a2a_pb2_grpc,
 )
 from a2a.utils.constants import TransportProtocol
 from google.protobuf import json_format
@@ -76,6 +88,8 @@ __all__ = [
     "SkillSpec",
     "closed_port_url",
     "hosted_agents",
+    "serve_a2a",
+    "serve_a2a_grpc",
 ]
 
 ISSUER = "svantic-grpc"
@@ -98,6 +112,7 @@ KINDS: dict[str, SkillSpec] = {
     "echo": SkillSpec("echo", "Echo", ("echo", "repeat")),
     "slow": SkillSpec("slow-work", "Slow work", ("slow", "ponder")),
     "error": SkillSpec("explode", "Explode", ("explode", "crash")),
+    "crash": SkillSpec("collapse", "Collapse", ("collapse", "keel")),
     "streaming": SkillSpec("report", "Report", ("report", "stream")),
     "ask": SkillSpec("ask-name", "Ask name", ("ask", "question")),
     "json": SkillSpec("json-report", "Json report", ("json",), ("application/json",)),
@@ -113,6 +128,8 @@ class HostedAgent:
     agent_type: str = ""
     slow_s: float = 30.0
     """How long the ``slow`` kind works before it completes."""
+    binding: str = TransportProtocol.JSONRPC
+    """The A2A protocol binding it serves and its card advertises: JSON-RPC or gRPC."""
 
     @property
     def type(self) -> str:
@@ -178,7 +195,7 @@ class _Keys:
 class AgentServer(AgentExecutor):
     """One served agent: verifies tokens, records what it saw, then acts per its kind."""
 
-    def __init__(self, spec: HostedAgent, keys: _Keys, url: str) -> None:
+    def __init__(self, spec: HostedAgent, keys: _Keys, url: str, interface_url: str = "") -> None:
         if spec.kind not in KINDS:
             raise ValueError(f"unknown agent kind {spec.kind!r}; kinds: {', '.join(KINDS)}")
         self.spec = spec
@@ -192,8 +209,8 @@ class AgentServer(AgentExecutor):
         self.cancelled_work = 0
         """Times a running ``execute`` was interrupted by cancellation."""
         self.methods: list[str] = []
-        """JSON-RPC methods called on this agent, in order (``SendStreamingMessage``, ``CancelTask``...)."""
-        self.card = _card(spec, url, self.skill)
+        """A2A methods called on this agent, in order (``SendStreamingMessage``, ``CancelTask``...)."""
+        self.card = _card(spec, interface_url or url, self.skill)
 
     @property
     def instance_id(self) -> str:
@@ -238,8 +255,6 @@ class AgentServer(AgentExecutor):
         if task is None:
             assert context.message is not None
             task = new_task_from_user_message(context.message)
-            await event_queue.enqueue_event(task)
-        updater = TaskUpdater(event_queue, task.id, task.context_id)
         token = _bearer(context)
         claims, error = await self._check_token(token)
         self.seen.append(
@@ -255,6 +270,11 @@ class AgentServer(AgentExecutor):
                 at=time.time(),
             )
         )
+        if claims is not None and self.spec.kind == "crash":
+            raise RuntimeError("agent crashed: out of memory")  # before its first event
+        if first_turn:
+            await event_queue.enqueue_event(task)
+        updater = TaskUpdater(event_queue, task.id, task.context_id)
         if claims is None:
             await updater.reject(
                 updater.new_agent_message([new_text_part(f"dispatch token rejected: {error}")])
@@ -315,19 +335,19 @@ class AgentServer(AgentExecutor):
 
 
 def _bearer(context: RequestContext) -> str:
-    """The token of an ``Authorization: Bearer`` header (the JSON-RPC context keeps headers lower-case)."""
+    """The token of an ``Authorization: Bearer`` header (both bindings keep headers lower-case)."""
     headers: Mapping[str, str] = context.call_context.state.get("headers") or {}
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _card(spec: HostedAgent, url: str, skill: SkillSpec) -> AgentCard:
+def _card(spec: HostedAgent, interface_url: str, skill: SkillSpec) -> AgentCard:
     return AgentCard(
         name=spec.instance_id,
         description=f"{spec.kind} test agent ({spec.type})",
         version="1.0.0",
         supported_interfaces=[
-            AgentInterface(url=url, protocol_binding=TransportProtocol.JSONRPC, protocol_version="1.0")
+            AgentInterface(url=interface_url, protocol_binding=spec.binding, protocol_version="1.0")
         ],
         capabilities=AgentCapabilities(streaming=True, push_notifications=False),
         default_input_modes=["text/plain"],
@@ -396,6 +416,43 @@ class _RecordMethods:
         await self.app(scope, replayed, send)
 
 
+class _RecordGrpcMethods(aio.ServerInterceptor):  # type: ignore[misc]
+    """gRPC interceptor: notes the A2A method of each call to one agent, then passes the call on."""
+
+    def __init__(self, agents: Mapping[str, AgentServer], instance_id: str) -> None:
+        self.agents = agents
+        self.instance_id = instance_id
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # "/lf.a2a.v1.A2AService/SendStreamingMessage"
+        self.agents[self.instance_id].methods.append(method.rpartition("/")[2])
+        return await continuation(handler_call_details)
+
+
+class _GrpcHeaders(DefaultGrpcServerCallContextBuilder):
+    """Puts a gRPC call's metadata in ``state["headers"]``, where the JSON-RPC binding keeps headers.
+
+    gRPC metadata keys are lower-case, like those headers, so one ``_bearer`` reads both bindings.
+    """
+
+    def build(self, context: aio.ServicerContext) -> ServerCallContext:
+        call_context = super().build(context)
+        metadata = context.invocation_metadata() or ()
+        call_context.state["headers"] = {key: value for key, value in metadata if isinstance(value, str)}
+        return call_context
+
+
+def _grpc_server(*interceptors: aio.ServerInterceptor) -> tuple[aio.Server, str]:
+    """A grpc.aio server bound to a random loopback port, not started, and its ``host:port`` target."""
+    server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    return server, f"127.0.0.1:{port}"
+
+
 def _listening_socket() -> socket.socket:
     # IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted sockets of that proto.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -418,16 +475,30 @@ async def hosted_agents(mesh_channel: aio.Channel, *specs: HostedAgent) -> Async
 
     Each agent verifies dispatch tokens with the keys of the mesh behind ``mesh_channel``.
     """
+    ids = [spec.instance_id for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate instance ids in {ids}")
     keys = _Keys(mesh_channel)
-    sock = _listening_socket()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     agents: dict[str, AgentServer] = {}
-    for spec in specs:
-        if spec.instance_id in agents:
-            raise ValueError(f"duplicate instance id {spec.instance_id!r}")
-        agents[spec.instance_id] = AgentServer(spec, keys, f"{base}/{spec.instance_id}")
-    entries = [(instance_id, agent, agent.card) for instance_id, agent in agents.items()]
-    async with serve_a2a(sock, entries, [Middleware(_RecordMethods, agents=agents)]) as handlers:
+    grpc_servers: dict[str, aio.Server] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        sock = _listening_socket()
+        stack.callback(sock.close)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for spec in specs:
+            interface_url = ""  # JSON-RPC is served where the card is
+            if spec.binding == TransportProtocol.GRPC:
+                server, interface_url = _grpc_server(_RecordGrpcMethods(agents, spec.instance_id))
+                stack.push_async_callback(server.stop, None)  # in case serving never starts
+                grpc_servers[spec.instance_id] = server
+            agents[spec.instance_id] = AgentServer(spec, keys, f"{base}/{spec.instance_id}", interface_url)
+        entries = [(instance_id, agent, agent.card) for instance_id, agent in agents.items()]
+        handlers = await stack.enter_async_context(
+            serve_a2a(sock, entries, [Middleware(_RecordMethods, agents=agents)])
+        )
+        by_id = dict(zip(agents, handlers, strict=True))
+        for instance_id, server in grpc_servers.items():
+            await stack.enter_async_context(serve_a2a_grpc(server, by_id[instance_id]))
         yield HostedAgents(base, agents, handlers)
 
 
@@ -437,7 +508,11 @@ async def serve_a2a(
     entries: Iterable[tuple[str, AgentExecutor, AgentCard]],
     middleware: Sequence[Middleware] = (),
 ) -> AsyncIterator[list[DefaultRequestHandler]]:
-    """Serve a2a-sdk agents (JSON-RPC and cards under ``/<name>``) with uvicorn in this loop."""
+    """Serve a2a-sdk agents with uvicorn in this loop: cards under ``/<name>``, and JSON-RPC there.
+
+    A card without a JSON-RPC interface gets no JSON-RPC route; its handler (one per entry,
+    in order) is for ``serve_a2a_grpc``.
+    """
     handlers: list[DefaultRequestHandler] = []
     routes: list[BaseRoute] = []
     for name, executor, card in entries:
@@ -446,7 +521,8 @@ async def serve_a2a(
         )
         handlers.append(handler)
         routes += create_agent_card_routes(card, card_url=f"/{name}/.well-known/agent-card.json")
-        routes += create_jsonrpc_routes(handler, rpc_url=f"/{name}")
+        if any(i.protocol_binding == TransportProtocol.JSONRPC for i in card.supported_interfaces):
+            routes += create_jsonrpc_routes(handler, rpc_url=f"/{name}")
     config = uvicorn.Config(
         Starlette(routes=routes, middleware=list(middleware)),
         log_level="warning",
@@ -479,3 +555,19 @@ async def serve_a2a(
             with contextlib.suppress(BaseException):
                 await serving
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_a2a_grpc(server: aio.Server, handler: RequestHandler) -> AsyncIterator[None]:
+    """Serve ``handler`` over the A2A gRPC binding on ``server`` (bound, not started) until exit.
+
+    The handler's owner closes it (``serve_a2a`` does); calls still open when this exits are
+    cancelled, so nothing waits on a slow or parked task.
+    """
+    servicer = GrpcHandler(handler, _GrpcHeaders())
+    a2a_pb2_grpc.add_A2AServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop(None)

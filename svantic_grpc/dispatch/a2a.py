@@ -141,9 +141,12 @@ class A2ATransport:
         except A2AClientTimeoutError as exc:
             raise DispatchFailed(f"the agent went silent: {exc}") from exc
         except A2AClientError as exc:
-            if not delivered and isinstance(exc.__cause__, httpx.TransportError | grpc.aio.AioRpcError):
+            if not delivered and _never_sent(exc.__cause__):
                 self._clients.pop(job.agent.url, None)  # the agent may come back elsewhere
                 raise NotDelivered(f"cannot reach the agent: {exc}") from exc
+            cause = exc.__cause__
+            if isinstance(cause, grpc.aio.AioRpcError):
+                raise DispatchFailed(f"the agent answered with an error: {cause.details()}") from exc
             raise DispatchFailed(str(exc)) from exc
         except A2AError as exc:
             detail = getattr(exc, "message", "") or exc
@@ -160,6 +163,18 @@ class A2ATransport:
             with contextlib.suppress(Exception):
                 await client.close()
         await self._http.aclose()
+
+
+def _never_sent(cause: BaseException | None) -> bool:
+    """Whether a failed call cannot have reached the agent, so another instance may take the work.
+
+    Only a connection that was never made counts: once a request may have gone out (an error
+    status, a read failing half-way), the agent may have started, and failing over could do
+    the work twice.
+    """
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return True
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def _cancel_quietly(client: Client, task_id: str, context: ClientCallContext) -> None:
