@@ -12,7 +12,10 @@ retried with capped exponential backoff and jitter; other answers are final.
 
 In: ``POST /webhooks/receive`` resolves a request when the body carries the
 single-use callback token sent with the notification, or when it is signed with the
-inbound secret inside the timestamp window. A signed message is processed once per
+inbound secret inside the timestamp window. A callback token is a JWT (HS256) naming
+its request and expiry: with ``callback_token_key_env`` set, a token sent before a
+restart still answers its request after it (once the request has ended, a token only
+learns who answered it). A signed message is processed once per
 ``webhook-id``; a replay gets ``{"status": "duplicate"}`` and changes nothing.
 
 Sensitive forms never leave the mesh: their notifications carry no defaults, no
@@ -39,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import jwt
 from aiohttp import web
 from standardwebhooks import Webhook
 
@@ -70,6 +74,8 @@ _log = logging.getLogger(__name__)
 
 RECEIVE_PATH = "/webhooks/receive"
 _ENDED_TOKENS_KEPT = 10_000
+_TOKEN_AUDIENCE = "svantic-webhook-callback"
+_MIN_TOKEN_KEY_BYTES = 32
 
 SENSITIVE_NOTE = "This request has sensitive fields; complete it through the API or chat, not a webhook."
 _DEFAULT_INBOUND_ENV = "SVANTIC_WEBHOOK_SECRET"
@@ -130,6 +136,9 @@ class WebhookSettings:
     """How far an inbound ``webhook-timestamp`` may be from now."""
     callback_token_ttl_s: float | None = None
     """Lifetime of a callback token; ``None``: until the request expires."""
+    token_key: bytes | None = field(default=None, repr=False)
+    """Signs callback tokens (from ``callback_token_key_env``); ``None``: a random key per
+    process, so tokens do not outlive it."""
 
     @classmethod
     def parse(cls, name: str, config: Mapping[str, Any], env: Mapping[str, str]) -> WebhookSettings:
@@ -149,6 +158,17 @@ class WebhookSettings:
         if env.get(inbound_env) or "inbound_secret_env" in config:
             inbound = _secret(f"{where}.inbound_secret_env", inbound_env, env)
         ttl = config.get("callback_token_ttl_s")
+        token_key = None
+        if "callback_token_key_env" in config:
+            key_env = config["callback_token_key_env"]
+            if not isinstance(key_env, str) or not key_env:
+                raise ValueError(f"{where}.callback_token_key_env: must name an environment variable")
+            token_key = env.get(key_env, "").encode()
+            if len(token_key) < _MIN_TOKEN_KEY_BYTES:
+                raise ValueError(
+                    f"{where}.callback_token_key_env: environment variable {key_env} must hold "
+                    f"a key of at least {_MIN_TOKEN_KEY_BYTES} bytes"
+                )
         return cls(
             targets=targets,
             inbound=inbound,
@@ -158,6 +178,7 @@ class WebhookSettings:
             timeout_ms=_integer(where, config, "timeout_ms", 5_000, minimum=1),
             tolerance_s=_integer(where, config, "tolerance_s", 300, minimum=1),
             callback_token_ttl_s=None if ttl is None else _positive(f"{where}.callback_token_ttl_s", ttl),
+            token_key=token_key,
         )
 
 
@@ -171,6 +192,7 @@ _KNOWN_KEYS = frozenset(
         "timeout_ms",
         "tolerance_s",
         "callback_token_ttl_s",
+        "callback_token_key_env",
     }
 )
 
@@ -448,6 +470,8 @@ class WebhookAdapter(Adapter):
         self._ended: dict[str, _Grant] = {}  # token digests of requests that ended -> grant
         # Requests with outstanding tokens; a key stays until the outcome revokes them all.
         self._tokens_of: dict[_Key, set[str]] = {}
+        self._used: dict[str, None] = {}  # digests of tokens used here, oldest first (bounded)
+        self._token_key = self.settings.token_key or secrets.token_bytes(_MIN_TOKEN_KEY_BYTES)
         self._seen: dict[str, int] = {}  # processed webhook-id -> its timestamp, oldest first
 
     # -- lifecycle
@@ -458,6 +482,11 @@ class WebhookAdapter(Adapter):
     async def start(self) -> None:
         if self.settings.inbound is None:
             _log.info("webhook adapter %s: no inbound secret; only callback tokens resolve", self.name)
+        if self.settings.token_key is None:
+            _log.info(
+                "webhook adapter %s: no callback_token_key_env; callback tokens end with this process",
+                self.name,
+            )
         self._session()
 
     async def stop(self) -> None:
@@ -621,10 +650,17 @@ class WebhookAdapter(Adapter):
     # -- callback tokens
 
     def _issue_token(self, request: InputRequest) -> tuple[str, float]:
-        token = secrets.token_urlsafe(32)
         expires_at = request.expires_at
         if self.settings.callback_token_ttl_s is not None:
             expires_at = min(expires_at, self.context.clock.now() + self.settings.callback_token_ttl_s)
+        claims = {
+            "aud": _TOKEN_AUDIENCE,
+            "tenant_id": request.tenant_id,
+            "request_id": request.request_id,
+            "expires_at": expires_at,
+            "jti": secrets.token_urlsafe(16),
+        }
+        token = jwt.encode(claims, self._token_key, algorithm="HS256")
         digest = _digest(token)
         self._grants[digest] = _Grant(request.tenant_id, request.request_id, expires_at)
         self._tokens_of.setdefault((request.tenant_id, request.request_id), set()).add(digest)
@@ -632,12 +668,17 @@ class WebhookAdapter(Adapter):
 
     def _take_token(self, body: Mapping[str, Any]) -> tuple[str, _Grant]:
         """Consume the body's token; raises ``_Refused`` (401) unless it is valid for the request."""
-        digest = _digest(str(body["callback_token"]))
+        token = str(body["callback_token"])
+        digest = _digest(token)
         grant = self._grants.get(digest)
         if grant is None and digest in self._ended:
             # The request ended before this token was used: let the mesh say who answered (409).
             grant = self._ended[digest]
             return digest, grant
+        if grant is None and digest not in self._used:
+            grant = self._issued_before(token)  # by this adapter before a restart, perhaps
+            if grant is not None:
+                self._grants[digest] = grant
         if (
             grant is None
             or body.get("request_id") not in (None, "", grant.request_id)
@@ -645,17 +686,35 @@ class WebhookAdapter(Adapter):
         ):
             raise _Refused(401, "INVALID_CALLBACK_TOKEN", "callback token is invalid, used or revoked")
         del self._grants[digest]
-        self._tokens_of[(grant.tenant_id, grant.request_id)].discard(digest)
+        self._tokens_of.get((grant.tenant_id, grant.request_id), set()).discard(digest)
+        self._used[digest] = None
+        while len(self._used) > _ENDED_TOKENS_KEPT:
+            del self._used[next(iter(self._used))]
         if self.context.clock.now() >= grant.expires_at:
             raise _Refused(401, "CALLBACK_TOKEN_EXPIRED", "callback token expired")
         return digest, grant
 
     def _give_back(self, digest: str, grant: _Grant) -> None:
         """Reinstate a token whose use changed nothing, unless the request ended meanwhile."""
+        self._used.pop(digest, None)
         tokens = self._tokens_of.get((grant.tenant_id, grant.request_id))
         if tokens is not None:
             tokens.add(digest)
             self._grants[digest] = grant
+
+    def _issued_before(self, token: str) -> _Grant | None:
+        """The grant of a token this adapter's key signed but this process does not know of."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._token_key,
+                algorithms=["HS256"],
+                audience=_TOKEN_AUDIENCE,
+                options={"require": ["aud", "jti"], "verify_exp": False},  # expiry: the mesh's clock
+            )
+            return _Grant(str(claims["tenant_id"]), str(claims["request_id"]), float(claims["expires_at"]))
+        except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+            return None
 
     def _revoke(self, key: _Key) -> None:
         for digest in self._tokens_of.pop(key, ()):

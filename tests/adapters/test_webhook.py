@@ -215,10 +215,16 @@ async def build() -> AsyncIterator[Build]:
     async with AsyncExitStack() as stack:
 
         async def make(
-            *, targets: int = 1, urls: list[str] | None = None, inbound: bool = True, **config: Any
+            *,
+            targets: int = 1,
+            urls: list[str] | None = None,
+            inbound: bool = True,
+            extra_env: dict[str, str] | None = None,
+            mesh: FakeMesh | None = None,
+            **config: Any,
         ) -> Harness:
             receivers = [await stack.enter_async_context(receiving()) for _ in range(targets)]
-            env = {f"TARGET_{i}": secret for i, secret in enumerate(TARGET_SECRETS)}
+            env = {f"TARGET_{i}": secret for i, secret in enumerate(TARGET_SECRETS)} | (extra_env or {})
             if inbound:
                 env["SVANTIC_WEBHOOK_SECRET"] = INBOUND
             target_urls = urls if urls is not None else [r.url for r in receivers]
@@ -227,7 +233,7 @@ async def build() -> AsyncIterator[Build]:
                 "backoff_ms": 10,
                 **config,
             }
-            mesh = FakeMesh()
+            mesh = mesh or FakeMesh()  # pass one to stand for a restarted process on the same store
             adapter = WebhookAdapter("webhook", settings, mesh, env, rng=random.Random(7))
             app = web.Application()
             app.add_routes(adapter.routes())
@@ -502,6 +508,55 @@ async def test_refused_answer_leaves_the_token_usable(build: Build) -> None:
     assert body["request"]["resolution"]["reason"] == "no bulk deletes on Fridays"
 
 
+TOKEN_KEY = {"HOOK_TOKEN_KEY": "a-callback-token-key-of-32-bytes-or-more"}
+
+
+async def test_with_a_token_key_a_token_outlives_the_adapter_that_sent_it(build: Build) -> None:
+    before = await build(extra_env=TOKEN_KEY, callback_token_key_env="HOOK_TOKEN_KEY")
+    first = (await before.announce(tool_request("r1")))["callback"]["token"]
+    second = (await before.announce(tool_request("r2")))["callback"]["token"]
+    # A new adapter (as after a restart) on the same mesh, with the same key.
+    after = await build(extra_env=TOKEN_KEY, callback_token_key_env="HOOK_TOKEN_KEY", mesh=before.mesh)
+
+    status, _ = await after.post(answer("r2", first))  # still only its own request
+    assert status == 401
+    status, body = await after.post(answer("r1", first, responder="ops@acme"))
+    assert (status, body["request"]["resolution"]["resolved_by"]) == (200, "ops@acme")
+    status, body = await after.post(answer("r1", first))  # used
+    assert status == 401
+    assert after.mesh.resolved == 1
+
+    await before.post(answer("r2", second, responder="first"))  # answered before the restart...
+    status, body = await after.post(answer("r2", second, responder="late"))  # ...then again after it
+    assert status == 409 and "first" in body["error"]["message"]
+    assert after.mesh.state("r2").resolution.resolved_by == "first"  # type: ignore[union-attr]
+
+
+async def test_without_a_token_key_tokens_end_with_the_adapter(build: Build) -> None:
+    before = await build()
+    token = (await before.announce(tool_request("r1")))["callback"]["token"]
+    after = await build(mesh=before.mesh)
+    status, body = await after.post(answer("r1", token))
+    assert (status, body["error"]["reason"]) == (401, "INVALID_CALLBACK_TOKEN")
+    assert before.mesh.state("r1").state is InputState.PENDING
+
+
+async def test_a_token_signed_with_another_key_or_expired_is_refused(build: Build) -> None:
+    other = await build(extra_env={"K": "another-callback-token-key-32-bytes!!"}, callback_token_key_env="K")
+    forged = (await other.announce(tool_request("r1")))["callback"]["token"]
+    h = await build(
+        extra_env=TOKEN_KEY, callback_token_key_env="HOOK_TOKEN_KEY", callback_token_ttl_s=60, mesh=other.mesh
+    )
+    status, body = await h.post(answer("r1", forged))
+    assert (status, body["error"]["reason"]) == (401, "INVALID_CALLBACK_TOKEN")
+    mine = (await h.announce(tool_request("r3")))["callback"]["token"]
+    later = await build(extra_env=TOKEN_KEY, callback_token_key_env="HOOK_TOKEN_KEY", mesh=other.mesh)
+    other.mesh.wall.offset = 61
+    status, body = await later.post(answer("r3", mine))
+    assert (status, body["error"]["reason"]) == (401, "CALLBACK_TOKEN_EXPIRED")
+    assert other.mesh.state("r3").state is InputState.PENDING
+
+
 # ---------------------------------------------------------------- inbound by signature
 
 
@@ -600,6 +655,9 @@ async def test_refusals_map_to_http_statuses(build: Build) -> None:
         ({"timeout_ms": True}, {}, "adapters.webhook.timeout_ms"),
         ({"tolerance_s": -1}, {}, "adapters.webhook.tolerance_s"),
         ({"callback_token_ttl_s": 0}, {}, "adapters.webhook.callback_token_ttl_s"),
+        ({"callback_token_key_env": "K"}, {"K": "too-short"}, "adapters.webhook.callback_token_key_env"),
+        ({"callback_token_key_env": "K"}, {}, "adapters.webhook.callback_token_key_env"),
+        ({"callback_token_key_env": 7}, {}, "adapters.webhook.callback_token_key_env"),
         ({"inbound_secret_env": "MISSING"}, {}, "adapters.webhook.inbound_secret_env"),
         ({"target": []}, {}, "adapters.webhook.target"),
     ],

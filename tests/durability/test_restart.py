@@ -2,7 +2,8 @@
 
 The server runs as a real subprocess (`python -m svantic_grpc serve`); a connected
 agent runs in the test and reconnects by itself; the approval is answered through
-the webhook receiver with a Standard Webhooks signature after the restart.
+the webhook receiver after the restart, with the callback token the first server
+sent to the test's webhook target before it was killed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc import aio
@@ -43,7 +45,8 @@ from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
 from svantic_grpc.stores import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK_SECRET = "whsec_" + base64.b64encode(b"inbound-secret-for-restart-test!").decode()
+HOOK_SECRET = "whsec_" + base64.b64encode(b"outbound-secret-for-restart-test").decode()
+TOKEN_KEY = "callback-token-key-for-the-restart-test"
 WAIT = 15.0
 
 
@@ -120,7 +123,7 @@ async def _eventually(check: Any, what: str) -> Any:
 async def test_a_killed_server_restarts_with_everything_and_finishes_the_approved_work(
     tmp_path: Path,
 ) -> None:
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port, hook_port = _free_port(), _free_port(), _free_port()
     target = f"127.0.0.1:{grpc_port}"
     db = tmp_path / "state" / "mesh.db"
     settings = tmp_path / "settings.json"
@@ -134,7 +137,12 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
                 "policies": [
                     {"name": "deletes", "match": {"tool": "crm.delete_*"}, "enforcement": "require_approval"}
                 ],
-                "adapters": {"webhook": {"targets": [], "inbound_secret_env": "HOOK_IN"}},
+                "adapters": {
+                    "webhook": {
+                        "targets": [{"url": f"http://127.0.0.1:{hook_port}/hook", "secret_env": "HOOK_OUT"}],
+                        "callback_token_key_env": "HOOK_TOKEN_KEY",
+                    }
+                },
             }
         )
     )
@@ -146,7 +154,7 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
         .decode()
     )
     env = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}
-    env.update(HOOK_IN=HOOK_SECRET, SVANTIC_DISPATCH_KEY=dispatch_key)
+    env.update(HOOK_OUT=HOOK_SECRET, HOOK_TOKEN_KEY=TOKEN_KEY, SVANTIC_DISPATCH_KEY=dispatch_key)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
 
     decisions: list[bool] = []
@@ -167,6 +175,8 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
         reconnect_delay_s=0.1,
     )
     agent_task: asyncio.Task[None] | None = None
+    notifications: list[dict[str, Any]] = []
+    hook = await _webhook_target(hook_port, notifications)
     try:
         with _server(settings, env, first_log) as first:
             await _until_serving(target, first, first_log)
@@ -207,6 +217,17 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
                         session_service_pb2.WatchSessionRequest(session_id="gone"), metadata=md
                     )
                 ]
+
+                # The webhook target was told, with a callback token to answer by.
+                async def announced() -> str:
+                    tokens = [
+                        n["callback"]["token"]
+                        for n in notifications
+                        if n["type"] == "input.required" and n["request"]["id"] == request_id
+                    ]
+                    return tokens[0] if tokens else ""
+
+                callback_token = await _eventually(announced, "the webhook notification")
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
         assert idle.session.session_id == "kept" and closed.session.session_id == "gone"
@@ -254,16 +275,11 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
 
                 await _eventually(reconnected, "the agent to reconnect")
 
-                # The approval arrives through the webhook receiver, signed.
-                body = json.dumps(
-                    {"request_id": request_id, "tenant_id": "dev", "decision": "approve", "responder": "ops"}
-                )
-                headers = _signed(body)
+                # The approval arrives through the webhook receiver, with the token sent before the kill.
+                body = {"callback_token": callback_token, "decision": "approve", "responder": "ops"}
                 async with (
                     aiohttp.ClientSession() as http,
-                    http.post(
-                        f"http://127.0.0.1:{http_port}/webhooks/receive", data=body, headers=headers
-                    ) as response,
+                    http.post(f"http://127.0.0.1:{http_port}/webhooks/receive", json=body) as response,
                 ):
                     assert response.status == 200, await response.text()
 
@@ -286,6 +302,7 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
         await agent.stop()
         if agent_task is not None:
             await asyncio.wait_for(agent_task, WAIT)
+        await hook.cleanup()
 
     # The audit trail on disk records who approved, through which surface.
     store = open_store(f"sqlite:///{db}")
@@ -303,15 +320,17 @@ def _data(value: dict[str, Any]) -> message_types_pb2.Part:
     return part
 
 
-def _signed(body: str) -> dict[str, str]:
-    msg_id = f"msg_{time.time_ns()}"
-    now = time.time()
-    from datetime import UTC, datetime
+async def _webhook_target(port: int, received: list[dict[str, Any]]) -> web.AppRunner:
+    """A webhook target on loopback that keeps each notification it gets (signature verified)."""
+    signer = Webhook(HOOK_SECRET)
 
-    signature = Webhook(HOOK_SECRET).sign(msg_id, datetime.fromtimestamp(now, UTC), body)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(now)),
-        "webhook-signature": signature,
-        "content-type": "application/json",
-    }
+    async def hook(request: web.Request) -> web.Response:
+        received.append(signer.verify(await request.text(), dict(request.headers)))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
