@@ -223,6 +223,11 @@ class Store(ABC):
         """Every pending request of every tenant (for start-up recovery of expiries)."""
 
     @abstractmethod
+    async def granting_inputs(self) -> Sequence[InputRequest]:
+        """Every tenant's tool approvals answered ``approve_for_session`` or ``approve_always``,
+        oldest first: the answers that outlive their request (for start-up recovery)."""
+
+    @abstractmethod
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         """Add to the tenant's audit trail; returns it with its sequence."""
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
-from svantic_grpc.core.inputs.model import InputRequest, InputState
+from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores._copy import detach
@@ -195,6 +195,15 @@ class MemoryStore(Store):
 
     async def pending_inputs(self) -> Sequence[InputRequest]:
         return [r for r in self._inputs.values() if r.state is InputState.PENDING]
+
+    async def granting_inputs(self) -> Sequence[InputRequest]:
+        return [
+            r
+            for r in self._inputs.values()
+            if r.state is InputState.RESOLVED
+            and r.resolution is not None
+            and r.resolution.decision in GRANTING_DECISIONS
+        ]
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         trail = self._audit.setdefault(record.tenant_id, [])

@@ -29,7 +29,7 @@ import orjson
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventPayload
-from svantic_grpc.core.inputs.model import InputRequest, InputState
+from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores import _codec
@@ -354,6 +354,14 @@ class SqliteStore(Store):
     async def pending_inputs(self) -> Sequence[InputRequest]:
         sql = "SELECT record FROM inputs WHERE state = 'pending' ORDER BY rowid"
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql)))
+
+    async def granting_inputs(self) -> Sequence[InputRequest]:
+        decisions = tuple(d.value for d in GRANTING_DECISIONS)
+        sql = (
+            "SELECT record FROM inputs WHERE state = 'resolved' AND json_extract(record, "
+            f"'$.resolution.decision') IN ({', '.join('?' * len(decisions))}) ORDER BY rowid"
+        )
+        return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql, decisions)))
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         def append(conn: sqlite3.Connection) -> AuditRecord:

@@ -29,7 +29,15 @@ from svantic_grpc.core.events import (
     MessageStateChanged,
     StatusChanged,
 )
-from svantic_grpc.core.inputs.model import FormField, Resolution, ToolCall
+from svantic_grpc.core.inputs.model import (
+    Decision,
+    FormField,
+    InputKind,
+    InputRequest,
+    InputState,
+    Resolution,
+    ToolCall,
+)
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role
 from svantic_grpc.core.models import (
     AgentRegistration,
@@ -613,3 +621,35 @@ async def test_list_messages_by_session_and_state_oldest_first_in_pages(store: S
     everything = await store.list_messages(tenant_id="acme", page_size=50)
     assert len(everything.messages) == 6
     assert (await store.list_messages(tenant_id="globex")).messages == ()
+
+
+# Input requests whose answers outlive them
+
+
+async def test_granting_inputs_are_the_resolved_session_and_always_approvals(store: Store) -> None:
+    def request(request_id: str, tenant_id: str = "acme") -> InputRequest:
+        return InputRequest(
+            tenant_id, request_id, "s1", "m1", InputKind.TOOL_APPROVAL, T0, T0 + 600, ToolCall("crm.delete")
+        )
+
+    answers = {
+        "always": Decision.APPROVE_ALWAYS,
+        "session": Decision.APPROVE_FOR_SESSION,
+        "once": Decision.APPROVE,
+        "no": Decision.DENY,
+    }
+    for request_id, decision in answers.items():
+        created = await store.create_input(request(request_id))
+        resolution = Resolution(decision=decision, resolved_by="ops", resolved_at=T0 + 1)
+        await store.update_input(replace(created, state=InputState.RESOLVED, resolution=resolution))
+    await store.create_input(request("pending"))
+    other = await store.create_input(request("elsewhere", tenant_id="globex"))
+    resolution = Resolution(decision=Decision.APPROVE_ALWAYS, resolved_by="ops", resolved_at=T0 + 1)
+    await store.update_input(replace(other, state=InputState.RESOLVED, resolution=resolution))
+
+    granting = await store.granting_inputs()
+    assert sorted((r.tenant_id, r.request_id) for r in granting) == [
+        ("acme", "always"),
+        ("acme", "session"),
+        ("globex", "elsewhere"),
+    ]

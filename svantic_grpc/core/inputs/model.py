@@ -61,6 +61,8 @@ class Surface(enum.Enum):
 
 
 APPROVAL_DECISIONS = (Decision.APPROVE, Decision.APPROVE_FOR_SESSION, Decision.APPROVE_ALWAYS, Decision.DENY)
+GRANTING_DECISIONS = (Decision.APPROVE_FOR_SESSION, Decision.APPROVE_ALWAYS)
+"""Answers that outlive their request: later calls of the tool (in the session, or ever) need no human."""
 FIELD_TYPES = frozenset({"action", "text", "select", "number", "password", "textarea", "checkbox", "date"})
 
 

@@ -89,7 +89,8 @@ class Verdict:
 
 
 class PolicyEngine:
-    """Decides tool calls and plans; holds grants and per-session budgets (in this process)."""
+    """Decides tool calls and plans; holds grants (applied again from stored answers at start-up,
+    see ``Inputs.recover``) and per-session budgets (in this process only)."""
 
     def __init__(self, policies: Iterable[Policy], *, max_tool_calls_per_session: int = 0) -> None:
         self._policies = sorted(policies, key=lambda p: p.priority)

@@ -36,6 +36,7 @@ from svantic_grpc.core.inputs.model import (
     ToolCall,
 )
 from svantic_grpc.core.inputs.policies import PolicyEngine
+from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.stores.base import AuditRecord, InputPage, Store
 
@@ -230,14 +231,21 @@ class Inputs:
             except Conflict:
                 # Another process answered first: report who won, never overwrite.
                 raise _already(await self.get(tenant_id, request_id)) from None
-        decision = answer.decision
-        if saved.kind is InputKind.TOOL_APPROVAL and saved.tool_call is not None:
-            if decision is Decision.APPROVE_FOR_SESSION:
-                self.policies.grant_for_session(tenant_id, saved.session_id, saved.tool_call.tool_name)
-            if decision is Decision.APPROVE_ALWAYS and saved.policy:
-                self.policies.allow_always(tenant_id, saved.policy)
+        self._grant(saved)
         await self._ended(saved)
         return saved
+
+    def _grant(self, request: InputRequest) -> None:
+        """Apply what a tool approval answered beyond its own call (for the session, or always)."""
+        decision = request.resolution.decision if request.resolution is not None else None
+        if request.kind is not InputKind.TOOL_APPROVAL or request.tool_call is None:
+            return
+        if decision is Decision.APPROVE_FOR_SESSION:
+            self.policies.grant_for_session(
+                request.tenant_id, request.session_id, request.tool_call.tool_name
+            )
+        if decision is Decision.APPROVE_ALWAYS and request.policy:
+            self.policies.allow_always(request.tenant_id, request.policy)
 
     # Ending without an answer
 
@@ -356,11 +364,20 @@ class Inputs:
         return await future
 
     async def recover(self) -> int:
-        """Re-arm the expiry of every pending request in the store (at start-up)."""
+        """At start-up: re-arm the expiry of every pending request in the store, and apply again
+        the approvals given for a session (still open) or for always."""
         pending = await self._store.pending_inputs()
         for request in pending:
             self._pending.setdefault((request.tenant_id, request.session_id), set()).add(request.request_id)
             self.expiry.schedule(request.tenant_id, request.request_id, request.expires_at)
+        for request in await self._store.granting_inputs():
+            if request.resolution is not None and request.resolution.decision is Decision.APPROVE_FOR_SESSION:
+                session = await self._store.get_session(
+                    tenant_id=request.tenant_id, session_id=request.session_id
+                )
+                if session is None or session.status is SessionStatus.CLOSED:
+                    continue
+            self._grant(request)
         return len(pending)
 
     async def close(self) -> None:
