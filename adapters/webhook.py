@@ -433,6 +433,21 @@ def _mesh_error(exc: MeshError) -> web.Response:
     return _error(status, exc.reason, exc.message, exc.field if isinstance(exc, InvalidArgument) else "")
 
 
+class _StrictJsonError(ValueError):
+    """Valid to Python's json module, but not JSON the mesh can keep as it came."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _StrictJsonError(f"{name} is not a JSON number")
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise _StrictJsonError(f"the integer {text} does not fit in 64 bits")
+    return value
+
+
 # ---------------------------------------------------------------- the adapter
 
 
@@ -730,9 +745,10 @@ class WebhookAdapter(Adapter):
     async def _receive(self, request: web.Request) -> web.Response:
         try:
             text = (await request.read()).decode()
-            body = json.loads(text)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError included
-            return _error(400, "MALFORMED_JSON", "body must be a JSON object")
+            body = json.loads(text, parse_constant=_no_constant, parse_int=_int64)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+            detail = f": {exc.args[0]}" if isinstance(exc, _StrictJsonError) else ""
+            return _error(400, "MALFORMED_JSON", f"body must be a JSON object{detail}")
         if not isinstance(body, dict):
             return _error(400, "MALFORMED_JSON", "body must be a JSON object")
         try:

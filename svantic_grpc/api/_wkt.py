@@ -6,6 +6,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from svantic_grpc.core.errors import InvalidArgument
+
 __all__ = ["from_struct", "struct", "timestamp"]
 
 
@@ -24,6 +26,11 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(message)
+def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """The Struct as JSON-like Python values; ``field`` names it in the error for a number JSON
+    cannot hold (NaN, an infinity)."""
+    try:
+        result: dict[str, Any] = json_format.MessageToDict(message)
+    except ValueError as exc:
+        raise InvalidArgument(field, f"numbers must be finite ({exc})") from None
     return result

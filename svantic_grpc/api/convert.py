@@ -180,7 +180,7 @@ def _enum_value(table: Mapping[Any, E], value: int, field: str) -> E:
 
 def agent_spec(request: registry_pb.RegisterAgentRequest) -> AgentSpec:
     """The core's view of a RegisterAgentRequest. Skills fall back to the agent card's."""
-    card = from_struct(request.agent_card)
+    card = from_struct(request.agent_card, "agent_card")
     skills = tuple(
         Skill(
             id=s.id,
@@ -201,10 +201,14 @@ def agent_spec(request: registry_pb.RegisterAgentRequest) -> AgentSpec:
         agent_card=card,
         skills=skills,
         tools=tuple(
-            Tool(name=t.name, description=t.description, input_schema=from_struct(t.input_schema))
-            for t in request.tools
+            Tool(
+                name=t.name,
+                description=t.description,
+                input_schema=from_struct(t.input_schema, f"tools[{i}].input_schema"),
+            )
+            for i, t in enumerate(request.tools)
         ),
-        mcp_servers=from_struct(request.mcp_servers),
+        mcp_servers=from_struct(request.mcp_servers, "mcp_servers"),
         max_concurrent_sessions=request.max_concurrent_sessions,
     )
 

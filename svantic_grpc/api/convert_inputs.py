@@ -75,9 +75,9 @@ def resolution_from_pb(resolution: pb.Resolution, field: str = "resolution") -> 
     return Resolution(
         decision=decision,
         reason=resolution.reason,
-        values=from_struct(resolution.values),
+        values=from_struct(resolution.values, f"{field}.values"),
         confirmed=resolution.confirmed,
-        payload=from_struct(resolution.payload),
+        payload=from_struct(resolution.payload, f"{field}.payload"),
     )
 
 
@@ -155,7 +155,8 @@ def ask_from_pb(request: pb.InputRequest, field: str = "update.input_request") -
         raise InvalidArgument(f"{field}.kind", "set the kind of input the agent needs")
     tool_call = None
     if request.HasField("tool_call"):
-        tool_call = ToolCall(request.tool_call.tool_name, from_struct(request.tool_call.arguments))
+        arguments = from_struct(request.tool_call.arguments, f"{field}.tool_call.arguments")
+        tool_call = ToolCall(request.tool_call.tool_name, arguments)
     form = None
     if request.HasField("form"):
         form = Form(

@@ -68,7 +68,7 @@ def part_from_pb(part: pb.Part, field: str) -> Part:
     if kind == "text":
         return Part(text=part.text)
     if kind == "data":
-        return Part(data=from_struct(part.data))
+        return Part(data=from_struct(part.data, f"{field}.data"))
     if kind == "file":
         file = part.file
         which = file.WhichOneof("content")

@@ -14,6 +14,7 @@ the write transaction, so appends from several processes never collide.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -48,7 +49,17 @@ Query = Callable[[sqlite3.Connection], T]
 def _dumps(value: dict[str, Any]) -> str:
     """A record's JSON text (orjson: several times faster than ``json``, and this is the
     store's main cost on the event loop)."""
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson cannot write (an integer beyond 64 bits) json can
+        return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # written by json (before orjson, or by the fallback above)
+        return json.loads(text)
 
 
 class _Kind(Generic[R]):
@@ -384,7 +395,7 @@ class SqliteStore(Store):
         else:
             sql, params = "SELECT record FROM audit WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
         return await self._read(
-            lambda conn: [_codec.decode_audit(orjson.loads(r)) for (r,) in conn.execute(sql, params)]
+            lambda conn: [_codec.decode_audit(_loads(r)) for (r,) in conn.execute(sql, params)]
         )
 
     # Event log
@@ -416,7 +427,7 @@ class SqliteStore(Store):
         params = (tenant_id, session_id, after_sequence, limit)
         return await self._read(
             lambda conn: [
-                Event(tenant_id, session_id, sequence, time, _codec.decode_payload(orjson.loads(payload)))
+                Event(tenant_id, session_id, sequence, time, _codec.decode_payload(_loads(payload)))
                 for sequence, time, payload in conn.execute(sql, params)
             ]
         )
@@ -433,7 +444,7 @@ class SqliteStore(Store):
 
         def get(conn: sqlite3.Connection) -> R | None:
             row = conn.execute(sql, key).fetchone()
-            return None if row is None else kind.decode(orjson.loads(row[0]))
+            return None if row is None else kind.decode(_loads(row[0]))
 
         return await self._read(get)
 
@@ -619,7 +630,7 @@ def _transaction(
 
 
 def _records(kind: _Kind[R], rows: Iterable[tuple[Any, ...]]) -> list[R]:
-    return [kind.decode(orjson.loads(row[0])) for row in rows]
+    return [kind.decode(_loads(row[0])) for row in rows]
 
 
 def _any_of(where: list[str], params: list[Any], column: str, values: list[str]) -> None:

@@ -624,11 +624,15 @@ async def test_refusals_map_to_http_statuses(build: Build) -> None:
         "no tenant with a signature": (await h.post_signed({"request_id": "r1", "decision": "approve"}), 422),
         "malformed JSON": (await h.post("{not json"), 400),
         "not an object": (await h.post("[1, 2]"), 400),
+        "NaN in the payload": (await h.post_signed(answer("r1", payload={"score": float("nan")})), 400),
+        "an integer beyond 64 bits": (await h.post_signed(answer("r1", payload={"n": 2**64})), 400),
     }
     assert {name: got[0] for name, (got, _) in cases.items()} == {
         name: want for name, (_, want) in cases.items()
     }
     assert cases["no tenant with a signature"][0][1]["error"]["field"] == "tenant_id"
+    assert "NaN" in cases["NaN in the payload"][0][1]["error"]["message"]
+    assert "64 bits" in cases["an integer beyond 64 bits"][0][1]["error"]["message"]
     assert h.mesh.state("r1").state is InputState.PENDING
     for _ in range(2):  # a refused message is not remembered: its resend is refused again, not a duplicate
         status, _ = await h.post_signed(answer("nope"), webhook_id="msg_unknown")

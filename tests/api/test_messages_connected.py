@@ -1239,3 +1239,20 @@ async def test_the_example_echo_agent_works_against_a_development_server() -> No
             assert by_target.state == COMPLETED, by_target.state_reason
             assert artifact_texts(by_target) == ["echo: hi"]
             assert by_target.instance_id == "echo-1"
+
+
+async def test_a_number_json_cannot_hold_is_invalid_argument_naming_the_part(client: Client) -> None:
+    session_id = await new_session(client)
+    nan = message_types_pb2.Part()
+    nan.data.update({"score": float("nan")})
+    with pytest.raises(aio.AioRpcError) as excinfo:
+        await client.messages.SendMessage(
+            message_service_pb2.SendMessageRequest(session_id=session_id, message=outgoing(text("hi"), nan)),
+            metadata=await client.md(),
+        )
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(excinfo) == ("INVALID_ARGUMENT", "message.parts[1].data")
+    listed = await client.messages.ListMessages(
+        message_service_pb2.ListMessagesRequest(session_id=session_id), metadata=await client.md()
+    )
+    assert list(listed.messages) == []  # nothing half-accepted

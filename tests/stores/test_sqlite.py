@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import sqlite3
 import sys
@@ -708,3 +709,19 @@ def _pragma(path: Path, sql: str) -> Any:
         return None if row is None else row[0]
     finally:
         conn.close()
+
+
+async def test_records_written_by_the_json_module_with_nan_still_read(db_path: Path) -> None:
+    # Before orjson, records were written with json.dumps, which writes NaN for a float NaN.
+    async with await SqliteStore.open(db_path) as store:
+        created = await store.create_input(replace(_pending("in-1"), tool_call=ToolCall("t", {"x": 1.5})))
+    with sqlite3.connect(db_path) as conn:
+        (record,) = conn.execute("SELECT record FROM inputs WHERE request_id = 'in-1'").fetchone()
+        conn.execute(
+            "UPDATE inputs SET record = ? WHERE request_id = 'in-1'", (record.replace("1.5", "NaN"),)
+        )
+    async with await SqliteStore.open(db_path) as store:
+        read = await store.get_input(tenant_id="acme", request_id="in-1")
+        assert read is not None and read.tool_call is not None
+        assert math.isnan(read.tool_call.arguments["x"])
+        assert replace(read, tool_call=created.tool_call) == created
