@@ -201,8 +201,8 @@ class Sessions:
         ``exclude`` (unreachable ones, during fail-over) are neither reused nor picked.
         """
         async with self._locks.hold((tenant_id, session_id)):
-            known = self._latest.get((tenant_id, session_id))
-            if known is not None:  # routing to an instance already here needs no store trip
+            known = self._latest.get((tenant_id, session_id)) if reason is JoinReason.ROUTED else None
+            if known is not None:  # routing (right after the message's touch) to an agent already here
                 present = self._present(known, agent_type, instance_id, exclude)
                 if present is not None:
                     return present
@@ -324,6 +324,9 @@ class Sessions:
             left_reason = "session closed" if agent.internal else "released: session closed"
             events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
         events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
+        # Forgotten before the write: even if this task is cancelled while the write is queued
+        # (it still lands), nothing here goes on believing the session open.
+        self._forget(tenant_id, session_id)
         ended = replace(
             session,
             status=SessionStatus.CLOSED,
@@ -445,6 +448,8 @@ class Sessions:
 
     async def _load_for_reaper(self, tenant_id: str, session_id: str) -> float | None:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+        if session is None or session.status is SessionStatus.CLOSED:
+            self._forget(tenant_id, session_id)  # e.g. closed by another process
         if session is None:
             return None
         if any(check(tenant_id, session_id) for check in self._busy_checks):

@@ -6,6 +6,7 @@ it last saw; these tests change the session in the other mesh first.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -70,3 +71,32 @@ async def test_activity_and_close_after_the_other_mesh_wrote_keep_both_changes(
     assert closed_now and closed.status is SessionStatus.CLOSED and closed.close_reason == "bye"
     stored = await second.sessions.get(CALLER, session.session_id)
     assert stored == closed
+
+
+async def test_an_invite_after_the_other_mesh_closed_the_session_is_refused(
+    meshes: tuple[Mesh, Mesh],
+) -> None:
+    first, second = meshes
+    session = await first.sessions.init(CALLER, self_agent_type="worker", self_instance_id="w1")
+    await second.sessions.close(CALLER, session.session_id, reason="done elsewhere")
+    with pytest.raises(FailedPrecondition, match="done elsewhere"):
+        await first.sessions.invite(CALLER, session.session_id, agent_type="worker", instance_id="w1")
+
+
+async def test_a_close_cancelled_while_its_write_waits_still_leaves_the_session_closed(
+    meshes: tuple[Mesh, Mesh],
+) -> None:
+    first, _ = meshes
+    session = await first.sessions.init(CALLER, self_agent_type="worker", self_instance_id="w1")
+    closing = asyncio.create_task(first.sessions.close(CALLER, session.session_id, reason="bye"))
+    for _ in range(20):  # until its write is queued in the store (which commits it regardless)
+        await asyncio.sleep(0)
+        if first.store._waiting:  # type: ignore[attr-defined]
+            break
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    with pytest.raises(FailedPrecondition, match="bye"):
+        await first.sessions.invite(CALLER, session.session_id, agent_type="worker", instance_id="w1")
+    with pytest.raises(FailedPrecondition):
+        await first.sessions.touch("acme", session.session_id)
