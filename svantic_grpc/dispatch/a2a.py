@@ -139,6 +139,9 @@ class A2ATransport:
                     break
                 message = _answer_message(job, task_id, answer)
         except A2AClientTimeoutError as exc:
+            if not delivered and _never_sent(exc.__cause__):  # it timed out connecting
+                self._clients.pop(job.agent.url, None)
+                raise NotDelivered(f"cannot reach the agent: {exc}") from exc
             raise DispatchFailed(f"the agent went silent: {exc}") from exc
         except A2AClientError as exc:
             if not delivered and _never_sent(exc.__cause__):
