@@ -362,13 +362,18 @@ class ConnectedAgent:
             while not outbox.empty():
                 queued.append(outbox.get_nowait())
             updates: list[registry_service_pb2.DispatchUpdate] = []
+            size = 0
             for request in queued:
                 if request is not None and request.WhichOneof("payload") == "update":
+                    size += request.update.ByteSize()
+                    if updates and (len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES):
+                        yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
+                        updates, size = [], request.update.ByteSize()
                     updates.append(request.update)
                     continue
                 if updates:
                     yield _update_frame(updates)
-                    updates = []
+                    updates, size = [], 0
                 if request is None:
                     return
                 yield request
@@ -436,6 +441,10 @@ class ConnectedAgent:
         if claims.get("dispatch_id") != dispatch.dispatch_id:
             raise jwt.InvalidTokenError("token is for another dispatch")
         return claims
+
+
+_BATCH_MAX = 64
+_BATCH_MAX_BYTES = 1 << 20
 
 
 def _update_frame(updates: list[registry_service_pb2.DispatchUpdate]) -> registry_service_pb2.ConnectRequest:

@@ -145,6 +145,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             _log.debug("update for unknown dispatch %s from %s", message.dispatch_id, connection.key)
 
 
+BATCH_MAX = 64
+"""Most dispatches in one frame."""
+BATCH_MAX_BYTES = 1 << 20
+"""Most bytes of dispatches in one frame (a single larger dispatch still goes alone)."""
+
+
 async def _frames(
     outbox: asyncio.Queue[Outbound | None], hello: pb.ConnectHello
 ) -> AsyncIterator[pb.ConnectResponse]:
@@ -167,14 +173,19 @@ async def _frames(
                 cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
                 yield pb.ConnectResponse(cancel=cancel)
             continue
-        jobs = [out.job]
-        while hello.dispatch_batches and not outbox.empty():
+        dispatches = [dispatch_to_pb(out.job, token=hello.dispatch_tokens)]
+        size = dispatches[0].ByteSize()
+        while hello.dispatch_batches and not outbox.empty() and len(dispatches) < BATCH_MAX:
             following = outbox.get_nowait()
             if following is None or following.job is None:
                 held.append(following)
                 break
-            jobs.append(following.job)
-        dispatches = [dispatch_to_pb(job, token=hello.dispatch_tokens) for job in jobs]
+            dispatch = dispatch_to_pb(following.job, token=hello.dispatch_tokens)
+            size += dispatch.ByteSize()
+            if size > BATCH_MAX_BYTES:  # well under gRPC's 4 MiB default: it goes in the next frame
+                held.append(following)
+                break
+            dispatches.append(dispatch)
         if len(dispatches) == 1:
             yield pb.ConnectResponse(dispatch=dispatches[0])
         else:

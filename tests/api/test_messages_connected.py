@@ -1256,3 +1256,44 @@ async def test_a_number_json_cannot_hold_is_invalid_argument_naming_the_part(cli
         message_service_pb2.ListMessagesRequest(session_id=session_id), metadata=await client.md()
     )
     assert list(listed.messages) == []  # nothing half-accepted
+
+
+async def test_batched_frames_stay_far_below_grpcs_message_limit() -> None:
+    from svantic_grpc.api.registry_service import BATCH_MAX, BATCH_MAX_BYTES, _frames
+    from svantic_grpc.core.connections import Outbound
+    from svantic_grpc.core.dispatch import DispatchJob
+    from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
+    from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+
+    agent = AgentRegistration("acme", "echo", "raw-1", DeploymentMode.CONNECTED, 0.0, 0.0)
+
+    def job(n: int, text_size: int) -> Outbound:
+        part = Part(text="x" * text_size)
+        message = Message("acme", "s1", f"m{n}", Role.USER, (part,), MessageState.WORKING, 0.0, 0.0)
+        return Outbound(f"d{n}", DispatchJob(f"d{n}", "acme", "s1", agent, message, lambda: "", 0.0))
+
+    hello = registry_service_pb2.ConnectHello(dispatch_batches=True)
+    for outs, sizes in (
+        ([job(n, 600_000) for n in range(3)], [1, 1, 1]),  # two of them would pass 1 MiB
+        ([job(n, 10) for n in range(BATCH_MAX + 6)], [BATCH_MAX, 6]),
+    ):
+        outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
+        for out in [*outs, None]:
+            outbox.put_nowait(out)
+        frames = [f async for f in _frames(outbox, hello)]
+        counts = [len(f.dispatch_batch.dispatches) if f.HasField("dispatch_batch") else 1 for f in frames]
+        assert counts == sizes
+        assert all(f.ByteSize() < BATCH_MAX_BYTES + 700_000 for f in frames)
+
+    # The helper's updates: the same limits.
+    agent_side = ConnectedAgent(
+        "127.0.0.1:9", client_id="c", client_secret="s", agent_type="echo", instance_id="e1", handler=echo
+    )
+    for n in range(3):
+        update = registry_service_pb2.DispatchUpdate(
+            dispatch_id=f"d{n}", artifacts=[message_types_pb2.Artifact(parts=[text("y" * 600_000)])]
+        )
+        agent_side._outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
+    agent_side._outbox.put_nowait(None)
+    sent = [r async for r in agent_side._requests()]
+    assert [len(r.update_batch.updates) if r.HasField("update_batch") else 1 for r in sent] == [1, 1, 1]
