@@ -242,6 +242,8 @@ class ConnectedAgent:
         self._max_sessions = max_concurrent_sessions
         self._reconnect_delay_s = reconnect_delay_s
         self._verify_dispatches = verify_dispatches
+        self._batch_updates = False
+        """Whether the mesh said (in its welcome) that it reads update batches."""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, Reply] = {}
         self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
@@ -331,6 +333,7 @@ class ConnectedAgent:
                 if kind == "welcome":
                     interval = max(response.welcome.heartbeat_interval_ms / 1000, 0.05)
                     heartbeat = asyncio.create_task(self._heartbeats(interval))
+                    self._batch_updates = response.welcome.update_batches
                     self.connected.set()
                 elif kind == "dispatch":
                     self._start(response.dispatch)
@@ -366,7 +369,8 @@ class ConnectedAgent:
             for request in queued:
                 if request is not None and request.WhichOneof("payload") == "update":
                     size += request.update.ByteSize()
-                    if updates and (len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES):
+                    full = len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES
+                    if updates and (full or not self._batch_updates):
                         yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
                         updates, size = [], request.update.ByteSize()
                     updates.append(request.update)

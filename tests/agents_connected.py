@@ -92,6 +92,8 @@ class RawAgent:
 
     def __init__(self, client: Client, md: Metadata, instance_id: str) -> None:
         self.instance_id = instance_id
+        self.welcomed = registry_service_pb2.ConnectWelcome()
+        """The mesh's welcome, once ``raw_agent`` said hello."""
         self._requests: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self.call = client.registry.Connect(self._iterate(), metadata=md)
 
@@ -161,7 +163,7 @@ async def raw_agent(
     try:
         if hello:
             agent.hello(**hello_fields)
-            await agent.welcome()
+            agent.welcomed = await agent.welcome()
         yield agent
     finally:
         agent.close()

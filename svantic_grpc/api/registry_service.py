@@ -92,7 +92,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             interval_ms = int(self._registry.heartbeat_timeout_s * 1000 / 3)
             yield pb.ConnectResponse(
                 welcome=pb.ConnectWelcome(
-                    agent=self._agent(connection.agent), heartbeat_interval_ms=interval_ms
+                    agent=self._agent(connection.agent),
+                    heartbeat_interval_ms=interval_ms,
+                    update_batches=True,
                 )
             )
             async for frame in _frames(connection.outbox, first.hello):

@@ -112,12 +112,14 @@ class ConnectHello(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., resume_dispatch_ids: _Optional[_Iterable[str]] = ..., dispatch_tokens: _Optional[bool] = ..., dispatch_batches: _Optional[bool] = ...) -> None: ...
 
 class ConnectWelcome(_message.Message):
-    __slots__ = ("agent", "heartbeat_interval_ms")
+    __slots__ = ("agent", "heartbeat_interval_ms", "update_batches")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     agent: _agent_types_pb2.Agent
     heartbeat_interval_ms: int
-    def __init__(self, agent: _Optional[_Union[_agent_types_pb2.Agent, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    update_batches: bool
+    def __init__(self, agent: _Optional[_Union[_agent_types_pb2.Agent, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ..., update_batches: _Optional[bool] = ...) -> None: ...
 
 class Dispatch(_message.Message):
     __slots__ = ("dispatch_id", "session_id", "message", "dispatch_token", "deadline")

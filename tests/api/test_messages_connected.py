@@ -658,6 +658,7 @@ async def test_dispatches_are_signed_only_for_an_agent_whose_hello_asks(asked: b
 
 async def test_updates_for_several_dispatches_in_one_batch_frame_are_each_applied_in_order() -> None:
     async with running_server() as client, raw_agent(client, "raw-1") as raw:
+        assert raw.welcomed.update_batches  # the mesh says it reads them
         sessions = [await new_session(client) for _ in range(2)]
         sending = [
             asyncio.create_task(send(client, s, f"work {n}", data({"target_agent": "echo/raw-1"})))
@@ -1289,11 +1290,19 @@ async def test_batched_frames_stay_far_below_grpcs_message_limit() -> None:
     agent_side = ConnectedAgent(
         "127.0.0.1:9", client_id="c", client_secret="s", agent_type="echo", instance_id="e1", handler=echo
     )
-    for n in range(3):
-        update = registry_service_pb2.DispatchUpdate(
-            dispatch_id=f"d{n}", artifacts=[message_types_pb2.Artifact(parts=[text("y" * 600_000)])]
-        )
-        agent_side._outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
-    agent_side._outbox.put_nowait(None)
-    sent = [r async for r in agent_side._requests()]
-    assert [len(r.update_batch.updates) if r.HasField("update_batch") else 1 for r in sent] == [1, 1, 1]
+
+    async def frames_for(*sizes: int) -> list[int]:
+        for n, size in enumerate(sizes):
+            update = registry_service_pb2.DispatchUpdate(
+                dispatch_id=f"d{n}", artifacts=[message_types_pb2.Artifact(parts=[text("y" * size)])]
+            )
+            agent_side._outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
+        agent_side._outbox.put_nowait(None)
+        sent = [r async for r in agent_side._requests()]
+        return [len(r.update_batch.updates) if r.HasField("update_batch") else 1 for r in sent]
+
+    agent_side._batch_updates = True  # the mesh's welcome said it reads update batches
+    assert await frames_for(600_000, 600_000, 600_000) == [1, 1, 1]
+    assert await frames_for(10, 10, 10) == [3]
+    agent_side._batch_updates = False  # a mesh that did not say so gets one update a frame
+    assert await frames_for(10, 10, 10) == [1, 1, 1]
