@@ -228,28 +228,22 @@ class EventBus:
 
     async def publish(self, tenant_id: str, session_id: str, payload: EventPayload) -> Event:
         """Record ``payload`` in the session's log and deliver it live."""
-        key = (tenant_id, session_id)
-        async with self._locks.hold(key):
-            event = await self._store.append_event(
-                tenant_id=tenant_id, session_id=session_id, time=self._clock.now(), payload=payload
-            )
-            for subscription in tuple(self._subscribers.get(key, ())):
-                subscription.offer(event)
+        (event,) = await self.publish_many(tenant_id, session_id, (payload,))
         return event
 
     async def publish_many(
         self, tenant_id: str, session_id: str, payloads: Sequence[EventPayload]
     ) -> Sequence[Event]:
         """Record several events in one store write and deliver them live, in order."""
-        key = (tenant_id, session_id)
-        async with self._locks.hold(key):
-            events = await self._store.append_events(
-                tenant_id=tenant_id, session_id=session_id, time=self._clock.now(), payloads=payloads
+        store = self._store
+
+        async def append(now: float) -> tuple[Sequence[Event], Sequence[Event]]:
+            events = await store.append_events(
+                tenant_id=tenant_id, session_id=session_id, time=now, payloads=payloads
             )
-            for subscription in tuple(self._subscribers.get(key, ())):
-                for event in events:
-                    subscription.offer(event)
-        return events
+            return events, events
+
+        return await self.commit(tenant_id, session_id, append)
 
     async def commit(
         self,
@@ -260,15 +254,29 @@ class EventBus:
         """Run ``write(now)`` (a store change that appends events with it) and deliver its events live.
 
         Lets a record change and its events land in one store write, in order with every other
-        event of the session.
+        event of the session. The write and the delivery run in a task of their own: a caller
+        cancelled while the store works does not stop a write that then lands, so its events
+        still reach live subscribers (who would otherwise see a gap).
         """
         key = (tenant_id, session_id)
         async with self._locks.hold(key):
-            result, events = await write(self._clock.now())
-            for subscription in tuple(self._subscribers.get(key, ())):
-                for event in events:
-                    subscription.offer(event)
+            if self._store.suspends:
+                return await asyncio.shield(asyncio.ensure_future(self._write_and_deliver(key, write)))
+            result, events = await write(self._clock.now())  # runs to the end: nothing to shield
+            self._deliver(key, events)
+            return result
+
+    async def _write_and_deliver(
+        self, key: tuple[str, str], write: Callable[[float], Awaitable[tuple[T, Sequence[Event]]]]
+    ) -> T:
+        result, events = await write(self._clock.now())
+        self._deliver(key, events)
         return result
+
+    def _deliver(self, key: tuple[str, str], events: Sequence[Event]) -> None:
+        for subscription in tuple(self._subscribers.get(key, ())):
+            for event in events:
+                subscription.offer(event)
 
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""

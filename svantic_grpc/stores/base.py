@@ -70,6 +70,11 @@ class Store(ABC):
     indistinguishable from a missing one.
     """
 
+    suspends: bool = True
+    """Whether a call may give up the event loop before it is done (I/O, a thread): a caller
+    cancelled then may find its write landed anyway. ``False`` for a store whose calls run to
+    the end at once."""
+
     # Sessions
 
     @abstractmethod

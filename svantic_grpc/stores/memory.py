@@ -27,6 +27,8 @@ __all__ = ["MemoryStore"]
 class MemoryStore(Store):
     """Keeps everything in dicts; lost when the process ends."""
 
+    suspends = False  # no call awaits anything: each one runs to the end in one step
+
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -15,6 +16,7 @@ from svantic_grpc.core.errors import ResourceExhausted, Unavailable
 from svantic_grpc.core.events import AgentLeft, Event, EventBus, StatusChanged
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.stores import MemoryStore
+from svantic_grpc.stores.sqlite import SqliteStore
 
 TIMEOUT = 2.0
 
@@ -419,3 +421,24 @@ async def test_keyed_lock_table_empties_after_errors_and_cancelled_waiters() -> 
     async with locks.hold("k"):  # still usable afterwards
         assert len(locks) == 1
     assert len(locks) == 0
+
+
+async def test_a_publisher_cancelled_while_its_write_waits_still_reaches_live_subscribers(
+    clock: ManualClock, tmp_path: Path
+) -> None:
+    # SQLite writes wait on a thread; the write lands even if its caller is cancelled meanwhile.
+    async with await SqliteStore.open(tmp_path / "mesh.db") as store:
+        bus = EventBus(store=store, clock=clock, subscriber_buffer=16)
+        subscription = bus.subscribe("acme", "s1")
+        first = asyncio.create_task(bus.publish("acme", "s1", _tick(1)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+            if store._waiting:
+                break
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await bus.publish("acme", "s1", _tick(2))
+        received = [await asyncio.wait_for(subscription.next(), TIMEOUT) for _ in range(2)]
+        assert [(e.sequence, e.payload) for e in received] == [(1, _tick(1)), (2, _tick(2))]
+        subscription.close()
