@@ -607,7 +607,8 @@ def _transaction(
             try:
                 outcomes.append((queries[0](conn), None))
             except Exception as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                    conn.execute("ROLLBACK")
                 return [(None, exc)]
             conn.execute("COMMIT")
             return outcomes
