@@ -227,16 +227,24 @@ class SlackAdapter(Adapter):
             logger.exception("slack: posting request %s failed", request.request_id)
         finally:
             posted.set_result(result)
+        if result is not None:
+            try:  # kept in the mesh's store, so the post is updated even after a restart
+                await self.context.remember(_post_key(request), {"channel": result.channel, "ts": result.ts})
+            except Exception:
+                logger.exception("slack: could not keep where request %s was posted", request.request_id)
 
     async def on_outcome(self, request: InputRequest) -> None:
         posted = self._posts.pop((request.tenant_id, request.request_id), None)
-        if posted is None:
-            return  # never posted by this process
         try:
-            # on_request may still be posting when the outcome arrives.
-            where = await asyncio.wait_for(asyncio.shield(posted), timeout=self.settings.timeout_s)
+            if posted is not None:
+                # on_request may still be posting when the outcome arrives.
+                where = await asyncio.wait_for(asyncio.shield(posted), timeout=self.settings.timeout_s)
+            else:  # posted before a restart, perhaps
+                kept = await self.context.recall(_post_key(request))
+                where = None if kept is None else _Posted(channel=str(kept["channel"]), ts=str(kept["ts"]))
             if where is None:
                 return
+            await self.context.forget(_post_key(request))
             await self._client.chat_update(
                 channel=where.channel,
                 ts=where.ts,
@@ -370,6 +378,10 @@ def _plain(text: str, limit: int = 2000) -> dict[str, Any]:
 
 def _section(mrkdwn: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": _clip(mrkdwn, _MAX_TEXT)}}
+
+
+def _post_key(request: InputRequest) -> str:
+    return f"post/{request.tenant_id}/{request.request_id}"
 
 
 def _when(ts: float) -> str:

@@ -43,6 +43,19 @@ class AdapterContext(Protocol):
         """A request of the tenant (``NotFound`` otherwise)."""
         ...
 
+    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
+        """Keep a small JSON object under ``key`` for this adapter, in the mesh's store: with a
+        durable store it is still there after a restart."""
+        ...
+
+    async def recall(self, key: str) -> dict[str, Any] | None:
+        """What ``remember`` kept under ``key`` (``None`` if nothing)."""
+        ...
+
+    async def forget(self, key: str) -> None:
+        """Drop what ``remember`` kept under ``key``."""
+        ...
+
     async def resolve(
         self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
     ) -> InputRequest:

@@ -20,6 +20,7 @@ from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
+from svantic_grpc.stores.base import Store
 
 __all__ = ["AdapterHost", "AdapterLoadError"]
 
@@ -33,11 +34,24 @@ class AdapterLoadError(ValueError):
 class _Context:
     """What adapters may do with the mesh (``svantic_grpc.adapter.AdapterContext``)."""
 
-    def __init__(self, host: AdapterHost, inputs: Inputs, clock: Clock, ids: IdGenerator) -> None:
+    def __init__(
+        self, host: AdapterHost, name: str, inputs: Inputs, store: Store, clock: Clock, ids: IdGenerator
+    ) -> None:
         self._host = host
+        self._name = name
         self._inputs = inputs
+        self._store = store
         self.clock = clock
         self.ids = ids
+
+    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
+        await self._store.put_adapter_value(self._name, key, value)
+
+    async def recall(self, key: str) -> dict[str, Any] | None:
+        return await self._store.get_adapter_value(self._name, key)
+
+    async def forget(self, key: str) -> None:
+        await self._store.delete_adapter_value(self._name, key)
 
     @property
     def http_base_url(self) -> str:
@@ -68,6 +82,7 @@ class AdapterHost:
         http_address: str,
         public_url: str,
         inputs: Inputs,
+        store: Store,
         clock: Clock,
         ids: IdGenerator,
         env: Mapping[str, str],
@@ -76,6 +91,7 @@ class AdapterHost:
         self._address = http_address
         self._public_url = public_url
         self._inputs = inputs
+        self._store = store
         self._clock = clock
         self._ids = ids
         self._env = env
@@ -92,8 +108,8 @@ class AdapterHost:
         if not self._configs:
             return
         available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-        context = _Context(self, self._inputs, self._clock, self._ids)
         for name, config in self._configs.items():
+            context = _Context(self, name, self._inputs, self._store, self._clock, self._ids)
             entry = available.get(name)
             if entry is None:
                 known = ", ".join(sorted(available)) or "none installed"

@@ -117,6 +117,7 @@ class MeshServer:
             http_address=settings.http_address,
             public_url=settings.http_public_url,
             inputs=self.mesh.inputs,
+            store=self.mesh.store,
             clock=self.mesh.clock,
             ids=self.mesh.ids,
             env=env,

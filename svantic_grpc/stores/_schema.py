@@ -116,7 +116,19 @@ def _v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1,)
+def _v2(conn: sqlite3.Connection) -> None:
+    """Small JSON values adapters keep across restarts (e.g. where a Slack post is)."""
+    conn.execute(
+        """CREATE TABLE adapter_values (
+            adapter TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (adapter, key)
+        ) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 """Forward migrations; append only. The code's schema version is their count."""
 
 

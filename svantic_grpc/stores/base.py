@@ -8,8 +8,9 @@ never overwrites silently.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.inputs.model import InputRequest, InputState
@@ -231,6 +232,20 @@ class Store(ABC):
     async def granting_inputs(self) -> Sequence[InputRequest]:
         """Every tenant's tool approvals answered ``approve_for_session`` or ``approve_always``,
         oldest first: the answers that outlive their request (for start-up recovery)."""
+
+    # Adapters' own values
+
+    @abstractmethod
+    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+        """Keep a small JSON object for ``adapter`` under ``key`` (replacing what was there)."""
+
+    @abstractmethod
+    async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
+        """What ``put_adapter_value`` kept, or ``None``."""
+
+    @abstractmethod
+    async def delete_adapter_value(self, adapter: str, key: str) -> None:
+        """Drop a kept value; nothing happens if there is none."""
 
     @abstractmethod
     async def append_audit(self, record: AuditRecord) -> AuditRecord:

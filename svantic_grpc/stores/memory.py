@@ -7,7 +7,8 @@ mutable inside the frozen records).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -37,6 +38,8 @@ class MemoryStore(Store):
         self._messages: dict[tuple[str, str, str], Message] = {}
         self._inputs: dict[tuple[str, str], InputRequest] = {}
         self._audit: dict[str, list[AuditRecord]] = {}
+        self._adapter_values: dict[tuple[str, str], str] = {}
+        """Kept as JSON text: what is read back is a fresh copy, as from a database."""
 
     async def create_session(self, session: Session) -> Session:
         exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
@@ -206,6 +209,16 @@ class MemoryStore(Store):
             and r.resolution is not None
             and r.resolution.decision in GRANTING_DECISIONS
         ]
+
+    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+        self._adapter_values[(adapter, key)] = json.dumps(dict(value))
+
+    async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
+        text = self._adapter_values.get((adapter, key))
+        return None if text is None else dict(json.loads(text))
+
+    async def delete_adapter_value(self, adapter: str, key: str) -> None:
+        self._adapter_values.pop((adapter, key), None)
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         trail = self._audit.setdefault(record.tenant_id, [])

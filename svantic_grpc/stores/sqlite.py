@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -373,6 +373,29 @@ class SqliteStore(Store):
             f"'$.resolution.decision') IN ({', '.join('?' * len(decisions))}) ORDER BY rowid"
         )
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql, decisions)))
+
+    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+        text = _dumps(dict(value))
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO adapter_values (adapter, key, value) VALUES (?, ?, ?)",
+                (adapter, key, text),
+            )
+
+        await self._write(put)
+
+    async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
+        sql = "SELECT value FROM adapter_values WHERE adapter = ? AND key = ?"
+        row = await self._read(lambda conn: conn.execute(sql, (adapter, key)).fetchone())
+        return None if row is None else dict(_loads(row[0]))
+
+    async def delete_adapter_value(self, adapter: str, key: str) -> None:
+
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM adapter_values WHERE adapter = ? AND key = ?", (adapter, key))
+
+        await self._write(delete)
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         def append(conn: sqlite3.Connection) -> AuditRecord:

@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -56,6 +56,17 @@ class FakeMesh:
         self.resolved: list[InputRequest] = []
         self.gate: asyncio.Event | None = None
         """When set, ``resolve`` waits for it first (a slow store)."""
+        self.kept: dict[str, dict[str, Any]] = {}
+        """What the adapter remembered (the mesh's store); survives a new adapter on this mesh."""
+
+    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
+        self.kept[key] = dict(value)
+
+    async def recall(self, key: str) -> dict[str, Any] | None:
+        return self.kept.get(key)
+
+    async def forget(self, key: str) -> None:
+        self.kept.pop(key, None)
 
     @property
     def http_base_url(self) -> str:
@@ -210,9 +221,9 @@ async def until(condition: Callable[[], Any], within_s: float = 3.0) -> None:
 
 
 @asynccontextmanager
-async def running(**config: Any) -> AsyncIterator[Harness]:
+async def running(mesh: FakeMesh | None = None, **config: Any) -> AsyncIterator[Harness]:
     async with fake_slack() as slack, aiohttp.ClientSession() as http:
-        mesh = FakeMesh()
+        mesh = mesh or FakeMesh()  # pass one to stand for a restarted process on the same store
         adapter = SlackAdapter("slack", {"channel": "C1", "api_base_url": slack.base_url} | config, mesh, ENV)
         app = web.Application()
         app.add_routes(adapter.routes())
@@ -612,6 +623,22 @@ async def test_the_message_is_updated_after_any_outcome(
 async def test_outcome_of_a_request_never_posted_changes_nothing(h: Harness) -> None:
     await h.adapter.on_outcome(replace(make_request(InputKind.TOOL_APPROVAL), state=InputState.EXPIRED))
     assert h.slack.calls == []
+
+
+async def test_a_post_made_before_a_restart_is_updated_after_it() -> None:
+    request = make_request(InputKind.TOOL_APPROVAL)
+    async with running() as before:
+        await before.announce(request)
+        mesh = before.mesh
+    assert list(mesh.kept.values()) == [{"channel": "C1", "ts": "1.000100"}]  # as Slack answered
+    async with running(mesh=mesh) as after:  # a new adapter: nothing in memory, the store remembers
+        await after.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
+        (update,) = after.slack.of("chat.update")
+        assert (update["channel"], update["ts"]) == ("C1", "1.000100")
+        assert action_ids(update) == [] and "Expired" in text_of(update)
+        assert mesh.kept == {}  # forgotten once the post is final
+        await after.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
+        assert len(after.slack.of("chat.update")) == 1
 
 
 # -- Slack down --------------------------------------------------------------------------------

@@ -653,3 +653,23 @@ async def test_granting_inputs_are_the_resolved_session_and_always_approvals(sto
         ("acme", "session"),
         ("globex", "elsewhere"),
     ]
+
+
+# Adapters' values
+
+
+async def test_adapter_values_are_kept_per_adapter_and_key(store: Store) -> None:
+    assert await store.get_adapter_value("slack", "post/acme/r1") is None
+    await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0001"})
+    await store.put_adapter_value("webhook", "post/acme/r1", {"other": True})
+    value = await store.get_adapter_value("slack", "post/acme/r1")
+    assert value == {"channel": "C1", "ts": "1.0001"}
+    assert value is not None
+    value["ts"] = "changed by the caller"  # a copy: the kept value does not change
+    assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0001"}
+    await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C2", "ts": "2.0"})  # replaces
+    assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C2", "ts": "2.0"}
+    await store.delete_adapter_value("slack", "post/acme/r1")
+    await store.delete_adapter_value("slack", "post/acme/r1")  # twice: nothing happens
+    assert await store.get_adapter_value("slack", "post/acme/r1") is None
+    assert await store.get_adapter_value("webhook", "post/acme/r1") == {"other": True}

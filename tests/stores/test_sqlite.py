@@ -628,14 +628,15 @@ async def test_pending_migrations_run_at_open(db_path: Path, monkeypatch: pytest
     async with await SqliteStore.open(db_path) as store:
         written = await store.create_session(full_session())
 
-    def v2(conn: sqlite3.Connection) -> None:
+    def user_id_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE sessions ADD COLUMN user_id TEXT NOT NULL DEFAULT ''")
         conn.execute("UPDATE sessions SET user_id = json_extract(record, '$.user_id')")
 
-    monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, v2))
+    current = _schema.schema_version()
+    monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, user_id_column))
     async with await SqliteStore.open(db_path) as store:
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
-    assert _pragma(db_path, "PRAGMA user_version") == 2
+    assert _pragma(db_path, "PRAGMA user_version") == current + 1
     assert _pragma(db_path, "SELECT user_id FROM sessions") == "u-1"
 
 
@@ -653,7 +654,7 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
         patch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, broken))
         with pytest.raises(RuntimeError, match="migration bug"):
             await SqliteStore.open(db_path)
-    assert _pragma(db_path, "PRAGMA user_version") == 1
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version()
     assert _pragma(db_path, "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'") == 0
     async with await SqliteStore.open(db_path) as store:
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
@@ -725,3 +726,18 @@ async def test_records_written_by_the_json_module_with_nan_still_read(db_path: P
         assert read is not None and read.tool_call is not None
         assert math.isnan(read.tool_call.arguments["x"])
         assert replace(read, tool_call=created.tool_call) == created
+
+
+async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(_schema, "MIGRATIONS", _schema.MIGRATIONS[:1])  # as the first release wrote it
+        async with await SqliteStore.open(db_path) as store:
+            written = await store.create_session(full_session())
+    assert _pragma(db_path, "PRAGMA user_version") == 1
+    async with await SqliteStore.open(db_path) as store:
+        assert await store.get_session(tenant_id="acme", session_id="s1") == written
+        await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0"})
+        assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0"}
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 2
