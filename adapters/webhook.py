@@ -355,6 +355,12 @@ class _Grant:
     expires_at: float
 
 
+def _keep_newest(remembered: dict[str, Any]) -> None:
+    """Drop the oldest entries beyond ``_ENDED_TOKENS_KEPT`` (dicts keep insertion order)."""
+    while len(remembered) > _ENDED_TOKENS_KEPT:
+        del remembered[next(iter(remembered))]
+
+
 def _digest(token: str) -> str:
     # Tokens are kept hashed, so a lookup's timing says nothing about valid tokens.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -703,8 +709,7 @@ class WebhookAdapter(Adapter):
         del self._grants[digest]
         self._tokens_of.get((grant.tenant_id, grant.request_id), set()).discard(digest)
         self._used[digest] = None
-        while len(self._used) > _ENDED_TOKENS_KEPT:
-            del self._used[next(iter(self._used))]
+        _keep_newest(self._used)
         if self.context.clock.now() >= grant.expires_at:
             raise _Refused(401, "CALLBACK_TOKEN_EXPIRED", "callback token expired")
         return digest, grant
@@ -737,8 +742,7 @@ class WebhookAdapter(Adapter):
             if grant is not None:
                 # Remembered (bounded) so a late answer is told who won instead of "invalid token".
                 self._ended[digest] = grant
-                while len(self._ended) > _ENDED_TOKENS_KEPT:
-                    del self._ended[next(iter(self._ended))]
+                _keep_newest(self._ended)
 
     # -- inbound
 

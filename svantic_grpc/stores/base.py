@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.inputs.model import InputRequest, InputState
@@ -18,6 +18,8 @@ from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 
 __all__ = ["AuditRecord", "InputPage", "MessagePage", "SessionPage", "Store"]
+
+_Stored = TypeVar("_Stored", Session, Message)
 
 
 @dataclass(frozen=True)
@@ -267,31 +269,19 @@ class Store(ABC):
         self, session: Session, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Session, Sequence[Event]]:
         """``create_session`` and ``append_events`` together (a store may do both in one write)."""
-        created = await self.create_session(session)
-        events = await self.append_events(
-            tenant_id=session.tenant_id, session_id=session.session_id, time=time, payloads=payloads
-        )
-        return created, events
+        return await self._then_append(await self.create_session(session), time, payloads)
 
     async def update_session_with_events(
         self, session: Session, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Session, Sequence[Event]]:
         """``update_session`` and ``append_events`` together (a store may do both in one write)."""
-        updated = await self.update_session(session)
-        events = await self.append_events(
-            tenant_id=session.tenant_id, session_id=session.session_id, time=time, payloads=payloads
-        )
-        return updated, events
+        return await self._then_append(await self.update_session(session), time, payloads)
 
     async def create_message_with_events(
         self, message: Message, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Message, Sequence[Event]]:
         """``create_message`` and ``append_events`` together (a store may do both in one write)."""
-        created = await self.create_message(message)
-        events = await self.append_events(
-            tenant_id=message.tenant_id, session_id=message.session_id, time=time, payloads=payloads
-        )
-        return created, events
+        return await self._then_append(await self.create_message(message), time, payloads)
 
     async def update_message_with_events(
         self, message: Message, *, time: float, payloads: Callable[[Message], Sequence[EventPayload]]
@@ -301,10 +291,16 @@ class Store(ABC):
         ``payloads`` is given the message as it will be stored (its version bumped).
         """
         updated = await self.update_message(message)
+        return await self._then_append(updated, time, payloads(updated))
+
+    async def _then_append(
+        self, stored: _Stored, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[_Stored, Sequence[Event]]:
+        """``stored`` with the events appended to its session's log after it (the defaults above)."""
         events = await self.append_events(
-            tenant_id=message.tenant_id, session_id=message.session_id, time=time, payloads=payloads(updated)
+            tenant_id=stored.tenant_id, session_id=stored.session_id, time=time, payloads=payloads
         )
-        return updated, events
+        return stored, events
 
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]

@@ -22,7 +22,12 @@ import pytest
 from google.protobuf import json_format
 from grpc import aio
 
+from svantic_grpc.api.registry_service import BATCH_MAX, BATCH_MAX_BYTES, _frames
 from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
+from svantic_grpc.core.connections import Outbound
+from svantic_grpc.core.dispatch import DispatchJob
+from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
+from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.pb import (
     agent_types_pb2,
     auth_service_pb2,
@@ -71,6 +76,15 @@ UNKNOWN = agent_types_pb2.AGENT_STATUS_UNKNOWN
 
 ECHO_SKILLS = [skill("echo", "echo", "repeat")]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "echo_agent.py"
+
+
+def dispatch_job(dispatch_id: str, *, text: str = "hi", sign: Callable[[], str] = lambda: "") -> DispatchJob:
+    """A job for the connected instance raw-1, as the executor hands it to the Connect stream."""
+    agent = AgentRegistration("acme", "echo", "raw-1", DeploymentMode.CONNECTED, 0.0, 0.0)
+    message = Message(
+        "acme", "s1", f"m-{dispatch_id}", Role.USER, (Part(text=text),), MessageState.WORKING, 0.0, 0.0
+    )
+    return DispatchJob(dispatch_id, "acme", "s1", agent, message, sign, 0.0)
 
 
 # --- handlers -------------------------------------------------------------------
@@ -690,14 +704,6 @@ async def test_updates_for_several_dispatches_in_one_batch_frame_are_each_applie
 
 
 async def test_dispatches_queued_together_go_out_in_one_frame_for_an_agent_that_reads_batches() -> None:
-    from svantic_grpc.api.registry_service import _frames
-    from svantic_grpc.core.connections import Outbound
-    from svantic_grpc.core.dispatch import DispatchJob
-    from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
-    from svantic_grpc.core.models import AgentRegistration, DeploymentMode
-
-    agent = AgentRegistration("acme", "echo", "raw-1", DeploymentMode.CONNECTED, 0.0, 0.0)
-    message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
     signed: list[str] = []
 
     def job(dispatch_id: str) -> DispatchJob:
@@ -705,7 +711,7 @@ async def test_dispatches_queued_together_go_out_in_one_frame_for_an_agent_that_
             signed.append(dispatch_id)
             return f"token-{dispatch_id}"
 
-        return DispatchJob(dispatch_id, "acme", "s1", agent, message, sign, 0.0)
+        return dispatch_job(dispatch_id, sign=sign)
 
     def queued() -> asyncio.Queue[Outbound | None]:
         outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
@@ -1260,18 +1266,8 @@ async def test_a_number_json_cannot_hold_is_invalid_argument_naming_the_part(cli
 
 
 async def test_batched_frames_stay_far_below_grpcs_message_limit() -> None:
-    from svantic_grpc.api.registry_service import BATCH_MAX, BATCH_MAX_BYTES, _frames
-    from svantic_grpc.core.connections import Outbound
-    from svantic_grpc.core.dispatch import DispatchJob
-    from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
-    from svantic_grpc.core.models import AgentRegistration, DeploymentMode
-
-    agent = AgentRegistration("acme", "echo", "raw-1", DeploymentMode.CONNECTED, 0.0, 0.0)
-
     def job(n: int, text_size: int) -> Outbound:
-        part = Part(text="x" * text_size)
-        message = Message("acme", "s1", f"m{n}", Role.USER, (part,), MessageState.WORKING, 0.0, 0.0)
-        return Outbound(f"d{n}", DispatchJob(f"d{n}", "acme", "s1", agent, message, lambda: "", 0.0))
+        return Outbound(f"d{n}", dispatch_job(f"d{n}", text="x" * text_size))
 
     hello = registry_service_pb2.ConnectHello(dispatch_batches=True)
     for outs, sizes in (

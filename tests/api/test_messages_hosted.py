@@ -34,7 +34,7 @@ from svantic_grpc.pb import (
     session_types_pb2,
 )
 from tests._support import Client, code_of, error_details, running_server
-from tests.agents_a2a import AgentServer, HostedAgent, HostedAgents, closed_port_url, hosted_agents
+from tests.agents_a2a import AgentServer, HostedAgent, HostedAgents, Seen, closed_port_url, hosted_agents
 
 pb = message_types_pb2
 COMPLETED = pb.MESSAGE_STATE_COMPLETED
@@ -229,6 +229,25 @@ def turn_texts(message: pb.Message) -> list[str]:
     return [p.text for t in message.history for p in t.parts if p.HasField("text")]
 
 
+def assert_one_dispatch_with_a_good_token(agent: AgentServer, session_id: str, message: pb.Message) -> Seen:
+    """The agent saw one request: its token verified, with claims about this session and instance."""
+    [seen] = agent.seen
+    assert seen.token_error == ""
+    claims = seen.claims
+    assert claims is not None
+    assert claims["aud"] == agent.instance_id
+    assert claims["iss"] == "svantic-grpc"
+    assert claims["tenant_id"] == "acme"
+    assert claims["agent_type"] == "echo-agent"
+    assert claims["session_id"] == session_id
+    assert claims["dispatch_id"].startswith("dsp_")
+    assert 0 < claims["exp"] - time.time() <= 600  # minutes, not hours
+    assert 0 < claims["exp"] - claims["iat"] <= 600
+    assert seen.context_id == session_id
+    assert seen.metadata["svantic"] == {"session_id": session_id, "message_id": message.message_id}
+    return seen
+
+
 # --- routing to a hosted agent ------------------------------------------------------------------
 
 
@@ -248,21 +267,8 @@ async def test_target_agent_reaches_the_hosted_agent_which_verifies_its_token(
     assert message.history[0].parts[0].text == "hello there"
     assert message.sender == "acme-full"
 
-    [seen] = echo.seen
-    assert seen.token_error == ""
-    claims = seen.claims
-    assert claims is not None
-    assert claims["aud"] == "echo-1"
-    assert claims["iss"] == "svantic-grpc"
-    assert claims["tenant_id"] == "acme"
-    assert claims["agent_type"] == "echo-agent"
-    assert claims["session_id"] == session_id
-    assert claims["dispatch_id"].startswith("dsp_")
-    assert 0 < claims["exp"] - time.time() <= 600  # minutes, not hours
-    assert 0 < claims["exp"] - claims["iat"] <= 600
-    assert seen.context_id == session_id
+    seen = assert_one_dispatch_with_a_good_token(echo, session_id, message)
     assert seen.text == "hello there"
-    assert seen.metadata["svantic"] == {"session_id": session_id, "message_id": message.message_id}
 
     [joined] = await session_agents(client, session_id)
     assert (joined.agent_type, joined.instance_id, joined.join_reason) == ("echo-agent", "echo-1", ROUTED)

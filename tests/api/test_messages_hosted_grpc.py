@@ -9,7 +9,6 @@ are those of the JSON-RPC tests in ``test_messages_hosted.py``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,6 +21,7 @@ from tests.api.test_messages_hosted import (
     FAILED,
     ROUTED,
     artifact_texts,
+    assert_one_dispatch_with_a_good_token,
     get_agent,
     new_session,
     register,
@@ -63,20 +63,8 @@ async def test_a_grpc_agent_gets_the_message_and_its_token_and_completes_it(
     assert artifact_texts(message) == ["echo: hello over grpc"]
     assert echo.methods == ["SendStreamingMessage"]  # the A2A gRPC method, streamed
 
-    [seen] = echo.seen
-    assert seen.token_error == ""
-    claims = seen.claims
-    assert claims is not None
-    assert claims["aud"] == "echo-g"
-    assert claims["iss"] == "svantic-grpc"
-    assert claims["tenant_id"] == "acme"
-    assert claims["agent_type"] == "echo-agent"
-    assert claims["session_id"] == session_id
-    assert claims["dispatch_id"].startswith("dsp_")
-    assert 0 < claims["exp"] - time.time() <= 600
-    assert seen.context_id == session_id
+    seen = assert_one_dispatch_with_a_good_token(echo, session_id, message)
     assert seen.text == "hello over grpc"
-    assert seen.metadata["svantic"] == {"session_id": session_id, "message_id": message.message_id}
 
     [joined] = await session_agents(client, session_id)
     assert (joined.agent_type, joined.instance_id, joined.join_reason) == ("echo-agent", "echo-g", ROUTED)
