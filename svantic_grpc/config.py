@@ -24,6 +24,7 @@ __all__ = [
     "AuthSettings",
     "DispatchSettings",
     "ResolvedAuth",
+    "RetentionSettings",
     "Settings",
     "SettingsError",
     "is_loopback",
@@ -138,6 +139,18 @@ class GuardrailSettings(_Model):
     """0 is unlimited."""
 
 
+class RetentionSettings(_Model):
+    """How long what is finished is kept."""
+
+    closed_sessions_s: int = Field(default=86_400, ge=0)
+    """A closed session, its messages, input requests and event log are deleted this long after it
+    closed; 0 keeps them for ever. The audit trail is kept."""
+    max_events_per_session: int = Field(default=10_000, ge=0)
+    """A session's event log keeps its newest this many events (plus at most 64); 0 keeps all."""
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    """How often closed sessions past their retention are looked for."""
+
+
 class Settings(_Model):
     """The whole settings.json."""
 
@@ -168,6 +181,7 @@ class Settings(_Model):
     policies: list[PolicySettings] = []
     """Tool and plan policies."""
     guardrails: GuardrailSettings = GuardrailSettings()
+    retention: RetentionSettings = RetentionSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
 

@@ -23,6 +23,7 @@ from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.retention import Retention
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.pb import (
     auth_service_pb2,
@@ -102,6 +103,11 @@ class MeshServer:
                     policies=PolicyEngine.from_settings(p.model_dump() for p in settings.policies),
                     max_tool_calls_per_session=settings.guardrails.max_tool_calls_per_session,
                     input_request_ttl_s=settings.input_request_ttl_ms / 1000,
+                    retention=Retention(
+                        closed_sessions_s=settings.retention.closed_sessions_s,
+                        max_events_per_session=settings.retention.max_events_per_session,
+                        sweep_interval_s=settings.retention.sweep_interval_s,
+                    ),
                 ),
                 clock=clock,
                 ids=ids,

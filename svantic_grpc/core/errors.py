@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgument",
     "MeshError",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
@@ -97,6 +98,12 @@ class ResourceExhausted(MeshError):
     """A limit was reached (budget, buffer, capacity)."""
 
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class OutOfRange(MeshError):
+    """A position outside what is kept (e.g. resuming from events that retention let go)."""
+
+    default_reason = "OUT_OF_RANGE"
 
 
 class Unavailable(MeshError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core.errors import MeshError, ResourceExhausted, Unavailable
+from svantic_grpc.core.errors import MeshError, OutOfRange, ResourceExhausted, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.models import SessionAgent, SessionStatus
@@ -217,12 +217,23 @@ class EventBus:
 
     Appending and fanning out happen under a per-session lock, so every
     subscriber sees a session's events in sequence order.
+
+    Args:
+        max_events_per_session: How many of a session's newest events the log keeps
+            (0: all). Older ones are trimmed every ``TRIM_EVERY`` events, so the log
+            holds between that many and ``TRIM_EVERY`` more.
     """
 
-    def __init__(self, *, store: Store, clock: Clock, subscriber_buffer: int = 1024) -> None:
+    TRIM_EVERY = 64
+    """Trim once per this many events: one delete amortised over many appends."""
+
+    def __init__(
+        self, *, store: Store, clock: Clock, subscriber_buffer: int = 1024, max_events_per_session: int = 0
+    ) -> None:
         self._store = store
         self._clock = clock
         self._buffer = subscriber_buffer
+        self._max_events = max_events_per_session
         self._locks = KeyedLock()
         self._subscribers: dict[tuple[str, str], set[Subscription]] = {}
 
@@ -264,6 +275,8 @@ class EventBus:
                 return await asyncio.shield(asyncio.ensure_future(self._write_and_deliver(key, write)))
             result, events = await write(self._clock.now())  # runs to the end: nothing to shield
             self._deliver(key, events)
+            if self._trim_due(events):
+                await self._trim(key, events)
             return result
 
     async def _write_and_deliver(
@@ -271,7 +284,20 @@ class EventBus:
     ) -> T:
         result, events = await write(self._clock.now())
         self._deliver(key, events)
+        if self._trim_due(events):
+            await self._trim(key, events)
         return result
+
+    def _trim_due(self, events: Sequence[Event]) -> bool:
+        """True when these events crossed a multiple of ``TRIM_EVERY`` past the cap."""
+        if not self._max_events or not events or events[-1].sequence <= self._max_events:
+            return False
+        return (events[0].sequence - 1) // self.TRIM_EVERY != events[-1].sequence // self.TRIM_EVERY
+
+    async def _trim(self, key: tuple[str, str], events: Sequence[Event]) -> None:
+        tenant_id, session_id = key
+        through = events[-1].sequence - self._max_events
+        await self._store.trim_events(tenant_id=tenant_id, session_id=session_id, through_sequence=through)
 
     def _deliver(self, key: tuple[str, str], events: Sequence[Event]) -> None:
         for subscription in tuple(self._subscribers.get(key, ())):
@@ -308,16 +334,29 @@ class EventBus:
     ) -> AsyncIterator[Event]:
         """Every stored event after ``after_sequence``, then (with ``follow``) live ones, in order.
 
-        Stops after the event that closes the session.
+        Stops after the event that closes the session. ``after_sequence`` 0 starts from the
+        oldest event kept; resuming after a sequence whose successors retention already let go
+        raises ``OutOfRange`` naming the oldest one kept, rather than skipping the gap silently.
         """
         subscription = self.subscribe(tenant_id, session_id)
         subscription.acknowledge(after_sequence)
         try:
             last = after_sequence
+            first_page = True
             while True:
                 stored = await self._store.list_events(
                     tenant_id=tenant_id, session_id=session_id, after_sequence=last, limit=page
                 )
+                if first_page and after_sequence > 0 and stored and stored[0].sequence > after_sequence + 1:
+                    oldest = stored[0].sequence
+                    raise OutOfRange(
+                        f"events after sequence {after_sequence} are no longer kept (the session log keeps "
+                        f"its newest events); the oldest kept is {oldest}: resume with "
+                        f"after_sequence={oldest - 1}, or 0 for everything kept",
+                        reason="EVENTS_NOT_RETAINED",
+                        metadata={"oldest_sequence": str(oldest), "after_sequence": str(oldest - 1)},
+                    )
+                first_page = False
                 for event in stored:
                     last = event.sequence
                     subscription.acknowledge(last)

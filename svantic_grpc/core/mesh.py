@@ -20,6 +20,7 @@ from svantic_grpc.core.knowledge import Knowledge
 from svantic_grpc.core.messages.service import Messages
 from svantic_grpc.core.models import DeploymentMode
 from svantic_grpc.core.registry import Registry
+from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.stores.base import Store
 
@@ -50,6 +51,8 @@ class MeshOptions:
     """Guardrail budget of tool calls per session; 0 is unlimited."""
     input_request_ttl_s: float = 3600.0
     """How long an input request waits before it expires."""
+    retention: Retention = field(default_factory=Retention)
+    """How long closed sessions and old events are kept."""
 
 
 class Mesh:
@@ -81,7 +84,13 @@ class Mesh:
             ttl_s=options.dispatch_token_ttl_s,
             private_key_pem=options.dispatch_signing_key_pem,
         )
-        self.bus = EventBus(store=store, clock=self.clock, subscriber_buffer=options.subscriber_buffer)
+        self.bus = EventBus(
+            store=store,
+            clock=self.clock,
+            subscriber_buffer=options.subscriber_buffer,
+            max_events_per_session=options.retention.max_events_per_session,
+        )
+        self.retention = RetentionSweeper(store=store, clock=self.clock, retention=options.retention)
         self.registry = Registry(
             store=store, clock=self.clock, heartbeat_timeout_s=options.heartbeat_timeout_s
         )
@@ -158,10 +167,12 @@ class Mesh:
             )
         self.sessions.reaper.start()
         self.inputs.expiry.start()
+        self.retention.start()
 
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""
         await self.sessions.reaper.stop()
+        await self.retention.stop()
         await self.messages.close()
         await self.inputs.close()
         await self.dispatcher.close()

@@ -128,7 +128,15 @@ def _v2(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
+def _v3(conn: sqlite3.Connection) -> None:
+    """Closed sessions by when they closed, for the retention sweep (no new column to keep in step)."""
+    conn.execute(
+        "CREATE INDEX sessions_closed ON sessions (json_extract(record, '$.closed_at')) "
+        "WHERE status = 'closed'"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3)
 """Forward migrations; append only. The code's schema version is their count."""
 
 

@@ -315,7 +315,28 @@ class Store(ABC):
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
     ) -> Sequence[Event]:
-        """Events with a sequence above ``after_sequence``, in order, at most ``limit``."""
+        """Events with a sequence above ``after_sequence``, in order, at most ``limit``.
+
+        Events trimmed by ``trim_events`` are gone: the first event returned may then
+        have a sequence above ``after_sequence + 1``.
+        """
+
+    # Retention
+
+    @abstractmethod
+    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
+        """Forget the session's events up to and including ``through_sequence``.
+
+        Later events keep their sequence numbers, and new ones continue after them.
+        """
+
+    @abstractmethod
+    async def purge_closed_sessions(self, *, closed_before: float, limit: int) -> int:
+        """Delete up to ``limit`` sessions closed before ``closed_before``, with their messages,
+        input requests and event logs, in one write; returns how many sessions went.
+
+        The audit trail stays: it is the record of who decided what.
+        """
 
     # Lifecycle
 

@@ -34,6 +34,8 @@ class MemoryStore(Store):
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
+        self._trimmed: dict[tuple[str, str], int] = {}
+        """Per session, how many of the oldest events ``trim_events`` dropped from the list."""
         # Insertion order is creation order, which list_messages pages through.
         self._messages: dict[tuple[str, str, str], Message] = {}
         self._inputs: dict[tuple[str, str], InputRequest] = {}
@@ -232,18 +234,53 @@ class MemoryStore(Store):
     async def append_event(
         self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
     ) -> Event:
-        log = self._events.setdefault((tenant_id, session_id), [])
-        event = Event(tenant_id, session_id, len(log) + 1, time, detach(payload))
+        key = (tenant_id, session_id)
+        log = self._events.setdefault(key, [])
+        event = Event(tenant_id, session_id, self._trimmed.get(key, 0) + len(log) + 1, time, detach(payload))
         log.append(event)
         return event
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
     ) -> Sequence[Event]:
-        log = self._events.get((tenant_id, session_id), [])
-        # Sequence n sits at index n - 1, so slicing is the lookup.
-        start = max(after_sequence, 0)
+        key = (tenant_id, session_id)
+        log = self._events.get(key, [])
+        # Sequence n sits at index n - 1 - (events trimmed), so slicing is the lookup.
+        start = max(after_sequence - self._trimmed.get(key, 0), 0)
         return detach(log[start : start + limit])
+
+    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
+        key = (tenant_id, session_id)
+        log = self._events.get(key)
+        if log is None:
+            return
+        trimmed = self._trimmed.get(key, 0)
+        drop = min(through_sequence - trimmed, len(log))
+        if drop > 0:
+            del log[:drop]
+            self._trimmed[key] = trimmed + drop
+
+    async def purge_closed_sessions(self, *, closed_before: float, limit: int) -> int:
+        due = [
+            key
+            for key, s in self._sessions.items()
+            if s.status is SessionStatus.CLOSED and s.closed_at is not None and s.closed_at < closed_before
+        ][: max(limit, 0)]
+        if not due:
+            return 0
+        gone = set(due)
+        for key in due:
+            del self._sessions[key]
+            self._events.pop(key, None)
+            self._trimmed.pop(key, None)
+        # One pass over the messages and requests: a sweep that finds something to purge is
+        # rare (once a sweep interval), and per-session indexes would cost every write.
+        for message_key in [k for k in self._messages if (k[0], k[1]) in gone]:
+            del self._messages[message_key]
+        for input_key, r in list(self._inputs.items()):
+            if (r.tenant_id, r.session_id) in gone:
+                del self._inputs[input_key]
+        return len(due)
 
 
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)

@@ -455,6 +455,33 @@ class SqliteStore(Store):
             ]
         )
 
+    # Retention
+
+    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
+        def trim(conn: sqlite3.Connection) -> None:
+            # The newest event always stays: the next sequence number is read from it.
+            conn.execute(
+                "DELETE FROM events WHERE tenant_id = ? AND session_id = ? AND sequence <= ? "
+                "AND sequence < (SELECT MAX(sequence) FROM events WHERE tenant_id = ? AND session_id = ?)",
+                (tenant_id, session_id, through_sequence, tenant_id, session_id),
+            )
+
+        await self._write(trim)
+
+    async def purge_closed_sessions(self, *, closed_before: float, limit: int) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            # The expression matches the partial index of schema v3 (sessions_closed).
+            due = conn.execute(
+                "SELECT tenant_id, session_id FROM sessions WHERE status = 'closed' "
+                "AND json_extract(record, '$.closed_at') < ? LIMIT ?",
+                (closed_before, max(limit, 0)),
+            ).fetchall()
+            for table in ("events", "inputs", "messages", "sessions"):
+                conn.executemany(f"DELETE FROM {table} WHERE tenant_id = ? AND session_id = ?", due)
+            return len(due)
+
+        return await self._write(purge)
+
     # The versioned insert/get/replace shared by every record kind
 
     async def _insert(self, kind: _Kind[R], record: R, exists: AlreadyExists) -> R:

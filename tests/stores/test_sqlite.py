@@ -6,6 +6,7 @@ Behaviour common to every store is in ``test_contract.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import os
@@ -740,4 +741,14 @@ async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
         await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0"})
         assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0"}
-    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 2
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 3
+    # v3: the retention sweep finds closed sessions by an index, not a scan of every session.
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_CLOSED_SQL}"))
+    assert "sessions_closed" in plan
+
+
+_CLOSED_SQL = (
+    "SELECT tenant_id, session_id FROM sessions WHERE status = 'closed' "
+    "AND json_extract(record, '$.closed_at') < 1 LIMIT 10"
+)

@@ -1,0 +1,101 @@
+"""The store contract for retention: trimmed event logs and purged closed sessions.
+
+Runs on every implementation through the contract suite's ``store`` fixture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from svantic_grpc.core.events import StatusChanged
+from svantic_grpc.core.inputs.model import InputKind, InputRequest, ToolCall
+from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.stores import Store
+from tests.stores.test_contract import T0, make_message, make_session, store
+
+__all__ = ["store"]  # the fixture, shared with the contract suite
+
+
+async def _append(store: Store, session_id: str, count: int) -> None:
+    for _ in range(count):
+        await store.append_event(
+            tenant_id="acme",
+            session_id=session_id,
+            time=T0,
+            payload=StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED),
+        )
+
+
+async def _sequences(store: Store, session_id: str, after: int = 0) -> list[int]:
+    events = await store.list_events(tenant_id="acme", session_id=session_id, after_sequence=after)
+    return [e.sequence for e in events]
+
+
+async def test_trimmed_events_are_gone_and_numbering_continues(store: Store) -> None:
+    await _append(store, "s1", 10)
+    await _append(store, "s2", 3)
+    await store.trim_events(tenant_id="acme", session_id="s1", through_sequence=6)
+    assert await _sequences(store, "s1") == [7, 8, 9, 10]
+    assert await _sequences(store, "s1", after=2) == [7, 8, 9, 10]
+    assert await _sequences(store, "s1", after=8) == [9, 10]
+    await _append(store, "s1", 2)
+    assert await _sequences(store, "s1") == [7, 8, 9, 10, 11, 12]
+    assert await _sequences(store, "s2") == [1, 2, 3]  # another session keeps its log
+
+
+async def test_trimming_again_or_beyond_the_log_keeps_numbering(store: Store) -> None:
+    await _append(store, "s1", 5)
+    await store.trim_events(tenant_id="acme", session_id="s1", through_sequence=2)
+    await store.trim_events(tenant_id="acme", session_id="s1", through_sequence=1)  # already gone
+    assert await _sequences(store, "s1") == [3, 4, 5]
+    await store.trim_events(tenant_id="acme", session_id="s1", through_sequence=99)
+    await _append(store, "s1", 1)
+    assert (await _sequences(store, "s1"))[-1] == 6
+    await store.trim_events(tenant_id="acme", session_id="nope", through_sequence=5)  # no log: no-op
+
+
+async def test_purge_takes_closed_sessions_with_their_messages_requests_and_events(store: Store) -> None:
+    for session_id, closed_at in (("old", T0 + 10), ("recent", T0 + 100)):
+        created = await store.create_session(make_session(session_id))
+        await store.update_session(replace(created, status=SessionStatus.CLOSED, closed_at=closed_at))
+        await store.create_message(make_message("m1", session_id=session_id))
+        await store.create_input(
+            InputRequest(
+                "acme",
+                f"r-{session_id}",
+                session_id,
+                "m1",
+                InputKind.TOOL_APPROVAL,
+                T0,
+                T0 + 9,
+                ToolCall("t"),
+            )
+        )
+        await _append(store, session_id, 2)
+    await store.create_session(make_session("open"))
+    await store.create_message(make_message("m1", session_id="open"))
+    await _append(store, "open", 2)
+
+    assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 1
+
+    assert await store.get_session(tenant_id="acme", session_id="old") is None
+    assert await store.get_message(tenant_id="acme", session_id="old", message_id="m1") is None
+    assert await store.get_input(tenant_id="acme", request_id="r-old") is None
+    assert await _sequences(store, "old") == []
+    for kept in ("recent", "open"):
+        assert await store.get_session(tenant_id="acme", session_id=kept) is not None
+        assert await store.get_message(tenant_id="acme", session_id=kept, message_id="m1") is not None
+        assert await _sequences(store, kept) == [1, 2]
+    assert await store.get_input(tenant_id="acme", request_id="r-recent") is not None
+    assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 0
+
+
+async def test_purge_goes_in_batches_of_limit(store: Store) -> None:
+    for n in range(5):
+        created = await store.create_session(make_session(f"s{n}"))
+        await store.update_session(replace(created, status=SessionStatus.CLOSED, closed_at=T0))
+    assert await store.purge_closed_sessions(closed_before=T0 + 1, limit=2) == 2
+    assert await store.purge_closed_sessions(closed_before=T0 + 1, limit=2) == 2
+    assert await store.purge_closed_sessions(closed_before=T0 + 1, limit=2) == 1
+    page = await store.list_sessions(tenant_id="acme")
+    assert page.sessions == ()
