@@ -26,6 +26,11 @@ __all__ = ["EXACT_INT", "JsonTextError", "dumps", "exact_object", "exact_value",
 
 EXACT_INT = 2**53
 """Beyond this a double no longer holds every integer."""
+MAX_DEPTH = 24
+"""Deepest nesting of objects and arrays accepted in JSON text. Whatever is accepted is
+also sent back as a Struct inside events, and Python's protobuf refuses to decode a
+WatchSession event whose data nests 33 levels: 24 leaves room for the wrapping messages.
+Keep it no higher than the nesting limit enforced on Structs at the door."""
 
 
 class JsonTextError(ValueError):
@@ -45,16 +50,19 @@ def loads(text: str) -> Any:
 
     Raises:
         JsonTextError: not JSON, ``NaN``/``Infinity``, a number beyond a double's range,
-            an integer beyond 64 bits, or nested too deep to parse.
+            an integer beyond 64 bits, or nested deeper than ``MAX_DEPTH``.
     """
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
+        value = json.loads(text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
     except JsonTextError:
         raise
     except RecursionError:
-        raise JsonTextError("is nested too deeply") from None
+        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise JsonTextError(f"is not valid JSON ({exc})") from None
+    if _depth(value) > MAX_DEPTH:
+        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def exact_object(struct: struct_pb2.Struct, text: str) -> dict[str, Any]:
@@ -94,6 +102,20 @@ def whole(value: Any) -> Any:
     if isinstance(value, list):
         return [whole(v) for v in value]
     return value
+
+
+def _depth(value: Any) -> int:
+    """Levels of objects and arrays in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:  # deeper is refused anyway: stop walking
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _no_constant(name: str) -> Any:

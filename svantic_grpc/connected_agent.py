@@ -17,6 +17,11 @@ sends its replies::
 The helper acknowledges each dispatch (state ``working``) before calling the
 handler, so the mesh knows it was delivered. A handler that returns without a
 final state completes the message; one that raises fails it with the error.
+
+JSON values keep their types both ways: the helper sends tool arguments and data
+parts as exact JSON text beside their Structs and reads the mesh's ``*_json`` text
+back (``Dispatch.data``, ``ask_form``, ``exact_json`` for ``request_input`` answers),
+so ``{"ids": [1, 2]}`` stays integers and never becomes ``[1.0, 2.0]``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,12 @@ import pytest
 from google.protobuf import json_format
 from grpc import aio
 
-from svantic_grpc.connected_agent import Dispatch, Reply, exact_json
+from svantic_grpc._json import MAX_DEPTH
+from svantic_grpc.api.convert_messages import part_to_pb
+from svantic_grpc.connected_agent import Dispatch, Reply, _answers_in, exact_json
+from svantic_grpc.core.inputs.asks import resolution_json
+from svantic_grpc.core.inputs.model import Form, FormField, InputKind, InputRequest, InputState, Resolution
+from svantic_grpc.core.messages.model import Part
 from svantic_grpc.pb import message_service_pb2, message_types_pb2
 from svantic_grpc.stores import open_store
 from tests._support import running_server
@@ -27,10 +32,12 @@ from tests.adapters.e2e_support import TENANT, TOOL, form_field, surfaces
 from tests.agents_connected import data, eventually, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import (
     HostedInputAgent,
+    close_session,
     error_info,
     hosted_input_agents,
     pending,
     refused,
+    replay,
     resolve,
 )
 
@@ -40,6 +47,11 @@ BIG = 2**63 - 5
 ARGUMENTS = {"ids": [1, 2], "big": BIG, "ratio": 0.5, "flag": True}
 COMPLETED = pb.MESSAGE_STATE_COMPLETED
 INPUT_REQUIRED = pb.MESSAGE_STATE_INPUT_REQUIRED
+
+
+def nested(levels: int, inner: str = "1") -> str:
+    """JSON text: ``inner`` inside ``levels`` objects."""
+    return '{"a": ' * levels + inner + "}" * levels
 
 
 def typed(value: Any) -> str:
@@ -173,6 +185,15 @@ async def test_data_parts_carry_exact_json_both_ways() -> None:
         echoed = done.history[-1].parts[-1]
         assert typed(exact_json(echoed.data, echoed.data_json)) == typed({"echo": {"order": BIG, "qty": 2}})
 
+        # As deep as the text may nest (the session's chat agent answers it), and every
+        # Python client can still read the session's log.
+        deep = pb.Part(data_json=nested(MAX_DEPTH))
+        message = await send(client, session_id, "keep this", deep)
+        assert json.loads(message.parts[1].data_json) == json.loads(nested(MAX_DEPTH))
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        await close_session(client, session_id)
+        assert any(e.HasField("turn_added") for e in await replay(client, session_id))
+
 
 async def test_exact_json_that_is_not_strict_json_is_refused_naming_the_field() -> None:
     async with running_server() as client:
@@ -191,6 +212,7 @@ async def test_exact_json_that_is_not_strict_json_is_refused_naming_the_field() 
             ({"payload_json": '{"n": 18446744073709551616}'}, "resolution.payload_json", "64 bits"),
             ({"payload_json": '{"n": 1e999}'}, "resolution.payload_json", "range"),
             ({"values_json": '{"n": '}, "resolution.values_json", "not valid JSON"),
+            ({"values_json": nested(MAX_DEPTH + 1)}, "resolution.values_json", f"deeper than {MAX_DEPTH}"),
         ]:
             with pytest.raises(aio.AioRpcError) as excinfo:
                 await resolve_with(**fields)
@@ -219,3 +241,29 @@ async def test_a_hosted_agents_whole_numbers_arrive_as_integers() -> None:
         assert message.state == INPUT_REQUIRED, message.state_reason
         [listed] = (await pending(client, session_id)).requests
         assert listed.tool_call.arguments_json == '{"ids":[1,2]}'
+
+
+async def test_an_answer_carried_in_a_resumed_dispatch_reaches_the_handler_with_integers() -> None:
+    # After a restart the answer travels in the dispatch as an ``input_resolution`` data part
+    # (core/agents/executor.py); the helper hands it to the handler's ``ask_form``.
+    answered = InputRequest(
+        tenant_id=TENANT,
+        request_id="inp_1",
+        session_id="s1",
+        message_id="m1",
+        kind=InputKind.FORM,
+        created_at=0.0,
+        expires_at=1.0,
+        form=Form("Batch", fields=(FormField("count", "number"), FormField("ref", "number"))),
+        state=InputState.RESOLVED,
+        resolution=Resolution(values={"count": 3, "ref": BIG}, resolved_by="ops"),
+    )
+    part = part_to_pb(Part(data={"input_resolution": resolution_json(answered)}))
+    resumed = pb.Message(parts=[pb.Part(text="clean up"), part])
+
+    async def never_sent(update: Any) -> None:
+        raise AssertionError("the handler asked again instead of using the carried answer")
+
+    reply = Reply("dsp_1", never_sent, prefilled=_answers_in(resumed))
+    values = await reply.ask_form("Batch", [form_field("count", "How many", "number")])
+    assert typed(values) == typed({"count": 3, "ref": BIG})
