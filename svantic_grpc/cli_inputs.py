@@ -30,9 +30,9 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from svantic_grpc import _json
 from svantic_grpc.config import DEV_CLIENT_ID
 from svantic_grpc.pb import auth_service_pb2, message_service_pb2, message_types_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
@@ -186,16 +186,15 @@ def _resolution(args: argparse.Namespace) -> message_types_pb2.Resolution:
         return message_types_pb2.Resolution(decision=message_types_pb2.DECISION_DENY, reason=args.deny)
     if args.values is not None:
         try:
-            values = json.loads(args.values)
-        except json.JSONDecodeError as exc:
-            raise _UsageError(
-                f'--values is not valid JSON ({exc}); give an object like \'{{"name": "value"}}\''
-            ) from None
+            values = _json.loads(args.values)
+        except _json.JsonTextError as exc:
+            raise _UsageError(f'--values {exc}; give an object like \'{{"name": "value"}}\'') from None
         if not isinstance(values, dict):
             raise _UsageError(
                 f"--values must be a JSON object of field name to value, not {type(values).__name__}"
             )
-        resolution = message_types_pb2.Resolution()
+        # The exact text keeps integers integers; the Struct is for meshes that predate it.
+        resolution = message_types_pb2.Resolution(values_json=_json.dumps(values))
         try:
             resolution.values.update(values)
         except (ValueError, TypeError) as exc:
@@ -298,7 +297,7 @@ def _row(request: message_types_pb2.InputRequest, now: float) -> dict[str, Any]:
         "kind": _KIND.get(request.kind, "unknown"),
         "summary": _summary(request),
         "tool": request.tool_call.tool_name if request.HasField("tool_call") else "",
-        "arguments": _dict(request.tool_call.arguments) if request.HasField("tool_call") else {},
+        "arguments": _arguments(request) if request.HasField("tool_call") else {},
         "policy": request.policy,
         "allowed_decisions": [_DECISION[d] for d in request.allowed_decisions if d in _DECISION],
         "allowed_responders": list(request.allowed_responders),
@@ -349,7 +348,7 @@ def _summary(request: message_types_pb2.InputRequest) -> str:
 
 
 def _args(request: message_types_pb2.InputRequest) -> str:
-    arguments = _dict(request.tool_call.arguments)
+    arguments = _arguments(request)
     if not arguments:
         return ""
     text = json.dumps(arguments, separators=(",", ":"), sort_keys=True)
@@ -367,20 +366,9 @@ def _outcome(request: message_types_pb2.InputRequest) -> str:
     return "form submitted"
 
 
-def _dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain JSON; whole numbers as ints (a Struct holds every number as a double)."""
-    plain: dict[str, Any] = _whole(json_format.MessageToDict(value))
-    return plain
-
-
-def _whole(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole(v) for v in value]
-    return value
+def _arguments(request: message_types_pb2.InputRequest) -> dict[str, Any]:
+    """The tool call's arguments, integers as ints."""
+    return _json.exact_object(request.tool_call.arguments, request.tool_call.arguments_json)
 
 
 def _iso(seconds: float) -> str:

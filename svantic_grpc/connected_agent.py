@@ -17,6 +17,11 @@ sends its replies::
 The helper acknowledges each dispatch (state ``working``) before calling the
 handler, so the mesh knows it was delivered. A handler that returns without a
 final state completes the message; one that raises fails it with the error.
+
+JSON values keep their types both ways: the helper sends tool arguments and data
+parts as exact JSON text beside their Structs and reads the mesh's ``*_json`` text
+back (``Dispatch.data``, ``ask_form``, ``exact_json`` for ``request_input`` answers),
+so ``{"ids": [1, 2]}`` stays integers and never becomes ``[1.0, 2.0]``.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import jwt
 from google.protobuf import json_format
 from grpc import aio
 
+from svantic_grpc import _json
 from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
 from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
 
-__all__ = ["ConnectedAgent", "Dispatch", "Handler", "Reply"]
+__all__ = ["ConnectedAgent", "Dispatch", "Handler", "Reply", "exact_json"]
 
 _log = logging.getLogger(__name__)
 
@@ -59,10 +65,17 @@ class Dispatch:
 
     @property
     def data(self) -> list[dict[str, Any]]:
-        """The message's data parts as dicts."""
+        """The message's data parts as dicts, integers as ints."""
         return [
-            json_format.MessageToDict(p.data) for p in self.message.parts if p.WhichOneof("content") == "data"
+            exact_json(p.data, p.data_json)
+            for p in self.message.parts
+            if p.data_json or p.WhichOneof("content") == "data"
         ]
+
+
+exact_json = _json.exact_object
+"""``exact_json(struct, text)``: a JSON object from the mesh, integers as ints; its exact
+``*_json`` text when set (``resolution.values_json``...), else the Struct."""
 
 
 PartLike = str | dict[str, Any] | message_types_pb2.Part
@@ -77,7 +90,7 @@ def _parts(content: PartLike | Iterable[PartLike]) -> list[message_types_pb2.Par
         elif isinstance(item, str):
             parts.append(message_types_pb2.Part(text=item))
         else:
-            part = message_types_pb2.Part()
+            part = message_types_pb2.Part(data_json=_json.dumps(item))
             part.data.update(item)
             parts.append(part)
     return parts
@@ -145,7 +158,7 @@ class Reply:
         answer = await self.request_input(request, say=question)
         if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
             return None
-        return str(json_format.MessageToDict(answer.resolution.values).get("answer", ""))
+        return str(exact_json(answer.resolution.values, answer.resolution.values_json).get("answer", ""))
 
     async def request_input(
         self, request: message_types_pb2.InputRequest, *, say: PartLike | Iterable[PartLike] | None = None
@@ -175,6 +188,7 @@ class Reply:
             tool_call=message_types_pb2.ToolCall(tool_name=tool_name),
         )
         request.tool_call.arguments.update(arguments or {})
+        request.tool_call.arguments_json = _json.dumps(arguments or {})  # the Struct alone loses ints
         answer = await self.request_input(request)
         return _approved(answer)
 
@@ -189,7 +203,7 @@ class Reply:
         answer = await self.request_input(request)
         if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
             return None
-        return json_format.MessageToDict(answer.resolution.values)
+        return exact_json(answer.resolution.values, answer.resolution.values_json)
 
 
 def _approved(answer: message_types_pb2.InputRequest) -> bool:
@@ -483,7 +497,7 @@ def _answers_in(message: message_types_pb2.Message) -> list[message_types_pb2.In
     for part in message.parts:
         if part.WhichOneof("content") != "data" or "input_resolution" not in part.data:
             continue
-        raw = json_format.MessageToDict(part.data)["input_resolution"]
+        raw = exact_json(part.data, part.data_json)["input_resolution"]
         answer = message_types_pb2.InputRequest(
             request_id=str(raw.get("request_id", "")),
             kind=_KINDS.get(raw.get("kind", ""), message_types_pb2.INPUT_KIND_UNSPECIFIED),
@@ -496,6 +510,8 @@ def _answers_in(message: message_types_pb2.Message) -> list[message_types_pb2.In
         resolution.confirmed = bool(raw.get("confirmed", False))
         resolution.resolved_by = str(raw.get("resolved_by", ""))
         resolution.values.update(raw.get("values") or {})
+        resolution.values_json = _json.dumps(raw.get("values") or {})
         resolution.payload.update(raw.get("payload") or {})
+        resolution.payload_json = _json.dumps(raw.get("payload") or {})
         answers.append(answer)
     return answers

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format, struct_pb2
-
-from svantic_grpc.api._wkt import from_struct, struct, timestamp
+from svantic_grpc.api._wkt import exact_object, exact_value, json_text, struct, timestamp, value
 from svantic_grpc.core.dispatch import InputAsk
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.inputs.model import (
@@ -57,8 +55,10 @@ def resolution_to_pb(resolution: Resolution) -> pb.Resolution:
         else pb.DECISION_UNSPECIFIED,
         reason=resolution.reason,
         values=struct(dict(resolution.values)),
+        values_json=json_text(resolution.values),
         confirmed=resolution.confirmed,
         payload=struct(dict(resolution.payload)),
+        payload_json=json_text(resolution.payload),
         resolved_by=resolution.resolved_by,
         surface=SURFACE[resolution.surface],
         resolved_at=timestamp(resolution.resolved_at or None),
@@ -75,9 +75,9 @@ def resolution_from_pb(resolution: pb.Resolution, field: str = "resolution") -> 
     return Resolution(
         decision=decision,
         reason=resolution.reason,
-        values=from_struct(resolution.values, f"{field}.values"),
+        values=exact_object(resolution.values, resolution.values_json, f"{field}.values"),
         confirmed=resolution.confirmed,
-        payload=from_struct(resolution.payload, f"{field}.payload"),
+        payload=exact_object(resolution.payload, resolution.payload_json, f"{field}.payload"),
     )
 
 
@@ -107,6 +107,7 @@ def request_to_pb(request: InputRequest, *, redact_sensitive: bool = False) -> p
             pb.ToolCall(
                 tool_name=call.tool_name,
                 arguments=struct(dict(call.arguments)),
+                arguments_json=json_text(call.arguments),
                 agent_type=call.agent_type,
                 instance_id=call.instance_id,
             )
@@ -138,14 +139,10 @@ def _form_to_pb(form: Form) -> pb.Form:
             options=f.options,
         )
         if f.default is not None and not f.private:
-            field.default_value.CopyFrom(_value(f.default))
+            field.default_value.CopyFrom(value(f.default))
+            field.default_value_json = json_text(f.default)
         fields.append(field)
     return pb.Form(title=form.title, description=form.description, fields=fields)
-
-
-def _value(value: object) -> struct_pb2.Value:
-    holder = struct({"v": value})
-    return holder.fields["v"]
 
 
 def ask_from_pb(request: pb.InputRequest, field: str = "update.input_request") -> InputAsk:
@@ -155,8 +152,9 @@ def ask_from_pb(request: pb.InputRequest, field: str = "update.input_request") -
         raise InvalidArgument(f"{field}.kind", "set the kind of input the agent needs")
     tool_call = None
     if request.HasField("tool_call"):
-        arguments = from_struct(request.tool_call.arguments, f"{field}.tool_call.arguments")
-        tool_call = ToolCall(request.tool_call.tool_name, arguments)
+        call = request.tool_call
+        arguments = exact_object(call.arguments, call.arguments_json, f"{field}.tool_call.arguments")
+        tool_call = ToolCall(call.tool_name, arguments)
     form = None
     if request.HasField("form"):
         form = Form(
@@ -170,11 +168,13 @@ def ask_from_pb(request: pb.InputRequest, field: str = "update.input_request") -
                     required=f.required,
                     sensitive=f.sensitive,
                     options=tuple(f.options),
-                    default=json_format.MessageToDict(f.default_value)
-                    if f.HasField("default_value")
-                    else None,
+                    default=exact_value(
+                        f.default_value if f.HasField("default_value") else None,
+                        f.default_value_json,
+                        f"{field}.form.fields[{i}].default_value",
+                    ),
                 )
-                for f in request.form.fields
+                for i, f in enumerate(request.form.fields)
             ),
         )
     plan = tuple(PlanItem(s.description, s.agent_type, s.tool_name) for s in request.plan)

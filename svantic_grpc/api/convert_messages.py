@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from svantic_grpc.api._wkt import from_struct, struct, timestamp
+from svantic_grpc.api._wkt import exact_object, json_text, struct, timestamp
 from svantic_grpc.api.convert_inputs import ask_from_pb, request_to_pb
 from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate
 from svantic_grpc.core.errors import InvalidArgument
@@ -55,7 +55,7 @@ def part_to_pb(part: Part) -> pb.Part:
     if part.text is not None:
         return pb.Part(text=part.text)
     if part.data is not None:
-        return pb.Part(data=struct(part.data))
+        return pb.Part(data=struct(part.data), data_json=json_text(part.data))
     file = part.file
     assert file is not None
     if file.data is not None:
@@ -65,10 +65,12 @@ def part_to_pb(part: Part) -> pb.Part:
 
 def part_from_pb(part: pb.Part, field: str) -> Part:
     kind = part.WhichOneof("content")
+    if part.data_json and kind not in (None, "data"):
+        raise InvalidArgument(f"{field}.data_json", f"belongs to a data part, not a {kind} part")
+    if part.data_json or kind == "data":  # the exact text alone makes a data part
+        return Part(data=exact_object(part.data, part.data_json, f"{field}.data"))
     if kind == "text":
         return Part(text=part.text)
-    if kind == "data":
-        return Part(data=from_struct(part.data, f"{field}.data"))
     if kind == "file":
         file = part.file
         which = file.WhichOneof("content")

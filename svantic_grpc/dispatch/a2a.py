@@ -45,6 +45,7 @@ from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
+from svantic_grpc._json import whole
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
@@ -273,7 +274,8 @@ def _parts_from(parts: Any) -> tuple[Part, ...]:
         if kind == "text":
             result.append(Part(text=part.text))
         elif kind == "data":
-            value = json_format.MessageToDict(part.data)
+            # a2a-sdk holds data as a protobuf Value (doubles): whole numbers back to ints
+            value = whole(json_format.MessageToDict(part.data))
             result.append(Part(data=value if isinstance(value, dict) else {"value": value}))
         elif kind == "raw":
             result.append(Part(file=FilePart(part.filename, part.media_type, data=part.raw)))

@@ -27,45 +27,45 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esvantic/v1/message_types.proto\x12\nsvantic.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x08\x46ilePart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x05\x62ytes\x18\x03 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x04 \x01(\tH\x00\x42\t\n\x07\x63ontent\"p\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12$\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x14.svantic.v1.FilePartH\x00\x42\t\n\x07\x63ontent\"\x86\x01\n\x04Turn\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x02 \x03(\x0b\x32\x10.svantic.v1.Part\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"N\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1f\n\x05parts\x18\x03 \x03(\x0b\x32\x10.svantic.v1.Part\"\xb1\x03\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x04 \x03(\x0b\x32\x10.svantic.v1.Part\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x14\n\x0cstate_reason\x18\x06 \x01(\t\x12!\n\x07history\x18\x07 \x03(\x0b\x32\x10.svantic.v1.Turn\x12\'\n\tartifacts\x18\x08 \x03(\x0b\x32\x14.svantic.v1.Artifact\x12\x12\n\nagent_type\x18\t \x01(\t\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x0e\n\x06sender\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11input_request_ids\x18\x0e \x03(\t\"r\n\x08ToolCall\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x9b\x01\n\tFormField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x11\n\tsensitive\x18\x05 \x01(\x08\x12\x0f\n\x07options\x18\x06 \x03(\t\x12-\n\rdefault_value\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\"Q\n\x04\x46orm\x12\r\n\x05title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x15.svantic.v1.FormField\"F\n\x08PlanStep\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\"\x96\x02\n\nResolution\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.svantic.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\'\n\x06values\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tconfirmed\x18\x04 \x01(\x08\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bresolved_by\x18\x06 \x01(\t\x12$\n\x07surface\x18\x07 \x01(\x0e\x32\x13.svantic.v1.Surface\x12/\n\x0bresolved_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x04\n\x0cInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.svantic.v1.InputKind\x12\'\n\ttool_call\x18\x05 \x01(\x0b\x32\x14.svantic.v1.ToolCall\x12\x1e\n\x04\x66orm\x18\x06 \x01(\x0b\x32\x10.svantic.v1.Form\x12\"\n\x04plan\x18\x07 \x03(\x0b\x32\x14.svantic.v1.PlanStep\x12/\n\x11\x61llowed_decisions\x18\x08 \x03(\x0e\x32\x14.svantic.v1.Decision\x12\x1a\n\x12\x61llowed_responders\x18\t \x03(\t\x12%\n\x05state\x18\n \x01(\x0e\x32\x16.svantic.v1.InputState\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nresolution\x18\r \x01(\x0b\x32\x16.svantic.v1.Resolution\x12\x0e\n\x06policy\x18\x0e \x01(\t\x12\x0f\n\x07summary\x18\x0f \x01(\t\x12\x16\n\x0eoutcome_reason\x18\x10 \x01(\t*\xf6\x01\n\x0cMessageState\x12\x1d\n\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATE_SUBMITTED\x10\x01\x12\x19\n\x15MESSAGE_STATE_WORKING\x10\x02\x12 \n\x1cMESSAGE_STATE_INPUT_REQUIRED\x10\x03\x12\x1b\n\x17MESSAGE_STATE_COMPLETED\x10\x04\x12\x18\n\x14MESSAGE_STATE_FAILED\x10\x05\x12\x1a\n\x16MESSAGE_STATE_CANCELED\x10\x06\x12\x1a\n\x16MESSAGE_STATE_REJECTED\x10\x07*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_AGENT\x10\x02*\x95\x01\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18INPUT_KIND_TOOL_APPROVAL\x10\x01\x12\x13\n\x0fINPUT_KIND_FORM\x10\x02\x12\x1b\n\x17INPUT_KIND_CONFIRMATION\x10\x03\x12\x1c\n\x18INPUT_KIND_PLAN_APPROVAL\x10\x04*\x8f\x01\n\nInputState\x12\x1b\n\x17INPUT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13INPUT_STATE_PENDING\x10\x01\x12\x18\n\x14INPUT_STATE_RESOLVED\x10\x02\x12\x17\n\x13INPUT_STATE_EXPIRED\x10\x03\x12\x18\n\x14INPUT_STATE_CANCELED\x10\x04*\x8c\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12 \n\x1c\x44\x45\x43ISION_APPROVE_FOR_SESSION\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_APPROVE_ALWAYS\x10\x03\x12\x11\n\rDECISION_DENY\x10\x04*n\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSURFACE_GRPC\x10\x01\x12\x11\n\rSURFACE_SLACK\x10\x02\x12\x13\n\x0fSURFACE_WEBHOOK\x10\x03\x12\x10\n\x0cSURFACE_CHAT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esvantic/v1/message_types.proto\x12\nsvantic.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x08\x46ilePart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0f\n\x05\x62ytes\x18\x03 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x04 \x01(\tH\x00\x42\t\n\x07\x63ontent\"\x83\x01\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12$\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x14.svantic.v1.FilePartH\x00\x12\x11\n\tdata_json\x18\x04 \x01(\tB\t\n\x07\x63ontent\"\x86\x01\n\x04Turn\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x02 \x03(\x0b\x32\x10.svantic.v1.Part\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"N\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1f\n\x05parts\x18\x03 \x03(\x0b\x32\x10.svantic.v1.Part\"\xb1\x03\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x04 \x03(\x0b\x32\x10.svantic.v1.Part\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x14\n\x0cstate_reason\x18\x06 \x01(\t\x12!\n\x07history\x18\x07 \x03(\x0b\x32\x10.svantic.v1.Turn\x12\'\n\tartifacts\x18\x08 \x03(\x0b\x32\x14.svantic.v1.Artifact\x12\x12\n\nagent_type\x18\t \x01(\t\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x0e\n\x06sender\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11input_request_ids\x18\x0e \x03(\t\"\x8a\x01\n\x08ToolCall\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x05 \x01(\t\"\xb7\x01\n\tFormField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x11\n\tsensitive\x18\x05 \x01(\x08\x12\x0f\n\x07options\x18\x06 \x03(\t\x12-\n\rdefault_value\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1a\n\x12\x64\x65\x66\x61ult_value_json\x18\x08 \x01(\t\"Q\n\x04\x46orm\x12\r\n\x05title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x15.svantic.v1.FormField\"F\n\x08PlanStep\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\"\xc1\x02\n\nResolution\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.svantic.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\'\n\x06values\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tconfirmed\x18\x04 \x01(\x08\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bresolved_by\x18\x06 \x01(\t\x12$\n\x07surface\x18\x07 \x01(\x0e\x32\x13.svantic.v1.Surface\x12/\n\x0bresolved_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bvalues_json\x18\t \x01(\t\x12\x14\n\x0cpayload_json\x18\n \x01(\t\"\x95\x04\n\x0cInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.svantic.v1.InputKind\x12\'\n\ttool_call\x18\x05 \x01(\x0b\x32\x14.svantic.v1.ToolCall\x12\x1e\n\x04\x66orm\x18\x06 \x01(\x0b\x32\x10.svantic.v1.Form\x12\"\n\x04plan\x18\x07 \x03(\x0b\x32\x14.svantic.v1.PlanStep\x12/\n\x11\x61llowed_decisions\x18\x08 \x03(\x0e\x32\x14.svantic.v1.Decision\x12\x1a\n\x12\x61llowed_responders\x18\t \x03(\t\x12%\n\x05state\x18\n \x01(\x0e\x32\x16.svantic.v1.InputState\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nresolution\x18\r \x01(\x0b\x32\x16.svantic.v1.Resolution\x12\x0e\n\x06policy\x18\x0e \x01(\t\x12\x0f\n\x07summary\x18\x0f \x01(\t\x12\x16\n\x0eoutcome_reason\x18\x10 \x01(\t*\xf6\x01\n\x0cMessageState\x12\x1d\n\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATE_SUBMITTED\x10\x01\x12\x19\n\x15MESSAGE_STATE_WORKING\x10\x02\x12 \n\x1cMESSAGE_STATE_INPUT_REQUIRED\x10\x03\x12\x1b\n\x17MESSAGE_STATE_COMPLETED\x10\x04\x12\x18\n\x14MESSAGE_STATE_FAILED\x10\x05\x12\x1a\n\x16MESSAGE_STATE_CANCELED\x10\x06\x12\x1a\n\x16MESSAGE_STATE_REJECTED\x10\x07*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_AGENT\x10\x02*\x95\x01\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18INPUT_KIND_TOOL_APPROVAL\x10\x01\x12\x13\n\x0fINPUT_KIND_FORM\x10\x02\x12\x1b\n\x17INPUT_KIND_CONFIRMATION\x10\x03\x12\x1c\n\x18INPUT_KIND_PLAN_APPROVAL\x10\x04*\x8f\x01\n\nInputState\x12\x1b\n\x17INPUT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13INPUT_STATE_PENDING\x10\x01\x12\x18\n\x14INPUT_STATE_RESOLVED\x10\x02\x12\x17\n\x13INPUT_STATE_EXPIRED\x10\x03\x12\x18\n\x14INPUT_STATE_CANCELED\x10\x04*\x8c\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12 \n\x1c\x44\x45\x43ISION_APPROVE_FOR_SESSION\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_APPROVE_ALWAYS\x10\x03\x12\x11\n\rDECISION_DENY\x10\x04*n\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSURFACE_GRPC\x10\x01\x12\x11\n\rSURFACE_SLACK\x10\x02\x12\x13\n\x0fSURFACE_WEBHOOK\x10\x03\x12\x10\n\x0cSURFACE_CHAT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'svantic.v1.message_types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGESTATE']._serialized_start=2212
-  _globals['_MESSAGESTATE']._serialized_end=2458
-  _globals['_ROLE']._serialized_start=2460
-  _globals['_ROLE']._serialized_end=2519
-  _globals['_INPUTKIND']._serialized_start=2522
-  _globals['_INPUTKIND']._serialized_end=2671
-  _globals['_INPUTSTATE']._serialized_start=2674
-  _globals['_INPUTSTATE']._serialized_end=2817
-  _globals['_DECISION']._serialized_start=2820
-  _globals['_DECISION']._serialized_end=2960
-  _globals['_SURFACE']._serialized_start=2962
-  _globals['_SURFACE']._serialized_end=3072
+  _globals['_MESSAGESTATE']._serialized_start=2328
+  _globals['_MESSAGESTATE']._serialized_end=2574
+  _globals['_ROLE']._serialized_start=2576
+  _globals['_ROLE']._serialized_end=2635
+  _globals['_INPUTKIND']._serialized_start=2638
+  _globals['_INPUTKIND']._serialized_end=2787
+  _globals['_INPUTSTATE']._serialized_start=2790
+  _globals['_INPUTSTATE']._serialized_end=2933
+  _globals['_DECISION']._serialized_start=2936
+  _globals['_DECISION']._serialized_end=3076
+  _globals['_SURFACE']._serialized_start=3078
+  _globals['_SURFACE']._serialized_end=3188
   _globals['_FILEPART']._serialized_start=109
   _globals['_FILEPART']._serialized_end=196
-  _globals['_PART']._serialized_start=198
-  _globals['_PART']._serialized_end=310
-  _globals['_TURN']._serialized_start=313
-  _globals['_TURN']._serialized_end=447
-  _globals['_ARTIFACT']._serialized_start=449
-  _globals['_ARTIFACT']._serialized_end=527
-  _globals['_MESSAGE']._serialized_start=530
-  _globals['_MESSAGE']._serialized_end=963
-  _globals['_TOOLCALL']._serialized_start=965
-  _globals['_TOOLCALL']._serialized_end=1079
-  _globals['_FORMFIELD']._serialized_start=1082
-  _globals['_FORMFIELD']._serialized_end=1237
-  _globals['_FORM']._serialized_start=1239
-  _globals['_FORM']._serialized_end=1320
-  _globals['_PLANSTEP']._serialized_start=1322
-  _globals['_PLANSTEP']._serialized_end=1392
-  _globals['_RESOLUTION']._serialized_start=1395
-  _globals['_RESOLUTION']._serialized_end=1673
-  _globals['_INPUTREQUEST']._serialized_start=1676
-  _globals['_INPUTREQUEST']._serialized_end=2209
+  _globals['_PART']._serialized_start=199
+  _globals['_PART']._serialized_end=330
+  _globals['_TURN']._serialized_start=333
+  _globals['_TURN']._serialized_end=467
+  _globals['_ARTIFACT']._serialized_start=469
+  _globals['_ARTIFACT']._serialized_end=547
+  _globals['_MESSAGE']._serialized_start=550
+  _globals['_MESSAGE']._serialized_end=983
+  _globals['_TOOLCALL']._serialized_start=986
+  _globals['_TOOLCALL']._serialized_end=1124
+  _globals['_FORMFIELD']._serialized_start=1127
+  _globals['_FORMFIELD']._serialized_end=1310
+  _globals['_FORM']._serialized_start=1312
+  _globals['_FORM']._serialized_end=1393
+  _globals['_PLANSTEP']._serialized_start=1395
+  _globals['_PLANSTEP']._serialized_end=1465
+  _globals['_RESOLUTION']._serialized_start=1468
+  _globals['_RESOLUTION']._serialized_end=1789
+  _globals['_INPUTREQUEST']._serialized_start=1792
+  _globals['_INPUTREQUEST']._serialized_end=2325
 # @@protoc_insertion_point(module_scope)

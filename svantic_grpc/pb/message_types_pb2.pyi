@@ -105,14 +105,16 @@ class FilePart(_message.Message):
     def __init__(self, name: _Optional[str] = ..., media_type: _Optional[str] = ..., bytes: _Optional[bytes] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("text", "data", "file")
+    __slots__ = ("text", "data", "file", "data_json")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
     text: str
     data: _struct_pb2.Struct
     file: FilePart
-    def __init__(self, text: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., file: _Optional[_Union[FilePart, _Mapping]] = ...) -> None: ...
+    data_json: str
+    def __init__(self, text: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., file: _Optional[_Union[FilePart, _Mapping]] = ..., data_json: _Optional[str] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("role", "parts", "time", "instance_id")
@@ -169,19 +171,21 @@ class Message(_message.Message):
     def __init__(self, message_id: _Optional[str] = ..., session_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ..., state: _Optional[_Union[MessageState, str]] = ..., state_reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., agent_type: _Optional[str] = ..., instance_id: _Optional[str] = ..., sender: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ToolCall(_message.Message):
-    __slots__ = ("tool_name", "arguments", "agent_type", "instance_id")
+    __slots__ = ("tool_name", "arguments", "agent_type", "instance_id", "arguments_json")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     AGENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     arguments: _struct_pb2.Struct
     agent_type: str
     instance_id: str
-    def __init__(self, tool_name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., agent_type: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    arguments_json: str
+    def __init__(self, tool_name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., agent_type: _Optional[str] = ..., instance_id: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
 
 class FormField(_message.Message):
-    __slots__ = ("name", "label", "type", "required", "sensitive", "options", "default_value")
+    __slots__ = ("name", "label", "type", "required", "sensitive", "options", "default_value", "default_value_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +193,7 @@ class FormField(_message.Message):
     SENSITIVE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     label: str
     type: str
@@ -196,7 +201,8 @@ class FormField(_message.Message):
     sensitive: bool
     options: _containers.RepeatedScalarFieldContainer[str]
     default_value: _struct_pb2.Value
-    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., sensitive: _Optional[bool] = ..., options: _Optional[_Iterable[str]] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    default_value_json: str
+    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., sensitive: _Optional[bool] = ..., options: _Optional[_Iterable[str]] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., default_value_json: _Optional[str] = ...) -> None: ...
 
 class Form(_message.Message):
     __slots__ = ("title", "description", "fields")
@@ -219,7 +225,7 @@ class PlanStep(_message.Message):
     def __init__(self, description: _Optional[str] = ..., agent_type: _Optional[str] = ..., tool_name: _Optional[str] = ...) -> None: ...
 
 class Resolution(_message.Message):
-    __slots__ = ("decision", "reason", "values", "confirmed", "payload", "resolved_by", "surface", "resolved_at")
+    __slots__ = ("decision", "reason", "values", "confirmed", "payload", "resolved_by", "surface", "resolved_at", "values_json", "payload_json")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +234,8 @@ class Resolution(_message.Message):
     RESOLVED_BY_FIELD_NUMBER: _ClassVar[int]
     SURFACE_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_AT_FIELD_NUMBER: _ClassVar[int]
+    VALUES_JSON_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: str
     values: _struct_pb2.Struct
@@ -236,7 +244,9 @@ class Resolution(_message.Message):
     resolved_by: str
     surface: Surface
     resolved_at: _timestamp_pb2.Timestamp
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., confirmed: _Optional[bool] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., resolved_by: _Optional[str] = ..., surface: _Optional[_Union[Surface, str]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    values_json: str
+    payload_json: str
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., confirmed: _Optional[bool] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., resolved_by: _Optional[str] = ..., surface: _Optional[_Union[Surface, str]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., values_json: _Optional[str] = ..., payload_json: _Optional[str] = ...) -> None: ...
 
 class InputRequest(_message.Message):
     __slots__ = ("request_id", "session_id", "message_id", "kind", "tool_call", "form", "plan", "allowed_decisions", "allowed_responders", "state", "created_at", "expires_at", "resolution", "policy", "summary", "outcome_reason")

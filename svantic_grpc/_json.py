@@ -1,0 +1,136 @@
+"""Exact JSON for the contract: text that keeps integers integers, and the rule for Structs.
+
+``google.protobuf.Struct`` holds every number as a double, so ``[1, 2]`` reads back as
+``[1.0, 2.0]`` and an id above 2**53 loses digits. The contract therefore carries JSON
+values twice: the Struct (for clients that like it) and the exact JSON text beside it
+(``ToolCall.arguments_json``, ``Resolution.values_json`` and ``payload_json``,
+``FormField.default_value_json``, ``Part.data_json``). The mesh fills both on output;
+on input the text wins when set, and a Struct alone is read with :func:`whole`: a
+finite, whole-valued double within ±2**53 is the integer a JSON, JS or Go client meant.
+
+Integers must fit in 64 bits (what every common JSON library and the stores write), and
+``NaN``/``Infinity`` are not JSON. Used by the servicers, the connected-agent helper, the
+CLI and the A2A transport alike: one rule everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+from google.protobuf import json_format, struct_pb2
+
+__all__ = ["EXACT_INT", "JsonTextError", "dumps", "exact_object", "exact_value", "loads", "whole"]
+
+EXACT_INT = 2**53
+"""Beyond this a double no longer holds every integer."""
+MAX_DEPTH = 24
+"""Deepest nesting of objects and arrays accepted in JSON text. Whatever is accepted is
+also sent back as a Struct inside events, and Python's protobuf refuses to decode a
+WatchSession event whose data nests 33 levels: 24 leaves room for the wrapping messages.
+Keep it no higher than the nesting limit enforced on Structs at the door."""
+
+
+class JsonTextError(ValueError):
+    """The text is not strict JSON (the message says why, for a person)."""
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text for ``value``, keys in their order."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits (orjson cannot write it; json can)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(text: str) -> Any:
+    """The value of strict JSON ``text``.
+
+    Raises:
+        JsonTextError: not JSON, ``NaN``/``Infinity``, a number beyond a double's range,
+            an integer beyond 64 bits, or nested deeper than ``MAX_DEPTH``.
+    """
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
+    except JsonTextError:
+        raise
+    except RecursionError:
+        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise JsonTextError(f"is not valid JSON ({exc})") from None
+    if _depth(value) > MAX_DEPTH:
+        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def exact_object(struct: struct_pb2.Struct, text: str) -> dict[str, Any]:
+    """The JSON object carried as ``text`` when set, else as ``struct`` (read with :func:`whole`).
+
+    Raises:
+        JsonTextError: ``text`` is not strict JSON, or not an object.
+        ValueError: the Struct holds a number JSON cannot (NaN, an infinity).
+    """
+    value = exact_value(struct, text)
+    if not isinstance(value, dict):
+        raise JsonTextError("must be a JSON object")
+    return value
+
+
+def exact_value(message: struct_pb2.Struct | struct_pb2.Value | None, text: str) -> Any:
+    """Any JSON value carried as ``text`` when set, else as ``message`` (``None`` if neither).
+
+    Raises:
+        JsonTextError: ``text`` is not strict JSON.
+        ValueError: the message holds a number JSON cannot (NaN, an infinity).
+    """
+    if text:
+        return loads(text)
+    return None if message is None else whole(json_format.MessageToDict(message))
+
+
+def whole(value: Any) -> Any:
+    """``value`` (JSON-like, as read from a Struct) with whole-valued doubles within ±2**53
+    as ints; other values unchanged."""
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) <= EXACT_INT:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {k: whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole(v) for v in value]
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Levels of objects and arrays in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:  # deeper is refused anyway: stop walking
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonTextError(f"holds {name}, which is not a JSON number")
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise JsonTextError(f"holds the integer {text[:40]}, which does not fit in 64 bits")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonTextError(f"holds the number {text[:40]}, beyond a double's range")
+    return value
