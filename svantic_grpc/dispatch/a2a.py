@@ -8,7 +8,8 @@ goes back on the same task as ``{"input_resolution": {...}}``.
 Each dispatch streams (``message/stream``), so progress, turns and artifacts
 reach the session as they happen. The A2A context id is the session id, so an
 agent shared by many sessions keeps their conversations apart. The dispatch
-token travels as ``Authorization: Bearer <token>``.
+token travels as ``Authorization: Bearer <token>``, signed afresh for each call (the
+answer to a human's question may come long after the first token expired).
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ class A2ATransport:
         if job.resume_task_id and job.answer is not None:
             task_id = job.resume_task_id  # the agent still waits on its task: answer it there
             message = _answer_message(job, task_id, job.answer)
-        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
         delivered = False
         ended = False
         try:
             while True:  # one A2A call per turn: the first, then one per human answer
                 answer: InputRequest | None = None
+                # A fresh token per call: an answer may come long after the first token expired.
+                context = _signed(job)
                 call = client.send_message(SendMessageRequest(message=message), context=context)
                 async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
@@ -156,7 +158,7 @@ class A2ATransport:
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
             if task_id and not ended:
-                await _cancel_quietly(client, task_id, context)
+                await _cancel_quietly(client, task_id, _signed(job))
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
 
@@ -166,6 +168,11 @@ class A2ATransport:
             with contextlib.suppress(Exception):
                 await client.close()
         await self._http.aclose()
+
+
+def _signed(job: DispatchJob) -> ClientCallContext:
+    """Call context carrying a dispatch token signed now, so it is valid when the call goes out."""
+    return ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
 
 
 def _never_sent(cause: BaseException | None) -> bool:
