@@ -42,7 +42,7 @@ from a2a.types import (
 from a2a.types import Message as A2AMessage
 from a2a.types import Part as A2APart
 from a2a.types import Role as A2ARole
-from a2a.utils.constants import TransportProtocol
+from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
 from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
@@ -50,6 +50,7 @@ from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpda
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
+from svantic_grpc.core.models import AgentRegistration
 
 __all__ = ["A2ATransport"]
 
@@ -75,9 +76,13 @@ class A2ATransport:
         connect_timeout_s: How long to wait for a connection (a refused or
             silent agent is then "not delivered" and may fail over).
         read_timeout_s: Longest silence on a stream before giving up.
+        probe_timeout_s: How long a liveness probe (``probe``) may take in all.
     """
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0, probe_timeout_s: float = 5.0
+    ) -> None:
+        self._probe_timeout = httpx.Timeout(probe_timeout_s)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -161,6 +166,16 @@ class A2ATransport:
                 await _cancel_quietly(client, task_id, _signed(job))
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
+
+    async def probe(self, agent: AgentRegistration) -> None:
+        """GET the agent's card: a light sign of life from an agent that cannot heartbeat.
+
+        Raises:
+            httpx.HTTPError: the agent did not answer, or not with its card.
+        """
+        url = f"{agent.url.rstrip('/')}/{AGENT_CARD_WELL_KNOWN_PATH.lstrip('/')}"
+        response = await self._http.get(url, timeout=self._probe_timeout)
+        response.raise_for_status()
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
