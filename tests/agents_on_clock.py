@@ -10,6 +10,7 @@ issue time with a little leeway), with the test's clock as the time of day.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,11 +77,16 @@ class OnClock:
 
 @contextlib.asynccontextmanager
 async def hosted_on_clock(
-    channel: aio.Channel, clock: ManualClock, *specs: HostedAgent | HostedInputAgent
+    channel: aio.Channel, clock: ManualClock, *specs: HostedAgent | HostedInputAgent, port: int = 0
 ) -> AsyncIterator[OnClock]:
-    """Serve ``specs`` (JSON-RPC) on one loopback port until the block ends."""
+    """Serve ``specs`` (JSON-RPC) on one loopback port (``port``, or a free one) until the block ends."""
     served = OnClock(KeysOnClock(channel, clock))
     sock = _listening_socket()
+    if port:  # the same agents again where they were (e.g. across a restart of the mesh)
+        sock.close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     for spec in specs:
         url = f"{base}/{spec.instance_id}"

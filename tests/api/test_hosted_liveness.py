@@ -9,13 +9,15 @@ routable, and when idle a probe of its agent card does. The clock is injected
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.liveness import HostedLiveness
 from svantic_grpc.pb import agent_types_pb2, message_types_pb2
 from tests._support import Client, running_server
 from tests.agents_a2a import HostedAgent
-from tests.agents_connected import WAIT, data, get_agent, new_session, send
+from tests.agents_connected import WAIT, data, eventually, get_agent, new_session, send
 from tests.agents_on_clock import hosted_on_clock
 
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
@@ -93,3 +95,32 @@ async def test_a_hosted_agent_whose_server_is_gone_becomes_unhealthy() -> None:
         message = await echo_in_new_session(client, "anyone?")
         assert message.state == FAILED
         assert "no available instance" in message.state_reason and "1 unhealthy" in message.state_reason
+
+
+async def test_after_a_restart_idle_hosted_agents_are_probed_and_stay_routable(tmp_path: Path) -> None:
+    clock = ManualClock(start=time.time())
+    store = f"sqlite:///{tmp_path / 'mesh.db'}"
+    async with (
+        running_server(clock=clock, store=store) as client,
+        hosted_on_clock(client.channel, clock, HostedAgent("echo", "echo-h")) as hosted,
+    ):
+        registration = hosted.echo("echo-h").registration()
+        await client.registry.RegisterAgent(registration, metadata=await client.md(), timeout=WAIT)
+    clock.advance(TIMEOUT_S - 10)  # the server was down a while; the agent kept running
+    async with (
+        running_server(clock=clock, store=store) as client,
+        hosted_on_clock(
+            client.channel, clock, HostedAgent("echo", "echo-h"), port=urlparse(registration.url).port or 0
+        ),
+    ):
+        # Found in the store at start-up, and probed at once (it was idle long enough).
+        async def probed_once() -> bool:  # whether it answered depends on who started first
+            answered = client.server.mesh.registry.seen_at("acme", "echo-h") > 0
+            failed = (await get_agent(client, "echo-h")).connection.last_error.startswith("probe: ")
+            return (answered or failed) and len(liveness(client)) == 1
+
+        await eventually(probed_once)
+        clock.advance(TIMEOUT_S / 3 + 1)  # now past the timeout counted from its registration
+        assert await liveness(client).run_once() == 1
+        message = await echo_in_new_session(client, "back?")
+        assert message.state == COMPLETED, message.state_reason
