@@ -129,8 +129,6 @@ class HostedLiveness:
         try:
             async with self._slots:
                 await self._probe(agent)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the agent did not answer: it is left to turn unhealthy
             _log.debug("probe of hosted agent %s/%s failed: %s", *key, exc)
             self._registry.probe_failed(*key, str(exc) or type(exc).__name__)
