@@ -82,6 +82,10 @@ class MeshServer:
             raise SettingsError(f"store: {exc}") from None
         env = os.environ if env is None else env
         dispatch = settings.dispatch
+        hosted = A2ATransport(
+            connect_timeout_s=dispatch.connect_timeout_ms / 1000,
+            read_timeout_s=dispatch.timeout_ms / 1000,
+        )
         try:
             self.mesh = Mesh(
                 store=store,
@@ -111,10 +115,8 @@ class MeshServer:
                 ),
                 clock=clock,
                 ids=ids,
-                hosted=A2ATransport(
-                    connect_timeout_s=dispatch.connect_timeout_ms / 1000,
-                    read_timeout_s=dispatch.timeout_ms / 1000,
-                ),
+                hosted=hosted,
+                probe=hosted.probe,
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None

@@ -141,13 +141,14 @@ class ConnectedAgents:
                     raise NotDelivered(
                         f"the agent's stream dropped before it took the dispatch ({item.reason})"
                     )
+                # Mark the end before yielding: the caller stops reading (and closes this
+                # generator) at a final update, and a finished dispatch must not be cancelled.
+                finished = item.state is not None and item.state not in _GOING_ON
                 answer = yield item
+                if finished:
+                    return
                 if answer is not None:  # a human answered what the agent asked: pass it on
                     connection.outbox.put_nowait(Outbound(job.dispatch_id, answer=answer))
-                    continue
-                if item.state is not None and item.state not in _GOING_ON:
-                    finished = True
-                    return
         finally:
             connection.pending.pop(job.dispatch_id, None)
             connection.jobs.pop(job.dispatch_id, None)

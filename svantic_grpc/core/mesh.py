@@ -17,6 +17,7 @@ from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.inputs.policies import Policy, PolicyEngine
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
+from svantic_grpc.core.liveness import HostedLiveness, Probe
 from svantic_grpc.core.messages.service import Messages
 from svantic_grpc.core.models import DeploymentMode
 from svantic_grpc.core.registry import Registry
@@ -61,6 +62,8 @@ class Mesh:
     Args:
         hosted: The transport to hosted (A2A) agents; the composition root
             supplies it so the core does not depend on the A2A client.
+        probe: Checks that a hosted agent answers (the hosted transport's card
+            probe); with it, idle hosted agents are probed to keep them routable.
     """
 
     def __init__(
@@ -73,7 +76,10 @@ class Mesh:
         clock: Clock | None = None,
         ids: IdGenerator | None = None,
         hosted: Transport | None = None,
+        probe: Probe | None = None,
     ) -> None:
+        credentials = tuple(credentials)
+        self._tenant_ids = frozenset(c.tenant_id for c in credentials)
         self.clock = clock or SystemClock()
         self.ids = ids or UuidGenerator()
         self.store = store
@@ -104,6 +110,18 @@ class Mesh:
         )
         self.connections = ConnectedAgents(registry=self.registry, clock=self.clock)
         self.registry.is_live = self.connections.is_connected
+        self.liveness: HostedLiveness | None = None
+        """Probes idle hosted agents (they cannot heartbeat); ``None`` without a ``probe``."""
+        if probe is not None:
+            self.liveness = HostedLiveness(
+                registry=self.registry,
+                store=store,
+                clock=self.clock,
+                probe=probe,
+                # Three probes fit in the timeout: one failure alone does not make an agent unhealthy.
+                idle_s=options.heartbeat_timeout_s / 3,
+            )
+            self.registry.on_registered = self.liveness.track
         transports: dict[DeploymentMode, Transport] = {DeploymentMode.CONNECTED: self.connections}
         if hosted is not None:
             transports[DeploymentMode.HOSTED] = hosted
@@ -168,11 +186,16 @@ class Mesh:
         self.sessions.reaper.start()
         self.inputs.expiry.start()
         self.retention.start()
+        if self.liveness is not None:
+            await self.liveness.recover(self._tenant_ids)
+            self.liveness.start()
 
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""
         await self.sessions.reaper.stop()
         await self.retention.stop()
+        if self.liveness is not None:
+            await self.liveness.stop()
         await self.messages.close()
         await self.inputs.close()
         await self.dispatcher.close()

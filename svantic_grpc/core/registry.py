@@ -1,8 +1,11 @@
 """The registry: remote agent instances that declared themselves available.
 
 Status is derived, never stored stale: an instance's effective status is the
-one it reported, made ``unhealthy`` when its heartbeats stop and ``busy`` when
-its sessions reach ``max_concurrent_sessions``.
+one it reported, made ``unhealthy`` when the mesh has not seen it alive for the
+heartbeat timeout and ``busy`` when its sessions reach ``max_concurrent_sessions``.
+"Seen alive" is a registration, a heartbeat or a connection change (stored), or,
+kept in this process only so that serving traffic costs no store write, a
+successful dispatch or a successful probe of a hosted agent's card (``saw``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class Registry:
         """Held per (tenant, instance) around every change of a registration."""
         self._release_hooks: list[ReleaseHook] = []
         self._dispatch_counts: dict[tuple[str, str], ConnectionStats] = {}
+        self._seen: dict[tuple[str, str], float] = {}
+        """When this process last saw an instance working (successful dispatch or probe)."""
+        self.on_registered: Callable[[AgentRegistration], None] = lambda agent: None
+        """Told of each registration (set by the composition root: hosted liveness probes)."""
         self.is_live: Callable[[str, str], bool] = lambda tenant_id, instance_id: False
         """Whether this process holds the instance's open stream (set by the composition root).
         The stored ``connected`` flag can be stale after a crash; this never is."""
@@ -82,7 +89,7 @@ class Registry:
         if reported in (AgentStatus.DRAINING, AgentStatus.OFFLINE, AgentStatus.UNHEALTHY):
             return reported
         alive = self.is_live(agent.tenant_id, agent.instance_id) or (
-            self._clock.now() - agent.last_seen_at <= self._heartbeat_timeout_s
+            self._clock.now() - self.last_seen(agent) <= self._heartbeat_timeout_s
         )
         if not alive:
             return AgentStatus.UNHEALTHY
@@ -92,6 +99,18 @@ class Registry:
 
     def is_routable(self, agent: AgentRegistration) -> bool:
         return self.effective_status(agent) in ROUTABLE
+
+    def saw(self, tenant_id: str, instance_id: str) -> None:
+        """The mesh saw the instance working just now (kept in memory: no store write)."""
+        self._seen[(tenant_id, instance_id)] = self._clock.now()
+
+    def seen_at(self, tenant_id: str, instance_id: str) -> float:
+        """When this process last saw the instance working (0 if never); no store read."""
+        return self._seen.get((tenant_id, instance_id), 0.0)
+
+    def last_seen(self, agent: AgentRegistration) -> float:
+        """The latest sign of life: stored (register, heartbeat, connection) or seen in this process."""
+        return max(agent.last_seen_at, self.seen_at(agent.tenant_id, agent.instance_id))
 
     async def register(self, caller: Caller, spec: AgentSpec) -> tuple[AgentRegistration, bool]:
         """Register or update an instance; returns it and whether it is new."""
@@ -116,7 +135,9 @@ class Registry:
                     mcp_servers=spec.mcp_servers,
                     max_concurrent_sessions=spec.max_concurrent_sessions,
                 )
-                return self.with_counters(await self._store.create_agent(agent)), True
+                created = self.with_counters(await self._store.create_agent(agent))
+                self.on_registered(created)
+                return created, True
             if current.deployment_mode is not mode:
                 raise FailedPrecondition(
                     f"instance {spec.instance_id!r} is registered as {current.deployment_mode.value}; "
@@ -141,7 +162,9 @@ class Registry:
                 # Registering again declares the instance available afresh (e.g. after a restart).
                 reported_status=AgentStatus.UNKNOWN,
             )
-            return self.with_counters(await self._store.update_agent(updated)), False
+            stored = self.with_counters(await self._store.update_agent(updated))
+            self.on_registered(stored)
+            return stored, False
 
     async def heartbeat(
         self, caller: Caller, instance_id: str, *, status: AgentStatus | None, current_sessions: int
@@ -171,6 +194,7 @@ class Registry:
                 tenant_id=caller.tenant_id, instance_id=instance_id, version=current.version
             )
             self._dispatch_counts.pop((caller.tenant_id, instance_id), None)
+            self._seen.pop((caller.tenant_id, instance_id), None)
         for session_id in current.session_ids:
             for hook in self._release_hooks:
                 await hook(session_id, current, "deregistered")
@@ -252,9 +276,11 @@ class Registry:
         """Count a dispatch outcome on the instance's connection state (GetAgent shows it).
 
         Counters live in this process (they would cost a store write per message);
-        they start again from zero after a restart.
+        they start again from zero after a restart. A success is a sign of life (``saw``).
         """
         key = (tenant_id, instance_id)
+        if ok:
+            self.saw(tenant_id, instance_id)
         counts = self._dispatch_counts.get(key, ConnectionStats())
         self._dispatch_counts[key] = evolve(
             counts,
@@ -265,7 +291,11 @@ class Registry:
         )
 
     def with_counters(self, agent: AgentRegistration) -> AgentRegistration:
-        """``agent`` with this process's dispatch counters in its connection state."""
+        """``agent`` with this process's dispatch counters in its connection state, and its
+        ``last_seen_at`` at the latest sign of life."""
+        seen = self.seen_at(agent.tenant_id, agent.instance_id)
+        if seen > agent.last_seen_at:
+            agent = replace(agent, last_seen_at=seen)
         counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
         live = self.is_live(agent.tenant_id, agent.instance_id)
         if counts is None:
@@ -295,9 +325,15 @@ class Registry:
                 replace(agent, connection=replace(agent.connection, **changes), last_seen_at=now)
             )
 
+    def probe_failed(self, tenant_id: str, instance_id: str, error: str) -> None:
+        """A probe of the instance failed: GetAgent shows why (its liveness is not refreshed)."""
+        key = (tenant_id, instance_id)
+        counts = self._dispatch_counts.get(key, ConnectionStats())
+        self._dispatch_counts[key] = evolve(counts, last_error=f"probe: {error}")
+
     def next_heartbeat_before(self, agent: AgentRegistration) -> float:
         """When the instance turns unhealthy without another heartbeat."""
-        return agent.last_seen_at + self._heartbeat_timeout_s
+        return self.last_seen(agent) + self._heartbeat_timeout_s
 
 
 def _validated(spec: AgentSpec) -> AgentSpec:

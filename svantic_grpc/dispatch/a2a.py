@@ -8,7 +8,8 @@ goes back on the same task as ``{"input_resolution": {...}}``.
 Each dispatch streams (``message/stream``), so progress, turns and artifacts
 reach the session as they happen. The A2A context id is the session id, so an
 agent shared by many sessions keeps their conversations apart. The dispatch
-token travels as ``Authorization: Bearer <token>``.
+token travels as ``Authorization: Bearer <token>``, signed afresh for each call (the
+answer to a human's question may come long after the first token expired).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from a2a.types import (
 from a2a.types import Message as A2AMessage
 from a2a.types import Part as A2APart
 from a2a.types import Role as A2ARole
-from a2a.utils.constants import TransportProtocol
+from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
 from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
@@ -50,6 +51,7 @@ from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpda
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
+from svantic_grpc.core.models import AgentRegistration
 
 __all__ = ["A2ATransport"]
 
@@ -75,9 +77,13 @@ class A2ATransport:
         connect_timeout_s: How long to wait for a connection (a refused or
             silent agent is then "not delivered" and may fail over).
         read_timeout_s: Longest silence on a stream before giving up.
+        probe_timeout_s: How long a liveness probe (``probe``) may take in all.
     """
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0, probe_timeout_s: float = 5.0
+    ) -> None:
+        self._probe_timeout = httpx.Timeout(probe_timeout_s)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -114,12 +120,13 @@ class A2ATransport:
         if job.resume_task_id and job.answer is not None:
             task_id = job.resume_task_id  # the agent still waits on its task: answer it there
             message = _answer_message(job, task_id, job.answer)
-        context = ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
         delivered = False
         ended = False
         try:
             while True:  # one A2A call per turn: the first, then one per human answer
                 answer: InputRequest | None = None
+                # A fresh token per call: an answer may come long after the first token expired.
+                context = _signed(job)
                 call = client.send_message(SendMessageRequest(message=message), context=context)
                 async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
@@ -157,9 +164,19 @@ class A2ATransport:
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
             if task_id and not ended:
-                await _cancel_quietly(client, task_id, context)
+                await _cancel_quietly(client, task_id, _signed(job))
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
+
+    async def probe(self, agent: AgentRegistration) -> None:
+        """GET the agent's card: a light sign of life from an agent that cannot heartbeat.
+
+        Raises:
+            httpx.HTTPError: the agent did not answer, or not with its card.
+        """
+        url = f"{agent.url.rstrip('/')}/{AGENT_CARD_WELL_KNOWN_PATH.lstrip('/')}"
+        response = await self._http.get(url, timeout=self._probe_timeout)
+        response.raise_for_status()
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
@@ -167,6 +184,11 @@ class A2ATransport:
             with contextlib.suppress(Exception):
                 await client.close()
         await self._http.aclose()
+
+
+def _signed(job: DispatchJob) -> ClientCallContext:
+    """Call context carrying a dispatch token signed now, so it is valid when the call goes out."""
+    return ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
 
 
 def _never_sent(cause: BaseException | None) -> bool:
