@@ -105,6 +105,13 @@ class Transport(Protocol):
         """
         ...
 
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        """The wire protocol this transport uses, or will use, to reach ``agent`` (GetAgent shows it).
+
+        ``connect-stream``, ``a2a-jsonrpc`` or ``a2a-grpc``; empty when it cannot tell yet.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections; safe to call twice."""
         ...
@@ -121,6 +128,11 @@ class Dispatcher:
         if transport is None:
             raise NotDelivered(f"this server cannot reach {job.agent.deployment_mode.value} agents")
         return transport.dispatch(job)
+
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        """What the transport for the agent's deployment mode uses to reach it ('' if unknown)."""
+        transport = self._transports.get(agent.deployment_mode)
+        return transport.protocol_for(agent) if transport is not None else ""
 
     async def close(self) -> None:
         for transport in self._transports.values():

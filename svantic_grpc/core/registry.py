@@ -67,6 +67,9 @@ class Registry:
         self.is_live: Callable[[str, str], bool] = lambda tenant_id, instance_id: False
         """Whether this process holds the instance's open stream (set by the composition root).
         The stored ``connected`` flag can be stale after a crash; this never is."""
+        self.protocol_for: Callable[[AgentRegistration], str] = lambda agent: ""
+        """The wire protocol the mesh uses (or will use) to reach an instance, '' when not known
+        (set by the composition root from the dispatcher); fills ``connection.transport``."""
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -268,12 +271,14 @@ class Registry:
         """``agent`` with this process's dispatch counters in its connection state."""
         counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
         live = self.is_live(agent.tenant_id, agent.instance_id)
+        transport = agent.connection.transport or self.protocol_for(agent)
         if counts is None:
-            if live == agent.connection.connected:
+            if live == agent.connection.connected and transport == agent.connection.transport:
                 return agent
-            return replace(agent, connection=replace(agent.connection, connected=live))
+            return replace(agent, connection=replace(agent.connection, connected=live, transport=transport))
         connection = replace(
             agent.connection,
+            transport=transport,
             connected=live,
             last_dispatch_at=counts.last_dispatch_at,
             successes=counts.successes,
