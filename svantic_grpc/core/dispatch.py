@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from svantic_grpc.core._validate import check_json_depth
 from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
@@ -28,6 +29,7 @@ __all__ = [
     "InputAsk",
     "NotDelivered",
     "Transport",
+    "check_update",
 ]
 
 
@@ -79,6 +81,29 @@ class DispatchUpdate:
     """With state ``input-required``: what the agent needs; ``None`` means a free-text question."""
     task_ref: str = ""
     """The agent's own id for the work (A2A task id), when it has one."""
+
+
+def check_update(update: DispatchUpdate) -> None:
+    """Hold what an agent reports to the rules for what clients send (JSON nesting), whatever its transport.
+
+    Raises:
+        InvalidArgument: naming the offending field, as in ``DispatchUpdate`` of the Connect stream.
+    """
+    for index, part in enumerate(update.parts):
+        if part.data is not None:
+            check_json_depth(f"turn.parts[{index}].data", part.data)
+    for index, artifact in enumerate(update.artifacts):
+        for number, part in enumerate(artifact.parts):
+            if part.data is not None:
+                check_json_depth(f"artifacts[{index}].parts[{number}].data", part.data)
+    ask = update.ask
+    if ask is None:
+        return
+    if ask.tool_call is not None:
+        check_json_depth("input_request.tool_call.arguments", ask.tool_call.arguments)
+    if ask.form is not None:
+        for index, form_field in enumerate(ask.form.fields):
+            check_json_depth(f"input_request.form.fields[{index}].default_value", form_field.default)
 
 
 class NotDelivered(Exception):

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -328,4 +328,7 @@ def _validated(spec: AgentSpec) -> AgentSpec:
     for index, tool in enumerate(spec.tools):
         if not tool.name:
             raise InvalidArgument(f"tools[{index}].name", "is required")
+        check_json_depth(f"tools[{index}].input_schema", tool.input_schema)
+    check_json_depth("agent_card", spec.agent_card)
+    check_json_depth("mcp_servers", spec.mcp_servers)
     return spec
