@@ -108,8 +108,8 @@ class A2ATransport:
         if protocol is None and agent.agent_card:
             try:
                 protocol = _protocol_of(parse_agent_card(json.loads(json.dumps(agent.agent_card))))
-            except (json_format.ParseError, ValueError, TypeError, KeyError, AttributeError):
-                protocol = None  # a card the mesh could not use; the URL's own card will decide
+            except Exception:  # a registered card is the caller's JSON: GetAgent answers whatever it holds
+                protocol = None  # the card served at the URL decides at the first call
         return protocol or ""
 
     async def _client(self, url: str) -> Client:

@@ -120,6 +120,7 @@ async def test_the_registered_card_tells_before_the_first_call(client: Client, a
             "",
             id="nothing-the-mesh-speaks",
         ),
+        pytest.param({"supportedInterfaces": "grpc please", "capabilities": 3}, "", id="malformed"),
     ],
 )
 async def test_cards_of_both_protocol_versions_are_read(
