@@ -26,6 +26,7 @@ from svantic_grpc.pb import (
     session_service_pb2,
 )
 from tests._support import Client, code_of, error_details
+from tests.agents_a2a import HostedAgent, hosted_agents
 from tests.agents_connected import data, new_session, running_agent, send
 
 WAIT = 5.0
@@ -169,6 +170,24 @@ async def test_an_agent_reply_too_deep_fails_the_message_naming_the_field(client
     assert "parts[0].data" in message.state_reason and f"more than {MAX_JSON_DEPTH}" in message.state_reason
     seen = await _watched_messages(client, session_id, message.message_id)  # replays: nothing unreadable
     assert seen and not any(_deep_parts(m) for m in seen)
+
+
+async def test_a_hosted_agent_over_a2a_is_held_to_the_same_limit(client: Client) -> None:
+    async with hosted_agents(client.channel, HostedAgent("deep", "deep-h")) as agents:
+        await client.registry.RegisterAgent(agents["deep-h"].registration(), metadata=await client.md())
+        session_id = await new_session(client)
+        deepest = await send(client, session_id, str(MAX_JSON_DEPTH), data({"target_agent": "deep-agent"}))
+        too_deep = await send(
+            client, session_id, str(MAX_JSON_DEPTH + 1), data({"target_agent": "deep-agent"})
+        )
+
+    assert deepest.state == COMPLETED, deepest.state_reason
+    [artifact] = deepest.artifacts
+    assert json_format.MessageToDict(artifact.parts[0].data) == nested(MAX_JSON_DEPTH)
+    assert too_deep.state == FAILED
+    assert "artifacts[0].parts[0].data" in too_deep.state_reason
+    seen = await _watched_messages(client, session_id, deepest.message_id)  # the replay reads it back
+    assert seen[-1].artifacts[0] == artifact
 
 
 async def test_an_agent_asking_with_arguments_too_deep_fails_naming_the_field(client: Client) -> None:
