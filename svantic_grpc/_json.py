@@ -22,15 +22,15 @@ from typing import Any
 import orjson
 from google.protobuf import json_format, struct_pb2
 
+from svantic_grpc.core._validate import MAX_JSON_DEPTH, nests_deeper_than
+
 __all__ = ["EXACT_INT", "JsonTextError", "dumps", "exact_object", "exact_value", "loads", "whole"]
 
 EXACT_INT = 2**53
 """Beyond this a double no longer holds every integer."""
-MAX_DEPTH = 24
-"""Deepest nesting of objects and arrays accepted in JSON text. Whatever is accepted is
-also sent back as a Struct inside events, and Python's protobuf refuses to decode a
-WatchSession event whose data nests 33 levels: 24 leaves room for the wrapping messages.
-Keep it no higher than the nesting limit enforced on Structs at the door."""
+MAX_DEPTH = MAX_JSON_DEPTH
+"""Deepest nesting of objects and arrays accepted in JSON text: the same limit as for
+Structs at the door (``core._validate.MAX_JSON_DEPTH`` says why it is what it is)."""
 
 
 class JsonTextError(ValueError):
@@ -60,7 +60,7 @@ def loads(text: str) -> Any:
         raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise JsonTextError(f"is not valid JSON ({exc})") from None
-    if _depth(value) > MAX_DEPTH:
+    if nests_deeper_than(value, MAX_DEPTH):
         raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels")
     return value
 
@@ -102,20 +102,6 @@ def whole(value: Any) -> Any:
     if isinstance(value, list):
         return [whole(v) for v in value]
     return value
-
-
-def _depth(value: Any) -> int:
-    """Levels of objects and arrays in ``value`` (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        if level <= MAX_DEPTH:  # deeper is refused anyway: stop walking
-            stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _no_constant(name: str) -> Any:

@@ -75,6 +75,8 @@ class AuthSettings(_Model):
     """Environment variable holding the HS256 signing key (at least 32 bytes)."""
     token_ttl_s: int = Field(default=86_400, gt=0)
     max_token_ttl_s: int = Field(default=7 * 86_400, gt=0)
+    clock_skew_s: int = Field(default=60, ge=0)
+    """How far in the future a token's ``iat`` may lie before the token is refused."""
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> AuthSettings:
@@ -271,7 +273,11 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
             raise SettingsError(f"tenants: client_id {c.client_id!r} appears more than once")
         seen.add(c.client_id)
     tokens = TokenSettings(
-        signing_key=key, issuer=auth.issuer, default_ttl_s=auth.token_ttl_s, max_ttl_s=auth.max_token_ttl_s
+        signing_key=key,
+        issuer=auth.issuer,
+        default_ttl_s=auth.token_ttl_s,
+        max_ttl_s=auth.max_token_ttl_s,
+        clock_skew_s=auth.clock_skew_s,
     )
     return ResolvedAuth(tokens, credentials, development)
 

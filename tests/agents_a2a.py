@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 import jwt
 import uvicorn
-from a2a.helpers import new_task_from_user_message, new_text_part
+from a2a.helpers import new_data_part, new_task_from_user_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
@@ -116,6 +116,7 @@ KINDS: dict[str, SkillSpec] = {
     "streaming": SkillSpec("report", "Report", ("report", "stream")),
     "ask": SkillSpec("ask-name", "Ask name", ("ask", "question")),
     "json": SkillSpec("json-report", "Json report", ("json",), ("application/json",)),
+    "deep": SkillSpec("deep-data", "Deep data", ("deep", "nested"), ("application/json",)),
 }
 
 
@@ -328,6 +329,12 @@ class AgentServer(AgentExecutor):
                 await updater.requires_input(say([new_text_part("What is your name?")]))
                 return
             await updater.add_artifact([new_text_part(f"Nice to meet you, {text}")])
+            await updater.complete()
+        elif kind == "deep":  # a data part nested as many levels as the message's text says
+            value: Any = "bottom"
+            for _ in range(int(text) - 1):
+                value = {"next": value}
+            await updater.add_artifact([new_data_part({"next": value})], name="deep")
             await updater.complete()
         elif kind == "json":
             await updater.add_artifact([new_text_part("this is not json")], name="report")

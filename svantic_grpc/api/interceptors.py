@@ -4,7 +4,9 @@ It wraps each method handler so that, inside the RPC's own task:
   1. the bearer token is verified (except on open methods: GetToken, health,
      reflection) and the caller is made available to the servicer;
   2. a ``MeshError`` raised anywhere below becomes its gRPC status with rich
-     details, and any other exception becomes INTERNAL without leaking internals.
+     details, and any other exception becomes INTERNAL without leaking internals;
+  3. a request body that does not decode is INVALID_ARGUMENT, checked before the
+     token (see ``_decoding``); this covers health and reflection too.
 Scopes are checked by the core, next to what they protect.
 """
 
@@ -18,6 +20,7 @@ import grpc
 from grpc import aio
 
 from svantic_grpc.api._context import set_caller
+from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
@@ -42,6 +45,7 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self._issuer = issuer
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """Per method: the servicer's handler and its wrapper, made once instead of per call."""
+        self._undecodable = UndecodableLog()
 
     async def intercept_service(
         self,
@@ -52,30 +56,34 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES[2:]):
-            return handler  # health and reflection: grpc's own code, leave untouched
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
-        wrapped = _wrap(handler, method, self._issuer if authenticate else None)
+        wrapped = _wrap(handler, method, self._issuer if authenticate else None, self._undecodable)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None) -> grpc.RpcMethodHandler:
-    async def prepare(context: aio.ServicerContext) -> None:
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None, undecodable: UndecodableLog
+) -> grpc.RpcMethodHandler:
+    streamed_requests = handler.request_streaming
+
+    async def prepare(request: Any, context: aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            raise refuse(request, method, undecodable)
         set_caller(None)
         if issuer is not None:
             set_caller(issuer.verify(_bearer_token(context)))
+        return checked(request, method, undecodable) if streamed_requests else request
 
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             try:
-                await prepare(context)
-                return await behavior(request, context)
+                return await behavior(await prepare(request, context), context)
             except aio.AbortError:
                 raise
             except MeshError as error:
@@ -90,7 +98,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | Non
         )
         return factory(
             unary_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -98,8 +106,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | Non
 
     async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            await prepare(context)
-            async for response in behavior(request, context):
+            async for response in behavior(await prepare(request, context), context):
                 yield response
         except aio.AbortError:
             raise
@@ -115,7 +122,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | Non
     )
     return factory(
         stream_response,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 

@@ -123,11 +123,14 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
                 await out.put(error)
 
         async def take_actions() -> None:
-            async for request in requests:
-                try:
-                    await self._converse_action(caller, session_id, request)
-                except MeshError as error:
-                    await out.put(pb.ConverseResponse(error=_converse_error(error)))
+            try:
+                async for request in requests:
+                    try:
+                        await self._converse_action(caller, session_id, request)
+                    except MeshError as error:
+                        await out.put(pb.ConverseResponse(error=_converse_error(error)))
+            except MeshError as error:  # the stream itself is bad (a body that does not decode): end it
+                await out.put(error)
 
         tasks = [asyncio.create_task(pump_events()), asyncio.create_task(take_actions())]
         try:

@@ -8,19 +8,27 @@ from grpc import aio
 
 from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.api.convert_messages import message_to_pb
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.mesh import Mesh
+from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.models import Session, SessionStatus
 from svantic_grpc.pb import session_service_pb2 as pb
 from svantic_grpc.pb import session_service_pb2_grpc as pb_grpc
 from svantic_grpc.pb import session_types_pb2
 
-__all__ = ["SessionServicer"]
+__all__ = ["HISTORY_MAX_BYTES", "HISTORY_MAX_MESSAGES", "SessionServicer"]
+
+HISTORY_MAX_MESSAGES = 100
+"""GetSession's ``history`` holds at most the session's first this many messages..."""
+HISTORY_MAX_BYTES = 1 << 20
+"""...and only as many as fit in this many bytes, well under gRPC's default 4 MiB message limit."""
 
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._sessions = mesh.sessions
+        self._messages = mesh.messages
 
     def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
         return convert.session(
@@ -42,8 +50,18 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def GetSession(
         self, request: pb.GetSessionRequest, context: aio.ServicerContext
     ) -> pb.GetSessionResponse:
-        session = await self._sessions.get(current_caller(), request.session_id)
-        return pb.GetSessionResponse(session=self._session(session, include_agents=request.include_agents))
+        caller = current_caller()
+        session = await self._sessions.get(caller, request.session_id)
+        response = pb.GetSessionResponse(
+            session=self._session(session, include_agents=request.include_agents)
+        )
+        if request.include_history:
+            page = await self._messages.list_messages(
+                caller, session_id=session.session_id, page_size=HISTORY_MAX_MESSAGES
+            )
+            complete = _fill_history(response.session, page.messages)
+            response.session.history_truncated = not complete or bool(page.next_cursor)
+        return response
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
@@ -103,3 +121,15 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         async for event in events:
             yield pb.WatchSessionResponse(event=convert.event(event))
+
+
+def _fill_history(session: session_types_pb2.Session, messages: tuple[Message, ...]) -> bool:
+    """Add ``messages`` to ``session.history`` while they fit in HISTORY_MAX_BYTES; False if one did not."""
+    size = 0
+    for message in messages:
+        converted = message_to_pb(message)
+        size += converted.ByteSize()
+        if size > HISTORY_MAX_BYTES:
+            return False
+        session.history.append(converted)
+    return True

@@ -1,12 +1,25 @@
-"""Shared checks for ids and names that callers send."""
+"""Shared checks for what callers and agents send: ids and names, JSON values."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
 
-__all__ = ["check_id"]
+__all__ = ["MAX_JSON_DEPTH", "check_id", "check_json_depth", "nests_deeper_than"]
+
+MAX_JSON_DEPTH = 24
+"""How deep a JSON value (a data part, tool arguments, form values, an agent card) may nest
+objects and arrays; ``{"a": [1]}`` nests 2.
+
+What the mesh stores it sends back inside envelopes (a Converse response wraps an event,
+which wraps the message, which wraps a turn, which wraps the part: 6 messages), and on the
+wire each JSON level costs protobuf up to 3 nested messages (Struct, its map entry, Value).
+Protobuf's decoders refuse more than 100 nested messages by default (Python, C++ and Java
+alike): 6 + 3 x 24 = 78 leaves room for wrappers such as the ``input_resolution`` part
+an agent gets, so whatever is accepted can be read back by every client and agent."""
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
@@ -28,3 +41,33 @@ def check_id(field: str, value: str, *, required: bool = True) -> str:
             "starting with a letter or digit",
         )
     return value
+
+
+def check_json_depth(field: str, value: Any, *, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``InvalidArgument`` naming ``field`` if ``value`` nests deeper than ``limit``."""
+    if nests_deeper_than(value, limit):
+        raise InvalidArgument(
+            field,
+            f"nests objects and arrays more than {limit} levels deep (at most {limit} are accepted)",
+        )
+
+
+def nests_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if ``value`` nests objects and arrays more than ``limit`` levels (a scalar is 0).
+
+    Iterative, and stops at the first level too deep, so a hostile value cannot exhaust the
+    stack or the time while it is measured.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

@@ -115,6 +115,8 @@ class TokenSettings:
     issuer: str = "svantic-grpc"
     default_ttl_s: int = 86_400
     max_ttl_s: int = 7 * 86_400
+    clock_skew_s: int = 60
+    """How far in the future a token's ``iat`` may lie (clocks of signers drift) before it is refused."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,9 @@ class TokenIssuer:
         self._credentials: Mapping[str, Credential] = {c.client_id: c for c in credentials}
         self._clock = clock
         self._ids = ids
-        # Verified tokens -> (caller, expiry). A token is immutable, so its signature needs
+        # Verified tokens -> (caller, issued at, expiry). A token is immutable, so its signature needs
         # checking once; expiry is still checked on every call. Bounded: oldest dropped first.
-        self._verified: dict[str, tuple[Caller, float]] = {}
+        self._verified: dict[str, tuple[Caller, float, float]] = {}
 
     async def issue(
         self,
@@ -204,7 +206,8 @@ class TokenIssuer:
         """The caller a token identifies.
 
         Raises:
-            Unauthenticated: malformed, wrongly signed, unsigned, expired or
+            Unauthenticated: malformed, wrongly signed, unsigned, expired,
+                issued in the future (beyond the clock-skew leeway) or
                 missing claims.
         """
         verified = self._verified.get(token)
@@ -213,13 +216,19 @@ class TokenIssuer:
             if len(self._verified) >= _VERIFIED_CACHE_SIZE:
                 del self._verified[next(iter(self._verified))]
             self._verified[token] = verified
-        caller, expires = verified
-        # Expiry is checked against the injected clock, not the wall clock, on every call.
-        if expires <= self._clock.now():
+        caller, issued, expires = verified
+        # Times are checked against the injected clock, not the wall clock, on every call.
+        now = self._clock.now()
+        if expires <= now:
             raise Unauthenticated("token expired; get a new one with GetToken", reason="TOKEN_EXPIRED")
+        if issued > now + self._settings.clock_skew_s:
+            raise Unauthenticated(
+                "token issued in the future (iat is ahead of the server's clock); check the signer's clock",
+                reason="TOKEN_NOT_YET_VALID",
+            )
         return caller
 
-    def _decode(self, token: str) -> tuple[Caller, float]:
+    def _decode(self, token: str) -> tuple[Caller, float, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -236,6 +245,7 @@ class TokenIssuer:
             raise Unauthenticated(f"invalid token: {exc}", reason="INVALID_TOKEN") from exc
         try:
             expires = float(claims["exp"])
+            issued = float(claims["iat"])
             scopes = claims["scopes"]
             if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
                 raise TypeError("scopes must be a list of strings")
@@ -248,7 +258,7 @@ class TokenIssuer:
             )
         except (KeyError, InvalidArgument, TypeError, ValueError) as exc:
             raise Unauthenticated("token claims are malformed", reason="INVALID_TOKEN") from exc
-        return caller, expires
+        return caller, issued, expires
 
 
 def _parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:

@@ -77,6 +77,9 @@ class ConnectedAgents:
     def is_connected(self, tenant_id: str, instance_id: str) -> bool:
         return (tenant_id, instance_id) in self._live
 
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        return "connect-stream"  # a connected agent is only ever reached over its own stream
+
     async def attach(self, caller: Caller, instance_id: str) -> AgentConnection:
         """Open an instance's stream (its hello). A newer stream replaces an older one."""
         caller.require(Scope.FULL)

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from svantic_grpc.core._validate import check_json_depth
 from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
@@ -28,6 +29,7 @@ __all__ = [
     "InputAsk",
     "NotDelivered",
     "Transport",
+    "check_update",
 ]
 
 
@@ -81,6 +83,29 @@ class DispatchUpdate:
     """The agent's own id for the work (A2A task id), when it has one."""
 
 
+def check_update(update: DispatchUpdate) -> None:
+    """Hold what an agent reports to the rules for what clients send (JSON nesting), whatever its transport.
+
+    Raises:
+        InvalidArgument: naming the offending field, as in ``DispatchUpdate`` of the Connect stream.
+    """
+    for index, part in enumerate(update.parts):
+        if part.data is not None:
+            check_json_depth(f"turn.parts[{index}].data", part.data)
+    for index, artifact in enumerate(update.artifacts):
+        for number, part in enumerate(artifact.parts):
+            if part.data is not None:
+                check_json_depth(f"artifacts[{index}].parts[{number}].data", part.data)
+    ask = update.ask
+    if ask is None:
+        return
+    if ask.tool_call is not None:
+        check_json_depth("input_request.tool_call.arguments", ask.tool_call.arguments)
+    if ask.form is not None:
+        for index, form_field in enumerate(ask.form.fields):
+            check_json_depth(f"input_request.form.fields[{index}].default_value", form_field.default)
+
+
 class NotDelivered(Exception):
     """The agent never received the dispatch (unreachable, not connected): failing over is safe."""
 
@@ -105,6 +130,13 @@ class Transport(Protocol):
         """
         ...
 
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        """The wire protocol this transport uses, or will use, to reach ``agent`` (GetAgent shows it).
+
+        ``connect-stream``, ``a2a-jsonrpc`` or ``a2a-grpc``; empty when it cannot tell yet.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections; safe to call twice."""
         ...
@@ -121,6 +153,11 @@ class Dispatcher:
         if transport is None:
             raise NotDelivered(f"this server cannot reach {job.agent.deployment_mode.value} agents")
         return transport.dispatch(job)
+
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        """What the transport for the agent's deployment mode uses to reach it ('' if unknown)."""
+        transport = self._transports.get(agent.deployment_mode)
+        return transport.protocol_for(agent) if transport is not None else ""
 
     async def close(self) -> None:
         for transport in self._transports.values():

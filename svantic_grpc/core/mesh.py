@@ -126,6 +126,7 @@ class Mesh:
         if hosted is not None:
             transports[DeploymentMode.HOSTED] = hosted
         self.dispatcher = Dispatcher(transports)
+        self.registry.protocol_for = self.dispatcher.protocol_for
         self.knowledge = Knowledge()
         self.inputs = Inputs(
             store=store,

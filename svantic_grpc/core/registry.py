@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -74,6 +74,9 @@ class Registry:
         self.is_live: Callable[[str, str], bool] = lambda tenant_id, instance_id: False
         """Whether this process holds the instance's open stream (set by the composition root).
         The stored ``connected`` flag can be stale after a crash; this never is."""
+        self.protocol_for: Callable[[AgentRegistration], str] = lambda agent: ""
+        """The wire protocol the mesh uses (or will use) to reach an instance, '' when not known
+        (set by the composition root from the dispatcher); fills ``connection.transport``."""
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -298,12 +301,14 @@ class Registry:
             agent = replace(agent, last_seen_at=seen)
         counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
         live = self.is_live(agent.tenant_id, agent.instance_id)
+        transport = agent.connection.transport or self.protocol_for(agent)
         if counts is None:
-            if live == agent.connection.connected:
+            if live == agent.connection.connected and transport == agent.connection.transport:
                 return agent
-            return replace(agent, connection=replace(agent.connection, connected=live))
+            return replace(agent, connection=replace(agent.connection, connected=live, transport=transport))
         connection = replace(
             agent.connection,
+            transport=transport,
             connected=live,
             last_dispatch_at=counts.last_dispatch_at,
             successes=counts.successes,
@@ -359,4 +364,7 @@ def _validated(spec: AgentSpec) -> AgentSpec:
     for index, tool in enumerate(spec.tools):
         if not tool.name:
             raise InvalidArgument(f"tools[{index}].name", "is required")
+        check_json_depth(f"tools[{index}].input_schema", tool.input_schema)
+    check_json_depth("agent_card", spec.agent_card)
+    check_json_depth("mcp_servers", spec.mcp_servers)
     return spec

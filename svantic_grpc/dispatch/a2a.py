@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import replace
@@ -24,6 +25,7 @@ from typing import Any, cast
 import grpc
 import httpx
 from a2a.client import (
+    A2ACardResolver,
     A2AClientError,
     A2AClientTimeoutError,
     AgentCardResolutionError,
@@ -32,13 +34,15 @@ from a2a.client import (
     ClientConfig,
     ClientFactory,
 )
+from a2a.client.card_resolver import parse_agent_card
 from a2a.helpers import new_data_part
-from a2a.types import Artifact as A2AArtifact
 from a2a.types import (
+    AgentCard,
     CancelTaskRequest,
     SendMessageRequest,
     TaskState,
 )
+from a2a.types import Artifact as A2AArtifact
 from a2a.types import Message as A2AMessage
 from a2a.types import Part as A2APart
 from a2a.types import Role as A2ARole
@@ -68,6 +72,8 @@ _STATES = {
     TaskState.TASK_STATE_AUTH_REQUIRED: MessageState.INPUT_REQUIRED,
 }
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
+_BINDINGS: dict[str, str] = {TransportProtocol.JSONRPC: "a2a-jsonrpc", TransportProtocol.GRPC: "a2a-grpc"}
+"""The A2A bindings the mesh speaks, in its order of preference, and their names in GetAgent."""
 
 
 class A2ATransport:
@@ -92,12 +98,25 @@ class A2ATransport:
             ClientConfig(
                 streaming=True,
                 httpx_client=self._http,
-                supported_protocol_bindings=[TransportProtocol.JSONRPC, TransportProtocol.GRPC],
+                supported_protocol_bindings=list(_BINDINGS),
                 grpc_channel_factory=grpc.aio.insecure_channel,
             )
         )
         self._clients: dict[str, Client] = {}
+        self._protocols: dict[str, str] = {}
+        """Per agent URL: the binding of its client (kept when the client is dropped, until the next)."""
         self._lock = asyncio.Lock()
+
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        """``a2a-jsonrpc`` or ``a2a-grpc``: what the mesh speaks with the card read from the agent's URL,
+        or, before it has read it, what the card given at registration prefers; '' when neither says."""
+        protocol = self._protocols.get(agent.url)
+        if protocol is None and agent.agent_card:
+            try:
+                protocol = _protocol_of(parse_agent_card(json.loads(json.dumps(agent.agent_card))))
+            except Exception:  # a registered card is the caller's JSON: GetAgent answers whatever it holds
+                protocol = None  # the card served at the URL decides at the first call
+        return protocol or ""
 
     async def _client(self, url: str) -> Client:
         client = self._clients.get(url)
@@ -107,10 +126,14 @@ class A2ATransport:
             client = self._clients.get(url)
             if client is None:
                 try:
-                    client = await self._factory.create_from_url(url)
+                    card = await A2ACardResolver(self._http, url).get_agent_card()
+                    client = self._factory.create(card)
                 except (AgentCardResolutionError, A2AClientError, httpx.HTTPError) as exc:
                     raise NotDelivered(f"cannot read the agent card at {url}: {exc}") from exc
+                except ValueError as exc:  # the card offers no binding the mesh speaks
+                    raise NotDelivered(f"cannot use the agent card at {url}: {exc}") from exc
                 self._clients[url] = client
+                self._protocols[url] = _protocol_of(card) or ""
             return client
 
     async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
@@ -189,6 +212,15 @@ class A2ATransport:
 def _signed(job: DispatchJob) -> ClientCallContext:
     """Call context carrying a dispatch token signed now, so it is valid when the call goes out."""
     return ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
+
+
+def _protocol_of(card: AgentCard) -> str | None:
+    """The binding ``ClientFactory`` picks for ``card``: its first listed interface the mesh speaks."""
+    for interface in card.supported_interfaces:
+        protocol = _BINDINGS.get(interface.protocol_binding)
+        if protocol is not None:
+            return protocol
+    return None
 
 
 def _never_sent(cause: BaseException | None) -> bool:

@@ -28,17 +28,17 @@ from . import agent_types_pb2 as svantic_dot_v1_dot_agent__types__pb2
 from . import message_types_pb2 as svantic_dot_v1_dot_message__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esvantic/v1/session_types.proto\x12\nsvantic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csvantic/v1/agent_types.proto\x1a\x1esvantic/v1/message_types.proto\"\xd2\x01\n\x0cSessionAgent\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12+\n\x0bjoin_reason\x18\x03 \x01(\x0e\x32\x16.svantic.v1.JoinReason\x12-\n\tjoined_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08internal\x18\x05 \x01(\x08\x12+\n\x07left_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf5\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\x12\x1a\n\x12\x63reator_agent_type\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_activity_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lose_reason\x18\x0b \x01(\t\x12(\n\x06\x61gents\x18\x0c \x03(\x0b\x32\x18.svantic.v1.SessionAgent\x12$\n\x07history\x18\r \x03(\x0b\x32\x13.svantic.v1.Message\x12\x0f\n\x07version\x18\x0e \x01(\x03*\x9c\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_OPENING\x10\x01\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x02\x12\x19\n\x15SESSION_STATUS_PAUSED\x10\x03\x12\x19\n\x15SESSION_STATUS_CLOSED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esvantic/v1/session_types.proto\x12\nsvantic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csvantic/v1/agent_types.proto\x1a\x1esvantic/v1/message_types.proto\"\xd2\x01\n\x0cSessionAgent\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12+\n\x0bjoin_reason\x18\x03 \x01(\x0e\x32\x16.svantic.v1.JoinReason\x12-\n\tjoined_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08internal\x18\x05 \x01(\x08\x12+\n\x07left_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x04\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.svantic.v1.SessionStatus\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\x12\x1a\n\x12\x63reator_agent_type\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_activity_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63lose_reason\x18\x0b \x01(\t\x12(\n\x06\x61gents\x18\x0c \x03(\x0b\x32\x18.svantic.v1.SessionAgent\x12$\n\x07history\x18\r \x03(\x0b\x32\x13.svantic.v1.Message\x12\x0f\n\x07version\x18\x0e \x01(\x03\x12\x19\n\x11history_truncated\x18\x0f \x01(\x08*\x9c\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_OPENING\x10\x01\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x02\x12\x19\n\x15SESSION_STATUS_PAUSED\x10\x03\x12\x19\n\x15SESSION_STATUS_CLOSED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'svantic.v1.session_types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=859
-  _globals['_SESSIONSTATUS']._serialized_end=1015
+  _globals['_SESSIONSTATUS']._serialized_start=886
+  _globals['_SESSIONSTATUS']._serialized_end=1042
   _globals['_SESSIONAGENT']._serialized_start=142
   _globals['_SESSIONAGENT']._serialized_end=352
   _globals['_SESSION']._serialized_start=355
-  _globals['_SESSION']._serialized_end=856
+  _globals['_SESSION']._serialized_end=883
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class SessionAgent(_message.Message):
     def __init__(self, agent_type: _Optional[str] = ..., instance_id: _Optional[str] = ..., join_reason: _Optional[_Union[_agent_types_pb2.JoinReason, str]] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., internal: _Optional[bool] = ..., left_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "status", "user_id", "created_by", "creator_agent_type", "created_at", "updated_at", "last_activity_at", "expires_at", "closed_at", "close_reason", "agents", "history", "version")
+    __slots__ = ("session_id", "status", "user_id", "created_by", "creator_agent_type", "created_at", "updated_at", "last_activity_at", "expires_at", "closed_at", "close_reason", "agents", "history", "version", "history_truncated")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Session(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: SessionStatus
     user_id: str
@@ -72,4 +73,5 @@ class Session(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[SessionAgent]
     history: _containers.RepeatedCompositeFieldContainer[_message_types_pb2.Message]
     version: int
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., user_id: _Optional[str] = ..., created_by: _Optional[str] = ..., creator_agent_type: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_reason: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[SessionAgent, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_message_types_pb2.Message, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    history_truncated: bool
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., user_id: _Optional[str] = ..., created_by: _Optional[str] = ..., creator_agent_type: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_reason: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[SessionAgent, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_message_types_pb2.Message, _Mapping]]] = ..., version: _Optional[int] = ..., history_truncated: _Optional[bool] = ...) -> None: ...

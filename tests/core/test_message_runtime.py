@@ -20,7 +20,7 @@ from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.mesh import Mesh, MeshOptions
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
-from svantic_grpc.core.models import JoinReason, Skill
+from svantic_grpc.core.models import AgentRegistration, JoinReason, Skill
 from svantic_grpc.core.registry import AgentSpec
 from svantic_grpc.stores.memory import MemoryStore
 
@@ -39,6 +39,9 @@ class ScriptedTransport:
     def dispatch(self, job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
         self.jobs.append(job)
         return self.scripts[job.agent.instance_id](job)
+
+    def protocol_for(self, agent: AgentRegistration) -> str:
+        return "scripted"
 
     async def close(self) -> None:
         pass

@@ -9,8 +9,15 @@ from dataclasses import dataclass, replace
 
 from svantic_grpc.core.agents.base import InternalAgent, SessionScope
 from svantic_grpc.core.agents.orchestrator import Route
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, InputAsk, NotDelivered
-from svantic_grpc.core.errors import ResourceExhausted, Unavailable
+from svantic_grpc.core.dispatch import (
+    DispatchFailed,
+    DispatchJob,
+    DispatchUpdate,
+    InputAsk,
+    NotDelivered,
+    check_update,
+)
+from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from svantic_grpc.core.inputs.asks import question_form, resolution_json
 from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, InputState
 from svantic_grpc.core.inputs.service import Inputs
@@ -208,6 +215,10 @@ class BudgetedExecutor(Executor):
                 except StopAsyncIteration:
                     raise DispatchFailed("the agent ended the dispatch without a final state") from None
                 answer = None
+                try:
+                    check_update(update)
+                except InvalidArgument as exc:
+                    raise DispatchFailed(f"the agent sent an invalid update: {exc.message}") from None
                 writer.remote_task(update.task_ref)
                 if update.parts:
                     said.extend(update.parts)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import AlreadyResolved, Conflict, InvalidArgument, NotFound, PermissionDenied
@@ -200,6 +200,8 @@ class Inputs:
     ) -> InputRequest:
         """Answer a pending request; the first answer wins (see the module docstring)."""
         check_id("request_id", request_id)
+        check_json_depth("resolution.values", resolution.values)
+        check_json_depth("resolution.payload", resolution.payload)
         current = await self.get(tenant_id, request_id)
         if current.state is InputState.PENDING and self._clock.now() >= current.expires_at:
             await self._expire(tenant_id, request_id)  # too late, even if the timer has not run yet
