@@ -33,6 +33,9 @@ MAX_DEPTH = MAX_JSON_DEPTH
 Structs at the door (``core._validate.MAX_JSON_DEPTH`` says why it is what it is)."""
 
 
+_TOO_DEEP = f"nests objects and arrays more than {MAX_DEPTH} levels deep (at most {MAX_DEPTH} are accepted)"
+
+
 class JsonTextError(ValueError):
     """The text is not strict JSON (the message says why, for a person)."""
 
@@ -57,11 +60,11 @@ def loads(text: str) -> Any:
     except JsonTextError:
         raise
     except RecursionError:
-        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels") from None
+        raise JsonTextError(_TOO_DEEP) from None
     except ValueError as exc:
         raise JsonTextError(f"is not valid JSON ({exc})") from None
     if nests_deeper_than(value, MAX_DEPTH):
-        raise JsonTextError(f"is nested deeper than {MAX_DEPTH} levels")
+        raise JsonTextError(_TOO_DEEP)
     return value
 
 
