@@ -212,7 +212,11 @@ async def test_exact_json_that_is_not_strict_json_is_refused_naming_the_field() 
             ({"payload_json": '{"n": 18446744073709551616}'}, "resolution.payload_json", "64 bits"),
             ({"payload_json": '{"n": 1e999}'}, "resolution.payload_json", "range"),
             ({"values_json": '{"n": '}, "resolution.values_json", "not valid JSON"),
-            ({"values_json": nested(MAX_DEPTH + 1)}, "resolution.values_json", f"deeper than {MAX_DEPTH}"),
+            (
+                {"values_json": nested(MAX_DEPTH + 1)},
+                "resolution.values_json",
+                f"more than {MAX_DEPTH} levels deep",
+            ),
         ]:
             with pytest.raises(aio.AioRpcError) as excinfo:
                 await resolve_with(**fields)
