@@ -4,6 +4,10 @@ Start the server (`svantic-grpc serve`) in one terminal, then run
 `python examples/walkthrough.py [host:port]`. It authenticates with the
 development credential, opens a session with a self-join, registers a remote
 agent, invites it, lists the session's agents, and closes the session.
+
+The server picks the session's id (``InitSession`` without ``session_id``), so the
+walkthrough can run any number of times on one server: a session id, once used,
+stays taken in its tenant, even after the session closed.
 """
 
 from __future__ import annotations
@@ -31,14 +35,14 @@ async def main(target: str) -> None:
         md = (("authorization", f"Bearer {token.token}"),)
         session_api, registry_api = SessionServiceStub(channel), RegistryServiceStub(channel)
 
-        # 2. Create a session and self-join as the terminal.
+        # 2. Create a session and self-join as the terminal. Without session_id the server
+        #    picks one (ses_...); a given one must be new to the tenant.
         created = await session_api.InitSession(
-            sessions.InitSessionRequest(
-                session_id="my-session-001", self_agent_type="a2ui-terminal", self_instance_id="term-001"
-            ),
+            sessions.InitSessionRequest(self_agent_type="a2ui-terminal", self_instance_id="term-001"),
             metadata=md,
         )
-        print("session", created.session.session_id, "with", len(created.session.agents), "agents")
+        session_id = created.session.session_id
+        print("session", session_id, "with", len(created.session.agents), "agents")
 
         # 3. Register a remote agent: declares availability, joins nothing yet.
         await registry_api.RegisterAgent(
@@ -50,22 +54,22 @@ async def main(target: str) -> None:
 
         # 4. Invite it; without instance_id the mesh would pick the least-loaded one.
         invited = await session_api.InviteAgent(
-            sessions.InviteAgentRequest(session_id="my-session-001", agent_type="transcript-link"),
+            sessions.InviteAgentRequest(session_id=session_id, agent_type="transcript-link"),
             metadata=md,
         )
         print("invited", invited.agent.instance_id)
 
         # 5. Who is in the session, and how they joined.
         listed = await session_api.ListSessionAgents(
-            sessions.ListSessionAgentsRequest(session_id="my-session-001"), metadata=md
+            sessions.ListSessionAgentsRequest(session_id=session_id), metadata=md
         )
         for agent in listed.agents:
             reason = agent_types.JoinReason.Name(agent.join_reason).removeprefix("JOIN_REASON_").lower()
-            print(f"  {agent.agent_type:22} {agent.instance_id:34} {reason}")
+            print(f"  {agent.agent_type:22} {agent.instance_id:50} {reason}")
 
         # 6. Close it: internal agents shut down, tl-pod-1 is released.
         closed = await session_api.CloseSession(
-            sessions.CloseSessionRequest(session_id="my-session-001"), metadata=md
+            sessions.CloseSessionRequest(session_id=session_id), metadata=md
         )
         print("closed:", closed.session.close_reason)
 

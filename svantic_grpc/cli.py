@@ -8,16 +8,13 @@ import getpass
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from svantic_grpc import cli_inputs
-from svantic_grpc.config import Settings, SettingsError, load_settings, with_overrides
+from svantic_grpc.config import Settings, SettingsError, settings_for_serve, with_overrides
 from svantic_grpc.core.auth import hash_secret
 from svantic_grpc.server import MeshServer
 
 __all__ = ["main"]
-
-DEFAULT_SETTINGS = "settings.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the mesh server")
     serve.add_argument(
-        "--settings", default=DEFAULT_SETTINGS, help="settings file (default: ./settings.json)"
+        "--settings",
+        help="settings file (default: ./settings.json when there is one, else the embedded defaults)",
     )
     serve.add_argument("--grpc-address", help="override grpc_address, e.g. 127.0.0.1:50051")
     commands.add_parser("hash-secret", help="hash a client secret for settings.json (reads it from stdin)")
@@ -45,15 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args.settings, args.grpc_address)
 
 
-def _serve(settings_path: str, grpc_address: str | None) -> int:
+def _serve(settings_path: str | None, grpc_address: str | None) -> int:
     try:
-        settings = load_settings(Path(settings_path))
+        settings, source = settings_for_serve(settings_path)
         if grpc_address:
             settings = with_overrides(settings, grpc_address=grpc_address)
     except SettingsError as exc:
         print(f"svantic-grpc: invalid settings\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("svantic_grpc").info("settings: %s", source)
     try:
         asyncio.run(_run(settings))
     except SettingsError as exc:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from svantic_grpc.core.auth import Credential, Scope, TokenSettings, hash_secret
 
 __all__ = [
+    "DEFAULT_SETTINGS_FILE",
     "DEV_CLIENT_ID",
     "DEV_TENANT_ID",
     "AuthSettings",
@@ -31,6 +32,7 @@ __all__ = [
     "load_settings",
     "parse_settings",
     "resolve_auth",
+    "settings_for_serve",
     "with_overrides",
 ]
 
@@ -235,6 +237,25 @@ def load_settings(path: str | Path) -> Settings:
     except json.JSONDecodeError as exc:
         raise SettingsError(f"{path}: not valid JSON: {exc}") from None
     return parse_settings(data, source=str(path))
+
+
+DEFAULT_SETTINGS_FILE = "settings.json"
+"""Read from the working directory when no file is named; the repository's copy documents every key."""
+
+
+def settings_for_serve(path: str | Path | None) -> tuple[Settings, str]:
+    """The settings ``serve`` runs with, and where they came from (for the log).
+
+    A named file must exist and be valid. Without one, ``./settings.json`` is read when
+    there is one (the repository root has it), and otherwise the embedded defaults
+    serve: the same values as that file, so the server starts from any directory.
+    """
+    if path is not None:
+        return load_settings(path), str(path)
+    default = Path(DEFAULT_SETTINGS_FILE)
+    if default.is_file():
+        return load_settings(default), str(default)
+    return Settings(), f"embedded defaults (no ./{DEFAULT_SETTINGS_FILE} here)"
 
 
 class ResolvedAuth:

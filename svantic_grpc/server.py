@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sqlite3
+import tempfile
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -35,7 +37,7 @@ from svantic_grpc.pb import (
     session_service_pb2,
     session_service_pb2_grpc,
 )
-from svantic_grpc.stores import open_store
+from svantic_grpc.stores import MemoryStore, Store, open_store
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -148,9 +150,10 @@ class MeshServer:
                 "production.",
                 self.settings.auth.signing_key_env,
             )
+        _refuse_an_unusable_database(self.mesh.store)
         try:
             await self.mesh.start()
-        except ValueError as exc:  # the store refused its file (foreign, damaged, newer schema)
+        except (ValueError, OSError, sqlite3.Error) as exc:  # the store refused or could not open its file
             await self.mesh.stop()
             raise SettingsError(f"store: {exc}") from None
         try:
@@ -228,3 +231,36 @@ class MeshServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop(grace=0)
+
+
+def _refuse_an_unusable_database(store: Store) -> None:
+    """Stop before opening a database file that is not where it was meant to be, or cannot be written.
+
+    SQLite would create a missing directory, so a mistyped path would quietly start a new,
+    empty database; and a place this user cannot write ends deep in start-up. Both are
+    refused here, naming the settings key.
+    """
+    if isinstance(store, MemoryStore):
+        return
+    from svantic_grpc.stores.sqlite import SqliteStore  # already loaded: open_store made one
+
+    if not isinstance(store, SqliteStore):
+        return
+    path = store.path.absolute()
+    directory = path.parent
+    if not directory.exists():
+        raise SettingsError(
+            f"store: directory {directory} does not exist; create it, or correct the path "
+            "(a mistyped one would start a new, empty database)"
+        )
+    if not directory.is_dir():
+        raise SettingsError(f"store: {directory} is not a directory")
+    if path.is_dir():
+        raise SettingsError(f"store: {path} is a directory, not a database file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SettingsError(f"store: {path} cannot be read and written by this user")
+    try:  # a real write, not a look at permission bits: root, read-only mounts, immutable flags
+        with tempfile.TemporaryFile(dir=directory):
+            pass  # needed even when the file exists: SQLite keeps its write-ahead log beside it
+    except OSError as exc:
+        raise SettingsError(f"store: directory {directory} is not writable: {exc.strerror}") from None

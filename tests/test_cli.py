@@ -115,10 +115,10 @@ class _Server:
 
 
 @contextmanager
-def _serve(*args: str, env: dict[str, str] | None = None) -> Iterator[_Server]:
+def _serve(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> Iterator[_Server]:
     process = subprocess.Popen(
         [sys.executable, "-m", "svantic_grpc", "serve", *args],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=_env_without_signing_key() if env is None else env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -137,10 +137,12 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> Iterator[_Server]:
         process.stderr.close()
 
 
-def _run(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "svantic_grpc", *args],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=_env_without_signing_key() if env is None else env,
         input=stdin,
         capture_output=True,
@@ -259,3 +261,89 @@ def test_hash_secret_refuses_an_empty_secret() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert "no secret" in result.stderr
+
+
+# --- first steps: where the settings come from, where the database may go --------------------
+
+
+def _serving_target(server: _Server) -> str:
+    ready = server.wait_for("serving gRPC on")
+    return ready.rsplit("serving gRPC on ", 1)[1].split()[0]
+
+
+def test_serve_outside_the_repository_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
+    assert not (tmp_path / "settings.json").exists()
+    with _serve("--grpc-address", "127.0.0.1:0", cwd=tmp_path) as server:
+        target = _serving_target(server)
+        assert any("embedded defaults" in line for line in server.lines)
+        with grpc.insecure_channel(target) as channel:
+            token = auth_service_pb2_grpc.AuthServiceStub(channel).GetToken(
+                auth_service_pb2.GetTokenRequest(
+                    client_id="svantic", client_secret="your-secret", agent_type="a2ui-terminal"
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            assert token.tenant_id == "dev"
+        server.process.send_signal(signal.SIGTERM)
+        code, stderr = server.finish()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_serve_reads_settings_json_in_the_working_directory(tmp_path: Path) -> None:
+    _settings_file(tmp_path, grpc_address="127.0.0.1:0", log_level="DEBUG")
+    with _serve(cwd=tmp_path) as server:
+        _serving_target(server)
+        assert any("settings: settings.json" in line for line in server.lines)
+        assert any(" DEBUG " in line for line in server.lines)  # the file's log_level, not the default
+        server.process.send_signal(signal.SIGTERM)
+        code, stderr = server.finish()
+    assert code == 0, stderr
+
+
+def test_a_named_settings_file_that_is_missing_is_still_an_error_from_anywhere(tmp_path: Path) -> None:
+    result = _run("serve", "--settings", "mesh-settings.json", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "mesh-settings.json: no such settings file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _refused(tmp_path: Path, store: str) -> str:
+    settings = _settings_file(tmp_path, store=store)
+    result = _run("serve", "--settings", str(settings))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "serving gRPC on" not in result.stderr
+    return result.stderr
+
+
+def test_a_database_in_a_missing_directory_is_refused_not_created(tmp_path: Path) -> None:
+    typo = tmp_path / "var-lib-svantik"
+    stderr = _refused(tmp_path, f"sqlite://{typo / 'mesh.db'}")
+    assert f"store: directory {typo} does not exist" in stderr
+    assert not typo.exists()
+
+
+@contextmanager
+def _unwritable_directory(path: Path) -> Iterator[Path]:
+    """A directory nobody may write into: mode 0555, or, for root (whom modes do not stop), immutable."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("running as root, and chattr +i is not available to make a directory unwritable")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_database_in_an_unwritable_directory_is_refused(tmp_path: Path) -> None:
+    with _unwritable_directory(tmp_path / "locked") as locked:
+        stderr = _refused(tmp_path, f"sqlite://{locked / 'mesh.db'}")
+    assert f"store: directory {locked} is not writable" in stderr

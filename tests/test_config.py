@@ -54,6 +54,11 @@ def test_committed_settings_file_loads_with_the_documented_defaults() -> None:
     assert settings.tenants == []
 
 
+def test_the_committed_file_says_exactly_the_embedded_defaults() -> None:
+    # `serve` outside the repository runs on Settings(); at the root it reads this file.
+    assert load_settings(REPO_ROOT / "settings.json") == Settings()
+
+
 def test_an_empty_object_gets_the_same_defaults() -> None:
     settings = parse_settings({})
     assert settings.session_ttl_ms == 1_800_000

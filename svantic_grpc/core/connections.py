@@ -100,6 +100,7 @@ class ConnectedAgents:
             agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
         )
         connection.agent = updated or agent
+        _log.info("agent connected: %s/%s (tenant %s)", agent.agent_type, instance_id, agent.tenant_id)
         return connection
 
     async def detach(self, connection: AgentConnection, reason: str) -> None:
@@ -175,4 +176,7 @@ class ConnectedAgents:
             if job.lost is not None:
                 job.lost.set()
         connection.outbox.put_nowait(None)
-        _log.info("agent stream of %s/%s ended: %s", *connection.key, reason)
+        agent = connection.agent
+        _log.info(
+            "agent left: %s/%s (tenant %s): %s", agent.agent_type, agent.instance_id, agent.tenant_id, reason
+        )

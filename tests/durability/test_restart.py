@@ -126,6 +126,7 @@ async def test_a_killed_server_restarts_with_everything_and_finishes_the_approve
     grpc_port, http_port, hook_port = _free_port(), _free_port(), _free_port()
     target = f"127.0.0.1:{grpc_port}"
     db = tmp_path / "state" / "mesh.db"
+    db.parent.mkdir()  # the server refuses a database in a missing directory
     settings = tmp_path / "settings.json"
     settings.write_text(
         json.dumps(
