@@ -20,7 +20,15 @@ from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores.base import AuditRecord, InputPage, MessagePage, SessionPage, Store
+from svantic_grpc.stores.base import (
+    AuditRecord,
+    Change,
+    Changed,
+    InputPage,
+    MessagePage,
+    SessionPage,
+    Store,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -236,6 +244,67 @@ class MemoryStore(Store):
         event = Event(tenant_id, session_id, len(log) + 1, time, detach(payload))
         log.append(event)
         return event
+
+    async def write(self, change: Change) -> Changed:
+        # Every check first, then every change: a refused part leaves nothing behind.
+        puts: list[tuple[dict[Any, Any], Any, Any, AlreadyExists, str, str]] = []
+        for s in change.sessions:
+            exists = AlreadyExists(f"session {s.session_id!r} already exists", reason="SESSION_EXISTS")
+            puts.append(
+                (
+                    self._sessions,
+                    (s.tenant_id, s.session_id),
+                    s,
+                    exists,
+                    f"session {s.session_id!r}",
+                    "SESSION_NOT_FOUND",
+                )
+            )
+        for m in change.messages:
+            exists = AlreadyExists(
+                f"message {m.message_id!r} already exists in session {m.session_id!r}",
+                reason="MESSAGE_EXISTS",
+            )
+            key: tuple[str, ...] = (m.tenant_id, m.session_id, m.message_id)
+            puts.append((self._messages, key, m, exists, f"message {m.message_id!r}", "MESSAGE_NOT_FOUND"))
+        for r in change.inputs:
+            exists = AlreadyExists(f"input request {r.request_id!r} already exists")
+            key = (r.tenant_id, r.request_id)
+            puts.append((self._inputs, key, r, exists, f"input request {r.request_id!r}", "INPUT_NOT_FOUND"))
+        for a in change.agents:
+            exists = AlreadyExists(f"agent instance {a.instance_id!r} already registered")
+            key = (a.tenant_id, a.instance_id)
+            puts.append(
+                (self._agents, key, a, exists, f"agent instance {a.instance_id!r}", "AGENT_NOT_FOUND")
+            )
+        for table, key, record, exists, what, not_found in puts:
+            if record.version == 0:
+                if key in table:
+                    raise exists
+            else:
+                _current(table, key, record.version, what, not_found)
+        stored = [
+            _insert(table, key, record, exists)
+            if record.version == 0
+            else _replace(table, key, record, what, nf)
+            for table, key, record, exists, what, nf in puts
+        ]
+        audit = tuple([await self.append_audit(record) for record in change.audit])
+        events = tuple(
+            [
+                await self.append_event(
+                    tenant_id=change.tenant_id, session_id=change.session_id, time=change.time, payload=p
+                )
+                for p in change.events
+            ]
+        )
+        kinds = (len(change.sessions), len(change.messages), len(change.inputs), len(change.agents))
+        split: list[tuple[Any, ...]] = []
+        at = 0
+        for n in kinds:
+            split.append(tuple(stored[at : at + n]))
+            at += n
+        return Changed(split[0], split[1], split[2], split[3], audit, events)
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
