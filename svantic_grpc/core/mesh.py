@@ -102,8 +102,7 @@ class Mesh:
         self.knowledge = Knowledge()
         self.inputs = Inputs(
             store=store,
-            bus=self.bus,
-            pause=self.sessions.set_paused,
+            write=self.sessions.write_inputs,
             clock=self.clock,
             ids=self.ids,
             policies=PolicyEngine(
@@ -149,9 +148,12 @@ class Mesh:
             return
         self._started = True
         await self.store.connect()
+        # Order matters: messages that were running end first (with their pending requests), then
+        # requests nothing waits for are withdrawn, then each session's status follows what is pending.
         await self.sessions.recover()
-        await self.inputs.recover()
         interrupted, resumed = await self.messages.recover()
+        await self.inputs.recover()
+        await self.sessions.settle_statuses()
         if interrupted or resumed:
             _log.info(
                 "recovered messages: %d interrupted, %d waiting for a human again", interrupted, resumed
