@@ -141,7 +141,7 @@ class MeshServer:
                 self.settings.auth.signing_key_env,
             )
         try:
-            await self.mesh.start()
+            await self.mesh.start(serving=False)  # serving once the port is bound, below
         except ValueError as exc:  # the store refused its file (foreign, damaged, newer schema)
             await self.mesh.stop()
             raise SettingsError(f"store: {exc}") from None
@@ -175,6 +175,7 @@ class MeshServer:
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
+        self.mesh.now_serving()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         # Everything made so far lives as long as the server: keep the collector from rescanning it.

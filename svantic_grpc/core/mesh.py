@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class Mesh:
             default_ttl_s=options.input_request_ttl_s,
         )
         self.sessions.on_close(self._session_closing)
+        self.serving = asyncio.Event()
+        """Set when the mesh serves: work waiting for an agent to (re)connect starts its clock then."""
         self.messages = Messages(
             services=MeshServices(
                 store=store,
@@ -124,6 +127,7 @@ class Mesh:
                 clock=self.clock,
                 ids=self.ids,
                 options=options.messages,
+                serving=self.serving,
             ),
             agent_classes=load_agent_classes(options.internal_agents),
         )
@@ -142,8 +146,13 @@ class Mesh:
                 tenant_id, session_id, message_id, f"session closed ({reason})"
             )
 
-    async def start(self) -> None:
-        """Recover timers from the store and start background work."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Recover timers and work from the store and start background work.
+
+        Args:
+            serving: Whether agents can reach the mesh once this returns; a server that binds its
+                port afterwards passes ``False`` and calls ``now_serving`` once bound.
+        """
         if self._started:
             return
         self._started = True
@@ -160,6 +169,12 @@ class Mesh:
             )
         self.sessions.reaper.start()
         self.inputs.expiry.start()
+        if serving:
+            self.now_serving()
+
+    def now_serving(self) -> None:
+        """Agents can reach the mesh from now on (its port is bound)."""
+        self.serving.set()
 
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""

@@ -155,7 +155,8 @@ class SessionRuntime:
                 await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
                 metadata = parse_metadata(message.parts)
                 return await self._run_plan(writer, metadata, signed_off=True)
-            await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
+            # The message stays input-required until the agent has the answer (the executor then
+            # marks it working): a crash before that resumes it again instead of failing it.
             route = Route(message.agent_type, message.instance_id)
             return await self.agents.executor.dispatch(writer, route, resume=ended)
 
