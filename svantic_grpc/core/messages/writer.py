@@ -1,7 +1,7 @@
 """The single writer of one message's record while it runs.
 
-Every change is a versioned store update followed by the matching session
-event, so the record and the event log never disagree.
+Every change is a versioned store update and the matching session events in one
+store write, so the record and the event log never disagree, even after a crash.
 """
 
 from __future__ import annotations
@@ -48,18 +48,13 @@ class MessageWriter:
         self._pending: dict[str, Any] = {}
         """Changes written with the next save (saves a write each)."""
 
-    async def _save(
-        self, announce: Callable[[Message], Sequence[MessageEvent]] | None = None, **changes: Any
-    ) -> Message:
+    async def _save(self, announce: Callable[[Message], Sequence[MessageEvent]], **changes: Any) -> Message:
         """Write ``changes`` (and a pending assignment) in one versioned update, with the events
         ``announce`` makes of the message as stored in the same store write."""
         if self._pending:
             changes = {**self._pending, **changes}
             self._pending = {}
         draft = evolve(self.message, updated_at=self._clock.now(), **changes)
-        if announce is None:
-            self.message = await self._store.update_message(draft)
-            return self.message
         store = self._store
 
         async def write(now: float) -> tuple[Message, Sequence[Event]]:
