@@ -262,7 +262,7 @@ async def _check(db: Path, acked: Acked) -> list[str]:
     return problems
 
 
-async def _serve_agent(target: str, instance_id: str) -> ConnectedAgent:
+def _agent(target: str, instance_id: str) -> ConnectedAgent:
     async def handler(dispatch: Dispatch, reply: Reply) -> None:
         if "delete" in dispatch.text:
             approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
@@ -310,33 +310,35 @@ async def test_kills_at_random_moments_lose_no_acknowledged_write_and_break_no_i
     log = tmp_path / "server.log"
     acked = Acked()
     names = itertools.count()
-    agents = [await _serve_agent(target, f"crm-{n}") for n in (1, 2)]
-    agent_tasks: list[asyncio.Task[None]] = []
     caught: list[str] = []
-    try:
-        for round_ in range(ROUNDS + 1):
+    for round_ in range(ROUNDS + 1):
+        # Fresh agents (and channels) each round: a channel's reconnect backoff grows with each kill.
+        agents = [_agent(target, f"crm-{n}") for n in (1, 2)]
+        agent_tasks: list[asyncio.Task[None]] = []
+        try:
             with _server(settings, env, log) as process:
                 await _until_serving(target, process, log)
-                if not agent_tasks:
-                    agent_tasks = [asyncio.create_task(a.run()) for a in agents]
+                agent_tasks = [asyncio.create_task(a.run()) for a in agents]
                 if round_ == ROUNDS:  # the last start: recovery only, then stop and look
                     process.send_signal(signal.SIGTERM)
                     await asyncio.to_thread(process.wait, WAIT)
                     kill_at = 0.0
                 else:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(agents[0].connected.wait(), WAIT / 3)
+                        await asyncio.wait_for(
+                            asyncio.gather(*(a.connected.wait() for a in agents)), WAIT / 3
+                        )
                     kill_at = rng.uniform(0.2, 1.5)
                     workers = [asyncio.create_task(_workload(target, acked, rng, names)) for _ in range(4)]
                     await asyncio.sleep(kill_at)  # the random moment is the point of this test
                     process.send_signal(signal.SIGKILL)
                     await asyncio.to_thread(process.wait, WAIT)
                     await asyncio.wait_for(asyncio.gather(*workers), WAIT)
-            problems = await _check(db, acked)
-            seen = {c.partition(": ")[2] for c in caught}
-            caught += [f"round {round_} (kill after {kill_at:.2f}s): {p}" for p in problems if p not in seen]
-    finally:
-        for agent in agents:
-            await agent.stop()
-        await asyncio.gather(*agent_tasks, return_exceptions=True)
+        finally:
+            for agent in agents:
+                await agent.stop()
+            await asyncio.gather(*agent_tasks, return_exceptions=True)
+        problems = await _check(db, acked)
+        seen = {c.partition(": ")[2] for c in caught}
+        caught += [f"round {round_} (kill after {kill_at:.2f}s): {p}" for p in problems if p not in seen]
     assert not caught, f"seed {SEED}:\n" + "\n".join(caught)
