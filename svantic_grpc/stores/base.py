@@ -2,7 +2,8 @@
 
 Both pass the contract suite in ``tests/stores``. Writers pass the version they
 read; a store refuses an update whose version is stale with ``Conflict`` and
-never overwrites silently.
+never overwrites silently. Changes that belong together (records, audit records,
+events) go in one ``write``: all of them land, or none.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Answering is one compare-and-set on the stored request (its version), so the
 first resolution wins whichever surface it comes from, even across processes
 sharing a store; every later attempt gets ``AlreadyResolved`` naming the winner.
-Every outcome is written to the audit trail, published as a session event and
-told to the adapters, and wakes the message that waits on it.
+A request, its audit record, its session event and the session's paused/active
+status are one store write (``Sessions.write_inputs``), so a crash leaves all of
+them or none. Every outcome is then told to the adapters and wakes the message
+that waits on it.
 """
 
 from __future__ import annotations
