@@ -152,7 +152,7 @@ class MeshServer:
             )
         _refuse_an_unusable_database(self.mesh.store)
         try:
-            await self.mesh.start()
+            await self.mesh.start(serving=False)  # serving once the port is bound, below
         except (ValueError, OSError, sqlite3.Error) as exc:  # the store refused or could not open its file
             await self.mesh.stop()
             raise SettingsError(f"store: {exc}") from None
@@ -186,6 +186,7 @@ class MeshServer:
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
+        self.mesh.now_serving()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         # Everything made so far lives as long as the server: keep the collector from rescanning it.

@@ -73,6 +73,8 @@ class ConnectedAgents:
         self._registry = registry
         self._clock = clock
         self._live: dict[tuple[str, str], AgentConnection] = {}
+        self._awaited: dict[tuple[str, str], list[asyncio.Future[AgentConnection]]] = {}
+        """Dispatches waiting for an instance to (re)connect, by (tenant, instance)."""
 
     def is_connected(self, tenant_id: str, instance_id: str) -> bool:
         return (tenant_id, instance_id) in self._live
@@ -95,6 +97,9 @@ class ConnectedAgents:
         if previous is not None:
             self._drop(previous, "replaced by a newer stream of the same instance")
         self._live[connection.key] = connection
+        for waiting in self._awaited.pop(connection.key, ()):
+            if not waiting.done():
+                waiting.set_result(connection)
         now = self._clock.now()
         updated = await self._registry.set_connection(
             agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
@@ -127,7 +132,12 @@ class ConnectedAgents:
         )
 
     async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
-        connection = self._live.get((job.tenant_id, job.agent.instance_id))
+        key = (job.tenant_id, job.agent.instance_id)
+        connection = self._live.get(key)
+        if (connection is None or connection.closed) and job.answer is not None:
+            # A human's answer from before a restart: the agent has yet to reconnect. It waits for
+            # it (the caller's dispatch timeout bounds the wait) rather than failing the work.
+            connection = await self._arrival(key)
         if connection is None or connection.closed:
             raise NotDelivered("the agent is not connected")
         queue: asyncio.Queue[DispatchUpdate | _Dropped] = asyncio.Queue()
@@ -160,6 +170,19 @@ class ConnectedAgents:
             if not finished and not connection.closed:
                 # The mesh stopped following (cancel, timeout): tell the agent to stop too.
                 connection.outbox.put_nowait(Outbound(job.dispatch_id, cancel_reason="canceled by the mesh"))
+
+    async def _arrival(self, key: tuple[str, str]) -> AgentConnection:
+        """The next stream the instance opens."""
+        arrival: asyncio.Future[AgentConnection] = asyncio.get_running_loop().create_future()
+        self._awaited.setdefault(key, []).append(arrival)
+        try:
+            return await arrival
+        finally:
+            waiting = self._awaited.get(key)
+            if waiting is not None and arrival in waiting:
+                waiting.remove(arrival)
+                if not waiting:
+                    del self._awaited[key]
 
     async def close(self) -> None:
         """End every stream (server shutdown)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,8 +131,7 @@ class Mesh:
         self.knowledge = Knowledge()
         self.inputs = Inputs(
             store=store,
-            bus=self.bus,
-            pause=self.sessions.set_paused,
+            write=self.sessions.write_inputs,
             clock=self.clock,
             ids=self.ids,
             policies=PolicyEngine(
@@ -140,6 +140,8 @@ class Mesh:
             default_ttl_s=options.input_request_ttl_s,
         )
         self.sessions.on_close(self._session_closing)
+        self.serving = asyncio.Event()
+        """Set when the mesh serves: work waiting for an agent to (re)connect starts its clock then."""
         self.messages = Messages(
             services=MeshServices(
                 store=store,
@@ -153,6 +155,7 @@ class Mesh:
                 clock=self.clock,
                 ids=self.ids,
                 options=options.messages,
+                serving=self.serving,
             ),
             agent_classes=load_agent_classes(options.internal_agents),
         )
@@ -171,15 +174,23 @@ class Mesh:
                 tenant_id, session_id, message_id, f"session closed ({reason})"
             )
 
-    async def start(self) -> None:
-        """Recover timers from the store and start background work."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Recover timers and work from the store and start background work.
+
+        Args:
+            serving: Whether agents can reach the mesh once this returns; a server that binds its
+                port afterwards passes ``False`` and calls ``now_serving`` once bound.
+        """
         if self._started:
             return
         self._started = True
         await self.store.connect()
+        # Order matters: messages that were running end first (with their pending requests), then
+        # requests nothing waits for are withdrawn, then each session's status follows what is pending.
         await self.sessions.recover()
-        await self.inputs.recover()
         interrupted, resumed = await self.messages.recover()
+        await self.inputs.recover()
+        await self.sessions.settle_statuses()
         if interrupted or resumed:
             _log.info(
                 "recovered messages: %d interrupted, %d waiting for a human again", interrupted, resumed
@@ -190,6 +201,12 @@ class Mesh:
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()
+        if serving:
+            self.now_serving()
+
+    def now_serving(self) -> None:
+        """Agents can reach the mesh from now on (its port is bound)."""
+        self.serving.set()
 
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""

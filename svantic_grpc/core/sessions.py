@@ -11,7 +11,7 @@ the change is then made once more from a fresh read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TypeVar
@@ -23,6 +23,7 @@ from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
+from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.models import (
     INTERNAL_ROLES,
     AgentRegistration,
@@ -33,7 +34,7 @@ from svantic_grpc.core.models import (
 )
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.registry import Registry
-from svantic_grpc.stores.base import SessionPage, Store
+from svantic_grpc.stores.base import Change, Changed, SessionPage, Store
 
 __all__ = ["MAX_PAGE_SIZE", "Sessions"]
 
@@ -213,19 +214,13 @@ class Sessions:
             agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id, exclude, rank)
             now = self._clock.now()
             joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
+            grown = replace(session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now)
             try:
-                self._keep(
-                    await self._store.update_session(
-                        replace(
-                            session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
-                        )
-                    )
-                )
+                # The agent in the session and its agent_joined event: one write.
+                await self._store_update(grown, AgentJoined(joined))
             except BaseException:
-                self._forget(tenant_id, session_id)
                 await self._registry.unbind(tenant_id, agent.instance_id, session_id)
                 raise
-            await self._bus.publish(tenant_id, session_id, AgentJoined(joined))
             return joined
 
     @staticmethod
@@ -357,18 +352,76 @@ class Sessions:
             caller.tenant_id, session_id, after_sequence=after_sequence, follow=follow
         )
 
-    async def set_paused(self, tenant_id: str, session_id: str, paused: bool, reason: str) -> None:
-        """Pause a session while a message waits for a human, or make it active again."""
+    async def write_inputs(self, change: Change, reason: str) -> Changed:
+        """Write a change to the session's input requests together with the session's status.
+
+        In the same store write, the session becomes paused when a request of it is pending
+        afterwards and active when none is (``reason`` goes with the status change), so the
+        two never disagree, even after a crash. A new pending request in a closed session is
+        refused (``FailedPrecondition``).
+        """
+        tenant_id, session_id = change.tenant_id, change.session_id
         async with self._locks.hold((tenant_id, session_id)):
             session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
-            if session is None or session.status is SessionStatus.CLOSED:
-                return
-            target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
-            if session.status is target:
-                return
-            now = self._clock.now()
-            await self._store_update(replace(session, status=target, updated_at=now, last_activity_at=now))
-            await self._bus.publish(tenant_id, session_id, StatusChanged(session.status, target, reason))
+            is_open = session is not None and session.status is not SessionStatus.CLOSED
+            raising = any(r.state is InputState.PENDING for r in change.inputs)
+            if raising and not is_open:
+                raise FailedPrecondition(f"session {session_id!r} is closed", reason="SESSION_CLOSED")
+            if session is not None and is_open:
+                paused = raising or await self._still_pending(change)
+                target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
+                if session.status is not target:
+                    now = self._clock.now()
+                    moved = replace(session, status=target, updated_at=now, last_activity_at=now)
+                    change = replace(
+                        change,
+                        sessions=(*change.sessions, moved),
+                        events=(*change.events, StatusChanged(session.status, target, reason)),
+                    )
+            if not (change.sessions or change.inputs or change.audit or change.events):
+                return Changed()
+            store = self._store
+
+            async def write(now: float) -> tuple[Changed, Sequence[Event]]:
+                written = await store.write(replace(change, time=now))
+                return written, written.events
+
+            try:
+                written = await self._bus.commit(tenant_id, session_id, write)
+            except BaseException:
+                self._forget(tenant_id, session_id)
+                raise
+            for stored in written.sessions:
+                self._keep(stored)
+            return written
+
+    async def _still_pending(self, change: Change) -> bool:
+        """Whether a request of the session other than those ``change`` ends stays pending."""
+        ending = {r.request_id for r in change.inputs}
+        page = await self._store.list_inputs(
+            tenant_id=change.tenant_id,
+            session_id=change.session_id,
+            states=(InputState.PENDING,),
+            page_size=len(ending) + 1,
+        )
+        return any(r.request_id not in ending for r in page.requests)
+
+    async def settle_status(self, tenant_id: str, session_id: str, reason: str) -> None:
+        """Make the session paused or active as what is pending in it says (start-up recovery)."""
+        await self.write_inputs(Change(tenant_id, session_id), reason)
+
+    async def settle_statuses(self) -> int:
+        """At start-up, once input requests are recovered: every open session paused exactly when
+        something in it is pending. Returns how many sessions changed."""
+        pending = {(r.tenant_id, r.session_id) for r in await self._store.pending_inputs()}
+        changed = 0
+        for session in await self._store.open_sessions():
+            waits = (session.tenant_id, session.session_id) in pending
+            if (session.status is SessionStatus.PAUSED) != waits:
+                reason = "at start-up: waiting for a human" if waits else "at start-up: nothing is pending"
+                await self.settle_status(session.tenant_id, session.session_id, reason)
+                changed += 1
+        return changed
 
     async def recover(self) -> int:
         """Arm the idle TTL of every open session in the store (at start-up)."""
@@ -397,10 +450,10 @@ class Sessions:
                 return
             now = self._clock.now()
             agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
-            await self._store_update(replace(session, agents=agents, updated_at=now))
+            left = AgentLeft(present.agent_type, instance_id, reason)
+            await self._store_update(replace(session, agents=agents, updated_at=now), left)
             if unbind:
                 await self._registry.unbind(tenant_id, instance_id, session_id)
-            await self._bus.publish(tenant_id, session_id, AgentLeft(present.agent_type, instance_id, reason))
 
     async def touch(self, tenant_id: str, session_id: str) -> Session:
         """Record activity (a message), pushing back the idle TTL; the session must be open."""
@@ -426,10 +479,20 @@ class Sessions:
                 self._forget(tenant_id, session_id)
         return await change(self._keep(await self._get(tenant_id, session_id)))
 
-    async def _store_update(self, session: Session) -> Session:
-        """Write a changed session (at the version it was read) and remember what was stored."""
+    async def _store_update(self, session: Session, *events: EventPayload) -> Session:
+        """Write a changed session (at the version it was read), with ``events`` in the same write,
+        and remember what was stored."""
         try:
-            return self._keep(await self._store.update_session(session))
+            if not events:
+                return self._keep(await self._store.update_session(session))
+            store = self._store
+            return self._keep(
+                await self._bus.commit(
+                    session.tenant_id,
+                    session.session_id,
+                    lambda now: store.update_session_with_events(session, time=now, payloads=events),
+                )
+            )
         except BaseException:
             self._forget(session.tenant_id, session.session_id)
             raise

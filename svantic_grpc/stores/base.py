@@ -2,7 +2,8 @@
 
 Both pass the contract suite in ``tests/stores``. Writers pass the version they
 read; a store refuses an update whose version is stale with ``Conflict`` and
-never overwrites silently.
+never overwrites silently. Changes that belong together (records, audit records,
+events) go in one ``write``: all of them land, or none.
 """
 
 from __future__ import annotations
@@ -12,14 +13,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 
-__all__ = ["AuditRecord", "InputPage", "MessagePage", "SessionPage", "Store"]
+__all__ = [
+    "AuditRecord",
+    "Change",
+    "Changed",
+    "InputPage",
+    "MessagePage",
+    "SessionPage",
+    "Store",
+    "as_stored",
+]
 
-_Stored = TypeVar("_Stored", Session, Message)
+_R = TypeVar("_R", Session, Message, InputRequest, AgentRegistration)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,46 @@ class AuditRecord:
     time: float
     sequence: int = 0
     """Set by the store: order within the tenant."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """Changes that belong together: the store writes all of them or none (one transaction).
+
+    A record put at ``version`` 0 is inserted (``AlreadyExists`` if its key is taken); one at
+    version ``n`` replaces the stored record at version ``n`` (``NotFound``, ``Conflict``).
+    ``events`` are appended to the log of ``session_id``, after the records, at ``time``.
+    """
+
+    tenant_id: str
+    session_id: str
+    """The session whose log ``events`` go to."""
+    time: float = 0.0
+    """When ``events`` happened."""
+    sessions: tuple[Session, ...] = ()
+    messages: tuple[Message, ...] = ()
+    inputs: tuple[InputRequest, ...] = ()
+    agents: tuple[AgentRegistration, ...] = ()
+    audit: tuple[AuditRecord, ...] = ()
+    """Appended to the tenant's audit trail; the store numbers them."""
+    events: tuple[EventPayload, ...] = ()
+
+
+@dataclass(frozen=True)
+class Changed:
+    """What ``Store.write`` stored: each record with its new version, audit and events numbered."""
+
+    sessions: tuple[Session, ...] = ()
+    messages: tuple[Message, ...] = ()
+    inputs: tuple[InputRequest, ...] = ()
+    agents: tuple[AgentRegistration, ...] = ()
+    audit: tuple[AuditRecord, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+def as_stored(record: _R) -> _R:
+    """``record`` as ``Store.write`` stores it: version 1 when inserted, else one above."""
+    return evolve(record, version=record.version + 1)
 
 
 class Store(ABC):
@@ -265,42 +316,63 @@ class Store(ABC):
     ) -> Event:
         """Append to the session's log; the event gets the next sequence number (from 1)."""
 
+    @abstractmethod
+    async def write(self, change: Change) -> Changed:
+        """Apply every record put, audit record and event of ``change`` in one transaction.
+
+        Either all of it is stored or, when any part fails (``AlreadyExists``, ``NotFound``,
+        ``Conflict``, an I/O error), none of it.
+        """
+
     async def create_session_with_events(
         self, session: Session, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Session, Sequence[Event]]:
-        """``create_session`` and ``append_events`` together (a store may do both in one write)."""
-        return await self._then_append(await self.create_session(session), time, payloads)
+        """Insert a session and append events to its log in one write."""
+        change = Change(
+            session.tenant_id,
+            session.session_id,
+            time,
+            sessions=(evolve(session, version=0),),
+            events=tuple(payloads),
+        )
+        written = await self.write(change)
+        return written.sessions[0], written.events
 
     async def update_session_with_events(
         self, session: Session, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Session, Sequence[Event]]:
-        """``update_session`` and ``append_events`` together (a store may do both in one write)."""
-        return await self._then_append(await self.update_session(session), time, payloads)
+        """Replace a session (at its version) and append events to its log in one write."""
+        written = await self.write(
+            Change(session.tenant_id, session.session_id, time, sessions=(session,), events=tuple(payloads))
+        )
+        return written.sessions[0], written.events
 
     async def create_message_with_events(
         self, message: Message, *, time: float, payloads: Sequence[EventPayload]
     ) -> tuple[Message, Sequence[Event]]:
-        """``create_message`` and ``append_events`` together (a store may do both in one write)."""
-        return await self._then_append(await self.create_message(message), time, payloads)
+        """Insert a message and append events to its session's log in one write."""
+        change = Change(
+            message.tenant_id,
+            message.session_id,
+            time,
+            messages=(evolve(message, version=0),),
+            events=tuple(payloads),
+        )
+        written = await self.write(change)
+        return written.messages[0], written.events
 
     async def update_message_with_events(
         self, message: Message, *, time: float, payloads: Callable[[Message], Sequence[EventPayload]]
     ) -> tuple[Message, Sequence[Event]]:
-        """``update_message`` and ``append_events`` together (a store may do both in one write).
+        """Replace a message (at its version) and append events to its session's log in one write.
 
         ``payloads`` is given the message as it will be stored (its version bumped).
         """
-        updated = await self.update_message(message)
-        return await self._then_append(updated, time, payloads(updated))
-
-    async def _then_append(
-        self, stored: _Stored, time: float, payloads: Sequence[EventPayload]
-    ) -> tuple[_Stored, Sequence[Event]]:
-        """``stored`` with the events appended to its session's log after it (the defaults above)."""
-        events = await self.append_events(
-            tenant_id=stored.tenant_id, session_id=stored.session_id, time=time, payloads=payloads
+        events = tuple(payloads(as_stored(message)))
+        written = await self.write(
+            Change(message.tenant_id, message.session_id, time, messages=(message,), events=events)
         )
-        return stored, events
+        return written.messages[0], written.events
 
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]

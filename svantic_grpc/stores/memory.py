@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from itertools import accumulate
+from typing import Any, TypeVar, cast
 
 from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
@@ -20,7 +21,15 @@ from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores.base import AuditRecord, InputPage, MessagePage, SessionPage, Store
+from svantic_grpc.stores.base import (
+    AuditRecord,
+    Change,
+    Changed,
+    InputPage,
+    MessagePage,
+    SessionPage,
+    Store,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -240,6 +249,59 @@ class MemoryStore(Store):
         log.append(event)
         return event
 
+    async def write(self, change: Change) -> Changed:
+        records: tuple[Session | Message | InputRequest | AgentRegistration, ...] = (
+            *change.sessions,
+            *change.messages,
+            *change.inputs,
+            *change.agents,
+        )
+        slots = [self._slot(record) for record in records]
+        # Every check first, then every change: a refused part leaves nothing behind.
+        for record, (table, key, what, not_found) in zip(records, slots, strict=True):
+            if record.version == 0:
+                if key in table:
+                    raise _exists(record)
+            else:
+                _current(table, key, record.version, what, not_found)
+        stored = [evolve(detach(record), version=record.version + 1) for record in records]
+        for record, (table, key, _, _) in zip(stored, slots, strict=True):
+            table[key] = record
+        audit = tuple([await self.append_audit(record) for record in change.audit])
+        events = tuple(
+            [
+                await self.append_event(
+                    tenant_id=change.tenant_id, session_id=change.session_id, time=change.time, payload=p
+                )
+                for p in change.events
+            ]
+        )
+        ends = list(accumulate((len(change.sessions), len(change.messages), len(change.inputs))))
+        return Changed(
+            sessions=cast(tuple[Session, ...], tuple(stored[: ends[0]])),
+            messages=cast(tuple[Message, ...], tuple(stored[ends[0] : ends[1]])),
+            inputs=cast(tuple[InputRequest, ...], tuple(stored[ends[1] : ends[2]])),
+            agents=cast(tuple[AgentRegistration, ...], tuple(stored[ends[2] :])),
+            audit=audit,
+            events=events,
+        )
+
+    def _slot(
+        self, record: Session | Message | InputRequest | AgentRegistration
+    ) -> tuple[dict[Any, Any], Any, str, str]:
+        """Where a record lives: its table and key, and how a missing one is named."""
+        if isinstance(record, Session):
+            key: tuple[str, ...] = (record.tenant_id, record.session_id)
+            return self._sessions, key, f"session {record.session_id!r}", "SESSION_NOT_FOUND"
+        if isinstance(record, Message):
+            key = (record.tenant_id, record.session_id, record.message_id)
+            return self._messages, key, f"message {record.message_id!r}", "MESSAGE_NOT_FOUND"
+        if isinstance(record, InputRequest):
+            key = (record.tenant_id, record.request_id)
+            return self._inputs, key, f"input request {record.request_id!r}", "INPUT_NOT_FOUND"
+        key = (record.tenant_id, record.instance_id)
+        return self._agents, key, f"agent instance {record.instance_id!r}", "AGENT_NOT_FOUND"
+
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
     ) -> Sequence[Event]:
@@ -284,6 +346,20 @@ class MemoryStore(Store):
 
 
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
+
+
+def _exists(record: Session | Message | InputRequest | AgentRegistration) -> AlreadyExists:
+    """The error for inserting a record whose key is taken (as each ``create_*`` says it)."""
+    if isinstance(record, Session):
+        return AlreadyExists(f"session {record.session_id!r} already exists", reason="SESSION_EXISTS")
+    if isinstance(record, Message):
+        return AlreadyExists(
+            f"message {record.message_id!r} already exists in session {record.session_id!r}",
+            reason="MESSAGE_EXISTS",
+        )
+    if isinstance(record, InputRequest):
+        return AlreadyExists(f"input request {record.request_id!r} already exists")
+    return AlreadyExists(f"agent instance {record.instance_id!r} already registered")
 
 
 def _insert(table: dict[Any, Record], key: Any, record: Record, exists: AlreadyExists) -> Record:

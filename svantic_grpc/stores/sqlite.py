@@ -37,7 +37,15 @@ from svantic_grpc.stores import _codec
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError, prepare
-from svantic_grpc.stores.base import AuditRecord, InputPage, MessagePage, SessionPage, Store
+from svantic_grpc.stores.base import (
+    AuditRecord,
+    Change,
+    Changed,
+    InputPage,
+    MessagePage,
+    SessionPage,
+    Store,
+)
 
 __all__ = ["ForeignDatabaseError", "SqliteStore", "StoreVersionError"]
 
@@ -398,18 +406,8 @@ class SqliteStore(Store):
         await self._write(delete)
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
-        def append(conn: sqlite3.Connection) -> AuditRecord:
-            (last,) = conn.execute(
-                "SELECT COALESCE(MAX(sequence), 0) FROM audit WHERE tenant_id = ?", (record.tenant_id,)
-            ).fetchone()
-            stored = replace(record, sequence=last + 1)
-            conn.execute(
-                "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES (?, ?, ?, ?)",
-                (stored.tenant_id, stored.sequence, stored.request_id, _dumps(_codec.encode_audit(stored))),
-            )
-            return stored
-
-        return await self._write(append)
+        (stored,) = await self._write(_audit_op((record,)))
+        return stored
 
     async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
         if request_id:
@@ -504,57 +502,69 @@ class SqliteStore(Store):
         await self._write(update)
         return stored
 
-    async def create_session_with_events(
-        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
-    ) -> tuple[Session, Sequence[Event]]:
-        exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
-        stored, insert = _insert_op(_SESSIONS, session, exists)
-        append = _append_op(session.tenant_id, session.session_id, time, payloads)
+    async def write(self, change: Change) -> Changed:
+        ops: list[Query[Any]] = []
 
-        def both(conn: sqlite3.Connection) -> list[Event]:
-            insert(conn)
-            return append(conn)
+        def put(
+            kind: _Kind[R],
+            records: tuple[R, ...],
+            exists: Callable[[R], AlreadyExists],
+            what: Callable[[R], str],
+            not_found: str,
+        ) -> tuple[R, ...]:
+            stored: list[R] = []
+            for record in records:
+                if record.version == 0:
+                    done, op = _insert_op(kind, record, exists(record))
+                else:
+                    done, op = _replace_op(kind, record, what(record), not_found)
+                stored.append(done)
+                ops.append(op)
+            return tuple(stored)
 
-        return stored, await self._write(both)
-
-    async def update_session_with_events(
-        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
-    ) -> tuple[Session, Sequence[Event]]:
-        what = f"session {session.session_id!r}"
-        stored, update = _replace_op(_SESSIONS, session, what, "SESSION_NOT_FOUND")
-        append = _append_op(session.tenant_id, session.session_id, time, payloads)
-
-        def both(conn: sqlite3.Connection) -> list[Event]:
-            update(conn)
-            return append(conn)
-
-        return stored, await self._write(both)
-
-    async def create_message_with_events(
-        self, message: Message, *, time: float, payloads: Sequence[EventPayload]
-    ) -> tuple[Message, Sequence[Event]]:
-        stored, insert = _insert_op(_MESSAGES, message, _message_exists(message))
-        append = _append_op(message.tenant_id, message.session_id, time, payloads)
-
-        def both(conn: sqlite3.Connection) -> list[Event]:
-            insert(conn)
-            return append(conn)
-
-        return stored, await self._write(both)
-
-    async def update_message_with_events(
-        self, message: Message, *, time: float, payloads: Callable[[Message], Sequence[EventPayload]]
-    ) -> tuple[Message, Sequence[Event]]:
-        stored, update = _replace_op(
-            _MESSAGES, message, f"message {message.message_id!r}", "MESSAGE_NOT_FOUND"
+        sessions = put(
+            _SESSIONS,
+            change.sessions,
+            lambda s: AlreadyExists(f"session {s.session_id!r} already exists", reason="SESSION_EXISTS"),
+            lambda s: f"session {s.session_id!r}",
+            "SESSION_NOT_FOUND",
         )
-        append = _append_op(message.tenant_id, message.session_id, time, payloads(stored))
+        messages = put(
+            _MESSAGES,
+            change.messages,
+            _message_exists,
+            lambda m: f"message {m.message_id!r}",
+            "MESSAGE_NOT_FOUND",
+        )
+        inputs = put(
+            _INPUTS,
+            change.inputs,
+            lambda r: AlreadyExists(f"input request {r.request_id!r} already exists"),
+            lambda r: f"input request {r.request_id!r}",
+            "INPUT_NOT_FOUND",
+        )
+        agents = put(
+            _AGENTS,
+            change.agents,
+            lambda a: AlreadyExists(f"agent instance {a.instance_id!r} already registered"),
+            lambda a: f"agent instance {a.instance_id!r}",
+            "AGENT_NOT_FOUND",
+        )
+        audit = _audit_op(change.audit) if change.audit else None
+        append = (
+            _append_op(change.tenant_id, change.session_id, change.time, change.events)
+            if change.events
+            else None
+        )
 
-        def both(conn: sqlite3.Connection) -> list[Event]:
-            update(conn)
-            return append(conn)
+        def everything(conn: sqlite3.Connection) -> tuple[list[AuditRecord], list[Event]]:
+            for op in ops:
+                op(conn)
+            return (audit(conn) if audit else []), (append(conn) if append else [])
 
-        return stored, await self._write(both)
+        # One query: in the group commit it runs in one savepoint, so it lands whole or not at all.
+        numbered, events = await self._write(everything)
+        return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
     async def _page(
         self, kind: _Kind[R], where: list[str], params: list[Any], order: str, page_size: int | None
@@ -734,6 +744,30 @@ def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R
             _raise_lost(conn, kind, key, record.version, what, not_found)
 
     return stored, update
+
+
+def _audit_op(records: Sequence[AuditRecord]) -> Query[list[AuditRecord]]:
+    """The statements that append audit records, numbered under the write lock per tenant."""
+
+    def append(conn: sqlite3.Connection) -> list[AuditRecord]:
+        stored: list[AuditRecord] = []
+        last: dict[str, int] = {}
+        for record in records:
+            tenant = record.tenant_id
+            if tenant not in last:
+                (last[tenant],) = conn.execute(
+                    "SELECT COALESCE(MAX(sequence), 0) FROM audit WHERE tenant_id = ?", (tenant,)
+                ).fetchone()
+            last[tenant] += 1
+            numbered = replace(record, sequence=last[tenant])
+            conn.execute(
+                "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES (?, ?, ?, ?)",
+                (tenant, numbered.sequence, numbered.request_id, _dumps(_codec.encode_audit(numbered))),
+            )
+            stored.append(numbered)
+        return stored
+
+    return append
 
 
 _INSERT_EVENTS = "INSERT INTO events (tenant_id, session_id, sequence, time, payload) VALUES "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -49,6 +50,8 @@ class MeshServices:
     clock: Clock
     ids: IdGenerator
     options: MessageOptions
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the mesh serves (its port bound): agents can reach it only from then on."""
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,10 @@ class BudgetedExecutor(Executor):
             )
             return token
 
+        if resume is not None:
+            # Resumed at start-up: no agent can be back before the mesh serves, and the dispatch
+            # timeout (within which a connected agent may reconnect) counts from then.
+            await services.serving.wait()
         timeout = services.options.dispatch_timeout_s
         message = writer.message if not parts else replace(writer.message, parts=parts)
         if resume is not None:
@@ -219,6 +223,9 @@ class BudgetedExecutor(Executor):
                     check_update(update)
                 except InvalidArgument as exc:
                     raise DispatchFailed(f"the agent sent an invalid update: {exc.message}") from None
+                if job.answer is not None and writer.message.state is MessageState.INPUT_REQUIRED:
+                    # The agent has the answer given before a restart: the message runs again.
+                    await writer.state(MessageState.WORKING, _answered_after_restart(job.answer))
                 writer.remote_task(update.task_ref)
                 if update.parts:
                     said.extend(update.parts)
@@ -322,6 +329,13 @@ async def wait_for_human(
     if ended.state is InputState.EXPIRED:
         return Outcome(MessageState.FAILED, f"expired: nobody answered '{ended.summary}' in time")
     return Outcome(MessageState.CANCELED, ended.outcome_reason or "input request canceled")
+
+
+def _answered_after_restart(request: InputRequest) -> str:
+    resolution = request.resolution
+    who = "answered" if resolution is None else "approved" if resolution.approved else "denied"
+    by = f" by {resolution.resolved_by}" if resolution is not None else ""
+    return f"{request.summary}: {who}{by} (after a restart)"
 
 
 async def _first_of(answer: Awaitable[InputRequest], lost: asyncio.Event | None) -> InputRequest | None:

@@ -3,8 +3,10 @@
 Answering is one compare-and-set on the stored request (its version), so the
 first resolution wins whichever surface it comes from, even across processes
 sharing a store; every later attempt gets ``AlreadyResolved`` naming the winner.
-Every outcome is written to the audit trail, published as a session event and
-told to the adapters, and wakes the message that waits on it.
+A request, its audit record, its session event and the session's paused/active
+status are one store write (``Sessions.write_inputs``), so a crash leaves all of
+them or none. Every outcome is then told to the adapters and wakes the message
+that waits on it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import AlreadyResolved, Conflict, InvalidArgument, NotFound, PermissionDenied
-from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
+from svantic_grpc.core.events import InputEnded, InputRaised
 from svantic_grpc.core.inputs.model import (
     APPROVAL_DECISIONS,
     FIELD_TYPES,
@@ -38,7 +40,7 @@ from svantic_grpc.core.inputs.model import (
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
-from svantic_grpc.stores.base import AuditRecord, InputPage, Store
+from svantic_grpc.stores.base import AuditRecord, Change, Changed, InputPage, Store, as_stored
 
 __all__ = ["InputListener", "Inputs"]
 
@@ -60,16 +62,15 @@ class Inputs:
         self,
         *,
         store: Store,
-        bus: EventBus,
-        pause: Callable[[str, str, bool, str], Awaitable[None]],
+        write: Callable[[Change, str], Awaitable[Changed]],
         clock: Clock,
         ids: IdGenerator,
         policies: PolicyEngine,
         default_ttl_s: float,
     ) -> None:
         self._store = store
-        self._bus = bus
-        self._pause = pause
+        self._write = write
+        """Writes a change to requests with the session's paused/active status (``Sessions.write_inputs``)."""
         self._clock = clock
         self._ids = ids
         self.policies = policies
@@ -109,26 +110,25 @@ class Inputs:
             decisions = APPROVAL_DECISIONS
         elif kind in (InputKind.PLAN_APPROVAL, InputKind.CONFIRMATION):
             decisions = (Decision.APPROVE, Decision.DENY)  # grants only come from policy approvals
-        request = await self._store.create_input(
-            InputRequest(
-                tenant_id=tenant_id,
-                request_id=self._ids.new_id("inp_"),
-                session_id=session_id,
-                message_id=message_id,
-                kind=kind,
-                created_at=now,
-                expires_at=now + (ttl_s or self._default_ttl_s),
-                tool_call=tool_call,
-                form=form,
-                plan=plan,
-                allowed_decisions=decisions,
-                allowed_responders=tuple(allowed_responders),
-                policy=policy,
-            )
+        draft = InputRequest(
+            tenant_id=tenant_id,
+            request_id=self._ids.new_id("inp_"),
+            session_id=session_id,
+            message_id=message_id,
+            kind=kind,
+            created_at=now,
+            expires_at=now + (ttl_s or self._default_ttl_s),
+            tool_call=tool_call,
+            form=form,
+            plan=plan,
+            allowed_decisions=decisions,
+            allowed_responders=tuple(allowed_responders),
+            policy=policy,
         )
+        # The request, its input_raised event and the session paused: one write.
+        change = Change(tenant_id, session_id, inputs=(draft,), events=(InputRaised(as_stored(draft)),))
+        (request,) = (await self._write(change, f"waiting for a human: {draft.summary}")).inputs
         self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
-        await self._bus.publish(tenant_id, session_id, InputRaised(request))
-        await self._pause(tenant_id, session_id, True, f"waiting for a human: {request.summary}")
         self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
         self._notify("on_request", request)
         return request
@@ -146,28 +146,28 @@ class Inputs:
     ) -> InputRequest:
         """Record a tool call a policy decided without a human (allow, block, yolo, a grant)."""
         now = self._clock.now()
-        request = await self._store.create_input(
-            InputRequest(
-                tenant_id=tenant_id,
-                request_id=self._ids.new_id("inp_"),
-                session_id=session_id,
-                message_id=message_id,
-                kind=InputKind.TOOL_APPROVAL,
-                created_at=now,
-                expires_at=now,
-                tool_call=tool_call,
-                policy=policy,
-                state=InputState.RESOLVED,
-                resolution=Resolution(
-                    decision=decision,
-                    reason=reason,
-                    resolved_by=f"policy:{policy}" if policy else "policy",
-                    surface=Surface.POLICY,
-                    resolved_at=now,
-                ),
-            )
+        decided = InputRequest(
+            tenant_id=tenant_id,
+            request_id=self._ids.new_id("inp_"),
+            session_id=session_id,
+            message_id=message_id,
+            kind=InputKind.TOOL_APPROVAL,
+            created_at=now,
+            expires_at=now,
+            tool_call=tool_call,
+            policy=policy,
+            state=InputState.RESOLVED,
+            resolution=Resolution(
+                decision=decision,
+                reason=reason,
+                resolved_by=f"policy:{policy}" if policy else "policy",
+                surface=Surface.POLICY,
+                resolved_at=now,
+            ),
         )
-        await self._audit(request)
+        # The decision and its audit record: one write.
+        change = Change(tenant_id, session_id, inputs=(decided,), audit=(self._audit_record(decided),))
+        (request,) = (await self._store.write(change)).inputs
         return request
 
     # Answering
@@ -229,12 +229,12 @@ class Inputs:
                 ),
             )
             try:
-                saved = await self._store.update_input(resolved)
+                saved = await self._end(resolved)
             except Conflict:
                 # Another process answered first: report who won, never overwrite.
                 raise _already(await self.get(tenant_id, request_id)) from None
         self._grant(saved)
-        await self._ended(saved)
+        self._ended(saved)
         return saved
 
     def _grant(self, request: InputRequest) -> None:
@@ -282,49 +282,50 @@ class Inputs:
             if request is None or request.state is not InputState.PENDING:
                 return
             try:
-                saved = await self._store.update_input(replace(request, state=state, outcome_reason=reason))
+                saved = await self._end(replace(request, state=state, outcome_reason=reason))
             except Conflict:
                 return  # answered meanwhile: that answer stands
-        await self._ended(saved)
+        self._ended(saved)
 
-    async def _ended(self, request: InputRequest) -> None:
+    async def _end(self, ended: InputRequest) -> InputRequest:
+        """Write an ended request with its audit record, its input_ended event and the session's
+        status (active again when nothing else is pending): one store write, all or nothing."""
+        stored = as_stored(ended)
+        change = Change(
+            ended.tenant_id,
+            ended.session_id,
+            inputs=(ended,),
+            audit=(self._audit_record(stored),),
+            events=(InputEnded(stored),),
+        )
+        (saved,) = (await self._write(change, f"{ended.summary}: {_outcome(ended)}")).inputs
+        return saved
+
+    def _ended(self, request: InputRequest) -> None:
+        """What this process does once an ended request is stored: wake its waiters, tell the adapters."""
         self.expiry.forget(request.tenant_id, request.request_id)
-        await self._audit(request)
-        await self._bus.publish(request.tenant_id, request.session_id, InputEnded(request))
         waiting = self._pending.get((request.tenant_id, request.session_id))
         if waiting is not None:
             waiting.discard(request.request_id)
             if not waiting:
                 del self._pending[(request.tenant_id, request.session_id)]
-        pending = await self._store.list_inputs(
-            tenant_id=request.tenant_id,
-            session_id=request.session_id,
-            states=(InputState.PENDING,),
-            page_size=1,
-        )
-        if not pending.requests:
-            await self._pause(
-                request.tenant_id, request.session_id, False, f"{request.summary}: {_outcome(request)}"
-            )
         for waiter in self._waiters.pop((request.tenant_id, request.request_id), []):
             if not waiter.done():
                 waiter.set_result(request)
         self._notify("on_outcome", request)
 
-    async def _audit(self, request: InputRequest) -> None:
+    def _audit_record(self, request: InputRequest) -> AuditRecord:
         resolution = request.resolution
-        await self._store.append_audit(
-            AuditRecord(
-                tenant_id=request.tenant_id,
-                request_id=request.request_id,
-                session_id=request.session_id,
-                message_id=request.message_id,
-                kind=request.kind.value,
-                outcome=_outcome(request),
-                actor=resolution.resolved_by if resolution else "mesh",
-                surface=resolution.surface.value if resolution else "mesh",
-                time=resolution.resolved_at if resolution else self._clock.now(),
-            )
+        return AuditRecord(
+            tenant_id=request.tenant_id,
+            request_id=request.request_id,
+            session_id=request.session_id,
+            message_id=request.message_id,
+            kind=request.kind.value,
+            outcome=_outcome(request),
+            actor=resolution.resolved_by if resolution else "mesh",
+            surface=resolution.surface.value if resolution else "mesh",
+            time=resolution.resolved_at if resolution else self._clock.now(),
         )
 
     # Reading and waiting
@@ -366,12 +367,29 @@ class Inputs:
         return await future
 
     async def recover(self) -> int:
-        """At start-up: re-arm the expiry of every pending request in the store, and apply again
-        the approvals given for a session (still open) or for always."""
-        pending = await self._store.pending_inputs()
-        for request in pending:
-            self._pending.setdefault((request.tenant_id, request.session_id), set()).add(request.request_id)
-            self.expiry.schedule(request.tenant_id, request.request_id, request.expires_at)
+        """At start-up: withdraw the pending requests nothing waits for any more (their message
+        ended, or their session closed, before the server stopped), re-arm the expiry of the rest,
+        and apply again the approvals given for a session (still open) or for always.
+
+        Run it after ``Messages.recover``, which ends the messages that were running."""
+        kept = 0
+        for request in await self._store.pending_inputs():
+            tenant_id, session_id = request.tenant_id, request.session_id
+            message = await self._store.get_message(
+                tenant_id=tenant_id, session_id=session_id, message_id=request.message_id
+            )
+            session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+            if session is None or session.status is SessionStatus.CLOSED:
+                reason = "withdrawn at start-up: the session closed"
+            elif message is None or message.state.terminal:
+                ended = message.state.value if message is not None else "gone"
+                reason = f"withdrawn at start-up: the message is {ended}"
+            else:
+                self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
+                self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
+                kept += 1
+                continue
+            await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
         for request in await self._store.granting_inputs():
             if request.resolution is not None and request.resolution.decision is Decision.APPROVE_FOR_SESSION:
                 session = await self._store.get_session(
@@ -380,7 +398,7 @@ class Inputs:
                 if session is None or session.status is SessionStatus.CLOSED:
                     continue
             self._grant(request)
-        return len(pending)
+        return kept
 
     async def close(self) -> None:
         await self.expiry.stop()

@@ -155,7 +155,8 @@ class SessionRuntime:
                 await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
                 metadata = parse_metadata(message.parts)
                 return await self._run_plan(writer, metadata, signed_off=True)
-            await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
+            # The message stays input-required until the agent has the answer (the executor then
+            # marks it working): a crash before that resumes it again instead of failing it.
             route = Route(message.agent_type, message.instance_id)
             return await self.agents.executor.dispatch(writer, route, resume=ended)
 
@@ -166,20 +167,21 @@ class SessionRuntime:
         message = writer.message
         try:
             outcome = await work()
-            ended = await writer.state(outcome.state, outcome.reason)
+            state, reason = outcome.state, outcome.reason
         except asyncio.CancelledError:
-            reason = self._cancel_reasons.pop(message.message_id, "canceled")
-            ended = await writer.state(MessageState.CANCELED, reason)
+            state, reason = MessageState.CANCELED, self._cancel_reasons.pop(message.message_id, "canceled")
         except MeshError as error:
-            ended = await writer.state(MessageState.FAILED, error.message)
+            state, reason = MessageState.FAILED, error.message
         except Exception as error:  # keep the failure inside this message
             _log.exception("message %s failed unexpectedly", message.message_id)
-            ended = await writer.state(MessageState.FAILED, f"internal error: {type(error).__name__}")
-        if ended.input_request_ids:  # withdraw what nobody answered: the message will not use it
+            state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
+        if writer.message.input_request_ids:
+            # Withdraw what nobody answered before the message ends: the message will not use it,
+            # and a crash between the two writes never leaves a request pending for an ended message.
             await self.scope.services.inputs.cancel_for_message(
-                ended.tenant_id, ended.session_id, ended.message_id, f"message {ended.state.value}"
+                message.tenant_id, message.session_id, message.message_id, f"message {state.value}"
             )
-        return ended
+        return await writer.state(state, reason)
 
     async def _carry_out(self, writer: MessageWriter, route: Route, metadata: MessageMetadata) -> Outcome:
         if route.agent_type == "savant:planner":

@@ -197,6 +197,10 @@ class Messages:
         current = await self.get(caller, session_id, message_id)
         if current.state.terminal:
             return current
+        if current.input_request_ids:  # withdrawn first: a pending request never outlives its message
+            await services.inputs.cancel_for_message(
+                caller.tenant_id, session_id, message_id, "message canceled"
+            )
         writer = MessageWriter(
             current, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
         )
@@ -212,6 +216,10 @@ class Messages:
                 self.runtime(message.tenant_id, message.session_id).resume(message)
                 resumed += 1
                 continue
+            if message.input_request_ids:  # what it asked a human is withdrawn before it fails
+                await services.inputs.cancel_for_message(
+                    message.tenant_id, message.session_id, message.message_id, "message failed"
+                )
             writer = MessageWriter(
                 message, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
             )

@@ -1,7 +1,7 @@
 """The single writer of one message's record while it runs.
 
-Every change is a versioned store update followed by the matching session
-event, so the record and the event log never disagree.
+Every change is a versioned store update and the matching session events in one
+store write, so the record and the event log never disagree, even after a crash.
 """
 
 from __future__ import annotations
@@ -48,18 +48,13 @@ class MessageWriter:
         self._pending: dict[str, Any] = {}
         """Changes written with the next save (saves a write each)."""
 
-    async def _save(
-        self, announce: Callable[[Message], Sequence[MessageEvent]] | None = None, **changes: Any
-    ) -> Message:
+    async def _save(self, announce: Callable[[Message], Sequence[MessageEvent]], **changes: Any) -> Message:
         """Write ``changes`` (and a pending assignment) in one versioned update, with the events
         ``announce`` makes of the message as stored in the same store write."""
         if self._pending:
             changes = {**self._pending, **changes}
             self._pending = {}
         draft = evolve(self.message, updated_at=self._clock.now(), **changes)
-        if announce is None:
-            self.message = await self._store.update_message(draft)
-            return self.message
         store = self._store
 
         async def write(now: float) -> tuple[Message, Sequence[Event]]:
@@ -78,10 +73,10 @@ class MessageWriter:
         if task_id and task_id != self.message.remote_task_id:
             self._pending["remote_task_id"] = task_id
 
-    async def state(self, to: MessageState, reason: str = "") -> Message:
-        """Move to ``to`` (no-op if already there with the same reason)."""
+    async def state(self, to: MessageState, reason: str = "", **changes: Any) -> Message:
+        """Move to ``to`` (no-op if already there with the same reason); ``changes`` go in the same write."""
         current = self.message
-        if current.state is to and current.state_reason == reason:
+        if current.state is to and current.state_reason == reason and not changes:
             return current
         stopping = to in STOPPING
 
@@ -89,15 +84,18 @@ class MessageWriter:
             snapshot = saved if stopping else None
             return (MessageStateChanged(saved.message_id, current.state, to, reason, snapshot),)
 
-        saved = await self._save(announce, state=to, state_reason=reason)
+        saved = await self._save(announce, **changes, state=to, state_reason=reason)
         if stopping and self._on_stop is not None:
             self._on_stop(saved)
         return saved
 
     async def input_required(self, request: InputRequest) -> Message:
         """The message waits for a human on ``request``."""
-        await self._save(input_request_ids=(*self.message.input_request_ids, request.request_id))
-        return await self.state(MessageState.INPUT_REQUIRED, f"waiting for a human: {request.summary}")
+        return await self.state(
+            MessageState.INPUT_REQUIRED,
+            f"waiting for a human: {request.summary}",
+            input_request_ids=(*self.message.input_request_ids, request.request_id),
+        )
 
     async def turn(self, parts: tuple[Part, ...], *, instance_id: str) -> None:
         """Append an agent turn to the history."""

@@ -1,0 +1,122 @@
+"""The store contract for ``Store.write``: changes that belong together land together or not at all.
+
+Runs on every store of ``FACTORIES`` (through the ``store`` fixture of the contract suite).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
+from svantic_grpc.core.events import AgentJoined, InputEnded, StatusChanged
+from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, InputState, Resolution, ToolCall
+from svantic_grpc.core.models import JoinReason, SessionAgent, SessionStatus
+from svantic_grpc.stores import Store
+from svantic_grpc.stores.base import AuditRecord, Change
+from tests.stores.test_contract import T0, make_agent, make_message, make_session, store
+
+__all__ = ["store"]
+
+
+def _request(request_id: str = "r1") -> InputRequest:
+    return InputRequest(
+        "acme", request_id, "s1", "m1", InputKind.TOOL_APPROVAL, T0, T0 + 600, ToolCall("crm.x")
+    )
+
+
+def _audit(request_id: str, outcome: str) -> AuditRecord:
+    return AuditRecord("acme", request_id, "s1", "m1", "tool_approval", outcome, "ops", "grpc", T0 + 1)
+
+
+async def test_records_audit_and_events_land_in_one_write(store: Store) -> None:
+    session = await store.create_session(make_session("s1", status=SessionStatus.PAUSED))
+    request = await store.create_input(_request())
+    answered = replace(
+        request,
+        state=InputState.RESOLVED,
+        resolution=Resolution(decision=Decision.APPROVE, resolved_by="ops", resolved_at=T0 + 1),
+    )
+    active = replace(session, status=SessionStatus.ACTIVE)
+    new_message = make_message("m2")
+    changed = await store.write(
+        Change(
+            "acme",
+            "s1",
+            T0 + 1,
+            sessions=(active,),
+            messages=(new_message,),  # version 0: inserted
+            inputs=(answered,),
+            audit=(_audit("r1", "approve"), _audit("r1", "again")),
+            events=(
+                InputEnded(answered),
+                StatusChanged(SessionStatus.PAUSED, SessionStatus.ACTIVE, "answered"),
+            ),
+        )
+    )
+    assert [s.version for s in changed.sessions] == [2]
+    assert [m.version for m in changed.messages] == [1]
+    assert [r.version for r in changed.inputs] == [2]
+    assert [a.sequence for a in changed.audit] == [1, 2]
+    assert [(e.sequence, e.time) for e in changed.events] == [(1, T0 + 1), (2, T0 + 1)]
+    assert await store.get_session(tenant_id="acme", session_id="s1") == changed.sessions[0]
+    assert await store.get_input(tenant_id="acme", request_id="r1") == changed.inputs[0]
+    assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") == changed.messages[0]
+    assert [r.outcome for r in await store.list_audit(tenant_id="acme", request_id="r1")] == [
+        "approve",
+        "again",
+    ]
+    assert [e.payload for e in await store.list_events(tenant_id="acme", session_id="s1")] == [
+        e.payload for e in changed.events
+    ]
+
+
+@pytest.mark.parametrize("failing", ["stale session", "missing input", "taken message", "stale agent"])
+async def test_one_refused_part_leaves_nothing_of_the_write(store: Store, failing: str) -> None:
+    session = await store.create_session(make_session("s1"))
+    request = await store.create_input(_request())
+    agent = await store.create_agent(make_agent("i1"))
+    await store.create_message(make_message("taken"))
+    joined = SessionAgent("researcher", "i1", JoinReason.INVITED, T0)
+    parts = {
+        "sessions": (replace(session, agents=(joined,)),),
+        "inputs": (replace(request, state=InputState.CANCELED),),
+        "agents": (replace(agent, session_ids=("s1",)),),
+        "messages": (make_message("fresh"),),
+    }
+    error: type[Exception]
+    if failing == "stale session":
+        await store.update_session(session)  # someone else wrote first
+        error = Conflict
+    elif failing == "missing input":
+        parts["inputs"] = (replace(_request("nope"), version=1),)
+        error = NotFound
+    elif failing == "taken message":
+        parts["messages"] = (make_message("fresh"), make_message("taken"))
+        error = AlreadyExists
+    else:
+        await store.update_agent(agent)
+        error = Conflict
+    before_session = await store.get_session(tenant_id="acme", session_id="s1")
+    before_agent = await store.get_agent(tenant_id="acme", instance_id="i1")
+    with pytest.raises(error):
+        await store.write(
+            Change(
+                "acme",
+                "s1",
+                T0 + 1,
+                sessions=parts["sessions"],  # type: ignore[arg-type]
+                messages=parts["messages"],  # type: ignore[arg-type]
+                inputs=parts["inputs"],  # type: ignore[arg-type]
+                agents=parts["agents"],  # type: ignore[arg-type]
+                audit=(_audit("r1", "canceled"),),
+                events=(AgentJoined(joined),),
+            )
+        )
+    assert await store.get_session(tenant_id="acme", session_id="s1") == before_session
+    assert await store.get_input(tenant_id="acme", request_id="r1") == request
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") == before_agent
+    assert await store.get_message(tenant_id="acme", session_id="s1", message_id="fresh") is None
+    assert await store.list_audit(tenant_id="acme") == []
+    assert await store.list_events(tenant_id="acme", session_id="s1") == []
