@@ -449,7 +449,7 @@ async def test_grpc_slack_and_webhook_race_exactly_one_wins_and_losers_are_told(
                 assert named in hook_body["error"]["message"]
             if not slack_won:
                 (told,) = await until(partial(s.ephemerals, user), f"ephemeral to {user}")
-                assert told.startswith("Not recorded") and named in told
+                assert told.startswith("Not recorded") and f"`{won.resolved_by}` via" in told
 
             # The agent got exactly one decision; the message completes; everyone saw one outcome.
             await until(partial(agent.decisions.get, session_id), "the agent's decision")

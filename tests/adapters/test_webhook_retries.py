@@ -96,9 +96,10 @@ async def test_a_retry_of_an_answer_that_lost_is_told_who_won(store: str) -> Non
 async def test_after_a_restart_a_retry_still_hears_it_won(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'mesh.db'}"
     async with surfaces(ApprovalAgent(), store=store, webhook=TOKEN_KEY) as s:
-        _, _, request_id, token = await _asked(s)
+        session_id, message_id, request_id, token = await _asked(s)
         status, first = await s.hook_token(token, responder="ops@acme")  # its response gets lost
         assert _won(status, first, "ops@acme")
+        await s.finished(session_id, message_id)
 
     async with surfaces(store=store, webhook=TOKEN_KEY) as s:
         status, again = await s.hook_token(token, responder="ops@acme")
