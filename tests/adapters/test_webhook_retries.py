@@ -9,6 +9,7 @@ the outcome, after a restart); an answer that lost gets 409 naming the winner.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -129,3 +130,29 @@ async def test_a_body_nested_too_deeply_is_refused_400_and_logs_nothing(
             assert "16 levels" in body["error"]["message"]
         assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
         assert await s.pending_ids(session_id) == [request_id]  # nothing was answered
+
+
+def _credential(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("then", ["answered-by-grpc", "still-pending"])
+async def test_a_claim_left_by_a_crash_before_the_answer_landed_claims_nothing(store: str, then: str) -> None:
+    """A crash between recording the claim and the mesh taking the answer leaves a claim behind."""
+    agent = ApprovalAgent()
+    async with surfaces(agent, store=store) as s:
+        session_id, message_id, request_id, token = await _asked(s)
+        left = {"by": _credential(token), "answer": "whatever it was", "responder": "ops@acme"}
+        await s.client.server.mesh.store.put_adapter_value("webhook", f"answered/acme/{request_id}", left)
+
+        if then == "answered-by-grpc":
+            await s.resolve_grpc(request_id)
+            status, body = await s.hook_token(token, responder="ops@acme")
+            assert (status, body["error"]["reason"]) == (409, "INPUT_ALREADY_RESOLVED")
+            assert f"{GRPC_USER} via grpc" in body["error"]["message"]
+        else:
+            status, body = await s.hook_token(token, responder="ops@acme")
+            assert _won(status, body, "ops@acme") and body["repeat"] is False
+            status, body = await s.hook_token(token, responder="ops@acme")
+            assert _won(status, body, "ops@acme") and body["repeat"] is True
+        await s.finished(session_id, message_id)
