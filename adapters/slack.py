@@ -350,7 +350,7 @@ class SlackAdapter(Adapter):
             await ack()
             task.add_done_callback(partial(self._tell_late, submission))
             return
-        verdict = task.result()
+        verdict = _verdict_of(task)
         if verdict is None:
             await ack()
         elif verdict.errors:
@@ -359,7 +359,7 @@ class SlackAdapter(Adapter):
             await ack(response_action="update", view=_notice_view(verdict.text))
 
     def _tell_late(self, submission: Submission, task: asyncio.Task[_Verdict | None]) -> None:
-        verdict = None if task.cancelled() else task.result()
+        verdict = _verdict_of(task)
         if verdict is not None:
             channel = submission.channel or self.settings.channel
             self._spawn(self._ephemeral(channel, submission.user, verdict.text))
@@ -471,6 +471,20 @@ class _Verdict:
     """Block id -> message, to show under inputs of a still-open modal."""
     field: str = ""
     """The form field the mesh refused, if it named one."""
+
+
+_FAILED = _Verdict("Not recorded: the mesh could not take this answer; please try again.")
+
+
+def _verdict_of(task: asyncio.Task[_Verdict | None]) -> _Verdict | None:
+    """What a finished modal answer has to say; a failure is logged once and said as such."""
+    if task.cancelled():
+        return None
+    error = task.exception()
+    if error is not None:
+        logger.error("slack: answering a modal failed", exc_info=error)
+        return _FAILED
+    return task.result()
 
 
 def _too_late(request: InputRequest) -> str:

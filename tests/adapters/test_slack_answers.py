@@ -361,3 +361,32 @@ async def test_a_modal_answer_slower_than_slacks_ack_window_reports_later(
         (told,) = await until(lambda: h.ephemerals("U1"), "the late ephemeral")
         assert told.startswith("Not recorded: this request was already answered.")
         assert "<@U2>" in told
+
+
+async def test_a_modal_answer_that_fails_says_so_in_the_modal(caplog: pytest.LogCaptureFixture) -> None:
+    async with unit.running() as h:
+        request = unit.make_request(InputKind.TOOL_APPROVAL)
+        await h.announce(request)
+        await h.click(request, "deny", user="U1")
+        await until(lambda: h.slack.of("views.open"), "the Deny modal")
+        view = h.slack.of("views.open")[0]["view"]
+
+        async def broken(**_: Any) -> Any:
+            raise RuntimeError("the store is on fire")
+
+        h.mesh.resolve = broken  # type: ignore[method-assign]
+        payload = submission(view, REASON)
+        body = urlencode({"payload": json.dumps(payload)})
+        timestamp = str(int(time.time()))
+        signature = SignatureVerifier(unit.SIGNING_SECRET).generate_signature(timestamp=timestamp, body=body)
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Slack-Request-Timestamp": timestamp,
+            "X-Slack-Signature": signature or "",
+        }
+        with caplog.at_level(logging.ERROR):
+            async with h.http.post(h.url, data=body, headers=headers) as response:
+                assert response.status == 200
+                ack = await response.json()
+        assert "could not take this answer" in shown(ack)
+        assert len([r for r in caplog.records if r.exc_info]) == 1  # logged once, by the adapter
