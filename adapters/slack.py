@@ -2,12 +2,18 @@
 
 Each pending request is posted to one channel with buttons (Approve / Approve for
 session / Deny, Confirm / Reject, or "Fill in" for a form). Interactions arrive at
-``POST /webhooks/receive/slack`` on the shared HTTP server and go through a
-slack-bolt ``AsyncApp``, which verifies Slack's signature and timestamp window
-(5 minutes) before any listener runs. Every listener acks at once; the answer is
-resolved in a task this adapter owns, so Slack always gets its ack within 3 s.
-When a request ends, on any surface, the message is updated: buttons gone, one
-line saying what happened.
+``POST /webhooks/receive/slack`` on the shared HTTP server. Slack's signature and
+timestamp window (5 minutes) are checked before the body is read (401 otherwise);
+a signed body that is not one of this adapter's buttons or modals, or lacks what
+it must carry, gets 400 or 404 (see ``_slack_interactions``); the rest goes through
+a slack-bolt ``AsyncApp``. A click is acked at once and answered in a task this
+adapter owns; what the clicker should know (say, that someone else answered first)
+comes as an ephemeral. A modal is answered before its ack, so a refusal shows in
+the modal itself: replaced by what happened, or an error under the input the mesh
+refused; an answer slower than ``_ACK_WITHIN_S`` reports by ephemeral instead.
+Winners are named as Slack shows people: ``<@U123>`` for a Slack user, the surface
+and name otherwise. When a request ends, on any surface, the message is updated:
+buttons gone, one line saying what happened.
 
 Sensitive forms (any ``sensitive`` or ``password`` field) never reach Slack: the
 message says to complete them through the API or the session's chat.
@@ -25,20 +31,36 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Coroutine, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.request.internals import parse_body
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters._slack_interactions import (
+    ACTION,
+    DENY_VIEW,
+    FORM_VIEW,
+    Click,
+    Malformed,
+    Refused,
+    Submission,
+    admit,
+    signed,
+)
 from svantic_grpc.adapter import Adapter, AdapterContext
-from svantic_grpc.core.errors import MeshError
+from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument, MeshError
 from svantic_grpc.core.inputs.model import (
     Decision,
     Form,
@@ -53,11 +75,10 @@ from svantic_grpc.core.inputs.model import (
 __all__ = ["RECEIVE_PATH", "SlackAdapter", "SlackConfig"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECEIVE_PATH = "/webhooks/receive/slack"
-_ACTION = re.compile(r"^svantic\.(approve|approve_for_session|deny|confirm|reject|fill)$")
-_DENY_VIEW = "svantic.deny"
-_FORM_VIEW = "svantic.form"
+_ACK_WITHIN_S = 2.0  # Slack waits 3 s for a modal's ack
 _MAX_TEXT = 2900  # a section's text may hold 3000 characters
 _BUTTONS = {
     Decision.APPROVE: ("approve", "Approve", "primary"),
@@ -158,24 +179,25 @@ class SlackAdapter(Adapter):
             timeout=self.settings.timeout_s,
             **client_args,
         )
+        self._signing_secret = (
+            _secret(env, self.settings.signing_secret_env, "signing_secret_env") if http else ""
+        )
         self._app = AsyncApp(
             client=self._client,
-            signing_secret=_secret(env, self.settings.signing_secret_env, "signing_secret_env")
-            if http
-            else "",
-            request_verification_enabled=http,
+            signing_secret=self._signing_secret,
+            request_verification_enabled=False,  # HTTP: checked before bolt sees it (_receive)
             # Listeners ack at once and hand the work to tasks we own (see _spawn), so
             # bolt never runs a listener in a task of its own that nobody awaits.
             process_before_response=True,
             logger=logging.getLogger(f"{__name__}.bolt"),
         )
-        self._app.action(_ACTION)(self._on_action)
-        self._app.view(_DENY_VIEW)(self._on_deny_submitted)
-        self._app.view(_FORM_VIEW)(self._on_form_submitted)
+        self._app.action(ACTION)(self._on_action)
+        self._app.view(DENY_VIEW)(self._on_deny_submitted)
+        self._app.view(FORM_VIEW)(self._on_form_submitted)
         self._app_token = "" if http else _secret(env, self.settings.app_token_env, "app_token_env")
         self._socket: AsyncSocketModeHandler | None = None
         self._posts: dict[tuple[str, str], asyncio.Future[_Posted | None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -201,14 +223,15 @@ class SlackAdapter(Adapter):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
         if self._stopped:
             work.close()
             logger.warning("slack: interaction arrived after stop; dropped")
-            return
+            return None
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- mesh hooks --------------------------------------------------------------------------
 
@@ -257,92 +280,158 @@ class SlackAdapter(Adapter):
     # -- inbound -----------------------------------------------------------------------------
 
     async def _receive(self, request: web.Request) -> web.Response:
-        # slack_sdk's verifier calls int() on the timestamp; refuse junk before it raises.
-        if not request.headers.get("X-Slack-Request-Timestamp", "").isdigit():
+        # The signature first: nothing of an unsigned body is read (slack-bolt parses first).
+        raw = await request.read()
+        headers = request.headers
+        if not signed(
+            self._signing_secret,
+            raw,
+            headers.get("X-Slack-Request-Timestamp", ""),
+            headers.get("X-Slack-Signature", ""),
+            time.time(),  # the wall clock, as slack-bolt's own check after this one
+        ):
             return web.json_response({"error": "invalid request"}, status=401)
-        bolt_response = await self._app.async_dispatch(await to_bolt_request(request))
-        return await to_aiohttp_response(bolt_response)
+        try:
+            interaction = admit(parse_body(raw.decode(), request.content_type))
+        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+            refused = Refused(
+                400, "malformed interaction: the body is neither Slack's form encoding nor JSON"
+            )
+        except Refused as exc:
+            refused = exc
+        else:
+            # Verified above, so slack-bolt (its own check off) gets the rebuilt body only.
+            bolt_request = AsyncBoltRequest(
+                body=urlencode({"payload": json.dumps(interaction)}),
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
+        logger.info("slack: refused a signed interaction (%d): %s", refused.status, refused.message)
+        return web.json_response({"error": refused.message}, status=refused.status)
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
-        self._spawn(self._answer_action(body))
+        try:
+            click = Click.read(body)
+        except Malformed as e:  # only over Socket Mode: the HTTP door refuses these
+            logger.warning("slack: ignored a malformed button click: %s", e)
+            return
+        self._spawn(self._answer_action(click))
 
     async def _on_deny_submitted(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await ack()
-        self._spawn(self._answer_deny(body))
+        await self._submitted(ack, body, self._answer_deny)
 
     async def _on_form_submitted(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await ack()
-        self._spawn(self._answer_form(body))
+        await self._submitted(ack, body, self._answer_form)
 
-    async def _answer_action(self, body: dict[str, Any]) -> None:
+    async def _submitted(
+        self,
+        ack: AsyncAck,
+        body: dict[str, Any],
+        answer: Callable[[Submission], Coroutine[Any, Any, _Verdict | None]],
+    ) -> None:
+        """Answer a modal before acking it, so a refusal shows in the modal itself.
+
+        Slack waits 3 s for the ack; an answer slower than ``_ACK_WITHIN_S`` goes on
+        after the modal closed, and what it has to say comes as an ephemeral.
+        """
         try:
-            action = body["actions"][0]
-            what = action["action_id"].removeprefix("svantic.")
-            ref = json.loads(action["value"])
-            tenant_id, request_id = str(ref["tenant_id"]), str(ref["request_id"])
-            user = str(body["user"]["id"])
-            channel = str(body.get("channel", {}).get("id") or self.settings.channel)
-            request = await self._answerable(tenant_id, request_id, user, channel)
-            if request is None:
+            submission = Submission.read(body)
+        except Malformed as e:  # only over Socket Mode: the HTTP door refuses these
+            logger.warning("slack: ignored a malformed modal submission: %s", e)
+            await ack()
+            return
+        task = self._spawn(answer(submission))
+        if task is None:
+            await ack()
+            return
+        done, _ = await asyncio.wait({task}, timeout=_ACK_WITHIN_S)
+        if task not in done:
+            await ack()
+            task.add_done_callback(partial(self._tell_late, submission))
+            return
+        verdict = _verdict_of(task)
+        if verdict is None:
+            await ack()
+        elif verdict.errors:
+            await ack(response_action="errors", errors=verdict.errors)
+        else:
+            await ack(response_action="update", view=_notice_view(verdict.text))
+
+    def _tell_late(self, submission: Submission, task: asyncio.Task[_Verdict | None]) -> None:
+        verdict = _verdict_of(task)
+        if verdict is not None:
+            channel = submission.channel or self.settings.channel
+            self._spawn(self._ephemeral(channel, submission.user, verdict.text))
+
+    async def _answer_action(self, click: Click) -> None:
+        channel = click.channel or self.settings.channel
+        try:
+            checked = await self._check(click.tenant_id, click.request_id, click.user)
+            if isinstance(checked, _Verdict):
+                await self._ephemeral(channel, click.user, checked.text)
                 return
-            if what in ("approve", "approve_for_session"):
-                await self._resolve(request, Resolution(decision=Decision(what)), user, channel)
-            elif what in ("confirm", "reject"):
-                await self._resolve(request, Resolution(confirmed=what == "confirm"), user, channel)
-            elif request.state is not InputState.PENDING:
-                await self._ephemeral(
-                    channel, user, f"Not recorded: this request ended. {_outcome_line(request)}"
+            request, verdict = checked, None
+            if click.what in ("approve", "approve_for_session"):
+                verdict = await self._resolve(request, Resolution(decision=Decision(click.what)), click.user)
+            elif click.what in ("confirm", "reject"):
+                verdict = await self._resolve(
+                    request, Resolution(confirmed=click.what == "confirm"), click.user
                 )
-            elif what == "deny":
+            elif click.what == "deny":
                 view = _deny_view(request, channel)
-                await self._client.views_open(trigger_id=body["trigger_id"], view=view)
+                await self._client.views_open(trigger_id=click.trigger_id, view=view)
             elif not _form_in_slack(request):
-                await self._client.chat_postEphemeral(channel=channel, user=user, text=_SENSITIVE_NOTE)
+                await self._client.chat_postEphemeral(channel=channel, user=click.user, text=_SENSITIVE_NOTE)
             else:
                 view = _form_view(request, channel)
-                await self._client.views_open(trigger_id=body["trigger_id"], view=view)
+                await self._client.views_open(trigger_id=click.trigger_id, view=view)
+            if verdict is not None:
+                await self._ephemeral(channel, click.user, verdict.text)
         except Exception:
             logger.exception("slack: handling a button failed")
 
-    async def _answer_deny(self, body: dict[str, Any]) -> None:
-        try:
-            tenant_id, request_id, channel, user = _view_ref(body)
-            reason = body["view"]["state"]["values"]["reason"]["value"].get("value") or ""
-            request = await self._answerable(tenant_id, request_id, user, channel)
-            if request is not None:
-                await self._resolve(request, Resolution(decision=Decision.DENY, reason=reason), user, channel)
-        except Exception:
-            logger.exception("slack: handling a denial failed")
+    async def _answer_deny(self, submission: Submission) -> _Verdict | None:
+        checked = await self._check(submission.tenant_id, submission.request_id, submission.user)
+        if isinstance(checked, _Verdict):
+            return checked
+        resolution = Resolution(decision=Decision.DENY, reason=submission.reason)
+        return await self._resolve(checked, resolution, submission.user)
 
-    async def _answer_form(self, body: dict[str, Any]) -> None:
+    async def _answer_form(self, submission: Submission) -> _Verdict | None:
+        checked = await self._check(submission.tenant_id, submission.request_id, submission.user)
+        if isinstance(checked, _Verdict):
+            return checked
+        if checked.form is None or not _form_in_slack(checked):
+            return _Verdict(_SENSITIVE_NOTE)
         try:
-            tenant_id, request_id, channel, user = _view_ref(body)
-            request = await self._answerable(tenant_id, request_id, user, channel)
-            if request is not None and request.form is not None and _form_in_slack(request):
-                values = _form_values(request.form, body["view"]["state"]["values"])
-                await self._resolve(request, Resolution(values=values), user, channel)
-        except Exception:
-            logger.exception("slack: handling a form submission failed")
+            values = _form_values(checked.form, submission.state)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            logger.warning("slack: ignored an unreadable form submission: %s: %s", type(e).__name__, e)
+            return _Verdict("Not recorded: the form could not be read; please try again.")
+        verdict = await self._resolve(checked, Resolution(values=values), submission.user)
+        if verdict is not None and verdict.field:
+            # A value the mesh refused: shown under its input, the modal stays open.
+            names = [f.name for f in checked.form.fields]
+            if verdict.field in names:
+                return _Verdict(verdict.text, errors={f"f{names.index(verdict.field)}": verdict.text})
+        return verdict
 
-    async def _answerable(
-        self, tenant_id: str, request_id: str, user: str, channel: str
-    ) -> InputRequest | None:
-        """The request if ``user`` may answer it now; otherwise tell them why (ephemeral) and None."""
+    async def _check(self, tenant_id: str, request_id: str, user: str) -> InputRequest | _Verdict:
+        """The request if ``user`` may answer it now; otherwise what to tell them."""
         try:
             request = await self.context.get_request(tenant_id=tenant_id, request_id=request_id)
         except MeshError as e:
-            await self._ephemeral(channel, user, f"This request cannot be answered: {e.message}")
-            return None
+            return _Verdict(f"This request cannot be answered: {_esc(e.message)}")
+        if request.state is not InputState.PENDING:
+            return _Verdict(_too_late(request))
         allowed = (*request.allowed_responders, *self.settings.allowed_responders)
         if allowed and user not in allowed and f"slack:{user}" not in allowed:
-            await self._ephemeral(
-                channel, user, "You are not one of the allowed responders for this request."
-            )
-            return None
+            return _Verdict("You are not one of the allowed responders for this request.")
         return request
 
-    async def _resolve(self, request: InputRequest, resolution: Resolution, user: str, channel: str) -> None:
+    async def _resolve(self, request: InputRequest, resolution: Resolution, user: str) -> _Verdict | None:
+        """Answer ``request``; ``None`` when recorded, otherwise what to tell ``user``."""
         try:
             await self.context.resolve(
                 tenant_id=request.tenant_id,
@@ -351,14 +440,66 @@ class SlackAdapter(Adapter):
                 responder=f"slack:{user}",
                 surface=Surface.SLACK,
             )
-        except MeshError as e:  # AlreadyResolved names who won, how and when
-            await self._ephemeral(channel, user, f"Not recorded: {e.message}")
+        except AlreadyResolved as e:  # someone was quicker: name them as Slack shows people
+            try:
+                ended = await self.context.get_request(
+                    tenant_id=request.tenant_id, request_id=request.request_id
+                )
+            except MeshError:
+                return _Verdict(f"Not recorded: {_esc(e.message)}")
+            return _Verdict(_too_late(ended))
+        except InvalidArgument as e:
+            return _Verdict(f"Not recorded: {_esc(e.message)}", field=e.field.rpartition(".")[2])
+        except MeshError as e:
+            return _Verdict(f"Not recorded: {_esc(e.message)}")
+        return None
 
     async def _ephemeral(self, channel: str, user: str, text: str) -> None:
         try:
             await self._client.chat_postEphemeral(channel=channel, user=user, text=text)
         except Exception:
             logger.exception("slack: an ephemeral reply to %s failed", user)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """Why an answer from Slack was not recorded, for the person who gave it."""
+
+    text: str
+    """Slack mrkdwn (mentions render)."""
+    errors: dict[str, str] | None = None
+    """Block id -> message, to show under inputs of a still-open modal."""
+    field: str = ""
+    """The form field the mesh refused, if it named one."""
+
+
+_FAILED = _Verdict("Not recorded: the mesh could not take this answer; please try again.")
+
+
+def _verdict_of(task: asyncio.Task[_Verdict | None]) -> _Verdict | None:
+    """What a finished modal answer has to say; a failure is logged once and said as such."""
+    if task.cancelled():
+        return None
+    error = task.exception()
+    if error is not None:
+        logger.error("slack: answering a modal failed", exc_info=error)
+        return _FAILED
+    return task.result()
+
+
+def _too_late(request: InputRequest) -> str:
+    ended = "was already answered" if request.state is InputState.RESOLVED else "has ended"
+    return f"Not recorded: this request {ended}. {_outcome_line(request)}"
+
+
+def _notice_view(text: str) -> dict[str, Any]:
+    """A modal that replaces a submitted one: what happened, and a Close button."""
+    return {
+        "type": "modal",
+        "title": _plain("Not recorded", 24),
+        "close": _plain("Close"),
+        "blocks": [_section(text)],
+    }
 
 
 # -- Block Kit -------------------------------------------------------------------------------
@@ -490,17 +631,11 @@ def _metadata(request: InputRequest, channel: str) -> str:
     return json.dumps({"tenant_id": request.tenant_id, "request_id": request.request_id, "channel": channel})
 
 
-def _view_ref(body: dict[str, Any]) -> tuple[str, str, str, str]:
-    """(tenant_id, request_id, channel, user) of a modal submission."""
-    ref = json.loads(body["view"]["private_metadata"])
-    return str(ref["tenant_id"]), str(ref["request_id"]), str(ref["channel"]), str(body["user"]["id"])
-
-
 def _deny_view(request: InputRequest, channel: str) -> dict[str, Any]:
     reason = {"type": "plain_text_input", "action_id": "value", "multiline": True}
     return {
         "type": "modal",
-        "callback_id": _DENY_VIEW,
+        "callback_id": DENY_VIEW,
         "private_metadata": _metadata(request, channel),
         "title": _plain("Deny request", 24),
         "submit": _plain("Deny"),
@@ -561,7 +696,7 @@ def _form_view(request: InputRequest, channel: str) -> dict[str, Any]:
         )
     return {
         "type": "modal",
-        "callback_id": _FORM_VIEW,
+        "callback_id": FORM_VIEW,
         "private_metadata": _metadata(request, channel),
         "title": _plain(request.form.title or "Input", 24),
         "submit": _plain("Submit"),

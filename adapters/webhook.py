@@ -11,12 +11,16 @@ background tasks the adapter owns. Connection errors, timeouts, 5xx and 429 are
 retried with capped exponential backoff and jitter; other answers are final.
 
 In: ``POST /webhooks/receive`` resolves a request when the body carries the
-single-use callback token sent with the notification, or when it is signed with the
-inbound secret inside the timestamp window. A callback token is a JWT (HS256) naming
-its request and expiry: with ``callback_token_key_env`` set, a token sent before a
-restart still answers its request after it (once the request has ended, a token only
-learns who answered it). A signed message is processed once per
-``webhook-id``; a replay gets ``{"status": "duplicate"}`` and changes nothing.
+callback token sent with the notification, or when it is signed with the inbound
+secret inside the timestamp window. A callback token is a JWT (HS256) naming its
+request and expiry: with ``callback_token_key_env`` set, a token sent before a
+restart still answers its request after it. The first answer wins (200,
+``"repeat": false``); the same token with the same answer again, say after a lost
+response, gets that 200 again with ``"repeat": true``, at any time and after a
+restart (see ``_webhook_callbacks``); any other answer to an ended request gets 409
+naming who answered. A signed message is processed once per ``webhook-id``; a
+replay gets ``{"status": "duplicate"}`` and changes nothing. A body nesting more than
+``MAX_BODY_DEPTH`` levels is refused (400).
 
 Sensitive forms never leave the mesh: their notifications carry no defaults, no
 values and no callback token, and a webhook cannot answer them.
@@ -27,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import logging
@@ -42,10 +45,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import jwt
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from adapters._webhook_callbacks import CallbackTokens, Refused, Winners, fingerprint
 from svantic_grpc.adapter import Adapter, AdapterContext
 from svantic_grpc.core.errors import (
     AlreadyResolved,
@@ -68,16 +71,23 @@ from svantic_grpc.core.inputs.model import (
     Surface,
 )
 
-__all__ = ["RECEIVE_PATH", "SENSITIVE_NOTE", "WebhookAdapter", "WebhookSettings", "WebhookTarget"]
+__all__ = [
+    "MAX_BODY_DEPTH",
+    "RECEIVE_PATH",
+    "SENSITIVE_NOTE",
+    "WebhookAdapter",
+    "WebhookSettings",
+    "WebhookTarget",
+]
 
 _log = logging.getLogger(__name__)
 
 RECEIVE_PATH = "/webhooks/receive"
-_ENDED_TOKENS_KEPT = 10_000
-_TOKEN_AUDIENCE = "svantic-webhook-callback"
 _MIN_TOKEN_KEY_BYTES = 32
 
 SENSITIVE_NOTE = "This request has sensitive fields; complete it through the API or chat, not a webhook."
+MAX_BODY_DEPTH = 16
+"""How deeply an inbound body may nest objects and arrays (the body itself is level 1)."""
 _DEFAULT_INBOUND_ENV = "SVANTIC_WEBHOOK_SECRET"
 _SECRET_PREFIX = "whsec_"
 _MIN_SECRET_BYTES = 24  # the Standard Webhooks recommendation (24 to 64 random bytes)
@@ -346,35 +356,7 @@ class _Message:
         return f"{self.type} of {self.request_id} ({self.webhook_id})"
 
 
-@dataclass(frozen=True)
-class _Grant:
-    """What a callback token allows: answering one request until ``expires_at``."""
-
-    tenant_id: str
-    request_id: str
-    expires_at: float
-
-
-def _keep_newest(remembered: dict[str, Any]) -> None:
-    """Drop the oldest entries beyond ``_ENDED_TOKENS_KEPT`` (dicts keep insertion order)."""
-    while len(remembered) > _ENDED_TOKENS_KEPT:
-        del remembered[next(iter(remembered))]
-
-
-def _digest(token: str) -> str:
-    # Tokens are kept hashed, so a lookup's timing says nothing about valid tokens.
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 # ---------------------------------------------------------------- what comes in
-
-
-class _Refused(Exception):
-    """An inbound call refused before it reached the mesh."""
-
-    def __init__(self, status: int, reason: str, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.field = status, reason, message, field
 
 
 @dataclass(frozen=True)
@@ -426,6 +408,29 @@ class _Answer:
             payload=obj("payload"),
         )
 
+    def content(self) -> dict[str, Any]:
+        """What the answer says (its target left out)."""
+        return {
+            "responder": self.responder,
+            "decision": self.decision.value if self.decision else None,
+            "reason": self.reason,
+            "values": self.values,
+            "confirmed": self.confirmed,
+            "payload": self.payload,
+        }
+
+    def resolution(self, now: float) -> Resolution:
+        return Resolution(
+            decision=self.decision,
+            reason=self.reason,
+            values=self.values,
+            confirmed=self.confirmed,
+            payload=self.payload,
+            resolved_by=self.responder,
+            surface=Surface.WEBHOOK,
+            resolved_at=now,
+        )
+
 
 def _error(status: int, reason: str, message: str, field: str = "") -> web.Response:
     error: dict[str, str] = {"reason": reason, "message": message}
@@ -437,6 +442,18 @@ def _error(status: int, reason: str, message: str, field: str = "") -> web.Respo
 def _mesh_error(exc: MeshError) -> web.Response:
     status = next((code for cls, code in _HTTP_STATUS if isinstance(exc, cls)), 400)
     return _error(status, exc.reason, exc.message, exc.field if isinstance(exc, InvalidArgument) else "")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class _StrictJsonError(ValueError):
@@ -487,12 +504,8 @@ class WebhookAdapter(Adapter):
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._announcing: dict[_Key, set[asyncio.Task[None]]] = {}
-        self._grants: dict[str, _Grant] = {}  # token digest -> grant
-        self._ended: dict[str, _Grant] = {}  # token digests of requests that ended -> grant
-        # Requests with outstanding tokens; a key stays until the outcome revokes them all.
-        self._tokens_of: dict[_Key, set[str]] = {}
-        self._used: dict[str, None] = {}  # digests of tokens used here, oldest first (bounded)
-        self._token_key = self.settings.token_key or secrets.token_bytes(_MIN_TOKEN_KEY_BYTES)
+        self._tokens = CallbackTokens(self.settings.token_key or secrets.token_bytes(_MIN_TOKEN_KEY_BYTES))
+        self._winners = Winners(context)
         self._seen: dict[str, int] = {}  # processed webhook-id -> its timestamp, oldest first
 
     # -- lifecycle
@@ -582,7 +595,6 @@ class WebhookAdapter(Adapter):
             _log.warning("webhook adapter %s: %s has not ended", self.name, request.request_id)
             return
         key = (request.tenant_id, request.request_id)
-        self._revoke(key)
         # An announcement still retrying is moot now; it ends before the outcome goes out.
         earlier = tuple(self._announcing.pop(key, ()))
         for task in earlier:
@@ -674,75 +686,7 @@ class WebhookAdapter(Adapter):
         expires_at = request.expires_at
         if self.settings.callback_token_ttl_s is not None:
             expires_at = min(expires_at, self.context.clock.now() + self.settings.callback_token_ttl_s)
-        claims = {
-            "aud": _TOKEN_AUDIENCE,
-            "tenant_id": request.tenant_id,
-            "request_id": request.request_id,
-            "expires_at": expires_at,
-            "jti": secrets.token_urlsafe(16),
-        }
-        token = jwt.encode(claims, self._token_key, algorithm="HS256")
-        digest = _digest(token)
-        self._grants[digest] = _Grant(request.tenant_id, request.request_id, expires_at)
-        self._tokens_of.setdefault((request.tenant_id, request.request_id), set()).add(digest)
-        return token, expires_at
-
-    def _take_token(self, body: Mapping[str, Any]) -> tuple[str, _Grant]:
-        """Consume the body's token; raises ``_Refused`` (401) unless it is valid for the request."""
-        token = str(body["callback_token"])
-        digest = _digest(token)
-        grant = self._grants.get(digest)
-        if grant is None and digest in self._ended:
-            # The request ended before this token was used: let the mesh say who answered (409).
-            grant = self._ended[digest]
-            return digest, grant
-        if grant is None and digest not in self._used:
-            grant = self._issued_before(token)  # by this adapter before a restart, perhaps
-            if grant is not None:
-                self._grants[digest] = grant
-        if (
-            grant is None
-            or body.get("request_id") not in (None, "", grant.request_id)
-            or body.get("tenant_id") not in (None, "", grant.tenant_id)
-        ):
-            raise _Refused(401, "INVALID_CALLBACK_TOKEN", "callback token is invalid, used or revoked")
-        del self._grants[digest]
-        self._tokens_of.get((grant.tenant_id, grant.request_id), set()).discard(digest)
-        self._used[digest] = None
-        _keep_newest(self._used)
-        if self.context.clock.now() >= grant.expires_at:
-            raise _Refused(401, "CALLBACK_TOKEN_EXPIRED", "callback token expired")
-        return digest, grant
-
-    def _give_back(self, digest: str, grant: _Grant) -> None:
-        """Reinstate a token whose use changed nothing, unless the request ended meanwhile."""
-        self._used.pop(digest, None)
-        tokens = self._tokens_of.get((grant.tenant_id, grant.request_id))
-        if tokens is not None:
-            tokens.add(digest)
-            self._grants[digest] = grant
-
-    def _issued_before(self, token: str) -> _Grant | None:
-        """The grant of a token this adapter's key signed but this process does not know of."""
-        try:
-            claims = jwt.decode(
-                token,
-                self._token_key,
-                algorithms=["HS256"],
-                audience=_TOKEN_AUDIENCE,
-                options={"require": ["aud", "jti"], "verify_exp": False},  # expiry: the mesh's clock
-            )
-            return _Grant(str(claims["tenant_id"]), str(claims["request_id"]), float(claims["expires_at"]))
-        except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
-            return None
-
-    def _revoke(self, key: _Key) -> None:
-        for digest in self._tokens_of.pop(key, ()):
-            grant = self._grants.pop(digest, None)
-            if grant is not None:
-                # Remembered (bounded) so a late answer is told who won instead of "invalid token".
-                self._ended[digest] = grant
-                _keep_newest(self._ended)
+        return self._tokens.issue(request, expires_at), expires_at
 
     # -- inbound
 
@@ -750,11 +694,16 @@ class WebhookAdapter(Adapter):
         try:
             text = (await request.read()).decode()
             body = json.loads(text, parse_constant=_no_constant, parse_int=_int64)
+        except RecursionError:
+            return _error(400, "MALFORMED_JSON", f"body must nest at most {MAX_BODY_DEPTH} levels")
         except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
             detail = f": {exc.args[0]}" if isinstance(exc, _StrictJsonError) else ""
             return _error(400, "MALFORMED_JSON", f"body must be a JSON object{detail}")
         if not isinstance(body, dict):
             return _error(400, "MALFORMED_JSON", "body must be a JSON object")
+        if _depth(body) > MAX_BODY_DEPTH:
+            # What is stored must stay readable by every client (protobuf decoders stop at ~100 levels).
+            return _error(400, "MALFORMED_JSON", f"body must nest at most {MAX_BODY_DEPTH} levels")
         try:
             # Standard Webhooks headers, when present, decide alone: a bad signature is refused
             # even if the body also carries a token.
@@ -766,8 +715,8 @@ class WebhookAdapter(Adapter):
                 return await self._resolve_signed(body, webhook_id, timestamp)
             if isinstance(body.get("callback_token"), str):
                 return await self._resolve_with_token(body)
-            raise _Refused(401, "UNAUTHENTICATED", "needs a valid webhook-signature or callback_token")
-        except _Refused as exc:
+            raise Refused(401, "UNAUTHENTICATED", "needs a valid webhook-signature or callback_token")
+        except Refused as exc:
             return _error(exc.status, exc.reason, exc.message, exc.field)
         except MeshError as exc:
             return _mesh_error(exc)
@@ -783,61 +732,88 @@ class WebhookAdapter(Adapter):
                 raise InvalidArgument("request_id", "required")
             if not answer.tenant_id:
                 raise InvalidArgument("tenant_id", "required with a signature")
-            return await self._resolve(answer.tenant_id, answer.request_id, answer)
+            return await self._resolve(answer.tenant_id, answer.request_id, answer, f"signature:{webhook_id}")
         except Exception:
             self._seen.pop(webhook_id, None)  # refused: nothing changed, so a resend is no duplicate
             raise
 
     async def _resolve_with_token(self, body: dict[str, Any]) -> web.Response:
-        digest, grant = self._take_token(body)
-        try:
-            answer = _Answer.parse(body)
-            return await self._resolve(grant.tenant_id, grant.request_id, answer)
-        except (InvalidArgument, PermissionDenied):
-            self._give_back(digest, grant)
-            raise
+        grant = self._tokens.check(str(body["callback_token"]))
+        if body.get("request_id") not in (None, "", grant.request_id) or body.get("tenant_id") not in (
+            None,
+            "",
+            grant.tenant_id,
+        ):
+            raise Refused(401, "INVALID_CALLBACK_TOKEN", "callback token is for another request")
+        answer = _Answer.parse(body)
+        return await self._resolve(
+            grant.tenant_id, grant.request_id, answer, grant.credential, expires_at=grant.expires_at
+        )
 
-    async def _resolve(self, tenant_id: str, request_id: str, answer: _Answer) -> web.Response:
-        current = await self.context.get_request(tenant_id=tenant_id, request_id=request_id)
-        if current.sensitive and current.state is InputState.PENDING:
-            raise _Refused(422, "SENSITIVE_INPUT", SENSITIVE_NOTE, "values")
-        resolution = Resolution(
-            decision=answer.decision,
-            reason=answer.reason,
-            values=answer.values,
-            confirmed=answer.confirmed,
-            payload=answer.payload,
-            resolved_by=answer.responder,
-            surface=Surface.WEBHOOK,
-            resolved_at=self.context.clock.now(),
-        )
-        resolved = await self.context.resolve(
-            tenant_id=tenant_id,
-            request_id=request_id,
-            resolution=resolution,
-            responder=answer.responder,
-            surface=Surface.WEBHOOK,
-        )
-        return web.json_response({"status": "resolved", "request": _request_json(resolved)})
+    async def _resolve(
+        self,
+        tenant_id: str,
+        request_id: str,
+        answer: _Answer,
+        credential: str,
+        *,
+        expires_at: float | None = None,
+    ) -> web.Response:
+        """Answer the request once; the same credential and answer again learns that it won."""
+        answered = fingerprint(answer.content())
+        async with self._winners.hold(tenant_id, request_id):
+            current = await self.context.get_request(tenant_id=tenant_id, request_id=request_id)
+            pending = current.state is InputState.PENDING
+            if pending:
+                if expires_at is not None and self.context.clock.now() >= expires_at:
+                    raise Refused(401, "CALLBACK_TOKEN_EXPIRED", "callback token expired")
+                if current.sensitive:
+                    raise Refused(422, "SENSITIVE_INPUT", SENSITIVE_NOTE, "values")
+                await self._winners.claim(
+                    tenant_id, request_id, credential=credential, answer=answered, responder=answer.responder
+                )
+            else:
+                won = await self._winners.won(current, credential)
+                if won == answered:  # a retry of the answer that won: the same success, marked
+                    body = {"status": "resolved", "repeat": True, "request": _request_json(current)}
+                    return web.json_response(body)
+                if won is not None:
+                    raise AlreadyResolved(
+                        f"input request {request_id!r} was already answered with this callback "
+                        "credential, differently; the first answer stands",
+                        metadata={"winner": "this credential"},
+                    )
+                # Otherwise the mesh refuses it below, naming who answered, how and when.
+            try:
+                resolved = await self.context.resolve(
+                    tenant_id=tenant_id,
+                    request_id=request_id,
+                    resolution=answer.resolution(self.context.clock.now()),
+                    responder=answer.responder,
+                    surface=Surface.WEBHOOK,
+                )
+            except MeshError:
+                if pending:
+                    await self._winners.release(tenant_id, request_id)  # refused: it changed nothing
+                raise
+        return web.json_response({"status": "resolved", "repeat": False, "request": _request_json(resolved)})
 
     def _verify(self, text: str, signed: tuple[str, str, str]) -> tuple[str, int]:
         """Check a signed call against the inbound secret; returns (webhook id, timestamp)."""
         webhook_id, stamp, signatures = signed
         if self.settings.inbound is None:
-            raise _Refused(401, "UNAUTHENTICATED", "signed resolutions are not enabled (no inbound secret)")
+            raise Refused(401, "UNAUTHENTICATED", "signed resolutions are not enabled (no inbound secret)")
         if not (webhook_id and stamp and signatures):
-            raise _Refused(
-                401, "UNAUTHENTICATED", "needs webhook-id, webhook-timestamp and webhook-signature"
-            )
+            raise Refused(401, "UNAUTHENTICATED", "needs webhook-id, webhook-timestamp and webhook-signature")
         try:
             timestamp = int(stamp)
         except ValueError:
-            raise _Refused(
+            raise Refused(
                 401, "UNAUTHENTICATED", "webhook-timestamp must be seconds since the epoch"
             ) from None
         # Checked with the mesh clock (the package's own check uses the wall clock and a fixed window).
         if abs(self.context.clock.now() - timestamp) > self.settings.tolerance_s:
-            raise _Refused(
+            raise Refused(
                 401,
                 "STALE_TIMESTAMP",
                 f"webhook-timestamp is outside the {self.settings.tolerance_s} s window",
@@ -850,7 +826,7 @@ class WebhookAdapter(Adapter):
         for candidate in signatures.split(" "):
             if candidate.startswith("v1,") and hmac.compare_digest(candidate.encode(), expected):
                 return webhook_id, timestamp
-        raise _Refused(401, "BAD_SIGNATURE", "webhook-signature does not match")
+        raise Refused(401, "BAD_SIGNATURE", "webhook-signature does not match")
 
     def _remember(self, webhook_id: str, timestamp: int) -> None:
         # Ids older than the window can go: a replay of them is refused as stale anyway.

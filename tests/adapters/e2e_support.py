@@ -67,6 +67,7 @@ ENV = {
     "SLACK_SIGNING_SECRET": SLACK_SIGNING_SECRET,
     "HOOK_OUT": HOOK_OUT,
     "HOOK_IN": HOOK_IN,
+    "HOOK_TOKEN_KEY": "a-callback-token-key-for-the-e2e-tests",
 }
 POLICIES = [{"name": "deletes", "match": {"tool": "crm.delete_*"}, "enforcement": "require_approval"}]
 
@@ -318,13 +319,15 @@ def signed_headers(
     }
 
 
-def adapter_settings(slack_api: str, hook_url: str) -> dict[str, Any]:
+def adapter_settings(slack_api: str, hook_url: str, **webhook: Any) -> dict[str, Any]:
+    """Both adapters' settings; ``webhook`` adds keys to the webhook adapter's."""
     return {
         "slack": {"channel": CHANNEL, "api_base_url": slack_api},
         "webhook": {
             "targets": [{"url": hook_url, "secret_env": "HOOK_OUT"}],
             "inbound_secret_env": "HOOK_IN",
             "backoff_ms": 10,
+            **webhook,
         },
     }
 
@@ -353,18 +356,26 @@ async def hanging_server() -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def surfaces(
-    handler: Any = None, *, hook_url: str | None = None, slack_api: str | None = None, **overrides: Any
+    handler: Any = None,
+    *,
+    hook_url: str | None = None,
+    slack_api: str | None = None,
+    webhook: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Surfaces]:
     """Fake Slack, a receiver, a real server with both adapters, and a connected agent serving ``handler``.
 
-    ``slack_api`` and ``hook_url`` point the adapters elsewhere (a broken Slack or receiver).
+    ``slack_api`` and ``hook_url`` point the adapters elsewhere (a broken Slack or receiver);
+    ``webhook`` adds settings of the webhook adapter.
     """
     async with AsyncExitStack() as stack:
         slack = await stack.enter_async_context(fake_slack())
         receiver = await stack.enter_async_context(receiving())
         settings: dict[str, Any] = {
             "http_address": "127.0.0.1:0",
-            "adapters": adapter_settings(slack_api or slack.base_url, hook_url or receiver.url),
+            "adapters": adapter_settings(
+                slack_api or slack.base_url, hook_url or receiver.url, **(webhook or {})
+            ),
             "policies": POLICIES,
         }
         client = await stack.enter_async_context(running_server(env=ENV, **(settings | overrides)))

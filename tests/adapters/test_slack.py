@@ -501,7 +501,7 @@ async def test_an_already_resolved_request_names_the_winner(h: Harness) -> None:
     await h.click(request, "approve_for_session", user="U1")
     await until(lambda: h.ephemerals("U1"))
 
-    assert "already resolved by grpc:alice via grpc" in h.ephemerals("U1")[0]
+    assert "already answered. :white_check_mark: Approved by `grpc:alice` via grpc" in h.ephemerals("U1")[0]
     assert len(h.mesh.resolved) == 1
     assert h.slack.of("chat.update") == []
 

@@ -384,14 +384,11 @@ ROUNDS = 10
 async def test_grpc_slack_and_webhook_race_exactly_one_wins_and_losers_are_told(webhook_by: str) -> None:
     """Each round, the three surfaces answer one request at once; exactly one wins.
 
-    With callback tokens, a webhook answer that arrives after the adapter heard of the
-    outcome is refused 401 without naming the winner: that is the bug pinned by
-    ``test_a_late_callback_token_is_told_who_won``; here it is counted, not failed on.
-    The signature variant has no token to revoke, so every webhook loser must get 409.
+    Every loser is told who won: gRPC by ``ABORTED``, Slack by an ephemeral, the
+    webhook by 409, whether it answers by callback token or by signature.
     """
     agent = ApprovalAgent()
     winners: list[Surface] = []
-    revoked = 0
     rng = random.Random(ROUNDS)
     async with surfaces(agent) as s:
         for n in range(ROUNDS):
@@ -447,16 +444,12 @@ async def test_grpc_slack_and_webhook_race_exactly_one_wins_and_losers_are_told(
                 assert error_details(grpc_got)[0] == "INPUT_ALREADY_RESOLVED"
                 assert named in grpc_got.details()
             if not hook_won:
-                if webhook_by == "callback-token" and hook_status == 401:
-                    assert hook_body["error"]["reason"] == "INVALID_CALLBACK_TOKEN"  # the known bug
-                    revoked += 1
-                else:
-                    assert hook_status == 409, (n, hook_status, hook_body)
-                    assert hook_body["error"]["reason"] == "INPUT_ALREADY_RESOLVED"
-                    assert named in hook_body["error"]["message"]
+                assert hook_status == 409, (n, hook_status, hook_body)
+                assert hook_body["error"]["reason"] == "INPUT_ALREADY_RESOLVED"
+                assert named in hook_body["error"]["message"]
             if not slack_won:
                 (told,) = await until(partial(s.ephemerals, user), f"ephemeral to {user}")
-                assert told.startswith("Not recorded") and named in told
+                assert told.startswith("Not recorded") and f"`{won.resolved_by}` via" in told
 
             # The agent got exactly one decision; the message completes; everyone saw one outcome.
             await until(partial(agent.decisions.get, session_id), "the agent's decision")
@@ -478,7 +471,7 @@ async def test_grpc_slack_and_webhook_race_exactly_one_wins_and_losers_are_told(
         assert sorted(kinds) == ["input.required"] * ROUNDS + ["input.resolved"] * ROUNDS
         assert len(s.slack.of("chat.update")) == ROUNDS
     tally = {surface.value: winners.count(surface) for surface in Surface if surface in winners}
-    print(f"race ({webhook_by}) winners: {tally}; webhook losers refused 401 (token revoked): {revoked}")
+    print(f"race ({webhook_by}) winners: {tally}")
 
 
 async def after(delay_s: float, call: Awaitable[T]) -> T:
@@ -562,7 +555,7 @@ async def test_a_refused_answer_changes_nothing(refused: Any) -> None:
         assert agent.decisions[session_id] == [True]
 
 
-async def test_a_reused_callback_token_is_refused_and_changes_nothing() -> None:
+async def test_a_callback_token_reused_for_another_answer_is_refused_and_changes_nothing() -> None:
     agent = ApprovalAgent()
     async with surfaces(agent) as s:
         session_id, message_id, request_id = await s.ask()
@@ -573,7 +566,8 @@ async def test_a_reused_callback_token_is_refused_and_changes_nothing() -> None:
         before = await s.record(request_id)
 
         status, body = await s.hook_token(token, decision="deny", reason="changed my mind", responder="x")
-        assert (status, body["error"]["reason"]) == (401, "INVALID_CALLBACK_TOKEN")
+        assert (status, body["error"]["reason"]) == (409, "INPUT_ALREADY_RESOLVED")
+        assert "already answered with this callback credential" in body["error"]["message"]
 
         assert await s.record(request_id) == before
         assert before.resolution is not None and before.resolution.resolved_by == "first@acme"
