@@ -20,7 +20,7 @@ from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 __all__ = ["AdapterHost", "AdapterLoadError"]
 

@@ -26,6 +26,7 @@ from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions
 from svantic_grpc.core.retention import Retention
+from svantic_grpc.core.store import Store
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.pb import (
     auth_service_pb2,
@@ -37,7 +38,7 @@ from svantic_grpc.pb import (
     session_service_pb2,
     session_service_pb2_grpc,
 )
-from svantic_grpc.stores import MemoryStore, Store, open_store
+from svantic_grpc.stores import MemoryStore, open_store
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 

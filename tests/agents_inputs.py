@@ -44,6 +44,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.core.store import AuditRecord
 from svantic_grpc.pb import (
     agent_types_pb2,
     event_types_pb2,
@@ -53,7 +54,6 @@ from svantic_grpc.pb import (
     session_service_pb2,
     session_types_pb2,
 )
-from svantic_grpc.stores.base import AuditRecord
 from tests._support import Client
 from tests.agents_a2a import _bearer, _Keys, _listening_socket, serve_a2a
 from tests.agents_connected import WAIT

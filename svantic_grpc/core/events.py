@@ -22,7 +22,7 @@ from svantic_grpc.core.models import SessionAgent, SessionStatus
 
 if TYPE_CHECKING:
     from svantic_grpc.core.clock import Clock
-    from svantic_grpc.stores.base import Store
+    from svantic_grpc.core.store import Store
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.core.registry import Registry
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 __all__ = ["HostedLiveness", "Probe"]
 

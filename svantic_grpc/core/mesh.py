@@ -24,7 +24,7 @@ from svantic_grpc.core.models import DeploymentMode
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 __all__ = ["Mesh", "MeshOptions"]
 

@@ -1,7 +1,7 @@
 """Plain domain records shared by the core and the stores.
 
 Records are frozen dataclasses, and the JSON they hold is read-only
-(``core._frozen``), so a record can be shared freely: a change is a new record
+(``core.frozen``), so a record can be shared freely: a change is a new record
 (``dataclasses.replace``) with ``version`` bumped by the store, so a lost race can
 always be detected.
 """
@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from svantic_grpc.core._frozen import freeze
+from svantic_grpc.core.frozen import freeze
 
 __all__ = [
     "INTERNAL_ROLES",

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.models import (
     AgentRegistration,
     AgentStatus,
@@ -29,7 +29,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 __all__ = ["ROUTABLE", "AgentSpec", "Registry"]
 

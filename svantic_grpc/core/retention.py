@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from svantic_grpc.core.clock import Clock
 
 if TYPE_CHECKING:
-    from svantic_grpc.stores.base import Store
+    from svantic_grpc.core.store import Store
 
 __all__ = ["Retention", "RetentionSweeper"]
 

@@ -16,13 +16,13 @@ from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.models import (
     INTERNAL_ROLES,
@@ -34,7 +34,7 @@ from svantic_grpc.core.models import (
 )
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.registry import Registry
-from svantic_grpc.stores.base import Change, Changed, SessionPage, Store
+from svantic_grpc.core.store import Change, Changed, SessionPage, Store
 
 __all__ = ["MAX_PAGE_SIZE", "Sessions"]
 

@@ -1,9 +1,9 @@
-"""Stores: where the mesh keeps its state."""
+"""Stores: implementations of the core's store seam (``svantic_grpc.core.store.Store``)."""
 
-from svantic_grpc.stores.base import SessionPage, Store
+from svantic_grpc.core.store import Store
 from svantic_grpc.stores.memory import MemoryStore
 
-__all__ = ["MemoryStore", "SessionPage", "Store", "open_store"]
+__all__ = ["MemoryStore", "open_store"]
 
 
 def open_store(uri: str) -> Store:

@@ -50,7 +50,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.stores.base import AuditRecord
+from svantic_grpc.core.store import AuditRecord
 
 __all__ = [
     "decode_agent",

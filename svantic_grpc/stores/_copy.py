@@ -13,7 +13,6 @@ import dataclasses
 import enum
 from typing import Any, TypeVar
 
-from svantic_grpc.core._frozen import FrozenDict, FrozenList
 from svantic_grpc.core.events import (
     AgentJoined,
     AgentLeft,
@@ -22,10 +21,11 @@ from svantic_grpc.core.events import (
     StatusChanged,
     TurnAdded,
 )
+from svantic_grpc.core.frozen import FrozenDict, FrozenList
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, Message, Part, Turn
 from svantic_grpc.core.models import AgentRegistration, ConnectionStats, Session, SessionAgent, Skill, Tool
-from svantic_grpc.stores.base import AuditRecord
+from svantic_grpc.core.store import AuditRecord
 
 __all__ = ["detach"]
 

@@ -13,15 +13,13 @@ from dataclasses import replace
 from itertools import accumulate
 from typing import Any, TypeVar, cast
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
-from svantic_grpc.stores._copy import detach
-from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores.base import (
+from svantic_grpc.core.store import (
     AuditRecord,
     Change,
     Changed,
@@ -30,6 +28,8 @@ from svantic_grpc.stores.base import (
     SessionPage,
     Store,
 )
+from svantic_grpc.stores._copy import detach
+from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 
 __all__ = ["MemoryStore"]
 

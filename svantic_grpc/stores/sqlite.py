@@ -27,17 +27,13 @@ from typing import Any, Generic, TypeVar, cast
 import aiosqlite
 import orjson
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
-from svantic_grpc.stores import _codec
-from svantic_grpc.stores._copy import detach
-from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
-from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError, prepare
-from svantic_grpc.stores.base import (
+from svantic_grpc.core.store import (
     AuditRecord,
     Change,
     Changed,
@@ -46,6 +42,10 @@ from svantic_grpc.stores.base import (
     SessionPage,
     Store,
 )
+from svantic_grpc.stores import _codec
+from svantic_grpc.stores._copy import detach
+from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError, prepare
 
 __all__ = ["ForeignDatabaseError", "SqliteStore", "StoreVersionError"]
 

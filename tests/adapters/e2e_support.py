@@ -34,8 +34,8 @@ from standardwebhooks import Webhook
 
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.core.inputs.model import InputRequest
+from svantic_grpc.core.store import AuditRecord
 from svantic_grpc.pb import message_service_pb2, message_types_pb2
-from svantic_grpc.stores.base import AuditRecord
 from tests._support import SIGNING_ENV, Client, running_server
 from tests.adapters.fake_slack import FakeSlack, fake_slack
 from tests.adapters.webhook_receiver import Delivery, Receiver, receiving

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from svantic_grpc.core._evolve import evolve
-from svantic_grpc.core._frozen import FrozenDict
+from svantic_grpc.core.evolve import evolve
+from svantic_grpc.core.frozen import FrozenDict
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode, Session, SessionStatus
 

@@ -13,8 +13,7 @@ from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import AgentJoined, InputEnded, StatusChanged
 from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, InputState, Resolution, ToolCall
 from svantic_grpc.core.models import JoinReason, SessionAgent, SessionStatus
-from svantic_grpc.stores import Store
-from svantic_grpc.stores.base import AuditRecord, Change
+from svantic_grpc.core.store import AuditRecord, Change, Store
 from tests.stores.test_contract import T0, make_agent, make_message, make_session, store
 
 __all__ = ["store"]

@@ -51,7 +51,8 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.stores import MemoryStore, Store, _copy
+from svantic_grpc.core.store import Store
+from svantic_grpc.stores import MemoryStore, _copy
 from svantic_grpc.stores.sqlite import SqliteStore
 
 StoreFactory = Callable[[Path], "Store | Awaitable[Store]"]

@@ -10,7 +10,7 @@ from dataclasses import replace
 from svantic_grpc.core.events import StatusChanged
 from svantic_grpc.core.inputs.model import InputKind, InputRequest, ToolCall
 from svantic_grpc.core.models import SessionStatus
-from svantic_grpc.stores import Store
+from svantic_grpc.core.store import Store
 from tests.stores.test_contract import T0, make_message, make_session, store
 
 __all__ = ["store"]  # the fixture, shared with the contract suite

@@ -60,8 +60,8 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
+from svantic_grpc.core.store import AuditRecord
 from svantic_grpc.stores import _schema
-from svantic_grpc.stores.base import AuditRecord
 from svantic_grpc.stores.sqlite import ForeignDatabaseError, SqliteStore, StoreVersionError
 
 T0 = 1_700_000_000.0

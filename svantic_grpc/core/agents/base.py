@@ -13,7 +13,7 @@ from svantic_grpc.core.events import EventBus
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
 from svantic_grpc.core.registry import Registry
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 if TYPE_CHECKING:
     from svantic_grpc.core.sessions import Sessions

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from svantic_grpc.core._frozen import freeze
+from svantic_grpc.core.frozen import freeze
 
 __all__ = [
     "APPROVAL_DECISIONS",

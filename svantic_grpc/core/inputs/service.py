@@ -40,7 +40,7 @@ from svantic_grpc.core.inputs.model import (
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
-from svantic_grpc.stores.base import AuditRecord, Change, Changed, InputPage, Store, as_stored
+from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored
 
 __all__ = ["InputListener", "Inputs"]
 

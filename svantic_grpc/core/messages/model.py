@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from svantic_grpc.core._frozen import freeze
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.frozen import freeze
 
 __all__ = [
     "TERMINAL_STATES",

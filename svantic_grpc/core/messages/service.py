@@ -20,7 +20,7 @@ from svantic_grpc.core.messages.model import (
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
-from svantic_grpc.stores.base import MessagePage
+from svantic_grpc.core.store import MessagePage
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 

@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.events import ArtifactAdded, Event, EventBus, MessageStateChanged, TurnAdded
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
-from svantic_grpc.stores.base import Store
+from svantic_grpc.core.store import Store
 
 __all__ = ["MessageWriter"]
 

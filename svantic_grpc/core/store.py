@@ -1,7 +1,8 @@
-"""The store seam: one async interface, an in-memory and a SQLite implementation.
+"""The store seam, owned by the core: one async interface the core writes against.
 
-Both pass the contract suite in ``tests/stores``. Writers pass the version they
-read; a store refuses an update whose version is stale with ``Conflict`` and
+Implementations live in ``svantic_grpc.stores`` (in-memory, SQLite) and depend on
+the core, never the other way round; all pass the contract suite in ``tests/stores``.
+Writers pass the version they read; a store refuses an update whose version is stale with ``Conflict`` and
 never overwrites silently. Changes that belong together (records, audit records,
 events) go in one ``write``: all of them land, or none.
 """
@@ -13,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from svantic_grpc.core._evolve import evolve
 from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
