@@ -7,8 +7,8 @@ for one. A probe that answers refreshes its liveness; one that fails does not, s
 an agent whose server is gone turns ``unhealthy`` when the heartbeat timeout
 passes, and comes back as soon as a later probe or a heartbeat answers.
 
-Like the idle reaper, one deadline per hosted agent sits in a heap and activity
-never touches it: when an entry comes due, the agent's last sign of life is read
+Like the idle reaper, one deadline per hosted agent sits in a ``DeadlineHeap`` and
+activity never touches it: when an entry comes due, the agent's last sign of life is read
 from memory and the entry pushed again if it moved. So an agent that serves
 traffic costs a heap entry per ``idle_s`` and no I/O; only idle agents are read
 from the store and probed.
@@ -17,12 +17,11 @@ from the store and probed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.deadlines import DeadlineHeap
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.store import Store
@@ -69,11 +68,9 @@ class HostedLiveness:
         self._probe = probe
         self._idle_s = idle_s
         self._slots = asyncio.Semaphore(concurrency)
-        self._max_sleep_s = max_sleep_s
-        self._heap: list[tuple[float, _Key]] = []
-        self._due: dict[_Key, float] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._due: DeadlineHeap[_Key] = DeadlineHeap(
+            clock=clock, name="svantic-hosted-liveness", max_sleep_s=max_sleep_s
+        )
 
     def __len__(self) -> int:
         """Hosted agents being followed."""
@@ -100,11 +97,7 @@ class HostedLiveness:
         """Probe every hosted agent that is due and idle; returns how many were probed."""
         now = self._clock.now()
         idle: list[_Key] = []
-        while self._heap and self._heap[0][0] <= now:
-            due, key = heapq.heappop(self._heap)
-            if self._due.get(key) != due:
-                continue  # superseded
-            del self._due[key]
+        for key, _ in self._due.pop_due(now):
             seen = self._registry.seen_at(*key)
             if seen + self._idle_s > now:  # it served traffic meanwhile: no I/O
                 self._schedule(key, seen + self._idle_s)
@@ -139,30 +132,12 @@ class HostedLiveness:
         return True
 
     def _schedule(self, key: _Key, due: float) -> None:
-        self._due[key] = due
-        heapq.heappush(self._heap, (due, key))
-        if self._heap[0][1] == key:
-            self._wake.set()
+        self._due.schedule(key, due)
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="svantic-hosted-liveness")
+        self._due.start(self.run_once)
 
     async def stop(self) -> None:
         """Stop the background task; safe to call twice."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            await self.run_once()
-            sleep = self._max_sleep_s
-            if self._heap:
-                sleep = min(sleep, max(self._heap[0][0] - self._clock.now(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+        await self._due.stop()

@@ -1,21 +1,17 @@
-"""A deadline heap: the idle-session reaper, and the expiry of input requests.
+"""The idle-session reaper and the expiry of input requests: act on items whose deadline passed.
 
-Deadlines sit in a heap, one entry per tracked item (an open session, a pending
-request). The reaper sleeps until the earliest one, so its cost per tick depends
-only on the items that are due, never on how many are waiting. Activity does not
-touch the heap: when an entry comes due, the item's real deadline is read back and
-the entry is pushed again if it moved meanwhile.
+Deadlines sit in a ``DeadlineHeap``. Activity does not touch the heap: when an entry
+comes due, the item's real deadline is read back and the entry is pushed again if it
+moved meanwhile.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
 from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.deadlines import DeadlineHeap
 
 __all__ = ["IdleReaper"]
 
@@ -46,36 +42,27 @@ class IdleReaper:
         self._close = close
         self._load = load
         self._max_sleep_s = max_sleep_s
-        self._heap: list[tuple[float, Key]] = []
-        self._deadlines: dict[Key, float] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._deadlines: DeadlineHeap[Key] = DeadlineHeap(
+            clock=clock, name="svantic-idle-reaper", max_sleep_s=max_sleep_s
+        )
 
     def __len__(self) -> int:
-        """Sessions with a scheduled deadline."""
+        """Items with a scheduled deadline."""
         return len(self._deadlines)
 
-    def schedule(self, tenant_id: str, session_id: str, deadline: float) -> None:
-        """Close the session at ``deadline`` unless it was active since."""
-        key = (tenant_id, session_id)
-        self._deadlines[key] = deadline
-        heapq.heappush(self._heap, (deadline, key))
-        if self._heap[0][1] == key:
-            self._wake.set()
+    def schedule(self, tenant_id: str, item_id: str, deadline: float) -> None:
+        """Act on the item at ``deadline`` unless its deadline moved since."""
+        self._deadlines.schedule((tenant_id, item_id), deadline)
 
-    def forget(self, tenant_id: str, session_id: str) -> None:
-        """Stop tracking a session (it closed)."""
-        self._deadlines.pop((tenant_id, session_id), None)
+    def forget(self, tenant_id: str, item_id: str) -> None:
+        """Stop tracking an item (a session closed, a request ended)."""
+        self._deadlines.forget((tenant_id, item_id))
 
     async def run_once(self) -> int:
-        """Close every session that is due now; returns how many were closed."""
+        """Act on every item that is due now; returns on how many."""
         closed = 0
         now = self._clock.now()
-        while self._heap and self._heap[0][0] <= now:
-            deadline, key = heapq.heappop(self._heap)
-            if self._deadlines.get(key) != deadline:
-                continue  # superseded or forgotten
-            del self._deadlines[key]
+        for key, _ in self._deadlines.pop_due(now):
             try:
                 actual = await self._load(*key)
                 if actual is None:
@@ -86,30 +73,15 @@ class IdleReaper:
                 await self._close(*key)
                 closed += 1
             except Exception:
-                # One session failing to close must not stop the reaper for the rest.
-                _log.exception("idle reaper could not close session %s/%s; retrying later", *key)
+                # One item failing must not stop the reaper for the rest.
+                _log.exception("idle reaper could not act on %s/%s; retrying later", *key)
                 self.schedule(*key, now + max(self._max_sleep_s, 1.0))
         return closed
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="svantic-idle-reaper")
+        self._deadlines.start(self.run_once)
 
     async def stop(self) -> None:
         """Stop the background task; safe to call twice."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            await self.run_once()
-            sleep = self._max_sleep_s
-            if self._heap:
-                sleep = min(sleep, max(self._heap[0][0] - self._clock.now(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+        await self._deadlines.stop()

@@ -9,12 +9,12 @@ caps each open session's log (``EventBus(max_events_per_session=...)``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.deadlines import BackgroundTask
 
 if TYPE_CHECKING:
     from svantic_grpc.core.store import Store
@@ -52,7 +52,7 @@ class RetentionSweeper:
         self._store = store
         self._clock = clock
         self._retention = retention
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("svantic-retention")
 
     async def run_once(self) -> int:
         """Delete every closed session due now; returns how many went."""
@@ -72,16 +72,12 @@ class RetentionSweeper:
 
     def start(self) -> None:
         """Sweep in the background until ``stop``; does nothing when closed sessions are kept for ever."""
-        if self._task is None and self._retention.closed_sessions_s > 0:
-            self._task = asyncio.create_task(self._run(), name="svantic-retention")
+        if self._retention.closed_sessions_s > 0:
+            self._task.start(self._run)
 
     async def stop(self) -> None:
         """Stop the background task; safe to call twice."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
 
     async def _run(self) -> None:
         interval = self._retention.sweep_interval_s
