@@ -18,7 +18,7 @@ from typing import Protocol
 
 from svantic_grpc.core._validate import check_json_depth
 from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
-from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
+from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, check_parts
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 
 __all__ = [
@@ -84,26 +84,23 @@ class DispatchUpdate:
 
 
 def check_update(update: DispatchUpdate) -> None:
-    """Hold what an agent reports to the rules for what clients send (JSON nesting), whatever its transport.
+    """Hold what an agent reports to the rules for what clients send (part shape, JSON nesting),
+    whatever its transport.
 
     Raises:
-        InvalidArgument: naming the offending field, as in ``DispatchUpdate`` of the Connect stream.
+        InvalidArgument: naming the offending field as in the Connect stream's ``update``.
     """
-    for index, part in enumerate(update.parts):
-        if part.data is not None:
-            check_json_depth(f"turn.parts[{index}].data", part.data)
+    check_parts(update.parts, "update.turn.parts")
     for index, artifact in enumerate(update.artifacts):
-        for number, part in enumerate(artifact.parts):
-            if part.data is not None:
-                check_json_depth(f"artifacts[{index}].parts[{number}].data", part.data)
+        check_parts(artifact.parts, f"update.artifacts[{index}].parts")
     ask = update.ask
     if ask is None:
         return
     if ask.tool_call is not None:
-        check_json_depth("input_request.tool_call.arguments", ask.tool_call.arguments)
+        check_json_depth("update.input_request.tool_call.arguments", ask.tool_call.arguments)
     if ask.form is not None:
         for index, form_field in enumerate(ask.form.fields):
-            check_json_depth(f"input_request.form.fields[{index}].default_value", form_field.default)
+            check_json_depth(f"update.input_request.form.fields[{index}].default_value", form_field.default)
 
 
 class NotDelivered(Exception):

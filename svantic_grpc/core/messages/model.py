@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from svantic_grpc.core._validate import check_json_depth
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.frozen import freeze
 
@@ -19,6 +20,7 @@ __all__ = [
     "Part",
     "Role",
     "Turn",
+    "check_parts",
     "parse_metadata",
 ]
 
@@ -78,6 +80,31 @@ class Part:
         if self.data is not None:
             return "application/json"
         return self.file.media_type if self.file is not None else ""
+
+
+def check_parts(parts: tuple[Part, ...], field: str) -> int:
+    """Hold parts to the shape every ingress must meet; returns the bytes they carry.
+
+    Each part has exactly one of text, data or file; a file exactly one of bytes or uri;
+    data nests no deeper than ``MAX_JSON_DEPTH``. The one check of a part's shape, in the
+    core, where messages from every door and updates from every transport pass.
+
+    Raises:
+        InvalidArgument: naming the part as ``{field}[index]``.
+    """
+    total = 0
+    for index, part in enumerate(parts):
+        where = f"{field}[{index}]"
+        if sum(x is not None for x in (part.text, part.data, part.file)) != 1:
+            raise InvalidArgument(where, "must have exactly one of text, data or file")
+        if part.data is not None:
+            check_json_depth(f"{where}.data", part.data)
+        if part.file is not None:
+            if (part.file.data is None) == (not part.file.uri):
+                raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
+            total += len(part.file.data or b"")
+        total += len(part.text or "")
+    return total
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-from svantic_grpc.core._validate import check_id, check_json_depth
+from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.agents import AgentSet, InternalAgent, MeshServices, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -16,6 +16,7 @@ from svantic_grpc.core.messages.model import (
     Part,
     Role,
     Turn,
+    check_parts,
     parse_metadata,
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
@@ -243,18 +244,6 @@ def _check_parts(parts: tuple[Part, ...]) -> None:
         raise InvalidArgument("message.parts", "needs at least one part")
     if len(parts) > MAX_PARTS:
         raise InvalidArgument("message.parts", f"has {len(parts)} parts; at most {MAX_PARTS}")
-    total = 0
-    for index, part in enumerate(parts):
-        where = f"message.parts[{index}]"
-        present = sum(x is not None for x in (part.text, part.data, part.file))
-        if present != 1:
-            raise InvalidArgument(where, "must have exactly one of text, data or file")
-        if part.data is not None:
-            check_json_depth(f"{where}.data", part.data)
-        if part.file is not None:
-            if (part.file.data is None) == (not part.file.uri):
-                raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
-            total += len(part.file.data or b"")
-        total += len(part.text or "")
+    total = check_parts(parts, "message.parts")
     if total > MAX_TOTAL_BYTES:
         raise InvalidArgument("message.parts", f"carry {total} bytes; at most {MAX_TOTAL_BYTES}")

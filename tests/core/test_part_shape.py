@@ -1,0 +1,44 @@
+"""A part's shape is checked once, in the core, for what clients send and what agents report alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from svantic_grpc.core.dispatch import DispatchUpdate, check_update
+from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.messages.model import Artifact, FilePart, Part, check_parts
+
+
+@pytest.mark.parametrize(
+    ("part", "field"),
+    [
+        pytest.param(Part(), "update.turn.parts[1]", id="no-content"),
+        pytest.param(Part(text="a", data={"b": 1}), "update.turn.parts[1]", id="two-contents"),
+        pytest.param(Part(file=FilePart("x.bin")), "update.turn.parts[1].file", id="file-without-content"),
+        pytest.param(
+            Part(file=FilePart("x", data=b"1", uri="u")), "update.turn.parts[1].file", id="file-both"
+        ),
+    ],
+)
+def test_an_agents_turn_is_held_to_the_part_shape(part: Part, field: str) -> None:
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_update(DispatchUpdate(parts=(Part(text="ok"), part)))
+    assert excinfo.value.field == field
+
+
+def test_an_agents_artifact_is_held_to_the_part_shape() -> None:
+    update = DispatchUpdate(artifacts=(Artifact("a1", (Part(text="ok"),)), Artifact("a2", (Part(),))))
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_update(update)
+    assert excinfo.value.field == "update.artifacts[1].parts[0]"
+
+
+def test_well_formed_parts_pass_and_their_bytes_are_counted() -> None:
+    parts = (
+        Part(text="abc"),
+        Part(data={"k": [1]}),
+        Part(file=FilePart("f", data=b"12345")),
+        Part(file=FilePart(uri="u")),
+    )
+    assert check_parts(parts, "message.parts") == 8
+    check_update(DispatchUpdate(parts=parts))
