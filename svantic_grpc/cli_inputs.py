@@ -261,7 +261,7 @@ def _resolve(
     answer = request.resolution
     when = _iso(answer.resolved_at.ToSeconds()) if answer.HasField("resolved_at") else "now"
     print(
-        f"resolved {request.request_id} ({_summary(request)}): {_outcome(request)} "
+        f"resolved {request.request_id} ({request.summary}): {_outcome(request)} "
         f"by {answer.resolved_by} via {_SURFACE.get(answer.surface, 'grpc')} at {when}",
         file=out,
     )
@@ -295,7 +295,7 @@ def _row(request: message_types_pb2.InputRequest, now: float) -> dict[str, Any]:
         "session_id": request.session_id,
         "message_id": request.message_id,
         "kind": _KIND.get(request.kind, "unknown"),
-        "summary": _summary(request),
+        "summary": request.summary,
         "tool": request.tool_call.tool_name if request.HasField("tool_call") else "",
         "arguments": _arguments(request) if request.HasField("tool_call") else {},
         "policy": request.policy,
@@ -324,7 +324,12 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
         return
     cells = [[c.title for c in _COLUMNS]]
     for row in rows:
-        shown = {**row, "policy": row["policy"] or "-", "expires_in": _duration(row["expires_in_s"])}
+        shown = {
+            **row,
+            "summary": row["summary"] + _args(row["arguments"]),
+            "policy": row["policy"] or "-",
+            "expires_in": _duration(row["expires_in_s"]),
+        }
         cells.append([str(shown[c.key]) for c in _COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
     for line in cells:
@@ -334,21 +339,8 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
     print(f"{len(rows)} pending", file=out)
 
 
-def _summary(request: message_types_pb2.InputRequest) -> str:
-    """One line: what is asked (the mesh's own summary is not in the API message)."""
-    if request.kind == message_types_pb2.INPUT_KIND_TOOL_APPROVAL:
-        return f"approve tool call {request.tool_call.tool_name}{_args(request)}"
-    if request.kind == message_types_pb2.INPUT_KIND_CONFIRMATION:
-        return f"confirm tool call {request.tool_call.tool_name}{_args(request)}"
-    if request.kind == message_types_pb2.INPUT_KIND_PLAN_APPROVAL:
-        return f"sign off a plan of {len(request.plan)} steps"
-    title = request.form.title if request.HasField("form") and request.form.title else "a form"
-    fields = ", ".join(f.name for f in request.form.fields)
-    return f"fill in {title} ({fields})" if fields else f"fill in {title}"
-
-
-def _args(request: message_types_pb2.InputRequest) -> str:
-    arguments = _arguments(request)
+def _args(arguments: dict[str, Any]) -> str:
+    """A tool call's arguments, compact, for the table (the summary names the tool)."""
     if not arguments:
         return ""
     text = json.dumps(arguments, separators=(",", ":"), sort_keys=True)
