@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter
+from svantic_grpc.config import dial_address
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
@@ -126,10 +127,8 @@ class AdapterHost:
         """How callers reach the adapters' HTTP server (the bound port once serving)."""
         if self._public_url:
             return self._public_url.rstrip("/")
-        host, _, port = self._address.rpartition(":")
-        if host in ("0.0.0.0", "[::]", "::", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.http_port or port}"
+        port = self._address.rpartition(":")[2]
+        return f"http://{dial_address(self._address, self.http_port or port)}"
 
     async def start(self) -> None:
         """Serve the adapters' routes, start them, and subscribe them to input requests."""

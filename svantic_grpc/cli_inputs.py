@@ -33,7 +33,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from svantic_grpc import _json
-from svantic_grpc.config import DEV_CLIENT_ID
+from svantic_grpc.config import DEV_CLIENT_ID, DEV_CLIENT_SECRET
 from svantic_grpc.pb import auth_service_pb2, message_service_pb2, message_types_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
@@ -44,7 +44,6 @@ COMMANDS = ("pending", "resolve")
 DEFAULT_TARGET = "127.0.0.1:50051"
 CLIENT_ID_ENV = "SVANTIC_CLIENT_ID"
 CLIENT_SECRET_ENV = "SVANTIC_CLIENT_SECRET"
-_DEV_SECRET = "your-secret"  # the walkthrough credential; accepted only by a development-mode mesh
 _AGENT_TYPE = "svantic-cli"
 _MAX_PAGES = 1000  # 500 per page: far more than any real queue, and never an endless loop
 
@@ -170,7 +169,7 @@ def _credential(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -
         "which only a development-mode mesh on loopback accepts",
         file=err,
     )
-    return DEV_CLIENT_ID, _DEV_SECRET
+    return DEV_CLIENT_ID, DEV_CLIENT_SECRET
 
 
 def _resolution(args: argparse.Namespace) -> message_types_pb2.Resolution:

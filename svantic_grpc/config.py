@@ -1,8 +1,10 @@
 """settings.json: the server's configuration, validated at start-up.
 
 Unknown keys and wrong types are errors that name the key's path. Secrets are
-never read from the file: the token signing key comes from the environment
-variable named by ``auth.signing_key_env``, and credentials are stored hashed.
+never read from the file: ``resolve_auth`` reads the mesh's keys from the environment
+variables the settings name (``auth.signing_key_env``, ``dispatch.signing_key_env``),
+and credentials are stored hashed. ``dial_address`` turns a bind address into one a
+client on this machine can dial.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from svantic_grpc.core.auth import Credential, Scope, TokenSettings, hash_secret
 __all__ = [
     "DEFAULT_SETTINGS_FILE",
     "DEV_CLIENT_ID",
+    "DEV_CLIENT_SECRET",
     "DEV_TENANT_ID",
     "AuthSettings",
     "DispatchSettings",
@@ -28,6 +31,7 @@ __all__ = [
     "RetentionSettings",
     "Settings",
     "SettingsError",
+    "dial_address",
     "is_loopback",
     "load_settings",
     "parse_settings",
@@ -41,7 +45,7 @@ __all__ = [
 #: non-loopback bind.
 DEV_TENANT_ID = "dev"
 DEV_CLIENT_ID = "svantic"
-_DEV_CLIENT_SECRET = "your-secret"
+DEV_CLIENT_SECRET = "your-secret"
 _DEV_SIGNING_KEY = "svantic-grpc-DEVELOPMENT-ONLY-signing-key-not-for-production"
 
 
@@ -259,17 +263,26 @@ def settings_for_serve(path: str | Path | None) -> tuple[Settings, str]:
 
 
 class ResolvedAuth:
-    """Token settings and credentials after applying the environment."""
+    """Token settings, credentials and keys after applying the environment."""
 
-    def __init__(self, tokens: TokenSettings, credentials: tuple[Credential, ...], development: bool) -> None:
+    def __init__(
+        self,
+        tokens: TokenSettings,
+        credentials: tuple[Credential, ...],
+        development: bool,
+        dispatch_key_pem: str | None = None,
+    ) -> None:
         self.tokens = tokens
         self.credentials = credentials
         self.development = development
         """True when the loopback-only development default is in use."""
+        self.dispatch_key_pem = dispatch_key_pem
+        """The private key dispatch tokens are signed with (``dispatch.signing_key_env``), if set."""
 
 
 def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> ResolvedAuth:
-    """Signing key from the environment; without one, the development default."""
+    """The secrets from the environment: the token signing key (without one, the development
+    default) and the dispatch signing key."""
     env = os.environ if env is None else env
     auth = settings.auth
     credentials = tuple(
@@ -283,7 +296,7 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
         key = _DEV_SIGNING_KEY
         if not any(c.client_id == DEV_CLIENT_ID for c in credentials):
             dev = Credential(
-                DEV_TENANT_ID, DEV_CLIENT_ID, hash_secret(_DEV_CLIENT_SECRET), (Scope.FULL, Scope.ADMIN)
+                DEV_TENANT_ID, DEV_CLIENT_ID, hash_secret(DEV_CLIENT_SECRET), (Scope.FULL, Scope.ADMIN)
             )
             credentials = (*credentials, dev)
     elif len(key.encode()) < 32:
@@ -300,7 +313,17 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
         max_ttl_s=auth.max_token_ttl_s,
         clock_skew_s=auth.clock_skew_s,
     )
-    return ResolvedAuth(tokens, credentials, development)
+    dispatch_key = env.get(settings.dispatch.signing_key_env) or None
+    return ResolvedAuth(tokens, credentials, development, dispatch_key)
+
+
+def dial_address(address: str, port: int | str) -> str:
+    """``host:port`` a client on this machine dials to reach a server bound to ``address``
+    on ``port``: a wildcard host (all interfaces) is dialled on 127.0.0.1."""
+    host = address.rpartition(":")[0]
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 def is_loopback(address: str) -> bool:

@@ -20,7 +20,7 @@ from svantic_grpc.api.interceptors import MeshInterceptor
 from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
-from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
+from svantic_grpc.config import Settings, SettingsError, dial_address, is_loopback, resolve_auth
 from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
@@ -105,7 +105,7 @@ class MeshServer:
                         critic_retries=dispatch.critic_retries,
                     ),
                     dispatch_token_ttl_s=dispatch.token_ttl_s,
-                    dispatch_signing_key_pem=env.get(dispatch.signing_key_env) or None,
+                    dispatch_signing_key_pem=auth.dispatch_key_pem,
                     internal_agents=settings.internal_agents,
                     policies=PolicyEngine.from_settings(p.model_dump() for p in settings.policies),
                     max_tool_calls_per_session=settings.guardrails.max_tool_calls_per_session,
@@ -220,10 +220,7 @@ class MeshServer:
     @property
     def target(self) -> str:
         """``host:port`` a client on this machine dials."""
-        host = self.settings.grpc_address.rpartition(":")[0]
-        if host in ("0.0.0.0", "[::]", "::"):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
+        return dial_address(self.settings.grpc_address, self.port)
 
     async def __aenter__(self) -> MeshServer:
         await self.start()
