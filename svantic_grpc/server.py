@@ -1,4 +1,8 @@
-"""The composition root: settings in, a running gRPC server out."""
+"""The composition root: settings in, a running mesh out.
+
+It opens the store, builds the core (``Mesh``) with its transports, serves the four
+gRPC services and the adapters' HTTP server, and stops them in order.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ state ``input-required``, with an ``ask``), the executor sends the ended
 answer to the agent and goes on following it. Hosted agents are reached over A2A
 (``svantic_grpc.dispatch.a2a``), connected agents over their ``Connect`` stream
 (``svantic_grpc.core.connections``); ``Dispatcher`` picks by deployment mode.
+``check_update`` holds what any transport reports to the rules for what clients send.
 """
 
 from __future__ import annotations

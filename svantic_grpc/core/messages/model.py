@@ -1,4 +1,5 @@
-"""Messages: one interaction inside a session (A2A calls it a task)."""
+"""Messages: one interaction inside a session (A2A calls it a task), their parts and the
+metadata those carry; ``check_parts`` is the one check of a part's shape."""
 
 from __future__ import annotations
 
