@@ -84,23 +84,15 @@ def _wrap(
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             try:
                 return await behavior(await prepare(request, context), context)
-            except aio.AbortError:
-                raise
-            except MeshError as error:
-                await _abort(context, error, method)
-            except Exception:
-                await _abort_internal(context, method)
+            except Exception as error:
+                await _fail(context, error, method)
 
-        factory = (
+        unary = (
             grpc.unary_unary_rpc_method_handler
             if handler.unary_unary
             else grpc.stream_unary_rpc_method_handler
         )
-        return factory(
-            unary_response,
-            request_deserializer=tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return _like(handler, unary, unary_response)
 
     behavior = handler.unary_stream or handler.stream_stream
 
@@ -108,20 +100,21 @@ def _wrap(
         try:
             async for response in behavior(await prepare(request, context), context):
                 yield response
-        except aio.AbortError:
-            raise
-        except MeshError as error:
-            await _abort(context, error, method)
-        except Exception:
-            await _abort_internal(context, method)
+        except Exception as error:
+            await _fail(context, error, method)
 
-    factory = (
+    streamed = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
         else grpc.stream_stream_rpc_method_handler
     )
+    return _like(handler, streamed, stream_response)
+
+
+def _like(handler: grpc.RpcMethodHandler, factory: Any, behavior: Any) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` running ``behavior``, its bodies decoded tolerantly."""
     return factory(
-        stream_response,
+        behavior,
         request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
@@ -142,12 +135,13 @@ def _bearer_token(context: aio.ServicerContext) -> str:
     )
 
 
-async def _abort(context: aio.ServicerContext, error: MeshError, method: str) -> None:
-    status = to_grpc_status(error)
-    _log.debug("%s -> %s %s", method, status.code.name, error.message)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
-async def _abort_internal(context: aio.ServicerContext, method: str) -> None:
+async def _fail(context: aio.ServicerContext, error: Exception, method: str) -> None:
+    """End the call for ``error``: a ``MeshError`` as its status, anything else as INTERNAL (logged)."""
+    if isinstance(error, aio.AbortError):  # the call was already ended with a status
+        raise error
+    if isinstance(error, MeshError):
+        status = to_grpc_status(error)
+        _log.debug("%s -> %s %s", method, status.code.name, error.message)
+        await context.abort(status.code, status.details, status.trailing_metadata)
     _log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")

@@ -131,12 +131,7 @@ class Registry:
                     deployment_mode=mode,
                     registered_at=now,
                     last_seen_at=now,
-                    url=spec.url,
-                    agent_card=spec.agent_card,
-                    skills=spec.skills,
-                    tools=spec.tools,
-                    mcp_servers=spec.mcp_servers,
-                    max_concurrent_sessions=spec.max_concurrent_sessions,
+                    **_declared(spec),
                 )
                 created = self.with_counters(await self._store.create_agent(agent))
                 self.on_registered(created)
@@ -155,12 +150,7 @@ class Registry:
                 )
             updated = replace(
                 current,
-                url=spec.url,
-                agent_card=spec.agent_card,
-                skills=spec.skills,
-                tools=spec.tools,
-                mcp_servers=spec.mcp_servers,
-                max_concurrent_sessions=spec.max_concurrent_sessions,
+                **_declared(spec),
                 last_seen_at=now,
                 # Registering again declares the instance available afresh (e.g. after a restart).
                 reported_status=AgentStatus.UNKNOWN,
@@ -339,6 +329,14 @@ class Registry:
     def next_heartbeat_before(self, agent: AgentRegistration) -> float:
         """When the instance turns unhealthy without another heartbeat."""
         return self.last_seen(agent) + self._heartbeat_timeout_s
+
+
+_DECLARED = ("url", "agent_card", "skills", "tools", "mcp_servers", "max_concurrent_sessions")
+"""The fields of ``AgentSpec`` a registration takes as declared, each time the agent registers."""
+
+
+def _declared(spec: AgentSpec) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in _DECLARED}
 
 
 def _validated(spec: AgentSpec) -> AgentSpec:
