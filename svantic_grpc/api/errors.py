@@ -2,7 +2,8 @@
 
 Each status carries a ``google.rpc.ErrorInfo`` (reason, domain, metadata) and,
 for invalid input, a ``google.rpc.BadRequest`` naming the offending field, in
-the standard ``grpc-status-details-bin`` trailer.
+the standard ``grpc-status-details-bin`` trailer. The field a violation names is the
+core's path, passed through as it is (``svantic_grpc.core.errors`` says why it is built there).
 """
 
 from __future__ import annotations
