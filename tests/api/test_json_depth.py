@@ -58,17 +58,7 @@ async def _watched_messages(
         metadata=await client.md(),
         timeout=WAIT,
     )
-    seen: list[message_types_pb2.Message] = []
-    try:
-        async for response in call:
-            changed = response.event.message_state_changed
-            if changed.message.message_id == message_id:
-                seen.append(changed.message)
-                if changed.to_state in (COMPLETED, FAILED):
-                    break
-    finally:
-        call.cancel()
-    return seen
+    return await _copies(call, message_id)
 
 
 async def _conversed_messages(
@@ -83,6 +73,11 @@ async def _conversed_messages(
         await asyncio.Event().wait()  # keep the stream open; cancelled with the call
 
     call = client.messages.Converse(requests(), metadata=await client.md(), timeout=WAIT)
+    return await _copies(call, message_id)
+
+
+async def _copies(call: Any, message_id: str) -> list[message_types_pb2.Message]:
+    """The copies of the message in the state changes a stream carries, until it ends; then the call ends."""
     seen: list[message_types_pb2.Message] = []
     try:
         async for response in call:
