@@ -2,11 +2,19 @@
 
 Each status carries a ``google.rpc.ErrorInfo`` (reason, domain, metadata) and,
 for invalid input, a ``google.rpc.BadRequest`` naming the offending field, in
-the standard ``grpc-status-details-bin`` trailer. The field a violation names is the
-core's path, passed through as it is (``svantic_grpc.core.errors`` says why it is built there).
+the standard ``grpc-status-details-bin`` trailer.
+
+Field paths are built in the core (``svantic_grpc.core.errors`` says how and why) and
+passed through as they are, except where a request holds the value the core checked
+under another name than the unary RPC does: Converse's ``send`` is SendMessage's
+``message``, its ``resolve`` is a ResolveInput request. ``placed`` moves the path there,
+the one place a path is changed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import any_pb2, message
@@ -15,7 +23,7 @@ from grpc_status import rpc_status
 
 from svantic_grpc.core import errors
 
-__all__ = ["DOMAIN", "STATUS_BY_ERROR", "to_grpc_status"]
+__all__ = ["DOMAIN", "STATUS_BY_ERROR", "placed", "status_code_for", "to_grpc_status"]
 
 DOMAIN = "svantic.v1"
 
@@ -55,6 +63,26 @@ def to_grpc_status(error: errors.MeshError) -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
     return rpc_status.to_status(status)
+
+
+@contextmanager
+def placed(root: str, at: str) -> Iterator[None]:
+    """Name the field of an ``InvalidArgument`` raised inside where this request holds the value.
+
+    The core's path starts at ``root`` (``""``: the unary request itself); it is moved
+    under ``at``: ``placed("message", "send")`` turns ``message.parts[1]`` into
+    ``send.parts[1]``, ``placed("", "resolve")`` turns ``resolution.reason`` into
+    ``resolve.resolution.reason``. Paths outside ``root`` are left as they are.
+    """
+    try:
+        yield
+    except errors.InvalidArgument as error:
+        field = error.field
+        if root and not (field == root or field.startswith((f"{root}.", f"{root}["))):
+            raise
+        rest = field[len(root) :]
+        moved = f"{at}{rest}" if root else f"{at}.{rest}"
+        raise errors.InvalidArgument(moved, error.description, reason=error.reason) from None
 
 
 def _pack(detail: message.Message) -> any_pb2.Any:

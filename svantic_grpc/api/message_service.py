@@ -12,7 +12,7 @@ from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_inputs import request_to_pb, resolution_from_pb
 from svantic_grpc.api.convert_messages import message_state, message_to_pb, outgoing
-from svantic_grpc.api.errors import status_code_for
+from svantic_grpc.api.errors import placed, status_code_for
 from svantic_grpc.core.auth import Caller
 from svantic_grpc.core.errors import InvalidArgument, MeshError
 from svantic_grpc.core.inputs.model import Surface
@@ -148,23 +148,22 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
     async def _converse_action(self, caller: Caller, session_id: str, request: pb.ConverseRequest) -> None:
         action = request.WhichOneof("action")
         if action == "send":
-            await self._messages.send(caller, session_id, **outgoing(request.send))
+            with placed("message", "send"):
+                await self._messages.send(caller, session_id, **outgoing(request.send))
         elif action == "cancel":
-            await self._messages.cancel(
-                caller, session_id, request.cancel.message_id, reason=request.cancel.reason
-            )
+            with placed("", "cancel"):
+                await self._messages.cancel(
+                    caller, session_id, request.cancel.message_id, reason=request.cancel.reason
+                )
         elif action == "resolve":
-            try:
-                resolution = resolution_from_pb(request.resolve.resolution)
+            with placed("", "resolve"):
                 await self._inputs.resolve_as(
                     caller,
                     request.resolve.request_id,
-                    resolution,
+                    resolution_from_pb(request.resolve.resolution),
                     surface=Surface.CHAT,
                     session_id=session_id,
                 )
-            except InvalidArgument as error:  # name the field by its path in this request
-                raise InvalidArgument(f"resolve.{error.field}", error.description) from None
         elif action == "open":
             raise InvalidArgument("open", "this stream is already bound to a session")
         else:

@@ -4,14 +4,15 @@ Every error carries a machine-readable ``reason`` (UPPER_SNAKE, published as
 ``google.rpc.ErrorInfo.reason``) and a message a person can act on.
 
 Field paths (``InvalidArgument.field``) are built here in the core, once, where every
-ingress passes (gRPC, the adapters, agents' reports from any transport). They use the
-contract's (svantic.v1) field names, rooted where the unary request roots the value the
-core was given: ``session_id``, ``message.parts[1].data``, ``resolution.decision``,
-``update.turn.parts[0]`` (an agent's report, as the Connect stream names it). The api
-passes them through unchanged into ``BadRequest`` and ``ConverseError.field``; it builds
-paths only for what exists on the wire alone (``*_json`` text twins, enum numbers, oneof
-cases), in the same roots, and on Converse it puts the action's field in front of a
-value that sits one level deeper there (``resolve.resolution.decision``).
+ingress passes (gRPC, the adapters, agents' reports from any transport): the offending
+value is known only here. They use the contract's (svantic.v1) field names, rooted as
+the unary request roots the value the core was given: ``session_id``,
+``message.parts[1].data``, ``resolution.decision``, ``update.turn.parts[0]`` (an agent's
+report, as the Connect stream names it). The api passes them through and builds paths
+itself only for what exists on the wire alone (``*_json`` twins, enum numbers, oneof
+cases), in the same roots; where a request holds the value under another name
+(Converse's ``send`` and ``resolve``) it moves the root with ``api.errors.placed``,
+the one place a path is changed.
 """
 
 from __future__ import annotations

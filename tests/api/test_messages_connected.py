@@ -1179,14 +1179,14 @@ async def test_converse_reports_bad_actions_without_closing_the_stream() -> None
         assert (error.code, error.reason, error.field) == (
             grpc.StatusCode.INVALID_ARGUMENT.value[0],
             "INVALID_ARGUMENT",
-            "message.parts",
+            "send.parts",  # the field's path in the Converse request
         )
         assert error.message
 
         conv.send("hi", data({"target_agent": 7}))
         error = await conv.error()
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert error.field == "message.parts[1].data.target_agent"
+        assert error.field == "send.parts[1].data.target_agent"
 
         conv.cancel("no-such-message")
         error = await conv.error()
