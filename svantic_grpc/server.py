@@ -80,7 +80,11 @@ class MeshServer:
                 "Set the signing key and configure tenants to serve on other addresses."
             )
         try:
-            store = open_store(settings.store)
+            store = open_store(
+                settings.store,
+                postgres_schema=settings.postgres.schema_name,
+                pool_size=settings.postgres.pool_size,
+            )
         except ValueError as exc:
             raise SettingsError(f"store: {exc}") from None
         env = os.environ if env is None else env
