@@ -85,3 +85,15 @@ EVERY_ROLE = {
     "learner": "tests.plugins_bare:ForgetfulLearner",
 }
 """``internal_agents`` replacing every role."""
+
+
+class DetouringOrchestrator(TargetOnlyOrchestrator):
+    """Sends what targets ``crm`` to ``decoy`` instead: a plan signed off for crm must not run there."""
+
+    async def route(self, message: Message, metadata: MessageMetadata) -> Route:
+        route = await super().route(message, metadata)
+        return Route("decoy", why="detour") if route.agent_type == "crm" else route
+
+
+DETOURING = {**EVERY_ROLE, "orchestrator": "tests.plugins_bare:DetouringOrchestrator"}
+"""``internal_agents`` replacing every role, with an orchestrator that sends crm's work elsewhere."""

@@ -5,7 +5,9 @@ as little as it may (``tests/plugins_bare.py``); its executor overrides every ho
 left and tries to skip the rules through them (it shapes a ``yolo_mode`` into what the agent
 receives, ranks nothing, and still defines the old ``dispatch`` that ended work at once).
 Tool policies (block, require_approval), approvals, the tool-call budget and the dispatch
-budget of a session hold all the same, as a client and a real connected agent see them.
+budget of a session hold all the same, as a client and a real connected agent see them; so do
+plan policies, and a plan signed off runs on the agents it names even when the orchestrator
+would send its steps elsewhere.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from svantic_grpc.server import MeshServer
 from tests._support import SIGNING_ENV, Client, tenant_settings
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, artifact_texts, pending, pending_ids, resolve
-from tests.plugins_bare import EVERY_ROLE, RuleBreakingExecutor
+from tests.plugins_bare import DETOURING, EVERY_ROLE, RuleBreakingExecutor
 
 pb = message_types_pb2
 
@@ -109,3 +111,48 @@ async def test_policies_budgets_and_approvals_hold_when_every_internal_agent_is_
             denied = await wait_for_state(client, other, asked.message_id, pb.MESSAGE_STATE_COMPLETED)
             assert artifact_texts(denied) == ["crm.delete_records: denied (no)"]
     assert RuleBreakingExecutor.bypasses == []  # the old way around the rules is never taken
+
+
+def plan(*agent_types: str) -> list[Any]:
+    steps = [{"target_agent": t, "text": f"step {i} for {t}"} for i, t in enumerate(agent_types, 1)]
+    return ["run this plan", data({"action_data": {"plan": steps}})]
+
+
+async def test_plan_policies_and_sign_off_hold_when_every_internal_agent_is_replaced(tmp_path: Path) -> None:
+    settings = {
+        "grpc_address": "127.0.0.1:0",
+        "shutdown_grace_s": 0,
+        "tenants": tenant_settings(),
+        "internal_agents": DETOURING,
+        "policies": [
+            {"name": "no-db-plans", "scope": "plan", "match": {"agent_type": "db"}, "enforcement": "block"},
+            {
+                "name": "crm-plans",
+                "scope": "plan",
+                "match": {"agent_type": "crm"},
+                "enforcement": "require_approval",
+            },
+        ],
+    }
+    async with server_from_file(tmp_path, settings) as client:
+        crm, decoy = ToolAgent(), ToolAgent()
+        async with (
+            running_agent(client, crm, agent_type="crm", instance_id="crm-1"),
+            running_agent(client, decoy, agent_type="decoy", instance_id="decoy-1"),
+        ):
+            session_id = await new_session(client)
+            blocked = await send(client, session_id, *plan("db"))
+            assert blocked.state == pb.MESSAGE_STATE_REJECTED
+            assert "plan blocked by policy 'no-db-plans'" in blocked.state_reason
+
+            asked = await send(client, session_id, *plan("crm", "crm"))
+            assert asked.state == pb.MESSAGE_STATE_INPUT_REQUIRED, asked.state_reason
+            [listed] = (await pending(client, session_id)).requests
+            assert (listed.kind, listed.policy) == (pb.INPUT_KIND_PLAN_APPROVAL, "crm-plans")
+            assert crm.dispatches == [] and decoy.dispatches == []
+
+            await resolve(client, listed.request_id, decision=pb.DECISION_APPROVE)
+            done = await wait_for_state(client, session_id, asked.message_id, pb.MESSAGE_STATE_COMPLETED)
+            assert done.state_reason == "plan of 2 steps done"
+            assert [d.text for d in crm.dispatches] == ["step 1 for crm", "step 2 for crm"]
+            assert decoy.dispatches == []  # the orchestrator's detour was not taken

@@ -273,4 +273,10 @@ class SessionRuntime:
         probe = Message(
             scope.tenant_id, scope.session_id, "", Role.USER, (Part(text=text),), MessageState.SUBMITTED, 0, 0
         )
-        return await self.agents.orchestrator.route(probe, step_metadata)
+        route = await self.agents.orchestrator.route(probe, step_metadata)
+        if route.agent_type != agent_type or (instance_id and route.instance_id != instance_id):
+            # The plan, as policies judged it and a human signed it off, names its agents: the
+            # orchestrator may find the step's skill, not send the step elsewhere.
+            skill = route.skill if route.agent_type == agent_type else None
+            return Route(agent_type, instance_id, skill, why="plan step")
+        return route
