@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from svantic_grpc.core.agents.base import AgentServices, InternalAgent, SessionScope
+from svantic_grpc.core.agents.base import AgentServices, InternalAgent, SessionScope, StoreReads
 from svantic_grpc.core.agents.chat import CapabilitiesChat, Chat
 from svantic_grpc.core.agents.critic import Critic, OutputModeCritic, Verdict
 from svantic_grpc.core.agents.executor import Executor
@@ -39,6 +39,7 @@ __all__ = [
     "Planner",
     "Route",
     "SessionScope",
+    "StoreReads",
     "Verdict",
     "load_agent_classes",
     "parse_plan",

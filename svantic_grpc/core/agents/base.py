@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.knowledge import Knowledge
-from svantic_grpc.core.store import Store
+from svantic_grpc.core.models import AgentRegistration, Session
 
-__all__ = ["AgentServices", "InternalAgent", "SessionScope"]
+__all__ = ["AgentServices", "InternalAgent", "SessionScope", "StoreReads"]
+
+
+class StoreReads(Protocol):
+    """What internal agents may read from the store (the store itself, typed down to its reads)."""
+
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None: ...
+
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None: ...
+
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]: ...
 
 
 @dataclass(frozen=True)
@@ -20,7 +31,7 @@ class AgentServices:
     humans are the core's (``core.dispatch``), and an agent only answers what it is asked.
     """
 
-    store: Store
+    store: StoreReads
     knowledge: Knowledge
     clock: Clock
     ids: IdGenerator
