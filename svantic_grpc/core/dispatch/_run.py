@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch._humans import ask_human
@@ -34,10 +34,8 @@ from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.models import AgentRegistration, JoinReason
 from svantic_grpc.core.registry import Registry
+from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
-
-if TYPE_CHECKING:
-    from svantic_grpc.core.sessions import Sessions
 
 __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
@@ -24,10 +23,8 @@ from svantic_grpc.core.messages.model import (
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import MessagePage, Store
-
-if TYPE_CHECKING:
-    from svantic_grpc.core.sessions import Sessions
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
