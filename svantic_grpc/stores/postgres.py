@@ -13,14 +13,12 @@ alone. Reads use a connection pool sized from settings.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import orjson
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
 from svantic_grpc.core.events import Event, EventPayload
@@ -39,20 +37,6 @@ __all__ = ["PostgresStore"]
 T = TypeVar("T")
 R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
 Op = Callable[[asyncpg.Connection], Awaitable[T]]
-
-
-def _dumps(value: dict[str, Any]) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # what orjson cannot write (an integer beyond 64 bits) json can
-        return json.dumps(value, separators=(",", ":"))
-
-
-def _loads(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 class _Kind(Generic[R]):
@@ -338,7 +322,7 @@ class PostgresStore(Store):
         return await self._all(_INPUTS, sql, decisions)
 
     async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
-        text = _dumps(dict(value))
+        text = _codec.dumps(dict(value))
 
         async def put(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -354,7 +338,7 @@ class PostgresStore(Store):
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         sql = "SELECT value FROM adapter_values WHERE adapter = $1 AND key = $2"
         text = await self._pool_or_fail().fetchval(sql, adapter, key)
-        return None if text is None else dict(_loads(text))
+        return None if text is None else dict(_codec.loads(text))
 
     async def delete_adapter_value(self, adapter: str, key: str) -> None:
         async def delete(conn: asyncpg.Connection) -> None:
@@ -373,7 +357,7 @@ class PostgresStore(Store):
         else:
             sql = "SELECT record FROM audit WHERE tenant_id = $1 ORDER BY sequence"
             rows = await self._pool_or_fail().fetch(sql, tenant_id)
-        return [_codec.decode_audit(_loads(row[0])) for row in rows]
+        return [_codec.decode_audit(_codec.loads(row[0])) for row in rows]
 
     # Event log
 
@@ -401,7 +385,7 @@ class PostgresStore(Store):
         )
         rows = await self._pool_or_fail().fetch(sql, tenant_id, session_id, after_sequence, limit)
         return [
-            Event(tenant_id, session_id, row[0], row[1], _codec.decode_payload(_loads(row[2])))
+            Event(tenant_id, session_id, row[0], row[1], _codec.decode_payload(_codec.loads(row[2])))
             for row in rows
         ]
 
@@ -477,11 +461,11 @@ class PostgresStore(Store):
 
     async def _get(self, kind: _Kind[R], key: tuple[str, ...]) -> R | None:
         text = await self._pool_or_fail().fetchval(kind.get_sql, *key)
-        return None if text is None else kind.decode(_loads(text))
+        return None if text is None else kind.decode(_codec.loads(text))
 
     async def _all(self, kind: _Kind[R], sql: str, *params: Any) -> list[R]:
         rows = await self._pool_or_fail().fetch(sql, *params)
-        return [kind.decode(_loads(row[0])) for row in rows]
+        return [kind.decode(_codec.loads(row[0])) for row in rows]
 
     async def _page(
         self, kind: _Kind[R], where: _Where, order: str, page_size: int | None
@@ -621,7 +605,7 @@ def _put_op(kind: _Kind[R], record: R, *, insert: bool) -> tuple[R, Op[None]]:
     conditional update at the version read."""
     stored: R = evolve(detach(record), version=1 if insert else record.version + 1)
     row: tuple[Any, ...] = kind.row(stored)
-    text = _dumps(kind.encode(stored))
+    text = _codec.dumps(kind.encode(stored))
     if insert:
         exists = kind.exists(record)
         insert_values = (*row, 1, text)
@@ -660,7 +644,7 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
                 numbered.tenant_id,
                 numbered.sequence,
                 numbered.request_id,
-                _dumps(_codec.encode_audit(numbered)),
+                _codec.dumps(_codec.encode_audit(numbered)),
             )
             stored.append(numbered)
         return stored
@@ -674,7 +658,7 @@ def _append_op(
     """The statements that append events, numbered from the session's counter row (which also
     serialises appenders on other replicas until this transaction ends)."""
     frozen = [detach(p) for p in payloads]
-    encoded = [_dumps(_codec.encode_payload(p)) for p in frozen]
+    encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
     count = len(frozen)
 
     async def append(conn: asyncpg.Connection) -> list[Event]:

@@ -14,7 +14,6 @@ the write transaction, so appends from several processes never collide.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +24,6 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 import aiosqlite
-import orjson
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventPayload
@@ -52,22 +50,6 @@ __all__ = ["ForeignDatabaseError", "SqliteStore", "StoreVersionError"]
 T = TypeVar("T")
 R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
 Query = Callable[[sqlite3.Connection], T]
-
-
-def _dumps(value: dict[str, Any]) -> str:
-    """A record's JSON text (orjson: several times faster than ``json``, and this is the
-    store's main cost on the event loop)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # what orjson cannot write (an integer beyond 64 bits) json can
-        return json.dumps(value, separators=(",", ":"))
-
-
-def _loads(text: str | bytes) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:  # written by json (before orjson, or by the fallback above)
-        return json.loads(text)
 
 
 class _Kind(Generic[R]):
@@ -383,7 +365,7 @@ class SqliteStore(Store):
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql, decisions)))
 
     async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
-        text = _dumps(dict(value))
+        text = _codec.dumps(dict(value))
 
         def put(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -396,7 +378,7 @@ class SqliteStore(Store):
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         sql = "SELECT value FROM adapter_values WHERE adapter = ? AND key = ?"
         row = await self._read(lambda conn: conn.execute(sql, (adapter, key)).fetchone())
-        return None if row is None else dict(_loads(row[0]))
+        return None if row is None else dict(_codec.loads(row[0]))
 
     async def delete_adapter_value(self, adapter: str, key: str) -> None:
 
@@ -416,7 +398,7 @@ class SqliteStore(Store):
         else:
             sql, params = "SELECT record FROM audit WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
         return await self._read(
-            lambda conn: [_codec.decode_audit(_loads(r)) for (r,) in conn.execute(sql, params)]
+            lambda conn: [_codec.decode_audit(_codec.loads(r)) for (r,) in conn.execute(sql, params)]
         )
 
     # Event log
@@ -448,7 +430,7 @@ class SqliteStore(Store):
         params = (tenant_id, session_id, after_sequence, limit)
         return await self._read(
             lambda conn: [
-                Event(tenant_id, session_id, sequence, time, _codec.decode_payload(_loads(payload)))
+                Event(tenant_id, session_id, sequence, time, _codec.decode_payload(_codec.loads(payload)))
                 for sequence, time, payload in conn.execute(sql, params)
             ]
         )
@@ -492,7 +474,7 @@ class SqliteStore(Store):
 
         def get(conn: sqlite3.Connection) -> R | None:
             row = conn.execute(sql, key).fetchone()
-            return None if row is None else kind.decode(_loads(row[0]))
+            return None if row is None else kind.decode(_codec.loads(row[0]))
 
         return await self._read(get)
 
@@ -691,7 +673,7 @@ def _transaction(
 
 
 def _records(kind: _Kind[R], rows: Iterable[tuple[Any, ...]]) -> list[R]:
-    return [kind.decode(_loads(row[0])) for row in rows]
+    return [kind.decode(_codec.loads(row[0])) for row in rows]
 
 
 def _any_of(where: list[str], params: list[Any], column: str, values: list[str]) -> None:
@@ -717,7 +699,7 @@ def _raise_lost(
 def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Query[None]]:
     """The record as stored (version 1) and the statement that inserts it."""
     stored: R = evolve(detach(record), version=1)
-    values = (*kind.row(stored), 1, _dumps(kind.encode(stored)))
+    values = (*kind.row(stored), 1, _codec.dumps(kind.encode(stored)))
     sql = kind.insert_sql
 
     def insert(conn: sqlite3.Connection) -> None:
@@ -736,7 +718,7 @@ def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R
     stored: R = evolve(detach(record), version=record.version + 1)
     row: tuple[Any, ...] = kind.row(stored)
     key: tuple[Any, ...] = row[: len(kind.keys)]
-    values = (*row[len(kind.keys) :], stored.version, _dumps(kind.encode(stored)), *key, record.version)
+    values = (*row[len(kind.keys) :], stored.version, _codec.dumps(kind.encode(stored)), *key, record.version)
     sql = kind.update_sql
 
     def update(conn: sqlite3.Connection) -> None:
@@ -762,7 +744,7 @@ def _audit_op(records: Sequence[AuditRecord]) -> Query[list[AuditRecord]]:
             numbered = replace(record, sequence=last[tenant])
             conn.execute(
                 "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES (?, ?, ?, ?)",
-                (tenant, numbered.sequence, numbered.request_id, _dumps(_codec.encode_audit(numbered))),
+                (tenant, numbered.sequence, numbered.request_id, _codec.dumps(_codec.encode_audit(numbered))),
             )
             stored.append(numbered)
         return stored
@@ -780,7 +762,7 @@ def _append_op(
 ) -> Query[list[Event]]:
     """The statements that append events, numbered under the write lock so processes never collide."""
     frozen = [detach(p) for p in payloads]
-    encoded = [_dumps(_codec.encode_payload(p)) for p in frozen]
+    encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
 
     def append(conn: sqlite3.Connection) -> list[Event]:
         (last,) = conn.execute(
