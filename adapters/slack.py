@@ -39,14 +39,16 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.adapter.starlette.async_handler import to_starlette_response
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.request.internals import parse_body
 from slack_sdk.web.async_client import AsyncWebClient
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from adapters._slack_interactions import (
     ACTION,
@@ -202,8 +204,8 @@ class SlackAdapter(Adapter):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def routes(self) -> Sequence[web.RouteDef]:
-        return [web.post(RECEIVE_PATH, self._receive)] if self.settings.mode == "http" else []
+    def routes(self) -> Sequence[BaseRoute]:
+        return [Route(RECEIVE_PATH, self._receive, methods=["POST"])] if self.settings.mode == "http" else []
 
     async def start(self) -> None:
         if self.settings.mode == "socket":
@@ -279,9 +281,9 @@ class SlackAdapter(Adapter):
 
     # -- inbound -----------------------------------------------------------------------------
 
-    async def _receive(self, request: web.Request) -> web.Response:
+    async def _receive(self, request: Request) -> Response:
         # The signature first: nothing of an unsigned body is read (slack-bolt parses first).
-        raw = await request.read()
+        raw = await request.body()
         headers = request.headers
         if not signed(
             self._signing_secret,
@@ -290,9 +292,10 @@ class SlackAdapter(Adapter):
             headers.get("X-Slack-Signature", ""),
             time.time(),  # the wall clock, as slack-bolt's own check after this one
         ):
-            return web.json_response({"error": "invalid request"}, status=401)
+            return JSONResponse({"error": "invalid request"}, status_code=401)
         try:
-            interaction = admit(parse_body(raw.decode(), request.content_type))
+            content_type = headers.get("content-type", "").partition(";")[0].strip()
+            interaction = admit(parse_body(raw.decode(), content_type))
         except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
             refused = Refused(
                 400, "malformed interaction: the body is neither Slack's form encoding nor JSON"
@@ -300,14 +303,15 @@ class SlackAdapter(Adapter):
         except Refused as exc:
             refused = exc
         else:
-            # Verified above, so slack-bolt (its own check off) gets the rebuilt body only.
+            # Verified above, so slack-bolt (its own check off) gets the rebuilt body only: hence
+            # its Starlette adapter's response conversion, not its handler (that reads the raw body).
             bolt_request = AsyncBoltRequest(
                 body=urlencode({"payload": json.dumps(interaction)}),
                 headers={"content-type": "application/x-www-form-urlencoded"},
             )
-            return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
+            return to_starlette_response(await self._app.async_dispatch(bolt_request))
         logger.info("slack: refused a signed interaction (%d): %s", refused.status, refused.message)
-        return web.json_response({"error": refused.message}, status=refused.status)
+        return JSONResponse({"error": refused.message}, status_code=refused.status)
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()

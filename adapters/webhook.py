@@ -44,9 +44,11 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import web
+import httpx
 from standardwebhooks import Webhook
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
 
 from adapters._webhook_callbacks import CallbackTokens, Refused, Winners, fingerprint
 from svantic_grpc.adapter import Adapter, AdapterContext
@@ -432,14 +434,14 @@ class _Answer:
         )
 
 
-def _error(status: int, reason: str, message: str, field: str = "") -> web.Response:
+def _error(status: int, reason: str, message: str, field: str = "") -> JSONResponse:
     error: dict[str, str] = {"reason": reason, "message": message}
     if field:
         error["field"] = field
-    return web.json_response({"status": "refused", "error": error}, status=status)
+    return JSONResponse({"status": "refused", "error": error}, status_code=status)
 
 
-def _mesh_error(exc: MeshError) -> web.Response:
+def _mesh_error(exc: MeshError) -> JSONResponse:
     status = next((code for cls, code in _HTTP_STATUS if isinstance(exc, cls)), 400)
     return _error(status, exc.reason, exc.message, exc.field if isinstance(exc, InvalidArgument) else "")
 
@@ -500,7 +502,7 @@ class WebhookAdapter(Adapter):
         super().__init__(name, config, context, env)
         self.settings = WebhookSettings.parse(name, config, env)
         self._rng = rng or random.Random()
-        self._client: aiohttp.ClientSession | None = None
+        self._client: httpx.AsyncClient | None = None
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._announcing: dict[_Key, set[asyncio.Task[None]]] = {}
@@ -510,8 +512,8 @@ class WebhookAdapter(Adapter):
 
     # -- lifecycle
 
-    def routes(self) -> Sequence[web.RouteDef]:
-        return (web.post(RECEIVE_PATH, self._receive),)
+    def routes(self) -> Sequence[BaseRoute]:
+        return (Route(RECEIVE_PATH, self._receive, methods=["POST"]),)
 
     async def start(self) -> None:
         if self.settings.inbound is None:
@@ -532,7 +534,7 @@ class WebhookAdapter(Adapter):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
-            await self._client.close()
+            await self._client.aclose()
             self._client = None
 
     async def drain(self) -> None:
@@ -540,10 +542,11 @@ class WebhookAdapter(Adapter):
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _session(self) -> httpx.AsyncClient:
         if self._client is None:
-            timeout = aiohttp.ClientTimeout(total=self.settings.timeout_ms / 1000)
-            self._client = aiohttp.ClientSession(timeout=timeout)
+            self._client = httpx.AsyncClient(
+                timeout=self.settings.timeout_ms / 1000, follow_redirects=False, trust_env=False
+            )
         return self._client
 
     # -- outbound
@@ -635,7 +638,7 @@ class WebhookAdapter(Adapter):
                 retry_after: float | None = None
                 try:
                     status, retry_after = await self._post(target, message)
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except (httpx.TransportError, TimeoutError) as exc:
                     last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 else:
                     if 200 <= status < 300:
@@ -669,10 +672,10 @@ class WebhookAdapter(Adapter):
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature,
         }
-        async with self._session().post(
-            target.url, data=message.body.encode(), headers=headers, allow_redirects=False
-        ) as response:
-            return response.status, _seconds(response.headers.get("retry-after"))
+        # One deadline for the whole attempt, connection and answer included (httpx's own are per phase).
+        async with asyncio.timeout(self.settings.timeout_ms / 1000):
+            response = await self._session().post(target.url, content=message.body.encode(), headers=headers)
+        return response.status_code, _seconds(response.headers.get("retry-after"))
 
     def _backoff_s(self, attempt: int, retry_after: float | None) -> float:
         cap = self.settings.max_backoff_ms / 1000
@@ -690,9 +693,9 @@ class WebhookAdapter(Adapter):
 
     # -- inbound
 
-    async def _receive(self, request: web.Request) -> web.Response:
+    async def _receive(self, request: Request) -> JSONResponse:
         try:
-            text = (await request.read()).decode()
+            text = (await request.body()).decode()
             body = json.loads(text, parse_constant=_no_constant, parse_int=_int64)
         except RecursionError:
             return _error(400, "MALFORMED_JSON", f"body must nest at most {MAX_BODY_DEPTH} levels")
@@ -711,7 +714,7 @@ class WebhookAdapter(Adapter):
             if signed is not None:
                 webhook_id, timestamp = self._verify(text, signed)
                 if webhook_id in self._seen:
-                    return web.json_response({"status": "duplicate"})
+                    return JSONResponse({"status": "duplicate"})
                 return await self._resolve_signed(body, webhook_id, timestamp)
             if isinstance(body.get("callback_token"), str):
                 return await self._resolve_with_token(body)
@@ -724,7 +727,7 @@ class WebhookAdapter(Adapter):
             _log.exception("webhook adapter %s: resolving through %s failed", self.name, RECEIVE_PATH)
             return _error(500, "INTERNAL", "the mesh could not take this answer; try again")
 
-    async def _resolve_signed(self, body: dict[str, Any], webhook_id: str, timestamp: int) -> web.Response:
+    async def _resolve_signed(self, body: dict[str, Any], webhook_id: str, timestamp: int) -> JSONResponse:
         self._remember(webhook_id, timestamp)  # before awaiting: a concurrent replay is a duplicate
         try:
             answer = _Answer.parse(body)
@@ -737,7 +740,7 @@ class WebhookAdapter(Adapter):
             self._seen.pop(webhook_id, None)  # refused: nothing changed, so a resend is no duplicate
             raise
 
-    async def _resolve_with_token(self, body: dict[str, Any]) -> web.Response:
+    async def _resolve_with_token(self, body: dict[str, Any]) -> JSONResponse:
         grant = self._tokens.check(str(body["callback_token"]))
         if body.get("request_id") not in (None, "", grant.request_id) or body.get("tenant_id") not in (
             None,
@@ -758,7 +761,7 @@ class WebhookAdapter(Adapter):
         credential: str,
         *,
         expires_at: float | None = None,
-    ) -> web.Response:
+    ) -> JSONResponse:
         """Answer the request once; the same credential and answer again learns that it won."""
         answered = fingerprint(answer.content())
         async with self._winners.hold(tenant_id, request_id):
@@ -776,7 +779,7 @@ class WebhookAdapter(Adapter):
                 won = await self._winners.won(current, credential)
                 if won == answered:  # a retry of the answer that won: the same success, marked
                     body = {"status": "resolved", "repeat": True, "request": _request_json(current)}
-                    return web.json_response(body)
+                    return JSONResponse(body)
                 if won is not None:
                     raise AlreadyResolved(
                         f"input request {request_id!r} was already answered with this callback "
@@ -796,7 +799,7 @@ class WebhookAdapter(Adapter):
                 if pending:
                     await self._winners.release(tenant_id, request_id)  # refused: it changed nothing
                 raise
-        return web.json_response({"status": "resolved", "repeat": False, "request": _request_json(resolved)})
+        return JSONResponse({"status": "resolved", "repeat": False, "request": _request_json(resolved)})
 
     def _verify(self, text: str, signed: tuple[str, str, str]) -> tuple[str, int]:
         """Check a signed call against the inbound secret; returns (webhook id, timestamp)."""

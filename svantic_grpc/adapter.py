@@ -7,9 +7,10 @@ server's event loop. The core never imports an adapter; an adapter uses only thi
 module and the input-request model (``svantic_grpc.core.inputs.model``).
 
 Lifecycle: the server constructs each enabled adapter, mounts its ``routes()``
-on the shared HTTP server, calls ``start()``, then ``on_request`` for each new
-pending request and ``on_outcome`` once for each request that ended (resolved on
-any surface, expired, or canceled), and ``stop()`` at shutdown. A failing adapter
+(Starlette routes) on the mesh's HTTP server (``svantic_grpc.http_server``), calls
+``start()``, then ``on_request`` for each new pending request and ``on_outcome``
+once for each request that ended (resolved on any surface, expired, or canceled),
+and ``stop()`` at shutdown. A failing adapter
 is logged and never blocks the mesh or the other adapters.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from aiohttp import web
+from starlette.routing import BaseRoute
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
@@ -36,7 +37,8 @@ class AdapterContext(Protocol):
 
     @property
     def http_base_url(self) -> str:
-        """Where the shared HTTP server listens, e.g. ``http://127.0.0.1:8080``."""
+        """How callers reach the mesh's HTTP server, e.g. ``http://127.0.0.1:8080`` (``http_public_url``
+        when set)."""
         ...
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
@@ -88,8 +90,8 @@ class Adapter:
         self.context = context
         self.env = env
 
-    def routes(self) -> Sequence[web.RouteDef]:
-        """Inbound HTTP routes to mount on the shared HTTP server."""
+    def routes(self) -> Sequence[BaseRoute]:
+        """Inbound HTTP routes (Starlette) to mount on the mesh's HTTP server."""
         return ()
 
     async def start(self) -> None:

@@ -161,9 +161,9 @@ class Settings(_Model):
     grpc_address: str = "127.0.0.1:50051"
     """host:port for gRPC; port 0 picks a free one."""
     http_address: str = "127.0.0.1:8080"
-    """host:port for the adapters' inbound HTTP (Slack, webhooks); served only when adapters are on."""
+    """host:port for the HTTP server, always on (/healthz, /readyz, adapters' routes); port 0 picks one."""
     http_public_url: str = ""
-    """How callers reach that HTTP server (webhook callback URLs); default http://<http_address>."""
+    """How callers reach that HTTP server (webhook callback URLs); default http://<bound http_address>."""
     session_ttl_ms: int = Field(default=1_800_000, ge=0)
     """Idle time after which a session is closed; 0 disables."""
     input_request_ttl_ms: int = Field(default=3_600_000, gt=0)
