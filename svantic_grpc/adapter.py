@@ -12,21 +12,77 @@ Lifecycle: the server constructs each enabled adapter, mounts its ``routes()``
 once for each request that ended (resolved on any surface, expired, or canceled),
 and ``stop()`` at shutdown. A failing adapter
 is logged and never blocks the mesh or the other adapters.
+
+Settings: an adapter declares its ``adapters.<name>`` object as a subclass of
+``AdapterSettings`` (pydantic: unknown keys refused, strict types) and reads it with
+``parse_adapter_settings``, which names each bad key by its path, as settings.json's own
+keys are (``adapters.webhook.targets[0].url: ...``). Secrets are never in settings: a
+key names an environment variable, and a validator checks it with ``env_value``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 from starlette.routing import BaseRoute
 
+from svantic_grpc.config import validation_problems
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 
-__all__ = ["ENTRY_POINT_GROUP", "Adapter", "AdapterContext"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Adapter",
+    "AdapterContext",
+    "AdapterSettings",
+    "AdapterSettingsError",
+    "env_value",
+    "parse_adapter_settings",
+]
 
 ENTRY_POINT_GROUP = "svantic_grpc.adapters"
+
+S = TypeVar("S", bound="AdapterSettings")
+
+
+class AdapterSettings(BaseModel):
+    """Base of an adapter's settings: unknown keys refused, strict types, frozen (as settings.json)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AdapterSettingsError(ValueError):
+    """An adapter's settings are invalid; one line per problem, each naming its key's full path."""
+
+
+def parse_adapter_settings(model: type[S], name: str, config: Mapping[str, Any], env: Mapping[str, str]) -> S:
+    """Validate ``adapters.<name>`` against ``model``.
+
+    Validators may read the environment through ``env_value(info, variable)``.
+
+    Raises:
+        AdapterSettingsError: every problem, e.g. ``adapters.webhook.targets[0].url: ...``.
+    """
+    try:
+        return model.model_validate(dict(config), context={"env": env})
+    except ValidationError as exc:
+        problems = validation_problems(exc, prefix=f"adapters.{name}")
+        raise AdapterSettingsError("\n".join(problems)) from None
+
+
+def env_value(info: ValidationInfo, variable: str) -> str:
+    """The environment variable ``variable`` during ``parse_adapter_settings``.
+
+    Raises:
+        ValueError: it is not set (or empty), naming it; pydantic adds the key's path.
+    """
+    env: Mapping[str, str] = (info.context or {}).get("env", {})
+    value = env.get(variable, "")
+    if not value:
+        raise ValueError(f"environment variable {variable} is not set")
+    return value
 
 
 class AdapterContext(Protocol):

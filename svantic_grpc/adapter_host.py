@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter
+from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter, AdapterSettingsError
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
@@ -116,6 +116,8 @@ class AdapterHost:
             try:
                 adapter_class = entry.load()
                 self.adapters[name] = adapter_class(name, config, context, self._env)
+            except AdapterSettingsError as exc:  # each line names its key's full path already
+                raise AdapterLoadError(str(exc)) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise AdapterLoadError(f"adapters.{name}: {exc}") from None
 

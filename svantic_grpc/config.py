@@ -33,6 +33,7 @@ __all__ = [
     "parse_settings",
     "resolve_auth",
     "settings_for_serve",
+    "validation_problems",
     "with_overrides",
 ]
 
@@ -212,12 +213,23 @@ def parse_settings(data: Any, *, source: str = "settings") -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-            problems.append(f"{source}: {path or '(top level)'}: {message}")
-        raise SettingsError("\n".join(problems)) from None
+        raise SettingsError("\n".join(f"{source}: {p}" for p in validation_problems(exc))) from None
+
+
+def validation_problems(exc: ValidationError, *, prefix: str = "") -> list[str]:
+    """One line per error: the key's path (after ``prefix``, e.g. ``adapters.webhook``) and what is wrong.
+
+    Paths read as in the file: ``adapters.webhook.targets[0].url: ...``.
+    """
+    problems = []
+    for error in exc.errors():
+        path = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:  # a validator's ValueError reads as itself, without pydantic's "Value error, "
+            message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{path.lstrip('.') or '(top level)'}: {message}")
+    return problems
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:
