@@ -73,6 +73,7 @@ from svantic_grpc.core.inputs.model import (
     InputState,
     Resolution,
     Surface,
+    responder_allowed,
 )
 
 __all__ = ["RECEIVE_PATH", "SlackAdapter", "SlackConfig"]
@@ -410,8 +411,13 @@ class SlackAdapter(Adapter):
             return _Verdict(f"This request cannot be answered: {_esc(e.message)}")
         if request.state is not InputState.PENDING:
             return _Verdict(_too_late(request))
-        allowed = (*request.allowed_responders, *self.settings.allowed_responders)
-        if allowed and user not in allowed and f"slack:{user}" not in allowed:
+        # The core's rule, checked before a modal opens; the core checks it again when answered. The
+        # adapter's own list narrows who in Slack answers requests that name no responders.
+        responder = f"slack:{user}"
+        narrowed = not request.allowed_responders and self.settings.allowed_responders
+        if not request.may_answer(responder) or (
+            narrowed and not responder_allowed(responder, self.settings.allowed_responders)
+        ):
             return _Verdict("You are not one of the allowed responders for this request.")
         return request
 

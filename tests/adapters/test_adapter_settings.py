@@ -1,4 +1,8 @@
-"""Adapters' settings are read as settings.json's own keys are: every bad key named by its full path."""
+"""Adapters' settings are read as settings.json's own keys are: every bad key named by its full path.
+
+Also: the Slack adapter answers "not allowed" with the core's responder rule, before
+a modal opens for someone the mesh would refuse.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from adapters.slack import SlackAdapter
 from adapters.webhook import WebhookAdapter
 from svantic_grpc.adapter import AdapterSettingsError
 from svantic_grpc.config import SettingsError, parse_settings
+from svantic_grpc.core.inputs.model import InputKind, responder_allowed
 from svantic_grpc.server import MeshServer
 from tests._support import SIGNING_ENV
 from tests.adapters import test_slack, test_webhook
+from tests.adapters.test_slack import make_request, running, until
 
 SLACK_ENV = {"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": "s"}
 
@@ -65,3 +71,34 @@ def test_the_server_names_the_adapter_key_once() -> None:
     with pytest.raises(SettingsError) as excinfo:
         MeshServer(settings, env=SIGNING_ENV | SLACK_ENV)
     assert str(excinfo.value) == "adapters.slack.timeout_s: Input should be greater than 0"
+
+
+@pytest.mark.parametrize(
+    ("responder", "allowed", "expected"),
+    [
+        ("slack:U1", ("slack:U1",), True),
+        ("slack:U1", ("U1",), True),
+        ("slack:U1", ("slack:U2", "U3"), False),
+        ("grpc:alice", ("alice",), True),
+        ("alice", ("alice",), True),
+    ],
+)
+def test_the_one_responder_rule(responder: str, allowed: tuple[str, ...], expected: bool) -> None:
+    assert responder_allowed(responder, allowed) is expected
+    request = make_request(InputKind.TOOL_APPROVAL, allowed_responders=allowed)
+    assert request.may_answer(responder) is expected
+
+
+async def test_slack_refuses_before_a_modal_a_user_the_request_does_not_allow() -> None:
+    # The adapter's own list names U1; the request allows only U2, so the mesh would refuse U1:
+    # U1 is told so at once, and no Deny modal opens for an answer that could not count.
+    async with running(allowed_responders=["U1"]) as h:
+        request = make_request(InputKind.TOOL_APPROVAL, allowed_responders=("slack:U2",))
+        await h.announce(request)
+
+        await h.click(request, "deny", user="U1")
+        await until(lambda: h.ephemerals("U1"))
+
+        assert "not one of the allowed responders" in h.ephemerals("U1")[0]
+        assert h.slack.of("views.open") == []
+        assert h.mesh.resolved == []
