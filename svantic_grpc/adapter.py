@@ -4,7 +4,8 @@ An adapter tells humans about input requests and carries their answers back
 (Slack, webhooks, ...). Adapters are found through the ``svantic_grpc.adapters``
 entry-point group, configured under ``adapters`` in settings.json, and run on the
 server's event loop. The core never imports an adapter; an adapter uses only this
-module and the input-request model (``svantic_grpc.core.inputs.model``).
+module and the core's public model: the input-request model
+(``svantic_grpc.core.inputs.model``) and its errors (``svantic_grpc.core.errors``).
 
 Lifecycle: the server constructs each enabled adapter, mounts its ``routes()``
 (Starlette routes) on the mesh's HTTP server (``svantic_grpc.http_server``), calls
@@ -38,6 +39,8 @@ __all__ = [
     "AdapterContext",
     "AdapterSettings",
     "AdapterSettingsError",
+    "Clock",
+    "IdGenerator",
     "env_value",
     "parse_adapter_settings",
 ]

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks import Webhook
 
-from svantic_grpc.core.clock import Clock
+from svantic_grpc.adapter import Clock
 
 __all__ = ["Deliveries", "Message", "Retries", "Target"]
 
