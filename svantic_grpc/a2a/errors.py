@@ -8,6 +8,8 @@ raise the right one. ``data`` carries the mesh's machine-readable reason and fac
 
 from __future__ import annotations
 
+from typing import Any
+
 from a2a.utils.errors import (
     A2AError,
     InternalError,
@@ -51,7 +53,9 @@ def to_a2a_error(error: MeshError, *, task_field: str = "id") -> A2AError:
         error: What the core raised.
         task_field: The request field holding the task id, named when a task is not found.
     """
-    data: dict[str, str] = {"reason": error.reason, **error.metadata}
+    data: dict[str, Any] = {"reason": error.reason, **error.metadata}
+    if isinstance(error, InvalidArgument):  # a field violation every binding shows (gRPC: BadRequest)
+        data["errors"] = [{"field": error.field, "message": error.description}]
     if isinstance(error, NotFound):
         if error.reason == "MESSAGE_NOT_FOUND":
             return TaskNotFoundError(error.message, data={**data, "field": task_field})
