@@ -12,13 +12,14 @@ core, so answers given on any surface (Slack, webhooks, gRPC, chat) are seen her
   (``state[CALLER]``): the same scopes and tenancy as over gRPC.
 - A message carrying the ``taskId`` of a task waiting for a human answers it
   (surface ``a2a``; the first answer on any surface wins).
-- ``tasks/resubscribe`` replays the task's events from the session log, then follows.
+- ``tasks/resubscribe`` replays the task's events from the session log, then follows them
+  live until the task ends (through any wait for a human, answered on any surface).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -165,7 +166,7 @@ class MeshRequestHandler(RequestHandler):
                 while True:
                     yield await subscription.next()
 
-            async for event in self._a2a_events(caller, message, live(), stop_at_input=_always):
+            async for event in self._a2a_events(caller, message, live(), stop_at_input=True):
                 yield event
         finally:
             subscription.close()
@@ -208,16 +209,9 @@ class MeshRequestHandler(RequestHandler):
             message = await self._locate(caller, params.id)
             events = await self._mesh.sessions.watch(caller, message.session_id)
 
-        async def is_latest(snapshot: Message | None) -> bool:
-            # An input-required state that is still the message's state ends the stream; one the
-            # log has already moved past is replayed over.
-            if snapshot is None:
-                return True
-            with _mapped():
-                current = await self._get(caller, message)
-            return current.version <= snapshot.version
-
-        async for event in self._a2a_events(caller, message, events, stop_at_input=is_latest, replay=True):
+        # Unlike message/stream, a wait for a human does not end it: whoever answers, on any
+        # surface, the subscriber sees the task go on, until it ends.
+        async for event in self._a2a_events(caller, message, events, stop_at_input=False, replay=True):
             yield event
 
     @validate_request_params
@@ -362,11 +356,11 @@ class MeshRequestHandler(RequestHandler):
         message: Message,
         events: AsyncIterator[Event],
         *,
-        stop_at_input: Callable[[Message | None], Awaitable[bool]],
+        stop_at_input: bool,
         replay: bool = False,
     ) -> AsyncIterator[A2AEvent]:
-        """The message's core events as A2A events, until it is terminal or (per ``stop_at_input``)
-        input-required."""
+        """The message's core events as A2A events, until it is terminal (or, with ``stop_at_input``,
+        waits for a human)."""
         task_id, context_id = message.message_id, message.session_id
         state = TASK_STATE[message.state]
         with _mapped():
@@ -391,7 +385,7 @@ class MeshRequestHandler(RequestHandler):
                     yield TaskStatusUpdateEvent(task_id=task_id, context_id=context_id, status=status)
                     if payload.to_state.terminal:
                         return
-                    if payload.to_state is MessageState.INPUT_REQUIRED and await stop_at_input(snapshot):
+                    if payload.to_state is MessageState.INPUT_REQUIRED and stop_at_input:
                         return
                 elif isinstance(payload, ArtifactAdded):
                     yield TaskArtifactUpdateEvent(
@@ -404,10 +398,6 @@ class MeshRequestHandler(RequestHandler):
                     said = turn_to_a2a(payload.turn, task_id, context_id, event.sequence)
                     status = TaskStatus(state=state, message=said, timestamp=timestamp(event.time))
                     yield TaskStatusUpdateEvent(task_id=task_id, context_id=context_id, status=status)
-
-
-async def _always(_: Message | None) -> bool:
-    return True
 
 
 def _caller(context: ServerCallContext) -> Caller:
