@@ -235,3 +235,21 @@ async def test_the_extended_card_lists_the_tenants_skills(mesh: Mesh) -> None:
             GetExtendedAgentCardRequest(), context=call(await mesh.token())
         )
     assert "echo/echo" in {s.id for s in card.skills}
+
+
+async def test_metadata_data_parts_route_as_over_grpc(mesh: Mesh) -> None:
+    async def other(dispatch: Dispatch, reply: Reply) -> None:
+        await reply.artifact(f"other: {dispatch.text}", name="other")
+        await reply.complete()
+
+    async with running_agent(mesh.client, other, agent_type="other", instance_id="other-1"):
+        session_id = await new_session(mesh.client)
+        # the words match the echo skill, the data part names another agent: the data part wins
+        message = user("please echo this", context_id=session_id, data={"target_agent": "other"})
+        async with a2a_client(mesh.base, streaming=False) as a2a:
+            (response,) = await events_of(a2a, SendMessageRequest(message=message), await mesh.token())
+            assert artifact_texts(response.task) == ["other: please echo this"]
+            bad = user("x", context_id=session_id, data={"target_agent": 7})
+            with pytest.raises(A2AError) as refused:
+                await events_of(a2a, SendMessageRequest(message=bad), await mesh.token())
+            assert "target_agent" in str(refused.value)
