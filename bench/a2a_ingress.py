@@ -301,7 +301,7 @@ async def parent(args: argparse.Namespace) -> None:
         targets = {"mesh": f"{mesh_base},{mesh_grpc}", "plain": f"{plain_base},{plain_grpc}"}
         for round_no in range(args.rounds):
             for concurrency in concurrencies:
-                for binding in BINDINGS:
+                for binding in args.bindings.split(","):
                     modes = ("mesh", "plain") if round_no % 2 == 0 else ("plain", "mesh")
                     for mode in modes:
                         client = await spawn(
@@ -328,7 +328,7 @@ async def parent(args: argparse.Namespace) -> None:
     print(f"\ncommit {revision('svantic_grpc', 'bench')}; medians of {args.rounds} round(s)\n")
     print("| binding | clients | plain a2a-sdk msgs/s (p50, p99) | mesh msgs/s (p50, p99) | mesh/plain |")
     print("|---|---|---|---|---|")
-    for binding in BINDINGS:
+    for binding in args.bindings.split(","):
         for concurrency in concurrencies:
             plain_rate = statistics.median(r["rate"] for r in results[(binding, "plain", concurrency)])
             mesh_rate = statistics.median(r["rate"] for r in results[(binding, "mesh", concurrency)])
@@ -362,6 +362,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds (the order of mesh and plain alternates)"
     )
+    parser.add_argument("--bindings", default=",".join(BINDINGS), help="JSONRPC, GRPC or both")
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="mesh", help=argparse.SUPPRESS)
     parser.add_argument("--binding", default="JSONRPC", help=argparse.SUPPRESS)

@@ -126,8 +126,8 @@ class MeshRequestHandler(RequestHandler):
                 finally:
                     follow.close()
                 return await self._task(caller, await self._get(caller, message), history)
-            session_id = await self._session_for(caller, params, context)
-            message, _ = await self._send(caller, session_id, params.message)
+            session_id, field = await self._session_for(caller, params, context)
+            message, _ = await self._send(caller, session_id, field, params.message)
             if not params.configuration.return_immediately:
                 runtime = self._mesh.messages.runtime(caller.tenant_id, session_id)
                 message = await runtime.stopped(message.message_id)
@@ -150,10 +150,10 @@ class MeshRequestHandler(RequestHandler):
                     raise
                 first: Message | None = None
             else:
-                session_id = await self._session_for(caller, params, context)
+                session_id, field = await self._session_for(caller, params, context)
                 subscription = self._mesh.bus.subscribe(caller.tenant_id, session_id)
                 try:
-                    message, _ = await self._send(caller, session_id, params.message)
+                    message, _ = await self._send(caller, session_id, field, params.message)
                 except BaseException:
                     subscription.close()
                     raise
@@ -277,23 +277,26 @@ class MeshRequestHandler(RequestHandler):
 
     async def _session_for(
         self, caller: Caller, params: SendMessageRequest, context: ServerCallContext
-    ) -> str:
+    ) -> tuple[str, str]:
+        """The session to send in, and the request field that named it ("" for a new one)."""
         hint = context.state.get(SESSION_HINT)
         if isinstance(hint, str) and hint:
-            return hint
+            return hint, "configuration.sessionId"
         metadata = json_format.MessageToDict(params.metadata) if params.HasField("metadata") else {}
         if isinstance(metadata.get("sessionId"), str) and metadata["sessionId"]:
-            return str(metadata["sessionId"])
+            return str(metadata["sessionId"]), "metadata.sessionId"
         if params.message.context_id:
-            return params.message.context_id
+            return params.message.context_id, "message.context_id"
         session = await self._mesh.sessions.init(
             caller,
             self_agent_type=caller.agent_type or "a2a-client",
             self_instance_id=f"a2a-{caller.subject}",
         )
-        return session.session_id
+        return session.session_id, ""
 
-    async def _send(self, caller: Caller, session_id: str, sent: A2AMessage) -> tuple[Message, Any]:
+    async def _send(
+        self, caller: Caller, session_id: str, field: str, sent: A2AMessage
+    ) -> tuple[Message, Any]:
         role = Role.AGENT if sent.role == A2ARole.ROLE_AGENT else Role.USER
         try:
             result = await self._mesh.messages.send(
@@ -303,10 +306,14 @@ class MeshRequestHandler(RequestHandler):
                 role=role,
                 parts=parts_from_a2a(sent.parts),
             )
+        except InvalidArgument as error:
+            if error.field == "session_id":  # named as the caller named it
+                raise InvalidArgument(field, error.description) from None
+            raise
         except NotFound as error:
             if error.reason == "SESSION_NOT_FOUND":
                 raise InvalidArgument(
-                    "configuration.sessionId", f"session {session_id!r} not found (nor contextId)"
+                    field or "message.context_id", f"session {session_id!r} not found"
                 ) from None
             raise
         key = f"{caller.tenant_id}/{result[0].message_id}"

@@ -150,6 +150,10 @@ async def test_invalid_params_name_the_field_and_accept_nothing(http: Http) -> N
     assert error["code"] == -32602 and field_of(error) == "message.parts[1]", error
     error = await http.rpc_error(send_v03("no-such-session"))
     assert error["code"] == -32602 and field_of(error) == "configuration.sessionId", error
+    error = await http.rpc_error(send_v03(contextId="no-such-context"))
+    assert error["code"] == -32602 and field_of(error) == "message.context_id", error
+    error = await http.rpc_error(send_v03("bad session id"))
+    assert error["code"] == -32602 and field_of(error) == "configuration.sessionId", error
     error = await http.rpc_error(send_v03(session_id, messageId="bad id with spaces"))
     assert error["code"] == -32602 and "message_id" in error["message"], error
     assert await http.messages() == 0
