@@ -253,3 +253,21 @@ async def test_metadata_data_parts_route_as_over_grpc(mesh: Mesh) -> None:
             with pytest.raises(A2AError) as refused:
                 await events_of(a2a, SendMessageRequest(message=bad), await mesh.token())
             assert "target_agent" in str(refused.value)
+
+
+async def test_list_tasks_of_a_session(mesh: Mesh) -> None:
+    from a2a.types import ListTasksRequest
+
+    token = await mesh.token()
+    session_id = await new_session(mesh.client)
+    async with a2a_client(mesh.base, TransportProtocol.GRPC, streaming=False) as a2a:
+        (sent,) = await events_of(
+            a2a, SendMessageRequest(message=user("please echo listed", context_id=session_id)), token
+        )
+        listed = await a2a.list_tasks(ListTasksRequest(context_id=session_id), context=call(token))
+        assert [t.id for t in listed.tasks] == [sent.task.id]
+        assert listed.tasks[0].status.state == COMPLETED
+        other = await a2a.list_tasks(
+            ListTasksRequest(context_id=session_id), context=call(await mesh.token("globex-full"))
+        )
+        assert list(other.tasks) == []
