@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 from a2a.server.context import ServerCallContext
@@ -40,30 +39,24 @@ from a2a.types import (
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
-    TaskArtifactUpdateEvent,
     TaskPushNotificationConfig,
-    TaskStatus,
-    TaskStatusUpdateEvent,
 )
 from a2a.types import Message as A2AMessage
 from a2a.types import Role as A2ARole
 from a2a.utils.errors import A2AError, InvalidRequestError, UnsupportedOperationError
 from google.protobuf import json_format
 
+from svantic_grpc.a2a._events import task_events
 from svantic_grpc.a2a.answers import answer_from
 from svantic_grpc.a2a.convert import (
     TASK_STATE,
-    artifact_to_a2a,
     parts_from_a2a,
-    status_of,
     task_of,
-    timestamp,
-    turn_to_a2a,
 )
 from svantic_grpc.a2a.errors import to_a2a_error
 from svantic_grpc.core.auth import Caller
 from svantic_grpc.core.errors import InvalidArgument, MeshError, NotFound
-from svantic_grpc.core.events import ArtifactAdded, Event, MessageStateChanged, TurnAdded
+from svantic_grpc.core.events import Event, MessageStateChanged
 from svantic_grpc.core.inputs.model import InputRequest, InputState, Surface
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.messages.model import Message, MessageState, Role
@@ -166,8 +159,9 @@ class MeshRequestHandler(RequestHandler):
                 while True:
                     yield await subscription.next()
 
-            async for event in self._a2a_events(caller, message, live(), stop_at_input=True):
-                yield event
+            with _mapped():  # a stream cut off (server shutdown, too slow a reader) ends as an A2A error
+                async for event in task_events(message, live(), self._requests, stop_at_input=True):
+                    yield event
         finally:
             subscription.close()
 
@@ -211,8 +205,9 @@ class MeshRequestHandler(RequestHandler):
 
         # Unlike message/stream, a wait for a human does not end it: whoever answers, on any
         # surface, the subscriber sees the task go on, until it ends.
-        async for event in self._a2a_events(caller, message, events, stop_at_input=False, replay=True):
-            yield event
+        with _mapped():
+            async for event in task_events(message, events, self._requests, stop_at_input=False, replay=True):
+                yield event
 
     @validate_request_params
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
@@ -356,55 +351,6 @@ class MeshRequestHandler(RequestHandler):
         return await self._mesh.inputs.resolve_as(
             caller, request_id, resolution, surface=Surface.A2A, session_id=message.session_id
         )
-
-    async def _a2a_events(
-        self,
-        caller: Caller,
-        message: Message,
-        events: AsyncIterator[Event],
-        *,
-        stop_at_input: bool,
-        replay: bool = False,
-    ) -> AsyncIterator[A2AEvent]:
-        """The message's core events as A2A events, until it is terminal (or, with ``stop_at_input``,
-        waits for a human)."""
-        task_id, context_id = message.message_id, message.session_id
-        state = TASK_STATE[message.state]
-        with _mapped():
-            async for event in events:
-                if event.message_id != task_id:
-                    continue
-                payload = event.payload
-                if isinstance(payload, MessageStateChanged):
-                    state = TASK_STATE[payload.to_state]
-                    if payload.from_state is None:
-                        if replay:  # the task as it was created
-                            created = replace(
-                                message, state=MessageState.SUBMITTED, history=message.history[:1]
-                            )
-                            yield task_of(replace(created, artifacts=(), updated_at=event.time))
-                        continue
-                    snapshot = payload.message
-                    if snapshot is not None:
-                        status = status_of(snapshot, await self._requests(snapshot))
-                    else:
-                        status = TaskStatus(state=state, timestamp=timestamp(event.time))
-                    yield TaskStatusUpdateEvent(task_id=task_id, context_id=context_id, status=status)
-                    if payload.to_state.terminal:
-                        return
-                    if payload.to_state is MessageState.INPUT_REQUIRED and stop_at_input:
-                        return
-                elif isinstance(payload, ArtifactAdded):
-                    yield TaskArtifactUpdateEvent(
-                        task_id=task_id,
-                        context_id=context_id,
-                        artifact=artifact_to_a2a(payload.artifact),
-                        last_chunk=True,
-                    )
-                elif isinstance(payload, TurnAdded) and payload.turn.role is Role.AGENT:
-                    said = turn_to_a2a(payload.turn, task_id, context_id, event.sequence)
-                    status = TaskStatus(state=state, message=said, timestamp=timestamp(event.time))
-                    yield TaskStatusUpdateEvent(task_id=task_id, context_id=context_id, status=status)
 
 
 def _caller(context: ServerCallContext) -> Caller:
