@@ -69,7 +69,8 @@ CALLER = "svantic.caller"
 SESSION_HINT = "svantic.session_id"
 """``ServerCallContext.state`` key of ``configuration.sessionId`` from the raw JSON body."""
 _INDEX = "a2a"
-"""Namespace of the task-id -> session index in the store's key-value seam."""
+"""Namespace of the task id -> session index in the store's key-value seam: A2A names a task by
+its id alone, the mesh a message by session and id. Written once per message sent over A2A."""
 
 _NO_PUSH = (
     "push notifications are not supported by this agent; follow a task with message/stream "
@@ -311,14 +312,15 @@ class MeshRequestHandler(RequestHandler):
                     field or "message.context_id", f"session {session_id!r} not found"
                 ) from None
             raise
-        key = f"{caller.tenant_id}/{result[0].message_id}"
-        await self._mesh.store.put_adapter_value(_INDEX, key, {"session_id": session_id})
+        await self._mesh.store.put_adapter_value(
+            _INDEX, _index_key(caller, result[0].message_id), {"session_id": session_id}
+        )
         return result
 
     async def _locate(self, caller: Caller, task_id: str, *, field: str = "id") -> Message:
         if not task_id:
             raise InvalidArgument(field, "is required")
-        found = await self._mesh.store.get_adapter_value(_INDEX, f"{caller.tenant_id}/{task_id}")
+        found = await self._mesh.store.get_adapter_value(_INDEX, _index_key(caller, task_id))
         if not found:
             raise NotFound(f"task {task_id!r} not found", reason="MESSAGE_NOT_FOUND")
         return await self._mesh.messages.get(caller, str(found["session_id"]), task_id)
@@ -351,6 +353,11 @@ class MeshRequestHandler(RequestHandler):
         return await self._mesh.inputs.resolve_as(
             caller, request_id, resolution, surface=Surface.A2A, session_id=message.session_id
         )
+
+
+def _index_key(caller: Caller, task_id: str) -> str:
+    # "|" is in no id (core._validate.check_id), so tenant and task cannot run into each other
+    return f"{caller.tenant_id}|{task_id}"
 
 
 def _caller(context: ServerCallContext) -> Caller:
