@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from a2a.helpers import new_data_part
@@ -197,3 +198,31 @@ async def test_an_answer_from_another_surface_wins_and_the_a2a_loser_is_told_who
             assert "already answered by acme-full via grpc" in str(lost.value)
             task = await a2a.get_task(GetTaskRequest(id=sent.task.id), context=call(token))
             assert [p.text for a in task.artifacts for p in a.parts] == ["using checking"]
+
+
+async def test_a_task_is_found_after_a_restart(tmp_path: Path) -> None:
+    """The task id -> session index is in the store: a durable store keeps it across a restart."""
+
+    async def echo(dispatch: Dispatch, reply: Reply) -> None:
+        await reply.artifact(f"echo: {dispatch.text}")
+        await reply.complete()
+
+    store = f"sqlite:///{tmp_path / 'mesh.db'}"
+    async with (
+        running_server(store=store) as first,
+        ingress_http(first) as base,
+        running_agent(first, echo, skills=[skill("echo", "echo")]),
+        a2a_client(base, streaming=False) as a2a,
+    ):
+        session_id = await new_session(first)
+        request = SendMessageRequest(message=user("please echo me", context_id=session_id))
+        (sent,) = [e async for e in a2a.send_message(request, context=call(await first.token()))]
+    assert sent.task.status.state == COMPLETED
+    async with (
+        running_server(store=store) as second,
+        ingress_http(second) as base,
+        a2a_client(base, streaming=False) as a2a,
+    ):
+        task = await a2a.get_task(GetTaskRequest(id=sent.task.id), context=call(await second.token()))
+    assert task.context_id == session_id and task.status.state == COMPLETED
+    assert [p.text for a in task.artifacts for p in a.parts] == ["echo: please echo me"]
