@@ -33,20 +33,23 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
-from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from pydantic import Field, ValidationInfo, field_validator
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.adapter.starlette.async_handler import to_starlette_response
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.request.internals import parse_body
 from slack_sdk.web.async_client import AsyncWebClient
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from adapters._slack_interactions import (
     ACTION,
@@ -59,7 +62,7 @@ from adapters._slack_interactions import (
     admit,
     signed,
 )
-from svantic_grpc.adapter import Adapter, AdapterContext
+from svantic_grpc.adapter import Adapter, AdapterContext, AdapterSettings, env_value, parse_adapter_settings
 from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument, MeshError
 from svantic_grpc.core.inputs.model import (
     Decision,
@@ -70,6 +73,7 @@ from svantic_grpc.core.inputs.model import (
     InputState,
     Resolution,
     Surface,
+    responder_allowed,
 )
 
 __all__ = ["RECEIVE_PATH", "SlackAdapter", "SlackConfig"]
@@ -91,64 +95,46 @@ _SENSITIVE_NOTE = (
 )
 
 
-@dataclass(frozen=True)
-class SlackConfig:
+class SlackConfig(AdapterSettings):
     """The adapter's settings; secrets are named here and read from the environment."""
 
-    channel: str
+    channel: str = Field(min_length=1)
     """Channel the requests are posted to (an id such as ``C0123``)."""
-    mode: str = "http"
+    mode: Literal["http", "socket"] = "http"
     """``http`` (interactions at ``/webhooks/receive/slack``) or ``socket`` (Socket Mode)."""
-    bot_token_env: str = "SLACK_BOT_TOKEN"
+    bot_token_env: str = Field(default="SLACK_BOT_TOKEN", min_length=1, validate_default=True)
     """Environment variable holding the bot token (``xoxb-...``)."""
-    signing_secret_env: str = "SLACK_SIGNING_SECRET"
+    signing_secret_env: str = Field(default="SLACK_SIGNING_SECRET", min_length=1, validate_default=True)
     """Environment variable holding the signing secret (HTTP mode)."""
-    app_token_env: str = "SLACK_APP_TOKEN"
+    app_token_env: str = Field(default="SLACK_APP_TOKEN", min_length=1, validate_default=True)
     """Environment variable holding the app-level token (``xapp-...``, Socket Mode)."""
     api_base_url: str | None = None
     """Slack Web API base URL; ``None`` is Slack's own."""
-    allowed_responders: tuple[str, ...] = ()
-    """Slack user ids allowed to answer, on top of each request's own allowed responders."""
-    timeout_s: int = 10
+    allowed_responders: list[str] = Field(default_factory=list)
+    """Slack user ids who may answer, from Slack, requests that name no responders of their own;
+    empty: anyone in the channel. A request's own list is the core's to check."""
+    timeout_s: int = Field(default=10, gt=0)
     """Timeout of one Slack Web API call."""
 
+    @field_validator("bot_token_env")
     @classmethod
-    def parse(cls, name: str, config: Mapping[str, Any]) -> SlackConfig:
-        """Read ``adapters.<name>``; a ``ValueError`` names the offending key."""
-        where = f"adapters.{name}"
-        channel = config.get("channel")
-        if not isinstance(channel, str) or not channel:
-            raise ValueError(f"{where}.channel is required: the Slack channel id to post requests to")
-        mode = config.get("mode", "http")
-        if mode not in ("http", "socket"):
-            raise ValueError(f"{where}.mode must be 'http' or 'socket', not {mode!r}")
-        responders = config.get("allowed_responders", ())
-        if not isinstance(responders, list | tuple) or not all(isinstance(r, str) for r in responders):
-            raise ValueError(f"{where}.allowed_responders must be a list of Slack user ids")
-        timeout_s = config.get("timeout_s", 10)
-        if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s <= 0:
-            raise ValueError(f"{where}.timeout_s must be a positive whole number of seconds")
-        unknown = set(config) - {f.name for f in fields(cls)}
-        if unknown:
-            logger.warning("%s: ignoring unknown keys %s", where, sorted(unknown))
-        strings = {
-            k: config[k] for k in ("bot_token_env", "signing_secret_env", "app_token_env") if k in config
-        }
-        return cls(
-            channel=channel,
-            mode=mode,
-            api_base_url=config.get("api_base_url"),
-            allowed_responders=tuple(responders),
-            timeout_s=timeout_s,
-            **strings,
-        )
+    def _bot_token_set(cls, variable: str, info: ValidationInfo) -> str:
+        env_value(info, variable)
+        return variable
 
+    @field_validator("signing_secret_env")
+    @classmethod
+    def _signing_secret_set(cls, variable: str, info: ValidationInfo) -> str:
+        if info.data.get("mode") == "http":
+            env_value(info, variable)
+        return variable
 
-def _secret(env: Mapping[str, str], var: str, key: str) -> str:
-    value = env.get(var, "")
-    if not value:
-        raise ValueError(f"environment variable {var} (adapters.slack.{key}) is not set")
-    return value
+    @field_validator("app_token_env")
+    @classmethod
+    def _app_token_set(cls, variable: str, info: ValidationInfo) -> str:
+        if info.data.get("mode") == "socket":
+            env_value(info, variable)
+        return variable
 
 
 @dataclass(frozen=True)
@@ -169,19 +155,17 @@ class SlackAdapter(Adapter):
         self, name: str, config: Mapping[str, Any], context: AdapterContext, env: Mapping[str, str]
     ) -> None:
         super().__init__(name, config, context, env)
-        self.settings = SlackConfig.parse(name, config)
+        self.settings = parse_adapter_settings(SlackConfig, name, config, env)
         http = self.settings.mode == "http"
         client_args: dict[str, Any] = (
             {"base_url": self.settings.api_base_url} if self.settings.api_base_url else {}
         )
         self._client = AsyncWebClient(
-            token=_secret(env, self.settings.bot_token_env, "bot_token_env"),
+            token=env[self.settings.bot_token_env],
             timeout=self.settings.timeout_s,
             **client_args,
         )
-        self._signing_secret = (
-            _secret(env, self.settings.signing_secret_env, "signing_secret_env") if http else ""
-        )
+        self._signing_secret = env[self.settings.signing_secret_env] if http else ""
         self._app = AsyncApp(
             client=self._client,
             signing_secret=self._signing_secret,
@@ -194,7 +178,7 @@ class SlackAdapter(Adapter):
         self._app.action(ACTION)(self._on_action)
         self._app.view(DENY_VIEW)(self._on_deny_submitted)
         self._app.view(FORM_VIEW)(self._on_form_submitted)
-        self._app_token = "" if http else _secret(env, self.settings.app_token_env, "app_token_env")
+        self._app_token = "" if http else env[self.settings.app_token_env]
         self._socket: AsyncSocketModeHandler | None = None
         self._posts: dict[tuple[str, str], asyncio.Future[_Posted | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -202,8 +186,8 @@ class SlackAdapter(Adapter):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def routes(self) -> Sequence[web.RouteDef]:
-        return [web.post(RECEIVE_PATH, self._receive)] if self.settings.mode == "http" else []
+    def routes(self) -> Sequence[BaseRoute]:
+        return [Route(RECEIVE_PATH, self._receive, methods=["POST"])] if self.settings.mode == "http" else []
 
     async def start(self) -> None:
         if self.settings.mode == "socket":
@@ -279,9 +263,9 @@ class SlackAdapter(Adapter):
 
     # -- inbound -----------------------------------------------------------------------------
 
-    async def _receive(self, request: web.Request) -> web.Response:
+    async def _receive(self, request: Request) -> Response:
         # The signature first: nothing of an unsigned body is read (slack-bolt parses first).
-        raw = await request.read()
+        raw = await request.body()
         headers = request.headers
         if not signed(
             self._signing_secret,
@@ -290,9 +274,10 @@ class SlackAdapter(Adapter):
             headers.get("X-Slack-Signature", ""),
             time.time(),  # the wall clock, as slack-bolt's own check after this one
         ):
-            return web.json_response({"error": "invalid request"}, status=401)
+            return JSONResponse({"error": "invalid request"}, status_code=401)
         try:
-            interaction = admit(parse_body(raw.decode(), request.content_type))
+            content_type = headers.get("content-type", "").partition(";")[0].strip()
+            interaction = admit(parse_body(raw.decode(), content_type))
         except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
             refused = Refused(
                 400, "malformed interaction: the body is neither Slack's form encoding nor JSON"
@@ -300,14 +285,15 @@ class SlackAdapter(Adapter):
         except Refused as exc:
             refused = exc
         else:
-            # Verified above, so slack-bolt (its own check off) gets the rebuilt body only.
+            # Verified above, so slack-bolt (its own check off) gets the rebuilt body only: hence
+            # its Starlette adapter's response conversion, not its handler (that reads the raw body).
             bolt_request = AsyncBoltRequest(
                 body=urlencode({"payload": json.dumps(interaction)}),
                 headers={"content-type": "application/x-www-form-urlencoded"},
             )
-            return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
+            return to_starlette_response(await self._app.async_dispatch(bolt_request))
         logger.info("slack: refused a signed interaction (%d): %s", refused.status, refused.message)
-        return web.json_response({"error": refused.message}, status=refused.status)
+        return JSONResponse({"error": refused.message}, status_code=refused.status)
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
@@ -425,8 +411,13 @@ class SlackAdapter(Adapter):
             return _Verdict(f"This request cannot be answered: {_esc(e.message)}")
         if request.state is not InputState.PENDING:
             return _Verdict(_too_late(request))
-        allowed = (*request.allowed_responders, *self.settings.allowed_responders)
-        if allowed and user not in allowed and f"slack:{user}" not in allowed:
+        # The core's rule, checked before a modal opens; the core checks it again when answered. The
+        # adapter's own list narrows who in Slack answers requests that name no responders.
+        responder = f"slack:{user}"
+        narrowed = not request.allowed_responders and self.settings.allowed_responders
+        if not request.may_answer(responder) or (
+            narrowed and not responder_allowed(responder, self.settings.allowed_responders)
+        ):
             return _Verdict("You are not one of the allowed responders for this request.")
         return request
 

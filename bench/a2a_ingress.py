@@ -8,11 +8,10 @@ Run from the repository root::
 What runs, each in its own process, all on 127.0.0.1:
 
 * **mesh**: a ``MeshServer`` (in-memory store, development mode, no TTL) with its A2A
-  HTTP routes served by uvicorn in its loop and its A2A gRPC bindings on its gRPC
-  port, and a second process running the connected echo agent of
-  ``examples/echo_agent.py``. An A2A message goes client -> mesh (token check, session,
-  routing, message record and events) -> agent over ``Connect`` -> mesh -> client:
-  two hops and real work.
+  HTTP routes on its own HTTP server and its A2A gRPC bindings on its gRPC port,
+  and a second process running the connected echo agent of ``examples/echo_agent.py``.
+  An A2A message goes client -> mesh (token check, session, routing, message record
+  and events) -> agent over ``Connect`` -> mesh -> client: two hops and real work.
 * **plain**: a plain a2a-sdk agent server (``DefaultRequestHandler``, in-memory task
   store, an echo ``AgentExecutor`` answering with one artifact), JSON-RPC on uvicorn and
   gRPC on ``grpc.aio``: one hop.
@@ -66,14 +65,13 @@ async def _uvicorn(app: Any, sock: socket.socket) -> tuple[Any, asyncio.Task[Non
 
 
 async def run_mesh(args: argparse.Namespace) -> None:
-    from starlette.applications import Starlette
-
     from svantic_grpc.config import parse_settings
     from svantic_grpc.server import MeshServer
 
     settings = parse_settings(
         {
             "grpc_address": f"{HOST}:0",
+            "http_address": f"{HOST}:0",
             "session_ttl_ms": 0,
             "shutdown_grace_s": 0,
             "store": "memory",
@@ -82,17 +80,11 @@ async def run_mesh(args: argparse.Namespace) -> None:
         }
     )
     server = MeshServer(settings, env={})  # development default: loopback, credential 'svantic'
-    await server.start()
-    sock = _socket()
-    server.a2a.http_base_url = f"http://{HOST}:{sock.getsockname()[1]}"
-    http, serving = await _uvicorn(Starlette(routes=server.a2a.routes()), sock)
-    say(f"READY {server.a2a.http_base_url} {server.target}")
+    await server.start()  # the A2A routes are on its own HTTP server (http_address, port 0 here)
+    say(f"READY {server.http.url} {server.target}")
     try:
         await until_stdin_closes()
     finally:
-        http.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, 5)
         await server.stop(0)
 
 

@@ -141,6 +141,7 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     settings = parse_settings(
         {
             "grpc_address": f"{HOST}:0",
+            "http_address": f"{HOST}:0",
             "session_ttl_ms": 0,
             "shutdown_grace_s": 0,
             "store": "memory",

@@ -114,7 +114,7 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     env = {name: os.environ[name] for name in (TARGET_SECRET_ENV, INBOUND_SECRET_ENV)}
     server = MeshServer(settings, env=env)
     await server.start()
-    say(f"PORT {server.port} {server.adapters.http_port}")
+    say(f"PORT {server.port} {server.http.port}")
     try:
         await until_stdin_closes()
     finally:

@@ -40,6 +40,7 @@ async def _measure(store: str, cycles: int, concurrency: int) -> dict[str, float
     settings = parse_settings(
         {
             "grpc_address": "127.0.0.1:0",
+            "http_address": "127.0.0.1:0",
             "store": store,
             "session_ttl_ms": 0,
             "shutdown_grace_s": 0,

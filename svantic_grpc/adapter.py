@@ -4,28 +4,88 @@ An adapter tells humans about input requests and carries their answers back
 (Slack, webhooks, ...). Adapters are found through the ``svantic_grpc.adapters``
 entry-point group, configured under ``adapters`` in settings.json, and run on the
 server's event loop. The core never imports an adapter; an adapter uses only this
-module and the input-request model (``svantic_grpc.core.inputs.model``).
+module and the core's public model: the input-request model
+(``svantic_grpc.core.inputs.model``) and its errors (``svantic_grpc.core.errors``).
 
 Lifecycle: the server constructs each enabled adapter, mounts its ``routes()``
-on the shared HTTP server, calls ``start()``, then ``on_request`` for each new
-pending request and ``on_outcome`` once for each request that ended (resolved on
-any surface, expired, or canceled), and ``stop()`` at shutdown. A failing adapter
+(Starlette routes) on the mesh's HTTP server (``svantic_grpc.http_server``), calls
+``start()``, then ``on_request`` for each new pending request and ``on_outcome``
+once for each request that ended (resolved on any surface, expired, or canceled),
+and ``stop()`` at shutdown. A failing adapter
 is logged and never blocks the mesh or the other adapters.
+
+Settings: an adapter declares its ``adapters.<name>`` object as a subclass of
+``AdapterSettings`` (pydantic: unknown keys refused, strict types) and reads it with
+``parse_adapter_settings``, which names each bad key by its path, as settings.json's own
+keys are (``adapters.webhook.targets[0].url: ...``). Secrets are never in settings: a
+key names an environment variable, and a validator checks it with ``env_value``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
+from starlette.routing import BaseRoute
 
+from svantic_grpc.config import validation_problems
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 
-__all__ = ["ENTRY_POINT_GROUP", "Adapter", "AdapterContext"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Adapter",
+    "AdapterContext",
+    "AdapterSettings",
+    "AdapterSettingsError",
+    "Clock",
+    "IdGenerator",
+    "env_value",
+    "parse_adapter_settings",
+]
 
 ENTRY_POINT_GROUP = "svantic_grpc.adapters"
+
+S = TypeVar("S", bound="AdapterSettings")
+
+
+class AdapterSettings(BaseModel):
+    """Base of an adapter's settings: unknown keys refused, strict types, frozen (as settings.json)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AdapterSettingsError(ValueError):
+    """An adapter's settings are invalid; one line per problem, each naming its key's full path."""
+
+
+def parse_adapter_settings(model: type[S], name: str, config: Mapping[str, Any], env: Mapping[str, str]) -> S:
+    """Validate ``adapters.<name>`` against ``model``.
+
+    Validators may read the environment through ``env_value(info, variable)``.
+
+    Raises:
+        AdapterSettingsError: every problem, e.g. ``adapters.webhook.targets[0].url: ...``.
+    """
+    try:
+        return model.model_validate(dict(config), context={"env": env})
+    except ValidationError as exc:
+        problems = validation_problems(exc, prefix=f"adapters.{name}")
+        raise AdapterSettingsError("\n".join(problems)) from None
+
+
+def env_value(info: ValidationInfo, variable: str) -> str:
+    """The environment variable ``variable`` during ``parse_adapter_settings``.
+
+    Raises:
+        ValueError: it is not set (or empty), naming it; pydantic adds the key's path.
+    """
+    env: Mapping[str, str] = (info.context or {}).get("env", {})
+    value = env.get(variable, "")
+    if not value:
+        raise ValueError(f"environment variable {variable} is not set")
+    return value
 
 
 class AdapterContext(Protocol):
@@ -36,7 +96,8 @@ class AdapterContext(Protocol):
 
     @property
     def http_base_url(self) -> str:
-        """Where the shared HTTP server listens, e.g. ``http://127.0.0.1:8080``."""
+        """How callers reach the mesh's HTTP server, e.g. ``http://127.0.0.1:8080`` (``http_public_url``
+        when set)."""
         ...
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
@@ -88,8 +149,8 @@ class Adapter:
         self.context = context
         self.env = env
 
-    def routes(self) -> Sequence[web.RouteDef]:
-        """Inbound HTTP routes to mount on the shared HTTP server."""
+    def routes(self) -> Sequence[BaseRoute]:
+        """Inbound HTTP routes (Starlette) to mount on the mesh's HTTP server."""
         return ()
 
     async def start(self) -> None:

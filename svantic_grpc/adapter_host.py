@@ -1,10 +1,11 @@
-"""Loads the configured adapters, serves their inbound HTTP, and keeps them informed.
+"""Loads the configured adapters and keeps them informed.
 
 Adapters come from the ``svantic_grpc.adapters`` entry-point group and are
 configured under ``adapters`` in settings.json (``"enabled": false`` skips one).
-Their routes share one aiohttp server on ``http_address``, started and stopped
-with the gRPC server. Each adapter is told of input requests in its own task, so
-a slow or failing adapter never holds up the mesh or the other adapters.
+Their routes (``routes()``) are mounted on the mesh's one HTTP server
+(``svantic_grpc.http_server``) by the composition root. Each adapter is told of
+input requests in its own task, so a slow or failing adapter never holds up the
+mesh or the other adapters.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from aiohttp import web
+from starlette.routing import BaseRoute
 
-from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter
+from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter, AdapterSettingsError
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.store import Store
+from svantic_grpc.http_server import HttpServer
 
 __all__ = ["AdapterHost", "AdapterLoadError"]
 
@@ -55,7 +57,7 @@ class _Context:
 
     @property
     def http_base_url(self) -> str:
-        return self._host.http_base_url
+        return self._host.http.public_url
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
         return await self._inputs.get(tenant_id, request_id)
@@ -73,14 +75,13 @@ class _Context:
 
 
 class AdapterHost:
-    """The adapters of one server, and the HTTP server they share."""
+    """The adapters of one server."""
 
     def __init__(
         self,
         *,
         configs: Mapping[str, Mapping[str, Any]],
-        http_address: str,
-        public_url: str,
+        http: HttpServer,
         inputs: Inputs,
         store: Store,
         clock: Clock,
@@ -88,16 +89,13 @@ class AdapterHost:
         env: Mapping[str, str],
     ) -> None:
         self._configs = {name: dict(c) for name, c in configs.items() if c.get("enabled", True) is not False}
-        self._address = http_address
-        self._public_url = public_url
+        self.http = http
         self._inputs = inputs
         self._store = store
         self._clock = clock
         self._ids = ids
         self._env = env
         self.adapters: dict[str, Adapter] = {}
-        self._runner: web.AppRunner | None = None
-        self.http_port = 0
 
     def load(self) -> None:
         """Find and construct every enabled adapter (at start-up, before serving).
@@ -118,38 +116,17 @@ class AdapterHost:
             try:
                 adapter_class = entry.load()
                 self.adapters[name] = adapter_class(name, config, context, self._env)
+            except AdapterSettingsError as exc:  # each line names its key's full path already
+                raise AdapterLoadError(str(exc)) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise AdapterLoadError(f"adapters.{name}: {exc}") from None
 
-    @property
-    def http_base_url(self) -> str:
-        """How callers reach the adapters' HTTP server (the bound port once serving)."""
-        if self._public_url:
-            return self._public_url.rstrip("/")
-        host, _, port = self._address.rpartition(":")
-        if host in ("0.0.0.0", "[::]", "::", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.http_port or port}"
+    def routes(self) -> list[BaseRoute]:
+        """Every loaded adapter's inbound routes (for the HTTP server)."""
+        return [route for adapter in self.adapters.values() for route in adapter.routes()]
 
     async def start(self) -> None:
-        """Serve the adapters' routes, start them, and subscribe them to input requests."""
-        if not self.adapters:
-            return
-        app = web.Application()
-        for adapter in self.adapters.values():
-            app.add_routes(list(adapter.routes()))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, _, port = self._address.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port))
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise AdapterLoadError(f"http_address: cannot bind {self._address}: {exc}") from None
-        self._runner = runner
-        self.http_port = runner.addresses[0][1]
-        _log.info("adapters %s serving HTTP on %s:%d", ", ".join(self.adapters), host, self.http_port)
+        """Start the adapters (their routes are served already) and subscribe them to input requests."""
         for name, adapter in list(self.adapters.items()):
             try:
                 await adapter.start()
@@ -158,15 +135,14 @@ class AdapterHost:
                 del self.adapters[name]
                 continue
             self._inputs.add_listener(adapter)
+        if self.adapters:
+            _log.info("adapters on: %s", ", ".join(self.adapters))
 
     async def stop(self) -> None:
-        """Stop the adapters and the HTTP server; safe to call twice."""
+        """Stop the adapters; safe to call twice."""
         for name, adapter in self.adapters.items():
             try:
                 await adapter.stop()
             except Exception:
                 _log.exception("adapter %s failed to stop cleanly", name)
         self.adapters = {}
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         help="settings file (default: ./settings.json when there is one, else the embedded defaults)",
     )
     serve.add_argument("--grpc-address", help="override grpc_address, e.g. 127.0.0.1:50051")
+    serve.add_argument("--http-address", help="override http_address, e.g. 127.0.0.1:8080")
     commands.add_parser("hash-secret", help="hash a client secret for settings.json (reads it from stdin)")
     cli_inputs.add_commands(commands)  # pending, resolve: operator commands for input requests
     args = parser.parse_args(argv)
@@ -40,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(hash_secret(secret))
         return 0
-    return _serve(args.settings, args.grpc_address)
+    return _serve(args.settings, args.grpc_address, args.http_address)
 
 
-def _serve(settings_path: str | None, grpc_address: str | None) -> int:
+def _serve(settings_path: str | None, grpc_address: str | None, http_address: str | None) -> int:
     try:
         settings, source = settings_for_serve(settings_path)
-        if grpc_address:
-            settings = with_overrides(settings, grpc_address=grpc_address)
+        overrides = {"grpc_address": grpc_address, "http_address": http_address}
+        if any(overrides.values()):
+            settings = with_overrides(settings, **{k: v for k, v in overrides.items() if v})
     except SettingsError as exc:
         print(f"svantic-grpc: invalid settings\n{exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ __all__ = [
     "parse_settings",
     "resolve_auth",
     "settings_for_serve",
+    "validation_problems",
     "with_overrides",
 ]
 
@@ -170,9 +171,9 @@ class Settings(_Model):
     grpc_address: str = "127.0.0.1:50051"
     """host:port for gRPC; port 0 picks a free one."""
     http_address: str = "127.0.0.1:8080"
-    """host:port for the adapters' inbound HTTP (Slack, webhooks); served only when adapters are on."""
+    """host:port for the HTTP server, always on (/healthz, /readyz, adapters' routes); port 0 picks one."""
     http_public_url: str = ""
-    """How callers reach that HTTP server (webhook callback URLs); default http://<http_address>."""
+    """How callers reach that HTTP server (webhook callback URLs); default http://<bound http_address>."""
     session_ttl_ms: int = Field(default=1_800_000, ge=0)
     """Idle time after which a session is closed; 0 disables."""
     input_request_ttl_ms: int = Field(default=3_600_000, gt=0)
@@ -222,12 +223,23 @@ def parse_settings(data: Any, *, source: str = "settings") -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-            problems.append(f"{source}: {path or '(top level)'}: {message}")
-        raise SettingsError("\n".join(problems)) from None
+        raise SettingsError("\n".join(f"{source}: {p}" for p in validation_problems(exc))) from None
+
+
+def validation_problems(exc: ValidationError, *, prefix: str = "") -> list[str]:
+    """One line per error: the key's path (after ``prefix``, e.g. ``adapters.webhook``) and what is wrong.
+
+    Paths read as in the file: ``adapters.webhook.targets[0].url: ...``.
+    """
+    problems = []
+    for error in exc.errors():
+        path = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:  # a validator's ValueError reads as itself, without pydantic's "Value error, "
+            message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{path.lstrip('.') or '(top level)'}: {message}")
+    return problems
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

@@ -1,4 +1,10 @@
-"""The composition root: settings in, a running gRPC server out."""
+"""The composition root: settings in, a running gRPC server and HTTP server out.
+
+One process, one event loop: the grpc.aio server on ``grpc_address`` and the HTTP
+server (``svantic_grpc.http_server``, Starlette on uvicorn) on ``http_address``. The
+HTTP server always runs: ``/healthz``, ``/readyz``, the adapters' routes, and any
+other ingress mounted here with ``self.http.mount(routes)`` before ``start``.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
 from svantic_grpc.core.retention import Retention
 from svantic_grpc.core.store import Store
 from svantic_grpc.dispatch.a2a import A2ATransport
+from svantic_grpc.http_server import HttpServer, HttpServerError
 from svantic_grpc.pb import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -56,10 +63,10 @@ SERVICE_NAMES = tuple(
 
 
 class MeshServer:
-    """One gRPC server process: the mesh core behind its four services.
+    """One server process: the mesh core behind its four gRPC services and its HTTP server.
 
     Use ``async with MeshServer(settings) as server:``; ``server.port`` is the
-    bound port (useful with port 0).
+    bound gRPC port and ``server.http.port`` the bound HTTP port (useful with port 0).
     """
 
     def __init__(
@@ -73,12 +80,14 @@ class MeshServer:
         self.settings = settings
         auth = resolve_auth(settings, env)
         self.development = auth.development
-        if auth.development and not is_loopback(settings.grpc_address):
-            raise SettingsError(
-                f"grpc_address {settings.grpc_address!r} is not loopback, and no signing key is set in "
-                f"${settings.auth.signing_key_env}: the development default only runs on loopback. "
-                "Set the signing key and configure tenants to serve on other addresses."
-            )
+        addresses = {"grpc_address": settings.grpc_address, "http_address": settings.http_address}
+        for key, address in addresses.items():
+            if auth.development and not is_loopback(address):
+                raise SettingsError(
+                    f"{key} {address!r} is not loopback, and no signing key is set in "
+                    f"${settings.auth.signing_key_env}: the development default only runs on loopback. "
+                    "Set the signing key and configure tenants to serve on other addresses."
+                )
         try:
             store = open_store(
                 settings.store,
@@ -127,10 +136,14 @@ class MeshServer:
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None
+        self._ready = False
+        self.http = HttpServer(
+            settings.http_address, ready=lambda: self._ready, public_url=settings.http_public_url
+        )
+        """The HTTP server; mount further routes on it with ``self.http.mount(routes)`` before start."""
         self.adapters = AdapterHost(
             configs=settings.adapters,
-            http_address=settings.http_address,
-            public_url=settings.http_public_url,
+            http=self.http,
             inputs=self.mesh.inputs,
             store=self.mesh.store,
             clock=self.mesh.clock,
@@ -141,8 +154,10 @@ class MeshServer:
             self.adapters.load()
         except AdapterLoadError as exc:
             raise SettingsError(str(exc)) from None
+        self.http.mount(self.adapters.routes())
         self.a2a = A2AIngress(self.mesh)
-        """The mesh as an A2A agent: its gRPC bindings are served here, its HTTP routes by the HTTP app."""
+        """The mesh as an A2A agent: its gRPC bindings on the gRPC server, its HTTP routes on ``http``."""
+        self.http.mount(self.a2a.routes())
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -164,10 +179,12 @@ class MeshServer:
             await self.mesh.stop()
             raise SettingsError(f"store: {exc}") from None
         try:
-            await self.adapters.start()
-        except AdapterLoadError as exc:
+            await self.http.start()
+        except HttpServerError as exc:
             await self.mesh.stop()
             raise SettingsError(str(exc)) from None
+        self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
+        await self.adapters.start()
         server = aio.server(
             interceptors=[MeshInterceptor(self.mesh.tokens)],
             options=[("grpc.so_reuseport", 0)],
@@ -191,18 +208,21 @@ class MeshServer:
             self.port = server.add_insecure_port(self.settings.grpc_address)
         except RuntimeError as exc:
             await self.adapters.stop()
+            await self.http.stop()
             await self.mesh.stop()
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
         self.a2a.grpc_target = self.target
         self.mesh.now_serving()
+        self._ready = True
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         # Everything made so far lives as long as the server: keep the collector from rescanning it.
         gc.freeze()
         host = self.settings.grpc_address.rpartition(":")[0]
         _log.info("svantic-grpc serving gRPC on %s:%d (store: %s)", host, self.port, self.settings.store)
+        _log.info("svantic-grpc serving HTTP on %s:%d", self.http.host, self.http.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health NOT_SERVING, background work stops, in-flight calls get ``grace``.
@@ -213,11 +233,13 @@ class MeshServer:
             return
         self._stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        self._ready = False  # /readyz: 503 from here on
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING from here on
         await self.mesh.sessions.reaper.stop()
         self.mesh.bus.shutdown()  # open streams end now with UNAVAILABLE instead of eating the grace
         if self._server is not None:
             await self._server.stop(grace)
+        await self.http.stop(grace)
         await self.adapters.stop()
         await self.mesh.stop()
         _log.info("svantic-grpc stopped")

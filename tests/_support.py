@@ -92,9 +92,11 @@ class Client:
 async def running_server(
     *, clock: ManualClock | None = None, env: dict[str, str] | None = None, **overrides: Any
 ) -> AsyncIterator[Client]:
-    """A real server on 127.0.0.1:0 with the test tenants; ``overrides`` patch settings.json keys."""
+    """A real server on 127.0.0.1:0 (gRPC and HTTP) with the test tenants; ``overrides`` patch settings.json
+    keys."""
     data: dict[str, Any] = {
         "grpc_address": "127.0.0.1:0",
+        "http_address": "127.0.0.1:0",
         "tenants": tenant_settings(),
         "shutdown_grace_s": 0,
     }

@@ -1,7 +1,7 @@
-"""Test support for the mesh's A2A ingress: its HTTP routes served on loopback, and a2a-sdk clients.
+"""Test support for the mesh's A2A ingress: where its HTTP routes are, and a2a-sdk clients.
 
-``ingress_http(client)`` serves ``MeshServer.a2a.routes()`` with uvicorn on
-``127.0.0.1`` (a random port) in the test's loop and points the agent card at it.
+``ingress_http(client)`` gives the base URL of the server's own HTTP server
+(``http_address`` 127.0.0.1:0 in tests), where the A2A routes are mounted.
 ``a2a_client(...)`` builds an a2a-sdk client (not our code) from the mesh's public
 card for one binding and protocol version; every call carries the mesh token as
 ``Authorization: Bearer`` through ``call(token)``.
@@ -9,66 +9,25 @@ card for one binding and protocol version; every call carries the mesh token as
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
-import uvicorn
 from a2a.client import A2ACardResolver, ClientCallContext, ClientConfig, ClientFactory
 from a2a.client.client import Client as A2AClient
 from a2a.types import AgentCard
 from a2a.utils.constants import PROTOCOL_VERSION_1_0, TransportProtocol
 from grpc import aio
-from starlette.applications import Starlette
 
 from tests._support import Client
 
 WAIT = 5.0
 
 
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextlib.asynccontextmanager
 async def ingress_http(client: Client) -> AsyncIterator[str]:
-    """Serve the mesh's A2A HTTP routes until the block ends; yields the base URL."""
-    sock = _listening_socket()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client.server.a2a.http_base_url = base
-    config = uvicorn.Config(
-        Starlette(routes=client.server.a2a.routes()),
-        log_level="warning",
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(WAIT):
-            while not server.started:
-                if serving.done():
-                    serving.result()
-                    raise RuntimeError("the HTTP server stopped before it started")
-                await asyncio.sleep(0.005)
-        yield base
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(WAIT):
-                await serving
-        if not serving.done():
-            serving.cancel()
-            with contextlib.suppress(BaseException):
-                await serving
-        sock.close()
+    """The base URL of the mesh's own HTTP server, where its A2A routes are."""
+    yield client.server.http.url
 
 
 def call(token: str) -> ClientCallContext:

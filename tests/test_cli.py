@@ -43,7 +43,11 @@ def _env_without_signing_key() -> dict[str, str]:
 
 
 def _settings_file(tmp_path: Path, **overrides: Any) -> Path:
-    data: dict[str, Any] = {"grpc_address": f"127.0.0.1:{_free_port()}", "shutdown_grace_s": 1}
+    data: dict[str, Any] = {
+        "grpc_address": f"127.0.0.1:{_free_port()}",
+        "http_address": "127.0.0.1:0",
+        "shutdown_grace_s": 1,
+    }
     data.update(overrides)
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(data))
@@ -273,7 +277,7 @@ def _serving_target(server: _Server) -> str:
 
 def test_serve_outside_the_repository_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
     assert not (tmp_path / "settings.json").exists()
-    with _serve("--grpc-address", "127.0.0.1:0", cwd=tmp_path) as server:
+    with _serve("--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", cwd=tmp_path) as server:
         target = _serving_target(server)
         assert any("embedded defaults" in line for line in server.lines)
         with grpc.insecure_channel(target) as channel:

@@ -284,7 +284,7 @@ def test_is_loopback(address: str, loopback: bool) -> None:
 
 
 def _settings(address: str) -> Settings:
-    return parse_settings({"grpc_address": address})
+    return parse_settings({"grpc_address": address, "http_address": address})
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])

@@ -108,6 +108,7 @@ class Mesh:
             clock=self.clock,
             subscriber_buffer=options.subscriber_buffer,
             max_events_per_session=options.retention.max_events_per_session,
+            bell=store.event_bell(),
         )
         self.retention = RetentionSweeper(store=store, clock=self.clock, retention=options.retention)
         self.registry = Registry(
@@ -209,6 +210,7 @@ class Mesh:
             return
         self._started = True
         await self.store.connect()
+        await self.bus.start()
         # Order matters: messages that were running end first (with their pending requests), then
         # requests nothing waits for are withdrawn, then each session's status follows what is pending.
         await self.sessions.recover()
@@ -241,6 +243,7 @@ class Mesh:
         await self.messages.close()
         await self.inputs.close()
         await self.dispatcher.close()
+        await self.bus.stop()
         if self._started:
             self._started = False
             await self.store.close()

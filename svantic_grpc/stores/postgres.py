@@ -13,7 +13,10 @@ alone. Reads use a connection pool sized from settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
@@ -23,7 +26,7 @@ import asyncpg
 import orjson
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
-from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.events import Event, EventPayload, RingHandler
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
@@ -34,7 +37,9 @@ from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._pg_schema import prepare
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresBell", "PostgresStore"]
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
@@ -164,6 +169,13 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._rings: set[tuple[str, str]] = set()
+        """Sessions whose logs the transaction in flight appends to (one committer at a time)."""
+        self.channel = f"svantic_events_{zlib.crc32(schema.encode()):08x}"
+        """The LISTEN/NOTIFY channel of this schema's event bell."""
+
+    def event_bell(self) -> PostgresBell:
+        return PostgresBell(self._dsn, self.channel)
 
     @property
     def schema(self) -> str:
@@ -388,7 +400,7 @@ class PostgresStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
-        return await self._write(_append_op(tenant_id, session_id, time, payloads))
+        return await self._write(_append_op(tenant_id, session_id, time, payloads, self._rings))
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -453,7 +465,7 @@ class PostgresStore(Store):
         agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
         append = (
-            _append_op(change.tenant_id, change.session_id, change.time, change.events)
+            _append_op(change.tenant_id, change.session_id, change.time, change.events, self._rings)
             if change.events
             else None
         )
@@ -539,12 +551,16 @@ class PostgresStore(Store):
     async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
         """Run ``ops`` in one transaction, each in a savepoint when there are several."""
         outcomes: list[tuple[Any, Exception | None]] = []
+        self._rings.clear()
         async with self._pool_or_fail().acquire() as conn, conn.transaction():
             if len(ops) == 1:
                 try:
-                    return [(await ops[0](conn), None)]
+                    value = await ops[0](conn)
                 except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists) as exc:
                     failure: Exception = exc
+                else:
+                    await self._ring(conn)
+                    return [(value, None)]
                 # Outside the except block, so the transaction is rolled back by raising.
                 raise _Failed(failure)
             for op in ops:
@@ -555,7 +571,17 @@ class PostgresStore(Store):
                     outcomes.append((None, exc))
                 else:
                     outcomes.append((value, None))
+            await self._ring(conn)
         return outcomes
+
+    async def _ring(self, conn: asyncpg.Connection) -> None:
+        """Ring the event bell once for this transaction: NOTIFY is sent only if it commits."""
+        if not self._rings:
+            return
+        payload = _RECORD.join(f"{t}{_UNIT}{s}" for t, s in sorted(self._rings))
+        if len(payload.encode()) > _MAX_PAYLOAD:
+            payload = ""  # too many sessions to name: listeners check every session they watch
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
 
     def _pool_or_fail(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -572,6 +598,74 @@ def _redacted(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_UNIT, _RECORD = "\x1f", "\x1e"
+"""Separators in a bell's payload: tenant and session id (ids never hold control characters)."""
+_MAX_PAYLOAD = 7000
+"""Bytes of sessions a ring names at most (PostgreSQL's limit is 8000)."""
+
+
+class PostgresBell:
+    """The event bell over LISTEN/NOTIFY, on a connection of its own.
+
+    A dropped connection is opened again (every second until it works), and then the bell
+    rings with ``None`` so the bus reads every watched session's log: rings sent while it
+    was away are lost, the events are not.
+    """
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._ring: RingHandler | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self, ring: RingHandler) -> None:
+        self._ring = ring
+        await self._listen()
+        self._watch = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
+
+    async def stop(self) -> None:
+        task, self._watch = self._watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            await conn.close()
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=10)
+        await conn.add_listener(self._channel, self._notified)
+        self._conn = conn
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if self._ring is None:
+            return
+        if not payload:
+            self._ring(None)
+            return
+        keys = []
+        for record in payload.split(_RECORD):
+            tenant, _, session = record.partition(_UNIT)
+            keys.append((tenant, session))
+        self._ring(keys)
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._conn is not None and not self._conn.is_closed():
+                continue
+            try:
+                await self._listen()
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                _log.warning("event bell: cannot reach PostgreSQL (%s); trying again", exc)
+                continue
+            _log.info("event bell: listening again; reading every watched session's log")
+            if self._ring is not None:
+                self._ring(None)
 
 
 class _Failed(Exception):
@@ -669,7 +763,11 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
 
 
 def _append_op(
-    tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    tenant_id: str,
+    session_id: str,
+    time: float,
+    payloads: Sequence[EventPayload],
+    rings: set[tuple[str, str]],
 ) -> Op[list[Event]]:
     """The statements that append events, numbered from the session's counter row (which also
     serialises appenders on other replicas until this transaction ends)."""
@@ -688,6 +786,7 @@ def _append_op(
             count,
         )
         first = int(last) - count + 1
+        rings.add((tenant_id, session_id))
         await conn.execute(
             "INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
             "SELECT $1, $2, s, $3, p FROM unnest($4::bigint[], $5::text[]) AS u(s, p)",

@@ -149,7 +149,7 @@ class Surfaces:
 
     @property
     def port(self) -> int:
-        return self.client.server.adapters.http_port
+        return self.client.server.http.port
 
     @property
     def base(self) -> str:

@@ -1,6 +1,6 @@
 """The Slack adapter over real HTTP: signed interactions in, a fake Slack Web API out.
 
-The adapter's route is served by a real aiohttp server on 127.0.0.1; interactions
+The adapter's route is served by the mesh's own HTTP server on 127.0.0.1; interactions
 are form-encoded ``payload=`` JSON signed with Slack's v0 scheme; the mesh is a
 fake ``AdapterContext`` whose ``resolve`` is a compare-and-set like the real one.
 """
@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack import RECEIVE_PATH, SlackAdapter
@@ -40,6 +39,7 @@ from svantic_grpc.core.inputs.model import (
     ToolCall,
 )
 from tests.adapters.fake_slack import FakeSlack, fake_slack
+from tests.adapters.webhook_receiver import serving_routes
 
 SIGNING_SECRET = "slack-signing-secret-for-tests"
 ENV = {"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": SIGNING_SECRET}
@@ -225,20 +225,13 @@ async def running(mesh: FakeMesh | None = None, **config: Any) -> AsyncIterator[
     async with fake_slack() as slack, aiohttp.ClientSession() as http:
         mesh = mesh or FakeMesh()  # pass one to stand for a restarted process on the same store
         adapter = SlackAdapter("slack", {"channel": "C1", "api_base_url": slack.base_url} | config, mesh, ENV)
-        app = web.Application()
-        app.add_routes(adapter.routes())
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        await adapter.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}{RECEIVE_PATH}"
-        try:
-            yield Harness(adapter, mesh, slack, url, http)
-        finally:
-            await adapter.stop()
-            await adapter.stop()  # idempotent
-            await runner.cleanup()
+        async with serving_routes(adapter.routes()) as base_url:
+            await adapter.start()
+            try:
+                yield Harness(adapter, mesh, slack, base_url + RECEIVE_PATH, http)
+            finally:
+                await adapter.stop()
+                await adapter.stop()  # idempotent
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The webhook adapter over real HTTP on loopback: signed notifications out, resolutions in.
 
-A recording receiver stands in for the targets; the adapter's routes run on their own
-aiohttp server; a fake mesh keeps requests in memory and resolves them with one
+A recording receiver stands in for the targets; the adapter's routes run on the mesh's
+own HTTP server (``HttpServer``); a fake mesh keeps requests in memory and resolves them with one
 compare-and-set, raising the errors the real one raises.
 """
 
@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -42,7 +41,7 @@ from svantic_grpc.core.inputs.model import (
     Surface,
     ToolCall,
 )
-from tests.adapters.webhook_receiver import Receiver, receiving, serving
+from tests.adapters.webhook_receiver import Receiver, receiving, serving_routes
 
 
 def _secret(fill: bytes) -> str:
@@ -245,9 +244,7 @@ async def build() -> AsyncIterator[Build]:
             }
             mesh = mesh or FakeMesh()  # pass one to stand for a restarted process on the same store
             adapter = WebhookAdapter("webhook", settings, mesh, env, rng=random.Random(7))
-            app = web.Application()
-            app.add_routes(adapter.routes())
-            mesh.http_base_url = await stack.enter_async_context(serving(app))
+            mesh.http_base_url = await stack.enter_async_context(serving_routes(adapter.routes()))
             await adapter.start()
             stack.push_async_callback(adapter.stop)
             http = await stack.enter_async_context(aiohttp.ClientSession())
@@ -381,7 +378,7 @@ async def test_unreachable_target_is_retried_then_given_up(
     with caplog.at_level(logging.WARNING, logger="adapters.webhook"):
         await h.adapter.on_request(h.mesh.add(tool_request()))
         await h.settle()
-    assert "gave up after 2 attempts (last: ClientConnectorError" in caplog.text
+    assert "gave up after 2 attempts (last: ConnectError" in caplog.text
 
 
 @pytest.mark.parametrize("state", [InputState.EXPIRED, InputState.CANCELED])

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from standardwebhooks import Webhook
+from starlette.routing import BaseRoute
+
+from svantic_grpc.http_server import HttpServer
 
 WAIT_S = 5.0
 
@@ -86,3 +89,15 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving_routes(routes: Sequence[BaseRoute]) -> AsyncIterator[str]:
+    """Adapter ``routes`` on the mesh's own HTTP server, on 127.0.0.1 at a free port; yields its base URL."""
+    server = HttpServer("127.0.0.1:0", ready=lambda: True)
+    server.mount(routes)
+    await server.start()
+    try:
+        yield server.url
+    finally:
+        await server.stop()

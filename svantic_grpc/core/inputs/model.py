@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "Resolution",
     "Surface",
     "ToolCall",
+    "responder_allowed",
 ]
 
 
@@ -181,6 +183,10 @@ class InputRequest:
     """Why it ended when nobody resolved it (expired, canceled)."""
     version: int = 0
 
+    def may_answer(self, responder: str) -> bool:
+        """Whether ``responder`` may answer this request: anyone when it names no responders."""
+        return not self.allowed_responders or responder_allowed(responder, self.allowed_responders)
+
     @property
     def sensitive(self) -> bool:
         """Must be answered through the API or chat, never shown on Slack or webhooks."""
@@ -198,3 +204,12 @@ class InputRequest:
         if self.form is not None and [f.name for f in self.form.fields] == ["answer"]:
             return f"answer: {self.form.title}"  # an agent's free-text question
         return f"fill in {self.form.title if self.form and self.form.title else 'a form'}"
+
+
+def responder_allowed(responder: str, allowed: Iterable[str]) -> bool:
+    """Whether ``responder`` (``surface:name``, e.g. ``slack:U123``) is one of ``allowed``.
+
+    An entry may name the responder with its surface or without it (``U123``).
+    """
+    bare = responder.partition(":")[2] or responder
+    return any(a in (responder, bare) for a in allowed)

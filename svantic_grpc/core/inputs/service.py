@@ -209,7 +209,7 @@ class Inputs:
             request = await self.get(tenant_id, request_id)
             if request.state is not InputState.PENDING:
                 raise _already(request)
-            if request.allowed_responders and not _responder_allowed(responder, request.allowed_responders):
+            if not request.may_answer(responder):
                 allowed = ", ".join(request.allowed_responders)
                 raise PermissionDenied(
                     f"{responder} may not answer this request; allowed: {allowed}",
@@ -420,11 +420,6 @@ class Inputs:
             task = asyncio.create_task(call(), name=f"notify-{hook}-{request.request_id}")
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
-
-
-def _responder_allowed(responder: str, allowed: Iterable[str]) -> bool:
-    bare = responder.partition(":")[2] or responder
-    return any(a in (responder, bare) for a in allowed)
 
 
 def _already(request: InputRequest) -> AlreadyResolved:

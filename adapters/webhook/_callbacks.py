@@ -25,23 +25,16 @@ from typing import Any
 
 import jwt
 
+from adapters.webhook._http import Refused
 from svantic_grpc.adapter import AdapterContext
 from svantic_grpc.core.inputs.model import InputRequest, InputState, Surface
 
-__all__ = ["CallbackTokens", "Grant", "Refused", "Winners", "fingerprint"]
+__all__ = ["CallbackTokens", "Grant", "Winners", "fingerprint"]
 
 _AUDIENCE = "svantic-webhook-callback"
 
 _Key = tuple[str, str]
 """(tenant id, request id)"""
-
-
-class Refused(Exception):
-    """An inbound call refused before it reached the mesh."""
-
-    def __init__(self, status: int, reason: str, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.field = status, reason, message, field
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""The mesh's one HTTP server: a Starlette application served by uvicorn on the mesh's event loop.
+
+It is always on (``http_address``, default ``127.0.0.1:8080``), started and stopped
+with the gRPC server by the composition root (``svantic_grpc.server``), and carries:
+
+- ``GET /healthz``: liveness, 200 while the process serves HTTP at all;
+- ``GET /readyz``: readiness, 200 once the mesh serves, 503 while it starts or stops;
+- the adapters' inbound routes (``Adapter.routes()``: Slack interactions, the webhook receiver);
+- whatever else the composition root mounts.
+
+Mounting routes (the seam for other ingresses, e.g. A2A): build Starlette routes
+(``starlette.routing.Route``, ``Mount``, or the routes an SDK's Starlette application
+builder returns) and hand them to ``HttpServer.mount(routes)`` before ``start()``. A
+path mounted twice is refused at start, naming it. Routes are matched in mounting
+order after the two probes.
+
+The socket is bound here, not by uvicorn, so a bind error names ``http_address``
+and port 0 works: ``port`` and ``url`` give the bound port once started, like the
+gRPC server's ``target``. uvicorn's own signal handling is off: the process owner
+(the CLI) handles signals and calls ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+__all__ = ["HttpServer", "HttpServerError"]
+
+_log = logging.getLogger(__name__)
+
+
+class HttpServerError(ValueError):
+    """The HTTP server cannot start (address taken, two routes on one path); the message says which."""
+
+
+class HttpServer:
+    """One ASGI application on ``address``, served by uvicorn as a task this object owns.
+
+    Args:
+        address: ``host:port`` to bind; port 0 picks a free one.
+        ready: Whether the mesh serves now (``/readyz`` answers 200 only then).
+        public_url: How callers elsewhere reach this server (e.g. webhook callback URLs);
+            empty: ``url``.
+    """
+
+    def __init__(self, address: str, *, ready: Callable[[], bool], public_url: str = "") -> None:
+        self.address = address
+        self._ready = ready
+        self._public_url = public_url.rstrip("/")
+        self._routes: list[BaseRoute] = []
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+        """The bound port once started."""
+
+    def mount(self, routes: Iterable[BaseRoute]) -> None:
+        """Add Starlette routes to serve; call before ``start``."""
+        if self._server is not None:
+            raise RuntimeError("routes must be mounted before the HTTP server starts")
+        self._routes.extend(routes)
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` a client on this machine dials (the bound port once started)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        port = self.port or int(self.address.rpartition(":")[2])
+        return f"http://{host}:{port}"
+
+    @property
+    def public_url(self) -> str:
+        """How callers reach this server: ``http_public_url`` when set, ``url`` otherwise."""
+        return self._public_url or self.url
+
+    def app(self) -> Starlette:
+        """The ASGI application: the probes, then every mounted route."""
+        routes: list[BaseRoute] = [
+            Route("/healthz", _healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            *self._routes,
+        ]
+        seen: set[tuple[str, frozenset[str]]] = set()
+        for route in routes:
+            if isinstance(route, Route | Mount):
+                key = (route.path, frozenset(getattr(route, "methods", None) or ()))
+                if key in seen:
+                    raise HttpServerError(f"http_address: two routes are mounted on {route.path}")
+                seen.add(key)
+        return Starlette(routes=routes)
+
+    async def start(self) -> None:
+        """Bind and serve; returns once connections are accepted.
+
+        Raises:
+            HttpServerError: the address cannot be bound, or two routes share a path.
+        """
+        if self._server is not None:
+            return
+        app = self.app()
+        port = int(self.address.rpartition(":")[2])
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            sock = socket.create_server((self.host, port), family=family)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise HttpServerError(f"http_address: cannot bind {self.address}: {reason}") from None
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+        )
+        server = _Uvicorn(config)
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http {self.address}")
+        started = asyncio.create_task(server.up.wait())
+        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            sock.close()
+            error = self._task.exception() if not self._task.cancelled() else None
+            self._server = self._task = None
+            raise HttpServerError(f"http_address: the HTTP server did not start: {error!r}")
+        self._task.add_done_callback(_log_unexpected_end)
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, give requests in flight ``grace`` seconds, then cancel them; idempotent."""
+        server, task = self._server, self._task
+        if server is None or task is None or task.done():
+            return
+        # Typed int, used as asyncio.timeout(...): a fraction of a second is fine.
+        server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
+        server.exit()
+        await task
+
+    async def _readyz(self, request: Request) -> JSONResponse:
+        if self._ready():
+            return JSONResponse({"status": "serving"})
+        return JSONResponse({"status": "not serving"}, status_code=503)
+
+
+async def _healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, told to stop by an event instead of polling a flag, and without signals."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = asyncio.Event()
+        self._exit = asyncio.Event()
+
+    def exit(self) -> None:
+        self.should_exit = True
+        self._exit.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the process owner handles SIGINT/SIGTERM and calls HttpServer.stop
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.up.set()
+
+    async def main_loop(self) -> None:
+        # uvicorn's loop sleeps 0.1 s between looks at should_exit; this one wakes on exit() at once
+        # and still refreshes the Date header once a second.
+        while not await self.on_tick(0):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._exit.wait()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.server_state.connections:
+            await super().shutdown(sockets)  # lets requests in flight finish within the grace
+            return
+        # Nothing in flight: close at once (uvicorn's own path sleeps at least 0.1 s).
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+def _log_unexpected_end(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("the HTTP server stopped unexpectedly", exc_info=task.exception())

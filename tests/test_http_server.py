@@ -1,0 +1,130 @@
+"""The mesh's one HTTP server: always on, probes, adapters' and mounted routes, port 0, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from svantic_grpc.config import SettingsError, parse_settings
+from svantic_grpc.http_server import HttpServer, HttpServerError
+from svantic_grpc.server import MeshServer
+from tests._support import SIGNING_ENV, running_server
+
+WAIT = 5.0
+
+
+async def test_the_http_server_is_on_without_any_adapter(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="svantic_grpc"):
+        async with running_server() as client:
+            http = client.server.http
+            assert http.port > 0  # port 0 in settings: the bound port is discoverable
+            assert http.url == f"http://127.0.0.1:{http.port}"
+            async with httpx.AsyncClient(base_url=http.url, timeout=WAIT) as web:
+                health = await web.get("/healthz")
+                ready = await web.get("/readyz")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert (ready.status_code, ready.json()) == (200, {"status": "serving"})
+    assert f"serving HTTP on 127.0.0.1:{http.port}" in caplog.text
+
+
+async def test_readyz_is_503_until_the_mesh_serves_and_once_it_stops() -> None:
+    serving = False
+    server = HttpServer("127.0.0.1:0", ready=lambda: serving)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as web:
+            starting = await web.get("/readyz")
+            serving = True
+            up = await web.get("/readyz")
+            serving = False
+            stopping = await web.get("/readyz")
+            alive = await web.get("/healthz")
+    finally:
+        await server.stop()
+    assert [r.status_code for r in (starting, up, stopping, alive)] == [503, 200, 503, 200]
+    assert starting.json() == {"status": "not serving"}
+
+
+async def test_routes_mounted_by_the_composition_root_are_served() -> None:
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"hello": request.path_params["name"]})
+
+    settings = parse_settings({"grpc_address": "127.0.0.1:0", "http_address": "127.0.0.1:0"})
+    server = MeshServer(settings, env=SIGNING_ENV)
+    server.http.mount([Route("/hello/{name}", hello, methods=["GET"])])
+    async with server:
+        async with httpx.AsyncClient(base_url=server.http.url, timeout=WAIT) as web:
+            response = await web.get("/hello/mesh")
+            missing = await web.get("/nothing-here")
+        with pytest.raises(RuntimeError, match="before the HTTP server starts"):
+            server.http.mount([Route("/late", hello)])
+    assert (response.status_code, response.json()) == (200, {"hello": "mesh"})
+    assert missing.status_code == 404
+
+
+async def test_two_routes_on_one_path_are_refused_naming_it() -> None:
+    async def one(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("one")
+
+    server = HttpServer("127.0.0.1:0", ready=lambda: True)
+    server.mount([Route("/webhooks/receive", one, methods=["POST"])])
+    server.mount([Route("/webhooks/receive", one, methods=["POST"])])
+    with pytest.raises(HttpServerError, match="two routes are mounted on /webhooks/receive"):
+        await server.start()
+
+
+async def test_an_http_address_in_use_stops_the_server_naming_the_key() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = parse_settings({"grpc_address": "127.0.0.1:0", "http_address": f"127.0.0.1:{port}"})
+        server = MeshServer(settings, env=SIGNING_ENV)
+        with pytest.raises(SettingsError, match=f"http_address: cannot bind 127.0.0.1:{port}"):
+            await server.start()
+        await server.stop()
+
+
+def test_development_mode_refuses_a_non_loopback_http_address() -> None:
+    settings = parse_settings({"grpc_address": "127.0.0.1:0", "http_address": "0.0.0.0:0"})
+    with pytest.raises(SettingsError, match=re.escape("http_address '0.0.0.0:0' is not loopback")):
+        MeshServer(settings, env={})
+
+
+async def test_a_request_in_flight_finishes_within_the_grace_and_is_cut_after_it() -> None:
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> PlainTextResponse:
+        arrived.set()
+        await release.wait()
+        return PlainTextResponse("done")
+
+    for grace, finishes in ((WAIT, True), (0.0, False)):
+        arrived.clear()
+        release.clear()
+        server = HttpServer("127.0.0.1:0", ready=lambda: True)
+        server.mount([Route("/slow", slow)])
+        await server.start()
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as web:
+            call = asyncio.create_task(web.get("/slow"))
+            await asyncio.wait_for(arrived.wait(), WAIT)
+            stopping = asyncio.create_task(server.stop(grace))
+            if finishes:
+                release.set()
+            response = await asyncio.wait_for(call, WAIT)
+            await asyncio.wait_for(stopping, WAIT)
+            # Past the grace the handler is cancelled and the caller told so, never left hanging.
+            assert response.status_code == (200 if finishes else 500)
+            assert (response.text == "done") is finishes
+        with pytest.raises(httpx.ConnectError):  # nothing listens any more
+            async with httpx.AsyncClient(timeout=WAIT) as again:
+                await again.get(server.url + "/healthz")
