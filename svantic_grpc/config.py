@@ -144,6 +144,15 @@ class GuardrailSettings(_Model):
     """0 is unlimited."""
 
 
+class PostgresSettings(_Model):
+    """The PostgreSQL store (``"store": "postgresql://user@host:port/db"``)."""
+
+    schema_name: str = Field(default="svantic", min_length=1, max_length=63)
+    """Schema holding the mesh's tables (created at start-up); replicas sharing state name the same one."""
+    pool_size: int = Field(default=10, ge=2, le=1000)
+    """Most connections one replica holds."""
+
+
 class RetentionSettings(_Model):
     """How long what is finished is kept."""
 
@@ -176,7 +185,7 @@ class Settings(_Model):
     subscriber_buffer: int = Field(default=1024, gt=0)
     """Events a live stream subscriber may fall behind before it is cut off."""
     store: str = "memory"
-    """`memory` (default)."""
+    """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     auth: AuthSettings = AuthSettings()
     dispatch: DispatchSettings = DispatchSettings()
@@ -187,6 +196,7 @@ class Settings(_Model):
     """Tool and plan policies."""
     guardrails: GuardrailSettings = GuardrailSettings()
     retention: RetentionSettings = RetentionSettings()
+    postgres: PostgresSettings = PostgresSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
 

@@ -27,10 +27,9 @@ from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
 from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
-from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
-from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
 from svantic_grpc.core.retention import Retention
 from svantic_grpc.core.store import Store
 from svantic_grpc.dispatch.a2a import A2ATransport
@@ -89,7 +88,11 @@ class MeshServer:
                     "Set the signing key and configure tenants to serve on other addresses."
                 )
         try:
-            store = open_store(settings.store)
+            store = open_store(
+                settings.store,
+                postgres_schema=settings.postgres.schema_name,
+                pool_size=settings.postgres.pool_size,
+            )
         except ValueError as exc:
             raise SettingsError(f"store: {exc}") from None
         env = os.environ if env is None else env

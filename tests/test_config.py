@@ -314,5 +314,5 @@ async def test_development_server_serves_on_loopback() -> None:
 
 def test_an_unknown_store_is_a_settings_error() -> None:
     with pytest.raises(SettingsError) as excinfo:
-        MeshServer(parse_settings({"store": "postgres://nowhere", "grpc_address": "127.0.0.1:0"}), env={})
+        MeshServer(parse_settings({"store": "mongodb://nowhere", "grpc_address": "127.0.0.1:0"}), env={})
     assert "store" in str(excinfo.value)

@@ -13,8 +13,7 @@ from svantic_grpc.api import _wkt, convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_inputs import request_to_pb
 from svantic_grpc.api.convert_messages import dispatch_to_pb, update_from_pb
-from svantic_grpc.core.connections import AgentConnection, Outbound
-from svantic_grpc.core.dispatch import DispatchUpdate
+from svantic_grpc.core.dispatch import AgentConnection, DispatchUpdate, Outbound
 from svantic_grpc.core.errors import InvalidArgument, MeshError
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.messages.model import MessageState

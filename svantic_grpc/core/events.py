@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.errors import MeshError, OutOfRange, ResourceExhausted, Unavailable
@@ -31,11 +31,13 @@ __all__ = [
     "AgentLeft",
     "ArtifactAdded",
     "Event",
+    "EventBell",
     "EventBus",
     "EventPayload",
     "InputEnded",
     "InputRaised",
     "MessageStateChanged",
+    "RingHandler",
     "StatusChanged",
     "Subscription",
     "TurnAdded",
@@ -150,6 +152,25 @@ class Event:
         return isinstance(self.payload, StatusChanged) and self.payload.to_status is SessionStatus.CLOSED
 
 
+RingHandler: TypeAlias = Callable[[Collection[tuple[str, str]] | None], None]
+"""Told which sessions (tenant id, session id) got events elsewhere; ``None``: any may have."""
+
+
+class EventBell(Protocol):
+    """Rings when another process appended events to a session's log (a replica sharing the store).
+
+    The store's event log stays the truth: a ring carries nothing that would be lost if it
+    were missed, and after a ring the bus reads what it has not seen from the log. A bell
+    that may have missed rings (its connection dropped) rings with ``None``.
+    """
+
+    async def start(self, ring: RingHandler) -> None:
+        """Listen from now on, calling ``ring`` for every ring."""
+
+    async def stop(self) -> None:
+        """Stop listening; safe to call twice."""
+
+
 class Subscription:
     """A live feed of one session's events with a bounded buffer.
 
@@ -202,6 +223,11 @@ class Subscription:
         self.acknowledge(event.sequence)
         return event
 
+    @property
+    def last_delivered(self) -> int:
+        """The highest sequence the reader has passed (resume points start after it)."""
+        return self._last_delivered
+
     def acknowledge(self, sequence: int) -> None:
         """The reader has passed ``sequence`` (also through replay); resume points start after it."""
         self._last_delivered = max(self._last_delivered, sequence)
@@ -228,7 +254,13 @@ class EventBus:
     """Trim once per this many events: one delete amortised over many appends."""
 
     def __init__(
-        self, *, store: Store, clock: Clock, subscriber_buffer: int = 1024, max_events_per_session: int = 0
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        subscriber_buffer: int = 1024,
+        max_events_per_session: int = 0,
+        bell: EventBell | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -236,6 +268,26 @@ class EventBus:
         self._max_events = max_events_per_session
         self._locks = KeyedLock()
         self._subscribers: dict[tuple[str, str], set[Subscription]] = {}
+        self._bell = bell
+        self._offered: dict[tuple[str, str], int] = {}
+        """With a bell: per watched session, the highest sequence offered to its subscribers."""
+        self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._rung_again: set[tuple[str, str]] = set()
+
+    async def start(self) -> None:
+        """Start hearing events written by other processes (when the store has a bell)."""
+        if self._bell is not None:
+            await self._bell.start(self._rung)
+
+    async def stop(self) -> None:
+        """Stop hearing other processes; safe to call twice."""
+        if self._bell is not None:
+            await self._bell.stop()
+        tasks = list(self._catching_up.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def publish(self, tenant_id: str, session_id: str, payload: EventPayload) -> Event:
         """Record ``payload`` in the session's log and deliver it live."""
@@ -274,7 +326,7 @@ class EventBus:
             if self._store.suspends:
                 return await asyncio.shield(asyncio.ensure_future(self._write_and_deliver(key, write)))
             result, events = await write(self._clock.now())  # runs to the end: nothing to shield
-            self._deliver(key, events)
+            await self._deliver_in_order(key, events)
             if self._trim_due(events):
                 await self._trim(key, events)
             return result
@@ -283,7 +335,7 @@ class EventBus:
         self, key: tuple[str, str], write: Callable[[float], Awaitable[tuple[T, Sequence[Event]]]]
     ) -> T:
         result, events = await write(self._clock.now())
-        self._deliver(key, events)
+        await self._deliver_in_order(key, events)
         if self._trim_due(events):
             await self._trim(key, events)
         return result
@@ -299,10 +351,72 @@ class EventBus:
         through = events[-1].sequence - self._max_events
         await self._store.trim_events(tenant_id=tenant_id, session_id=session_id, through_sequence=through)
 
+    async def _deliver_in_order(self, key: tuple[str, str], events: Sequence[Event]) -> None:
+        """Deliver ``events``; with a bell, first what other processes wrote before them."""
+        subscribers = self._subscribers.get(key)
+        if self._bell is not None and events and subscribers:
+            offered = self._offered.get(key)
+            if offered is None:  # nothing offered yet: start where the slowest subscriber is
+                offered = min(s.last_delivered for s in subscribers)
+            if events[0].sequence > offered + 1:
+                missed = await self._read(key, after=offered, through=events[0].sequence - 1)
+                events = [*missed, *events]
+        self._deliver(key, events)
+
     def _deliver(self, key: tuple[str, str], events: Sequence[Event]) -> None:
-        for subscription in tuple(self._subscribers.get(key, ())):
+        subscribers = self._subscribers.get(key)
+        if not subscribers or not events:
+            return
+        if self._bell is not None:
+            offered = self._offered.get(key, 0)
+            events = [e for e in events if e.sequence > offered]  # a ring may have brought them already
+            if not events:
+                return
+            self._offered[key] = events[-1].sequence
+        for subscription in tuple(subscribers):
             for event in events:
                 subscription.offer(event)
+
+    def _rung(self, keys: Collection[tuple[str, str]] | None) -> None:
+        """The bell rang: catch up the watched sessions it names (all of them for ``None``)."""
+        watched = self._subscribers.keys() if keys is None else [k for k in keys if k in self._subscribers]
+        for key in tuple(watched):
+            if key in self._catching_up:
+                self._rung_again.add(key)  # read once more when the running catch-up ends
+                continue
+            task = asyncio.create_task(self._catch_up(key), name=f"svantic-catch-up-{key[1]}")
+            self._catching_up[key] = task
+
+    async def _catch_up(self, key: tuple[str, str]) -> None:
+        """Read what the session's log gained since it was last offered, and offer it."""
+        try:
+            while True:
+                self._rung_again.discard(key)
+                async with self._locks.hold(key):
+                    subscribers = self._subscribers.get(key)
+                    if subscribers:
+                        after = self._offered.get(key)
+                        if after is None:
+                            after = min(s.last_delivered for s in subscribers)
+                        self._deliver(key, await self._read(key, after=after))
+                if key not in self._rung_again:
+                    return
+        finally:
+            self._catching_up.pop(key, None)
+
+    async def _read(self, key: tuple[str, str], *, after: int, through: int | None = None) -> list[Event]:
+        """Events of the session's log after ``after`` (up to ``through``), in order."""
+        tenant_id, session_id = key
+        found: list[Event] = []
+        while through is None or after < through:
+            page = await self._store.list_events(
+                tenant_id=tenant_id, session_id=session_id, after_sequence=after, limit=500
+            )
+            found.extend(e for e in page if through is None or e.sequence <= through)
+            if len(page) < 500:
+                break
+            after = page[-1].sequence
+        return found
 
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""
@@ -314,6 +428,7 @@ class EventBus:
                 subscribers.discard(subscription)
                 if not subscribers:
                     del self._subscribers[key]
+                    self._offered.pop(key, None)
 
         subscription = Subscription(self._buffer, _remove)
         self._subscribers.setdefault(key, set()).add(subscription)

@@ -7,12 +7,10 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from svantic_grpc.core.agents import MeshServices, MessageOptions, load_agent_classes
+from svantic_grpc.core.agents import AgentServices, load_agent_classes
 from svantic_grpc.core.auth import Credential, TokenIssuer, TokenSettings
 from svantic_grpc.core.clock import Clock, IdGenerator, SystemClock, UuidGenerator
-from svantic_grpc.core.connections import ConnectedAgents
-from svantic_grpc.core.dispatch import Dispatcher, Transport
-from svantic_grpc.core.dispatch_tokens import DispatchTokens
+from svantic_grpc.core.dispatch import ConnectedAgents, Dispatcher, Dispatches, DispatchTokens, Transport
 from svantic_grpc.core.events import EventBus
 from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.inputs.policies import Policy, PolicyEngine
@@ -26,9 +24,23 @@ from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
 
-__all__ = ["Mesh", "MeshOptions"]
+__all__ = ["Mesh", "MeshOptions", "MessageOptions"]
 
 _log = logging.getLogger("svantic_grpc")
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """Tunables of message handling, from settings."""
+
+    dispatch_timeout_s: float = 60.0
+    """How long one dispatch may take before the message fails."""
+    max_dispatches_per_session: int = 1000
+    """Guardrail budget per session; 0 is unlimited."""
+    failover_attempts: int = 2
+    """Other instances tried when a dispatch could not be delivered."""
+    critic_retries: int = 1
+    """Re-dispatches when a result does not fit the skill's declared output."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class Mesh:
             clock=self.clock,
             subscriber_buffer=options.subscriber_buffer,
             max_events_per_session=options.retention.max_events_per_session,
+            bell=store.event_bell(),
         )
         self.retention = RetentionSweeper(store=store, clock=self.clock, retention=options.retention)
         self.registry = Registry(
@@ -142,22 +155,34 @@ class Mesh:
         self.sessions.on_close(self._session_closing)
         self.serving = asyncio.Event()
         """Set when the mesh serves: work waiting for an agent to (re)connect starts its clock then."""
+        self.dispatches = Dispatches(
+            store=store,
+            registry=self.registry,
+            sessions=self.sessions,
+            dispatcher=self.dispatcher,
+            tokens=self.dispatch_tokens,
+            inputs=self.inputs,
+            clock=self.clock,
+            ids=self.ids,
+            serving=self.serving,
+            timeout_s=options.messages.dispatch_timeout_s,
+            max_per_session=options.messages.max_dispatches_per_session,
+            failover_attempts=options.messages.failover_attempts,
+        )
+        """Runs every dispatch: the rules hold here, whatever internal agents are plugged in."""
         self.messages = Messages(
-            services=MeshServices(
-                store=store,
-                bus=self.bus,
-                registry=self.registry,
-                sessions=self.sessions,
-                dispatcher=self.dispatcher,
-                dispatch_tokens=self.dispatch_tokens,
-                knowledge=self.knowledge,
-                inputs=self.inputs,
-                clock=self.clock,
-                ids=self.ids,
-                options=options.messages,
-                serving=self.serving,
+            store=store,
+            bus=self.bus,
+            sessions=self.sessions,
+            inputs=self.inputs,
+            dispatches=self.dispatches,
+            clock=self.clock,
+            ids=self.ids,
+            agent_services=AgentServices(
+                store=store, knowledge=self.knowledge, clock=self.clock, ids=self.ids
             ),
             agent_classes=load_agent_classes(options.internal_agents),
+            critic_retries=options.messages.critic_retries,
         )
         self._started = False
 
@@ -185,6 +210,7 @@ class Mesh:
             return
         self._started = True
         await self.store.connect()
+        await self.bus.start()
         # Order matters: messages that were running end first (with their pending requests), then
         # requests nothing waits for are withdrawn, then each session's status follows what is pending.
         await self.sessions.recover()
@@ -217,6 +243,7 @@ class Mesh:
         await self.messages.close()
         await self.inputs.close()
         await self.dispatcher.close()
+        await self.bus.stop()
         if self._started:
             self._started = False
             await self.store.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.events import Event, EventBell, EventPayload
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
@@ -410,6 +410,13 @@ class Store(ABC):
 
         The audit trail stays: it is the record of who decided what.
         """
+
+    # Other processes sharing the store
+
+    def event_bell(self) -> EventBell | None:
+        """What tells this process that another one appended events (``None``: only this
+        process writes, as with the memory store, or nothing rings, as with SQLite)."""
+        return None
 
     # Lifecycle
 

@@ -51,7 +51,13 @@ from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 
 from svantic_grpc._json import whole
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.dispatch import (
+    DispatchFailed,
+    DispatchJob,
+    DispatchUpdate,
+    NotDelivered,
+    input_outcome,
+)
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
@@ -293,9 +299,8 @@ def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2
     """The human's answer, sent on the agent's task: a text line and ``{"input_resolution": ...}``."""
     resolution = request.resolution
     answer = resolution_json(request)
-    text = f"{request.summary}: {request.state.value}"
+    text = f"{request.summary}: {input_outcome(request).verdict}"
     if resolution is not None:
-        text = f"{request.summary}: {'approved' if resolution.approved else 'denied'}"
         if resolution.reason:
             text += f" ({resolution.reason})"
         if isinstance(resolution.values.get("answer"), str):

@@ -6,10 +6,11 @@ from svantic_grpc.stores.memory import MemoryStore
 __all__ = ["MemoryStore", "open_store"]
 
 
-def open_store(uri: str) -> Store:
+def open_store(uri: str, *, postgres_schema: str = "svantic", pool_size: int = 10) -> Store:
     """The store named by a settings value, not yet connected (``await store.connect()``).
 
-    ``memory`` (the default) or ``sqlite:///absolute/path.db`` (``sqlite://relative.db``).
+    ``memory`` (the default), ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) or
+    ``postgresql://user@host:port/db`` (tables in ``postgres_schema``, pool of ``pool_size``).
 
     Raises:
         ValueError: the value names no store this build has.
@@ -23,4 +24,10 @@ def open_store(uri: str) -> Store:
         from svantic_grpc.stores.sqlite import SqliteStore  # aiosqlite only when asked for
 
         return SqliteStore(path)
-    raise ValueError(f"unknown store {uri!r}: use 'memory' or 'sqlite:///path/to/mesh.db'")
+    if uri.startswith(("postgresql://", "postgres://")):
+        from svantic_grpc.stores.postgres import PostgresStore  # asyncpg only when asked for
+
+        return PostgresStore(uri, schema=postgres_schema, pool_size=pool_size)
+    raise ValueError(
+        f"unknown store {uri!r}: use 'memory', 'sqlite:///path/to/mesh.db' or 'postgresql://user@host/db'"
+    )

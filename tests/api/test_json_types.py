@@ -249,7 +249,7 @@ async def test_a_hosted_agents_whole_numbers_arrive_as_integers() -> None:
 
 async def test_an_answer_carried_in_a_resumed_dispatch_reaches_the_handler_with_integers() -> None:
     # After a restart the answer travels in the dispatch as an ``input_resolution`` data part
-    # (core/agents/executor.py); the helper hands it to the handler's ``ask_form``.
+    # (core/dispatch/_run.py); the helper hands it to the handler's ``ask_form``.
     answered = InputRequest(
         tenant_id=TENANT,
         request_id="inp_1",

@@ -24,8 +24,7 @@ from grpc import aio
 
 from svantic_grpc.api.registry_service import BATCH_MAX, BATCH_MAX_BYTES, _frames
 from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
-from svantic_grpc.core.connections import Outbound
-from svantic_grpc.core.dispatch import DispatchJob
+from svantic_grpc.core.dispatch import DispatchJob, Outbound
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.pb import (

@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
-from svantic_grpc.core.agents import MessageOptions
 from svantic_grpc.core.auth import Caller, Scope, TokenSettings
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, JoinReason, Skill
 from svantic_grpc.core.registry import AgentSpec

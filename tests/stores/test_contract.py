@@ -53,13 +53,16 @@ from svantic_grpc.core.models import (
 )
 from svantic_grpc.core.store import Store
 from svantic_grpc.stores import MemoryStore, _copy
+from svantic_grpc.stores.postgres import PostgresStore
 from svantic_grpc.stores.sqlite import SqliteStore
+from tests import _postgres
 
 StoreFactory = Callable[[Path], "Store | Awaitable[Store]"]
 
 FACTORIES: dict[str, StoreFactory] = {
     "memory": lambda tmp_path: MemoryStore(),
     "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "mesh.db"),
+    "postgresql": lambda tmp_path: _postgres.fresh_store(),
 }
 
 T0 = 1_700_000_000.0
@@ -74,6 +77,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield instance
     finally:
         await instance.close()
+        if isinstance(instance, PostgresStore):
+            await _postgres.drop_schema(instance.schema)
 
 
 def make_session(

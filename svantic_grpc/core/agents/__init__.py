@@ -1,7 +1,11 @@
-"""Per-session internal agents: small pluggable classes, one per role.
+"""Per-session internal agents: small pluggable classes, one per role, that make choices.
 
 Settings (``internal_agents``) may name another class for a role as
-``"package.module:ClassName"``; it must subclass the role's base class here.
+``"package.module:ClassName"``; it must subclass the role's base class here. Each role
+answers one question (where a message goes, what a plan's steps are, which instance ranks
+first, whether a result fits, what to learn, what the chat says); the rules that hold while
+work runs (tool and plan policies, budgets, approvals, timeouts, fail-over) are the core's
+(``core.dispatch``), and no class named here can switch one off.
 """
 
 from __future__ import annotations
@@ -10,31 +14,32 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from svantic_grpc.core.agents.base import InternalAgent, MeshServices, MessageOptions, SessionScope
+from svantic_grpc.core.agents.base import AgentServices, InternalAgent, SessionScope, StoreReads
 from svantic_grpc.core.agents.chat import CapabilitiesChat, Chat
 from svantic_grpc.core.agents.critic import Critic, OutputModeCritic, Verdict
-from svantic_grpc.core.agents.executor import BudgetedExecutor, Executor, Outcome
+from svantic_grpc.core.agents.executor import Executor
 from svantic_grpc.core.agents.learner import Learner, OutcomeLearner
 from svantic_grpc.core.agents.orchestrator import KeywordOrchestrator, Orchestrator, Route
 from svantic_grpc.core.agents.planner import Planner, PlanStep, SequentialPlanner, parse_plan
+from svantic_grpc.core.dispatch import Outcome
 
 __all__ = [
     "DEFAULT_CLASSES",
     "ROLE_BASES",
+    "AgentServices",
     "AgentSet",
     "Chat",
     "Critic",
     "Executor",
     "InternalAgent",
     "Learner",
-    "MeshServices",
-    "MessageOptions",
     "Orchestrator",
     "Outcome",
     "PlanStep",
     "Planner",
     "Route",
     "SessionScope",
+    "StoreReads",
     "Verdict",
     "load_agent_classes",
     "parse_plan",
@@ -50,7 +55,7 @@ ROLE_BASES: dict[str, type[InternalAgent]] = {
 }
 DEFAULT_CLASSES: dict[str, type[InternalAgent]] = {
     "orchestrator": KeywordOrchestrator,
-    "executor": BudgetedExecutor,
+    "executor": Executor,
     "planner": SequentialPlanner,
     "chat": CapabilitiesChat,
     "critic": OutputModeCritic,

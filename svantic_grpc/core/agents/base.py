@@ -2,56 +2,39 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.dispatch import Dispatcher
-from svantic_grpc.core.dispatch_tokens import DispatchTokens
-from svantic_grpc.core.events import EventBus
-from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
-from svantic_grpc.core.registry import Registry
-from svantic_grpc.core.store import Store
+from svantic_grpc.core.models import AgentRegistration, Session
 
-if TYPE_CHECKING:
-    from svantic_grpc.core.sessions import Sessions
-
-__all__ = ["InternalAgent", "MeshServices", "MessageOptions", "SessionScope"]
+__all__ = ["AgentServices", "InternalAgent", "SessionScope", "StoreReads"]
 
 
-@dataclass(frozen=True)
-class MessageOptions:
-    """Tunables of message handling, from settings."""
+class StoreReads(Protocol):
+    """What internal agents may read from the store (the store itself, typed down to its reads)."""
 
-    dispatch_timeout_s: float = 60.0
-    """How long one dispatch may take before the message fails."""
-    max_dispatches_per_session: int = 1000
-    """Guardrail budget per session; 0 is unlimited."""
-    failover_attempts: int = 2
-    """Other instances tried when a dispatch could not be delivered."""
-    critic_retries: int = 1
-    """Re-dispatches when a result does not fit the skill's declared output."""
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None: ...
+
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None: ...
+
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]: ...
 
 
 @dataclass(frozen=True)
-class MeshServices:
-    """The core services internal agents work with."""
+class AgentServices:
+    """What internal agents read to make their choices.
 
-    store: Store
-    bus: EventBus
-    registry: Registry
-    sessions: Sessions
-    dispatcher: Dispatcher
-    dispatch_tokens: DispatchTokens
+    Not the dispatcher, the dispatch tokens or the inputs: the rules that run work and ask
+    humans are the core's (``core.dispatch``), and an agent only answers what it is asked.
+    """
+
+    store: StoreReads
     knowledge: Knowledge
-    inputs: Inputs
     clock: Clock
     ids: IdGenerator
-    options: MessageOptions
-    serving: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the mesh serves (its port bound): agents can reach it only from then on."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +43,16 @@ class SessionScope:
 
     tenant_id: str
     session_id: str
-    services: MeshServices
+    services: AgentServices
 
 
 class InternalAgent:
     """A per-session internal agent. Each session has its own instance of each role.
 
     Subclass the role's base class (``Orchestrator``, ``Executor``, ...) to plug
-    in another implementation through settings (``internal_agents``).
+    in another implementation through settings (``internal_agents``). An agent makes
+    choices (where a message goes, which instance takes it, what a plan is); the rules
+    (policies, budgets, approvals, timeouts) are the core's and hold whatever it chooses.
     """
 
     role: ClassVar[str] = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svantic_grpc.core.agents.base import InternalAgent
-from svantic_grpc.core.agents.executor import Outcome
+from svantic_grpc.core.dispatch import Outcome
 from svantic_grpc.core.models import Skill
 
 __all__ = ["Critic", "OutputModeCritic", "Verdict"]

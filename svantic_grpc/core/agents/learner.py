@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from svantic_grpc.core.agents.base import InternalAgent
-from svantic_grpc.core.agents.executor import Outcome
+from svantic_grpc.core.dispatch import Outcome
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import Skill
 

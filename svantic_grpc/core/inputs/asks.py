@@ -17,9 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from svantic_grpc.core.dispatch import InputAsk
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.inputs.model import Form, FormField, InputKind, InputRequest, PlanItem, ToolCall
+from svantic_grpc.core.inputs.model import (
+    Form,
+    FormField,
+    InputAsk,
+    InputKind,
+    InputRequest,
+    PlanItem,
+    ToolCall,
+)
 from svantic_grpc.core.messages.model import Part
 
 __all__ = ["parse_ask", "question_form", "resolution_json"]

@@ -15,6 +15,7 @@ __all__ = [
     "Decision",
     "Form",
     "FormField",
+    "InputAsk",
     "InputKind",
     "InputRequest",
     "InputState",
@@ -119,6 +120,17 @@ class PlanItem:
     description: str
     agent_type: str = ""
     tool_name: str = ""
+
+
+@dataclass(frozen=True)
+class InputAsk:
+    """What an agent asks a human for (with an ``input-required`` update)."""
+
+    kind: InputKind
+    tool_call: ToolCall | None = None
+    form: Form | None = None
+    plan: tuple[PlanItem, ...] = ()
+    allowed_responders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """A session's running work: its internal agents and the tasks of its messages.
 
 Each message runs in a task owned by its session's runtime. The run routes it
-(orchestrator), carries it out (planner, executor or chat), reviews it (critic)
-and learns from it (learner). Cancelling the task cancels the message; closing
-the session cancels them all. A failure in one message, or one session, stays there.
+(orchestrator), carries it out (a plan from the planner, signed off when a plan policy
+says so; a dispatch by the core's ``Dispatches``; or the chat), reviews it (critic) and
+learns from it (learner). Cancelling the task cancels the message; closing the session
+cancels them all. A failure in one message, or one session, stays there.
+
+The message's metadata is parsed once, when it is sent (or once when it resumes after a
+restart), and travels with the run.
 """
 
 from __future__ import annotations
@@ -15,11 +19,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from svantic_grpc.core.agents import AgentSet, Outcome, PlanStep, Route, SessionScope
-from svantic_grpc.core.agents.executor import wait_for_human
+from svantic_grpc.core.agents import AgentSet, Route, SessionScope
+from svantic_grpc.core.dispatch import (
+    Outcome,
+    SessionDispatches,
+    input_outcome,
+    plan_refusal,
+    sign_off_plan,
+)
 from svantic_grpc.core.errors import MeshError
-from svantic_grpc.core.inputs.model import InputKind, InputState, PlanItem
-from svantic_grpc.core.inputs.policies import Enforcement
+from svantic_grpc.core.inputs.model import InputKind, PlanItem
+from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
     Message,
     MessageMetadata,
@@ -30,7 +40,10 @@ from svantic_grpc.core.messages.model import (
 )
 from svantic_grpc.core.messages.writer import MessageWriter
 
-__all__ = ["SessionRuntime"]
+__all__ = ["SessionRuntime", "WriterFactory"]
+
+WriterFactory = Callable[[Message, Callable[[Message], None] | None], MessageWriter]
+"""Makes the writer of a message, with what to call when it stops (``Messages`` holds the one)."""
 
 _log = logging.getLogger(__name__)
 
@@ -41,9 +54,22 @@ STOPS = frozenset({MessageState.INPUT_REQUIRED}) | {s for s in MessageState if s
 class SessionRuntime:
     """Runs the messages of one session."""
 
-    def __init__(self, scope: SessionScope, agents: AgentSet) -> None:
+    def __init__(
+        self,
+        scope: SessionScope,
+        agents: AgentSet,
+        *,
+        dispatches: SessionDispatches,
+        inputs: Inputs,
+        writer: WriterFactory,
+        critic_retries: int,
+    ) -> None:
         self.scope = scope
         self.agents = agents
+        self._dispatches = dispatches
+        self._inputs = inputs
+        self._new_writer = writer
+        self._critic_retries = critic_retries
         self._tasks: dict[str, asyncio.Task[Message]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._stops: dict[str, asyncio.Future[Message]] = {}
@@ -115,15 +141,7 @@ class SessionRuntime:
         await self.agents.close()
 
     def _writer(self, message: Message) -> MessageWriter:
-        services = self.scope.services
-        return MessageWriter(
-            message,
-            store=services.store,
-            bus=services.bus,
-            clock=services.clock,
-            ids=services.ids,
-            on_stop=self._stopped,
-        )
+        return self._new_writer(message, self._stopped)
 
     async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
         writer = self._writer(message)
@@ -139,26 +157,26 @@ class SessionRuntime:
         writer = self._writer(message)
 
         async def work() -> Outcome:
-            inputs = self.scope.services.inputs
-            ended = await inputs.wait(message.tenant_id, message.input_request_ids[-1])
-            if ended.state is InputState.EXPIRED:
-                return Outcome(MessageState.FAILED, f"expired: nobody answered '{ended.summary}' in time")
-            resolution = ended.resolution
-            if ended.state is not InputState.RESOLVED or resolution is None:
-                return Outcome(MessageState.CANCELED, ended.outcome_reason or "input request canceled")
-            who = f"{'approved' if resolution.approved else 'denied'} by {resolution.resolved_by}"
+            metadata = parse_metadata(message.parts)  # accepted when sent; this process had not read it
+            ended = await self._inputs.wait(message.tenant_id, message.input_request_ids[-1])
+            settled = input_outcome(ended)
+            if not settled.goes_on:
+                return Outcome(settled.state, settled.reason)
             if ended.kind is InputKind.PLAN_APPROVAL:
-                if not resolution.approved:
-                    return Outcome(
-                        MessageState.REJECTED, f"plan denied by {resolution.resolved_by}: {resolution.reason}"
-                    )
-                await writer.state(MessageState.WORKING, f"{ended.summary}: {who} (after a restart)")
-                metadata = parse_metadata(message.parts)
+                refused = plan_refusal(ended)
+                if refused is not None:
+                    return refused
+                await writer.state(MessageState.WORKING, f"{settled.reason} (after a restart)")
                 return await self._run_plan(writer, metadata, signed_off=True)
-            # The message stays input-required until the agent has the answer (the executor then
+            # The message stays input-required until the agent has the answer (the dispatch then
             # marks it working): a crash before that resumes it again instead of failing it.
-            route = Route(message.agent_type, message.instance_id)
-            return await self.agents.executor.dispatch(writer, route, resume=ended)
+            return await self._dispatches.run(
+                writer,
+                agent_type=message.agent_type,
+                instance_id=message.instance_id,
+                yolo=metadata.yolo_mode,
+                resume=ended,
+            )
 
         return await self._guarded(writer, work)
 
@@ -178,7 +196,7 @@ class SessionRuntime:
         if writer.message.input_request_ids:
             # Withdraw what nobody answered before the message ends: the message will not use it,
             # and a crash between the two writes never leaves a request pending for an ended message.
-            await self.scope.services.inputs.cancel_for_message(
+            await self._inputs.cancel_for_message(
                 message.tenant_id, message.session_id, message.message_id, f"message {state.value}"
             )
         return await writer.state(state, reason)
@@ -186,9 +204,11 @@ class SessionRuntime:
     async def _carry_out(self, writer: MessageWriter, route: Route, metadata: MessageMetadata) -> Outcome:
         if route.agent_type == "savant:planner":
             return await self._run_plan(writer, metadata)
-        return await self._run_route(writer, route)
+        return await self._run_route(writer, route, yolo=metadata.yolo_mode)
 
-    async def _run_route(self, writer: MessageWriter, route: Route, parts: tuple[Part, ...] = ()) -> Outcome:
+    async def _run_route(
+        self, writer: MessageWriter, route: Route, parts: tuple[Part, ...] = (), *, yolo: bool
+    ) -> Outcome:
         if route.internal:
             if route.agent_type != "savant:chat":
                 return Outcome(
@@ -201,9 +221,16 @@ class SessionRuntime:
             said = await chat.answer(replace(writer.message, parts=parts) if parts else writer.message)
             await writer.turn(said, instance_id=chat.instance_id)
             return Outcome(MessageState.COMPLETED, "", chat.agent_type, chat.instance_id, said)
-        attempts = self.scope.services.options.critic_retries + 1
+        attempts = self._critic_retries + 1
         for attempt in range(attempts):
-            outcome = await self.agents.executor.dispatch(writer, route, parts=parts)
+            outcome = await self._dispatches.run(
+                writer,
+                agent_type=route.agent_type,
+                instance_id=route.instance_id,
+                skill_id=route.skill.id if route.skill else "",
+                yolo=yolo,
+                parts=parts,
+            )
             await self.agents.learner.learn(outcome, route.skill)
             if outcome.state is not MessageState.COMPLETED:
                 return outcome
@@ -220,13 +247,14 @@ class SessionRuntime:
     ) -> Outcome:
         steps = await self.agents.planner.plan(metadata.action_data)
         if not signed_off:
-            refused = await self._sign_off(writer, steps, yolo=metadata.yolo_mode)
+            plan = tuple(PlanItem(step.text, step.agent_type) for step in steps)
+            refused = await sign_off_plan(self._inputs, writer, plan, yolo=metadata.yolo_mode)
             if refused is not None:
                 return refused
         outcome = Outcome(MessageState.COMPLETED)
         for index, step in enumerate(steps, start=1):
             route = await self._step_route(step.agent_type, step.instance_id, step.text)
-            outcome = await self._run_route(writer, route, (Part(text=step.text),))
+            outcome = await self._run_route(writer, route, (Part(text=step.text),), yolo=metadata.yolo_mode)
             if outcome.state is not MessageState.COMPLETED:
                 reason = f"plan step {index}/{len(steps)} ({step.agent_type}): {outcome.reason}"
                 return Outcome(outcome.state, reason, outcome.agent_type, outcome.instance_id)
@@ -237,40 +265,6 @@ class SessionRuntime:
             outcome.instance_id,
         )
 
-    async def _sign_off(
-        self, writer: MessageWriter, steps: tuple[PlanStep, ...], *, yolo: bool
-    ) -> Outcome | None:
-        """Ask a human to sign the plan off when a plan policy says so; ``None`` means go ahead.
-
-        A blocking plan policy rejects the plan; ``yolo_mode`` skips a sign-off, never a block.
-        """
-        inputs = self.scope.services.inputs
-        policy = inputs.policies.plan_policy(step.agent_type for step in steps)
-        if policy is None:
-            return None
-        if policy.enforcement is Enforcement.BLOCK:
-            return Outcome(MessageState.REJECTED, f"plan blocked by policy {policy.name!r}")
-        if yolo:
-            return None
-        request = await inputs.ask(
-            tenant_id=self.scope.tenant_id,
-            session_id=self.scope.session_id,
-            message_id=writer.message.message_id,
-            kind=InputKind.PLAN_APPROVAL,
-            plan=tuple(PlanItem(step.text, step.agent_type) for step in steps),
-            policy=policy.name,
-            allowed_responders=policy.approvers,
-        )
-        ended = await wait_for_human(writer, inputs, request)
-        if isinstance(ended, Outcome):
-            return ended
-        resolution = ended.resolution
-        if resolution is not None and not resolution.approved:
-            return Outcome(
-                MessageState.REJECTED, f"plan denied by {resolution.resolved_by}: {resolution.reason}"
-            )
-        return None
-
     async def _step_route(self, agent_type: str, instance_id: str, text: str) -> Route:
         step_metadata = MessageMetadata(
             target_agent=f"{agent_type}/{instance_id}" if instance_id else agent_type
@@ -279,4 +273,10 @@ class SessionRuntime:
         probe = Message(
             scope.tenant_id, scope.session_id, "", Role.USER, (Part(text=text),), MessageState.SUBMITTED, 0, 0
         )
-        return await self.agents.orchestrator.route(probe, step_metadata)
+        route = await self.agents.orchestrator.route(probe, step_metadata)
+        if route.agent_type != agent_type or (instance_id and route.instance_id != instance_id):
+            # The plan, as policies judged it and a human signed it off, names its agents: the
+            # orchestrator may find the step's skill, not send the step elsewhere.
+            skill = route.skill if route.agent_type == agent_type else None
+            return Route(agent_type, instance_id, skill, why="plan step")
+        return route

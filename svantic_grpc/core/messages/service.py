@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from svantic_grpc.core._validate import check_id, check_json_depth
-from svantic_grpc.core.agents import AgentSet, InternalAgent, MeshServices, SessionScope, parse_plan
+from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.dispatch import Dispatches
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from svantic_grpc.core.events import Event, MessageStateChanged
+from svantic_grpc.core.events import Event, EventBus, MessageStateChanged
+from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
     Message,
     MessageState,
@@ -20,7 +23,8 @@ from svantic_grpc.core.messages.model import (
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
-from svantic_grpc.core.store import MessagePage
+from svantic_grpc.core.sessions import Sessions
+from svantic_grpc.core.store import MessagePage, Store
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
@@ -31,12 +35,39 @@ MAX_TOTAL_BYTES = 4 * 1024 * 1024
 class Messages:
     """Messages of every session in this process, and the runtimes that run them."""
 
-    def __init__(self, *, services: MeshServices, agent_classes: Mapping[str, type[InternalAgent]]) -> None:
-        self._services = services
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: EventBus,
+        sessions: Sessions,
+        inputs: Inputs,
+        dispatches: Dispatches,
+        clock: Clock,
+        ids: IdGenerator,
+        agent_services: AgentServices,
+        agent_classes: Mapping[str, type[InternalAgent]],
+        critic_retries: int,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._sessions = sessions
+        self._inputs = inputs
+        self._dispatches = dispatches
+        self._clock = clock
+        self._ids = ids
+        self._agent_services = agent_services
         self._classes = dict(agent_classes)
+        self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
-        services.sessions.on_close(self._session_closing)
-        services.sessions.busy_when(self._has_running_work)
+        sessions.on_close(self._session_closing)
+        sessions.busy_when(self._has_running_work)
+
+    def _writer(self, message: Message, on_stop: Callable[[Message], None] | None = None) -> MessageWriter:
+        """The writer of ``message``: the one place writers are made."""
+        return MessageWriter(
+            message, store=self._store, bus=self._bus, clock=self._clock, ids=self._ids, on_stop=on_stop
+        )
 
     def _has_running_work(self, tenant_id: str, session_id: str) -> bool:
         runtime = self._runtimes.get((tenant_id, session_id))
@@ -47,8 +78,16 @@ class Messages:
         key = (tenant_id, session_id)
         runtime = self._runtimes.get(key)
         if runtime is None:
-            scope = SessionScope(tenant_id, session_id, self._services)
-            runtime = SessionRuntime(scope, AgentSet.create(scope, self._classes))
+            scope = SessionScope(tenant_id, session_id, self._agent_services)
+            agents = AgentSet.create(scope, self._classes)
+            runtime = SessionRuntime(
+                scope,
+                agents,
+                dispatches=self._dispatches.session(tenant_id, session_id, agents.executor),
+                inputs=self._inputs,
+                writer=self._writer,
+                critic_retries=self._critic_retries,
+            )
             self._runtimes[key] = runtime
         return runtime
 
@@ -71,13 +110,12 @@ class Messages:
             parse_plan(metadata.action_data, field="message.action_data")
         if metadata.target_agent:
             check_id("message.target_agent", metadata.target_agent.partition("/")[0])
-        services = self._services
-        await services.sessions.touch(caller.tenant_id, session_id)  # NotFound, or closed
-        now = services.clock.now()
+        await self._sessions.touch(caller.tenant_id, session_id)  # NotFound, or closed
+        now = self._clock.now()
         message = Message(
             tenant_id=caller.tenant_id,
             session_id=session_id,
-            message_id=message_id or services.ids.new_id("msg_"),
+            message_id=message_id or self._ids.new_id("msg_"),
             role=role,
             parts=parts,
             state=MessageState.SUBMITTED,
@@ -87,10 +125,11 @@ class Messages:
             history=(Turn(role, parts, now),),
         )
         submitted = (MessageStateChanged(message.message_id, None, MessageState.SUBMITTED),)
-        stored = await services.bus.commit(
+        store = self._store
+        stored = await self._bus.commit(
             caller.tenant_id,
             session_id,
-            lambda now: services.store.create_message_with_events(message, time=now, payloads=submitted),
+            lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
         )
         return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
 
@@ -121,7 +160,7 @@ class Messages:
     ) -> AsyncIterator[Event]:
         """Send, then yield the message's events until it is terminal or input-required."""
         caller.require(Scope.FULL)
-        subscription = self._services.bus.subscribe(caller.tenant_id, session_id)
+        subscription = self._bus.subscribe(caller.tenant_id, session_id)
         try:
             message, _ = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
         except BaseException:
@@ -147,7 +186,7 @@ class Messages:
         caller.require(Scope.READ)
         check_id("session_id", session_id)
         check_id("message_id", message_id)
-        message = await self._services.store.get_message(
+        message = await self._store.get_message(
             tenant_id=caller.tenant_id, session_id=session_id, message_id=message_id
         )
         if message is None:
@@ -169,7 +208,7 @@ class Messages:
         check_id("session_id", session_id, required=False)
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
-        return await self._services.store.list_messages(
+        return await self._store.list_messages(
             tenant_id=caller.tenant_id,
             session_id=session_id,
             states=states,
@@ -193,37 +232,31 @@ class Messages:
         if canceled is not None:
             return canceled
         # Not running in this process (waiting for input): end it here.
-        services = self._services
         current = await self.get(caller, session_id, message_id)
         if current.state.terminal:
             return current
         if current.input_request_ids:  # withdrawn first: a pending request never outlives its message
-            await services.inputs.cancel_for_message(
+            await self._inputs.cancel_for_message(
                 caller.tenant_id, session_id, message_id, "message canceled"
             )
-        writer = MessageWriter(
-            current, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
-        )
-        return await writer.state(MessageState.CANCELED, reason)
+        return await self._writer(current).state(MessageState.CANCELED, reason)
 
     async def recover(self) -> tuple[int, int]:
         """At start-up: fail what was running when the server stopped; go on waiting where a human
         was asked. Returns (interrupted, resumed)."""
-        services = self._services
         interrupted = resumed = 0
-        for message in await services.store.unfinished_messages():
+        for message in await self._store.unfinished_messages():
             if message.state is MessageState.INPUT_REQUIRED and message.input_request_ids:
                 self.runtime(message.tenant_id, message.session_id).resume(message)
                 resumed += 1
                 continue
             if message.input_request_ids:  # what it asked a human is withdrawn before it fails
-                await services.inputs.cancel_for_message(
+                await self._inputs.cancel_for_message(
                     message.tenant_id, message.session_id, message.message_id, "message failed"
                 )
-            writer = MessageWriter(
-                message, store=services.store, bus=services.bus, clock=services.clock, ids=services.ids
+            await self._writer(message).state(
+                MessageState.FAILED, "interrupted: the server stopped while this message ran"
             )
-            await writer.state(MessageState.FAILED, "interrupted: the server stopped while this message ran")
             interrupted += 1
         return interrupted, resumed
 

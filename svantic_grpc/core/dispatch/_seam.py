@@ -1,12 +1,12 @@
-"""The seam between the mesh and remote agents.
+"""The seam between the mesh and remote agents: the ``Transport`` protocol and what crosses it.
 
 A transport delivers a ``DispatchJob`` to one remote instance and yields what
 the agent reports until it ends. When the agent needs a human (an update in
-state ``input-required``, with an ``ask``), the executor sends the ended
+state ``input-required``, with an ``ask``), the dispatch run sends the ended
 ``InputRequest`` back into the generator (``asend``) and the transport hands the
 answer to the agent and goes on following it. Hosted agents are reached over A2A
 (``svantic_grpc.dispatch.a2a``), connected agents over their ``Connect`` stream
-(``svantic_grpc.core.connections``); ``Dispatcher`` picks by deployment mode.
+(``ConnectedAgents`` in this package); ``Dispatcher`` picks by deployment mode.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from svantic_grpc.core._validate import check_json_depth
-from svantic_grpc.core.inputs.model import Form, InputKind, InputRequest, PlanItem, ToolCall
+from svantic_grpc.core.inputs.model import InputAsk, InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 
@@ -26,7 +26,6 @@ __all__ = [
     "DispatchJob",
     "DispatchUpdate",
     "Dispatcher",
-    "InputAsk",
     "NotDelivered",
     "Transport",
     "check_update",
@@ -54,17 +53,6 @@ class DispatchJob:
     lost: asyncio.Event | None = field(default=None, compare=False)
     """Set by the transport when the agent is gone (e.g. its stream dropped) while the mesh is
     not reading the dispatch, such as while a human decides."""
-
-
-@dataclass(frozen=True)
-class InputAsk:
-    """What an agent asks a human for (with an ``input-required`` update)."""
-
-    kind: InputKind
-    tool_call: ToolCall | None = None
-    form: Form | None = None
-    plan: tuple[PlanItem, ...] = ()
-    allowed_responders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The transport layer (the gRPC servicer) attaches a stream here, drains the
 connection's outbox onto the wire and feeds the agent's updates back in. Seen
-from the executor, this is just another ``Transport``.
+from the dispatch run, this is just another ``Transport``.
 
 A dropped stream ends what was in flight on it: a dispatch the agent had not
 acknowledged yet (no update received) is ``NotDelivered`` and fails over to
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState

@@ -1,0 +1,290 @@
+"""Running one dispatch: the session's budget, fail-over, the signed job, following it to its end.
+
+This is the only way work reaches a remote agent, and no setting replaces it. The session's
+executor (``core.agents.Executor``) hooks in where a choice is its to make: it ranks the
+instances and shapes the parts the agent receives. Every rule (the dispatch budget, the tool
+policies and the tool-call budget, approvals, timeouts, fail-over only when nothing reached the
+agent) holds whatever it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
+
+from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.dispatch._humans import ask_human
+from svantic_grpc.core.dispatch._outcome import Outcome, input_outcome
+from svantic_grpc.core.dispatch._seam import (
+    Dispatcher,
+    DispatchFailed,
+    DispatchJob,
+    NotDelivered,
+    check_update,
+)
+from svantic_grpc.core.dispatch._tokens import DispatchTokens
+from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from svantic_grpc.core.inputs.asks import resolution_json
+from svantic_grpc.core.inputs.model import InputRequest
+from svantic_grpc.core.inputs.service import Inputs
+from svantic_grpc.core.messages.model import Artifact, MessageState, Part
+from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.models import AgentRegistration, JoinReason
+from svantic_grpc.core.registry import Registry
+from svantic_grpc.core.sessions import Sessions
+from svantic_grpc.core.store import Store
+
+__all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
+
+_PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
+
+
+class DispatchHooks(Protocol):
+    """The choices a session's executor makes for each dispatch (see ``core.agents.Executor``)."""
+
+    def rank(self, skill_id: str) -> Callable[[AgentRegistration], float]:
+        """A sort key over the routable instances (lower goes first)."""
+        ...
+
+    def shape(self, parts: tuple[Part, ...]) -> tuple[Part, ...]:
+        """The parts the agent receives, made from those the message (or plan step) carries."""
+        ...
+
+
+class Dispatches:
+    """Dispatches of every session in this process.
+
+    Args:
+        timeout_s: How long one dispatch may take (a human's thinking time does not count).
+        max_per_session: The guardrail budget of dispatches per session; 0 is unlimited.
+        failover_attempts: Other instances tried when a dispatch could not be delivered.
+        serving: Set once the mesh serves; work resumed at start-up waits for it.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        registry: Registry,
+        sessions: Sessions,
+        dispatcher: Dispatcher,
+        tokens: DispatchTokens,
+        inputs: Inputs,
+        clock: Clock,
+        ids: IdGenerator,
+        serving: asyncio.Event,
+        timeout_s: float,
+        max_per_session: int,
+        failover_attempts: int,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._sessions = sessions
+        self._dispatcher = dispatcher
+        self._tokens = tokens
+        self._inputs = inputs
+        self._clock = clock
+        self._ids = ids
+        self._serving = serving
+        self._timeout_s = timeout_s
+        self._max_per_session = max_per_session
+        self._failover_attempts = failover_attempts
+
+    def session(self, tenant_id: str, session_id: str, hooks: DispatchHooks) -> SessionDispatches:
+        """The dispatches of one session, with its budget; the session's runtime holds it."""
+        return SessionDispatches(self, tenant_id, session_id, hooks)
+
+
+class SessionDispatches:
+    """Runs the dispatches of one session and counts them against its budget."""
+
+    def __init__(self, service: Dispatches, tenant_id: str, session_id: str, hooks: DispatchHooks) -> None:
+        self._service = service
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self._hooks = hooks
+        self.used = 0
+        """Dispatches made in this session: the guardrail budget counts these."""
+
+    async def run(
+        self,
+        writer: MessageWriter,
+        *,
+        agent_type: str,
+        instance_id: str = "",
+        skill_id: str = "",
+        yolo: bool = False,
+        parts: tuple[Part, ...] = (),
+        resume: InputRequest | None = None,
+    ) -> Outcome:
+        """Send the message (or ``parts`` instead of its own) to an instance of ``agent_type`` and
+        follow it to its end.
+
+        Args:
+            instance_id: This instance and no other (no fail-over to another).
+            skill_id: The skill routed to, for ranking the instances.
+            yolo: The message's ``yolo_mode`` as sent: approves what needs approval, never a block.
+            resume: After a restart: hand the agent the human answer it asked for.
+
+        Raises:
+            ResourceExhausted: the session used its dispatch budget.
+            Unavailable: no instance of ``agent_type`` can take the work.
+        """
+        service = self._service
+        budget = service._max_per_session
+        if budget and self.used >= budget:
+            raise ResourceExhausted(
+                f"guardrail: this session used its budget of {budget} dispatches",
+                reason="DISPATCH_BUDGET_EXHAUSTED",
+            )
+        self.used += 1
+        excluded: set[str] = set()
+        last_error = ""
+        for _attempt in range(service._failover_attempts + 1):
+            try:
+                member = await service._sessions.add_remote_agent(
+                    self.tenant_id,
+                    self.session_id,
+                    agent_type=agent_type,
+                    instance_id=instance_id,
+                    reason=JoinReason.ROUTED,
+                    exclude=excluded,
+                    rank=self._hooks.rank(skill_id),
+                )
+            except Unavailable as exc:
+                if not excluded:
+                    raise
+                return Outcome(
+                    MessageState.FAILED,
+                    f"no reachable instance of {agent_type!r}: {last_error}; then {exc.message}",
+                    agent_type,
+                )
+            try:
+                return await self._once(writer, member.agent_type, member.instance_id, parts, yolo, resume)
+            except NotDelivered as exc:
+                last_error = f"{member.instance_id}: {exc}"
+                excluded.add(member.instance_id)
+                await service._sessions.remove_agent(
+                    self.tenant_id, self.session_id, member.instance_id, reason=f"unreachable: {exc}"
+                )
+                if instance_id:
+                    break  # the caller asked for this instance: no other will do
+        return Outcome(
+            MessageState.FAILED, f"could not reach an instance of {agent_type!r} ({last_error})", agent_type
+        )
+
+    async def _once(
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        parts: tuple[Part, ...],
+        yolo: bool,
+        resume: InputRequest | None,
+    ) -> Outcome:
+        service = self._service
+        tenant_id, session_id = self.tenant_id, self.session_id
+        agent = await service._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+        if agent is None:
+            raise NotDelivered("deregistered")
+        await writer.assign(agent_type, instance_id)
+        dispatch_id = service._ids.new_id("dsp_")
+
+        def sign() -> str:
+            token, _ = service._tokens.sign(
+                tenant_id=tenant_id,
+                agent_type=agent_type,
+                instance_id=instance_id,
+                session_id=session_id,
+                dispatch_id=dispatch_id,
+            )
+            return token
+
+        if resume is not None:
+            # Resumed at start-up: no agent can be back before the mesh serves, and the dispatch
+            # timeout (within which a connected agent may reconnect) counts from then.
+            await service._serving.wait()
+        timeout = service._timeout_s
+        sent = self._hooks.shape(parts or writer.message.parts)
+        message = writer.message if sent is writer.message.parts else replace(writer.message, parts=sent)
+        if resume is not None:
+            # The agent may have lost its state with the restart: the answer travels with the message.
+            answer = Part(data={"input_resolution": resolution_json(resume)})
+            message = replace(message, parts=(*message.parts, answer))
+        job = DispatchJob(
+            dispatch_id,
+            tenant_id,
+            session_id,
+            agent,
+            message,
+            sign,
+            service._clock.now() + timeout,
+            resume_task_id=writer.message.remote_task_id if resume is not None else "",
+            answer=resume,
+            lost=asyncio.Event(),
+        )
+        started = service._clock.now()
+        loop_started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                outcome = await self._follow(writer, job, deadline, yolo)
+        except NotDelivered as exc:
+            await service._registry.record_dispatch(
+                tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
+            )
+            raise
+        except TimeoutError:
+            reason = f"{agent_type} instance {instance_id!r} did not finish within {timeout:g}s"
+            outcome = Outcome(MessageState.FAILED, reason)
+        except DispatchFailed as exc:
+            outcome = Outcome(MessageState.FAILED, f"{agent_type} instance {instance_id!r} failed: {exc}")
+        loop_latency = asyncio.get_running_loop().time() - loop_started
+        latency = max(loop_latency, service._clock.now() - started, 0.0)
+        outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
+        ok = outcome.state is MessageState.COMPLETED
+        await service._registry.record_dispatch(
+            tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
+        )
+        return outcome
+
+    async def _follow(
+        self, writer: MessageWriter, job: DispatchJob, deadline: asyncio.Timeout, yolo: bool
+    ) -> Outcome:
+        said: list[Part] = []
+        made: list[Artifact] = []
+        updates = self._service._dispatcher.dispatch(job)
+        async with contextlib.aclosing(updates):  # close the transport's stream at once, not at GC
+            answer: InputRequest | None = None
+            while True:
+                try:
+                    update = await updates.asend(answer)
+                except StopAsyncIteration:
+                    raise DispatchFailed("the agent ended the dispatch without a final state") from None
+                answer = None
+                try:
+                    check_update(update)
+                except InvalidArgument as exc:
+                    raise DispatchFailed(f"the agent sent an invalid update: {exc.message}") from None
+                if job.answer is not None and writer.message.state is MessageState.INPUT_REQUIRED:
+                    # The agent has the answer given before a restart: the message runs again.
+                    after = input_outcome(job.answer).reason
+                    await writer.state(MessageState.WORKING, f"{after} (after a restart)")
+                writer.remote_task(update.task_ref)
+                if update.parts:
+                    said.extend(update.parts)
+                    await writer.turn(update.parts, instance_id=job.agent.instance_id)
+                if update.artifacts:
+                    made.extend(update.artifacts)
+                    await writer.artifacts(update.artifacts)
+                if update.state is MessageState.INPUT_REQUIRED:
+                    ended = await ask_human(self._service._inputs, writer, job, update, deadline, yolo=yolo)
+                    if isinstance(ended, Outcome):
+                        return replace(ended, parts=tuple(said), artifacts=tuple(made))
+                    answer = ended
+                    continue
+                if update.state not in _PROGRESS:
+                    assert update.state is not None
+                    return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))

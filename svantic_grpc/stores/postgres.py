@@ -1,0 +1,801 @@
+"""The store for several replicas: PostgreSQL through ``asyncpg``.
+
+The same guarantees as the SQLite store, for processes on many machines: updates
+are conditional on the integer ``version`` that was read (the loser of a race gets
+``Conflict``, never an overwrite); a ``Change`` lands in one transaction; event and
+audit numbers come from counter rows updated inside the writing transaction, so
+appends from several replicas never collide. Writes that arrive while a
+transaction is in flight wait together and then share the next transaction and its
+commit (group commit), each in its own savepoint, so one that fails rolls back
+alone. Reads use a connection pool sized from settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
+from svantic_grpc.core.events import Event, EventPayload, RingHandler
+from svantic_grpc.core.evolve import evolve
+from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
+from svantic_grpc.core.messages.model import Message, MessageState
+from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, MessagePage, SessionPage, Store
+from svantic_grpc.stores import _codec
+from svantic_grpc.stores._copy import detach
+from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._pg_schema import prepare
+
+__all__ = ["PostgresBell", "PostgresStore"]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
+Op = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson cannot write (an integer beyond 64 bits) json can
+        return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+class _Kind(Generic[R]):
+    """A versioned record kind: its table, key and indexed columns, codec, and SQL."""
+
+    def __init__(
+        self,
+        table: str,
+        keys: tuple[str, ...],
+        columns: tuple[str, ...],
+        row: Callable[[R], tuple[Any, ...]],
+        encode: Callable[[R], dict[str, Any]],
+        decode: Callable[[dict[str, Any]], R],
+        exists: Callable[[R], AlreadyExists],
+        what: Callable[[R], str],
+        not_found: str,
+    ) -> None:
+        self.table = table
+        self.keys = keys
+        self.row: Callable[[R], tuple[Any, ...]] = row
+        """Values of ``keys + columns`` for a record; ``columns`` are rewritten on every update."""
+        self.encode: Callable[[R], dict[str, Any]] = encode
+        self.decode: Callable[[dict[str, Any]], R] = decode
+        self.exists: Callable[[R], AlreadyExists] = exists
+        self.what: Callable[[R], str] = what
+        self.not_found = not_found
+        names = (*keys, *columns, "version", "record")
+        params = ", ".join(f"${n}" for n in range(1, len(names) + 1))
+        self.insert_sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({params})"
+        sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(names[len(keys) :], start=1))
+        start = len(names) - len(keys) + 1
+        match_key = " AND ".join(f"{k} = ${n}" for n, k in enumerate(keys, start=start))
+        self.update_sql = f"UPDATE {table} SET {sets} WHERE {match_key} AND version = ${start + len(keys)}"
+        plain_key = " AND ".join(f"{k} = ${n}" for n, k in enumerate(keys, start=1))
+        self.delete_sql = f"DELETE FROM {table} WHERE {plain_key} AND version = ${len(keys) + 1}"
+        self.get_sql = f"SELECT record FROM {table} WHERE {plain_key}"
+        self.version_sql = f"SELECT version FROM {table} WHERE {plain_key}"
+
+
+def _message_key(m: Message) -> str:
+    """The tie-breaker after ``created_at`` in message order and cursors (as in the other stores)."""
+    return f"{m.session_id}/{m.message_id}"
+
+
+_SESSIONS = _Kind[Session](
+    "sessions",
+    ("tenant_id", "session_id"),
+    ("status", "created_at", "closed_at"),
+    lambda s: (s.tenant_id, s.session_id, s.status.value, s.created_at, s.closed_at),
+    _codec.encode_session,
+    _codec.decode_session,
+    lambda s: AlreadyExists(f"session {s.session_id!r} already exists", reason="SESSION_EXISTS"),
+    lambda s: f"session {s.session_id!r}",
+    "SESSION_NOT_FOUND",
+)
+_AGENTS = _Kind[AgentRegistration](
+    "agents",
+    ("tenant_id", "instance_id"),
+    ("agent_type",),
+    lambda a: (a.tenant_id, a.instance_id, a.agent_type),
+    _codec.encode_agent,
+    _codec.decode_agent,
+    lambda a: AlreadyExists(f"agent instance {a.instance_id!r} already registered"),
+    lambda a: f"agent instance {a.instance_id!r}",
+    "AGENT_NOT_FOUND",
+)
+_MESSAGES = _Kind[Message](
+    "messages",
+    ("tenant_id", "session_id", "message_id"),
+    ("state", "created_at", "sort_key"),
+    lambda m: (m.tenant_id, m.session_id, m.message_id, m.state.value, m.created_at, _message_key(m)),
+    _codec.encode_message,
+    _codec.decode_message,
+    lambda m: AlreadyExists(
+        f"message {m.message_id!r} already exists in session {m.session_id!r}", reason="MESSAGE_EXISTS"
+    ),
+    lambda m: f"message {m.message_id!r}",
+    "MESSAGE_NOT_FOUND",
+)
+_INPUTS = _Kind[InputRequest](
+    "inputs",
+    ("tenant_id", "request_id"),
+    ("session_id", "message_id", "state", "created_at"),
+    lambda r: (r.tenant_id, r.request_id, r.session_id, r.message_id, r.state.value, r.created_at),
+    _codec.encode_input,
+    _codec.decode_input,
+    lambda r: AlreadyExists(f"input request {r.request_id!r} already exists"),
+    lambda r: f"input request {r.request_id!r}",
+    "INPUT_NOT_FOUND",
+)
+
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'canceled', 'rejected')"
+"""Messages whose state is not terminal; the same text as their partial index."""
+
+
+class PostgresStore(Store):
+    """A store in one PostgreSQL schema; any number of replicas may share it.
+
+    Args:
+        dsn: ``postgresql://user@host:port/db``.
+        schema: Where the tables live (created at connect).
+        pool_size: Most connections this process holds (one serves the writer at a time).
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "svantic", pool_size: int = 10) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._pool_size = max(pool_size, 2)
+        self._pool: asyncpg.Pool | None = None
+        self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._rings: set[tuple[str, str]] = set()
+        """Sessions whose logs the transaction in flight appends to (one committer at a time)."""
+        self.channel = f"svantic_events_{zlib.crc32(schema.encode()):08x}"
+        """The LISTEN/NOTIFY channel of this schema's event bell."""
+
+    def event_bell(self) -> PostgresBell:
+        return PostgresBell(self._dsn, self.channel)
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    async def connect(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=10)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise ValueError(f"cannot connect to PostgreSQL at {_redacted(self._dsn)}: {exc}") from None
+        try:
+            await prepare(conn, self._schema)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            server_settings={"search_path": self._schema, "application_name": "svantic-grpc"},
+        )
+
+    async def close(self) -> None:
+        committer = self._committer
+        if committer is not None and not committer.done():
+            await asyncio.wait([committer])  # writes already accepted are committed first
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    # Sessions
+
+    async def create_session(self, session: Session) -> Session:
+        return await self._put(_SESSIONS, session, insert=True)
+
+    async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
+        return await self._get(_SESSIONS, (tenant_id, session_id))
+
+    async def update_session(self, session: Session) -> Session:
+        return await self._put(_SESSIONS, session, insert=False)
+
+    async def list_sessions(
+        self,
+        *,
+        tenant_id: str,
+        statuses: Iterable[SessionStatus] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> SessionPage:
+        query = _Where(tenant_id)
+        query.any_of("status", [s.value for s in set(statuses)])
+        if cursor:
+            query.add("(created_at, session_id) < ({}, {})", *decode_cursor(cursor))
+        page, more = await self._page(_SESSIONS, query, "created_at DESC, session_id DESC", page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, last.session_id) if more and last else ""
+        return SessionPage(tuple(page), next_cursor)
+
+    async def open_sessions(self) -> Sequence[Session]:
+        return await self._all(
+            _SESSIONS, "SELECT record FROM sessions WHERE status <> 'closed' ORDER BY created_at"
+        )
+
+    # Agent registrations
+
+    async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        return await self._put(_AGENTS, agent, insert=True)
+
+    async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
+        return await self._get(_AGENTS, (tenant_id, instance_id))
+
+    async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
+        return await self._put(_AGENTS, agent, insert=False)
+
+    async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
+        key = (tenant_id, instance_id)
+
+        async def delete(conn: asyncpg.Connection) -> None:
+            if await conn.fetchval(_AGENTS.delete_sql + " RETURNING 1", *key, version) is None:
+                await _raise_lost(conn, _AGENTS, key, version, f"agent instance {instance_id!r}")
+
+        await self._write(delete)
+
+    async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        query = _Where(tenant_id)
+        if agent_type:
+            query.add("agent_type = {}", agent_type)
+        page, _ = await self._page(_AGENTS, query, "agent_type, instance_id", None)
+        return page
+
+    # Messages
+
+    async def create_message(self, message: Message) -> Message:
+        return await self._put(_MESSAGES, message, insert=True)
+
+    async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
+        return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
+
+    async def update_message(self, message: Message) -> Message:
+        return await self._put(_MESSAGES, message, insert=False)
+
+    async def list_messages(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        states: Iterable[MessageState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> MessagePage:
+        query = _Where(tenant_id)
+        if session_id:
+            query.add("session_id = {}", session_id)
+        query.any_of("state", [s.value for s in set(states)])
+        if cursor:
+            query.add("(created_at, sort_key) > ({}, {})", *decode_cursor(cursor))
+        page, more = await self._page(_MESSAGES, query, "created_at, sort_key", page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, _message_key(last)) if more and last else ""
+        return MessagePage(tuple(page), next_cursor)
+
+    async def unfinished_messages(self) -> Sequence[Message]:
+        return await self._all(
+            _MESSAGES, f"SELECT record FROM messages WHERE {_UNFINISHED} ORDER BY created_at"
+        )
+
+    # Input requests and their audit trail
+
+    async def create_input(self, request: InputRequest) -> InputRequest:
+        return await self._put(_INPUTS, request, insert=True)
+
+    async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
+        return await self._get(_INPUTS, (tenant_id, request_id))
+
+    async def update_input(self, request: InputRequest) -> InputRequest:
+        return await self._put(_INPUTS, request, insert=False)
+
+    async def list_inputs(
+        self,
+        *,
+        tenant_id: str,
+        session_id: str = "",
+        message_id: str = "",
+        states: Iterable[InputState] = (),
+        page_size: int = 50,
+        cursor: str = "",
+    ) -> InputPage:
+        query = _Where(tenant_id)
+        for column, value in (("session_id", session_id), ("message_id", message_id)):
+            if value:
+                query.add(f"{column} = {{}}", value)
+        query.any_of("state", [s.value for s in set(states)])
+        if cursor:
+            query.add("(created_at, request_id) > ({}, {})", *decode_cursor(cursor))
+        page, more = await self._page(_INPUTS, query, "created_at, request_id", page_size)
+        last = page[-1] if page else None
+        next_cursor = encode_cursor(last.created_at, last.request_id) if more and last else ""
+        return InputPage(tuple(page), next_cursor)
+
+    async def pending_inputs(self) -> Sequence[InputRequest]:
+        return await self._all(
+            _INPUTS, "SELECT record FROM inputs WHERE state = 'pending' ORDER BY created_at"
+        )
+
+    async def granting_inputs(self) -> Sequence[InputRequest]:
+        decisions = [d.value for d in GRANTING_DECISIONS]
+        sql = (
+            "SELECT record FROM inputs WHERE state = 'resolved' "
+            "AND (record::jsonb #>> '{resolution,decision}') = ANY($1::text[]) ORDER BY created_at"
+        )
+        return await self._all(_INPUTS, sql, decisions)
+
+    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+        text = _dumps(dict(value))
+
+        async def put(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO adapter_values (adapter, key, value) VALUES ($1, $2, $3) "
+                "ON CONFLICT (adapter, key) DO UPDATE SET value = EXCLUDED.value",
+                adapter,
+                key,
+                text,
+            )
+
+        await self._write(put)
+
+    async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
+        sql = "SELECT value FROM adapter_values WHERE adapter = $1 AND key = $2"
+        text = await self._pool_or_fail().fetchval(sql, adapter, key)
+        return None if text is None else dict(_loads(text))
+
+    async def delete_adapter_value(self, adapter: str, key: str) -> None:
+        async def delete(conn: asyncpg.Connection) -> None:
+            await conn.execute("DELETE FROM adapter_values WHERE adapter = $1 AND key = $2", adapter, key)
+
+        await self._write(delete)
+
+    async def append_audit(self, record: AuditRecord) -> AuditRecord:
+        (stored,) = await self._write(_audit_op((record,)))
+        return stored
+
+    async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
+        if request_id:
+            sql = "SELECT record FROM audit WHERE tenant_id = $1 AND request_id = $2 ORDER BY sequence"
+            rows = await self._pool_or_fail().fetch(sql, tenant_id, request_id)
+        else:
+            sql = "SELECT record FROM audit WHERE tenant_id = $1 ORDER BY sequence"
+            rows = await self._pool_or_fail().fetch(sql, tenant_id)
+        return [_codec.decode_audit(_loads(row[0])) for row in rows]
+
+    # Event log
+
+    async def append_event(
+        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
+    ) -> Event:
+        (event,) = await self.append_events(
+            tenant_id=tenant_id, session_id=session_id, time=time, payloads=(payload,)
+        )
+        return event
+
+    async def append_events(
+        self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    ) -> list[Event]:
+        return await self._write(_append_op(tenant_id, session_id, time, payloads, self._rings))
+
+    async def list_events(
+        self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
+    ) -> Sequence[Event]:
+        if limit <= 0:
+            return []
+        sql = (
+            "SELECT sequence, time, payload FROM events WHERE tenant_id = $1 AND session_id = $2 "
+            "AND sequence > $3 ORDER BY sequence LIMIT $4"
+        )
+        rows = await self._pool_or_fail().fetch(sql, tenant_id, session_id, after_sequence, limit)
+        return [
+            Event(tenant_id, session_id, row[0], row[1], _codec.decode_payload(_loads(row[2])))
+            for row in rows
+        ]
+
+    # Retention
+
+    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
+        async def trim(conn: asyncpg.Connection) -> None:
+            # Numbering continues from event_heads, so even the newest event may go.
+            await conn.execute(
+                "DELETE FROM events WHERE tenant_id = $1 AND session_id = $2 AND sequence <= $3",
+                tenant_id,
+                session_id,
+                through_sequence,
+            )
+
+        await self._write(trim)
+
+    async def purge_closed_sessions(self, *, closed_before: float, limit: int) -> int:
+        async def purge(conn: asyncpg.Connection) -> int:
+            due = await conn.fetch(
+                "SELECT tenant_id, session_id FROM sessions WHERE status = 'closed' AND closed_at < $1 "
+                "LIMIT $2 FOR UPDATE SKIP LOCKED",
+                closed_before,
+                max(limit, 0),
+            )
+            keys = [(row[0], row[1]) for row in due]
+            for table in ("events", "event_heads", "inputs", "messages", "sessions"):
+                await conn.executemany(f"DELETE FROM {table} WHERE tenant_id = $1 AND session_id = $2", keys)
+            return len(keys)
+
+        return await self._write(purge)
+
+    # One atomic write
+
+    async def write(self, change: Change) -> Changed:
+        ops: list[Op[None]] = []
+
+        def put(kind: _Kind[R], records: tuple[R, ...]) -> tuple[R, ...]:
+            stored: list[R] = []
+            for record in records:
+                done, op = _put_op(kind, record, insert=record.version == 0)
+                stored.append(done)
+                ops.append(op)
+            return tuple(stored)
+
+        sessions = put(_SESSIONS, change.sessions)
+        messages = put(_MESSAGES, change.messages)
+        inputs = put(_INPUTS, change.inputs)
+        agents = put(_AGENTS, change.agents)
+        audit = _audit_op(change.audit) if change.audit else None
+        append = (
+            _append_op(change.tenant_id, change.session_id, change.time, change.events, self._rings)
+            if change.events
+            else None
+        )
+
+        async def everything(conn: asyncpg.Connection) -> tuple[list[AuditRecord], list[Event]]:
+            for op in ops:
+                await op(conn)
+            return (await audit(conn) if audit else []), (await append(conn) if append else [])
+
+        # One op: in the group commit it runs in one savepoint, so it lands whole or not at all.
+        numbered, events = await self._write(everything)
+        return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
+
+    # Shared by every record kind
+
+    async def _put(self, kind: _Kind[R], record: R, *, insert: bool) -> R:
+        """Insert (at version 1), or replace at the version read; the record as stored."""
+        stored, op = _put_op(kind, record, insert=insert)
+        await self._write(op)
+        return stored
+
+    async def _get(self, kind: _Kind[R], key: tuple[str, ...]) -> R | None:
+        text = await self._pool_or_fail().fetchval(kind.get_sql, *key)
+        return None if text is None else kind.decode(_loads(text))
+
+    async def _all(self, kind: _Kind[R], sql: str, *params: Any) -> list[R]:
+        rows = await self._pool_or_fail().fetch(sql, *params)
+        return [kind.decode(_loads(row[0])) for row in rows]
+
+    async def _page(
+        self, kind: _Kind[R], where: _Where, order: str, page_size: int | None
+    ) -> tuple[list[R], bool]:
+        """Records matching ``where`` in ``order``: at most ``page_size``, and whether more follow."""
+        sql = f"SELECT record FROM {kind.table} WHERE {where.sql()} ORDER BY {order}"
+        params = list(where.params)
+        if page_size is not None:
+            page_size = max(page_size, 0)
+            params.append(page_size + 1)  # one more than asked tells whether a next page exists
+            sql += f" LIMIT ${len(params)}"
+        records = await self._all(kind, sql, *params)
+        if page_size is None:
+            return records, False
+        return records[:page_size], len(records) > page_size
+
+    async def _write(self, op: Op[T]) -> T:
+        """Run ``op`` in a transaction; if it raises, nothing it wrote stays.
+
+        The write joins the queue for the next transaction; a committer task takes
+        everything queued each time the previous transaction is done, so concurrent
+        writers share one commit. A caller that is cancelled while waiting does not
+        stop its write.
+        """
+        self._pool_or_fail()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting())
+        return await future
+
+    async def _commit_waiting(self) -> None:
+        """Commit queued writes, a batch per transaction, until none are left."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                outcomes = await self._transaction([op for op, _ in batch])
+            except _Failed as failed:  # the batch's one write failed and was rolled back
+                outcomes = [(None, failed.error)]
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), (value, error) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue  # its caller was cancelled; the write is committed all the same
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
+
+    async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
+        """Run ``ops`` in one transaction, each in a savepoint when there are several."""
+        outcomes: list[tuple[Any, Exception | None]] = []
+        self._rings.clear()
+        async with self._pool_or_fail().acquire() as conn, conn.transaction():
+            if len(ops) == 1:
+                try:
+                    value = await ops[0](conn)
+                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists) as exc:
+                    failure: Exception = exc
+                else:
+                    await self._ring(conn)
+                    return [(value, None)]
+                # Outside the except block, so the transaction is rolled back by raising.
+                raise _Failed(failure)
+            for op in ops:
+                try:
+                    async with conn.transaction():  # a savepoint
+                        value = await op(conn)
+                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists) as exc:
+                    outcomes.append((None, exc))
+                else:
+                    outcomes.append((value, None))
+            await self._ring(conn)
+        return outcomes
+
+    async def _ring(self, conn: asyncpg.Connection) -> None:
+        """Ring the event bell once for this transaction: NOTIFY is sent only if it commits."""
+        if not self._rings:
+            return
+        payload = _RECORD.join(f"{t}{_UNIT}{s}" for t, s in sorted(self._rings))
+        if len(payload.encode()) > _MAX_PAYLOAD:
+            payload = ""  # too many sessions to name: listeners check every session they watch
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError(
+                f"the PostgreSQL store (schema {self._schema!r}) is not open (connect() it first)"
+            )
+        return self._pool
+
+
+def _redacted(dsn: str) -> str:
+    """``dsn`` without its password, for messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_UNIT, _RECORD = "\x1f", "\x1e"
+"""Separators in a bell's payload: tenant and session id (ids never hold control characters)."""
+_MAX_PAYLOAD = 7000
+"""Bytes of sessions a ring names at most (PostgreSQL's limit is 8000)."""
+
+
+class PostgresBell:
+    """The event bell over LISTEN/NOTIFY, on a connection of its own.
+
+    A dropped connection is opened again (every second until it works), and then the bell
+    rings with ``None`` so the bus reads every watched session's log: rings sent while it
+    was away are lost, the events are not.
+    """
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._ring: RingHandler | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self, ring: RingHandler) -> None:
+        self._ring = ring
+        await self._listen()
+        self._watch = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
+
+    async def stop(self) -> None:
+        task, self._watch = self._watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            await conn.close()
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=10)
+        await conn.add_listener(self._channel, self._notified)
+        self._conn = conn
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if self._ring is None:
+            return
+        if not payload:
+            self._ring(None)
+            return
+        keys = []
+        for record in payload.split(_RECORD):
+            tenant, _, session = record.partition(_UNIT)
+            keys.append((tenant, session))
+        self._ring(keys)
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._conn is not None and not self._conn.is_closed():
+                continue
+            try:
+                await self._listen()
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                _log.warning("event bell: cannot reach PostgreSQL (%s); trying again", exc)
+                continue
+            _log.info("event bell: listening again; reading every watched session's log")
+            if self._ring is not None:
+                self._ring(None)
+
+
+class _Failed(Exception):
+    """The one write of a transaction failed: the transaction rolled back, the error is the write's."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Where:
+    """A WHERE clause with numbered parameters, starting from the tenant."""
+
+    def __init__(self, tenant_id: str) -> None:
+        self.params: list[Any] = [tenant_id]
+        self._parts = ["tenant_id = $1"]
+
+    def add(self, template: str, *values: Any) -> None:
+        """``template`` with a ``{}`` for each value."""
+        numbers = [f"${len(self.params) + n}" for n in range(1, len(values) + 1)]
+        self._parts.append(template.format(*numbers))
+        self.params.extend(values)
+
+    def any_of(self, column: str, values: list[str]) -> None:
+        if values:
+            self.add(f"{column} = ANY({{}}::text[])", values)
+
+    def sql(self) -> str:
+        return " AND ".join(self._parts)
+
+
+async def _raise_lost(
+    conn: asyncpg.Connection, kind: _Kind[R], key: tuple[Any, ...], version: int, what: str
+) -> None:
+    """A conditional write matched no row: the record is missing, or someone else wrote first."""
+    stored = await conn.fetchval(kind.version_sql, *key)
+    if stored is None:
+        raise NotFound(f"{what} not found", reason=kind.not_found)
+    raise Conflict(
+        f"{what} changed concurrently (version {version} was read, {stored} is stored)",
+        metadata={"stored_version": str(stored)},
+    )
+
+
+def _put_op(kind: _Kind[R], record: R, *, insert: bool) -> tuple[R, Op[None]]:
+    """The record as stored and the statement that writes it: an insert (version 1), or a
+    conditional update at the version read."""
+    stored: R = evolve(detach(record), version=1 if insert else record.version + 1)
+    row: tuple[Any, ...] = kind.row(stored)
+    text = _dumps(kind.encode(stored))
+    if insert:
+        exists = kind.exists(record)
+        insert_values = (*row, 1, text)
+
+        async def add(conn: asyncpg.Connection) -> None:
+            try:
+                await conn.execute(kind.insert_sql, *insert_values)
+            except asyncpg.UniqueViolationError as exc:
+                raise exists from exc
+
+        return stored, add
+    key: tuple[Any, ...] = row[: len(kind.keys)]
+    update_values = (*row[len(kind.keys) :], stored.version, text, *key, record.version)
+
+    async def update(conn: asyncpg.Connection) -> None:
+        if await conn.fetchval(kind.update_sql + " RETURNING 1", *update_values) is None:
+            await _raise_lost(conn, kind, key, record.version, kind.what(record))
+
+    return stored, update
+
+
+def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
+    """The statements that append audit records, numbered from the tenant's counter row."""
+
+    async def append(conn: asyncpg.Connection) -> list[AuditRecord]:
+        stored: list[AuditRecord] = []
+        for record in records:
+            sequence = await conn.fetchval(
+                "INSERT INTO audit_heads (tenant_id, last_sequence) VALUES ($1, 1) ON CONFLICT (tenant_id) "
+                "DO UPDATE SET last_sequence = audit_heads.last_sequence + 1 RETURNING last_sequence",
+                record.tenant_id,
+            )
+            numbered = replace(record, sequence=int(sequence))
+            await conn.execute(
+                "INSERT INTO audit (tenant_id, sequence, request_id, record) VALUES ($1, $2, $3, $4)",
+                numbered.tenant_id,
+                numbered.sequence,
+                numbered.request_id,
+                _dumps(_codec.encode_audit(numbered)),
+            )
+            stored.append(numbered)
+        return stored
+
+    return append
+
+
+def _append_op(
+    tenant_id: str,
+    session_id: str,
+    time: float,
+    payloads: Sequence[EventPayload],
+    rings: set[tuple[str, str]],
+) -> Op[list[Event]]:
+    """The statements that append events, numbered from the session's counter row (which also
+    serialises appenders on other replicas until this transaction ends)."""
+    frozen = [detach(p) for p in payloads]
+    encoded = [_dumps(_codec.encode_payload(p)) for p in frozen]
+    count = len(frozen)
+
+    async def append(conn: asyncpg.Connection) -> list[Event]:
+        last = await conn.fetchval(
+            "INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3) "
+            "ON CONFLICT (tenant_id, session_id) "
+            "DO UPDATE SET last_sequence = event_heads.last_sequence + $3 "
+            "RETURNING last_sequence",
+            tenant_id,
+            session_id,
+            count,
+        )
+        first = int(last) - count + 1
+        rings.add((tenant_id, session_id))
+        await conn.execute(
+            "INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
+            "SELECT $1, $2, s, $3, p FROM unnest($4::bigint[], $5::text[]) AS u(s, p)",
+            tenant_id,
+            session_id,
+            time,
+            list(range(first, first + count)),
+            encoded,
+        )
+        return [Event(tenant_id, session_id, first + n, time, p) for n, p in enumerate(frozen)]
+
+    return append

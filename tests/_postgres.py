@@ -1,0 +1,74 @@
+"""The PostgreSQL server the tests use, and fresh stores on it.
+
+Tests reach PostgreSQL through one setting, ``SVANTIC_TEST_POSTGRES_DSN`` (default: the
+local server on 127.0.0.1:5432, database ``test``, user ``postgres``). Each store gets a
+schema of its own, dropped afterwards. Where no server answers, the PostgreSQL tests are
+skipped with a reason that says how to run them; with ``SVANTIC_REQUIRE_POSTGRES=1`` (as
+in ``.ci/run``) they fail instead, so CI never passes without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import uuid
+
+import asyncpg
+import pytest
+
+from svantic_grpc.stores.postgres import PostgresStore
+
+POSTGRES_DSN = os.environ.get("SVANTIC_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@functools.cache
+def _unreachable_reason() -> str:
+    """Empty when the server answers; else why not (probed once per test run)."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(POSTGRES_DSN, timeout=3)
+        await conn.close()
+
+    # On a thread of its own: callers may be inside a running event loop.
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: asyncio.run(probe())).result()
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def require_postgres() -> None:
+    """Skip (or, under ``SVANTIC_REQUIRE_POSTGRES=1``, fail) when no PostgreSQL server answers."""
+    reason = _unreachable_reason()
+    if not reason:
+        return
+    message = (
+        f"PostgreSQL not reachable at {POSTGRES_DSN} ({reason}); these tests did not run. "
+        "Start a server and set SVANTIC_TEST_POSTGRES_DSN=postgresql://user@host:port/db to run them."
+    )
+    if os.environ.get("SVANTIC_REQUIRE_POSTGRES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def new_schema() -> str:
+    return f"svantic_test_{uuid.uuid4().hex[:12]}"
+
+
+async def fresh_store(schema: str | None = None) -> PostgresStore:
+    """A connected store in a schema of its own."""
+    require_postgres()
+    store = PostgresStore(POSTGRES_DSN, schema=schema or new_schema(), pool_size=4)
+    await store.connect()
+    return store
+
+
+async def drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

@@ -1,0 +1,132 @@
+"""What the PostgreSQL store adds to the contract: several replicas on one schema, the
+group commit, and the schema checks at connect. Runs against a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import asyncpg
+import pytest
+
+from svantic_grpc.core.errors import Conflict
+from svantic_grpc.core.events import StatusChanged
+from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError
+from svantic_grpc.stores.postgres import PostgresStore
+from tests import _postgres
+from tests.stores.test_contract import T0, make_session
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    _postgres.require_postgres()
+    name = _postgres.new_schema()
+    try:
+        yield name
+    finally:
+        await _postgres.drop_schema(name)
+
+
+async def _replicas(schema: str, count: int) -> list[PostgresStore]:
+    return list(await asyncio.gather(*(_postgres.fresh_store(schema) for _ in range(count))))
+
+
+async def test_replicas_racing_one_update_have_one_winner(schema: str) -> None:
+    stores = await _replicas(schema, 3)
+    try:
+        created = await stores[0].create_session(make_session())
+        for round_ in range(10):
+            read = await stores[0].get_session(tenant_id="acme", session_id="s1")
+            assert read is not None
+            results = await asyncio.gather(
+                *(s.update_session(replace(read, user_id=f"r{round_}-{n}")) for n, s in enumerate(stores)),
+                return_exceptions=True,
+            )
+            winners = [r for r in results if not isinstance(r, BaseException)]
+            losers = [r for r in results if isinstance(r, BaseException)]
+            assert len(winners) == 1 and all(isinstance(e, Conflict) for e in losers), results
+            stored = await stores[1].get_session(tenant_id="acme", session_id="s1")
+            assert stored == winners[0] and stored.version == created.version + round_ + 1
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_replicas_appending_to_one_log_number_it_without_gaps_or_collisions(schema: str) -> None:
+    stores = await _replicas(schema, 3)
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    try:
+
+        async def append(store: PostgresStore, n: int) -> list[int]:
+            events = await store.append_events(
+                tenant_id="acme", session_id="s1", time=T0, payloads=(payload,) * (1 + n % 3)
+            )
+            return [e.sequence for e in events]
+
+        numbered = await asyncio.gather(*(append(stores[n % 3], n) for n in range(60)))
+        handed_out = sorted(seq for batch in numbered for seq in batch)
+        assert handed_out == list(range(1, len(handed_out) + 1))
+        assert all(batch == list(range(batch[0], batch[0] + len(batch))) for batch in numbered)
+        logged = await stores[2].list_events(tenant_id="acme", session_id="s1", limit=1000)
+        assert [e.sequence for e in logged] == handed_out
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_writes_that_arrive_together_share_a_transaction_and_fail_alone(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    try:
+        first = await store.create_session(make_session("s1"))
+        writes = [store.create_session(make_session(f"new-{n}")) for n in range(5)] + [
+            store.update_session(replace(first, version=99))
+        ]  # stale: fails alone
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(results[-1], Conflict)
+        assert all(not isinstance(r, BaseException) for r in results[:-1])
+        for n in range(5):
+            assert await store.get_session(tenant_id="acme", session_id=f"new-{n}") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_schema_written_by_newer_code_is_refused_untouched(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    await store.create_session(make_session())
+    await store.close()
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        await conn.execute(f'UPDATE "{schema}".svantic_meta SET version = 99')
+        with pytest.raises(StoreVersionError, match="newer than this svantic-grpc"):
+            await _postgres.fresh_store(schema)
+        assert await conn.fetchval(f'SELECT version FROM "{schema}".svantic_meta') == 99
+        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".sessions') == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_schema_of_another_program_is_refused(schema: str) -> None:
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'CREATE TABLE "{schema}".orders (id int)')
+    finally:
+        await conn.close()
+    with pytest.raises(ForeignDatabaseError, match="another program"):
+        await _postgres.fresh_store(schema)
+
+
+async def test_replicas_starting_together_migrate_once(schema: str) -> None:
+    stores = await _replicas(schema, 4)  # connect() runs at once on all four
+    try:
+        await stores[0].create_session(make_session())
+        assert await stores[3].get_session(tenant_id="acme", session_id="s1") is not None
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_an_unreachable_server_is_a_plain_error_without_the_password() -> None:
+    store = PostgresStore("postgresql://mesh:hunter2@127.0.0.1:1/none")
+    with pytest.raises(ValueError, match="cannot connect to PostgreSQL") as excinfo:
+        await store.connect()
+    assert "hunter2" not in str(excinfo.value)
