@@ -27,6 +27,7 @@ from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
 from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_auth
+from svantic_grpc.console import console_routes
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
@@ -154,6 +155,7 @@ class MeshServer:
         except AdapterLoadError as exc:
             raise SettingsError(str(exc)) from None
         self.http.mount(self.adapters.routes())
+        self.http.mount(console_routes(self.mesh))
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0

@@ -59,6 +59,8 @@ class Surface(enum.Enum):
     SLACK = "slack"
     WEBHOOK = "webhook"
     CHAT = "chat"
+    CONSOLE = "console"
+    """The operator console (browser pages on the HTTP server)."""
     POLICY = "policy"
     """Decided by a policy (allow, block, yolo, an earlier grant) without a human."""
 
