@@ -34,6 +34,15 @@ from svantic_grpc.core.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    EventPayload,
+    InputEnded,
+    InputRaised,
+    MessageStateChanged,
+    StatusChanged,
+)
 from svantic_grpc.core.inputs.model import Surface
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.models import SessionStatus
@@ -303,13 +312,24 @@ async def _form(request: Request) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
-def _event_line(payload: object) -> str:
-    parts = []
-    for name in ("message_id", "state", "status", "agent_type", "reason", "request_id"):
-        value = getattr(payload, name, None)
-        if value:
-            parts.append(f"{name}={getattr(value, 'value', value)}")
-    return " ".join(parts)
+def _event_line(payload: EventPayload) -> str:
+    """One line for the timeline; never form values (they may be sensitive)."""
+    if isinstance(payload, AgentJoined):
+        return f"{payload.agent.agent_type} {payload.agent.instance_id} ({payload.agent.join_reason.value})"
+    if isinstance(payload, AgentLeft):
+        return f"{payload.agent_type} {payload.instance_id} ({payload.reason})"
+    if isinstance(payload, StatusChanged):
+        return f"{payload.from_status.value} -> {payload.to_status.value} {payload.reason}".strip()
+    if isinstance(payload, MessageStateChanged):
+        before = payload.from_state.value if payload.from_state else "new"
+        return f"{payload.message_id} {before} -> {payload.to_state.value} {payload.reason}".strip()
+    if isinstance(payload, InputRaised | InputEnded):
+        request = payload.request
+        line = f"{request.request_id} {request.kind.value} {request.state.value}"
+        if request.resolution is not None:
+            line += f" by {request.resolution.resolved_by} via {request.resolution.surface.value}"
+        return line
+    return payload.message_id
 
 
 def _sse(stream: AsyncIterator[str]) -> Response:
