@@ -59,6 +59,8 @@ class Surface(enum.Enum):
     SLACK = "slack"
     WEBHOOK = "webhook"
     CHAT = "chat"
+    A2A = "a2a"
+    """A follow-up A2A message on the input-required task (the mesh's A2A ingress)."""
     CONSOLE = "console"
     """The operator console (browser pages on the HTTP server)."""
     POLICY = "policy"
