@@ -110,7 +110,11 @@ async def test_a_script_in_a_tool_argument_is_shown_escaped_and_inert() -> None:
         running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
         signed_in(client) as web,
     ):
-        await _asked(client, {"note": script})
+        session_id, _ = await _asked(client, {"note": script})
+        await send(client, session_id, script)  # a message's text, shown on the session's page
+        page = await web.http.get(f"/console/sessions/{session_id}")
+        assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in page.text
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text
         queue = await web.http.get("/console/queue")
         assert "<script>alert" not in queue.text and "<img src=x" not in queue.text
         assert "\\u003cscript\\u003ealert" in queue.text or "&lt;script&gt;alert" in queue.text

@@ -1,0 +1,56 @@
+"""The console's sessions and agents pages without a browser (httpx against a real server)."""
+
+from __future__ import annotations
+
+import html
+import re
+
+from tests._support import running_server
+from tests.agents_connected import new_session, running_agent
+from tests.agents_inputs import ToolAgent, close_session
+from tests.console._console import signed_in
+
+
+async def test_the_sessions_list_pages_through_every_session() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        created = {await new_session(client) for _ in range(30)}
+        seen: list[str] = []
+        url = "/console/sessions"
+        for _ in range(5):
+            page = (await web.http.get(url)).text
+            seen += re.findall(r'href="/console/sessions/(ses_[0-9a-f]+)"', page)
+            found = re.search(r'id="next-page" href="([^"]+)"', page)
+            if not found:
+                break
+            url = html.unescape(found.group(1))
+        assert sorted(seen) == sorted(created)
+
+
+async def test_a_session_timeline_resumes_after_the_last_event_it_saw() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        session_id = await new_session(client)
+        await close_session(client, session_id)  # a closed session's stream ends after its log
+
+        async def ids(**headers: str) -> list[int]:
+            response = await web.http.get(f"/console/sessions/{session_id}/events", headers=headers)
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return [int(n) for n in re.findall(r"^id: (\d+)$", response.text, flags=re.M)]
+
+        everything = await ids()
+        assert everything == list(range(1, len(everything) + 1)) and len(everything) > 3
+        assert await ids(**{"Last-Event-ID": "3"}) == everything[3:]
+
+
+async def test_the_agents_page_lists_an_instance_and_deregisters_it() -> None:
+    async with (
+        running_server() as client,
+        running_agent(client, ToolAgent(), agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        page = (await web.http.get("/console/agents")).text
+        row = re.search(r'<tr id="agent-crm-1">(.*?)</tr>', page, flags=re.S)
+        assert row, page
+        assert "crm" in row.group(1) and "connected" in row.group(1) and "0 ok / 0 failed" in row.group(1)
+        gone = await web.http.post("/console/agents/crm-1/deregister", data={"csrf": web.csrf})
+        assert gone.status_code == 200 and "deregistered crm-1" in gone.text
+        assert 'id="agent-crm-1"' not in gone.text
