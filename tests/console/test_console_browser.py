@@ -16,6 +16,14 @@ import pytest
 
 from svantic_grpc.pb import message_types_pb2
 from tests._support import SECRET, Client, running_server
+from tests.adapters.e2e_support import ApprovalAgent, FormAgent, surfaces
+from tests.adapters.test_surfaces_e2e import (
+    PASSWORD_VALUE,
+    SECRET_DEFAULT,
+    SECRET_VALUE,
+    credentials_form,
+    everything_sent_out,
+)
 from tests.agents_connected import WAIT, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, close_session, resolve
 from tests.console._console import DELETES, tool_call_parts
@@ -179,3 +187,53 @@ async def test_the_queue_fits_a_phone_and_works_with_javascript_off(browser: Any
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"the sessions list is {width}px wide at a phone's 390px"
         await context.close()
+
+
+async def test_a_sensitive_form_is_filled_here_and_its_values_reach_only_the_agent(browser: Any) -> None:
+    agent = FormAgent(credentials_form())
+    async with surfaces(agent) as s:
+        page = await (await browser.new_context()).new_page()
+        await _sign_in(page, s.client)
+        session_id, message_id, request_id = await s.ask()
+        card = page.locator(f"#req-{request_id}")
+        await card.wait_for(timeout=MS)
+        shown = await card.inner_html()
+        assert SECRET_DEFAULT not in shown  # a sensitive default is never put on the page
+        await card.locator("input[name='field.user']").fill("ada")
+        await card.locator("input[name='field.api_key']").fill(SECRET_VALUE)
+        await card.locator("input[name='field.db_password']").fill(PASSWORD_VALUE)
+        await card.locator("button[value=submit]").click()
+        await page.wait_for_selector(f"#notice:has-text('{request_id}: answered')", timeout=MS)
+        await s.finished(session_id, message_id)
+        assert agent.answers == [{"user": "ada", "api_key": SECRET_VALUE, "db_password": PASSWORD_VALUE}]
+        assert (await s.record(request_id)).resolution.surface.value == "console"  # type: ignore[union-attr]
+        await s.notification(request_id, "input.resolved")
+        out = everything_sent_out(s)
+        for secret in (SECRET_VALUE, PASSWORD_VALUE, SECRET_DEFAULT):
+            assert secret not in out
+            assert secret not in await page.content()
+        await page.goto(f"{s.base}/console/sessions/{session_id}")
+        await page.wait_for_selector("#timeline li", timeout=MS)
+        session_page = await page.content()
+        assert SECRET_VALUE not in session_page and PASSWORD_VALUE not in session_page
+
+
+async def test_a_click_after_a_webhook_answer_is_told_the_webhook_won(browser: Any) -> None:
+    agent = ApprovalAgent()
+    async with surfaces(agent) as s:
+        page = await (await browser.new_context()).new_page()
+        await _sign_in(page, s.client)
+        await page.route("**/console/queue/items", lambda route: route.abort())  # the page stays stale
+        session_id, _, request_id = await s.ask()
+        await page.reload()
+        card = page.locator(f"#req-{request_id}")
+        await card.wait_for(timeout=MS)
+        notification = await s.notification(request_id)
+        status, _ = await s.hook_token(notification["callback"]["token"], responder="ops@acme")
+        assert status == 200
+        await card.locator("input[name=reason]").fill("no")
+        await card.locator("button[value=deny]").click()
+        lost = page.locator("#notice")
+        await lost.wait_for(timeout=MS)
+        assert "already answered by ops@acme via webhook at" in await lost.inner_text()
+        assert agent.decisions[session_id] == [True]
