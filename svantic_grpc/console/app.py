@@ -153,7 +153,9 @@ class _Console:
     async def login_page(self, request: Request, *, message: str = "", status: int = 200) -> Response:
         pre = secrets.token_urlsafe(24)
         response = self.render("login.html", status, pre=pre, message=message)
-        response.set_cookie(_PRE, pre, httponly=True, samesite="strict", path="/console")
+        response.set_cookie(
+            _PRE, pre, httponly=True, samesite="strict", path="/console", secure=_https(request)
+        )
         return response
 
     async def login(self, request: Request) -> Response:
@@ -168,7 +170,8 @@ class _Console:
         except MeshError as exc:
             return await self.login_page(request, message=str(exc), status=401)
         response = _secured(RedirectResponse("/console/queue", status_code=303))
-        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/console")
+        secure = _https(request)
+        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/console", secure=secure)
         response.delete_cookie(_PRE, path="/console")
         return response
 
@@ -336,6 +339,11 @@ def _sse(stream: AsyncIterator[str]) -> Response:
     response = StreamingResponse(stream, media_type="text/event-stream")
     response.headers["Cache-Control"] = "no-store"
     return _secured(response)
+
+
+def _https(request: Request) -> bool:
+    """Cookies are ``Secure`` whenever the console is reached over TLS."""
+    return request.url.scheme == "https"
 
 
 def _secured(response: Response) -> Response:

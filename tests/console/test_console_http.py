@@ -9,7 +9,7 @@ import httpx
 from svantic_grpc.pb import message_types_pb2
 from tests._support import Client, running_server
 from tests.agents_connected import WAIT, data, new_session, running_agent, send, wait_for_state
-from tests.agents_inputs import FormAgent, ToolAgent, pending_ids, resolve
+from tests.agents_inputs import ConfirmAgent, FormAgent, ToolAgent, pending_ids, resolve
 from tests.console._console import DELETES, sign_in_on, signed_in, tool_call_parts
 
 pb = message_types_pb2
@@ -226,3 +226,39 @@ async def test_sessions_filter_by_status_and_a_session_can_be_closed() -> None:
         assert closing_id in only_closed and open_id not in only_closed
         bad = await web.http.get("/console/sessions?status=nope")
         assert bad.status_code == 400 and "status" in bad.text
+
+
+async def test_a_confirmation_is_confirmed_from_the_console() -> None:
+    confirm = ConfirmAgent("payments.refund", {"order": "o-7"})
+    async with (
+        running_server() as client,
+        running_agent(client, confirm, agent_type="payments", instance_id="pay-1"),
+        signed_in(client) as web,
+    ):
+        session_id = await new_session(client)
+        message = await send(client, session_id, "refund", data({"target_agent": "payments"}))
+        [request_id] = message.input_request_ids
+        queue = (await web.http.get("/console/queue")).text
+        assert "confirmation" in queue and "payments.refund" in queue
+        assert 'value="approve_always"' not in queue  # only the decisions the request allows
+        answered = await web.resolve(request_id, action="approve")
+        assert answered.status_code == 200, answered.text
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert confirm.answers[-1].confirmed
+
+
+async def test_approve_for_session_lets_the_next_call_through_without_asking() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        session_id, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        assert (await web.resolve(request_id, action="approve_for_session")).status_code == 200
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        again = await send(client, session_id, *tool_call_parts("crm.delete_records", {"ids": ["r9"]}))
+        again = await wait_for_state(client, session_id, again.message_id, COMPLETED)
+        assert tool.approved == [True, True]
+        assert "Nothing waits" in (await web.http.get("/console/queue")).text
