@@ -31,6 +31,8 @@ async def test_sign_in_sets_a_strict_httponly_cookie_and_a_wrong_secret_is_refus
         running_server() as client,
         httpx.AsyncClient(base_url=client.server.http.url, timeout=WAIT) as http,
     ):
+        entry = await http.get("/console", follow_redirects=True)
+        assert entry.url.path == "/console/login" and "Client secret" in entry.text
         refused = await sign_in_on(http, "acme-full", secret="wrong")
         assert refused.status_code == 401
         assert "unknown client_id or wrong client_secret" in refused.text
