@@ -5,6 +5,6 @@ credential signs in (the same ``client_id``/``client_secret`` as ``GetToken``);
 approvals are answered as surface ``console``. See ``app.py`` for the routes.
 """
 
-from svantic_grpc.console.app import console_routes
+from svantic_grpc.console.app import Console, console_routes
 
-__all__ = ["console_routes"]
+__all__ = ["Console", "console_routes"]

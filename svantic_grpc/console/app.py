@@ -37,6 +37,7 @@ from svantic_grpc.core.errors import (
 from svantic_grpc.core.events import (
     AgentJoined,
     AgentLeft,
+    Event,
     EventPayload,
     InputEnded,
     InputRaised,
@@ -47,7 +48,7 @@ from svantic_grpc.core.inputs.model import Surface
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.models import SessionStatus
 
-__all__ = ["console_routes"]
+__all__ = ["Console", "console_routes"]
 
 _HERE = pathlib.Path(__file__).parent
 _PRE = "svantic_console_pre"
@@ -70,7 +71,7 @@ Handler = Callable[[Request, ConsoleLogin], Awaitable[Response]]
 
 def console_routes(mesh: Mesh) -> list[BaseRoute]:
     """The console mounted at ``/console``; registers its queue listener with the core."""
-    return [Mount("/console", routes=_Console(mesh).routes())]
+    return Console(mesh).routes()
 
 
 def _when(t: float | None) -> str:
@@ -79,7 +80,9 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
 
 
-class _Console:
+class Console:
+    """The console's state (logins, the queue feed) and its routes; ``close`` ends live streams."""
+
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.logins = ConsoleLogins(tokens=mesh.tokens, clock=mesh.clock)
@@ -93,7 +96,15 @@ class _Console:
         self.env.filters["when"] = _when
         self.env.globals["FIELD_PREFIX"] = FIELD_PREFIX
 
+    def close(self) -> None:
+        """The server is stopping: end every live stream now instead of eating the shutdown grace."""
+        self.feed.close()
+
     def routes(self) -> list[BaseRoute]:
+        """Everything under ``/console``."""
+        return [Mount("/console", routes=self._routes())]
+
+    def _routes(self) -> list[BaseRoute]:
         a = self._authed
         return [
             Route("/", self.index, methods=["GET"]),
@@ -209,6 +220,8 @@ class _Console:
                     except TimeoutError:
                         yield ": keepalive\n\n"
                         continue
+                    if change is None:
+                        return  # the server is stopping; the browser reconnects to the next one
                     yield f"event: queue\ndata: {change}\n\n"
 
         return _sse(stream())
@@ -278,11 +291,11 @@ class _Console:
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
-            async for event in events:
-                payload = type(event.payload).__name__
-                line = _event_line(event.payload)
-                data = f"{_when(event.time)} #{event.sequence} {payload} {line}".replace("\n", " ")
-                yield f"id: {event.sequence}\nevent: timeline\ndata: {data}\n\n"
+            try:
+                async for event in events:
+                    yield _timeline_entry(event)
+            except MeshError:
+                return  # the server is stopping (the bus ended the stream); the browser resumes later
 
         return _sse(stream())
 
@@ -305,6 +318,14 @@ class _Console:
         instance_id = request.path_params["instance_id"]
         await self.mesh.registry.deregister(login.caller, instance_id)
         return await self.agents(request, login, notice=f"deregistered {instance_id}")
+
+
+def _timeline_entry(event: Event) -> str:
+    """One server-sent event of the timeline; its id is the sequence a reconnect resumes after."""
+    line = (
+        f"{_when(event.time)} #{event.sequence} {type(event.payload).__name__} {_event_line(event.payload)}"
+    )
+    return f"id: {event.sequence}\nevent: timeline\ndata: {line.replace(chr(10), ' ')}\n\n"
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -23,7 +23,8 @@ class QueueFeed:
     """An ``InputListener`` that fans queue changes out per tenant."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[str]]] = {}
+        self._subscribers: dict[str, set[asyncio.Queue[str | None]]] = {}
+        self._closed = False
 
     async def on_request(self, request: InputRequest) -> None:
         self._publish(request.tenant_id, f"raised {request.request_id}")
@@ -36,9 +37,20 @@ class QueueFeed:
             with contextlib.suppress(asyncio.QueueFull):  # a slow browser refetches anyway
                 queue.put_nowait(change)
 
+    def close(self) -> None:
+        """End every subscription: each reader gets ``None`` next (the server is stopping)."""
+        self._closed = True
+        for subscribers in self._subscribers.values():
+            for queue in subscribers:
+                _drop_oldest_if_full(queue)
+                queue.put_nowait(None)
+
     @contextlib.asynccontextmanager
-    async def subscribe(self, tenant_id: str) -> AsyncIterator[asyncio.Queue[str]]:
-        queue: asyncio.Queue[str] = asyncio.Queue(_BUFFER)
+    async def subscribe(self, tenant_id: str) -> AsyncIterator[asyncio.Queue[str | None]]:
+        """A queue of changes (``"raised <id>"``, ``"ended <id>"``), then ``None`` once closed."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(_BUFFER)
+        if self._closed:
+            queue.put_nowait(None)
         self._subscribers.setdefault(tenant_id, set()).add(queue)
         try:
             yield queue
@@ -47,3 +59,8 @@ class QueueFeed:
             subscribers.discard(queue)
             if not subscribers:
                 self._subscribers.pop(tenant_id, None)
+
+
+def _drop_oldest_if_full(queue: asyncio.Queue[str | None]) -> None:
+    if queue.full():
+        queue.get_nowait()

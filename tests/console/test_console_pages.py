@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
+import time
 
 from tests._support import running_server
-from tests.agents_connected import new_session, running_agent
+from tests.agents_connected import WAIT, new_session, running_agent
 from tests.agents_inputs import ToolAgent, close_session
 from tests.console._console import signed_in
 
@@ -54,3 +56,28 @@ async def test_the_agents_page_lists_an_instance_and_deregisters_it() -> None:
         gone = await web.http.post("/console/agents/crm-1/deregister", data={"csrf": web.csrf})
         assert gone.status_code == 200 and "deregistered crm-1" in gone.text
         assert 'id="agent-crm-1"' not in gone.text
+
+
+async def test_open_live_pages_do_not_hold_up_a_graceful_shutdown() -> None:
+    grace = 3.0
+    async with running_server(shutdown_grace_s=grace) as client, signed_in(client) as web:
+        session_id = await new_session(client)
+        ended: list[str] = []
+
+        async def follow(url: str, opened: asyncio.Event) -> None:
+            async with web.http.stream("GET", url, timeout=grace * 3) as response:
+                async for chunk in response.aiter_text():
+                    if "retry:" in chunk:
+                        opened.set()
+            ended.append(url)
+
+        urls = ["/console/queue/events", f"/console/sessions/{session_id}/events"]
+        opened = [asyncio.Event() for _ in urls]
+        readers = [asyncio.create_task(follow(url, event)) for url, event in zip(urls, opened, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), WAIT)
+        started = time.monotonic()
+        await client.server.stop()
+        took = time.monotonic() - started
+        await asyncio.wait_for(asyncio.gather(*readers), WAIT)
+        assert sorted(ended) == sorted(urls)
+        assert took < grace / 2, f"stopping took {took:.2f}s with the console open (grace {grace}s)"
