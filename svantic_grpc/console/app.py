@@ -210,6 +210,8 @@ class Console:
         return self.render("queue_items.html", login=login, requests=requests, now=self.mesh.clock.now())
 
     async def queue_events(self, request: Request, login: ConsoleLogin) -> Response:
+        sid = request.cookies.get(COOKIE, "")
+
         async def stream() -> AsyncIterator[str]:
             async with self.feed.subscribe(login.caller.tenant_id) as changes:
                 yield "retry: 2000\n\n"
@@ -222,6 +224,8 @@ class Console:
                         continue
                     if change is None:
                         return  # the server is stopping; the browser reconnects to the next one
+                    if self.logins.get(sid) is None:
+                        return  # signed out (or expired) meanwhile: nothing more for this cookie
                     yield f"event: queue\ndata: {change}\n\n"
 
         return _sse(stream())
@@ -281,6 +285,7 @@ class Console:
         )
 
     async def session_events(self, request: Request, login: ConsoleLogin) -> Response:
+        sid = request.cookies.get(COOKIE, "")
         session_id = request.path_params["session_id"]
         after = request.headers.get("last-event-id") or request.query_params.get("after", "0")
         try:
@@ -293,6 +298,8 @@ class Console:
             yield "retry: 2000\n\n"
             try:
                 async for event in events:
+                    if self.logins.get(sid) is None:
+                        return  # signed out (or expired) meanwhile
                     yield _timeline_entry(event)
             except MeshError:
                 return  # the server is stopping (the bus ended the stream); the browser resumes later

@@ -8,9 +8,9 @@ import re
 import time
 
 from tests._support import running_server
-from tests.agents_connected import WAIT, new_session, running_agent
+from tests.agents_connected import WAIT, new_session, running_agent, send
 from tests.agents_inputs import ToolAgent, close_session
-from tests.console._console import signed_in
+from tests.console._console import DELETES, signed_in, tool_call_parts
 
 
 async def test_the_sessions_list_pages_through_every_session() -> None:
@@ -81,3 +81,28 @@ async def test_open_live_pages_do_not_hold_up_a_graceful_shutdown() -> None:
         await asyncio.wait_for(asyncio.gather(*readers), WAIT)
         assert sorted(ended) == sorted(urls)
         assert took < grace / 2, f"stopping took {took:.2f}s with the console open (grace {grace}s)"
+
+
+async def test_signing_out_ends_an_open_live_queue_at_its_next_change() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        received: list[str] = []
+        opened = asyncio.Event()
+
+        async def follow() -> None:
+            async with web.http.stream("GET", "/console/queue/events") as response:
+                async for chunk in response.aiter_text():
+                    received.append(chunk)
+                    opened.set()
+
+        reader = asyncio.create_task(follow())
+        await asyncio.wait_for(opened.wait(), WAIT)
+        assert (await web.http.post("/console/logout", data={"csrf": web.csrf})).status_code == 303
+        session_id = await new_session(client)
+        await send(client, session_id, *tool_call_parts("crm.delete_records", {"ids": ["r1"]}))
+        await asyncio.wait_for(reader, WAIT)  # the stream ended instead of telling of the request
+        assert not any("event: queue" in chunk for chunk in received)
