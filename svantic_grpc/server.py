@@ -28,6 +28,7 @@ from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
 from svantic_grpc.config import Settings, SettingsError, dial_address, is_loopback, resolve_auth
+from svantic_grpc.console import Console
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
@@ -158,6 +159,9 @@ class MeshServer:
         self.a2a = A2AIngress(self.mesh)
         """The mesh as an A2A agent: its gRPC bindings on the gRPC server, its HTTP routes on ``http``."""
         self.http.mount(self.a2a.routes())
+        self.console = Console(self.mesh)
+        """The operator console at ``/console``."""
+        self.http.mount(self.console.routes())
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -237,6 +241,7 @@ class MeshServer:
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING from here on
         await self.mesh.sessions.reaper.stop()
         self.mesh.bus.shutdown()  # open streams end now with UNAVAILABLE instead of eating the grace
+        self.console.close()  # and so do the console's live pages
         if self._server is not None:
             await self._server.stop(grace)
         await self.http.stop(grace)

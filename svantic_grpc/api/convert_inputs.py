@@ -45,6 +45,7 @@ SURFACE = {
     Surface.WEBHOOK: pb.SURFACE_WEBHOOK,
     Surface.CHAT: pb.SURFACE_CHAT,
     Surface.A2A: pb.SURFACE_A2A,
+    Surface.CONSOLE: pb.SURFACE_CONSOLE,
     Surface.POLICY: pb.SURFACE_UNSPECIFIED,
 }
 

@@ -61,6 +61,7 @@ class Surface(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SURFACE_WEBHOOK: _ClassVar[Surface]
     SURFACE_CHAT: _ClassVar[Surface]
     SURFACE_A2A: _ClassVar[Surface]
+    SURFACE_CONSOLE: _ClassVar[Surface]
 MESSAGE_STATE_UNSPECIFIED: MessageState
 MESSAGE_STATE_SUBMITTED: MessageState
 MESSAGE_STATE_WORKING: MessageState
@@ -93,6 +94,7 @@ SURFACE_SLACK: Surface
 SURFACE_WEBHOOK: Surface
 SURFACE_CHAT: Surface
 SURFACE_A2A: Surface
+SURFACE_CONSOLE: Surface
 
 class FilePart(_message.Message):
     __slots__ = ("name", "media_type", "bytes", "uri")

@@ -61,6 +61,8 @@ class Surface(enum.Enum):
     CHAT = "chat"
     A2A = "a2a"
     """A follow-up A2A message on the input-required task (the mesh's A2A ingress)."""
+    CONSOLE = "console"
+    """The operator console (browser pages on the HTTP server)."""
     POLICY = "policy"
     """Decided by a policy (allow, block, yolo, an earlier grant) without a human."""
 

@@ -1,0 +1,266 @@
+"""The console without a browser: sign-in, CSRF, tenants, scopes, escaping, answers (httpx, real server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from svantic_grpc.pb import message_types_pb2
+from tests._support import Client, running_server
+from tests.agents_connected import WAIT, data, new_session, running_agent, send, wait_for_state
+from tests.agents_inputs import ConfirmAgent, FormAgent, ToolAgent, pending_ids, resolve
+from tests.console._console import DELETES, sign_in_on, signed_in, tool_call_parts
+
+pb = message_types_pb2
+INPUT_REQUIRED = pb.MESSAGE_STATE_INPUT_REQUIRED
+COMPLETED = pb.MESSAGE_STATE_COMPLETED
+
+
+async def _asked(client: Client, arguments: dict[str, Any] | None = None) -> tuple[str, pb.Message]:
+    session_id = await new_session(client)
+    message = await send(
+        client, session_id, *tool_call_parts("crm.delete_records", arguments or {"ids": ["r1"]})
+    )
+    assert message.state == INPUT_REQUIRED, message.state_reason
+    return session_id, message
+
+
+async def test_sign_in_sets_a_strict_httponly_cookie_and_a_wrong_secret_is_refused() -> None:
+    async with (
+        running_server() as client,
+        httpx.AsyncClient(base_url=client.server.http.url, timeout=WAIT) as http,
+    ):
+        entry = await http.get("/console", follow_redirects=True)
+        assert entry.url.path == "/console/login" and "Client secret" in entry.text
+        refused = await sign_in_on(http, "acme-full", secret="wrong")
+        assert refused.status_code == 401
+        assert "unknown client_id or wrong client_secret" in refused.text
+        ok = await sign_in_on(http, "acme-full")
+        assert ok.status_code == 303 and ok.headers["location"] == "/console/queue"
+        cookie = ok.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        queue = await http.get("/console/queue")
+        assert "acme-full · acme" in queue.text
+        csp = queue.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+async def test_a_post_without_the_csrf_token_is_refused_and_nothing_is_answered() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        _, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        for form in ({}, {"csrf": "forged"}):
+            response = await web.http.post(
+                f"/console/inputs/{request_id}/resolve", data={"action": "approve", **form}
+            )
+            assert response.status_code == 403
+            assert "CSRF" in response.text
+        assert await pending_ids(client) == [request_id]
+        assert tool.answers == []
+
+
+async def test_another_tenants_ids_are_not_found_and_its_requests_not_listed() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client, "globex-full") as web,
+    ):
+        session_id, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        queue = await web.http.get("/console/queue")
+        assert request_id not in queue.text and "Nothing waits" in queue.text
+        assert (await web.http.get(f"/console/sessions/{session_id}")).status_code == 404
+        answered = await web.resolve(request_id, action="approve")
+        assert answered.status_code == 404
+        assert (
+            await web.http.post(f"/console/sessions/{session_id}/close", data={"csrf": web.csrf})
+        ).status_code == 404
+        assert (
+            await web.http.post("/console/agents/crm-1/deregister", data={"csrf": web.csrf})
+        ).status_code == 404
+        assert await pending_ids(client) == [request_id]
+
+
+async def test_a_read_credential_sees_the_queue_but_cannot_resolve() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client, "acme-read") as web,
+    ):
+        _, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        assert request_id in (await web.http.get("/console/queue")).text
+        refused = await web.resolve(request_id, action="approve")
+        assert refused.status_code == 403
+        assert "needs the &#39;full&#39; scope" in refused.text
+        assert await pending_ids(client) == [request_id]
+
+
+async def test_a_script_in_a_tool_argument_is_shown_escaped_and_inert() -> None:
+    tool = ToolAgent()
+    script = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        session_id, _ = await _asked(client, {"note": script})
+        await send(client, session_id, script)  # a message's text, shown on the session's page
+        page = await web.http.get(f"/console/sessions/{session_id}")
+        assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in page.text
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text
+        queue = await web.http.get("/console/queue")
+        assert "<script>alert" not in queue.text and "<img src=x" not in queue.text
+        assert "\\u003cscript\\u003ealert" in queue.text or "&lt;script&gt;alert" in queue.text
+        # Every script the page loads is the console's own file.
+        assert queue.text.count("<script") == 1
+        assert '<script src="/console/static/console.js" defer></script>' in queue.text
+
+
+async def test_approving_from_the_console_reaches_the_agent_as_surface_console() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        session_id, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        answered = await web.resolve(request_id, action="approve")
+        assert answered.status_code == 200 and f"{request_id}: approve" in answered.text
+        done = await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert tool.approved == [True]
+        assert tool.answers[-1].resolved_by == "acme-full"
+        assert done.state == COMPLETED
+
+
+async def test_a_denial_needs_a_reason_and_the_agent_gets_it() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        session_id, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        bare = await web.resolve(request_id, action="deny")
+        assert bare.status_code == 400 and "a denial needs a reason" in bare.text
+        denied = await web.resolve(request_id, action="deny", reason="not on a Friday")
+        assert denied.status_code == 200
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert tool.approved == [False] and tool.answers[-1].reason == "not on a Friday"
+
+
+async def test_the_losing_answer_is_told_who_answered_how_and_when() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        _, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        await resolve(client, request_id, client_id="acme-admin", decision=pb.DECISION_APPROVE)
+        lost = await web.resolve(request_id, action="deny", reason="too late")
+        assert lost.status_code == 409
+        assert "already answered by acme-admin via grpc at" in lost.text
+
+
+async def test_a_sensitive_form_field_is_entered_here_and_never_shown_back() -> None:
+    fields = [
+        pb.FormField(name="api_key", type="password", label="API key", required=True),
+        pb.FormField(name="rows", type="number", label="Rows"),
+        pb.FormField(name="dry_run", type="checkbox", label="Dry run"),
+    ]
+    form = FormAgent("Connect the CRM", fields)
+    secret = "sk-live-0123456789"
+    async with (
+        running_server() as client,
+        running_agent(client, form, agent_type="exporter", instance_id="exp-1"),
+        signed_in(client) as web,
+    ):
+        session_id = await new_session(client)
+        message = await send(client, session_id, "connect", data({"target_agent": "exporter"}))
+        [request_id] = message.input_request_ids
+        answered = await web.resolve(
+            request_id,
+            action="submit",
+            **{"field.api_key": secret, "field.rows": "12", "field.dry_run": "on"},
+        )
+        assert answered.status_code == 200, answered.text
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert form.values == [{"api_key": secret, "rows": 12, "dry_run": True}]
+        for page in (answered, await web.http.get(f"/console/sessions/{session_id}")):
+            assert secret not in page.text
+
+
+async def test_sign_out_ends_the_session_even_for_a_copied_cookie() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        cookie = web.http.cookies.get("svantic_console")
+        out = await web.http.post("/console/logout", data={"csrf": web.csrf})
+        assert out.status_code == 303 and out.headers["location"] == "/console/login"
+        async with httpx.AsyncClient(
+            base_url=client.server.http.url, timeout=WAIT, cookies={"svantic_console": cookie or ""}
+        ) as copied:
+            again = await copied.get("/console/queue")
+            assert again.status_code == 303 and again.headers["location"] == "/console/login"
+            post = await copied.post("/console/logout", data={"csrf": web.csrf})
+            assert post.status_code == 401
+
+
+async def test_sessions_filter_by_status_and_a_session_can_be_closed() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        open_id = await new_session(client)
+        closing_id = await new_session(client)
+        closed = await web.http.post(f"/console/sessions/{closing_id}/close", data={"csrf": web.csrf})
+        assert closed.status_code == 303
+        page = await web.http.get(f"/console/sessions/{closing_id}")
+        assert 'id="session-status">closed<' in page.text
+        only_closed = (await web.http.get("/console/sessions?status=closed")).text
+        assert closing_id in only_closed and open_id not in only_closed
+        bad = await web.http.get("/console/sessions?status=nope")
+        assert bad.status_code == 400 and "status" in bad.text
+
+
+async def test_a_confirmation_is_confirmed_from_the_console() -> None:
+    confirm = ConfirmAgent("payments.refund", {"order": "o-7"})
+    async with (
+        running_server() as client,
+        running_agent(client, confirm, agent_type="payments", instance_id="pay-1"),
+        signed_in(client) as web,
+    ):
+        session_id = await new_session(client)
+        message = await send(client, session_id, "refund", data({"target_agent": "payments"}))
+        [request_id] = message.input_request_ids
+        queue = (await web.http.get("/console/queue")).text
+        assert "confirmation" in queue and "payments.refund" in queue
+        assert 'value="approve_always"' not in queue  # only the decisions the request allows
+        answered = await web.resolve(request_id, action="approve")
+        assert answered.status_code == 200, answered.text
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert confirm.answers[-1].confirmed
+
+
+async def test_approve_for_session_lets_the_next_call_through_without_asking() -> None:
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        session_id, message = await _asked(client)
+        [request_id] = message.input_request_ids
+        assert (await web.resolve(request_id, action="approve_for_session")).status_code == 200
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        again = await send(client, session_id, *tool_call_parts("crm.delete_records", {"ids": ["r9"]}))
+        again = await wait_for_state(client, session_id, again.message_id, COMPLETED)
+        assert tool.approved == [True, True]
+        assert "Nothing waits" in (await web.http.get("/console/queue")).text
