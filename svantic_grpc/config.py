@@ -24,6 +24,7 @@ __all__ = [
     "DEV_TENANT_ID",
     "AuthSettings",
     "DispatchSettings",
+    "MetricsSettings",
     "ResolvedAuth",
     "RetentionSettings",
     "Settings",
@@ -86,6 +87,13 @@ class AuthSettings(_Model):
         if self.token_ttl_s > self.max_token_ttl_s:
             raise ValueError("token_ttl_s must not exceed max_token_ttl_s")
         return self
+
+
+class MetricsSettings(_Model):
+    """Prometheus metrics at ``GET /metrics`` on the HTTP server."""
+
+    enabled: bool = True
+    """Off: no ``/metrics`` route, and the gRPC calls and the core record nothing."""
 
 
 class DispatchSettings(_Model):
@@ -199,6 +207,7 @@ class Settings(_Model):
     postgres: PostgresSettings = PostgresSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("policies")
     @classmethod

@@ -30,10 +30,12 @@ from svantic_grpc.config import Settings, SettingsError, is_loopback, resolve_au
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
+from svantic_grpc.core.metrics import NO_METRICS
 from svantic_grpc.core.retention import Retention
 from svantic_grpc.core.store import Store
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.http_server import HttpServer, HttpServerError
+from svantic_grpc.metrics import PrometheusMetrics
 from svantic_grpc.pb import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -97,6 +99,8 @@ class MeshServer:
             raise SettingsError(f"store: {exc}") from None
         env = os.environ if env is None else env
         dispatch = settings.dispatch
+        self.metrics = PrometheusMetrics() if settings.metrics.enabled else None
+        """The Prometheus registry behind ``/metrics``; ``None`` when metrics are off."""
         hosted = A2ATransport(
             connect_timeout_s=dispatch.connect_timeout_ms / 1000,
             read_timeout_s=dispatch.timeout_ms / 1000,
@@ -132,6 +136,7 @@ class MeshServer:
                 ids=ids,
                 hosted=hosted,
                 probe=hosted.probe,
+                metrics=self.metrics or NO_METRICS,
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None
@@ -154,6 +159,8 @@ class MeshServer:
         except AdapterLoadError as exc:
             raise SettingsError(str(exc)) from None
         self.http.mount(self.adapters.routes())
+        if self.metrics is not None:
+            self.http.mount(self.metrics.routes(self.mesh.levels))
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -181,7 +188,11 @@ class MeshServer:
             raise SettingsError(str(exc)) from None
         await self.adapters.start()
         server = aio.server(
-            interceptors=[MeshInterceptor(self.mesh.tokens)],
+            interceptors=[
+                MeshInterceptor(
+                    self.mesh.tokens, observe=self.metrics.rpc_done if self.metrics is not None else None
+                )
+            ],
             options=[("grpc.so_reuseport", 0)],
         )
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.mesh), server)

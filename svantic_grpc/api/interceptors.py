@@ -6,13 +6,17 @@ It wraps each method handler so that, inside the RPC's own task:
   2. a ``MeshError`` raised anywhere below becomes its gRPC status with rich
      details, and any other exception becomes INTERNAL without leaking internals;
   3. a request body that does not decode is INVALID_ARGUMENT, checked before the
-     token (see ``_decoding``); this covers health and reflection too.
+     token (see ``_decoding``); this covers health and reflection too;
+  4. with an ``observe`` callback (metrics on), each call's method, status code and
+     duration are reported when it ends; without one the wrapper adds nothing.
 Scopes are checked by the core, next to what they protect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,6 +34,9 @@ __all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
 _log = logging.getLogger(__name__)
 
 #: Methods that need no token.
+Observe = Callable[[str, str, float], None]
+"""Told of each call's end: method, status code name (``OK``, ``NOT_FOUND``, ...) and seconds taken."""
+
 OPEN_METHOD_PREFIXES = (
     "/svantic.v1.AuthService/",
     "/grpc.health.v1.Health/",
@@ -41,8 +48,9 @@ OPEN_METHOD_PREFIXES = (
 class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Authentication and error mapping around every handler."""
 
-    def __init__(self, issuer: TokenIssuer) -> None:
+    def __init__(self, issuer: TokenIssuer, *, observe: Observe | None = None) -> None:
         self._issuer = issuer
+        self._observe = observe
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """Per method: the servicer's handler and its wrapper, made once instead of per call."""
         self._undecodable = UndecodableLog()
@@ -60,13 +68,19 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if cached is not None and cached[0] is handler:
             return cached[1]
         authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
-        wrapped = _wrap(handler, method, self._issuer if authenticate else None, self._undecodable)
+        wrapped = _wrap(
+            handler, method, self._issuer if authenticate else None, self._undecodable, self._observe
+        )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None, undecodable: UndecodableLog
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    issuer: TokenIssuer | None,
+    undecodable: UndecodableLog,
+    observe: Observe | None,
 ) -> grpc.RpcMethodHandler:
     streamed_requests = handler.request_streaming
 
@@ -91,13 +105,14 @@ def _wrap(
             except Exception:
                 await _abort_internal(context, method)
 
+        unary: Unary = unary_response if observe is None else _observed_unary(unary_response, method, observe)
         factory = (
             grpc.unary_unary_rpc_method_handler
             if handler.unary_unary
             else grpc.stream_unary_rpc_method_handler
         )
         return factory(
-            unary_response,
+            unary,
             request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -115,16 +130,76 @@ def _wrap(
         except Exception:
             await _abort_internal(context, method)
 
+    streaming: Streaming = (
+        stream_response if observe is None else _observed_stream(stream_response, method, observe)
+    )
     factory = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
         else grpc.stream_stream_rpc_method_handler
     )
     return factory(
-        stream_response,
+        streaming,
         request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+Unary = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+
+
+def _observed_unary(behavior: Unary, method: str, observe: Observe) -> Unary:
+    async def observed(request: Any, context: aio.ServicerContext) -> Any:
+        began = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            response = await behavior(request, context)
+            code = _code(context, "OK")
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - began)
+
+    return observed
+
+
+def _observed_stream(behavior: Streaming, method: str, observe: Observe) -> Streaming:
+    async def observed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        began = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            async for response in behavior(request, context):
+                yield response
+            code = _code(context, "OK")
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - began)
+
+    return observed
+
+
+def _code(context: aio.ServicerContext, default: str) -> str:
+    """The status the handler set (by abort or set_code), else ``default``."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        return _BY_VALUE.get(code, default)
+    return default
+
+
+_BY_VALUE: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _bearer_token(context: aio.ServicerContext) -> str:

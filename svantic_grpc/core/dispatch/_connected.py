@@ -76,6 +76,11 @@ class ConnectedAgents:
         self._awaited: dict[tuple[str, str], list[asyncio.Future[AgentConnection]]] = {}
         """Dispatches waiting for an instance to (re)connect, by (tenant, instance)."""
 
+    @property
+    def count(self) -> int:
+        """Open agent streams in this process."""
+        return len(self._live)
+
     def is_connected(self, tenant_id: str, instance_id: str) -> bool:
         return (tenant_id, instance_id) in self._live
 

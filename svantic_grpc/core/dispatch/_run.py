@@ -32,6 +32,7 @@ from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import AgentRegistration, JoinReason
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.sessions import Sessions
@@ -79,7 +80,9 @@ class Dispatches:
         timeout_s: float,
         max_per_session: int,
         failover_attempts: int,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._registry = registry
         self._sessions = sessions
@@ -232,6 +235,12 @@ class SessionDispatches:
             async with asyncio.timeout(timeout) as deadline:
                 outcome = await self._follow(writer, job, deadline, yolo)
         except NotDelivered as exc:
+            service._metrics.dispatch_done(
+                agent_type=agent_type,
+                transport=service._dispatcher.protocol_for(agent),
+                outcome="not-delivered",
+                latency_s=asyncio.get_running_loop().time() - loop_started,
+            )
             await service._registry.record_dispatch(
                 tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
             )
@@ -245,6 +254,12 @@ class SessionDispatches:
         latency = max(loop_latency, service._clock.now() - started, 0.0)
         outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED
+        service._metrics.dispatch_done(
+            agent_type=agent_type,
+            transport=service._dispatcher.protocol_for(agent),
+            outcome=outcome.state.value,
+            latency_s=latency,
+        )
         await service._registry.record_dispatch(
             tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
         )
