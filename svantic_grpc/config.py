@@ -195,6 +195,8 @@ class Settings(_Model):
     store: str = "memory"
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per log line, with the session and trace ids when known."""
     auth: AuthSettings = AuthSettings()
     dispatch: DispatchSettings = DispatchSettings()
     internal_agents: dict[str, str] = {}

@@ -28,6 +28,7 @@ from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, ref
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
+from svantic_grpc.core.log_context import SESSION_ID
 
 __all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
 
@@ -88,6 +89,8 @@ def _wrap(
         if isinstance(request, Undecodable):
             raise refuse(request, method, undecodable)
         set_caller(None)
+        if not streamed_requests:
+            SESSION_ID.set(getattr(request, "session_id", ""))  # this call's task only: its log lines
         if issuer is not None:
             set_caller(issuer.verify(_bearer_token(context)))
         return checked(request, method, undecodable) if streamed_requests else request

@@ -110,7 +110,13 @@ class ConnectedAgents:
             agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
         )
         connection.agent = updated or agent
-        _log.info("agent connected: %s/%s (tenant %s)", agent.agent_type, instance_id, agent.tenant_id)
+        _log.info(
+            "agent connected: %s/%s (tenant %s)",
+            agent.agent_type,
+            instance_id,
+            agent.tenant_id,
+            extra={"agent_type": agent.agent_type, "instance_id": instance_id},
+        )
         return connection
 
     async def detach(self, connection: AgentConnection, reason: str) -> None:
@@ -206,5 +212,10 @@ class ConnectedAgents:
         connection.outbox.put_nowait(None)
         agent = connection.agent
         _log.info(
-            "agent left: %s/%s (tenant %s): %s", agent.agent_type, agent.instance_id, agent.tenant_id, reason
+            "agent left: %s/%s (tenant %s): %s",
+            agent.agent_type,
+            agent.instance_id,
+            agent.tenant_id,
+            reason,
+            extra={"agent_type": agent.agent_type, "instance_id": agent.instance_id},
         )

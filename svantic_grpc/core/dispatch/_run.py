@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
@@ -30,6 +31,7 @@ from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavail
 from svantic_grpc.core.inputs.asks import resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.inputs.service import Inputs
+from svantic_grpc.core.log_context import SESSION_ID
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
@@ -39,6 +41,8 @@ from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
 
 __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
+
+_log = logging.getLogger(__name__)
 
 _PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
 
@@ -144,6 +148,23 @@ class SessionDispatches:
                 reason="DISPATCH_BUDGET_EXHAUSTED",
             )
         self.used += 1
+        bound = SESSION_ID.set(self.session_id)
+        try:
+            return await self._run(writer, agent_type, instance_id, skill_id, yolo, parts, resume)
+        finally:
+            SESSION_ID.reset(bound)
+
+    async def _run(
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        skill_id: str,
+        yolo: bool,
+        parts: tuple[Part, ...],
+        resume: InputRequest | None,
+    ) -> Outcome:
+        service = self._service
         excluded: set[str] = set()
         last_error = ""
         for _attempt in range(service._failover_attempts + 1):
@@ -235,6 +256,13 @@ class SessionDispatches:
             async with asyncio.timeout(timeout) as deadline:
                 outcome = await self._follow(writer, job, deadline, yolo)
         except NotDelivered as exc:
+            _log.warning(
+                "dispatch not delivered: %s/%s: %s",
+                agent_type,
+                instance_id,
+                exc,
+                extra={"agent_type": agent_type, "instance_id": instance_id, "dispatch_id": dispatch_id},
+            )
             service._metrics.dispatch_done(
                 agent_type=agent_type,
                 transport=service._dispatcher.protocol_for(agent),
@@ -254,6 +282,14 @@ class SessionDispatches:
         latency = max(loop_latency, service._clock.now() - started, 0.0)
         outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED
+        if outcome.state is MessageState.FAILED:
+            _log.warning(
+                "dispatch failed: %s/%s: %s",
+                agent_type,
+                instance_id,
+                outcome.reason,
+                extra={"agent_type": agent_type, "instance_id": instance_id, "dispatch_id": dispatch_id},
+            )
         service._metrics.dispatch_done(
             agent_type=agent_type,
             transport=service._dispatcher.protocol_for(agent),

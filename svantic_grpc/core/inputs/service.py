@@ -308,10 +308,21 @@ class Inputs:
         """What this process does once an ended request is stored: wake its waiters, tell the adapters."""
         resolution = request.resolution
         ended_at = resolution.resolved_at if resolution is not None else self._clock.now()
+        surface = resolution.surface.value if resolution is not None else "mesh"
         self._metrics.input_ended(
-            surface=resolution.surface.value if resolution is not None else "mesh",
-            outcome=request.state.value,
-            latency_s=max(ended_at - request.created_at, 0.0),
+            surface=surface, outcome=request.state.value, latency_s=max(ended_at - request.created_at, 0.0)
+        )
+        _log.info(
+            "input request %s %s: %s",
+            request.request_id,
+            request.state.value,
+            _outcome(request),
+            extra={
+                "session_id": request.session_id,
+                "request_id": request.request_id,
+                "surface": surface,
+                "outcome": request.state.value,
+            },
         )
         self.expiry.forget(request.tenant_id, request.request_id)
         waiting = self._pending.get((request.tenant_id, request.session_id))
