@@ -19,6 +19,7 @@ from types import TracebackType
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from svantic_grpc.adapter_host import AdapterHost, AdapterLoadError
 from svantic_grpc.api.auth_service import AuthServicer
@@ -47,6 +48,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
 )
 from svantic_grpc.stores import MemoryStore, open_store
+from svantic_grpc.tracing import provider_from_env, tracer_of
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -77,6 +79,7 @@ class MeshServer:
         env: Mapping[str, str] | None = None,
         clock: Clock | None = None,
         ids: IdGenerator | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         auth = resolve_auth(settings, env)
@@ -101,9 +104,14 @@ class MeshServer:
         dispatch = settings.dispatch
         self.metrics = PrometheusMetrics() if settings.metrics.enabled else None
         """The Prometheus registry behind ``/metrics``; ``None`` when metrics are off."""
+        self._own_tracing = None if tracer_provider is not None else provider_from_env(env)
+        self.tracer_provider = tracer_provider or self._own_tracing
+        """Spans of gRPC calls and hosted dispatches; ``None`` (tracing off) unless OTEL_* asks."""
+        self._tracer = tracer_of(self.tracer_provider)
         hosted = A2ATransport(
             connect_timeout_s=dispatch.connect_timeout_ms / 1000,
             read_timeout_s=dispatch.timeout_ms / 1000,
+            tracer=self._tracer,
         )
         try:
             self.mesh = Mesh(
@@ -190,7 +198,9 @@ class MeshServer:
         server = aio.server(
             interceptors=[
                 MeshInterceptor(
-                    self.mesh.tokens, observe=self.metrics.rpc_done if self.metrics is not None else None
+                    self.mesh.tokens,
+                    observe=self.metrics.rpc_done if self.metrics is not None else None,
+                    tracer=self._tracer,
                 )
             ],
             options=[("grpc.so_reuseport", 0)],
@@ -245,6 +255,8 @@ class MeshServer:
         await self.http.stop(grace)
         await self.adapters.stop()
         await self.mesh.stop()
+        if self._own_tracing is not None:
+            self._own_tracing.shutdown()  # flush the batched spans; a provider passed in is its owner's
         _log.info("svantic-grpc stopped")
 
     async def wait_for_termination(self) -> None:

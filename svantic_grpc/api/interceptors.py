@@ -8,13 +8,16 @@ It wraps each method handler so that, inside the RPC's own task:
   3. a request body that does not decode is INVALID_ARGUMENT, checked before the
      token (see ``_decoding``); this covers health and reflection too;
   4. with an ``observe`` callback (metrics on), each call's method, status code and
-     duration are reported when it ends; without one the wrapper adds nothing.
+     duration are reported when it ends; without one the wrapper adds nothing;
+  5. with a ``tracer`` (tracing on), each call is a server span, child of the caller's
+     W3C ``traceparent`` metadata, current while the handler runs.
 Scopes are checked by the core, next to what they protect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +25,8 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 
 from svantic_grpc.api._context import set_caller
 from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
@@ -49,9 +54,12 @@ OPEN_METHOD_PREFIXES = (
 class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Authentication and error mapping around every handler."""
 
-    def __init__(self, issuer: TokenIssuer, *, observe: Observe | None = None) -> None:
+    def __init__(
+        self, issuer: TokenIssuer, *, observe: Observe | None = None, tracer: Tracer | None = None
+    ) -> None:
         self._issuer = issuer
         self._observe = observe
+        self._tracer = tracer
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """Per method: the servicer's handler and its wrapper, made once instead of per call."""
         self._undecodable = UndecodableLog()
@@ -70,7 +78,12 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             return cached[1]
         authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
         wrapped = _wrap(
-            handler, method, self._issuer if authenticate else None, self._undecodable, self._observe
+            handler,
+            method,
+            self._issuer if authenticate else None,
+            self._undecodable,
+            self._observe,
+            self._tracer,
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
@@ -82,6 +95,7 @@ def _wrap(
     issuer: TokenIssuer | None,
     undecodable: UndecodableLog,
     observe: Observe | None,
+    tracer: Tracer | None = None,
 ) -> grpc.RpcMethodHandler:
     streamed_requests = handler.request_streaming
 
@@ -95,8 +109,10 @@ def _wrap(
             set_caller(issuer.verify(_bearer_token(context)))
         return checked(request, method, undecodable) if streamed_requests else request
 
-    if handler.unary_unary or handler.stream_unary:
-        behavior = handler.unary_unary or handler.stream_unary
+    streamed = handler.unary_stream or handler.stream_stream
+    if streamed is None or not inspect.isasyncgenfunction(streamed):
+        # One response, or responses sent with context.write() (grpc's health Watch): a coroutine.
+        behavior = handler.unary_unary or handler.stream_unary or streamed
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             try:
@@ -109,11 +125,14 @@ def _wrap(
                 await _abort_internal(context, method)
 
         unary: Unary = unary_response if observe is None else _observed_unary(unary_response, method, observe)
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
+        if tracer is not None:
+            unary = _traced_unary(unary, method, tracer)
+        factory = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }[_kind(handler)]
         return factory(
             unary,
             request_deserializer=tolerant(handler.request_deserializer),
@@ -136,6 +155,8 @@ def _wrap(
     streaming: Streaming = (
         stream_response if observe is None else _observed_stream(stream_response, method, observe)
     )
+    if tracer is not None:
+        streaming = _traced_stream(streaming, method, tracer)
     factory = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
@@ -192,6 +213,52 @@ def _observed_stream(behavior: Streaming, method: str, observe: Observe) -> Stre
     return observed
 
 
+def _traced_unary(behavior: Unary, method: str, tracer: Tracer) -> Unary:
+    async def traced(request: Any, context: aio.ServicerContext) -> Any:
+        with tracer.start_as_current_span(
+            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+        ) as span:
+            try:
+                return await behavior(request, context)
+            finally:
+                _end(span, context)
+
+    return traced
+
+
+def _traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming:
+    async def traced(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        with tracer.start_as_current_span(
+            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+        ) as span:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                _end(span, context)
+
+    return traced
+
+
+def _parent(context: aio.ServicerContext) -> Any:
+    """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata."""
+    return propagate.extract(
+        {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
+    )
+
+
+def _rpc_attributes(method: str) -> dict[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _end(span: Any, context: aio.ServicerContext) -> None:
+    code = _code(context, "OK")
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code != "OK":
+        span.set_status(StatusCode.ERROR, code)
+
+
 def _code(context: aio.ServicerContext, default: str) -> str:
     """The status the handler set (by abort or set_code), else ``default``."""
     code = context.code()
@@ -203,6 +270,13 @@ def _code(context: aio.ServicerContext, default: str) -> str:
 
 
 _BY_VALUE: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
+        if getattr(handler, kind) is not None:
+            return kind
+    raise ValueError("a method handler without a behaviour")
 
 
 def _bearer_token(context: aio.ServicerContext) -> str:
