@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
+from svantic_grpc.a2a.ingress import A2AIngress
 from svantic_grpc.adapter_host import AdapterHost, AdapterLoadError
 from svantic_grpc.api.auth_service import AuthServicer
 from svantic_grpc.api.interceptors import MeshInterceptor
@@ -167,6 +168,9 @@ class MeshServer:
         except AdapterLoadError as exc:
             raise SettingsError(str(exc)) from None
         self.http.mount(self.adapters.routes())
+        self.a2a = A2AIngress(self.mesh)
+        """The mesh as an A2A agent: its gRPC bindings on the gRPC server, its HTTP routes on ``http``."""
+        self.http.mount(self.a2a.routes())
         if self.metrics is not None:
             self.http.mount(self.metrics.routes(self.mesh.levels))
         self._health = health.aio.HealthServicer()
@@ -194,6 +198,7 @@ class MeshServer:
         except HttpServerError as exc:
             await self.mesh.stop()
             raise SettingsError(str(exc)) from None
+        self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
         await self.adapters.start()
         server = aio.server(
             interceptors=[
@@ -210,9 +215,11 @@ class MeshServer:
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.mesh), server)
         message_service_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(self.mesh), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        a2a_services = self.a2a.add_to(server)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
+                *a2a_services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -227,6 +234,7 @@ class MeshServer:
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
+        self.a2a.grpc_target = self.target
         self.mesh.now_serving()
         self._ready = True
         for name in ("", *SERVICE_NAMES):

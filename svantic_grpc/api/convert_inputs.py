@@ -44,6 +44,7 @@ SURFACE = {
     Surface.SLACK: pb.SURFACE_SLACK,
     Surface.WEBHOOK: pb.SURFACE_WEBHOOK,
     Surface.CHAT: pb.SURFACE_CHAT,
+    Surface.A2A: pb.SURFACE_A2A,
     Surface.POLICY: pb.SURFACE_UNSPECIFIED,
 }
 

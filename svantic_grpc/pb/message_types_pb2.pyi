@@ -60,6 +60,7 @@ class Surface(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SURFACE_SLACK: _ClassVar[Surface]
     SURFACE_WEBHOOK: _ClassVar[Surface]
     SURFACE_CHAT: _ClassVar[Surface]
+    SURFACE_A2A: _ClassVar[Surface]
 MESSAGE_STATE_UNSPECIFIED: MessageState
 MESSAGE_STATE_SUBMITTED: MessageState
 MESSAGE_STATE_WORKING: MessageState
@@ -91,6 +92,7 @@ SURFACE_GRPC: Surface
 SURFACE_SLACK: Surface
 SURFACE_WEBHOOK: Surface
 SURFACE_CHAT: Surface
+SURFACE_A2A: Surface
 
 class FilePart(_message.Message):
     __slots__ = ("name", "media_type", "bytes", "uri")

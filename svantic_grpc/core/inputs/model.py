@@ -59,6 +59,8 @@ class Surface(enum.Enum):
     SLACK = "slack"
     WEBHOOK = "webhook"
     CHAT = "chat"
+    A2A = "a2a"
+    """A follow-up A2A message on the input-required task (the mesh's A2A ingress)."""
     POLICY = "policy"
     """Decided by a policy (allow, block, yolo, an earlier grant) without a human."""
 

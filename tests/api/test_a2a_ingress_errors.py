@@ -1,0 +1,207 @@
+"""Bad input at the A2A ingress: A2A's own errors, never a 500, never a change of state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import jwt
+import pytest
+from grpc import aio
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from svantic_grpc.pb import message_service_pb2, session_service_pb2
+from tests._support import SIGNING_ENV, Client, running_server
+from tests.a2a_ingress_support import ingress_http
+from tests.agents_connected import new_session
+
+V1 = {"A2A-Version": "1.0"}
+
+
+class Http:
+    def __init__(self, client: Client, base: str, http: httpx.AsyncClient) -> None:
+        self.client = client
+        self.base = base
+        self.http = http
+
+    async def post(
+        self, body: Any, *, token: str | None = "", path: str = "/send", headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        sent = dict(headers or {})
+        if token == "":
+            token = await self.client.token()
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        if isinstance(body, bytes):
+            return await self.http.post(f"{self.base}{path}", content=body, headers=sent)
+        return await self.http.post(f"{self.base}{path}", json=body, headers=sent)
+
+    async def rpc_error(self, body: Any, **kwargs: Any) -> dict[str, Any]:
+        response = await self.post(body, **kwargs)
+        assert response.status_code == 200, response.text
+        error = response.json()["error"]
+        assert isinstance(error, dict)
+        return error
+
+    async def messages(self) -> int:
+        listed = await self.client.messages.ListMessages(
+            message_service_pb2.ListMessagesRequest(), metadata=await self.client.md()
+        )
+        return len(listed.messages)
+
+    async def sessions(self) -> int:
+        listed = await self.client.sessions.ListSessions(
+            session_service_pb2.ListSessionsRequest(), metadata=await self.client.md()
+        )
+        return len(listed.sessions)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Http]:
+    async with running_server() as client, ingress_http(client) as base, httpx.AsyncClient(timeout=5) as h:
+        yield Http(client, base, h)
+
+
+def send_v03(session_id: str = "", **message: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "message": {
+            "kind": "message",
+            "messageId": "m-1",
+            "role": "user",
+            "parts": [{"kind": "text", "text": "hi"}],
+        }
+        | message
+    }
+    if session_id:
+        params["configuration"] = {"sessionId": session_id}
+    return {"jsonrpc": "2.0", "id": 7, "method": "message/send", "params": params}
+
+
+def send_v1(session_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": 8,
+        "method": "SendMessage",
+        "params": {
+            "message": {"messageId": "m-2", "role": "ROLE_USER", "parts": parts},
+            "configuration": {"sessionId": session_id},
+        },
+    }
+
+
+def field_of(error: dict[str, Any]) -> str:
+    """The offending field an A2A error names (0.3: in ``data``; 1.0: in its ErrorInfo details)."""
+    data = error.get("data")
+    if isinstance(data, dict):
+        return str(data.get("field", ""))
+    for detail in data or ():
+        if "metadata" in detail:
+            return str(detail["metadata"].get("field", ""))
+    return ""
+
+
+def forged_token() -> str:
+    now = int(time.time())
+    claims = {
+        "tenant_id": "acme",
+        "sub": "acme-full",
+        "scopes": ["full"],
+        "iat": now,
+        "exp": now + 600,
+        "jti": "x",
+    }
+    return jwt.encode(claims, "not-the-mesh-key-0123456789abcdef0123456789", algorithm="HS256")
+
+
+@pytest.mark.parametrize("token", [None, "not-a-jwt", "forged"])
+async def test_missing_or_bad_tokens_get_401_and_change_nothing(http: Http, token: str | None) -> None:
+    sent = forged_token() if token == "forged" else token
+    for path in ("/send", "/a2a/jsonrpc"):
+        response = await http.post(send_v03(), token=sent, path=path)
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    response = await http.post(
+        {"message": {"messageId": "r", "role": "ROLE_USER", "parts": [{"text": "x"}]}},
+        token=sent,
+        path="/a2a/rest/message:send",
+        headers=V1,
+    )
+    assert response.status_code == 401
+    assert await http.sessions() == 0 and await http.messages() == 0
+
+
+async def test_malformed_json_rpc_gets_the_protocols_errors(http: Http) -> None:
+    assert (await http.rpc_error(b"{not json"))["code"] == -32700
+    assert (await http.rpc_error({"jsonrpc": "2.0", "id": 1}))["code"] == -32600
+    assert (await http.rpc_error({"jsonrpc": "1.0", "id": 1, "method": "message/send"}))["code"] == -32600
+    assert (await http.rpc_error({"jsonrpc": "2.0", "id": 1, "method": "tasks/nope", "params": {}}))[
+        "code"
+    ] == -32601
+    assert (await http.rpc_error(send_v03(parts="not a list")))["code"] in (-32600, -32602)
+    assert await http.sessions() == 0 and await http.messages() == 0
+
+
+async def test_invalid_params_name_the_field_and_accept_nothing(http: Http) -> None:
+    session_id = await new_session(http.client)
+    error = await http.rpc_error(send_v1(session_id, [{"text": "ok"}, {}]), headers=V1)
+    assert error["code"] == -32602 and field_of(error) == "message.parts[1]", error
+    error = await http.rpc_error(send_v03("no-such-session"))
+    assert error["code"] == -32602 and field_of(error) == "configuration.sessionId", error
+    error = await http.rpc_error(send_v03(contextId="no-such-context"))
+    assert error["code"] == -32602 and field_of(error) == "message.context_id", error
+    error = await http.rpc_error(send_v03("bad session id"))
+    assert error["code"] == -32602 and field_of(error) == "configuration.sessionId", error
+    error = await http.rpc_error(send_v03(session_id, messageId="bad id with spaces"))
+    assert error["code"] == -32602 and "message_id" in error["message"], error
+    assert await http.messages() == 0
+
+
+async def test_unknown_tasks_and_push_configuration(http: Http) -> None:
+    get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": "nope"}}
+    assert (await http.rpc_error(get))["code"] == -32001
+    cancel = {"jsonrpc": "2.0", "id": 3, "method": "tasks/cancel", "params": {"id": "nope"}}
+    assert (await http.rpc_error(cancel))["code"] == -32001
+    push = {
+        "jsonrpc": "2.0",
+        "id": 4,
+        "method": "tasks/pushNotificationConfig/set",
+        "params": {"taskId": "nope", "pushNotificationConfig": {"url": "https://example.com/hook"}},
+    }
+    assert (await http.rpc_error(push))["code"] == -32004
+    response = await http.post({}, path="/a2a/rest/tasks/nope", headers=V1)
+    assert response.status_code in (404, 405)
+
+
+async def test_a_read_only_token_cannot_send(http: Http) -> None:
+    session_id = await new_session(http.client)
+    error = await http.rpc_error(send_v03(session_id), token=await http.client.token("acme-read"))
+    assert error["code"] == -32600 and "full" in error["message"]
+    assert await http.messages() == 0
+
+
+async def test_grpc_bindings_need_a_token_and_show_in_reflection() -> None:
+    async with running_server() as client:
+        stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+
+        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for response in stub.ServerReflectionInfo(requests()):
+            names = {s.name for s in response.list_services_response.service}
+            break
+        assert {"lf.a2a.v1.A2AService", "a2a.v1.A2AService"} <= names
+        from a2a.types import GetTaskRequest, a2a_pb2_grpc
+
+        a2a = a2a_pb2_grpc.A2AServiceStub(client.channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(aio.AioRpcError) as raised:
+            await a2a.GetTask(GetTaskRequest(id="x"))
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(aio.AioRpcError) as raised:
+            await a2a.GetTask(GetTaskRequest(id="x"), metadata=await client.md())
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+_ = SIGNING_ENV
