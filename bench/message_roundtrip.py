@@ -27,8 +27,10 @@ share an event loop or the GIL, all on 127.0.0.1:
   agent's ack, artifact and complete). It shows how much of the gap is the
   two-hop transport itself and how much is the mesh's own work.
 * **mesh-off** (``--observability``, optional): a second mesh server and echo
-  agent, with ``metrics.enabled`` false. The **mesh** mode runs with the
-  defaults (metrics on, ``/metrics`` served); the ratio mesh/mesh-off is what
+  agent, with ``metrics.enabled`` false and no tracing. With ``--observability``
+  the **mesh** mode runs with metrics on and tracing on: every span sampled
+  (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a sink in
+  the parent process that answers 200. The ratio mesh/mesh-off is what
   observability costs (target >= 0.9x).
 * **client**: the same program for all. ``--concurrency`` asyncio tasks share
   one channel; each sends a small message, waits for the answer, and sends the
@@ -156,8 +158,12 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
             "metrics": {"enabled": not args.metrics_off},
         }
     )
-    # env={}: no signing key, so the development default (loopback only, credential 'svantic').
-    server = MeshServer(settings, env={})
+    # No signing key in env: the development default (loopback only, credential 'svantic').
+    env: dict[str, str] = {}
+    if args.otlp_endpoint:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
+        os.environ.update(env)  # the SDK's exporter and sampler read the process environment
+    server = MeshServer(settings, env=env)
     profiler = _Profiler(args.profile_out) if args.profile_out else None
     await server.start()
     say(f"PORT {server.port}")
@@ -627,6 +633,31 @@ def _area(file: str, func: str) -> str:
     return parts[0] if len(parts) > 1 else short
 
 
+_EXPORTS: list[int] = []
+"""Bytes of each OTLP export the sink received."""
+
+
+def _otlp_sink() -> str:
+    """An OTLP/HTTP endpoint in this (parent) process that reads each export and answers 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            _EXPORTS.append(len(self.rfile.read(int(self.headers.get("content-length") or 0))))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((HOST, 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://{HOST}:{server.server_address[1]}"
+
+
 def _revision() -> str:
     return revision("svantic_grpc", "examples")
 
@@ -658,8 +689,13 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     try:
         bare = await spawn("bare-server", "bare-server", life)
         children.append(bare)
+        sink = _otlp_sink() if args.observability else ""
         mesh = await spawn(
-            "mesh-server", "mesh-server", life, *(["--profile-out", str(mesh_prof)] if args.profile else [])
+            "mesh-server",
+            "mesh-server",
+            life,
+            *(["--profile-out", str(mesh_prof)] if args.profile else []),
+            *(["--otlp-endpoint", sink] if sink else []),
         )
         children.append(mesh)
         bare_target = f"{HOST}:{await bare.expect('PORT', 30)}"
@@ -771,10 +807,12 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             off_rate = _median(off_rows, "rate")
             kept = on_rate / off_rate if off_rate else float("nan")
             print(
-                f"c={concurrency}: median mesh with metrics {on_rate:.0f} msgs/s,"
+                f"c={concurrency}: median mesh with metrics and tracing {on_rate:.0f} msgs/s,"
                 f" without {off_rate:.0f} msgs/s"
                 f" | with/without = {kept:.2f}x  (target >= 0.90x: {'MET' if kept >= 0.9 else 'NOT MET'})"
             )
+    if args.observability:
+        print(f"OTLP sink: {len(_EXPORTS)} trace exports received, {sum(_EXPORTS)} bytes")
     if args.profile:
         _print_profile(mesh_prof, "mesh server process", args.top)
         _print_profile(agent_prof, "echo agent process", args.top)
@@ -806,7 +844,9 @@ def main() -> None:
         "--relay-updates", type=int, default=3, help="frames the relay agent answers each dispatch with"
     )
     parser.add_argument(
-        "--observability", action="store_true", help="also measure the mesh with metrics off (mesh-off)"
+        "--observability",
+        action="store_true",
+        help="mesh with metrics and tracing on, beside mesh-off with both off",
     )
     parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
     parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
@@ -822,6 +862,7 @@ def main() -> None:
     parser.add_argument("--target", default="", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--metrics-off", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-endpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():
