@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from svantic_grpc.config import SettingsError, parse_settings
@@ -24,6 +26,7 @@ from tests.api.test_inputs import (
     crm_agent,
     real_time_clock,
 )
+from tests.test_cli import _serve, _settings_file
 
 
 @contextmanager
@@ -96,3 +99,18 @@ def test_log_format_is_text_or_json() -> None:
         assert "log_format" in str(exc)
     else:
         raise AssertionError("log_format 'xml' was accepted")
+
+
+def test_serve_with_log_format_json_writes_only_json_lines(tmp_path: Path) -> None:
+    settings = _settings_file(tmp_path, log_format="json")
+    with _serve("--settings", str(settings)) as server:
+        server.wait_for("serving HTTP on")
+        server.process.send_signal(signal.SIGTERM)
+        code, stderr = server.finish()
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON object
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("svantic-grpc serving gRPC on") for m in messages), messages
+    assert any(m.startswith("DEVELOPMENT MODE") for m in messages), messages
+    assert messages[-1] == "svantic-grpc stopped"
+    assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
