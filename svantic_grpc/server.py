@@ -35,6 +35,7 @@ from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
 from svantic_grpc.core.metrics import NO_METRICS
 from svantic_grpc.core.retention import Retention
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.http_server import HttpServer, HttpServerError
 from svantic_grpc.metrics import PrometheusMetrics
@@ -49,7 +50,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
 )
 from svantic_grpc.stores import MemoryStore, open_store
-from svantic_grpc.tracing import provider_from_env, tracer_of
+from svantic_grpc.tracing import OtelTracing, provider_from_env, tracer_of
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -112,7 +113,6 @@ class MeshServer:
         hosted = A2ATransport(
             connect_timeout_s=dispatch.connect_timeout_ms / 1000,
             read_timeout_s=dispatch.timeout_ms / 1000,
-            tracer=self._tracer,
         )
         try:
             self.mesh = Mesh(
@@ -146,6 +146,7 @@ class MeshServer:
                 hosted=hosted,
                 probe=hosted.probe,
                 metrics=self.metrics or NO_METRICS,
+                tracing=OtelTracing(self._tracer) if self._tracer is not None else NO_TRACING,
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None

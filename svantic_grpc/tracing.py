@@ -14,12 +14,33 @@ belong to its trace, and the hosted agent gets the dispatch span's ``traceparent
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
+from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.trace import Tracer, TracerProvider
+from opentelemetry.trace import SpanKind, Tracer, TracerProvider
 
-__all__ = ["provider_from_env", "tracer_of"]
+from svantic_grpc.core.tracing import Tracing
+
+__all__ = ["OtelTracing", "provider_from_env", "tracer_of"]
+
+
+class OtelTracing(Tracing):
+    """The core's spans as OpenTelemetry spans of ``tracer``."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    @contextmanager
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Iterator[Mapping[str, str]]:
+        attributes = {"svantic.agent_type": agent_type, "svantic.instance_id": instance_id}
+        with self._tracer.start_as_current_span(
+            f"dispatch {agent_type}", kind=SpanKind.CLIENT, attributes=attributes
+        ):
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+            yield headers
 
 
 def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:

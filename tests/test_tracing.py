@@ -10,18 +10,22 @@ from contextlib import asynccontextmanager
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 
 from svantic_grpc.config import parse_settings
+from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import message_service_pb2, session_service_pb2
 from svantic_grpc.server import MeshServer
 from svantic_grpc.tracing import provider_from_env
 from tests._support import SIGNING_ENV, Client, running_server, tenant_settings
 from tests.agents_a2a import HostedAgent, hosted_agents
-from tests.agents_connected import WAIT
+from tests.agents_connected import WAIT, data, running_agent
+from tests.agents_connected import new_session as connected_session
+from tests.agents_connected import send as connected_send
 from tests.api.test_messages_hosted import new_session, register, target, text
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -75,6 +79,24 @@ async def test_one_trace_spans_the_clients_call_the_mesh_and_the_hosted_agent() 
     assert dispatch.parent is not None and dispatch.parent.span_id == rpc.context.span_id
     [seen] = echo.seen
     assert seen.traceparent == f"00-{TRACE_ID}-{format(dispatch.context.span_id, '016x')}-01"
+
+
+async def test_a_connected_agents_handler_continues_the_trace_of_its_dispatch() -> None:
+    seen: list[SpanContext] = []
+
+    async def handler(dispatch: Dispatch, reply: Reply) -> None:
+        seen.append(trace.get_current_span().get_span_context())
+        await reply.complete()
+
+    async with traced_server() as (client, exporter), running_agent(client, handler):
+        session_id = await connected_session(client)
+        metadata = (*await client.md(), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+        await connected_send(client, session_id, "hi", data({"target_agent": "echo"}), md=metadata)
+
+    [dispatch] = [s for s in exporter.get_finished_spans() if s.name == "dispatch echo"]
+    assert format(dispatch.context.trace_id, "032x") == TRACE_ID
+    [context] = seen
+    assert (context.trace_id, context.span_id) == (dispatch.context.trace_id, dispatch.context.span_id)
 
 
 async def test_streaming_rpcs_and_health_watch_work_with_tracing_on() -> None:

@@ -25,6 +25,7 @@ from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["Mesh", "MeshOptions", "MessageOptions"]
 
@@ -80,6 +81,7 @@ class Mesh:
         probe: Checks that a hosted agent answers (the hosted transport's card
             probe); with it, idle hosted agents are probed to keep them routable.
         metrics: Told of dispatches, messages, input requests and store commits as they end.
+        tracing: Opens a span around each dispatch (whose trace headers go to the agent).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class Mesh:
         hosted: Transport | None = None,
         probe: Probe | None = None,
         metrics: Metrics = NO_METRICS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         credentials = tuple(credentials)
         self.metrics = metrics
@@ -176,6 +179,7 @@ class Mesh:
             max_per_session=options.messages.max_dispatches_per_session,
             failover_attempts=options.messages.failover_attempts,
             metrics=metrics,
+            tracing=tracing,
         )
         """Runs every dispatch: the rules hold here, whatever internal agents are plugged in."""
         self.messages = Messages(

@@ -49,9 +49,6 @@ from a2a.types import Role as A2ARole
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
 from a2a.utils.errors import A2AError
 from google.protobuf import json_format
-from opentelemetry import propagate
-from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 
 from svantic_grpc._json import whole
 from svantic_grpc.core.dispatch import (
@@ -93,7 +90,6 @@ class A2ATransport:
             silent agent is then "not delivered" and may fail over).
         read_timeout_s: Longest silence on a stream before giving up.
         probe_timeout_s: How long a liveness probe (``probe``) may take in all.
-        tracer: With one, each dispatch is a client span whose ``traceparent`` the agent gets.
     """
 
     def __init__(
@@ -102,9 +98,7 @@ class A2ATransport:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 300.0,
         probe_timeout_s: float = 5.0,
-        tracer: Tracer | None = None,
     ) -> None:
-        self._tracer = tracer
         self._probe_timeout = httpx.Timeout(probe_timeout_s)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
@@ -161,20 +155,11 @@ class A2ATransport:
             message = _answer_message(job, task_id, job.answer)
         delivered = False
         ended = False
-        span: Span | None = None
-        traced: Context | None = None
-        if self._tracer is not None:
-            span = self._tracer.start_span(
-                f"dispatch {job.agent.agent_type}",
-                kind=SpanKind.CLIENT,
-                attributes={"svantic.agent_type": job.agent.agent_type, "svantic.transport": "a2a"},
-            )
-            traced = set_span_in_context(span)
         try:
             while True:  # one A2A call per turn: the first, then one per human answer
                 answer: InputRequest | None = None
                 # A fresh token per call: an answer may come long after the first token expired.
-                context = _signed(job, traced)
+                context = _signed(job)
                 call = client.send_message(SendMessageRequest(message=message), context=context)
                 async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
@@ -210,13 +195,7 @@ class A2ATransport:
         except A2AError as exc:
             detail = getattr(exc, "message", "") or exc
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
-        except BaseException as exc:
-            if span is not None:
-                span.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
-            raise
         finally:
-            if span is not None:
-                span.end()
             if task_id and not ended:
                 await _cancel_quietly(client, task_id, _signed(job))
         if not ended:
@@ -240,13 +219,12 @@ class A2ATransport:
         await self._http.aclose()
 
 
-def _signed(job: DispatchJob, traced: Context | None = None) -> ClientCallContext:
+def _signed(job: DispatchJob) -> ClientCallContext:
     """Call context carrying a dispatch token signed now, so it is valid when the call goes out,
-    and the dispatch span's W3C ``traceparent`` when traced."""
-    parameters = {"Authorization": f"Bearer {job.sign()}"}
-    if traced is not None:
-        propagate.inject(parameters, context=traced)
-    return ClientCallContext(service_parameters=parameters)
+    and the dispatch's W3C trace headers (``traceparent``) when traced."""
+    return ClientCallContext(
+        service_parameters={**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
+    )
 
 
 def _protocol_of(card: AgentCard) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -39,6 +39,7 @@ from svantic_grpc.core.models import AgentRegistration, JoinReason
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
 
@@ -85,8 +86,10 @@ class Dispatches:
         max_per_session: int,
         failover_attempts: int,
         metrics: Metrics = NO_METRICS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         self._store = store
         self._registry = registry
         self._sessions = sessions
@@ -209,6 +212,19 @@ class SessionDispatches:
         yolo: bool,
         resume: InputRequest | None,
     ) -> Outcome:
+        with self._service._tracing.dispatch(agent_type=agent_type, instance_id=instance_id) as trace:
+            return await self._deliver(writer, agent_type, instance_id, parts, yolo, resume, trace)
+
+    async def _deliver(
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        parts: tuple[Part, ...],
+        yolo: bool,
+        resume: InputRequest | None,
+        trace_context: Mapping[str, str],
+    ) -> Outcome:
         service = self._service
         tenant_id, session_id = self.tenant_id, self.session_id
         agent = await service._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
@@ -249,6 +265,7 @@ class SessionDispatches:
             resume_task_id=writer.message.remote_task_id if resume is not None else "",
             answer=resume,
             lost=asyncio.Event(),
+            trace_context=trace_context,
         )
         started = service._clock.now()
         loop_started = asyncio.get_running_loop().time()
