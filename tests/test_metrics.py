@@ -7,6 +7,7 @@ request expires and fails. The scrape is parsed with the Prometheus client's own
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -17,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from svantic_grpc.pb import session_service_pb2
 from tests._support import Client, running_server
-from tests.agents_connected import new_session, wait_for_state
-from tests.agents_inputs import pending_ids, resolve, watching
+from tests.agents_connected import WAIT, new_session, wait_for_state
+from tests.agents_inputs import pending_ids, resolve
 from tests.api.test_inputs import (
     APPROVE,
     COMPLETED,
@@ -86,9 +87,14 @@ async def test_a_scripted_run_moves_the_metrics_by_exactly_what_was_done(tmp_pat
         await wait_for_state(client, session_id, expiring.message_id, FAILED)
         assert await pending_ids(client) == []
 
-        async with watching(client, session_id):
-            after = await scrape(client)
-            assert value(after, "svantic_event_subscribers") == 1
+        watch = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        # The server subscribes before it replays the log: a replayed event means it is subscribed.
+        assert await asyncio.wait_for(watch.read(), WAIT) is not aio.EOF
+        after = await scrape(client)
+        watch.cancel()
+        assert value(after, "svantic_event_subscribers") == 1
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
