@@ -16,20 +16,26 @@ Scopes are checked by the core, next to what they protect.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import propagate
-from opentelemetry.trace import SpanKind, StatusCode, Tracer
+from opentelemetry.trace import Tracer
 
 from svantic_grpc.api._context import set_caller
 from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
+from svantic_grpc.api._telemetry import (
+    Observe,
+    Streaming,
+    Unary,
+    observed_stream,
+    observed_unary,
+    traced_stream,
+    traced_unary,
+)
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
@@ -40,9 +46,6 @@ __all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
 _log = logging.getLogger(__name__)
 
 #: Methods that need no token.
-Observe = Callable[[str, str, float], None]
-"""Told of each call's end: method, status code name (``OK``, ``NOT_FOUND``, ...) and seconds taken."""
-
 OPEN_METHOD_PREFIXES = (
     "/svantic.v1.AuthService/",
     "/grpc.health.v1.Health/",
@@ -124,9 +127,9 @@ def _wrap(
             except Exception:
                 await _abort_internal(context, method)
 
-        unary: Unary = unary_response if observe is None else _observed_unary(unary_response, method, observe)
+        unary: Unary = unary_response if observe is None else observed_unary(unary_response, method, observe)
         if tracer is not None:
-            unary = _traced_unary(unary, method, tracer)
+            unary = traced_unary(unary, method, tracer)
         factory = {
             "unary_unary": grpc.unary_unary_rpc_method_handler,
             "stream_unary": grpc.stream_unary_rpc_method_handler,
@@ -153,10 +156,10 @@ def _wrap(
             await _abort_internal(context, method)
 
     streaming: Streaming = (
-        stream_response if observe is None else _observed_stream(stream_response, method, observe)
+        stream_response if observe is None else observed_stream(stream_response, method, observe)
     )
     if tracer is not None:
-        streaming = _traced_stream(streaming, method, tracer)
+        streaming = traced_stream(streaming, method, tracer)
     factory = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
@@ -167,109 +170,6 @@ def _wrap(
         request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
-
-
-Unary = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
-Streaming = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
-
-
-def _observed_unary(behavior: Unary, method: str, observe: Observe) -> Unary:
-    async def observed(request: Any, context: aio.ServicerContext) -> Any:
-        began = time.perf_counter()
-        code = "UNKNOWN"
-        try:
-            response = await behavior(request, context)
-            code = _code(context, "OK")
-            return response
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = _code(context, "UNKNOWN")
-            raise
-        finally:
-            observe(method, code, time.perf_counter() - began)
-
-    return observed
-
-
-def _observed_stream(behavior: Streaming, method: str, observe: Observe) -> Streaming:
-    async def observed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        began = time.perf_counter()
-        code = "UNKNOWN"
-        try:
-            async for response in behavior(request, context):
-                yield response
-            code = _code(context, "OK")
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = _code(context, "UNKNOWN")
-            raise
-        finally:
-            observe(method, code, time.perf_counter() - began)
-
-    return observed
-
-
-def _traced_unary(behavior: Unary, method: str, tracer: Tracer) -> Unary:
-    async def traced(request: Any, context: aio.ServicerContext) -> Any:
-        with tracer.start_as_current_span(
-            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
-        ) as span:
-            try:
-                return await behavior(request, context)
-            finally:
-                _end(span, context)
-
-    return traced
-
-
-def _traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming:
-    async def traced(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        with tracer.start_as_current_span(
-            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
-        ) as span:
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            finally:
-                _end(span, context)
-
-    return traced
-
-
-def _parent(context: aio.ServicerContext) -> Any:
-    """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata."""
-    return propagate.extract(
-        {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
-    )
-
-
-def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-
-
-def _end(span: Any, context: aio.ServicerContext) -> None:
-    code = _code(context, "OK")
-    span.set_attribute("rpc.grpc.status_code", code)
-    if code != "OK":
-        span.set_status(StatusCode.ERROR, code)
-
-
-def _code(context: aio.ServicerContext, default: str) -> str:
-    """The status the handler set (by abort or set_code), else ``default``."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(code, int):
-        return _BY_VALUE.get(code, default)
-    return default
-
-
-_BY_VALUE: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:
