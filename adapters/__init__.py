@@ -1,6 +1,8 @@
-"""Adapters: bridges that tell humans about input requests and carry answers back.
+"""Adapters: bridges that tell humans about input requests and carry their answers back.
 
 Each adapter is found through the ``svantic_grpc.adapters`` entry-point group and
-depends only on the core's public interface; the core never imports this package.
-The Slack and webhook adapters arrive with the input-required work.
+depends only on the adapter interface (``svantic_grpc.adapter``) and the core's public
+model; the core never imports this package. Here: ``slack`` (Block Kit messages,
+buttons and modals) and ``webhook`` (Standard Webhooks notifications out, signed or
+token-carrying resolutions in).
 """

@@ -95,6 +95,13 @@ _SENSITIVE_NOTE = (
 )
 
 
+_SECRET_MODES = {
+    "bot_token_env": ("http", "socket"),
+    "signing_secret_env": ("http",),
+    "app_token_env": ("socket",),
+}
+
+
 class SlackConfig(AdapterSettings):
     """The adapter's settings; secrets are named here and read from the environment."""
 
@@ -116,24 +123,11 @@ class SlackConfig(AdapterSettings):
     timeout_s: int = Field(default=10, gt=0)
     """Timeout of one Slack Web API call."""
 
-    @field_validator("bot_token_env")
+    @field_validator("bot_token_env", "signing_secret_env", "app_token_env")
     @classmethod
-    def _bot_token_set(cls, variable: str, info: ValidationInfo) -> str:
-        env_value(info, variable)
-        return variable
-
-    @field_validator("signing_secret_env")
-    @classmethod
-    def _signing_secret_set(cls, variable: str, info: ValidationInfo) -> str:
-        if info.data.get("mode") == "http":
-            env_value(info, variable)
-        return variable
-
-    @field_validator("app_token_env")
-    @classmethod
-    def _app_token_set(cls, variable: str, info: ValidationInfo) -> str:
-        if info.data.get("mode") == "socket":
-            env_value(info, variable)
+    def _secret_set(cls, variable: str, info: ValidationInfo) -> str:
+        if info.data.get("mode") in _SECRET_MODES[str(info.field_name)]:
+            env_value(info, variable)  # set, in the modes that use it
         return variable
 
 

@@ -10,7 +10,8 @@ finite, whole-valued double within ±2**53 is the integer a JSON, JS or Go clien
 
 Integers must fit in 64 bits (what every common JSON library and the stores write), and
 ``NaN``/``Infinity`` are not JSON. Used by the servicers, the connected-agent helper, the
-CLI and the A2A transport alike: one rule everywhere.
+CLI, the A2A transport and (through ``svantic_grpc.adapter.strict_json``) the adapters
+alike: one rule everywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ MAX_DEPTH = MAX_JSON_DEPTH
 Structs at the door (``core._validate.MAX_JSON_DEPTH`` says why it is what it is)."""
 
 
-_TOO_DEEP = f"nests objects and arrays more than {MAX_DEPTH} levels deep (at most {MAX_DEPTH} are accepted)"
+def _too_deep(limit: int) -> str:
+    return f"nests objects and arrays more than {limit} levels deep (at most {limit} are accepted)"
 
 
 class JsonTextError(ValueError):
@@ -48,23 +50,23 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def loads(text: str) -> Any:
+def loads(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
     """The value of strict JSON ``text``.
 
     Raises:
         JsonTextError: not JSON, ``NaN``/``Infinity``, a number beyond a double's range,
-            an integer beyond 64 bits, or nested deeper than ``MAX_DEPTH``.
+            an integer beyond 64 bits, or nested deeper than ``max_depth``.
     """
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
     except JsonTextError:
         raise
     except RecursionError:
-        raise JsonTextError(_TOO_DEEP) from None
+        raise JsonTextError(_too_deep(max_depth)) from None
     except ValueError as exc:
         raise JsonTextError(f"is not valid JSON ({exc})") from None
-    if nests_deeper_than(value, MAX_DEPTH):
-        raise JsonTextError(_TOO_DEEP)
+    if nests_deeper_than(value, max_depth):
+        raise JsonTextError(_too_deep(max_depth))
     return value
 
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 from starlette.routing import BaseRoute
 
+from svantic_grpc import _json
 from svantic_grpc.config import validation_problems
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
@@ -43,6 +44,7 @@ __all__ = [
     "IdGenerator",
     "env_value",
     "parse_adapter_settings",
+    "strict_json",
 ]
 
 ENTRY_POINT_GROUP = "svantic_grpc.adapters"
@@ -86,6 +88,17 @@ def env_value(info: ValidationInfo, variable: str) -> str:
     if not value:
         raise ValueError(f"environment variable {variable} is not set")
     return value
+
+
+def strict_json(text: str, *, max_depth: int) -> Any:
+    """The value of inbound JSON ``text`` under the mesh's one rule for JSON it keeps.
+
+    Raises:
+        ValueError: not JSON, ``NaN``/``Infinity``, a number beyond a double's range, an
+            integer beyond 64 bits, or nested deeper than ``max_depth``; the message says which
+            and reads after a subject ("body " + message).
+    """
+    return _json.loads(text, max_depth=max_depth)
 
 
 class AdapterContext(Protocol):

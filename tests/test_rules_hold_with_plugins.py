@@ -55,6 +55,7 @@ async def test_policies_budgets_and_approvals_hold_when_every_internal_agent_is_
     RuleBreakingExecutor.bypasses.clear()
     settings = {
         "grpc_address": "127.0.0.1:0",
+        "http_address": "127.0.0.1:0",
         "shutdown_grace_s": 0,
         "tenants": tenant_settings(),
         "internal_agents": EVERY_ROLE,
@@ -121,6 +122,7 @@ def plan(*agent_types: str) -> list[Any]:
 async def test_plan_policies_and_sign_off_hold_when_every_internal_agent_is_replaced(tmp_path: Path) -> None:
     settings = {
         "grpc_address": "127.0.0.1:0",
+        "http_address": "127.0.0.1:0",
         "shutdown_grace_s": 0,
         "tenants": tenant_settings(),
         "internal_agents": DETOURING,
