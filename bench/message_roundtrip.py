@@ -7,6 +7,7 @@ Run from the repository root::
     .venv/bin/python bench/message_roundtrip.py --profile        # + cProfile of the mesh processes
     .venv/bin/python bench/message_roundtrip.py --py-spy         # + sampling profile (pip install py-spy)
     .venv/bin/python bench/message_roundtrip.py --relay          # + a bare two-hop relay for reference
+    .venv/bin/python bench/message_roundtrip.py --observability  # + the mesh with metrics off (issue 14)
 
 What runs, each in its own process (started with ``subprocess``) so no two
 share an event loop or the GIL, all on 127.0.0.1:
@@ -25,6 +26,12 @@ share an event loop or the GIL, all on 127.0.0.1:
   process that replies with ``--relay-updates`` frames (3, like the connected
   agent's ack, artifact and complete). It shows how much of the gap is the
   two-hop transport itself and how much is the mesh's own work.
+* **mesh-off** (``--observability``, optional): a second mesh server and echo
+  agent, with ``metrics.enabled`` false and no tracing. With ``--observability``
+  the **mesh** mode runs with metrics on and tracing on: every span sampled
+  (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a sink in
+  the parent process that answers 200. The ratio mesh/mesh-off is what
+  observability costs (target >= 0.9x).
 * **client**: the same program for all. ``--concurrency`` asyncio tasks share
   one channel; each sends a small message, waits for the answer, and sends the
   next, until the time is up. For the mesh each task has its own session (made
@@ -148,10 +155,15 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
             "log_level": "WARNING",
             # The benchmark sends far more than the default guardrail of 1000 per session.
             "dispatch": {"max_dispatches_per_session": 0},
+            "metrics": {"enabled": not args.metrics_off},
         }
     )
-    # env={}: no signing key, so the development default (loopback only, credential 'svantic').
-    server = MeshServer(settings, env={})
+    # No signing key in env: the development default (loopback only, credential 'svantic').
+    env: dict[str, str] = {}
+    if args.otlp_endpoint:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
+        os.environ.update(env)  # the SDK's exporter and sampler read the process environment
+    server = MeshServer(settings, env=env)
     profiler = _Profiler(args.profile_out) if args.profile_out else None
     await server.start()
     say(f"PORT {server.port}")
@@ -621,6 +633,31 @@ def _area(file: str, func: str) -> str:
     return parts[0] if len(parts) > 1 else short
 
 
+_EXPORTS: list[int] = []
+"""Bytes of each OTLP export the sink received."""
+
+
+def _otlp_sink() -> str:
+    """An OTLP/HTTP endpoint in this (parent) process that reads each export and answers 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            _EXPORTS.append(len(self.rfile.read(int(self.headers.get("content-length") or 0))))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((HOST, 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://{HOST}:{server.server_address[1]}"
+
+
 def _revision() -> str:
     return revision("svantic_grpc", "examples")
 
@@ -643,6 +680,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
         print("PROFILING: cProfile slows the mesh processes; the ratio below is not the benchmark figure.")
     sys.stdout.flush()
     modes = ["bare", "mesh", *(["relay"] if args.relay else [])]
+    modes += ["mesh-off"] if args.observability else []
     life = 60 + len(concurrencies) * args.rounds * len(modes) * (args.warmup + args.duration + 30)
     tmp = Path(tempfile.mkdtemp(prefix="svantic-bench-"))
     mesh_prof, agent_prof = tmp / "mesh-server.prof", tmp / "agent.prof"
@@ -651,8 +689,13 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     try:
         bare = await spawn("bare-server", "bare-server", life)
         children.append(bare)
+        sink = _otlp_sink() if args.observability else ""
         mesh = await spawn(
-            "mesh-server", "mesh-server", life, *(["--profile-out", str(mesh_prof)] if args.profile else [])
+            "mesh-server",
+            "mesh-server",
+            life,
+            *(["--profile-out", str(mesh_prof)] if args.profile else []),
+            *(["--otlp-endpoint", sink] if sink else []),
         )
         children.append(mesh)
         bare_target = f"{HOST}:{await bare.expect('PORT', 30)}"
@@ -684,6 +727,13 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             )
             children.append(relay_agent)
             await relay_agent.expect("READY", 30)
+        if args.observability:
+            mesh_off = await spawn("mesh-off-server", "mesh-server", life, "--metrics-off")
+            children.append(mesh_off)
+            mesh_off_target = f"{HOST}:{await mesh_off.expect('PORT', 60)}"
+            agent_off = await spawn("agent-off", "agent", life, "--target", mesh_off_target)
+            children.append(agent_off)
+            await agent_off.expect("READY", 60)
         for concurrency in concurrencies:
             for round_no in range(1, args.rounds + 1):
                 shift = (round_no - 1) % len(modes)
@@ -693,6 +743,10 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                         row = await measure(
                             args, "bare", concurrency, round_no, bare_target, {"server": bare}, []
                         )
+                    elif mode == "mesh-off":
+                        servers = {"server": mesh_off, "agent": agent_off}
+                        target = mesh_off_target
+                        row = await measure(args, "mesh-off", concurrency, round_no, target, servers, [])
                     elif mode == "relay":
                         servers = {"server": relay, "agent": relay_agent}
                         row = await measure(args, "relay", concurrency, round_no, relay_target, servers, [])
@@ -746,6 +800,19 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                 f" | relay/bare = {relay_rate / bare_rate:.2f}x (the two-hop shape's own ceiling),"
                 f" mesh/relay = {mesh_rate / relay_rate:.2f}x"
             )
+    for concurrency in concurrencies:
+        off_rows = [r for r in rows if r.mode == "mesh-off" and r.concurrency == concurrency]
+        if off_rows:
+            on_rate = _median([r for r in rows if r.mode == "mesh" and r.concurrency == concurrency], "rate")
+            off_rate = _median(off_rows, "rate")
+            kept = on_rate / off_rate if off_rate else float("nan")
+            print(
+                f"c={concurrency}: median mesh with metrics and tracing {on_rate:.0f} msgs/s,"
+                f" without {off_rate:.0f} msgs/s"
+                f" | with/without = {kept:.2f}x  (target >= 0.90x: {'MET' if kept >= 0.9 else 'NOT MET'})"
+            )
+    if args.observability:
+        print(f"OTLP sink: {len(_EXPORTS)} trace exports received, {sum(_EXPORTS)} bytes")
     if args.profile:
         _print_profile(mesh_prof, "mesh server process", args.top)
         _print_profile(agent_prof, "echo agent process", args.top)
@@ -776,6 +843,11 @@ def main() -> None:
     parser.add_argument(
         "--relay-updates", type=int, default=3, help="frames the relay agent answers each dispatch with"
     )
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="mesh with metrics and tracing on, beside mesh-off with both off",
+    )
     parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
     parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
     parser.add_argument(
@@ -789,6 +861,8 @@ def main() -> None:
     parser.add_argument("--mode", default="bare", help=argparse.SUPPRESS)
     parser.add_argument("--target", default="", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-off", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-endpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():

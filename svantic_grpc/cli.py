@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from svantic_grpc import cli_inputs
+from svantic_grpc import cli_inputs, logs
 from svantic_grpc.config import Settings, SettingsError, settings_for_serve, with_overrides
 from svantic_grpc.core.auth import hash_secret
 from svantic_grpc.server import MeshServer
@@ -53,7 +53,7 @@ def _serve(settings_path: str | None, grpc_address: str | None, http_address: st
     except SettingsError as exc:
         print(f"svantic-grpc: invalid settings\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("svantic_grpc").info("settings: %s", source)
     try:
         asyncio.run(_run(settings))

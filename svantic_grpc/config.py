@@ -27,6 +27,7 @@ __all__ = [
     "DEV_TENANT_ID",
     "AuthSettings",
     "DispatchSettings",
+    "MetricsSettings",
     "ResolvedAuth",
     "RetentionSettings",
     "Settings",
@@ -90,6 +91,13 @@ class AuthSettings(_Model):
         if self.token_ttl_s > self.max_token_ttl_s:
             raise ValueError("token_ttl_s must not exceed max_token_ttl_s")
         return self
+
+
+class MetricsSettings(_Model):
+    """Prometheus metrics at ``GET /metrics`` on the HTTP server."""
+
+    enabled: bool = True
+    """Off: no ``/metrics`` route, and the gRPC calls and the core record nothing."""
 
 
 class DispatchSettings(_Model):
@@ -191,6 +199,8 @@ class Settings(_Model):
     store: str = "memory"
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per log line, with the session and trace ids when known."""
     auth: AuthSettings = AuthSettings()
     dispatch: DispatchSettings = DispatchSettings()
     internal_agents: dict[str, str] = {}
@@ -203,6 +213,7 @@ class Settings(_Model):
     postgres: PostgresSettings = PostgresSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("policies")
     @classmethod

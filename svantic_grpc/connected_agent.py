@@ -36,6 +36,8 @@ from typing import Any
 import jwt
 from google.protobuf import json_format
 from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from svantic_grpc import _json
 from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
@@ -434,6 +436,8 @@ class ConnectedAgent:
                 await reply.reject(f"dispatch token rejected: {error}")
                 return
         await reply._update(message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledge: delivered
+        if dispatch.trace_context:  # the mesh traces: the handler's spans continue its trace
+            otel_context.attach(propagate.extract(dict(dispatch.trace_context)))  # this task's only
         try:
             await self._handler(
                 Dispatch(dispatch.dispatch_id, dispatch.session_id, dispatch.message, claims), reply

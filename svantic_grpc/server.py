@@ -19,6 +19,7 @@ from types import TracebackType
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from svantic_grpc.a2a.ingress import A2AIngress
 from svantic_grpc.adapter_host import AdapterHost, AdapterLoadError
@@ -32,10 +33,13 @@ from svantic_grpc.console import Console
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
+from svantic_grpc.core.metrics import NO_METRICS
 from svantic_grpc.core.retention import Retention
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING
 from svantic_grpc.dispatch.a2a import A2ATransport
 from svantic_grpc.http_server import HttpServer, HttpServerError
+from svantic_grpc.metrics import PrometheusMetrics
 from svantic_grpc.pb import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -47,6 +51,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
 )
 from svantic_grpc.stores import MemoryStore, open_store
+from svantic_grpc.tracing import OtelTracing, provider_from_env, tracer_of
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -77,6 +82,7 @@ class MeshServer:
         env: Mapping[str, str] | None = None,
         clock: Clock | None = None,
         ids: IdGenerator | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         auth = resolve_auth(settings, env)
@@ -99,6 +105,12 @@ class MeshServer:
             raise SettingsError(f"store: {exc}") from None
         env = os.environ if env is None else env
         dispatch = settings.dispatch
+        self.metrics = PrometheusMetrics() if settings.metrics.enabled else None
+        """The Prometheus registry behind ``/metrics``; ``None`` when metrics are off."""
+        self._own_tracing = None if tracer_provider is not None else provider_from_env(env)
+        self.tracer_provider = tracer_provider or self._own_tracing
+        """Spans of gRPC calls and hosted dispatches; ``None`` (tracing off) unless OTEL_* asks."""
+        self._tracer = tracer_of(self.tracer_provider)
         hosted = A2ATransport(
             connect_timeout_s=dispatch.connect_timeout_ms / 1000,
             read_timeout_s=dispatch.timeout_ms / 1000,
@@ -134,6 +146,8 @@ class MeshServer:
                 ids=ids,
                 hosted=hosted,
                 probe=hosted.probe,
+                metrics=self.metrics or NO_METRICS,
+                tracing=OtelTracing(self._tracer) if self._tracer is not None else NO_TRACING,
             )
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None
@@ -162,6 +176,8 @@ class MeshServer:
         self.console = Console(self.mesh)
         """The operator console at ``/console``."""
         self.http.mount(self.console.routes())
+        if self.metrics is not None:
+            self.http.mount(self.metrics.routes(self.mesh.levels))
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -190,7 +206,13 @@ class MeshServer:
         self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
         await self.adapters.start()
         server = aio.server(
-            interceptors=[MeshInterceptor(self.mesh.tokens)],
+            interceptors=[
+                MeshInterceptor(
+                    self.mesh.tokens,
+                    observe=self.metrics.rpc_done if self.metrics is not None else None,
+                    tracer=self._tracer,
+                )
+            ],
             options=[("grpc.so_reuseport", 0)],
         )
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.mesh), server)
@@ -247,6 +269,8 @@ class MeshServer:
         await self.http.stop(grace)
         await self.adapters.stop()
         await self.mesh.stop()
+        if self._own_tracing is not None:
+            self._own_tracing.shutdown()  # flush the batched spans; a provider passed in is its owner's
         _log.info("svantic-grpc stopped")
 
     async def wait_for_termination(self) -> None:

@@ -154,6 +154,8 @@ class Seen:
     token: str
     """The raw bearer token (empty when none came)."""
     at: float
+    traceparent: str = ""
+    """The W3C ``traceparent`` header the dispatch came with (empty when none)."""
 
 
 class _Keys:
@@ -269,6 +271,9 @@ class AgentServer(AgentExecutor):
                 metadata=json_format.MessageToDict(context.message.metadata) if context.message else {},
                 token=token,
                 at=time.time(),
+                traceparent=(context.call_context.state.get("headers") or {}).get("traceparent", "")
+                if context.call_context
+                else "",
             )
         )
         if claims is not None and self.spec.kind == "crash":

@@ -162,6 +162,7 @@ def dispatch_to_pb(job: DispatchJob, *, token: bool) -> registry_pb.Dispatch:
         message=message_to_pb(job.message),
         dispatch_token=job.sign() if token else "",
         deadline=timestamp(job.deadline),
+        trace_context=job.trace_context,
     )
 
 

@@ -6,24 +6,40 @@ It wraps each method handler so that, inside the RPC's own task:
   2. a ``MeshError`` raised anywhere below becomes its gRPC status with rich
      details, and any other exception becomes INTERNAL without leaking internals;
   3. a request body that does not decode is INVALID_ARGUMENT, checked before the
-     token (see ``_decoding``); this covers health and reflection too.
+     token (see ``_decoding``); this covers health and reflection too;
+  4. with an ``observe`` callback (metrics on), each call's method, status code and
+     duration are reported when it ends; without one the wrapper adds nothing;
+  5. with a ``tracer`` (tracing on), each call is a server span, child of the caller's
+     W3C ``traceparent`` metadata, current while the handler runs.
 Scopes are checked by the core, next to what they protect.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import Tracer
 
 from svantic_grpc.api._context import set_caller
 from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
+from svantic_grpc.api._telemetry import (
+    Observe,
+    Streaming,
+    Unary,
+    observed_stream,
+    observed_unary,
+    traced_stream,
+    traced_unary,
+)
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
+from svantic_grpc.core.log_context import SESSION_ID
 
 __all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
 
@@ -41,8 +57,12 @@ OPEN_METHOD_PREFIXES = (
 class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Authentication and error mapping around every handler."""
 
-    def __init__(self, issuer: TokenIssuer) -> None:
+    def __init__(
+        self, issuer: TokenIssuer, *, observe: Observe | None = None, tracer: Tracer | None = None
+    ) -> None:
         self._issuer = issuer
+        self._observe = observe
+        self._tracer = tracer
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """Per method: the servicer's handler and its wrapper, made once instead of per call."""
         self._undecodable = UndecodableLog()
@@ -60,13 +80,25 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if cached is not None and cached[0] is handler:
             return cached[1]
         authenticate = not method.startswith(OPEN_METHOD_PREFIXES)
-        wrapped = _wrap(handler, method, self._issuer if authenticate else None, self._undecodable)
+        wrapped = _wrap(
+            handler,
+            method,
+            self._issuer if authenticate else None,
+            self._undecodable,
+            self._observe,
+            self._tracer,
+        )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, issuer: TokenIssuer | None, undecodable: UndecodableLog
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    issuer: TokenIssuer | None,
+    undecodable: UndecodableLog,
+    observe: Observe | None,
+    tracer: Tracer | None = None,
 ) -> grpc.RpcMethodHandler:
     streamed_requests = handler.request_streaming
 
@@ -74,12 +106,16 @@ def _wrap(
         if isinstance(request, Undecodable):
             raise refuse(request, method, undecodable)
         set_caller(None)
+        if not streamed_requests:
+            SESSION_ID.set(getattr(request, "session_id", ""))  # this call's task only: its log lines
         if issuer is not None:
             set_caller(issuer.verify(_bearer_token(context)))
         return checked(request, method, undecodable) if streamed_requests else request
 
-    if handler.unary_unary or handler.stream_unary:
-        behavior = handler.unary_unary or handler.stream_unary
+    streamed = handler.unary_stream or handler.stream_stream
+    if streamed is None or not inspect.isasyncgenfunction(streamed):
+        # One response, or responses sent with context.write() (grpc's health Watch): a coroutine.
+        behavior = handler.unary_unary or handler.stream_unary or streamed
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             try:
@@ -87,12 +123,16 @@ def _wrap(
             except Exception as error:
                 await _fail(context, error, method)
 
-        unary = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return _like(handler, unary, unary_response)
+        unary: Unary = unary_response if observe is None else observed_unary(unary_response, method, observe)
+        if tracer is not None:
+            unary = traced_unary(unary, method, tracer)
+        factory = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }[_kind(handler)]  # its own kind: a context.write() stream stays a stream
+        return _like(handler, factory, unary)
 
     behavior = handler.unary_stream or handler.stream_stream
 
@@ -103,12 +143,17 @@ def _wrap(
         except Exception as error:
             await _fail(context, error, method)
 
-    streamed = (
+    streaming: Streaming = (
+        stream_response if observe is None else observed_stream(stream_response, method, observe)
+    )
+    if tracer is not None:
+        streaming = traced_stream(streaming, method, tracer)
+    factory = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
         else grpc.stream_stream_rpc_method_handler
     )
-    return _like(handler, streamed, stream_response)
+    return _like(handler, factory, streaming)
 
 
 def _like(handler: grpc.RpcMethodHandler, factory: Any, behavior: Any) -> grpc.RpcMethodHandler:
@@ -118,6 +163,13 @@ def _like(handler: grpc.RpcMethodHandler, factory: Any, behavior: Any) -> grpc.R
         request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
+        if getattr(handler, kind) is not None:
+            return kind
+    raise ValueError("a method handler without a behaviour")
 
 
 def _bearer_token(context: aio.ServicerContext) -> str:

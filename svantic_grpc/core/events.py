@@ -418,6 +418,11 @@ class EventBus:
             after = page[-1].sequence
         return found
 
+    @property
+    def total_subscribers(self) -> int:
+        """Live subscriptions in this process, over every session."""
+        return sum(len(s) for s in self._subscribers.values())
+
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""
         key = (tenant_id, session_id)

@@ -17,12 +17,15 @@ from svantic_grpc.core.inputs.policies import Policy, PolicyEngine
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.knowledge import Knowledge
 from svantic_grpc.core.liveness import HostedLiveness, Probe
+from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.messages.service import Messages
-from svantic_grpc.core.models import DeploymentMode
+from svantic_grpc.core.metrics import NO_METRICS, Levels, Metrics
+from svantic_grpc.core.models import DeploymentMode, SessionStatus
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["Mesh", "MeshOptions", "MessageOptions"]
 
@@ -77,6 +80,8 @@ class Mesh:
             supplies it so the core does not depend on the A2A client.
         probe: Checks that a hosted agent answers (the hosted transport's card
             probe); with it, idle hosted agents are probed to keep them routable.
+        metrics: Told of dispatches, messages, input requests and store commits as they end.
+        tracing: Opens a span around each dispatch (whose trace headers go to the agent).
     """
 
     def __init__(
@@ -90,8 +95,12 @@ class Mesh:
         ids: IdGenerator | None = None,
         hosted: Transport | None = None,
         probe: Probe | None = None,
+        metrics: Metrics = NO_METRICS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         credentials = tuple(credentials)
+        self.metrics = metrics
+        store.metrics = metrics
         self._tenant_ids = frozenset(c.tenant_id for c in credentials)
         self.clock = clock or SystemClock()
         self.ids = ids or UuidGenerator()
@@ -151,6 +160,7 @@ class Mesh:
                 options.policies, max_tool_calls_per_session=options.max_tool_calls_per_session
             ),
             default_ttl_s=options.input_request_ttl_s,
+            metrics=metrics,
         )
         self.sessions.on_close(self._session_closing)
         self.serving = asyncio.Event()
@@ -168,6 +178,8 @@ class Mesh:
             timeout_s=options.messages.dispatch_timeout_s,
             max_per_session=options.messages.max_dispatches_per_session,
             failover_attempts=options.messages.failover_attempts,
+            metrics=metrics,
+            tracing=tracing,
         )
         """Runs every dispatch: the rules hold here, whatever internal agents are plugged in."""
         self.messages = Messages(
@@ -183,6 +195,7 @@ class Mesh:
             ),
             agent_classes=load_agent_classes(options.internal_agents),
             critic_retries=options.messages.critic_retries,
+            metrics=metrics,
         )
         self._started = False
 
@@ -229,6 +242,26 @@ class Mesh:
             self.liveness.start()
         if serving:
             self.now_serving()
+
+    async def levels(self) -> Levels:
+        """How many sessions, messages, connections, pending requests and subscribers there are now.
+
+        Reads the store's open sessions and unfinished messages (what start-up recovery reads too):
+        meant for a scrape every few seconds, not for the hot path.
+        """
+        sessions = {s.value: 0 for s in SessionStatus if s is not SessionStatus.CLOSED}
+        for session in await self.store.open_sessions():
+            sessions[session.status.value] = sessions.get(session.status.value, 0) + 1
+        messages = {s.value: 0 for s in MessageState if not s.terminal}
+        for message in await self.store.unfinished_messages():
+            messages[message.state.value] = messages.get(message.state.value, 0) + 1
+        return Levels(
+            sessions=sessions,
+            messages=messages,
+            connected_agents=self.connections.count,
+            inputs_pending=len(await self.store.pending_inputs()),
+            subscribers=self.bus.total_subscribers,
+        )
 
     def now_serving(self) -> None:
         """Agents can reach the mesh from now on (its port is bound)."""

@@ -18,6 +18,7 @@ from svantic_grpc.core.events import Event, EventBell, EventPayload
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 
 __all__ = [
@@ -129,6 +130,9 @@ class Store(ABC):
     """Whether a call may give up the event loop before it is done (I/O, a thread): a caller
     cancelled then may find its write landed anyway. ``False`` for a store whose calls run to
     the end at once."""
+
+    metrics: Metrics = NO_METRICS
+    """Told of each commit (its duration and how many writes it carried); set by the mesh."""
 
     # Sessions
 

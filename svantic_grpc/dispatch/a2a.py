@@ -93,7 +93,11 @@ class A2ATransport:
     """
 
     def __init__(
-        self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 300.0, probe_timeout_s: float = 5.0
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 300.0,
+        probe_timeout_s: float = 5.0,
     ) -> None:
         self._probe_timeout = httpx.Timeout(probe_timeout_s)
         self._http = httpx.AsyncClient(
@@ -216,8 +220,11 @@ class A2ATransport:
 
 
 def _signed(job: DispatchJob) -> ClientCallContext:
-    """Call context carrying a dispatch token signed now, so it is valid when the call goes out."""
-    return ClientCallContext(service_parameters={"Authorization": f"Bearer {job.sign()}"})
+    """Call context carrying a dispatch token signed now, so it is valid when the call goes out,
+    and the dispatch's W3C trace headers (``traceparent``) when traced."""
+    return ClientCallContext(
+        service_parameters={**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
+    )
 
 
 def _protocol_of(card: AgentCard) -> str | None:

@@ -122,18 +122,27 @@ class ConnectWelcome(_message.Message):
     def __init__(self, agent: _Optional[_Union[_agent_types_pb2.Agent, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ..., update_batches: _Optional[bool] = ...) -> None: ...
 
 class Dispatch(_message.Message):
-    __slots__ = ("dispatch_id", "session_id", "message", "dispatch_token", "deadline")
+    __slots__ = ("dispatch_id", "session_id", "message", "dispatch_token", "deadline", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     dispatch_id: str
     session_id: str
     message: _message_types_pb2.Message
     dispatch_token: str
     deadline: _timestamp_pb2.Timestamp
-    def __init__(self, dispatch_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message: _Optional[_Union[_message_types_pb2.Message, _Mapping]] = ..., dispatch_token: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, dispatch_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message: _Optional[_Union[_message_types_pb2.Message, _Mapping]] = ..., dispatch_token: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DispatchBatch(_message.Message):
     __slots__ = ("dispatches",)

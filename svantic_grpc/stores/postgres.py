@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -513,6 +514,7 @@ class PostgresStore(Store):
         """Commit queued writes, a batch per transaction, until none are left."""
         while self._waiting:
             batch, self._waiting = self._waiting, []
+            began = time.perf_counter()
             try:
                 outcomes = await self._transaction([op for op, _ in batch])
             except _Failed as failed:  # the batch's one write failed and was rolled back
@@ -524,6 +526,7 @@ class PostgresStore(Store):
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
             for (_, future), (value, error) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the write is committed all the same

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -587,6 +588,7 @@ class SqliteStore(Store):
             batch, self._waiting = self._waiting, []
             queries = [query for query, _ in batch]
             run = partial(_transaction, queries=queries, path=self._path, timeout=self._busy_timeout_ms)
+            began = time.perf_counter()
             try:
                 outcomes = await _on_thread(connection, run)
             except asyncio.CancelledError:
@@ -601,6 +603,7 @@ class SqliteStore(Store):
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
             for (_, future), (value, error) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the write is committed all the same

@@ -76,6 +76,11 @@ class ConnectedAgents:
         self._awaited: dict[tuple[str, str], list[asyncio.Future[AgentConnection]]] = {}
         """Dispatches waiting for an instance to (re)connect, by (tenant, instance)."""
 
+    @property
+    def count(self) -> int:
+        """Open agent streams in this process."""
+        return len(self._live)
+
     def is_connected(self, tenant_id: str, instance_id: str) -> bool:
         return (tenant_id, instance_id) in self._live
 
@@ -105,7 +110,13 @@ class ConnectedAgents:
             agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
         )
         connection.agent = updated or agent
-        _log.info("agent connected: %s/%s (tenant %s)", agent.agent_type, instance_id, agent.tenant_id)
+        _log.info(
+            "agent connected: %s/%s (tenant %s)",
+            agent.agent_type,
+            instance_id,
+            agent.tenant_id,
+            extra={"agent_type": agent.agent_type, "instance_id": instance_id},
+        )
         return connection
 
     async def detach(self, connection: AgentConnection, reason: str) -> None:
@@ -201,5 +212,10 @@ class ConnectedAgents:
         connection.outbox.put_nowait(None)
         agent = connection.agent
         _log.info(
-            "agent left: %s/%s (tenant %s): %s", agent.agent_type, agent.instance_id, agent.tenant_id, reason
+            "agent left: %s/%s (tenant %s): %s",
+            agent.agent_type,
+            agent.instance_id,
+            agent.tenant_id,
+            reason,
+            extra={"agent_type": agent.agent_type, "instance_id": agent.instance_id},
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -30,14 +31,19 @@ from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavail
 from svantic_grpc.core.inputs.asks import resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.inputs.service import Inputs
+from svantic_grpc.core.log_context import SESSION_ID
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import AgentRegistration, JoinReason
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
+
+_log = logging.getLogger(__name__)
 
 _PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
 
@@ -79,7 +85,11 @@ class Dispatches:
         timeout_s: float,
         max_per_session: int,
         failover_attempts: int,
+        metrics: Metrics = NO_METRICS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
+        self._metrics = metrics
+        self._tracing = tracing
         self._store = store
         self._registry = registry
         self._sessions = sessions
@@ -141,6 +151,23 @@ class SessionDispatches:
                 reason="DISPATCH_BUDGET_EXHAUSTED",
             )
         self.used += 1
+        bound = SESSION_ID.set(self.session_id)
+        try:
+            return await self._run(writer, agent_type, instance_id, skill_id, yolo, parts, resume)
+        finally:
+            SESSION_ID.reset(bound)
+
+    async def _run(
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        skill_id: str,
+        yolo: bool,
+        parts: tuple[Part, ...],
+        resume: InputRequest | None,
+    ) -> Outcome:
+        service = self._service
         excluded: set[str] = set()
         last_error = ""
         for _attempt in range(service._failover_attempts + 1):
@@ -185,6 +212,19 @@ class SessionDispatches:
         yolo: bool,
         resume: InputRequest | None,
     ) -> Outcome:
+        with self._service._tracing.dispatch(agent_type=agent_type, instance_id=instance_id) as trace:
+            return await self._deliver(writer, agent_type, instance_id, parts, yolo, resume, trace)
+
+    async def _deliver(
+        self,
+        writer: MessageWriter,
+        agent_type: str,
+        instance_id: str,
+        parts: tuple[Part, ...],
+        yolo: bool,
+        resume: InputRequest | None,
+        trace_context: Mapping[str, str],
+    ) -> Outcome:
         service = self._service
         tenant_id, session_id = self.tenant_id, self.session_id
         agent = await service._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
@@ -225,6 +265,7 @@ class SessionDispatches:
             resume_task_id=writer.message.remote_task_id if resume is not None else "",
             answer=resume,
             lost=asyncio.Event(),
+            trace_context=trace_context,
         )
         started = service._clock.now()
         loop_started = asyncio.get_running_loop().time()
@@ -232,6 +273,19 @@ class SessionDispatches:
             async with asyncio.timeout(timeout) as deadline:
                 outcome = await self._follow(writer, job, deadline, yolo)
         except NotDelivered as exc:
+            _log.warning(
+                "dispatch not delivered: %s/%s: %s",
+                agent_type,
+                instance_id,
+                exc,
+                extra={"agent_type": agent_type, "instance_id": instance_id, "dispatch_id": dispatch_id},
+            )
+            service._metrics.dispatch_done(
+                agent_type=agent_type,
+                transport=service._dispatcher.protocol_for(agent),
+                outcome="not-delivered",
+                latency_s=asyncio.get_running_loop().time() - loop_started,
+            )
             await service._registry.record_dispatch(
                 tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
             )
@@ -245,6 +299,20 @@ class SessionDispatches:
         latency = max(loop_latency, service._clock.now() - started, 0.0)
         outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED
+        if outcome.state is MessageState.FAILED:
+            _log.warning(
+                "dispatch failed: %s/%s: %s",
+                agent_type,
+                instance_id,
+                outcome.reason,
+                extra={"agent_type": agent_type, "instance_id": instance_id, "dispatch_id": dispatch_id},
+            )
+        service._metrics.dispatch_done(
+            agent_type=agent_type,
+            transport=service._dispatcher.protocol_for(agent),
+            outcome=outcome.state.value,
+            latency_s=latency,
+        )
         await service._registry.record_dispatch(
             tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
         )

@@ -54,6 +54,8 @@ class DispatchJob:
     lost: asyncio.Event | None = field(default=None, compare=False)
     """Set by the transport when the agent is gone (e.g. its stream dropped) while the mesh is
     not reading the dispatch, such as while a human decides."""
+    trace_context: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """W3C trace context headers of the work that made this dispatch; empty when not traced."""
 
 
 @dataclass(frozen=True)

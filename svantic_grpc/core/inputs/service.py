@@ -38,6 +38,7 @@ from svantic_grpc.core.inputs.model import (
     ToolCall,
 )
 from svantic_grpc.core.inputs.policies import PolicyEngine
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored
@@ -67,7 +68,9 @@ class Inputs:
         ids: IdGenerator,
         policies: PolicyEngine,
         default_ttl_s: float,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._write = write
         """Writes a change to requests with the session's paused/active status (``Sessions.write_inputs``)."""
@@ -303,6 +306,24 @@ class Inputs:
 
     def _ended(self, request: InputRequest) -> None:
         """What this process does once an ended request is stored: wake its waiters, tell the adapters."""
+        resolution = request.resolution
+        ended_at = resolution.resolved_at if resolution is not None else self._clock.now()
+        surface = resolution.surface.value if resolution is not None else "mesh"
+        self._metrics.input_ended(
+            surface=surface, outcome=request.state.value, latency_s=max(ended_at - request.created_at, 0.0)
+        )
+        _log.info(
+            "input request %s %s: %s",
+            request.request_id,
+            request.state.value,
+            _outcome(request),
+            extra={
+                "session_id": request.session_id,
+                "request_id": request.request_id,
+                "surface": surface,
+                "outcome": request.state.value,
+            },
+        )
         self.expiry.forget(request.tenant_id, request.request_id)
         waiting = self._pending.get((request.tenant_id, request.session_id))
         if waiting is not None:

@@ -24,6 +24,7 @@ from svantic_grpc.core.messages.model import (
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import MessagePage, Store
 
@@ -49,7 +50,9 @@ class Messages:
         agent_services: AgentServices,
         agent_classes: Mapping[str, type[InternalAgent]],
         critic_retries: int,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._bus = bus
         self._sessions = sessions
@@ -67,7 +70,13 @@ class Messages:
     def _writer(self, message: Message, on_stop: Callable[[Message], None] | None = None) -> MessageWriter:
         """The writer of ``message``: the one place writers are made."""
         return MessageWriter(
-            message, store=self._store, bus=self._bus, clock=self._clock, ids=self._ids, on_stop=on_stop
+            message,
+            store=self._store,
+            bus=self._bus,
+            clock=self._clock,
+            ids=self._ids,
+            on_stop=on_stop,
+            metrics=self._metrics,
         )
 
     def _has_running_work(self, tenant_id: str, session_id: str) -> bool:

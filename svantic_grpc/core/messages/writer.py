@@ -15,6 +15,7 @@ from svantic_grpc.core.events import ArtifactAdded, Event, EventBus, MessageStat
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.store import Store
 
 __all__ = ["MessageWriter"]
@@ -38,8 +39,10 @@ class MessageWriter:
         clock: Clock,
         ids: IdGenerator,
         on_stop: Callable[[Message], None] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.message = message
+        self._metrics = metrics
         self._on_stop = on_stop
         self._store = store
         self._bus = bus
@@ -85,6 +88,9 @@ class MessageWriter:
             return (MessageStateChanged(saved.message_id, current.state, to, reason, snapshot),)
 
         saved = await self._save(announce, **changes, state=to, state_reason=reason)
+        if to.terminal and not current.state.terminal:
+            latency = max(saved.updated_at - saved.created_at, 0.0)
+            self._metrics.message_done(state=to.value, latency_s=latency)
         if stopping and self._on_stop is not None:
             self._on_stop(saved)
         return saved

@@ -1,0 +1,132 @@
+"""What the interceptor adds around a call when metrics or tracing are on (``api/interceptors.py``).
+
+Each wrapper takes a handler's behaviour (a coroutine, or an async generator of responses)
+and returns one of the same shape; the interceptor applies them once per method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
+
+__all__ = [
+    "Observe",
+    "Streaming",
+    "Unary",
+    "observed_stream",
+    "observed_unary",
+    "traced_stream",
+    "traced_unary",
+]
+
+Observe = Callable[[str, str, float], None]
+"""Told of each call's end: method, status code name (``OK``, ``NOT_FOUND``, ...) and seconds taken."""
+
+Unary = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+
+
+def observed_unary(behavior: Unary, method: str, observe: Observe) -> Unary:
+    async def observed(request: Any, context: aio.ServicerContext) -> Any:
+        began = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            response = await behavior(request, context)
+            code = _code(context, "OK")
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - began)
+
+    return observed
+
+
+def observed_stream(behavior: Streaming, method: str, observe: Observe) -> Streaming:
+    async def observed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        began = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            async for response in behavior(request, context):
+                yield response
+            code = _code(context, "OK")
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - began)
+
+    return observed
+
+
+def traced_unary(behavior: Unary, method: str, tracer: Tracer) -> Unary:
+    async def traced(request: Any, context: aio.ServicerContext) -> Any:
+        with tracer.start_as_current_span(
+            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+        ) as span:
+            try:
+                return await behavior(request, context)
+            finally:
+                _end(span, context)
+
+    return traced
+
+
+def traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming:
+    async def traced(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        with tracer.start_as_current_span(
+            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+        ) as span:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                _end(span, context)
+
+    return traced
+
+
+def _parent(context: aio.ServicerContext) -> Any:
+    """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata."""
+    return propagate.extract(
+        {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
+    )
+
+
+def _rpc_attributes(method: str) -> dict[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _end(span: Any, context: aio.ServicerContext) -> None:
+    code = _code(context, "OK")
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code != "OK":
+        span.set_status(StatusCode.ERROR, code)
+
+
+def _code(context: aio.ServicerContext, default: str) -> str:
+    """The status the handler set (by abort or set_code), else ``default``."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        return _BY_VALUE.get(code, default)
+    return default
+
+
+_BY_VALUE: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode}

@@ -1,0 +1,136 @@
+"""Prometheus metrics of one server process, served at ``GET /metrics`` on the HTTP server.
+
+``PrometheusMetrics`` is the core's metrics seam (``svantic_grpc.core.metrics.Metrics``)
+fed into ``prometheus_client`` instruments, plus the gRPC interceptor's per-call
+observation. Each server has its own registry (two servers in one process, as in the
+tests, never mix their numbers). Levels (sessions by status, connected agents, ...) are
+read from the mesh when scraped, so the hot path pays nothing for them.
+
+Names follow the OpenTelemetry conventions where one exists (``grpc_server_call_duration_seconds``
+is gRFC A66's ``grpc.server.call.duration``), the rest carry the ``svantic_`` prefix. Label
+values are bounded: method names the server registered, status codes, agent types,
+transports, states, surfaces; never a session, message or request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from svantic_grpc.core.metrics import Levels, Metrics
+
+__all__ = ["PrometheusMetrics"]
+
+#: Seconds, from a fast unary call on loopback to a human answering after an hour.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_HUMAN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 86400)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class PrometheusMetrics(Metrics):
+    """The mesh's metrics in a registry of their own; ``routes`` serves them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._rpc = Histogram(
+            "grpc_server_call_duration_seconds",
+            "gRPC calls handled, by method and status code, and how long each took",
+            ("grpc_method", "grpc_status"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._dispatch = Histogram(
+            "svantic_dispatch_duration_seconds",
+            "Dispatches to remote agents by agent type, transport and outcome, and their duration",
+            ("agent_type", "transport", "outcome"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._message = Histogram(
+            "svantic_message_duration_seconds",
+            "Messages finished, by final state, and the time from send to that state",
+            ("state",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._input = Histogram(
+            "svantic_input_request_duration_seconds",
+            "Input requests ended, by surface and outcome (resolved, expired, ...), and how long they waited",
+            ("surface", "outcome"),
+            buckets=_HUMAN_BUCKETS,
+            registry=r,
+        )
+        self._commit = Histogram(
+            "svantic_store_commit_duration_seconds",
+            "Store transactions committed (SQLite, PostgreSQL) and how long each took",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._batch = Histogram(
+            "svantic_store_commit_batch_size",
+            "Writes carried by one store transaction (group commit)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self._sessions = Gauge("svantic_sessions", "Open sessions by status", ("status",), registry=r)
+        self._messages = Gauge("svantic_messages", "Unfinished messages by state", ("state",), registry=r)
+        self._connected = Gauge(
+            "svantic_connected_agents", "Agents with an open Connect stream to this process", registry=r
+        )
+        self._pending = Gauge(
+            "svantic_input_requests_pending", "Input requests waiting for a human", registry=r
+        )
+        self._subscribers = Gauge(
+            "svantic_event_subscribers", "Live event-stream subscribers in this process", registry=r
+        )
+
+    # The core's events
+
+    def dispatch_done(self, *, agent_type: str, transport: str, outcome: str, latency_s: float) -> None:
+        self._dispatch.labels(agent_type, transport or "unknown", outcome).observe(latency_s)
+
+    def message_done(self, *, state: str, latency_s: float) -> None:
+        self._message.labels(state).observe(latency_s)
+
+    def input_ended(self, *, surface: str, outcome: str, latency_s: float) -> None:
+        self._input.labels(surface, outcome).observe(latency_s)
+
+    def store_commit(self, *, latency_s: float, batch: int) -> None:
+        self._commit.observe(latency_s)
+        self._batch.observe(batch)
+
+    # The interceptor's
+
+    def rpc_done(self, method: str, code: str, latency_s: float) -> None:
+        """One gRPC call ended with ``code`` (a ``grpc.StatusCode`` name) after ``latency_s``."""
+        self._rpc.labels(method, code).observe(latency_s)
+
+    # Scraping
+
+    def set_levels(self, levels: Levels) -> None:
+        """Replace the gauges' values with what the mesh holds now."""
+        _replace(self._sessions, levels.sessions)
+        _replace(self._messages, levels.messages)
+        self._connected.set(levels.connected_agents)
+        self._pending.set(levels.inputs_pending)
+        self._subscribers.set(levels.subscribers)
+
+    def routes(self, levels: Callable[[], Awaitable[Levels]]) -> Sequence[BaseRoute]:
+        """``GET /metrics`` in the Prometheus text format; ``levels`` is read on each scrape."""
+
+        async def scrape(request: Request) -> Response:
+            self.set_levels(await levels())
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return [Route("/metrics", scrape, methods=["GET"])]
+
+
+def _replace(gauge: Gauge, values: dict[str, int]) -> None:
+    gauge.clear()  # a state with nothing in it left: its series goes rather than staying stale
+    for label, value in values.items():
+        gauge.labels(label).set(value)

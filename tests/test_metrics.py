@@ -1,0 +1,141 @@
+"""GET /metrics: a scripted run moves each counter and histogram by exactly what was done.
+
+A real server (SQLite store, so commits are measured) with a connected agent that asks
+for approval: one message is approved over gRPC and completes, one waits until its
+request expires and fails. The scrape is parsed with the Prometheus client's own parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
+
+from svantic_grpc.pb import session_service_pb2
+from tests._support import Client, running_server
+from tests.agents_connected import WAIT, new_session, wait_for_state
+from tests.agents_inputs import pending_ids, resolve
+from tests.api.test_inputs import (
+    APPROVE,
+    COMPLETED,
+    DELETE_RECORDS,
+    DELETES,
+    FAILED,
+    ask_tools,
+    crm_agent,
+    real_time_clock,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(client: Client) -> Samples:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{client.server.http.url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def rpcs(samples: Samples, method: str, status: str = "OK") -> float:
+    return value(samples, "grpc_server_call_duration_seconds_count", grpc_method=method, grpc_status=status)
+
+
+async def test_a_scripted_run_moves_the_metrics_by_exactly_what_was_done(tmp_path: Path) -> None:
+    clock = real_time_clock()
+    store = f"sqlite:///{tmp_path / 'mesh.db'}"
+    async with (
+        running_server(policies=[DELETES], clock=clock, input_request_ttl_ms=60_000, store=store) as client,
+        crm_agent(client),
+    ):
+        before = await scrape(client)
+        assert value(before, "svantic_connected_agents") == 1
+        session_id = await new_session(client)
+        with pytest.raises(aio.AioRpcError) as missing:
+            await client.sessions.GetSession(
+                session_service_pb2.GetSessionRequest(session_id="ses_nope"), metadata=await client.md()
+            )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # One approval answered over gRPC: the message completes.
+        approved = await ask_tools(client, session_id, DELETE_RECORDS)
+        [approved_request] = approved.input_request_ids
+        waiting = await scrape(client)
+        assert value(waiting, "svantic_input_requests_pending") == 1
+        assert value(waiting, "svantic_sessions", status="paused") == 1
+        assert value(waiting, "svantic_messages", state="input-required") == 1
+        await resolve(client, approved_request, decision=APPROVE)
+        await wait_for_state(client, session_id, approved.message_id, COMPLETED)
+
+        # One nobody answers: it expires and its message fails.
+        expiring = await ask_tools(client, session_id, DELETE_RECORDS)
+        clock.advance(61)
+        assert await client.server.mesh.inputs.expiry.run_once() == 1
+        await wait_for_state(client, session_id, expiring.message_id, FAILED)
+        assert await pending_ids(client) == []
+
+        watch = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        # The server subscribes before it replays the log: a replayed event means it is subscribed.
+        assert await asyncio.wait_for(watch.read(), WAIT) is not aio.EOF
+        after = await scrape(client)
+        watch.cancel()
+        assert value(after, "svantic_event_subscribers") == 1
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("svantic_sessions", status="active") == 1
+    assert value(after, "svantic_sessions", status="paused") == 0
+    assert value(after, "svantic_input_requests_pending") == 0
+    assert value(after, "svantic_messages", state="input-required") == 0
+    assert value(after, "svantic_connected_agents") == 1
+
+    assert rpcs(after, "/svantic.v1.SessionService/InitSession") == 1
+    assert rpcs(after, "/svantic.v1.SessionService/GetSession", "NOT_FOUND") == 1
+    assert rpcs(after, "/svantic.v1.MessageService/ResolveInput") == 1
+    assert rpcs(after, "/svantic.v1.MessageService/SendMessage") == 2
+    assert value(after, "grpc_server_call_duration_seconds_sum", grpc_method="x", grpc_status="OK") == 0
+
+    dispatch = "svantic_dispatch_duration_seconds_count"
+    assert moved(dispatch, agent_type="crm", transport="connect-stream", outcome="completed") == 1
+    assert moved(dispatch, agent_type="crm", transport="connect-stream", outcome="failed") == 1
+
+    assert moved("svantic_message_duration_seconds_count", state="completed") == 1
+    assert moved("svantic_message_duration_seconds_count", state="failed") == 1
+
+    inputs = "svantic_input_request_duration_seconds"
+    assert moved(f"{inputs}_count", surface="grpc", outcome="resolved") == 1
+    assert moved(f"{inputs}_count", surface="mesh", outcome="expired") == 1
+    assert moved(f"{inputs}_sum", surface="mesh", outcome="expired") == pytest.approx(61, abs=1)
+
+    commits = moved("svantic_store_commit_duration_seconds_count")
+    assert commits > 0
+    assert moved("svantic_store_commit_batch_size_sum") >= commits
+    # No label carries an id: every label value is one of a bounded set.
+    for name, labels in after:
+        for _, label_value in labels:
+            assert session_id not in label_value and "msg_" not in label_value, (name, labels)
+
+
+async def test_metrics_can_be_turned_off() -> None:
+    async with running_server(metrics={"enabled": False}) as client:
+        assert client.server.metrics is None
+        await new_session(client)
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"{client.server.http.url}/metrics")
+        assert response.status_code == 404

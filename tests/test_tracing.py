@@ -1,0 +1,140 @@
+"""Traces: the client's trace continues through the mesh's RPC span and the dispatch to a hosted
+agent (which receives the ``traceparent``); streaming RPCs and health ``Watch`` still work traced.
+Spans are collected in memory with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, SpanKind
+
+from svantic_grpc.config import parse_settings
+from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.pb import message_service_pb2, session_service_pb2
+from svantic_grpc.server import MeshServer
+from svantic_grpc.tracing import provider_from_env
+from tests._support import SIGNING_ENV, Client, running_server, tenant_settings
+from tests.agents_a2a import HostedAgent, hosted_agents
+from tests.agents_connected import WAIT, data, running_agent
+from tests.agents_connected import new_session as connected_session
+from tests.agents_connected import send as connected_send
+from tests.api.test_messages_hosted import new_session, register, target, text
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+@asynccontextmanager
+async def traced_server() -> AsyncIterator[tuple[Client, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = parse_settings(
+        {
+            "grpc_address": "127.0.0.1:0",
+            "http_address": "127.0.0.1:0",
+            "tenants": tenant_settings(),
+            "shutdown_grace_s": 0,
+        }
+    )
+    server = MeshServer(settings, env=SIGNING_ENV, tracer_provider=provider)
+    async with server, aio.insecure_channel(server.target) as channel:
+        yield Client(server, channel), exporter
+    provider.shutdown()
+
+
+async def test_one_trace_spans_the_clients_call_the_mesh_and_the_hosted_agent() -> None:
+    async with (
+        traced_server() as (client, exporter),
+        hosted_agents(client.channel, HostedAgent("echo", "echo-1")) as agents,
+    ):
+        echo = agents["echo-1"]
+        await register(client, echo)
+        session_id = await new_session(client)
+        traceparent = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
+        request = message_service_pb2.SendMessageRequest(
+            session_id=session_id,
+            message=message_service_pb2.OutgoingMessage(parts=[text("hi"), target("echo-agent")]),
+        )
+        metadata = (*await client.md(), ("traceparent", traceparent))
+        await client.messages.SendMessage(request, metadata=metadata, timeout=WAIT)
+
+    spans = exporter.get_finished_spans()
+    [rpc] = [s for s in spans if s.name == "/svantic.v1.MessageService/SendMessage"]
+    assert rpc.kind is SpanKind.SERVER
+    assert format(rpc.context.trace_id, "032x") == TRACE_ID
+    assert rpc.parent is not None and format(rpc.parent.span_id, "016x") == CLIENT_SPAN
+    assert rpc.attributes is not None and rpc.attributes["rpc.grpc.status_code"] == "OK"
+    [dispatch] = [s for s in spans if s.name == "dispatch echo-agent"]
+    assert dispatch.kind is SpanKind.CLIENT
+    assert dispatch.context.trace_id == rpc.context.trace_id
+    assert dispatch.parent is not None and dispatch.parent.span_id == rpc.context.span_id
+    [seen] = echo.seen
+    assert seen.traceparent == f"00-{TRACE_ID}-{format(dispatch.context.span_id, '016x')}-01"
+
+
+async def test_a_connected_agents_handler_continues_the_trace_of_its_dispatch() -> None:
+    seen: list[SpanContext] = []
+
+    async def handler(dispatch: Dispatch, reply: Reply) -> None:
+        seen.append(trace.get_current_span().get_span_context())
+        await reply.complete()
+
+    async with traced_server() as (client, exporter), running_agent(client, handler):
+        session_id = await connected_session(client)
+        metadata = (*await client.md(), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+        await connected_send(client, session_id, "hi", data({"target_agent": "echo"}), md=metadata)
+
+    [dispatch] = [s for s in exporter.get_finished_spans() if s.name == "dispatch echo"]
+    assert format(dispatch.context.trace_id, "032x") == TRACE_ID
+    [context] = seen
+    assert (context.trace_id, context.span_id) == (dispatch.context.trace_id, dispatch.context.span_id)
+
+
+async def test_streaming_rpcs_and_health_watch_work_with_tracing_on() -> None:
+    async with traced_server() as (client, exporter):
+        health = health_pb2_grpc.HealthStub(client.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(watch.read(), WAIT)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+        session_id = await new_session(client)
+        events = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        await client.sessions.CloseSession(
+            session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        got = [event async for event in events]
+        assert got, "WatchSession yielded nothing"
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert {"/grpc.health.v1.Health/Watch", "/svantic.v1.SessionService/WatchSession"} <= names
+
+
+def test_tracing_is_off_unless_the_environment_asks() -> None:
+    assert provider_from_env({}) is None
+    assert provider_from_env({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "x"}) is None
+    assert provider_from_env({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}) is None
+    provider = provider_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert provider is not None
+    provider.shutdown()
+
+
+async def test_health_watch_works_with_metrics_on_and_tracing_off() -> None:
+    # grpc's health Watch sends with context.write(): the interceptor must wrap it as a coroutine,
+    # not iterate it (that made every Watch end INTERNAL).
+    async with running_server() as client:
+        watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(watch.read(), WAIT)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert client.server.metrics is not None
