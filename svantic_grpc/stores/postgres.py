@@ -19,7 +19,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -34,6 +34,7 @@ from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Mes
 from svantic_grpc.stores import _codec
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
 from svantic_grpc.stores._pg_schema import prepare
 
 __all__ = ["PostgresBell", "PostgresStore"]
@@ -45,94 +46,8 @@ R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
 Op = Callable[[asyncpg.Connection], Awaitable[T]]
 
 
-class _Kind(Generic[R]):
-    """A versioned record kind: its table, key and indexed columns, codec, and SQL."""
-
-    def __init__(
-        self,
-        table: str,
-        keys: tuple[str, ...],
-        columns: tuple[str, ...],
-        row: Callable[[R], tuple[Any, ...]],
-        encode: Callable[[R], dict[str, Any]],
-        decode: Callable[[dict[str, Any]], R],
-        exists: Callable[[R], AlreadyExists],
-        what: Callable[[R], str],
-        not_found: str,
-    ) -> None:
-        self.table = table
-        self.keys = keys
-        self.row: Callable[[R], tuple[Any, ...]] = row
-        """Values of ``keys + columns`` for a record; ``columns`` are rewritten on every update."""
-        self.encode: Callable[[R], dict[str, Any]] = encode
-        self.decode: Callable[[dict[str, Any]], R] = decode
-        self.exists: Callable[[R], AlreadyExists] = exists
-        self.what: Callable[[R], str] = what
-        self.not_found = not_found
-        names = (*keys, *columns, "version", "record")
-        params = ", ".join(f"${n}" for n in range(1, len(names) + 1))
-        self.insert_sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({params})"
-        sets = ", ".join(f"{c} = ${n}" for n, c in enumerate(names[len(keys) :], start=1))
-        start = len(names) - len(keys) + 1
-        match_key = " AND ".join(f"{k} = ${n}" for n, k in enumerate(keys, start=start))
-        self.update_sql = f"UPDATE {table} SET {sets} WHERE {match_key} AND version = ${start + len(keys)}"
-        plain_key = " AND ".join(f"{k} = ${n}" for n, k in enumerate(keys, start=1))
-        self.delete_sql = f"DELETE FROM {table} WHERE {plain_key} AND version = ${len(keys) + 1}"
-        self.get_sql = f"SELECT record FROM {table} WHERE {plain_key}"
-        self.version_sql = f"SELECT version FROM {table} WHERE {plain_key}"
-
-
-def _message_key(m: Message) -> str:
-    """The tie-breaker after ``created_at`` in message order and cursors (as in the other stores)."""
-    return f"{m.session_id}/{m.message_id}"
-
-
-_SESSIONS = _Kind[Session](
-    "sessions",
-    ("tenant_id", "session_id"),
-    ("status", "created_at", "closed_at"),
-    lambda s: (s.tenant_id, s.session_id, s.status.value, s.created_at, s.closed_at),
-    _codec.encode_session,
-    _codec.decode_session,
-    lambda s: AlreadyExists(f"session {s.session_id!r} already exists", reason="SESSION_EXISTS"),
-    lambda s: f"session {s.session_id!r}",
-    "SESSION_NOT_FOUND",
-)
-_AGENTS = _Kind[AgentRegistration](
-    "agents",
-    ("tenant_id", "instance_id"),
-    ("agent_type",),
-    lambda a: (a.tenant_id, a.instance_id, a.agent_type),
-    _codec.encode_agent,
-    _codec.decode_agent,
-    lambda a: AlreadyExists(f"agent instance {a.instance_id!r} already registered"),
-    lambda a: f"agent instance {a.instance_id!r}",
-    "AGENT_NOT_FOUND",
-)
-_MESSAGES = _Kind[Message](
-    "messages",
-    ("tenant_id", "session_id", "message_id"),
-    ("state", "created_at", "sort_key"),
-    lambda m: (m.tenant_id, m.session_id, m.message_id, m.state.value, m.created_at, _message_key(m)),
-    _codec.encode_message,
-    _codec.decode_message,
-    lambda m: AlreadyExists(
-        f"message {m.message_id!r} already exists in session {m.session_id!r}", reason="MESSAGE_EXISTS"
-    ),
-    lambda m: f"message {m.message_id!r}",
-    "MESSAGE_NOT_FOUND",
-)
-_INPUTS = _Kind[InputRequest](
-    "inputs",
-    ("tenant_id", "request_id"),
-    ("session_id", "message_id", "state", "created_at"),
-    lambda r: (r.tenant_id, r.request_id, r.session_id, r.message_id, r.state.value, r.created_at),
-    _codec.encode_input,
-    _codec.decode_input,
-    lambda r: AlreadyExists(f"input request {r.request_id!r} already exists"),
-    lambda r: f"input request {r.request_id!r}",
-    "INPUT_NOT_FOUND",
-)
+_KINDS = Kinds(lambda n: f"${n}", closed_at_column=True)
+_SESSIONS, _AGENTS, _MESSAGES, _INPUTS = _KINDS.sessions, _KINDS.agents, _KINDS.messages, _KINDS.inputs
 
 _UNFINISHED = "state NOT IN ('completed', 'failed', 'canceled', 'rejected')"
 """Messages whose state is not terminal; the same text as their partial index."""
@@ -280,7 +195,7 @@ class PostgresStore(Store):
             query.add("(created_at, sort_key) > ({}, {})", *decode_cursor(cursor))
         page, more = await self._page(_MESSAGES, query, "created_at, sort_key", page_size)
         last = page[-1] if page else None
-        next_cursor = encode_cursor(last.created_at, _message_key(last)) if more and last else ""
+        next_cursor = encode_cursor(last.created_at, message_key(last)) if more and last else ""
         return MessagePage(tuple(page), next_cursor)
 
     async def unfinished_messages(self) -> Sequence[Message]:
@@ -436,7 +351,7 @@ class PostgresStore(Store):
     async def write(self, change: Change) -> Changed:
         ops: list[Op[None]] = []
 
-        def put(kind: _Kind[R], records: tuple[R, ...]) -> tuple[R, ...]:
+        def put(kind: RecordKind[R], records: tuple[R, ...]) -> tuple[R, ...]:
             stored: list[R] = []
             for record in records:
                 done, op = _put_op(kind, record, insert=record.version == 0)
@@ -466,22 +381,22 @@ class PostgresStore(Store):
 
     # Shared by every record kind
 
-    async def _put(self, kind: _Kind[R], record: R, *, insert: bool) -> R:
+    async def _put(self, kind: RecordKind[R], record: R, *, insert: bool) -> R:
         """Insert (at version 1), or replace at the version read; the record as stored."""
         stored, op = _put_op(kind, record, insert=insert)
         await self._write(op)
         return stored
 
-    async def _get(self, kind: _Kind[R], key: tuple[str, ...]) -> R | None:
+    async def _get(self, kind: RecordKind[R], key: tuple[str, ...]) -> R | None:
         text = await self._pool_or_fail().fetchval(kind.get_sql, *key)
         return None if text is None else kind.decode(_codec.loads(text))
 
-    async def _all(self, kind: _Kind[R], sql: str, *params: Any) -> list[R]:
+    async def _all(self, kind: RecordKind[R], sql: str, *params: Any) -> list[R]:
         rows = await self._pool_or_fail().fetch(sql, *params)
         return [kind.decode(_codec.loads(row[0])) for row in rows]
 
     async def _page(
-        self, kind: _Kind[R], where: _Where, order: str, page_size: int | None
+        self, kind: RecordKind[R], where: _Where, order: str, page_size: int | None
     ) -> tuple[list[R], bool]:
         """Records matching ``where`` in ``order``: at most ``page_size``, and whether more follow."""
         sql = f"SELECT record FROM {kind.table} WHERE {where.sql()} ORDER BY {order}"
@@ -685,7 +600,7 @@ class _Where:
 
 
 async def _raise_lost(
-    conn: asyncpg.Connection, kind: _Kind[R], key: tuple[Any, ...], version: int, what: str
+    conn: asyncpg.Connection, kind: RecordKind[R], key: tuple[Any, ...], version: int, what: str
 ) -> None:
     """A conditional write matched no row: the record is missing, or someone else wrote first."""
     stored = await conn.fetchval(kind.version_sql, *key)
@@ -697,7 +612,7 @@ async def _raise_lost(
     )
 
 
-def _put_op(kind: _Kind[R], record: R, *, insert: bool) -> tuple[R, Op[None]]:
+def _put_op(kind: RecordKind[R], record: R, *, insert: bool) -> tuple[R, Op[None]]:
     """The record as stored and the statement that writes it: an insert (version 1), or a
     conditional update at the version read."""
     stored: R = evolve(detach(record), version=1 if insert else record.version + 1)

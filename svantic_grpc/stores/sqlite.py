@@ -22,11 +22,11 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound, Unavailable
+from svantic_grpc.core.errors import Conflict, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventPayload
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
@@ -44,6 +44,7 @@ from svantic_grpc.core.store import (
 from svantic_grpc.stores import _codec
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError, prepare
 
 __all__ = ["ForeignDatabaseError", "SqliteStore", "StoreVersionError"]
@@ -53,83 +54,11 @@ R = TypeVar("R", Session, AgentRegistration, Message, InputRequest)
 Query = Callable[[sqlite3.Connection], T]
 
 
-class _Kind(Generic[R]):
-    """A versioned record kind: its table, key and indexed columns, codec, and SQL."""
-
-    def __init__(
-        self,
-        table: str,
-        keys: tuple[str, ...],
-        columns: tuple[str, ...],
-        row: Callable[[R], tuple[Any, ...]],
-        encode: Callable[[R], dict[str, Any]],
-        decode: Callable[[dict[str, Any]], R],
-    ) -> None:
-        self.table = table
-        self.keys = keys
-        self.row: Callable[[R], tuple[Any, ...]] = row
-        """Values of ``keys + columns`` for a record; ``columns`` are rewritten on every update."""
-        self.encode: Callable[[R], dict[str, Any]] = encode
-        self.decode: Callable[[dict[str, Any]], R] = decode
-        match_key = " AND ".join(f"{k} = ?" for k in keys)
-        names = (*keys, *columns, "version", "record")
-        self.insert_sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        self.update_sql = (
-            f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in names[len(keys) :])} "
-            f"WHERE {match_key} AND version = ?"
-        )
-        self.delete_sql = f"DELETE FROM {table} WHERE {match_key} AND version = ?"
-        self.get_sql = f"SELECT record FROM {table} WHERE {match_key}"
-        self.version_sql = f"SELECT version FROM {table} WHERE {match_key}"
-
-
-def _message_exists(message: Message) -> AlreadyExists:
-    return AlreadyExists(
-        f"message {message.message_id!r} already exists in session {message.session_id!r}",
-        reason="MESSAGE_EXISTS",
-    )
-
-
-def _message_key(m: Message) -> str:
-    """The tie-breaker after ``created_at`` in message order and cursors (as in the memory store)."""
-    return f"{m.session_id}/{m.message_id}"
-
-
 _UNFINISHED = "state NOT IN ('completed', 'failed', 'canceled', 'rejected')"
 """Messages whose state is not terminal (``TERMINAL_STATES``); the same text as their partial index."""
 
-_SESSIONS = _Kind[Session](
-    "sessions",
-    ("tenant_id", "session_id"),
-    ("status", "created_at"),
-    lambda s: (s.tenant_id, s.session_id, s.status.value, s.created_at),
-    _codec.encode_session,
-    _codec.decode_session,
-)
-_AGENTS = _Kind[AgentRegistration](
-    "agents",
-    ("tenant_id", "instance_id"),
-    ("agent_type",),
-    lambda a: (a.tenant_id, a.instance_id, a.agent_type),
-    _codec.encode_agent,
-    _codec.decode_agent,
-)
-_MESSAGES = _Kind[Message](
-    "messages",
-    ("tenant_id", "session_id", "message_id"),
-    ("state", "created_at", "sort_key"),
-    lambda m: (m.tenant_id, m.session_id, m.message_id, m.state.value, m.created_at, _message_key(m)),
-    _codec.encode_message,
-    _codec.decode_message,
-)
-_INPUTS = _Kind[InputRequest](
-    "inputs",
-    ("tenant_id", "request_id"),
-    ("session_id", "message_id", "state", "created_at"),
-    lambda r: (r.tenant_id, r.request_id, r.session_id, r.message_id, r.state.value, r.created_at),
-    _codec.encode_input,
-    _codec.decode_input,
-)
+_KINDS = Kinds(lambda n: "?")
+_SESSIONS, _AGENTS, _MESSAGES, _INPUTS = _KINDS.sessions, _KINDS.agents, _KINDS.messages, _KINDS.inputs
 
 
 class SqliteStore(Store):
@@ -206,15 +135,13 @@ class SqliteStore(Store):
     # Sessions
 
     async def create_session(self, session: Session) -> Session:
-        exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
-        return await self._insert(_SESSIONS, session, exists)
+        return await self._insert(_SESSIONS, session)
 
     async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
         return await self._get(_SESSIONS, (tenant_id, session_id))
 
     async def update_session(self, session: Session) -> Session:
-        what = f"session {session.session_id!r}"
-        return await self._replace(_SESSIONS, session, what, "SESSION_NOT_FOUND")
+        return await self._replace(_SESSIONS, session)
 
     async def list_sessions(
         self,
@@ -244,15 +171,13 @@ class SqliteStore(Store):
     # Agent registrations
 
     async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
-        exists = AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
-        return await self._insert(_AGENTS, agent, exists)
+        return await self._insert(_AGENTS, agent)
 
     async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
         return await self._get(_AGENTS, (tenant_id, instance_id))
 
     async def update_agent(self, agent: AgentRegistration) -> AgentRegistration:
-        what = f"agent instance {agent.instance_id!r}"
-        return await self._replace(_AGENTS, agent, what, "AGENT_NOT_FOUND")
+        return await self._replace(_AGENTS, agent)
 
     async def delete_agent(self, *, tenant_id: str, instance_id: str, version: int) -> None:
         key = (tenant_id, instance_id)
@@ -260,7 +185,7 @@ class SqliteStore(Store):
 
         def delete(conn: sqlite3.Connection) -> None:
             if conn.execute(sql, (*key, version)).rowcount == 0:
-                _raise_lost(conn, _AGENTS, key, version, f"agent instance {instance_id!r}", "AGENT_NOT_FOUND")
+                _raise_lost(conn, _AGENTS, key, version, f"agent instance {instance_id!r}")
 
         await self._write(delete)
 
@@ -276,14 +201,13 @@ class SqliteStore(Store):
     # Messages
 
     async def create_message(self, message: Message) -> Message:
-        return await self._insert(_MESSAGES, message, _message_exists(message))
+        return await self._insert(_MESSAGES, message)
 
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
 
     async def update_message(self, message: Message) -> Message:
-        what = f"message {message.message_id!r}"
-        return await self._replace(_MESSAGES, message, what, "MESSAGE_NOT_FOUND")
+        return await self._replace(_MESSAGES, message)
 
     async def list_messages(
         self,
@@ -306,7 +230,7 @@ class SqliteStore(Store):
             params.extend(after)
         page, more = await self._page(_MESSAGES, where, params, "created_at, sort_key", page_size)
         last = page[-1] if page else None
-        next_cursor = encode_cursor(last.created_at, _message_key(last)) if more and last else ""
+        next_cursor = encode_cursor(last.created_at, message_key(last)) if more and last else ""
         return MessagePage(tuple(page), next_cursor)
 
     async def unfinished_messages(self) -> Sequence[Message]:
@@ -317,15 +241,13 @@ class SqliteStore(Store):
     # Input requests and their audit trail
 
     async def create_input(self, request: InputRequest) -> InputRequest:
-        exists = AlreadyExists(f"input request {request.request_id!r} already exists")
-        return await self._insert(_INPUTS, request, exists)
+        return await self._insert(_INPUTS, request)
 
     async def get_input(self, *, tenant_id: str, request_id: str) -> InputRequest | None:
         return await self._get(_INPUTS, (tenant_id, request_id))
 
     async def update_input(self, request: InputRequest) -> InputRequest:
-        what = f"input request {request.request_id!r}"
-        return await self._replace(_INPUTS, request, what, "INPUT_NOT_FOUND")
+        return await self._replace(_INPUTS, request)
 
     async def list_inputs(
         self,
@@ -465,12 +387,12 @@ class SqliteStore(Store):
 
     # The versioned insert/get/replace shared by every record kind
 
-    async def _insert(self, kind: _Kind[R], record: R, exists: AlreadyExists) -> R:
-        stored, insert = _insert_op(kind, record, exists)
+    async def _insert(self, kind: RecordKind[R], record: R) -> R:
+        stored, insert = _insert_op(kind, record)
         await self._write(insert)
         return stored
 
-    async def _get(self, kind: _Kind[R], key: tuple[str, ...]) -> R | None:
+    async def _get(self, kind: RecordKind[R], key: tuple[str, ...]) -> R | None:
         sql = kind.get_sql
 
         def get(conn: sqlite3.Connection) -> R | None:
@@ -479,60 +401,30 @@ class SqliteStore(Store):
 
         return await self._read(get)
 
-    async def _replace(self, kind: _Kind[R], record: R, what: str, not_found: str) -> R:
+    async def _replace(self, kind: RecordKind[R], record: R) -> R:
         """Write a record at the version it was read; bump the version."""
-        stored, update = _replace_op(kind, record, what, not_found)
+        stored, update = _replace_op(kind, record)
         await self._write(update)
         return stored
 
     async def write(self, change: Change) -> Changed:
         ops: list[Query[Any]] = []
 
-        def put(
-            kind: _Kind[R],
-            records: tuple[R, ...],
-            exists: Callable[[R], AlreadyExists],
-            what: Callable[[R], str],
-            not_found: str,
-        ) -> tuple[R, ...]:
+        def put(kind: RecordKind[R], records: tuple[R, ...]) -> tuple[R, ...]:
             stored: list[R] = []
             for record in records:
                 if record.version == 0:
-                    done, op = _insert_op(kind, record, exists(record))
+                    done, op = _insert_op(kind, record)
                 else:
-                    done, op = _replace_op(kind, record, what(record), not_found)
+                    done, op = _replace_op(kind, record)
                 stored.append(done)
                 ops.append(op)
             return tuple(stored)
 
-        sessions = put(
-            _SESSIONS,
-            change.sessions,
-            lambda s: AlreadyExists(f"session {s.session_id!r} already exists", reason="SESSION_EXISTS"),
-            lambda s: f"session {s.session_id!r}",
-            "SESSION_NOT_FOUND",
-        )
-        messages = put(
-            _MESSAGES,
-            change.messages,
-            _message_exists,
-            lambda m: f"message {m.message_id!r}",
-            "MESSAGE_NOT_FOUND",
-        )
-        inputs = put(
-            _INPUTS,
-            change.inputs,
-            lambda r: AlreadyExists(f"input request {r.request_id!r} already exists"),
-            lambda r: f"input request {r.request_id!r}",
-            "INPUT_NOT_FOUND",
-        )
-        agents = put(
-            _AGENTS,
-            change.agents,
-            lambda a: AlreadyExists(f"agent instance {a.instance_id!r} already registered"),
-            lambda a: f"agent instance {a.instance_id!r}",
-            "AGENT_NOT_FOUND",
-        )
+        sessions = put(_SESSIONS, change.sessions)
+        messages = put(_MESSAGES, change.messages)
+        inputs = put(_INPUTS, change.inputs)
+        agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
         append = (
             _append_op(change.tenant_id, change.session_id, change.time, change.events)
@@ -550,7 +442,7 @@ class SqliteStore(Store):
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
     async def _page(
-        self, kind: _Kind[R], where: list[str], params: list[Any], order: str, page_size: int | None
+        self, kind: RecordKind[R], where: list[str], params: list[Any], order: str, page_size: int | None
     ) -> tuple[list[R], bool]:
         """Records matching ``where`` in ``order``: at most ``page_size``, and whether more follow."""
         sql = f"SELECT record FROM {kind.table} WHERE {' AND '.join(where)} ORDER BY {order}"
@@ -675,7 +567,7 @@ def _transaction(
     return outcomes
 
 
-def _records(kind: _Kind[R], rows: Iterable[tuple[Any, ...]]) -> list[R]:
+def _records(kind: RecordKind[R], rows: Iterable[tuple[Any, ...]]) -> list[R]:
     return [kind.decode(_codec.loads(row[0])) for row in rows]
 
 
@@ -687,20 +579,21 @@ def _any_of(where: list[str], params: list[Any], column: str, values: list[str])
 
 
 def _raise_lost(
-    conn: sqlite3.Connection, kind: _Kind[R], key: tuple[Any, ...], version: int, what: str, not_found: str
+    conn: sqlite3.Connection, kind: RecordKind[R], key: tuple[Any, ...], version: int, what: str
 ) -> None:
     """A conditional write matched no row: the record is missing, or someone else wrote first."""
     row = conn.execute(kind.version_sql, key).fetchone()
     if row is None:
-        raise NotFound(f"{what} not found", reason=not_found)
+        raise NotFound(f"{what} not found", reason=kind.not_found)
     raise Conflict(
         f"{what} changed concurrently (version {version} was read, {row[0]} is stored)",
         metadata={"stored_version": str(row[0])},
     )
 
 
-def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Query[None]]:
+def _insert_op(kind: RecordKind[R], record: R) -> tuple[R, Query[None]]:
     """The record as stored (version 1) and the statement that inserts it."""
+    exists = kind.exists(record)
     stored: R = evolve(detach(record), version=1)
     values = (*kind.row(stored), 1, _codec.dumps(kind.encode(stored)))
     sql = kind.insert_sql
@@ -716,7 +609,7 @@ def _insert_op(kind: _Kind[R], record: R, exists: AlreadyExists) -> tuple[R, Que
     return stored, insert
 
 
-def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R, Query[None]]:
+def _replace_op(kind: RecordKind[R], record: R) -> tuple[R, Query[None]]:
     """The record as stored (version bumped) and the conditional update that writes it."""
     stored: R = evolve(detach(record), version=record.version + 1)
     row: tuple[Any, ...] = kind.row(stored)
@@ -726,7 +619,7 @@ def _replace_op(kind: _Kind[R], record: R, what: str, not_found: str) -> tuple[R
 
     def update(conn: sqlite3.Connection) -> None:
         if conn.execute(sql, values).rowcount == 0:
-            _raise_lost(conn, kind, key, record.version, what, not_found)
+            _raise_lost(conn, kind, key, record.version, kind.what(record))
 
     return stored, update
 
