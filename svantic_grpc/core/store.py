@@ -315,11 +315,14 @@ class Store(ABC):
 
     # Event log
 
-    @abstractmethod
     async def append_event(
         self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
     ) -> Event:
         """Append to the session's log; the event gets the next sequence number (from 1)."""
+        (event,) = await self.append_events(
+            tenant_id=tenant_id, session_id=session_id, time=time, payloads=(payload,)
+        )
+        return event
 
     @abstractmethod
     async def write(self, change: Change) -> Changed:
@@ -379,14 +382,11 @@ class Store(ABC):
         )
         return written.messages[0], written.events
 
+    @abstractmethod
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> Sequence[Event]:
-        """Append several events at once, numbered consecutively (a store may do it in one write)."""
-        return [
-            await self.append_event(tenant_id=tenant_id, session_id=session_id, time=time, payload=p)
-            for p in payloads
-        ]
+        """Append events to the session's log in one write, numbered consecutively after the last."""
 
     @abstractmethod
     async def list_events(

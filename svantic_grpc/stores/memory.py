@@ -240,14 +240,15 @@ class MemoryStore(Store):
     async def list_audit(self, *, tenant_id: str, request_id: str = "") -> Sequence[AuditRecord]:
         return [r for r in self._audit.get(tenant_id, []) if not request_id or r.request_id == request_id]
 
-    async def append_event(
-        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
-    ) -> Event:
+    async def append_events(
+        self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    ) -> Sequence[Event]:
         key = (tenant_id, session_id)
         log = self._events.setdefault(key, [])
-        event = Event(tenant_id, session_id, self._trimmed.get(key, 0) + len(log) + 1, time, detach(payload))
-        log.append(event)
-        return event
+        first = self._trimmed.get(key, 0) + len(log) + 1
+        events = [Event(tenant_id, session_id, first + n, time, detach(p)) for n, p in enumerate(payloads)]
+        log.extend(events)
+        return events
 
     async def write(self, change: Change) -> Changed:
         records: tuple[Session | Message | InputRequest | AgentRegistration, ...] = (
@@ -269,12 +270,12 @@ class MemoryStore(Store):
             table[key] = record
         audit = tuple([await self.append_audit(record) for record in change.audit])
         events = tuple(
-            [
-                await self.append_event(
-                    tenant_id=change.tenant_id, session_id=change.session_id, time=change.time, payload=p
-                )
-                for p in change.events
-            ]
+            await self.append_events(
+                tenant_id=change.tenant_id,
+                session_id=change.session_id,
+                time=change.time,
+                payloads=change.events,
+            )
         )
         ends = list(accumulate((len(change.sessions), len(change.messages), len(change.inputs))))
         return Changed(

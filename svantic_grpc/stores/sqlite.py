@@ -326,14 +326,6 @@ class SqliteStore(Store):
 
     # Event log
 
-    async def append_event(
-        self, *, tenant_id: str, session_id: str, time: float, payload: EventPayload
-    ) -> Event:
-        (event,) = await self.append_events(
-            tenant_id=tenant_id, session_id=session_id, time=time, payloads=(payload,)
-        )
-        return event
-
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
