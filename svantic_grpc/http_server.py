@@ -54,10 +54,20 @@ class HttpServer:
         ready: Whether the mesh serves now (``/readyz`` answers 200 only then).
         public_url: How callers elsewhere reach this server (e.g. webhook callback URLs);
             empty: ``url``.
+        wrap: Wraps the whole ASGI application (e.g. tracing middleware); ``None``: as is.
     """
 
-    def __init__(self, address: str, *, ready: Callable[[], bool], public_url: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        ready: Callable[[], bool],
+        public_url: str = "",
+        wrap: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.address = address
+        self._wrap = wrap
+        """Wraps the ASGI application before it serves (the tracing middleware), when given."""
         self._ready = ready
         self._public_url = public_url.rstrip("/")
         self._routes: list[BaseRoute] = []
@@ -111,7 +121,9 @@ class HttpServer:
         """
         if self._server is not None:
             return
-        app = self.app()
+        app: Any = self.app()
+        if self._wrap is not None:
+            app = self._wrap(app)
         port = int(self.address.rpartition(":")[2])
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:

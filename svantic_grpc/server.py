@@ -51,7 +51,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
 )
 from svantic_grpc.stores import MemoryStore, open_store
-from svantic_grpc.tracing import OtelTracing, provider_from_env, tracer_of
+from svantic_grpc.tracing import OtelTracing, http_middleware, provider_from_env, tracer_of
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -152,8 +152,12 @@ class MeshServer:
         except ValueError as exc:  # an internal agent class or the dispatch key could not be loaded
             raise SettingsError(f"settings: {exc}") from None
         self._ready = False
+        provider = self.tracer_provider
         self.http = HttpServer(
-            settings.http_address, ready=lambda: self._ready, public_url=settings.http_public_url
+            settings.http_address,
+            ready=lambda: self._ready,
+            public_url=settings.http_public_url,
+            wrap=(lambda app: http_middleware(app, provider)) if provider is not None else None,
         )
         """The HTTP server; mount further routes on it with ``self.http.mount(routes)`` before start."""
         self.adapters = AdapterHost(

@@ -1,4 +1,5 @@
-"""Traces: OpenTelemetry spans for each gRPC call and each dispatch to a hosted agent.
+"""Traces: OpenTelemetry spans for each gRPC call and HTTP request, each dispatch, each input
+request and each resolution.
 
 Off unless the standard environment asks for it: ``OTEL_TRACES_EXPORTER=otlp`` or an
 OTLP endpoint (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``),
@@ -9,21 +10,31 @@ name). Off, no span is made and the interceptor does not wrap calls for tracing 
 
 The W3C ``traceparent`` of an incoming gRPC call is the parent of its span; the span is
 current while the call runs, so the dispatches it starts and the log lines it writes
-belong to its trace, and the hosted agent gets the dispatch span's ``traceparent``.
+belong to its trace, and the hosted agent gets the dispatch span's ``traceparent``. HTTP
+requests (the A2A bindings, webhook callbacks, Slack) get the same from OpenTelemetry's ASGI
+middleware (``http_middleware``). An input request's span runs from raise to end; the
+resolution answering it is its child, linked to the call that carried the answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.trace import SpanKind, Tracer, TracerProvider
+from opentelemetry.trace import Link, Span, SpanKind, Tracer, TracerProvider
 
 from svantic_grpc.core.tracing import Tracing
 
-__all__ = ["OtelTracing", "provider_from_env", "tracer_of"]
+__all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of"]
+
+_OPEN_INPUTS = 10_000
+"""Input request spans kept open at most; past it the oldest ends (as ``unknown``)."""
+
+_UNTRACED_PATHS = (r"/healthz(\?|$)", r"/readyz(\?|$)", r"/metrics(\?|$)")
+"""Probes and scrapes: no span each time a balancer or Prometheus calls."""
 
 
 class OtelTracing(Tracing):
@@ -31,6 +42,8 @@ class OtelTracing(Tracing):
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
+        self._inputs: dict[str, Span] = {}
+        """Spans of pending input requests raised in this process, by request id (oldest first)."""
 
     @contextmanager
     def dispatch(self, *, agent_type: str, instance_id: str) -> Iterator[Mapping[str, str]]:
@@ -41,6 +54,51 @@ class OtelTracing(Tracing):
             headers: dict[str, str] = {}
             propagate.inject(headers)
             yield headers
+
+    def input_raised(self, *, request_id: str, kind: str, session_id: str) -> None:
+        attributes = {
+            "svantic.request_id": request_id,
+            "svantic.input_kind": kind,
+            "svantic.session_id": session_id,
+        }
+        self._inputs[request_id] = self._tracer.start_span(
+            f"input {kind}", kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        while len(self._inputs) > _OPEN_INPUTS:
+            oldest = next(iter(self._inputs))
+            self._inputs.pop(oldest).end()
+
+    def input_ended(self, *, request_id: str, outcome: str, surface: str) -> None:
+        span = self._inputs.pop(request_id, None)
+        if span is not None:
+            span.set_attributes({"svantic.outcome": outcome, "svantic.surface": surface})
+            span.end()
+
+    @contextmanager
+    def resolution(self, *, request_id: str, surface: str) -> Iterator[None]:
+        carrier = trace.get_current_span().get_span_context()
+        links = [Link(carrier)] if carrier.is_valid else []
+        raised = self._inputs.get(request_id)
+        parent = trace.set_span_in_context(raised) if raised is not None else None
+        attributes = {"svantic.request_id": request_id, "svantic.surface": surface}
+        with self._tracer.start_as_current_span(
+            f"resolve {surface}", context=parent, kind=SpanKind.INTERNAL, links=links, attributes=attributes
+        ):
+            yield
+
+
+def http_middleware(app: Any, provider: TracerProvider) -> Any:
+    """``app`` wrapped in OpenTelemetry's ASGI middleware: a server span per HTTP request, the
+    caller's W3C ``traceparent`` its parent, current while the route runs (probes left out)."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.util.http import ExcludeList
+
+    return OpenTelemetryMiddleware(
+        app,
+        excluded_urls=ExcludeList(_UNTRACED_PATHS),
+        tracer_provider=provider,
+        exclude_spans=["receive", "send"],
+    )
 
 
 def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:

@@ -277,6 +277,8 @@ class _InputExecutor(AgentExecutor):
         self.answer_texts: list[str] = []
         """The text of each answering turn."""
         self.token_errors: list[str] = []
+        self.traceparents: list[str] = []
+        """The W3C ``traceparent`` header of each turn (empty when none came)."""
         self.card = AgentCard(
             name=spec.instance_id,
             description=f"asks a human ({spec.agent_type})",
@@ -306,6 +308,8 @@ class _InputExecutor(AgentExecutor):
             task = new_task_from_user_message(context.message)
             await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
+        headers = (context.call_context.state.get("headers") or {}) if context.call_context else {}
+        self.traceparents.append(headers.get("traceparent", ""))
         try:
             await self._keys.verify(_bearer(context), self.spec.instance_id)
         except Exception as exc:

@@ -8,6 +8,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
+from a2a.client import ClientCallContext
+from a2a.helpers import new_data_part
+from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
@@ -18,16 +22,20 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from svantic_grpc.config import parse_settings
 from svantic_grpc.connected_agent import Dispatch, Reply
-from svantic_grpc.pb import message_service_pb2, session_service_pb2
+from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from svantic_grpc.server import MeshServer
 from svantic_grpc.tracing import provider_from_env
 from tests._support import SIGNING_ENV, Client, running_server, tenant_settings
+from tests.a2a_ingress_support import a2a_client
 from tests.agents_a2a import HostedAgent, hosted_agents
-from tests.agents_connected import WAIT, data, running_agent
+from tests.agents_connected import WAIT, data, running_agent, wait_for_state
 from tests.agents_connected import new_session as connected_session
 from tests.agents_connected import send as connected_send
+from tests.agents_inputs import HostedInputAgent, artifact_texts, hosted_input_agents, pending, resolution
 from tests.api.test_messages_hosted import new_session, register, target, text
 
+COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
+INPUT_REQUIRED = message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
@@ -138,3 +146,98 @@ async def test_health_watch_works_with_metrics_on_and_tracing_off() -> None:
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
         assert client.server.metrics is not None
+
+
+HUMAN_TRACE = "0af7651916cd43dd8448eb211c80319c"
+HUMAN_SPAN = "b7ad6b7169203331"
+
+
+async def test_the_human_answer_reads_in_the_trace_of_the_message_it_answers() -> None:
+    # client -> mesh -> hosted agent (asks) -> mesh -> human (ResolveInput, from another trace) -> agent
+    async with (
+        traced_server() as (client, exporter),
+        hosted_input_agents(client.channel, HostedInputAgent("ask-h", agent_type="hosted-ask")) as hosted,
+    ):
+        agent = hosted["ask-h"]
+        await client.registry.RegisterAgent(agent.registration(), metadata=await client.md(), timeout=WAIT)
+        session_id = await connected_session(client)
+        metadata = (*await client.md(), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+        asked = await connected_send(
+            client, session_id, "hello", data({"target_agent": "hosted-ask"}), md=metadata
+        )
+        assert asked.state == INPUT_REQUIRED, asked.state_reason
+        [question] = (await pending(client, session_id)).requests
+        human = (*await client.md(), ("traceparent", f"00-{HUMAN_TRACE}-{HUMAN_SPAN}-01"))
+        await client.messages.ResolveInput(
+            message_service_pb2.ResolveInputRequest(
+                request_id=question.request_id, resolution=resolution(values={"answer": "Ada"})
+            ),
+            metadata=human,
+            timeout=WAIT,
+        )
+        done = await wait_for_state(client, session_id, asked.message_id, COMPLETED)
+        assert artifact_texts(done) == ["Nice to meet you, Ada"]
+
+    spans = exporter.get_finished_spans()
+    [dispatch] = [s for s in spans if s.name == "dispatch hosted-ask"]
+    [raised] = [s for s in spans if s.name == "input form"]
+    [answered] = [s for s in spans if s.name == "resolve grpc"]
+    [rpc] = [s for s in spans if s.name == "/svantic.v1.MessageService/ResolveInput"]
+    assert format(dispatch.context.trace_id, "032x") == TRACE_ID
+    # The request is the dispatch's child, open from the question until the answer.
+    assert raised.context.trace_id == dispatch.context.trace_id
+    assert raised.parent is not None and raised.parent.span_id == dispatch.context.span_id
+    assert raised.attributes is not None
+    assert raised.attributes["svantic.request_id"] == question.request_id
+    assert (raised.attributes["svantic.outcome"], raised.attributes["svantic.surface"]) == (
+        "resolved",
+        "grpc",
+    )
+    # The answer is the request's child, linked to the human's own call (another trace).
+    assert answered.context.trace_id == dispatch.context.trace_id
+    assert answered.parent is not None and answered.parent.span_id == raised.context.span_id
+    assert [link.context.span_id for link in answered.links] == [rpc.context.span_id]
+    assert format(rpc.context.trace_id, "032x") == HUMAN_TRACE
+    # Both turns reached the agent inside the dispatch's span: the answer too.
+    expected = f"00-{TRACE_ID}-{format(dispatch.context.span_id, '016x')}-01"
+    assert agent.traceparents == [expected, expected]
+
+
+async def test_an_a2a_clients_traceparent_header_is_the_parent_of_the_mesh_spans() -> None:
+    async def echo(dispatch: Dispatch, reply: Reply) -> None:
+        await reply.artifact(f"echo: {dispatch.text}", name="echo")
+        await reply.complete()
+
+    async with traced_server() as (client, exporter), running_agent(client, echo):
+        session_id = await connected_session(client)
+        token = await client.token("acme-full")
+        context = ClientCallContext(
+            service_parameters={
+                "Authorization": f"Bearer {token}",
+                "traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01",
+            },
+            timeout=WAIT,
+        )
+        message = Message(
+            message_id="m-traced",
+            role=Role.ROLE_USER,
+            parts=[Part(text="hi"), new_data_part({"target_agent": "echo"})],
+            context_id=session_id,
+        )
+        async with a2a_client(client.server.http.url, streaming=False) as a2a:
+            [response] = [
+                e async for e in a2a.send_message(SendMessageRequest(message=message), context=context)
+            ]
+        assert response.task.status.state == TaskState.TASK_STATE_COMPLETED
+
+    spans = exporter.get_finished_spans()
+    [http] = [s for s in spans if s.kind is SpanKind.SERVER and s.name.startswith("POST")]
+    assert format(http.context.trace_id, "032x") == TRACE_ID
+    assert http.parent is not None and format(http.parent.span_id, "016x") == CLIENT_SPAN
+    [dispatch] = [s for s in spans if s.name == "dispatch echo"]
+    assert dispatch.context.trace_id == http.context.trace_id
+    # Probes are not traced.
+    async with traced_server() as (client, exporter):
+        async with httpx.AsyncClient() as http_client:
+            assert (await http_client.get(f"{client.server.http.url}/healthz")).status_code == 200
+        assert exporter.get_finished_spans() == ()

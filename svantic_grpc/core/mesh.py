@@ -161,6 +161,7 @@ class Mesh:
             ),
             default_ttl_s=options.input_request_ttl_s,
             metrics=metrics,
+            tracing=tracing,
         )
         self.sessions.on_close(self._session_closing)
         self.serving = asyncio.Event()

@@ -42,6 +42,7 @@ from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored
+from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["InputListener", "Inputs"]
 
@@ -69,8 +70,10 @@ class Inputs:
         policies: PolicyEngine,
         default_ttl_s: float,
         metrics: Metrics = NO_METRICS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         self._store = store
         self._write = write
         """Writes a change to requests with the session's paused/active status (``Sessions.write_inputs``)."""
@@ -133,6 +136,7 @@ class Inputs:
         (request,) = (await self._write(change, f"waiting for a human: {draft.summary}")).inputs
         self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
         self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
+        self._tracing.input_raised(request_id=request.request_id, kind=kind.value, session_id=session_id)
         self._notify("on_request", request)
         return request
 
@@ -202,6 +206,12 @@ class Inputs:
         self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
     ) -> InputRequest:
         """Answer a pending request; the first answer wins (see the module docstring)."""
+        with self._tracing.resolution(request_id=request_id, surface=surface.value):
+            return await self._resolve(tenant_id, request_id, resolution, responder, surface)
+
+    async def _resolve(
+        self, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
+    ) -> InputRequest:
         check_id("request_id", request_id)
         check_json_depth("resolution.values", resolution.values)
         check_json_depth("resolution.payload", resolution.payload)
@@ -324,6 +334,7 @@ class Inputs:
                 "outcome": request.state.value,
             },
         )
+        self._tracing.input_ended(request_id=request.request_id, outcome=request.state.value, surface=surface)
         self.expiry.forget(request.tenant_id, request.request_id)
         waiting = self._pending.get((request.tenant_id, request.session_id))
         if waiting is not None:
