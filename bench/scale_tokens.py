@@ -4,13 +4,15 @@ Run from the repository root::
 
     .venv/bin/python bench/scale_tokens.py                  # ~1-2 min on 2 cores (1,000 scrypts)
     .venv/bin/python bench/scale_tokens.py --agents 200     # quicker
+    .venv/bin/python bench/scale_tokens.py --cost 10        # stored hashes made with scrypt N=2**10
 
-The mesh server runs in its own process (``MeshServer``, memory store, production
-scrypt cost 2**14 for every stored hash) with one tenant holding ``--agents`` + 1
-credentials: ``shared`` (used by every agent in the shared phases) and ``agent-NNNN``
-(one per agent in the distinct phases). The distinct credentials share one hash string
-(one secret, one salt) so the setup costs one scrypt, not a thousand: the server still
-verifies each client id on its own (what it remembers is per client id and hash).
+The mesh server runs in its own process (``MeshServer``, memory store, every stored
+hash made with scrypt N=2**``--cost``, by default the production 2**14) with one
+tenant holding ``--agents`` + 1 credentials: ``shared`` (used by every agent in the
+shared phases) and ``agent-NNNN`` (one per agent in the distinct phases). The distinct
+credentials share one hash string (one secret, one salt) so the setup costs one scrypt,
+not a thousand: the server still verifies each client id on its own (what it
+remembers is per client id and hash).
 
 Each agent is what ``ConnectedAgent`` does when it (re)connects: a new channel (TCP and
 HTTP/2 set-up included), ``GetToken``, close. ``--concurrency`` agents at a time. An
@@ -162,20 +164,20 @@ async def _failed_attempts(server: Server, target: str, count: int, scrypt_ms: f
     )
 
 
-def _scrypt_ms() -> float:
+def _scrypt_ms(cost: int) -> float:
     from svantic_grpc.core.auth import hash_secret, verify_secret
 
-    stored = hash_secret("reference")
+    stored = hash_secret("reference", cost=2**cost)
     start = time.process_time()
     for _ in range(5):
         verify_secret("reference", stored)
     return (time.process_time() - start) / 5 * 1000
 
 
-def _settings(agents: int, secret: str) -> dict[str, object]:
+def _settings(agents: int, secret: str, cost: int) -> dict[str, object]:
     from svantic_grpc.core.auth import hash_secret
 
-    stored = hash_secret(secret)  # the production cost, 2**14
+    stored = hash_secret(secret, cost=2**cost)
     credentials = [{"client_id": "shared", "secret_hash": stored}]
     credentials += [{"client_id": f"agent-{n:04d}", "secret_hash": stored} for n in range(agents)]
     return {
@@ -194,16 +196,16 @@ async def parent(args: argparse.Namespace) -> int:
         f" | Python {platform.python_version()} | grpcio {grpc.__version__}"
         f" | svantic-grpc at {revision('svantic_grpc')}"
     )
-    scrypt_ms = _scrypt_ms()
+    scrypt_ms = _scrypt_ms(args.cost)
     print(
         f"{args.agents} agents, {args.concurrency} at a time, each a new channel + GetToken;"
-        f" scrypt (N=2**14) here: {scrypt_ms:.1f} ms CPU, so without the cache 1,000 tokens cost"
+        f" scrypt (N=2**{args.cost}) here: {scrypt_ms:.1f} ms CPU, so without the cache 1,000 tokens cost"
         f" {scrypt_ms:.0f} s of server CPU"
     )
     secret = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "settings.json"
-        path.write_text(json.dumps(_settings(args.agents, secret)))
+        path.write_text(json.dumps(_settings(args.agents, secret, args.cost)))
         env = {**os.environ, "BENCH_SIGNING_KEY": secrets.token_urlsafe(48)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, str(SCRIPT), "--role", "mesh-server", "--settings", str(path),
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=TARGET_AGENTS, help="agents (credentials) per phase")
     parser.add_argument("--concurrency", type=int, default=100, help="agents getting a token at once")
     parser.add_argument("--failed", type=int, default=1000, help="wrong secrets measured once limited")
+    parser.add_argument("--cost", type=int, default=14, help="scrypt N=2**COST of the stored hashes")
     parser.add_argument("--max-run-s", type=float, default=600.0, help="the server stops itself after this")
     # Internal: how the parent starts the server.
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "parent":
-        if args.agents < 1 or args.concurrency < 1 or args.failed < 1:
-            raise SystemExit("--agents, --concurrency and --failed must be >= 1")
+        if args.agents < 1 or args.concurrency < 1 or args.failed < 1 or not 1 <= args.cost <= 20:
+            raise SystemExit("--agents, --concurrency and --failed must be >= 1, --cost 1..20")
         return asyncio.run(asyncio.wait_for(parent(args), args.max_run_s))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:
