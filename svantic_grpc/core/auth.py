@@ -12,7 +12,6 @@ import base64
 import enum
 import hashlib
 import hmac
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from typing import Any
 
 import jwt
 
-from svantic_grpc.core.auth_guard import AttemptLimit, FailedAttempts, VerifiedSecrets, address_key
+from svantic_grpc.core.auth_guard import AttemptLimit, SignInLimits, VerifiedSecrets, address_key
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from svantic_grpc.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = [
     "AttemptLimit",
@@ -36,7 +35,6 @@ __all__ = [
 ]
 
 _ALGORITHM = "HS256"
-_MAX_SIGNED_IN_PAIRS = 100_000
 _FAILED_PER_CLIENT = AttemptLimit(burst=10, refill_s=30.0)
 _FAILED_PER_PEER = AttemptLimit(burst=20, refill_s=1.0)
 _VERIFIED_CACHE_SIZE = 10_000
@@ -157,10 +155,9 @@ class TokenIssuer:
         self._clock = clock
         self._ids = ids
         self._secrets = VerifiedSecrets(verify_secret)
-        self._per_client = FailedAttempts(settings.failed_per_client, clock)
-        self._per_peer = FailedAttempts(settings.failed_per_peer, clock)
-        self._signed_in_from: dict[tuple[str, str], None] = {}
-        """(client id, peer) pairs that proved the secret: a client id's limit does not refuse them."""
+        self._limits = SignInLimits(
+            per_client=settings.failed_per_client, per_peer=settings.failed_per_peer, clock=clock
+        )
         # Verified tokens -> (caller, issued at, expiry). A token is immutable, so its signature needs
         # checking once; expiry is still checked on every call. Bounded: oldest dropped first.
         self._verified: dict[str, tuple[Caller, float, float]] = {}
@@ -240,39 +237,17 @@ class TokenIssuer:
         """
         stored = credential.secret_hash if credential else _DUMMY_HASH
         digest = self._secrets.digest(client_id, secret, stored)
-        self._refuse_when_limited(client_id, peer)
+        self._limits.check(client_id, peer)
         if credential is not None and self._secrets.known(client_id, digest):
             return True
         if self._secrets.in_flight(digest):  # the same attempt is being checked: share its answer
             return await self._secrets.verify(secret, stored, digest) and credential is not None
-        # Counted as failed until it proves right, so attempts in flight are limited too.
-        self._per_client.charge(client_id)
-        if peer:
-            self._per_peer.charge(peer)
+        self._limits.attempt(client_id, peer)
         if not await self._secrets.verify(secret, stored, digest) or credential is None:
             return False
-        self._per_client.refund(client_id)
-        if peer:
-            self._per_peer.refund(peer)
-            self._signed_in_from.pop((client_id, peer), None)
-            if len(self._signed_in_from) >= _MAX_SIGNED_IN_PAIRS:
-                del self._signed_in_from[next(iter(self._signed_in_from))]
-            self._signed_in_from[(client_id, peer)] = None
+        self._limits.succeeded(client_id, peer)
         self._secrets.remember(client_id, digest)
         return True
-
-    def _refuse_when_limited(self, client_id: str, peer: str) -> None:
-        wait = self._per_peer.retry_after(peer) if peer else 0.0
-        if (client_id, peer) not in self._signed_in_from:
-            # A peer that signed in as this client before is not refused for others' failures on it.
-            wait = max(wait, self._per_client.retry_after(client_id))
-        if wait > 0:
-            raise ResourceExhausted(
-                f"too many failed attempts for this client_id or from this address; retry in {wait:.1f} s",
-                reason="TOO_MANY_FAILED_ATTEMPTS",
-                metadata={"retry_after_ms": str(math.ceil(wait * 1000))},
-                retry_after_s=wait,
-            )
 
     def verify(self, token: str) -> Caller:
         """The caller a token identifies.

@@ -13,6 +13,11 @@ Two parts, both in memory of one process, both used by ``TokenIssuer.issue`` onl
   ``burst`` failures are allowed at once, then one more per ``refill_s``; an exhausted
   bucket answers with the time until the next attempt is allowed. Nothing is locked
   for ever: a bucket refills as soon as the failures stop.
+* ``SignInLimits``: the two buckets together. An attempt that needs scrypt counts as
+  failed from the moment it starts (so attempts in flight are limited too) and is
+  refunded when it proves right. A peer that signed in as a client id before is not
+  refused for that client id's failures, only for its own: someone guessing from
+  elsewhere cannot lock out an agent that already signed in.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.errors import ResourceExhausted
 
-__all__ = ["AttemptLimit", "FailedAttempts", "VerifiedSecrets", "address_key"]
+__all__ = ["AttemptLimit", "FailedAttempts", "SignInLimits", "VerifiedSecrets", "address_key"]
 
 _MAX_KEYS = 100_000
 """Bound on the keys (client ids, peers, client id + peer pairs) each table remembers."""
@@ -86,6 +93,49 @@ class FailedAttempts:
             del self._debts[key]
             return 0.0
         return owed
+
+
+class SignInLimits:
+    """Failed sign-in attempts per client id and per peer (``""``: the transport could not tell)."""
+
+    def __init__(
+        self, *, per_client: AttemptLimit, per_peer: AttemptLimit, clock: Clock, max_keys: int = _MAX_KEYS
+    ) -> None:
+        self._per_client = FailedAttempts(per_client, clock, max_keys=max_keys)
+        self._per_peer = FailedAttempts(per_peer, clock, max_keys=max_keys)
+        self._max_keys = max_keys
+        self._signed_in_from: dict[tuple[str, str], None] = {}
+        """(client id, peer) pairs that proved the secret: the client id's bucket does not refuse them."""
+
+    def check(self, client_id: str, peer: str) -> None:
+        """Raise ``ResourceExhausted`` (with the retry delay) when this attempt is refused."""
+        wait = self._per_peer.retry_after(peer) if peer else 0.0
+        if (client_id, peer) not in self._signed_in_from:
+            wait = max(wait, self._per_client.retry_after(client_id))
+        if wait > 0:
+            raise ResourceExhausted(
+                f"too many failed attempts for this client_id or from this address; retry in {wait:.1f} s",
+                reason="TOO_MANY_FAILED_ATTEMPTS",
+                metadata={"retry_after_ms": str(math.ceil(wait * 1000))},
+                retry_after_s=wait,
+            )
+
+    def attempt(self, client_id: str, peer: str) -> None:
+        """Count an attempt as failed until ``succeeded`` says otherwise."""
+        self._per_client.charge(client_id)
+        if peer:
+            self._per_peer.charge(peer)
+
+    def succeeded(self, client_id: str, peer: str) -> None:
+        """Take back ``attempt``'s count, and trust this peer for this client id from now on."""
+        self._per_client.refund(client_id)
+        if not peer:
+            return
+        self._per_peer.refund(peer)
+        self._signed_in_from.pop((client_id, peer), None)  # re-inserted last: oldest dropped first
+        if len(self._signed_in_from) >= self._max_keys:
+            del self._signed_in_from[next(iter(self._signed_in_from))]
+        self._signed_in_from[(client_id, peer)] = None
 
 
 class VerifiedSecrets:
