@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from svantic_grpc.api._context import peer_host
 from svantic_grpc.core.auth import Credential, hash_secret
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.pb import auth_service_pb2
@@ -145,3 +146,17 @@ async def test_a_wrong_secret_is_never_accepted_after_the_right_one_was_remember
         # Right secret, wrong client: acme's remembered secret is not globex's.
         assert await _refused(client, "globex-full", SECRET) == grpc.StatusCode.UNAUTHENTICATED
         assert await _get_token(client, "acme-full")
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:127.0.0.1:50123", "127.0.0.1"),
+        ("ipv6:%5B::1%5D:50123", "::1"),
+        ("ipv6:[2001:db8::7]:443", "2001:db8::7"),
+        ("unix:/run/mesh.sock", "unix:/run/mesh.sock"),
+        ("", ""),
+    ],
+)
+def test_the_peer_is_counted_by_its_host_not_its_port(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
