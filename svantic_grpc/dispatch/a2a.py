@@ -80,6 +80,8 @@ _STATES = {
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
 _BINDINGS: dict[str, str] = {TransportProtocol.JSONRPC: "a2a-jsonrpc", TransportProtocol.GRPC: "a2a-grpc"}
 """The A2A bindings the mesh speaks, in its order of preference, and their names in GetAgent."""
+_DRAIN_S = 0.5
+"""How long the end of a stream may take to come after the agent's final update."""
 
 
 class A2ATransport:
@@ -173,6 +175,8 @@ class A2ATransport:
                             break
                         # Mark the end before yielding: the caller stops reading after a final update.
                         ended = update.state in _ENDS
+                        if ended:
+                            await _drain(stream)
                         yield update
                         if ended:
                             return
@@ -246,6 +250,16 @@ def _never_sent(cause: BaseException | None) -> bool:
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return True
     return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _drain(stream: AsyncGenerator[Any, None]) -> None:
+    """Read what follows a final update up to the stream's end (an A2A server ends it there), so
+    the HTTP response is read whole and its connection goes back to the pool for the next call
+    instead of being closed; an agent that keeps the stream open past ``_DRAIN_S`` loses it."""
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in stream:
+                pass
 
 
 async def _cancel_quietly(client: Client, task_id: str, context: ClientCallContext) -> None:
