@@ -8,6 +8,7 @@ Run from the repository root::
     .venv/bin/python bench/message_roundtrip.py --py-spy         # + sampling profile (pip install py-spy)
     .venv/bin/python bench/message_roundtrip.py --relay          # + a bare two-hop relay for reference
     .venv/bin/python bench/message_roundtrip.py --observability  # + the mesh with metrics off (issue 14)
+    .venv/bin/python bench/message_roundtrip.py --hosted         # + a hosted a2a-sdk agent: direct vs mesh
 
 What runs, each in its own process (started with ``subprocess``) so no two
 share an event loop or the GIL, all on 127.0.0.1:
@@ -32,6 +33,12 @@ share an event loop or the GIL, all on 127.0.0.1:
   (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a sink in
   the parent process that answers 200. The ratio mesh/mesh-off is what
   observability costs (target >= 0.9x).
+* **direct** and **hosted** (``--hosted``, optional; issue 12 item 1): a plain
+  a2a-sdk JSON-RPC echo agent server in its own process, called by the client
+  directly with a2a-sdk's streaming client (the call the mesh makes), and through
+  the mesh (``SendMessage`` -> mesh -> that agent, registered as hosted -> back).
+  Target: hosted/direct >= 0.9x at 1 and 16 clients, mesh server CPU per hosted
+  message <= 2 ms. See ``bench/_hosted.py``.
 * **client**: the same program for all. ``--concurrency`` asyncio tasks share
   one channel; each sends a small message, waits for the answer, and sends the
   next, until the time is up. For the mesh each task has its own session (made
@@ -87,6 +94,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _hosted
 import grpc
 from _child import Child, revision, say, until_stdin_closes, watchdog
 from grpc import aio
@@ -340,6 +348,10 @@ async def run_client(args: argparse.Namespace) -> None:
             calls = _bare_calls(channel, args.concurrency, args.payload)
         elif args.mode == "relay":
             calls = _bare_calls(channel, args.concurrency, args.payload, RELAY_CALL)
+        elif args.mode == "direct":
+            calls = await _hosted.direct_calls(args.agent_url, args.concurrency)
+        elif args.mode == "hosted":
+            calls = await _hosted.hosted_calls(channel, args.concurrency)
         else:
             sessions = args.sessions or args.concurrency
             calls = await _mesh_calls(channel, args.concurrency, sessions)
@@ -460,6 +472,7 @@ async def measure(
         str(args.sessions),
         "--payload",
         str(args.payload),
+        *(["--agent-url", args.agent_url] if args.agent_url else []),
     ]
     client = await spawn(f"client-{mode}", "client", args.warmup + args.duration + 60, *extra)
     watched = {**servers, "client": client}
@@ -681,6 +694,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     sys.stdout.flush()
     modes = ["bare", "mesh", *(["relay"] if args.relay else [])]
     modes += ["mesh-off"] if args.observability else []
+    modes += ["direct", "hosted"] if args.hosted else []
     life = 60 + len(concurrencies) * args.rounds * len(modes) * (args.warmup + args.duration + 30)
     tmp = Path(tempfile.mkdtemp(prefix="svantic-bench-"))
     mesh_prof, agent_prof = tmp / "mesh-server.prof", tmp / "agent.prof"
@@ -734,6 +748,11 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             agent_off = await spawn("agent-off", "agent", life, "--target", mesh_off_target)
             children.append(agent_off)
             await agent_off.expect("READY", 60)
+        if args.hosted:
+            hosted_agent = await spawn("hosted-agent", "hosted-agent", life)
+            children.append(hosted_agent)
+            args.agent_url = await hosted_agent.expect("URL", 60)
+            await _hosted.register(mesh_target, args.agent_url)
         for concurrency in concurrencies:
             for round_no in range(1, args.rounds + 1):
                 shift = (round_no - 1) % len(modes)
@@ -750,6 +769,14 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                     elif mode == "relay":
                         servers = {"server": relay, "agent": relay_agent}
                         row = await measure(args, "relay", concurrency, round_no, relay_target, servers, [])
+                    elif mode in ("direct", "hosted"):  # direct: no mesh server in the path
+                        servers = {"agent": hosted_agent, **({"server": mesh} if mode == "hosted" else {})}
+                        spied = None
+                        if args.py_spy and round_no == 1 and mode == "hosted":
+                            spied = {"server": tmp / f"py-spy-hosted-mesh-server-c{concurrency}.txt"}
+                        row = await measure(
+                            args, mode, concurrency, round_no, mesh_target, servers, [], spied
+                        )
                     else:
                         profiled = [mesh, agent] if args.profile else []
                         servers = {"server": mesh, "agent": agent}
@@ -811,6 +838,8 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                 f" without {off_rate:.0f} msgs/s"
                 f" | with/without = {kept:.2f}x  (target >= 0.90x: {'MET' if kept >= 0.9 else 'NOT MET'})"
             )
+    if args.hosted:
+        _hosted.print_hosted(rows, concurrencies, _median)
     if args.observability:
         print(f"OTLP sink: {len(_EXPORTS)} trace exports received, {sum(_EXPORTS)} bytes")
     if args.profile:
@@ -822,6 +851,10 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                 tmp / f"py-spy-mesh-server-c{concurrency}.txt", f"mesh server, c={concurrency}", args.top
             )
             _print_py_spy(tmp / f"py-spy-agent-c{concurrency}.txt", f"echo agent, c={concurrency}", args.top)
+    if args.py_spy and args.hosted:
+        for concurrency in concurrencies:
+            path = tmp / f"py-spy-hosted-mesh-server-c{concurrency}.txt"
+            _print_py_spy(path, f"mesh server, hosted, c={concurrency}", args.top)
     if args.profile or args.py_spy:
         print(f"\n(profiles and temporary files in {tmp})")
     errors = sum(r.result["errors"] for r in rows)
@@ -848,6 +881,11 @@ def main() -> None:
         action="store_true",
         help="mesh with metrics and tracing on, beside mesh-off with both off",
     )
+    parser.add_argument(
+        "--hosted",
+        action="store_true",
+        help="also a hosted a2a-sdk JSON-RPC echo agent: called directly, and through the mesh",
+    )
     parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
     parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
     parser.add_argument(
@@ -863,6 +901,7 @@ def main() -> None:
     parser.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--metrics-off", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--otlp-endpoint", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():
@@ -880,6 +919,7 @@ def main() -> None:
         "client": run_client,
         "relay-server": run_relay_server,
         "relay-agent": run_relay_agent,
+        "hosted-agent": lambda _args: _hosted.run_hosted_agent(),
     }
     asyncio.run(roles[args.role](args))
 
