@@ -46,6 +46,7 @@ __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
 _log = logging.getLogger(__name__)
 
 _PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
+_GOING_ON = (*_PROGRESS, MessageState.INPUT_REQUIRED)
 
 
 class DispatchHooks(Protocol):
@@ -341,12 +342,15 @@ class SessionDispatches:
                     after = input_outcome(job.answer).reason
                     await writer.state(MessageState.WORKING, f"{after} (after a restart)")
                 writer.remote_task(update.task_ref)
+                # What comes with the final state is written with it (the caller writes the
+                # message's end next, whatever it is): one store write instead of two or three.
+                final = update.state not in _GOING_ON
                 if update.parts:
                     said.extend(update.parts)
-                    await writer.turn(update.parts, instance_id=job.agent.instance_id)
+                    await writer.turn(update.parts, instance_id=job.agent.instance_id, hold=final)
                 if update.artifacts:
                     made.extend(update.artifacts)
-                    await writer.artifacts(update.artifacts)
+                    await writer.artifacts(update.artifacts, hold=final)
                 if update.state is MessageState.INPUT_REQUIRED:
                     ended = await ask_human(self._service._inputs, writer, job, update, deadline, yolo=yolo)
                     if isinstance(ended, Outcome):
