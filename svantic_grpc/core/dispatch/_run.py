@@ -28,6 +28,7 @@ from svantic_grpc.core.dispatch._seam import (
 )
 from svantic_grpc.core.dispatch._tokens import DispatchTokens
 from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.asks import resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.inputs.service import Inputs
@@ -298,7 +299,7 @@ class SessionDispatches:
             outcome = Outcome(MessageState.FAILED, f"{agent_type} instance {instance_id!r} failed: {exc}")
         loop_latency = asyncio.get_running_loop().time() - loop_started
         latency = max(loop_latency, service._clock.now() - started, 0.0)
-        outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
+        outcome = evolve(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED
         if outcome.state is MessageState.FAILED:
             _log.warning(
