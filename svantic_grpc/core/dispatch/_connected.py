@@ -82,7 +82,8 @@ class _Inbox:
 
 def _merged(updates: list[DispatchUpdate | _Dropped]) -> list[DispatchUpdate | _Dropped]:
     """Updates that arrived together, with each one that only says "working" and carries
-    nothing, or that only carries outputs before a bare change of state, folded into the next.
+    nothing, or that only carries outputs before a bare change of state (no turn, no outputs,
+    no question), folded into the next.
 
     The run then writes what they carry in fewer store writes: the same records and the
     same events, in the same order (an agent's ack, its artifact and its completion become
@@ -97,7 +98,7 @@ def _merged(updates: list[DispatchUpdate | _Dropped]) -> list[DispatchUpdate | _
             and previous.state in _PROGRESS
             and previous.ask is None
             and not previous.parts
-            and (not previous.artifacts or not (update.parts or update.artifacts))
+            and (not previous.artifacts or not (update.parts or update.artifacts or update.ask))
         ):
             out[-1] = DispatchUpdate(
                 update.state,
