@@ -81,7 +81,7 @@ def session(record: Session, *, expires_at: float | None, include_agents: bool =
         expires_at=timestamp(expires_at),
         closed_at=timestamp(record.closed_at),
         close_reason=record.close_reason,
-        agents=[session_agent(a) for a in record.agents] if include_agents else [],
+        agents=[session_agent(a) for a in record.all_agents()] if include_agents else [],
         version=record.version,
     )
 

@@ -128,8 +128,7 @@ async def test_create_returns_version_one_and_get_returns_the_same_record(store:
 
 
 async def test_full_session_record_round_trips(store: Store) -> None:
-    agents = (
-        SessionAgent("orchestrator", "orch-1", JoinReason.AUTO, T0, internal=True),
+    agents = (  # the internal agents are never stored: the session derives them
         SessionAgent("researcher", "r-1", JoinReason.ROUTED, T0 + 1, left_at=T0 + 2.5),
         SessionAgent("a2ui-terminal", "term-1", JoinReason.SELF, T0 + 3),
     )
