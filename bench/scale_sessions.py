@@ -277,7 +277,7 @@ async def memory_and_listing(args: argparse.Namespace) -> dict[str, object]:
             started = time.perf_counter()
             listing: list[dict[str, object]] = []
             for target in sorted({*args.list_at, args.sessions}):
-                missing = target - (len(keys) - args.warmup_sessions)
+                missing = target - len(keys)
                 if missing > 0:
                     await _in_parallel(missing, args.create_concurrency, create)
                 if target not in args.list_at:
