@@ -119,10 +119,11 @@ class Sessions:
             if self_agent_type
             else ()
         )
-        draft = Session(
+        # Opening lasts only while the agents attach: stored at once as active (one write).
+        active = Session(
             tenant_id=caller.tenant_id,
             session_id=session_id,
-            status=SessionStatus.OPENING,
+            status=SessionStatus.ACTIVE,
             created_at=now,
             updated_at=now,
             last_activity_at=now,
@@ -133,8 +134,6 @@ class Sessions:
             agents=agents,
         )
         async with self._locks.hold((caller.tenant_id, session_id)):
-            # Opening lasts only while the agents attach; stored at once as active (one write).
-            active = replace(draft, status=SessionStatus.ACTIVE)
             opened = StatusChanged(
                 SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
             )
@@ -327,7 +326,7 @@ class Sessions:
         # Forgotten before the write: even if this task is cancelled while the write is queued
         # (it still lands), nothing here goes on believing the session open.
         self._forget(tenant_id, session_id)
-        ended = replace(
+        ended = evolve(
             session,
             status=SessionStatus.CLOSED,
             agents=agents,
