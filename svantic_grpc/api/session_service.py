@@ -98,11 +98,11 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def ListSessionAgents(
         self, request: pb.ListSessionAgentsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionAgentsResponse:
-        session = await self._sessions.agents(
+        agents = await self._sessions.agents(
             current_caller(), request.session_id, include_departed=request.include_departed
         )
         return pb.ListSessionAgentsResponse(
-            session_id=session.session_id, agents=[convert.session_agent(a) for a in session.agents]
+            session_id=request.session_id, agents=[convert.session_agent(a) for a in agents]
         )
 
     async def CloseSession(

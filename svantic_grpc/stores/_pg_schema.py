@@ -111,7 +111,13 @@ _V1 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # Sessions by tenant and status in page order: a ListSessions page filtered on a status
+    # reads only its rows, however many sessions of other statuses the tenant has.
+    "CREATE INDEX sessions_by_status ON sessions (tenant_id, status, created_at, session_id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"
