@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from grpc import aio
@@ -10,6 +11,7 @@ from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_messages import message_to_pb
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.events import Event
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.models import Session, SessionStatus
@@ -29,6 +31,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._sessions = mesh.sessions
         self._messages = mesh.messages
+        self._converted = _ConvertedEvents()
 
     def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
         return convert.session(
@@ -119,8 +122,34 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         events = await self._sessions.watch(
             current_caller(), request.session_id, after_sequence=request.after_sequence
         )
+        converted = self._converted
         async for event in events:
-            yield pb.WatchSessionResponse(event=convert.event(event))
+            yield converted.response(event)
+
+
+class _ConvertedEvents:
+    """The ``WatchSessionResponse`` of recent events, converted once for all their watchers.
+
+    Every watcher of a session reads the same ``Event`` objects from the bus, so a thousand
+    watchers cost one conversion per event, not a thousand. The responses are shared and never
+    changed after they are made.
+    """
+
+    SIZE = 256
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[int, tuple[Event, pb.WatchSessionResponse]] = OrderedDict()
+
+    def response(self, event: Event) -> pb.WatchSessionResponse:
+        # Keyed by identity: the entry holds the event, so its id cannot be reused meanwhile.
+        found = self._recent.get(id(event))
+        if found is not None and found[0] is event:
+            return found[1]
+        response = pb.WatchSessionResponse(event=convert.event(event))
+        self._recent[id(event)] = (event, response)
+        if len(self._recent) > self.SIZE:
+            self._recent.popitem(last=False)
+        return response
 
 
 def _fill_history(session: session_types_pb2.Session, messages: tuple[Message, ...]) -> bool:
