@@ -30,7 +30,7 @@ _TRIM_EVERY = 64
 class Feed:
     """The live tail of one session's events, shared by that session's subscribers in this process."""
 
-    __slots__ = ("_appended", "changed", "events", "key", "start", "subscribers")
+    __slots__ = ("_appended", "_waking", "changed", "events", "key", "start", "subscribers")
 
     def __init__(self, key: tuple[str, str]) -> None:
         self.key = key
@@ -42,6 +42,7 @@ class Feed:
         self.changed = asyncio.Event()
         """Set and cleared at once on each append: wakes every reader waiting for more."""
         self._appended = 0
+        self._waking = False
 
     @property
     def end(self) -> int:
@@ -49,16 +50,24 @@ class Feed:
         return self.start + len(self.events)
 
     def append(self, events: Sequence[Event]) -> None:
-        """Add events (in sequence order) and wake the readers; O(1) per event, whatever the subscribers."""
+        """Add events (in sequence order); the readers are woken just after the writer's step.
+
+        Waking a thousand readers means a thousand callbacks: they are scheduled from the
+        loop, not from the writer's call, so the writer answers its caller first. A reader
+        that looks before then already finds the events (``Subscription.next`` reads first).
+        """
         self.events.extend(events)
         self._appended += len(events)
         if self._appended >= _TRIM_EVERY:
             self._appended = 0
             self._trim()
-        self.wake()
+        if not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self.wake)
 
     def wake(self) -> None:
         """Wake every reader waiting for more (they look again at their position)."""
+        self._waking = False
         self.changed.set()
         self.changed.clear()
 
