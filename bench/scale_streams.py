@@ -53,7 +53,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ ROOT = SCRIPT.parent.parent
 HOST = "127.0.0.1"
 BIDI = "/bench.Streams/Bidi"
 SERVER_STREAM = "/bench.Streams/Server"
+BARE_WATCH = "/bench.Streams/Watch"
+BARE_PUBLISH = "/bench.Streams/Publish"
 DEV_CLIENT = ("svantic", "your-secret")  # the loopback-only development credential
 KINDS = ("connect", "bidi", "watch", "server")
 BARE_OF = {"connect": "bidi", "watch": "server"}
@@ -107,11 +109,34 @@ async def run_bare_server(args: argparse.Namespace) -> None:
         yield b"hi"
         await asyncio.Event().wait()  # until the client cancels
 
+    # The fan-out floor: a log of stamped frames, every watcher reads all of it, then follows.
+    log: list[bytes] = []
+    changed = asyncio.Event()
+
+    async def watch(request: bytes, context: aio.ServicerContext) -> Any:
+        position = 0
+        while True:
+            while position < len(log):
+                position += 1
+                yield log[position - 1]
+            await changed.wait()
+
+    async def publish(request: bytes, context: aio.ServicerContext) -> bytes:
+        log.append(f"{len(log) + 1} {time.time():.6f} ".encode() + request)
+        asyncio.get_running_loop().call_soon(_wake)  # as the mesh does: after the writer's step
+        return b""
+
+    def _wake() -> None:
+        changed.set()
+        changed.clear()
+
     handler = grpc.method_handlers_generic_handler(
         "bench.Streams",
         {
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
             "Server": grpc.unary_stream_rpc_method_handler(server_stream),
+            "Watch": grpc.unary_stream_rpc_method_handler(watch),
+            "Publish": grpc.unary_unary_rpc_method_handler(publish),
         },
     )
     server = aio.server(options=[("grpc.so_reuseport", 0)])
@@ -280,7 +305,7 @@ async def run_streams_client(args: argparse.Namespace) -> None:
 
 
 async def run_watchers(args: argparse.Namespace) -> None:
-    """``--count`` WatchSession streams on ``--session``; per event, the largest delay and the order."""
+    """``--count`` watch streams (``--kind`` mesh or bare); per event, the largest delay, and the order."""
     from svantic_grpc.pb import session_service_pb2 as ses_pb
 
     stdin = await _stdin_lines()
@@ -294,27 +319,44 @@ async def run_watchers(args: argparse.Namespace) -> None:
         ready = 0
         all_ready = asyncio.Event()
 
+        def frames() -> Any:
+            """(sequence, stamp, what) of each frame, as they are read."""
+            if args.kind == "bare":
+
+                async def bare() -> Any:
+                    async for frame in channel.unary_stream(BARE_WATCH)(b""):
+                        seq, stamp, what = frame.decode().split(" ", 2)
+                        yield int(seq), float(stamp), what
+
+                return bare()
+
+            async def mesh_frames() -> Any:
+                call = mesh.sessions.WatchSession(
+                    ses_pb.WatchSessionRequest(session_id=args.session), metadata=mesh.md
+                )
+                async for response in call:
+                    event = response.event
+                    stamp = event.time.seconds + event.time.nanos / 1e9
+                    yield event.sequence, stamp, event.agent_joined.agent.instance_id
+
+            return mesh_frames()
+
         async def watch() -> None:
             nonlocal disorder, ready
-            call = mesh.sessions.WatchSession(
-                ses_pb.WatchSessionRequest(session_id=args.session), metadata=mesh.md
-            )
             last = 0
             seen_probe = False
-            async for response in call:
+            async for sequence, stamp, instance in frames():
                 now = time.time()
-                event = response.event
-                if event.sequence != last + 1:
+                if sequence != last + 1:
                     disorder += 1
-                last = event.sequence
-                instance = event.agent_joined.agent.instance_id
+                last = sequence
                 if instance.startswith("probe") and not seen_probe:
                     seen_probe = True
                     ready += 1
                     if ready == args.count:
                         all_ready.set()
                 elif instance.startswith("w-"):
-                    delay = now - (event.time.seconds + event.time.nanos / 1e9)
+                    delay = now - stamp
                     delays[last] = max(delays.get(last, 0.0), delay)
                     counts[last] = counts.get(last, 0) + 1
 
@@ -413,8 +455,10 @@ def _cpu_seconds(child: Child) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _invites(mesh: _Mesh, session_id: str, prefix: str, args: argparse.Namespace) -> list[float]:
-    """``--events`` InviteAgent calls, one every ``--interval-ms``; their latencies in seconds."""
+async def _writes(
+    write: Callable[[str], Awaitable[None]], prefix: str, args: argparse.Namespace
+) -> list[float]:
+    """``--events`` writes, one every ``--interval-ms``; their latencies in seconds."""
     latencies = []
     loop = asyncio.get_running_loop()
     tick = loop.time()
@@ -422,51 +466,52 @@ async def _invites(mesh: _Mesh, session_id: str, prefix: str, args: argparse.Nam
         tick += args.interval_ms / 1000
         await asyncio.sleep(max(0.0, tick - loop.time()))
         began = time.perf_counter()
-        await mesh.invite(session_id, f"{prefix}-{i}")
+        await write(f"{prefix}-{i}")
         latencies.append(time.perf_counter() - began)
     return latencies
 
 
-async def fanout(args: argparse.Namespace) -> dict[str, float]:
-    server = await spawn("mesh-server", "mesh-server", args.max_seconds)
+async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
+    """One fan-out run on a fresh server: ``kind`` "mesh" (WatchSession, InviteAgent) or "bare"."""
+    server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds)
     watchers: list[Child] = []
     try:
         port = await server.expect("PORT", 60)
         target = f"{HOST}:{port}"
         async with aio.insecure_channel(target) as channel:
-            mesh = _Mesh(channel)
-            await mesh.sign_in()
-            watched, alone_session = await mesh.new_session(), await mesh.new_session()
-            await mesh.register(
-                ["probe", *(f"{s}-{i}" for s in ("w", "q") for i in range(args.events))], connected=False
-            )
-            await mesh.invite(watched, "probe")
-            # The same calls on a twin session nobody watches (its record grows the same way).
-            alone = await _invites(mesh, alone_session, "q", args)
-            token = mesh.md[0][1].removeprefix("Bearer ")
+            session, token = "", ""
+            if kind == "mesh":
+                mesh = _Mesh(channel)
+                await mesh.sign_in()
+                token = mesh.md[0][1].removeprefix("Bearer ")
+                session, alone_session = await mesh.new_session(), await mesh.new_session()
+                names = ("probe", *(f"{p}-{i}" for p in ("w", "q") for i in range(args.events)))
+                await mesh.register(names, connected=False)
+
+                async def write(name: str) -> None:
+                    # The same calls on a twin session nobody watches first (its record grows the same way).
+                    await mesh.invite(alone_session if name.startswith("q") else session, name)
+            else:
+                bare_publish = channel.unary_unary(BARE_PUBLISH)
+
+                async def write(name: str) -> None:
+                    await bare_publish(name.encode())
+
+            await write("probe")
+            alone = await _writes(write, "q", args)  # nobody watches yet
             per = [args.subscribers // args.watcher_processes] * args.watcher_processes
             per[0] += args.subscribers - sum(per)
             for index, count in enumerate(per):
+                extra = ["--kind", kind, "--target", target, "--session", session, "--token", token]
                 watchers.append(
                     await spawn(
-                        f"watchers-{index}",
-                        "watchers",
-                        args.max_seconds,
-                        "--target",
-                        target,
-                        "--session",
-                        watched,
-                        "--token",
-                        token,
-                        "--count",
-                        str(count),
+                        f"watchers-{index}", "watchers", args.max_seconds, *extra, "--count", str(count)
                     )
                 )
             for child in watchers:
                 await child.expect("OPEN", 180)
-            print(f"fan-out: {args.subscribers} subscribers open in {len(watchers)} processes", flush=True)
             cpu_before, began = _cpu_seconds(server), time.monotonic()
-            watched_calls = await _invites(mesh, watched, "w", args)
+            watched_calls = await _writes(write, "w", args)
             server_cpu = (_cpu_seconds(server) - cpu_before) / (time.monotonic() - began)
             await asyncio.sleep(2)  # the last events reach everyone
         results = []
@@ -486,20 +531,17 @@ async def fanout(args: argparse.Namespace) -> dict[str, float]:
         for seq, count in result["counts"].items():
             received[seq] = received.get(seq, 0) + count
     delays = [d * 1000 for d in last.values()]
-    complete = sum(1 for c in received.values() if c == args.subscribers)
     return {
-        "events": len(last),
-        "complete": complete,
+        "complete": sum(1 for c in received.values() if c == args.subscribers),
         "disorder": sum(r["disorder"] for r in results),
         "p50": _pct(delays, 0.5),
         "p99": _pct(delays, 0.99),
         "max": max(delays, default=float("nan")),
-        "invite_watched_p50": _pct(watched_calls, 0.5) * 1000,
-        "invite_watched_p99": _pct(watched_calls, 0.99) * 1000,
-        "invite_quiet_p50": _pct(alone, 0.5) * 1000,
-        "invite_quiet_p99": _pct(alone, 0.99) * 1000,
-        "server_cpu_pct": server_cpu * 100,
-        "server_cpu_ms_per_event": server_cpu * args.interval_ms,
+        "write_p50": _pct(watched_calls, 0.5) * 1000,
+        "write_p99": _pct(watched_calls, 0.99) * 1000,
+        "alone_p50": _pct(alone, 0.5) * 1000,
+        "alone_p99": _pct(alone, 0.99) * 1000,
+        "cpu_us": server_cpu * args.interval_ms * 1000 / args.subscribers,
     }
 
 
@@ -532,32 +574,36 @@ async def parent(args: argparse.Namespace) -> int:
             )
     if args.part in ("fanout", "both"):
         print(
-            f"\n== fan-out: {args.subscribers} WatchSession subscribers on one session, "
-            f"{args.events} events, "
-            f"one InviteAgent every {args.interval_ms:g} ms, first with no subscriber, then with them =="
+            f"\n== fan-out: {args.subscribers} subscribers on one session in {args.watcher_processes} client "
+            f"processes, {args.events} events, a write every {args.interval_ms:g} ms, first with none =="
         )
-        f = await fanout(args)
-        in_order = f["disorder"] == 0 and f["complete"] == args.events
-        ratio = f["invite_watched_p50"] / f["invite_quiet_p50"]
+        runs = {kind: await fanout(args, kind) for kind in ("bare", "mesh")}
         print(
-            f"every subscriber got every event in order: {'yes' if in_order else 'NO'} "
+            f"{'server':<8}{'in order':>9}{'last p50':>10}{'last p99':>10}{'last max':>10}"
+            f"{'write p50 none/1000':>22}{'ratio':>7}{'write p99 none/1000':>22}{'cpu us/sub/event':>18}"
+        )
+        for kind, f in runs.items():
+            in_order = f["disorder"] == 0 and f["complete"] == args.events
+            print(
+                f"{kind:<8}{'yes' if in_order else 'NO':>9}"
+                f"{f['p50']:>10.1f}{f['p99']:>10.1f}{f['max']:>10.1f}"
+                f"{f['alone_p50']:>11.2f} /{f['write_p50']:>8.2f}{f['write_p50'] / f['alone_p50']:>7.2f}"
+                f"{f['alone_p99']:>11.2f} /{f['write_p99']:>8.2f}{f['cpu_us']:>18.1f}"
+            )
+        f = runs["mesh"]
+        in_order = f["disorder"] == 0 and f["complete"] == args.events
+        ratio = f["write_p50"] / f["alone_p50"]
+        print(
+            f"mesh: every subscriber got every event in order: {'yes' if in_order else 'NO'} "
             f"({f['complete']:.0f}/{args.events} events reached all, {f['disorder']:.0f} out of order)"
         )
         print(
-            f"delay stamp -> read by the last subscriber: p50 {f['p50']:.1f} ms, p99 {f['p99']:.1f} ms, "
-            f"max {f['max']:.1f} ms (target p99 <= 50 ms): {_verdict(f['p99'] <= 50)}"
+            f"mesh: p99 delay to the last subscriber {f['p99']:.1f} ms (target <= 50): "
+            f"{_verdict(f['p99'] <= 50)}"
         )
         print(
-            f"InviteAgent with {args.subscribers} subscribers p50 {f['invite_watched_p50']:.2f} ms "
-            f"(p99 {f['invite_watched_p99']:.2f}); with none p50 {f['invite_quiet_p50']:.2f} ms "
-            f"(p99 {f['invite_quiet_p99']:.2f}); ratio {ratio:.2f}x (target <= 1.5x): "
-            f"{_verdict(ratio <= 1.5)}"
-        )
-        print(
-            f"server CPU while the events went out: {f['server_cpu_pct']:.0f}% of a core, "
-            f"{f['server_cpu_ms_per_event']:.1f} ms per event "
-            f"({f['server_cpu_ms_per_event'] * 1000 / args.subscribers:.1f} "
-            "us per subscriber and event)"
+            f"mesh: InviteAgent p50 with {args.subscribers} subscribers / with none {ratio:.2f}x "
+            f"(target <= 1.5x): {_verdict(ratio <= 1.5)}"
         )
         failed |= not in_order or f["p99"] > 50 or ratio > 1.5
     return 1 if failed else 0

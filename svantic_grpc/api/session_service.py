@@ -115,9 +115,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         return pb.CloseSessionResponse(session=self._session(session), closed_now=closed_now)
 
-    async def WatchSession(
-        self, request: pb.WatchSessionRequest, context: aio.ServicerContext
-    ) -> None:
+    async def WatchSession(self, request: pb.WatchSessionRequest, context: aio.ServicerContext) -> None:
         # A coroutine writing each response, not an async generator yielding it: with a
         # thousand watchers every event passes through each stream's handler, and a
         # generator here would go through the interceptor's and telemetry's generators too
