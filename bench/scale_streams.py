@@ -22,18 +22,22 @@ mesh's figure minus the bare stream of the same shape (``Connect`` - bidi,
 ``WatchSession`` - server stream), against the targets 8 KB and 4 KB. The rounds
 alternate the order of the four kinds; the verdict uses the medians.
 
-**fanout**: one mesh server; ``--subscribers`` ``WatchSession`` streams on one session,
-spread over ``--watcher-processes`` client processes. The parent, as the writer, calls
-``InviteAgent`` on that session ``--events`` times, one call every ``--interval-ms``,
-first on a twin session nobody watches, then on the watched one. Each invite appends one
-``agent_joined`` event. Each watcher process notes, for every event, when it read it
-(``time.time()``) minus the event's own ``time`` (stamped by the server when it wrote
-the event; same machine, same clock), the largest over its streams, and checks that
-every stream got every sequence number once and in order. The delay to the last
-subscriber of an event is the largest over all processes; its p50/p99 over the events
-is set against the target (p99 <= 50 ms). The writer's ``InviteAgent`` latency (p50)
-with 1,000 subscribers over its latency with none is set against 1.5x. The server's
-CPU time (``/proc``, user+system) while the events go out is printed per event.
+**fanout**: a fresh mesh server; ``--subscribers`` ``WatchSession`` streams on one
+session, spread over ``--watcher-processes`` client processes. The parent, as the writer,
+calls ``InviteAgent`` once every ``--interval-ms``, in ``--blocks`` alternating blocks: on
+the watched session, and on a twin session nobody watches (its record grows the same
+way), ``--events`` calls each. Each invite appends one ``agent_joined`` event. Each
+watcher process notes, for every event, when it read it (``time.time()``) minus the
+event's own ``time`` (stamped by the server when it wrote the event; same machine, same
+clock), the largest over its streams, and checks that every stream got every sequence
+number once and in order. The delay to the last subscriber of an event is the largest
+over all processes; its p50/p99 over the events is set against the target (p99 <= 50 ms).
+The writer's ``InviteAgent`` latency (p50) on the watched session over its latency on
+the unwatched one, measured in alternating blocks of the same run, is set against 1.5x.
+The server's CPU time (``/proc``, user+system) during the watched blocks is printed per
+subscriber and event. The same run first does all of this against the bare server
+(a log of stamped frames that each of its server streams reads, with the same pacing
+and the same watcher processes): what ``grpc.aio`` itself costs on this machine.
 
 The delay is measured where the client reads the event, so it includes the client
 processes' own event loops (1,000 streams over four Python processes on the same
@@ -121,7 +125,12 @@ async def run_bare_server(args: argparse.Namespace) -> None:
                 yield log[position - 1]
             await changed.wait()
 
+    quiet: list[bytes] = []  # the log nobody watches, for the writer's calls without watchers
+
     async def publish(request: bytes, context: aio.ServicerContext) -> bytes:
+        if request.startswith(b"q"):
+            quiet.append(f"{len(quiet) + 1} {time.time():.6f} ".encode() + request)
+            return b""
         log.append(f"{len(log) + 1} {time.time():.6f} ".encode() + request)
         asyncio.get_running_loop().call_soon(_wake)  # as the mesh does: after the writer's step
         return b""
@@ -456,19 +465,44 @@ def _cpu_seconds(child: Child) -> float:
 
 
 async def _writes(
-    write: Callable[[str], Awaitable[None]], prefix: str, args: argparse.Namespace
+    write: Callable[[str], Awaitable[None]], prefix: str, count: int, first: int, args: argparse.Namespace
 ) -> list[float]:
-    """``--events`` writes, one every ``--interval-ms``; their latencies in seconds."""
+    """``count`` writes, one every ``--interval-ms``; their latencies in seconds."""
     latencies = []
     loop = asyncio.get_running_loop()
     tick = loop.time()
-    for i in range(args.events):
+    for i in range(first, first + count):
         tick += args.interval_ms / 1000
         await asyncio.sleep(max(0.0, tick - loop.time()))
         began = time.perf_counter()
         await write(f"{prefix}-{i}")
         latencies.append(time.perf_counter() - began)
     return latencies
+
+
+async def _alternating(
+    write: Callable[[str], Awaitable[None]], server: Child, args: argparse.Namespace
+) -> tuple[list[float], list[float], float]:
+    """Blocks of writes nobody watches ("q") and watched ones ("w"), alternating, in ``--blocks`` rounds.
+
+    Returns both latency lists and the server's CPU seconds per watched write (its blocks only,
+    each until its events are out).
+    """
+    alone: list[float] = []
+    watched: list[float] = []
+    cpu = 0.0
+    per_block = args.events // args.blocks
+    for block in range(args.blocks):
+        for prefix in ("q", "w") if block % 2 == 0 else ("w", "q"):
+            before = _cpu_seconds(server)
+            latencies = await _writes(write, prefix, per_block, block * per_block, args)
+            await asyncio.sleep(max(0.5, args.interval_ms / 1000 * 3))  # the last fan-out ends
+            if prefix == "w":
+                watched += latencies
+                cpu += _cpu_seconds(server) - before
+            else:
+                alone += latencies
+    return alone, watched, cpu / (per_block * args.blocks)
 
 
 async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
@@ -498,7 +532,6 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
                     await bare_publish(name.encode())
 
             await write("probe")
-            alone = await _writes(write, "q", args)  # nobody watches yet
             per = [args.subscribers // args.watcher_processes] * args.watcher_processes
             per[0] += args.subscribers - sum(per)
             for index, count in enumerate(per):
@@ -510,9 +543,7 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
                 )
             for child in watchers:
                 await child.expect("OPEN", 180)
-            cpu_before, began = _cpu_seconds(server), time.monotonic()
-            watched_calls = await _writes(write, "w", args)
-            server_cpu = (_cpu_seconds(server) - cpu_before) / (time.monotonic() - began)
+            alone, watched_calls, cpu_per_event = await _alternating(write, server, args)
             await asyncio.sleep(2)  # the last events reach everyone
         results = []
         for child in watchers:
@@ -541,7 +572,7 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
         "write_p99": _pct(watched_calls, 0.99) * 1000,
         "alone_p50": _pct(alone, 0.5) * 1000,
         "alone_p99": _pct(alone, 0.99) * 1000,
-        "cpu_us": server_cpu * args.interval_ms * 1000 / args.subscribers,
+        "cpu_us": cpu_per_event * 1e6 / args.subscribers,
     }
 
 
@@ -575,8 +606,10 @@ async def parent(args: argparse.Namespace) -> int:
     if args.part in ("fanout", "both"):
         print(
             f"\n== fan-out: {args.subscribers} subscribers on one session in {args.watcher_processes} client "
-            f"processes, {args.events} events, a write every {args.interval_ms:g} ms, first with none =="
+            f"processes, {args.events} events, a write every {args.interval_ms:g} ms in {args.blocks} "
+            "alternating blocks watched / nobody watching =="
         )
+        args.events -= args.events % args.blocks
         runs = {kind: await fanout(args, kind) for kind in ("bare", "mesh")}
         print(
             f"{'server':<8}{'in order':>9}{'last p50':>10}{'last p99':>10}{'last max':>10}"
@@ -618,7 +651,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="memory rounds (fresh servers each)")
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--watcher-processes", type=int, default=4)
-    parser.add_argument("--events", type=int, default=100, help="invites on each session")
+    parser.add_argument("--events", type=int, default=200, help="watched writes (and as many unwatched)")
+    parser.add_argument(
+        "--blocks", type=int, default=10, help="alternating blocks of unwatched/watched writes"
+    )
     parser.add_argument("--interval-ms", type=float, default=100, help="between two invites")
     parser.add_argument("--max-seconds", type=float, default=600, help="hard stop for every child")
     # Internal: how the parent starts its children.

@@ -25,12 +25,14 @@ __all__ = ["Feed", "Subscription"]
 
 _TRIM_EVERY = 64
 """Trim a feed's tail once per this many appended events: one pass over the subscribers, amortised."""
+_WAKE_AT_ONCE = 64
+"""Readers woken per turn of the event loop: a large fan-out leaves room for other calls between turns."""
 
 
 class Feed:
     """The live tail of one session's events, shared by that session's subscribers in this process."""
 
-    __slots__ = ("_appended", "_waking", "changed", "events", "key", "start", "subscribers")
+    __slots__ = ("_appended", "_waiting", "_waking", "events", "key", "start", "subscribers")
 
     def __init__(self, key: tuple[str, str]) -> None:
         self.key = key
@@ -39,8 +41,8 @@ class Feed:
         self.start = 0
         """Position (count of events appended before) of ``events[0]``."""
         self.subscribers: set[Subscription] = set()
-        self.changed = asyncio.Event()
-        """Set and cleared at once on each append: wakes every reader waiting for more."""
+        self._waiting: dict[asyncio.Future[None], None] = {}
+        """Readers waiting for more, in arrival order."""
         self._appended = 0
         self._waking = False
 
@@ -50,26 +52,46 @@ class Feed:
         return self.start + len(self.events)
 
     def append(self, events: Sequence[Event]) -> None:
-        """Add events (in sequence order); the readers are woken just after the writer's step.
+        """Add events (in sequence order); the readers are woken after the writer's step.
 
-        Waking a thousand readers means a thousand callbacks: they are scheduled from the
-        loop, not from the writer's call, so the writer answers its caller first. A reader
-        that looks before then already finds the events (``Subscription.next`` reads first).
+        Waking a thousand readers means a thousand task steps: they are started from the
+        loop, not from the writer's call, so the writer answers its caller first, and
+        ``_WAKE_AT_ONCE`` per turn of the loop, so other calls get their turn in between. A
+        reader that looks before it is woken already finds the events (``Subscription.next``
+        reads first).
         """
         self.events.extend(events)
         self._appended += len(events)
         if self._appended >= _TRIM_EVERY:
             self._appended = 0
             self._trim()
-        if not self._waking:
+        if self._waiting and not self._waking:
             self._waking = True
             asyncio.get_running_loop().call_soon(self.wake)
 
+    async def wait(self) -> None:
+        """Return once woken (something was appended, or a subscription ended)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[waiter] = None
+        try:
+            await waiter
+        finally:
+            self._waiting.pop(waiter, None)  # a reader cancelled while waiting leaves nothing behind
+
     def wake(self) -> None:
-        """Wake every reader waiting for more (they look again at their position)."""
+        """Wake every reader waiting now (they look again at their position), a batch per loop turn."""
         self._waking = False
-        self.changed.set()
-        self.changed.clear()
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        self._release(waiting, 0)
+
+    def _release(self, waiting: list[asyncio.Future[None]], start: int) -> None:
+        end = start + _WAKE_AT_ONCE
+        for waiter in waiting[start:end]:
+            if not waiter.done():
+                waiter.set_result(None)
+        if end < len(waiting):
+            asyncio.get_running_loop().call_soon(self._release, waiting, end)
 
     def _trim(self) -> None:
         """Forget the events every subscriber has read; cut off those too far behind to wait for."""
@@ -163,7 +185,7 @@ class Subscription:
                 self.position += 1
                 self.acknowledge(event.sequence)
                 return event
-            await feed.changed.wait()
+            await feed.wait()
         if self._held:
             event = self._held.pop(0)
             self.acknowledge(event.sequence)
