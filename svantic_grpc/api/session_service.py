@@ -129,24 +129,24 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
 
 
 class _ConvertedEvents:
-    """The ``WatchSessionResponse`` of recent events, converted once for all their watchers.
+    """The serialized ``WatchSessionResponse`` of recent events, made once for all their watchers.
 
     Every watcher of a session reads the same ``Event`` objects from the bus, so a thousand
-    watchers cost one conversion per event, not a thousand. The responses are shared and never
-    changed after they are made.
+    watchers cost one conversion and one serialization per event, not a thousand (the
+    interceptor sends bytes as they are).
     """
 
     SIZE = 256
 
     def __init__(self) -> None:
-        self._recent: OrderedDict[int, tuple[Event, pb.WatchSessionResponse]] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
 
-    def response(self, event: Event) -> pb.WatchSessionResponse:
+    def response(self, event: Event) -> bytes:
         # Keyed by identity: the entry holds the event, so its id cannot be reused meanwhile.
         found = self._recent.get(id(event))
         if found is not None and found[0] is event:
             return found[1]
-        response = pb.WatchSessionResponse(event=convert.event(event))
+        response = pb.WatchSessionResponse(event=convert.event(event)).SerializeToString()
         self._recent[id(event)] = (event, response)
         if len(self._recent) > self.SIZE:
             self._recent.popitem(last=False)
