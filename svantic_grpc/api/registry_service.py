@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from grpc import aio
 
@@ -152,9 +153,15 @@ BATCH_MAX_BYTES = 1 << 20
 """Most bytes of dispatches in one frame (a single larger dispatch still goes alone)."""
 
 
-async def _frames(
-    outbox: asyncio.Queue[Outbound | None], hello: pb.ConnectHello
-) -> AsyncIterator[pb.ConnectResponse]:
+class _Outbox(Protocol):
+    """What ``_frames`` reads: a connection's outbox (a ``Mailbox``, or any ``asyncio.Queue``)."""
+
+    async def get(self) -> Outbound | None: ...
+    def get_nowait(self) -> Outbound | None: ...
+    def empty(self) -> bool: ...
+
+
+async def _frames(outbox: _Outbox, hello: pb.ConnectHello) -> AsyncIterator[pb.ConnectResponse]:
     """The outbox as frames for the agent, until the mesh ends the stream (``None``).
 
     When the agent reads batches, dispatches queued together go out in one frame

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
@@ -119,7 +120,7 @@ class AgentConnection:
 
     caller: Caller
     agent: AgentRegistration
-    outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+    outbox: Mailbox[Outbound | None] = field(default_factory=Mailbox)
     """What the stream writer sends; ``None`` tells it to stop."""
     pending: dict[str, _Inbox] = field(default_factory=dict)
     jobs: dict[str, DispatchJob] = field(default_factory=dict)
