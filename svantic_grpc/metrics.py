@@ -15,6 +15,7 @@ transports, states, surfaces; never a session, message or request id.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -88,6 +89,20 @@ class PrometheusMetrics(Metrics):
         self._subscribers = Gauge(
             "svantic_event_subscribers", "Live event-stream subscribers in this process", registry=r
         )
+        self._lag = Gauge(
+            "svantic_event_subscriber_lag_events",
+            "Events the slowest live subscriber in this process has yet to read",
+            registry=r,
+        )
+        self._from_replica = Histogram(
+            "svantic_event_replica_delay_seconds",
+            "Events written by another replica (PostgreSQL): from the writer's stamp to this "
+            "process's subscribers",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._rpc_series: dict[tuple[str, str], Any] = {}
+        """The RPC histogram's child per (method, code): ``labels()`` looked up once, not per call."""
 
     # The core's events
 
@@ -104,11 +119,17 @@ class PrometheusMetrics(Metrics):
         self._commit.observe(latency_s)
         self._batch.observe(batch)
 
+    def event_from_replica(self, *, delay_s: float) -> None:
+        self._from_replica.observe(delay_s)
+
     # The interceptor's
 
     def rpc_done(self, method: str, code: str, latency_s: float) -> None:
         """One gRPC call ended with ``code`` (a ``grpc.StatusCode`` name) after ``latency_s``."""
-        self._rpc.labels(method, code).observe(latency_s)
+        series = self._rpc_series.get((method, code))
+        if series is None:  # methods and codes are bounded: the server's methods, grpc's codes
+            series = self._rpc_series[(method, code)] = self._rpc.labels(method, code)
+        series.observe(latency_s)
 
     # Scraping
 
@@ -119,6 +140,7 @@ class PrometheusMetrics(Metrics):
         self._connected.set(levels.connected_agents)
         self._pending.set(levels.inputs_pending)
         self._subscribers.set(levels.subscribers)
+        self._lag.set(levels.subscriber_lag)
 
     def routes(self, levels: Callable[[], Awaitable[Levels]]) -> Sequence[BaseRoute]:
         """``GET /metrics`` in the Prometheus text format; ``levels`` is read on each scrape."""

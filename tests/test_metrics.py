@@ -16,7 +16,9 @@ import pytest
 from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
+from svantic_grpc.core.events import AgentLeft
 from svantic_grpc.pb import session_service_pb2
+from tests import _postgres
 from tests._support import Client, running_server
 from tests.agents_connected import WAIT, new_session, wait_for_state
 from tests.agents_inputs import pending_ids, resolve
@@ -139,3 +141,55 @@ async def test_metrics_can_be_turned_off() -> None:
         async with httpx.AsyncClient() as http:
             response = await http.get(f"{client.server.http.url}/metrics")
         assert response.status_code == 404
+
+
+async def test_the_slowest_subscribers_lag_is_a_gauge() -> None:
+    async with running_server() as client:
+        session_id = await new_session(client)
+        tenant = "acme"
+        # A subscriber that reads nothing while three events are written, beside one that keeps up.
+        slow = client.server.mesh.bus.subscribe(tenant, session_id)
+        quick = client.server.mesh.bus.subscribe(tenant, session_id)
+        try:
+            for instance in ("a-1", "a-2", "a-3"):
+                await client.server.mesh.bus.publish(
+                    tenant, session_id, AgentLeft(f"x-{instance}", instance, "test")
+                )
+            for _ in range(3):
+                await asyncio.wait_for(quick.next(), WAIT)
+            assert value(await scrape(client), "svantic_event_subscriber_lag_events") == 3
+            await asyncio.wait_for(slow.next(), WAIT)
+            assert value(await scrape(client), "svantic_event_subscriber_lag_events") == 2
+        finally:
+            slow.close()
+            quick.close()
+        assert value(await scrape(client), "svantic_event_subscriber_lag_events") == 0
+
+
+async def test_events_from_another_replica_are_timed_on_arrival() -> None:
+    _postgres.require_postgres()
+    schema = _postgres.new_schema()
+    settings = {"store": _postgres.POSTGRES_DSN, "postgres": {"schema_name": schema, "pool_size": 2}}
+    try:
+        async with running_server(**settings) as writer, running_server(**settings) as reader:
+            session_id = await new_session(writer)
+            subscription = reader.server.mesh.bus.subscribe("acme", session_id)
+            try:
+                before = await scrape(reader)
+                await writer.sessions.CloseSession(
+                    session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await writer.md()
+                )
+                seen = [await asyncio.wait_for(subscription.next(), WAIT)]
+                while not seen[-1].closes_session:
+                    seen.append(await asyncio.wait_for(subscription.next(), WAIT))
+            finally:
+                subscription.close()
+            after = await scrape(reader)
+            delays = "svantic_event_replica_delay_seconds"
+            arrived = value(after, f"{delays}_count") - value(before, f"{delays}_count")
+            assert arrived == len(seen)
+            assert 0 <= value(after, f"{delays}_sum") - value(before, f"{delays}_sum") < WAIT * len(seen)
+            # The writer heard nothing from elsewhere: its own events are not counted.
+            assert value(await scrape(writer), f"{delays}_count") == 0
+    finally:
+        await _postgres.drop_schema(schema)

@@ -18,6 +18,7 @@ from svantic_grpc.core._subscriptions import Feed, Subscription
 from svantic_grpc.core.errors import OutOfRange, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
+from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionAgent, SessionStatus
 
 if TYPE_CHECKING:
@@ -194,8 +195,10 @@ class EventBus:
         subscriber_buffer: int = 1024,
         max_events_per_session: int = 0,
         bell: EventBell | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._clock = clock
         self._buffer = subscriber_buffer
         self._max_events = max_events_per_session
@@ -331,7 +334,11 @@ class EventBus:
                         after = self._offered.get(key)
                         if after is None:
                             after = min(s.last_delivered for s in feed.subscribers)
-                        self._deliver(key, await self._read(key, after=after))
+                        caught = await self._read(key, after=after)
+                        now = self._clock.now()
+                        for event in caught:
+                            self._metrics.event_from_replica(delay_s=max(now - event.time, 0.0))
+                        self._deliver(key, caught)
                 if key not in self._rung_again:
                     return
         finally:
@@ -355,6 +362,19 @@ class EventBus:
     def total_subscribers(self) -> int:
         """Live subscriptions in this process, over every session."""
         return sum(len(feed.subscribers) for feed in self._feeds.values())
+
+    @property
+    def subscriber_lag(self) -> int:
+        """Events the slowest live subscriber in this process has yet to read (0 with none)."""
+        return max(
+            (
+                feed.end - s.position
+                for feed in self._feeds.values()
+                for s in feed.subscribers
+                if s.reads_feed
+            ),
+            default=0,
+        )
 
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""

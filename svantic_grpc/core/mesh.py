@@ -118,6 +118,7 @@ class Mesh:
             subscriber_buffer=options.subscriber_buffer,
             max_events_per_session=options.retention.max_events_per_session,
             bell=store.event_bell(),
+            metrics=metrics,
         )
         self.retention = RetentionSweeper(store=store, clock=self.clock, retention=options.retention)
         self.registry = Registry(
@@ -262,6 +263,7 @@ class Mesh:
             connected_agents=self.connections.count,
             inputs_pending=len(await self.store.pending_inputs()),
             subscribers=self.bus.total_subscribers,
+            subscriber_lag=self.bus.subscriber_lag,
         )
 
     def now_serving(self) -> None:

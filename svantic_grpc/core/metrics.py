@@ -33,6 +33,10 @@ class Metrics:
     def store_commit(self, *, latency_s: float, batch: int) -> None:
         """The store committed ``batch`` writes in one transaction that took ``latency_s``."""
 
+    def event_from_replica(self, *, delay_s: float) -> None:
+        """An event another process (a replica sharing the store) wrote reached this process's
+        subscribers ``delay_s`` after it was stamped."""
+
 
 NO_METRICS = Metrics()
 """The default: metrics off."""
@@ -52,3 +56,5 @@ class Levels:
     """Input requests waiting for a human."""
     subscribers: int = 0
     """Live event-stream subscribers in this process."""
+    subscriber_lag: int = 0
+    """Events the slowest live subscriber in this process has yet to read."""
