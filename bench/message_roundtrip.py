@@ -154,6 +154,11 @@ async def run_bare_server(args: argparse.Namespace) -> None:
 
 
 async def run_mesh_server(args: argparse.Namespace) -> None:
+    if args.otlp_endpoint:  # before the imports below: the CLI's a2a-sdk switch reads it
+        os.environ.update(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
+        )
+    import svantic_grpc.cli  # noqa: F401  (what `svantic-grpc serve` sets before a2a-sdk loads)
     from svantic_grpc.config import parse_settings
     from svantic_grpc.server import MeshServer
 
@@ -174,7 +179,6 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     env: dict[str, str] = {}
     if args.otlp_endpoint:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
-        os.environ.update(env)  # the SDK's exporter and sampler read the process environment
     server = MeshServer(settings, env=env)
     profiler = _Profiler(args.profile_out) if args.profile_out else None
     await server.start()

@@ -28,7 +28,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Tracer, TracerProvider
 
 from svantic_grpc.core.tracing import Tracing
 
-__all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of"]
+__all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of", "traces_requested"]
 
 _OPEN_INPUTS = 10_000
 """Input request spans kept open at most; past it the oldest ends (as ``unknown``)."""
@@ -101,13 +101,18 @@ def http_middleware(app: Any, provider: TracerProvider) -> Any:
     )
 
 
-def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:
-    """A provider exporting over OTLP when ``env`` asks for traces; ``None`` otherwise."""
+def traces_requested(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` asks for traces (OTLP exporter or endpoint set, the SDK not disabled)."""
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporter == "none":
-        return None
-    if exporter != "otlp" and not endpoint:
+        return False
+    return exporter == "otlp" or bool(endpoint)
+
+
+def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:
+    """A provider exporting over OTLP when ``env`` asks for traces; ``None`` otherwise."""
+    if not traces_requested(env):
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource

@@ -365,3 +365,23 @@ def test_a_database_in_an_unwritable_directory_is_refused(tmp_path: Path) -> Non
     with _unwritable_directory(tmp_path / "locked") as locked:
         stderr = _refused(tmp_path, f"sqlite://{locked / 'mesh.db'}")
     assert f"store: directory {locked} is not writable" in stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "instrumented"),
+    [
+        ({}, False),  # no traces asked for: a2a-sdk's per-call decorators are off
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),  # traced: its spans join ours
+        ({"OTEL_INSTRUMENTATION_A2A_SDK_ENABLED": "true"}, True),  # the operator's own choice stands
+    ],
+)
+def test_the_command_turns_a2a_sdks_own_instrumentation_off_unless_traces_are_asked_for(
+    env: dict[str, str], instrumented: bool
+) -> None:
+    probe = "import svantic_grpc.cli, a2a.utils.telemetry as t; print(t.otel_enabled)"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(instrumented)
