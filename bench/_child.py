@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Child", "revision", "say", "until_stdin_closes", "watchdog"]
+__all__ = ["Child", "revision", "say", "start_role", "until_stdin_closes", "watchdog"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,25 @@ class Child:
         except TimeoutError:
             self.process.kill()  # this child only, by its own handle
             await self.process.wait()
+
+
+async def start_role(
+    script: Path, role: str, max_seconds: float, *extra: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Start ``script --role ROLE --max-seconds N`` (a benchmark's own child) with pipes to talk over."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        "--role",
+        role,
+        "--max-seconds",
+        str(max_seconds),
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def revision(*paths: str) -> str:

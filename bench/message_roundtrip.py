@@ -100,7 +100,7 @@ from typing import Any
 
 import _hosted
 import grpc
-from _child import Child, revision, say, until_stdin_closes, watchdog
+from _child import Child, revision, say, start_role, until_stdin_closes, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -431,18 +431,7 @@ class MeasuredChild(Child):
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> MeasuredChild:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        "--role",
-        role,
-        "--max-seconds",
-        str(max_seconds),
-        *extra,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
+    process = await start_role(SCRIPT, role, max_seconds, *extra)
     return MeasuredChild(name, process)
 
 

@@ -69,7 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _child import Child, revision, say, until_stdin_closes, watchdog
+from _child import Child, revision, say, start_role, until_stdin_closes, watchdog
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
@@ -157,19 +157,7 @@ async def run_agent(args: argparse.Namespace) -> None:
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str, env: dict[str, str]) -> Child:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        "--role",
-        role,
-        "--max-seconds",
-        str(max_seconds),
-        *extra,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=env,
-    )
+    process = await start_role(SCRIPT, role, max_seconds, *extra, env=env)
     return Child(name, process)
 
 

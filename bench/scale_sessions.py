@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
-from _child import Child, revision, say, watchdog
+from _child import Child, revision, say, start_role, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -158,17 +158,7 @@ class Server:
 
     @classmethod
     async def spawn(cls, role: str, max_seconds: float) -> Server:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(SCRIPT),
-            "--role",
-            role,
-            "--max-seconds",
-            str(max_seconds),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-        )
+        process = await start_role(SCRIPT, role, max_seconds)
         child = Child(role, process)
         return cls(child, int(await child.expect("PORT", 60)))
 

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _child import Child, revision, say, watchdog
+from _child import Child, revision, say, start_role, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -383,18 +383,7 @@ async def run_watchers(args: argparse.Namespace) -> None:
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        "--role",
-        role,
-        "--max-seconds",
-        str(max_seconds),
-        *extra,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
+    process = await start_role(SCRIPT, role, max_seconds, *extra)
     return Child(name, process)
 
 
