@@ -69,11 +69,16 @@ class Sessions:
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
+        self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
         registry.on_release(self._agent_released)
 
     def busy_when(self, check: Callable[[str, str], bool]) -> None:
         """Treat a session as active while ``check(tenant_id, session_id)`` is true (work is running)."""
         self._busy_checks.append(check)
+
+    def on_open(self, hook: Callable[[str, str], Awaitable[object]]) -> None:
+        """Call ``hook(tenant_id, session_id)`` once a new session is stored (to take its lease)."""
+        self._open_hooks.append(hook)
 
     def on_close(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
         """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its work)."""
@@ -142,6 +147,8 @@ class Sessions:
                 lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
             )
             self._keep(session)
+        for hook in self._open_hooks:
+            await hook(caller.tenant_id, session_id)
         if self._ttl_s:
             self.reaper.schedule(caller.tenant_id, session_id, now + self._ttl_s)
         return session
@@ -410,12 +417,14 @@ class Sessions:
         """Make the session paused or active as what is pending in it says (start-up recovery)."""
         await self.write_inputs(Change(tenant_id, session_id), reason)
 
-    async def settle_statuses(self) -> int:
-        """At start-up, once input requests are recovered: every open session paused exactly when
-        something in it is pending. Returns how many sessions changed."""
+    async def settle_statuses(self, *, only: Callable[[str, str], bool] | None = None) -> int:
+        """At start-up, once input requests are recovered: every open session (that ``only`` keeps)
+        paused exactly when something in it is pending. Returns how many sessions changed."""
         pending = {(r.tenant_id, r.session_id) for r in await self._store.pending_inputs()}
         changed = 0
         for session in await self._store.open_sessions():
+            if only is not None and not only(session.tenant_id, session.session_id):
+                continue
             waits = (session.tenant_id, session.session_id) in pending
             if (session.status is SessionStatus.PAUSED) != waits:
                 reason = "at start-up: waiting for a human" if waits else "at start-up: nothing is pending"
@@ -423,9 +432,12 @@ class Sessions:
                 changed += 1
         return changed
 
-    async def recover(self) -> int:
-        """Arm the idle TTL of every open session in the store (at start-up)."""
+    async def recover(self, *, only: Callable[[str, str], bool] | None = None) -> int:
+        """Arm the idle TTL of every open session in the store (that ``only`` keeps: those this
+        process owns), at start-up or when it takes sessions over."""
         sessions = await self._store.open_sessions()
+        if only is not None:
+            sessions = [s for s in sessions if only(s.tenant_id, s.session_id)]
         if self._ttl_s:
             for session in sessions:
                 self.reaper.schedule(
