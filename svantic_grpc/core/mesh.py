@@ -256,7 +256,9 @@ class Mesh:
         self.sessions.reaper.start()
         self.inputs.expiry.start()
         self.retention.start()
-        await self.ownership.start(takeover=self.recovery.take_over, run=self.messages.run_handed)
+        await self.ownership.start(
+            takeover=self.recovery.take_over, run=self.messages.run_handed, abandon=self.messages.abandon
+        )
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()

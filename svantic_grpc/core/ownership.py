@@ -53,9 +53,16 @@ class Ownership(ABC):
     replica_id: str = ""
 
     @abstractmethod
-    async def start(self, *, takeover: Takeover, run: Callable[[HandOff], Awaitable[None]]) -> None:
-        """Begin renewing leases, taking over expired ones (``takeover`` recovers them) and
-        running messages handed to this replica (``run``)."""
+    async def start(
+        self,
+        *,
+        takeover: Takeover,
+        run: Callable[[HandOff], Awaitable[None]],
+        abandon: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        """Begin renewing leases, taking over expired ones (``takeover`` recovers them), running
+        messages handed to this replica (``run``) and dropping the work of sessions whose lease
+        another replica took (``abandon``)."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -77,6 +84,10 @@ class Ownership(ABC):
         """Whether this replica believes it holds the session's lease (no I/O)."""
 
     @abstractmethod
+    def lost(self, tenant_id: str, session_id: str) -> None:
+        """A write here was refused (``LeaseLost``): stop believing this replica owns the session."""
+
+    @abstractmethod
     async def release(self, tenant_id: str, session_id: str) -> None:
         """Forget the session's lease (it closed)."""
 
@@ -89,7 +100,13 @@ class SoleOwner(Ownership):
     def __init__(self, replica_id: str = "") -> None:
         self.replica_id = replica_id
 
-    async def start(self, *, takeover: Takeover, run: Callable[[HandOff], Awaitable[None]]) -> None:
+    async def start(
+        self,
+        *,
+        takeover: Takeover,
+        run: Callable[[HandOff], Awaitable[None]],
+        abandon: Callable[[str, str], Awaitable[None]],
+    ) -> None:
         return None
 
     async def stop(self) -> None:
@@ -103,6 +120,9 @@ class SoleOwner(Ownership):
 
     def owns(self, tenant_id: str, session_id: str) -> bool:
         return True
+
+    def lost(self, tenant_id: str, session_id: str) -> None:
+        return None
 
     async def release(self, tenant_id: str, session_id: str) -> None:
         return None

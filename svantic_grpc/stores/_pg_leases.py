@@ -84,7 +84,9 @@ class PgLeases(Ownership):
         self._locks = KeyedLock()
         self._takeover: Takeover | None = None
         self._run: Callable[[HandOff], Awaitable[None]] | None = None
+        self._abandon: Callable[[str, str], Awaitable[None]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._abandoning: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         store.replica_id = replica_id
@@ -94,8 +96,14 @@ class PgLeases(Ownership):
         """Leases this replica holds."""
         return len(self._valid_until)
 
-    async def start(self, *, takeover: Takeover, run: Callable[[HandOff], Awaitable[None]]) -> None:
-        self._takeover, self._run = takeover, run
+    async def start(
+        self,
+        *,
+        takeover: Takeover,
+        run: Callable[[HandOff], Awaitable[None]],
+        abandon: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self._takeover, self._run, self._abandon = takeover, run, abandon
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
         await conn.add_listener(self._store.handoff_channel, self._rung)
         self._listener = conn
@@ -105,7 +113,7 @@ class PgLeases(Ownership):
         ]
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._abandoning], []
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -151,6 +159,9 @@ class PgLeases(Ownership):
                 assert self._takeover is not None
                 await self._takeover({key}, handed)
             return True
+
+    def lost(self, tenant_id: str, session_id: str) -> None:
+        self._lost([(tenant_id, session_id)])
 
     async def release(self, tenant_id: str, session_id: str) -> None:
         key = (tenant_id, session_id)
@@ -208,12 +219,27 @@ class PgLeases(Ownership):
         return True
 
     def _lost(self, keys: Collection[SessionKey]) -> None:
-        """Leases another replica took: this one stops believing it owns them. Their fences stay,
-        so a write still under way here is refused rather than written without one."""
+        """Leases another replica took: this one stops believing it owns them and drops their work.
+        Their fences stay until that work is gone, so a write it still makes is refused rather
+        than written without one."""
         for key in keys:
-            self._valid_until.pop(key, None)
+            if self._valid_until.pop(key, None) is None:
+                continue
+            task = asyncio.create_task(
+                self._drop(key, self._store.fences.get(key)), name="svantic-lease-lost"
+            )
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
         if keys:
             _log.warning("lost the lease of %d session(s) to another replica", len(keys))
+
+    async def _drop(self, key: SessionKey, fence: int | None) -> None:
+        try:
+            if self._abandon is not None:
+                await self._abandon(*key)
+        finally:
+            if key not in self._valid_until and self._store.fences.get(key) == fence:
+                self._store.fences.pop(key, None)  # writes here are a non-owner's from now on
 
     # Background work
 

@@ -396,7 +396,7 @@ class PostgresStore(Store):
         )
 
         key = (change.tenant_id, change.session_id)
-        fenced = self._fenced(key)
+        fenced = None if change.hand_off else self._fenced(key)  # a hand-off is no owner's work
         if fenced is not None:
             ops.insert(0, fenced)
         if change.hand_off and (handed := [m.message_id for m in messages if m.version == 1]):

@@ -25,7 +25,7 @@ from svantic_grpc.core.messages.model import (
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
-from svantic_grpc.core.ownership import HandOff, Ownership, SoleOwner
+from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import MessagePage, Store
 
@@ -146,11 +146,17 @@ class Messages:
         here = self._ownership.sole or await self._ownership.runs_here(caller.tenant_id, session_id)
         if not here:
             return await self._hand_off(message, submitted)
-        stored = await self._bus.commit(
-            caller.tenant_id,
-            session_id,
-            lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
-        )
+        try:
+            stored = await self._bus.commit(
+                caller.tenant_id,
+                session_id,
+                lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
+            )
+        except LeaseLost:  # another replica took the session over meanwhile: it runs the message
+            self._ownership.lost(caller.tenant_id, session_id)
+            if await self._ownership.runs_here(caller.tenant_id, session_id):
+                raise
+            return await self._hand_off(message, submitted)
         return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
 
     async def _hand_off(
@@ -349,6 +355,13 @@ class Messages:
             )
             interrupted += 1
         return interrupted, resumed
+
+    async def abandon(self, tenant_id: str, session_id: str) -> None:
+        """Another replica took the session over: its work here stops (what it still tries to
+        write is refused, the new owner recovers the messages)."""
+        runtime = self._runtimes.pop((tenant_id, session_id), None)
+        if runtime is not None:
+            await runtime.abandon()
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Cancel all running work (server shutdown)."""
