@@ -257,7 +257,10 @@ class Mesh:
         self.inputs.expiry.start()
         self.retention.start()
         await self.ownership.start(
-            takeover=self.recovery.take_over, run=self.messages.run_handed, abandon=self.messages.abandon
+            takeover=self.recovery.take_over,
+            run=self.messages.run_handed,
+            abandon=self.messages.abandon,
+            closed=self.sessions.closed_elsewhere,
         )
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)

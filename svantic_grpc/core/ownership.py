@@ -59,10 +59,12 @@ class Ownership(ABC):
         takeover: Takeover,
         run: Callable[[HandOff], Awaitable[None]],
         abandon: Callable[[str, str], Awaitable[None]],
+        closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
         """Begin renewing leases, taking over expired ones (``takeover`` recovers them), running
-        messages handed to this replica (``run``) and dropping the work of sessions whose lease
-        another replica took (``abandon``)."""
+        messages handed to this replica (``run``), dropping the work of sessions whose lease
+        another replica took (``abandon``) and ending the work of sessions another replica
+        closed (``closed``)."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -106,6 +108,7 @@ class SoleOwner(Ownership):
         takeover: Takeover,
         run: Callable[[HandOff], Awaitable[None]],
         abandon: Callable[[str, str], Awaitable[None]],
+        closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
         return None
 

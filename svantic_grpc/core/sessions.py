@@ -311,6 +311,14 @@ class Sessions:
         async with self._locks.hold((tenant_id, session_id)):
             return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
 
+    async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
+        """The session was closed by another process while this one ran its work: that work ends
+        here as it does on a close here (the close hooks), and nothing here keeps it open."""
+        for hook in self._close_hooks:
+            await hook(tenant_id, session_id, "closed on another replica")
+        self._forget(tenant_id, session_id)
+        self.reaper.forget(tenant_id, session_id)
+
     async def _end(self, session: Session, *, reason: str) -> tuple[Session, bool]:
         """Write ``session`` closed, its agents gone; ``False`` if it was closed already."""
         tenant_id, session_id = session.tenant_id, session.session_id

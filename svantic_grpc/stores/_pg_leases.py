@@ -85,6 +85,7 @@ class PgLeases(Ownership):
         self._takeover: Takeover | None = None
         self._run: Callable[[HandOff], Awaitable[None]] | None = None
         self._abandon: Callable[[str, str], Awaitable[None]] | None = None
+        self._closed: Callable[[str, str], Awaitable[None]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._abandoning: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -102,8 +103,9 @@ class PgLeases(Ownership):
         takeover: Takeover,
         run: Callable[[HandOff], Awaitable[None]],
         abandon: Callable[[str, str], Awaitable[None]],
+        closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
-        self._takeover, self._run, self._abandon = takeover, run, abandon
+        self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
         await conn.add_listener(self._store.handoff_channel, self._rung)
         self._listener = conn
@@ -282,14 +284,24 @@ class PgLeases(Ownership):
         fences = [self._store.fences.get(k, 0) for k in held]
         pool = self._store.pool
         closed = await pool.fetch(
-            "DELETE FROM leases AS l USING sessions AS s WHERE l.owner = $1 "
-            "AND s.tenant_id = l.tenant_id AND s.session_id = l.session_id AND s.status = 'closed' "
-            "RETURNING l.tenant_id, l.session_id",
+            "SELECT l.tenant_id, l.session_id FROM leases AS l JOIN sessions AS s "
+            "ON s.tenant_id = l.tenant_id AND s.session_id = l.session_id "
+            "WHERE l.owner = $1 AND s.status = 'closed'",
             self.replica_id,
         )
         for row in closed:
+            # Closed by another replica (or here): work still running here for it ends, then the lease goes.
+            if self._closed is not None:
+                await self._closed(row[0], row[1])
             self._valid_until.pop((row[0], row[1]), None)
             self._store.fences.pop((row[0], row[1]), None)
+        if closed:
+            await pool.execute(
+                "DELETE FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
+                "(SELECT * FROM unnest($2::text[], $3::text[]))",
+                self.replica_id,
+                *_columns([(r[0], r[1]) for r in closed]),
+            )
         rows = await pool.fetch(
             f"UPDATE leases SET expires_at = {_NOW} + $5 WHERE owner = $1 AND (tenant_id, session_id, fence) "
             "IN (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[])) RETURNING tenant_id, session_id",

@@ -24,7 +24,7 @@ from svantic_grpc.core.events import AgentLeft
 from svantic_grpc.core.inputs.model import InputState, Surface
 from svantic_grpc.core.ownership import LeaseLost
 from svantic_grpc.core.store import Change
-from svantic_grpc.pb import message_service_pb2, message_types_pb2
+from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
 from tests.adapters.e2e_support import (
@@ -229,3 +229,25 @@ async def test_one_approval_raced_on_three_replicas_through_three_surfaces(repli
             audit = await a.server.mesh.store.list_audit(tenant_id=TENANT, request_id=request_id)
             assert len(audit) == 1
     print(f"winners across replicas: {winners}")
+
+
+async def test_a_session_closed_on_another_replica_ends_the_work_on_its_owner(replicas: list[Client]) -> None:
+    a, b, c = replicas
+    agent = ApprovalAgent()
+    async with running_agent(a, agent, agent_type=AGENT_TYPE, instance_id="crm-1"):
+        session_id = await new_session(a)
+        message = await send(c, session_id, "clean up", data({"target_agent": AGENT_TYPE}))
+        assert message.state == INPUT_REQUIRED
+        (request_id,) = message.input_request_ids
+        await b.sessions.CloseSession(
+            session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await b.md()
+        )
+        # Within a renewal period the owner cancels the message and withdraws what it asked.
+        ended = await wait_for_state(
+            c, session_id, message.message_id, message_types_pb2.MESSAGE_STATE_CANCELED
+        )
+        assert "closed" in ended.state_reason
+        request = await c.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED
+        assert await _owner(a, session_id) is None  # the lease of a closed session goes
+        assert (TENANT, session_id) not in a.server.mesh.messages._runtimes

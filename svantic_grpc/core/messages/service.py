@@ -227,9 +227,14 @@ class Messages:
         The caller going away does not cancel the message (use ``cancel``).
         """
         message, task = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
+        return await self.first_stop(message, task)
+
+    async def first_stop(self, message: Message, task: asyncio.Task[Message]) -> Message:
+        """``message`` (with the task ``send`` returned) when it first stops: terminal, or waiting
+        for a human; wherever it runs."""
         if task.get_name().startswith(_AWAY):  # handed to the owner: its task follows it there
             return await asyncio.shield(task)
-        return await self.runtime(caller.tenant_id, session_id).stopped(message.message_id)
+        return await self.runtime(message.tenant_id, message.session_id).stopped(message.message_id)
 
     async def send_streaming(
         self,
