@@ -23,7 +23,7 @@ from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
 from svantic_grpc.core.evolve import evolve
-from svantic_grpc.core.inputs.model import InputState
+from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.models import (
     INTERNAL_ROLES,
     AgentRegistration,
@@ -425,27 +425,29 @@ class Sessions:
         """Make the session paused or active as what is pending in it says (start-up recovery)."""
         await self.write_inputs(Change(tenant_id, session_id), reason)
 
-    async def settle_statuses(self, *, only: Callable[[str, str], bool] | None = None) -> int:
-        """At start-up, once input requests are recovered: every open session (that ``only`` keeps)
-        paused exactly when something in it is pending. Returns how many sessions changed."""
-        pending = {(r.tenant_id, r.session_id) for r in await self._store.pending_inputs()}
+    async def settle_statuses(
+        self, *, sessions: Sequence[Session] | None = None, pending: Sequence[InputRequest] | None = None
+    ) -> int:
+        """At start-up, once input requests are recovered: every open session (of ``sessions``, when
+        given with what is ``pending`` in them) paused exactly when something in it is pending.
+        Returns how many sessions changed."""
+        if pending is None:
+            pending = await self._store.pending_inputs()
+        waiting = {(r.tenant_id, r.session_id) for r in pending}
         changed = 0
-        for session in await self._store.open_sessions():
-            if only is not None and not only(session.tenant_id, session.session_id):
-                continue
-            waits = (session.tenant_id, session.session_id) in pending
+        for session in await self._store.open_sessions() if sessions is None else sessions:
+            waits = (session.tenant_id, session.session_id) in waiting
             if (session.status is SessionStatus.PAUSED) != waits:
                 reason = "at start-up: waiting for a human" if waits else "at start-up: nothing is pending"
                 await self.settle_status(session.tenant_id, session.session_id, reason)
                 changed += 1
         return changed
 
-    async def recover(self, *, only: Callable[[str, str], bool] | None = None) -> int:
-        """Arm the idle TTL of every open session in the store (that ``only`` keeps: those this
-        process owns), at start-up or when it takes sessions over."""
-        sessions = await self._store.open_sessions()
-        if only is not None:
-            sessions = [s for s in sessions if only(s.tenant_id, s.session_id)]
+    async def recover(self, *, sessions: Sequence[Session] | None = None) -> int:
+        """Arm the idle TTL of every open session in the store (of ``sessions``, when given: those
+        this process takes over)."""
+        if sessions is None:
+            sessions = await self._store.open_sessions()
         if self._ttl_s:
             for session in sessions:
                 self.reaper.schedule(

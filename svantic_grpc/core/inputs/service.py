@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -441,18 +441,21 @@ class Inputs:
                 waiter.set_result(ended)
         return ended
 
-    async def recover(self, *, only: Callable[[str, str], bool] | None = None) -> int:
-        """At start-up (or on taking over the sessions ``only`` keeps): withdraw the pending
+    async def recover(
+        self,
+        *,
+        pending: Sequence[InputRequest] | None = None,
+        granting: Sequence[InputRequest] | None = None,
+    ) -> int:
+        """At start-up (or on taking sessions over: their ``pending`` and ``granting``): withdraw the pending
         requests nothing waits for any more (their message ended, or their session closed, before
         the server stopped), re-arm the expiry of the rest, and apply again the approvals given for
         a session (still open) or for always.
 
         Run it after ``Messages.recover``, which ends the messages that were running."""
         kept = 0
-        for request in await self._store.pending_inputs():
+        for request in await self._store.pending_inputs() if pending is None else pending:
             tenant_id, session_id = request.tenant_id, request.session_id
-            if only is not None and not only(tenant_id, session_id):
-                continue
             message = await self._store.get_message(
                 tenant_id=tenant_id, session_id=session_id, message_id=request.message_id
             )
@@ -468,9 +471,7 @@ class Inputs:
                 kept += 1
                 continue
             await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
-        for request in await self._store.granting_inputs():
-            if only is not None and not only(request.tenant_id, request.session_id):
-                continue
+        for request in await self._store.granting_inputs() if granting is None else granting:
             if request.resolution is not None and request.resolution.decision is Decision.APPROVE_FOR_SESSION:
                 session = await self._store.get_session(
                     tenant_id=request.tenant_id, session_id=request.session_id

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
@@ -331,16 +331,14 @@ class Messages:
     async def recover(
         self,
         *,
-        only: Callable[[str, str], bool] | None = None,
+        messages: Sequence[Message] | None = None,
         handed: Collection[tuple[str, str, str]] = (),
     ) -> tuple[int, int]:
-        """At start-up (or on taking sessions over, those ``only`` keeps): fail what was running when
-        the server stopped; go on waiting where a human was asked; run what was ``handed`` to the
-        former owner and not started yet. Returns (interrupted, resumed)."""
+        """At start-up (or on taking sessions over: their unfinished ``messages``): fail what was
+        running when the server stopped; go on waiting where a human was asked; run what was
+        ``handed`` to the former owner and not started yet. Returns (interrupted, resumed)."""
         interrupted = resumed = 0
-        for message in await self._store.unfinished_messages():
-            if only is not None and not only(message.tenant_id, message.session_id):
-                continue
+        for message in await self._store.unfinished_messages() if messages is None else messages:
             key = (message.tenant_id, message.session_id, message.message_id)
             if message.state is MessageState.SUBMITTED and key in handed:
                 self.runtime(message.tenant_id, message.session_id).start(
