@@ -296,9 +296,11 @@ class PgLeases(Ownership):
             self._valid_until.pop((row[0], row[1]), None)
             self._store.fences.pop((row[0], row[1]), None)
         if closed:
+            # Rows a write still holds are skipped (and deleted at the next tick): never a wait.
             await pool.execute(
-                "DELETE FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
-                "(SELECT * FROM unnest($2::text[], $3::text[]))",
+                "DELETE FROM leases WHERE (tenant_id, session_id) IN ("
+                "SELECT tenant_id, session_id FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
+                "(SELECT * FROM unnest($2::text[], $3::text[])) FOR UPDATE SKIP LOCKED)",
                 self.replica_id,
                 *_columns([(r[0], r[1]) for r in closed]),
             )
@@ -354,10 +356,12 @@ def _columns(keys: Collection[SessionKey]) -> tuple[list[str], list[str]]:
 
 
 async def check_fence(conn: asyncpg.Connection, key: SessionKey, owner: str, fence: int) -> None:
-    """Refuse (``LeaseLost``) a write of the owner whose lease moved on; the row stays share-locked
-    until the write commits, so a take-over waits for it and then sees it."""
+    """Refuse (``LeaseLost``) a write of the owner whose lease moved on. The row stays key-share
+    locked until the write commits: a take-over (which changes the fence, a key column) waits for
+    it and then sees it, while a renewal (the expiry only) never waits, so a transaction carrying
+    writes of several sessions cannot deadlock with the renewal of their leases."""
     held = await conn.fetchval(
-        "SELECT fence FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $3 FOR SHARE",
+        "SELECT fence FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $3 FOR KEY SHARE",
         *key,
         owner,
     )
@@ -373,7 +377,7 @@ async def record_hand_offs(
 ) -> None:
     """Hand new messages to the session's owner and ring it (delivered only if the write commits)."""
     owner = await conn.fetchval(
-        "SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 FOR SHARE", *key
+        "SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 FOR KEY SHARE", *key
     )
     await conn.execute(
         "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "

@@ -119,7 +119,10 @@ _V2 = (
         owner TEXT NOT NULL,
         fence BIGINT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (tenant_id, session_id)
+        PRIMARY KEY (tenant_id, session_id),
+        -- Makes the fence a key column: an owner's write holds FOR KEY SHARE on its lease, which a
+        -- take-over (a new fence) waits for and a renewal (a new expiry only) does not.
+        UNIQUE (tenant_id, session_id, fence)
     )""",
     "CREATE INDEX leases_by_expiry ON leases (expires_at)",
     "CREATE INDEX leases_by_owner ON leases (owner)",
