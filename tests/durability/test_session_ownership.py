@@ -18,6 +18,8 @@ import aiohttp
 import asyncpg
 import grpc
 import pytest
+from a2a.helpers import new_data_part
+from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from grpc import aio
 
 from svantic_grpc.core.events import AgentLeft
@@ -27,6 +29,7 @@ from svantic_grpc.core.store import Change
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
+from tests.a2a_ingress_support import a2a_client, call
 from tests.adapters.e2e_support import (
     AGENT_TYPE,
     ENV,
@@ -250,3 +253,24 @@ async def test_a_session_closed_on_another_replica_ends_the_work_on_its_owner(re
         assert request.state is InputState.CANCELED
         assert await _owner(a, session_id) is None  # the lease of a closed session goes
         assert (TENANT, session_id) not in a.server.mesh.messages._runtimes
+
+
+async def test_an_a2a_send_to_another_replica_answers_from_the_owner(replicas: list[Client]) -> None:
+    a, b, _ = replicas
+    session_id = await new_session(a)
+    message = Message(
+        message_id="a2a-1",
+        role=Role.ROLE_USER,
+        parts=[Part(text="hello over A2A"), new_data_part({"target_agent": "savant:chat"})],
+        context_id=session_id,
+    )
+    async with a2a_client(b.server.http.url, streaming=False) as a2a:
+        (response,) = [
+            e
+            async for e in a2a.send_message(
+                SendMessageRequest(message=message), context=call(await b.token())
+            )
+        ]
+    assert response.task.status.state == TaskState.TASK_STATE_COMPLETED, response.task.status
+    assert (TENANT, session_id) in a.server.mesh.messages._runtimes  # it ran on a, the owner
+    assert (TENANT, session_id) not in b.server.mesh.messages._runtimes
