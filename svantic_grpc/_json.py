@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 import orjson
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from svantic_grpc.core._validate import MAX_JSON_DEPTH, nests_deeper_than
 
@@ -92,7 +92,37 @@ def exact_value(message: struct_pb2.Struct | struct_pb2.Value | None, text: str)
     """
     if text:
         return loads(text)
-    return None if message is None else whole(json_format.MessageToDict(message))
+    if message is None:
+        return None
+    if isinstance(message, struct_pb2.Struct):
+        return _struct(message)
+    return _value(message)
+
+
+def _struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    """What ``whole(json_format.MessageToDict(message))`` gives, read directly (a few times faster)."""
+    return {key: _value(item) for key, item in message.fields.items()}
+
+
+def _value(message: struct_pb2.Value) -> Any:
+    kind = message.WhichOneof("kind")
+    if kind == "string_value":
+        return message.string_value
+    if kind == "number_value":
+        number = message.number_value
+        if not math.isfinite(number):  # refused as MessageToDict refuses them
+            name = "NaN" if math.isnan(number) else "Infinity"
+            raise ValueError(
+                f"Fail to serialize {name} for Value.number_value, which would parse as string_value"
+            )
+        return int(number) if number.is_integer() and abs(number) <= EXACT_INT else number
+    if kind == "bool_value":
+        return message.bool_value
+    if kind == "struct_value":
+        return _struct(message.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in message.list_value.values]
+    return None  # null_value, or no kind set
 
 
 def whole(value: Any) -> Any:

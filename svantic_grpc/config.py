@@ -20,15 +20,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from svantic_grpc.core.auth import Credential, Scope, TokenSettings, hash_secret
+from svantic_grpc.core.auth import AttemptLimit, Credential, Scope, TokenSettings, hash_secret
 
 __all__ = [
     "DEFAULT_SETTINGS_FILE",
     "DEV_CLIENT_ID",
     "DEV_CLIENT_SECRET",
     "DEV_TENANT_ID",
+    "AttemptLimitSettings",
     "AuthSettings",
     "DispatchSettings",
+    "FailedAttemptSettings",
     "MetricsSettings",
     "ReplicaSettings",
     "ResolvedAuth",
@@ -79,6 +81,27 @@ class TenantSettings(_Model):
     credentials: list[CredentialSettings] = []
 
 
+class AttemptLimitSettings(_Model):
+    """A token bucket of failed ``GetToken`` (and console sign-in) attempts."""
+
+    burst: int = Field(gt=0)
+    """Failures allowed in a row; the next attempt is refused (RESOURCE_EXHAUSTED with a retry delay)."""
+    refill_s: float = Field(gt=0)
+    """Seconds after which one more attempt is allowed; the bucket is full again after burst x refill_s."""
+
+    def limit(self) -> AttemptLimit:
+        return AttemptLimit(burst=self.burst, refill_s=self.refill_s)
+
+
+class FailedAttemptSettings(_Model):
+    """Limits of failed attempts to get a token, so guessing and scrypt's CPU stay bounded."""
+
+    per_client_id: AttemptLimitSettings = AttemptLimitSettings(burst=10, refill_s=30.0)
+    """Per client id, from every peer but those that signed in as that client id before."""
+    per_peer: AttemptLimitSettings = AttemptLimitSettings(burst=20, refill_s=1.0)
+    """Per peer address (an IPv4 address, an IPv6 /64), whatever the client id."""
+
+
 class AuthSettings(_Model):
     """How tokens are made."""
 
@@ -89,6 +112,7 @@ class AuthSettings(_Model):
     max_token_ttl_s: int = Field(default=7 * 86_400, gt=0)
     clock_skew_s: int = Field(default=60, ge=0)
     """How far in the future a token's ``iat`` may lie before the token is refused."""
+    failed_attempts: FailedAttemptSettings = FailedAttemptSettings()
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> AuthSettings:
@@ -369,6 +393,8 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
         default_ttl_s=auth.token_ttl_s,
         max_ttl_s=auth.max_token_ttl_s,
         clock_skew_s=auth.clock_skew_s,
+        failed_per_client=auth.failed_attempts.per_client_id.limit(),
+        failed_per_peer=auth.failed_attempts.per_peer.limit(),
     )
     dispatch_key = env.get(settings.dispatch.signing_key_env) or None
     return ResolvedAuth(tokens, credentials, development, dispatch_key)

@@ -31,7 +31,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import jwt
 from google.protobuf import json_format
@@ -105,7 +105,8 @@ class Reply:
     dispatch_id: str
     _send: Callable[[registry_service_pb2.DispatchUpdate], Awaitable[None]]
     done: bool = field(default=False, init=False)
-    _answers: asyncio.Queue[message_types_pb2.InputRequest] = field(default_factory=asyncio.Queue, init=False)
+    _answers: asyncio.Queue[message_types_pb2.InputRequest] | None = field(default=None, init=False)
+    """Answers from the mesh to what this handler asked (made when first needed: most never ask)."""
     prefilled: list[message_types_pb2.InputRequest] = field(default_factory=list)
     """Answers that came with the dispatch: given before a mesh restart to a question this
     handler asked then. ``request_input`` uses a matching one instead of asking again."""
@@ -181,7 +182,15 @@ class Reply:
         if say is not None:
             update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
         await self._send(update)
-        return await self._answers.get()
+        return await self._answer_queue().get()
+
+    def _answer_queue(self) -> asyncio.Queue[message_types_pb2.InputRequest]:
+        if self._answers is None:
+            self._answers = asyncio.Queue()
+        return self._answers
+
+    def _answer(self, request: message_types_pb2.InputRequest) -> None:
+        self._answer_queue().put_nowait(request)
 
     async def ask_approval(self, tool_name: str, arguments: dict[str, Any] | None = None) -> bool:
         """Ask whether the agent may call a tool; ``True`` when approved (by policy or a human)."""
@@ -262,7 +271,8 @@ class ConnectedAgent:
         """Whether the mesh said (in its welcome) that it reads update batches."""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, Reply] = {}
-        self._outbox: asyncio.Queue[registry_service_pb2.ConnectRequest | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        """Requests for the stream, and updates (framed together by ``_requests``); ``None`` ends it."""
         self._keys: dict[str, Any] = {}
         self._issuer = ""
         self.connected = asyncio.Event()
@@ -280,7 +290,10 @@ class ConnectedAgent:
                     metadata = await self._register(auth, registry)
                     await self._serve_stream(registry, metadata)
                 except aio.AioRpcError as error:
-                    _log.warning("connection to the mesh failed: %s %s", error.code().name, error.details())
+                    if not self._stopping.is_set():  # else: the call we cancelled to stop
+                        _log.warning(
+                            "connection to the mesh failed: %s %s", error.code().name, error.details()
+                        )
                 self.connected.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._reconnect_delay_s)
@@ -330,32 +343,22 @@ class ConnectedAgent:
         self._outbox = asyncio.Queue()
         self._outbox.put_nowait(hello)
         call = registry.Connect(self._requests(), metadata=metadata)
-        stop = asyncio.create_task(self._stopping.wait())
+        stopping = asyncio.create_task(self._cancel_when_stopping(call))
         heartbeat: asyncio.Task[None] | None = None
         try:
-            reader = aiter(call)
-            while True:
-                next_response = asyncio.ensure_future(anext(reader))
-                done, _ = await asyncio.wait({next_response, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if stop in done:
-                    next_response.cancel()
-                    call.cancel()
-                    return
-                try:
-                    response = next_response.result()
-                except StopAsyncIteration:
-                    return
+            # One reader for the stream's life: no task and no wait per frame.
+            async for response in call:
                 kind = response.WhichOneof("payload")
-                if kind == "welcome":
-                    interval = max(response.welcome.heartbeat_interval_ms / 1000, 0.05)
-                    heartbeat = asyncio.create_task(self._heartbeats(interval))
-                    self._batch_updates = response.welcome.update_batches
-                    self.connected.set()
-                elif kind == "dispatch":
+                if kind == "dispatch":
                     self._start(response.dispatch)
                 elif kind == "dispatch_batch":
                     for dispatch in response.dispatch_batch.dispatches:
                         self._start(dispatch)
+                elif kind == "welcome":
+                    interval = max(response.welcome.heartbeat_interval_ms / 1000, 0.05)
+                    heartbeat = asyncio.create_task(self._heartbeats(interval))
+                    self._batch_updates = response.welcome.update_batches
+                    self.connected.set()
                 elif kind == "cancel":
                     task = self._running.get(response.cancel.dispatch_id)
                     if task is not None:
@@ -363,14 +366,24 @@ class ConnectedAgent:
                 elif kind == "input_answer":
                     reply = self._replies.get(response.input_answer.dispatch_id)
                     if reply is not None:
-                        reply._answers.put_nowait(response.input_answer.request)
+                        reply._answer(response.input_answer.request)
+        except asyncio.CancelledError:
+            # grpc raises this from a call we cancelled (``stop``); a cancellation of this task
+            # itself goes on up.
+            current = asyncio.current_task()
+            if not (self._stopping.is_set() and current is not None and not current.cancelling()):
+                raise
         finally:
             self._outbox.put_nowait(None)  # ends the request stream of this connection
-            stop.cancel()
+            stopping.cancel()
             if heartbeat is not None:
                 heartbeat.cancel()
             for task in list(self._running.values()):
                 task.cancel()
+
+    async def _cancel_when_stopping(self, call: Any) -> None:
+        await self._stopping.wait()
+        call.cancel()
 
     async def _requests(self) -> AsyncIterator[registry_service_pb2.ConnectRequest]:
         """The outbox as frames: updates queued together travel in one frame (a frame costs
@@ -382,21 +395,24 @@ class ConnectedAgent:
                 queued.append(outbox.get_nowait())
             updates: list[registry_service_pb2.DispatchUpdate] = []
             size = 0
-            for request in queued:
-                if request is not None and request.WhichOneof("payload") == "update":
-                    size += request.update.ByteSize()
+            for item in queued:
+                if isinstance(item, registry_service_pb2.ConnectRequest) and item.HasField("update"):
+                    item = item.update  # an update queued as a request: framed like the others
+                if isinstance(item, registry_service_pb2.DispatchUpdate):
+                    item_size = item.ByteSize()
+                    size += item_size
                     full = len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES
                     if updates and (full or not self._batch_updates):
                         yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
-                        updates, size = [], request.update.ByteSize()
-                    updates.append(request.update)
+                        updates, size = [], item_size
+                    updates.append(item)
                     continue
                 if updates:
                     yield _update_frame(updates)
                     updates, size = [], 0
-                if request is None:
+                if item is None:
                     return
-                yield request
+                yield item
             if updates:
                 yield _update_frame(updates)
 
@@ -414,7 +430,7 @@ class ConnectedAgent:
         outbox = self._outbox
 
         async def send(update: registry_service_pb2.DispatchUpdate) -> None:
-            outbox.put_nowait(registry_service_pb2.ConnectRequest(update=update))
+            outbox.put_nowait(update)  # copied once, into its frame
 
         reply = Reply(dispatch.dispatch_id, send, prefilled=_answers_in(dispatch.message))
         task = asyncio.create_task(self._handle(dispatch, reply), name=f"dispatch-{dispatch.dispatch_id}")
@@ -470,10 +486,15 @@ _BATCH_MAX_BYTES = 1 << 20
 
 
 def _update_frame(updates: list[registry_service_pb2.DispatchUpdate]) -> registry_service_pb2.ConnectRequest:
+    frame = registry_service_pb2.ConnectRequest()
     if len(updates) == 1:
-        return registry_service_pb2.ConnectRequest(update=updates[0])
-    batch = registry_service_pb2.DispatchUpdateBatch(updates=updates)
-    return registry_service_pb2.ConnectRequest(update_batch=batch)
+        frame.update.CopyFrom(updates[0])
+    else:
+        frame.update_batch.updates.extend(updates)
+    return frame
+
+
+_Outgoing: TypeAlias = registry_service_pb2.ConnectRequest | registry_service_pb2.DispatchUpdate | None
 
 
 _KINDS = {

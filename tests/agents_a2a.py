@@ -12,7 +12,8 @@ mesh's public key (``AuthService.GetDispatchKeys`` on ``mesh_channel``, as
 ``jwt.PyJWK``), with the audience its own instance id and the issuer the mesh.
 A missing or bad token makes the agent reject the task. Each agent records
 what it saw (``Seen``: claims, context id, text), the A2A methods called on it
-and the tasks it was asked to cancel, for tests to assert on.
+the tasks it was asked to cancel and the client address of each JSON-RPC call, for
+tests to assert on.
 
 Kinds of agent (``HostedAgent.kind``):
 
@@ -213,6 +214,8 @@ class AgentServer(AgentExecutor):
         """Times a running ``execute`` was interrupted by cancellation."""
         self.methods: list[str] = []
         """A2A methods called on this agent, in order (``SendStreamingMessage``, ``CancelTask``...)."""
+        self.peers: list[tuple[str, int]] = []
+        """The client address (host, port) of each JSON-RPC call, in order: one port is one connection."""
         self.card = _card(spec, interface_url or url, self.skill)
 
     @property
@@ -415,6 +418,8 @@ class _RecordMethods:
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
         body = b"".join(m.get("body", b"") for m in received)
+        host, port = scope.get("client") or ("", 0)
+        agent.peers.append((str(host), int(port)))
         try:
             request = json.loads(body)
             agent.methods.append(str(request.get("method", "")) if isinstance(request, dict) else "")

@@ -7,9 +7,10 @@ connection attempt times out rather than being refused).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 import pytest
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface
@@ -17,7 +18,7 @@ from a2a.utils.constants import TransportProtocol
 from aiohttp import web
 from google.protobuf import json_format
 
-from svantic_grpc.core.dispatch import DispatchJob, NotDelivered
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.dispatch.a2a import A2ATransport
@@ -45,40 +46,72 @@ def _silent_port() -> Iterator[int]:
         listener.close()
 
 
+@asynccontextmanager
+async def _card_for(interface_url: str) -> AsyncIterator[str]:
+    """An agent card, served over HTTP on loopback, whose JSON-RPC interface is ``interface_url``."""
+    card = AgentCard(
+        name="remote",
+        description="an agent at the other end of the interface",
+        version="1.0.0",
+        supported_interfaces=[
+            AgentInterface(
+                url=interface_url, protocol_binding=TransportProtocol.JSONRPC, protocol_version="1.0"
+            )
+        ],
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+    )
+
+    async def serve_card(request: web.Request) -> web.Response:
+        return web.json_response(json_format.MessageToDict(card))
+
+    app = web.Application()
+    app.router.add_get("/.well-known/agent-card.json", serve_card)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def card_url() -> AsyncIterator[str]:
     """An agent card (served over HTTP on loopback) whose interface never answers."""
     with _silent_port() as silent:
-        card = AgentCard(
-            name="silent",
-            description="an agent that cannot be reached",
-            version="1.0.0",
-            supported_interfaces=[
-                AgentInterface(
-                    url=f"http://127.0.0.1:{silent}/",
-                    protocol_binding=TransportProtocol.JSONRPC,
-                    protocol_version="1.0",
-                )
-            ],
-            capabilities=AgentCapabilities(streaming=True),
-            default_input_modes=["text/plain"],
-            default_output_modes=["text/plain"],
+        async with _card_for(f"http://127.0.0.1:{silent}/") as url:
+            yield url
+
+
+@pytest.fixture
+async def hang_up_url() -> AsyncIterator[str]:
+    """An agent card whose interface reads each request whole, then closes the connection unanswered."""
+    requests: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
         )
+        requests.append(head + await reader.readexactly(length))
+        writer.close()
+        await writer.wait_closed()
 
-        async def serve_card(request: web.Request) -> web.Response:
-            return web.json_response(json_format.MessageToDict(card))
-
-        app = web.Application()
-        app.router.add_get("/.well-known/agent-card.json", serve_card)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url
+        assert requests, "the request never reached the agent"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_an_agent_that_never_accepts_the_connection_was_not_delivered_to(card_url: str) -> None:
@@ -88,6 +121,23 @@ async def test_an_agent_that_never_accepts_the_connection_was_not_delivered_to(c
     job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
     try:
         with pytest.raises(NotDelivered, match="cannot reach the agent"):
+            async for _ in transport.dispatch(job):
+                pass
+    finally:
+        await transport.close()
+
+
+async def test_an_agent_that_hangs_up_after_the_request_failed_the_dispatch_without_fail_over(
+    hang_up_url: str,
+) -> None:
+    # The request reached the agent, which may have started the work: another instance must not
+    # be given it (NotDelivered would fail over).
+    transport = A2ATransport(connect_timeout_s=2.0, read_timeout_s=5.0)
+    agent = AgentRegistration("acme", "flaky", "flaky-1", DeploymentMode.HOSTED, 0.0, 0.0, url=hang_up_url)
+    message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+    job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+    try:
+        with pytest.raises(DispatchFailed):
             async for _ in transport.dispatch(job):
                 pass
     finally:

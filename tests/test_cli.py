@@ -260,6 +260,20 @@ def test_hash_secret_prints_a_salted_verifiable_hash() -> None:
     assert "correct horse" not in first.stdout + first.stderr
 
 
+def test_hash_secret_generate_makes_a_random_secret_with_a_cheaper_verifiable_hash() -> None:
+    first, second = _run("hash-secret", "--generate"), _run("hash-secret", "--generate")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    secrets, hashes = [], []
+    for result in (first, second):
+        secret_line, hash_line = result.stdout.splitlines()
+        secrets.append(secret_line.removeprefix("secret: "))
+        hashes.append(hash_line.removeprefix("hash:").strip())
+    assert secrets[0] != secrets[1] and len(secrets[0]) >= 43  # 32 random bytes, url-safe base64
+    assert verify_secret(secrets[0], hashes[0]) and verify_secret(secrets[1], hashes[1])
+    assert not verify_secret(secrets[0], hashes[1])
+    assert hashes[0].startswith("scrypt$1024$")
+
+
 def test_hash_secret_refuses_an_empty_secret() -> None:
     result = _run("hash-secret", stdin="\n")
     assert result.returncode == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from grpc import aio
 
 from svantic_grpc.api import _wkt
+from svantic_grpc.api._context import peer_host
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.pb import auth_service_pb2 as pb
 from svantic_grpc.pb import auth_service_pb2_grpc as pb_grpc
@@ -25,6 +26,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
             agent_type=request.agent_type,
             expires_in=request.expires_in,
             scopes=request.scopes,
+            peer=peer_host(context.peer()),
         )
         return pb.GetTokenResponse(
             token=issued.token,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from google.protobuf import timestamp_pb2
+
 from svantic_grpc.api._wkt import from_struct, struct, timestamp
 from svantic_grpc.api.convert_messages import message_event
 from svantic_grpc.core.errors import InvalidArgument
@@ -69,21 +71,42 @@ def session_agent(agent: SessionAgent) -> session_pb.SessionAgent:
 
 
 def session(record: Session, *, expires_at: float | None, include_agents: bool = True) -> session_pb.Session:
-    return session_pb.Session(
+    # Each time converted once: most of a session's times are the same few (InitSession and
+    # CloseSession answer with the session and its agents, and that is most of their work here).
+    times: dict[float | None, timestamp_pb2.Timestamp | None] = {None: None}
+
+    def at(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+        if seconds not in times:
+            times[seconds] = timestamp(seconds)
+        return times[seconds]
+
+    message = session_pb.Session(
         session_id=record.session_id,
         status=SESSION_STATUS[record.status],
         user_id=record.user_id,
         created_by=record.created_by,
         creator_agent_type=record.creator_agent_type,
-        created_at=timestamp(record.created_at),
-        updated_at=timestamp(record.updated_at),
-        last_activity_at=timestamp(record.last_activity_at),
-        expires_at=timestamp(expires_at),
-        closed_at=timestamp(record.closed_at),
+        created_at=at(record.created_at),
+        updated_at=at(record.updated_at),
+        last_activity_at=at(record.last_activity_at),
+        expires_at=at(expires_at),
+        closed_at=at(record.closed_at),
         close_reason=record.close_reason,
-        agents=[session_agent(a) for a in record.agents] if include_agents else [],
         version=record.version,
     )
+    if include_agents:
+        message.agents.extend(
+            session_pb.SessionAgent(
+                agent_type=a.agent_type,
+                instance_id=a.instance_id,
+                join_reason=JOIN_REASON[a.join_reason],
+                joined_at=at(a.joined_at),
+                internal=a.internal,
+                left_at=at(a.left_at),
+            )
+            for a in record.all_agents()
+        )
+    return message
 
 
 def event(record: Event) -> event_pb.SessionEvent:

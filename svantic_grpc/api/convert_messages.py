@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from svantic_grpc.api._wkt import exact_object, json_text, struct, timestamp
+from svantic_grpc.api._wkt import exact_object, json_text
 from svantic_grpc.api.convert_inputs import ask_from_pb, request_to_pb
 from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate
 from svantic_grpc.core.errors import InvalidArgument
@@ -52,15 +52,37 @@ def role_from_pb(value: int, field: str) -> Role:
 
 
 def part_to_pb(part: Part) -> pb.Part:
+    target = pb.Part()
+    _fill_part(target, part)
+    return target
+
+
+def _fill_part(target: pb.Part, part: Part) -> None:
+    """Write ``part`` into an empty ``target`` (filled in place: no copy of a built message)."""
     if part.text is not None:
-        return pb.Part(text=part.text)
-    if part.data is not None:
-        return pb.Part(data=struct(part.data), data_json=json_text(part.data))
-    file = part.file
-    assert file is not None
-    if file.data is not None:
-        return pb.Part(file=pb.FilePart(name=file.name, media_type=file.media_type, bytes=file.data))
-    return pb.Part(file=pb.FilePart(name=file.name, media_type=file.media_type, uri=file.uri))
+        target.text = part.text
+    elif part.data is not None:
+        target.data.update(part.data)
+        target.data_json = json_text(part.data)
+    else:
+        file = part.file
+        assert file is not None
+        target.file.name = file.name
+        target.file.media_type = file.media_type
+        if file.data is not None:
+            target.file.bytes = file.data
+        else:
+            target.file.uri = file.uri
+
+
+def _fill_parts(target: Any, parts: tuple[Part, ...]) -> None:
+    for part in parts:
+        _fill_part(target.add(), part)
+
+
+def _set_time(target: Any, seconds: float) -> None:
+    """Set a Timestamp field to epoch ``seconds`` (as ``_wkt.timestamp``, without building one)."""
+    target.seconds, target.nanos = divmod(round(seconds * 1e9), 1_000_000_000)
 
 
 def part_from_pb(part: pb.Part, field: str) -> Part:
@@ -84,37 +106,55 @@ def parts_from_pb(parts: Iterable[pb.Part], field: str) -> tuple[Part, ...]:
 
 
 def turn_to_pb(turn: Turn) -> pb.Turn:
-    return pb.Turn(
-        role=ROLE[turn.role],
-        parts=[part_to_pb(p) for p in turn.parts],
-        time=timestamp(turn.time),
-        instance_id=turn.instance_id,
-    )
+    target = pb.Turn()
+    _fill_turn(target, turn)
+    return target
+
+
+def _fill_turn(target: pb.Turn, turn: Turn, converted: Any = None) -> None:
+    """``converted``: the same parts already in protobuf form (copied, not converted again)."""
+    target.role = ROLE[turn.role]
+    if converted is not None:
+        target.parts.extend(converted)
+    else:
+        _fill_parts(target.parts, turn.parts)
+    _set_time(target.time, turn.time)
+    target.instance_id = turn.instance_id
 
 
 def artifact_to_pb(artifact: Artifact) -> pb.Artifact:
-    return pb.Artifact(
-        artifact_id=artifact.artifact_id, name=artifact.name, parts=[part_to_pb(p) for p in artifact.parts]
-    )
+    target = pb.Artifact()
+    _fill_artifact(target, artifact)
+    return target
 
 
-def message_to_pb(message: Message) -> pb.Message:
-    return pb.Message(
-        message_id=message.message_id,
-        session_id=message.session_id,
-        role=ROLE[message.role],
-        parts=[part_to_pb(p) for p in message.parts],
-        state=MESSAGE_STATE[message.state],
-        state_reason=message.state_reason,
-        history=[turn_to_pb(t) for t in message.history],
-        artifacts=[artifact_to_pb(a) for a in message.artifacts],
-        agent_type=message.agent_type,
-        instance_id=message.instance_id,
-        sender=message.sender,
-        created_at=timestamp(message.created_at),
-        updated_at=timestamp(message.updated_at),
-        input_request_ids=message.input_request_ids,
-    )
+def _fill_artifact(target: pb.Artifact, artifact: Artifact) -> None:
+    target.artifact_id = artifact.artifact_id
+    target.name = artifact.name
+    _fill_parts(target.parts, artifact.parts)
+
+
+def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Message:
+    """The message in protobuf form, written into ``into`` (an empty field of a response) when given."""
+    target = pb.Message() if into is None else into
+    target.message_id = message.message_id
+    target.session_id = message.session_id
+    target.role = ROLE[message.role]
+    _fill_parts(target.parts, message.parts)
+    target.state = MESSAGE_STATE[message.state]
+    target.state_reason = message.state_reason
+    for turn in message.history:
+        # The first turn is the message as sent: its parts are the message's own, converted above.
+        _fill_turn(target.history.add(), turn, target.parts if turn.parts is message.parts else None)
+    for artifact in message.artifacts:
+        _fill_artifact(target.artifacts.add(), artifact)
+    target.agent_type = message.agent_type
+    target.instance_id = message.instance_id
+    target.sender = message.sender
+    _set_time(target.created_at, message.created_at)
+    _set_time(target.updated_at, message.updated_at)
+    target.input_request_ids.extend(message.input_request_ids)
+    return target
 
 
 def outgoing(message: service_pb.OutgoingMessage) -> dict[str, Any]:
@@ -154,16 +194,19 @@ def message_event(target: event_pb.SessionEvent, payload: EventPayload) -> None:
         )
 
 
-def dispatch_to_pb(job: DispatchJob, *, token: bool) -> registry_pb.Dispatch:
+def dispatch_to_pb(
+    job: DispatchJob, *, token: bool, into: registry_pb.Dispatch | None = None
+) -> registry_pb.Dispatch:
     """The dispatch for a connected agent; signed only when ``token`` (the agent asked)."""
-    return registry_pb.Dispatch(
-        dispatch_id=job.dispatch_id,
-        session_id=job.session_id,
-        message=message_to_pb(job.message),
-        dispatch_token=job.sign() if token else "",
-        deadline=timestamp(job.deadline),
-        trace_context=job.trace_context,
-    )
+    target = registry_pb.Dispatch() if into is None else into
+    target.dispatch_id = job.dispatch_id
+    target.session_id = job.session_id
+    message_to_pb(job.message, into=target.message)
+    if token:
+        target.dispatch_token = job.sign()
+    _set_time(target.deadline, job.deadline)
+    target.trace_context.update(job.trace_context)
+    return target
 
 
 def update_from_pb(update: registry_pb.DispatchUpdate) -> DispatchUpdate:

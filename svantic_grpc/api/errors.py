@@ -2,7 +2,9 @@
 
 Each status carries a ``google.rpc.ErrorInfo`` (reason, domain, metadata) and,
 for invalid input, a ``google.rpc.BadRequest`` naming the offending field, in
-the standard ``grpc-status-details-bin`` trailer.
+the standard ``grpc-status-details-bin`` trailer. A limit that says when to try
+again adds a ``google.rpc.RetryInfo`` and gRPC's own ``grpc-retry-pushback-ms``
+trailer (which a client's retry policy honours).
 
 Field paths are built in the core (``svantic_grpc.core.errors`` says how and why) and
 passed through as they are, except where a request holds the value the core checked
@@ -13,11 +15,13 @@ the one place a path is changed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, message
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -61,8 +65,17 @@ def to_grpc_status(error: errors.MeshError) -> grpc.Status:
             field=error.field, description=error.description
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    retry_after_s = error.retry_after_s if isinstance(error, errors.ResourceExhausted) else None
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(math.ceil(retry_after_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
-    return rpc_status.to_status(status)
+    converted = rpc_status.to_status(status)
+    if retry_after_s is None:
+        return converted
+    pushback = ("grpc-retry-pushback-ms", str(math.ceil(retry_after_s * 1000)))
+    return _Status(converted.code, converted.details, (*converted.trailing_metadata, pushback))
 
 
 @contextmanager
@@ -83,6 +96,13 @@ def placed(root: str, at: str) -> Iterator[None]:
         rest = field[len(root) :]
         moved = f"{at}{rest}" if root else f"{at}.{rest}"
         raise errors.InvalidArgument(moved, error.description, reason=error.reason) from None
+
+
+class _Status(grpc.Status):  # type: ignore[misc]
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]):
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 def _pack(detail: message.Message) -> any_pb2.Any:

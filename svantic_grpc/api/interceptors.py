@@ -161,8 +161,23 @@ def _like(handler: grpc.RpcMethodHandler, factory: Any, behavior: Any) -> grpc.R
     return factory(
         behavior,
         request_deserializer=tolerant(handler.request_deserializer),
-        response_serializer=handler.response_serializer,
+        response_serializer=_passing_bytes(handler.response_serializer),
     )
+
+
+def _passing_bytes(serializer: Any) -> Any:
+    """``serializer``, except that a response already serialized (bytes) goes out as it is.
+
+    One event to a thousand watchers is serialized once (``SessionServicer.WatchSession``),
+    not once per stream.
+    """
+    if serializer is None:
+        return None
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serializer(message)
+
+    return serialize
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:

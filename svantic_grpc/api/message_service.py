@@ -37,7 +37,9 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
         message = await self._messages.send_and_wait(
             current_caller(), request.session_id, **outgoing(request.message)
         )
-        return pb.SendMessageResponse(message=message_to_pb(message))
+        response = pb.SendMessageResponse()
+        message_to_pb(message, into=response.message)  # filled in place: no copy of the message
+        return response
 
     async def SendStreamingMessage(
         self, request: pb.SendStreamingMessageRequest, context: aio.ServicerContext

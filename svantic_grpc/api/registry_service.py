@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from grpc import aio
 
@@ -152,9 +153,15 @@ BATCH_MAX_BYTES = 1 << 20
 """Most bytes of dispatches in one frame (a single larger dispatch still goes alone)."""
 
 
-async def _frames(
-    outbox: asyncio.Queue[Outbound | None], hello: pb.ConnectHello
-) -> AsyncIterator[pb.ConnectResponse]:
+class _Outbox(Protocol):
+    """What ``_frames`` reads: a connection's outbox (a ``Mailbox``, or any ``asyncio.Queue``)."""
+
+    async def get(self) -> Outbound | None: ...
+    def get_nowait(self) -> Outbound | None: ...
+    def empty(self) -> bool: ...
+
+
+async def _frames(outbox: _Outbox, hello: pb.ConnectHello) -> AsyncIterator[pb.ConnectResponse]:
     """The outbox as frames for the agent, until the mesh ends the stream (``None``).
 
     When the agent reads batches, dispatches queued together go out in one frame
@@ -174,20 +181,31 @@ async def _frames(
                 cancel = pb.DispatchCancel(dispatch_id=out.dispatch_id, reason=out.cancel_reason)
                 yield pb.ConnectResponse(cancel=cancel)
             continue
-        dispatches = [dispatch_to_pb(out.job, token=hello.dispatch_tokens)]
-        size = dispatches[0].ByteSize()
-        while hello.dispatch_batches and not outbox.empty() and len(dispatches) < BATCH_MAX:
+        response = pb.ConnectResponse()
+        token = hello.dispatch_tokens
+        if not hello.dispatch_batches or outbox.empty():
+            dispatch_to_pb(out.job, token=token, into=response.dispatch)  # filled in place: no copy
+            yield response
+            continue
+        following = outbox.get_nowait()
+        if following is None or following.job is None:  # nothing to batch it with
+            held.append(following)
+            dispatch_to_pb(out.job, token=token, into=response.dispatch)
+            yield response
+            continue
+        # Each dispatch filled in place in the frame: no copy of a built one.
+        dispatches = response.dispatch_batch.dispatches
+        size = dispatch_to_pb(out.job, token=token, into=dispatches.add()).ByteSize()
+        while True:
+            size += dispatch_to_pb(following.job, token=token, into=dispatches.add()).ByteSize()
+            if size > BATCH_MAX_BYTES:  # well under gRPC's 4 MiB default: it goes in the next frame
+                del dispatches[-1]
+                held.append(following)
+                break
+            if outbox.empty() or len(dispatches) >= BATCH_MAX:
+                break
             following = outbox.get_nowait()
             if following is None or following.job is None:
                 held.append(following)
                 break
-            dispatch = dispatch_to_pb(following.job, token=hello.dispatch_tokens)
-            size += dispatch.ByteSize()
-            if size > BATCH_MAX_BYTES:  # well under gRPC's 4 MiB default: it goes in the next frame
-                held.append(following)
-                break
-            dispatches.append(dispatch)
-        if len(dispatches) == 1:
-            yield pb.ConnectResponse(dispatch=dispatches[0])
-        else:
-            yield pb.ConnectResponse(dispatch_batch=pb.DispatchBatch(dispatches=dispatches))
+        yield response

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import OrderedDict
 
 from grpc import aio
 
@@ -10,6 +10,7 @@ from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_messages import message_to_pb
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.events import Event
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.models import Session, SessionStatus
@@ -29,6 +30,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._sessions = mesh.sessions
         self._messages = mesh.messages
+        self._converted = _ConvertedEvents()
 
     def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
         return convert.session(
@@ -98,11 +100,11 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def ListSessionAgents(
         self, request: pb.ListSessionAgentsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionAgentsResponse:
-        session = await self._sessions.agents(
+        agents = await self._sessions.agents(
             current_caller(), request.session_id, include_departed=request.include_departed
         )
         return pb.ListSessionAgentsResponse(
-            session_id=session.session_id, agents=[convert.session_agent(a) for a in session.agents]
+            session_id=request.session_id, agents=[convert.session_agent(a) for a in agents]
         )
 
     async def CloseSession(
@@ -113,14 +115,42 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         return pb.CloseSessionResponse(session=self._session(session), closed_now=closed_now)
 
-    async def WatchSession(
-        self, request: pb.WatchSessionRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchSessionResponse]:
+    async def WatchSession(self, request: pb.WatchSessionRequest, context: aio.ServicerContext) -> None:
+        # A coroutine writing each response, not an async generator yielding it: with a
+        # thousand watchers every event passes through each stream's handler, and a
+        # generator here would go through the interceptor's and telemetry's generators too
+        # (three more hops per event and watcher); a coroutine is wrapped once per call.
         events = await self._sessions.watch(
             current_caller(), request.session_id, after_sequence=request.after_sequence
         )
+        converted = self._converted
         async for event in events:
-            yield pb.WatchSessionResponse(event=convert.event(event))
+            await context.write(converted.response(event))
+
+
+class _ConvertedEvents:
+    """The serialized ``WatchSessionResponse`` of recent events, made once for all their watchers.
+
+    Every watcher of a session reads the same ``Event`` objects from the bus, so a thousand
+    watchers cost one conversion and one serialization per event, not a thousand (the
+    interceptor sends bytes as they are).
+    """
+
+    SIZE = 256
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+
+    def response(self, event: Event) -> bytes:
+        # Keyed by identity: the entry holds the event, so its id cannot be reused meanwhile.
+        found = self._recent.get(id(event))
+        if found is not None and found[0] is event:
+            return found[1]
+        response = pb.WatchSessionResponse(event=convert.event(event)).SerializeToString()
+        self._recent[id(event)] = (event, response)
+        if len(self._recent) > self.SIZE:
+            self._recent.popitem(last=False)
+        return response
 
 
 def _fill_history(session: session_types_pb2.Session, messages: tuple[Message, ...]) -> bool:

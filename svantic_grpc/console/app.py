@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import pathlib
 import secrets
 import urllib.parse
@@ -32,6 +33,7 @@ from svantic_grpc.core.errors import (
     MeshError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from svantic_grpc.core.events import (
@@ -176,8 +178,14 @@ class Console:
             return await self.login_page(request, message="the sign-in form expired; try again", status=403)
         try:
             sid, _ = await self.logins.sign_in(
-                str(form.get("client_id", "")), str(form.get("client_secret", ""))
+                str(form.get("client_id", "")),
+                str(form.get("client_secret", "")),
+                peer=request.client.host if request.client else "",
             )
+        except ResourceExhausted as exc:
+            page = await self.login_page(request, message=str(exc), status=429)
+            page.headers["Retry-After"] = str(math.ceil(exc.retry_after_s or 1))
+            return page
         except MeshError as exc:
             return await self.login_page(request, message=str(exc), status=401)
         response = _secured(RedirectResponse("/console/queue", status_code=303))

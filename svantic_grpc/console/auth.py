@@ -1,7 +1,8 @@
 """Console sign-in: a tenant credential for a server-side browser session.
 
 Sign-in checks ``client_id``/``client_secret`` exactly like ``GetToken`` (it calls the
-same ``TokenIssuer.issue``) and keeps the verified ``Caller`` in memory under a random
+same ``TokenIssuer.issue``, so the same limit of failed attempts per client id and per
+browser address holds) and keeps the verified ``Caller`` in memory under a random
 id. The browser holds only that id, in an ``HttpOnly``, ``SameSite=Strict`` cookie;
 every state-changing request must also carry the session's CSRF token. Sign-out
 forgets the id, so the cookie is worthless from then on even if it was copied.
@@ -43,10 +44,19 @@ class ConsoleLogins:
         self._ttl_s = ttl_s
         self._logins: dict[str, ConsoleLogin] = {}
 
-    async def sign_in(self, client_id: str, client_secret: str) -> tuple[str, ConsoleLogin]:
-        """A new login for a valid credential; raises what ``GetToken`` raises otherwise."""
+    async def sign_in(
+        self, client_id: str, client_secret: str, *, peer: str = ""
+    ) -> tuple[str, ConsoleLogin]:
+        """A new login for a valid credential; raises what ``GetToken`` raises otherwise.
+
+        ``peer`` is the browser's address, for the limit of failed attempts per address.
+        """
         issued = await self._tokens.issue(
-            client_id=client_id, client_secret=client_secret, agent_type="console", expires_in=self._ttl_s
+            client_id=client_id,
+            client_secret=client_secret,
+            agent_type="console",
+            expires_in=self._ttl_s,
+            peer=peer,
         )
         caller = self._tokens.verify(issued.token)
         login = ConsoleLogin(caller=caller, csrf=secrets.token_urlsafe(32), expires_at=issued.expires_at)

@@ -2,11 +2,12 @@
 
 Secrets are stored as scrypt hashes; tokens are HS256 JWTs made with PyJWT. A
 token names its tenant, so every core call scopes itself with ``Caller.tenant_id``.
+A secret pays scrypt once per process, and failed attempts are limited per client id
+and per peer (``auth_guard`` says how).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import enum
 import hashlib
@@ -18,10 +19,12 @@ from typing import Any
 
 import jwt
 
+from svantic_grpc.core.auth_guard import AttemptLimit, SignInLimits, VerifiedSecrets, address_key
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = [
+    "AttemptLimit",
     "Caller",
     "Credential",
     "Scope",
@@ -32,6 +35,8 @@ __all__ = [
 ]
 
 _ALGORITHM = "HS256"
+_FAILED_PER_CLIENT = AttemptLimit(burst=10, refill_s=30.0)
+_FAILED_PER_PEER = AttemptLimit(burst=20, refill_s=1.0)
 _VERIFIED_CACHE_SIZE = 10_000
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
@@ -117,6 +122,10 @@ class TokenSettings:
     max_ttl_s: int = 7 * 86_400
     clock_skew_s: int = 60
     """How far in the future a token's ``iat`` may lie (clocks of signers drift) before it is refused."""
+    failed_per_client: AttemptLimit = _FAILED_PER_CLIENT
+    """Failed ``GetToken`` attempts one client id may make (from peers it never signed in from)."""
+    failed_per_peer: AttemptLimit = _FAILED_PER_PEER
+    """Failed ``GetToken`` attempts one peer (an IPv4 address, an IPv6 /64) may make."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,10 @@ class TokenIssuer:
         self._credentials: Mapping[str, Credential] = {c.client_id: c for c in credentials}
         self._clock = clock
         self._ids = ids
+        self._secrets = VerifiedSecrets(verify_secret)
+        self._limits = SignInLimits(
+            per_client=settings.failed_per_client, per_peer=settings.failed_per_peer, clock=clock
+        )
         # Verified tokens -> (caller, issued at, expiry). A token is immutable, so its signature needs
         # checking once; expiry is still checked on every call. Bounded: oldest dropped first.
         self._verified: dict[str, tuple[Caller, float, float]] = {}
@@ -157,11 +170,17 @@ class TokenIssuer:
         agent_type: str,
         expires_in: int = 0,
         scopes: Iterable[str] = (),
+        peer: str = "",
     ) -> IssuedToken:
         """A token for a valid credential.
 
+        ``peer`` is the caller's network address (host only), for the per-peer limit of
+        failed attempts; empty when the transport cannot tell.
+
         Raises:
             InvalidArgument: a field is missing or out of range.
+            ResourceExhausted: too many failed attempts for this client id or from this
+                peer; ``retry_after_s`` says when to try again.
             Unauthenticated: the credential is unknown or the secret is wrong.
             PermissionDenied: a requested scope is not held by the credential.
         """
@@ -175,10 +194,8 @@ class TokenIssuer:
             raise InvalidArgument("expires_in", "must be 0 (server default) or a positive number of seconds")
         requested = _parse_scopes(scopes)
         credential = self._credentials.get(client_id)
-        # Hash even for unknown ids so timing does not reveal which ids exist.
-        stored = credential.secret_hash if credential else _DUMMY_HASH
-        valid = await asyncio.to_thread(verify_secret, client_secret, stored)
-        if credential is None or not valid:
+        holds = await self._secret_holds(client_id, client_secret, credential, address_key(peer))
+        if credential is None or not holds:
             raise Unauthenticated("unknown client_id or wrong client_secret", reason="BAD_CREDENTIALS")
         granted = requested or credential.scopes
         missing = [s.value for s in granted if s not in credential.scopes]
@@ -201,6 +218,36 @@ class TokenIssuer:
         }
         token = jwt.encode(claims, self._settings.signing_key, algorithm=_ALGORITHM)
         return IssuedToken(token, token_id, credential.tenant_id, tuple(granted), float(claims["exp"]))
+
+    def replace_credentials(self, credentials: Iterable[Credential]) -> None:
+        """Use ``credentials`` from now on (a rotated secret, a removed client).
+
+        Tokens already issued stay valid until they expire. A secret verified before is
+        verified by scrypt again when its stored hash changed.
+        """
+        self._credentials = {c.client_id: c for c in credentials}
+
+    async def _secret_holds(
+        self, client_id: str, secret: str, credential: Credential | None, peer: str
+    ) -> bool:
+        """True when ``secret`` is the credential's, paying scrypt only for an attempt not verified before.
+
+        Refused attempts cost nothing; every other wrong secret costs one scrypt, for an
+        unknown client id too (against a dummy hash), so timing tells no id apart.
+        """
+        stored = credential.secret_hash if credential else _DUMMY_HASH
+        digest = self._secrets.digest(client_id, secret, stored)
+        self._limits.check(client_id, peer)
+        if credential is not None and self._secrets.known(client_id, digest):
+            return True
+        if self._secrets.in_flight(digest):  # the same attempt is being checked: share its answer
+            return await self._secrets.verify(secret, stored, digest) and credential is not None
+        self._limits.attempt(client_id, peer)
+        if not await self._secrets.verify(secret, stored, digest) or credential is None:
+            return False
+        self._limits.succeeded(client_id, peer)
+        self._secrets.remember(client_id, digest)
+        return True
 
     def verify(self, token: str) -> Caller:
         """The caller a token identifies.

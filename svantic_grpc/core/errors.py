@@ -106,9 +106,24 @@ class Unauthenticated(MeshError):
 
 
 class ResourceExhausted(MeshError):
-    """A limit was reached (budget, buffer, capacity)."""
+    """A limit was reached (budget, buffer, capacity).
+
+    ``retry_after_s``, when given, is how long the caller should wait before trying
+    again (sent as ``google.rpc.RetryInfo``).
+    """
 
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_s = retry_after_s
 
 
 class OutOfRange(MeshError):

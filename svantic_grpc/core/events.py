@@ -9,13 +9,13 @@ their shared engine; the interface stays the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core.errors import MeshError, OutOfRange, ResourceExhausted, Unavailable
+from svantic_grpc.core._subscriptions import Feed, Subscription
+from svantic_grpc.core.errors import OutOfRange, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.models import SessionAgent, SessionStatus
@@ -171,73 +171,6 @@ class EventBell(Protocol):
         """Stop listening; safe to call twice."""
 
 
-class Subscription:
-    """A live feed of one session's events with a bounded buffer.
-
-    A subscriber that falls ``capacity`` events behind is cut off: once it has
-    read what was buffered, ``next`` raises ``ResourceExhausted`` naming the
-    last sequence it received, so it can resume from the durable log instead of
-    slowing the session or growing memory. ``end`` stops it the same way with
-    another error (server shutdown).
-    """
-
-    def __init__(self, capacity: int, on_close: Callable[[Subscription], None]) -> None:
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=capacity)
-        self._capacity = capacity
-        self._last_delivered = 0
-        self._on_close = on_close
-        self._closed = False
-        self._error: MeshError | None = None
-
-    def offer(self, event: Event) -> None:
-        if self._error is not None or self._closed:
-            return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self._error = ResourceExhausted(
-                f"event stream fell behind by more than {self._capacity} events and was cut off",
-                reason="SUBSCRIBER_TOO_SLOW",
-            )
-
-    def end(self, error: MeshError) -> None:
-        """Stop the feed: after the buffered events, ``next`` raises ``error``."""
-        if self._error is None:
-            self._error = error
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)  # wake a reader blocked on an empty queue
-
-    async def next(self) -> Event:
-        """The next event; raises once the feed was cut off or ended and the buffer is drained."""
-        event = None
-        if not (self._error is not None and self._queue.empty()):
-            event = await self._queue.get()
-        if event is None:
-            assert self._error is not None
-            error = self._error
-            raise type(error)(
-                f"{error.message}; resume with after_sequence={self._last_delivered}",
-                reason=error.reason,
-                metadata={**error.metadata, "after_sequence": str(self._last_delivered)},
-            )
-        self.acknowledge(event.sequence)
-        return event
-
-    @property
-    def last_delivered(self) -> int:
-        """The highest sequence the reader has passed (resume points start after it)."""
-        return self._last_delivered
-
-    def acknowledge(self, sequence: int) -> None:
-        """The reader has passed ``sequence`` (also through replay); resume points start after it."""
-        self._last_delivered = max(self._last_delivered, sequence)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._on_close(self)
-
-
 class EventBus:
     """Appends events to the store's log and hands them to live subscribers.
 
@@ -267,7 +200,8 @@ class EventBus:
         self._buffer = subscriber_buffer
         self._max_events = max_events_per_session
         self._locks = KeyedLock()
-        self._subscribers: dict[tuple[str, str], set[Subscription]] = {}
+        self._feeds: dict[tuple[str, str], Feed] = {}
+        """Per watched session, its live tail and its subscribers in this process."""
         self._bell = bell
         self._offered: dict[tuple[str, str], int] = {}
         """With a bell: per watched session, the highest sequence offered to its subscribers."""
@@ -353,19 +287,20 @@ class EventBus:
 
     async def _deliver_in_order(self, key: tuple[str, str], events: Sequence[Event]) -> None:
         """Deliver ``events``; with a bell, first what other processes wrote before them."""
-        subscribers = self._subscribers.get(key)
-        if self._bell is not None and events and subscribers:
+        feed = self._feeds.get(key)
+        if self._bell is not None and events and feed is not None:
             offered = self._offered.get(key)
             if offered is None:  # nothing offered yet: start where the slowest subscriber is
-                offered = min(s.last_delivered for s in subscribers)
+                offered = min(s.last_delivered for s in feed.subscribers)
             if events[0].sequence > offered + 1:
                 missed = await self._read(key, after=offered, through=events[0].sequence - 1)
                 events = [*missed, *events]
         self._deliver(key, events)
 
     def _deliver(self, key: tuple[str, str], events: Sequence[Event]) -> None:
-        subscribers = self._subscribers.get(key)
-        if not subscribers or not events:
+        """Hand events to the session's live subscribers: one append to their shared tail."""
+        feed = self._feeds.get(key)
+        if feed is None or not events:
             return
         if self._bell is not None:
             offered = self._offered.get(key, 0)
@@ -373,13 +308,11 @@ class EventBus:
             if not events:
                 return
             self._offered[key] = events[-1].sequence
-        for subscription in tuple(subscribers):
-            for event in events:
-                subscription.offer(event)
+        feed.append(events)
 
     def _rung(self, keys: Collection[tuple[str, str]] | None) -> None:
         """The bell rang: catch up the watched sessions it names (all of them for ``None``)."""
-        watched = self._subscribers.keys() if keys is None else [k for k in keys if k in self._subscribers]
+        watched = self._feeds.keys() if keys is None else [k for k in keys if k in self._feeds]
         for key in tuple(watched):
             if key in self._catching_up:
                 self._rung_again.add(key)  # read once more when the running catch-up ends
@@ -393,11 +326,11 @@ class EventBus:
             while True:
                 self._rung_again.discard(key)
                 async with self._locks.hold(key):
-                    subscribers = self._subscribers.get(key)
-                    if subscribers:
+                    feed = self._feeds.get(key)
+                    if feed is not None:
                         after = self._offered.get(key)
                         if after is None:
-                            after = min(s.last_delivered for s in subscribers)
+                            after = min(s.last_delivered for s in feed.subscribers)
                         self._deliver(key, await self._read(key, after=after))
                 if key not in self._rung_again:
                     return
@@ -421,33 +354,36 @@ class EventBus:
     @property
     def total_subscribers(self) -> int:
         """Live subscriptions in this process, over every session."""
-        return sum(len(s) for s in self._subscribers.values())
+        return sum(len(feed.subscribers) for feed in self._feeds.values())
 
     def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
         """Start receiving the session's new events. Close the subscription when done."""
         key = (tenant_id, session_id)
 
-        def _remove(subscription: Subscription) -> None:
-            subscribers = self._subscribers.get(key)
-            if subscribers is not None:
-                subscribers.discard(subscription)
-                if not subscribers:
-                    del self._subscribers[key]
-                    self._offered.pop(key, None)
-
-        subscription = Subscription(self._buffer, _remove)
-        self._subscribers.setdefault(key, set()).add(subscription)
+        feed = self._feeds.get(key)
+        if feed is None:
+            feed = self._feeds[key] = Feed(key)
+        subscription = Subscription(feed, self._buffer, self._unsubscribe)
+        feed.subscribers.add(subscription)
         return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        feed = subscription.feed
+        feed.subscribers.discard(subscription)
+        if not feed.subscribers and self._feeds.get(feed.key) is feed:
+            del self._feeds[feed.key]
+            self._offered.pop(feed.key, None)
 
     def shutdown(self) -> None:
         """End every live subscription (server stopping); readers are told to reconnect."""
-        for subscribers in tuple(self._subscribers.values()):
-            for subscription in tuple(subscribers):
+        for feed in tuple(self._feeds.values()):
+            for subscription in tuple(feed.subscribers):
                 subscription.end(Unavailable("the server is shutting down", reason="SERVER_SHUTTING_DOWN"))
 
     def subscriber_count(self, tenant_id: str, session_id: str) -> int:
         """How many live subscribers the session has."""
-        return len(self._subscribers.get((tenant_id, session_id), ()))
+        feed = self._feeds.get((tenant_id, session_id))
+        return 0 if feed is None else len(feed.subscribers)
 
     async def replay_then_follow(
         self, tenant_id: str, session_id: str, *, after_sequence: int, follow: bool = True, page: int = 500

@@ -9,6 +9,7 @@ always be detected.
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +69,11 @@ class AgentStatus(enum.Enum):
 #: The per-session internal agents, in the order they are created.
 INTERNAL_ROLES: tuple[str, ...] = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
 
+_INTERNAL_TYPES = tuple(sys.intern(f"savant:{role}") for role in INTERNAL_ROLES)
 
-@dataclass(frozen=True)
+
+# Records are slotted: at 100,000 open sessions, a dict per record was a third of the memory.
+@dataclass(frozen=True, slots=True)
 class SessionAgent:
     """One agent's participation in a session."""
 
@@ -82,9 +86,14 @@ class SessionAgent:
     """Set when the agent left; ``None`` while present."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Session:
-    """A session: the unit of work, owned by one tenant."""
+    """A session: the unit of work, owned by one tenant.
+
+    Its internal agents are the same six for every session, joined when it was created and
+    gone when it closed, so they are not stored: ``agents`` holds the agents that joined
+    from outside (self-joined, routed, invited) and ``internal_agents`` derives the six.
+    """
 
     tenant_id: str
     session_id: str
@@ -98,15 +107,30 @@ class Session:
     closed_at: float | None = None
     close_reason: str = ""
     agents: tuple[SessionAgent, ...] = ()
+    """The remote agents that joined (never the internal ones), in the order they joined."""
     version: int = 0
     """0 before the store has it; the store sets 1 on create and bumps it on update."""
 
+    @property
+    def internal_agents(self) -> tuple[SessionAgent, ...]:
+        """The six internal agents: joined when the session was created, left when it closed."""
+        session_id, joined, left = self.session_id, self.created_at, self.closed_at
+        return tuple(
+            SessionAgent(agent_type, f"{role}-{session_id}", JoinReason.AUTO, joined, True, left)
+            for role, agent_type in zip(INTERNAL_ROLES, _INTERNAL_TYPES, strict=True)
+        )
+
+    def all_agents(self, *, include_departed: bool = True) -> tuple[SessionAgent, ...]:
+        """Every agent of the session, internal ones first (the order they joined in)."""
+        agents = (*self.internal_agents, *self.agents)
+        return agents if include_departed else tuple(a for a in agents if a.left_at is None)
+
     def present_agents(self) -> tuple[SessionAgent, ...]:
-        """Agents that have not left."""
+        """Remote agents that have not left."""
         return tuple(a for a in self.agents if a.left_at is None)
 
     def find_agent(self, *, instance_id: str) -> SessionAgent | None:
-        """The present agent with this instance id, if any."""
+        """The present remote agent with this instance id, if any."""
         return next((a for a in self.present_agents() if a.instance_id == instance_id), None)
 
 

@@ -11,6 +11,7 @@ the change is then made once more from a fresh read.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -25,7 +26,6 @@ from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, Ev
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.models import (
-    INTERNAL_ROLES,
     AgentRegistration,
     JoinReason,
     Session,
@@ -118,29 +118,31 @@ class Sessions:
             raise InvalidArgument("user_id", "is longer than 256 characters")
         session_id = session_id or self._ids.new_id("ses_")
         now = self._clock.now()
-        agents = [
-            SessionAgent(f"savant:{role}", f"{role}-{session_id}", JoinReason.AUTO, now, internal=True)
-            for role in INTERNAL_ROLES
-        ]
-        if self_agent_type:
-            agents.append(SessionAgent(self_agent_type, self_instance_id, JoinReason.SELF, now))
-        draft = Session(
+        # The internal agents are not stored: the session derives them (``Session.internal_agents``).
+        agents = (
+            (SessionAgent(self_agent_type, self_instance_id, JoinReason.SELF, now),)
+            if self_agent_type
+            else ()
+        )
+        # Opening lasts only while the agents attach: stored at once as active (one write).
+        active = Session(
             tenant_id=caller.tenant_id,
             session_id=session_id,
-            status=SessionStatus.OPENING,
+            status=SessionStatus.ACTIVE,
             created_at=now,
             updated_at=now,
             last_activity_at=now,
             user_id=user_id,
-            created_by=caller.subject,
-            creator_agent_type=caller.agent_type,
-            agents=tuple(agents),
+            # Interned: the same few callers open most sessions; one copy each, not one per session.
+            created_by=sys.intern(caller.subject),
+            creator_agent_type=sys.intern(caller.agent_type),
+            agents=agents,
         )
         async with self._locks.hold((caller.tenant_id, session_id)):
-            # Opening lasts only while the agents attach; stored at once as active (one write).
-            active = replace(draft, status=SessionStatus.ACTIVE)
-            opened = StatusChanged(SessionStatus.OPENING, SessionStatus.ACTIVE, f"opened by {caller.subject}")
-            events: list[EventPayload] = [*(AgentJoined(a) for a in active.agents), opened]
+            opened = StatusChanged(
+                SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
+            )
+            events: list[EventPayload] = [*(AgentJoined(a) for a in active.all_agents()), opened]
             session = await self._bus.commit(
                 caller.tenant_id,
                 session_id,
@@ -286,13 +288,13 @@ class Sessions:
             raise NotFound(f"agent instance {instance_id!r} not found", reason="AGENT_NOT_FOUND")
         return agent
 
-    async def agents(self, caller: Caller, session_id: str, *, include_departed: bool = False) -> Session:
-        """The session, for its agent list."""
+    async def agents(
+        self, caller: Caller, session_id: str, *, include_departed: bool = False
+    ) -> tuple[SessionAgent, ...]:
+        """The session's agents, internal ones first; those that left too with ``include_departed``."""
         caller.require(Scope.READ)
         session = await self._get(caller.tenant_id, session_id)
-        if include_departed:
-            return session
-        return replace(session, agents=session.present_agents())
+        return session.all_agents(include_departed=include_departed)
 
     async def close(self, caller: Caller, session_id: str, *, reason: str = "") -> tuple[Session, bool]:
         """Close a session; returns it and whether this call closed it."""
@@ -300,7 +302,9 @@ class Sessions:
         check_id("session_id", session_id)
         if len(reason) > 1024:
             raise InvalidArgument("reason", "is longer than 1024 characters")
-        return await self._close(caller.tenant_id, session_id, reason or f"closed by {caller.subject}")
+        return await self._close(
+            caller.tenant_id, session_id, reason or sys.intern(f"closed by {caller.subject}")
+        )
 
     async def _close(self, tenant_id: str, session_id: str, reason: str) -> tuple[Session, bool]:
         check_id("session_id", session_id)
@@ -325,7 +329,7 @@ class Sessions:
         if session.status is SessionStatus.CLOSED:
             return session, False
         now = self._clock.now()
-        leaving = session.present_agents()
+        leaving = (*session.internal_agents, *session.present_agents())
         agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
         events: list[EventPayload] = []
         for agent in leaving:
@@ -337,7 +341,7 @@ class Sessions:
         # Forgotten before the write: even if this task is cancelled while the write is queued
         # (it still lands), nothing here goes on believing the session open.
         self._forget(tenant_id, session_id)
-        ended = replace(
+        ended = evolve(
             session,
             status=SessionStatus.CLOSED,
             agents=agents,

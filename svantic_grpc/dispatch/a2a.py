@@ -62,6 +62,7 @@ from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
+from svantic_grpc.dispatch._aiohttp import AiohttpTransport
 
 __all__ = ["A2ATransport"]
 
@@ -80,6 +81,8 @@ _STATES = {
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
 _BINDINGS: dict[str, str] = {TransportProtocol.JSONRPC: "a2a-jsonrpc", TransportProtocol.GRPC: "a2a-grpc"}
 """The A2A bindings the mesh speaks, in its order of preference, and their names in GetAgent."""
+_DRAIN_S = 0.5
+"""How long the end of a stream may take to come after the agent's final update."""
 
 
 class A2ATransport:
@@ -102,7 +105,10 @@ class A2ATransport:
         self._probe_timeout = httpx.Timeout(probe_timeout_s)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            # aiohttp carries the bytes: far less CPU per call than httpx's own stack.
+            transport=AiohttpTransport(
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            ),
         )
         self._factory = ClientFactory(
             ClientConfig(
@@ -173,6 +179,8 @@ class A2ATransport:
                             break
                         # Mark the end before yielding: the caller stops reading after a final update.
                         ended = update.state in _ENDS
+                        if ended:
+                            await _drain(stream)
                         yield update
                         if ended:
                             return
@@ -246,6 +254,16 @@ def _never_sent(cause: BaseException | None) -> bool:
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return True
     return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _drain(stream: AsyncGenerator[Any, None]) -> None:
+    """Read what follows a final update up to the stream's end (an A2A server ends it there), so
+    the HTTP response is read whole and its connection goes back to the pool for the next call
+    instead of being closed; an agent that keeps the stream open past ``_DRAIN_S`` loses it."""
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in stream:
+                pass
 
 
 async def _cancel_quietly(client: Client, task_id: str, context: ClientCallContext) -> None:

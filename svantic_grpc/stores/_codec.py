@@ -149,7 +149,13 @@ def decode_session(d: JSON) -> Session:
         creator_agent_type=d["creator_agent_type"],
         closed_at=d["closed_at"],
         close_reason=d["close_reason"],
-        agents=tuple(_decode_session_agent(a) for a in d["agents"]),
+        # Records written before the internal agents were derived (``Session.internal_agents``)
+        # list them too: they are left out here.
+        agents=tuple(
+            _decode_session_agent(a)
+            for a in d["agents"]
+            if not (a["internal"] and a["join_reason"] == "auto")
+        ),
         version=d["version"],
     )
 

@@ -112,6 +112,12 @@ _V1 = (
 )
 
 _V2 = (
+    # Sessions by tenant and status in page order: a ListSessions page filtered on a status
+    # reads only its rows, however many sessions of other statuses the tenant has.
+    "CREATE INDEX sessions_by_status ON sessions (tenant_id, status, created_at, session_id)",
+)
+
+_V3 = (
     # Session ownership across replicas (stores/_pg_leases.py): one lease per session a replica runs.
     """CREATE TABLE leases (
         tenant_id TEXT NOT NULL,
@@ -137,7 +143,7 @@ _V2 = (
     "CREATE INDEX handoffs_by_replica ON handoffs (replica)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"

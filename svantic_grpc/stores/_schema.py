@@ -136,7 +136,13 @@ def _v3(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3)
+def _v4(conn: sqlite3.Connection) -> None:
+    """Sessions by tenant and status in page order: a ListSessions page filtered on a status reads
+    only its rows, however many sessions of other statuses the tenant has."""
+    conn.execute("CREATE INDEX sessions_by_status ON sessions (tenant_id, status, created_at, session_id)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4)
 """Forward migrations; append only. The code's schema version is their count."""
 
 

@@ -2,7 +2,9 @@
 
 It copies records on the way in and out so callers cannot change stored state
 behind its back, exactly as with a database (``detach`` copies only what is
-mutable inside the frozen records).
+mutable inside the frozen records). Sessions are also indexed in page order
+(``_session_index``) and event logs kept compact (``_compact_log``), so that a
+page costs the same whatever the total and an idle session costs little memory.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from svantic_grpc.core.store import (
     SessionPage,
     Store,
 )
+from svantic_grpc.stores._compact_log import CompactLog
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
+from svantic_grpc.stores._session_index import SessionIndex
 
 __all__ = ["MemoryStore"]
 
@@ -42,9 +46,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}
-        self._events: dict[tuple[str, str], list[Event]] = {}
-        self._trimmed: dict[tuple[str, str], int] = {}
-        """Per session, how many of the oldest events ``trim_events`` dropped from the list."""
+        self._index = SessionIndex()
+        self._events: dict[tuple[str, str], CompactLog] = {}
         # Insertion order is creation order, which list_messages pages through.
         self._messages: dict[tuple[str, str, str], Message] = {}
         self._inputs: dict[tuple[str, str], InputRequest] = {}
@@ -54,14 +57,21 @@ class MemoryStore(Store):
 
     async def create_session(self, session: Session) -> Session:
         exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
-        return _insert(self._sessions, (session.tenant_id, session.session_id), session, exists)
+        stored = _insert(self._sessions, (session.tenant_id, session.session_id), session, exists)
+        self._index.put(None, stored)
+        return stored
 
     async def get_session(self, *, tenant_id: str, session_id: str) -> Session | None:
         return detach(self._sessions.get((tenant_id, session_id)))
 
     async def update_session(self, session: Session) -> Session:
         key = (session.tenant_id, session.session_id)
-        return _replace(self._sessions, key, session, f"session {session.session_id!r}", "SESSION_NOT_FOUND")
+        old = self._sessions.get(key)
+        stored = _replace(
+            self._sessions, key, session, f"session {session.session_id!r}", "SESSION_NOT_FOUND"
+        )
+        self._index.put(old, stored)
+        return stored
 
     async def list_sessions(
         self,
@@ -71,21 +81,10 @@ class MemoryStore(Store):
         page_size: int = 50,
         cursor: str = "",
     ) -> SessionPage:
-        wanted = set(statuses)
         after = decode_cursor(cursor) if cursor else None
-        rows = sorted(
-            (
-                s
-                for (tenant, _), s in self._sessions.items()
-                if tenant == tenant_id and (not wanted or s.status in wanted)
-            ),
-            key=lambda s: (s.created_at, s.session_id),
-            reverse=True,
-        )
-        if after is not None:
-            rows = [s for s in rows if (s.created_at, s.session_id) < after]
-        page = rows[:page_size]
-        more = len(rows) > page_size
+        keys = self._index.newest_first(tenant_id, statuses, before=after, limit=page_size + 1)
+        page = [self._sessions[(tenant_id, session_id)] for _, session_id in keys[:page_size]]
+        more = len(keys) > page_size
         next_cursor = encode_cursor(page[-1].created_at, page[-1].session_id) if more and page else ""
         return SessionPage(tuple(detach(page)), next_cursor)
 
@@ -244,10 +243,15 @@ class MemoryStore(Store):
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> Sequence[Event]:
         key = (tenant_id, session_id)
-        log = self._events.setdefault(key, [])
-        first = self._trimmed.get(key, 0) + len(log) + 1
+        log = self._events.get(key)
+        if log is None:
+            log = self._events[key] = CompactLog()
+        session = self._sessions.get(key)
+        created_at = None if session is None else session.created_at
+        first = log.next_sequence
         events = [Event(tenant_id, session_id, first + n, time, detach(p)) for n, p in enumerate(payloads)]
-        log.extend(events)
+        for event in events:
+            log.append(time, event.payload, session_id=session_id, created_at=created_at)
         return events
 
     async def write(self, change: Change) -> Changed:
@@ -267,6 +271,8 @@ class MemoryStore(Store):
                 _current(table, key, record.version, what, not_found)
         stored = [evolve(detach(record), version=record.version + 1) for record in records]
         for record, (table, key, _, _) in zip(stored, slots, strict=True):
+            if isinstance(record, Session):
+                self._index.put(table.get(key), record)
             table[key] = record
         audit = tuple([await self.append_audit(record) for record in change.audit])
         events = tuple(
@@ -307,35 +313,26 @@ class MemoryStore(Store):
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
     ) -> Sequence[Event]:
         key = (tenant_id, session_id)
-        log = self._events.get(key, [])
-        # Sequence n sits at index n - 1 - (events trimmed), so slicing is the lookup.
-        start = max(after_sequence - self._trimmed.get(key, 0), 0)
-        return detach(log[start : start + limit])
-
-    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
-        key = (tenant_id, session_id)
         log = self._events.get(key)
         if log is None:
-            return
-        trimmed = self._trimmed.get(key, 0)
-        drop = min(through_sequence - trimmed, len(log))
-        if drop > 0:
-            del log[:drop]
-            self._trimmed[key] = trimmed + drop
+            return []
+        session = self._sessions.get(key)
+        created_at = None if session is None else session.created_at
+        return log.read(tenant_id, session_id, created_at, after=after_sequence, limit=limit)
+
+    async def trim_events(self, *, tenant_id: str, session_id: str, through_sequence: int) -> None:
+        log = self._events.get((tenant_id, session_id))
+        if log is not None:
+            log.trim(through_sequence)
 
     async def purge_closed_sessions(self, *, closed_before: float, limit: int) -> int:
-        due = [
-            key
-            for key, s in self._sessions.items()
-            if s.status is SessionStatus.CLOSED and s.closed_at is not None and s.closed_at < closed_before
-        ][: max(limit, 0)]
+        due = self._index.closed_before(closed_before, limit)
         if not due:
             return 0
         gone = set(due)
         for key in due:
-            del self._sessions[key]
+            self._index.remove(self._sessions.pop(key))
             self._events.pop(key, None)
-            self._trimmed.pop(key, None)
         # One pass over the messages and requests: a sweep that finds something to purge is
         # rare (once a sweep interval), and per-session indexes would cost every write.
         for message_key in [k for k in self._messages if (k[0], k[1]) in gone]:

@@ -150,11 +150,31 @@ class PostgresStore(Store):
         page_size: int = 50,
         cursor: str = "",
     ) -> SessionPage:
-        query = _Where(tenant_id)
-        query.any_of("status", [s.value for s in set(statuses)])
-        if cursor:
-            query.add("(created_at, session_id) < ({}, {})", *decode_cursor(cursor))
-        page, more = await self._page(_SESSIONS, query, "created_at DESC, session_id DESC", page_size)
+        after = decode_cursor(cursor) if cursor else None
+        page_size = max(page_size, 0)
+        # One indexed range per status (sessions_by_status, or sessions_by_created for all), each
+        # read no further than the page: a page costs the same whatever the tenant's total.
+        values: list[str | None] = [*sorted(s.value for s in set(statuses))] or [None]
+        params: list[Any] = [tenant_id, page_size + 1]  # one more than asked tells whether more follow
+        if after is not None:
+            params.extend(after)
+        bound = " AND (created_at, session_id) < ($3, $4)" if after is not None else ""
+        parts: list[str] = []
+        for value in values:
+            status = ""
+            if value is not None:
+                params.append(value)
+                status = f" AND status = ${len(params)}"
+            parts.append(
+                f"(SELECT record, created_at, session_id FROM sessions WHERE tenant_id = $1{status}{bound} "
+                "ORDER BY created_at DESC, session_id DESC LIMIT $2)"
+            )
+        sql = (
+            f"SELECT record FROM ({' UNION ALL '.join(parts)}) AS page "
+            "ORDER BY created_at DESC, session_id DESC LIMIT $2"
+        )
+        found = await self._all(_SESSIONS, sql, *params)
+        page, more = found[:page_size], len(found) > page_size
         last = page[-1] if page else None
         next_cursor = encode_cursor(last.created_at, last.session_id) if more and last else ""
         return SessionPage(tuple(page), next_cursor)

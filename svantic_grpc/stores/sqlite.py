@@ -152,14 +152,30 @@ class SqliteStore(Store):
         cursor: str = "",
     ) -> SessionPage:
         after = decode_cursor(cursor) if cursor else None
-        where: list[str] = ["tenant_id = ?"]
-        params: list[Any] = [tenant_id]
-        _any_of(where, params, "status", [s.value for s in set(statuses)])
-        if after is not None:
-            where.append("(created_at, session_id) < (?, ?)")
-            params.extend(after)
-        order = "created_at DESC, session_id DESC"
-        page, more = await self._page(_SESSIONS, where, params, order, page_size)
+        page_size = max(page_size, 0)
+        # One indexed range per status (sessions_by_status, or sessions_by_created for all), each
+        # read no further than the page: a page costs the same whatever the tenant's total.
+        values: list[str | None] = [*sorted(s.value for s in set(statuses))] or [None]
+        parts: list[str] = []
+        params: list[Any] = []
+        for value in values:
+            where = "tenant_id = ?" + ("" if value is None else " AND status = ?")
+            params.extend([tenant_id] if value is None else [tenant_id, value])
+            if after is not None:
+                where += " AND (created_at, session_id) < (?, ?)"
+                params.extend(after)
+            parts.append(
+                f"SELECT * FROM (SELECT record, created_at, session_id FROM sessions WHERE {where} "
+                f"ORDER BY created_at DESC, session_id DESC LIMIT ?)"
+            )
+            params.append(page_size + 1)
+        sql = (
+            f"SELECT record FROM ({' UNION ALL '.join(parts)}) "
+            "ORDER BY created_at DESC, session_id DESC LIMIT ?"
+        )
+        params.append(page_size + 1)  # one more than asked tells whether a next page exists
+        found = await self._read(lambda conn: _records(_SESSIONS, conn.execute(sql, params)))
+        page, more = found[:page_size], len(found) > page_size
         last = page[-1] if page else None
         next_cursor = encode_cursor(last.created_at, last.session_id) if more and last else ""
         return SessionPage(tuple(page), next_cursor)

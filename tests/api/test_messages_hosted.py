@@ -737,6 +737,20 @@ async def test_no_cancel_is_sent_for_a_completed_task(client: Client, agents: Ho
     assert echo.methods == ["SendStreamingMessage"]
 
 
+async def test_messages_to_a_hosted_agent_reuse_one_http_connection(
+    client: Client, agents: HostedAgents
+) -> None:
+    # The agent sees one connection, not a new one (a TCP handshake and a socket in TIME_WAIT)
+    # per message: the mesh reads each stream to its end, so the connection goes back to its pool.
+    echo = agents["echo-1"]
+    await register(client, echo)
+    session_id = await new_session(client)
+    for word in ("one", "two", "three"):
+        assert (await send(client, session_id, text(word), target("echo-agent"))).state == COMPLETED
+    assert echo.methods == ["SendStreamingMessage"] * 3
+    assert len(set(echo.peers)) == 1, echo.peers
+
+
 async def test_a_plan_runs_its_steps_in_order(client: Client, agents: HostedAgents) -> None:
     echo = agents["echo-1"]
     await register(client, echo)

@@ -177,6 +177,34 @@ async def test_several_watchers_all_see_every_event(clock: ManualClock) -> None:
     assert all(result == list(range(1, 33)) for result in results)
 
 
+async def test_a_stalled_subscriber_holds_back_neither_the_others_nor_the_writer(clock: ManualClock) -> None:
+    bus = _bus(clock, buffer=16)
+    stalled = bus.subscribe("acme", "s1")  # never reads until the end
+    fast = [bus.subscribe("acme", "s1") for _ in range(3)]
+    seen: list[list[int]] = [[] for _ in fast]
+
+    async def read(index: int) -> None:
+        while len(seen[index]) < 300:
+            seen[index].append((await fast[index].next()).sequence)
+
+    readers = [asyncio.create_task(read(i)) for i in range(len(fast))]
+    for i in range(300):  # far more than the stalled one's buffer; no publish waits for it
+        await asyncio.wait_for(bus.publish("acme", "s1", _tick(i)), TIMEOUT)
+        if i % 7 == 0:
+            await asyncio.sleep(0)  # the fast readers keep up now and then, not after every event
+    await asyncio.wait_for(asyncio.gather(*readers), TIMEOUT)
+    assert all(got == list(range(1, 301)) for got in seen)
+    # The stalled one still gets what its buffer held, then is cut off with its resume point.
+    held = [(await asyncio.wait_for(stalled.next(), TIMEOUT)).sequence for _ in range(16)]
+    assert held == list(range(1, 17))
+    with pytest.raises(ResourceExhausted) as excinfo:
+        await asyncio.wait_for(stalled.next(), TIMEOUT)
+    assert excinfo.value.metadata == {"after_sequence": "16"}
+    for subscription in (stalled, *fast):
+        subscription.close()
+    assert bus.subscriber_count("acme", "s1") == 0
+
+
 async def test_unread_subscription_overflows_and_names_the_resume_point(clock: ManualClock) -> None:
     bus = _bus(clock, buffer=2)
     subscription = bus.subscribe("acme", "s1")

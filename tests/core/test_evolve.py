@@ -34,3 +34,12 @@ def test_records_whose_init_does_more_than_assign_still_go_through_it() -> None:
     agent = AgentRegistration("acme", "echo", "e1", DeploymentMode.CONNECTED, 1.0, 1.0)
     evolved = evolve(agent, agent_card={"name": "echo"})
     assert isinstance(evolved.agent_card, FrozenDict)  # __post_init__ froze it
+
+
+def test_a_slotted_record_evolves_like_replace() -> None:
+    session = Session("acme", "s1", SessionStatus.ACTIVE, 1.0, 1.0, 1.0, user_id="me", version=2)
+    evolved = evolve(session, last_activity_at=5.0, version=3)
+    assert evolved == dataclasses.replace(session, last_activity_at=5.0, version=3)
+    assert (session.last_activity_at, session.version) == (1.0, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolved.version = 4  # type: ignore[misc]

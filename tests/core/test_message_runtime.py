@@ -17,8 +17,9 @@ from svantic_grpc.core.auth import Caller, Scope, TokenSettings
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.dispatch import DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.events import AgentJoined, Event, MessageStateChanged, TurnAdded
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
-from svantic_grpc.core.messages.model import Artifact, MessageState, Part
+from svantic_grpc.core.messages.model import Artifact, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, JoinReason, Skill
 from svantic_grpc.core.registry import AgentSpec
 from svantic_grpc.stores.memory import MemoryStore
@@ -172,6 +173,38 @@ async def test_a_plan_runs_its_steps_in_order_and_stops_at_a_failure(clock: Manu
     assert [job.message.text for job in transport.jobs] == ["one", "two"]
     assert done.state is MessageState.FAILED
     assert done.state_reason == "plan step 2/3 (worker): cannot do two"
+
+
+async def test_what_each_plan_step_said_is_logged_before_the_next_step_starts(clock: ManualClock) -> None:
+    # An agent's last words come with its final state and are written with the message's next
+    # change: before the next step's agent joins the session, never after it.
+    transport = ScriptedTransport()
+    transport.scripts["w1"] = complete_with
+    transport.scripts["r1"] = complete_with
+    mesh = make_mesh(clock, transport)
+    await register(mesh, "w1")
+    await register(mesh, "r1", agent_type="reviewer")
+    session = await mesh.sessions.init(CALLER)
+    steps = [{"target_agent": "worker", "text": "one"}, {"target_agent": "reviewer", "text": "two"}]
+    done = await mesh.messages.send_and_wait(
+        CALLER, session.session_id, parts=(Part(data={"action_data": {"plan": steps}}),)
+    )
+    assert done.state is MessageState.COMPLETED
+    assert [t.parts[0].text for t in done.history[1:]] == ["done: one", "done: two"]
+    log = await mesh.store.list_events(tenant_id=CALLER.tenant_id, session_id=session.session_id)
+    seen = [line for line in map(_plan_line, log) if line]
+    assert seen == ["joined w1", "said done: one", "joined r1", "said done: two", "ended completed"]
+
+
+def _plan_line(event: Event) -> str:
+    payload = event.payload
+    if isinstance(payload, AgentJoined) and payload.agent.instance_id in ("w1", "r1"):
+        return f"joined {payload.agent.instance_id}"
+    if isinstance(payload, TurnAdded) and payload.turn.role is Role.AGENT:
+        return f"said {payload.turn.parts[0].text}"
+    if isinstance(payload, MessageStateChanged) and payload.to_state.terminal:
+        return f"ended {payload.to_state.value}"
+    return ""
 
 
 @pytest.mark.parametrize(

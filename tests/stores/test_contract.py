@@ -51,7 +51,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.core.store import Store
+from svantic_grpc.core.store import Change, Store
 from svantic_grpc.stores import MemoryStore, _copy
 from svantic_grpc.stores.postgres import PostgresStore
 from svantic_grpc.stores.sqlite import SqliteStore
@@ -128,8 +128,7 @@ async def test_create_returns_version_one_and_get_returns_the_same_record(store:
 
 
 async def test_full_session_record_round_trips(store: Store) -> None:
-    agents = (
-        SessionAgent("orchestrator", "orch-1", JoinReason.AUTO, T0, internal=True),
+    agents = (  # the internal agents are never stored: the session derives them
         SessionAgent("researcher", "r-1", JoinReason.ROUTED, T0 + 1, left_at=T0 + 2.5),
         SessionAgent("a2ui-terminal", "term-1", JoinReason.SELF, T0 + 3),
     )
@@ -679,3 +678,23 @@ async def test_adapter_values_are_kept_per_adapter_and_key(store: Store) -> None
     await store.delete_adapter_value("slack", "post/acme/r1")  # twice: nothing happens
     assert await store.get_adapter_value("slack", "post/acme/r1") is None
     assert await store.get_adapter_value("webhook", "post/acme/r1") == {"other": True}
+
+
+async def test_a_session_is_listed_under_its_current_status_only(store: Store) -> None:
+    first = await store.create_session(make_session("s1", created_at=T0))
+    second = await store.create_session(make_session("s2", created_at=T0 + 1))
+    await store.update_session(replace(first, status=SessionStatus.PAUSED))
+    await store.write(
+        Change("acme", "s2", sessions=(replace(second, status=SessionStatus.CLOSED, closed_at=T0 + 2),))
+    )
+
+    async def listed(*statuses: SessionStatus) -> list[str]:
+        page = await store.list_sessions(tenant_id="acme", statuses=statuses)
+        return [s.session_id for s in page.sessions]
+
+    assert await listed(SessionStatus.ACTIVE) == []
+    assert await listed(SessionStatus.PAUSED) == ["s1"]
+    assert await listed(SessionStatus.CLOSED) == ["s2"]
+    assert await listed() == ["s2", "s1"]
+    assert await store.purge_closed_sessions(closed_before=T0 + 3, limit=10) == 1
+    assert await listed() == ["s1"]

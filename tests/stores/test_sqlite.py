@@ -729,6 +729,12 @@ async def test_records_written_by_the_json_module_with_nan_still_read(db_path: P
         assert replace(read, tool_call=created.tool_call) == created
 
 
+_STATUS_PAGE_SQL = (
+    "SELECT record FROM sessions WHERE tenant_id = 'acme' AND status = 'active' "
+    "AND (created_at, session_id) < (1.0, 's') ORDER BY created_at DESC, session_id DESC LIMIT 51"
+)
+
+
 async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -741,11 +747,15 @@ async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
         await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0"})
         assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0"}
-    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 3
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 4
     # v3: the retention sweep finds closed sessions by an index, not a scan of every session.
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_CLOSED_SQL}"))
     assert "sessions_closed" in plan
+    # v4: a page of one status is read in order from an index, never sorted from all rows.
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_STATUS_PAGE_SQL}"))
+    assert "sessions_by_status" in plan and "TEMP B-TREE" not in plan
 
 
 _CLOSED_SQL = (

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
@@ -31,6 +32,7 @@ _log = logging.getLogger(__name__)
 
 #: States in which a dispatch goes on (input-required waits for the answer on the same stream).
 _GOING_ON = (MessageState.SUBMITTED, MessageState.WORKING, MessageState.INPUT_REQUIRED)
+_PROGRESS = (None, MessageState.SUBMITTED, MessageState.WORKING)
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,79 @@ class _Dropped:
     reason: str
 
 
+class _Inbox:
+    """What the agent sent for one dispatch, taken all at once by the dispatch it is for.
+
+    Lighter than an ``asyncio.Queue`` (one per dispatch): a list and, while the dispatch
+    waits, one future.
+    """
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[DispatchUpdate | _Dropped] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: DispatchUpdate | _Dropped) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[DispatchUpdate | _Dropped]:
+        """Everything queued, waiting for the first item when there is none."""
+        if not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _merged(updates: list[DispatchUpdate | _Dropped]) -> list[DispatchUpdate | _Dropped]:
+    """Updates that arrived together, with each one that only says "working" and carries
+    nothing, or that only carries outputs before a bare change of state (no turn, no outputs,
+    no question), folded into the next.
+
+    The run then writes what they carry in fewer store writes: the same records and the
+    same events, in the same order (an agent's ack, its artifact and its completion become
+    one update).
+    """
+    out: list[DispatchUpdate | _Dropped] = []
+    for update in updates:
+        previous = out[-1] if out else None
+        if (
+            isinstance(update, DispatchUpdate)
+            and isinstance(previous, DispatchUpdate)
+            and previous.state in _PROGRESS
+            and previous.ask is None
+            and not previous.parts
+            and (not previous.artifacts or not (update.parts or update.artifacts or update.ask))
+        ):
+            out[-1] = DispatchUpdate(
+                update.state,
+                update.parts,
+                previous.artifacts + update.artifacts,
+                update.reason,
+                update.ask,
+                update.task_ref or previous.task_ref,
+            )
+        else:
+            out.append(update)
+    return out
+
+
 @dataclass(eq=False)
 class AgentConnection:
     """One open ``Connect`` stream of one instance."""
 
     caller: Caller
     agent: AgentRegistration
-    outbox: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+    outbox: Mailbox[Outbound | None] = field(default_factory=Mailbox)
     """What the stream writer sends; ``None`` tells it to stop."""
-    pending: dict[str, asyncio.Queue[DispatchUpdate | _Dropped]] = field(default_factory=dict)
+    pending: dict[str, _Inbox] = field(default_factory=dict)
     jobs: dict[str, DispatchJob] = field(default_factory=dict)
     acknowledged: set[str] = field(default_factory=set)
     closed: bool = False
@@ -128,11 +194,11 @@ class ConnectedAgents:
 
     def receive(self, connection: AgentConnection, dispatch_id: str, update: DispatchUpdate) -> bool:
         """An update from the agent; ``False`` if no dispatch with that id is in flight."""
-        queue = connection.pending.get(dispatch_id)
-        if queue is None:
+        inbox = connection.pending.get(dispatch_id)
+        if inbox is None:
             return False
         connection.acknowledged.add(dispatch_id)
-        queue.put_nowait(update)
+        inbox.put(update)
         return True
 
     async def heartbeat(
@@ -151,29 +217,29 @@ class ConnectedAgents:
             connection = await self._arrival(key)
         if connection is None or connection.closed:
             raise NotDelivered("the agent is not connected")
-        queue: asyncio.Queue[DispatchUpdate | _Dropped] = asyncio.Queue()
-        connection.pending[job.dispatch_id] = queue
+        inbox = _Inbox()
+        connection.pending[job.dispatch_id] = inbox
         connection.jobs[job.dispatch_id] = job
         connection.outbox.put_nowait(Outbound(job.dispatch_id, job))
         finished = False
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, _Dropped):
-                    finished = True
-                    if job.dispatch_id in connection.acknowledged:
-                        raise DispatchFailed(f"the agent's stream dropped mid-dispatch ({item.reason})")
-                    raise NotDelivered(
-                        f"the agent's stream dropped before it took the dispatch ({item.reason})"
-                    )
-                # Mark the end before yielding: the caller stops reading (and closes this
-                # generator) at a final update, and a finished dispatch must not be cancelled.
-                finished = item.state is not None and item.state not in _GOING_ON
-                answer = yield item
-                if finished:
-                    return
-                if answer is not None:  # a human answered what the agent asked: pass it on
-                    connection.outbox.put_nowait(Outbound(job.dispatch_id, answer=answer))
+                for item in _merged(await inbox.take()):
+                    if isinstance(item, _Dropped):
+                        finished = True
+                        if job.dispatch_id in connection.acknowledged:
+                            raise DispatchFailed(f"the agent's stream dropped mid-dispatch ({item.reason})")
+                        raise NotDelivered(
+                            f"the agent's stream dropped before it took the dispatch ({item.reason})"
+                        )
+                    # Mark the end before yielding: the caller stops reading (and closes this
+                    # generator) at a final update, and a finished dispatch must not be cancelled.
+                    finished = item.state is not None and item.state not in _GOING_ON
+                    answer = yield item
+                    if finished:
+                        return
+                    if answer is not None:  # a human answered what the agent asked: pass it on
+                        connection.outbox.put_nowait(Outbound(job.dispatch_id, answer=answer))
         finally:
             connection.pending.pop(job.dispatch_id, None)
             connection.jobs.pop(job.dispatch_id, None)
@@ -204,8 +270,8 @@ class ConnectedAgents:
         if connection.closed:
             return
         connection.closed = True
-        for queue in connection.pending.values():
-            queue.put_nowait(_Dropped(reason))
+        for inbox in connection.pending.values():
+            inbox.put(_Dropped(reason))
         for job in connection.jobs.values():
             if job.lost is not None:
                 job.lost.set()

@@ -28,6 +28,7 @@ from svantic_grpc.core.dispatch._seam import (
 )
 from svantic_grpc.core.dispatch._tokens import DispatchTokens
 from svantic_grpc.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.asks import resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.inputs.service import Inputs
@@ -46,6 +47,7 @@ __all__ = ["DispatchHooks", "Dispatches", "SessionDispatches"]
 _log = logging.getLogger(__name__)
 
 _PROGRESS = (MessageState.SUBMITTED, MessageState.WORKING, None)
+_GOING_ON = (*_PROGRESS, MessageState.INPUT_REQUIRED)
 
 
 class DispatchHooks(Protocol):
@@ -297,7 +299,7 @@ class SessionDispatches:
             outcome = Outcome(MessageState.FAILED, f"{agent_type} instance {instance_id!r} failed: {exc}")
         loop_latency = asyncio.get_running_loop().time() - loop_started
         latency = max(loop_latency, service._clock.now() - started, 0.0)
-        outcome = replace(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
+        outcome = evolve(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED
         if outcome.state is MessageState.FAILED:
             _log.warning(
@@ -341,12 +343,15 @@ class SessionDispatches:
                     after = input_outcome(job.answer).reason
                     await writer.state(MessageState.WORKING, f"{after} (after a restart)")
                 writer.remote_task(update.task_ref)
+                # What comes with the final state is written with it (the caller writes the
+                # message's end next, whatever it is): one store write instead of two or three.
+                final = update.state not in _GOING_ON
                 if update.parts:
                     said.extend(update.parts)
-                    await writer.turn(update.parts, instance_id=job.agent.instance_id)
+                    await writer.turn(update.parts, instance_id=job.agent.instance_id, hold=final)
                 if update.artifacts:
                     made.extend(update.artifacts)
-                    await writer.artifacts(update.artifacts)
+                    await writer.artifacts(update.artifacts, hold=final)
                 if update.state is MessageState.INPUT_REQUIRED:
                     ended = await ask_human(self._service._inputs, writer, job, update, deadline, yolo=yolo)
                     if isinstance(ended, Outcome):

@@ -37,6 +37,11 @@ class MessageState(enum.Enum):
     CANCELED = "canceled"
     REJECTED = "rejected"
 
+    # Members are singletons compared by identity: hash them by identity too. Enum's own
+    # ``__hash__`` is Python code (hash of the name), and states are looked up in sets and
+    # dicts many times per message.
+    __hash__ = object.__hash__
+
     @property
     def terminal(self) -> bool:
         return self in TERMINAL_STATES
@@ -50,6 +55,8 @@ TERMINAL_STATES = frozenset(
 class Role(enum.Enum):
     USER = "user"
     AGENT = "agent"
+
+    __hash__ = object.__hash__  # as MessageState's
 
 
 @dataclass(frozen=True)

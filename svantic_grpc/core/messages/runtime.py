@@ -204,6 +204,7 @@ class SessionRuntime:
             _log.exception("message %s failed unexpectedly", message.message_id)
             state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
         if writer.message.input_request_ids:
+            await writer.flush()  # what the agent sent with its end comes before the withdrawal
             # Withdraw what nobody answered before the message ends: the message will not use it,
             # and a crash between the two writes never leaves a request pending for an ended message.
             await self._inputs.cancel_for_message(
@@ -233,6 +234,9 @@ class SessionRuntime:
             return Outcome(MessageState.COMPLETED, "", chat.agent_type, chat.instance_id, said)
         attempts = self._critic_retries + 1
         for attempt in range(attempts):
+            # A previous dispatch's last words (a retry, an earlier plan step) are logged before
+            # this one starts (its agent joining the session is an event too).
+            await writer.flush()
             outcome = await self._dispatches.run(
                 writer,
                 agent_type=route.agent_type,

@@ -7,7 +7,6 @@ store write, so the record and the event log never disagree, even after a crash.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -50,13 +49,23 @@ class MessageWriter:
         self._ids = ids
         self._pending: dict[str, Any] = {}
         """Changes written with the next save (saves a write each)."""
+        self._held: list[Callable[[Message], Sequence[MessageEvent]]] = []
+        """The events of held turns and artifacts (``hold=True``), announced with the next save."""
 
     async def _save(self, announce: Callable[[Message], Sequence[MessageEvent]], **changes: Any) -> Message:
-        """Write ``changes`` (and a pending assignment) in one versioned update, with the events
-        ``announce`` makes of the message as stored in the same store write."""
+        """Write ``changes`` (and what is pending or held) in one versioned update, with the events
+        ``announce`` makes of the message as stored (after those of held changes) in the same store write."""
         if self._pending:
             changes = {**self._pending, **changes}
             self._pending = {}
+        if self._held:
+            announcers = (*self._held, announce)
+            self._held = []
+
+            def announce_all(saved: Message) -> Sequence[MessageEvent]:
+                return [event for made in announcers for event in made(saved)]
+
+            announce = announce_all
         draft = evolve(self.message, updated_at=self._clock.now(), **changes)
         store = self._store
 
@@ -65,6 +74,10 @@ class MessageWriter:
 
         self.message = await self._bus.commit(draft.tenant_id, draft.session_id, write)
         return self.message
+
+    def _latest(self, name: str) -> Any:
+        """A field as the next save writes it (with what is pending)."""
+        return self._pending[name] if name in self._pending else getattr(self.message, name)
 
     async def assign(self, agent_type: str, instance_id: str) -> None:
         """Record which agent handles the message (written with the next change, saving a write)."""
@@ -79,7 +92,7 @@ class MessageWriter:
     async def state(self, to: MessageState, reason: str = "", **changes: Any) -> Message:
         """Move to ``to`` (no-op if already there with the same reason); ``changes`` go in the same write."""
         current = self.message
-        if current.state is to and current.state_reason == reason and not changes:
+        if current.state is to and current.state_reason == reason and not changes and not self._held:
             return current
         stopping = to in STOPPING
 
@@ -103,27 +116,51 @@ class MessageWriter:
             input_request_ids=(*self.message.input_request_ids, request.request_id),
         )
 
-    async def turn(self, parts: tuple[Part, ...], *, instance_id: str) -> None:
-        """Append an agent turn to the history."""
+    async def turn(self, parts: tuple[Part, ...], *, instance_id: str, hold: bool = False) -> None:
+        """Append an agent turn to the history.
+
+        Args:
+            hold: Write it with the next change instead of on its own (the caller makes that
+                change next, such as the message's final state): one store write for both.
+        """
         if not parts:
             return
         turn = Turn(Role.AGENT, parts, self._clock.now(), instance_id)
-        await self._save(
-            lambda saved: (TurnAdded(saved.message_id, turn),), history=(*self.message.history, turn)
+        await self._change(
+            lambda saved: (TurnAdded(saved.message_id, turn),),
+            hold,
+            history=(*self._latest("history"), turn),
         )
 
-    async def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
-        """Add outputs (ids are made unique within the message)."""
+    async def artifacts(self, artifacts: tuple[Artifact, ...], *, hold: bool = False) -> None:
+        """Add outputs (ids are made unique within the message); ``hold`` as for ``turn``."""
         if not artifacts:
             return
-        taken = {a.artifact_id for a in self.message.artifacts}
+        current = self._latest("artifacts")
+        taken = {a.artifact_id for a in current}
         fresh = tuple(
             a
             if a.artifact_id and a.artifact_id not in taken
-            else replace(a, artifact_id=self._ids.new_id("art_"))
+            else evolve(a, artifact_id=self._ids.new_id("art_"))
             for a in artifacts
         )
-        await self._save(
+        await self._change(
             lambda saved: tuple(ArtifactAdded(saved.message_id, a) for a in fresh),
-            artifacts=(*self.message.artifacts, *fresh),
+            hold,
+            artifacts=(*current, *fresh),
         )
+
+    async def flush(self) -> None:
+        """Write held turns and artifacts now: something else is about to be written (another
+        record, such as the session's) that must not come before them in the event log."""
+        if self._held:
+            await self._save(lambda saved: ())
+
+    async def _change(
+        self, announce: Callable[[Message], Sequence[MessageEvent]], hold: bool, **changes: Any
+    ) -> None:
+        if hold:
+            self._pending.update(changes)
+            self._held.append(announce)
+        else:
+            await self._save(announce, **changes)

@@ -1,0 +1,129 @@
+"""A session's event log as the in-memory store keeps it: small enough for 100,000 idle sessions.
+
+An ``Event`` object per entry repeats what the log already knows (tenant, session, a
+sequence that is the position) and cost most of an idle session's memory: opening one
+appends an ``agent_joined`` per internal agent, each naming an instance made up of the
+role and the session id. The log keeps each entry's time and payload in two lists,
+and an internal agent's join or leave as a shared marker of its role, rebuilt on read
+exactly as it was appended (the agent joined when the session was created).
+"""
+
+from __future__ import annotations
+
+from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventPayload
+from svantic_grpc.core.models import INTERNAL_ROLES, JoinReason, SessionAgent
+
+__all__ = ["CompactLog"]
+
+
+class _Joined:
+    """An internal agent of this role joined when the session was created."""
+
+    __slots__ = ("role",)
+
+    def __init__(self, role: int) -> None:
+        self.role = role
+
+
+class _Left:
+    """An internal agent of this role left, for this reason."""
+
+    __slots__ = ("reason", "role")
+
+    def __init__(self, role: int, reason: str) -> None:
+        self.role = role
+        self.reason = reason
+
+
+_JOINED = tuple(_Joined(n) for n in range(len(INTERNAL_ROLES)))
+_LEFT: dict[tuple[int, str], _Left] = {}
+_MAX_LEFT_REASONS = 64
+"""Leave markers kept for sharing; an unusual reason beyond these is stored as it came."""
+_ROLE_OF = {f"savant:{role}": n for n, role in enumerate(INTERNAL_ROLES)}
+
+Entry = EventPayload | _Joined | _Left
+
+
+class CompactLog:
+    """One session's retained events, oldest first; ``trimmed`` of the oldest were let go."""
+
+    __slots__ = ("payloads", "times", "trimmed")
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.payloads: list[Entry] = []
+        self.trimmed = 0
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def append(
+        self, time: float, payload: EventPayload, *, session_id: str, created_at: float | None
+    ) -> None:
+        """Add one event; ``created_at`` is the session's (``None`` when the store has no such session)."""
+        self.times.append(time)
+        self.payloads.append(_compact(payload, session_id, created_at))
+
+    def read(
+        self, tenant_id: str, session_id: str, created_at: float | None, *, after: int, limit: int
+    ) -> list[Event]:
+        """Up to ``limit`` events with a sequence above ``after``, in order."""
+        start = max(after - self.trimmed, 0)
+        stop = start + max(limit, 0)
+        first = self.trimmed + start + 1
+        return [
+            Event(tenant_id, session_id, first + n, time, _expand(entry, session_id, created_at))
+            for n, (time, entry) in enumerate(
+                zip(self.times[start:stop], self.payloads[start:stop], strict=True)
+            )
+        ]
+
+    def trim(self, through_sequence: int) -> None:
+        """Let go of the events up to ``through_sequence``."""
+        drop = min(through_sequence - self.trimmed, len(self.payloads))
+        if drop > 0:
+            del self.times[:drop]
+            del self.payloads[:drop]
+            self.trimmed += drop
+
+    @property
+    def next_sequence(self) -> int:
+        return self.trimmed + len(self.payloads) + 1
+
+
+def _compact(payload: EventPayload, session_id: str, created_at: float | None) -> Entry:
+    """A shared marker when ``payload`` is an internal agent's join or leave as the session makes
+    it (so ``_expand`` gives it back equal), else ``payload`` itself."""
+    if isinstance(payload, AgentJoined):
+        agent = payload.agent
+        role = _ROLE_OF.get(agent.agent_type)
+        if (
+            role is not None
+            and agent.internal
+            and agent.join_reason is JoinReason.AUTO
+            and agent.left_at is None
+            and agent.joined_at == created_at
+            and agent.instance_id == f"{INTERNAL_ROLES[role]}-{session_id}"
+        ):
+            return _JOINED[role]
+    elif isinstance(payload, AgentLeft):
+        role = _ROLE_OF.get(payload.agent_type)
+        if role is not None and payload.instance_id == f"{INTERNAL_ROLES[role]}-{session_id}":
+            marker = _LEFT.get((role, payload.reason))
+            if marker is None and len(_LEFT) < _MAX_LEFT_REASONS:
+                marker = _LEFT[(role, payload.reason)] = _Left(role, payload.reason)
+            if marker is not None:
+                return marker
+    return payload
+
+
+def _expand(entry: Entry, session_id: str, created_at: float | None) -> EventPayload:
+    if isinstance(entry, _Joined):
+        assert created_at is not None  # a marker is only made for a session the store has
+        role = INTERNAL_ROLES[entry.role]
+        agent = SessionAgent(f"savant:{role}", f"{role}-{session_id}", JoinReason.AUTO, created_at, True)
+        return AgentJoined(agent)
+    if isinstance(entry, _Left):
+        role = INTERNAL_ROLES[entry.role]
+        return AgentLeft(f"savant:{role}", f"{role}-{session_id}", entry.reason)
+    return entry
