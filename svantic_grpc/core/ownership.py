@@ -82,16 +82,8 @@ class Ownership(ABC):
         holds a live lease, and messages go to it (``Change.hand_off``)."""
 
     @abstractmethod
-    def owns(self, tenant_id: str, session_id: str) -> bool:
-        """Whether this replica believes it holds the session's lease (no I/O)."""
-
-    @abstractmethod
     def lost(self, tenant_id: str, session_id: str) -> None:
         """A write here was refused (``LeaseLost``): stop believing this replica owns the session."""
-
-    @abstractmethod
-    async def release(self, tenant_id: str, session_id: str) -> None:
-        """Forget the session's lease (it closed)."""
 
 
 class SoleOwner(Ownership):
@@ -121,11 +113,5 @@ class SoleOwner(Ownership):
     async def runs_here(self, tenant_id: str, session_id: str) -> bool:
         return True
 
-    def owns(self, tenant_id: str, session_id: str) -> bool:
-        return True
-
     def lost(self, tenant_id: str, session_id: str) -> None:
-        return None
-
-    async def release(self, tenant_id: str, session_id: str) -> None:
         return None

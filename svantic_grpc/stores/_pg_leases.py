@@ -92,11 +92,6 @@ class PgLeases(Ownership):
         self._listener: asyncpg.Connection | None = None
         store.replica_id = replica_id
 
-    @property
-    def held(self) -> int:
-        """Leases this replica holds."""
-        return len(self._valid_until)
-
     async def start(
         self,
         *,
@@ -137,9 +132,6 @@ class PgLeases(Ownership):
                 )
         self._valid_until.clear()
 
-    def owns(self, tenant_id: str, session_id: str) -> bool:
-        return (tenant_id, session_id) in self._valid_until
-
     async def claim(self, keys: Collection[SessionKey]) -> tuple[set[SessionKey], set[tuple[str, str, str]]]:
         taken, handed = await self._take(keys)
         return {key for key, _ in taken}, handed
@@ -164,17 +156,6 @@ class PgLeases(Ownership):
 
     def lost(self, tenant_id: str, session_id: str) -> None:
         self._lost([(tenant_id, session_id)])
-
-    async def release(self, tenant_id: str, session_id: str) -> None:
-        key = (tenant_id, session_id)
-        self._valid_until.pop(key, None)
-        self._store.fences.pop(key, None)
-        await self._store.pool.execute(
-            "DELETE FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $3",
-            tenant_id,
-            session_id,
-            self.replica_id,
-        )
 
     # Taking leases
 
