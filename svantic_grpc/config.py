@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +32,7 @@ __all__ = [
     "DispatchSettings",
     "FailedAttemptSettings",
     "MetricsSettings",
+    "ReplicaSettings",
     "ResolvedAuth",
     "RetentionSettings",
     "Settings",
@@ -38,6 +41,7 @@ __all__ = [
     "is_loopback",
     "load_settings",
     "parse_settings",
+    "replica_id",
     "resolve_auth",
     "settings_for_serve",
     "validation_problems",
@@ -189,6 +193,25 @@ class PostgresSettings(_Model):
     """Most connections one replica holds."""
 
 
+class ReplicaSettings(_Model):
+    """This process among several replicas sharing a PostgreSQL store (ignored by the other stores)."""
+
+    id: str = Field(default="", max_length=200)
+    """This replica's name in session leases; unique among the replicas. Empty: host name and gRPC
+    port (with the process id when the port is 0)."""
+    lease_ms: int = Field(default=10_000, ge=500)
+    """How long a replica holds a session without renewing: a replica that dies has its sessions
+    taken over by the others this long after its last renewal."""
+    renew_ms: int = Field(default=3_000, gt=0)
+    """How often a replica renews its leases and looks for expired ones to take over."""
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> ReplicaSettings:
+        if self.renew_ms * 2 > self.lease_ms:
+            raise ValueError("renew_ms must be at most half of lease_ms")
+        return self
+
+
 class RetentionSettings(_Model):
     """How long what is finished is kept."""
 
@@ -235,6 +258,7 @@ class Settings(_Model):
     guardrails: GuardrailSettings = GuardrailSettings()
     retention: RetentionSettings = RetentionSettings()
     postgres: PostgresSettings = PostgresSettings()
+    replica: ReplicaSettings = ReplicaSettings()
     adapters: dict[str, dict[str, Any]] = {}
     """Adapter name -> its configuration."""
     metrics: MetricsSettings = MetricsSettings()
@@ -374,6 +398,15 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
     )
     dispatch_key = env.get(settings.dispatch.signing_key_env) or None
     return ResolvedAuth(tokens, credentials, development, dispatch_key)
+
+
+def replica_id(settings: Settings) -> str:
+    """The replica's id: from settings, else host name and gRPC port (and process id for port 0)."""
+    if settings.replica.id:
+        return settings.replica.id
+    port = settings.grpc_address.rpartition(":")[2]
+    suffix = port if port != "0" else f"0-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{socket.gethostname()}:{suffix}"
 
 
 def dial_address(address: str, port: int | str) -> str:

@@ -28,7 +28,14 @@ from svantic_grpc.api.interceptors import MeshInterceptor
 from svantic_grpc.api.message_service import MessageServicer
 from svantic_grpc.api.registry_service import RegistryServicer
 from svantic_grpc.api.session_service import SessionServicer
-from svantic_grpc.config import Settings, SettingsError, dial_address, is_loopback, resolve_auth
+from svantic_grpc.config import (
+    Settings,
+    SettingsError,
+    dial_address,
+    is_loopback,
+    replica_id,
+    resolve_auth,
+)
 from svantic_grpc.console import Console
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.inputs.policies import PolicyEngine
@@ -139,6 +146,9 @@ class MeshServer:
                     policies=PolicyEngine.from_settings(p.model_dump() for p in settings.policies),
                     max_tool_calls_per_session=settings.guardrails.max_tool_calls_per_session,
                     input_request_ttl_s=settings.input_request_ttl_ms / 1000,
+                    replica_id=replica_id(settings),
+                    lease_s=settings.replica.lease_ms / 1000,
+                    renew_s=settings.replica.renew_ms / 1000,
                     retention=Retention(
                         closed_sessions_s=settings.retention.closed_sessions_s,
                         max_events_per_session=settings.retention.max_events_per_session,

@@ -121,10 +121,9 @@ class MeshRequestHandler(RequestHandler):
                     follow.close()
                 return await self._task(caller, await self._get(caller, message), history)
             session_id, field = await self._session_for(caller, params, context)
-            message, _ = await self._send(caller, session_id, field, params.message)
+            message, task = await self._send(caller, session_id, field, params.message)
             if not params.configuration.return_immediately:
-                runtime = self._mesh.messages.runtime(caller.tenant_id, session_id)
-                message = await runtime.stopped(message.message_id)
+                message = await self._mesh.messages.first_stop(message, task)
             return await self._task(caller, message, history)
 
     @validate_request_params

@@ -21,6 +21,7 @@ from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.messages.service import Messages
 from svantic_grpc.core.metrics import NO_METRICS, Levels, Metrics
 from svantic_grpc.core.models import DeploymentMode, SessionStatus
+from svantic_grpc.core.recovery import Recovery
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
@@ -70,6 +71,12 @@ class MeshOptions:
     """How long an input request waits before it expires."""
     retention: Retention = field(default_factory=Retention)
     """How long closed sessions and old events are kept."""
+    replica_id: str = ""
+    """This process's name among replicas sharing a store (in session leases)."""
+    lease_s: float = 10.0
+    """How long a session's lease lasts without renewal (replicas sharing a store)."""
+    renew_s: float = 3.0
+    """How often leases are renewed and expired ones taken over."""
 
 
 class Mesh:
@@ -165,6 +172,14 @@ class Mesh:
             tracing=tracing,
         )
         self.sessions.on_close(self._session_closing)
+        self.ownership = store.ownership(
+            replica_id=options.replica_id, lease_s=options.lease_s, renew_s=options.renew_s
+        )
+        """Which sessions this process runs (all of them, unless replicas share the store)."""
+        if not self.ownership.sole:
+            self.inputs.shared = self.bus
+            ownership = self.ownership
+            self.sessions.on_open(lambda tenant_id, session_id: ownership.runs_here(tenant_id, session_id))
         self.serving = asyncio.Event()
         """Set when the mesh serves: work waiting for an agent to (re)connect starts its clock then."""
         self.dispatches = Dispatches(
@@ -198,6 +213,14 @@ class Mesh:
             agent_classes=load_agent_classes(options.internal_agents),
             critic_retries=options.messages.critic_retries,
             metrics=metrics,
+            ownership=self.ownership,
+        )
+        self.recovery = Recovery(
+            store=store,
+            sessions=self.sessions,
+            messages=self.messages,
+            inputs=self.inputs,
+            ownership=self.ownership,
         )
         self._started = False
 
@@ -226,12 +249,7 @@ class Mesh:
         self._started = True
         await self.store.connect()
         await self.bus.start()
-        # Order matters: messages that were running end first (with their pending requests), then
-        # requests nothing waits for are withdrawn, then each session's status follows what is pending.
-        await self.sessions.recover()
-        interrupted, resumed = await self.messages.recover()
-        await self.inputs.recover()
-        await self.sessions.settle_statuses()
+        interrupted, resumed = await self.recovery.at_start_up()
         if interrupted or resumed:
             _log.info(
                 "recovered messages: %d interrupted, %d waiting for a human again", interrupted, resumed
@@ -239,6 +257,12 @@ class Mesh:
         self.sessions.reaper.start()
         self.inputs.expiry.start()
         self.retention.start()
+        await self.ownership.start(
+            takeover=self.recovery.take_over,
+            run=self.messages.run_handed,
+            abandon=self.messages.abandon,
+            closed=self.sessions.closed_elsewhere,
+        )
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()
@@ -278,6 +302,7 @@ class Mesh:
             await self.liveness.stop()
         await self.messages.close()
         await self.inputs.close()
+        await self.ownership.stop()  # after the running work ended: its last writes still carry the fence
         await self.dispatcher.close()
         await self.bus.stop()
         if self._started:

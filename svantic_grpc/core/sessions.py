@@ -24,7 +24,7 @@ from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
 from svantic_grpc.core.evolve import evolve
-from svantic_grpc.core.inputs.model import InputState
+from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.models import (
     AgentRegistration,
     JoinReason,
@@ -69,11 +69,16 @@ class Sessions:
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
+        self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
         registry.on_release(self._agent_released)
 
     def busy_when(self, check: Callable[[str, str], bool]) -> None:
         """Treat a session as active while ``check(tenant_id, session_id)`` is true (work is running)."""
         self._busy_checks.append(check)
+
+    def on_open(self, hook: Callable[[str, str], Awaitable[object]]) -> None:
+        """Call ``hook(tenant_id, session_id)`` once a new session is stored (to take its lease)."""
+        self._open_hooks.append(hook)
 
     def on_close(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
         """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its work)."""
@@ -144,6 +149,8 @@ class Sessions:
                 lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
             )
             self._keep(session)
+        for hook in self._open_hooks:
+            await hook(caller.tenant_id, session_id)
         if self._ttl_s:
             self.reaper.schedule(caller.tenant_id, session_id, now + self._ttl_s)
         return session
@@ -308,6 +315,14 @@ class Sessions:
         async with self._locks.hold((tenant_id, session_id)):
             return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
 
+    async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
+        """The session was closed by another process while this one ran its work: that work ends
+        here as it does on a close here (the close hooks), and nothing here keeps it open."""
+        for hook in self._close_hooks:
+            await hook(tenant_id, session_id, "closed on another replica")
+        self._forget(tenant_id, session_id)
+        self.reaper.forget(tenant_id, session_id)
+
     async def _end(self, session: Session, *, reason: str) -> tuple[Session, bool]:
         """Write ``session`` closed, its agents gone; ``False`` if it was closed already."""
         tenant_id, session_id = session.tenant_id, session.session_id
@@ -414,22 +429,29 @@ class Sessions:
         """Make the session paused or active as what is pending in it says (start-up recovery)."""
         await self.write_inputs(Change(tenant_id, session_id), reason)
 
-    async def settle_statuses(self) -> int:
-        """At start-up, once input requests are recovered: every open session paused exactly when
-        something in it is pending. Returns how many sessions changed."""
-        pending = {(r.tenant_id, r.session_id) for r in await self._store.pending_inputs()}
+    async def settle_statuses(
+        self, *, sessions: Sequence[Session] | None = None, pending: Sequence[InputRequest] | None = None
+    ) -> int:
+        """At start-up, once input requests are recovered: every open session (of ``sessions``, when
+        given with what is ``pending`` in them) paused exactly when something in it is pending.
+        Returns how many sessions changed."""
+        if pending is None:
+            pending = await self._store.pending_inputs()
+        waiting = {(r.tenant_id, r.session_id) for r in pending}
         changed = 0
-        for session in await self._store.open_sessions():
-            waits = (session.tenant_id, session.session_id) in pending
+        for session in await self._store.open_sessions() if sessions is None else sessions:
+            waits = (session.tenant_id, session.session_id) in waiting
             if (session.status is SessionStatus.PAUSED) != waits:
                 reason = "at start-up: waiting for a human" if waits else "at start-up: nothing is pending"
                 await self.settle_status(session.tenant_id, session.session_id, reason)
                 changed += 1
         return changed
 
-    async def recover(self) -> int:
-        """Arm the idle TTL of every open session in the store (at start-up)."""
-        sessions = await self._store.open_sessions()
+    async def recover(self, *, sessions: Sequence[Session] | None = None) -> int:
+        """Arm the idle TTL of every open session in the store (of ``sessions``, when given: those
+        this process takes over)."""
+        if sessions is None:
+            sessions = await self._store.open_sessions()
         if self._ttl_s:
             for session in sessions:
                 self.reaper.schedule(

@@ -20,6 +20,7 @@ from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.core.ownership import Ownership, SoleOwner
 
 __all__ = [
     "AuditRecord",
@@ -100,6 +101,9 @@ class Change:
     audit: tuple[AuditRecord, ...] = ()
     """Appended to the tenant's audit trail; the store numbers them."""
     events: tuple[EventPayload, ...] = ()
+    hand_off: bool = False
+    """The messages inserted here run on the replica that owns the session, not on this one: the
+    store records them as handed to it, in the same transaction (``core.ownership``)."""
 
 
 @dataclass(frozen=True)
@@ -356,15 +360,17 @@ class Store(ABC):
         return written.sessions[0], written.events
 
     async def create_message_with_events(
-        self, message: Message, *, time: float, payloads: Sequence[EventPayload]
+        self, message: Message, *, time: float, payloads: Sequence[EventPayload], hand_off: bool = False
     ) -> tuple[Message, Sequence[Event]]:
-        """Insert a message and append events to its session's log in one write."""
+        """Insert a message and append events to its session's log in one write (with ``hand_off``,
+        recorded as handed to the replica that owns the session)."""
         change = Change(
             message.tenant_id,
             message.session_id,
             time,
             messages=(evolve(message, version=0),),
             events=tuple(payloads),
+            hand_off=hand_off,
         )
         written = await self.write(change)
         return written.messages[0], written.events
@@ -421,6 +427,10 @@ class Store(ABC):
         """What tells this process that another one appended events (``None``: only this
         process writes, as with the memory store, or nothing rings, as with SQLite)."""
         return None
+
+    def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> Ownership:
+        """Which sessions this process runs; by default all of them (no other process writes)."""
+        return SoleOwner(replica_id)
 
     # Lifecycle
 

@@ -117,7 +117,33 @@ _V2 = (
     "CREATE INDEX sessions_by_status ON sessions (tenant_id, status, created_at, session_id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # Session ownership across replicas (stores/_pg_leases.py): one lease per session a replica runs.
+    """CREATE TABLE leases (
+        tenant_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        fence BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant_id, session_id),
+        -- Makes the fence a key column: an owner's write holds FOR KEY SHARE on its lease, which a
+        -- take-over (a new fence) waits for and a renewal (a new expiry only) does not.
+        UNIQUE (tenant_id, session_id, fence)
+    )""",
+    "CREATE INDEX leases_by_expiry ON leases (expires_at)",
+    "CREATE INDEX leases_by_owner ON leases (owner)",
+    # Messages accepted by one replica for a session another one owns, until the owner takes them.
+    """CREATE TABLE handoffs (
+        tenant_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, session_id, message_id)
+    )""",
+    "CREATE INDEX handoffs_by_replica ON handoffs (replica)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"

@@ -30,11 +30,13 @@ from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
+from svantic_grpc.core.ownership import LeaseLost, SessionKey
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, MessagePage, SessionPage, Store
 from svantic_grpc.stores import _codec
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
+from svantic_grpc.stores._pg_leases import PgLeases, check_fence, record_hand_offs
 from svantic_grpc.stores._pg_schema import prepare
 
 __all__ = ["PostgresBell", "PostgresStore"]
@@ -73,9 +75,31 @@ class PostgresStore(Store):
         """Sessions whose logs the transaction in flight appends to (one committer at a time)."""
         self.channel = f"svantic_events_{zlib.crc32(schema.encode()):08x}"
         """The LISTEN/NOTIFY channel of this schema's event bell."""
+        self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
+        """The channel that tells a replica a message was handed to it (the payload names it)."""
+        self.replica_id = ""
+        """This replica's name in lease rows (set by ``ownership``)."""
+        self.fences: dict[SessionKey, int] = {}
+        """The fence of each session this replica leases: its writes there check it (``_pg_leases``)."""
 
     def event_bell(self) -> PostgresBell:
         return PostgresBell(self._dsn, self.channel)
+
+    def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> PgLeases:
+        return PgLeases(self, replica_id=replica_id, lease_s=lease_s, renew_s=renew_s)
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool (for the lease keeper)."""
+        return self._pool_or_fail()
 
     @property
     def schema(self) -> str:
@@ -312,7 +336,16 @@ class PostgresStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
-        return await self._write(_append_op(tenant_id, session_id, time, payloads, self._rings))
+        append = _append_op(tenant_id, session_id, time, payloads, self._rings)
+        fenced = self._fenced((tenant_id, session_id))
+        if fenced is None:
+            return await self._write(append)
+
+        async def checked(conn: asyncpg.Connection) -> list[Event]:
+            await fenced(conn)
+            return await append(conn)
+
+        return await self._write(checked)
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -382,6 +415,14 @@ class PostgresStore(Store):
             else None
         )
 
+        key = (change.tenant_id, change.session_id)
+        fenced = None if change.hand_off else self._fenced(key)  # a hand-off is no owner's work
+        if fenced is not None:
+            ops.insert(0, fenced)
+        if change.hand_off and (handed := [m.message_id for m in messages if m.version == 1]):
+            channel = self.handoff_channel
+            ops.append(lambda conn: record_hand_offs(conn, key, handed, channel))
+
         async def everything(conn: asyncpg.Connection) -> tuple[list[AuditRecord], list[Event]]:
             for op in ops:
                 await op(conn)
@@ -390,6 +431,14 @@ class PostgresStore(Store):
         # One op: in the group commit it runs in one savepoint, so it lands whole or not at all.
         numbered, events = await self._write(everything)
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
+
+    def _fenced(self, key: SessionKey) -> Op[None] | None:
+        """The fence check a write to ``key`` carries when this replica leases the session."""
+        fence = self.fences.get(key)
+        if fence is None:
+            return None
+        owner = self.replica_id
+        return lambda conn: check_fence(conn, key, owner, fence)
 
     # Shared by every record kind
 
@@ -470,7 +519,7 @@ class PostgresStore(Store):
             if len(ops) == 1:
                 try:
                     value = await ops[0](conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists) as exc:
+                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
                     failure: Exception = exc
                 else:
                     await self._ring(conn)
@@ -481,7 +530,7 @@ class PostgresStore(Store):
                 try:
                     async with conn.transaction():  # a savepoint
                         value = await op(conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists) as exc:
+                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
                     outcomes.append((None, exc))
                 else:
                     outcomes.append((value, None))

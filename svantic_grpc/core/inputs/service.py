@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import AlreadyResolved, Conflict, InvalidArgument, NotFound, PermissionDenied
-from svantic_grpc.core.events import InputEnded, InputRaised
+from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
 from svantic_grpc.core.inputs.model import (
     APPROVAL_DECISIONS,
     FIELD_TYPES,
@@ -88,6 +88,9 @@ class Inputs:
         self._pending: dict[tuple[str, str], set[str]] = {}
         """Pending request ids per (tenant, session) in this process: spares store reads on the hot path."""
         self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
+        self.shared: EventBus | None = None
+        """With replicas sharing the store: the bus that brings other replicas' answers (a request
+        answered elsewhere wakes its waiter here through its ``input_ended`` event)."""
 
     def add_listener(self, listener: InputListener) -> None:
         self._listeners.append(listener)
@@ -396,16 +399,62 @@ class Inputs:
         if request.state is not InputState.PENDING:
             self._waiters.pop((tenant_id, request_id), None)
             return request
+        if self.shared is not None:
+            return await self._first_end(request, future, self.shared)
         return await future
 
-    async def recover(self) -> int:
-        """At start-up: withdraw the pending requests nothing waits for any more (their message
-        ended, or their session closed, before the server stopped), re-arm the expiry of the rest,
-        and apply again the approvals given for a session (still open) or for always.
+    async def _first_end(
+        self, request: InputRequest, future: asyncio.Future[InputRequest], bus: EventBus
+    ) -> InputRequest:
+        """The request once it ends here (``future``) or on another replica (its event)."""
+        tenant_id, request_id = request.tenant_id, request.request_id
+        subscription = bus.subscribe(tenant_id, request.session_id)
+
+        async def elsewhere() -> InputRequest:
+            current = await self.get(tenant_id, request_id)  # read after subscribing: nothing missed
+            while current.state is InputState.PENDING:
+                payload = (await subscription.next()).payload
+                if isinstance(payload, InputEnded) and payload.request.request_id == request_id:
+                    current = payload.request
+            return current
+
+        heard = asyncio.ensure_future(elsewhere())
+        try:
+            await asyncio.wait({future, heard}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            subscription.close()
+            if not heard.done():
+                heard.cancel()
+        if future.done():
+            return future.result()
+        ended = heard.result()
+        # Ended on another replica: what this one keeps about it goes, and a grant applies here too.
+        self._grant(ended)
+        self.expiry.forget(tenant_id, request_id)
+        waiting = self._pending.get((tenant_id, ended.session_id))
+        if waiting is not None:
+            waiting.discard(request_id)
+            if not waiting:
+                del self._pending[(tenant_id, ended.session_id)]
+        for waiter in self._waiters.pop((tenant_id, request_id), []):
+            if not waiter.done():
+                waiter.set_result(ended)
+        return ended
+
+    async def recover(
+        self,
+        *,
+        pending: Sequence[InputRequest] | None = None,
+        granting: Sequence[InputRequest] | None = None,
+    ) -> int:
+        """At start-up (or on taking sessions over: their ``pending`` and ``granting``): withdraw the pending
+        requests nothing waits for any more (their message ended, or their session closed, before
+        the server stopped), re-arm the expiry of the rest, and apply again the approvals given for
+        a session (still open) or for always.
 
         Run it after ``Messages.recover``, which ends the messages that were running."""
         kept = 0
-        for request in await self._store.pending_inputs():
+        for request in await self._store.pending_inputs() if pending is None else pending:
             tenant_id, session_id = request.tenant_id, request.session_id
             message = await self._store.get_message(
                 tenant_id=tenant_id, session_id=session_id, message_id=request.message_id
@@ -422,7 +471,7 @@ class Inputs:
                 kept += 1
                 continue
             await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
-        for request in await self._store.granting_inputs():
+        for request in await self._store.granting_inputs() if granting is None else granting:
             if request.resolution is not None and request.resolution.decision is Decision.APPROVE_FOR_SESSION:
                 session = await self._store.get_session(
                     tenant_id=request.tenant_id, session_id=request.session_id

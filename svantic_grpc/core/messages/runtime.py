@@ -140,6 +140,16 @@ class SessionRuntime:
             await self.cancel(message_id, reason)
         await self.agents.close()
 
+    async def abandon(self) -> None:
+        """Stop every running message without caring how its last writes fare (another replica
+        owns the session now and refuses them), and close the internal agents."""
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.agents.close()
+
     def _writer(self, message: Message) -> MessageWriter:
         return self._new_writer(message, self._stopped)
 

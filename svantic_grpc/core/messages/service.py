@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
@@ -25,12 +25,15 @@ from svantic_grpc.core.messages.model import (
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
+from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import MessagePage, Store
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
 MAX_PARTS = 64
+_AWAY = "handed-off-"
+"""Name prefix of the task that follows a message run by another replica."""
 MAX_TOTAL_BYTES = 4 * 1024 * 1024
 
 
@@ -51,8 +54,12 @@ class Messages:
         agent_classes: Mapping[str, type[InternalAgent]],
         critic_retries: int,
         metrics: Metrics = NO_METRICS,
+        ownership: Ownership | None = None,
     ) -> None:
         self._metrics = metrics
+        self._ownership = ownership or SoleOwner()
+        self._away: set[asyncio.Task[Message]] = set()
+        """Waits for messages handed to the replica that owns their session."""
         self._store = store
         self._bus = bus
         self._sessions = sessions
@@ -136,12 +143,75 @@ class Messages:
         )
         submitted = (MessageStateChanged(message.message_id, None, MessageState.SUBMITTED),)
         store = self._store
-        stored = await self._bus.commit(
-            caller.tenant_id,
-            session_id,
-            lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
-        )
+        here = self._ownership.sole or await self._ownership.runs_here(caller.tenant_id, session_id)
+        if not here:
+            return await self._hand_off(message, submitted)
+        try:
+            stored = await self._bus.commit(
+                caller.tenant_id,
+                session_id,
+                lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
+            )
+        except LeaseLost:  # another replica took the session over meanwhile: it runs the message
+            self._ownership.lost(caller.tenant_id, session_id)
+            if await self._ownership.runs_here(caller.tenant_id, session_id):
+                raise
+            return await self._hand_off(message, submitted)
         return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
+
+    async def _hand_off(
+        self, message: Message, submitted: tuple[MessageStateChanged]
+    ) -> tuple[Message, asyncio.Task[Message]]:
+        """Write ``message`` handed to the replica that owns its session; the task follows it there
+        through the session's events until it first stops."""
+        tenant_id, session_id, message_id = message.tenant_id, message.session_id, message.message_id
+        subscription = self._bus.subscribe(tenant_id, session_id)  # before the write: no event missed
+        store = self._store
+        try:
+            stored = await self._bus.commit(
+                tenant_id,
+                session_id,
+                lambda now: store.create_message_with_events(
+                    message, time=now, payloads=submitted, hand_off=True
+                ),
+            )
+        except BaseException:
+            subscription.close()
+            raise
+
+        async def follow() -> Message:
+            try:
+                while True:
+                    payload = (await subscription.next()).payload
+                    if (
+                        isinstance(payload, MessageStateChanged)
+                        and payload.message_id == message_id
+                        and payload.to_state in STOPS
+                    ):
+                        return payload.message or await self._stored(tenant_id, session_id, message_id)
+            finally:
+                subscription.close()
+
+        task = asyncio.create_task(follow(), name=f"{_AWAY}{message_id}")
+        self._away.add(task)
+        task.add_done_callback(self._away.discard)
+        return stored, task
+
+    async def _stored(self, tenant_id: str, session_id: str, message_id: str) -> Message:
+        message = await self._store.get_message(
+            tenant_id=tenant_id, session_id=session_id, message_id=message_id
+        )
+        assert message is not None
+        return message
+
+    async def run_handed(self, hand_off: HandOff) -> None:
+        """Run a message another replica accepted for a session this one owns."""
+        message = await self._store.get_message(
+            tenant_id=hand_off.tenant_id, session_id=hand_off.session_id, message_id=hand_off.message_id
+        )
+        if message is None or message.state is not MessageState.SUBMITTED:
+            return
+        self.runtime(message.tenant_id, message.session_id).start(message, parse_metadata(message.parts))
 
     async def send_and_wait(
         self,
@@ -156,8 +226,15 @@ class Messages:
 
         The caller going away does not cancel the message (use ``cancel``).
         """
-        message, _ = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
-        return await self.runtime(caller.tenant_id, session_id).stopped(message.message_id)
+        message, task = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
+        return await self.first_stop(message, task)
+
+    async def first_stop(self, message: Message, task: asyncio.Task[Message]) -> Message:
+        """``message`` (with the task ``send`` returned) when it first stops: terminal, or waiting
+        for a human; wherever it runs."""
+        if task.get_name().startswith(_AWAY):  # handed to the owner: its task follows it there
+            return await asyncio.shield(task)
+        return await self.runtime(message.tenant_id, message.session_id).stopped(message.message_id)
 
     async def send_streaming(
         self,
@@ -251,11 +328,23 @@ class Messages:
             )
         return await self._writer(current).state(MessageState.CANCELED, reason)
 
-    async def recover(self) -> tuple[int, int]:
-        """At start-up: fail what was running when the server stopped; go on waiting where a human
-        was asked. Returns (interrupted, resumed)."""
+    async def recover(
+        self,
+        *,
+        messages: Sequence[Message] | None = None,
+        handed: Collection[tuple[str, str, str]] = (),
+    ) -> tuple[int, int]:
+        """At start-up (or on taking sessions over: their unfinished ``messages``): fail what was
+        running when the server stopped; go on waiting where a human was asked; run what was
+        ``handed`` to the former owner and not started yet. Returns (interrupted, resumed)."""
         interrupted = resumed = 0
-        for message in await self._store.unfinished_messages():
+        for message in await self._store.unfinished_messages() if messages is None else messages:
+            key = (message.tenant_id, message.session_id, message.message_id)
+            if message.state is MessageState.SUBMITTED and key in handed:
+                self.runtime(message.tenant_id, message.session_id).start(
+                    message, parse_metadata(message.parts)
+                )
+                continue
             if message.state is MessageState.INPUT_REQUIRED and message.input_request_ids:
                 self.runtime(message.tenant_id, message.session_id).resume(message)
                 resumed += 1
@@ -270,8 +359,17 @@ class Messages:
             interrupted += 1
         return interrupted, resumed
 
+    async def abandon(self, tenant_id: str, session_id: str) -> None:
+        """Another replica took the session over: its work here stops (what it still tries to
+        write is refused, the new owner recovers the messages)."""
+        runtime = self._runtimes.pop((tenant_id, session_id), None)
+        if runtime is not None:
+            await runtime.abandon()
+
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Cancel all running work (server shutdown)."""
+        for task in list(self._away):
+            task.cancel()
         for key in list(self._runtimes):
             await self._runtimes.pop(key).close(reason)
 

@@ -1,0 +1,314 @@
+"""One, two and three PostgreSQL replicas beside memory and SQLite, in one run (issue 13).
+
+Run from the repository root (needs the PostgreSQL server of ``SVANTIC_TEST_POSTGRES_DSN``,
+default the local one)::
+
+    .venv/bin/python bench/replicas.py                    # ~2 minutes
+    .venv/bin/python bench/replicas.py --ops 300 --clients 6 --rounds 3
+
+Every replica is a real ``python -m svantic_grpc serve`` process (PostgreSQL ones on one fresh
+schema per run, dropped at the end). ``--clients`` clients, each on a channel of its own, are
+spread over the replicas of a setup (client ``i`` on replica ``i % n``); each does ``--ops``
+InitSession + CloseSession ("session"), then ``--ops`` SendMessage answered by the session's
+chat agent ("message"). The setups alternate in each round, so the machine's noise falls on all.
+
+Reported per setup (medians over rounds): throughput, p99 latency, and the servers' CPU per
+operation (user + system from /proc, summed over the replicas: what the work costs, wherever it
+runs). Then, on two replicas, how long an event written on one replica takes to reach a
+``WatchSession`` on the other (from the event's stamp to its arrival; the same replica beside).
+
+Targets (issue 13): CPU per message at three replicas within 1.3x of one replica; the event
+delay from one replica to another p99 under 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from _child import ROOT, revision
+from grpc import aio
+
+from svantic_grpc.pb import auth_service_pb2, message_service_pb2, message_types_pb2, session_service_pb2
+from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
+from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
+from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
+
+DSN = os.environ.get("SVANTIC_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+TICK = os.sysconf("SC_CLK_TCK")
+IDLE_S = 1.0
+SETUPS = (("memory", 1), ("sqlite", 1), ("postgresql", 1), ("postgresql", 2), ("postgresql", 3))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+@dataclass
+class Replica:
+    process: asyncio.subprocess.Process
+    target: str
+    channel: aio.Channel
+    md: tuple[tuple[str, str], ...]
+
+    def cpu_s(self) -> float:
+        return _cpu_s(self.process.pid)
+
+
+@asynccontextmanager
+async def _replica(folder: Path, name: str, store: str, schema: str) -> AsyncIterator[Replica]:
+    target = f"127.0.0.1:{_free_port()}"
+    settings = folder / f"{name}.json"
+    settings.write_text(
+        json.dumps(
+            {
+                "grpc_address": target,
+                "http_address": f"127.0.0.1:{_free_port()}",
+                "store": store,
+                "postgres": {"schema_name": schema, "pool_size": 10},
+                "session_ttl_ms": 0,
+                "shutdown_grace_s": 0,
+                "log_level": "WARNING",
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}  # development credential
+    log = (Path(os.environ.get("BENCH_LOGS", folder)) / f"{name}.log").open("ab")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "svantic_grpc", "serve", "--settings", str(settings),
+        cwd=ROOT, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            token = await AuthServiceStub(channel).GetToken(
+                auth_service_pb2.GetTokenRequest(
+                    client_id="svantic", client_secret="your-secret", agent_type="bench"
+                ),
+                wait_for_ready=True,
+                timeout=30,
+            )
+            yield Replica(process, target, channel, (("authorization", f"Bearer {token.token}"),))
+    finally:
+        if process.returncode is None:
+            process.terminate()  # this child only, by its own handle
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        log.close()
+
+
+@asynccontextmanager
+async def _setup(folder: Path, store: str, count: int) -> AsyncIterator[list[Replica]]:
+    schema = f"svantic_bench_{uuid.uuid4().hex[:10]}"
+    uri = {"memory": "memory", "sqlite": f"sqlite:///{folder / f'{schema}.db'}", "postgresql": DSN}[store]
+    try:
+        async with AsyncExitStack() as stack:
+            replicas = []
+            for n in range(count):
+                replicas.append(
+                    await stack.enter_async_context(_replica(folder, f"{schema}-{n}", uri, schema))
+                )
+            yield replicas
+    finally:
+        if store == "postgresql":
+            conn = await asyncpg.connect(DSN)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+
+def _p(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _phase(replicas: list[Replica], clients: int, ops: int, kind: str) -> dict[str, float]:
+    """``ops`` operations per client; throughput, p99 and CPU per operation over the replicas."""
+    latencies: list[float] = []
+    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
+
+    async def client(replica: Replica) -> None:
+        sessions, messages = SessionServiceStub(replica.channel), MessageServiceStub(replica.channel)
+        session_id = ""
+        if kind == "message":
+            created = await sessions.InitSession(
+                session_service_pb2.InitSessionRequest(), metadata=replica.md
+            )
+            session_id = created.session.session_id
+        await ready.wait()
+        for _ in range(ops):
+            began = time.perf_counter()
+            if kind == "session":
+                created = await sessions.InitSession(
+                    session_service_pb2.InitSessionRequest(), metadata=replica.md
+                )
+                await sessions.CloseSession(
+                    session_service_pb2.CloseSessionRequest(session_id=created.session.session_id),
+                    metadata=replica.md,
+                )
+            else:
+                sent = await messages.SendMessage(
+                    message_service_pb2.SendMessageRequest(session_id=session_id, message=chat),
+                    metadata=replica.md,
+                )
+                assert sent.message.state == message_types_pb2.MESSAGE_STATE_COMPLETED
+            latencies.append(time.perf_counter() - began)
+
+    ready = asyncio.Event()
+    tasks = [asyncio.create_task(client(replicas[i % len(replicas)])) for i in range(clients)]
+    await asyncio.sleep(0.2)  # sessions of the message phase made before the clock starts
+    # What the replicas spend doing nothing (renewals, listeners, timers): a cost per replica and
+    # second, not per operation; measured over an idle second and reported apart.
+    idle = [r.cpu_s() for r in replicas]
+    await asyncio.sleep(IDLE_S)
+    cpu = [r.cpu_s() for r in replicas]
+    idle_rate = sum(c - i for c, i in zip(cpu, idle, strict=True)) / IDLE_S
+    began = time.perf_counter()
+    ready.set()
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - began
+    spent = sum(r.cpu_s() - c for r, c in zip(replicas, cpu, strict=True))
+    done = clients * ops
+    return {
+        "ops/s": done / elapsed,
+        "p99 ms": _p(latencies, 0.99) * 1000,
+        "cpu ms/op": spent / done * 1000,
+        "busy cpu ms/op": max(spent - idle_rate * elapsed, 0.0) / done * 1000,
+        "idle cpu ms/s": idle_rate * 1000,
+    }
+
+
+async def _event_delays(replicas: list[Replica], count: int) -> dict[str, list[float]]:
+    """Events of a session on replica 0 watched on replica 0 and on replica 1: stamp to arrival."""
+    a, b = replicas[0], replicas[1]
+    created = await SessionServiceStub(a.channel).InitSession(
+        session_service_pb2.InitSessionRequest(), metadata=a.md
+    )
+    session_id = created.session.session_id
+    delays: dict[str, list[float]] = {"same replica": [], "other replica": []}
+    watching = [asyncio.Event(), asyncio.Event()]
+
+    async def watch(replica: Replica, into: list[float], started: asyncio.Event) -> None:
+        call = SessionServiceStub(replica.channel).WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=replica.md
+        )
+        async for response in call:
+            if started.is_set():
+                into.append(time.time() - response.event.time.ToNanoseconds() / 1e9)
+            started.set()
+
+    watchers = [
+        asyncio.create_task(watch(a, delays["same replica"], watching[0])),
+        asyncio.create_task(watch(b, delays["other replica"], watching[1])),
+    ]
+    await asyncio.gather(*(w.wait() for w in watching))
+    messages = MessageServiceStub(a.channel)
+    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
+    for _ in range(count):
+        await messages.SendMessage(
+            message_service_pb2.SendMessageRequest(session_id=session_id, message=chat), metadata=a.md
+        )
+    await asyncio.sleep(0.5)
+    for task in watchers:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aio.AioRpcError):
+            await task
+    return delays
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=150, help="operations per client, phase and round")
+    parser.add_argument("--clients", type=int, default=6, help="clients in all, spread over the replicas")
+    parser.add_argument(
+        "--clients-per-replica",
+        type=int,
+        default=0,
+        help="instead: this many clients on each replica (the load grows with the replicas)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
+    parser.add_argument(
+        "--events", type=int, default=100, help="messages whose events are timed across replicas"
+    )
+    args = parser.parse_args()
+    results: dict[tuple[str, int], dict[str, list[dict[str, float]]]] = {
+        s: {"session": [], "message": []} for s in SETUPS
+    }
+    delays: dict[str, list[float]] = {"same replica": [], "other replica": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_no in range(args.rounds):
+            order = SETUPS if round_no % 2 == 0 else tuple(reversed(SETUPS))
+            for store, count in order:
+                async with _setup(Path(folder), store, count) as replicas:
+                    for kind in ("session", "message"):
+                        clients = args.clients_per_replica * count or args.clients
+                        got = await _phase(replicas, clients, args.ops, kind)
+                        results[(store, count)][kind].append(got)
+                        print(
+                            f"  round {round_no + 1} {store} x{count} {kind:7}: "
+                            + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
+                            flush=True,
+                        )
+                    if store == "postgresql" and count == 2:
+                        for where, values in (await _event_delays(replicas, args.events)).items():
+                            delays[where].extend(values)
+    print(f"\n{revision('svantic_grpc', 'bench')}; Python {sys.version.split()[0]}; ", end="")
+    print(f"{args.clients} clients x {args.ops} ops x {args.rounds} rounds")
+    head = ("setup", "operation", "ops/s", "p99 ms", "CPU ms/op", "busy", "idle ms/s")
+    print("{:16} {:8} {:>7} {:>7} {:>10} {:>6} {:>10}".format(*head))
+    for setup in SETUPS:
+        for kind in ("session", "message"):
+            runs = results[setup][kind]
+            m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            name = f"{setup[0]} x{setup[1]}"
+            print(
+                f"{name:16} {kind:8} {m['ops/s']:7.0f} {m['p99 ms']:7.1f} {m['cpu ms/op']:10.2f} "
+                f"{m['busy cpu ms/op']:6.2f} {m['idle cpu ms/s']:10.1f}"
+            )
+    print("CPU ms/op: the replicas' user+system CPU per operation, summed over replicas; busy: less what")
+    print("they spend idle (idle ms/s: CPU per second of all replicas doing nothing, measured just before)\n")
+    for key in ("cpu ms/op", "busy cpu ms/op"):
+        one = statistics.median(r[key] for r in results[("postgresql", 1)]["message"])
+        three = statistics.median(r[key] for r in results[("postgresql", 3)]["message"])
+        verdict = "met" if three <= 1.3 * one else "NOT met"
+        print(f"{key} per message, 3 replicas / 1 replica: {three / one:.2f}x (target <= 1.3x: {verdict})")
+    for where, values in delays.items():
+        if values:
+            p50, p99 = _p(values, 0.5) * 1000, _p(values, 0.99) * 1000
+            print(f"event delay to a watcher on the {where}: ", end="")
+            print(f"p50 {p50:.2f} ms, p99 {p99:.2f} ms ({len(values)} events)")
+    other = delays["other replica"]
+    if other:
+        p99 = _p(other, 0.99) * 1000
+        verdict = "met" if p99 < 10 else "NOT met"
+        print(f"event delay between replicas p99 {p99:.2f} ms (target < 10 ms: {verdict})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

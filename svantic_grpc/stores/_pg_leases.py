@@ -1,0 +1,371 @@
+"""Session leases in PostgreSQL: which replica runs a session, and the hand-off of messages to it.
+
+A lease is a row (``leases``): its owner, an expiry (database time, so replicas' clocks do
+not matter) and a fencing number raised at every change of owner. The owner renews its
+leases every ``renew_s``; every write it makes for a leased session checks, in the writing
+transaction, that the row still names it with the same fence (``PostgresStore.write``), so a
+replica whose lease was taken over cannot write any more. Expired leases are taken over by
+any replica with ``FOR UPDATE SKIP LOCKED``, oldest first (an index on the expiry): each is
+taken once, and the cost of a sweep does not grow with the leases that are not due.
+
+A message sent to a replica that does not own its session is written with a ``handoffs`` row
+naming the owner and a ``NOTIFY`` in the same transaction; the owner claims its rows (again
+``SKIP LOCKED``), on the bell and on every renewal tick in case a bell was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SessionKey, Takeover
+
+if TYPE_CHECKING:
+    from svantic_grpc.stores.postgres import PostgresStore
+
+__all__ = ["PgLeases", "check_fence", "record_hand_offs"]
+
+_log = logging.getLogger(__name__)
+
+_NOW = "extract(epoch from clock_timestamp())"
+"""Database time in seconds: every replica compares expiries against the same clock."""
+
+_TAKE = f"""
+    INSERT INTO leases (tenant_id, session_id, owner, fence, expires_at)
+    SELECT t, s, $3, 1, {_NOW} + $4 FROM unnest($1::text[], $2::text[]) AS u(t, s)
+    ON CONFLICT (tenant_id, session_id) DO UPDATE
+        SET owner = EXCLUDED.owner, fence = leases.fence + 1, expires_at = EXCLUDED.expires_at
+        WHERE leases.expires_at < {_NOW} OR leases.owner = EXCLUDED.owner
+    RETURNING tenant_id, session_id, fence, (xmax = 0) AS fresh
+"""
+"""Take the leases that are free, expired, or this replica's from an earlier life."""
+
+_TAKE_OVER_DUE = f"""
+    WITH due AS (
+        SELECT tenant_id, session_id FROM leases WHERE expires_at < {_NOW}
+        ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED
+    )
+    UPDATE leases AS l SET owner = $1, fence = l.fence + 1, expires_at = {_NOW} + $2
+    FROM due WHERE l.tenant_id = due.tenant_id AND l.session_id = due.session_id
+    RETURNING l.tenant_id, l.session_id, l.fence
+"""
+
+_ADOPT = """
+    DELETE FROM handoffs WHERE (tenant_id, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+    RETURNING tenant_id, session_id, message_id
+"""
+"""Hand-offs waiting in sessions just taken over: the new owner runs them."""
+
+
+class PgLeases(Ownership):
+    """Leases of one replica on a ``PostgresStore``.
+
+    Args:
+        store: The store whose writes carry this replica's fences.
+        replica_id: This replica's name in lease rows; unique among the replicas.
+        lease_s: How long a lease lasts without renewal (how long a dead replica's sessions wait).
+        renew_s: How often leases are renewed and expired ones looked for.
+    """
+
+    def __init__(self, store: PostgresStore, *, replica_id: str, lease_s: float, renew_s: float) -> None:
+        self._store = store
+        self.replica_id = replica_id
+        self._lease_s = lease_s
+        self._renew_s = renew_s
+        self._valid_until: dict[SessionKey, float] = {}
+        """Leases held, with the monotonic time until which they surely are (half a lease on)."""
+        self._locks = KeyedLock()
+        self._takeover: Takeover | None = None
+        self._run: Callable[[HandOff], Awaitable[None]] | None = None
+        self._abandon: Callable[[str, str], Awaitable[None]] | None = None
+        self._closed: Callable[[str, str], Awaitable[None]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._abandoning: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        store.replica_id = replica_id
+
+    async def start(
+        self,
+        *,
+        takeover: Takeover,
+        run: Callable[[HandOff], Awaitable[None]],
+        abandon: Callable[[str, str], Awaitable[None]],
+        closed: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
+        conn = await asyncpg.connect(self._store.dsn, timeout=10)
+        await conn.add_listener(self._store.handoff_channel, self._rung)
+        self._listener = conn
+        self._tasks = [
+            asyncio.create_task(self._keep(), name="svantic-leases"),
+            asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
+        ]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = [*self._tasks, *self._abandoning], []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.is_closed():
+            await listener.close()
+        if self._valid_until and self._store.is_open:
+            # Let go at once: another replica takes the sessions over at its next sweep.
+            tenants, sessions = _columns(self._valid_until)
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await self._store.pool.execute(
+                    "UPDATE leases SET expires_at = 0 WHERE owner = $1 AND (tenant_id, session_id) IN "
+                    "(SELECT * FROM unnest($2::text[], $3::text[]))",
+                    self.replica_id,
+                    tenants,
+                    sessions,
+                )
+        self._valid_until.clear()
+
+    async def claim(self, keys: Collection[SessionKey]) -> tuple[set[SessionKey], set[tuple[str, str, str]]]:
+        taken, handed = await self._take(keys)
+        return {key for key, _ in taken}, handed
+
+    async def runs_here(self, tenant_id: str, session_id: str) -> bool:
+        key = (tenant_id, session_id)
+        until = self._valid_until.get(key)
+        if until is not None and time.monotonic() < until:
+            return True
+        async with self._locks.hold(key):
+            if key in self._valid_until and await self._renew_one(key):
+                return True
+            taken, handed = await self._take((key,))
+            if not taken:
+                return False
+            ((_, fresh),) = taken
+            if not fresh or handed:
+                # Taken from a replica that died (or from this one's former life): recover it first.
+                assert self._takeover is not None
+                await self._takeover({key}, handed)
+            return True
+
+    def lost(self, tenant_id: str, session_id: str) -> None:
+        self._lost([(tenant_id, session_id)])
+
+    # Taking leases
+
+    async def _take(
+        self, keys: Collection[SessionKey]
+    ) -> tuple[list[tuple[SessionKey, bool]], set[tuple[str, str, str]]]:
+        """Take what is free or expired among ``keys``, and the hand-offs waiting in what was
+        taken from another owner; returns (key, whether the lease is new) for each taken."""
+        if not keys:
+            return [], set()
+        tenants, sessions = _columns(keys)
+        async with self._store.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_TAKE, tenants, sessions, self.replica_id, self._lease_s)
+            handed = await self._adopt(conn, [(r[0], r[1]) for r in rows if not r[3]])
+        for row in rows:
+            self._hold((row[0], row[1]), int(row[2]))
+        return [((row[0], row[1]), bool(row[3])) for row in rows], handed
+
+    @staticmethod
+    async def _adopt(conn: asyncpg.Connection, keys: list[SessionKey]) -> set[tuple[str, str, str]]:
+        if not keys:
+            return set()
+        tenants, sessions = _columns(keys)
+        return {(r[0], r[1], r[2]) for r in await conn.fetch(_ADOPT, tenants, sessions)}
+
+    def _hold(self, key: SessionKey, fence: int) -> None:
+        self._store.fences[key] = fence
+        self._valid_until[key] = time.monotonic() + self._lease_s / 2
+
+    async def _renew_one(self, key: SessionKey) -> bool:
+        fence = self._store.fences.get(key)
+        renewed = await self._store.pool.fetchval(
+            f"UPDATE leases SET expires_at = {_NOW} + $5 "
+            "WHERE tenant_id = $1 AND session_id = $2 AND owner = $3 AND fence = $4 RETURNING 1",
+            *key,
+            self.replica_id,
+            fence,
+            self._lease_s,
+        )
+        if renewed is None:
+            self._lost([key])
+            return False
+        self._valid_until[key] = time.monotonic() + self._lease_s / 2
+        return True
+
+    def _lost(self, keys: Collection[SessionKey]) -> None:
+        """Leases another replica took: this one stops believing it owns them and drops their work.
+        Their fences stay until that work is gone, so a write it still makes is refused rather
+        than written without one."""
+        for key in keys:
+            if self._valid_until.pop(key, None) is None:
+                continue
+            task = asyncio.create_task(
+                self._drop(key, self._store.fences.get(key)), name="svantic-lease-lost"
+            )
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
+        if keys:
+            _log.warning("lost the lease of %d session(s) to another replica", len(keys))
+
+    async def _drop(self, key: SessionKey, fence: int | None) -> None:
+        try:
+            if self._abandon is not None:
+                await self._abandon(*key)
+        finally:
+            if key not in self._valid_until and self._store.fences.get(key) == fence:
+                self._store.fences.pop(key, None)  # writes here are a non-owner's from now on
+
+    # Background work
+
+    async def _keep(self) -> None:
+        """Every ``renew_s``: renew what is held, forget leases of closed sessions, take over
+        expired leases (a batch at a time)."""
+        while True:
+            await asyncio.sleep(self._renew_s)
+            try:
+                await self.tick()
+            except (OSError, asyncpg.PostgresError) as exc:
+                _log.warning("leases: cannot reach PostgreSQL (%s); trying again", exc)
+            except Exception:
+                _log.exception("leases: renewal or take-over failed; trying again")
+
+    async def tick(self, batch: int = 100) -> int:
+        """One renewal and take-over round; returns how many sessions were taken over."""
+        await self._renew_all()
+        taken = 0
+        while True:
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_TAKE_OVER_DUE, self.replica_id, self._lease_s, batch)
+                keys = [(r[0], r[1]) for r in rows]
+                handed = await self._adopt(conn, keys)
+            for row in rows:
+                self._hold((row[0], row[1]), int(row[2]))
+            if keys:
+                _log.info("took over %d session(s) whose lease expired", len(keys))
+                assert self._takeover is not None
+                await self._takeover(set(keys), handed)
+            taken += len(keys)
+            if len(rows) < batch:
+                return taken
+
+    async def _renew_all(self) -> None:
+        if not self._valid_until:
+            return
+        held = list(self._valid_until)
+        tenants, sessions = _columns(held)
+        fences = [self._store.fences.get(k, 0) for k in held]
+        pool = self._store.pool
+        closed = await pool.fetch(
+            "SELECT l.tenant_id, l.session_id FROM leases AS l JOIN sessions AS s "
+            "ON s.tenant_id = l.tenant_id AND s.session_id = l.session_id "
+            "WHERE l.owner = $1 AND s.status = 'closed'",
+            self.replica_id,
+        )
+        for row in closed:
+            # Closed by another replica (or here): work still running here for it ends, then the lease goes.
+            if self._closed is not None:
+                await self._closed(row[0], row[1])
+            self._valid_until.pop((row[0], row[1]), None)
+            self._store.fences.pop((row[0], row[1]), None)
+        if closed:
+            # Rows a write still holds are skipped (and deleted at the next tick): never a wait.
+            await pool.execute(
+                "DELETE FROM leases WHERE (tenant_id, session_id) IN ("
+                "SELECT tenant_id, session_id FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
+                "(SELECT * FROM unnest($2::text[], $3::text[])) FOR UPDATE SKIP LOCKED)",
+                self.replica_id,
+                *_columns([(r[0], r[1]) for r in closed]),
+            )
+        rows = await pool.fetch(
+            f"UPDATE leases SET expires_at = {_NOW} + $5 WHERE owner = $1 AND (tenant_id, session_id, fence) "
+            "IN (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[])) RETURNING tenant_id, session_id",
+            self.replica_id,
+            tenants,
+            sessions,
+            fences,
+            self._lease_s,
+        )
+        renewed = {(r[0], r[1]) for r in rows}
+        until = time.monotonic() + self._lease_s / 2
+        for key in renewed:
+            if key in self._valid_until:
+                self._valid_until[key] = until
+        gone = {(r[0], r[1]) for r in closed}
+        self._lost([k for k in held if k not in renewed and k not in gone])
+
+    def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if payload == self.replica_id:
+            self._wake.set()
+
+    async def _take_hand_offs(self) -> None:
+        """Run the messages other replicas handed to this one: on the bell, and every ``renew_s``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._renew_s)
+            self._wake.clear()
+            try:
+                rows = await self._store.pool.fetch(
+                    "DELETE FROM handoffs WHERE (tenant_id, session_id, message_id) IN ("
+                    "SELECT tenant_id, session_id, message_id FROM handoffs WHERE replica = $1 "
+                    "LIMIT 500 FOR UPDATE SKIP LOCKED) RETURNING tenant_id, session_id, message_id",
+                    self.replica_id,
+                )
+            except (OSError, asyncpg.PostgresError) as exc:
+                _log.warning("hand-offs: cannot reach PostgreSQL (%s); trying again", exc)
+                continue
+            assert self._run is not None
+            for row in rows:
+                try:
+                    await self._run(HandOff(row[0], row[1], row[2]))
+                except Exception:
+                    _log.exception("could not start handed-off message %s", row[2])
+            if len(rows) == 500:
+                self._wake.set()
+
+
+def _columns(keys: Collection[SessionKey]) -> tuple[list[str], list[str]]:
+    return [k[0] for k in keys], [k[1] for k in keys]
+
+
+async def check_fence(conn: asyncpg.Connection, key: SessionKey, owner: str, fence: int) -> None:
+    """Refuse (``LeaseLost``) a write of the owner whose lease moved on. The row stays key-share
+    locked until the write commits: a take-over (which changes the fence, a key column) waits for
+    it and then sees it, while a renewal (the expiry only) never waits, so a transaction carrying
+    writes of several sessions cannot deadlock with the renewal of their leases."""
+    held = await conn.fetchval(
+        "SELECT fence FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $3 FOR KEY SHARE",
+        *key,
+        owner,
+    )
+    if held != fence:
+        raise LeaseLost(
+            f"session {key[1]!r} is now run by another replica; this one's lease ended",
+            metadata={"session_id": key[1]},
+        )
+
+
+async def record_hand_offs(
+    conn: asyncpg.Connection, key: SessionKey, message_ids: list[str], channel: str
+) -> None:
+    """Hand new messages to the session's owner and ring it (delivered only if the write commits)."""
+    owner = await conn.fetchval(
+        "SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 FOR KEY SHARE", *key
+    )
+    await conn.execute(
+        "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "
+        "SELECT $1, $2, m, $3 FROM unnest($4::text[]) AS m",
+        *key,
+        owner or "",
+        message_ids,
+    )
+    if owner:
+        await conn.execute("SELECT pg_notify($1, $2)", channel, owner)
