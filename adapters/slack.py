@@ -230,7 +230,11 @@ class SlackAdapter(Adapter):
             posted.set_result(result)
         if result is not None:
             try:  # kept in the mesh's store, so the post is updated even after a restart
-                await self.context.remember(_post_key(request), {"channel": result.channel, "ts": result.ts})
+                await self.context.remember(
+                    _post_key(request),
+                    {"channel": result.channel, "ts": result.ts},
+                    session=(request.tenant_id, request.session_id),
+                )
             except Exception:
                 logger.exception("slack: could not keep where request %s was posted", request.request_id)
 

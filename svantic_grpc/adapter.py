@@ -117,9 +117,12 @@ class AdapterContext(Protocol):
         """A request of the tenant (``NotFound`` otherwise)."""
         ...
 
-    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
+    async def remember(
+        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         """Keep a small JSON object under ``key`` for this adapter, in the mesh's store: with a
-        durable store it is still there after a restart."""
+        durable store it is still there after a restart. With ``session`` (tenant id, session id)
+        it goes when retention deletes that session; without, it stays until ``forget``."""
         ...
 
     async def recall(self, key: str) -> dict[str, Any] | None:

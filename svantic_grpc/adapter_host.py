@@ -46,8 +46,10 @@ class _Context:
         self.clock = clock
         self.ids = ids
 
-    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
-        await self._store.put_adapter_value(self._name, key, value)
+    async def remember(
+        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
+        await self._store.put_adapter_value(self._name, key, value, session=session)
 
     async def recall(self, key: str) -> dict[str, Any] | None:
         return await self._store.get_adapter_value(self._name, key)

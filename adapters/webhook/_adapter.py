@@ -270,7 +270,7 @@ class WebhookAdapter(Adapter):
                 if current.sensitive:
                     raise Refused(422, "SENSITIVE_INPUT", SENSITIVE_NOTE, "values")
                 await self._winners.claim(
-                    tenant_id, request_id, credential=credential, answer=answered, responder=answer.responder
+                    current, credential=credential, answer=answered, responder=answer.responder
                 )
             else:
                 won = await self._winners.won(current, credential)

@@ -118,12 +118,15 @@ class Winners:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    async def claim(
-        self, tenant_id: str, request_id: str, *, credential: str, answer: str, responder: str
-    ) -> None:
-        """Record ``credential`` as answering; call under ``hold`` before resolving."""
+    async def claim(self, request: InputRequest, *, credential: str, answer: str, responder: str) -> None:
+        """Record ``credential`` as answering; call under ``hold`` before resolving. The record
+        belongs to the request's session: retention deletes it with the session."""
         record = {"by": credential, "answer": answer, "responder": responder}
-        await self._context.remember(_record_key(tenant_id, request_id), record)
+        await self._context.remember(
+            _record_key(request.tenant_id, request.request_id),
+            record,
+            session=(request.tenant_id, request.session_id),
+        )
 
     async def release(self, tenant_id: str, request_id: str) -> None:
         """Drop a claim whose answer the mesh refused (it changed nothing); under ``hold``."""

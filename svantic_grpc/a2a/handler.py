@@ -312,7 +312,10 @@ class MeshRequestHandler(RequestHandler):
                 ) from None
             raise
         await self._mesh.store.put_adapter_value(
-            _INDEX, _index_key(caller, result[0].message_id), {"session_id": session_id}
+            _INDEX,
+            _index_key(caller, result[0].message_id),
+            {"session_id": session_id},
+            session=(caller.tenant_id, session_id),
         )
         return result
 

@@ -298,8 +298,12 @@ class Store(ABC):
     # Adapters' own values
 
     @abstractmethod
-    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
-        """Keep a small JSON object for ``adapter`` under ``key`` (replacing what was there)."""
+    async def put_adapter_value(
+        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
+        """Keep a small JSON object for ``adapter`` under ``key`` (replacing what was there). With
+        ``session`` (tenant id, session id) it belongs to that session: ``purge_closed_sessions``
+        deletes it with the session."""
 
     @abstractmethod
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:

@@ -143,7 +143,15 @@ _V3 = (
     "CREATE INDEX handoffs_by_replica ON handoffs (replica)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # Adapter values may belong to a session (the A2A task index, webhook winners, Slack posts):
+    # retention deletes them with it.
+    "ALTER TABLE adapter_values ADD COLUMN tenant_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE adapter_values ADD COLUMN session_id TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX adapter_values_by_session ON adapter_values (tenant_id, session_id) WHERE session_id <> ''",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"

@@ -142,7 +142,18 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX sessions_by_status ON sessions (tenant_id, status, created_at, session_id)")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4)
+def _v5(conn: sqlite3.Connection) -> None:
+    """Adapter values may belong to a session (the A2A task index, webhook winners, Slack posts):
+    retention deletes them with it."""
+    conn.execute("ALTER TABLE adapter_values ADD COLUMN tenant_id TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE adapter_values ADD COLUMN session_id TEXT NOT NULL DEFAULT ''")
+    conn.execute(
+        "CREATE INDEX adapter_values_by_session ON adapter_values (tenant_id, session_id) "
+        "WHERE session_id != ''"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4, _v5)
 """Forward migrations; append only. The code's schema version is their count."""
 
 

@@ -54,6 +54,8 @@ class MemoryStore(Store):
         self._audit: dict[str, list[AuditRecord]] = {}
         self._adapter_values: dict[tuple[str, str], str] = {}
         """Kept as JSON text: what is read back is a fresh copy, as from a database."""
+        self._session_values: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        """Per session: the adapter values that belong to it (deleted with it)."""
 
     async def create_session(self, session: Session) -> Session:
         exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
@@ -220,8 +222,12 @@ class MemoryStore(Store):
             and r.resolution.decision in GRANTING_DECISIONS
         ]
 
-    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+    async def put_adapter_value(
+        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         self._adapter_values[(adapter, key)] = json.dumps(dict(value))
+        if session is not None:
+            self._session_values.setdefault(session, set()).add((adapter, key))
 
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         text = self._adapter_values.get((adapter, key))
@@ -333,6 +339,8 @@ class MemoryStore(Store):
         for key in due:
             self._index.remove(self._sessions.pop(key))
             self._events.pop(key, None)
+            for value_key in self._session_values.pop(key, ()):
+                self._adapter_values.pop(value_key, None)
         # One pass over the messages and requests: a sweep that finds something to purge is
         # rare (once a sweep interval), and per-session indexes would cost every write.
         for message_key in [k for k in self._messages if (k[0], k[1]) in gone]:

@@ -293,16 +293,22 @@ class PostgresStore(Store):
         )
         return await self._all(_INPUTS, sql, decisions)
 
-    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+    async def put_adapter_value(
+        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         text = _codec.dumps(dict(value))
+        tenant_id, session_id = session or ("", "")
 
         async def put(conn: asyncpg.Connection) -> None:
             await conn.execute(
-                "INSERT INTO adapter_values (adapter, key, value) VALUES ($1, $2, $3) "
-                "ON CONFLICT (adapter, key) DO UPDATE SET value = EXCLUDED.value",
+                "INSERT INTO adapter_values (adapter, key, value, tenant_id, session_id) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (adapter, key) DO UPDATE SET "
+                "value = EXCLUDED.value, tenant_id = EXCLUDED.tenant_id, session_id = EXCLUDED.session_id",
                 adapter,
                 key,
                 text,
+                tenant_id,
+                session_id,
             )
 
         await self._write(put)
@@ -385,7 +391,7 @@ class PostgresStore(Store):
                 max(limit, 0),
             )
             keys = [(row[0], row[1]) for row in due]
-            for table in ("events", "event_heads", "inputs", "messages", "sessions"):
+            for table in ("events", "event_heads", "inputs", "messages", "adapter_values", "sessions"):
                 await conn.executemany(f"DELETE FROM {table} WHERE tenant_id = $1 AND session_id = $2", keys)
             return len(keys)
 

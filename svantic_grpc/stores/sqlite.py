@@ -303,13 +303,17 @@ class SqliteStore(Store):
         )
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql, decisions)))
 
-    async def put_adapter_value(self, adapter: str, key: str, value: Mapping[str, Any]) -> None:
+    async def put_adapter_value(
+        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         text = _codec.dumps(dict(value))
+        tenant_id, session_id = session or ("", "")
 
         def put(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT OR REPLACE INTO adapter_values (adapter, key, value) VALUES (?, ?, ?)",
-                (adapter, key, text),
+                "INSERT OR REPLACE INTO adapter_values (adapter, key, value, tenant_id, session_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (adapter, key, text, tenant_id, session_id),
             )
 
         await self._write(put)
@@ -387,7 +391,7 @@ class SqliteStore(Store):
                 "AND json_extract(record, '$.closed_at') < ? LIMIT ?",
                 (closed_before, max(limit, 0)),
             ).fetchall()
-            for table in ("events", "inputs", "messages", "sessions"):
+            for table in ("events", "inputs", "messages", "adapter_values", "sessions"):
                 conn.executemany(f"DELETE FROM {table} WHERE tenant_id = ? AND session_id = ?", due)
             return len(due)
 

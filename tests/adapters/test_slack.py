@@ -59,7 +59,9 @@ class FakeMesh:
         self.kept: dict[str, dict[str, Any]] = {}
         """What the adapter remembered (the mesh's store); survives a new adapter on this mesh."""
 
-    async def remember(self, key: str, value: Mapping[str, Any]) -> None:
+    async def remember(
+        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         self.kept[key] = dict(value)
 
     async def recall(self, key: str) -> dict[str, Any] | None:

@@ -79,7 +79,9 @@ class FakeMesh:
         self.resolved = 0
         self.kept: dict[str, dict[str, Any]] = {}
 
-    async def remember(self, key: str, value: dict[str, Any]) -> None:
+    async def remember(
+        self, key: str, value: dict[str, Any], *, session: tuple[str, str] | None = None
+    ) -> None:
         self.kept[key] = dict(value)
 
     async def recall(self, key: str) -> dict[str, Any] | None:

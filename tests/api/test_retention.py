@@ -9,12 +9,15 @@ from typing import Any
 
 import grpc
 import pytest
+from a2a.types import GetTaskRequest, Message, Part, Role, SendMessageRequest
+from a2a.utils.errors import TaskNotFoundError
 from grpc import aio
 
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.events import AgentLeft
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from tests._support import Client, code_of, error_details, rpc_error, running_server
+from tests.a2a_ingress_support import a2a_client, call
 
 HOUR = 3_600  # less than the tokens' lifetime, which the manual clock also ages
 
@@ -177,3 +180,28 @@ async def _watch_client_snapshot(client: Client, session_id: str, after_sequence
     finally:
         call.cancel()
     return sequences
+
+
+async def test_what_the_a2a_ingress_keeps_about_a_task_goes_with_its_session(
+    store_setting: str, clock: ManualClock
+) -> None:
+    settings = {"store": store_setting, "retention": {"closed_sessions_s": HOUR}}
+    async with running_server(clock=clock, **settings) as client:
+        session_id = await _init(client)
+        token = await client.token("acme-full")
+        message = Message(
+            message_id="m-a2a", role=Role.ROLE_USER, parts=[Part(text="hello")], context_id=session_id
+        )
+        async with a2a_client(client.server.http.url, streaming=False) as a2a:
+            [sent] = [
+                e async for e in a2a.send_message(SendMessageRequest(message=message), context=call(token))
+            ]
+            task_id = sent.task.id
+            assert (await a2a.get_task(GetTaskRequest(id=task_id), context=call(token))).id == task_id
+            await _close(client, session_id)
+            clock.advance(HOUR + 1)
+            assert await client.server.mesh.retention.run_once() == 1
+            with pytest.raises(TaskNotFoundError):
+                await a2a.get_task(GetTaskRequest(id=task_id), context=call(token))
+        # Nothing of it is left behind in the store either.
+        assert await client.server.mesh.store.get_adapter_value("a2a", f"acme|{task_id}") is None

@@ -72,11 +72,21 @@ async def test_purge_takes_closed_sessions_with_their_messages_requests_and_even
             )
         )
         await _append(store, session_id, 2)
+        # What adapters keep about the session (an A2A task index, a Slack post) goes with it.
+        await store.put_adapter_value("a2a", f"task/{session_id}", {"n": 1}, session=("acme", session_id))
     await store.create_session(make_session("open"))
     await store.create_message(make_message("m1", session_id="open"))
     await _append(store, "open", 2)
+    await store.put_adapter_value("a2a", "task/open", {"n": 1}, session=("acme", "open"))
+    await store.put_adapter_value("slack", "unscoped", {"n": 1})  # belongs to no session: kept
+    await store.put_adapter_value("a2a", "task/other-tenant", {"n": 1}, session=("globex", "old"))
 
     assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 1
+
+    assert await store.get_adapter_value("a2a", "task/old") is None
+    for value_key in ("task/recent", "task/open", "task/other-tenant"):
+        assert await store.get_adapter_value("a2a", value_key) == {"n": 1}
+    assert await store.get_adapter_value("slack", "unscoped") == {"n": 1}
 
     assert await store.get_session(tenant_id="acme", session_id="old") is None
     assert await store.get_message(tenant_id="acme", session_id="old", message_id="m1") is None

@@ -747,7 +747,7 @@ async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
         await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0"})
         assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0"}
-    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 4
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 5
     # v3: the retention sweep finds closed sessions by an index, not a scan of every session.
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_CLOSED_SQL}"))
@@ -756,6 +756,12 @@ async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_STATUS_PAGE_SQL}"))
     assert "sessions_by_status" in plan and "TEMP B-TREE" not in plan
+    # v5: a value written before v5 belongs to no session; one written after may, and goes with it.
+    async with await SqliteStore.open(db_path) as store:
+        await store.put_adapter_value("a2a", "task/s1", {"n": 1}, session=("acme", "s1"))
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        rows = sorted(conn.execute("SELECT adapter, tenant_id, session_id FROM adapter_values"))
+    assert rows == [("a2a", "acme", "s1"), ("slack", "", "")]
 
 
 _CLOSED_SQL = (
