@@ -143,7 +143,18 @@ _V3 = (
     "CREATE INDEX handoffs_by_replica ON handoffs (replica)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # What replicas send each other about dispatches to connected agents another replica holds
+    # (``_pg_relay``): one row per item, taken (deleted) by the replica it names, in id order.
+    """CREATE TABLE relay (
+        id BIGSERIAL PRIMARY KEY,
+        replica TEXT NOT NULL,
+        item TEXT NOT NULL
+    )""",
+    "CREATE INDEX relay_by_replica ON relay (replica, id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"
