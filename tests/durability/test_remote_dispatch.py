@@ -71,8 +71,7 @@ async def test_a_message_reaches_an_agent_connected_to_another_replica(replicas:
         for client in replicas:
             agent = await get_agent(client, "echo-c")
             assert agent.connection.connected, client
-        stored = await a.server.mesh.store.get_agent(tenant_id=TENANT, instance_id="echo-c")
-        assert stored is not None and stored.connection.replica == _replica(c)
+            assert agent.connection.replica == _replica(c), client
 
         session_id = await new_session(a)
         answered = await send(b, session_id, "hello", data({"target_agent": "echo"}))
@@ -88,7 +87,8 @@ async def test_a_message_reaches_an_agent_connected_to_another_replica(replicas:
     for client in replicas:
 
         async def gone(client: Client = client) -> bool:
-            return not (await get_agent(client, "echo-c")).connection.connected
+            connection = (await get_agent(client, "echo-c")).connection
+            return not connection.connected and not connection.replica
 
         await eventually(gone)
 
