@@ -47,6 +47,7 @@ async def replicas() -> AsyncIterator[list[Client]]:
                 "postgres": {"schema_name": schema, "pool_size": 4},
                 "replica": {"lease_ms": 2000, "renew_ms": 500},
                 "policies": POLICIES,
+                "dispatch": {"timeout_ms": 1500},  # a human's time does not count
             }
             yield [await stack.enter_async_context(running_server(env=ENV, **settings)) for _ in range(3)]
     finally:
@@ -165,3 +166,22 @@ async def test_a_cancel_on_the_owner_reaches_the_agent_on_another_replica(replic
         await asyncio.wait_for(cancelled.wait(), WAIT)  # the agent on c was told to stop
         ended = await sending
         assert ended.state == message_types_pb2.MESSAGE_STATE_CANCELED, (ended.state, ended.state_reason)
+
+
+async def test_a_holder_that_stops_answering_fails_the_message_at_the_timeout(replicas: list[Client]) -> None:
+    a, b, c = replicas
+    runs: list[str] = []
+
+    async def echo(dispatch: Dispatch, reply: Reply) -> None:
+        runs.append(dispatch.session_id)
+        await reply.complete("too late")
+
+    async with running_agent(c, echo, agent_type="echo", instance_id="echo-c"):
+        relay = c.server.mesh.relay
+        assert relay is not None
+        await relay.stop()  # c takes nothing relayed to it any more, as if it had died
+        session_id = await new_session(a)
+        failed = await send(b, session_id, "hello", data({"target_agent": "echo"}))
+        assert failed.state == FAILED, (failed.state, failed.state_reason)
+        assert "did not finish within 1.5s" in failed.state_reason, failed.state_reason
+        assert runs == []  # and never runs later: c's rows are deleted when it starts again
