@@ -29,7 +29,7 @@ from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
-from svantic_grpc.core.errors import FailedPrecondition
+from svantic_grpc.core.errors import Conflict, FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode
@@ -261,18 +261,25 @@ class ConnectedAgents:
             if relay is None:
                 await self._registry.set_connection(*connection.key, connected=False, last_error=reason)
             else:
-                # Unless the instance reconnected to another replica meanwhile. Other replicas
-                # believe what is stored: the write goes on if the stream's handler is cancelled.
-                await asyncio.shield(
-                    self._registry.set_connection(
-                        *connection.key,
-                        unless=lambda a: a.connection.replica not in ("", relay.replica_id),
-                        connected=False,
-                        last_error=reason,
-                        replica="",
-                    )
-                )
+                # In-flight work ends first: the write below may be cancelled with the handler.
+                self._drop(connection, reason)
+                await asyncio.shield(self._disconnected(connection.key, relay.replica_id, reason))
         self._drop(connection, reason)
+
+    async def _disconnected(self, key: tuple[str, str], me: str, reason: str) -> None:
+        """Store that the stream held here closed (other replicas believe what is stored), unless
+        the instance connected to another replica meanwhile; again if another replica's write
+        to the record came in between."""
+        for _ in range(3):
+            with contextlib.suppress(Conflict):
+                await self._registry.set_connection(
+                    *key,
+                    unless=lambda a: a.connection.replica not in ("", me),
+                    connected=False,
+                    last_error=reason,
+                    replica="",
+                )
+                return
 
     def receive(self, connection: AgentConnection, dispatch_id: str, update: DispatchUpdate) -> bool:
         """An update from the agent; ``False`` if no dispatch with that id is in flight."""
