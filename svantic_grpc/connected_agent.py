@@ -284,6 +284,7 @@ class ConnectedAgent:
         async with aio.insecure_channel(self.target) as channel:
             auth, registry = AuthServiceStub(channel), RegistryServiceStub(channel)
             while not self._stopping.is_set():
+                delay_s = self._reconnect_delay_s
                 try:
                     # Every (re)connection starts afresh: a restarted mesh may have forgotten the
                     # registration, rotated its dispatch key, and the old token may have expired.
@@ -294,9 +295,10 @@ class ConnectedAgent:
                         _log.warning(
                             "connection to the mesh failed: %s %s", error.code().name, error.details()
                         )
+                    delay_s = max(delay_s, _pushback_s(error))
                 self.connected.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._reconnect_delay_s)
+                    await asyncio.wait_for(self._stopping.wait(), delay_s)
 
     async def _register(
         self, auth: AuthServiceStub, registry: RegistryServiceStub
@@ -540,3 +542,13 @@ def _answers_in(message: message_types_pb2.Message) -> list[message_types_pb2.In
         resolution.payload_json = _json.dumps(raw.get("payload") or {})
         answers.append(answer)
     return answers
+
+
+def _pushback_s(error: aio.AioRpcError) -> float:
+    """The wait the mesh asked for with a refusal (``grpc-retry-pushback-ms``, sent with
+    ``RESOURCE_EXHAUSTED`` when sign-ins from here failed too often); 0 when it asked none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms":
+            with contextlib.suppress(ValueError):
+                return max(int(str(value)), 0) / 1000
+    return 0.0

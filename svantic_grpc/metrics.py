@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -101,6 +108,13 @@ class PrometheusMetrics(Metrics):
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._leases = Counter(
+            "svantic_session_lease_changes",
+            "PostgreSQL replicas: sessions whose lease changed hands here, taken over (their owner's "
+            "lease expired) or lost (taken by another replica)",
+            ("change",),
+            registry=r,
+        )
         self._rpc_series: dict[tuple[str, str], Any] = {}
         """The RPC histogram's child per (method, code): ``labels()`` looked up once, not per call."""
 
@@ -121,6 +135,9 @@ class PrometheusMetrics(Metrics):
 
     def event_from_replica(self, *, delay_s: float) -> None:
         self._from_replica.observe(delay_s)
+
+    def lease_changes(self, *, change: str, count: int) -> None:
+        self._leases.labels(change).inc(count)
 
     # The interceptor's
 

@@ -33,6 +33,10 @@ class Metrics:
     def store_commit(self, *, latency_s: float, batch: int) -> None:
         """The store committed ``batch`` writes in one transaction that took ``latency_s``."""
 
+    def lease_changes(self, *, change: str, count: int) -> None:
+        """Sessions whose lease changed hands on this replica: ``taken_over`` (their owner's lease
+        expired and this replica took them) or ``lost`` (another replica took them from this one)."""
+
     def event_from_replica(self, *, delay_s: float) -> None:
         """An event another process (a replica sharing the store) wrote reached this process's
         subscribers ``delay_s`` after it was stamped."""

@@ -49,12 +49,12 @@ _TAKE = f"""
 
 _TAKE_OVER_DUE = f"""
     WITH due AS (
-        SELECT tenant_id, session_id FROM leases WHERE expires_at < {_NOW}
+        SELECT tenant_id, session_id, owner FROM leases WHERE expires_at < {_NOW}
         ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED
     )
     UPDATE leases AS l SET owner = $1, fence = l.fence + 1, expires_at = {_NOW} + $2
     FROM due WHERE l.tenant_id = due.tenant_id AND l.session_id = due.session_id
-    RETURNING l.tenant_id, l.session_id, l.fence
+    RETURNING l.tenant_id, l.session_id, l.fence, due.owner
 """
 
 _ADOPT = """
@@ -215,6 +215,7 @@ class PgLeases(Ownership):
             task.add_done_callback(self._abandoning.discard)
         if keys:
             _log.warning("lost the lease of %d session(s) to another replica", len(keys))
+            self._store.metrics.lease_changes(change="lost", count=len(keys))
 
     async def _drop(self, key: SessionKey, fence: int | None) -> None:
         try:
@@ -249,8 +250,16 @@ class PgLeases(Ownership):
                 handed = await self._adopt(conn, keys)
             for row in rows:
                 self._hold((row[0], row[1]), int(row[2]))
+            for row in rows:
+                _log.info(
+                    "lease taken over: session %s from replica %s (fence %d)",
+                    row[1],
+                    row[3],
+                    row[2],
+                    extra={"session_id": row[1], "previous_owner": row[3], "fence": int(row[2])},
+                )
             if keys:
-                _log.info("took over %d session(s) whose lease expired", len(keys))
+                self._store.metrics.lease_changes(change="taken_over", count=len(keys))
                 assert self._takeover is not None
                 await self._takeover(set(keys), handed)
             taken += len(keys)

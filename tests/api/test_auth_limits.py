@@ -6,6 +6,7 @@ sleeping. Every call comes from 127.0.0.1, so it is one peer throughout.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,10 +16,12 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from svantic_grpc.api._context import peer_host
+from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
 from svantic_grpc.core.auth import Credential, hash_secret
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.pb import auth_service_pb2
 from tests._support import SECRET, Client, code_of, error_details, running_server, tenant_settings
+from tests.test_metrics import scrape, value
 
 
 def _limits(per_client_id: tuple[int, float], per_peer: tuple[int, float]) -> dict[str, Any]:
@@ -160,3 +163,44 @@ async def test_a_wrong_secret_is_never_accepted_after_the_right_one_was_remember
 )
 def test_the_peer_is_counted_by_its_host_not_its_port(peer: str, host: str) -> None:
     assert peer_host(peer) == host
+
+
+async def test_a_connected_agent_refused_for_too_many_failures_waits_as_long_as_it_is_told(
+    clock: ManualClock,
+) -> None:
+    async with _server(clock, per_client_id=(1, 30.0), per_peer=(100, 1.0)) as client:
+
+        async def handler(dispatch: Dispatch, reply: Reply) -> None:
+            await reply.complete()
+
+        agent = ConnectedAgent(
+            client.server.target,
+            client_id="acme-full",
+            client_secret="wrong",
+            agent_type="worker",
+            instance_id="w-1",
+            handler=handler,
+            reconnect_delay_s=0.05,
+        )
+        running = asyncio.create_task(agent.run())
+        try:
+            await asyncio.sleep(1.0)  # 20 reconnections' worth at its own delay
+        finally:
+            await agent.stop()
+            await asyncio.wait_for(running, 5)
+        samples = await scrape(client)
+        method = "/svantic.v1.AuthService/GetToken"
+        failed = value(
+            samples,
+            "grpc_server_call_duration_seconds_count",
+            grpc_method=method,
+            grpc_status="UNAUTHENTICATED",
+        )
+        limited = value(
+            samples,
+            "grpc_server_call_duration_seconds_count",
+            grpc_method=method,
+            grpc_status="RESOURCE_EXHAUSTED",
+        )
+        # One wrong secret, one refusal naming a 30 s wait, then it waited instead of hammering.
+        assert (failed, limited) == (1, 1)

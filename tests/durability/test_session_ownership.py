@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -43,6 +44,7 @@ from tests.adapters.e2e_support import (
 from tests.adapters.webhook_receiver import receiving
 from tests.agents_connected import data, new_session, outgoing, running_agent, send, wait_for_state
 from tests.agents_inputs import chatting, resolution
+from tests.test_metrics import scrape, value
 
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 
@@ -110,7 +112,9 @@ async def test_a_message_sent_to_another_replica_runs_on_the_owner(replicas: lis
     assert await _owner(c, session_id) == a.server.mesh.ownership.replica_id
 
 
-async def test_a_replica_whose_lease_was_taken_over_cannot_write(replicas: list[Client]) -> None:
+async def test_a_replica_whose_lease_was_taken_over_cannot_write(
+    replicas: list[Client], caplog: pytest.LogCaptureFixture
+) -> None:
     a, b, _ = replicas
     session_id = await new_session(a)
     await a.server.mesh.bus.publish(TENANT, session_id, AgentLeft("w", "x1", "a still owns it"))
@@ -124,8 +128,18 @@ async def test_a_replica_whose_lease_was_taken_over_cannot_write(replicas: list[
         await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id)
     finally:
         await conn.close()
-    assert await b.server.mesh.ownership.tick() >= 1  # type: ignore[attr-defined]
+    changes = "svantic_session_lease_changes_total"
+    taken_before = value(await scrape(b), changes, change="taken_over")
+    with caplog.at_level(logging.INFO, logger="svantic_grpc"):
+        assert await b.server.mesh.ownership.tick() >= 1  # type: ignore[attr-defined]
     assert await _owner(b, session_id) == b.server.mesh.ownership.replica_id
+    # The operator sees it: a log line naming the session and the replica it came from, a counter.
+    [taken] = [
+        r for r in caplog.records if r.getMessage().startswith(f"lease taken over: session {session_id}")
+    ]
+    assert getattr(taken, "session_id", None) == session_id
+    assert getattr(taken, "previous_owner", None) == a.server.mesh.ownership.replica_id
+    assert value(await scrape(b), changes, change="taken_over") == taken_before + 1
     before = await a.server.mesh.store.list_events(tenant_id=TENANT, session_id=session_id)
     with pytest.raises(LeaseLost):
         await a.server.mesh.bus.publish(TENANT, session_id, AgentLeft("w", "x2", "a lost it"))
