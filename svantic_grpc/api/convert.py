@@ -175,6 +175,7 @@ def agent(record: AgentRegistration, *, status: AgentStatus) -> agent_pb.Agent:
             successes=conn.successes,
             failures=conn.failures,
             last_error=conn.last_error,
+            replica=conn.replica if conn.connected else "",
         ),
         version=record.version,
     )

@@ -176,6 +176,11 @@ class Mesh:
             replica_id=options.replica_id, lease_s=options.lease_s, renew_s=options.renew_s
         )
         """Which sessions this process runs (all of them, unless replicas share the store)."""
+        self.relay = store.agent_relay(replica_id=self.ownership.replica_id, poll_s=options.renew_s)
+        """Reaches agents whose ``Connect`` stream another replica holds (``None``: one process)."""
+        if self.relay is not None:
+            self.connections.relay = self.relay
+            self.registry.held_elsewhere = self.connections.held_elsewhere
         if not self.ownership.sole:
             self.inputs.shared = self.bus
             ownership = self.ownership
@@ -263,6 +268,8 @@ class Mesh:
             abandon=self.messages.abandon,
             closed=self.sessions.closed_elsewhere,
         )
+        if self.relay is not None:
+            await self.relay.start(self.connections.relayed)
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()
@@ -303,6 +310,8 @@ class Mesh:
         await self.messages.close()
         await self.inputs.close()
         await self.ownership.stop()  # after the running work ended: its last writes still carry the fence
+        if self.relay is not None:
+            await self.relay.stop()
         await self.dispatcher.close()
         await self.bus.stop()
         if self._started:

@@ -170,6 +170,8 @@ class ConnectionStats:
     successes: int = 0
     failures: int = 0
     last_error: str = ""
+    replica: str = ""
+    """The replica holding the instance's ``Connect`` stream, when replicas share the store."""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,9 @@ class Registry:
         self.is_live: Callable[[str, str], bool] = lambda tenant_id, instance_id: False
         """Whether this process holds the instance's open stream (set by the composition root).
         The stored ``connected`` flag can be stale after a crash; this never is."""
+        self.held_elsewhere: Callable[[AgentRegistration], str] = lambda agent: ""
+        """The other replica holding the instance's open stream, '' if none (set by the
+        composition root when replicas share the store)."""
         self.protocol_for: Callable[[AgentRegistration], str] = lambda agent: ""
         """The wire protocol the mesh uses (or will use) to reach an instance, '' when not known
         (set by the composition root from the dispatcher); fills ``connection.transport``."""
@@ -290,7 +293,7 @@ class Registry:
         if seen > agent.last_seen_at:
             agent = replace(agent, last_seen_at=seen)
         counts = self._dispatch_counts.get((agent.tenant_id, agent.instance_id))
-        live = self.is_live(agent.tenant_id, agent.instance_id)
+        live = self.is_live(agent.tenant_id, agent.instance_id) or bool(self.held_elsewhere(agent))
         transport = agent.connection.transport or self.protocol_for(agent)
         if counts is None:
             if live == agent.connection.connected and transport == agent.connection.transport:
@@ -308,12 +311,18 @@ class Registry:
         return replace(agent, connection=connection)
 
     async def set_connection(
-        self, tenant_id: str, instance_id: str, **changes: Any
+        self,
+        tenant_id: str,
+        instance_id: str,
+        *,
+        unless: Callable[[AgentRegistration], bool] | None = None,
+        **changes: Any,
     ) -> AgentRegistration | None:
-        """Update an instance's connection state (transport, connected, connected_since)."""
+        """Update an instance's connection state (transport, connected, connected_since, replica),
+        unless the stored instance meets ``unless``."""
         async with self.locks.hold((tenant_id, instance_id)):
             agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-            if agent is None:
+            if agent is None or (unless is not None and unless(agent)):
                 return None
             now = self._clock.now()
             return await self._store.update_agent(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from svantic_grpc.core.events import Event, EventBell, EventPayload
 from svantic_grpc.core.evolve import evolve
@@ -21,6 +21,9 @@ from svantic_grpc.core.messages.model import Message, MessageState
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.core.ownership import Ownership, SoleOwner
+
+if TYPE_CHECKING:
+    from svantic_grpc.core.dispatch._relay import Relay
 
 __all__ = [
     "AuditRecord",
@@ -435,6 +438,11 @@ class Store(ABC):
     def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> Ownership:
         """Which sessions this process runs; by default all of them (no other process writes)."""
         return SoleOwner(replica_id)
+
+    def agent_relay(self, *, replica_id: str, poll_s: float) -> Relay | None:
+        """What carries dispatches to connected agents whose stream another process holds
+        (``None``: no other process shares the store)."""
+        return None
 
     # Lifecycle
 

@@ -80,7 +80,7 @@ class AgentTool(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ConnectionState(_message.Message):
-    __slots__ = ("transport", "connected", "connected_since", "last_dispatch_at", "successes", "failures", "last_error")
+    __slots__ = ("transport", "connected", "connected_since", "last_dispatch_at", "successes", "failures", "last_error", "replica")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_SINCE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class ConnectionState(_message.Message):
     SUCCESSES_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     transport: str
     connected: bool
     connected_since: _timestamp_pb2.Timestamp
@@ -95,7 +96,8 @@ class ConnectionState(_message.Message):
     successes: int
     failures: int
     last_error: str
-    def __init__(self, transport: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_dispatch_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., successes: _Optional[int] = ..., failures: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    replica: str
+    def __init__(self, transport: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_dispatch_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., successes: _Optional[int] = ..., failures: _Optional[int] = ..., last_error: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("agent_type", "instance_id", "url", "deployment_mode", "agent_card", "skills", "tools", "mcp_servers", "max_concurrent_sessions", "status", "reported_status", "session_ids", "reported_sessions", "registered_at", "last_seen_at", "connection", "version")

@@ -33,6 +33,7 @@ from svantic_grpc.core.inputs.model import (
     Decision,
     Form,
     FormField,
+    InputAsk,
     InputKind,
     InputRequest,
     InputState,
@@ -204,6 +205,7 @@ def _encode_connection(c: ConnectionStats) -> JSON:
         "successes": c.successes,
         "failures": c.failures,
         "last_error": c.last_error,
+        "replica": c.replica,
     }
 
 
@@ -216,6 +218,7 @@ def _decode_connection(d: JSON) -> ConnectionStats:
         successes=d["successes"],
         failures=d["failures"],
         last_error=d["last_error"],
+        replica=d.get("replica", ""),
     )
 
 
@@ -427,6 +430,34 @@ def _encode_plan_item(p: PlanItem) -> JSON:
 
 def _decode_plan_item(d: JSON) -> PlanItem:
     return PlanItem(description=d["description"], agent_type=d["agent_type"], tool_name=d["tool_name"])
+
+
+def encode_ask(a: InputAsk) -> JSON:
+    """What an agent asks a human for (relayed between replicas with its update)."""
+    return {
+        "kind": a.kind.value,
+        "tool_call": None if a.tool_call is None else _encode_tool_call(a.tool_call),
+        "form": None if a.form is None else _encode_form(a.form),
+        "plan": [_encode_plan_item(p) for p in a.plan],
+        "allowed_responders": list(a.allowed_responders),
+    }
+
+
+def decode_ask(d: JSON) -> InputAsk:
+    tool_call, form = d["tool_call"], d["form"]
+    return InputAsk(
+        kind=InputKind(d["kind"]),
+        tool_call=None if tool_call is None else _decode_tool_call(tool_call),
+        form=None if form is None else _decode_form(form),
+        plan=tuple(_decode_plan_item(p) for p in d["plan"]),
+        allowed_responders=tuple(d["allowed_responders"]),
+    )
+
+
+encode_part = _encode_part
+decode_part = _decode_part
+encode_artifact = _encode_artifact
+decode_artifact = _decode_artifact
 
 
 def _encode_resolution(r: Resolution) -> JSON:

@@ -144,6 +144,17 @@ _V3 = (
 )
 
 _V4 = (
+    # What replicas send each other about dispatches to connected agents another replica holds
+    # (``_pg_relay``): one row per item, taken (deleted) by the replica it names, in id order.
+    """CREATE TABLE relay (
+        id BIGSERIAL PRIMARY KEY,
+        replica TEXT NOT NULL,
+        item TEXT NOT NULL
+    )""",
+    "CREATE INDEX relay_by_replica ON relay (replica, id)",
+)
+
+_V5 = (
     # Adapter values may belong to a session (the A2A task index, webhook winners, Slack posts):
     # retention deletes them with it.
     "ALTER TABLE adapter_values ADD COLUMN tenant_id TEXT NOT NULL DEFAULT ''",
@@ -151,7 +162,7 @@ _V4 = (
     "CREATE INDEX adapter_values_by_session ON adapter_values (tenant_id, session_id) WHERE session_id <> ''",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"

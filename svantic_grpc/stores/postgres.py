@@ -37,6 +37,7 @@ from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
 from svantic_grpc.stores._pg_leases import PgLeases, check_fence, record_hand_offs
+from svantic_grpc.stores._pg_relay import PgRelay
 from svantic_grpc.stores._pg_schema import prepare
 
 __all__ = ["PostgresBell", "PostgresStore"]
@@ -77,6 +78,8 @@ class PostgresStore(Store):
         """The LISTEN/NOTIFY channel of this schema's event bell."""
         self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
         """The channel that tells a replica a message was handed to it (the payload names it)."""
+        self.relay_channel = f"svantic_relay_{zlib.crc32(schema.encode()):08x}"
+        """The channel that tells a replica a dispatch item was relayed to it (the payload names it)."""
         self.replica_id = ""
         """This replica's name in lease rows (set by ``ownership``)."""
         self.fences: dict[SessionKey, int] = {}
@@ -87,6 +90,9 @@ class PostgresStore(Store):
 
     def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> PgLeases:
         return PgLeases(self, replica_id=replica_id, lease_s=lease_s, renew_s=renew_s)
+
+    def agent_relay(self, *, replica_id: str, poll_s: float) -> PgRelay:
+        return PgRelay(self, replica_id=replica_id, poll_s=poll_s)
 
     @property
     def dsn(self) -> str:

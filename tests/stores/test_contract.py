@@ -317,7 +317,7 @@ async def test_agent_create_get_update_delete_with_versions(store: Store) -> Non
         reported_status=AgentStatus.AVAILABLE,
         reported_sessions=1,
         session_ids=("s1", "s2"),
-        connection=ConnectionStats("grpc", True, T0, T0 + 1, 4, 1, "timeout"),
+        connection=ConnectionStats("grpc", True, T0, T0 + 1, 4, 1, "timeout", "replica-b"),
     )
     created = await store.create_agent(replace(agent, version=9))
     assert created == replace(agent, version=1)

@@ -120,7 +120,7 @@ def full_agent() -> AgentRegistration:
         reported_status=AgentStatus.BUSY,
         reported_sessions=2,
         session_ids=("s1", "s2"),
-        connection=ConnectionStats("grpc", True, T0, T0 + 1, 4, 1, "timeout"),
+        connection=ConnectionStats("grpc", True, T0, T0 + 1, 4, 1, "timeout", "replica-b"),
     )
 
 

@@ -7,20 +7,29 @@ from the dispatch run, this is just another ``Transport``.
 A dropped stream ends what was in flight on it: a dispatch the agent had not
 acknowledged yet (no update received) is ``NotDelivered`` and fails over to
 another instance; one it was working on fails with the reason.
+
+With several replicas on one store (a ``relay``), an instance whose stream another replica
+holds is reached through that replica: the job, the human's answers and a cancel go there, the
+agent's updates and the end come back (``_relay``), and the dispatch run sees them as if the
+stream were here. If the holder dies, nothing comes back and the dispatch times out: it never
+runs twice. Without a relay nothing of this costs anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
+from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
-from svantic_grpc.core.errors import FailedPrecondition
+from svantic_grpc.core.errors import Conflict, FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode
@@ -33,6 +42,8 @@ _log = logging.getLogger(__name__)
 #: States in which a dispatch goes on (input-required waits for the answer on the same stream).
 _GOING_ON = (MessageState.SUBMITTED, MessageState.WORKING, MessageState.INPUT_REQUIRED)
 _PROGRESS = (None, MessageState.SUBMITTED, MessageState.WORKING)
+_NO_FINAL_STATE = "the agent ended the dispatch without a final state"
+_DROPPED_WHILE_ASKING = "the agent's stream dropped while a human decided"
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,8 @@ class Outbound:
 @dataclass(frozen=True)
 class _Dropped:
     reason: str
+    not_delivered: bool = False
+    """Relayed from the holder: the agent never took the dispatch (a local stream tells by its acks)."""
 
 
 class _Inbox:
@@ -79,6 +92,36 @@ class _Inbox:
                 self.waiter = None
         items, self.items = self.items, []
         return items
+
+
+class _Answers:
+    """Holder side: the human answers the owner relays for one dispatch."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[InputRequest] = []
+        self.waiter: asyncio.Event = asyncio.Event()
+
+    def put(self, answer: InputRequest) -> None:
+        self.items.append(answer)
+        self.waiter.set()
+
+    async def take(self, lost: asyncio.Event | None) -> InputRequest | None:
+        """The next answer, or ``None`` if ``lost`` is set first."""
+        while not self.items:
+            if lost is not None and lost.is_set():
+                return None
+            waits = [asyncio.ensure_future(self.waiter.wait())]
+            if lost is not None:
+                waits.append(asyncio.ensure_future(lost.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            self.waiter.clear()
+        return self.items.pop(0)
 
 
 def _merged(updates: list[DispatchUpdate | _Dropped]) -> list[DispatchUpdate | _Dropped]:
@@ -141,6 +184,13 @@ class ConnectedAgents:
         self._live: dict[tuple[str, str], AgentConnection] = {}
         self._awaited: dict[tuple[str, str], list[asyncio.Future[AgentConnection]]] = {}
         """Dispatches waiting for an instance to (re)connect, by (tenant, instance)."""
+        self.relay: Relay | None = None
+        """Reaches streams other replicas hold (set by the composition root when replicas share the store)."""
+        self._remote: dict[str, tuple[_Inbox, DispatchJob]] = {}
+        """Owner side: dispatches sent to a stream another replica holds, by dispatch id."""
+        self._served: dict[str, tuple[asyncio.Task[None], _Answers]] = {}
+        """Holder side: dispatches another replica sent to a stream held here, by dispatch id."""
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def count(self) -> int:
@@ -149,6 +199,18 @@ class ConnectedAgents:
 
     def is_connected(self, tenant_id: str, instance_id: str) -> bool:
         return (tenant_id, instance_id) in self._live
+
+    def held_elsewhere(self, agent: AgentRegistration) -> str:
+        """The replica holding the instance's stream, if another one does and the instance still
+        shows signs of life (its heartbeats there are stored); '' otherwise."""
+        relay = self.relay
+        holder = agent.connection.replica
+        if relay is None or not agent.connection.connected or holder in ("", relay.replica_id):
+            return ""
+        if (agent.tenant_id, agent.instance_id) in self._live:
+            return ""
+        fresh = self._clock.now() - self._registry.last_seen(agent) <= self._registry.heartbeat_timeout_s
+        return holder if fresh else ""
 
     def protocol_for(self, agent: AgentRegistration) -> str:
         return "connect-stream"  # a connected agent is only ever reached over its own stream
@@ -172,8 +234,14 @@ class ConnectedAgents:
             if not waiting.done():
                 waiting.set_result(connection)
         now = self._clock.now()
+        held: dict[str, Any] = {"replica": self.relay.replica_id} if self.relay is not None else {}
         updated = await self._registry.set_connection(
-            agent.tenant_id, instance_id, transport="connect-stream", connected=True, connected_since=now
+            agent.tenant_id,
+            instance_id,
+            transport="connect-stream",
+            connected=True,
+            connected_since=now,
+            **held,
         )
         connection.agent = updated or agent
         _log.info(
@@ -189,8 +257,29 @@ class ConnectedAgents:
         """The stream ended: fail or release what was in flight; safe to call twice."""
         if self._live.get(connection.key) is connection:
             del self._live[connection.key]
-            await self._registry.set_connection(*connection.key, connected=False, last_error=reason)
+            relay = self.relay
+            if relay is None:
+                await self._registry.set_connection(*connection.key, connected=False, last_error=reason)
+            else:
+                # In-flight work ends first: the write below may be cancelled with the handler.
+                self._drop(connection, reason)
+                await asyncio.shield(self._disconnected(connection.key, relay.replica_id, reason))
         self._drop(connection, reason)
+
+    async def _disconnected(self, key: tuple[str, str], me: str, reason: str) -> None:
+        """Store that the stream held here closed (other replicas believe what is stored), unless
+        the instance connected to another replica meanwhile; again if another replica's write
+        to the record came in between."""
+        for _ in range(3):
+            with contextlib.suppress(Conflict):
+                await self._registry.set_connection(
+                    *key,
+                    unless=lambda a: a.connection.replica not in ("", me),
+                    connected=False,
+                    last_error=reason,
+                    replica="",
+                )
+                return
 
     def receive(self, connection: AgentConnection, dispatch_id: str, update: DispatchUpdate) -> bool:
         """An update from the agent; ``False`` if no dispatch with that id is in flight."""
@@ -208,7 +297,14 @@ class ConnectedAgents:
             connection.caller, connection.agent.instance_id, status=status, current_sessions=current_sessions
         )
 
-    async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
+    def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
+        if self.relay is not None and (job.tenant_id, job.agent.instance_id) not in self._live:
+            holder = self.held_elsewhere(job.agent)
+            if holder:
+                return self._dispatch_remote(job, holder)
+        return self._dispatch_here(job)
+
+    async def _dispatch_here(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
         key = (job.tenant_id, job.agent.instance_id)
         connection = self._live.get(key)
         if (connection is None or connection.closed) and job.answer is not None:
@@ -263,8 +359,130 @@ class ConnectedAgents:
 
     async def close(self) -> None:
         """End every stream (server shutdown)."""
+        for task, _ in list(self._served.values()):
+            task.cancel()
         for connection in list(self._live.values()):
             await self.detach(connection, "the server is shutting down")
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=1)
+
+    # Streams held by other replicas
+
+    async def _dispatch_remote(
+        self, job: DispatchJob, holder: str
+    ) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
+        """Owner side: the job goes to the replica holding the stream; its updates come back."""
+        relay = self.relay
+        assert relay is not None
+        me = relay.replica_id
+        inbox = _Inbox()
+        self._remote[job.dispatch_id] = (inbox, job)
+        finished = False
+        try:
+            await relay.send(holder, Relayed(RelayKind.JOB, job.dispatch_id, me, job=job, token=job.sign()))
+            while True:
+                for item in _merged(await inbox.take()):
+                    if isinstance(item, _Dropped):
+                        finished = True
+                        if item.not_delivered:
+                            raise NotDelivered(f"{item.reason} (on replica {holder})")
+                        raise DispatchFailed(f"{item.reason} (on replica {holder})")
+                    finished = item.state is not None and item.state not in _GOING_ON
+                    answer = yield item
+                    if finished:
+                        return
+                    if answer is not None:  # a human answered what the agent asked: pass it on
+                        await relay.send(
+                            holder, Relayed(RelayKind.ANSWER, job.dispatch_id, me, answer=answer)
+                        )
+        finally:
+            self._remote.pop(job.dispatch_id, None)
+            if not finished:  # the mesh stopped following (cancel, timeout): the holder tells the agent
+                self._later(relay.send(holder, Relayed(RelayKind.CANCEL, job.dispatch_id, me)))
+
+    def relayed(self, item: Relayed) -> None:
+        """An item another replica sent this one (the relay calls this, in order)."""
+        kind = item.kind
+        if kind is RelayKind.JOB:
+            answers = _Answers()
+            task = asyncio.create_task(self._serve(item, answers), name="svantic-relayed-dispatch")
+            self._served[item.dispatch_id] = (task, answers)
+            return
+        if kind is RelayKind.ANSWER or kind is RelayKind.CANCEL:
+            served = self._served.get(item.dispatch_id)
+            if served is not None:
+                if kind is RelayKind.CANCEL:
+                    served[0].cancel()
+                elif item.answer is not None:
+                    served[1].put(item.answer)
+            return
+        remote = self._remote.get(item.dispatch_id)
+        if remote is None:
+            return  # that dispatch ended here already
+        inbox, job = remote
+        if kind is RelayKind.UPDATE:
+            if item.update is not None:
+                inbox.put(item.update)
+            return
+        inbox.put(_Dropped(item.reason, not_delivered=kind is RelayKind.NOT_DELIVERED))
+        if job.lost is not None:
+            job.lost.set()  # wakes a wait for a human
+
+    async def _serve(self, item: Relayed, answers: _Answers) -> None:
+        """Holder side: run a dispatch another replica sent on the stream held here, telling it
+        every update and how it ended."""
+        relay = self.relay
+        assert relay is not None and item.job is not None
+        token = item.token
+        job = replace(item.job, sign=lambda: token, lost=asyncio.Event())
+        me = relay.replica_id
+
+        async def tell(kind: RelayKind, *, update: DispatchUpdate | None = None, reason: str = "") -> None:
+            await relay.send(item.sender, Relayed(kind, job.dispatch_id, me, update=update, reason=reason))
+
+        try:
+            if job.deadline < self._clock.now():
+                await tell(RelayKind.NOT_DELIVERED, reason="the dispatch arrived after its deadline")
+                return
+            updates = self._dispatch_here(job)
+            async with contextlib.aclosing(updates):
+                answer: InputRequest | None = None
+                while True:
+                    try:
+                        update = await updates.asend(answer)
+                    except StopAsyncIteration:
+                        await tell(
+                            RelayKind.FAILED, reason="the agent ended the dispatch without a final state"
+                        )
+                        return
+                    answer = None
+                    await tell(RelayKind.UPDATE, update=update)
+                    if update.state is MessageState.INPUT_REQUIRED:
+                        answer = await answers.take(job.lost)
+                        if answer is None:
+                            await tell(
+                                RelayKind.LOST, reason="the agent's stream dropped while a human decided"
+                            )
+                            return
+                    elif update.state not in _GOING_ON:
+                        return
+        except NotDelivered as exc:
+            await tell(RelayKind.NOT_DELIVERED, reason=str(exc))
+        except DispatchFailed as exc:
+            await tell(RelayKind.FAILED, reason=str(exc))
+        except asyncio.CancelledError:
+            raise  # the owner cancelled (the agent was told) or this replica is stopping
+        except Exception as exc:
+            _log.exception("relayed dispatch %s failed", job.dispatch_id)
+            with contextlib.suppress(Exception):
+                await tell(RelayKind.FAILED, reason=f"the replica holding the stream failed: {exc}")
+        finally:
+            self._served.pop(job.dispatch_id, None)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _drop(self, connection: AgentConnection, reason: str) -> None:
         if connection.closed:
