@@ -21,7 +21,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from grpc import aio
 
+from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
 from svantic_grpc.core.events import InputEnded, MessageStateChanged, StatusChanged
 from svantic_grpc.core.messages.model import MessageState, Role
 from svantic_grpc.core.models import SessionStatus
@@ -304,5 +306,81 @@ async def test_ttls_and_expiries_fall_due_once_with_three_replicas_running(tmp_p
                         tenant_id=TENANT, session_id=session_id, message_id="plan"
                     )
                     assert message is not None and message.state.terminal
+        finally:
+            await store.close()
+
+
+async def _watch_until_completed(
+    replica: Replica, session_id: str, message_id: str, started: asyncio.Event
+) -> list[int]:
+    call = replica.sessions.WatchSession(
+        session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=replica.md
+    )
+    sequences: list[int] = []
+    try:
+        while True:
+            response = await asyncio.wait_for(call.read(), WAIT)
+            assert response is not aio.EOF, "the watch ended before the message did"
+            event = response.event
+            sequences.append(event.sequence)
+            started.set()
+            changed = event.message_state_changed
+            if event.HasField("message_state_changed") and (changed.message_id, changed.to_state) == (
+                message_id,
+                COMPLETED,
+            ):
+                return sequences
+    finally:
+        call.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_open_on_one_watch_on_every_one_send_on_another_to_an_agent_held_by_a_third(
+    tmp_path: Path,
+) -> None:
+    async with replicas(tmp_path) as (r1, r2, r3):
+        schema = _schema(r1)
+
+        async def echo(dispatch: Dispatch, reply: Reply) -> None:
+            await reply.artifact(f"echo: {dispatch.text}", name="echo")
+            await reply.complete()
+
+        # The agent's Connect stream is held by r3; the session is r1's; the message goes to r2.
+        agent = ConnectedAgent(
+            r3.target,
+            client_id="svantic",
+            client_secret="your-secret",
+            agent_type="echo",
+            instance_id="echo-r3",
+            handler=echo,
+            reconnect_delay_s=0.2,
+        )
+        serving = asyncio.create_task(agent.run())
+        try:
+            await asyncio.wait_for(agent.connected.wait(), WAIT)
+            await r1.open("shared")
+            assert (await _owners(schema))["shared"] == "r1"
+            started = [asyncio.Event() for _ in range(3)]
+            watchers = [
+                asyncio.create_task(_watch_until_completed(replica, "shared", "m1", ready))
+                for replica, ready in zip((r1, r2, r3), started, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), WAIT)  # replays seen
+            sent = await r2.send("shared", "m1", "hello across", {"target_agent": "echo"})
+            assert sent.state == COMPLETED, sent.state_reason
+            assert [p.text for a in sent.artifacts for p in a.parts] == ["echo: hello across"]
+            seen = await asyncio.wait_for(asyncio.gather(*watchers), WAIT)
+        finally:
+            await agent.stop()
+            await asyncio.wait_for(serving, WAIT)
+        # Every replica's watcher saw every event once, in order, and the same ones.
+        for sequences in seen:
+            assert sequences == list(range(1, len(sequences) + 1)), sequences
+        assert seen[0] == seen[1] == seen[2]
+        store = await _store(schema)
+        try:
+            message = await store.get_message(tenant_id=TENANT, session_id="shared", message_id="m1")
+            assert message is not None and message.instance_id == "echo-r3"
+            assert len(message.artifacts) == 1  # it ran once
         finally:
             await store.close()
