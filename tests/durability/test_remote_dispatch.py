@@ -94,6 +94,28 @@ async def test_a_message_reaches_an_agent_connected_to_another_replica(replicas:
         await eventually(gone)
 
 
+async def test_outputs_sent_apart_from_the_final_state_do_not_end_a_relayed_dispatch(
+    replicas: list[Client],
+) -> None:
+    a, b, c = replicas
+
+    async def slow(dispatch: Dispatch, reply: Reply) -> None:
+        await reply.artifact("first part", name="part-1")  # an update with no state of its own
+        await asyncio.sleep(0.1)  # its own frame, not folded into the next
+        await reply.artifact("second part", name="part-2")
+        await asyncio.sleep(0.1)
+        await reply.complete("done")
+
+    async with running_agent(c, slow, agent_type="slow", instance_id="slow-c"):
+        session_id = await new_session(a)
+        answered = await send(b, session_id, "go", data({"target_agent": "slow"}))
+    assert answered.state == COMPLETED, (answered.state, answered.state_reason)
+    assert [p.text for artifact in answered.artifacts for p in artifact.parts] == [
+        "first part",
+        "second part",
+    ]
+
+
 async def test_an_approval_across_replicas_is_answered_on_a_third(replicas: list[Client]) -> None:
     a, b, c = replicas
     agent = ApprovalAgent()

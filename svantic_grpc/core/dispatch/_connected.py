@@ -464,7 +464,7 @@ class ConnectedAgents:
                                 RelayKind.LOST, reason="the agent's stream dropped while a human decided"
                             )
                             return
-                    elif update.state not in _GOING_ON:
+                    elif update.state is not None and update.state not in _GOING_ON:  # None: progress
                         return
         except NotDelivered as exc:
             await tell(RelayKind.NOT_DELIVERED, reason=str(exc))
