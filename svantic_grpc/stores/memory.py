@@ -56,6 +56,8 @@ class MemoryStore(Store):
         """Kept as JSON text: what is read back is a fresh copy, as from a database."""
         self._session_values: dict[tuple[str, str], set[tuple[str, str]]] = {}
         """Per session: the adapter values that belong to it (deleted with it)."""
+        self._value_session: dict[tuple[str, str], tuple[str, str]] = {}
+        """Per adapter value that belongs to a session: that session (the reverse of the above)."""
 
     async def create_session(self, session: Session) -> Session:
         exists = AlreadyExists(f"session {session.session_id!r} already exists", reason="SESSION_EXISTS")
@@ -226,8 +228,18 @@ class MemoryStore(Store):
         self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
     ) -> None:
         self._adapter_values[(adapter, key)] = json.dumps(dict(value))
+        self._unlink(adapter, key)  # a value put again belongs to the session it is put with now
         if session is not None:
             self._session_values.setdefault(session, set()).add((adapter, key))
+            self._value_session[(adapter, key)] = session
+
+    def _unlink(self, adapter: str, key: str) -> None:
+        session = self._value_session.pop((adapter, key), None)
+        if session is not None:
+            values = self._session_values[session]
+            values.discard((adapter, key))
+            if not values:
+                del self._session_values[session]
 
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         text = self._adapter_values.get((adapter, key))
@@ -235,6 +247,7 @@ class MemoryStore(Store):
 
     async def delete_adapter_value(self, adapter: str, key: str) -> None:
         self._adapter_values.pop((adapter, key), None)
+        self._unlink(adapter, key)
 
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         trail = self._audit.setdefault(record.tenant_id, [])
@@ -341,6 +354,7 @@ class MemoryStore(Store):
             self._events.pop(key, None)
             for value_key in self._session_values.pop(key, ()):
                 self._adapter_values.pop(value_key, None)
+                self._value_session.pop(value_key, None)
         # One pass over the messages and requests: a sweep that finds something to purge is
         # rare (once a sweep interval), and per-session indexes would cost every write.
         for message_key in [k for k in self._messages if (k[0], k[1]) in gone]:

@@ -80,6 +80,11 @@ async def test_purge_takes_closed_sessions_with_their_messages_requests_and_even
     await store.put_adapter_value("a2a", "task/open", {"n": 1}, session=("acme", "open"))
     await store.put_adapter_value("slack", "unscoped", {"n": 1})  # belongs to no session: kept
     await store.put_adapter_value("a2a", "task/other-tenant", {"n": 1}, session=("globex", "old"))
+    # Put again for another session, or for none: it follows its latest put, not its first.
+    await store.put_adapter_value("slack", "moved", {"n": 1}, session=("acme", "old"))
+    await store.put_adapter_value("slack", "moved", {"n": 2}, session=("acme", "open"))
+    await store.put_adapter_value("slack", "unlinked", {"n": 1}, session=("acme", "old"))
+    await store.put_adapter_value("slack", "unlinked", {"n": 2})
 
     assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 1
 
@@ -87,6 +92,8 @@ async def test_purge_takes_closed_sessions_with_their_messages_requests_and_even
     for value_key in ("task/recent", "task/open", "task/other-tenant"):
         assert await store.get_adapter_value("a2a", value_key) == {"n": 1}
     assert await store.get_adapter_value("slack", "unscoped") == {"n": 1}
+    assert await store.get_adapter_value("slack", "moved") == {"n": 2}
+    assert await store.get_adapter_value("slack", "unlinked") == {"n": 2}
 
     assert await store.get_session(tenant_id="acme", session_id="old") is None
     assert await store.get_message(tenant_id="acme", session_id="old", message_id="m1") is None
