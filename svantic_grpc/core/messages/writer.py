@@ -55,12 +55,13 @@ class MessageWriter:
     async def _save(self, announce: Callable[[Message], Sequence[MessageEvent]], **changes: Any) -> Message:
         """Write ``changes`` (and what is pending or held) in one versioned update, with the events
         ``announce`` makes of the message as stored (after those of held changes) in the same store write."""
-        if self._pending:
-            changes = {**self._pending, **changes}
-            self._pending = {}
-        if self._held:
-            announcers = (*self._held, announce)
-            self._held = []
+        # What is pending or held is let go only once it is written: a save that fails (a conflict,
+        # the store down) leaves it for the next save instead of losing the agent's last outputs.
+        pending, held = dict(self._pending), list(self._held)
+        if pending:
+            changes = {**pending, **changes}
+        if held:
+            announcers = (*held, announce)
 
             def announce_all(saved: Message) -> Sequence[MessageEvent]:
                 return [event for made in announcers for event in made(saved)]
@@ -73,6 +74,10 @@ class MessageWriter:
             return await store.update_message_with_events(draft, time=now, payloads=announce)
 
         self.message = await self._bus.commit(draft.tenant_id, draft.session_id, write)
+        for name, value in pending.items():
+            if self._pending.get(name) is value:
+                del self._pending[name]
+        del self._held[: len(held)]
         return self.message
 
     def _latest(self, name: str) -> Any:
