@@ -37,15 +37,28 @@ _log = logging.getLogger(__name__)
 _NOW = "extract(epoch from clock_timestamp())"
 """Database time in seconds: every replica compares expiries against the same clock."""
 
-_TAKE = f"""
+_TAKE_HELD = f"""
+    WITH due AS (
+        SELECT tenant_id, session_id FROM leases
+        WHERE (tenant_id, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+            AND (expires_at < {_NOW} OR owner = $3)
+        ORDER BY tenant_id, session_id FOR UPDATE SKIP LOCKED
+    )
+    UPDATE leases AS l SET owner = $3, fence = l.fence + 1, expires_at = {_NOW} + $4
+    FROM due WHERE l.tenant_id = due.tenant_id AND l.session_id = due.session_id
+    RETURNING l.tenant_id, l.session_id, l.fence
+"""
+"""Take the leases among the keys that are expired or this replica's from an earlier life. Only
+rows nobody holds are locked (``SKIP LOCKED``): a live owner's writes (``FOR KEY SHARE``) are never
+waited for, and two replicas taking overlapping sets never deadlock; a skipped one is not taken."""
+
+_TAKE_FREE = f"""
     INSERT INTO leases (tenant_id, session_id, owner, fence, expires_at)
     SELECT t, s, $3, 1, {_NOW} + $4 FROM unnest($1::text[], $2::text[]) AS u(t, s)
-    ON CONFLICT (tenant_id, session_id) DO UPDATE
-        SET owner = EXCLUDED.owner, fence = leases.fence + 1, expires_at = EXCLUDED.expires_at
-        WHERE leases.expires_at < {_NOW} OR leases.owner = EXCLUDED.owner
-    RETURNING tenant_id, session_id, fence, (xmax = 0) AS fresh
+    ON CONFLICT (tenant_id, session_id) DO NOTHING
+    RETURNING tenant_id, session_id, fence
 """
-"""Take the leases that are free, expired, or this replica's from an earlier life."""
+"""Take the leases among the keys that have no row yet (a conflict leaves the row unlocked)."""
 
 _TAKE_OVER_DUE = f"""
     WITH due AS (
@@ -134,6 +147,8 @@ class PgLeases(Ownership):
 
     async def claim(self, keys: Collection[SessionKey]) -> tuple[set[SessionKey], set[tuple[str, str, str]]]:
         taken, handed = await self._take(keys)
+        for key, _ in taken:  # recovered by the caller at start-up, before anything is served
+            self._hold(key, self._store.fences[key])
         return {key for key, _ in taken}, handed
 
     async def runs_here(self, tenant_id: str, session_id: str) -> bool:
@@ -150,8 +165,7 @@ class PgLeases(Ownership):
             ((_, fresh),) = taken
             if not fresh or handed:
                 # Taken from a replica that died (or from this one's former life): recover it first.
-                assert self._takeover is not None
-                await self._takeover({key}, handed)
+                await self._recover([key], handed)
             return True
 
     def lost(self, tenant_id: str, session_id: str) -> None:
@@ -168,11 +182,18 @@ class PgLeases(Ownership):
             return [], set()
         tenants, sessions = _columns(keys)
         async with self._store.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_TAKE, tenants, sessions, self.replica_id, self._lease_s)
-            handed = await self._adopt(conn, [(r[0], r[1]) for r in rows if not r[3]])
-        for row in rows:
-            self._hold((row[0], row[1]), int(row[2]))
-        return [((row[0], row[1]), bool(row[3])) for row in rows], handed
+            held = await conn.fetch(_TAKE_HELD, tenants, sessions, self.replica_id, self._lease_s)
+            free = await conn.fetch(_TAKE_FREE, tenants, sessions, self.replica_id, self._lease_s)
+            handed = await self._adopt(conn, [(r[0], r[1]) for r in held])
+        taken = [((r[0], r[1]), int(r[2]), False) for r in held] + [
+            ((r[0], r[1]), int(r[2]), True) for r in free
+        ]
+        for key, fence, fresh in taken:
+            if fresh:
+                self._hold(key, fence)
+            else:  # taken over: its writes carry the fence now, but it runs here once recovered
+                self._store.fences[key] = fence
+        return [(key, fresh) for key, _, fresh in taken], handed
 
     @staticmethod
     async def _adopt(conn: asyncpg.Connection, keys: list[SessionKey]) -> set[tuple[str, str, str]]:
@@ -180,6 +201,46 @@ class PgLeases(Ownership):
             return set()
         tenants, sessions = _columns(keys)
         return {(r[0], r[1], r[2]) for r in await conn.fetch(_ADOPT, tenants, sessions)}
+
+    async def _recover(self, keys: list[SessionKey], handed: set[tuple[str, str, str]]) -> None:
+        """Recover sessions just taken over (their keys locked by the caller); they run here once
+        recovered. A recovery that fails gives the leases back (expired, with their hand-offs), so
+        that a later sweep, here or elsewhere, tries again instead of the sessions staying half done."""
+        assert self._takeover is not None
+        try:
+            await self._takeover(set(keys), handed)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._give_back(keys, handed)
+            raise
+        for key in keys:
+            fence = self._store.fences.get(key)
+            if fence is not None:
+                self._hold(key, fence)
+
+    async def _give_back(self, keys: list[SessionKey], handed: set[tuple[str, str, str]]) -> None:
+        fences = [self._store.fences.get(k, 0) for k in keys]
+        async with self._store.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE leases SET expires_at = 0 WHERE owner = $1 AND (tenant_id, session_id, fence) IN "
+                "(SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]))",
+                self.replica_id,
+                *_columns(keys),
+                fences,
+            )
+            if handed:
+                await conn.execute(
+                    "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "
+                    "SELECT t, s, m, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, s, m) "
+                    "ON CONFLICT DO NOTHING",
+                    [h[0] for h in handed],
+                    [h[1] for h in handed],
+                    [h[2] for h in handed],
+                    self.replica_id,
+                )
+        for key in keys:
+            self._store.fences.pop(key, None)
+            self._valid_until.pop(key, None)
 
     def _hold(self, key: SessionKey, fence: int) -> None:
         self._store.fences[key] = fence
@@ -249,7 +310,7 @@ class PgLeases(Ownership):
                 keys = [(r[0], r[1]) for r in rows]
                 handed = await self._adopt(conn, keys)
             for row in rows:
-                self._hold((row[0], row[1]), int(row[2]))
+                self._store.fences[(row[0], row[1])] = int(row[2])  # valid here once recovered
             for row in rows:
                 _log.info(
                     "lease taken over: session %s from replica %s (fence %d)",
@@ -260,8 +321,14 @@ class PgLeases(Ownership):
                 )
             if keys:
                 self._store.metrics.lease_changes(change="taken_over", count=len(keys))
-                assert self._takeover is not None
-                await self._takeover(set(keys), handed)
+                async with contextlib.AsyncExitStack() as locked:
+                    for key in sorted(keys):  # a send to one of them waits until it is recovered
+                        await locked.enter_async_context(self._locks.hold(key))
+                    try:
+                        await self._recover(keys, handed)
+                    except Exception:
+                        _log.exception("recovering %d session(s) taken over failed; given back", len(keys))
+                        return taken  # the next tick (here or elsewhere) tries them again
             taken += len(keys)
             if len(rows) < batch:
                 return taken
@@ -273,27 +340,7 @@ class PgLeases(Ownership):
         tenants, sessions = _columns(held)
         fences = [self._store.fences.get(k, 0) for k in held]
         pool = self._store.pool
-        closed = await pool.fetch(
-            "SELECT l.tenant_id, l.session_id FROM leases AS l JOIN sessions AS s "
-            "ON s.tenant_id = l.tenant_id AND s.session_id = l.session_id "
-            "WHERE l.owner = $1 AND s.status = 'closed'",
-            self.replica_id,
-        )
-        for row in closed:
-            # Closed by another replica (or here): work still running here for it ends, then the lease goes.
-            if self._closed is not None:
-                await self._closed(row[0], row[1])
-            self._valid_until.pop((row[0], row[1]), None)
-            self._store.fences.pop((row[0], row[1]), None)
-        if closed:
-            # Rows a write still holds are skipped (and deleted at the next tick): never a wait.
-            await pool.execute(
-                "DELETE FROM leases WHERE (tenant_id, session_id) IN ("
-                "SELECT tenant_id, session_id FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
-                "(SELECT * FROM unnest($2::text[], $3::text[])) FOR UPDATE SKIP LOCKED)",
-                self.replica_id,
-                *_columns([(r[0], r[1]) for r in closed]),
-            )
+        # Renew first: nothing below (a slow or failing close hook) may delay the leases of the rest.
         rows = await pool.fetch(
             f"UPDATE leases SET expires_at = {_NOW} + $5 WHERE owner = $1 AND (tenant_id, session_id, fence) "
             "IN (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[])) RETURNING tenant_id, session_id",
@@ -308,8 +355,38 @@ class PgLeases(Ownership):
         for key in renewed:
             if key in self._valid_until:
                 self._valid_until[key] = until
-        gone = {(r[0], r[1]) for r in closed}
-        self._lost([k for k in held if k not in renewed and k not in gone])
+        # A key lost and taken again while the renewal ran carries a new fence: still this replica's.
+        self._lost(
+            [
+                k
+                for k, f in zip(held, fences, strict=True)
+                if k not in renewed and self._store.fences.get(k) == f
+            ]
+        )
+        closed = await pool.fetch(
+            "SELECT l.tenant_id, l.session_id FROM leases AS l JOIN sessions AS s "
+            "ON s.tenant_id = l.tenant_id AND s.session_id = l.session_id "
+            "WHERE l.owner = $1 AND s.status = 'closed'",
+            self.replica_id,
+        )
+        for row in closed:
+            # Closed by another replica (or here): work still running here for it ends, then the lease goes.
+            if self._closed is not None:
+                try:
+                    await self._closed(row[0], row[1])
+                except Exception:
+                    _log.exception("ending the work of closed session %s failed", row[1])
+            self._valid_until.pop((row[0], row[1]), None)
+            self._store.fences.pop((row[0], row[1]), None)
+        if closed:
+            # Rows a write still holds are skipped (and deleted at the next tick): never a wait.
+            await pool.execute(
+                "DELETE FROM leases WHERE (tenant_id, session_id) IN ("
+                "SELECT tenant_id, session_id FROM leases WHERE owner = $1 AND (tenant_id, session_id) IN "
+                "(SELECT * FROM unnest($2::text[], $3::text[])) FOR UPDATE SKIP LOCKED)",
+                self.replica_id,
+                *_columns([(r[0], r[1]) for r in closed]),
+            )
 
     def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload == self.replica_id:

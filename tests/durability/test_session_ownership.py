@@ -288,3 +288,38 @@ async def test_an_a2a_send_to_another_replica_answers_from_the_owner(replicas: l
     assert response.task.status.state == TaskState.TASK_STATE_COMPLETED, response.task.status
     assert (TENANT, session_id) in a.server.mesh.messages._runtimes  # it ran on a, the owner
     assert (TENANT, session_id) not in b.server.mesh.messages._runtimes
+
+
+async def test_a_message_sent_while_a_take_over_recovers_the_session_runs_once_after_it(
+    replicas: list[Client],
+) -> None:
+    a, b, _ = replicas
+    session_id = await new_session(a)
+    for task in a.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        task.cancel()  # a stops renewing, as if it died
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        schema = a.server.mesh.store.schema  # type: ignore[attr-defined]
+        await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id)
+    finally:
+        await conn.close()
+    recovery = b.server.mesh.recovery
+    read_messages = recovery._messages_of
+    sent: list[asyncio.Task[Any]] = []
+
+    async def racing(tenant_id: str, sid: str) -> Any:
+        # A client's message reaches b after b took the lease and before its recovery reads the session.
+        sent.append(asyncio.create_task(send(b, sid, "hello", data({"target_agent": "savant:chat"}))))
+        for _ in range(100):  # the recovery reads as soon as the message is stored (at most 0.5 s)
+            if (await b.server.mesh.store.list_messages(tenant_id=tenant_id, session_id=sid)).messages:
+                break
+            await asyncio.sleep(0.005)
+        return await read_messages(tenant_id, sid)
+
+    recovery._messages_of = racing  # type: ignore[method-assign]
+    assert await b.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+    [sending] = sent
+    answered = await asyncio.wait_for(sending, 10)
+    assert answered.state == COMPLETED, answered.state_reason  # not failed as "interrupted"
+    stored = await b.server.mesh.store.list_messages(tenant_id=TENANT, session_id=session_id)
+    assert [m.state.value for m in stored.messages] == ["completed"]
