@@ -405,17 +405,42 @@ class PgLeases(Ownership):
                     "LIMIT 500 FOR UPDATE SKIP LOCKED) RETURNING tenant_id, session_id, message_id",
                     self.replica_id,
                 )
-            except (OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 _log.warning("hand-offs: cannot reach PostgreSQL (%s); trying again", exc)
                 continue
+            except Exception:  # never let the loop end silently
+                _log.exception("hand-offs: reading the queue failed; trying again")
+                continue
             assert self._run is not None
-            for row in rows:
-                try:
-                    await self._run(HandOff(row[0], row[1], row[2]))
-                except Exception:
-                    _log.exception("could not start handed-off message %s", row[2])
+            waiting, failed = list(rows), []
+            try:
+                while waiting:
+                    row = waiting[0]
+                    try:
+                        await self._run(HandOff(row[0], row[1], row[2]))
+                    except Exception:
+                        _log.exception("could not start handed-off message %s; trying again", row[2])
+                        failed.append(row)
+                    waiting.pop(0)
+            finally:
+                # Taken but not started (a failure, or this replica stopping): back in the table,
+                # for this replica's next round or the next owner's take-over, never dropped.
+                if failed or waiting:
+                    with contextlib.suppress(Exception):
+                        await self._hand_back([*failed, *waiting])
             if len(rows) == 500:
                 self._wake.set()
+
+    async def _hand_back(self, rows: list[asyncpg.Record]) -> None:
+        await self._store.pool.execute(
+            "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "
+            "SELECT t, s, m, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, s, m) "
+            "ON CONFLICT DO NOTHING",
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            self.replica_id,
+        )
 
 
 def _columns(keys: Collection[SessionKey]) -> tuple[list[str], list[str]]:

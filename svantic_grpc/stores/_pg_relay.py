@@ -96,8 +96,11 @@ class PgRelay(Relay):
                 if self._listener is None or self._listener.is_closed():
                     await self._listen()
                 rows = await self._store.pool.fetch(_TAKE, self.replica_id, _BATCH)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 _log.warning("relay: cannot reach PostgreSQL (%s); trying again", exc)
+                continue
+            except Exception:  # never let the loop end silently
+                _log.exception("relay: reading the queue failed; trying again")
                 continue
             for row in sorted(rows, key=lambda r: int(r[0])):
                 try:

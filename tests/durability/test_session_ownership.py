@@ -323,3 +323,22 @@ async def test_a_message_sent_while_a_take_over_recovers_the_session_runs_once_a
     assert answered.state == COMPLETED, answered.state_reason  # not failed as "interrupted"
     stored = await b.server.mesh.store.list_messages(tenant_id=TENANT, session_id=session_id)
     assert [m.state.value for m in stored.messages] == ["completed"]
+
+
+async def test_a_hand_off_the_owner_fails_to_start_is_kept_and_started_again(replicas: list[Client]) -> None:
+    a, b, _ = replicas
+    session_id = await new_session(a)
+    leases = a.server.mesh.ownership
+    start = leases._run  # type: ignore[attr-defined]
+    failures: list[str] = []
+
+    async def flaky(hand_off: Any) -> None:
+        if not failures:  # the first try fails (say, the database dropped the connection)
+            failures.append(hand_off.message_id)
+            raise OSError("connection reset")
+        await start(hand_off)
+
+    leases._run = flaky  # type: ignore[attr-defined]
+    answered = await send(b, session_id, "hello", data({"target_agent": "savant:chat"}))
+    assert answered.state == COMPLETED, answered.state_reason  # started again on the next round
+    assert failures == [answered.message_id]
