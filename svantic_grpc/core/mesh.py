@@ -307,6 +307,7 @@ class Mesh:
         await self.retention.stop()
         if self.liveness is not None:
             await self.liveness.stop()
+        await self.ownership.halt()  # no take-over or hand-off starts new work while it ends
         await self.messages.close()
         await self.inputs.close()
         await self.ownership.stop()  # after the running work ended: its last writes still carry the fence

@@ -67,6 +67,11 @@ class Ownership(ABC):
         closed (``closed``)."""
 
     @abstractmethod
+    async def halt(self) -> None:
+        """Stop taking new work (take-overs, hand-offs) while the running work ends; leases are
+        kept until ``stop``. Safe to call twice; ``stop`` halts too."""
+
+    @abstractmethod
     async def stop(self) -> None:
         """Stop background work and let go of every lease at once; safe to call twice."""
 
@@ -102,6 +107,9 @@ class SoleOwner(Ownership):
         abandon: Callable[[str, str], Awaitable[None]],
         closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
+        return None
+
+    async def halt(self) -> None:
         return None
 
     async def stop(self) -> None:

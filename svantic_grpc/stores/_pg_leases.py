@@ -122,7 +122,7 @@ class PgLeases(Ownership):
             asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
         ]
 
-    async def stop(self) -> None:
+    async def halt(self) -> None:
         tasks, self._tasks = [*self._tasks, *self._abandoning], []
         for task in tasks:
             task.cancel()
@@ -132,6 +132,9 @@ class PgLeases(Ownership):
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             await listener.close()
+
+    async def stop(self) -> None:
+        await self.halt()
         if self._valid_until and self._store.is_open:
             # Let go at once: another replica takes the sessions over at its next sweep.
             tenants, sessions = _columns(self._valid_until)
