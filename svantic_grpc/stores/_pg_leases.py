@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -232,15 +232,7 @@ class PgLeases(Ownership):
                 fences,
             )
             if handed:
-                await conn.execute(
-                    "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "
-                    "SELECT t, s, m, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, s, m) "
-                    "ON CONFLICT DO NOTHING",
-                    [h[0] for h in handed],
-                    [h[1] for h in handed],
-                    [h[2] for h in handed],
-                    self.replica_id,
-                )
+                await self._hand_back(list(handed), conn)
         for key in keys:
             self._store.fences.pop(key, None)
             self._valid_until.pop(key, None)
@@ -434,8 +426,11 @@ class PgLeases(Ownership):
             if len(rows) == 500:
                 self._wake.set()
 
-    async def _hand_back(self, rows: list[asyncpg.Record]) -> None:
-        await self._store.pool.execute(
+    async def _hand_back(
+        self, rows: Sequence[Sequence[str]], conn: asyncpg.Connection | asyncpg.Pool | None = None
+    ) -> None:
+        """Put (tenant id, session id, message id) hand-offs back in the table, for this replica."""
+        await (conn or self._store.pool).execute(
             "INSERT INTO handoffs (tenant_id, session_id, message_id, replica) "
             "SELECT t, s, m, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, s, m) "
             "ON CONFLICT DO NOTHING",

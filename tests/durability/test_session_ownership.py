@@ -342,3 +342,36 @@ async def test_a_hand_off_the_owner_fails_to_start_is_kept_and_started_again(rep
     answered = await send(b, session_id, "hello", data({"target_agent": "savant:chat"}))
     assert answered.state == COMPLETED, answered.state_reason  # started again on the next round
     assert failures == [answered.message_id]
+
+
+async def test_a_take_over_whose_recovery_fails_gives_the_session_back_for_the_next_sweep(
+    replicas: list[Client],
+) -> None:
+    a, b, _ = replicas
+    session_id = await new_session(a)
+    for task in a.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        task.cancel()  # a stops renewing, as if it died
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    schema = a.server.mesh.store.schema  # type: ignore[attr-defined]
+    try:
+        await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id)
+        leases = b.server.mesh.ownership
+        recover = leases._takeover  # type: ignore[attr-defined]
+
+        async def broken(keys: Any, handed: Any) -> None:
+            raise OSError("the database went away during the recovery")
+
+        leases._takeover = broken  # type: ignore[attr-defined]
+        await leases.tick()  # type: ignore[attr-defined]
+        # Given back: expired again, so the next sweep (on any replica) takes it over afresh.
+        expires_at = await conn.fetchval(
+            f'SELECT expires_at FROM "{schema}".leases WHERE session_id = $1', session_id
+        )
+        assert expires_at == 0
+        leases._takeover = recover  # type: ignore[attr-defined]
+        assert await leases.tick() <= 1  # type: ignore[attr-defined]
+        answered = await send(b, session_id, "hello", data({"target_agent": "savant:chat"}))
+        assert answered.state == COMPLETED, answered.state_reason
+        assert await _owner(b, session_id) == leases.replica_id
+    finally:
+        await conn.close()
