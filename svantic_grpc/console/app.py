@@ -66,6 +66,8 @@ _STATUS = {
     Conflict: 409,
 }
 _KEEPALIVE_S = 15.0
+_REPLICA_POLL_S = 2.0
+"""How often an open queue page on a replica looks for requests raised or ended on the others."""
 _MAX_FORM = 256 * 1024
 
 Handler = Callable[[Request, ConsoleLogin], Awaitable[Response]]
@@ -87,7 +89,7 @@ class Console:
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.logins = ConsoleLogins(tokens=mesh.tokens, clock=mesh.clock)
+        self.logins = ConsoleLogins(tokens=mesh.tokens, store=mesh.store, clock=mesh.clock)
         self.feed = QueueFeed()
         mesh.inputs.add_listener(self.feed)
         self.env = jinja2.Environment(
@@ -140,7 +142,7 @@ class Console:
 
     def _authed(self, handler: Handler, *, post: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            login = self.logins.get(request.cookies.get(COOKIE, ""))
+            login = await self.logins.get(request.cookies.get(COOKIE, ""))
             if login is None:
                 if post or request.url.path.endswith("/events"):
                     return _secured(Response("sign in first", status_code=401))
@@ -159,7 +161,7 @@ class Console:
     # Sign-in
 
     async def index(self, request: Request) -> Response:
-        if self.logins.get(request.cookies.get(COOKIE, "")) is None:
+        if await self.logins.get(request.cookies.get(COOKIE, "")) is None:
             return _secured(RedirectResponse("/console/login", status_code=303))
         return _secured(RedirectResponse("/console/queue", status_code=303))
 
@@ -195,7 +197,7 @@ class Console:
         return response
 
     async def logout(self, request: Request, login: ConsoleLogin) -> Response:
-        self.logins.sign_out(request.cookies.get(COOKIE, ""))
+        await self.logins.sign_out(request.cookies.get(COOKIE, ""))
         response = _secured(RedirectResponse("/console/login", status_code=303))
         response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict")
         return response
@@ -213,6 +215,10 @@ class Console:
             "queue.html", status, login=login, requests=requests, now=self.mesh.clock.now(), **extra
         )
 
+    async def _queue_state(self, login: ConsoleLogin) -> frozenset[tuple[str, int]]:
+        """What the queue holds now: its requests and their versions."""
+        return frozenset((r.request_id, r.version) for r in await self._pending(login))
+
     async def queue_items(self, request: Request, login: ConsoleLogin) -> Response:
         requests = await self._pending(login)
         return self.render("queue_items.html", login=login, requests=requests, now=self.mesh.clock.now())
@@ -220,19 +226,42 @@ class Console:
     async def queue_events(self, request: Request, login: ConsoleLogin) -> Response:
         sid = request.cookies.get(COOKIE, "")
 
+        # This process hears of the requests it raises and ends itself. Replicas sharing the
+        # store also raise and end requests: their changes are found by looking at the queue
+        # every _REPLICA_POLL_S (one query per open page), as the events do not name a tenant.
+        shared = not self.mesh.ownership.sole
+        wait_s = _REPLICA_POLL_S if shared else _KEEPALIVE_S
+
         async def stream() -> AsyncIterator[str]:
             async with self.feed.subscribe(login.caller.tenant_id) as changes:
                 yield "retry: 2000\n\n"
+                seen = await self._queue_state(login) if shared else None
+                quiet_s = 0.0
                 while True:
                     try:
-                        async with asyncio.timeout(_KEEPALIVE_S):
+                        async with asyncio.timeout(wait_s):
                             change = await changes.get()
                     except TimeoutError:
-                        yield ": keepalive\n\n"
+                        quiet_s += wait_s
+                        if seen is not None:
+                            now = await self._queue_state(login)
+                            if now != seen:
+                                seen = now
+                                quiet_s = 0.0
+                                if await self.logins.get(sid) is None:
+                                    return
+                                yield "event: queue\ndata: changed on another replica\n\n"
+                                continue
+                        if quiet_s >= _KEEPALIVE_S:
+                            quiet_s = 0.0
+                            yield ": keepalive\n\n"
                         continue
+                    quiet_s = 0.0
+                    if seen is not None and change is not None:
+                        seen = await self._queue_state(login)
                     if change is None:
                         return  # the server is stopping; the browser reconnects to the next one
-                    if self.logins.get(sid) is None:
+                    if await self.logins.get(sid) is None:
                         return  # signed out (or expired) meanwhile: nothing more for this cookie
                     yield f"event: queue\ndata: {change}\n\n"
 
@@ -306,7 +335,7 @@ class Console:
             yield "retry: 2000\n\n"
             try:
                 async for event in events:
-                    if self.logins.get(sid) is None:
+                    if await self.logins.get(sid) is None:
                         return  # signed out (or expired) meanwhile
                     yield _timeline_entry(event)
             except MeshError:

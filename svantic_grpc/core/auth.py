@@ -31,6 +31,7 @@ __all__ = [
     "TokenIssuer",
     "TokenSettings",
     "hash_secret",
+    "parse_scopes",
     "verify_secret",
 ]
 
@@ -192,7 +193,7 @@ class TokenIssuer:
             raise InvalidArgument("agent_type", "is required (for example 'a2ui-terminal')")
         if expires_in < 0:
             raise InvalidArgument("expires_in", "must be 0 (server default) or a positive number of seconds")
-        requested = _parse_scopes(scopes)
+        requested = parse_scopes(scopes)
         credential = self._credentials.get(client_id)
         holds = await self._secret_holds(client_id, client_secret, credential, address_key(peer))
         if credential is None or not holds:
@@ -218,6 +219,16 @@ class TokenIssuer:
         }
         token = jwt.encode(claims, self._settings.signing_key, algorithm=_ALGORITHM)
         return IssuedToken(token, token_id, credential.tenant_id, tuple(granted), float(claims["exp"]))
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A key for ``purpose`` derived from the token signing key (HMAC-SHA256 of the purpose).
+
+        Every replica configured with the same signing key derives the same key, and nothing
+        signed with it is a token: a token never verifies under a derived key, nor the reverse.
+        """
+        return hmac.new(
+            self._settings.signing_key.encode(), b"svantic-grpc derived key: " + purpose.encode(), "sha256"
+        ).digest()
 
     def replace_credentials(self, credentials: Iterable[Credential]) -> None:
         """Use ``credentials`` from now on (a rotated secret, a removed client).
@@ -300,7 +311,7 @@ class TokenIssuer:
                 tenant_id=str(claims["tenant_id"]),
                 subject=str(claims["sub"]),
                 agent_type=str(claims.get("agent_type", "")),
-                scopes=_parse_scopes(scopes),
+                scopes=parse_scopes(scopes),
                 token_id=str(claims["jti"]),
             )
         except (KeyError, InvalidArgument, TypeError, ValueError) as exc:
@@ -308,7 +319,8 @@ class TokenIssuer:
         return caller, issued, expires
 
 
-def _parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:
+def parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:
+    """Scopes by their names, once each; ``InvalidArgument`` names an unknown one."""
     scopes: list[Scope] = []
     for value in values:
         try:
