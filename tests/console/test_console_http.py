@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import httpx
+import pytest
 
-from svantic_grpc.pb import message_types_pb2
-from tests._support import Client, running_server
+from svantic_grpc.pb import message_types_pb2, session_service_pb2
+from tests._support import Client, code_of, running_server
 from tests.agents_connected import WAIT, data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ConfirmAgent, FormAgent, ToolAgent, pending_ids, resolve
 from tests.console._console import DELETES, sign_in_on, signed_in, tool_call_parts
@@ -264,3 +266,14 @@ async def test_approve_for_session_lets_the_next_call_through_without_asking() -
         again = await wait_for_state(client, session_id, again.message_id, COMPLETED)
         assert tool.approved == [True, True]
         assert "Nothing waits" in (await web.http.get("/console/queue")).text
+
+
+async def test_the_console_cookie_is_no_token_for_the_grpc_api() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        cookie = web.http.cookies.get("svantic_console") or ""
+        assert cookie
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.sessions.InitSession(
+                session_service_pb2.InitSessionRequest(), metadata=(("authorization", f"Bearer {cookie}"),)
+            )
+        assert code_of(refused) == grpc.StatusCode.UNAUTHENTICATED
