@@ -253,20 +253,29 @@ class Registry:
         score = rank or (lambda _: 0.0)
         return min(routable, key=lambda a: (a.load, score(a), -a.last_seen_at, a.instance_id))
 
-    async def bind(self, agent: AgentRegistration, session_id: str) -> AgentRegistration:
-        """Record that ``agent`` serves ``session_id``. Hold ``locks`` for the instance."""
+    @staticmethod
+    def bound(agent: AgentRegistration, session_id: str) -> AgentRegistration | None:
+        """``agent`` serving ``session_id`` too, to be written with the session's join (under
+        ``locks`` for the instance); ``None`` when it already serves it."""
         if session_id in agent.session_ids:
-            return agent
-        return await self._store.update_agent(replace(agent, session_ids=(*agent.session_ids, session_id)))
+            return None
+        return replace(agent, session_ids=(*agent.session_ids, session_id))
+
+    @staticmethod
+    def released(agent: AgentRegistration, session_id: str) -> AgentRegistration | None:
+        """``agent`` no longer serving ``session_id``, to be written with the session's change;
+        ``None`` when it does not serve it."""
+        if session_id not in agent.session_ids:
+            return None
+        return replace(agent, session_ids=tuple(s for s in agent.session_ids if s != session_id))
 
     async def unbind(self, tenant_id: str, instance_id: str, session_id: str) -> None:
         """Release ``instance_id`` from ``session_id``, if it is still registered and bound."""
         async with self.locks.hold((tenant_id, instance_id)):
             agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-            if agent is None or session_id not in agent.session_ids:
-                return
-            remaining = tuple(s for s in agent.session_ids if s != session_id)
-            await self._store.update_agent(replace(agent, session_ids=remaining))
+            released = self.released(agent, session_id) if agent is not None else None
+            if released is not None:
+                await self._store.update_agent(released)
 
     async def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
         """Count a dispatch outcome on the instance's connection state (GetAgent shows it).

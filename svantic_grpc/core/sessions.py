@@ -11,6 +11,7 @@ the change is then made once more from a fresh read.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import replace
@@ -220,16 +221,16 @@ class Sessions:
             present = self._present(session, agent_type, instance_id, exclude)
             if present is not None:
                 return present
-            agent = await self._bind_instance(tenant_id, session_id, agent_type, instance_id, exclude, rank)
-            now = self._clock.now()
-            joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
-            grown = replace(session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now)
-            try:
-                # The agent in the session and its agent_joined event: one write.
-                await self._store_update(grown, AgentJoined(joined))
-            except BaseException:
-                await self._registry.unbind(tenant_id, agent.instance_id, session_id)
-                raise
+            async with self._binding(tenant_id, session_id, agent_type, instance_id, exclude, rank) as agent:
+                now = self._clock.now()
+                joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
+                grown = replace(
+                    session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
+                )
+                # The agent in the session, its agent_joined event and the instance's binding to
+                # the session: one write, so a crash leaves both or neither.
+                bound = self._registry.bound(agent, session_id)
+                await self._store_update(grown, AgentJoined(joined), agents=(bound,) if bound else ())
             return joined
 
     @staticmethod
@@ -254,7 +255,8 @@ class Sessions:
             )
         return present
 
-    async def _bind_instance(
+    @contextlib.asynccontextmanager
+    async def _binding(
         self,
         tenant_id: str,
         session_id: str,
@@ -262,7 +264,9 @@ class Sessions:
         instance_id: str,
         exclude: Collection[str] = (),
         rank: Callable[[AgentRegistration], float] | None = None,
-    ) -> AgentRegistration:
+    ) -> AsyncIterator[AgentRegistration]:
+        """The instance to bind (the given one or the least loaded), checked and held under its
+        lock while the caller writes the binding with the session."""
         registry = self._registry
         if not instance_id:
             instance_id = (await registry.pick(tenant_id, agent_type, exclude=exclude, rank=rank)).instance_id
@@ -280,7 +284,7 @@ class Sessions:
                     reason="AGENT_NOT_ROUTABLE",
                     metadata={"instance_id": instance_id, "status": status},
                 )
-            return await registry.bind(agent, session_id)
+            yield agent
 
     async def _store_agent(self, tenant_id: str, instance_id: str) -> AgentRegistration:
         agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
@@ -333,14 +337,9 @@ class Sessions:
         agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
         events: list[EventPayload] = []
         for agent in leaving:
-            if not agent.internal and agent.join_reason is not JoinReason.SELF:
-                await self._registry.unbind(tenant_id, agent.instance_id, session_id)
             left_reason = "session closed" if agent.internal else "released: session closed"
             events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
         events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
-        # Forgotten before the write: even if this task is cancelled while the write is queued
-        # (it still lands), nothing here goes on believing the session open.
-        self._forget(tenant_id, session_id)
         ended = evolve(
             session,
             status=SessionStatus.CLOSED,
@@ -349,11 +348,28 @@ class Sessions:
             close_reason=reason,
             updated_at=now,
         )
-        closed = await self._bus.commit(
-            tenant_id,
-            session_id,
-            lambda at: self._store.update_session_with_events(ended, time=at, payloads=events),
+        released = sorted(
+            a.instance_id for a in leaving if not a.internal and a.join_reason is not JoinReason.SELF
         )
+        async with contextlib.AsyncExitStack() as held:
+            unbound: list[AgentRegistration] = []
+            for instance_id in released:  # in one order, so two closes never wait on each other
+                await held.enter_async_context(self._registry.locks.hold((tenant_id, instance_id)))
+                registration = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+                change = self._registry.released(registration, session_id) if registration else None
+                if change is not None:
+                    unbound.append(change)
+            # Forgotten before the write: even if this task is cancelled while the write is queued
+            # (it still lands), nothing here goes on believing the session open.
+            self._forget(tenant_id, session_id)
+            # The session closed, its events and its instances released: one write.
+            closed = await self._bus.commit(
+                tenant_id,
+                session_id,
+                lambda at: self._store.update_session_with_events(
+                    ended, time=at, payloads=events, agents=unbound
+                ),
+            )
         self._forget(tenant_id, session_id)
         self.reaper.forget(tenant_id, session_id)
         return closed, True
@@ -477,9 +493,20 @@ class Sessions:
             now = self._clock.now()
             agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
             left = AgentLeft(present.agent_type, instance_id, reason)
-            await self._store_update(replace(session, agents=agents, updated_at=now), left)
-            if unbind:
-                await self._registry.unbind(tenant_id, instance_id, session_id)
+            async with self._registry.locks.hold((tenant_id, instance_id)):
+                registration = (
+                    await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+                    if unbind
+                    else None
+                )
+                released = self._registry.released(registration, session_id) if registration else None
+                # The agent gone from the session, its agent_left event and the instance released:
+                # one write.
+                await self._store_update(
+                    replace(session, agents=agents, updated_at=now),
+                    left,
+                    agents=(released,) if released else (),
+                )
 
     async def touch(self, tenant_id: str, session_id: str) -> Session:
         """Record activity (a message), pushing back the idle TTL; the session must be open."""
@@ -505,18 +532,22 @@ class Sessions:
                 self._forget(tenant_id, session_id)
         return await change(self._keep(await self._get(tenant_id, session_id)))
 
-    async def _store_update(self, session: Session, *events: EventPayload) -> Session:
-        """Write a changed session (at the version it was read), with ``events`` in the same write,
-        and remember what was stored."""
+    async def _store_update(
+        self, session: Session, *events: EventPayload, agents: Sequence[AgentRegistration] = ()
+    ) -> Session:
+        """Write a changed session (at the version it was read), with ``events`` and ``agents``
+        in the same write, and remember what was stored."""
         try:
-            if not events:
+            if not events and not agents:
                 return self._keep(await self._store.update_session(session))
             store = self._store
             return self._keep(
                 await self._bus.commit(
                     session.tenant_id,
                     session.session_id,
-                    lambda now: store.update_session_with_events(session, time=now, payloads=events),
+                    lambda now: store.update_session_with_events(
+                        session, time=now, payloads=events, agents=agents
+                    ),
                 )
             )
         except BaseException:

@@ -358,11 +358,24 @@ class Store(ABC):
         return written.sessions[0], written.events
 
     async def update_session_with_events(
-        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+        self,
+        session: Session,
+        *,
+        time: float,
+        payloads: Sequence[EventPayload],
+        agents: Sequence[AgentRegistration] = (),
     ) -> tuple[Session, Sequence[Event]]:
-        """Replace a session (at its version) and append events to its log in one write."""
+        """Replace a session (at its version) and append events to its log in one write, with
+        ``agents`` (each at its version: the instances bound to it or released from it)."""
         written = await self.write(
-            Change(session.tenant_id, session.session_id, time, sessions=(session,), events=tuple(payloads))
+            Change(
+                session.tenant_id,
+                session.session_id,
+                time,
+                sessions=(session,),
+                agents=tuple(agents),
+                events=tuple(payloads),
+            )
         )
         return written.sessions[0], written.events
 

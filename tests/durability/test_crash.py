@@ -39,7 +39,7 @@ from grpc import aio
 from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
 from svantic_grpc.core.events import AgentJoined, InputEnded, MessageStateChanged, StatusChanged
 from svantic_grpc.core.inputs.model import InputState, Surface
-from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.core.models import JoinReason, SessionStatus
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
 from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
@@ -248,6 +248,26 @@ async def _check(db: Path, acked: Acked) -> list[str]:
                     problems.append(
                         f"{agent.instance_id} is in {session.session_id} without an agent_joined event"
                     )
+        # An instance serves exactly the open sessions it is in (the binding is written with the join,
+        # the leave and the close, never apart from them).
+        for registration in await store.list_agents(tenant_id=TENANT):
+            serves = set(registration.session_ids)
+            present = {
+                s.session_id
+                for s in all_sessions
+                if s.status is not SessionStatus.CLOSED
+                and any(
+                    a.instance_id == registration.instance_id
+                    and a.left_at is None
+                    and a.join_reason is not JoinReason.SELF
+                    for a in s.agents
+                )
+            }
+            if serves != present:
+                problems.append(
+                    f"{registration.instance_id} is bound to {sorted(serves - present)} without being in them"
+                    f" and in {sorted(present - serves)} without being bound"
+                )
         for message in messages:
             states = [
                 p.to_state
