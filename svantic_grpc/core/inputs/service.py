@@ -12,21 +12,20 @@ that waits on it.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import AlreadyResolved, Conflict, InvalidArgument, NotFound, PermissionDenied
+from svantic_grpc.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
+from svantic_grpc.core.inputs.checks import already_answered, check_ask, checked_resolution, outcome_text
 from svantic_grpc.core.inputs.model import (
     APPROVAL_DECISIONS,
-    FIELD_TYPES,
     Decision,
     Form,
     InputKind,
@@ -112,7 +111,7 @@ class Inputs:
         ttl_s: float | None = None,
     ) -> InputRequest:
         """Raise a pending request for a human; the session pauses until no request is pending."""
-        _check_ask(kind, tool_call, form, plan)
+        check_ask(kind, tool_call, form, plan)
         now = self._clock.now()
         decisions: tuple[Decision, ...] = ()
         if kind is InputKind.TOOL_APPROVAL:
@@ -224,7 +223,7 @@ class Inputs:
         async with self._locks.hold((tenant_id, request_id)):
             request = await self.get(tenant_id, request_id)
             if request.state is not InputState.PENDING:
-                raise _already(request)
+                raise already_answered(request)
             if not request.may_answer(responder):
                 allowed = ", ".join(request.allowed_responders)
                 raise PermissionDenied(
@@ -236,7 +235,7 @@ class Inputs:
                     "resolution",
                     "this request has sensitive fields: answer it through the API or the session chat",
                 )
-            answer = _checked(request, resolution)
+            answer = checked_resolution(request, resolution)
             resolved = replace(
                 request,
                 state=InputState.RESOLVED,
@@ -248,7 +247,7 @@ class Inputs:
                 saved = await self._end(resolved)
             except Conflict:
                 # Another process answered first: report who won, never overwrite.
-                raise _already(await self.get(tenant_id, request_id)) from None
+                raise already_answered(await self.get(tenant_id, request_id)) from None
         self._grant(saved)
         self._ended(saved)
         return saved
@@ -314,7 +313,7 @@ class Inputs:
             audit=(self._audit_record(stored),),
             events=(InputEnded(stored),),
         )
-        (saved,) = (await self._write(change, f"{ended.summary}: {_outcome(ended)}")).inputs
+        (saved,) = (await self._write(change, f"{ended.summary}: {outcome_text(ended)}")).inputs
         return saved
 
     def _ended(self, request: InputRequest) -> None:
@@ -329,7 +328,7 @@ class Inputs:
             "input request %s %s: %s",
             request.request_id,
             request.state.value,
-            _outcome(request),
+            outcome_text(request),
             extra={
                 "session_id": request.session_id,
                 "request_id": request.request_id,
@@ -357,7 +356,7 @@ class Inputs:
             session_id=request.session_id,
             message_id=request.message_id,
             kind=request.kind.value,
-            outcome=_outcome(request),
+            outcome=outcome_text(request),
             actor=resolution.resolved_by if resolution else "mesh",
             surface=resolution.surface.value if resolution else "mesh",
             time=resolution.resolved_at if resolution else self._clock.now(),
@@ -501,120 +500,3 @@ class Inputs:
             task = asyncio.create_task(call(), name=f"notify-{hook}-{request.request_id}")
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
-
-
-def _already(request: InputRequest) -> AlreadyResolved:
-    resolution = request.resolution
-    if resolution is not None:
-        when = datetime.datetime.fromtimestamp(resolution.resolved_at, datetime.UTC).isoformat(
-            timespec="seconds"
-        )
-        message = (
-            f"input request {request.request_id!r} was already answered by {resolution.resolved_by} "
-            f"via {resolution.surface.value} at {when} ({_outcome(request)})"
-        )
-        metadata = {
-            "resolved_by": resolution.resolved_by,
-            "surface": resolution.surface.value,
-            "resolved_at": when,
-            "outcome": _outcome(request),
-        }
-    else:
-        ended = request.outcome_reason or request.state.value
-        message = f"input request {request.request_id!r} already ended: {ended}"
-        metadata = {"state": request.state.value}
-    return AlreadyResolved(message, metadata=metadata)
-
-
-def _outcome(request: InputRequest) -> str:
-    resolution = request.resolution
-    if request.state is not InputState.RESOLVED or resolution is None:
-        return request.outcome_reason or request.state.value
-    if resolution.decision is Decision.DENY:
-        return f"deny: {resolution.reason}"
-    if resolution.decision is not None:
-        return str(resolution.decision.value)
-    if request.kind is InputKind.CONFIRMATION:
-        return "confirmed" if resolution.confirmed else "not confirmed"
-    return "form submitted"
-
-
-def _check_ask(
-    kind: InputKind, tool_call: ToolCall | None, form: Form | None, plan: tuple[PlanItem, ...]
-) -> None:
-    if kind in (InputKind.TOOL_APPROVAL, InputKind.CONFIRMATION) and (
-        tool_call is None or not tool_call.tool_name
-    ):
-        raise InvalidArgument(
-            "input_request.tool_call.tool_name", "is required for approvals and confirmations"
-        )
-    if kind is InputKind.PLAN_APPROVAL and not plan:
-        raise InvalidArgument("input_request.plan", "a plan approval needs the plan's steps")
-    if kind is InputKind.FORM:
-        if form is None or not form.fields:
-            raise InvalidArgument("input_request.form.fields", "a form needs at least one field")
-        names: set[str] = set()
-        for index, field in enumerate(form.fields):
-            where = f"input_request.form.fields[{index}]"
-            if not field.name or field.name in names:
-                raise InvalidArgument(f"{where}.name", "is required and must be unique within the form")
-            names.add(field.name)
-            if field.type not in FIELD_TYPES:
-                raise InvalidArgument(f"{where}.type", f"must be one of {', '.join(sorted(FIELD_TYPES))}")
-            if field.type == "select" and not field.options:
-                raise InvalidArgument(f"{where}.options", "a select field needs options")
-
-
-def _checked(request: InputRequest, resolution: Resolution) -> Resolution:
-    """The resolution, validated against what the request asks; errors name the field."""
-    if request.kind in (InputKind.TOOL_APPROVAL, InputKind.PLAN_APPROVAL):
-        if resolution.decision is None:
-            raise InvalidArgument("resolution.decision", "is required to answer an approval")
-        if resolution.decision not in request.allowed_decisions:
-            allowed = ", ".join(d.value for d in request.allowed_decisions)
-            raise InvalidArgument(
-                "resolution.decision", f"{resolution.decision.value} is not allowed here ({allowed})"
-            )
-        if resolution.decision is Decision.DENY and not resolution.reason.strip():
-            raise InvalidArgument("resolution.reason", "a denial needs a reason the agent can act on")
-        return resolution
-    if request.kind is InputKind.CONFIRMATION:
-        if resolution.decision is None:
-            return resolution
-        if resolution.decision not in request.allowed_decisions:
-            raise InvalidArgument(
-                "resolution.decision", "a confirmation takes approve or deny (or confirmed)"
-            )
-        return replace(resolution, confirmed=resolution.decision is Decision.APPROVE)
-    form = request.form
-    assert form is not None
-    values = dict(resolution.values)
-    known = {f.name for f in form.fields}
-    for name in values:
-        if name not in known:
-            raise InvalidArgument(f"resolution.values.{name}", "is not a field of this form")
-    for field in form.fields:
-        where = f"resolution.values.{field.name}"
-        value = values.get(field.name)
-        if value is None or value == "":
-            if field.required:
-                raise InvalidArgument(where, "is required")
-            continue
-        _check_value(where, field.type, field.options, value)
-    return replace(resolution, decision=None)
-
-
-def _check_value(where: str, kind: str, options: tuple[str, ...], value: Any) -> None:
-    if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise InvalidArgument(where, "must be a number")
-    if kind == "checkbox" and not isinstance(value, bool):
-        raise InvalidArgument(where, "must be true or false")
-    if kind in ("text", "textarea", "password", "action", "select", "date") and not isinstance(value, str):
-        raise InvalidArgument(where, "must be a string")
-    if kind == "select" and value not in options:
-        raise InvalidArgument(where, f"must be one of {', '.join(options)}")
-    if kind == "date":
-        try:
-            datetime.date.fromisoformat(value)
-        except ValueError:
-            raise InvalidArgument(where, "must be a date like 2026-11-22") from None
