@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import os
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from svantic_grpc.stores.postgres import PostgresStore
+from tests._support import Client, running_server
 
 POSTGRES_DSN = os.environ.get("SVANTIC_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -72,3 +76,24 @@ async def drop_schema(schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running_replicas(
+    count: int, *, env: dict[str, str] | None = None, **settings: Any
+) -> AsyncIterator[list[Client]]:
+    """``count`` real servers in this process sharing one fresh schema (dropped afterwards), each
+    with ``settings`` (short leases unless given)."""
+    require_postgres()
+    schema = new_schema()
+    merged: dict[str, Any] = {
+        "store": POSTGRES_DSN,
+        "postgres": {"schema_name": schema, "pool_size": 4},
+        "replica": {"lease_ms": 2000, "renew_ms": 500},
+        **settings,
+    }
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            yield [await stack.enter_async_context(running_server(env=env, **merged)) for _ in range(count)]
+    finally:
+        await drop_schema(schema)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 
 import httpx
 import pytest
 
 from tests import _postgres
-from tests._support import Client, running_server
+from tests._support import Client
 from tests.agents_connected import WAIT, new_session, running_agent, send
 from tests.agents_inputs import ToolAgent
 from tests.console._console import DELETES, csrf_of, sign_in_on, tool_call_parts
@@ -20,19 +19,8 @@ from tests.console._console import DELETES, csrf_of, sign_in_on, tool_call_parts
 
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[Client]]:
-    _postgres.require_postgres()
-    schema = _postgres.new_schema()
-    try:
-        async with AsyncExitStack() as stack:
-            settings = {
-                "store": _postgres.POSTGRES_DSN,
-                "postgres": {"schema_name": schema, "pool_size": 4},
-                "replica": {"lease_ms": 2000, "renew_ms": 500},
-                "policies": [DELETES],
-            }
-            yield [await stack.enter_async_context(running_server(**settings)) for _ in range(2)]
-    finally:
-        await _postgres.drop_schema(schema)
+    async with _postgres.running_replicas(2, policies=[DELETES]) as servers:
+        yield servers
 
 
 def _browser(replica: Client, cookie: str = "") -> httpx.AsyncClient:
