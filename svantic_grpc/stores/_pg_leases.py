@@ -117,6 +117,7 @@ class PgLeases(Ownership):
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
         await conn.add_listener(self._store.handoff_channel, self._rung)
         self._listener = conn
+        await self._cancel(self._tasks)  # the renewal during start-up recovery: the full round now
         self._tasks = [
             asyncio.create_task(self._keep(), name="svantic-leases"),
             asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
@@ -124,11 +125,7 @@ class PgLeases(Ownership):
 
     async def halt(self) -> None:
         tasks, self._tasks = [*self._tasks, *self._abandoning], []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._cancel(tasks)
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             await listener.close()
@@ -152,6 +149,10 @@ class PgLeases(Ownership):
         taken, handed = await self._take(keys)
         for key, _ in taken:  # recovered by the caller at start-up, before anything is served
             self._hold(key, self._store.fences[key])
+        if taken and not self._tasks:
+            # Renewed from now on, not once the recovery is done: a recovery longer than a lease
+            # would otherwise let them lapse to another replica while this one recovers them.
+            self._tasks = [asyncio.create_task(self._keep(sweep=False), name="svantic-leases-renewal")]
         return {key for key, _ in taken}, handed
 
     async def runs_here(self, tenant_id: str, session_id: str) -> bool:
@@ -283,13 +284,21 @@ class PgLeases(Ownership):
 
     # Background work
 
-    async def _keep(self) -> None:
+    @staticmethod
+    async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep(self, *, sweep: bool = True) -> None:
         """Every ``renew_s``: renew what is held, forget leases of closed sessions, take over
-        expired leases (a batch at a time)."""
+        expired leases (a batch at a time; without ``sweep``, during start-up recovery: only renew)."""
         while True:
             await asyncio.sleep(self._renew_s)
             try:
-                await self.tick()
+                await (self.tick() if sweep else self._renew_all())
             except (OSError, asyncpg.PostgresError) as exc:
                 _log.warning("leases: cannot reach PostgreSQL (%s); trying again", exc)
             except Exception:

@@ -1,0 +1,105 @@
+"""What the review of the replica code found, each shown by what a user would notice
+(servers in this process on one PostgreSQL schema, as in ``test_session_ownership``):
+
+- a replica starting up keeps the leases it claimed while its recovery runs, however long;
+- ``CancelMessage`` sent to a replica that does not own the session reaches the owner's running
+  work: the agent is told, the message ends canceled once;
+- the leases' listening connection comes back after it drops, and picks up what was handed
+  over meanwhile without waiting for the next renewal;
+- a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from svantic_grpc.core.recovery import Recovery
+from tests import _postgres
+from tests._support import Client, running_server
+from tests.adapters.e2e_support import ENV, TENANT
+from tests.agents_connected import new_session
+
+WAIT = 5.0
+
+
+def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
+    return {
+        "store": _postgres.POSTGRES_DSN,
+        "postgres": {"schema_name": schema, "pool_size": 4},
+        "replica": {"id": replica_id, "lease_ms": lease_ms, "renew_ms": renew_ms},
+        **more,
+    }
+
+
+@asynccontextmanager
+async def _schema() -> AsyncIterator[str]:
+    _postgres.require_postgres()
+    schema = _postgres.new_schema()
+    try:
+        yield schema
+    finally:
+        await _postgres.drop_schema(schema)
+
+
+async def _lease(schema: str, session_id: str) -> tuple[str, int] | None:
+    """(owner, fence) of the session's lease row."""
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        row = await conn.fetchrow(
+            f'SELECT owner, fence FROM "{schema}".leases WHERE tenant_id = $1 AND session_id = $2',
+            TENANT,
+            session_id,
+        )
+    finally:
+        await conn.close()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _stop_sweeping(client: Client) -> None:
+    """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
+    for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        task.cancel()
+
+
+async def test_a_replica_keeps_its_leases_while_a_long_start_up_recovery_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lease_s = 1.0
+    async with _schema() as schema, AsyncExitStack() as stack:
+        settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
+
+        def replica(replica_id: str) -> Any:
+            return running_server(
+                env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}})
+            )
+
+        bystander = await stack.enter_async_context(replica("b"))
+        _stop_sweeping(bystander)
+        async with replica("a") as first:
+            session_id = await new_session(first)
+        # "a" stopped and let its lease go; "a" starts again and its recovery of the session is
+        # long (three leases): meanwhile "b" sweeps for expired leases.
+        recover = Recovery._recover
+        swept: list[int] = []
+        slow = [True]
+
+        async def long_recovery(self: Recovery, work: Any, handed: Any) -> tuple[int, int]:
+            if slow and work is not None and any(s.session_id == session_id for s in work.sessions):
+                slow.clear()  # only "a"'s start-up recovery is long
+                await asyncio.sleep(3 * lease_s)
+                swept.append(await bystander.server.mesh.ownership.tick())  # type: ignore[attr-defined]
+            return await recover(self, work, handed)
+
+        monkeypatch.setattr(Recovery, "_recover", long_recovery)
+        again = await stack.enter_async_context(replica("a"))
+        assert swept == [0]  # nothing had lapsed: "b" took nothing over
+        owner, _ = await _lease(schema, session_id) or ("", 0)
+        assert owner == "a"
+        assert (TENANT, session_id) not in bystander.server.mesh.messages._runtimes
+        assert await again.server.mesh.ownership.runs_here(TENANT, session_id)
