@@ -114,9 +114,7 @@ class PgLeases(Ownership):
         closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
-        conn = await asyncpg.connect(self._store.dsn, timeout=10)
-        await conn.add_listener(self._store.handoff_channel, self._rung)
-        self._listener = conn
+        await self._listen()
         await self._cancel(self._tasks)  # the renewal during start-up recovery: the full round now
         self._tasks = [
             asyncio.create_task(self._keep(), name="svantic-leases"),
@@ -392,16 +390,34 @@ class PgLeases(Ownership):
                 *_columns([(r[0], r[1]) for r in closed]),
             )
 
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._store.dsn, timeout=10)
+        await conn.add_listener(self._store.handoff_channel, self._rung)
+        conn.add_termination_listener(self._dropped)
+        self._listener = conn
+
     def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload == self.replica_id:
             self._wake.set()
 
+    def _dropped(self, conn: object) -> None:
+        """The listening connection closed: listen again at once, then take what a missed bell rang for."""
+        self._wake.set()
+
     async def _take_hand_offs(self) -> None:
-        """Run the messages other replicas handed to this one: on the bell, and every ``renew_s``."""
+        """Run the messages other replicas handed to this one: on the bell, and every ``renew_s``.
+        A listening connection that dropped is opened again first (each round until it is)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._renew_s)
             self._wake.clear()
+            if self._listener is None or self._listener.is_closed():
+                try:
+                    await self._listen()
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    _log.warning("hand-offs: cannot listen to PostgreSQL (%s); trying again", exc)
+                else:
+                    _log.info("hand-offs: listening again; taking what was handed over meanwhile")
             try:
                 rows = await self._store.pool.fetch(
                     "DELETE FROM handoffs WHERE (tenant_id, session_id, message_id) IN ("

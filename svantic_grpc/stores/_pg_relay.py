@@ -79,7 +79,12 @@ class PgRelay(Relay):
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
         await conn.add_listener(self._channel, self._rung)
+        conn.add_termination_listener(self._dropped)
         self._listener = conn
+
+    def _dropped(self, conn: object) -> None:
+        """The listening connection closed: listen again at once (``_take``), then take what was missed."""
+        self._wake.set()
 
     def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload == self.replica_id:

@@ -20,12 +20,14 @@ import asyncpg
 import pytest
 
 from svantic_grpc.core.recovery import Recovery
+from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
 from tests._support import Client, running_server
 from tests.adapters.e2e_support import ENV, TENANT
-from tests.agents_connected import new_session
+from tests.agents_connected import data, new_session, send
 
 WAIT = 5.0
+COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
@@ -103,3 +105,38 @@ async def test_a_replica_keeps_its_leases_while_a_long_start_up_recovery_runs(
         assert owner == "a"
         assert (TENANT, session_id) not in bystander.server.mesh.messages._runtimes
         assert await again.server.mesh.ownership.runs_here(TENANT, session_id)
+
+
+async def _terminate(conn: asyncpg.Connection) -> None:
+    """The database ends that connection (as a restart, a failover or an idle timeout would)."""
+    killer = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        assert await killer.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+    finally:
+        await killer.close()
+
+
+async def test_the_owner_listens_again_after_its_connection_drops_and_takes_what_was_handed_meanwhile() -> (
+    None
+):
+    # Renewals (and the hand-off polls that go with them) far apart: only the bell is quick.
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(env=ENV, **_settings(schema, name, lease_ms=60_000, renew_ms=20_000))
+            )
+            for name in ("a", "b")
+        ]
+        session_id = await new_session(owner)
+        leases = owner.server.mesh.ownership
+        listening = leases._listener  # type: ignore[attr-defined]
+        await _terminate(listening)
+        # Handed to "a" right away: its bell may ring while "a" is not listening.
+        answered = await send(other, session_id, "hello", data({"target_agent": "savant:chat"}))
+        assert answered.state == COMPLETED, answered.state_reason
+        assert (TENANT, session_id) in owner.server.mesh.messages._runtimes  # it ran on "a"
+        again = leases._listener  # type: ignore[attr-defined]
+        assert again is not listening and not again.is_closed()
+        # And the bell works on the new connection.
+        answered = await send(other, session_id, "hello again", data({"target_agent": "savant:chat"}))
+        assert answered.state == COMPLETED, answered.state_reason
