@@ -19,15 +19,18 @@ from typing import Any
 import asyncpg
 import pytest
 
+from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.recovery import Recovery
 from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
 from tests._support import Client, running_server
-from tests.adapters.e2e_support import ENV, TENANT
-from tests.agents_connected import data, new_session, send
+from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
+from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 
 WAIT = 5.0
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
+FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
@@ -140,3 +143,52 @@ async def test_the_owner_listens_again_after_its_connection_drops_and_takes_what
         # And the bell works on the new connection.
         answered = await send(other, session_id, "hello again", data({"target_agent": "savant:chat"}))
         assert answered.state == COMPLETED, answered.state_reason
+
+
+async def test_a_replica_holding_the_agents_stream_that_stops_mid_dispatch_tells_the_owner_at_once() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        settings = _settings(
+            schema, "", lease_ms=2000, renew_ms=500, dispatch={"timeout_ms": 60_000}, policies=POLICIES
+        )
+        owner = await stack.enter_async_context(
+            running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": "a"}}))
+        )
+        working = asyncio.Event()
+
+        async def work(dispatch: Dispatch, reply: Reply) -> None:
+            working.set()
+            await asyncio.sleep(60)  # long work: the holder stops meanwhile
+
+        holding = running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": "b"}}))
+        async with (
+            holding as holder,
+            running_agent(holder, ApprovalAgent(), agent_type=AGENT_TYPE, instance_id="crm-b"),
+            running_agent(holder, work, agent_type="worker", instance_id="worker-b"),
+        ):
+            # One dispatch waits for a human, the other works; then "b" stops gracefully.
+            asking = await new_session(owner)
+            asked = await send(owner, asking, "clean up", data({"target_agent": AGENT_TYPE}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            busy = await new_session(owner)
+            sending = asyncio.create_task(send(owner, busy, "work", data({"target_agent": "worker"})))
+            await asyncio.wait_for(working.wait(), WAIT)
+            # What a relayed dispatch itself tells its owner is slow to go (a busy database, say):
+            # the stop must not depend on it getting through before the dispatch is cancelled.
+            relay = holder.server.mesh.relay
+            assert relay is not None
+            relay_send = relay.send
+
+            async def slow_from_the_dispatch(to_replica: str, item: Any) -> None:
+                task = asyncio.current_task()
+                if task is not None and task.get_name() == "svantic-relayed-dispatch":
+                    await asyncio.sleep(1.0)
+                await relay_send(to_replica, item)
+
+            relay.send = slow_from_the_dispatch  # type: ignore[method-assign]
+            await holder.server.stop()
+            # The owner hears of both now, not at the dispatch's timeout nor the request's expiry.
+            await wait_for_state(owner, asking, asked.message_id, FAILED)
+            await wait_for_state(owner, busy, (await sending).message_id, FAILED)
+        request = await owner.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED  # withdrawn: nobody is asked any more
