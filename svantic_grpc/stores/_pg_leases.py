@@ -173,6 +173,14 @@ class PgLeases(Ownership):
     def lost(self, tenant_id: str, session_id: str) -> None:
         self._lost([(tenant_id, session_id)])
 
+    async def owner_of(self, tenant_id: str, session_id: str) -> str | None:
+        owner = await self._store.pool.fetchval(
+            f"SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 AND expires_at >= {_NOW}",
+            tenant_id,
+            session_id,
+        )
+        return None if owner is None else str(owner)
+
     # Taking leases
 
     async def _take(

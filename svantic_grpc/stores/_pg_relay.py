@@ -130,12 +130,15 @@ def encode_item(item: Relayed) -> dict[str, Any]:
         out["answer"] = _codec.encode_input(item.answer)
     if item.reason:
         out["reason"] = item.reason
+    if item.message_id:
+        out["message"] = [item.tenant_id, item.session_id, item.message_id]
     return out
 
 
 def decode_item(d: dict[str, Any]) -> Relayed:
     token = d.get("token", "")
     answer = d.get("answer")
+    tenant_id, session_id, message_id = d.get("message", ("", "", ""))
     return Relayed(
         RelayKind(d["kind"]),
         d["dispatch_id"],
@@ -145,6 +148,9 @@ def decode_item(d: dict[str, Any]) -> Relayed:
         update=_decode_update(d["update"]) if "update" in d else None,
         answer=_codec.decode_input(answer) if answer is not None else None,
         reason=d.get("reason", ""),
+        tenant_id=tenant_id,
+        session_id=session_id,
+        message_id=message_id,
     )
 
 

@@ -20,17 +20,21 @@ import asyncpg
 import pytest
 
 from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.core.events import MessageStateChanged
 from svantic_grpc.core.inputs.model import InputState
+from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.recovery import Recovery
 from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
 from tests._support import Client, running_server
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
+from tests.agents_inputs import ToolAgent, cancel_message
 
 WAIT = 5.0
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
+CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
@@ -192,3 +196,64 @@ async def test_a_replica_holding_the_agents_stream_that_stops_mid_dispatch_tells
             await wait_for_state(owner, busy, (await sending).message_id, FAILED)
         request = await owner.server.mesh.inputs.get(TENANT, request_id)
         assert request.state is InputState.CANCELED  # withdrawn: nobody is asked any more
+
+
+async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_the_owners_work() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b")
+        ]
+        working, told = asyncio.Event(), asyncio.Event()
+
+        async def work(dispatch: Dispatch, reply: Reply) -> None:
+            working.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                told.set()
+                raise
+
+        asking = ToolAgent()
+        async with (
+            running_agent(owner, work, agent_type="worker", instance_id="worker-a"),
+            running_agent(owner, asking, agent_type="tools", instance_id="tools-a"),
+        ):
+            # A message at work on its owner "a", canceled through "b".
+            busy = await new_session(owner)
+            sending = asyncio.create_task(send(owner, busy, "work", data({"target_agent": "worker"})))
+            await asyncio.wait_for(working.wait(), WAIT)
+            message_id = (
+                (await owner.server.mesh.store.list_messages(tenant_id=TENANT, session_id=busy))
+                .messages[0]
+                .message_id
+            )
+            canceled = await cancel_message(other, busy, message_id, reason="not needed after all")
+            assert canceled.state == CANCELED and canceled.state_reason == "not needed after all"
+            await asyncio.wait_for(told.wait(), WAIT)  # the agent was told to stop
+            assert (await sending).state == CANCELED
+            # A message waiting for a human on "a", canceled through "b": the request is withdrawn too.
+            waiting = await new_session(owner)
+            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+            asked = await send(owner, waiting, "clean up", data({"target_agent": "tools", **calls}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            canceled = await cancel_message(other, waiting, asked.message_id)
+            assert canceled.state == CANCELED
+            await asyncio.wait_for(asking.cancelled.wait(), WAIT)
+        request = await owner.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED
+        for session_id in (busy, waiting):
+            log = await owner.server.mesh.store.list_events(
+                tenant_id=TENANT, session_id=session_id, limit=1000
+            )
+            ended = [
+                e.payload
+                for e in log
+                if isinstance(e.payload, MessageStateChanged) and e.payload.to_state.terminal
+            ]
+            assert [p.to_state for p in ended] == [MessageState.CANCELED]  # once, by the owner
