@@ -257,3 +257,36 @@ async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_th
                 if isinstance(e.payload, MessageStateChanged) and e.payload.to_state.terminal
             ]
             assert [p.to_state for p in ended] == [MessageState.CANCELED]  # once, by the owner
+
+
+async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica_that_takes_it() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b")
+        ]
+        async with running_agent(owner, ToolAgent(), agent_type="tools", instance_id="tools-a"):
+            session_id = await new_session(owner)
+            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            # "a" hangs: it renews nothing any more and its lease runs out.
+            _stop_sweeping(owner)
+            _stop_sweeping(other)  # "b" takes the session for the cancel, not by its own sweep
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            canceled = await cancel_message(other, session_id, asked.message_id, reason="never mind")
+            assert canceled.state == CANCELED and canceled.state_reason == "never mind"
+            assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
+            request = await other.server.mesh.inputs.get(TENANT, request_id)
+            assert request.state is InputState.CANCELED
