@@ -3,7 +3,8 @@
 
 - a replica starting up keeps the leases it claimed while its recovery runs, however long;
 - ``CancelMessage`` sent to a replica that does not own the session reaches the owner's running
-  work: the agent is told, the message ends canceled once;
+  work: the agent is told, the message ends canceled once (and with the owner gone, the replica
+  called takes the session and cancels it there);
 - the leases' listening connection comes back after it drops, and picks up what was handed
   over meanwhile without waiting for the next renewal;
 - a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once.
