@@ -7,7 +7,9 @@
   called takes the session and cancels it there);
 - the leases' listening connection comes back after it drops, and picks up what was handed
   over meanwhile without waiting for the next renewal;
-- a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once.
+- a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once;
+- a replica whose session was taken over before it noticed stops without an error (found by
+  these tests: its refused last writes used to end the stop half way).
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ WAIT = 5.0
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
+PLANS = {
+    "name": "plans",
+    "scope": "plan",
+    "match": {"agent_type": "savant:*"},
+    "enforcement": "require_approval",
+}
+PLAN = {
+    "action_data": {
+        "plan": [
+            {"target_agent": "savant:chat", "text": "step one"},
+            {"target_agent": "savant:chat", "text": "step two"},
+        ]
+    }
+}
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
@@ -291,3 +307,41 @@ async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica
             assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
             request = await other.server.mesh.inputs.get(TENANT, request_id)
             assert request.state is InputState.CANCELED
+
+
+async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cleanly() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        more = {"policies": [PLANS], "lease_ms": 2000, "renew_ms": 500}
+        first = running_server(env=ENV, **_settings(schema, "a", **more))
+        owner = await first.__aenter__()
+        try:
+            other = await stack.enter_async_context(running_server(env=ENV, **_settings(schema, "b", **more)))
+            # A plan waiting for its sign-off on "a" (no agent's stream involved).
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "do the plan", data(PLAN))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            # "a" hangs; "b" takes the session over; "a" is stopped before it noticed.
+            _stop_sweeping(owner)
+            _stop_sweeping(other)
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            # Its stop cancels the message still running there; the writes that go with it are
+            # refused (the lease moved on), and the stop carries on regardless.
+            await owner.server.mesh.messages.close()
+        finally:
+            await first.__aexit__(None, None, None)
+        # What "a" tried to write on its way out was refused: the plan still waits on "b".
+        assert await _lease(schema, session_id) == ("b", 2)
+        message = await other.server.mesh.store.get_message(
+            tenant_id=TENANT, session_id=session_id, message_id=asked.message_id
+        )
+        assert message is not None and message.state is MessageState.INPUT_REQUIRED
+        request = await other.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.PENDING

@@ -476,7 +476,12 @@ class Messages:
         for cancel in list(self._cancels):
             cancel.cancel()
         for key in list(self._runtimes):
-            await self._runtimes.pop(key).close(reason)
+            runtime = self._runtimes.pop(key)
+            try:
+                await runtime.close(reason)
+            except LeaseLost:  # taken over before this replica noticed: the new owner ends its messages
+                self._ownership.lost(*key)
+                await runtime.abandon()
 
     async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
         runtime = self._runtimes.pop((tenant_id, session_id), None)
