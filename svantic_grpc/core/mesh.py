@@ -11,6 +11,7 @@ from svantic_grpc.core.agents import AgentServices, load_agent_classes
 from svantic_grpc.core.auth import Credential, TokenIssuer, TokenSettings
 from svantic_grpc.core.clock import Clock, IdGenerator, SystemClock, UuidGenerator
 from svantic_grpc.core.dispatch import ConnectedAgents, Dispatcher, Dispatches, DispatchTokens, Transport
+from svantic_grpc.core.dispatch._relay import Relayed, RelayKind
 from svantic_grpc.core.events import EventBus
 from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.inputs.policies import Policy, PolicyEngine
@@ -220,6 +221,9 @@ class Mesh:
             metrics=metrics,
             ownership=self.ownership,
         )
+        self.messages.relay = (
+            self.relay
+        )  # a cancel on a replica that does not own the session goes to its owner
         self.recovery = Recovery(
             store=store,
             sessions=self.sessions,
@@ -269,12 +273,19 @@ class Mesh:
             closed=self.sessions.closed_elsewhere,
         )
         if self.relay is not None:
-            await self.relay.start(self.connections.relayed)
+            await self.relay.start(self._relayed)
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()
         if serving:
             self.now_serving()
+
+    def _relayed(self, item: Relayed) -> None:
+        """An item another replica sent this one: a message's cancel, or about a dispatch."""
+        if item.kind is RelayKind.CANCEL_MESSAGE:
+            self.messages.cancel_asked(item)
+        else:
+            self.connections.relayed(item)
 
     async def levels(self) -> Levels:
         """How many sessions, messages, connections, pending requests and subscribers there are now.

@@ -90,6 +90,10 @@ class Ownership(ABC):
     def lost(self, tenant_id: str, session_id: str) -> None:
         """A write here was refused (``LeaseLost``): stop believing this replica owns the session."""
 
+    @abstractmethod
+    async def owner_of(self, tenant_id: str, session_id: str) -> str | None:
+        """The replica holding a live lease of the session, if any (``None``: free or expired)."""
+
 
 class SoleOwner(Ownership):
     """One process owns every session: nothing to lease, nothing to hand off."""
@@ -123,3 +127,6 @@ class SoleOwner(Ownership):
 
     def lost(self, tenant_id: str, session_id: str) -> None:
         return None
+
+    async def owner_of(self, tenant_id: str, session_id: str) -> str | None:
+        return self.replica_id

@@ -114,9 +114,8 @@ class PgLeases(Ownership):
         closed: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
-        conn = await asyncpg.connect(self._store.dsn, timeout=10)
-        await conn.add_listener(self._store.handoff_channel, self._rung)
-        self._listener = conn
+        await self._listen()
+        await self._cancel(self._tasks)  # the renewal during start-up recovery: the full round now
         self._tasks = [
             asyncio.create_task(self._keep(), name="svantic-leases"),
             asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
@@ -124,11 +123,7 @@ class PgLeases(Ownership):
 
     async def halt(self) -> None:
         tasks, self._tasks = [*self._tasks, *self._abandoning], []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._cancel(tasks)
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             await listener.close()
@@ -152,6 +147,10 @@ class PgLeases(Ownership):
         taken, handed = await self._take(keys)
         for key, _ in taken:  # recovered by the caller at start-up, before anything is served
             self._hold(key, self._store.fences[key])
+        if taken and not self._tasks:
+            # Renewed from now on, not once the recovery is done: a recovery longer than a lease
+            # would otherwise let them lapse to another replica while this one recovers them.
+            self._tasks = [asyncio.create_task(self._keep(sweep=False), name="svantic-leases-renewal")]
         return {key for key, _ in taken}, handed
 
     async def runs_here(self, tenant_id: str, session_id: str) -> bool:
@@ -173,6 +172,14 @@ class PgLeases(Ownership):
 
     def lost(self, tenant_id: str, session_id: str) -> None:
         self._lost([(tenant_id, session_id)])
+
+    async def owner_of(self, tenant_id: str, session_id: str) -> str | None:
+        owner = await self._store.pool.fetchval(
+            f"SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 AND expires_at >= {_NOW}",
+            tenant_id,
+            session_id,
+        )
+        return None if owner is None else str(owner)
 
     # Taking leases
 
@@ -283,13 +290,21 @@ class PgLeases(Ownership):
 
     # Background work
 
-    async def _keep(self) -> None:
+    @staticmethod
+    async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep(self, *, sweep: bool = True) -> None:
         """Every ``renew_s``: renew what is held, forget leases of closed sessions, take over
-        expired leases (a batch at a time)."""
+        expired leases (a batch at a time; without ``sweep``, during start-up recovery: only renew)."""
         while True:
             await asyncio.sleep(self._renew_s)
             try:
-                await self.tick()
+                await (self.tick() if sweep else self._renew_all())
             except (OSError, asyncpg.PostgresError) as exc:
                 _log.warning("leases: cannot reach PostgreSQL (%s); trying again", exc)
             except Exception:
@@ -383,16 +398,34 @@ class PgLeases(Ownership):
                 *_columns([(r[0], r[1]) for r in closed]),
             )
 
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._store.dsn, timeout=10)
+        await conn.add_listener(self._store.handoff_channel, self._rung)
+        conn.add_termination_listener(self._dropped)
+        self._listener = conn
+
     def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload == self.replica_id:
             self._wake.set()
 
+    def _dropped(self, conn: object) -> None:
+        """The listening connection closed: listen again at once, then take what a missed bell rang for."""
+        self._wake.set()
+
     async def _take_hand_offs(self) -> None:
-        """Run the messages other replicas handed to this one: on the bell, and every ``renew_s``."""
+        """Run the messages other replicas handed to this one: on the bell, and every ``renew_s``.
+        A listening connection that dropped is opened again first (each round until it is)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._renew_s)
             self._wake.clear()
+            if self._listener is None or self._listener.is_closed():
+                try:
+                    await self._listen()
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    _log.warning("hand-offs: cannot listen to PostgreSQL (%s); trying again", exc)
+                else:
+                    _log.info("hand-offs: listening again; taking what was handed over meanwhile")
             try:
                 rows = await self._store.pool.fetch(
                     "DELETE FROM handoffs WHERE (tenant_id, session_id, message_id) IN ("

@@ -79,7 +79,12 @@ class PgRelay(Relay):
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
         await conn.add_listener(self._channel, self._rung)
+        conn.add_termination_listener(self._dropped)
         self._listener = conn
+
+    def _dropped(self, conn: object) -> None:
+        """The listening connection closed: listen again at once (``_take``), then take what was missed."""
+        self._wake.set()
 
     def _rung(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload == self.replica_id:
@@ -125,12 +130,15 @@ def encode_item(item: Relayed) -> dict[str, Any]:
         out["answer"] = _codec.encode_input(item.answer)
     if item.reason:
         out["reason"] = item.reason
+    if item.message_id:
+        out["message"] = [item.tenant_id, item.session_id, item.message_id]
     return out
 
 
 def decode_item(d: dict[str, Any]) -> Relayed:
     token = d.get("token", "")
     answer = d.get("answer")
+    tenant_id, session_id, message_id = d.get("message", ("", "", ""))
     return Relayed(
         RelayKind(d["kind"]),
         d["dispatch_id"],
@@ -140,6 +148,9 @@ def decode_item(d: dict[str, Any]) -> Relayed:
         update=_decode_update(d["update"]) if "update" in d else None,
         answer=_codec.decode_input(answer) if answer is not None else None,
         reason=d.get("reason", ""),
+        tenant_id=tenant_id,
+        session_id=session_id,
+        message_id=message_id,
     )
 
 

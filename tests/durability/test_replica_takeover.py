@@ -128,16 +128,22 @@ class Replica:
 
 
 @asynccontextmanager
-async def replicas(tmp: Path, **settings: Any) -> AsyncIterator[list[Replica]]:
+async def replicas(
+    tmp: Path, *, env: dict[str, str] | None = None, **settings: Any
+) -> AsyncIterator[list[Replica]]:
+    """Three replicas (r1, r2, r3) on a fresh schema, with ``settings`` and ``env`` added to theirs."""
     _postgres.require_postgres()
     schema = _postgres.new_schema()
-    env = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}  # development credential
+    environment = {
+        k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"
+    }  # development credential
+    environment.update(env or {})
     group = [Replica(name, tmp, schema, **settings) for name in ("r1", "r2", "r3")]
     store = PostgresStore(_postgres.POSTGRES_DSN, schema=schema, pool_size=2)
     try:
         async with AsyncExitStack() as stack:
             for replica in group:
-                await stack.enter_async_context(replica.running(env))
+                await stack.enter_async_context(replica.running(environment))
             await store.connect()
             stack.push_async_callback(store.close)
             yield group

@@ -87,12 +87,16 @@ async def _owner(client: Client, session_id: str) -> str | None:
     return str(owner) if owner is not None else None
 
 
-async def _lapse(session_id: str, owner: Client, *bystanders: Client) -> str:
+async def _lapse(session_id: str, owner: Client, *bystanders: Client, taker: Client) -> str:
     """``owner`` stops renewing (as if it hung or died) and the session's lease lapses; the
-    ``bystanders`` stop sweeping, so the replica a test calls ``tick`` on takes it over. Returns
-    the schema."""
+    ``bystanders`` stop sweeping, and so does ``taker`` by itself (it still takes its hand-offs),
+    so the sweep a test runs with ``taker``'s ``tick`` is the one that takes it over. Returns the
+    schema."""
     for replica in (owner, *bystanders):
         for task in replica.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+            task.cancel()
+    for task in taker.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        if task.get_name() == "svantic-leases":
             task.cancel()
     schema = str(owner.server.mesh.store.schema)  # type: ignore[attr-defined]
     conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
@@ -135,7 +139,7 @@ async def test_a_replica_whose_lease_was_taken_over_cannot_write(
     session_id = await new_session(a)
     await a.server.mesh.bus.publish(TENANT, session_id, AgentLeft("w", "x1", "a still owns it"))
     # a stops renewing (as if stuck); its lease lapses and b takes the session over.
-    await _lapse(session_id, a, c)
+    await _lapse(session_id, a, c, taker=b)
     changes = "svantic_session_lease_changes_total"
     taken_before = value(await scrape(b), changes, change="taken_over")
     with caplog.at_level(logging.INFO, logger="svantic_grpc"):
@@ -303,7 +307,7 @@ async def test_a_message_sent_while_a_take_over_recovers_the_session_runs_once_a
 ) -> None:
     a, b, c = replicas
     session_id = await new_session(a)
-    await _lapse(session_id, a, c)  # a died
+    await _lapse(session_id, a, c, taker=b)  # a died
     recovery = b.server.mesh.recovery
     read_messages = recovery._messages_of
     sent: list[asyncio.Task[Any]] = []
@@ -350,7 +354,7 @@ async def test_a_take_over_whose_recovery_fails_gives_the_session_back_for_the_n
 ) -> None:
     a, b, c = replicas
     session_id = await new_session(a)
-    schema = await _lapse(session_id, a, c)  # a died
+    schema = await _lapse(session_id, a, c, taker=b)  # a died
     conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
     try:
         leases = b.server.mesh.ownership

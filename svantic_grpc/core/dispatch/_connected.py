@@ -188,7 +188,8 @@ class ConnectedAgents:
         """Reaches streams other replicas hold (set by the composition root when replicas share the store)."""
         self._remote: dict[str, tuple[_Inbox, DispatchJob]] = {}
         """Owner side: dispatches sent to a stream another replica holds, by dispatch id."""
-        self._served: dict[str, tuple[asyncio.Task[None], _Answers]] = {}
+        self._served: dict[str, tuple[asyncio.Task[None], _Answers, str]] = {}
+        """Dispatches run here for another replica: their task, answers and owner (the sender)."""
         """Holder side: dispatches another replica sent to a stream held here, by dispatch id."""
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -359,8 +360,12 @@ class ConnectedAgents:
 
     async def close(self) -> None:
         """End every stream (server shutdown)."""
-        for task, _ in list(self._served.values()):
+        served = [(dispatch_id, owner) for dispatch_id, (_, _, owner) in self._served.items()]
+        for task, _, _ in list(self._served.values()):
             task.cancel()
+        if served and self.relay is not None:
+            # Their owners are told now, not at the dispatch's timeout (or a human's answer).
+            await asyncio.wait([asyncio.create_task(self._tell_lost(*s)) for s in served], timeout=1)
         for connection in list(self._live.values()):
             await self.detach(connection, "the server is shutting down")
         if self._background:
@@ -406,7 +411,7 @@ class ConnectedAgents:
         if kind is RelayKind.JOB:
             answers = _Answers()
             task = asyncio.create_task(self._serve(item, answers), name="svantic-relayed-dispatch")
-            self._served[item.dispatch_id] = (task, answers)
+            self._served[item.dispatch_id] = (task, answers, item.sender)
             return
         if kind is RelayKind.ANSWER or kind is RelayKind.CANCEL:
             served = self._served.get(item.dispatch_id)
@@ -478,6 +483,15 @@ class ConnectedAgents:
                 await tell(RelayKind.FAILED, reason=f"the replica holding the stream failed: {exc}")
         finally:
             self._served.pop(job.dispatch_id, None)
+
+    async def _tell_lost(self, dispatch_id: str, owner: str) -> None:
+        relay = self.relay
+        assert relay is not None
+        reason = f"the replica holding the agent's stream ({relay.replica_id}) is shutting down"
+        try:
+            await relay.send(owner, Relayed(RelayKind.LOST, dispatch_id, relay.replica_id, reason=reason))
+        except Exception:
+            _log.exception("could not tell replica %s that dispatch %s was lost", owner, dispatch_id)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -1,10 +1,13 @@
-"""The seam between replicas for connected agents: what one replica sends another about a dispatch.
+"""The seam between replicas for connected agents: what one replica sends another about a dispatch
+(and a message's cancel, for the replica that runs it).
 
 With several replicas on one store, an agent's ``Connect`` stream is held by one replica (the
 *holder*) while the session's dispatch is decided on its owner. The owner sends the holder the
 job, then the human's answers and a cancel; the holder sends the owner the agent's updates and,
 if it fails, how. ``ConnectedAgents`` does both sides; a ``Relay`` only carries the items (the
 PostgreSQL one as rows claimed with ``SKIP LOCKED`` and a ``NOTIFY``: ``stores._pg_relay``).
+``CancelMessage`` on a replica that does not own the session travels the same way to the owner,
+whose running work is what a cancel must stop (``Messages.cancel``).
 A single process (the memory and SQLite stores) has no relay.
 """
 
@@ -32,6 +35,10 @@ class RelayKind(enum.Enum):
     FAILED = "failed"
     LOST = "lost"
     """The stream dropped while the owner waits for a human (not reading the dispatch)."""
+    # any replica -> a session's owner
+    CANCEL_MESSAGE = "cancel-message"
+    """``CancelMessage`` reached a replica that does not own the session: the owner cancels the
+    message's running work (``tenant_id``, ``session_id``, ``message_id``; ``reason``)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,10 @@ class Relayed:
     update: DispatchUpdate | None = None
     answer: InputRequest | None = None
     reason: str = ""
+    tenant_id: str = ""
+    """With ``CANCEL_MESSAGE``: the message's tenant, session and id (``dispatch_id`` is empty)."""
+    session_id: str = ""
+    message_id: str = ""
 
 
 class Relay(ABC):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 
+from svantic_grpc.core._subscriptions import Subscription
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch import Dispatches
-from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
+from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventBus, MessageStateChanged
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
@@ -35,6 +37,11 @@ MAX_PARTS = 64
 _AWAY = "handed-off-"
 """Name prefix of the task that follows a message run by another replica."""
 MAX_TOTAL_BYTES = 4 * 1024 * 1024
+_CANCEL_WAIT_S = 30.0
+"""How long ``CancelMessage`` on a replica that does not own the session waits for the owner."""
+_CANCEL_RECHECK_S = 0.5
+"""How often that wait reads the message and the lease again (an owner that died, a missed event)."""
+_CANCEL_RESEND_S = 2.0
 
 
 class Messages:
@@ -71,6 +78,10 @@ class Messages:
         self._classes = dict(agent_classes)
         self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
+        self.relay: Relay | None = None
+        """With replicas: carries a cancel to the replica that owns the session (``cancel``)."""
+        self._cancels: set[asyncio.Task[None]] = set()
+        """Cancels other replicas asked this one (the owner) to make."""
         sessions.on_close(self._session_closing)
         sessions.busy_when(self._has_running_work)
 
@@ -314,19 +325,111 @@ class Messages:
                 reason="MESSAGE_TERMINAL",
                 metadata={"state": message.state.value},
             )
-        runtime = self._runtimes.get((caller.tenant_id, session_id))
+        tenant_id = caller.tenant_id
+        if (
+            self._ownership.sole
+            or self.relay is None
+            or await self._ownership.runs_here(tenant_id, session_id)
+        ):
+            return await self._cancel_here(tenant_id, session_id, message_id, reason)
+        return await self._cancel_at_owner(tenant_id, session_id, message_id, reason)
+
+    async def _cancel_here(self, tenant_id: str, session_id: str, message_id: str, reason: str) -> Message:
+        """Cancel a message of a session this replica runs: its running work stops (the agent is
+        told), or, not running (waiting for input), it ends here."""
+        runtime = self._runtimes.get((tenant_id, session_id))
         canceled = await runtime.cancel(message_id, reason) if runtime else None
         if canceled is not None:
             return canceled
-        # Not running in this process (waiting for input): end it here.
-        current = await self.get(caller, session_id, message_id)
+        current = await self._stored(tenant_id, session_id, message_id)
         if current.state.terminal:
             return current
         if current.input_request_ids:  # withdrawn first: a pending request never outlives its message
-            await self._inputs.cancel_for_message(
-                caller.tenant_id, session_id, message_id, "message canceled"
-            )
+            await self._inputs.cancel_for_message(tenant_id, session_id, message_id, "message canceled")
         return await self._writer(current).state(MessageState.CANCELED, reason)
+
+    async def _cancel_at_owner(
+        self, tenant_id: str, session_id: str, message_id: str, reason: str
+    ) -> Message:
+        """Ask the replica that owns the session to cancel the message (through the relay) and
+        answer with the message once it ended there. An owner that dies meanwhile is replaced by
+        the next one (asked again), or by this replica if it takes the lease."""
+        relay = self.relay
+        assert relay is not None
+        loop = asyncio.get_running_loop()
+        subscription = self._bus.subscribe(tenant_id, session_id)  # before asking: no event missed
+        try:
+            deadline = loop.time() + _CANCEL_WAIT_S
+            asked, asked_at = "", 0.0
+            while True:
+                current = await self._stored(tenant_id, session_id, message_id)
+                if current.state.terminal:
+                    return current
+                if await self._ownership.runs_here(tenant_id, session_id):
+                    return await self._cancel_here(tenant_id, session_id, message_id, reason)
+                owner = await self._ownership.owner_of(tenant_id, session_id)
+                if owner and (owner != asked or loop.time() >= asked_at + _CANCEL_RESEND_S):
+                    item = Relayed(
+                        RelayKind.CANCEL_MESSAGE,
+                        "",
+                        relay.replica_id,
+                        reason=reason,
+                        tenant_id=tenant_id,
+                        session_id=session_id,
+                        message_id=message_id,
+                    )
+                    await relay.send(owner, item)
+                    asked, asked_at = owner, loop.time()
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise Unavailable(
+                        f"the replica running session {session_id!r} did not end message {message_id!r} "
+                        "in time; it may still end it",
+                        reason="CANCEL_NOT_CONFIRMED",
+                        metadata={"session_id": session_id, "message_id": message_id},
+                    )
+                ended = await self._ended(subscription, message_id, min(left, _CANCEL_RECHECK_S))
+                if ended is not None:
+                    return ended
+        finally:
+            subscription.close()
+
+    async def _ended(self, subscription: Subscription, message_id: str, within_s: float) -> Message | None:
+        """The message once an event says it ended, within ``within_s``; ``None`` otherwise."""
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    event = await subscription.next()
+                    payload = event.payload
+                    if (
+                        isinstance(payload, MessageStateChanged)
+                        and payload.message_id == message_id
+                        and payload.to_state.terminal
+                    ):
+                        return payload.message or await self._stored(
+                            event.tenant_id, event.session_id, message_id
+                        )
+        except TimeoutError:
+            return None
+        except MeshError:  # cut off (too far behind) or ended: the store is read instead
+            await asyncio.sleep(within_s)
+            return None
+
+    def cancel_asked(self, item: Relayed) -> None:
+        """Another replica was asked to cancel a message of a session this one owns (the relay
+        calls this): cancel it here, where it runs."""
+        task = asyncio.create_task(self._cancel_asked(item), name="svantic-cancel-asked")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_asked(self, item: Relayed) -> None:
+        tenant_id, session_id, message_id = item.tenant_id, item.session_id, item.message_id
+        try:
+            if not await self._ownership.runs_here(tenant_id, session_id):
+                return  # moved on: the asking replica asks the new owner
+            await self._cancel_here(tenant_id, session_id, message_id, item.reason)
+        except (MeshError, AssertionError):
+            return  # ended meanwhile, or gone: the asking replica reads what happened
 
     async def recover(
         self,
@@ -370,8 +473,15 @@ class Messages:
         """Cancel all running work (server shutdown)."""
         for task in list(self._away):
             task.cancel()
+        for cancel in list(self._cancels):
+            cancel.cancel()
         for key in list(self._runtimes):
-            await self._runtimes.pop(key).close(reason)
+            runtime = self._runtimes.pop(key)
+            try:
+                await runtime.close(reason)
+            except LeaseLost:  # taken over before this replica noticed: the new owner ends its messages
+                self._ownership.lost(*key)
+                await runtime.abandon()
 
     async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
         runtime = self._runtimes.pop((tenant_id, session_id), None)

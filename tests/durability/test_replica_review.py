@@ -1,0 +1,347 @@
+"""What the review of the replica code found, each shown by what a user would notice
+(servers in this process on one PostgreSQL schema, as in ``test_session_ownership``):
+
+- a replica starting up keeps the leases it claimed while its recovery runs, however long;
+- ``CancelMessage`` sent to a replica that does not own the session reaches the owner's running
+  work: the agent is told, the message ends canceled once (and with the owner gone, the replica
+  called takes the session and cancels it there);
+- the leases' listening connection comes back after it drops, and picks up what was handed
+  over meanwhile without waiting for the next renewal;
+- a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once;
+- a replica whose session was taken over before it noticed stops without an error (found by
+  these tests: its refused last writes used to end the stop half way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.core.events import MessageStateChanged
+from svantic_grpc.core.inputs.model import InputState
+from svantic_grpc.core.messages.model import MessageState
+from svantic_grpc.core.recovery import Recovery
+from svantic_grpc.pb import message_types_pb2
+from tests import _postgres
+from tests._support import Client, running_server
+from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
+from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
+from tests.agents_inputs import ToolAgent, cancel_message
+
+WAIT = 5.0
+COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
+FAILED = message_types_pb2.MESSAGE_STATE_FAILED
+CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
+PLANS = {
+    "name": "plans",
+    "scope": "plan",
+    "match": {"agent_type": "savant:*"},
+    "enforcement": "require_approval",
+}
+PLAN = {
+    "action_data": {
+        "plan": [
+            {"target_agent": "savant:chat", "text": "step one"},
+            {"target_agent": "savant:chat", "text": "step two"},
+        ]
+    }
+}
+
+
+def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
+    return {
+        "store": _postgres.POSTGRES_DSN,
+        "postgres": {"schema_name": schema, "pool_size": 4},
+        "replica": {"id": replica_id, "lease_ms": lease_ms, "renew_ms": renew_ms},
+        **more,
+    }
+
+
+@asynccontextmanager
+async def _schema() -> AsyncIterator[str]:
+    _postgres.require_postgres()
+    schema = _postgres.new_schema()
+    try:
+        yield schema
+    finally:
+        await _postgres.drop_schema(schema)
+
+
+async def _lease(schema: str, session_id: str) -> tuple[str, int] | None:
+    """(owner, fence) of the session's lease row."""
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        row = await conn.fetchrow(
+            f'SELECT owner, fence FROM "{schema}".leases WHERE tenant_id = $1 AND session_id = $2',
+            TENANT,
+            session_id,
+        )
+    finally:
+        await conn.close()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _stop_sweeping(client: Client) -> None:
+    """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
+    for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        task.cancel()
+
+
+async def test_a_replica_keeps_its_leases_while_a_long_start_up_recovery_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lease_s = 1.0
+    async with _schema() as schema, AsyncExitStack() as stack:
+        settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
+
+        def replica(replica_id: str) -> Any:
+            return running_server(
+                env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}})
+            )
+
+        bystander = await stack.enter_async_context(replica("b"))
+        _stop_sweeping(bystander)
+        async with replica("a") as first:
+            session_id = await new_session(first)
+        # "a" stopped and let its lease go; "a" starts again and its recovery of the session is
+        # long (three leases): meanwhile "b" sweeps for expired leases.
+        recover = Recovery._recover
+        swept: list[int] = []
+        slow = [True]
+
+        async def long_recovery(self: Recovery, work: Any, handed: Any) -> tuple[int, int]:
+            if slow and work is not None and any(s.session_id == session_id for s in work.sessions):
+                slow.clear()  # only "a"'s start-up recovery is long
+                await asyncio.sleep(3 * lease_s)
+                swept.append(await bystander.server.mesh.ownership.tick())  # type: ignore[attr-defined]
+            return await recover(self, work, handed)
+
+        monkeypatch.setattr(Recovery, "_recover", long_recovery)
+        again = await stack.enter_async_context(replica("a"))
+        assert swept == [0]  # nothing had lapsed: "b" took nothing over
+        owner, _ = await _lease(schema, session_id) or ("", 0)
+        assert owner == "a"
+        assert (TENANT, session_id) not in bystander.server.mesh.messages._runtimes
+        assert await again.server.mesh.ownership.runs_here(TENANT, session_id)
+
+
+async def _terminate(conn: asyncpg.Connection) -> None:
+    """The database ends that connection (as a restart, a failover or an idle timeout would)."""
+    killer = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        assert await killer.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+    finally:
+        await killer.close()
+
+
+async def test_the_owner_listens_again_after_its_connection_drops_and_takes_what_was_handed_meanwhile() -> (
+    None
+):
+    # Renewals (and the hand-off polls that go with them) far apart: only the bell is quick.
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(env=ENV, **_settings(schema, name, lease_ms=60_000, renew_ms=20_000))
+            )
+            for name in ("a", "b")
+        ]
+        session_id = await new_session(owner)
+        leases = owner.server.mesh.ownership
+        listening = leases._listener  # type: ignore[attr-defined]
+        await _terminate(listening)
+        # Handed to "a" right away: its bell may ring while "a" is not listening.
+        answered = await send(other, session_id, "hello", data({"target_agent": "savant:chat"}))
+        assert answered.state == COMPLETED, answered.state_reason
+        assert (TENANT, session_id) in owner.server.mesh.messages._runtimes  # it ran on "a"
+        again = leases._listener  # type: ignore[attr-defined]
+        assert again is not listening and not again.is_closed()
+        # And the bell works on the new connection.
+        answered = await send(other, session_id, "hello again", data({"target_agent": "savant:chat"}))
+        assert answered.state == COMPLETED, answered.state_reason
+
+
+async def test_a_replica_holding_the_agents_stream_that_stops_mid_dispatch_tells_the_owner_at_once() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        settings = _settings(
+            schema, "", lease_ms=2000, renew_ms=500, dispatch={"timeout_ms": 60_000}, policies=POLICIES
+        )
+        owner = await stack.enter_async_context(
+            running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": "a"}}))
+        )
+        working = asyncio.Event()
+
+        async def work(dispatch: Dispatch, reply: Reply) -> None:
+            working.set()
+            await asyncio.sleep(60)  # long work: the holder stops meanwhile
+
+        holding = running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": "b"}}))
+        async with (
+            holding as holder,
+            running_agent(holder, ApprovalAgent(), agent_type=AGENT_TYPE, instance_id="crm-b"),
+            running_agent(holder, work, agent_type="worker", instance_id="worker-b"),
+        ):
+            # One dispatch waits for a human, the other works; then "b" stops gracefully.
+            asking = await new_session(owner)
+            asked = await send(owner, asking, "clean up", data({"target_agent": AGENT_TYPE}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            busy = await new_session(owner)
+            sending = asyncio.create_task(send(owner, busy, "work", data({"target_agent": "worker"})))
+            await asyncio.wait_for(working.wait(), WAIT)
+            # What a relayed dispatch itself tells its owner is slow to go (a busy database, say):
+            # the stop must not depend on it getting through before the dispatch is cancelled.
+            relay = holder.server.mesh.relay
+            assert relay is not None
+            relay_send = relay.send
+
+            async def slow_from_the_dispatch(to_replica: str, item: Any) -> None:
+                task = asyncio.current_task()
+                if task is not None and task.get_name() == "svantic-relayed-dispatch":
+                    await asyncio.sleep(1.0)
+                await relay_send(to_replica, item)
+
+            relay.send = slow_from_the_dispatch  # type: ignore[method-assign]
+            await holder.server.stop()
+            # The owner hears of both now, not at the dispatch's timeout nor the request's expiry.
+            await wait_for_state(owner, asking, asked.message_id, FAILED)
+            await wait_for_state(owner, busy, (await sending).message_id, FAILED)
+        request = await owner.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED  # withdrawn: nobody is asked any more
+
+
+async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_the_owners_work() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b")
+        ]
+        working, told = asyncio.Event(), asyncio.Event()
+
+        async def work(dispatch: Dispatch, reply: Reply) -> None:
+            working.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                told.set()
+                raise
+
+        asking = ToolAgent()
+        async with (
+            running_agent(owner, work, agent_type="worker", instance_id="worker-a"),
+            running_agent(owner, asking, agent_type="tools", instance_id="tools-a"),
+        ):
+            # A message at work on its owner "a", canceled through "b".
+            busy = await new_session(owner)
+            sending = asyncio.create_task(send(owner, busy, "work", data({"target_agent": "worker"})))
+            await asyncio.wait_for(working.wait(), WAIT)
+            message_id = (
+                (await owner.server.mesh.store.list_messages(tenant_id=TENANT, session_id=busy))
+                .messages[0]
+                .message_id
+            )
+            canceled = await cancel_message(other, busy, message_id, reason="not needed after all")
+            assert canceled.state == CANCELED and canceled.state_reason == "not needed after all"
+            await asyncio.wait_for(told.wait(), WAIT)  # the agent was told to stop
+            assert (await sending).state == CANCELED
+            # A message waiting for a human on "a", canceled through "b": the request is withdrawn too.
+            waiting = await new_session(owner)
+            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+            asked = await send(owner, waiting, "clean up", data({"target_agent": "tools", **calls}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            canceled = await cancel_message(other, waiting, asked.message_id)
+            assert canceled.state == CANCELED
+            await asyncio.wait_for(asking.cancelled.wait(), WAIT)
+        request = await owner.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED
+        for session_id in (busy, waiting):
+            log = await owner.server.mesh.store.list_events(
+                tenant_id=TENANT, session_id=session_id, limit=1000
+            )
+            ended = [
+                e.payload
+                for e in log
+                if isinstance(e.payload, MessageStateChanged) and e.payload.to_state.terminal
+            ]
+            assert [p.to_state for p in ended] == [MessageState.CANCELED]  # once, by the owner
+
+
+async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica_that_takes_it() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, other = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b")
+        ]
+        async with running_agent(owner, ToolAgent(), agent_type="tools", instance_id="tools-a"):
+            session_id = await new_session(owner)
+            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            # "a" hangs: it renews nothing any more and its lease runs out.
+            _stop_sweeping(owner)
+            _stop_sweeping(other)  # "b" takes the session for the cancel, not by its own sweep
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            canceled = await cancel_message(other, session_id, asked.message_id, reason="never mind")
+            assert canceled.state == CANCELED and canceled.state_reason == "never mind"
+            assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
+            request = await other.server.mesh.inputs.get(TENANT, request_id)
+            assert request.state is InputState.CANCELED
+
+
+async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cleanly() -> None:
+    async with _schema() as schema, AsyncExitStack() as stack:
+        more = {"policies": [PLANS], "lease_ms": 2000, "renew_ms": 500}
+        first = running_server(env=ENV, **_settings(schema, "a", **more))
+        owner = await first.__aenter__()
+        try:
+            other = await stack.enter_async_context(running_server(env=ENV, **_settings(schema, "b", **more)))
+            # A plan waiting for its sign-off on "a" (no agent's stream involved).
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "do the plan", data(PLAN))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+            # "a" hangs; "b" takes the session over; "a" is stopped before it noticed.
+            _stop_sweeping(owner)
+            _stop_sweeping(other)
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            # Its stop cancels the message still running there; the writes that go with it are
+            # refused (the lease moved on), and the stop carries on regardless.
+            await owner.server.mesh.messages.close()
+        finally:
+            await first.__aexit__(None, None, None)
+        # What "a" tried to write on its way out was refused: the plan still waits on "b".
+        assert await _lease(schema, session_id) == ("b", 2)
+        message = await other.server.mesh.store.get_message(
+            tenant_id=TENANT, session_id=session_id, message_id=asked.message_id
+        )
+        assert message is not None and message.state is MessageState.INPUT_REQUIRED
+        request = await other.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.PENDING
