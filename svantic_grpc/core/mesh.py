@@ -221,9 +221,8 @@ class Mesh:
             metrics=metrics,
             ownership=self.ownership,
         )
-        self.messages.relay = (
-            self.relay
-        )  # a cancel on a replica that does not own the session goes to its owner
+        # A cancel on a replica that does not own the session goes to its owner through the relay.
+        self.messages.relay = self.relay
         self.recovery = Recovery(
             store=store,
             sessions=self.sessions,
