@@ -117,14 +117,21 @@ _NO_PARENT = Context()
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    """A call's span attributes, given when it starts (one attribute set later takes a lock each).
+
+    ``rpc.method`` is the fully-qualified name, as the current semantic conventions have it (they
+    deprecate ``rpc.service``, whose value it includes). The status code is given as ``OK``
+    and replaced when the call ends otherwise: most calls end OK, and then nothing is set after
+    the start.
+    """
+    return {"rpc.system": "grpc", "rpc.method": method.lstrip("/"), "rpc.grpc.status_code": "OK"}
 
 
 def _end(span: Span, code: str, *, ended: bool = True) -> None:
-    """Give ``span`` the call's status ``code``; end it unless its context manager does."""
-    span.set_attribute("rpc.grpc.status_code", code)
+    """Give ``span`` the call's status ``code`` (unless ``OK``, given at its start); end it unless
+    its context manager does."""
     if code != "OK":
+        span.set_attribute("rpc.grpc.status_code", code)
         span.set_status(StatusCode.ERROR, code)
     if ended:
         span.end()
