@@ -778,6 +778,8 @@ def _otlp_sink() -> str:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # one connection kept for all exports, as a collector would
+
         def do_POST(self) -> None:
             _EXPORTS.append(len(self.rfile.read(int(self.headers.get("content-length") or 0))))
             self.send_response(200)
