@@ -31,8 +31,12 @@ share an event loop or the GIL, all on 127.0.0.1:
   agent, with ``metrics.enabled`` false and no tracing. With ``--observability``
   the **mesh** mode runs with metrics on and tracing on: every span sampled
   (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a sink in
-  the parent process that answers 200. The ratio mesh/mesh-off is what
-  observability costs (target >= 0.9x).
+  the parent process that reads the bytes and answers 200. The ratio
+  mesh/mesh-off is what observability costs (target >= 0.9x); each round's
+  pair and the servers' CPU per message are printed beside it, and with
+  ``--py-spy`` the share of the traced server's samples that OpenTelemetry
+  takes (its export thread included). The agents and the client make no spans.
+  ``bench/tracing_floor.py`` gives the SDK's own cost per message.
 * **direct** and **hosted** (``--hosted``, optional; issue 12 item 1): a plain
   a2a-sdk JSON-RPC echo agent server in its own process, called by the client
   directly with a2a-sdk's streaming client (the call the mesh makes), and through
