@@ -115,16 +115,20 @@ class PrometheusMetrics(Metrics):
             ("change",),
             registry=r,
         )
-        self._rpc_series: dict[tuple[str, str], Any] = {}
+        self._rpc_series: dict[tuple[str, ...], Any] = {}
         """The RPC histogram's child per (method, code): ``labels()`` looked up once, not per call."""
+        self._dispatch_series: dict[tuple[str, ...], Any] = {}
+        self._message_series: dict[tuple[str, ...], Any] = {}
 
     # The core's events
 
     def dispatch_done(self, *, agent_type: str, transport: str, outcome: str, latency_s: float) -> None:
-        self._dispatch.labels(agent_type, transport or "unknown", outcome).observe(latency_s)
+        _series(self._dispatch_series, self._dispatch, agent_type, transport or "unknown", outcome).observe(
+            latency_s
+        )
 
     def message_done(self, *, state: str, latency_s: float) -> None:
-        self._message.labels(state).observe(latency_s)
+        _series(self._message_series, self._message, state).observe(latency_s)
 
     def input_ended(self, *, surface: str, outcome: str, latency_s: float) -> None:
         self._input.labels(surface, outcome).observe(latency_s)
@@ -143,10 +147,7 @@ class PrometheusMetrics(Metrics):
 
     def rpc_done(self, method: str, code: str, latency_s: float) -> None:
         """One gRPC call ended with ``code`` (a ``grpc.StatusCode`` name) after ``latency_s``."""
-        series = self._rpc_series.get((method, code))
-        if series is None:  # methods and codes are bounded: the server's methods, grpc's codes
-            series = self._rpc_series[(method, code)] = self._rpc.labels(method, code)
-        series.observe(latency_s)
+        _series(self._rpc_series, self._rpc, method, code).observe(latency_s)
 
     # Scraping
 
@@ -167,6 +168,15 @@ class PrometheusMetrics(Metrics):
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return [Route("/metrics", scrape, methods=["GET"])]
+
+
+def _series(cache: dict[tuple[str, ...], Any], histogram: Histogram, *labels: str) -> Any:
+    """``histogram``'s child for ``labels``, from ``cache`` once made (label values are bounded:
+    methods, codes, agent types, transports, states), so the hot path skips ``labels()``'s checks."""
+    series = cache.get(labels)
+    if series is None:
+        series = cache[labels] = histogram.labels(*labels)
+    return series
 
 
 def _replace(gauge: Gauge, values: dict[str, int]) -> None:

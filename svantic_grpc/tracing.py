@@ -19,12 +19,22 @@ resolution answering it is its child, linked to the call that carried the answer
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.trace import Link, Span, SpanKind, Tracer, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    Tracer,
+    TracerProvider,
+)
 
 from svantic_grpc.core.tracing import Tracing
 
@@ -45,15 +55,10 @@ class OtelTracing(Tracing):
         self._inputs: dict[str, Span] = {}
         """Spans of pending input requests raised in this process, by request id (oldest first)."""
 
-    @contextmanager
-    def dispatch(self, *, agent_type: str, instance_id: str) -> Iterator[Mapping[str, str]]:
+    def dispatch(self, *, agent_type: str, instance_id: str) -> AbstractContextManager[Mapping[str, str]]:
         attributes = {"svantic.agent_type": agent_type, "svantic.instance_id": instance_id}
-        with self._tracer.start_as_current_span(
-            f"dispatch {agent_type}", kind=SpanKind.CLIENT, attributes=attributes
-        ):
-            headers: dict[str, str] = {}
-            propagate.inject(headers)
-            yield headers
+        span = self._tracer.start_span(f"dispatch {agent_type}", kind=SpanKind.CLIENT, attributes=attributes)
+        return _Current(span)
 
     def input_raised(self, *, request_id: str, kind: str, session_id: str) -> None:
         attributes = {
@@ -85,6 +90,46 @@ class OtelTracing(Tracing):
             f"resolve {surface}", context=parent, kind=SpanKind.INTERNAL, links=links, attributes=attributes
         ):
             yield
+
+
+class _Current(AbstractContextManager[Mapping[str, str]]):
+    """``span`` current inside, ended on exit (an exception recorded, as ``use_span`` does); yields
+    the W3C headers that continue its trace.
+
+    What ``start_as_current_span`` and ``propagate.inject`` do, without their generator context
+    managers and propagator lookups: this runs once per dispatch.
+    """
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> Mapping[str, str]:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return w3c_headers(self._span.get_span_context())
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if isinstance(error, Exception) and self._span.is_recording():
+            self._span.record_exception(error)
+            self._span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+        self._span.end()
+        otel_context.detach(self._token)
+
+
+def w3c_headers(span_context: SpanContext) -> dict[str, str]:
+    """The W3C ``traceparent`` (and ``tracestate``) continuing ``span_context``, formatted as
+    OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the current context,
+    the global propagator's headers (which add it)."""
+    if baggage.get_all():
+        headers: dict[str, str] = {}
+        propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
+        return headers
+    ids = f"{span_context.trace_id:032x}-{span_context.span_id:016x}"
+    headers = {"traceparent": f"00-{ids}-{span_context.trace_flags:02x}"}
+    if span_context.trace_state:
+        headers["tracestate"] = span_context.trace_state.to_header()
+    return headers
 
 
 def http_middleware(app: Any, provider: TracerProvider) -> Any:

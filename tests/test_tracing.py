@@ -8,7 +8,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 import httpx
+import pytest
 from a2a.client import ClientCallContext
 from a2a.helpers import new_data_part
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
@@ -18,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanContext, SpanKind
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from svantic_grpc.config import parse_settings
 from svantic_grpc.connected_agent import Dispatch, Reply
@@ -87,6 +89,20 @@ async def test_one_trace_spans_the_clients_call_the_mesh_and_the_hosted_agent() 
     assert dispatch.parent is not None and dispatch.parent.span_id == rpc.context.span_id
     [seen] = echo.seen
     assert seen.traceparent == f"00-{TRACE_ID}-{format(dispatch.context.span_id, '016x')}-01"
+
+
+async def test_a_failed_call_s_span_carries_its_status_code() -> None:
+    async with traced_server() as (client, exporter):
+        with pytest.raises(aio.AioRpcError) as failed:
+            await client.sessions.GetSession(
+                session_service_pb2.GetSessionRequest(session_id="ses_missing"), metadata=await client.md()
+            )
+        assert failed.value.code() is grpc.StatusCode.NOT_FOUND
+    [rpc] = [s for s in exporter.get_finished_spans() if s.name == "/svantic.v1.SessionService/GetSession"]
+    assert rpc.attributes is not None
+    assert rpc.attributes["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert rpc.attributes["rpc.method"] == "svantic.v1.SessionService/GetSession"
+    assert rpc.status.status_code is StatusCode.ERROR
 
 
 async def test_a_connected_agents_handler_continues_the_trace_of_its_dispatch() -> None:

@@ -13,8 +13,10 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from opentelemetry.trace import SpanKind, StatusCode, Tracer
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 
 __all__ = [
     "Observe",
@@ -23,7 +25,6 @@ __all__ = [
     "observed_stream",
     "observed_unary",
     "traced_stream",
-    "traced_unary",
 ]
 
 Observe = Callable[[str, str, float], None]
@@ -33,9 +34,23 @@ Unary = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 Streaming = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
 
 
-def observed_unary(behavior: Unary, method: str, observe: Observe) -> Unary:
+def observed_unary(behavior: Unary, method: str, observe: Observe | None, tracer: Tracer | None) -> Unary:
+    """``behavior`` reported to ``observe`` (metrics) and/or run in a server span of ``tracer``.
+
+    One wrapper for both, on the path of every unary call: the status code is read once, and
+    the span is started and made current directly (``start_span`` and ``attach``), which is
+    what ``start_as_current_span`` does through two generator context managers per call.
+    """
+    if tracer is None and observe is None:
+        return behavior
+    attributes = _rpc_attributes(method)
+
     async def observed(request: Any, context: aio.ServicerContext) -> Any:
         began = time.perf_counter()
+        span = None
+        if tracer is not None:
+            span = tracer.start_span(method, _parent(context), SpanKind.SERVER, attributes)
+            token = otel_context.attach(set_span_in_context(span))
         code = "UNKNOWN"
         try:
             response = await behavior(request, context)
@@ -48,7 +63,11 @@ def observed_unary(behavior: Unary, method: str, observe: Observe) -> Unary:
             code = _code(context, "UNKNOWN")
             raise
         finally:
-            observe(method, code, time.perf_counter() - began)
+            if span is not None:
+                _end(span, code)
+                otel_context.detach(token)
+            if observe is not None:
+                observe(method, code, time.perf_counter() - began)
 
     return observed
 
@@ -73,19 +92,6 @@ def observed_stream(behavior: Streaming, method: str, observe: Observe) -> Strea
     return observed
 
 
-def traced_unary(behavior: Unary, method: str, tracer: Tracer) -> Unary:
-    async def traced(request: Any, context: aio.ServicerContext) -> Any:
-        with tracer.start_as_current_span(
-            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
-        ) as span:
-            try:
-                return await behavior(request, context)
-            finally:
-                _end(span, context)
-
-    return traced
-
-
 def traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming:
     async def traced(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         with tracer.start_as_current_span(
@@ -95,28 +101,40 @@ def traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming
                 async for response in behavior(request, context):
                     yield response
             finally:
-                _end(span, context)
+                _end(span, _code(context, "OK"), ended=False)
 
     return traced
 
 
-def _parent(context: aio.ServicerContext) -> Any:
+def _parent(context: aio.ServicerContext) -> Context:
     """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata."""
-    return propagate.extract(
-        {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
-    )
+    carrier = {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
+    return propagate.extract(carrier) if carrier else _NO_PARENT
+
+
+_NO_PARENT = Context()
+"""A call without trace metadata: its span starts a trace (what ``extract`` of nothing gives)."""
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    """A call's span attributes, given when it starts (one attribute set later takes a lock each).
+
+    ``rpc.method`` is the fully-qualified name, as the current semantic conventions have it (they
+    deprecate ``rpc.service``, whose value it includes). The status code is given as ``OK``
+    and replaced when the call ends otherwise: most calls end OK, and then nothing is set after
+    the start.
+    """
+    return {"rpc.system": "grpc", "rpc.method": method.lstrip("/"), "rpc.grpc.status_code": "OK"}
 
 
-def _end(span: Any, context: aio.ServicerContext) -> None:
-    code = _code(context, "OK")
-    span.set_attribute("rpc.grpc.status_code", code)
+def _end(span: Span, code: str, *, ended: bool = True) -> None:
+    """Give ``span`` the call's status ``code`` (unless ``OK``, given at its start); end it unless
+    its context manager does."""
     if code != "OK":
+        span.set_attribute("rpc.grpc.status_code", code)
         span.set_status(StatusCode.ERROR, code)
+    if ended:
+        span.end()
 
 
 def _code(context: aio.ServicerContext, default: str) -> str:

@@ -34,7 +34,6 @@ from svantic_grpc.api._telemetry import (
     observed_stream,
     observed_unary,
     traced_stream,
-    traced_unary,
 )
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
@@ -123,9 +122,7 @@ def _wrap(
             except Exception as error:
                 await _fail(context, error, method)
 
-        unary: Unary = unary_response if observe is None else observed_unary(unary_response, method, observe)
-        if tracer is not None:
-            unary = traced_unary(unary, method, tracer)
+        unary: Unary = observed_unary(unary_response, method, observe, tracer)
         factory = {
             "unary_unary": grpc.unary_unary_rpc_method_handler,
             "stream_unary": grpc.stream_unary_rpc_method_handler,

@@ -1,0 +1,256 @@
+"""What tracing costs the mesh per message at the least: the SDK's own price for the spans issue 14 requires.
+
+Run from the repository root::
+
+    .venv/bin/python bench/tracing_floor.py                 # ~30 s
+    .venv/bin/python bench/tracing_floor.py --mesh-ms 1.10  # the mesh-off server's CPU per message
+
+A message through the mesh makes two spans in the server: the ``SendMessage`` call's (the
+interceptor's wrapper, ``api/_telemetry.py``) and its dispatch's (``OtelTracing.dispatch``,
+which also gives the W3C headers for the agent). This runs exactly that code, once per
+"message", around a handler that does nothing, in one process and one event loop, with:
+
+* **metrics**: the wrapper with metrics on and tracing off (the baseline);
+* **spans**: metrics and tracing on, the SDK's ``BatchSpanProcessor`` exporting to an exporter
+  that drops the batch (what starting, ending and queueing the two spans cost);
+* **spans + OTLP**: the same with the OTLP/HTTP exporter the server uses, posting to a sink in
+  another process that discards the bytes (adds encoding and posting);
+* **spans + forward**: not what the server does: each batch flattened to plain values, pickled
+  and written to a child process that discards it, i.e. what this process would still pay if
+  the OTLP encoding ran in another one;
+* **before**: the code this replaced (``start_as_current_span`` twice, ``propagate.extract`` and
+  ``propagate.inject``, ``set_attribute`` of the status) with the OTLP exporter, for comparison.
+
+The variants alternate over ``--rounds`` rounds of ``--messages`` messages each; the figure is
+the median of the process's CPU time (all threads: the export thread's encoding included) per
+message, the batch processor flushed at the end of each round. With ``--mesh-ms``, the mesh
+server's CPU per message with metrics and tracing off, it prints the best throughput ratio
+tracing allows when the server is the bottleneck and costs add up linearly:
+``mesh / (mesh + spans-and-OTLP cost)``. On a busy machine the measured ratio is lower: a slower
+server batches less and each message costs it more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pickle
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from opentelemetry import propagate  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+from opentelemetry.trace import SpanKind, Tracer  # noqa: E402
+
+from svantic_grpc.api._telemetry import observed_unary  # noqa: E402
+from svantic_grpc.metrics import PrometheusMetrics  # noqa: E402
+from svantic_grpc.tracing import OtelTracing  # noqa: E402
+
+METHOD = "/svantic.v1.MessageService/SendMessage"
+SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args): pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+class _Context:
+    """What the wrapper reads of a ``grpc.aio`` servicer context: metadata and the status code."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer x"), ("user-agent", "grpc-python-asyncio/1.85"))
+
+    def code(self) -> None:
+        return None
+
+
+class _Drop(SpanExporter):
+    def export(self, spans: Any) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class _Forward(SpanExporter):
+    """What handing batches to another process would cost this one (not how the server exports):
+    each span flattened to plain values, the batch pickled and written to a child that discards it.
+    The OTLP encoding would then run in that child, off the server's interpreter."""
+
+    def __init__(self) -> None:
+        drain = "import sys\nwhile sys.stdin.buffer.read(1 << 16): pass"
+        self._child = subprocess.Popen([sys.executable, "-c", drain], stdin=subprocess.PIPE)
+
+    def export(self, spans: Any) -> SpanExportResult:
+        assert self._child.stdin is not None
+        pickle.dump([_flat(span) for span in spans], self._child.stdin, protocol=5)
+        self._child.stdin.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        if self._child.stdin is not None:
+            self._child.stdin.close()
+        self._child.wait()
+
+
+def _flat(span: Any) -> tuple[Any, ...]:
+    context, parent, status = span.context, span.parent, span.status
+    return (
+        span.name,
+        (context.trace_id, context.span_id, context.trace_flags, tuple(context.trace_state.items())),
+        (parent.span_id, parent.is_remote) if parent is not None else None,
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        dict(span.attributes),
+        [(e.name, dict(e.attributes or {}), e.timestamp) for e in span.events],
+        [(link.context.trace_id, link.context.span_id, dict(link.attributes or {})) for link in span.links],
+        (status.status_code.value, status.description),
+    )
+
+
+Message = Callable[[], Awaitable[None]]
+
+
+def _mesh_message(tracer: Tracer | None, observe: Any) -> Message:
+    """The interceptor's wrapper around a handler that opens the dispatch span, as the mesh does."""
+    tracing = OtelTracing(tracer) if tracer is not None else None
+    context = _Context()
+
+    async def handler(request: Any, context: Any) -> Any:
+        if tracing is not None:
+            with tracing.dispatch(agent_type="echo", instance_id="echo-bench-1") as headers:
+                assert headers["traceparent"]
+        return request
+
+    wrapped = observed_unary(handler, METHOD, observe, tracer)
+
+    async def message() -> None:
+        await wrapped(b"", context)
+
+    return message
+
+
+def _before(tracer: Tracer, observe: Any) -> Message:
+    """The code this replaced: generator context managers, the global propagators, set_attribute."""
+    context = _Context()
+    attributes = {
+        "rpc.system": "grpc",
+        "rpc.service": "svantic.v1.MessageService",
+        "rpc.method": "SendMessage",
+    }
+
+    async def message() -> None:
+        began = time.perf_counter()
+        carrier = {k: v for k, v in context.invocation_metadata() if k[:5] == "trace"}
+        with tracer.start_as_current_span(
+            METHOD, context=propagate.extract(carrier), kind=SpanKind.SERVER, attributes=attributes
+        ) as span:
+            dispatch = {"svantic.agent_type": "echo", "svantic.instance_id": "echo-bench-1"}
+            with tracer.start_as_current_span("dispatch echo", kind=SpanKind.CLIENT, attributes=dispatch):
+                headers: dict[str, str] = {}
+                propagate.inject(headers)
+            span.set_attribute("rpc.grpc.status_code", "OK")
+        observe(METHOD, "OK", time.perf_counter() - began)
+
+    return message
+
+
+def _provider(exporter: SpanExporter) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": "svantic-grpc"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+async def _round(message: Message, provider: TracerProvider | None, count: int) -> float:
+    began = time.process_time()
+    for _ in range(count):
+        await message()
+    if provider is not None:
+        provider.force_flush()  # the batch's encoding and posting belong to these messages
+    return (time.process_time() - began) / count * 1e6
+
+
+async def run(args: argparse.Namespace, endpoint: str) -> None:
+    observe = PrometheusMetrics().rpc_done
+    dropped, otlp, before, forward = (
+        _provider(_Drop()),
+        _provider(OTLPSpanExporter(endpoint=endpoint)),
+        _provider(OTLPSpanExporter(endpoint=endpoint)),
+        _provider(_Forward()),
+    )
+    variants: dict[str, tuple[Message, TracerProvider | None]] = {
+        "metrics": (_mesh_message(None, observe), None),
+        "spans": (_mesh_message(dropped.get_tracer("svantic_grpc"), observe), dropped),
+        "spans + OTLP": (_mesh_message(otlp.get_tracer("svantic_grpc"), observe), otlp),
+        "before + OTLP": (_before(before.get_tracer("svantic_grpc"), observe), before),
+        "spans + forward": (_mesh_message(forward.get_tracer("svantic_grpc"), observe), forward),
+    }
+    for message, provider in variants.values():  # warm up
+        await _round(message, provider, min(args.messages, 500))
+    cost: dict[str, list[float]] = {name: [] for name in variants}
+    for round_no in range(args.rounds):
+        names = list(variants)
+        names = names[round_no % len(names) :] + names[: round_no % len(names)]
+        for name in names:
+            message, provider = variants[name]
+            cost[name].append(await _round(message, provider, args.messages))
+    for provider in (dropped, otlp, before, forward):
+        provider.shutdown()
+    median = {name: statistics.median(values) for name, values in cost.items()}
+    base = median["metrics"]
+    print(f"{args.rounds} rounds of {args.messages} messages, alternating; CPU µs per message (all threads)")
+    print(f"{'variant':<16}{'median':>9}{'tracing adds':>14}   rounds")
+    for name, values in cost.items():
+        added = median[name] - base
+        each = ", ".join(f"{v:.0f}" for v in values)
+        print(f"{name:<16}{median[name]:>9.1f}{added if name != 'metrics' else 0:>14.1f}   {each}")
+    floor = (median["spans + OTLP"] - base) / 1000
+    forwarded = (median["spans + forward"] - base) / 1000
+    print(
+        f"\ntracing's floor: {floor * 1000:.0f} µs of CPU per message (two spans, OTLP encoding and posting)"
+    )
+    if args.mesh_ms:
+        best = args.mesh_ms / (args.mesh_ms + floor)
+        print(
+            f"against the mesh-off server's {args.mesh_ms:.2f} ms per message: best throughput ratio"
+            f" with tracing on {best:.2f}x (server-bound, costs adding up linearly);"
+            f" {args.mesh_ms / (args.mesh_ms + forwarded):.2f}x if the encoding ran in another process"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # 1,000 messages are 2,000 spans: within the batch processor's queue (2,048), so none is dropped
+    # even when its export thread falls behind.
+    parser.add_argument("--messages", type=int, default=1000, help="messages per variant per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--mesh-ms", type=float, default=0.0, help="mesh-off server CPU ms per message")
+    args = parser.parse_args()
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        asyncio.run(run(args, f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"))
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+if __name__ == "__main__":
+    main()
