@@ -16,6 +16,8 @@ Scopes are checked by the core, next to what they protect.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +42,7 @@ from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
 from svantic_grpc.core.log_context import SESSION_ID
 
-__all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor"]
+__all__ = ["OPEN_METHOD_PREFIXES", "MeshInterceptor", "drain_refused"]
 
 _log = logging.getLogger(__name__)
 
@@ -108,7 +110,12 @@ def _wrap(
         if not streamed_requests:
             SESSION_ID.set(getattr(request, "session_id", ""))  # this call's task only: its log lines
         if issuer is not None:
-            set_caller(issuer.verify(_bearer_token(context)))
+            try:
+                set_caller(issuer.verify(_bearer_token(context)))
+            except MeshError:
+                if streamed_requests:
+                    await drain_refused(request)
+                raise
         return checked(request, method, undecodable) if streamed_requests else request
 
     streamed = handler.unary_stream or handler.stream_stream
@@ -197,6 +204,27 @@ def _bearer_token(context: aio.ServicerContext) -> str:
         "this call needs an 'authorization: Bearer <token>' header; get a token with AuthService.GetToken",
         reason="NO_TOKEN",
     )
+
+
+async def drain_refused(requests: AsyncIterator[Any]) -> None:
+    """Read what a refused client is already sending, up to its end (a few messages, briefly).
+
+    A streaming client whose call ends with a status while it is still writing may be told
+    INTERNAL ("Failed execute_batch") by its own library instead of that status (grpc
+    Python's client does so now and then); letting its first writes and its half-close land
+    first shows it the status. Bounded: a client that keeps writing is refused all the same.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DRAIN_S):
+            read = 0
+            async for _ in requests:
+                read += 1
+                if read >= _DRAIN_MESSAGES:
+                    return
+
+
+_DRAIN_S = 0.2
+_DRAIN_MESSAGES = 16
 
 
 async def _fail(context: aio.ServicerContext, error: Exception, method: str) -> None:

@@ -14,6 +14,7 @@ from svantic_grpc.api import _wkt, convert
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.api.convert_inputs import request_to_pb
 from svantic_grpc.api.convert_messages import dispatch_to_pb, update_from_pb
+from svantic_grpc.api.interceptors import drain_refused
 from svantic_grpc.core.dispatch import AgentConnection, DispatchUpdate, Outbound
 from svantic_grpc.core.errors import InvalidArgument, MeshError
 from svantic_grpc.core.mesh import Mesh
@@ -84,9 +85,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         first = await anext(requests, None)
         if first is None:
             return
-        if first.WhichOneof("payload") != "hello":
-            raise InvalidArgument("hello", "the first message on Connect must be hello")
-        connection = await self._connections.attach(caller, first.hello.instance_id)
+        try:
+            if first.WhichOneof("payload") != "hello":
+                raise InvalidArgument("hello", "the first message on Connect must be hello")
+            connection = await self._connections.attach(caller, first.hello.instance_id)
+        except MeshError:
+            await drain_refused(requests)  # the agent's own writes land first: it sees this status
+            raise
         reader = asyncio.create_task(self._read(connection, requests))
         try:
             interval_ms = int(self._registry.heartbeat_timeout_s * 1000 / 3)
