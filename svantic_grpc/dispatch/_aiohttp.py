@@ -88,8 +88,8 @@ class AgentHttpClient(httpx.AsyncClient):
         auth: httpx._types.AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
         follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
-        if not isinstance(auth, UseClientDefault) or follow_redirects is True:
-            raise NotImplementedError("auth flows and redirects are not used for calls to agents")
+        if not isinstance(auth, UseClientDefault) or follow_redirects is True:  # not asked by the mesh
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         request.extensions.setdefault("timeout", self.timeout.as_dict())
