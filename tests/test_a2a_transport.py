@@ -215,3 +215,73 @@ async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
     assert len(seen) == 2
     assert "Cookie" not in seen[1].headers
     assert seen[1].headers["Authorization"] == "Bearer token"
+
+
+@pytest.fixture
+async def lingering_agent_url() -> AsyncIterator[tuple[str, asyncio.Event, list[int]]]:
+    """An agent that answers (completed) but keeps its stream open until the test releases it;
+    it records the client port of each call."""
+    release = asyncio.Event()
+    ports: list[int] = []
+
+    async def call(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ports.append(peer[1] if peer else 0)
+        body = await request.json()
+        context_id = body["params"]["message"]["contextId"]
+        result = {
+            "statusUpdate": {
+                "taskId": "t1",
+                "contextId": context_id,
+                "status": {"state": "TASK_STATE_COMPLETED"},
+            }
+        }
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(
+            f"data: {json.dumps({'jsonrpc': '2.0', 'id': body['id'], 'result': result})}\r\n\r\n".encode()
+        )
+        await release.wait()
+        await response.write_eof()
+        return response
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url, release, ports
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_a_message_ends_at_the_final_state_and_the_stream_s_end_still_keeps_the_connection(
+    lingering_agent_url: tuple[str, asyncio.Event, list[int]],
+) -> None:
+    url, release, ports = lingering_agent_url
+    transport = A2ATransport()
+    agent = AgentRegistration("acme", "echo", "echo-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+    try:
+        for session_id in ("s1", "s2"):
+            message = Message(
+                "acme", session_id, "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0
+            )
+            job = DispatchJob(f"dsp_{session_id}", "acme", session_id, agent, message, lambda: "token", 0.0)
+            updates = [update async for update in transport.dispatch(job)]
+            # The final state came while the agent still held its stream open.
+            assert [u.state for u in updates] == [MessageState.COMPLETED]
+            assert not release.is_set()
+            release.set()  # the agent ends its stream; the transport reads that end on its own
+            for _ in range(200):  # bounded: until that read is done and the connection is pooled
+                if not transport._finishing:
+                    break
+                await asyncio.sleep(0.01)
+            release.clear()
+    finally:
+        await transport.close()
+    assert len(ports) == 2
+    assert ports[0] == ports[1], "the second call opened a new connection"
