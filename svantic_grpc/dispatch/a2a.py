@@ -121,8 +121,6 @@ class A2ATransport:
         self._protocols: dict[str, str] = {}
         """Per agent URL: the binding of its client (kept when the client is dropped, until the next)."""
         self._lock = asyncio.Lock()
-        self._finishing: set[asyncio.Task[None]] = set()
-        """Streams whose final update went out, read to their end so their connection is reused."""
 
     def protocol_for(self, agent: AgentRegistration) -> str:
         """``a2a-jsonrpc`` or ``a2a-grpc``: what the mesh speaks with the card read from the agent's URL,
@@ -167,11 +165,8 @@ class A2ATransport:
                 answer: InputRequest | None = None
                 # A fresh token per call: an answer may come long after the first token expired.
                 context = _signed(job)
-                stream = cast(
-                    "AsyncGenerator[Any, None]", client.send_message(_request(message), context=context)
-                )
-                handed_off = False
-                try:
+                call = client.send_message(_request(message), context=context)
+                async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
                         delivered = True
                         update, task_id = _update_from(event, task_id)
@@ -183,14 +178,11 @@ class A2ATransport:
                             break
                         # Mark the end before yielding: the caller stops reading after a final update.
                         ended = update.state in _ENDS
-                        if ended:  # the caller has its answer now; the stream's end is read meanwhile
-                            handed_off = self._finish_later(stream)
+                        if ended:
+                            await _drain(stream)
                         yield update
                         if ended:
                             return
-                finally:
-                    if not handed_off:
-                        await stream.aclose()
                 if answer is None:
                     break
                 message = _answer_message(job, task_id, answer)
@@ -216,15 +208,6 @@ class A2ATransport:
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
 
-    def _finish_later(self, stream: AsyncGenerator[Any, None]) -> bool:
-        """Read the rest of ``stream`` (an A2A server ends it after the final update) in the
-        background and close it: the HTTP response is then read whole and its connection goes
-        back to the pool, and the message's end does not wait for the stream's."""
-        task = asyncio.create_task(_finish(stream))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-        return True
-
     async def probe(self, agent: AgentRegistration) -> None:
         """GET the agent's card: a light sign of life from an agent that cannot heartbeat.
 
@@ -236,10 +219,6 @@ class A2ATransport:
         response.raise_for_status()
 
     async def close(self) -> None:
-        finishing, self._finishing = self._finishing, set()
-        for task in finishing:
-            task.cancel()
-        await asyncio.gather(*finishing, return_exceptions=True)
         clients, self._clients = self._clients, {}
         for client in clients.values():
             with contextlib.suppress(Exception):
@@ -284,18 +263,14 @@ def _never_sent(cause: BaseException | None) -> bool:
     return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _finish(stream: AsyncGenerator[Any, None]) -> None:
+async def _drain(stream: AsyncGenerator[Any, None]) -> None:
     """Read what follows a final update up to the stream's end (an A2A server ends it there), so
     the HTTP response is read whole and its connection goes back to the pool for the next call
     instead of being closed; an agent that keeps the stream open past ``_DRAIN_S`` loses it."""
-    try:
-        with contextlib.suppress(Exception, TimeoutError):
-            async with asyncio.timeout(_DRAIN_S):
-                async for _ in stream:
-                    pass
-    finally:
-        with contextlib.suppress(Exception):
-            await stream.aclose()
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in stream:
+                pass
 
 
 async def _cancel_quietly(client: Client, task_id: str, context: ClientCallContext) -> None:
