@@ -16,7 +16,8 @@ Target: hosted/direct >= 0.9x at 1 and 16 clients, and the mesh server's CPU per
 message <= 2 ms. With ``--py-spy`` the mesh server is also sampled during the first hosted
 window of each concurrency. The direct client's own CPU (a2a-sdk over httpx, ~2 ms per
 message) is not the mesh's: when the machine is busy, hosted/direct swings widely between
-rounds, and the mesh server's CPU per message is the steadier figure.
+rounds, and the mesh server's CPU per message is the steadier figure; it too grows with the
+load, so it is also printed beside the connected path's CPU per message in the same run.
 """
 
 from __future__ import annotations
@@ -244,6 +245,16 @@ def print_hosted(rows: Sequence[_Row], concurrencies: Sequence[int], median: Cal
             f"{'MET' if ok else 'NOT MET'}) | mesh server cpu per hosted message {server_ms:.2f} ms "
             f"(target <= {TARGET_SERVER_CPU_MS:g} ms: {'MET' if cpu_ok else 'NOT MET'})"
         )
+        # The steadier comparison on a busy machine: the connected path's CPU in the same run
+        # inflates with the load as the hosted path's does.
+        connected = [r for r in rows if r.mode == "mesh" and r.concurrency == concurrency]
+        if connected:
+            connected_ms = statistics.median(_per_message(r, "server") for r in connected)
+            print(
+                f"c={concurrency}: mesh server cpu per message, same run: hosted {server_ms:.2f} ms, "
+                f"connected {connected_ms:.2f} ms (hosted/connected {server_ms / connected_ms:.2f}x, "
+                f"hosted path's extra {server_ms - connected_ms:.2f} ms)"
+            )
 
 
 def _per_message(row: _Row, process: str) -> float:

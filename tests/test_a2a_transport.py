@@ -8,6 +8,7 @@ connection attempt times out rather than being refused).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -142,3 +143,75 @@ async def test_an_agent_that_hangs_up_after_the_request_failed_the_dispatch_with
                 pass
     finally:
         await transport.close()
+
+
+@pytest.fixture
+async def cookie_agent_url() -> AsyncIterator[tuple[str, list[web.Request]]]:
+    """An agent that answers each call (one artifact, completed) with a cookie set, over SSE."""
+    seen: list[web.Request] = []
+
+    async def call(request: web.Request) -> web.StreamResponse:
+        seen.append(request)
+        body = await request.json()
+        task_id = f"task-{len(seen)}"
+        context_id = body["params"]["message"]["contextId"]
+        results = [
+            {"task": {"id": task_id, "contextId": context_id, "status": {"state": "TASK_STATE_SUBMITTED"}}},
+            {
+                "artifactUpdate": {
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "artifact": {"artifactId": "a1", "name": "echo", "parts": [{"text": "echo"}]},
+                }
+            },
+            {
+                "statusUpdate": {
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "status": {"state": "TASK_STATE_COMPLETED"},
+                }
+            },
+        ]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.set_cookie("agent-session", context_id)
+        await response.prepare(request)
+        for result in results:
+            event = {"jsonrpc": "2.0", "id": body["id"], "result": result}
+            await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+        await response.write_eof()
+        return response
+
+    runner = web.AppRunner(web.Application())
+    app = runner.app
+    app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url, seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
+    cookie_agent_url: tuple[str, list[web.Request]],
+) -> None:
+    url, seen = cookie_agent_url
+    transport = A2ATransport()
+    agent = AgentRegistration("acme", "echo", "echo-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+    try:
+        for session_id in ("s1", "s2"):
+            message = Message(
+                "acme", session_id, "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0
+            )
+            job = DispatchJob(f"dsp_{session_id}", "acme", session_id, agent, message, lambda: "token", 0.0)
+            updates = [update async for update in transport.dispatch(job)]
+            assert updates[-1].state is MessageState.COMPLETED
+            assert [a.name for u in updates for a in u.artifacts] == ["echo"]
+    finally:
+        await transport.close()
+    assert len(seen) == 2
+    assert "Cookie" not in seen[1].headers
+    assert seen[1].headers["Authorization"] == "Bearer token"

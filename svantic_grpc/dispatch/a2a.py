@@ -39,6 +39,7 @@ from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
+    SendMessageConfiguration,
     SendMessageRequest,
     TaskState,
 )
@@ -62,7 +63,7 @@ from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
-from svantic_grpc.dispatch._aiohttp import AiohttpTransport
+from svantic_grpc.dispatch._aiohttp import AgentHttpClient
 
 __all__ = ["A2ATransport"]
 
@@ -103,12 +104,10 @@ class A2ATransport:
         probe_timeout_s: float = 5.0,
     ) -> None:
         self._probe_timeout = httpx.Timeout(probe_timeout_s)
-        self._http = httpx.AsyncClient(
+        # aiohttp carries the bytes: far less CPU per call than httpx's own stack.
+        self._http = AgentHttpClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            # aiohttp carries the bytes: far less CPU per call than httpx's own stack.
-            transport=AiohttpTransport(
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
-            ),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._factory = ClientFactory(
             ClientConfig(
@@ -166,7 +165,7 @@ class A2ATransport:
                 answer: InputRequest | None = None
                 # A fresh token per call: an answer may come long after the first token expired.
                 context = _signed(job)
-                call = client.send_message(SendMessageRequest(message=message), context=context)
+                call = client.send_message(_request(message), context=context)
                 async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
                         delivered = True
@@ -225,6 +224,14 @@ class A2ATransport:
             with contextlib.suppress(Exception):
                 await client.close()
         await self._http.aclose()
+
+
+_NO_HISTORY = SendMessageConfiguration(history_length=0)
+"""The mesh keeps the conversation itself: the agent need not send the task's history back."""
+
+
+def _request(message: A2AMessage) -> SendMessageRequest:
+    return SendMessageRequest(message=message, configuration=_NO_HISTORY)
 
 
 def _signed(job: DispatchJob) -> ClientCallContext:

@@ -1,0 +1,137 @@
+"""The hosted path, before and after: two mesh servers from two source trees, one hosted agent.
+
+    git worktree add /tmp/before <commit>   # or: git archive <commit> | tar -x -C /tmp/before
+    .venv/bin/python bench/hosted_ab.py --before /tmp/before --concurrency 1,16 --cycles 6
+
+Both meshes (``message_roundtrip.py --role mesh-server``, each run from its own tree with that
+tree first on ``PYTHONPATH``) have the same a2a-sdk JSON-RPC echo agent registered as hosted
+(``bench/_hosted.py``). This process is the client: ``SendMessage`` to a mesh, a session per
+client task, as ``message_roundtrip.py --hosted`` does. It sends to one mesh for ``--seconds``,
+then to the other, and again, swapping which goes first each cycle, so both see the same
+machine load; per block it reads each mesh server's CPU from /proc. It prints, per mesh, the
+median CPU per message and msgs/s, and the medians of the per-cycle after/before ratios: on a
+shared machine the ratios are far steadier than either figure alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _hosted
+from _child import ROOT
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def _worker(call: _hosted.Call, stop: float, done: list[int]) -> None:
+    while time.perf_counter() < stop:
+        await call()
+        done[0] += 1
+
+
+async def _start(tree: Path, role: str, max_seconds: float) -> tuple[asyncio.subprocess.Process, str]:
+    """``tree``'s ``message_roundtrip.py`` in ``role``; its first protocol line's value (port or URL)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(tree / "bench" / "message_roundtrip.py"),
+        "--role",
+        role,
+        "--max-seconds",
+        str(max_seconds),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().split()
+    if len(line) < 2:
+        raise RuntimeError(f"{role} from {tree} did not start")
+    return process, line[1]
+
+
+async def main(args: argparse.Namespace) -> None:
+    from grpc import aio
+
+    trees = {"before": args.before, "after": ROOT}
+    life = 120 + args.cycles * args.seconds * 2 * len(args.concurrency) * 2
+    processes: list[asyncio.subprocess.Process] = []
+    channels = {}
+    try:
+        agent, url = await _start(ROOT, "hosted-agent", life)
+        processes.append(agent)
+        pids = {}
+        for name, tree in trees.items():
+            mesh, port = await _start(tree, "mesh-server", life)
+            processes.append(mesh)
+            pids[name] = mesh.pid
+            await _hosted.register(f"127.0.0.1:{port}", url)
+            channels[name] = aio.insecure_channel(f"127.0.0.1:{port}")
+        print(f"before: {trees['before']} | after: {trees['after']} | nproc {os.cpu_count()}")
+        for concurrency in args.concurrency:
+            calls = {
+                name: await _hosted.hosted_calls(channel, concurrency) for name, channel in channels.items()
+            }
+            for name in trees:  # warm-up: connections, agent card, first sessions
+                await asyncio.gather(*(call() for call in calls[name] for _ in range(3)))
+            blocks: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+            loads = []
+            for cycle in range(args.cycles):
+                for name in list(trees) if cycle % 2 == 0 else list(reversed(trees)):
+                    done = [0]
+                    stop = time.perf_counter() + args.seconds
+                    cpu, wall = _cpu_s(pids[name]), time.perf_counter()
+                    await asyncio.gather(*(_worker(call, stop, done) for call in calls[name]))
+                    cpu, wall = _cpu_s(pids[name]) - cpu, time.perf_counter() - wall
+                    blocks[name].append((cpu * 1000 / done[0], done[0] / wall))
+                loads.append(os.getloadavg()[0])
+            for name in trees:
+                ms = [b[0] for b in blocks[name]]
+                rate = [b[1] for b in blocks[name]]
+                print(
+                    f"c={concurrency} {name:6s}: mesh server cpu {statistics.median(ms):.2f} ms/msg "
+                    f"(blocks {', '.join(f'{x:.2f}' for x in ms)}), {statistics.median(rate):.0f} msgs/s"
+                )
+            pairs = list(zip(blocks["after"], blocks["before"], strict=True))
+            print(
+                f"c={concurrency} after/before per cycle (median): cpu per message "
+                f"{statistics.median(a[0] / b[0] for a, b in pairs):.2f}x, "
+                f"msgs/s {statistics.median(a[1] / b[1] for a, b in pairs):.2f}x "
+                f"| load average {min(loads):.1f}-{max(loads):.1f}"
+            )
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        for process in processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--before", required=True, type=lambda p: Path(p).resolve(), help="source tree to compare against"
+    )
+    parser.add_argument("--concurrency", default="1,16", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--cycles", type=int, default=6, help="before/after pairs of blocks per concurrency")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one block")
+    asyncio.run(main(parser.parse_args()))
