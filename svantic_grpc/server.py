@@ -215,6 +215,11 @@ class MeshServer:
         except (ValueError, OSError, sqlite3.Error) as exc:  # the store refused or could not open its file
             await self.mesh.stop()
             raise SettingsError(f"store: {exc}") from None
+        except BaseException:
+            # Whatever else failed (a recovery query timing out, a cancel): nothing started keeps
+            # running, so the leases claimed so far lapse to another replica instead of being renewed.
+            await self.mesh.stop()
+            raise
         try:
             await self.http.start()
         except HttpServerError as exc:

@@ -345,3 +345,33 @@ async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cl
         assert message is not None and message.state is MessageState.INPUT_REQUIRED
         request = await other.server.mesh.inputs.get(TENANT, request_id)
         assert request.state is InputState.PENDING
+
+
+async def test_a_replica_whose_start_up_recovery_fails_lets_its_claimed_leases_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lease_s = 1.0
+    async with _schema() as schema:
+        settings = _settings(schema, "a", lease_ms=int(lease_s * 1000), renew_ms=200)
+        async with running_server(env=ENV, **settings) as first:
+            session_id = await new_session(first)
+
+        async def failing(self: Recovery, *args: Any, **kwargs: Any) -> Any:
+            raise asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout")
+
+        monkeypatch.setattr(Recovery, "_recover", failing)
+        with pytest.raises(asyncpg.PostgresError):
+            async with running_server(env=ENV, **settings):
+                pass
+        assert not [t for t in asyncio.all_tasks() if "lease" in t.get_name() and not t.done()]
+        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+        try:
+            await asyncio.sleep(2 * lease_s)  # a renewal would have pushed the expiry on by now
+            left = await conn.fetchval(
+                f'SELECT expires_at - extract(epoch from clock_timestamp()) FROM "{schema}".leases '
+                "WHERE session_id = $1",
+                session_id,
+            )
+        finally:
+            await conn.close()
+        assert left is not None and left < 0, "the failed replica still renews the lease"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 
 from svantic_grpc.core._subscriptions import Subscription
@@ -34,6 +35,7 @@ from svantic_grpc.core.store import MessagePage, Store
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
 MAX_PARTS = 64
+_log = logging.getLogger(__name__)
 _AWAY = "handed-off-"
 """Name prefix of the task that follows a message run by another replica."""
 MAX_TOTAL_BYTES = 4 * 1024 * 1024
@@ -428,8 +430,10 @@ class Messages:
             if not await self._ownership.runs_here(tenant_id, session_id):
                 return  # moved on: the asking replica asks the new owner
             await self._cancel_here(tenant_id, session_id, message_id, item.reason)
-        except (MeshError, AssertionError):
+        except MeshError:
             return  # ended meanwhile, or gone: the asking replica reads what happened
+        except Exception:  # the store unreachable, a bug: logged; the asking replica asks again
+            _log.exception("cancel of message %s asked by replica %s failed", message_id, item.sender)
 
     async def recover(
         self,
