@@ -8,8 +8,9 @@ from the mesh's token signing key, for the console's audience only) in an ``Http
 and it is no bearer token for the gRPC API. Every state-changing request must also carry
 the login's CSRF token, derived from the login under the same key.
 
-Signing out is kept in the store (a small record naming the login, until the login would
-have expired), so a copied cookie is worthless from then on, on every replica.
+Signing out is kept in the store (a small record naming the login), so a copied cookie is
+worthless from then on, on every replica. The records are not deleted when their login
+expires (the README says so).
 """
 
 from __future__ import annotations
