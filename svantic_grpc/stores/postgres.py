@@ -72,10 +72,8 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
-        self._rings: set[tuple[str, str]] = set()
-        """Sessions whose logs the transaction in flight appends to (one committer at a time)."""
-        self.channel = f"svantic_events_{zlib.crc32(schema.encode()):08x}"
-        """The LISTEN/NOTIFY channel of this schema's event bell."""
+        self.bell_prefix = f"svantic_events_{zlib.crc32(schema.encode()):08x}_"
+        """Where the channels of this schema's event bell start (``bell_of`` names a session's)."""
         self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
         """The channel that tells a replica a message was handed to it (the payload names it)."""
         self.relay_channel = f"svantic_relay_{zlib.crc32(schema.encode()):08x}"
@@ -86,7 +84,7 @@ class PostgresStore(Store):
         """The fence of each session this replica leases: its writes there check it (``_pg_leases``)."""
 
     def event_bell(self) -> PostgresBell:
-        return PostgresBell(self._dsn, self.channel)
+        return PostgresBell(self._dsn, self.bell_prefix)
 
     def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> PgLeases:
         return PgLeases(self, replica_id=replica_id, lease_s=lease_s, renew_s=renew_s)
@@ -127,6 +125,7 @@ class PostgresStore(Store):
             min_size=1,
             max_size=self._pool_size,
             server_settings={"search_path": self._schema, "application_name": "svantic-grpc"},
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
@@ -348,16 +347,8 @@ class PostgresStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
-        append = _append_op(tenant_id, session_id, time, payloads, self._rings)
-        fenced = self._fenced((tenant_id, session_id))
-        if fenced is None:
-            return await self._write(append)
-
-        async def checked(conn: asyncpg.Connection) -> list[Event]:
-            await fenced(conn)
-            return await append(conn)
-
-        return await self._write(checked)
+        key = (tenant_id, session_id)
+        return await self._write(_append_op(key, time, payloads, self.bell_prefix, self._fence(key)))
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -421,36 +412,33 @@ class PostgresStore(Store):
         inputs = put(_INPUTS, change.inputs)
         agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
-        append = (
-            _append_op(change.tenant_id, change.session_id, change.time, change.events, self._rings)
-            if change.events
-            else None
-        )
-
         key = (change.tenant_id, change.session_id)
-        fenced = None if change.hand_off else self._fenced(key)  # a hand-off is no owner's work
-        if fenced is not None:
-            ops.insert(0, fenced)
+        fence = None if change.hand_off else self._fence(key)  # a hand-off is no owner's work
+        append = (
+            _append_op(key, change.time, change.events, self.bell_prefix, fence) if change.events else None
+        )
+        if fence is not None and append is None:
+            owner, number = fence
+            ops.insert(0, lambda conn: check_fence(conn, key, owner, number))
         if change.hand_off and (handed := [m.message_id for m in messages if m.version == 1]):
             channel = self.handoff_channel
             ops.append(lambda conn: record_hand_offs(conn, key, handed, channel))
 
         async def everything(conn: asyncpg.Connection) -> tuple[list[AuditRecord], list[Event]]:
+            # The events first: their statement checks the fence, before anything else is written.
+            events = await append(conn) if append else []
             for op in ops:
                 await op(conn)
-            return (await audit(conn) if audit else []), (await append(conn) if append else [])
+            return (await audit(conn) if audit else []), events
 
         # One op: in the group commit it runs in one savepoint, so it lands whole or not at all.
         numbered, events = await self._write(everything)
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
-    def _fenced(self, key: SessionKey) -> Op[None] | None:
-        """The fence check a write to ``key`` carries when this replica leases the session."""
+    def _fence(self, key: SessionKey) -> tuple[str, int] | None:
+        """(owner, fence) a write to ``key`` checks when this replica leases the session."""
         fence = self.fences.get(key)
-        if fence is None:
-            return None
-        owner = self.replica_id
-        return lambda conn: check_fence(conn, key, owner, fence)
+        return None if fence is None else (self.replica_id, fence)
 
     # Shared by every record kind
 
@@ -526,7 +514,6 @@ class PostgresStore(Store):
     async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
         """Run ``ops`` in one transaction, each in a savepoint when there are several."""
         outcomes: list[tuple[Any, Exception | None]] = []
-        self._rings.clear()
         async with self._pool_or_fail().acquire() as conn, conn.transaction():
             if len(ops) == 1:
                 try:
@@ -534,7 +521,6 @@ class PostgresStore(Store):
                 except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
                     failure: Exception = exc
                 else:
-                    await self._ring(conn)
                     return [(value, None)]
                 # Outside the except block, so the transaction is rolled back by raising.
                 raise _Failed(failure)
@@ -546,17 +532,7 @@ class PostgresStore(Store):
                     outcomes.append((None, exc))
                 else:
                     outcomes.append((value, None))
-            await self._ring(conn)
         return outcomes
-
-    async def _ring(self, conn: asyncpg.Connection) -> None:
-        """Ring the event bell once for this transaction: NOTIFY is sent only if it commits."""
-        if not self._rings:
-            return
-        payload = _RECORD.join(f"{t}{_UNIT}{s}" for t, s in sorted(self._rings))
-        if len(payload.encode()) > _MAX_PAYLOAD:
-            payload = ""  # too many sessions to name: listeners check every session they watch
-        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
 
     def _pool_or_fail(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -575,34 +551,44 @@ def _redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-_UNIT, _RECORD = "\x1f", "\x1e"
-"""Separators in a bell's payload: tenant and session id (ids never hold control characters)."""
-_MAX_PAYLOAD = 7000
-"""Bytes of sessions a ring names at most (PostgreSQL's limit is 8000)."""
+_UNIT = "\x1f"
+"""Between tenant and session id in a bell's payload (ids never hold control characters)."""
 
 
 class PostgresBell:
     """The event bell over LISTEN/NOTIFY, on a connection of its own.
 
-    A dropped connection is opened again (every second until it works), and then the bell
-    rings with ``None`` so the bus reads every watched session's log: rings sent while it
-    was away are lost, the events are not.
+    It listens only on the channels of sessions that have subscribers here (``watch`` on the
+    first, ``unwatch`` after the last), so a replica is not woken by the writes of sessions
+    nobody here follows. Once a channel is listened on, the bell rings for the session once:
+    what was written before is read from the log. A channel is let go a little after its last
+    watcher, so a session watched again soon costs nothing. A dropped connection is opened
+    again (every second until it works), and then the bell rings with ``None`` so the bus reads
+    every watched session's log: rings sent while it was away are lost, the events are not.
     """
 
-    def __init__(self, dsn: str, channel: str) -> None:
+    LINGER_S = 2.0
+    """How long a channel stays listened on after its last watcher left."""
+
+    def __init__(self, dsn: str, prefix: str) -> None:
         self._dsn = dsn
-        self._channel = channel
+        self._prefix = prefix
         self._ring: RingHandler | None = None
         self._conn: asyncpg.Connection | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._watched: dict[str, dict[SessionKey, str]] = {}
+        """Per channel, the sessions watched here and their payloads."""
+        self._listening: dict[str, float | None] = {}
+        """Channels listened on: ``None`` while watched, else since when they were seen unwatched."""
+        self._changed = asyncio.Event()
 
     async def start(self, ring: RingHandler) -> None:
         self._ring = ring
-        await self._listen()
-        self._watch = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
+        self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        self._task = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
 
     async def stop(self) -> None:
-        task, self._watch = self._watch, None
+        task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -611,36 +597,69 @@ class PostgresBell:
         if conn is not None and not conn.is_closed():
             await conn.close()
 
-    async def _listen(self) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=10)
-        await conn.add_listener(self._channel, self._notified)
-        self._conn = conn
+    def watch(self, key: SessionKey) -> None:
+        channel, payload = bell_of(self._prefix, *key)
+        self._watched.setdefault(channel, {})[key] = payload
+        if channel not in self._listening:  # else rings from now on reach the bus already
+            self._changed.set()
+
+    def unwatch(self, key: SessionKey) -> None:
+        channel, _ = bell_of(self._prefix, *key)
+        keys = self._watched.get(channel)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._watched[channel]  # let go of by a later round, if not watched again
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        if self._ring is None:
+        keys = self._watched.get(channel)
+        if self._ring is None or not keys:
             return
-        if not payload:
-            self._ring(None)
-            return
-        keys = []
-        for record in payload.split(_RECORD):
-            tenant, _, session = record.partition(_UNIT)
-            keys.append((tenant, session))
-        self._ring(keys)
+        rung = [key for key, named in keys.items() if named == payload]
+        if rung:
+            self._ring(rung)
 
     async def _keep_listening(self) -> None:
+        """Listen on what is watched, let go of what no longer is, reconnect when dropped."""
         while True:
-            await asyncio.sleep(1.0)
-            if self._conn is not None and not self._conn.is_closed():
-                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+            self._changed.clear()
             try:
-                await self._listen()
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                await self._follow_watches()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 _log.warning("event bell: cannot reach PostgreSQL (%s); trying again", exc)
-                continue
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    async def _follow_watches(self) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            self._listening.clear()
+            conn = self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            again = bool(self._watched)
+        else:
+            again = False
+        added = [c for c in self._watched if c not in self._listening]
+        for channel in added:
+            await conn.add_listener(channel, self._notified)
+            self._listening[channel] = None
+        now = time.monotonic()
+        for channel, idle_since in list(self._listening.items()):
+            if channel in self._watched:
+                self._listening[channel] = None
+            elif idle_since is None:
+                self._listening[channel] = now
+            elif now - idle_since >= self.LINGER_S:
+                del self._listening[channel]
+                await conn.remove_listener(channel, self._notified)
+        if self._ring is None:
+            return
+        if again:
             _log.info("event bell: listening again; reading every watched session's log")
-            if self._ring is not None:
-                self._ring(None)
+            self._ring(None)
+        elif added:  # what was written before the bell listened is read from the log
+            self._ring([key for channel in added for key in self._watched.get(channel, {})])
 
 
 class _Failed(Exception):
@@ -737,40 +756,86 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
     return append
 
 
+_APPEND = """
+    WITH head AS (
+        INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3)
+        ON CONFLICT (tenant_id, session_id) DO UPDATE SET last_sequence = event_heads.last_sequence + $3
+        RETURNING last_sequence
+    ), added AS (
+        INSERT INTO events (tenant_id, session_id, sequence, time, payload)
+        SELECT $1, $2, head.last_sequence - $3 + u.n, $4, u.p
+        FROM head, unnest($5::text[]) WITH ORDINALITY AS u(p, n)
+    )
+    SELECT (SELECT last_sequence FROM head), pg_notify($6, $7)
+"""
+"""Number events from the session's counter row (which also serialises appenders on other
+replicas until the transaction ends), insert them and ring the session's bell (sent only if
+the transaction commits): one round trip."""
+
+_APPEND_FENCED = """
+    WITH lease AS (
+        SELECT fence FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $8 FOR KEY SHARE
+    ), head AS (
+        INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3)
+        ON CONFLICT (tenant_id, session_id) DO UPDATE SET last_sequence = event_heads.last_sequence + $3
+        RETURNING last_sequence
+    ), added AS (
+        INSERT INTO events (tenant_id, session_id, sequence, time, payload)
+        SELECT $1, $2, head.last_sequence - $3 + u.n, $4, u.p
+        FROM head, unnest($5::text[]) WITH ORDINALITY AS u(p, n)
+    )
+    SELECT (SELECT last_sequence FROM head), pg_notify($6, $7), (SELECT fence FROM lease)
+"""
+"""The same, for the owner of a leased session: it also reads (and key-share locks, as
+``check_fence`` does) the lease row, whose fence must be the owner's."""
+
+
 def _append_op(
-    tenant_id: str,
-    session_id: str,
+    key: SessionKey,
     time: float,
     payloads: Sequence[EventPayload],
-    rings: set[tuple[str, str]],
+    bell_prefix: str,
+    fence: tuple[str, int] | None,
 ) -> Op[list[Event]]:
-    """The statements that append events, numbered from the session's counter row (which also
-    serialises appenders on other replicas until this transaction ends)."""
+    """The statement that appends events to a session's log, with its bell and, for the owner of
+    a leased session, its fence check (a fence that moved on is ``LeaseLost``; the caller's
+    transaction or savepoint then takes the events back)."""
+    tenant_id, session_id = key
     frozen = [detach(p) for p in payloads]
     encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
     count = len(frozen)
+    channel, payload = bell_of(bell_prefix, tenant_id, session_id)
+    args: tuple[Any, ...] = (tenant_id, session_id, count, time, encoded, channel, payload)
 
     async def append(conn: asyncpg.Connection) -> list[Event]:
-        last = await conn.fetchval(
-            "INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3) "
-            "ON CONFLICT (tenant_id, session_id) "
-            "DO UPDATE SET last_sequence = event_heads.last_sequence + $3 "
-            "RETURNING last_sequence",
-            tenant_id,
-            session_id,
-            count,
-        )
-        first = int(last) - count + 1
-        rings.add((tenant_id, session_id))
-        await conn.execute(
-            "INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
-            "SELECT $1, $2, s, $3, p FROM unnest($4::bigint[], $5::text[]) AS u(s, p)",
-            tenant_id,
-            session_id,
-            time,
-            list(range(first, first + count)),
-            encoded,
-        )
+        if fence is None:
+            row = await conn.fetchrow(_APPEND, *args)
+        else:
+            row = await conn.fetchrow(_APPEND_FENCED, *args, fence[0])
+            if row[2] != fence[1]:
+                raise LeaseLost(
+                    f"session {session_id!r} is now run by another replica; this one's lease ended",
+                    metadata={"session_id": session_id},
+                )
+        first = int(row[0]) - count + 1
         return [Event(tenant_id, session_id, first + n, time, p) for n, p in enumerate(frozen)]
 
     return append
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is: the store sets nothing on a session (no settings,
+    LISTEN, cursors or advisory locks; an unfinished transaction is rolled back by the pool all
+    the same), so asyncpg's default reset query would be one more round trip per use, for nothing."""
+
+
+_BELL_BUCKETS = 1024
+"""Event bell channels per schema: a session rings one of them (with its name in the payload), a
+replica listens on those of the sessions it has subscribers for, so it hears (nearly) only the
+rings it needs while the channels it listens on stay few whatever the number of sessions."""
+
+
+def bell_of(prefix: str, tenant_id: str, session_id: str) -> tuple[str, str]:
+    """The channel and payload of a session's event bell."""
+    payload = f"{tenant_id}{_UNIT}{session_id}"
+    return f"{prefix}{zlib.crc32(payload.encode()) % _BELL_BUCKETS}", payload
