@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -348,7 +349,8 @@ class PostgresStore(Store):
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
         key = (tenant_id, session_id)
-        return await self._write(_append_op(key, time, payloads, self.bell_prefix, self._fence(key)))
+        _, op = _logged_op(None, key, time, payloads, self.bell_prefix, self._fence(key))
+        return await self._write(op)
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -397,6 +399,13 @@ class PostgresStore(Store):
     # One atomic write
 
     async def write(self, change: Change) -> Changed:
+        key = (change.tenant_id, change.session_id)
+        fence = None if change.hand_off else self._fence(key)  # a hand-off is no owner's work
+        if change.events and not change.audit and not change.hand_off:
+            # The common writes (one record and its events): one statement, no transaction of its own.
+            lone = _lone_record(change)
+            if lone is not None:
+                return await self._write_logged(change, lone, fence)
         ops: list[Op[None]] = []
 
         def put(kind: RecordKind[R], records: tuple[R, ...]) -> tuple[R, ...]:
@@ -412,10 +421,10 @@ class PostgresStore(Store):
         inputs = put(_INPUTS, change.inputs)
         agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
-        key = (change.tenant_id, change.session_id)
-        fence = None if change.hand_off else self._fence(key)  # a hand-off is no owner's work
         append = (
-            _append_op(key, change.time, change.events, self.bell_prefix, fence) if change.events else None
+            _logged_op(None, key, change.time, change.events, self.bell_prefix, fence)[1]
+            if change.events
+            else None
         )
         if fence is not None and append is None:
             owner, number = fence
@@ -435,6 +444,27 @@ class PostgresStore(Store):
         numbered, events = await self._write(everything)
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
+    async def _write_logged(
+        self, change: Change, lone: tuple[RecordKind[Any], Any], fence: tuple[str, int] | None
+    ) -> Changed:
+        kind, record = lone
+        stored, logged = _logged_op(
+            (kind, record, record.version == 0),
+            (change.tenant_id, change.session_id),
+            change.time,
+            change.events,
+            self.bell_prefix,
+            fence,
+        )
+        events = tuple(await self._write(logged))
+        if kind is _SESSIONS:
+            return Changed(sessions=(cast(Session, stored),), events=events)
+        if kind is _MESSAGES:
+            return Changed(messages=(cast(Message, stored),), events=events)
+        if kind is _INPUTS:
+            return Changed(inputs=(cast(InputRequest, stored),), events=events)
+        return Changed(agents=(cast(AgentRegistration, stored),), events=events)
+
     def _fence(self, key: SessionKey) -> tuple[str, int] | None:
         """(owner, fence) a write to ``key`` checks when this replica leases the session."""
         fence = self.fences.get(key)
@@ -445,7 +475,7 @@ class PostgresStore(Store):
     async def _put(self, kind: RecordKind[R], record: R, *, insert: bool) -> R:
         """Insert (at version 1), or replace at the version read; the record as stored."""
         stored, op = _put_op(kind, record, insert=insert)
-        await self._write(op)
+        await self._write(_OneStatement(op))
         return stored
 
     async def _get(self, kind: RecordKind[R], key: tuple[str, ...]) -> R | None:
@@ -512,24 +542,50 @@ class PostgresStore(Store):
                     future.set_exception(error)
 
     async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
-        """Run ``ops`` in one transaction, each in a savepoint when there are several."""
-        outcomes: list[tuple[Any, Exception | None]] = []
-        async with self._pool_or_fail().acquire() as conn, conn.transaction():
+        """Run ``ops`` in one transaction (one statement alone: by itself), each op that is not
+        one statement in a savepoint when there are several."""
+        async with self._pool_or_fail().acquire() as conn:
             if len(ops) == 1:
+                single = isinstance(ops[0], _OneStatement)
                 try:
-                    value = await ops[0](conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
-                    failure: Exception = exc
-                else:
-                    return [(value, None)]
-                # Outside the except block, so the transaction is rolled back by raising.
-                raise _Failed(failure)
+                    async with contextlib.nullcontext() if single else conn.transaction():
+                        value = await ops[0](conn)
+                except _FAILURES as exc:
+                    raise _Failed(exc) from None  # the transaction, if any, was rolled back
+                return [(value, None)]
+            try:
+                return await self._batch(conn, ops, savepoints=False)
+            except _NeedsSavepoints:  # a statement failed in SQL: the batch again, each op alone
+                return await self._batch(conn, ops, savepoints=True)
+
+    @staticmethod
+    async def _batch(
+        conn: asyncpg.Connection, ops: Sequence[Op[Any]], *, savepoints: bool
+    ) -> list[tuple[Any, Exception | None]]:
+        """Run ``ops`` in one transaction, each failing alone. An op of one statement that fails
+        before SQL does (a version or fence that moved on) wrote nothing, so it needs no
+        savepoint; one that fails in SQL aborts the transaction, so (without ``savepoints``)
+        the whole batch is taken back with ``_NeedsSavepoints`` to run again with them."""
+        outcomes: list[tuple[Any, Exception | None]] = []
+        async with conn.transaction():
             for op in ops:
+                if savepoints or not isinstance(op, _OneStatement):
+                    try:
+                        async with conn.transaction():  # a savepoint
+                            value = await op(conn)
+                    except _FAILURES as exc:
+                        outcomes.append((None, exc))
+                    else:
+                        outcomes.append((value, None))
+                    continue
                 try:
-                    async with conn.transaction():  # a savepoint
-                        value = await op(conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
+                    value = await op(conn)
+                except (NotFound, Conflict, LeaseLost) as exc:
+                    if isinstance(exc.__cause__, asyncpg.PostgresError):
+                        raise _NeedsSavepoints from exc
                     outcomes.append((None, exc))
+                except _FAILURES as exc:
+                    raise _NeedsSavepoints from exc
                 else:
                     outcomes.append((value, None))
         return outcomes
@@ -662,6 +718,14 @@ class PostgresBell:
             self._ring([key for channel in added for key in self._watched.get(channel, {})])
 
 
+_FAILURES = (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost)
+"""What a write may fail with alone (the others of its batch still land)."""
+
+
+class _NeedsSavepoints(Exception):
+    """A statement of a batch run without savepoints failed in SQL: the transaction is aborted."""
+
+
 class _Failed(Exception):
     """The one write of a transaction failed: the transaction rolled back, the error is the write's."""
 
@@ -756,71 +820,142 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
     return append
 
 
-_APPEND = """
-    WITH head AS (
-        INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3)
-        ON CONFLICT (tenant_id, session_id) DO UPDATE SET last_sequence = event_heads.last_sequence + $3
-        RETURNING last_sequence
-    ), added AS (
-        INSERT INTO events (tenant_id, session_id, sequence, time, payload)
-        SELECT $1, $2, head.last_sequence - $3 + u.n, $4, u.p
-        FROM head, unnest($5::text[]) WITH ORDINALITY AS u(p, n)
+def _lone_record(change: Change) -> tuple[RecordKind[Any], Any] | None:
+    """The kind and record of a change that writes exactly one record, else ``None``."""
+    found = [
+        (kind, records)
+        for kind, records in (
+            (_SESSIONS, change.sessions),
+            (_MESSAGES, change.messages),
+            (_INPUTS, change.inputs),
+            (_AGENTS, change.agents),
+        )
+        if records
+    ]
+    if len(found) != 1 or len(found[0][1]) != 1:
+        return None
+    kind, records = found[0]
+    return kind, records[0]
+
+
+class _OneStatement(Generic[T]):
+    """An op that is one statement: atomic by itself, so alone it needs no transaction (no
+    BEGIN and COMMIT round trips), and in a batch no savepoint unless a statement fails in SQL."""
+
+    def __init__(self, op: Op[T]) -> None:
+        self._op = op
+
+    def __call__(self, conn: asyncpg.Connection) -> Awaitable[T]:
+        return self._op(conn)
+
+
+@functools.cache
+def _logged_sql(record_sql: str, first: int, fenced: bool) -> str:
+    """One statement that writes a record (``record_sql``, parameters up to ``first - 1``; or no
+    record when empty) and appends events to its session's log, and rings the session's bell,
+    all only if the record was written and, for the owner of a leased session, the lease row
+    (read with ``FOR KEY SHARE``, as ``check_fence`` does) still holds the owner's fence.
+
+    Events are numbered from the session's counter row, which also serialises appenders on
+    other replicas until the transaction ends. The NOTIFY is sent only if it commits.
+    Parameters from ``first``: tenant, session, event count, time, payloads, bell channel and
+    payload, then (fenced) owner and fence. Returns the record rows written, the last event
+    number, the bell's (null) result and (fenced) the fence held.
+    """
+    t, s, count, time, payloads, channel, payload, owner, fence = (f"${first + n}" for n in range(9))
+    ctes = []
+    guard = ""
+    if fenced:
+        ctes.append(
+            f"lease AS (SELECT fence FROM leases WHERE tenant_id = {t} AND session_id = {s} "
+            f"AND owner = {owner} FOR KEY SHARE)"
+        )
+        guard = f"EXISTS (SELECT 1 FROM lease WHERE fence = {fence})"
+    if not record_sql:
+        ctes.append(f"rec AS (SELECT 1 WHERE {guard})" if guard else "rec AS (SELECT 1)")
+    else:
+        where = (" AND " if " WHERE " in record_sql else " WHERE ") + guard if guard else ""
+        ctes.append(f"rec AS ({record_sql}{where} RETURNING 1)")
+    ctes.append(
+        "head AS (INSERT INTO event_heads (tenant_id, session_id, last_sequence) "
+        f"SELECT {t}, {s}, {count} FROM rec ON CONFLICT (tenant_id, session_id) "
+        f"DO UPDATE SET last_sequence = event_heads.last_sequence + {count} RETURNING last_sequence)"
     )
-    SELECT (SELECT last_sequence FROM head), pg_notify($6, $7)
-"""
-"""Number events from the session's counter row (which also serialises appenders on other
-replicas until the transaction ends), insert them and ring the session's bell (sent only if
-the transaction commits): one round trip."""
-
-_APPEND_FENCED = """
-    WITH lease AS (
-        SELECT fence FROM leases WHERE tenant_id = $1 AND session_id = $2 AND owner = $8 FOR KEY SHARE
-    ), head AS (
-        INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3)
-        ON CONFLICT (tenant_id, session_id) DO UPDATE SET last_sequence = event_heads.last_sequence + $3
-        RETURNING last_sequence
-    ), added AS (
-        INSERT INTO events (tenant_id, session_id, sequence, time, payload)
-        SELECT $1, $2, head.last_sequence - $3 + u.n, $4, u.p
-        FROM head, unnest($5::text[]) WITH ORDINALITY AS u(p, n)
+    ctes.append(
+        "added AS (INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
+        f"SELECT {t}, {s}, head.last_sequence - {count} + u.n, {time}, u.p "
+        f"FROM head, unnest({payloads}::text[]) WITH ORDINALITY AS u(p, n))"
     )
-    SELECT (SELECT last_sequence FROM head), pg_notify($6, $7), (SELECT fence FROM lease)
-"""
-"""The same, for the owner of a leased session: it also reads (and key-share locks, as
-``check_fence`` does) the lease row, whose fence must be the owner's."""
+    results = [
+        "(SELECT count(*) FROM rec)",
+        "(SELECT last_sequence FROM head)",
+        f"(SELECT pg_notify({channel}, {payload}) FROM head)",
+    ]
+    if fenced:
+        results.append("(SELECT fence FROM lease)")
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(results)}"
 
 
-def _append_op(
+def _logged_op(
+    put: tuple[RecordKind[R], R, bool] | None,
     key: SessionKey,
     time: float,
     payloads: Sequence[EventPayload],
     bell_prefix: str,
     fence: tuple[str, int] | None,
-) -> Op[list[Event]]:
-    """The statement that appends events to a session's log, with its bell and, for the owner of
-    a leased session, its fence check (a fence that moved on is ``LeaseLost``; the caller's
-    transaction or savepoint then takes the events back)."""
+) -> tuple[R | None, _OneStatement[list[Event]]]:
+    """A record (``put``: kind, record, whether inserted; or none) with events appended to its
+    session's log, as one statement (``_logged_sql``); the record as stored. A fence that moved
+    on is ``LeaseLost``, a record changed or missing is ``Conflict`` or ``NotFound``, a key taken
+    is ``AlreadyExists``: then nothing was written."""
     tenant_id, session_id = key
     frozen = [detach(p) for p in payloads]
     encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
     count = len(frozen)
-    channel, payload = bell_of(bell_prefix, tenant_id, session_id)
-    args: tuple[Any, ...] = (tenant_id, session_id, count, time, encoded, channel, payload)
-
-    async def append(conn: asyncpg.Connection) -> list[Event]:
-        if fence is None:
-            row = await conn.fetchrow(_APPEND, *args)
+    stored: R | None = None
+    record_sql = ""
+    record_args: tuple[Any, ...] = ()
+    record_key: tuple[Any, ...] = ()
+    if put is not None:
+        kind: RecordKind[R] = put[0]
+        record: R = put[1]
+        insert = put[2]
+        stored = evolve(detach(record), version=1 if insert else record.version + 1)
+        values: tuple[Any, ...] = kind.row(stored)
+        text = _codec.dumps(kind.encode(stored))
+        record_key = values[: len(kind.keys)]
+        if insert:
+            record_sql = kind.insert_sql.replace(" VALUES (", " SELECT ", 1).removesuffix(")")
+            record_args = (*values, 1, text)
         else:
-            row = await conn.fetchrow(_APPEND_FENCED, *args, fence[0])
-            if row[2] != fence[1]:
-                raise LeaseLost(
-                    f"session {session_id!r} is now run by another replica; this one's lease ended",
-                    metadata={"session_id": session_id},
-                )
-        first = int(row[0]) - count + 1
+            record_sql = kind.update_sql
+            record_args = (*values[len(kind.keys) :], stored.version, text, *record_key, record.version)
+    sql = _logged_sql(record_sql, len(record_args) + 1, fence is not None)
+    args: tuple[Any, ...] = (*record_args, tenant_id, session_id, count, time, encoded)
+    args += bell_of(bell_prefix, *key)
+    if fence is not None:
+        args += fence
+
+    async def logged(conn: asyncpg.Connection) -> list[Event]:
+        try:
+            written = await conn.fetchrow(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if put is None or not put[2]:
+                raise
+            raise put[0].exists(put[1]) from exc
+        assert written is not None
+        if fence is not None and written[3] != fence[1]:
+            raise LeaseLost(
+                f"session {session_id!r} is now run by another replica; this one's lease ended",
+                metadata={"session_id": session_id},
+            )
+        if written[1] is None:  # the record was not written: its version moved on, or it is gone
+            assert put is not None
+            await _raise_lost(conn, put[0], record_key, put[1].version, put[0].what(put[1]))
+        first = int(written[1]) - count + 1
         return [Event(tenant_id, session_id, first + n, time, p) for n, p in enumerate(frozen)]
 
-    return append
+    return stored, _OneStatement(logged)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

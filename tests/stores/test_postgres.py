@@ -10,13 +10,14 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
-from svantic_grpc.core.errors import Conflict
+from svantic_grpc.core.errors import AlreadyExists, Conflict
 from svantic_grpc.core.events import StatusChanged
 from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.core.ownership import LeaseLost
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError
 from svantic_grpc.stores.postgres import PostgresStore, bell_of
 from tests import _postgres
-from tests.stores.test_contract import T0, make_session
+from tests.stores.test_contract import T0, make_message, make_session
 
 
 @pytest.fixture
@@ -224,3 +225,61 @@ async def test_a_bell_whose_connection_dropped_listens_again_and_rings_for_every
     finally:
         await bell.stop()
         await asyncio.gather(writer.close(), reader.close())
+
+
+async def test_a_write_failing_in_sql_fails_alone_and_the_others_of_its_batch_land(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    try:
+        await store.create_session(make_session("s1"))
+        taken = make_message("m1")
+        await store.create_message_with_events(taken, time=T0, payloads=(payload,))
+        writes = [
+            store.create_message_with_events(make_message(f"m{n}"), time=T0, payloads=(payload,) * 2)
+            for n in range(2, 6)
+        ] + [
+            store.create_message_with_events(taken, time=T0, payloads=(payload,)),  # its key is taken
+            store.create_session(make_session("s1")),  # so is this one's
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, AlreadyExists) for r in results[-2:]), results
+        assert all(not isinstance(r, BaseException) for r in results[:-2]), results
+        for n in range(2, 6):
+            assert await store.get_message(tenant_id="acme", session_id="s1", message_id=f"m{n}") is not None
+        logged = await store.list_events(tenant_id="acme", session_id="s1")
+        assert [e.sequence for e in logged] == list(range(1, 1 + 1 + 4 * 2))  # no gap, nothing twice
+    finally:
+        await store.close()
+
+
+async def test_a_write_with_events_whose_fence_moved_on_writes_nothing(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    key = _key("s1")
+    try:
+        await store.create_session(make_session("s1"))
+        created, _ = await store.create_message_with_events(make_message("m1"), time=T0, payloads=(payload,))
+        await store.pool.execute(
+            "INSERT INTO leases (tenant_id, session_id, owner, fence, expires_at) "
+            "VALUES ($1, $2, 'r1', 2, 1e12)",
+            *key,
+        )
+        store.replica_id, store.fences[key] = "r1", 1  # a fence the lease row moved on from
+        before = await store.list_events(tenant_id="acme", session_id="s1")
+        stale = [
+            store.create_message_with_events(make_message("m2"), time=T0, payloads=(payload,)),
+            store.update_message_with_events(created, time=T0, payloads=lambda m: (payload,)),
+            store.append_events(tenant_id="acme", session_id="s1", time=T0, payloads=(payload,)),
+        ]
+        for write in stale:
+            with pytest.raises(LeaseLost):
+                await write
+        assert await store.list_events(tenant_id="acme", session_id="s1") == before
+        assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") is None
+        stored = await store.get_message(tenant_id="acme", session_id="s1", message_id="m1")
+        assert stored == created
+        store.fences[key] = 2  # the fence the row holds: the owner's writes land
+        await store.update_message_with_events(created, time=T0, payloads=lambda m: (payload,))
+        assert len(await store.list_events(tenant_id="acme", session_id="s1")) == len(before) + 1
+    finally:
+        await store.close()
