@@ -66,6 +66,9 @@ class PostgresStore(Store):
         pool_size: Most connections this process holds (one serves the writer at a time).
     """
 
+    _LINGER_S = 0.05
+    """How long the committer (and its connection) waits for the next write before it ends."""
+
     def __init__(self, dsn: str, *, schema: str = "svantic", pool_size: int = 10) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -73,6 +76,9 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._queued: asyncio.Future[None] | None = None
+        """Done when a write joins the queue while the committer waits for more."""
+        self._closing = False
         self.bell_prefix = f"svantic_events_{zlib.crc32(schema.encode()):08x}_"
         """Where the channels of this schema's event bell start (``bell_of`` names a session's)."""
         self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
@@ -113,6 +119,7 @@ class PostgresStore(Store):
     async def connect(self) -> None:
         if self._pool is not None:
             return
+        self._closing = False
         try:
             conn = await asyncpg.connect(self._dsn, timeout=10)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -132,6 +139,8 @@ class PostgresStore(Store):
     async def close(self) -> None:
         committer = self._committer
         if committer is not None and not committer.done():
+            self._closing = True  # the committer stops waiting for more
+            self._wake_committer()
             await asyncio.wait([committer])  # writes already accepted are committed first
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -514,49 +523,91 @@ class PostgresStore(Store):
         self._waiting.append((op, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_waiting())
+        else:
+            self._wake_committer()
         return await future
 
-    async def _commit_waiting(self) -> None:
-        """Commit queued writes, a batch per transaction, until none are left."""
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            began = time.perf_counter()
-            try:
-                outcomes = await self._transaction([op for op, _ in batch])
-            except _Failed as failed:  # the batch's one write failed and was rolled back
-                outcomes = [(None, failed.error)]
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
-            for (_, future), (value, error) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write is committed all the same
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
+    def _wake_committer(self) -> None:
+        wake = self._queued
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
-    async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
+    async def _commit_waiting(self) -> None:
+        """Commit queued writes, a batch per transaction, on one connection, until none have come
+        for ``_LINGER_S`` (so a replica writing steadily but not in bursts does not start a task
+        and take a pooled connection for every write)."""
+        me = self._committer
+        try:
+            async with self._pool_or_fail().acquire() as conn:
+                while await self._more_to_commit():
+                    if not await self._commit_batch(conn):
+                        break  # the connection may be broken: the next committer takes another
+        except BaseException as exc:  # no connection: what waits is told
+            batch, self._waiting = self._waiting, []
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._committer is me:
+                self._committer = None
+            if self._waiting and self._committer is None:
+                self._committer = asyncio.create_task(self._commit_waiting())
+
+    async def _more_to_commit(self) -> bool:
+        if not self._waiting and not self._closing:
+            self._queued = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queued, self._LINGER_S)
+            self._queued = None
+        if not self._waiting:
+            self._committer = None  # at once: a write from now on starts another committer
+            return False
+        return True
+
+    async def _commit_batch(self, conn: asyncpg.Connection) -> bool:
+        """Commit what is queued; False when the transaction itself failed (not one write)."""
+        batch, self._waiting = self._waiting, []
+        began = time.perf_counter()
+        try:
+            outcomes = await self._transaction(conn, [op for op, _ in batch])
+        except _Failed as failed:  # the batch's one write failed and was rolled back
+            outcomes = [(None, failed.error)]
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
+        for (_, future), (value, error) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # its caller was cancelled; the write is committed all the same
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+        return True
+
+    async def _transaction(
+        self, conn: asyncpg.Connection, ops: Sequence[Op[Any]]
+    ) -> list[tuple[Any, Exception | None]]:
         """Run ``ops`` in one transaction (one statement alone: by itself), each op that is not
         one statement in a savepoint when there are several."""
-        async with self._pool_or_fail().acquire() as conn:
-            if len(ops) == 1:
-                single = isinstance(ops[0], _OneStatement)
-                try:
-                    async with contextlib.nullcontext() if single else conn.transaction():
-                        value = await ops[0](conn)
-                except _FAILURES as exc:
-                    raise _Failed(exc) from None  # the transaction, if any, was rolled back
-                return [(value, None)]
+        if len(ops) == 1:
+            single = isinstance(ops[0], _OneStatement)
             try:
-                return await self._batch(conn, ops, savepoints=False)
-            except _NeedsSavepoints:  # a statement failed in SQL: the batch again, each op alone
-                return await self._batch(conn, ops, savepoints=True)
+                async with contextlib.nullcontext() if single else conn.transaction():
+                    value = await ops[0](conn)
+            except _FAILURES as exc:
+                raise _Failed(exc) from None  # the transaction, if any, was rolled back
+            return [(value, None)]
+        try:
+            return await self._batch(conn, ops, savepoints=False)
+        except _NeedsSavepoints:  # a statement failed in SQL: the batch again, each op alone
+            return await self._batch(conn, ops, savepoints=True)
 
     @staticmethod
     async def _batch(
