@@ -261,6 +261,7 @@ async def main() -> None:
         s: {"session": [], "message": []} for s in SETUPS
     }
     delays: dict[str, list[float]] = {"same replica": [], "other replica": []}
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as folder:
         for round_no in range(args.rounds):
             order = SETUPS if round_no % 2 == 0 else tuple(reversed(SETUPS))
@@ -278,8 +279,15 @@ async def main() -> None:
                     if store == "postgresql" and count == 2:
                         for where, values in (await _event_delays(replicas, args.events)).items():
                             delays[where].extend(values)
+                loads.append(os.getloadavg()[0])
     print(f"\n{revision('svantic_grpc', 'bench')}; Python {sys.version.split()[0]}; ", end="")
-    print(f"{args.clients} clients x {args.ops} ops x {args.rounds} rounds")
+    clients = (
+        f"{args.clients_per_replica} clients per replica"
+        if args.clients_per_replica
+        else f"{args.clients} clients spread over the replicas"
+    )
+    print(f"{clients} x {args.ops} ops x {args.rounds} rounds; load average (1 min) ", end="")
+    print(f"{statistics.median(loads):.1f} median, {min(loads):.1f}-{max(loads):.1f} over the setups")
     head = ("setup", "operation", "ops/s", "p99 ms", "CPU ms/op", "busy", "idle ms/s")
     print("{:16} {:8} {:>7} {:>7} {:>10} {:>6} {:>10}".format(*head))
     for setup in SETUPS:
@@ -298,6 +306,9 @@ async def main() -> None:
         three = statistics.median(r[key] for r in results[("postgresql", 3)]["message"])
         verdict = "met" if three <= 1.3 * one else "NOT met"
         print(f"{key} per message, 3 replicas / 1 replica: {three / one:.2f}x (target <= 1.3x: {verdict})")
+    one = statistics.median(r["cpu ms/op"] for r in results[("postgresql", 1)]["session"])
+    three = statistics.median(r["cpu ms/op"] for r in results[("postgresql", 3)]["session"])
+    print(f"cpu ms/op per session create+close, 3 replicas / 1 replica: {three / one:.2f}x (no target)")
     for where, values in delays.items():
         if values:
             p50, p99 = _p(values, 0.5) * 1000, _p(values, 0.99) * 1000

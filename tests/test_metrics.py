@@ -173,9 +173,10 @@ async def test_events_from_another_replica_are_timed_on_arrival() -> None:
     try:
         async with running_server(**settings) as writer, running_server(**settings) as reader:
             session_id = await new_session(writer)
+            # Before subscribing: once the reader's bell listens, it reads what the log already holds.
+            before = await scrape(reader)
             subscription = reader.server.mesh.bus.subscribe("acme", session_id)
             try:
-                before = await scrape(reader)
                 await writer.sessions.CloseSession(
                     session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await writer.md()
                 )

@@ -171,6 +171,13 @@ class EventBell(Protocol):
     async def stop(self) -> None:
         """Stop listening; safe to call twice."""
 
+    def watch(self, key: tuple[str, str]) -> None:
+        """Ring for this session (its first subscriber here came). Rings sent before the bell
+        listens are not heard: once it listens, it rings for the session, so the bus reads the log."""
+
+    def unwatch(self, key: tuple[str, str]) -> None:
+        """The session's last subscriber here left: its rings are not needed any more."""
+
 
 class EventBus:
     """Appends events to the store's log and hands them to live subscribers.
@@ -383,6 +390,8 @@ class EventBus:
         feed = self._feeds.get(key)
         if feed is None:
             feed = self._feeds[key] = Feed(key)
+            if self._bell is not None:
+                self._bell.watch(key)
         subscription = Subscription(feed, self._buffer, self._unsubscribe)
         feed.subscribers.add(subscription)
         return subscription
@@ -393,6 +402,8 @@ class EventBus:
         if not feed.subscribers and self._feeds.get(feed.key) is feed:
             del self._feeds[feed.key]
             self._offered.pop(feed.key, None)
+            if self._bell is not None:
+                self._bell.unwatch(feed.key)
 
     def shutdown(self) -> None:
         """End every live subscription (server stopping); readers are told to reconnect."""

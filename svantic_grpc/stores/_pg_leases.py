@@ -191,10 +191,16 @@ class PgLeases(Ownership):
         if not keys:
             return [], set()
         tenants, sessions = _columns(keys)
-        async with self._store.pool.acquire() as conn, conn.transaction():
-            held = await conn.fetch(_TAKE_HELD, tenants, sessions, self.replica_id, self._lease_s)
-            free = await conn.fetch(_TAKE_FREE, tenants, sessions, self.replica_id, self._lease_s)
-            handed = await self._adopt(conn, [(r[0], r[1]) for r in held])
+        # Leases nobody held yet (a new session's): one statement, no transaction of its own.
+        free = await self._store.pool.fetch(_TAKE_FREE, tenants, sessions, self.replica_id, self._lease_s)
+        rest = set(keys) - {(r[0], r[1]) for r in free}
+        held: list[asyncpg.Record] = []
+        handed: set[tuple[str, str, str]] = set()
+        if rest:
+            tenants, sessions = _columns(rest)
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                held = await conn.fetch(_TAKE_HELD, tenants, sessions, self.replica_id, self._lease_s)
+                handed = await self._adopt(conn, [(r[0], r[1]) for r in held])
         taken = [((r[0], r[1]), int(r[2]), False) for r in held] + [
             ((r[0], r[1]), int(r[2]), True) for r in free
         ]

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -65,6 +66,9 @@ class PostgresStore(Store):
         pool_size: Most connections this process holds (one serves the writer at a time).
     """
 
+    _LINGER_S = 0.05
+    """How long the committer (and its connection) waits for the next write before it ends."""
+
     def __init__(self, dsn: str, *, schema: str = "svantic", pool_size: int = 10) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -72,10 +76,11 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
-        self._rings: set[tuple[str, str]] = set()
-        """Sessions whose logs the transaction in flight appends to (one committer at a time)."""
-        self.channel = f"svantic_events_{zlib.crc32(schema.encode()):08x}"
-        """The LISTEN/NOTIFY channel of this schema's event bell."""
+        self._queued: asyncio.Future[None] | None = None
+        """Done when a write joins the queue while the committer waits for more."""
+        self._closing = False
+        self.bell_prefix = f"svantic_events_{zlib.crc32(schema.encode()):08x}_"
+        """Where the channels of this schema's event bell start (``bell_of`` names a session's)."""
         self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
         """The channel that tells a replica a message was handed to it (the payload names it)."""
         self.relay_channel = f"svantic_relay_{zlib.crc32(schema.encode()):08x}"
@@ -86,7 +91,7 @@ class PostgresStore(Store):
         """The fence of each session this replica leases: its writes there check it (``_pg_leases``)."""
 
     def event_bell(self) -> PostgresBell:
-        return PostgresBell(self._dsn, self.channel)
+        return PostgresBell(self._dsn, self.bell_prefix)
 
     def ownership(self, *, replica_id: str, lease_s: float, renew_s: float) -> PgLeases:
         return PgLeases(self, replica_id=replica_id, lease_s=lease_s, renew_s=renew_s)
@@ -114,6 +119,7 @@ class PostgresStore(Store):
     async def connect(self) -> None:
         if self._pool is not None:
             return
+        self._closing = False
         try:
             conn = await asyncpg.connect(self._dsn, timeout=10)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -127,11 +133,14 @@ class PostgresStore(Store):
             min_size=1,
             max_size=self._pool_size,
             server_settings={"search_path": self._schema, "application_name": "svantic-grpc"},
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
         committer = self._committer
         if committer is not None and not committer.done():
+            self._closing = True  # the committer stops waiting for more
+            self._wake_committer()
             await asyncio.wait([committer])  # writes already accepted are committed first
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -348,16 +357,9 @@ class PostgresStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
-        append = _append_op(tenant_id, session_id, time, payloads, self._rings)
-        fenced = self._fenced((tenant_id, session_id))
-        if fenced is None:
-            return await self._write(append)
-
-        async def checked(conn: asyncpg.Connection) -> list[Event]:
-            await fenced(conn)
-            return await append(conn)
-
-        return await self._write(checked)
+        key = (tenant_id, session_id)
+        _, op = _logged_op(None, key, time, payloads, self.bell_prefix, self._fence(key))
+        return await self._write(op)
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -406,6 +408,13 @@ class PostgresStore(Store):
     # One atomic write
 
     async def write(self, change: Change) -> Changed:
+        key = (change.tenant_id, change.session_id)
+        fence = None if change.hand_off else self._fence(key)  # a hand-off is no owner's work
+        if change.events and not change.audit and not change.hand_off:
+            # The common writes (one record and its events): one statement, no transaction of its own.
+            lone = _lone_record(change)
+            if lone is not None:
+                return await self._write_logged(change, lone, fence)
         ops: list[Op[None]] = []
 
         def put(kind: RecordKind[R], records: tuple[R, ...]) -> tuple[R, ...]:
@@ -422,42 +431,60 @@ class PostgresStore(Store):
         agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
         append = (
-            _append_op(change.tenant_id, change.session_id, change.time, change.events, self._rings)
+            _logged_op(None, key, change.time, change.events, self.bell_prefix, fence)[1]
             if change.events
             else None
         )
-
-        key = (change.tenant_id, change.session_id)
-        fenced = None if change.hand_off else self._fenced(key)  # a hand-off is no owner's work
-        if fenced is not None:
-            ops.insert(0, fenced)
+        if fence is not None and append is None:
+            owner, number = fence
+            ops.insert(0, lambda conn: check_fence(conn, key, owner, number))
         if change.hand_off and (handed := [m.message_id for m in messages if m.version == 1]):
             channel = self.handoff_channel
             ops.append(lambda conn: record_hand_offs(conn, key, handed, channel))
 
         async def everything(conn: asyncpg.Connection) -> tuple[list[AuditRecord], list[Event]]:
+            # The events first: their statement checks the fence, before anything else is written.
+            events = await append(conn) if append else []
             for op in ops:
                 await op(conn)
-            return (await audit(conn) if audit else []), (await append(conn) if append else [])
+            return (await audit(conn) if audit else []), events
 
         # One op: in the group commit it runs in one savepoint, so it lands whole or not at all.
         numbered, events = await self._write(everything)
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
-    def _fenced(self, key: SessionKey) -> Op[None] | None:
-        """The fence check a write to ``key`` carries when this replica leases the session."""
+    async def _write_logged(
+        self, change: Change, lone: tuple[RecordKind[Any], Any], fence: tuple[str, int] | None
+    ) -> Changed:
+        kind, record = lone
+        stored, logged = _logged_op(
+            (kind, record, record.version == 0),
+            (change.tenant_id, change.session_id),
+            change.time,
+            change.events,
+            self.bell_prefix,
+            fence,
+        )
+        events = tuple(await self._write(logged))
+        if kind is _SESSIONS:
+            return Changed(sessions=(cast(Session, stored),), events=events)
+        if kind is _MESSAGES:
+            return Changed(messages=(cast(Message, stored),), events=events)
+        if kind is _INPUTS:
+            return Changed(inputs=(cast(InputRequest, stored),), events=events)
+        return Changed(agents=(cast(AgentRegistration, stored),), events=events)
+
+    def _fence(self, key: SessionKey) -> tuple[str, int] | None:
+        """(owner, fence) a write to ``key`` checks when this replica leases the session."""
         fence = self.fences.get(key)
-        if fence is None:
-            return None
-        owner = self.replica_id
-        return lambda conn: check_fence(conn, key, owner, fence)
+        return None if fence is None else (self.replica_id, fence)
 
     # Shared by every record kind
 
     async def _put(self, kind: RecordKind[R], record: R, *, insert: bool) -> R:
         """Insert (at version 1), or replace at the version read; the record as stored."""
         stored, op = _put_op(kind, record, insert=insert)
-        await self._write(op)
+        await self._write(_OneStatement(op))
         return stored
 
     async def _get(self, kind: RecordKind[R], key: tuple[str, ...]) -> R | None:
@@ -496,67 +523,123 @@ class PostgresStore(Store):
         self._waiting.append((op, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_waiting())
+        else:
+            self._wake_committer()
         return await future
 
-    async def _commit_waiting(self) -> None:
-        """Commit queued writes, a batch per transaction, until none are left."""
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            began = time.perf_counter()
-            try:
-                outcomes = await self._transaction([op for op, _ in batch])
-            except _Failed as failed:  # the batch's one write failed and was rolled back
-                outcomes = [(None, failed.error)]
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
-            for (_, future), (value, error) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write is committed all the same
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
+    def _wake_committer(self) -> None:
+        wake = self._queued
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
-    async def _transaction(self, ops: Sequence[Op[Any]]) -> list[tuple[Any, Exception | None]]:
-        """Run ``ops`` in one transaction, each in a savepoint when there are several."""
-        outcomes: list[tuple[Any, Exception | None]] = []
-        self._rings.clear()
-        async with self._pool_or_fail().acquire() as conn, conn.transaction():
-            if len(ops) == 1:
-                try:
+    async def _commit_waiting(self) -> None:
+        """Commit queued writes, a batch per transaction, on one connection, until none have come
+        for ``_LINGER_S`` (so a replica writing steadily but not in bursts does not start a task
+        and take a pooled connection for every write)."""
+        me = self._committer
+        try:
+            async with self._pool_or_fail().acquire() as conn:
+                while await self._more_to_commit():
+                    if not await self._commit_batch(conn):
+                        break  # the connection may be broken: the next committer takes another
+        except BaseException as exc:  # no connection: what waits is told
+            batch, self._waiting = self._waiting, []
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._committer is me:
+                self._committer = None
+            if self._waiting and self._committer is None:
+                self._committer = asyncio.create_task(self._commit_waiting())
+
+    async def _more_to_commit(self) -> bool:
+        if not self._waiting and not self._closing:
+            self._queued = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queued, self._LINGER_S)
+            self._queued = None
+        if not self._waiting:
+            self._committer = None  # at once: a write from now on starts another committer
+            return False
+        return True
+
+    async def _commit_batch(self, conn: asyncpg.Connection) -> bool:
+        """Commit what is queued; False when the transaction itself failed (not one write)."""
+        batch, self._waiting = self._waiting, []
+        began = time.perf_counter()
+        try:
+            outcomes = await self._transaction(conn, [op for op, _ in batch])
+        except _Failed as failed:  # the batch's one write failed and was rolled back
+            outcomes = [(None, failed.error)]
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
+        for (_, future), (value, error) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # its caller was cancelled; the write is committed all the same
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+        return True
+
+    async def _transaction(
+        self, conn: asyncpg.Connection, ops: Sequence[Op[Any]]
+    ) -> list[tuple[Any, Exception | None]]:
+        """Run ``ops`` in one transaction (one statement alone: by itself), each op that is not
+        one statement in a savepoint when there are several."""
+        if len(ops) == 1:
+            single = isinstance(ops[0], _OneStatement)
+            try:
+                async with contextlib.nullcontext() if single else conn.transaction():
                     value = await ops[0](conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
-                    failure: Exception = exc
-                else:
-                    await self._ring(conn)
-                    return [(value, None)]
-                # Outside the except block, so the transaction is rolled back by raising.
-                raise _Failed(failure)
+            except _FAILURES as exc:
+                raise _Failed(exc) from None  # the transaction, if any, was rolled back
+            return [(value, None)]
+        try:
+            return await self._batch(conn, ops, savepoints=False)
+        except _NeedsSavepoints:  # a statement failed in SQL: the batch again, each op alone
+            return await self._batch(conn, ops, savepoints=True)
+
+    @staticmethod
+    async def _batch(
+        conn: asyncpg.Connection, ops: Sequence[Op[Any]], *, savepoints: bool
+    ) -> list[tuple[Any, Exception | None]]:
+        """Run ``ops`` in one transaction, each failing alone. An op of one statement that fails
+        before SQL does (a version or fence that moved on) wrote nothing, so it needs no
+        savepoint; one that fails in SQL aborts the transaction, so (without ``savepoints``)
+        the whole batch is taken back with ``_NeedsSavepoints`` to run again with them."""
+        outcomes: list[tuple[Any, Exception | None]] = []
+        async with conn.transaction():
             for op in ops:
+                if savepoints or not isinstance(op, _OneStatement):
+                    try:
+                        async with conn.transaction():  # a savepoint
+                            value = await op(conn)
+                    except _FAILURES as exc:
+                        outcomes.append((None, exc))
+                    else:
+                        outcomes.append((value, None))
+                    continue
                 try:
-                    async with conn.transaction():  # a savepoint
-                        value = await op(conn)
-                except (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost) as exc:
+                    value = await op(conn)
+                except (NotFound, Conflict, LeaseLost) as exc:
+                    if isinstance(exc.__cause__, asyncpg.PostgresError):
+                        raise _NeedsSavepoints from exc
                     outcomes.append((None, exc))
+                except _FAILURES as exc:
+                    raise _NeedsSavepoints from exc
                 else:
                     outcomes.append((value, None))
-            await self._ring(conn)
         return outcomes
-
-    async def _ring(self, conn: asyncpg.Connection) -> None:
-        """Ring the event bell once for this transaction: NOTIFY is sent only if it commits."""
-        if not self._rings:
-            return
-        payload = _RECORD.join(f"{t}{_UNIT}{s}" for t, s in sorted(self._rings))
-        if len(payload.encode()) > _MAX_PAYLOAD:
-            payload = ""  # too many sessions to name: listeners check every session they watch
-        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
 
     def _pool_or_fail(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -575,34 +658,44 @@ def _redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-_UNIT, _RECORD = "\x1f", "\x1e"
-"""Separators in a bell's payload: tenant and session id (ids never hold control characters)."""
-_MAX_PAYLOAD = 7000
-"""Bytes of sessions a ring names at most (PostgreSQL's limit is 8000)."""
+_UNIT = "\x1f"
+"""Between tenant and session id in a bell's payload (ids never hold control characters)."""
 
 
 class PostgresBell:
     """The event bell over LISTEN/NOTIFY, on a connection of its own.
 
-    A dropped connection is opened again (every second until it works), and then the bell
-    rings with ``None`` so the bus reads every watched session's log: rings sent while it
-    was away are lost, the events are not.
+    It listens only on the channels of sessions that have subscribers here (``watch`` on the
+    first, ``unwatch`` after the last), so a replica is not woken by the writes of sessions
+    nobody here follows. Once a channel is listened on, the bell rings for the session once:
+    what was written before is read from the log. A channel is let go a little after its last
+    watcher, so a session watched again soon costs nothing. A dropped connection is opened
+    again (every second until it works), and then the bell rings with ``None`` so the bus reads
+    every watched session's log: rings sent while it was away are lost, the events are not.
     """
 
-    def __init__(self, dsn: str, channel: str) -> None:
+    LINGER_S = 2.0
+    """How long a channel stays listened on after its last watcher left."""
+
+    def __init__(self, dsn: str, prefix: str) -> None:
         self._dsn = dsn
-        self._channel = channel
+        self._prefix = prefix
         self._ring: RingHandler | None = None
         self._conn: asyncpg.Connection | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._watched: dict[str, dict[SessionKey, str]] = {}
+        """Per channel, the sessions watched here and their payloads."""
+        self._listening: dict[str, float | None] = {}
+        """Channels listened on: ``None`` while watched, else since when they were seen unwatched."""
+        self._changed = asyncio.Event()
 
     async def start(self, ring: RingHandler) -> None:
         self._ring = ring
-        await self._listen()
-        self._watch = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
+        self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        self._task = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
 
     async def stop(self) -> None:
-        task, self._watch = self._watch, None
+        task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -611,36 +704,77 @@ class PostgresBell:
         if conn is not None and not conn.is_closed():
             await conn.close()
 
-    async def _listen(self) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=10)
-        await conn.add_listener(self._channel, self._notified)
-        self._conn = conn
+    def watch(self, key: SessionKey) -> None:
+        channel, payload = bell_of(self._prefix, *key)
+        self._watched.setdefault(channel, {})[key] = payload
+        if channel not in self._listening:  # else rings from now on reach the bus already
+            self._changed.set()
+
+    def unwatch(self, key: SessionKey) -> None:
+        channel, _ = bell_of(self._prefix, *key)
+        keys = self._watched.get(channel)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._watched[channel]  # let go of by a later round, if not watched again
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        if self._ring is None:
+        keys = self._watched.get(channel)
+        if self._ring is None or not keys:
             return
-        if not payload:
-            self._ring(None)
-            return
-        keys = []
-        for record in payload.split(_RECORD):
-            tenant, _, session = record.partition(_UNIT)
-            keys.append((tenant, session))
-        self._ring(keys)
+        rung = [key for key, named in keys.items() if named == payload]
+        if rung:
+            self._ring(rung)
 
     async def _keep_listening(self) -> None:
+        """Listen on what is watched, let go of what no longer is, reconnect when dropped."""
         while True:
-            await asyncio.sleep(1.0)
-            if self._conn is not None and not self._conn.is_closed():
-                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+            self._changed.clear()
             try:
-                await self._listen()
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                await self._follow_watches()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 _log.warning("event bell: cannot reach PostgreSQL (%s); trying again", exc)
-                continue
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    async def _follow_watches(self) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            self._listening.clear()
+            conn = self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            again = bool(self._watched)
+        else:
+            again = False
+        added = [c for c in self._watched if c not in self._listening]
+        for channel in added:
+            await conn.add_listener(channel, self._notified)
+            self._listening[channel] = None
+        now = time.monotonic()
+        for channel, idle_since in list(self._listening.items()):
+            if channel in self._watched:
+                self._listening[channel] = None
+            elif idle_since is None:
+                self._listening[channel] = now
+            elif now - idle_since >= self.LINGER_S:
+                del self._listening[channel]
+                await conn.remove_listener(channel, self._notified)
+        if self._ring is None:
+            return
+        if again:
             _log.info("event bell: listening again; reading every watched session's log")
-            if self._ring is not None:
-                self._ring(None)
+            self._ring(None)
+        elif added:  # what was written before the bell listened is read from the log
+            self._ring([key for channel in added for key in self._watched.get(channel, {})])
+
+
+_FAILURES = (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost)
+"""What a write may fail with alone (the others of its batch still land)."""
+
+
+class _NeedsSavepoints(Exception):
+    """A statement of a batch run without savepoints failed in SQL: the transaction is aborted."""
 
 
 class _Failed(Exception):
@@ -737,40 +871,157 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
     return append
 
 
-def _append_op(
-    tenant_id: str,
-    session_id: str,
+def _lone_record(change: Change) -> tuple[RecordKind[Any], Any] | None:
+    """The kind and record of a change that writes exactly one record, else ``None``."""
+    found = [
+        (kind, records)
+        for kind, records in (
+            (_SESSIONS, change.sessions),
+            (_MESSAGES, change.messages),
+            (_INPUTS, change.inputs),
+            (_AGENTS, change.agents),
+        )
+        if records
+    ]
+    if len(found) != 1 or len(found[0][1]) != 1:
+        return None
+    kind, records = found[0]
+    return kind, records[0]
+
+
+class _OneStatement(Generic[T]):
+    """An op that is one statement: atomic by itself, so alone it needs no transaction (no
+    BEGIN and COMMIT round trips), and in a batch no savepoint unless a statement fails in SQL."""
+
+    def __init__(self, op: Op[T]) -> None:
+        self._op = op
+
+    def __call__(self, conn: asyncpg.Connection) -> Awaitable[T]:
+        return self._op(conn)
+
+
+@functools.cache
+def _logged_sql(record_sql: str, first: int, fenced: bool) -> str:
+    """One statement that writes a record (``record_sql``, parameters up to ``first - 1``; or no
+    record when empty) and appends events to its session's log, and rings the session's bell,
+    all only if the record was written and, for the owner of a leased session, the lease row
+    (read with ``FOR KEY SHARE``, as ``check_fence`` does) still holds the owner's fence.
+
+    Events are numbered from the session's counter row, which also serialises appenders on
+    other replicas until the transaction ends. The NOTIFY is sent only if it commits.
+    Parameters from ``first``: tenant, session, event count, time, payloads, bell channel and
+    payload, then (fenced) owner and fence. Returns the record rows written, the last event
+    number, the bell's (null) result and (fenced) the fence held.
+    """
+    t, s, count, time, payloads, channel, payload, owner, fence = (f"${first + n}" for n in range(9))
+    ctes = []
+    guard = ""
+    if fenced:
+        ctes.append(
+            f"lease AS (SELECT fence FROM leases WHERE tenant_id = {t} AND session_id = {s} "
+            f"AND owner = {owner} FOR KEY SHARE)"
+        )
+        guard = f"EXISTS (SELECT 1 FROM lease WHERE fence = {fence})"
+    if not record_sql:
+        ctes.append(f"rec AS (SELECT 1 WHERE {guard})" if guard else "rec AS (SELECT 1)")
+    else:
+        where = (" AND " if " WHERE " in record_sql else " WHERE ") + guard if guard else ""
+        ctes.append(f"rec AS ({record_sql}{where} RETURNING 1)")
+    ctes.append(
+        "head AS (INSERT INTO event_heads (tenant_id, session_id, last_sequence) "
+        f"SELECT {t}, {s}, {count} FROM rec ON CONFLICT (tenant_id, session_id) "
+        f"DO UPDATE SET last_sequence = event_heads.last_sequence + {count} RETURNING last_sequence)"
+    )
+    ctes.append(
+        "added AS (INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
+        f"SELECT {t}, {s}, head.last_sequence - {count} + u.n, {time}, u.p "
+        f"FROM head, unnest({payloads}::text[]) WITH ORDINALITY AS u(p, n))"
+    )
+    results = [
+        "(SELECT count(*) FROM rec)",
+        "(SELECT last_sequence FROM head)",
+        f"(SELECT pg_notify({channel}, {payload}) FROM head)",
+    ]
+    if fenced:
+        results.append("(SELECT fence FROM lease)")
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(results)}"
+
+
+def _logged_op(
+    put: tuple[RecordKind[R], R, bool] | None,
+    key: SessionKey,
     time: float,
     payloads: Sequence[EventPayload],
-    rings: set[tuple[str, str]],
-) -> Op[list[Event]]:
-    """The statements that append events, numbered from the session's counter row (which also
-    serialises appenders on other replicas until this transaction ends)."""
+    bell_prefix: str,
+    fence: tuple[str, int] | None,
+) -> tuple[R | None, _OneStatement[list[Event]]]:
+    """A record (``put``: kind, record, whether inserted; or none) with events appended to its
+    session's log, as one statement (``_logged_sql``); the record as stored. A fence that moved
+    on is ``LeaseLost``, a record changed or missing is ``Conflict`` or ``NotFound``, a key taken
+    is ``AlreadyExists``: then nothing was written."""
+    tenant_id, session_id = key
     frozen = [detach(p) for p in payloads]
     encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
     count = len(frozen)
+    stored: R | None = None
+    record_sql = ""
+    record_args: tuple[Any, ...] = ()
+    record_key: tuple[Any, ...] = ()
+    if put is not None:
+        kind: RecordKind[R] = put[0]
+        record: R = put[1]
+        insert = put[2]
+        stored = evolve(detach(record), version=1 if insert else record.version + 1)
+        values: tuple[Any, ...] = kind.row(stored)
+        text = _codec.dumps(kind.encode(stored))
+        record_key = values[: len(kind.keys)]
+        if insert:
+            record_sql = kind.insert_sql.replace(" VALUES (", " SELECT ", 1).removesuffix(")")
+            record_args = (*values, 1, text)
+        else:
+            record_sql = kind.update_sql
+            record_args = (*values[len(kind.keys) :], stored.version, text, *record_key, record.version)
+    sql = _logged_sql(record_sql, len(record_args) + 1, fence is not None)
+    args: tuple[Any, ...] = (*record_args, tenant_id, session_id, count, time, encoded)
+    args += bell_of(bell_prefix, *key)
+    if fence is not None:
+        args += fence
 
-    async def append(conn: asyncpg.Connection) -> list[Event]:
-        last = await conn.fetchval(
-            "INSERT INTO event_heads (tenant_id, session_id, last_sequence) VALUES ($1, $2, $3) "
-            "ON CONFLICT (tenant_id, session_id) "
-            "DO UPDATE SET last_sequence = event_heads.last_sequence + $3 "
-            "RETURNING last_sequence",
-            tenant_id,
-            session_id,
-            count,
-        )
-        first = int(last) - count + 1
-        rings.add((tenant_id, session_id))
-        await conn.execute(
-            "INSERT INTO events (tenant_id, session_id, sequence, time, payload) "
-            "SELECT $1, $2, s, $3, p FROM unnest($4::bigint[], $5::text[]) AS u(s, p)",
-            tenant_id,
-            session_id,
-            time,
-            list(range(first, first + count)),
-            encoded,
-        )
+    async def logged(conn: asyncpg.Connection) -> list[Event]:
+        try:
+            written = await conn.fetchrow(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if put is None or not put[2]:
+                raise
+            raise put[0].exists(put[1]) from exc
+        assert written is not None
+        if fence is not None and written[3] != fence[1]:
+            raise LeaseLost(
+                f"session {session_id!r} is now run by another replica; this one's lease ended",
+                metadata={"session_id": session_id},
+            )
+        if written[1] is None:  # the record was not written: its version moved on, or it is gone
+            assert put is not None
+            await _raise_lost(conn, put[0], record_key, put[1].version, put[0].what(put[1]))
+        first = int(written[1]) - count + 1
         return [Event(tenant_id, session_id, first + n, time, p) for n, p in enumerate(frozen)]
 
-    return append
+    return stored, _OneStatement(logged)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is: the store sets nothing on a session (no settings,
+    LISTEN, cursors or advisory locks; an unfinished transaction is rolled back by the pool all
+    the same), so asyncpg's default reset query would be one more round trip per use, for nothing."""
+
+
+_BELL_BUCKETS = 1024
+"""Event bell channels per schema: a session rings one of them (with its name in the payload), a
+replica listens on those of the sessions it has subscribers for, so it hears (nearly) only the
+rings it needs while the channels it listens on stay few whatever the number of sessions."""
+
+
+def bell_of(prefix: str, tenant_id: str, session_id: str) -> tuple[str, str]:
+    """The channel and payload of a session's event bell."""
+    payload = f"{tenant_id}{_UNIT}{session_id}"
+    return f"{prefix}{zlib.crc32(payload.encode()) % _BELL_BUCKETS}", payload

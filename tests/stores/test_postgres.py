@@ -4,19 +4,20 @@ group commit, and the schema checks at connect. Runs against a real PostgreSQL s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import replace
 
 import asyncpg
 import pytest
 
-from svantic_grpc.core.errors import Conflict
+from svantic_grpc.core.errors import AlreadyExists, Conflict
 from svantic_grpc.core.events import StatusChanged
 from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.core.ownership import LeaseLost
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError
-from svantic_grpc.stores.postgres import PostgresStore
+from svantic_grpc.stores.postgres import PostgresStore, bell_of
 from tests import _postgres
-from tests.stores.test_contract import T0, make_session
+from tests.stores.test_contract import T0, make_message, make_session
 
 
 @pytest.fixture
@@ -130,3 +131,155 @@ async def test_an_unreachable_server_is_a_plain_error_without_the_password() -> 
     with pytest.raises(ValueError, match="cannot connect to PostgreSQL") as excinfo:
         await store.connect()
     assert "hunter2" not in str(excinfo.value)
+
+
+class _Rings:
+    """What a bell rang, and a way to wait for a ring."""
+
+    def __init__(self) -> None:
+        self.rung: list[list[tuple[str, str]] | None] = []
+        self._new = asyncio.Event()
+
+    def __call__(self, keys: Collection[tuple[str, str]] | None) -> None:
+        self.rung.append(None if keys is None else sorted(keys))
+        self._new.set()
+
+    async def until(self, ring: list[tuple[str, str]] | None) -> list[list[tuple[str, str]] | None]:
+        """Wait for ``ring``; returns (and forgets) every ring up to it."""
+        while ring not in self.rung:
+            self._new.clear()
+            await asyncio.wait_for(self._new.wait(), timeout=10)
+        heard = self.rung[: self.rung.index(ring) + 1]
+        del self.rung[: len(heard)]
+        return heard
+
+
+def _key(session_id: str) -> tuple[str, str]:
+    return ("acme", session_id)
+
+
+async def test_a_replica_hears_the_bell_only_of_the_sessions_it_watches(schema: str) -> None:
+    writer, reader = await _replicas(schema, 2)
+    bell, rings = reader.event_bell(), _Rings()
+    bell.LINGER_S = 0.0
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    # Sessions on channels of their own (a channel carries several sessions, named in the payload).
+    ids = [f"s{n}" for n in range(40)]
+    channels = {bell_of(reader.bell_prefix, *_key(s))[0]: s for s in ids}
+    watched, other, marker = list(channels.values())[:3]
+
+    async def append(session_id: str) -> None:
+        await writer.append_events(tenant_id="acme", session_id=session_id, time=T0, payloads=(payload,))
+
+    await bell.start(rings)
+    try:
+        await append(watched)  # before anything is watched: rings nobody
+        bell.watch(_key(watched))
+        # Once it listens, the bell rings for the session: what was written before is read from the log.
+        assert await rings.until([_key(watched)]) == [[_key(watched)]]
+        bell.watch(_key(marker))
+        await rings.until([_key(marker)])
+        await append(other)
+        await append(watched)
+        await append(marker)
+        # Rings arrive in commit order: the marker's comes last, after the watched session's,
+        # and the session nobody here watches woke nobody.
+        assert await rings.until([_key(marker)]) == [[_key(watched)], [_key(marker)]]
+        bell.unwatch(_key(watched))
+        for _ in range(100):  # let go of a little after its last watcher left
+            await append(watched)
+            await append(marker)
+            if await rings.until([_key(marker)]) == [[_key(marker)]]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the bell still rings for a session nobody watches")
+    finally:
+        await bell.stop()
+        await asyncio.gather(writer.close(), reader.close())
+
+
+async def test_a_bell_whose_connection_dropped_listens_again_and_rings_for_everything(schema: str) -> None:
+    writer, reader = await _replicas(schema, 2)
+    bell, rings = reader.event_bell(), _Rings()
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    await bell.start(rings)
+    try:
+        bell.watch(_key("s1"))
+        await rings.until([_key("s1")])
+        channel, _ = bell_of(reader.bell_prefix, *_key("s1"))
+        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+        try:  # the bell's own connection (the last thing it did was listen), cut by the server
+            cut = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = $1",
+                f'LISTEN "{channel}"',
+            )
+            assert cut == 1
+        finally:
+            await conn.close()
+        # Rings sent while it was away are lost: it rings for every watched session once back...
+        await rings.until(None)
+        # ...and hears the session's bell again.
+        await writer.append_events(tenant_id="acme", session_id="s1", time=T0, payloads=(payload,))
+        await rings.until([_key("s1")])
+    finally:
+        await bell.stop()
+        await asyncio.gather(writer.close(), reader.close())
+
+
+async def test_a_write_failing_in_sql_fails_alone_and_the_others_of_its_batch_land(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    try:
+        await store.create_session(make_session("s1"))
+        taken = make_message("m1")
+        await store.create_message_with_events(taken, time=T0, payloads=(payload,))
+        writes = [
+            store.create_message_with_events(make_message(f"m{n}"), time=T0, payloads=(payload,) * 2)
+            for n in range(2, 6)
+        ] + [
+            store.create_message_with_events(taken, time=T0, payloads=(payload,)),  # its key is taken
+            store.create_session(make_session("s1")),  # so is this one's
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, AlreadyExists) for r in results[-2:]), results
+        assert all(not isinstance(r, BaseException) for r in results[:-2]), results
+        for n in range(2, 6):
+            assert await store.get_message(tenant_id="acme", session_id="s1", message_id=f"m{n}") is not None
+        logged = await store.list_events(tenant_id="acme", session_id="s1")
+        assert [e.sequence for e in logged] == list(range(1, 1 + 1 + 4 * 2))  # no gap, nothing twice
+    finally:
+        await store.close()
+
+
+async def test_a_write_with_events_whose_fence_moved_on_writes_nothing(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    payload = StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED)
+    key = _key("s1")
+    try:
+        await store.create_session(make_session("s1"))
+        created, _ = await store.create_message_with_events(make_message("m1"), time=T0, payloads=(payload,))
+        await store.pool.execute(
+            "INSERT INTO leases (tenant_id, session_id, owner, fence, expires_at) "
+            "VALUES ($1, $2, 'r1', 2, 1e12)",
+            *key,
+        )
+        store.replica_id, store.fences[key] = "r1", 1  # a fence the lease row moved on from
+        before = await store.list_events(tenant_id="acme", session_id="s1")
+        stale = [
+            store.create_message_with_events(make_message("m2"), time=T0, payloads=(payload,)),
+            store.update_message_with_events(created, time=T0, payloads=lambda m: (payload,)),
+            store.append_events(tenant_id="acme", session_id="s1", time=T0, payloads=(payload,)),
+        ]
+        for write in stale:
+            with pytest.raises(LeaseLost):
+                await write
+        assert await store.list_events(tenant_id="acme", session_id="s1") == before
+        assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") is None
+        stored = await store.get_message(tenant_id="acme", session_id="s1", message_id="m1")
+        assert stored == created
+        store.fences[key] = 2  # the fence the row holds: the owner's writes land
+        await store.update_message_with_events(created, time=T0, payloads=lambda m: (payload,))
+        assert len(await store.list_events(tenant_id="acme", session_id="s1")) == len(before) + 1
+    finally:
+        await store.close()
