@@ -162,7 +162,14 @@ _V5 = (
     "CREATE INDEX adapter_values_by_session ON adapter_values (tenant_id, session_id) WHERE session_id <> ''",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+_V6 = (
+    # No table changes: event bells ring a channel per session (one of 1024 per schema) instead of
+    # one channel for the schema. Replicas of both kinds on one schema would not hear each other's
+    # bells, so older code refuses to start on a schema this version has touched.
+    "COMMENT ON TABLE svantic_meta IS 'svantic-grpc: event bells on per-session channels since version 6'",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"
