@@ -34,6 +34,7 @@ from svantic_grpc.core.models import AgentRegistration, Session, SessionStatus
 from svantic_grpc.core.ownership import LeaseLost, SessionKey
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, MessagePage, SessionPage, Store
 from svantic_grpc.stores import _codec
+from svantic_grpc.stores._batch import settle
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
@@ -582,13 +583,7 @@ class PostgresStore(Store):
                 raise
             return False
         self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
-        for (_, future), (value, error) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue  # its caller was cancelled; the write is committed all the same
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
+        settle(batch, outcomes)
         return True
 
     async def _transaction(

@@ -42,6 +42,7 @@ from svantic_grpc.core.store import (
     Store,
 )
 from svantic_grpc.stores import _codec
+from svantic_grpc.stores._batch import settle
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._kinds import Kinds, RecordKind, message_key
@@ -508,13 +509,7 @@ class SqliteStore(Store):
                         future.set_exception(exc)
                 continue
             self.metrics.store_commit(latency_s=time.perf_counter() - began, batch=len(batch))
-            for (_, future), (value, error) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write is committed all the same
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
+            settle(batch, outcomes)
 
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:

@@ -33,25 +33,12 @@ from tests._support import Client, running_server
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message
+from tests.durability.test_replica_takeover import PLAN, PLANS
 
 WAIT = 5.0
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
-PLANS = {
-    "name": "plans",
-    "scope": "plan",
-    "match": {"agent_type": "savant:*"},
-    "enforcement": "require_approval",
-}
-PLAN = {
-    "action_data": {
-        "plan": [
-            {"target_agent": "savant:chat", "text": "step one"},
-            {"target_agent": "savant:chat", "text": "step two"},
-        ]
-    }
-}
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
