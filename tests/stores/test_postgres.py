@@ -14,8 +14,9 @@ from svantic_grpc.core.errors import AlreadyExists, Conflict
 from svantic_grpc.core.events import StatusChanged
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.ownership import LeaseLost
+from svantic_grpc.stores._pg_bell import bell_of
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError
-from svantic_grpc.stores.postgres import PostgresStore, bell_of
+from svantic_grpc.stores.postgres import PostgresStore
 from tests import _postgres
 from tests.stores.test_contract import T0, make_message, make_session
 
