@@ -77,9 +77,15 @@ class Child:
 
 
 async def start_role(
-    script: Path, role: str, max_seconds: float, *extra: str, env: dict[str, str] | None = None
+    script: Path,
+    role: str,
+    max_seconds: float,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start ``script --role ROLE --max-seconds N`` (a benchmark's own child) with pipes to talk over."""
+    """Start ``script --role ROLE --max-seconds N`` (a benchmark's own child) with pipes to talk
+    over, in ``cwd`` (this checkout unless given)."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
@@ -90,7 +96,7 @@ async def start_role(
         *extra,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         env=env,
     )
 

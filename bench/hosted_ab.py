@@ -19,12 +19,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import _hosted
-from _child import ROOT
+from _child import ROOT, start_role
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -42,18 +41,9 @@ async def _worker(call: _hosted.Call, stop: float, done: list[int]) -> None:
 
 async def _start(tree: Path, role: str, max_seconds: float) -> tuple[asyncio.subprocess.Process, str]:
     """``tree``'s ``message_roundtrip.py`` in ``role``; its first protocol line's value (port or URL)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(tree / "bench" / "message_roundtrip.py"),
-        "--role",
-        role,
-        "--max-seconds",
-        str(max_seconds),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-    )
+    script = tree / "bench" / "message_roundtrip.py"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    process = await start_role(script, role, max_seconds, env=env, cwd=tree)
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().split()
     if len(line) < 2:

@@ -17,6 +17,7 @@ import asyncpg
 
 from svantic_grpc.core.events import RingHandler
 from svantic_grpc.core.ownership import SessionKey
+from svantic_grpc.stores._pg_listen import stop_listening
 
 __all__ = ["PostgresBell", "bell_of"]
 
@@ -60,13 +61,8 @@ class PostgresBell:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            await conn.close()
+        await stop_listening([task] if task else [], conn)
 
     def watch(self, key: SessionKey) -> None:
         channel, payload = bell_of(self._prefix, *key)

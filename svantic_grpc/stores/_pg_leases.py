@@ -26,6 +26,7 @@ import asyncpg
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SessionKey, Takeover
+from svantic_grpc.stores._pg_listen import cancel_tasks, stop_listening
 
 if TYPE_CHECKING:
     from svantic_grpc.stores.postgres import PostgresStore
@@ -115,7 +116,7 @@ class PgLeases(Ownership):
     ) -> None:
         self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
         await self._listen()
-        await self._cancel(self._tasks)  # the renewal during start-up recovery: the full round now
+        await cancel_tasks(self._tasks)  # the renewal during start-up recovery: the full round now
         self._tasks = [
             asyncio.create_task(self._keep(), name="svantic-leases"),
             asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
@@ -123,10 +124,8 @@ class PgLeases(Ownership):
 
     async def halt(self) -> None:
         tasks, self._tasks = [*self._tasks, *self._abandoning], []
-        await self._cancel(tasks)
         listener, self._listener = self._listener, None
-        if listener is not None and not listener.is_closed():
-            await listener.close()
+        await stop_listening(tasks, listener)
 
     async def stop(self) -> None:
         await self.halt()
@@ -295,14 +294,6 @@ class PgLeases(Ownership):
                 self._store.fences.pop(key, None)  # writes here are a non-owner's from now on
 
     # Background work
-
-    @staticmethod
-    async def _cancel(tasks: Collection[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _keep(self, *, sweep: bool = True) -> None:
         """Every ``renew_s``: renew what is held, forget leases of closed sessions, take over

@@ -21,6 +21,7 @@ from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.dispatch._seam import DispatchJob, DispatchUpdate
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.stores import _codec
+from svantic_grpc.stores._pg_listen import stop_listening
 
 if TYPE_CHECKING:
     from svantic_grpc.stores.postgres import PostgresStore
@@ -67,14 +68,8 @@ class PgRelay(Relay):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         listener, self._listener = self._listener, None
-        if listener is not None and not listener.is_closed():
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
-                await listener.close()
+        await stop_listening([task] if task else [], listener)
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
