@@ -74,6 +74,21 @@ async def _lease(schema: str, session_id: str) -> tuple[str, int] | None:
     return None if row is None else (str(row[0]), int(row[1]))
 
 
+@asynccontextmanager
+async def _replicas_a_and_b(schema: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Replicas "a" and "b" on ``schema`` with short leases and the approval policies."""
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b")
+        ]
+        yield a, b
+
+
 def _stop_sweeping(client: Client) -> None:
     """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
     for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
@@ -203,15 +218,7 @@ async def test_a_replica_holding_the_agents_stream_that_stops_mid_dispatch_tells
 
 
 async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_the_owners_work() -> None:
-    async with _schema() as schema, AsyncExitStack() as stack:
-        owner, other = [
-            await stack.enter_async_context(
-                running_server(
-                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
-                )
-            )
-            for name in ("a", "b")
-        ]
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
         working, told = asyncio.Event(), asyncio.Event()
 
         async def work(dispatch: Dispatch, reply: Reply) -> None:
@@ -264,36 +271,31 @@ async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_th
 
 
 async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica_that_takes_it() -> None:
-    async with _schema() as schema, AsyncExitStack() as stack:
-        owner, other = [
-            await stack.enter_async_context(
-                running_server(
-                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES)
-                )
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (owner, other),
+        running_agent(owner, ToolAgent(), agent_type="tools", instance_id="tools-a"),
+    ):
+        session_id = await new_session(owner)
+        calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+        asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
+        assert asked.state == INPUT_REQUIRED, asked.state_reason
+        (request_id,) = asked.input_request_ids
+        # "a" hangs: it renews nothing any more and its lease runs out.
+        _stop_sweeping(owner)
+        _stop_sweeping(other)  # "b" takes the session for the cancel, not by its own sweep
+        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+        try:
+            await conn.execute(
+                f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
             )
-            for name in ("a", "b")
-        ]
-        async with running_agent(owner, ToolAgent(), agent_type="tools", instance_id="tools-a"):
-            session_id = await new_session(owner)
-            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
-            asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
-            assert asked.state == INPUT_REQUIRED, asked.state_reason
-            (request_id,) = asked.input_request_ids
-            # "a" hangs: it renews nothing any more and its lease runs out.
-            _stop_sweeping(owner)
-            _stop_sweeping(other)  # "b" takes the session for the cancel, not by its own sweep
-            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-            try:
-                await conn.execute(
-                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-                )
-            finally:
-                await conn.close()
-            canceled = await cancel_message(other, session_id, asked.message_id, reason="never mind")
-            assert canceled.state == CANCELED and canceled.state_reason == "never mind"
-            assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
-            request = await other.server.mesh.inputs.get(TENANT, request_id)
-            assert request.state is InputState.CANCELED
+        finally:
+            await conn.close()
+        canceled = await cancel_message(other, session_id, asked.message_id, reason="never mind")
+        assert canceled.state == CANCELED and canceled.state_reason == "never mind"
+        assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
+        request = await other.server.mesh.inputs.get(TENANT, request_id)
+        assert request.state is InputState.CANCELED
 
 
 async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cleanly() -> None:
