@@ -269,14 +269,6 @@ class Registry:
             return None
         return replace(agent, session_ids=tuple(s for s in agent.session_ids if s != session_id))
 
-    async def unbind(self, tenant_id: str, instance_id: str, session_id: str) -> None:
-        """Release ``instance_id`` from ``session_id``, if it is still registered and bound."""
-        async with self.locks.hold((tenant_id, instance_id)):
-            agent = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-            released = self.released(agent, session_id) if agent is not None else None
-            if released is not None:
-                await self._store.update_agent(released)
-
     async def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
         """Count a dispatch outcome on the instance's connection state (GetAgent shows it).
 
