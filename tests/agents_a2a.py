@@ -57,7 +57,7 @@ from a2a.server.request_handlers import (
     GrpcHandler,
     RequestHandler,
 )
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import (
     AgentCapabilities,
@@ -73,7 +73,7 @@ from google.protobuf import json_format
 from grpc import aio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
@@ -131,7 +131,7 @@ class HostedAgent:
     slow_s: float = 30.0
     """How long the ``slow`` kind works before it completes."""
     binding: str = TransportProtocol.JSONRPC
-    """The A2A protocol binding it serves and its card advertises: JSON-RPC or gRPC."""
+    """The A2A protocol binding it serves and its card advertises: JSON-RPC, gRPC or HTTP+JSON."""
 
     @property
     def type(self) -> str:
@@ -504,6 +504,8 @@ async def hosted_agents(mesh_channel: aio.Channel, *specs: HostedAgent) -> Async
         base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         for spec in specs:
             interface_url = ""  # JSON-RPC is served where the card is
+            if spec.binding == TransportProtocol.HTTP_JSON:
+                interface_url = f"{base}/{spec.instance_id}/rest"
             if spec.binding == TransportProtocol.GRPC:
                 server, interface_url = _grpc_server(_RecordGrpcMethods(agents, spec.instance_id))
                 stack.push_async_callback(server.stop, None)  # in case serving never starts
@@ -525,7 +527,8 @@ async def serve_a2a(
     entries: Iterable[tuple[str, AgentExecutor, AgentCard]],
     middleware: Sequence[Middleware] = (),
 ) -> AsyncIterator[list[DefaultRequestHandler]]:
-    """Serve a2a-sdk agents with uvicorn in this loop: cards under ``/<name>``, and JSON-RPC there.
+    """Serve a2a-sdk agents with uvicorn in this loop: cards under ``/<name>``, and JSON-RPC there
+    (HTTP+JSON under ``/<name>/rest`` for a card that offers it).
 
     A card without a JSON-RPC interface gets no JSON-RPC route; its handler (one per entry,
     in order) is for ``serve_a2a_grpc``.
@@ -538,8 +541,13 @@ async def serve_a2a(
         )
         handlers.append(handler)
         routes += create_agent_card_routes(card, card_url=f"/{name}/.well-known/agent-card.json")
-        if any(i.protocol_binding == TransportProtocol.JSONRPC for i in card.supported_interfaces):
+        bindings = {i.protocol_binding for i in card.supported_interfaces}
+        if TransportProtocol.JSONRPC in bindings:
             routes += create_jsonrpc_routes(handler, rpc_url=f"/{name}")
+        if TransportProtocol.HTTP_JSON in bindings:
+            # Mounted: a2a-sdk's REST routes end with a ``/{tenant}`` mount that ignores
+            # ``path_prefix`` and would swallow the later agents' cards.
+            routes.append(Mount(f"/{name}/rest", routes=create_rest_routes(handler)))
     config = uvicorn.Config(
         Starlette(routes=routes, middleware=list(middleware)),
         log_level="warning",

@@ -7,58 +7,21 @@ registers a connected agent written in Node and answers a message on its ``Conne
 sends to an agent that does not exist, lists, closes, and watches every event in order.
 
 The Node packages are pinned by ``tests/node/package-lock.json`` and installed on first use
-(``npm ci`` into ``tests/node/node_modules``). Where node or npm is missing, or the packages
-cannot be installed, the test is skipped saying why; under ``CI=true`` it fails instead.
+(``tests/_node.py``). Where node or npm is missing, or the packages cannot be installed, the
+test is skipped saying why; under ``CI=true`` it fails instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests._node import NODE_DIR, require_node
 from tests._support import SECRET, Client
 
-NODE_DIR = Path(__file__).parent / "node"
 PROTO_DIR = Path(__file__).parent.parent / "proto"
-
-
-@functools.cache
-def _node_missing() -> str:
-    """Empty when node and the pinned packages are ready; else why not (installing them once)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        return "node and npm are not installed (apt-get install -y nodejs npm)"
-    if (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        return ""
-    try:
-        subprocess.run(
-            [npm, "ci", "--silent", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-        output = getattr(exc, "stderr", b"") or b""
-        return f"cannot install the Node packages (npm ci in tests/node): {exc} {output.decode()[-300:]}"
-    return ""
-
-
-def _require_node() -> None:
-    reason = _node_missing()
-    if not reason:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(f"{reason}; the Node client test did not run")
 
 
 async def _run_node(client: Client) -> dict[str, dict[str, Any]]:
@@ -84,7 +47,7 @@ async def _run_node(client: Client) -> dict[str, dict[str, Any]]:
 
 
 async def test_a_node_client_and_a_node_connected_agent_use_the_mesh(client: Client) -> None:
-    _require_node()
+    require_node("the Node client test")
     steps = await _run_node(client)
 
     assert steps["token"] == {"token_type": "Bearer", "tenant_id": "acme", "scopes": ["full"]}

@@ -80,7 +80,11 @@ _STATES = {
     TaskState.TASK_STATE_AUTH_REQUIRED: MessageState.INPUT_REQUIRED,
 }
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
-_BINDINGS: dict[str, str] = {TransportProtocol.JSONRPC: "a2a-jsonrpc", TransportProtocol.GRPC: "a2a-grpc"}
+_BINDINGS: dict[str, str] = {
+    TransportProtocol.JSONRPC: "a2a-jsonrpc",
+    TransportProtocol.GRPC: "a2a-grpc",
+    TransportProtocol.HTTP_JSON: "a2a-rest",
+}
 """The A2A bindings the mesh speaks, in its order of preference, and their names in GetAgent."""
 _DRAIN_S = 0.5
 """How long the end of a stream may take to come after the agent's final update."""
@@ -166,9 +170,14 @@ class A2ATransport:
                 # A fresh token per call: an answer may come long after the first token expired.
                 context = _signed(job)
                 call = client.send_message(_request(message), context=context)
+                first = True
                 async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                     async for event in stream:
                         delivered = True
+                        if first and message.task_id and _still_asking(event):
+                            first = False
+                            continue  # the task as it stood when the answer went out: no new question
+                        first = False
                         update, task_id = _update_from(event, task_id)
                         if update is None:
                             continue
@@ -280,6 +289,16 @@ async def _cancel_quietly(client: Client, task_id: str, context: ClientCallConte
             await client.cancel_task(CancelTaskRequest(id=task_id), context=context)
     except (Exception, TimeoutError) as exc:  # the message is already ending; this is courtesy
         _log.debug("cancel of A2A task %s failed: %s", task_id, exc)
+
+
+def _still_asking(event: Any) -> bool:
+    """Whether the first event of a turn that answers the agent is the task as it stood before the
+    answer: an A2A 1.0 server begins every stream with the task (``@a2a-js/sdk`` insists on it),
+    and until the agent has read the answer that task still says input-required. Taken as a new
+    question, the mesh would ask the human the same thing again, for ever."""
+    return event.WhichOneof("payload") == "task" and _STATES.get(event.task.status.state) is (
+        MessageState.INPUT_REQUIRED
+    )
 
 
 def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:

@@ -1,4 +1,5 @@
-"""GetAgent reports how the mesh reaches an instance: ``a2a-jsonrpc`` or ``a2a-grpc`` for hosted agents.
+"""GetAgent reports how the mesh reaches an instance: ``a2a-jsonrpc``, ``a2a-grpc`` or ``a2a-rest`` for
+hosted agents.
 
 Before the mesh has read an agent's card (its first dispatch), the card given at registration
 says; afterwards, the binding of the client the mesh really uses.
@@ -20,6 +21,7 @@ from tests.api.test_messages_hosted import COMPLETED, get_agent, new_session, re
 
 GRPC = TransportProtocol.GRPC
 JSONRPC = TransportProtocol.JSONRPC
+REST = TransportProtocol.HTTP_JSON
 
 
 @pytest.fixture
@@ -28,6 +30,7 @@ async def agents(client: Client) -> AsyncIterator[HostedAgents]:
         client.channel,
         HostedAgent("echo", "echo-j", agent_type="echo-json", binding=JSONRPC),
         HostedAgent("echo", "echo-g", agent_type="echo-grpc", binding=GRPC),
+        HostedAgent("echo", "echo-r", agent_type="echo-rest", binding=REST),
     ) as hosted:
         yield hosted
 
@@ -54,7 +57,9 @@ async def _register_with_card(
     return response.agent
 
 
-@pytest.mark.parametrize(("instance_id", "expected"), [("echo-j", "a2a-jsonrpc"), ("echo-g", "a2a-grpc")])
+@pytest.mark.parametrize(
+    ("instance_id", "expected"), [("echo-j", "a2a-jsonrpc"), ("echo-g", "a2a-grpc"), ("echo-r", "a2a-rest")]
+)
 async def test_a_hosted_agent_reports_the_binding_the_mesh_used(
     client: Client, agents: HostedAgents, instance_id: str, expected: str
 ) -> None:
@@ -102,7 +107,7 @@ async def test_the_registered_card_tells_before_the_first_call(client: Client, a
                     {"url": "127.0.0.1:1", "protocolBinding": "GRPC"},
                 ]
             },
-            "a2a-jsonrpc",
+            "a2a-rest",
             id="1.0-first-spoken-wins",
         ),
         pytest.param(
@@ -116,7 +121,22 @@ async def test_the_registered_card_tells_before_the_first_call(client: Client, a
             id="0.3-default-jsonrpc",
         ),
         pytest.param(
+            {
+                "supportedInterfaces": [
+                    {"url": "http://127.0.0.1:1", "protocolBinding": "SLIMRPC"},
+                    {"url": "http://127.0.0.1:1", "protocolBinding": "JSONRPC"},
+                ]
+            },
+            "a2a-jsonrpc",
+            id="1.0-unknown-binding-skipped",
+        ),
+        pytest.param(
             {"supportedInterfaces": [{"url": "http://127.0.0.1:1", "protocolBinding": "HTTP+JSON"}]},
+            "a2a-rest",
+            id="1.0-rest-only",
+        ),
+        pytest.param(
+            {"supportedInterfaces": [{"url": "http://127.0.0.1:1", "protocolBinding": "SLIMRPC"}]},
             "",
             id="nothing-the-mesh-speaks",
         ),

@@ -121,7 +121,7 @@ class Transport(Protocol):
     def protocol_for(self, agent: AgentRegistration) -> str:
         """The wire protocol this transport uses, or will use, to reach ``agent`` (GetAgent shows it).
 
-        ``connect-stream``, ``a2a-jsonrpc`` or ``a2a-grpc``; empty when it cannot tell yet.
+        ``connect-stream``, ``a2a-jsonrpc``, ``a2a-grpc`` or ``a2a-rest``; empty when it cannot tell yet.
         """
         ...
 
