@@ -58,8 +58,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+CHATTY = ("httpx", "httpcore", "a2a", "aiohttp.access", "uvicorn.access")
+"""Libraries that log every request (httpx a line per call to a hosted agent, a2a-sdk each card
+it reads, whole) at INFO: below WARNING they speak only when the server logs at DEBUG."""
+
+
 def configure(level: str, fmt: Literal["text", "json"] = "text") -> None:
     """Send the process's logs to stderr at ``level``, as text lines or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
