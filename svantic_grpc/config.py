@@ -233,6 +233,8 @@ class Settings(_Model):
     """host:port for the HTTP server, always on (/healthz, /readyz, adapters' routes); port 0 picks one."""
     http_public_url: str = ""
     """How callers reach that HTTP server (webhook callback URLs); default http://<bound http_address>."""
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    """Largest HTTP request body; a larger one is refused with 413 before it is read whole."""
     session_ttl_ms: int = Field(default=1_800_000, ge=0)
     """Idle time after which a session is closed; 0 disables."""
     input_request_ttl_ms: int = Field(default=3_600_000, gt=0)

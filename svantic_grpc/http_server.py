@@ -8,6 +8,11 @@ with the gRPC server by the composition root (``svantic_grpc.server``), and carr
 - the adapters' inbound routes (``Adapter.routes()``: Slack interactions, the webhook receiver);
 - whatever else the composition root mounts.
 
+Every request body is bounded (``max_body_bytes``, setting ``http_max_body_bytes``): a
+declared ``Content-Length`` over it, or a streamed body that grows past it, is answered
+413 before the body is held whole, so nobody who can reach the port can make the process
+buffer (and parse) hundreds of megabytes, signed or not.
+
 Mounting routes (the seam for other ingresses, e.g. A2A): build Starlette routes
 (``starlette.routing.Route``, ``Mount``, or the routes an SDK's Starlette application
 builder returns) and hand them to ``HttpServer.mount(routes)`` before ``start()``. A
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Callable, Generator, Iterable
@@ -34,10 +40,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from svantic_grpc.config import dial_address
 
-__all__ = ["HttpServer", "HttpServerError"]
+__all__ = ["BodyLimit", "HttpServer", "HttpServerError"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class HttpServer:
         ready: Whether the mesh serves now (``/readyz`` answers 200 only then).
         public_url: How callers elsewhere reach this server (e.g. webhook callback URLs);
             empty: ``url``.
+        max_body_bytes: Largest request body; larger ones get 413.
         wrap: Wraps the whole ASGI application (e.g. tracing middleware); ``None``: as is.
     """
 
@@ -63,9 +71,11 @@ class HttpServer:
         *,
         ready: Callable[[], bool],
         public_url: str = "",
+        max_body_bytes: int = 8 * 1024 * 1024,
         wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.address = address
+        self._max_body = max_body_bytes
         self._wrap = wrap
         """Wraps the ASGI application before it serves (the tracing middleware), when given."""
         self._ready = ready
@@ -121,7 +131,7 @@ class HttpServer:
         """
         if self._server is not None:
             return
-        app: Any = self.app()
+        app: Any = BodyLimit(self.app(), self._max_body)
         if self._wrap is not None:
             app = self._wrap(app)
         port = int(self.address.rpartition(":")[2])
@@ -172,6 +182,95 @@ class HttpServer:
 
 async def _healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
+
+
+class BodyLimit:
+    """ASGI middleware: an HTTP request's body is read here, up to ``limit`` bytes, and handed to the
+    application whole; a body over the limit (declared or streamed) gets 413 and never reaches it.
+
+    After the body, ``receive`` is the server's own again, so a streaming response still hears
+    the client leave (``http.disconnect``).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await _refuse(receive, send, self.limit)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body ended
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await _refuse(receive, send, self.limit, more=message.get("more_body", False))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # uvicorn refuses a malformed one itself
+    return None
+
+
+_DRAIN_BYTES = 64 * 1024 * 1024
+_DRAIN_S = 10.0
+
+
+async def _refuse(receive: Receive, send: Send, limit: int, *, more: bool = True) -> None:
+    """413, after reading (and dropping) what the client still sends, within bounds: a server that
+    closes with unread bytes resets the connection, and the client may never see the answer."""
+    drained = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_S):
+            while more and drained < _DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # gone: nobody to answer
+                drained += len(message.get("body", b""))
+                more = message.get("more_body", False)
+    body = json.dumps(
+        {"error": "request body too large", "reason": "BODY_TOO_LARGE", "limit_bytes": limit}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Uvicorn(uvicorn.Server):

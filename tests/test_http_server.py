@@ -147,3 +147,68 @@ async def test_accepted_connections_send_small_responses_at_once() -> None:
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         await server.stop()
+
+
+async def _echo_length_server(limit: int) -> tuple[HttpServer, list[int]]:
+    """An HTTP server with the body limit and one route that records the size of each body it got."""
+    got: list[int] = []
+
+    async def upload(request: Request) -> JSONResponse:
+        body = await request.body()
+        got.append(len(body))
+        return JSONResponse({"bytes": len(body)})
+
+    server = HttpServer("127.0.0.1:0", ready=lambda: True, max_body_bytes=limit)
+    server.mount([Route("/upload", upload, methods=["POST"])])
+    await server.start()
+    return server, got
+
+
+async def test_a_body_over_the_limit_is_refused_413_and_never_reaches_the_route() -> None:
+    server, got = await _echo_length_server(1000)
+
+    async def streamed(size: int, step: int = 300):  # type: ignore[no-untyped-def]  # chunked: no Content-Length
+        for start in range(0, size, step):
+            yield b"x" * min(step, size - start)
+
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as web:
+            declared = await web.post("/upload", content=b"x" * 1001)
+            chunked = await web.post("/upload", content=streamed(5000))
+            at_limit = await web.post("/upload", content=b"x" * 1000)
+            chunked_ok = await web.post("/upload", content=streamed(900))
+            empty = await web.post("/upload")
+    finally:
+        await server.stop()
+    for refused in (declared, chunked):
+        assert refused.status_code == 413
+        assert refused.json() == {
+            "error": "request body too large",
+            "reason": "BODY_TOO_LARGE",
+            "limit_bytes": 1000,
+        }
+    assert [r.json()["bytes"] for r in (at_limit, chunked_ok, empty)] == [1000, 900, 0]
+    assert got == [1000, 900, 0]  # the refused ones never reached the route
+
+
+async def test_every_route_of_the_mesh_is_bounded_by_http_max_body_bytes() -> None:
+    big = b'{"padding": "' + b"x" * 5000 + b'"}'
+    async with running_server(http_max_body_bytes=4096) as client:
+        token = await client.token()
+        async with httpx.AsyncClient(base_url=client.server.http.url, timeout=WAIT) as web:
+            answers = [
+                await web.post(path, content=big, headers={"authorization": f"Bearer {token}"})
+                for path in ("/send", "/a2a/jsonrpc", "/a2a/rest/message:send", "/console/login")
+            ]
+            small = await web.post(
+                "/send",
+                json={"jsonrpc": "2.0", "id": "1", "method": "tasks/get", "params": {"id": "nope"}},
+                headers={"authorization": f"Bearer {token}"},
+            )
+    assert [a.status_code for a in answers] == [413, 413, 413, 413]
+    assert small.status_code == 200 and small.json()["error"]["code"] == -32001  # task not found: served
+
+
+def test_http_max_body_bytes_must_be_positive() -> None:
+    with pytest.raises(SettingsError, match="http_max_body_bytes"):
+        parse_settings({"http_max_body_bytes": 0})
