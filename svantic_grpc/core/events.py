@@ -268,7 +268,14 @@ class EventBus:
         key = (tenant_id, session_id)
         async with self._locks.hold(key):
             if self._store.suspends:
-                return await asyncio.shield(asyncio.ensure_future(self._write_and_deliver(key, write)))
+                landing = asyncio.ensure_future(self._write_and_deliver(key, write))
+                try:
+                    return await asyncio.shield(landing)
+                except asyncio.CancelledError:
+                    # The session's next write waits for this one to land (it holds the lock until
+                    # then), so it starts from what this one stored.
+                    await asyncio.wait({landing})
+                    raise
             result, events = await write(self._clock.now())  # runs to the end: nothing to shield
             await self._deliver_in_order(key, events)
             if self._trim_due(events):

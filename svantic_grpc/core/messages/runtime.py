@@ -136,9 +136,14 @@ class SessionRuntime:
         if self._closed:
             return
         self._closed = True
-        for message_id in list(self._tasks):
-            await self.cancel(message_id, reason)
-        await self.agents.close()
+        try:
+            for message_id in list(self._tasks):
+                try:
+                    await self.cancel(message_id, reason)
+                except Exception:  # one message's failed last write must not leave the others running
+                    _log.exception("message %s did not end cleanly as its session closed", message_id)
+        finally:
+            await self.agents.close()
 
     async def abandon(self) -> None:
         """Stop every running message without caring how its last writes fare (another replica

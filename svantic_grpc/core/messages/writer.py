@@ -71,13 +71,18 @@ class MessageWriter:
         store = self._store
 
         async def write(now: float) -> tuple[Message, Sequence[Event]]:
-            return await store.update_message_with_events(draft, time=now, payloads=announce)
+            saved, events = await store.update_message_with_events(draft, time=now, payloads=announce)
+            # Taken in here, not from what ``commit`` returns: a writer cancelled while the store
+            # works still learns the version its write stored (the bus lets the write land), so its
+            # last write (CANCELED) does not start from the version before and lose a race with itself.
+            self.message = saved
+            for name, value in pending.items():
+                if self._pending.get(name) is value:
+                    del self._pending[name]
+            del self._held[: len(held)]
+            return saved, events
 
-        self.message = await self._bus.commit(draft.tenant_id, draft.session_id, write)
-        for name, value in pending.items():
-            if self._pending.get(name) is value:
-                del self._pending[name]
-        del self._held[: len(held)]
+        await self._bus.commit(draft.tenant_id, draft.session_id, write)
         return self.message
 
     def _latest(self, name: str) -> Any:
