@@ -174,7 +174,10 @@ class Console:
         return response
 
     async def login(self, request: Request) -> Response:
-        form = await _form(request)
+        try:
+            form = await _form(request)
+        except InvalidArgument as exc:
+            return await self.login_page(request, message=str(exc), status=413)
         pre = request.cookies.get(_PRE, "")
         if not pre or not secrets.compare_digest(pre, str(form.get("csrf", ""))):
             return await self.login_page(request, message="the sign-in form expired; try again", status=403)

@@ -48,6 +48,18 @@ async def test_sign_in_sets_a_strict_httponly_cookie_and_a_wrong_secret_is_refus
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
 
 
+async def test_an_oversized_sign_in_form_is_refused_413_on_the_sign_in_page() -> None:
+    async with (
+        running_server() as client,
+        httpx.AsyncClient(base_url=client.server.http.url, timeout=WAIT) as http,
+    ):
+        await http.get("/console/login")
+        refused = await http.post("/console/login", data={"client_id": "acme-full", "pad": "x" * 300_000})
+        assert refused.status_code == 413
+        assert "is larger than 262144 bytes" in refused.text and "Client secret" in refused.text
+        assert (await sign_in_on(http, "acme-full")).status_code == 303  # and the next one is served
+
+
 async def test_a_post_without_the_csrf_token_is_refused_and_nothing_is_answered() -> None:
     tool = ToolAgent()
     async with (
