@@ -179,6 +179,8 @@ class MeshRequestHandler(RequestHandler):
     async def on_list_tasks(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         caller = _caller(context)
         states = [s for s, a in TASK_STATE.items() if a == params.status] if params.status else []
+        if params.status and not states:  # a state no mesh message is ever in: none has it
+            return ListTasksResponse(tasks=[], next_page_token="", page_size=0)
         with _mapped():
             page = await self._mesh.messages.list_messages(
                 caller,

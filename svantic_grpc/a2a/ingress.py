@@ -16,7 +16,8 @@ HTTP 401 before anything is read, so no state changes.
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,8 +46,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from svantic_grpc import _json
 from svantic_grpc.a2a.handler import CALLER, SESSION_HINT, MeshRequestHandler
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.core._validate import MAX_JSON_DEPTH
 from svantic_grpc.core.errors import MeshError, Unauthenticated
 from svantic_grpc.core.mesh import Mesh
 
@@ -187,7 +190,11 @@ class A2AIngress:
                 )
             request.scope[CALLER] = caller
             if request.method == "POST":
-                request.scope[SESSION_HINT] = _session_hint(await request.body())
+                try:
+                    parsed = _read_body(await request.body())
+                except _BadBody as bad:
+                    return _refused(request, bad)
+                request.scope[SESSION_HINT] = _session_hint(parsed)
             return await endpoint(request)  # type: ignore[no-any-return]
 
         return call
@@ -224,17 +231,82 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
-def _session_hint(body: bytes) -> str | None:
+_BODY_DEPTH = MAX_JSON_DEPTH + 8
+"""How deep a request body may nest: a data part's own limit plus the envelope around it
+(``params.message.parts[i].data``, with room to spare)."""
+
+
+class _BadBody(Exception):
+    """A request body the mesh refuses before the SDK reads it: ``parse`` (not JSON at all) or not."""
+
+    def __init__(self, message: str, *, parse: bool, field: str = "") -> None:
+        super().__init__(message)
+        self.parse = parse
+        self.field = field
+
+
+def _read_body(body: bytes) -> Any:
+    """The body as strict JSON (what the gRPC API accepts: nesting bounded, integers within 64
+    bits, no NaN), with file contents that are base64; ``None`` for an empty body (a REST call
+    without one). Refused here, a bad body gets the binding's own error instead of an SDK
+    failure reported as an internal error (or, nested 100,000 deep, an HTTP 500)."""
+    if not body:
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadBody(f"the body is not UTF-8 text ({exc.reason} at byte {exc.start})", parse=True) from None
+    try:
+        parsed = _json.loads(text, max_depth=_BODY_DEPTH)
+    except _json.JsonTextError as exc:
+        unparsable = str(exc).startswith(("is not valid JSON", "nests"))
+        raise _BadBody(f"the body {exc}", parse=unparsable) from None
+    _check_files(parsed)
+    return parsed
+
+
+def _check_files(parsed: Any) -> None:
+    """File contents (``raw`` in 1.0, ``file.bytes`` in 0.3) must be base64."""
+    holder = parsed.get("params", parsed) if isinstance(parsed, dict) else None
+    message = holder.get("message") if isinstance(holder, dict) else None
+    parts = message.get("parts") if isinstance(message, dict) else None
+    if not isinstance(parts, list):
+        return
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict):
+            continue
+        file = part.get("file")
+        for field, value in (
+            (f"message.parts[{index}].raw", part.get("raw")),
+            (f"message.parts[{index}].file.bytes", file.get("bytes") if isinstance(file, dict) else None),
+        ):
+            if isinstance(value, str):
+                try:
+                    base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _BadBody(f"{field}: is not base64", parse=False, field=field) from None
+
+
+def _refused(request: Request, bad: _BadBody) -> Response:
+    """A body refused before the SDK read it, as the binding answers bad input: JSON-RPC's parse
+    error (-32700) or invalid params (-32602), or REST's 400 ``INVALID_ARGUMENT``."""
+    if request.url.path.startswith(REST_PREFIX):
+        return JSONResponse(
+            {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": str(bad)}}, status_code=400
+        )
+    code = -32700 if bad.parse else -32602
+    error: dict[str, Any] = {"code": code, "message": str(bad)}
+    if bad.field:
+        error["data"] = {"field": bad.field}
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": error})
+
+
+def _session_hint(parsed: Any) -> str | None:
     """``configuration.sessionId`` of a JSON-RPC (``params.configuration``) or REST body, if any.
 
     Neither A2A version has this field (the product's documentation uses it), so the
-    SDK's parsers drop it; it is read here from the raw body. A body that is not JSON is
-    left for the binding to refuse with its own error.
+    SDK's parsers drop it; it is read here from the parsed body.
     """
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
     if not isinstance(parsed, dict):
         return None
     params = parsed.get("params")

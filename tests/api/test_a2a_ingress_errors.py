@@ -159,6 +159,44 @@ async def test_invalid_params_name_the_field_and_accept_nothing(http: Http) -> N
     assert await http.messages() == 0
 
 
+async def test_bodies_the_sdk_cannot_read_get_the_protocols_errors_never_a_500(http: Http) -> None:
+    deep = (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": ' + b"[" * 100_000 + b"]" * 100_000
+    )
+    not_utf8 = b'{"jsonrpc": "2.0", "id": "\xff\xfe", "method": "tasks/get", "params": {"id": "x"}}'
+    for body in (deep, not_utf8):
+        for path in ("/send", "/a2a/jsonrpc"):
+            error = await http.rpc_error(body, path=path)
+            assert error["code"] == -32700, error
+        rest = await http.post(body, path="/a2a/rest/message:send", headers=V1)
+        assert rest.status_code == 400 and rest.json()["error"]["status"] == "INVALID_ARGUMENT", rest.text
+    session_id = await new_session(http.client)
+    huge = send_v03(session_id)
+    huge["params"]["message"]["parts"] = [{"kind": "data", "data": {"n": 10**30}}]
+    error = await http.rpc_error(huge)
+    assert error["code"] == -32602 and "64 bits" in error["message"], error
+    bad_file = send_v03(session_id)
+    bad_file["params"]["message"]["parts"] = [{"kind": "file", "file": {"bytes": "!!!notb64", "name": "f"}}]
+    error = await http.rpc_error(bad_file)
+    assert error["code"] == -32602 and field_of(error) == "message.parts[0].file.bytes", error
+    raw = send_v1(session_id, [{"raw": "%%%", "mediaType": "text/plain"}])
+    error = await http.rpc_error(raw, headers=V1)
+    assert error["code"] == -32602 and field_of(error) == "message.parts[0].raw", error
+    assert await http.messages() == 0
+    # and the connection is still good for a request that is fine
+    get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": "nope"}}
+    assert (await http.rpc_error(get))["code"] == -32001
+
+
+async def test_list_tasks_by_a_state_no_message_is_in_lists_none(http: Http) -> None:
+    session_id = await new_session(http.client)
+    assert "result" in (await http.post(send_v03(session_id))).json()
+    listed = {"jsonrpc": "2.0", "id": 9, "method": "ListTasks", "params": {"status": "TASK_STATE_COMPLETED"}}
+    assert len((await http.post(listed, headers=V1)).json()["result"]["tasks"]) == 1
+    listed["params"] = {"status": "TASK_STATE_AUTH_REQUIRED"}
+    assert (await http.post(listed, headers=V1)).json()["result"].get("tasks", []) == []
+
+
 async def test_unknown_tasks_and_push_configuration(http: Http) -> None:
     get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": "nope"}}
     assert (await http.rpc_error(get))["code"] == -32001
