@@ -62,7 +62,14 @@ from adapters._slack_interactions import (
     admit,
     signed,
 )
-from svantic_grpc.adapter import Adapter, AdapterContext, AdapterSettings, env_value, parse_adapter_settings
+from svantic_grpc.adapter import (
+    Adapter,
+    AdapterContext,
+    AdapterSettings,
+    env_value,
+    form_number,
+    parse_adapter_settings,
+)
 from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument, MeshError
 from svantic_grpc.core.inputs.model import (
     Decision,
@@ -390,6 +397,8 @@ class SlackAdapter(Adapter):
             return _Verdict(_SENSITIVE_NOTE)
         try:
             values = _form_values(checked.form, submission.state)
+        except _BadValue as e:  # shown under its input; the modal stays open
+            return _Verdict(str(e), errors={e.block: str(e)})
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
             logger.warning("slack: ignored an unreadable form submission: %s: %s", type(e).__name__, e)
             return _Verdict("Not recorded: the form could not be read; please try again.")
@@ -694,11 +703,12 @@ def _form_view(request: InputRequest, channel: str) -> dict[str, Any]:
     }
 
 
-def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+class _BadValue(ValueError):
+    """A typed value the form cannot take; ``block`` is its input's block id in the modal."""
+
+    def __init__(self, block: str, text: str) -> None:
+        super().__init__(text)
+        self.block = block
 
 
 def _form_values(form: Form, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -716,5 +726,11 @@ def _form_values(form: Form, state: Mapping[str, Any]) -> dict[str, Any]:
             if got["selected_date"]:
                 values[f.name] = got["selected_date"]
         elif got.get("value") not in (None, ""):
-            values[f.name] = _number(got["value"]) if f.type == "number" else got["value"]
+            if f.type != "number":
+                values[f.name] = got["value"]
+                continue
+            try:
+                values[f.name] = form_number(str(got["value"]))
+            except ValueError as e:
+                raise _BadValue(f"f{i}", f"{f.label or f.name}: {e}") from None
     return values

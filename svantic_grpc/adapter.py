@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute
 from svantic_grpc import _json
 from svantic_grpc.config import validation_problems
 from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.inputs.checks import form_number
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Clock",
     "IdGenerator",
     "env_value",
+    "form_number",
     "parse_adapter_settings",
     "strict_json",
 ]

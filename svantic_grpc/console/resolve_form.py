@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.inputs.checks import form_number
 from svantic_grpc.core.inputs.model import Decision, InputKind, InputRequest, Resolution
 
 __all__ = ["FIELD_PREFIX", "resolution_from_form"]
@@ -40,10 +41,9 @@ def _values(request: InputRequest, form: Mapping[str, str]) -> dict[str, Any]:
             continue
         if field.type == "number":
             try:
-                number = float(raw)
-            except ValueError:
-                raise InvalidArgument(f"resolution.values.{field.name}", "must be a number") from None
-            values[field.name] = int(number) if number.is_integer() and "." not in raw else number
+                values[field.name] = form_number(raw)
+            except ValueError as exc:
+                raise InvalidArgument(f"resolution.values.{field.name}", str(exc)) from None
         else:
             values[field.name] = raw
     return values

@@ -166,6 +166,12 @@ class Harness:
 
     async def interact(self, payload: dict[str, Any], *, age_s: int = 0, secret: str = SIGNING_SECRET) -> int:
         """POST a signed interaction the way Slack does; the response status."""
+        return (await self.interact_ack(payload, age_s=age_s, secret=secret))[0]
+
+    async def interact_ack(
+        self, payload: dict[str, Any], *, age_s: int = 0, secret: str = SIGNING_SECRET
+    ) -> tuple[int, dict[str, Any]]:
+        """POST a signed interaction the way Slack does; the status and its JSON body ({} if none)."""
         body = urlencode({"payload": json.dumps(payload)})
         timestamp = str(int(time.time()) - age_s)
         signature = SignatureVerifier(secret).generate_signature(timestamp=timestamp, body=body)
@@ -175,7 +181,8 @@ class Harness:
             "X-Slack-Signature": signature or "",
         }
         async with self.http.post(self.url, data=body, headers=headers) as response:
-            return response.status
+            text = await response.text()
+            return response.status, (json.loads(text) if text.strip().startswith("{") else {})
 
     async def click(self, request: InputRequest, action: str, user: str = "U1") -> int:
         posted = self.slack.of("chat.postMessage")[-1]
@@ -195,6 +202,12 @@ class Harness:
 
     async def submit(self, view: dict[str, Any], values: dict[str, Any], user: str = "U1") -> int:
         """Submit the modal the adapter opened, with ``values`` as Slack's ``view.state.values``."""
+        return (await self.submit_ack(view, values, user))[0]
+
+    async def submit_ack(
+        self, view: dict[str, Any], values: dict[str, Any], user: str = "U1"
+    ) -> tuple[int, dict[str, Any]]:
+        """``submit``, with the modal's answer (``response_action`` and its errors, if any)."""
         payload = {
             "type": "view_submission",
             "team": {"id": "T1"},
@@ -208,7 +221,7 @@ class Harness:
                 "state": {"values": values},
             },
         }
-        return await self.interact(payload)
+        return await self.interact_ack(payload)
 
     def ephemerals(self, user: str = "U1") -> list[str]:
         return [c["text"] for c in self.slack.of("chat.postEphemeral") if c["user"] == user]
@@ -402,6 +415,31 @@ async def test_form_is_filled_in_a_modal(h: Harness) -> None:
         "ship_on": "2024-05-01",
     }
     assert res.surface is Surface.SLACK and res.resolved_by == "slack:U1"
+
+
+@pytest.mark.parametrize("typed", ["1e400", "12abc", "nan", "99999999999999999999"])
+async def test_a_number_the_form_cannot_take_is_shown_under_its_input(h: Harness, typed: str) -> None:
+    request = make_request(InputKind.FORM, form=PROFILE_FORM)
+    await h.announce(request)
+    await h.click(request, "fill")
+    await until(lambda: h.slack.of("views.open"))
+    view = h.slack.of("views.open")[0]["view"]
+
+    def state(boxes: str) -> dict[str, Any]:
+        return {
+            "f0": {"value": {"type": "plain_text_input", "value": "Grace"}},
+            "f2": {"value": {"type": "number_input", "value": boxes}},
+        }
+
+    status, ack = await h.submit_ack(view, state(typed))
+    assert status == 200 and ack.get("response_action") == "errors", ack
+    assert list(ack["errors"]) == ["f2"] and ack["errors"]["f2"].startswith("Boxes:")
+    assert h.mesh.resolved == []  # nothing recorded; the modal stays open to fix it
+
+    assert (await h.submit_ack(view, state("9007199254740993")))[0] == 200
+    await until(lambda: h.mesh.resolved)
+    res = h.mesh.resolved[0].resolution
+    assert res is not None and res.values["boxes"] == 9007199254740993  # exactly as typed, past 2**53
 
 
 async def test_slack_gets_its_ack_before_a_slow_resolution_finishes(h: Harness) -> None:

@@ -216,6 +216,27 @@ async def test_a_sensitive_form_field_is_entered_here_and_never_shown_back() -> 
             assert secret not in page.text
 
 
+async def test_a_number_is_taken_exactly_as_typed_or_refused_naming_the_field() -> None:
+    form = FormAgent("Export", [pb.FormField(name="rows", type="number", label="Rows", required=True)])
+    async with (
+        running_server() as client,
+        running_agent(client, form, agent_type="exporter", instance_id="exp-1"),
+        signed_in(client) as web,
+    ):
+        session_id = await new_session(client)
+        message = await send(client, session_id, "export", data({"target_agent": "exporter"}))
+        [request_id] = message.input_request_ids
+        for typed in ("1e400", "inf", "12abc", "99999999999999999999"):
+            refused = await web.resolve(request_id, action="submit", **{"field.rows": typed})
+            assert refused.status_code == 400, (typed, refused.status_code)
+            assert "resolution.values.rows" in refused.text
+        assert await pending_ids(client) == [request_id]
+        answered = await web.resolve(request_id, action="submit", **{"field.rows": "9007199254740993"})
+        assert answered.status_code == 200, answered.text
+        await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert form.values == [{"rows": 9007199254740993}]  # past 2**53, not rounded to a double
+
+
 async def test_sign_out_ends_the_session_even_for_a_copied_cookie() -> None:
     async with running_server() as client, signed_in(client) as web:
         cookie = web.http.cookies.get("svantic_console")

@@ -3,12 +3,15 @@
 ``check_ask`` checks a request before it is raised and ``checked_resolution`` an answer
 against what the request asks (an approval's decision, a form's fields and their types);
 their errors name the offending field. ``already_answered`` is what every answer after the
-first gets: who answered, through which surface, when and how.
+first gets: who answered, through which surface, when and how. ``form_number`` reads a number
+field typed by a person (the console, a Slack modal) the way the gRPC API reads JSON.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +28,32 @@ from svantic_grpc.core.inputs.model import (
     ToolCall,
 )
 
-__all__ = ["already_answered", "check_ask", "checked_resolution", "outcome_text"]
+__all__ = ["already_answered", "check_ask", "checked_resolution", "form_number", "outcome_text"]
+
+_INT64 = 2**63
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def form_number(text: str) -> int | float:
+    """A number typed into a form field, exactly: an integer stays the integer written (beyond a
+    double's 2**53 too), within 64 bits, and anything else must be a finite JSON number.
+
+    Raises:
+        ValueError: not a number as JSON writes one, an integer beyond 64 bits, or too large
+            for a double (``1e400``); the message says which.
+    """
+    written = text.strip()
+    if not _JSON_NUMBER.fullmatch(written):
+        raise ValueError("must be a number (digits, an optional sign, fraction and exponent)")
+    if written.lstrip("-").isdigit():
+        number = int(written)
+        if not -_INT64 <= number < _INT64:
+            raise ValueError("must fit in 64 bits")
+        return number
+    value = float(written)
+    if not math.isfinite(value):
+        raise ValueError("is too large a number")
+    return value
 
 
 def already_answered(request: InputRequest) -> AlreadyResolved:
@@ -131,8 +159,13 @@ def checked_resolution(request: InputRequest, resolution: Resolution) -> Resolut
 
 
 def _check_value(where: str, kind: str, options: tuple[str, ...], value: Any) -> None:
-    if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise InvalidArgument(where, "must be a number")
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(where, "must be a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(where, "must be a finite number")
+        if isinstance(value, int) and not -_INT64 <= value < _INT64:
+            raise InvalidArgument(where, "must fit in 64 bits")
     if kind == "checkbox" and not isinstance(value, bool):
         raise InvalidArgument(where, "must be true or false")
     if kind in ("text", "textarea", "password", "action", "select", "date") and not isinstance(value, str):
