@@ -288,6 +288,7 @@ class MeshServer:
         self._stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
         self._ready = False  # /readyz: 503 from here on
+        self.mesh.begin_stop()  # before the streams end: waiting work stays for the next start
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING from here on
         await self.mesh.sessions.reaper.stop()
         self.mesh.bus.shutdown()  # open streams end now with UNAVAILABLE instead of eating the grace

@@ -311,6 +311,13 @@ class Mesh:
         """Agents can reach the mesh from now on (its port is bound)."""
         self.serving.set()
 
+    def begin_stop(self) -> None:
+        """The server starts to stop (before its streams end): what waits for a human is left for
+        the next start, as a crash leaves it; an agent's stream ending from now on is no sign the
+        agent left."""
+        self.dispatcher.begin_stop()
+        self.messages.begin_stop()
+
     async def stop(self) -> None:
         """Stop background work, cancel running messages and close the store; safe to call twice."""
         await self.sessions.reaper.stop()
@@ -318,6 +325,7 @@ class Mesh:
         if self.liveness is not None:
             await self.liveness.stop()
         await self.ownership.halt()  # no take-over or hand-off starts new work while it ends
+        self.begin_stop()  # (again: a mesh stopped without its server)
         await self.messages.close()
         await self.inputs.close()
         await self.ownership.stop()  # after the running work ended: its last writes still carry the fence

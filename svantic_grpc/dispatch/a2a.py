@@ -125,6 +125,8 @@ class A2ATransport:
         self._protocols: dict[str, str] = {}
         """Per agent URL: the binding of its client (kept when the client is dropped, until the next)."""
         self._lock = asyncio.Lock()
+        self._stopping = False
+        """The server is stopping (``begin_stop``): a task left here is left to the restart."""
 
     def protocol_for(self, agent: AgentRegistration) -> str:
         """``a2a-jsonrpc`` or ``a2a-grpc``: what the mesh speaks with the card read from the agent's URL,
@@ -212,7 +214,7 @@ class A2ATransport:
             detail = getattr(exc, "message", "") or exc
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
-            if task_id and not ended:
+            if task_id and not ended and not self._stopping:
                 await _cancel_quietly(client, task_id, _signed(job))
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
@@ -226,6 +228,9 @@ class A2ATransport:
         url = f"{agent.url.rstrip('/')}/{AGENT_CARD_WELL_KNOWN_PATH.lstrip('/')}"
         response = await self._http.get(url, timeout=self._probe_timeout)
         response.raise_for_status()
+
+    def begin_stop(self) -> None:
+        self._stopping = True
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}

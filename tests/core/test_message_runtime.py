@@ -43,6 +43,9 @@ class ScriptedTransport:
     def protocol_for(self, agent: AgentRegistration) -> str:
         return "scripted"
 
+    def begin_stop(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

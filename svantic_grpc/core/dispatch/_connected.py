@@ -192,6 +192,8 @@ class ConnectedAgents:
         """Dispatches run here for another replica: their task, answers and owner (the sender)."""
         """Holder side: dispatches another replica sent to a stream held here, by dispatch id."""
         self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        """The server is stopping (``begin_stop``): streams end because it goes, not the agents."""
 
     @property
     def count(self) -> int:
@@ -341,7 +343,7 @@ class ConnectedAgents:
             connection.pending.pop(job.dispatch_id, None)
             connection.jobs.pop(job.dispatch_id, None)
             connection.acknowledged.discard(job.dispatch_id)
-            if not finished and not connection.closed:
+            if not finished and not connection.closed and not self._stopping:
                 # The mesh stopped following (cancel, timeout): tell the agent to stop too.
                 connection.outbox.put_nowait(Outbound(job.dispatch_id, cancel_reason="canceled by the mesh"))
 
@@ -357,6 +359,9 @@ class ConnectedAgents:
                 waiting.remove(arrival)
                 if not waiting:
                     del self._awaited[key]
+
+    def begin_stop(self) -> None:
+        self._stopping = True
 
     async def close(self) -> None:
         """End every stream (server shutdown)."""
@@ -402,7 +407,7 @@ class ConnectedAgents:
                         )
         finally:
             self._remote.pop(job.dispatch_id, None)
-            if not finished:  # the mesh stopped following (cancel, timeout): the holder tells the agent
+            if not finished and not self._stopping:  # the mesh stopped following: the holder tells the agent
                 self._later(relay.send(holder, Relayed(RelayKind.CANCEL, job.dispatch_id, me)))
 
     def relayed(self, item: Relayed) -> None:
@@ -504,9 +509,10 @@ class ConnectedAgents:
         connection.closed = True
         for inbox in connection.pending.values():
             inbox.put(_Dropped(reason))
-        for job in connection.jobs.values():
-            if job.lost is not None:
-                job.lost.set()
+        if not self._stopping:  # a server that stops is no agent gone: who waits for a human waits on
+            for job in connection.jobs.values():
+                if job.lost is not None:
+                    job.lost.set()
         connection.outbox.put_nowait(None)
         agent = connection.agent
         _log.info(

@@ -125,6 +125,13 @@ class Transport(Protocol):
         """
         ...
 
+    def begin_stop(self) -> None:
+        """The server is stopping: from now on a stream that ends, or a dispatch the mesh stops
+        following, is the server going away, not the agent or the mesh giving up. Leave the
+        agent's work as a crash would (send no cancel, mark nothing lost), so a dispatch that
+        waits for a human carries on after the restart."""
+        ...
+
     async def close(self) -> None:
         """Release connections; safe to call twice."""
         ...
@@ -146,6 +153,10 @@ class Dispatcher:
         """What the transport for the agent's deployment mode uses to reach it ('' if unknown)."""
         transport = self._transports.get(agent.deployment_mode)
         return transport.protocol_for(agent) if transport is not None else ""
+
+    def begin_stop(self) -> None:
+        for transport in self._transports.values():
+            transport.begin_stop()
 
     async def close(self) -> None:
         for transport in self._transports.values():

@@ -74,6 +74,10 @@ class SessionRuntime:
         self._cancel_reasons: dict[str, str] = {}
         self._stops: dict[str, asyncio.Future[Message]] = {}
         self._closed = False
+        self.parking = False
+        """The server is stopping: a message cancelled while it waits for a human is left in the
+        store as it is (input-required, its request pending), as a crash leaves it, for the next
+        start to resume; only work that runs is ended."""
 
     def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
         """Run ``message`` in the background; the task's result is the message where it ended."""
@@ -130,6 +134,10 @@ class SessionRuntime:
         with contextlib.suppress(asyncio.CancelledError):
             return await asyncio.shield(task)
         return None
+
+    def park(self) -> None:
+        """The server is stopping (see ``parking``)."""
+        self.parking = True
 
     async def close(self, reason: str) -> None:
         """Cancel every running message and close the internal agents; safe to call twice."""
@@ -202,6 +210,8 @@ class SessionRuntime:
             outcome = await work()
             state, reason = outcome.state, outcome.reason
         except asyncio.CancelledError:
+            if self.parking and writer.message.state is MessageState.INPUT_REQUIRED:
+                raise  # left waiting for its human: the restart resumes it
             state, reason = MessageState.CANCELED, self._cancel_reasons.pop(message.message_id, "canceled")
         except MeshError as error:
             state, reason = MessageState.FAILED, error.message

@@ -68,6 +68,8 @@ class Messages:
         self._metrics = metrics
         self._ownership = ownership or SoleOwner()
         self._away: set[asyncio.Task[Message]] = set()
+        self._parking = False
+        """The server is stopping (``begin_stop``)."""
         """Waits for messages handed to the replica that owns their session."""
         self._store = store
         self._bus = bus
@@ -118,6 +120,8 @@ class Messages:
                 writer=self._writer,
                 critic_retries=self._critic_retries,
             )
+            if self._parking:
+                runtime.park()
             self._runtimes[key] = runtime
         return runtime
 
@@ -472,6 +476,13 @@ class Messages:
         runtime = self._runtimes.pop((tenant_id, session_id), None)
         if runtime is not None:
             await runtime.abandon()
+
+    def begin_stop(self) -> None:
+        """The server is stopping: messages waiting for a human stay as they are (see
+        ``SessionRuntime.parking``); what runs is cancelled by ``close``."""
+        self._parking = True
+        for runtime in self._runtimes.values():
+            runtime.park()
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Cancel all running work (server shutdown)."""
