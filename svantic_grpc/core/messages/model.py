@@ -4,6 +4,7 @@ metadata those carry; ``check_parts`` is the one check of a part's shape."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.frozen import freeze
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "TERMINAL_STATES",
     "Artifact",
     "FilePart",
@@ -23,6 +25,7 @@ __all__ = [
     "Turn",
     "check_parts",
     "parse_metadata",
+    "parts_bytes",
 ]
 
 
@@ -88,6 +91,17 @@ class Part:
         if self.data is not None:
             return "application/json"
         return self.file.media_type if self.file is not None else ""
+
+
+MAX_MESSAGE_BYTES = 3 * 1024 * 1024
+"""What one message may carry in all (its parts, the turns of its history and its artifacts), so
+that it, and every answer and event that carries it, stays readable by a client with gRPC's
+default 4 MB receive limit. An agent whose outputs would pass it fails the message."""
+
+
+def parts_bytes(parts: Iterable[Part]) -> int:
+    """The bytes parts carry (text and file contents), as ``check_parts`` counts them."""
+    return sum(len(p.text or "") + len(p.file.data or b"" if p.file is not None else b"") for p in parts)
 
 
 def check_parts(parts: tuple[Part, ...], field: str) -> int:

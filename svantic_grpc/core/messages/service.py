@@ -38,7 +38,9 @@ MAX_PARTS = 64
 _log = logging.getLogger(__name__)
 _AWAY = "handed-off-"
 """Name prefix of the task that follows a message run by another replica."""
-MAX_TOTAL_BYTES = 4 * 1024 * 1024
+MAX_TOTAL_BYTES = 1024 * 1024
+"""What a sent message's parts may carry: they are kept twice (the parts and the first turn of the
+history), and the agent's outputs need room too, within ``MAX_MESSAGE_BYTES``."""
 _CANCEL_WAIT_S = 30.0
 """How long ``CancelMessage`` on a replica that does not own the session waits for the owner."""
 _CANCEL_RECHECK_S = 0.5

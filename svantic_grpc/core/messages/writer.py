@@ -6,14 +6,24 @@ store write, so the record and the event log never disagree, even after a crash.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.errors import ResourceExhausted
 from svantic_grpc.core.events import ArtifactAdded, Event, EventBus, MessageStateChanged, TurnAdded
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest
-from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, Role, Turn
+from svantic_grpc.core.messages.model import (
+    MAX_MESSAGE_BYTES,
+    Artifact,
+    Message,
+    MessageState,
+    Part,
+    Role,
+    Turn,
+    parts_bytes,
+)
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.store import Store
 
@@ -51,6 +61,8 @@ class MessageWriter:
         """Changes written with the next save (saves a write each)."""
         self._held: list[Callable[[Message], Sequence[MessageEvent]]] = []
         """The events of held turns and artifacts (``hold=True``), announced with the next save."""
+        self._carried: int | None = None
+        """Bytes the message carries with what is pending (counted on the first output)."""
 
     async def _save(self, announce: Callable[[Message], Sequence[MessageEvent]], **changes: Any) -> Message:
         """Write ``changes`` (and what is pending or held) in one versioned update, with the events
@@ -126,6 +138,26 @@ class MessageWriter:
             input_request_ids=(*self.message.input_request_ids, request.request_id),
         )
 
+    def _carry(self, parts: Iterable[Part]) -> None:
+        """Count outputs in before they are added; refuse what would make the message larger
+        than ``MAX_MESSAGE_BYTES`` (nothing of it is kept)."""
+        if self._carried is None:
+            message = self.message
+            self._carried = (
+                parts_bytes(message.parts)
+                + sum(parts_bytes(t.parts) for t in self._latest("history"))
+                + sum(parts_bytes(a.parts) for a in self._latest("artifacts"))
+            )
+        carried = self._carried + parts_bytes(parts)
+        if carried > MAX_MESSAGE_BYTES:
+            raise ResourceExhausted(
+                f"the agent's outputs would make the message carry {carried} bytes; "
+                f"a message carries at most {MAX_MESSAGE_BYTES}",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"message_id": self.message.message_id, "limit_bytes": str(MAX_MESSAGE_BYTES)},
+            )
+        self._carried = carried
+
     async def turn(self, parts: tuple[Part, ...], *, instance_id: str, hold: bool = False) -> None:
         """Append an agent turn to the history.
 
@@ -135,6 +167,7 @@ class MessageWriter:
         """
         if not parts:
             return
+        self._carry(parts)
         turn = Turn(Role.AGENT, parts, self._clock.now(), instance_id)
         await self._change(
             lambda saved: (TurnAdded(saved.message_id, turn),),
@@ -146,6 +179,7 @@ class MessageWriter:
         """Add outputs (ids are made unique within the message); ``hold`` as for ``turn``."""
         if not artifacts:
             return
+        self._carry(p for a in artifacts for p in a.parts)
         current = self._latest("artifacts")
         taken = {a.artifact_id for a in current}
         fresh = tuple(

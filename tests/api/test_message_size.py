@@ -1,0 +1,66 @@
+"""What the mesh keeps stays readable by a client with gRPC's default 4 MB receive limit (found
+from outside: a 2.5 MB send came back as a 5.2 MB answer the sender could not read, and an agent's
+artifacts grew a message past 4 MB, after which GetMessage, ListMessages and WatchSession of the
+session failed for every default client, for ever).
+
+A sent message carries at most 1 MiB (it is kept twice: its parts and its first turn); a message
+carries at most 3 MiB in all, so an agent whose outputs would pass that fails the message, with
+a reason, and what it already added stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.pb import event_types_pb2, message_service_pb2, message_types_pb2, session_service_pb2
+from tests._support import Client, error_details
+from tests.agents_connected import data, new_session, running_agent, send
+
+pb = message_types_pb2
+MB = 1024 * 1024
+
+
+async def test_a_send_over_one_mib_is_refused_naming_the_parts(client: Client) -> None:
+    session_id = await new_session(client)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(client, session_id, "x" * (MB + 1))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(refused)[1] == "message.parts"
+    answer = await send(client, session_id, "x" * (MB - 100))  # just under: accepted, and readable
+    assert answer.state == pb.MESSAGE_STATE_COMPLETED
+
+
+async def test_an_agent_cannot_grow_a_message_past_what_a_default_client_reads(client: Client) -> None:
+    async def flooding(dispatch: Dispatch, reply: Reply) -> None:
+        for index in range(4):
+            await reply.artifact("y" * (MB + MB // 2), name=f"chunk-{index}")
+        await reply.complete()
+
+    async with running_agent(client, flooding, agent_type="flood", instance_id="flood-1"):
+        session_id = await new_session(client)
+        ended = await send(client, session_id, "go", data({"target_agent": "flood"}))
+        assert ended.state == pb.MESSAGE_STATE_FAILED
+        assert "a message carries at most 3145728" in ended.state_reason
+        assert ended.ByteSize() < 4 * MB
+        # everything about the session stays readable with the default limits
+        listed = await client.messages.ListMessages(
+            message_service_pb2.ListMessagesRequest(session_id=session_id), metadata=await client.md()
+        )
+        assert [m.state for m in listed.messages] == [pb.MESSAGE_STATE_FAILED]
+        watched = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        seen: list[event_types_pb2.SessionEvent] = []
+        async with asyncio.timeout(5):
+            async for response in watched:
+                seen.append(response.event)
+                if response.event.HasField("message_state_changed") and (
+                    response.event.message_state_changed.to_state == pb.MESSAGE_STATE_FAILED
+                ):
+                    break
+        watched.cancel()
+        assert seen[-1].message_state_changed.message_id == ended.message_id
