@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -41,6 +42,8 @@ from a2a.types import (
     a2a_pb2_grpc,
 )
 from a2a.utils.constants import PROTOCOL_VERSION_0_3, PROTOCOL_VERSION_1_0, TransportProtocol
+from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from grpc import aio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,7 +53,7 @@ from svantic_grpc import _json
 from svantic_grpc.a2a.handler import CALLER, SESSION_HINT, MeshRequestHandler
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.core._validate import MAX_JSON_DEPTH
-from svantic_grpc.core.errors import MeshError, Unauthenticated
+from svantic_grpc.core.errors import InvalidArgument, MeshError, Unauthenticated
 from svantic_grpc.core.mesh import Mesh
 
 __all__ = ["JSONRPC_PATHS", "REST_PREFIX", "A2AIngress"]
@@ -170,7 +173,9 @@ class A2AIngress:
         """Serve the gRPC bindings (1.0 and 0.3) on ``server``; returns their service names."""
         builder = _GrpcContext()
         a2a_pb2_grpc.add_A2AServiceServicer_to_server(GrpcHandler(self.handler, builder), server)  # type: ignore[no-untyped-call]
-        a2a_v0_3_pb2_grpc.add_A2AServiceServicer_to_server(CompatGrpcHandler(self.handler, builder), server)  # type: ignore[no-untyped-call]
+        a2a_v0_3_pb2_grpc.add_A2AServiceServicer_to_server(
+            _CheckedCompatHandler(self.handler, builder), server
+        )  # type: ignore[no-untyped-call]
         return (
             a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name,
             a2a_v0_3_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name,
@@ -198,6 +203,59 @@ class A2AIngress:
             return await endpoint(request)  # type: ignore[no-any-return]
 
         return call
+
+
+class _CheckedCompatHandler(CompatGrpcHandler):
+    """A2A 0.3 over gRPC, with what is sent checked first: a2a-sdk's 0.3 conversion fails on a
+    number JSON cannot hold (NaN, an infinity in a data part or metadata) and the client would
+    get INTERNAL; here it is INVALID_ARGUMENT naming the field, as on every other door."""
+
+    async def SendMessage(
+        self, request: a2a_v0_3_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> a2a_v0_3_pb2.SendMessageResponse:
+        _check_numbers(request, "")
+        return await super().SendMessage(request, context)
+
+    async def SendStreamingMessage(
+        self, request: a2a_v0_3_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[a2a_v0_3_pb2.StreamResponse]:
+        _check_numbers(request, "")
+        async for response in super().SendStreamingMessage(request, context):
+            yield response
+
+
+def _check_numbers(message: Message, path: str) -> None:
+    """Every ``google.protobuf.Value`` number in ``message`` is finite; else InvalidArgument naming it."""
+    if isinstance(message, struct_pb2.Value):
+        kind = message.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(message.number_value):
+            raise InvalidArgument(path, "numbers must be finite (JSON has no NaN or Infinity)")
+        if kind == "struct_value":
+            _check_numbers(message.struct_value, path)
+        elif kind == "list_value":
+            for index, item in enumerate(message.list_value.values):
+                _check_numbers(item, f"{path}[{index}]")
+    elif isinstance(message, struct_pb2.Struct):
+        for key, item in message.fields.items():
+            _check_numbers(item, f"{path}.{key}")
+    else:
+        _check_numbers_in(message, path)
+
+
+def _check_numbers_in(message: Message, path: str) -> None:
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        where = f"{path}.{field.name}" if path else field.name
+        if field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                if isinstance(item, Message):
+                    _check_numbers(item, f"{where}.{key}")
+        elif isinstance(value, Message):
+            _check_numbers(value, where)
+        else:
+            for index, item in enumerate(value):
+                _check_numbers(item, f"{where}[{index}]")
 
 
 class _HttpContext(DefaultServerCallContextBuilder):

@@ -10,11 +10,12 @@ import grpc
 import httpx
 import jwt
 import pytest
+from a2a.compat.v0_3 import a2a_v0_3_pb2 as v03
 from grpc import aio
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from svantic_grpc.pb import message_service_pb2, session_service_pb2
-from tests._support import SIGNING_ENV, Client, running_server
+from tests._support import SIGNING_ENV, Client, error_details, running_server
 from tests.a2a_ingress_support import ingress_http
 from tests.agents_connected import new_session
 
@@ -243,3 +244,33 @@ async def test_grpc_bindings_need_a_token_and_show_in_reflection() -> None:
 
 
 _ = SIGNING_ENV
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+async def test_a2a_0_3_grpc_refuses_numbers_json_cannot_hold_naming_the_field(value: float) -> None:
+    async with running_server() as client:
+        request = v03.SendMessageRequest(
+            request=v03.Message(message_id="m-1", role=v03.ROLE_USER, content=[v03.Part(text="hi")])
+        )
+        request.request.content.add().data.data["n"] = value
+        md = await client.md()
+        unary = client.channel.unary_unary(
+            "/a2a.v1.A2AService/SendMessage",
+            request_serializer=v03.SendMessageRequest.SerializeToString,
+            response_deserializer=v03.SendMessageResponse.FromString,
+        )
+        streaming = client.channel.unary_stream(
+            "/a2a.v1.A2AService/SendStreamingMessage",
+            request_serializer=v03.SendMessageRequest.SerializeToString,
+            response_deserializer=v03.StreamResponse.FromString,
+        )
+        with pytest.raises(aio.AioRpcError) as refused:
+            await unary(request, metadata=md, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(refused)[1] == "request.content[1].data.data.n"
+        with pytest.raises(aio.AioRpcError) as refused_stream:
+            async for _ in streaming(request, metadata=md, timeout=5):
+                pass
+        assert refused_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        listed = await client.messages.ListMessages(message_service_pb2.ListMessagesRequest(), metadata=md)
+        assert len(listed.messages) == 0
