@@ -21,7 +21,7 @@ from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.messages.writer import MessageWriter
 
-__all__ = ["ask_human", "plan_refusal", "sign_off_plan", "wait_for_human"]
+__all__ = ["answered", "ask_human", "plan_refusal", "sign_off_plan", "wait_for_human"]
 
 
 async def ask_human(
@@ -74,7 +74,9 @@ async def ask_human(
         policy=policy,
         allowed_responders=responders,
     )
-    return await wait_for_human(writer, inputs, request, deadline, lost=job.lost)
+    # The message stays input-required until the agent shows it has the answer (its next update):
+    # a crash in between resumes it with the answer instead of failing it as interrupted.
+    return await wait_for_human(writer, inputs, request, deadline, lost=job.lost, resume_now=False)
 
 
 async def sign_off_plan(
@@ -122,8 +124,10 @@ async def wait_for_human(
     deadline: asyncio.Timeout | None = None,
     *,
     lost: asyncio.Event | None = None,
+    resume_now: bool = True,
 ) -> InputRequest | Outcome:
-    """Park the message on ``request`` until it ends; a resolution resumes it (``working``).
+    """Park the message on ``request`` until it ends; a resolution resumes it (``working``), at
+    once or, with ``resume_now`` false, when the caller says so (``answered``).
 
     The dispatch timeout does not run while a human thinks. If the agent goes away
     meanwhile (``lost``), the request is withdrawn and the message fails.
@@ -146,8 +150,16 @@ async def wait_for_human(
     outcome = input_outcome(ended)
     if not outcome.goes_on:
         return Outcome(outcome.state, outcome.reason)
-    await writer.state(MessageState.WORKING, outcome.reason)
+    if resume_now:
+        await writer.state(MessageState.WORKING, outcome.reason)
     return ended
+
+
+async def answered(writer: MessageWriter, request: InputRequest, *, after_restart: bool = False) -> None:
+    """The agent has the answer to ``request`` (it reported since): the message works again."""
+    if writer.message.state is MessageState.INPUT_REQUIRED:
+        reason = input_outcome(request).reason
+        await writer.state(MessageState.WORKING, f"{reason} (after a restart)" if after_restart else reason)
 
 
 async def _first_of(answer: Awaitable[InputRequest], lost: asyncio.Event | None) -> InputRequest | None:

@@ -17,8 +17,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.dispatch._humans import ask_human
-from svantic_grpc.core.dispatch._outcome import Outcome, input_outcome
+from svantic_grpc.core.dispatch._humans import answered, ask_human
+from svantic_grpc.core.dispatch._outcome import Outcome
 from svantic_grpc.core.dispatch._seam import (
     Dispatcher,
     DispatchFailed,
@@ -328,6 +328,7 @@ class SessionDispatches:
         updates = self._service._dispatcher.dispatch(job)
         async with contextlib.aclosing(updates):  # close the transport's stream at once, not at GC
             answer: InputRequest | None = None
+            given = job.answer  # an answer the agent has yet to show it has
             while True:
                 try:
                     update = await updates.asend(answer)
@@ -338,10 +339,10 @@ class SessionDispatches:
                     check_update(update)
                 except InvalidArgument as exc:
                     raise DispatchFailed(f"the agent sent an invalid update: {exc.message}") from None
-                if job.answer is not None and writer.message.state is MessageState.INPUT_REQUIRED:
-                    # The agent has the answer given before a restart: the message runs again.
-                    after = input_outcome(job.answer).reason
-                    await writer.state(MessageState.WORKING, f"{after} (after a restart)")
+                if given is not None:
+                    # The agent reported since it was given the answer: it has it, the message runs again.
+                    await answered(writer, given, after_restart=given is job.answer)
+                    given = None
                 writer.remote_task(update.task_ref)
                 # What comes with the final state is written with it (the caller writes the
                 # message's end next, whatever it is): one store write instead of two or three.
@@ -356,7 +357,7 @@ class SessionDispatches:
                     ended = await ask_human(self._service._inputs, writer, job, update, deadline, yolo=yolo)
                     if isinstance(ended, Outcome):
                         return replace(ended, parts=tuple(said), artifacts=tuple(made))
-                    answer = ended
+                    answer = given = ended
                     continue
                 if update.state not in _PROGRESS:
                     assert update.state is not None
