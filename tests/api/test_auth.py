@@ -54,9 +54,13 @@ async def test_wrong_secret_and_unknown_client_are_unauthenticated_alike(client:
     assert wrong.value.details() == unknown.value.details()
 
 
-async def test_missing_agent_type_names_the_field(client: Client) -> None:
+@pytest.mark.parametrize(
+    "agent_type", ["", "my agent", "a\nb", "a" * 10_000], ids=["empty", "space", "newline", "huge"]
+)
+async def test_a_missing_or_unusable_agent_type_names_the_field(client: Client, agent_type: str) -> None:
+    # a 10,000-character type made a 13.6 KB token that every later call refused (metadata limit)
     with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-        await _get_token(client, agent_type="")
+        await _get_token(client, agent_type=agent_type)
     assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(excinfo) == ("INVALID_ARGUMENT", "agent_type")
 
