@@ -423,6 +423,20 @@ class EventBus:
         feed = self._feeds.get((tenant_id, session_id))
         return 0 if feed is None else len(feed.subscribers)
 
+    async def _check_known(self, tenant_id: str, session_id: str, sequence: int) -> None:
+        """A resume point must be an event of this session's log (the newest is always kept): one
+        past its end came from another session or another store, and would wait for ever."""
+        known = await self._store.list_events(
+            tenant_id=tenant_id, session_id=session_id, after_sequence=sequence - 1, limit=1
+        )
+        if not known or known[0].sequence != sequence:
+            raise OutOfRange(
+                f"after_sequence {sequence} is past the end of session {session_id!r}'s event log: "
+                "resume with a sequence number this session's events carried, or 0 for everything kept",
+                reason="SEQUENCE_NOT_FOUND",
+                metadata={"after_sequence": str(sequence)},
+            )
+
     async def replay_then_follow(
         self, tenant_id: str, session_id: str, *, after_sequence: int, follow: bool = True, page: int = 500
     ) -> AsyncIterator[Event]:
@@ -450,6 +464,8 @@ class EventBus:
                         reason="EVENTS_NOT_RETAINED",
                         metadata={"oldest_sequence": str(oldest), "after_sequence": str(oldest - 1)},
                     )
+                if first_page and after_sequence > 0 and not stored and follow:  # else it ends at once
+                    await self._check_known(tenant_id, session_id, after_sequence)
                 first_page = False
                 for event in stored:
                     last = event.sequence

@@ -1014,6 +1014,13 @@ async def test_watch_rejects_bad_requests(client: Client) -> None:
         await _rejects(_read_to_end(call), grpc.StatusCode.INVALID_ARGUMENT, field="after_sequence")
     async with _watching(client, "no-such-session") as call:
         await _rejects(_read_to_end(call), grpc.StatusCode.NOT_FOUND)
+    # a resume point past the log's end (another session's, another store's) is said, not waited on
+    async with _watching(client, sid, after_sequence=2**62) as call:
+        await _rejects(_read_to_end(call), grpc.StatusCode.OUT_OF_RANGE)
+    async with _watching(client, sid, after_sequence=7) as call:  # the newest event: a resume at the head
+        await client.server.mesh.bus.publish("acme", sid, AgentLeft("worker", "gone-1", "deregistered"))
+        response = await asyncio.wait_for(call.read(), WAIT)
+        assert response.event.sequence == 8
 
 
 # Client channel options that keep the HTTP/2 window tiny, so a client that does not read
