@@ -280,6 +280,8 @@ class SlackAdapter(Adapter):
             time.time(),  # the wall clock, as slack-bolt's own check after this one
         ):
             return JSONResponse({"error": "invalid request"}, status_code=401)
+        if raw.startswith(b"ssl_check=1"):  # Slack checking the URL's certificate: nothing to do
+            return Response(status_code=200)
         try:
             content_type = headers.get("content-type", "").partition(";")[0].strip()
             interaction = admit(parse_body(raw.decode(), content_type))

@@ -417,6 +417,22 @@ async def test_form_is_filled_in_a_modal(h: Harness) -> None:
     assert res.surface is Surface.SLACK and res.resolved_by == "slack:U1"
 
 
+async def test_slacks_certificate_check_is_answered_200(h: Harness) -> None:
+    body = "ssl_check=1&token=legacy-verification-token"
+    timestamp = str(int(time.time()))
+    signature = SignatureVerifier(SIGNING_SECRET).generate_signature(timestamp=timestamp, body=body)
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Slack-Request-Timestamp": timestamp,
+        "X-Slack-Signature": signature or "",
+    }
+    async with h.http.post(h.url, data=body, headers=headers) as response:
+        assert response.status == 200
+    async with h.http.post(h.url, data=body, headers={**headers, "X-Slack-Signature": "v0=forged"}) as forged:
+        assert forged.status == 401  # signed like every other request
+    assert h.mesh.resolved == []
+
+
 @pytest.mark.parametrize("typed", ["1e400", "12abc", "nan", "99999999999999999999"])
 async def test_a_number_the_form_cannot_take_is_shown_under_its_input(h: Harness, typed: str) -> None:
     request = make_request(InputKind.FORM, form=PROFILE_FORM)
