@@ -225,6 +225,12 @@ class SlackAdapter(Adapter):
         self._posts[(request.tenant_id, request.request_id)] = posted
         result: _Posted | None = None
         try:
+            # Told again after a restart (the first announcement may have died with the process):
+            # a request already posted is not posted twice.
+            kept = await self.context.recall(_post_key(request))
+            if kept is not None:
+                result = _Posted(channel=str(kept["channel"]), ts=str(kept["ts"]))
+                return
             resp = await self._client.chat_postMessage(
                 channel=self.settings.channel,
                 text=f"Input required: {request.summary}",

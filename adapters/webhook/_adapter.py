@@ -140,7 +140,7 @@ class WebhookAdapter(Adapter):
         key = (request.tenant_id, request.request_id)
         data = request_json(request)
         callback_url = self.context.http_base_url.rstrip("/") + RECEIVE_PATH
-        for target in self._targets:
+        for index, target in enumerate(self._targets):
             notification: dict[str, Any] = {"type": "input.required", "request": data, "callback": None}
             if request.sensitive:
                 notification["note"] = SENSITIVE_NOTE
@@ -151,7 +151,7 @@ class WebhookAdapter(Adapter):
                     "token": token,
                     "expires_at": iso(expires_at),
                 }
-            task = self._deliveries.send(target, self._message(request, notification))
+            task = self._deliveries.send(target, self._message(request, notification, index))
             self._announcing.setdefault(key, set()).add(task)
             task.add_done_callback(partial(self._announced, key))
 
@@ -175,12 +175,15 @@ class WebhookAdapter(Adapter):
         if self._stopped:
             return
         notification = {"type": kind, "request": request_json(request)}
-        for target in self._targets:
-            self._deliveries.send(target, self._message(request, notification), after=earlier)
+        for index, target in enumerate(self._targets):
+            self._deliveries.send(target, self._message(request, notification, index), after=earlier)
 
-    def _message(self, request: InputRequest, notification: Mapping[str, Any]) -> Message:
+    def _message(self, request: InputRequest, notification: Mapping[str, Any], target: int) -> Message:
+        kind = str(notification["type"]).replace(".", "_")
         return Message(
-            webhook_id=self.context.ids.new_id("msg_"),
+            # One id per request, kind and target: an announcement made again after a restart (the
+            # first may have died with the process) is one its receiver can drop as a duplicate.
+            webhook_id=f"msg_{request.request_id}_{kind}_{target}",
             type=str(notification["type"]),
             request_id=request.request_id,
             body=dumps(notification),

@@ -74,7 +74,7 @@ class Recovery:
                 for r in resolved
                 if r.resolution is not None and r.resolution.decision in GRANTING_DECISIONS
             )
-        interrupted, resumed = await self._recover(work, handed)
+        interrupted, resumed = await self._recover(work, handed, announce=True)
         _log.info(
             "took over %d session(s): %d message(s) interrupted, %d waiting for a human again, %d handed on",
             len(keys),
@@ -83,7 +83,9 @@ class Recovery:
             len(handed),
         )
 
-    async def _recover(self, work: _Work | None, handed: Set[tuple[str, str, str]]) -> tuple[int, int]:
+    async def _recover(
+        self, work: _Work | None, handed: Set[tuple[str, str, str]], *, announce: bool = False
+    ) -> tuple[int, int]:
         # Order matters: messages that were running end first (with their pending requests), then
         # requests nothing waits for are withdrawn, then each session's status follows what is pending.
         if work is None:
@@ -96,7 +98,7 @@ class Recovery:
             return 0, 0
         await self._sessions.recover(sessions=work.sessions)
         counts = await self._messages.recover(messages=work.messages, handed=handed)
-        await self._inputs.recover(pending=work.pending, granting=work.granting)
+        await self._inputs.recover(pending=work.pending, granting=work.granting, announce=announce)
         still: list[InputRequest] = []
         for session in work.sessions:  # what recovery left pending, read again
             still.extend(await self._inputs_of(session.tenant_id, session.session_id, InputState.PENDING))

@@ -417,6 +417,15 @@ async def test_form_is_filled_in_a_modal(h: Harness) -> None:
     assert res.surface is Surface.SLACK and res.resolved_by == "slack:U1"
 
 
+async def test_a_request_announced_again_after_a_restart_is_not_posted_twice(h: Harness) -> None:
+    request = make_request(InputKind.TOOL_APPROVAL)
+    await h.announce(request)
+    await h.adapter.on_request(request)  # the mesh tells it again (start-up recovery: at least once)
+    assert len(h.slack.of("chat.postMessage")) == 1
+    await h.click(request, "approve")
+    await until(lambda: h.mesh.resolved)
+
+
 async def test_slacks_certificate_check_is_answered_200(h: Harness) -> None:
     body = "ssl_check=1&token=legacy-verification-token"
     timestamp = str(int(time.time()))

@@ -86,13 +86,22 @@ class Inputs:
         self._notifications: set[asyncio.Task[None]] = set()
         self._pending: dict[tuple[str, str], set[str]] = {}
         """Pending request ids per (tenant, session) in this process: spares store reads on the hot path."""
+        self._recovered: list[InputRequest] = []
+        """Pending requests start-up recovery kept, announced again to each listener added after it."""
         self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
         self.shared: EventBus | None = None
         """With replicas sharing the store: the bus that brings other replicas' answers (a request
         answered elsewhere wakes its waiter here through its ``input_ended`` event)."""
 
     def add_listener(self, listener: InputListener) -> None:
+        """Tell ``listener`` of every new request and outcome from now on, and, at once, of the
+        requests still pending that start-up recovery kept: their first announcement may have
+        been lost with the process (a crash before an adapter delivered it), so an adapter gets
+        them again and drops what it already delivered (at least once)."""
         self._listeners.append(listener)
+        for request in self._recovered:
+            if request.request_id in self._pending.get((request.tenant_id, request.session_id), ()):
+                self._notify("on_request", request, listeners=(listener,))
 
     # Raising
 
@@ -445,11 +454,13 @@ class Inputs:
         *,
         pending: Sequence[InputRequest] | None = None,
         granting: Sequence[InputRequest] | None = None,
+        announce: bool = False,
     ) -> int:
         """At start-up (or on taking sessions over: their ``pending`` and ``granting``): withdraw the pending
         requests nothing waits for any more (their message ended, or their session closed, before
         the server stopped), re-arm the expiry of the rest, and apply again the approvals given for
-        a session (still open) or for always.
+        a session (still open) or for always. The requests kept are announced again (``announce``:
+        now, to the listeners there are; otherwise to each listener as it is added).
 
         Run it after ``Messages.recover``, which ends the messages that were running."""
         kept = 0
@@ -468,6 +479,10 @@ class Inputs:
                 self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
                 self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
                 kept += 1
+                if announce:  # taken over from another replica: its adapters may not have told
+                    self._notify("on_request", request)
+                else:  # at start-up, before the adapters listen: each is told as it is added
+                    self._recovered.append(request)
                 continue
             await self._end_unanswered(tenant_id, request.request_id, InputState.CANCELED, reason)
         for request in await self._store.granting_inputs() if granting is None else granting:
@@ -487,9 +502,11 @@ class Inputs:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _notify(self, hook: str, request: InputRequest) -> None:
+    def _notify(
+        self, hook: str, request: InputRequest, *, listeners: Sequence[InputListener] | None = None
+    ) -> None:
         """Tell every listener, each in its own task: a slow or broken adapter never blocks the mesh."""
-        for listener in self._listeners:
+        for listener in self._listeners if listeners is None else listeners:
 
             async def call(listener: InputListener = listener) -> None:
                 try:
