@@ -325,9 +325,13 @@ class MeshRequestHandler(RequestHandler):
         if not task_id:
             raise InvalidArgument(field, "is required")
         found = await self._mesh.store.get_adapter_value(_INDEX, _index_key(caller, task_id))
-        if not found:
+        if found:
+            return await self._mesh.messages.get(caller, str(found["session_id"]), task_id)
+        # Not sent over A2A (a gRPC client's message, listed by ListTasks all the same): by its id.
+        message = await self._mesh.store.find_message(tenant_id=caller.tenant_id, message_id=task_id)
+        if message is None:
             raise NotFound(f"task {task_id!r} not found", reason="MESSAGE_NOT_FOUND")
-        return await self._mesh.messages.get(caller, str(found["session_id"]), task_id)
+        return await self._mesh.messages.get(caller, message.session_id, task_id)
 
     async def _get(self, caller: Caller, message: Message) -> Message:
         return await self._mesh.messages.get(caller, message.session_id, message.message_id)

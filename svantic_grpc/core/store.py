@@ -232,6 +232,13 @@ class Store(ABC):
         """The message, or ``None``."""
 
     @abstractmethod
+    async def find_message(self, *, tenant_id: str, message_id: str) -> Message | None:
+        """The tenant's message with this id, whichever session holds it (``None`` if none).
+
+        For a caller that knows a message by its id alone (an A2A task); it may read through
+        the tenant's messages, so nothing on the message path uses it."""
+
+    @abstractmethod
     async def update_message(self, message: Message) -> Message:
         """Replace a message whose stored version equals ``message.version``.
 

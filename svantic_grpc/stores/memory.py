@@ -131,6 +131,12 @@ class MemoryStore(Store):
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return detach(self._messages.get((tenant_id, session_id, message_id)))
 
+    async def find_message(self, *, tenant_id: str, message_id: str) -> Message | None:
+        for (tenant, _, found_id), message in self._messages.items():
+            if found_id == message_id and tenant == tenant_id:
+                return detach(message)
+        return None
+
     async def update_message(self, message: Message) -> Message:
         key = (message.tenant_id, message.session_id, message.message_id)
         return _replace(self._messages, key, message, f"message {message.message_id!r}", "MESSAGE_NOT_FOUND")

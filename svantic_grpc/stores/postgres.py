@@ -236,6 +236,11 @@ class PostgresStore(Store):
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
 
+    async def find_message(self, *, tenant_id: str, message_id: str) -> Message | None:
+        sql = f"SELECT record FROM {_MESSAGES.table} WHERE tenant_id = $1 AND message_id = $2 LIMIT 1"
+        text = await self._pool_or_fail().fetchval(sql, tenant_id, message_id)
+        return None if text is None else _MESSAGES.decode(_codec.loads(text))
+
     async def update_message(self, message: Message) -> Message:
         return await self._put(_MESSAGES, message, insert=False)
 

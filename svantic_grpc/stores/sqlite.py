@@ -223,6 +223,15 @@ class SqliteStore(Store):
     async def get_message(self, *, tenant_id: str, session_id: str, message_id: str) -> Message | None:
         return await self._get(_MESSAGES, (tenant_id, session_id, message_id))
 
+    async def find_message(self, *, tenant_id: str, message_id: str) -> Message | None:
+        sql = "SELECT record FROM messages WHERE tenant_id = ? AND message_id = ? LIMIT 1"
+
+        def find(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute(sql, (tenant_id, message_id)).fetchone()
+            return None if row is None else _MESSAGES.decode(_codec.loads(row[0]))
+
+        return await self._read(find)
+
     async def update_message(self, message: Message) -> Message:
         return await self._replace(_MESSAGES, message)
 

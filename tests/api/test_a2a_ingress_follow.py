@@ -28,9 +28,10 @@ from google.protobuf import json_format
 
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.core.inputs.model import Surface
+from svantic_grpc.pb import message_types_pb2 as pb
 from tests._support import Client, running_server
 from tests.a2a_ingress_support import WAIT, a2a_client, call, ingress_http
-from tests.agents_connected import new_session, running_agent, skill
+from tests.agents_connected import data, new_session, running_agent, send, skill
 from tests.agents_inputs import pending_ids, resolve
 
 FOLLOW_BINDINGS = [
@@ -166,6 +167,33 @@ async def test_input_required_carries_the_request_and_a_follow_up_answers_it(cli
         assert [p.text for a in task.artifacts for p in a.parts] == ["using savings"]
         request = await client.server.mesh.inputs.get("acme", asked["request_id"])
         assert request.resolution is not None and request.resolution.surface is Surface.A2A
+
+
+async def test_a_message_sent_over_grpc_is_an_a2a_task_to_read_answer_and_follow(client: Client) -> None:
+    # found from outside: ListTasks listed it, but GetTask, a follow-up and resubscribe said "not found"
+    async with (
+        ingress_http(client) as base,
+        running_agent(client, ask, agent_type="ask", instance_id="ask-1", skills=[skill("ask", "ask")]),
+        a2a_client(base) as a2a,
+    ):
+        token = await client.token()
+        session_id = await new_session(client)
+        sent = await send(client, session_id, "ask me", data({"target_agent": "ask"}))
+        assert sent.state == pb.MESSAGE_STATE_INPUT_REQUIRED
+        task = await a2a.get_task(GetTaskRequest(id=sent.message_id), context=call(token))
+        assert (task.id, task.context_id, task.status.state) == (sent.message_id, session_id, INPUT_REQUIRED)
+        answered = [
+            e
+            async for e in a2a.send_message(
+                SendMessageRequest(message=user("savings", task_id=sent.message_id, context_id=session_id)),
+                context=call(token),
+            )
+        ]
+        assert state_of(answered[-1]) == COMPLETED
+        followed = [
+            e async for e in a2a.subscribe(SubscribeToTaskRequest(id=sent.message_id), context=call(token))
+        ]
+        assert state_of(followed[-1]) == COMPLETED
 
 
 async def test_an_answer_from_another_surface_wins_and_the_a2a_loser_is_told_who(client: Client) -> None:

@@ -578,6 +578,14 @@ async def test_message_versions_guard_updates(store: Store) -> None:
     assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m1") == working
 
 
+async def test_a_message_is_found_by_its_id_alone_within_its_tenant(store: Store) -> None:
+    await store.create_message(make_message("m1", session_id="s1"))
+    created = await store.create_message(make_message("m2", session_id="s2"))
+    assert await store.find_message(tenant_id="acme", message_id="m2") == created
+    assert await store.find_message(tenant_id="globex", message_id="m2") is None  # another tenant's
+    assert await store.find_message(tenant_id="acme", message_id="nope") is None
+
+
 async def test_a_message_change_and_its_events_are_written_together(store: Store) -> None:
     submitted = MessageStateChanged("m1", None, MessageState.SUBMITTED)
     created, events = await store.create_message_with_events(
