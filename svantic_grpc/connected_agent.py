@@ -480,6 +480,8 @@ class ConnectedAgent:
         )
         if claims.get("dispatch_id") != dispatch.dispatch_id:
             raise jwt.InvalidTokenError("token is for another dispatch")
+        if claims.get("session_id") != dispatch.session_id:
+            raise jwt.InvalidTokenError("token is for another session")
         return claims
 
 

@@ -262,7 +262,7 @@ class AgentServer(AgentExecutor):
             assert context.message is not None
             task = new_task_from_user_message(context.message)
         token = _bearer(context)
-        claims, error = await self._check_token(token)
+        claims, error = await self._check_token(token, context.context_id or "")
         self.seen.append(
             Seen(
                 instance_id=self.instance_id,
@@ -301,13 +301,18 @@ class AgentServer(AgentExecutor):
         updater = TaskUpdater(event_queue, context.task_id or "", context.context_id or "")
         await updater.cancel(updater.new_agent_message([new_text_part("canceled on request")]))
 
-    async def _check_token(self, token: str) -> tuple[dict[str, Any] | None, str]:
+    async def _check_token(self, token: str, context_id: str) -> tuple[dict[str, Any] | None, str]:
+        """As the README tells a hosted agent: the mesh's signature, issuer, this instance as the
+        audience, and the session the token names is the A2A context the call is in."""
         if not token:
             return None, "missing bearer token"
         try:
-            return await self._keys.verify(token, self.instance_id), ""
+            claims = await self._keys.verify(token, self.instance_id)
         except jwt.PyJWTError as exc:
             return None, f"invalid token: {exc}"
+        if claims.get("session_id") != context_id:
+            return None, f"token is for session {claims.get('session_id')!r}, not context {context_id!r}"
+        return claims, ""
 
     async def _act(self, context: RequestContext, updater: TaskUpdater, first_turn: bool) -> None:
         text = context.get_user_input()
