@@ -8,11 +8,14 @@ saying why; under ``CI=true`` it fails instead.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +53,18 @@ def require_node(what: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(f"{reason}; {what} did not run")
+
+
+async def run_node(script: str, *args: str) -> list[dict[str, Any]]:
+    """Run ``tests/node/<script>`` with ``args`` (60 s at most); the JSON objects it printed, one a line."""
+    process = await asyncio.create_subprocess_exec(
+        "node", str(NODE_DIR / script), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()[-2000:]
+    return [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from svantic_grpc.pb import agent_types_pb2, message_service_pb2, registry_service_pb2
-from tests._node import NODE_DIR, require_node
+from tests._node import NODE_DIR, require_node, run_node
 from tests._support import Client
 from tests.agents_connected import wait_for_state
 from tests.agents_inputs import pending, resolve
@@ -44,28 +44,12 @@ from tests.api.test_messages_hosted import (
 SUBMITTED, WORKING, TASK_COMPLETED = 1, 2, 3
 
 
-async def _node(*args: str) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        "node", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, err.decode()[-2000:]
-    [line] = [line for line in out.decode().splitlines() if line.startswith("{")]
-    result: dict[str, Any] = json.loads(line)
-    return result
-
-
 @pytest.mark.parametrize("binding", ["JSONRPC", "HTTP+JSON", "GRPC"])
 async def test_the_a2a_js_client_uses_the_mesh_over_each_binding(client: Client, binding: str) -> None:
     require_node("the A2A JS SDK client test")
     token = await client.token()
 
-    out = await _node(str(NODE_DIR / "a2a_client.mjs"), client.server.http.url, token, binding)
+    [out] = await run_node("a2a_client.mjs", client.server.http.url, token, binding)
 
     sent = out["send"]
     assert sent["state"] == TASK_COMPLETED and sent["contextId"].startswith("ses_")

@@ -13,36 +13,17 @@ test is skipped saying why; under ``CI=true`` it fails instead.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
-from tests._node import NODE_DIR, require_node
+from tests._node import require_node, run_node
 from tests._support import SECRET, Client
 
 PROTO_DIR = Path(__file__).parent.parent / "proto"
 
 
 async def _run_node(client: Client) -> dict[str, dict[str, Any]]:
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(NODE_DIR / "client.js"),
-        str(PROTO_DIR),
-        client.server.target,
-        "acme-full",
-        SECRET,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, err.decode()[-2000:]
-    steps = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    steps = await run_node("client.js", str(PROTO_DIR), client.server.target, "acme-full", SECRET)
     return {step.pop("step"): step for step in steps}
 
 

@@ -10,8 +10,6 @@ back: both messages run, each once, and complete.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 from pathlib import Path
 
@@ -21,12 +19,12 @@ from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Reply
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
 from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
+from tests.durability._approvals import approval_mesh, crm_agent
 from tests.durability.test_restart import (
     WAIT,
     _client,
     _data,
     _eventually,
-    _free_port,
     _server,
     _until_serving,
 )
@@ -36,24 +34,8 @@ APPROVE = message_types_pb2.Resolution(decision=message_types_pb2.DECISION_APPRO
 
 @pytest.mark.timeout(120)
 async def test_answers_given_around_a_restart_run_once_when_the_agent_reconnects(tmp_path: Path) -> None:
-    grpc_port, http_port = _free_port(), _free_port()
-    target = f"127.0.0.1:{grpc_port}"
-    settings = tmp_path / "settings.json"
-    settings.write_text(
-        json.dumps(
-            {
-                "grpc_address": target,
-                "http_address": f"127.0.0.1:{http_port}",
-                "store": f"sqlite:///{tmp_path / 'mesh.db'}",
-                "shutdown_grace_s": 0,
-                "dispatch": {"timeout_ms": 30_000},
-                "policies": [
-                    {"name": "deletes", "match": {"tool": "crm.delete_*"}, "enforcement": "require_approval"}
-                ],
-            }
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}
+    mesh = approval_mesh(tmp_path)
+    target, settings, env = mesh.target, mesh.settings, mesh.env
     log = tmp_path / "server.log"
     ran: list[tuple[str, bool]] = []
 
@@ -64,15 +46,7 @@ async def test_answers_given_around_a_restart_run_once_when_the_agent_reconnects
         await reply.complete()
 
     def agent() -> ConnectedAgent:
-        return ConnectedAgent(
-            target,
-            client_id="svantic",
-            client_secret="your-secret",
-            agent_type="crm",
-            instance_id="crm-1",
-            handler=deleting,
-            reconnect_delay_s=0.1,
-        )
+        return crm_agent(target, deleting)
 
     requests: dict[str, str] = {}
     first_agent = agent()
