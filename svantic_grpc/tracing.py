@@ -4,9 +4,10 @@ request and each resolution.
 Off unless the standard environment asks for it: ``OTEL_TRACES_EXPORTER=otlp`` or an
 OTLP endpoint (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``),
 and not ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. Then the server
-makes its own ``TracerProvider`` exporting over OTLP/HTTP in batches (the exporter and
-the SDK read the other ``OTEL_*`` variables themselves: headers, sampler, service
-name). Off, no span is made and the interceptor does not wrap calls for tracing at all.
+makes its own ``TracerProvider`` exporting in batches over OTLP/HTTP from a child process
+(``_span_export``: the OTLP encoding and posting stay off the server's interpreter; the
+exporter and the SDK read the other ``OTEL_*`` variables themselves: headers, sampler,
+service name). Off, no span is made and the interceptor does not wrap calls for tracing at all.
 
 The W3C ``traceparent`` of an incoming gRPC call is the parent of its span; the span is
 current while the call runs, so the dispatches it starts and the log lines it writes
@@ -159,13 +160,14 @@ def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:
     """A provider exporting over OTLP when ``env`` asks for traces; ``None`` otherwise."""
     if not traces_requested(env):
         return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from svantic_grpc._span_export import ChildExporter
+
     service = env.get("OTEL_SERVICE_NAME") or "svantic-grpc"
     provider = SdkTracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(ChildExporter(env)))
     return provider
 
 

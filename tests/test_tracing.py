@@ -5,8 +5,13 @@ Spans are collected in memory with the SDK's in-memory exporter."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import httpx
@@ -17,11 +22,13 @@ from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
+from svantic_grpc._span_export import ChildExporter
 from svantic_grpc.config import parse_settings
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
@@ -257,3 +264,91 @@ async def test_an_a2a_clients_traceparent_header_is_the_parent_of_the_mesh_spans
         async with httpx.AsyncClient() as http_client:
             assert (await http_client.get(f"{client.server.http.url}/healthz")).status_code == 200
         assert exporter.get_finished_spans() == ()
+
+
+@contextmanager
+def otlp_sink() -> Iterator[tuple[str, list[bytes]]]:
+    """An OTLP/HTTP collector on loopback that keeps each export's body."""
+    bodies: list[bytes] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers.get("content-length") or 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children() -> set[int]:
+    """This process's child processes, from /proc."""
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return {int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()}
+
+
+async def test_spans_reach_the_otlp_endpoint_and_the_exporting_child_stops_with_the_server() -> None:
+    before = _children()
+    with otlp_sink() as (endpoint, bodies):
+        env = {**SIGNING_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SERVICE_NAME": "mesh-under-test"}
+        async with running_server(env=env) as client:
+            metadata = (*await client.md(), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+            await client.sessions.InitSession(session_service_pb2.InitSessionRequest(), metadata=metadata)
+        # Stopping the server flushed the batch to the exporting child, which sent it and ended.
+        assert _children() == before
+    spans = []
+    for body in bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}[
+                "service.name"
+            ]
+            for scope_spans in resource_spans.scope_spans:
+                spans += [(service, scope_spans.scope.name, span) for span in scope_spans.spans]
+    [(service, scope, rpc)] = [s for s in spans if s[2].name == "/svantic.v1.SessionService/InitSession"]
+    assert (service, scope) == ("mesh-under-test", "svantic_grpc")
+    assert (rpc.trace_id.hex(), rpc.parent_span_id.hex()) == (TRACE_ID, CLIENT_SPAN)
+    assert rpc.kind == rpc.SPAN_KIND_SERVER and rpc.end_time_unix_nano >= rpc.start_time_unix_nano > 0
+    attributes = {a.key: a.value.string_value for a in rpc.attributes}
+    assert attributes["rpc.method"] == "svantic.v1.SessionService/InitSession"
+
+
+def test_a_lagging_exporting_child_costs_dropped_spans_never_a_blocked_export() -> None:
+    # A child that never reads: the pipe fills, then every batch is dropped and counted at once.
+    exporter = ChildExporter(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    provider = TracerProvider()
+    spans = []
+    for n in range(200):
+        with provider.get_tracer("t").start_as_current_span(
+            f"span {n}", attributes={"pad": f"{n:4}" * 1000}
+        ) as s:
+            pass
+        spans.append(s)
+    try:
+        sent = [exporter.export(spans) for _ in range(30)]  # ~24 MB against a pipe of ~1 MB
+        assert sent[0] is SpanExportResult.SUCCESS
+        assert SpanExportResult.FAILURE in sent
+        assert exporter.dropped_spans == 200 * sent.count(SpanExportResult.FAILURE) > 0
+    finally:
+        pid = exporter.pid
+        exporter.shutdown()  # the child never reads: killed after the grace
+    assert pid is not None and not _alive(pid)
