@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-__all__ = ["ChildExporter"]
+__all__ = ["ChildExporter", "Rebuilder"]
 
 _log = logging.getLogger(__name__)
 
@@ -81,19 +81,34 @@ class ChildExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with self._lock:
-            if self._stopped:
-                return SpanExportResult.FAILURE
-            if self._child is None:
-                self._start()
-            if self._pending:
-                self._write()
-            if self._pending or self._fd < 0:
-                self._drop(len(spans))
-                return SpanExportResult.FAILURE
-            frame = self._frame(spans)
-            self._pending = memoryview(_FRAME.pack(len(frame)) + frame)
+            new: list[tuple[int, str, Any]] = []
+            flat = []
+            for span in spans:
+                resource = self._number(span.resource, new, "resource")
+                scope = self._number(span.instrumentation_scope, new, "scope")
+                flat.append(_flat(span, resource, scope))
+            return SpanExportResult.SUCCESS if self._send(new, flat) else SpanExportResult.FAILURE
+
+    def send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
+        """Hands the child ``spans`` already flat (as ``_flat`` makes them), with the resources and
+        scopes first used in them (``(number, "resource" or "scope", value)``); ``False``: dropped."""
+        with self._lock:
+            return self._send(new, spans)
+
+    def _send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
+        if self._stopped:
+            return False
+        if self._child is None:
+            self._start()
+        if self._pending:
             self._write()
-            return SpanExportResult.SUCCESS
+        if self._pending or self._fd < 0:
+            self._drop(len(spans))
+            return False
+        frame = pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL)
+        self._pending = memoryview(_FRAME.pack(len(frame)) + frame)
+        self._write()
+        return True
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Waits (up to ``timeout_millis``) until the pipe has taken every batch."""
@@ -156,16 +171,6 @@ class ChildExporter(SpanExporter):
             self._warned = now
             _log.warning("span export lags: %d spans dropped so far", self.dropped_spans)
 
-    def _frame(self, spans: Sequence[ReadableSpan]) -> bytes:
-        """The batch as plain values: resources and scopes sent once each, then referred to by number."""
-        new: list[tuple[int, str, Any]] = []
-        flat = []
-        for span in spans:
-            resource = self._number(span.resource, new, "resource")
-            scope = self._number(span.instrumentation_scope, new, "scope")
-            flat.append(_flat(span, resource, scope))
-        return pickle.dumps((new, flat), protocol=pickle.HIGHEST_PROTOCOL)
-
     def _number(self, item: Any, new: list[tuple[int, str, Any]], kind: str) -> int:
         known = self._tables.get(id(item))
         if known is not None:
@@ -184,6 +189,8 @@ class ChildExporter(SpanExporter):
 
 
 def _flat(span: ReadableSpan, resource: int, scope: int) -> tuple[Any, ...]:
+    """A finished span as plain values: resources and scopes are sent once each, then referred to
+    by number."""
     context, parent, status = span.context, span.parent, span.status
     assert context is not None
     return (
@@ -265,29 +272,39 @@ def _read(stream: BinaryIO, size: int) -> bytes | None:
     return data if data is not None and len(data) == size else None
 
 
+class Rebuilder:
+    """Turns what ``ChildExporter`` sends back into the SDK's ``ReadableSpan``s."""
+
+    def __init__(self) -> None:
+        self._resources: dict[int, Any] = {}
+        self._scopes: dict[int, Any] = {}
+
+    def spans(self, new: list[tuple[int, str, Any]], flat: list[tuple[Any, ...]]) -> list[ReadableSpan]:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        for number, kind, value in new:
+            if kind == "resource":
+                self._resources[number] = Resource(*value) if value is not None else Resource({})
+            else:
+                self._scopes[number] = InstrumentationScope(*value) if value is not None else None
+        return [_rebuild(span, self._resources, self._scopes) for span in flat]
+
+
 def child_main() -> None:
     """Reads batches from standard input and exports them over OTLP/HTTP until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the server, which then closes our pipe
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     exporter = OTLPSpanExporter()
-    resources: dict[int, Resource] = {}
-    scopes: dict[int, Any] = {}
+    rebuilder = Rebuilder()
     stream = sys.stdin.buffer
     try:
         while (head := _read(stream, _FRAME.size)) is not None:
             body = _read(stream, _FRAME.unpack(head)[0])
             if body is None:
                 break
-            new, flat = pickle.loads(body)
-            for number, kind, value in new:
-                if kind == "resource":
-                    resources[number] = Resource(value[0], value[1]) if value is not None else Resource({})
-                else:
-                    scopes[number] = InstrumentationScope(*value) if value is not None else None
-            exporter.export([_rebuild(span, resources, scopes) for span in flat])
+            exporter.export(rebuilder.spans(*pickle.loads(body)))
     finally:
         exporter.shutdown()  # type: ignore[no-untyped-call]
 
