@@ -159,10 +159,11 @@ async def run_bare_server(args: argparse.Namespace) -> None:
 
 
 async def run_mesh_server(args: argparse.Namespace) -> None:
-    if args.metrics_off:  # mesh-off: as `svantic-grpc serve` runs with no OTEL_* in its environment
+    untraced = args.metrics_off or args.trace_variant == "metrics-only"
+    if untraced:  # mesh-off: as `svantic-grpc serve` runs with no OTEL_* in its environment
         for key in [k for k in os.environ if k.startswith("OTEL_")]:
             del os.environ[key]
-    if args.otlp_endpoint:  # before the imports below: the CLI's a2a-sdk switch reads it
+    if args.otlp_endpoint and not untraced:  # before the imports below: the CLI's a2a-sdk switch reads it
         os.environ.update(
             {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
         )
@@ -187,7 +188,7 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     )
     # No signing key in env: the development default (loopback only, credential 'svantic').
     env: dict[str, str] = {}
-    if args.otlp_endpoint:
+    if args.otlp_endpoint and not untraced:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
     provider = _variant_provider(args.trace_variant) if args.trace_variant else None
     server = MeshServer(settings, env=env, tracer_provider=provider)
@@ -207,6 +208,7 @@ TRACE_VARIANTS = {
     "unqueued": "spans started and ended, no span processor (nothing queued or exported)",
     "unsampled": "the traced server's wiring with the sampler always off (no span recorded)",
     "a2a-off": "as mesh, with a2a-sdk's own OpenTelemetry decorators off",
+    "metrics-only": "metrics on, tracing off (no OTEL_* variable)",
     "in-process": "OTLP encoded and posted by the server's own export thread (before the child exporter)",
 }
 """``--trace-variants``: traced servers that leave out one part of tracing's work each, to find what costs."""
@@ -469,11 +471,24 @@ class MeasuredChild(Child):
     """A child whose CPU time the parent reads from /proc."""
 
     def cpu_seconds(self) -> float:
+        return _cpu_of(self.process.pid)
+
+    def children_cpu_seconds(self) -> float:
+        """CPU time of this child's own children (a traced mesh server's OTLP exporting process)."""
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+            tasks = list(Path(f"/proc/{self.process.pid}/task").iterdir())
+            pids = [int(p) for task in tasks for p in (task / "children").read_text().split()]
         except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return 0.0
+        return sum(_cpu_of(pid) for pid in pids)
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -526,6 +541,7 @@ async def measure(
     try:
         await client.expect("WARM", args.warmup + 60)
         before = {name: child.cpu_seconds() for name, child in watched.items()}
+        exporter_before = servers["server"].children_cpu_seconds() if "server" in servers else 0.0
         began = time.monotonic()
         for child in profiled:
             child.signal(signal.SIGUSR1)
@@ -540,6 +556,8 @@ async def measure(
             child.signal(signal.SIGUSR2)
         elapsed = time.monotonic() - began
         cpu = {name: (child.cpu_seconds() - before[name]) / elapsed * 100 for name, child in watched.items()}
+        if "server" in servers and mode.startswith("mesh"):  # the OTLP exporting child of a traced server
+            cpu["exporter"] = (servers["server"].children_cpu_seconds() - exporter_before) / elapsed * 100
         result = json.loads(await client.expect("RESULT", 60))
     finally:
         await client.stop()
@@ -655,6 +673,9 @@ def _print_observability(rows: list[Row], concurrency: int, mode: str = "mesh") 
     on_ms = statistics.median(_cpu_ms(r, "server") for r in on.values())
     off_ms = statistics.median(_cpu_ms(r, "server") for r in off.values())
     print(f"c={concurrency}: {mode} server CPU {on_ms:.2f} ms/msg, off {off_ms:.2f} (+{on_ms - off_ms:.2f})")
+    exporter_ms = statistics.median(_cpu_ms(r, "exporter") for r in on.values())
+    if exporter_ms == exporter_ms:  # not NaN: a traced server has an exporting child
+        print(f"c={concurrency}: {mode} server's OTLP exporting child process CPU {exporter_ms:.3f} ms/msg")
     print(
         f"c={concurrency}: each round {mode}/mesh-off: msgs/s {', '.join(f'{x:.2f}' for x in paired)}"
         f" (median {statistics.median(paired):.2f}x); server CPU per message without/with"
