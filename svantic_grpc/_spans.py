@@ -19,6 +19,7 @@ woken when a batch is full or every ``OTEL_BSP_SCHEDULE_DELAY`` ms (5,000).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import traceback
@@ -45,6 +46,8 @@ from opentelemetry.util import types
 from svantic_grpc._span_export import ChildExporter, _link
 
 __all__ = ["TupleTracerProvider"]
+
+_log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
@@ -80,9 +83,12 @@ class TupleTracerProvider(trace_api.TracerProvider):
         self._delay_s = _int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self.dropped_spans = 0
         """Spans dropped because the queue was full (the child's own drops: ``exporter.dropped_spans``)."""
+        self._warned = 0.0
         self._wake = threading.Event()
         self._stopping = False
         self._lock = threading.Lock()
+        self._exporting = threading.Lock()
+        """Held while spans are taken from the queue (by the thread, a flush or the shutdown)."""
         self._thread = threading.Thread(target=self._work, name="svantic-span-export", daemon=True)
         self._thread.start()
 
@@ -123,6 +129,9 @@ class TupleTracerProvider(trace_api.TracerProvider):
     def _finished(self, flat: tuple[Any, ...]) -> None:
         if len(self._queue) >= self._max_queue:
             self.dropped_spans += 1
+            if time.monotonic() - self._warned >= 10:
+                self._warned = time.monotonic()
+                _log.warning("span queue full: %d spans dropped so far", self.dropped_spans)
             return
         self._queue.append(flat)
         if len(self._queue) >= self._batch and not self._wake.is_set():
@@ -138,15 +147,16 @@ class TupleTracerProvider(trace_api.TracerProvider):
         """Hands the queued spans over in batches: all of them, or while a full batch waits (and at
         least one batch, when the schedule delay woke the thread)."""
         first = True
-        while self._queue and (everything or first or len(self._queue) >= self._batch):
-            first = False
-            count = min(self._batch, len(self._queue))
-            spans = [self._queue.popleft() for _ in range(count)]
-            with self._lock:
-                new, self._new = self._new, []
-            if not self._exporter.send(new, spans) and new:
-                with self._lock:  # the child never got them: send them with the next batch
-                    self._new[:0] = new
+        with self._exporting:
+            while self._queue and (everything or first or len(self._queue) >= self._batch):
+                first = False
+                count = min(self._batch, len(self._queue))
+                spans = [self._queue.popleft() for _ in range(count)]
+                with self._lock:
+                    new, self._new = self._new, []
+                if not self._exporter.send(new, spans) and new:
+                    with self._lock:  # the child never got them: send them with the next batch
+                        self._new[:0] = new
 
 
 class _Tracer(trace_api.Tracer):

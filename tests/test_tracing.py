@@ -394,3 +394,22 @@ def test_a_lagging_exporting_child_costs_dropped_spans_never_a_blocked_export() 
         pid = exporter.pid
         exporter.shutdown()  # the child never reads: killed after the grace
     assert pid is not None and not _alive(pid)
+
+
+async def test_the_servers_own_spans_follow_the_callers_sampling_decision(provider_kind: str) -> None:
+    # parentbased_always_on (the default): a caller that did not sample its call gets no span of
+    # it, nor of the dispatch it starts; the agent still gets the trace, marked not sampled.
+    seen: list[SpanContext] = []
+
+    async def handler(dispatch: Dispatch, reply: Reply) -> None:
+        seen.append(trace.get_current_span().get_span_context())
+        await reply.complete()
+
+    async with traced_server(provider_kind) as (client, exporter), running_agent(client, handler):
+        session_id = await connected_session(client)
+        metadata = (*await client.md(), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-00"))
+        await connected_send(client, session_id, "hi", data({"target_agent": "echo"}), md=metadata)
+        spans = exporter.get_finished_spans()
+    assert spans and not [s for s in spans if format(s.context.trace_id, "032x") == TRACE_ID]
+    [context] = seen
+    assert format(context.trace_id, "032x") == TRACE_ID and not context.trace_flags.sampled
