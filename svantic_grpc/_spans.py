@@ -93,8 +93,9 @@ class TupleTracerProvider(trace_api.TracerProvider):
         self._thread.start()
 
     @property
-    def exporter(self) -> ChildExporter:
-        return self._exporter
+    def dropped(self) -> int:
+        """Spans never exported: the queue was full, or the child lagged or was gone."""
+        return self.dropped_spans + self._exporter.dropped_spans
 
     def get_tracer(
         self,
