@@ -294,7 +294,10 @@ class Rebuilder:
 
 def child_main() -> None:
     """Reads batches from standard input and exports them over OTLP/HTTP until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the server, which then closes our pipe
+    # A Ctrl-C, or a SIGTERM to the whole group, stops the server, which then closes our pipe: the
+    # batches in it are exported before this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # Behind the server for the CPU: spans wait in the pipe (~4,000) while the machine is busy,
         # and are dropped (counted by the server) only when it stays too busy to export them.
