@@ -36,7 +36,12 @@ share an event loop or the GIL, all on 127.0.0.1:
   pair and the servers' CPU per message are printed beside it, and with
   ``--py-spy`` the share of the traced server's samples that OpenTelemetry
   takes (its export thread included). The agents and the client make no spans.
-  ``bench/tracing_floor.py`` gives the SDK's own cost per message.
+  The traced server exports from a child process (``svantic_grpc._span_export``): its CPU per
+  message is printed apart. ``--trace-variants`` adds traced servers that each leave one part
+  of the work out or do it another way (``drop``, ``unqueued``, ``unsampled``, ``a2a-off``,
+  ``metrics-only``, ``in-process``: the SDK exporting in the server, as before), in the same
+  run. ``bench/tracing_floor.py`` gives tracing's own cost per message, and
+  ``bench/observability_ab.py`` the whole message's CPU with each variant in one process.
 * **direct** and **hosted** (``--hosted``, optional; issue 12 item 1): a plain
   a2a-sdk JSON-RPC echo agent server in its own process, called by the client
   directly with a2a-sdk's streaming client (the call the mesh makes), and through
