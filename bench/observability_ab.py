@@ -18,6 +18,7 @@ one's server (and agent) does more. Variants:
 * **traced**: metrics on and tracing as the server does it when ``OTEL_*`` asks
   (``provider_from_env``: its own spans, OTLP/HTTP from a child process to a sink); the child's
   CPU is not in this process and is printed beside it;
+* **traced-nochild** (only when named): as traced, the batches handed to nothing (no child);
 * **traced-sdk**: metrics on, the SDK's ``TracerProvider`` with its ``BatchSpanProcessor`` and
   OTLP/HTTP exporter in this process (how the server traced before).
 
@@ -51,11 +52,24 @@ from svantic_grpc.server import MeshServer  # noqa: E402
 from svantic_grpc.tracing import provider_from_env  # noqa: E402
 
 VARIANTS = ("off", "metrics", "traced", "traced-sdk")
+MORE = ("traced-nochild",)
+"""Not run unless named in ``--variants``: the server's own spans handed to nothing (no child)."""
 
 
 def _provider(variant: str, endpoint: str) -> Any:
     if variant == "traced":
         return provider_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+    if variant == "traced-nochild":
+        from opentelemetry.sdk.resources import Resource
+
+        from svantic_grpc._span_export import ChildExporter
+        from svantic_grpc._spans import TupleTracerProvider
+
+        class Nowhere(ChildExporter):
+            def send(self, new: Any, spans: Any) -> bool:
+                return True
+
+        return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, Nowhere())
     if variant == "traced-sdk":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
