@@ -106,7 +106,12 @@ class ChildExporter(SpanExporter):
         if self._pending or self._fd < 0:
             self._drop(len(spans))
             return False
-        frame = pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            frame = pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an attribute value pickle cannot carry: this batch only is lost
+            _log.exception("span batch not exported")
+            self._drop(len(spans))
+            return False
         self._pending = memoryview(_FRAME.pack(len(frame)) + frame)
         self._write()
         return True
@@ -312,7 +317,10 @@ def child_main() -> None:
             body = _read(stream, _FRAME.unpack(head)[0])
             if body is None:
                 break
-            exporter.export(rebuilder.spans(*pickle.loads(body)))
+            try:
+                exporter.export(rebuilder.spans(*pickle.loads(body)))
+            except Exception:  # a batch that cannot be rebuilt: the next ones still go
+                _log.exception("span batch not exported")
     finally:
         exporter.shutdown()  # type: ignore[no-untyped-call]
 

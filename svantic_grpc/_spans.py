@@ -142,7 +142,10 @@ class TupleTracerProvider(trace_api.TracerProvider):
         while not self._stopping:
             self._wake.wait(self._delay_s)
             self._wake.clear()
-            self._export(everything=False)
+            try:
+                self._export(everything=False)
+            except Exception:  # the thread must outlive one bad batch
+                _log.exception("span export failed")
 
     def _export(self, *, everything: bool) -> None:
         """Hands the queued spans over in batches: all of them, or while a full batch waits (and at

@@ -413,3 +413,26 @@ async def test_the_servers_own_spans_follow_the_callers_sampling_decision(provid
     assert spans and not [s for s in spans if format(s.context.trace_id, "032x") == TRACE_ID]
     [context] = seen
     assert format(context.trace_id, "032x") == TRACE_ID and not context.trace_flags.sampled
+
+
+def test_a_span_whose_batch_cannot_be_handed_over_costs_that_batch_only() -> None:
+    # An attribute value pickle cannot carry (a lock) loses its own batch, counted; the next one goes.
+    delivered: list[int] = []
+
+    class Pipe(ChildExporter):
+        def _start(self) -> None:
+            self._fd = os.open(os.devnull, os.O_WRONLY)
+
+        def _write(self) -> None:
+            delivered.append(len(self._pending))
+            self._pending = memoryview(b"")
+
+    exporter = Pipe()
+    provider = TupleTracerProvider(Resource.create({}), {}, exporter)
+    tracer = provider.get_tracer("t")
+    tracer.start_span("bad", attributes={"lock": threading.Lock()}).end()  # type: ignore[dict-item]
+    provider.force_flush()
+    tracer.start_span("good").end()
+    provider.force_flush()
+    provider.shutdown()
+    assert provider.dropped == 1 and len(delivered) == 1
