@@ -18,7 +18,8 @@ one's server (and agent) does more. Variants:
 * **traced**: metrics on and tracing as the server does it when ``OTEL_*`` asks
   (``provider_from_env``: its own spans, OTLP/HTTP from a child process to a sink); the child's
   CPU is not in this process and is printed beside it;
-* **traced-nochild** (only when named): as traced, the batches handed to nothing (no child);
+* **traced-nochild**, **traced-noheaders**, **traced-nodispatch** (only when named): as traced, the
+  batches handed to nothing (no child); then also no trace headers to the agent; then no dispatch span;
 * **traced-sdk**: metrics on, the SDK's ``TracerProvider`` with its ``BatchSpanProcessor`` and
   OTLP/HTTP exporter in this process (how the server traced before).
 
@@ -29,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +51,21 @@ from message_roundtrip import _mesh_calls  # noqa: E402
 from tracing_floor import SINK  # noqa: E402
 
 from svantic_grpc.config import parse_settings  # noqa: E402
+from svantic_grpc.core.tracing import NO_TRACING  # noqa: E402
 from svantic_grpc.server import MeshServer  # noqa: E402
-from svantic_grpc.tracing import provider_from_env  # noqa: E402
+from svantic_grpc.tracing import OtelTracing, provider_from_env  # noqa: E402
 
 VARIANTS = ("off", "metrics", "traced", "traced-sdk")
-MORE = ("traced-nochild",)
-"""Not run unless named in ``--variants``: the server's own spans handed to nothing (no child)."""
+MORE = ("traced-nochild", "traced-noheaders", "traced-nodispatch")
+"""Not run unless named in ``--variants``: as traced-nochild (the server's own spans handed to nothing,
+no child), then without the trace headers to the agent (its ``propagate.extract`` and ``attach``), then
+without the dispatch span (only the RPC's)."""
 
 
 def _provider(variant: str, endpoint: str) -> Any:
     if variant == "traced":
         return provider_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
-    if variant == "traced-nochild":
+    if variant.startswith("traced-no"):
         from opentelemetry.sdk.resources import Resource
 
         from svantic_grpc._span_export import ChildExporter
@@ -80,6 +86,18 @@ def _provider(variant: str, endpoint: str) -> Any:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         return provider
     return None
+
+
+class _NoHeaders(OtelTracing):
+    """The dispatch span, without the W3C headers for the agent."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        @contextlib.contextmanager
+        def span() -> Iterator[dict[str, str]]:
+            with super(_NoHeaders, self).dispatch(agent_type=agent_type, instance_id=instance_id):
+                yield {}
+
+        return span()
 
 
 def _children_cpu() -> float:
@@ -115,6 +133,10 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
         )
         provider = _provider(variant, endpoint)
         server = MeshServer(settings, env={}, tracer_provider=provider)
+        if variant == "traced-nodispatch":
+            server.mesh.dispatches._tracing = NO_TRACING
+        elif variant == "traced-noheaders":
+            server.mesh.dispatches._tracing = _NoHeaders(provider.get_tracer("svantic_grpc"))
         await server.start()
         agent = make_agent(server.target, f"echo-{variant}")
         agent_task = asyncio.create_task(agent.run())
