@@ -56,16 +56,17 @@ from svantic_grpc.server import MeshServer  # noqa: E402
 from svantic_grpc.tracing import OtelTracing, provider_from_env  # noqa: E402
 
 VARIANTS = ("off", "metrics", "traced", "traced-sdk")
-MORE = ("traced-nochild", "traced-noheaders", "traced-nodispatch")
+MORE = ("traced-nochild", "traced-noheaders", "traced-nodispatch", "traced-notcurrent", "traced-onlycurrent")
 """Not run unless named in ``--variants``: as traced-nochild (the server's own spans handed to nothing,
 no child), then without the trace headers to the agent (its ``propagate.extract`` and ``attach``), then
-without the dispatch span (only the RPC's)."""
+without the dispatch span (only the RPC's); the dispatch span made but not current; a context made current
+during the dispatch but no span recorded."""
 
 
 def _provider(variant: str, endpoint: str) -> Any:
     if variant == "traced":
         return provider_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
-    if variant.startswith("traced-no"):
+    if variant in MORE:
         from opentelemetry.sdk.resources import Resource
 
         from svantic_grpc._span_export import ChildExporter
@@ -98,6 +99,44 @@ class _NoHeaders(OtelTracing):
                 yield {}
 
         return span()
+
+
+class _NotCurrent(OtelTracing):
+    """The dispatch span started and ended, never current, no headers."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        @contextlib.contextmanager
+        def span() -> Iterator[dict[str, str]]:
+            made = self._tracer.start_span(
+                f"dispatch {agent_type}", attributes={"svantic.agent_type": agent_type}
+            )
+            try:
+                yield {}
+            finally:
+                made.end()
+
+        return span()
+
+
+class _OnlyCurrent(OtelTracing):
+    """A valid span context current during the dispatch, nothing recorded, no headers."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        @contextlib.contextmanager
+        def current() -> Iterator[dict[str, str]]:
+            parent = trace.get_current_span().get_span_context()
+            made = NonRecordingSpan(SpanContext(parent.trace_id, 12345, False, TraceFlags(1)))
+            token = otel_context.attach(trace.set_span_in_context(made))
+            try:
+                yield {}
+            finally:
+                otel_context.detach(token)
+
+        return current()
 
 
 def _children_cpu() -> float:
@@ -137,6 +176,10 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
             server.mesh.dispatches._tracing = NO_TRACING
         elif variant == "traced-noheaders":
             server.mesh.dispatches._tracing = _NoHeaders(provider.get_tracer("svantic_grpc"))
+        elif variant == "traced-notcurrent":
+            server.mesh.dispatches._tracing = _NotCurrent(provider.get_tracer("svantic_grpc"))
+        elif variant == "traced-onlycurrent":
+            server.mesh.dispatches._tracing = _OnlyCurrent(provider.get_tracer("svantic_grpc"))
         await server.start()
         agent = make_agent(server.target, f"echo-{variant}")
         agent_task = asyncio.create_task(agent.run())
