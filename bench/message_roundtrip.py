@@ -36,7 +36,12 @@ share an event loop or the GIL, all on 127.0.0.1:
   pair and the servers' CPU per message are printed beside it, and with
   ``--py-spy`` the share of the traced server's samples that OpenTelemetry
   takes (its export thread included). The agents and the client make no spans.
-  ``bench/tracing_floor.py`` gives the SDK's own cost per message.
+  The traced server exports from a child process (``svantic_grpc._span_export``): its CPU per
+  message is printed apart. ``--trace-variants`` adds traced servers that each leave one part
+  of the work out or do it another way (``drop``, ``unqueued``, ``unsampled``, ``a2a-off``,
+  ``metrics-only``, ``in-process``: the SDK exporting in the server, as before), in the same
+  run. ``bench/tracing_floor.py`` gives tracing's own cost per message, and
+  ``bench/observability_ab.py`` the whole message's CPU with each variant in one process.
 * **direct** and **hosted** (``--hosted``, optional; issue 12 item 1): a plain
   a2a-sdk JSON-RPC echo agent server in its own process, called by the client
   directly with a2a-sdk's streaming client (the call the mesh makes), and through
@@ -159,13 +164,16 @@ async def run_bare_server(args: argparse.Namespace) -> None:
 
 
 async def run_mesh_server(args: argparse.Namespace) -> None:
-    if args.metrics_off:  # mesh-off: as `svantic-grpc serve` runs with no OTEL_* in its environment
+    untraced = args.metrics_off or args.trace_variant == "metrics-only"
+    if untraced:  # mesh-off: as `svantic-grpc serve` runs with no OTEL_* in its environment
         for key in [k for k in os.environ if k.startswith("OTEL_")]:
             del os.environ[key]
-    if args.otlp_endpoint:  # before the imports below: the CLI's a2a-sdk switch reads it
+    if args.otlp_endpoint and not untraced:  # before the imports below: the CLI's a2a-sdk switch reads it
         os.environ.update(
             {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
         )
+    if args.trace_variant == "a2a-off":  # a2a-sdk's own decorators off although traces are on
+        os.environ["OTEL_INSTRUMENTATION_A2A_SDK_ENABLED"] = "false"
     import svantic_grpc.cli  # noqa: F401  (what `svantic-grpc serve` sets before a2a-sdk loads)
     from svantic_grpc.config import parse_settings
     from svantic_grpc.server import MeshServer
@@ -185,9 +193,10 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
     )
     # No signing key in env: the development default (loopback only, credential 'svantic').
     env: dict[str, str] = {}
-    if args.otlp_endpoint:
+    if args.otlp_endpoint and not untraced:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
-    server = MeshServer(settings, env=env)
+    provider = _variant_provider(args.trace_variant) if args.trace_variant else None
+    server = MeshServer(settings, env=env, tracer_provider=provider)
     profiler = _Profiler(args.profile_out) if args.profile_out else None
     await server.start()
     say(f"PORT {server.port}")
@@ -197,6 +206,46 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
         if profiler:
             profiler.dump()
         await server.stop(0)
+
+
+TRACE_VARIANTS = {
+    "drop": "spans batched by BatchSpanProcessor to an exporter that drops them (no encoding, no post)",
+    "unqueued": "spans started and ended, no span processor (nothing queued or exported)",
+    "unsampled": "the traced server's wiring with the sampler always off (no span recorded)",
+    "a2a-off": "as mesh, with a2a-sdk's own OpenTelemetry decorators off",
+    "metrics-only": "metrics on, tracing off (no OTEL_* variable)",
+    "in-process": "OTLP encoded and posted by the server's own export thread (before the child exporter)",
+}
+"""``--trace-variants``: traced servers that leave out one part of tracing's work each, to find what costs."""
+
+
+def _variant_provider(variant: str) -> Any:
+    """The tracer provider of a ``--trace-variants`` server (``None``: the server's own, from env)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    resource = Resource.create({"service.name": "svantic-grpc"})
+    if variant == "drop":
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        return provider
+    if variant == "unqueued":
+        return TracerProvider(resource=resource)
+    if variant == "unsampled":
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    if variant == "in-process":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        return provider
+    return None
 
 
 async def run_agent(args: argparse.Namespace) -> None:
@@ -427,11 +476,24 @@ class MeasuredChild(Child):
     """A child whose CPU time the parent reads from /proc."""
 
     def cpu_seconds(self) -> float:
+        return _cpu_of(self.process.pid)
+
+    def children_cpu_seconds(self) -> float:
+        """CPU time of this child's own children (a traced mesh server's OTLP exporting process)."""
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+            tasks = list(Path(f"/proc/{self.process.pid}/task").iterdir())
+            pids = [int(p) for task in tasks for p in (task / "children").read_text().split()]
         except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return 0.0
+        return sum(_cpu_of(pid) for pid in pids)
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -484,6 +546,7 @@ async def measure(
     try:
         await client.expect("WARM", args.warmup + 60)
         before = {name: child.cpu_seconds() for name, child in watched.items()}
+        exporter_before = servers["server"].children_cpu_seconds() if "server" in servers else 0.0
         began = time.monotonic()
         for child in profiled:
             child.signal(signal.SIGUSR1)
@@ -498,6 +561,8 @@ async def measure(
             child.signal(signal.SIGUSR2)
         elapsed = time.monotonic() - began
         cpu = {name: (child.cpu_seconds() - before[name]) / elapsed * 100 for name, child in watched.items()}
+        if "server" in servers and mode.startswith("mesh"):  # the OTLP exporting child of a traced server
+            cpu["exporter"] = (servers["server"].children_cpu_seconds() - exporter_before) / elapsed * 100
         result = json.loads(await client.expect("RESULT", 60))
     finally:
         await client.stop()
@@ -506,7 +571,7 @@ async def measure(
 
 def _print_rows(rows: list[Row]) -> None:
     header = (
-        f"{'mode':<6}{'conc':>5}{'round':>7}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'mode':<15}{'conc':>5}{'round':>7}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
         f"  {'cpu% server/agent/client':>26}  {'cpu ms/msg server/agent/client':>32}"
     )
     print(header)
@@ -518,7 +583,7 @@ def _print_rows(rows: list[Row]) -> None:
         pct = "/".join(f"{row.cpu[n]:.0f}" if n in row.cpu else "-" for n in names)
         per = "/".join(f"{row.cpu[n] * 10 / rate:.2f}" if n in row.cpu else "-" for n in names)
         print(
-            f"{row.mode:<6}{row.concurrency:>5}{row.round:>7}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}"
+            f"{row.mode:<15}{row.concurrency:>5}{row.round:>7}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}"
             f"{r['p99_ms']:>9.2f}{r['errors']:>8}  {pct:>26}  {per:>32}"
         )
         if r["first_error"]:
@@ -589,9 +654,10 @@ OBSERVABILITY_KEPT = 0.9
 """Target (issue 14): the mesh with metrics and tracing on keeps at least this share of its throughput."""
 
 
-def _print_observability(rows: list[Row], concurrency: int) -> None:
-    """Mesh (metrics and tracing on) against mesh-off: medians, each round's pair, and the verdict."""
-    on = {r.round: r for r in rows if r.mode == "mesh" and r.concurrency == concurrency}
+def _print_observability(rows: list[Row], concurrency: int, mode: str = "mesh") -> None:
+    """Mesh (metrics and tracing on) against mesh-off: medians, each round's pair, and the verdict;
+    for a ``--trace-variants`` ``mode``, that server against mesh-off."""
+    on = {r.round: r for r in rows if r.mode == mode and r.concurrency == concurrency}
     off = {r.round: r for r in rows if r.mode == "mesh-off" and r.concurrency == concurrency}
     if not off:
         return
@@ -599,13 +665,24 @@ def _print_observability(rows: list[Row], concurrency: int) -> None:
     kept = on_rate / off_rate if off_rate else float("nan")
     paired = [on[n].result["rate"] / off[n].result["rate"] for n in sorted(on) if n in off]
     cpu = [_cpu_ms(off[n], "server") / _cpu_ms(on[n], "server") for n in sorted(on) if n in off]
+    if mode == "mesh":
+        print(
+            f"c={concurrency}: median mesh with metrics and tracing {on_rate:.0f} msgs/s,"
+            f" without {off_rate:.0f} msgs/s | with/without = {kept:.2f}x"
+            f"  (target >= {OBSERVABILITY_KEPT:.2f}x: {'MET' if kept >= OBSERVABILITY_KEPT else 'NOT MET'})"
+        )
+    else:
+        variant = mode.removeprefix("mesh-")
+        what = TRACE_VARIANTS.get(variant, variant)
+        print(f"c={concurrency}: {mode} ({what}): {on_rate:.0f} msgs/s, {kept:.2f}x mesh-off's")
+    on_ms = statistics.median(_cpu_ms(r, "server") for r in on.values())
+    off_ms = statistics.median(_cpu_ms(r, "server") for r in off.values())
+    print(f"c={concurrency}: {mode} server CPU {on_ms:.2f} ms/msg, off {off_ms:.2f} (+{on_ms - off_ms:.2f})")
+    exporter_ms = statistics.median(_cpu_ms(r, "exporter") for r in on.values())
+    if exporter_ms == exporter_ms:  # not NaN: a traced server has an exporting child
+        print(f"c={concurrency}: {mode} server's OTLP exporting child process CPU {exporter_ms:.3f} ms/msg")
     print(
-        f"c={concurrency}: median mesh with metrics and tracing {on_rate:.0f} msgs/s,"
-        f" without {off_rate:.0f} msgs/s | with/without = {kept:.2f}x"
-        f"  (target >= {OBSERVABILITY_KEPT:.2f}x: {'MET' if kept >= OBSERVABILITY_KEPT else 'NOT MET'})"
-    )
-    print(
-        f"c={concurrency}: each round with/without: msgs/s {', '.join(f'{x:.2f}' for x in paired)}"
+        f"c={concurrency}: each round {mode}/mesh-off: msgs/s {', '.join(f'{x:.2f}' for x in paired)}"
         f" (median {statistics.median(paired):.2f}x); server CPU per message without/with"
         f" {', '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f}x)"
     )
@@ -822,6 +899,10 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     sys.stdout.flush()
     modes = ["bare", "mesh", *(["relay"] if args.relay else [])]
     modes += ["mesh-off"] if args.observability else []
+    variants = [v for v in args.trace_variants.split(",") if v] if args.observability else []
+    modes += [f"mesh-{v}" for v in variants]
+    if not args.bare:
+        modes.remove("bare")
     modes += ["direct", "hosted"] if args.hosted else []
     life = 60 + len(concurrencies) * args.rounds * len(modes) * (args.warmup + args.duration + 30)
     tmp = Path(tempfile.mkdtemp(prefix="svantic-bench-"))
@@ -876,6 +957,16 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             agent_off = await spawn("agent-off", "agent", life, "--target", mesh_off_target)
             children.append(agent_off)
             await agent_off.expect("READY", 60)
+        variant_servers: dict[str, tuple[str, dict[str, MeasuredChild]]] = {}
+        for variant in variants:
+            extra = ("--otlp-endpoint", sink, "--trace-variant", variant)
+            server = await spawn(f"mesh-{variant}-server", "mesh-server", life, *extra)
+            children.append(server)
+            target = f"{HOST}:{await server.expect('PORT', 60)}"
+            variant_agent = await spawn(f"agent-{variant}", "agent", life, "--target", target)
+            children.append(variant_agent)
+            await variant_agent.expect("READY", 60)
+            variant_servers[f"mesh-{variant}"] = (target, {"server": server, "agent": variant_agent})
         if args.hosted:
             hosted_agent = await spawn("hosted-agent", "hosted-agent", life)
             children.append(hosted_agent)
@@ -894,6 +985,9 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                         servers = {"server": mesh_off, "agent": agent_off}
                         target = mesh_off_target
                         row = await measure(args, "mesh-off", concurrency, round_no, target, servers, [])
+                    elif mode in variant_servers:
+                        target, servers = variant_servers[mode]
+                        row = await measure(args, mode, concurrency, round_no, target, servers, [])
                     elif mode == "relay":
                         servers = {"server": relay, "agent": relay_agent}
                         row = await measure(args, "relay", concurrency, round_no, relay_target, servers, [])
@@ -933,6 +1027,8 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
         _print_two_hop_summary(rows, concurrency)
     for concurrency in concurrencies:
         _print_observability(rows, concurrency)
+        for variant in variants:
+            _print_observability(rows, concurrency, f"mesh-{variant}")
     if args.hosted:
         _hosted.print_hosted(rows, concurrencies, _median)
     if args.observability:
@@ -983,6 +1079,15 @@ def main() -> None:
         help="mesh with metrics and tracing on, beside mesh-off with both off",
     )
     parser.add_argument(
+        "--trace-variants",
+        default="",
+        help="with --observability: also traced servers leaving out one part each, a comma list of "
+        + ", ".join(TRACE_VARIANTS),
+    )
+    parser.add_argument(
+        "--bare", action=argparse.BooleanOptionalAction, default=True, help="measure the bare echo"
+    )
+    parser.add_argument(
         "--hosted",
         action="store_true",
         help="also a hosted a2a-sdk JSON-RPC echo agent: called directly, and through the mesh",
@@ -1002,6 +1107,7 @@ def main() -> None:
     parser.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--metrics-off", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--otlp-endpoint", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--agent-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "parent":

@@ -4,9 +4,11 @@ request and each resolution.
 Off unless the standard environment asks for it: ``OTEL_TRACES_EXPORTER=otlp`` or an
 OTLP endpoint (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``),
 and not ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. Then the server
-makes its own ``TracerProvider`` exporting over OTLP/HTTP in batches (the exporter and
-the SDK read the other ``OTEL_*`` variables themselves: headers, sampler, service
-name). Off, no span is made and the interceptor does not wrap calls for tracing at all.
+makes its own tracer provider (``_spans``: the API with the least work per span) whose spans
+are exported in batches over OTLP/HTTP from a child process (``_span_export``: the OTLP
+encoding and posting stay off the server's interpreter; the SDK's sampler and OTLP exporter
+read the other ``OTEL_*`` variables themselves: headers, sampler, service name). Off, no span
+is made and the interceptor does not wrap calls for tracing at all.
 
 The W3C ``traceparent`` of an incoming gRPC call is the parent of its span; the span is
 current while the call runs, so the dispatches it starts and the log lines it writes
@@ -24,7 +26,6 @@ from typing import Any
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -36,6 +37,7 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
+from svantic_grpc._spans import TupleTracerProvider
 from svantic_grpc.core.tracing import Tracing
 
 __all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of", "traces_requested"]
@@ -155,18 +157,15 @@ def traces_requested(env: Mapping[str, str]) -> bool:
     return exporter == "otlp" or bool(endpoint)
 
 
-def provider_from_env(env: Mapping[str, str]) -> SdkTracerProvider | None:
-    """A provider exporting over OTLP when ``env`` asks for traces; ``None`` otherwise."""
+def provider_from_env(env: Mapping[str, str]) -> TupleTracerProvider | None:
+    """A provider exporting over OTLP (from a child process) when ``env`` asks for traces;
+    ``None`` otherwise."""
     if not traces_requested(env):
         return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     service = env.get("OTEL_SERVICE_NAME") or "svantic-grpc"
-    provider = SdkTracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
+    return TupleTracerProvider(Resource.create({"service.name": service}), env)
 
 
 def tracer_of(provider: TracerProvider | None) -> Tracer | None:

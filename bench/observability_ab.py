@@ -1,0 +1,267 @@
+"""What metrics and tracing cost the mesh per message, measured as CPU in one process.
+
+Run from the repository root::
+
+    .venv/bin/python bench/observability_ab.py                 # ~1 minute
+    .venv/bin/python bench/observability_ab.py --rounds 15 --messages 1000
+
+``bench/message_roundtrip.py --observability`` gives the throughput ratio the issue asks for,
+but on a shared 2-core machine each of its rounds moves by more than tracing costs. This puts
+everything of one message in one process and one event loop (the client, a ``MeshServer`` with
+its in-memory store, and the connected echo agent of ``examples/echo_agent.py``), one such
+trio per variant, and runs the variants' rounds alternately; the figure is the process's CPU
+time (all its threads) per message, so the difference between two variants is what the second
+one's server (and agent) does more. Variants:
+
+* **off**: metrics off, no tracing (``svantic-grpc serve`` without ``OTEL_*``);
+* **metrics**: metrics on, no tracing;
+* **traced**: metrics on and tracing as the server does it when ``OTEL_*`` asks
+  (``provider_from_env``: its own spans, OTLP/HTTP from a child process to a sink); the child's
+  CPU is not in this process and is printed beside it;
+* **traced-nochild**, **traced-noheaders**, **traced-nodispatch** (only when named): as traced, the
+  batches handed to nothing (no child); then also no trace headers to the agent; then no dispatch span;
+* **traced-sdk**: metrics on, the SDK's ``TracerProvider`` with its ``BatchSpanProcessor`` and
+  OTLP/HTTP exporter in this process (how the server traced before).
+
+Every span is sampled. ``--concurrency`` calls are in flight per variant while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from echo_agent import make_agent  # noqa: E402
+from grpc import aio  # noqa: E402
+from message_roundtrip import _mesh_calls  # noqa: E402
+from tracing_floor import SINK  # noqa: E402
+
+from svantic_grpc.config import parse_settings  # noqa: E402
+from svantic_grpc.core.tracing import NO_TRACING  # noqa: E402
+from svantic_grpc.server import MeshServer  # noqa: E402
+from svantic_grpc.tracing import OtelTracing, provider_from_env  # noqa: E402
+
+VARIANTS = ("off", "metrics", "traced", "traced-sdk")
+MORE = ("traced-nochild", "traced-noheaders", "traced-nodispatch", "traced-notcurrent", "traced-onlycurrent")
+"""Not run unless named in ``--variants``: as traced-nochild (the server's own spans handed to nothing,
+no child), then without the trace headers to the agent (its ``propagate.extract`` and ``attach``), then
+without the dispatch span (only the RPC's); the dispatch span made but not current; a context made current
+during the dispatch but no span recorded."""
+
+
+def _provider(variant: str, endpoint: str) -> Any:
+    if variant == "traced":
+        return provider_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+    if variant in MORE:
+        from opentelemetry.sdk.resources import Resource
+
+        from svantic_grpc._span_export import ChildExporter
+        from svantic_grpc._spans import TupleTracerProvider
+
+        class Nowhere(ChildExporter):
+            def send(self, new: Any, spans: Any) -> bool:
+                return True
+
+        return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, Nowhere())
+    if variant == "traced-sdk":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=Resource.create({"service.name": "svantic-grpc"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        return provider
+    return None
+
+
+class _NoHeaders(OtelTracing):
+    """The dispatch span, without the W3C headers for the agent."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        @contextlib.contextmanager
+        def span() -> Iterator[dict[str, str]]:
+            with super(_NoHeaders, self).dispatch(agent_type=agent_type, instance_id=instance_id):
+                yield {}
+
+        return span()
+
+
+class _NotCurrent(OtelTracing):
+    """The dispatch span started and ended, never current, no headers."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        @contextlib.contextmanager
+        def span() -> Iterator[dict[str, str]]:
+            made = self._tracer.start_span(
+                f"dispatch {agent_type}", attributes={"svantic.agent_type": agent_type}
+            )
+            try:
+                yield {}
+            finally:
+                made.end()
+
+        return span()
+
+
+class _OnlyCurrent(OtelTracing):
+    """A valid span context current during the dispatch, nothing recorded, no headers."""
+
+    def dispatch(self, *, agent_type: str, instance_id: str) -> Any:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        @contextlib.contextmanager
+        def current() -> Iterator[dict[str, str]]:
+            parent = trace.get_current_span().get_span_context()
+            made = NonRecordingSpan(SpanContext(parent.trace_id, 12345, False, TraceFlags(1)))
+            token = otel_context.attach(trace.set_span_in_context(made))
+            try:
+                yield {}
+            finally:
+                otel_context.detach(token)
+
+        return current()
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children (the exporting child; the sink is excluded by pid)."""
+    total = 0.0
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if "sink" in Path(f"/proc/{pid}/cmdline").read_text():
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def run(args: argparse.Namespace, endpoint: str) -> None:
+    os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+    trios: dict[str, tuple[MeshServer, Any, Any, list[Any]]] = {}
+    for variant in args.variants:
+        settings = parse_settings(
+            {
+                "grpc_address": "127.0.0.1:0",
+                "http_address": "127.0.0.1:0",
+                "session_ttl_ms": 0,
+                "shutdown_grace_s": 0,
+                "store": "memory",
+                "log_level": "WARNING",
+                "dispatch": {"max_dispatches_per_session": 0},
+                "metrics": {"enabled": variant != "off"},
+            }
+        )
+        provider = _provider(variant, endpoint)
+        server = MeshServer(settings, env={}, tracer_provider=provider)
+        if variant == "traced-nodispatch":
+            server.mesh.dispatches._tracing = NO_TRACING
+        elif variant == "traced-noheaders":
+            server.mesh.dispatches._tracing = _NoHeaders(provider.get_tracer("svantic_grpc"))
+        elif variant == "traced-notcurrent":
+            server.mesh.dispatches._tracing = _NotCurrent(provider.get_tracer("svantic_grpc"))
+        elif variant == "traced-onlycurrent":
+            server.mesh.dispatches._tracing = _OnlyCurrent(provider.get_tracer("svantic_grpc"))
+        await server.start()
+        agent = make_agent(server.target, f"echo-{variant}")
+        agent_task = asyncio.create_task(agent.run())
+        await asyncio.wait_for(agent.connected.wait(), 30)
+        channel = aio.insecure_channel(server.target)
+        calls = await _mesh_calls(channel, args.concurrency, args.concurrency)
+        trios[variant] = (server, agent, (agent_task, channel, provider), calls)
+
+    async def round_of(variant: str, count: int) -> tuple[float, float]:
+        calls = trios[variant][3]
+        left = count
+
+        async def worker(call: Any) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call()
+
+        child_before = _children_cpu()
+        began = time.process_time()
+        await asyncio.gather(*(worker(c) for c in calls))
+        provider = trios[variant][2][2]
+        if provider is not None:
+            provider.force_flush()  # the spans of these messages are handed over (or exported) now
+        spent = (time.process_time() - began) / count * 1e3
+        return spent, (_children_cpu() - child_before) / count * 1e3
+
+    for variant in args.variants:  # warm up
+        await round_of(variant, min(args.messages, 300))
+    cost: dict[str, list[float]] = {v: [] for v in args.variants}
+    child: dict[str, list[float]] = {v: [] for v in args.variants}
+    for round_no in range(args.rounds):
+        order = list(args.variants)
+        order = order[round_no % len(order) :] + order[: round_no % len(order)]
+        for variant in order:
+            here, there = await round_of(variant, args.messages)
+            cost[variant].append(here)
+            child[variant].append(there)
+    for server, agent, (agent_task, channel, provider), _ in trios.values():
+        await channel.close()
+        await agent.stop()
+        agent_task.cancel()
+        await server.stop(0)
+        if provider is not None:
+            provider.shutdown()
+
+    base = statistics.median(cost["off"]) if "off" in cost else float("nan")
+    print(
+        f"{args.rounds} rounds of {args.messages} messages per variant, alternating,"
+        f" {args.concurrency} in flight;"
+        f" load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        "CPU ms per message of client + mesh server + agent in one process (all its threads): median and"
+        " lowest round (the least disturbed by other work on the machine), each against off's; child: the"
+        " exporting child process's CPU per message, in its own process (mean: /proc counts 10 ms ticks)"
+    )
+    low = min(cost["off"]) if "off" in cost else float("nan")
+    print(f"{'variant':<12}{'median':>8}{'vs off':>9}{'lowest':>8}{'vs off':>9}{'child':>8}   rounds")
+    for variant, values in cost.items():
+        median = statistics.median(values)
+        print(
+            f"{variant:<12}{median:>8.3f}{median - base:>+9.3f}{min(values):>8.3f}{min(values) - low:>+9.3f}"
+            f"{statistics.fmean(child[variant]):>8.3f}   " + ", ".join(f"{v:.2f}" for v in values)
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--messages", type=int, default=600, help="messages per variant per round")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    args = parser.parse_args()
+    sink = subprocess.Popen([sys.executable, "-c", SINK, "sink"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        asyncio.run(run(args, f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"))
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+if __name__ == "__main__":
+    main()

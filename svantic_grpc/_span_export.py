@@ -1,0 +1,329 @@
+"""OTLP export in a child process: finished spans leave the server as plain tuples, and the
+child rebuilds them and runs OpenTelemetry's own OTLP/HTTP exporter.
+
+Why: encoding spans as OTLP protobuf (~25 µs a span) and posting them is CPU the server's
+interpreter spent beside its event loop, holding the GIL against it; flattening a span to a
+tuple and pickling the batch costs a fraction of it (``bench/tracing_floor.py``).
+
+``ChildExporter`` is a ``SpanExporter`` for the SDK's ``BatchSpanProcessor``: it runs in the
+processor's export thread, never on the event loop. It writes each batch, length-prefixed, to
+the child's standard input without ever blocking: when the child lags (a slow or unreachable
+collector) and the pipe is full, the batch is dropped and counted (``dropped_spans``), as the
+batch processor drops spans when its own queue is full. The child starts with the first batch
+and stops with the exporter (``shutdown``: the pipe closes, the child exports what it has and
+exits), or by itself when the server's process ends (its standard input closes).
+
+The child runs ``python -m svantic_grpc._span_export`` with the server's environment and the
+``OTEL_*`` variables the server was given (the official exporter reads them there), at a lower
+CPU priority than the server (``nice`` 10): on a busy machine the export waits, not the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+__all__ = ["ChildExporter", "Rebuilder"]
+
+_log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct(">I")
+"""Each batch: its pickled length, then the pickle."""
+
+_PIPE_BYTES = 1 << 20
+"""The pipe's buffer asked of Linux (~4,000 spans): room for the child to fall a batch or two behind."""
+
+_STOP_S = 5.0
+"""How long ``shutdown`` lets the child finish exporting before it is killed."""
+
+
+class ChildExporter(SpanExporter):
+    """Hands span batches to an OTLP/HTTP exporter in a child process; drops them when it lags."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, command: Sequence[str] | None = None) -> None:
+        """
+        Args:
+            env: ``OTEL_*`` variables for the child's exporter, over this process's environment.
+            command: the child to run (tests); default ``python -m svantic_grpc._span_export``.
+        """
+        self._env = {**os.environ, **{k: v for k, v in (env or {}).items() if k.startswith("OTEL_")}}
+        self._command = list(command or (sys.executable, "-m", __name__))
+        self._child: subprocess.Popen[bytes] | None = None
+        self._fd = -1
+        self._pending = memoryview(b"")
+        """The part of the last batch the pipe did not take yet."""
+        self._tables: dict[int, tuple[object, int]] = {}
+        """Resources and instrumentation scopes already sent (by ``id``, kept alive), with their number."""
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.dropped_spans = 0
+        """Spans dropped because the child lagged or was gone."""
+        self._warned = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, once started."""
+        return self._child.pid if self._child is not None else None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            new: list[tuple[int, str, Any]] = []
+            flat = []
+            for span in spans:
+                resource = self._number(span.resource, new, "resource")
+                scope = self._number(span.instrumentation_scope, new, "scope")
+                flat.append(_flat(span, resource, scope))
+            return SpanExportResult.SUCCESS if self._send(new, flat) else SpanExportResult.FAILURE
+
+    def send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
+        """Hands the child ``spans`` already flat (as ``_flat`` makes them), with the resources and
+        scopes first used in them (``(number, "resource" or "scope", value)``); ``False``: dropped."""
+        with self._lock:
+            return self._send(new, spans)
+
+    def _send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
+        if self._stopped:
+            return False
+        if self._child is None:
+            self._start()
+        if self._pending:
+            self._write()
+        if self._pending or self._fd < 0:
+            self._drop(len(spans))
+            return False
+        try:
+            frame = pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an attribute value pickle cannot carry: this batch only is lost
+            _log.exception("span batch not exported")
+            self._drop(len(spans))
+            return False
+        self._pending = memoryview(_FRAME.pack(len(frame)) + frame)
+        self._write()
+        return True
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Waits (up to ``timeout_millis``) until the pipe has taken every batch."""
+        with self._lock:
+            return self._drain(time.monotonic() + timeout_millis / 1000)
+
+    def shutdown(self) -> None:
+        """Hands over what is left, closes the pipe and waits for the child (killed after 5 s)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            deadline = time.monotonic() + _STOP_S
+            self._drain(deadline)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._child is not None:
+                try:
+                    self._child.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self._child.kill()
+                    self._child.wait()
+
+    def _start(self) -> None:
+        self._child = subprocess.Popen(self._command, stdin=subprocess.PIPE, env=self._env, close_fds=True)
+        pipe: BinaryIO = self._child.stdin  # type: ignore[assignment]
+        self._fd = os.dup(pipe.fileno())
+        pipe.close()
+        os.set_blocking(self._fd, False)
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; the default 64 KiB works too
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+
+    def _write(self) -> None:
+        """Writes what the pipe takes now of the pending batch."""
+        try:
+            written = os.write(self._fd, self._pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the child is gone: nothing more reaches it
+            os.close(self._fd)
+            self._fd = -1
+            self._pending = memoryview(b"")
+            return
+        self._pending = self._pending[written:]
+
+    def _drain(self, deadline: float) -> bool:
+        while self._pending and self._fd >= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [self._fd], [], left)
+            self._write()
+        return not self._pending
+
+    def _drop(self, count: int) -> None:
+        self.dropped_spans += count
+        now = time.monotonic()
+        if now - self._warned >= 10:
+            self._warned = now
+            _log.warning("span export lags: %d spans dropped so far", self.dropped_spans)
+
+    def _number(self, item: Any, new: list[tuple[int, str, Any]], kind: str) -> int:
+        known = self._tables.get(id(item))
+        if known is not None:
+            return known[1]
+        number = len(self._tables)
+        self._tables[id(item)] = (item, number)
+        if item is None:
+            new.append((number, kind, None))
+        elif kind == "resource":
+            new.append((number, kind, (dict(item.attributes), item.schema_url)))
+        else:
+            new.append(
+                (number, kind, (item.name, item.version, item.schema_url, dict(item.attributes or {})))
+            )
+        return number
+
+
+def _flat(span: ReadableSpan, resource: int, scope: int) -> tuple[Any, ...]:
+    """A finished span as plain values: resources and scopes are sent once each, then referred to
+    by number."""
+    context, parent, status = span.context, span.parent, span.status
+    assert context is not None
+    return (
+        span.name,
+        context.trace_id,
+        context.span_id,
+        int(context.trace_flags),
+        context.trace_state.to_header() if context.trace_state else "",
+        (parent.span_id, parent.is_remote) if parent is not None else None,
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        dict(span.attributes) if span.attributes else None,
+        [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events] if span.events else None,
+        [_link(link) for link in span.links] if span.links else None,
+        status.status_code.value,
+        status.description,
+        resource,
+        scope,
+        (span.dropped_attributes, span.dropped_events, span.dropped_links),
+    )
+
+
+def _link(link: Any) -> tuple[Any, ...]:
+    c = link.context
+    header = c.trace_state.to_header() if c.trace_state else ""
+    return (c.trace_id, c.span_id, int(c.trace_flags), header, c.is_remote, dict(link.attributes or {}))
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _rebuild(flat: tuple[Any, ...], resources: dict[int, Any], scopes: dict[int, Any]) -> ReadableSpan:
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.trace import Event
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+    (name, trace_id, span_id, flags, state, parent, kind, start, end, attributes, events, links) = flat[:12]
+    (code, description, resource, scope, (dropped_attributes, dropped_events, dropped_links)) = flat[12:]
+
+    def context(trace_id: int, span_id: int, flags: int, state: str, remote: bool) -> SpanContext:
+        trace_state = TraceState.from_header([state]) if state else None
+        return SpanContext(trace_id, span_id, remote, TraceFlags(flags), trace_state)
+
+    bounded: Any = attributes
+    if dropped_attributes:
+        bounded = BoundedAttributes(attributes=attributes, immutable=False)
+        bounded.dropped = dropped_attributes
+    span = ReadableSpan(
+        name=name,
+        context=context(trace_id, span_id, flags, state, False),
+        parent=context(trace_id, parent[0], flags, "", parent[1]) if parent is not None else None,
+        resource=resources[resource],
+        attributes=bounded,
+        events=[Event(n, a, timestamp=t) for n, t, a in events or ()],
+        links=[Link(context(t, s, f, h, r), a) for t, s, f, h, r, a in links or ()],
+        kind=SpanKind(kind),
+        status=Status(StatusCode(code), description),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scopes[scope],
+    )
+    if dropped_events or dropped_links:  # ReadableSpan reports what its bounded lists dropped
+        span._events = _Dropped(span._events, dropped_events)
+        span._links = _Dropped(span._links, dropped_links)
+    return span
+
+
+class _Dropped(list[Any]):
+    """A list of events or links that says how many were dropped, as the SDK's ``BoundedList`` does."""
+
+    def __init__(self, items: Any, dropped: int) -> None:
+        super().__init__(items)
+        self.dropped = dropped
+
+
+def _read(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if data is not None and len(data) == size else None
+
+
+class Rebuilder:
+    """Turns what ``ChildExporter`` sends back into the SDK's ``ReadableSpan``s."""
+
+    def __init__(self) -> None:
+        self._resources: dict[int, Any] = {}
+        self._scopes: dict[int, Any] = {}
+
+    def spans(self, new: list[tuple[int, str, Any]], flat: list[tuple[Any, ...]]) -> list[ReadableSpan]:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        for number, kind, value in new:
+            if kind == "resource":
+                self._resources[number] = Resource(*value) if value is not None else Resource({})
+            else:
+                self._scopes[number] = InstrumentationScope(*value) if value is not None else None
+        return [_rebuild(span, self._resources, self._scopes) for span in flat]
+
+
+def child_main() -> None:
+    """Reads batches from standard input and exports them over OTLP/HTTP until it closes."""
+    # A Ctrl-C, or a SIGTERM to the whole group, stops the server, which then closes our pipe: the
+    # batches in it are exported before this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        # Behind the server for the CPU: spans wait in the pipe (~4,000) while the machine is busy,
+        # and are dropped (counted by the server) only when it stays too busy to export them.
+        os.nice(10)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter()
+    rebuilder = Rebuilder()
+    stream = sys.stdin.buffer
+    try:
+        while (head := _read(stream, _FRAME.size)) is not None:
+            body = _read(stream, _FRAME.unpack(head)[0])
+            if body is None:
+                break
+            try:
+                exporter.export(rebuilder.spans(*pickle.loads(body)))
+            except Exception:  # a batch that cannot be rebuilt: the next ones still go
+                _log.exception("span batch not exported")
+    finally:
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    child_main()

@@ -1,0 +1,374 @@
+"""The server's own spans when it exports them (``OTEL_*`` asks): OpenTelemetry's tracing API
+with the least work per span, each finished span queued as a plain tuple for the OTLP exporter
+in a child process (``_span_export``).
+
+Why not the SDK's ``TracerProvider`` here: its span costs ~11 µs to start and ~4 µs to end
+(attribute validation through abstract-class checks, locks, a ``ReadableSpan`` copy at the end,
+processor fan-out), then the batch is flattened again for the child: ~80 µs of the server's CPU
+per message for its two spans, where this takes ~20 (``bench/tracing_floor.py``). What the SDK
+decides is kept: its sampler (``OTEL_TRACES_SAMPLER``) and id generator, built from the
+environment as the SDK builds them, and the child rebuilds the SDK's ``ReadableSpan`` (cleaning
+the attributes by the SDK's limits) for OpenTelemetry's own OTLP exporter. A provider passed
+to the server (tests, an application's own SDK setup) is used as it is instead.
+
+Batching is the SDK's: up to ``OTEL_BSP_MAX_QUEUE_SIZE`` spans wait (2,048; more are dropped
+and counted), handed over in batches of ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512) by a thread
+woken when a batch is full or every ``OTEL_BSP_SCHEDULE_DELAY`` ms (5,000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision, Sampler
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.util import types
+
+from svantic_grpc._span_export import ChildExporter, _link
+
+__all__ = ["TupleTracerProvider"]
+
+_log = logging.getLogger(__name__)
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+
+
+class TupleTracerProvider(trace_api.TracerProvider):
+    """Tracers whose finished spans go, as tuples, to the OTLP exporter in a child process."""
+
+    def __init__(
+        self, resource: Resource, env: Mapping[str, str], exporter: ChildExporter | None = None
+    ) -> None:
+        """
+        Args:
+            resource: What the spans describe (``service.name``).
+            env: ``OTEL_BSP_*`` settings, and the ``OTEL_*`` variables the exporting child gets.
+            exporter: Where batches go (tests); default a ``ChildExporter`` of ``env``.
+        """
+        sdk = SdkTracerProvider(
+            resource=resource, shutdown_on_exit=False
+        )  # the sampler and id generator as the SDK reads them
+        self._sampler: Sampler = sdk.sampler
+        self._ids = sdk.id_generator
+        self._random = self._ids.is_trace_id_random()
+        self._exporter = exporter or ChildExporter(env)
+        self._new: list[tuple[int, str, Any]] = [
+            (0, "resource", (dict(resource.attributes), resource.schema_url))
+        ]
+        """Resources and scopes not sent to the child yet (taken by the export thread)."""
+        self._scopes: dict[tuple[str, str | None, str | None], int] = {}
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._max_queue = _int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        self._batch = _int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        self._delay_s = _int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+        self.dropped_spans = 0
+        """Spans dropped because the queue was full (the child's own drops: ``exporter.dropped_spans``)."""
+        self._warned = 0.0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._exporting = threading.Lock()
+        """Held while spans are taken from the queue (by the thread, a flush or the shutdown)."""
+        self._thread = threading.Thread(target=self._work, name="svantic-span-export", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Spans never exported: the queue was full, or the child lagged or was gone."""
+        return self.dropped_spans + self._exporter.dropped_spans
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: types.Attributes = None,
+    ) -> trace_api.Tracer:
+        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
+        with self._lock:
+            scope = self._scopes.get(key)
+            if scope is None:
+                scope = self._scopes[key] = len(self._scopes)
+                self._new.append((scope, "scope", (*key, dict(attributes or {}))))
+        return _Tracer(self, scope)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Hands every queued span to the child (waits up to ``timeout_millis`` for the pipe)."""
+        self._export(everything=True)
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Hands over what is queued and stops the child (see ``ChildExporter.shutdown``)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(5)
+        self._export(everything=True)
+        self._exporter.shutdown()
+
+    def _finished(self, flat: tuple[Any, ...]) -> None:
+        if len(self._queue) >= self._max_queue:
+            self.dropped_spans += 1
+            if time.monotonic() - self._warned >= 10:
+                self._warned = time.monotonic()
+                _log.warning("span queue full: %d spans dropped so far", self.dropped_spans)
+            return
+        self._queue.append(flat)
+        if len(self._queue) >= self._batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _work(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self._delay_s)
+            self._wake.clear()
+            try:
+                self._export(everything=False)
+            except Exception:  # the thread must outlive one bad batch
+                _log.exception("span export failed")
+
+    def _export(self, *, everything: bool) -> None:
+        """Hands the queued spans over in batches: all of them, or while a full batch waits (and at
+        least one batch, when the schedule delay woke the thread)."""
+        first = True
+        with self._exporting:
+            while self._queue and (everything or first or len(self._queue) >= self._batch):
+                first = False
+                count = min(self._batch, len(self._queue))
+                spans = [self._queue.popleft() for _ in range(count)]
+                with self._lock:
+                    new, self._new = self._new, []
+                if not self._exporter.send(new, spans) and new:
+                    with self._lock:  # the child never got them: send them with the next batch
+                        self._new[:0] = new
+
+
+class _Tracer(trace_api.Tracer):
+    def __init__(self, provider: TupleTracerProvider, scope: int) -> None:
+        self._provider = provider
+        self._scope = scope
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace_api.Span:
+        provider = self._provider
+        parent: SpanContext | None = trace_api.get_current_span(context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+        else:
+            parent, trace_id, state = None, provider._ids.generate_trace_id(), None
+            flags = _SAMPLED_RANDOM if provider._random else _SAMPLED
+        sampler = provider._sampler
+        if sampler is ALWAYS_ON or (sampler is DEFAULT_ON and (parent is None or flags.sampled)):
+            # What these two samplers decide without asking them (~2 µs a span): sample, and keep
+            # the parent's trace state.
+            flags = TraceFlags(flags | TraceFlags.SAMPLED)
+        else:
+            result = sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            state = result.trace_state
+            if result.decision is not Decision.RECORD_AND_SAMPLE:
+                # Not sampled: never exported (a span only recorded would not be either).
+                flags = TraceFlags(flags & ~TraceFlags.SAMPLED)
+                span_id = provider._ids.generate_span_id()
+                return NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, state))
+            flags = TraceFlags(flags | TraceFlags.SAMPLED)
+            if result.attributes:
+                attributes = {**(attributes or {}), **result.attributes}
+        span_context = SpanContext(trace_id, provider._ids.generate_span_id(), False, flags, state)
+        return _Span(
+            self,
+            name,
+            span_context,
+            parent,
+            kind,
+            dict(attributes) if attributes else {},
+            list(links) if links else None,
+            start_time or time.time_ns(),
+            record_exception,
+            set_status_on_exception,
+        )
+
+    @contextlib.contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace_api.Span]:
+        span = self.start_span(
+            name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+        )
+        with trace_api.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        ) as current:
+            yield current
+
+
+class _Span(trace_api.Span):
+    """A recording span: what the OTLP export needs, kept in plain values until it ends."""
+
+    def __init__(
+        self,
+        tracer: _Tracer,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: list[Link] | None,
+        start: int,
+        record_exception: bool,
+        set_status_on_exception: bool,
+    ) -> None:
+        self._tracer = tracer
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._links = links
+        self._events: list[tuple[str, int, dict[str, Any]]] | None = None
+        self._start = start
+        self._end: int | None = None
+        self._status = Status()
+        self._record_exception = record_exception
+        self._set_status_on_exception = set_status_on_exception
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end is not None:
+            return
+        self._end = end_time or time.time_ns()
+        context, parent, status = self._context, self._parent, self._status
+        self._tracer._provider._finished(
+            (
+                self._name,
+                context.trace_id,
+                context.span_id,
+                int(context.trace_flags),
+                context.trace_state.to_header() if context.trace_state else "",
+                (parent.span_id, parent.is_remote) if parent is not None else None,
+                self._kind.value,
+                self._start,
+                self._end,
+                self._attributes or None,
+                self._events,
+                [_link(link) for link in self._links] if self._links else None,
+                status.status_code.value,
+                status.description,
+                0,
+                self._tracer._scope,
+                (0, 0, 0),
+            )
+        )
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    @property
+    def kind(self) -> SpanKind:
+        """As the SDK's span has it (OpenTelemetry's ASGI middleware reads it)."""
+        return self._kind
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if self._end is None:
+            self._attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end is None:
+            self._attributes[key] = value
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        if self._end is None:
+            if self._events is None:
+                self._events = []
+            self._events.append((name, timestamp or time.time_ns(), dict(attributes or {})))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end is None and context.is_valid:
+            if self._links is None:
+                self._links = []
+            self._links.append(Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if self._end is None:
+            self._name = name
+
+    def is_recording(self) -> bool:
+        return self._end is None
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # As the SDK: OK is final, UNSET changes nothing, a description goes with ERROR only.
+        if self._end is not None or self._status.status_code is StatusCode.OK:
+            return
+        status = status if isinstance(status, Status) else Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        module, qualname = type(exception).__module__, type(exception).__qualname__
+        recorded: dict[str, Any] = {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        self.add_event("exception", {**recorded, **(attributes or {})}, timestamp)
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if error is not None and self.is_recording():
+            if self._record_exception:
+                self.record_exception(error, escaped=True)
+            if self._set_status_on_exception:
+                self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        self.end()
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        value = int(env.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
