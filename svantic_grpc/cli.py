@@ -11,14 +11,12 @@ import secrets
 import signal
 import sys
 
-from svantic_grpc.tracing import traces_requested
-
 # a2a-sdk wraps each of its client and server calls in OpenTelemetry decorators, decided once
-# when it is imported; with no tracer they still cost ~0.4-0.5 ms of CPU per hosted message
-# (bench/message_roundtrip.py --hosted: 2.9 -> 2.4 ms). The server turns them off unless the
-# environment asks for traces (then a2a-sdk's spans join the mesh's) or sets the variable itself.
-if not traces_requested(os.environ):
-    os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
+# when it is imported; they cost ~0.4-0.5 ms of CPU per hosted message (bench/message_roundtrip.py
+# --hosted: 2.9 -> 2.4 ms) and, traced or not, report to OpenTelemetry's global provider, which the
+# server does not set (its own spans, the dispatch's included, carry the trace to hosted agents).
+# So they are off unless the operator sets the variable.
+os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
 
 from svantic_grpc import cli_inputs, logs  # after the switch above: these load a2a-sdk
 from svantic_grpc.config import Settings, SettingsError, settings_for_serve, with_overrides

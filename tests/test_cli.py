@@ -370,12 +370,13 @@ def test_a_database_in_an_unwritable_directory_is_refused(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("env", "instrumented"),
     [
-        ({}, False),  # no traces asked for: a2a-sdk's per-call decorators are off
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),  # traced: its spans join ours
+        ({}, False),  # a2a-sdk's per-call decorators are off
+        # traced too: they would report to OpenTelemetry's global provider, which the server never sets
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, False),
         ({"OTEL_INSTRUMENTATION_A2A_SDK_ENABLED": "true"}, True),  # the operator's own choice stands
     ],
 )
-def test_the_command_turns_a2a_sdks_own_instrumentation_off_unless_traces_are_asked_for(
+def test_the_command_turns_a2a_sdks_own_instrumentation_off_unless_the_operator_sets_it(
     env: dict[str, str], instrumented: bool
 ) -> None:
     probe = "import svantic_grpc.cli, a2a.utils.telemetry as t; print(t.otel_enabled)"
