@@ -8,10 +8,12 @@ connection attempt times out rather than being refused).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Any
 
 import pytest
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface
@@ -19,7 +21,7 @@ from a2a.utils.constants import TransportProtocol
 from aiohttp import web
 from google.protobuf import json_format
 
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, NotDelivered
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 from svantic_grpc.dispatch.a2a import A2ATransport
@@ -215,3 +217,116 @@ async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
     assert len(seen) == 2
     assert "Cookie" not in seen[1].headers
     assert seen[1].headers["Authorization"] == "Bearer token"
+
+
+@asynccontextmanager
+async def _scripted_agent(
+    answer: Callable[[dict[str, Any]], list[bytes]], status: int = 200
+) -> AsyncIterator[str]:
+    """An agent card whose JSON-RPC interface answers each call with ``answer(request body)``'s byte
+    chunks, written one write each (an SSE stream unless the first chunk says otherwise)."""
+
+    async def call(request: web.Request) -> web.StreamResponse:
+        chunks = answer(await request.json())
+        content_type = "application/json" if chunks[0].startswith(b"{") else "text/event-stream"
+        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url
+    finally:
+        await runner.cleanup()
+
+
+async def _dispatch_to(url: str) -> list[DispatchUpdate]:
+    transport = A2ATransport()
+    agent = AgentRegistration("acme", "scripted", "scripted-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+    message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+    job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+    try:
+        return [update async for update in transport.dispatch(job)]
+    finally:
+        await transport.close()
+
+
+async def test_events_cut_anywhere_with_comments_and_long_lines_reach_the_message_whole() -> None:
+    long_text = "x" * 300_000  # one SSE line far longer than aiohttp's read buffer
+
+    def answer(body: dict[str, Any]) -> list[bytes]:
+        def event(result: dict[str, Any]) -> str:
+            return json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result})
+
+        task = {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_WORKING"}}
+        artifact = {
+            "taskId": "t1",
+            "contextId": "s1",
+            "artifact": {"artifactId": "a1", "name": "long", "parts": [{"text": long_text}]},
+        }
+        done = {"taskId": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_COMPLETED"}}
+        first, second = event({"task": task}).split(", ", 1)
+        stream = (
+            ": a comment the client ignores\r\n"
+            f"event: message\r\ndata: {first},\r\ndata: {second}\r\n\r\n"  # one event on two data lines
+            f"data: {event({'artifactUpdate': artifact})}\n\n"  # LF line ends
+            "data:\r\n\r\n"  # an event without data: skipped
+            f"data:{event({'statusUpdate': done})}\r\n\r\n"  # no space after the colon
+        ).encode()
+        cuts = [0, 1, 7, 40, 41, 200, 100_000, 250_000, len(stream) - 3, len(stream)]
+        return [stream[a:b] for a, b in itertools.pairwise(cuts)]
+
+    async with _scripted_agent(answer) as url:
+        updates = await _dispatch_to(url)
+    assert [u.state for u in updates if u.state] == [MessageState.WORKING, MessageState.COMPLETED]
+    assert [a.parts[0].text for u in updates for a in u.artifacts] == [long_text]
+    assert {u.task_ref for u in updates} == {"t1"}
+
+
+@pytest.mark.parametrize(
+    ("status", "chunks", "said"),
+    [
+        pytest.param(
+            200,
+            [
+                b'event: error\r\ndata: {"jsonrpc": "2.0", "id": "1", "error": {"code": -32001, '
+                b'"message": "no such task here"}}\r\n\r\n'
+            ],
+            "no such task here",
+            id="sse-error-event",
+        ),
+        pytest.param(
+            200,
+            [
+                b'data: {"jsonrpc": "2.0", "id": "1", '
+                b'"error": {"code": -32603, "message": "it broke"}}\r\n\r\n'
+            ],
+            "it broke",
+            id="error-in-stream",
+        ),
+        pytest.param(
+            200,
+            [b'{"jsonrpc": "2.0", "id": "1", "error": {"code": -32602, "message": "bad params"}}'],
+            "bad params",
+            id="json-answer",
+        ),
+        pytest.param(503, [b"data: overloaded\r\n\r\n"], "HTTP Error 503", id="http-status"),
+        pytest.param(200, [b"data: {not json\r\n\r\n"], "Invalid JSON-RPC response", id="not-json"),
+    ],
+)
+async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why(
+    status: int, chunks: list[bytes], said: str
+) -> None:
+    async with _scripted_agent(lambda _body: chunks, status=status) as url:
+        with pytest.raises(DispatchFailed, match=said):
+            await _dispatch_to(url)

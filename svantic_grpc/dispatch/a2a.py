@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 from typing import Any, cast
 
+import aiohttp
 import grpc
 import httpx
 from a2a.client import (
@@ -64,6 +65,7 @@ from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.dispatch._aiohttp import AgentHttpClient
+from svantic_grpc.dispatch._jsonrpc import jsonrpc_producer
 
 __all__ = ["A2ATransport"]
 
@@ -116,6 +118,11 @@ class A2ATransport:
                 supported_protocol_bindings=list(_BINDINGS),
                 grpc_channel_factory=grpc.aio.insecure_channel,
             )
+        )
+        # The streaming call of JSON-RPC agents (every hosted message) over aiohttp directly.
+        stream_timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._factory.register(
+            TransportProtocol.JSONRPC, jsonrpc_producer(self._http, self._http.session, stream_timeout)
         )
         self._clients: dict[str, Client] = {}
         self._protocols: dict[str, str] = {}
@@ -260,6 +267,8 @@ def _never_sent(cause: BaseException | None) -> bool:
     """
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return True
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True  # the streaming call over aiohttp (``_jsonrpc``): refused, unreachable, timed out
     return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
 
 
