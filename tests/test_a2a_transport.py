@@ -8,6 +8,7 @@ connection attempt times out rather than being refused).
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import socket
@@ -16,14 +17,16 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import pytest
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, StreamResponse
 from a2a.utils.constants import TransportProtocol
+from a2a.utils.proto_utils import parse_lenient
 from aiohttp import web
 from google.protobuf import json_format
 
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+from svantic_grpc.dispatch._protojson import parse
 from svantic_grpc.dispatch.a2a import A2ATransport
 
 
@@ -330,3 +333,112 @@ async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why
     async with _scripted_agent(lambda _body: chunks, status=status) as url:
         with pytest.raises(DispatchFailed, match=said):
             await _dispatch_to(url)
+
+
+_STATUS_ASK = {
+    "state": "TASK_STATE_INPUT_REQUIRED",
+    "timestamp": "2026-12-07T08:58:52.749328Z",
+    "message": {
+        "messageId": "m-ask",
+        "role": "ROLE_AGENT",
+        "parts": [
+            {"text": "may I?"},
+            {
+                "data": {
+                    "input_request": {"kind": "tool_approval", "n": 3, "x": 1.5, "ok": True, "none": None}
+                }
+            },
+            {"url": "https://example.test/f.pdf", "mediaType": "application/pdf", "filename": "f.pdf"},
+        ],
+        "metadata": {"nested": {"list": [1, "two", None, {"three": 3}]}},
+        "extensions": ["urn:x"],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param(
+            {"task": {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_SUBMITTED"}}}, id="task"
+        ),
+        pytest.param(
+            {
+                "artifactUpdate": {
+                    "taskId": "t1",
+                    "contextId": "s1",
+                    "append": True,
+                    "lastChunk": False,
+                    "artifact": {"artifactId": "a1", "name": "echo", "parts": [{"text": "echo: hi"}]},
+                    "metadata": {"k": "v"},
+                }
+            },
+            id="artifact-update",
+        ),
+        pytest.param({"statusUpdate": {"taskId": "t1", "contextId": "s1", "status": _STATUS_ASK}}, id="ask"),
+        pytest.param(
+            {
+                "task": {
+                    "id": "t1",
+                    "context_id": "s1",  # the field's own name, as ProtoJSON also allows
+                    "status": {"state": 3, "timestamp": "2026-01-31T23:59:59.123456789Z"},
+                    "artifacts": [
+                        {"artifactId": "a1", "parts": [{"text": "x"}]},
+                        {"artifactId": "a2", "parts": []},
+                    ],
+                    "history": [_STATUS_ASK["message"]],
+                }
+            },
+            id="task-whole",
+        ),
+        pytest.param(
+            {"message": {"messageId": "m1", "role": "ROLE_AGENT", "parts": [{"text": "done"}]}}, id="message"
+        ),
+        *(
+            pytest.param(
+                {
+                    "statusUpdate": {
+                        "taskId": "t1",
+                        "status": {"state": "TASK_STATE_WORKING", "timestamp": stamp},
+                    }
+                },
+                id=stamp,
+            )
+            for stamp in (
+                "2026-12-07T08:58:52Z",
+                "2026-12-07T08:58:52.5Z",
+                "2026-12-07T08:58:52+01:00",
+                "1970-01-01T00:00:00.000001Z",
+            )
+        ),
+        # what the fast path leaves to a2a-sdk's parser
+        pytest.param(
+            {"message": {"messageId": "m1", "parts": [{"raw": "aGVsbG8=", "mediaType": "text/plain"}]}},
+            id="bytes",
+        ),
+        pytest.param({"message": {"messageId": "m1", "parts": [{"data": [1, 2]}]}}, id="data-not-an-object"),
+        pytest.param({"task": {"id": "t1", "somethingNew": {"a": 1}}}, id="unknown-field"),
+        pytest.param({"task": {"id": "t1", "status": None}}, id="null"),
+        pytest.param(
+            {"task": {"id": "t1", "status": {"state": "TASK_STATE_NOT_YET_INVENTED"}}}, id="unknown-enum"
+        ),
+        pytest.param({"message": {"messageId": "m1", "extensions": "urn:x"}}, id="list-expected"),
+        pytest.param({"task": {"id": 7}}, id="wrong-type"),
+        pytest.param({"task": {"id": "t1"}, "message": {"messageId": "m1"}}, id="two-of-a-oneof"),
+        pytest.param({"task": {"id": "t1", "contextId": "a", "context_id": "b"}}, id="both-names"),
+        pytest.param(
+            {"statusUpdate": {"taskId": "t1", "status": {"timestamp": "2026-13-07T08:58:52Z"}}}, id="bad-date"
+        ),
+    ],
+)
+def test_events_are_read_as_a2a_sdk_reads_them(result: dict[str, Any]) -> None:
+    """The mesh's reading of an agent's event is a2a-sdk's own, field for field, or the same error."""
+    try:
+        expected: StreamResponse | Exception = parse_lenient(copy.deepcopy(result), StreamResponse())
+    except Exception as exc:
+        expected = exc
+    if isinstance(expected, Exception):
+        with pytest.raises(type(expected)):
+            parse(copy.deepcopy(result), StreamResponse)
+    else:
+        assert parse(copy.deepcopy(result), StreamResponse) == expected
