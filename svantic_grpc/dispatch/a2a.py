@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any, cast
 
 import aiohttp
@@ -179,7 +178,6 @@ class A2ATransport:
                         update, task_id = _update_from(event, task_id)
                         if update is None:
                             continue
-                        update = replace(update, task_ref=task_id)
                         if update.state is MessageState.INPUT_REQUIRED:
                             answer = yield update
                             break
@@ -292,25 +290,28 @@ async def _cancel_quietly(client: Client, task_id: str, context: ClientCallConte
 
 
 def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:
+    """The update an A2A event says (its ``task_ref`` the agent's task id), and that task id."""
     kind = event.WhichOneof("payload")
     if kind == "message":  # a direct reply: the whole answer
-        return DispatchUpdate(MessageState.COMPLETED, _parts_from(event.message.parts)), task_id
+        parts = _parts_from(event.message.parts)
+        return DispatchUpdate(MessageState.COMPLETED, parts, task_ref=task_id), task_id
     if kind == "task":
         task = event.task
         state = _STATES.get(task.status.state)
         said = _parts_from(task.status.message.parts) if task.status.HasField("message") else ()
         artifacts = tuple(_artifact_from(a) for a in task.artifacts)
         ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask), task.id
+        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask, task.id), task.id
     if kind == "status_update":
         status = event.status_update.status
         state = _STATES.get(status.state)
         said = _parts_from(status.message.parts) if status.HasField("message") else ()
         ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        update = DispatchUpdate(state, said, (), _reason(state, said), ask)
-        return update, event.status_update.task_id or task_id
+        task_id = event.status_update.task_id or task_id
+        return DispatchUpdate(state, said, (), _reason(state, said), ask, task_id), task_id
     if kind == "artifact_update":
-        return DispatchUpdate(artifacts=(_artifact_from(event.artifact_update.artifact),)), task_id
+        artifact = _artifact_from(event.artifact_update.artifact)
+        return DispatchUpdate(artifacts=(artifact,), task_ref=task_id), task_id
     return None, task_id
 
 
