@@ -224,7 +224,7 @@ async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
 
 @asynccontextmanager
 async def _scripted_agent(
-    answer: Callable[[dict[str, Any]], list[bytes]], status: int = 200
+    answer: Callable[[dict[str, Any]], list[bytes]], status: int = 200, headers: dict[str, str] | None = None
 ) -> AsyncIterator[str]:
     """An agent card whose JSON-RPC interface answers each call with ``answer(request body)``'s byte
     chunks, written one write each (an SSE stream unless the first chunk says otherwise)."""
@@ -232,7 +232,9 @@ async def _scripted_agent(
     async def call(request: web.Request) -> web.StreamResponse:
         chunks = answer(await request.json())
         content_type = "application/json" if chunks[0].startswith(b"{") else "text/event-stream"
-        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        response = web.StreamResponse(
+            status=status, headers={"Content-Type": content_type, **(headers or {})}
+        )
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
@@ -324,13 +326,15 @@ async def test_events_cut_anywhere_with_comments_and_long_lines_reach_the_messag
             id="json-answer",
         ),
         pytest.param(503, [b"data: overloaded\r\n\r\n"], "HTTP Error 503", id="http-status"),
+        pytest.param(307, [b"data: elsewhere\r\n\r\n"], "HTTP Error 307", id="redirect-not-followed"),
         pytest.param(200, [b"data: {not json\r\n\r\n"], "Invalid JSON-RPC response", id="not-json"),
     ],
 )
 async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why(
     status: int, chunks: list[bytes], said: str
 ) -> None:
-    async with _scripted_agent(lambda _body: chunks, status=status) as url:
+    # Each answer redirects to the agent's own interface: a redirect followed would be answered again.
+    async with _scripted_agent(lambda _body: chunks, status=status, headers={"Location": "/"}) as url:
         with pytest.raises(DispatchFailed, match=said):
             await _dispatch_to(url)
 

@@ -91,9 +91,12 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
             if context.timeout is not None:
                 timeout = aiohttp.ClientTimeout(total=context.timeout)
         try:
-            call = self._session().post(self.url, data=body, headers=headers, timeout=timeout)
+            # No redirect is followed (as a2a-sdk's httpx client does not): a redirect is an error.
+            call = self._session().post(
+                self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
             async with call as response:
-                if response.status >= 400:
+                if response.status >= 300:
                     text = await response.text(errors="replace")
                     raise A2AClientError(f"HTTP Error {response.status}: {text[:500]}")
                 if "text/event-stream" not in response.headers.get("Content-Type", ""):
