@@ -88,13 +88,15 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         if context is not None:
             if context.service_parameters:
                 headers = {**_HEADERS, **context.service_parameters}
-            if context.timeout is not None:
-                timeout = aiohttp.ClientTimeout(total=context.timeout)
+            if context.timeout is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
+                limit = context.timeout
+                timeout = aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=limit)
+        session = self._session()
+        if session.closed:
+            raise A2AClientError("HTTP client is closed")
         try:
             # No redirect is followed (as a2a-sdk's httpx client does not): a redirect is an error.
-            call = self._session().post(
-                self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-            )
+            call = session.post(self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
             async with call as response:
                 if response.status >= 300:
                     text = await response.text(errors="replace")
