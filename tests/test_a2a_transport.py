@@ -17,11 +17,21 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import pytest
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface, StreamResponse
+import uvicorn
+from a2a.helpers import new_task_from_user_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, StreamResponse
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.proto_utils import parse_lenient
 from aiohttp import web
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as Message_
 
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
@@ -446,3 +456,80 @@ def test_events_are_read_as_a2a_sdk_reads_them(result: dict[str, Any]) -> None:
             parse(copy.deepcopy(result), StreamResponse)
     else:
         assert parse(copy.deepcopy(result), StreamResponse) == expected
+
+
+async def test_an_agent_that_speaks_a2a_0_3_is_called_in_0_3() -> None:
+    # Its card's JSON-RPC interface says 0.3: a2a-sdk's own 0.3 client speaks to it, not the
+    # mesh's streaming call (whose 1.0 request a server without 0.3 compatibility would refuse).
+    methods: list[str] = []
+
+    class Echo(AgentExecutor):
+        async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+            assert context.message is not None
+            task = new_task_from_user_message(context.message)
+            await event_queue.enqueue_event(task)
+            updater = TaskUpdater(event_queue, task.id, task.context_id)
+            await updater.add_artifact([new_text_part(f"echo: {context.get_user_input()}")], name="echo")
+            await updater.complete()
+
+        async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+            raise NotImplementedError
+
+    def recording(app: ASGIApp) -> ASGIApp:
+        async def record(scope: Scope, receive: Receive, send: Send) -> None:
+            body = b""
+
+            async def replay() -> Message_:
+                message = await receive()
+                nonlocal body
+                body += message.get("body", b"")
+                if (
+                    scope["method"] == "POST"
+                    and message["type"] == "http.request"
+                    and not message.get("more_body")
+                ):
+                    methods.append(json.loads(body)["method"])
+                return message
+
+            await app(scope, replay if scope["type"] == "http" else receive, send)
+
+        return record
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    card = AgentCard(
+        name="old",
+        description="an agent that speaks A2A 0.3",
+        version="1.0",
+        supported_interfaces=[
+            AgentInterface(url=f"{base}/", protocol_binding=TransportProtocol.JSONRPC, protocol_version="0.3")
+        ],
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[AgentSkill(id="echo", name="echo", description="echoes the text", tags=["echo"])],
+    )
+    handler = DefaultRequestHandler(agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card)
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(
+        handler, rpc_url="/", enable_v0_3_compat=True
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(recording(Starlette(routes=routes)), log_config=None, access_log=False, lifespan="off")
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(5):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                await asyncio.sleep(0.005)
+        updates = await _dispatch_to(base)
+    finally:
+        await handler.aclose()
+        server.should_exit = True
+        await serving
+        sock.close()
+    assert updates[-1].state is MessageState.COMPLETED
+    assert [a.parts[0].text for u in updates for a in u.artifacts] == ["echo: hi"]
+    assert methods == ["message/stream"]
