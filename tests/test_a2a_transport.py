@@ -8,20 +8,35 @@ connection attempt times out rather than being refused).
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Any
 
 import pytest
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface
+import uvicorn
+from a2a.helpers import new_task_from_user_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, StreamResponse
 from a2a.utils.constants import TransportProtocol
+from a2a.utils.proto_utils import parse_lenient
 from aiohttp import web
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as Message_
 
-from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, NotDelivered
+from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+from svantic_grpc.dispatch._protojson import parse
 from svantic_grpc.dispatch.a2a import A2ATransport
 
 
@@ -215,3 +230,306 @@ async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
     assert len(seen) == 2
     assert "Cookie" not in seen[1].headers
     assert seen[1].headers["Authorization"] == "Bearer token"
+
+
+@asynccontextmanager
+async def _scripted_agent(
+    answer: Callable[[dict[str, Any]], list[bytes]], status: int = 200, headers: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """An agent card whose JSON-RPC interface answers each call with ``answer(request body)``'s byte
+    chunks, written one write each (an SSE stream unless the first chunk says otherwise)."""
+
+    async def call(request: web.Request) -> web.StreamResponse:
+        chunks = answer(await request.json())
+        content_type = "application/json" if chunks[0].startswith(b"{") else "text/event-stream"
+        response = web.StreamResponse(
+            status=status, headers={"Content-Type": content_type, **(headers or {})}
+        )
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url
+    finally:
+        await runner.cleanup()
+
+
+async def _dispatch_to(url: str) -> list[DispatchUpdate]:
+    transport = A2ATransport()
+    agent = AgentRegistration("acme", "scripted", "scripted-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+    message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+    job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+    try:
+        return [update async for update in transport.dispatch(job)]
+    finally:
+        await transport.close()
+
+
+async def test_events_cut_anywhere_with_comments_and_long_lines_reach_the_message_whole() -> None:
+    long_text = "x" * 300_000  # one SSE line far longer than aiohttp's read buffer
+
+    def answer(body: dict[str, Any]) -> list[bytes]:
+        def event(result: dict[str, Any]) -> str:
+            return json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result})
+
+        task = {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_WORKING"}}
+        artifact = {
+            "taskId": "t1",
+            "contextId": "s1",
+            "artifact": {"artifactId": "a1", "name": "long", "parts": [{"text": long_text}]},
+        }
+        done = {"taskId": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_COMPLETED"}}
+        first, second = event({"task": task}).split(", ", 1)
+        stream = (
+            ": a comment the client ignores\r\n"
+            f"event: message\r\ndata: {first},\r\ndata: {second}\r\n\r\n"  # one event on two data lines
+            f"data: {event({'artifactUpdate': artifact})}\n\n"  # LF line ends
+            "data:\r\n\r\n"  # an event without data: skipped
+            f"data:{event({'statusUpdate': done})}\r\n\r\n"  # no space after the colon
+        ).encode()
+        cuts = [0, 1, 7, 40, 41, 200, 100_000, 250_000, len(stream) - 3, len(stream)]
+        return [stream[a:b] for a, b in itertools.pairwise(cuts)]
+
+    async with _scripted_agent(answer) as url:
+        updates = await _dispatch_to(url)
+    assert [u.state for u in updates if u.state] == [MessageState.WORKING, MessageState.COMPLETED]
+    assert [a.parts[0].text for u in updates for a in u.artifacts] == [long_text]
+    assert {u.task_ref for u in updates} == {"t1"}
+
+
+@pytest.mark.parametrize(
+    ("status", "chunks", "said"),
+    [
+        pytest.param(
+            200,
+            [
+                b'event: error\r\ndata: {"jsonrpc": "2.0", "id": "1", "error": {"code": -32001, '
+                b'"message": "no such task here"}}\r\n\r\n'
+            ],
+            "no such task here",
+            id="sse-error-event",
+        ),
+        pytest.param(
+            200,
+            [
+                b'data: {"jsonrpc": "2.0", "id": "1", '
+                b'"error": {"code": -32603, "message": "it broke"}}\r\n\r\n'
+            ],
+            "it broke",
+            id="error-in-stream",
+        ),
+        pytest.param(
+            200,
+            [b'{"jsonrpc": "2.0", "id": "1", "error": {"code": -32602, "message": "bad params"}}'],
+            "bad params",
+            id="json-answer",
+        ),
+        pytest.param(503, [b"data: overloaded\r\n\r\n"], "HTTP Error 503", id="http-status"),
+        pytest.param(307, [b"data: elsewhere\r\n\r\n"], "HTTP Error 307", id="redirect-not-followed"),
+        pytest.param(200, [b"data: {not json\r\n\r\n"], "Invalid JSON-RPC response", id="not-json"),
+    ],
+)
+async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why(
+    status: int, chunks: list[bytes], said: str
+) -> None:
+    # Each answer redirects to the agent's own interface: a redirect followed would be answered again.
+    async with _scripted_agent(lambda _body: chunks, status=status, headers={"Location": "/"}) as url:
+        with pytest.raises(DispatchFailed, match=said):
+            await _dispatch_to(url)
+
+
+_STATUS_ASK = {
+    "state": "TASK_STATE_INPUT_REQUIRED",
+    "timestamp": "2026-12-07T08:58:52.749328Z",
+    "message": {
+        "messageId": "m-ask",
+        "role": "ROLE_AGENT",
+        "parts": [
+            {"text": "may I?"},
+            {
+                "data": {
+                    "input_request": {"kind": "tool_approval", "n": 3, "x": 1.5, "ok": True, "none": None}
+                }
+            },
+            {"url": "https://example.test/f.pdf", "mediaType": "application/pdf", "filename": "f.pdf"},
+        ],
+        "metadata": {"nested": {"list": [1, "two", None, {"three": 3}]}},
+        "extensions": ["urn:x"],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param(
+            {"task": {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_SUBMITTED"}}}, id="task"
+        ),
+        pytest.param(
+            {
+                "artifactUpdate": {
+                    "taskId": "t1",
+                    "contextId": "s1",
+                    "append": True,
+                    "lastChunk": False,
+                    "artifact": {"artifactId": "a1", "name": "echo", "parts": [{"text": "echo: hi"}]},
+                    "metadata": {"k": "v"},
+                }
+            },
+            id="artifact-update",
+        ),
+        pytest.param({"statusUpdate": {"taskId": "t1", "contextId": "s1", "status": _STATUS_ASK}}, id="ask"),
+        pytest.param(
+            {
+                "task": {
+                    "id": "t1",
+                    "context_id": "s1",  # the field's own name, as ProtoJSON also allows
+                    "status": {"state": 3, "timestamp": "2026-01-31T23:59:59.123456789Z"},
+                    "artifacts": [
+                        {"artifactId": "a1", "parts": [{"text": "x"}]},
+                        {"artifactId": "a2", "parts": []},
+                    ],
+                    "history": [_STATUS_ASK["message"]],
+                }
+            },
+            id="task-whole",
+        ),
+        pytest.param(
+            {"message": {"messageId": "m1", "role": "ROLE_AGENT", "parts": [{"text": "done"}]}}, id="message"
+        ),
+        *(
+            pytest.param(
+                {
+                    "statusUpdate": {
+                        "taskId": "t1",
+                        "status": {"state": "TASK_STATE_WORKING", "timestamp": stamp},
+                    }
+                },
+                id=stamp,
+            )
+            for stamp in (
+                "2026-12-07T08:58:52Z",
+                "2026-12-07T08:58:52.5Z",
+                "2026-12-07T08:58:52+01:00",
+                "1970-01-01T00:00:00.000001Z",
+            )
+        ),
+        # what the fast path leaves to a2a-sdk's parser
+        pytest.param(
+            {"message": {"messageId": "m1", "parts": [{"raw": "aGVsbG8=", "mediaType": "text/plain"}]}},
+            id="bytes",
+        ),
+        pytest.param({"message": {"messageId": "m1", "parts": [{"data": [1, 2]}]}}, id="data-not-an-object"),
+        pytest.param({"task": {"id": "t1", "somethingNew": {"a": 1}}}, id="unknown-field"),
+        pytest.param({"task": {"id": "t1", "status": None}}, id="null"),
+        pytest.param(
+            {"task": {"id": "t1", "status": {"state": "TASK_STATE_NOT_YET_INVENTED"}}}, id="unknown-enum"
+        ),
+        pytest.param({"message": {"messageId": "m1", "extensions": "urn:x"}}, id="list-expected"),
+        pytest.param({"task": {"id": 7}}, id="wrong-type"),
+        pytest.param({"task": {"id": "t1"}, "message": {"messageId": "m1"}}, id="two-of-a-oneof"),
+        pytest.param({"task": {"id": "t1", "contextId": "a", "context_id": "b"}}, id="both-names"),
+        pytest.param(
+            {"statusUpdate": {"taskId": "t1", "status": {"timestamp": "2026-13-07T08:58:52Z"}}}, id="bad-date"
+        ),
+    ],
+)
+def test_events_are_read_as_a2a_sdk_reads_them(result: dict[str, Any]) -> None:
+    """The mesh's reading of an agent's event is a2a-sdk's own, field for field, or the same error."""
+    try:
+        expected: StreamResponse | Exception = parse_lenient(copy.deepcopy(result), StreamResponse())
+    except Exception as exc:
+        expected = exc
+    if isinstance(expected, Exception):
+        with pytest.raises(type(expected)):
+            parse(copy.deepcopy(result), StreamResponse)
+    else:
+        assert parse(copy.deepcopy(result), StreamResponse) == expected
+
+
+async def test_an_agent_that_speaks_a2a_0_3_is_called_in_0_3() -> None:
+    # Its card's JSON-RPC interface says 0.3: a2a-sdk's own 0.3 client speaks to it, not the
+    # mesh's streaming call (whose 1.0 request a server without 0.3 compatibility would refuse).
+    methods: list[str] = []
+
+    class Echo(AgentExecutor):
+        async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+            assert context.message is not None
+            task = new_task_from_user_message(context.message)
+            await event_queue.enqueue_event(task)
+            updater = TaskUpdater(event_queue, task.id, task.context_id)
+            await updater.add_artifact([new_text_part(f"echo: {context.get_user_input()}")], name="echo")
+            await updater.complete()
+
+        async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+            raise NotImplementedError
+
+    def recording(app: ASGIApp) -> ASGIApp:
+        async def record(scope: Scope, receive: Receive, send: Send) -> None:
+            body = b""
+
+            async def replay() -> Message_:
+                message = await receive()
+                nonlocal body
+                body += message.get("body", b"")
+                if (
+                    scope["method"] == "POST"
+                    and message["type"] == "http.request"
+                    and not message.get("more_body")
+                ):
+                    methods.append(json.loads(body)["method"])
+                return message
+
+            await app(scope, replay if scope["type"] == "http" else receive, send)
+
+        return record
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    card = AgentCard(
+        name="old",
+        description="an agent that speaks A2A 0.3",
+        version="1.0",
+        supported_interfaces=[
+            AgentInterface(url=f"{base}/", protocol_binding=TransportProtocol.JSONRPC, protocol_version="0.3")
+        ],
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[AgentSkill(id="echo", name="echo", description="echoes the text", tags=["echo"])],
+    )
+    handler = DefaultRequestHandler(agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card)
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(
+        handler, rpc_url="/", enable_v0_3_compat=True
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(recording(Starlette(routes=routes)), log_config=None, access_log=False, lifespan="off")
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(5):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                await asyncio.sleep(0.005)
+        updates = await _dispatch_to(base)
+    finally:
+        await handler.aclose()
+        server.should_exit = True
+        await serving
+        sock.close()
+    assert updates[-1].state is MessageState.COMPLETED
+    assert [a.parts[0].text for u in updates for a in u.artifacts] == ["echo: hi"]
+    assert methods == ["message/stream"]

@@ -49,19 +49,31 @@ class AgentHttpClient(httpx.AsyncClient):
     """
 
     def __init__(self, *, timeout: httpx.Timeout, limits: httpx.Limits) -> None:
-        def session() -> aiohttp.ClientSession:  # made at the first call, in the event loop
-            connector = aiohttp.TCPConnector(
-                keepalive_timeout=limits.keepalive_expiry or 5.0, limit=limits.max_connections or 0
-            )
-            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
         refuse_all = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
         super().__init__(
             timeout=timeout,
-            transport=AiohttpTransport(limits=limits, client=session),
+            transport=AiohttpTransport(limits=limits, client=self.session),
             cookies=http.cookiejar.CookieJar(policy=refuse_all),
         )
+        self._limits = limits
+        self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, httpx.URL] = {}
+
+    def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session under this client (made at the first call, in the event loop),
+        for calls that use aiohttp directly: one connection pool and no cookies for both."""
+        if self._session is None:
+            limits = self._limits
+            connector = aiohttp.TCPConnector(
+                keepalive_timeout=limits.keepalive_expiry or 5.0, limit=limits.max_connections or 0
+            )
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._session is not None:  # closed by the transport when httpx used it; closing twice is harmless
+            await self._session.close()
 
     def build_request(self, method: str, url: httpx.URL | str, **kwargs: Any) -> httpx.Request:
         if isinstance(url, str):

@@ -19,9 +19,9 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any, cast
 
+import aiohttp
 import grpc
 import httpx
 from a2a.client import (
@@ -64,6 +64,7 @@ from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.dispatch._aiohttp import AgentHttpClient
+from svantic_grpc.dispatch._jsonrpc import jsonrpc_producer
 
 __all__ = ["A2ATransport"]
 
@@ -120,6 +121,11 @@ class A2ATransport:
                 supported_protocol_bindings=list(_BINDINGS),
                 grpc_channel_factory=grpc.aio.insecure_channel,
             )
+        )
+        # The streaming call of JSON-RPC agents (every hosted message) over aiohttp directly.
+        stream_timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._factory.register(
+            TransportProtocol.JSONRPC, jsonrpc_producer(self._http, self._http.session, stream_timeout)
         )
         self._clients: dict[str, Client] = {}
         self._protocols: dict[str, str] = {}
@@ -183,7 +189,6 @@ class A2ATransport:
                         update, task_id = _update_from(event, task_id)
                         if update is None:
                             continue
-                        update = replace(update, task_ref=task_id)
                         if update.state is MessageState.INPUT_REQUIRED:
                             answer = yield update
                             break
@@ -274,6 +279,8 @@ def _never_sent(cause: BaseException | None) -> bool:
     """
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return True
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True  # the streaming call over aiohttp (``_jsonrpc``): refused, unreachable, timed out
     return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -307,25 +314,28 @@ def _still_asking(event: Any) -> bool:
 
 
 def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:
+    """The update an A2A event says (its ``task_ref`` the agent's task id), and that task id."""
     kind = event.WhichOneof("payload")
     if kind == "message":  # a direct reply: the whole answer
-        return DispatchUpdate(MessageState.COMPLETED, _parts_from(event.message.parts)), task_id
+        parts = _parts_from(event.message.parts)
+        return DispatchUpdate(MessageState.COMPLETED, parts, task_ref=task_id), task_id
     if kind == "task":
         task = event.task
         state = _STATES.get(task.status.state)
         said = _parts_from(task.status.message.parts) if task.status.HasField("message") else ()
         artifacts = tuple(_artifact_from(a) for a in task.artifacts)
         ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask), task.id
+        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask, task.id), task.id
     if kind == "status_update":
         status = event.status_update.status
         state = _STATES.get(status.state)
         said = _parts_from(status.message.parts) if status.HasField("message") else ()
         ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        update = DispatchUpdate(state, said, (), _reason(state, said), ask)
-        return update, event.status_update.task_id or task_id
+        task_id = event.status_update.task_id or task_id
+        return DispatchUpdate(state, said, (), _reason(state, said), ask, task_id), task_id
     if kind == "artifact_update":
-        return DispatchUpdate(artifacts=(_artifact_from(event.artifact_update.artifact),)), task_id
+        artifact = _artifact_from(event.artifact_update.artifact)
+        return DispatchUpdate(artifacts=(artifact,), task_ref=task_id), task_id
     return None, task_id
 
 
