@@ -1,7 +1,6 @@
 """Short-lived signed tokens that travel with each dispatch.
 
-They are EdDSA (Ed25519) JWTs (JWS compact serialization, signed here with ``cryptography``),
-so an agent verifies them with the mesh's public
+They are EdDSA (Ed25519) JWTs, so an agent verifies them with the mesh's public
 key (``AuthService.GetDispatchKeys``) and never holds a secret that could mint
 them. Claims: ``iss`` (the mesh), ``aud`` (the instance id), ``tenant_id``,
 ``agent_type``, ``session_id``, ``dispatch_id`` (also ``jti``), ``iat``, ``exp``.
@@ -11,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -50,10 +49,6 @@ class DispatchTokens:
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self._public_x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
-        # The JWS header never changes: encoded once (PyJWT's encode costs ~10 us more per token
-        # than the signature's ~30 us, and the mesh signs one per hosted message).
-        header = {"alg": _ALGORITHM, "kid": self.key_id, "typ": "JWT"}
-        self._header = _b64(json.dumps(header, separators=(",", ":")).encode())
 
     def sign(
         self, *, tenant_id: str, agent_type: str, instance_id: str, session_id: str, dispatch_id: str
@@ -73,9 +68,8 @@ class DispatchTokens:
             "iat": int(now),
             "exp": expires,
         }
-        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        signed = self._header + b"." + payload
-        return (signed + b"." + _b64(self._key.sign(signed))).decode(), float(expires)
+        token = jwt.encode(claims, self._key, algorithm=_ALGORITHM, headers={"kid": self.key_id})
+        return token, float(expires)
 
     def jwks(self) -> dict[str, Any]:
         """The public key set that verifies these tokens."""
@@ -91,8 +85,3 @@ class DispatchTokens:
                 }
             ]
         }
-
-
-def _b64(data: bytes) -> bytes:
-    """base64url without padding, as JWS wants it."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
