@@ -218,7 +218,19 @@ class SessionRuntime:
         except Exception as error:  # keep the failure inside this message
             _log.exception("message %s failed unexpectedly", message.message_id)
             state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
-        if writer.message.input_request_ids:
+        ending = asyncio.ensure_future(self._end(writer, state, reason))
+        try:
+            return await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            # A cancel (a close, CancelMessage) that comes while the message is being ended does
+            # not cut the ending short, which would leave it working for ever: it ends as it was
+            # ending, and the late cancel finds it ended.
+            await asyncio.wait({ending})
+            return ending.result()
+
+    async def _end(self, writer: MessageWriter, state: MessageState, reason: str) -> Message:
+        message = writer.message
+        if message.input_request_ids:
             await writer.flush()  # what the agent sent with its end comes before the withdrawal
             # Withdraw what nobody answered before the message ends: the message will not use it,
             # and a crash between the two writes never leaves a request pending for an ended message.
