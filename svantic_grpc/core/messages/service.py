@@ -15,6 +15,7 @@ from svantic_grpc.core.dispatch import Dispatches
 from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventBus, MessageStateChanged
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
     Message,
@@ -28,9 +29,10 @@ from svantic_grpc.core.messages.model import (
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
+from svantic_grpc.core.models import Session
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
 from svantic_grpc.core.sessions import Sessions
-from svantic_grpc.core.store import MessagePage, Store
+from svantic_grpc.core.store import Change, Changed, MessagePage, Store
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
@@ -140,7 +142,8 @@ class Messages:
             parse_plan(metadata.action_data, field="message.action_data")
         if metadata.target_agent:
             check_id("message.target_agent", metadata.target_agent.partition("/")[0])
-        await self._sessions.touch(caller.tenant_id, session_id)  # NotFound, or closed
+        # NotFound, or closed; the activity is written with the message (``_create``).
+        await self._sessions.open_record(caller.tenant_id, session_id)
         now = self._clock.now()
         message = Message(
             tenant_id=caller.tenant_id,
@@ -155,16 +158,11 @@ class Messages:
             history=(Turn(role, parts, now),),
         )
         submitted = (MessageStateChanged(message.message_id, None, MessageState.SUBMITTED),)
-        store = self._store
         here = self._ownership.sole or await self._ownership.runs_here(caller.tenant_id, session_id)
         if not here:
             return await self._hand_off(message, submitted)
         try:
-            stored = await self._bus.commit(
-                caller.tenant_id,
-                session_id,
-                lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
-            )
+            stored = await self._create(message, submitted)
         except LeaseLost:  # another replica took the session over meanwhile: it runs the message
             self._ownership.lost(caller.tenant_id, session_id)
             if await self._ownership.runs_here(caller.tenant_id, session_id):
@@ -179,15 +177,8 @@ class Messages:
         through the session's events until it first stops."""
         tenant_id, session_id, message_id = message.tenant_id, message.session_id, message.message_id
         subscription = self._bus.subscribe(tenant_id, session_id)  # before the write: no event missed
-        store = self._store
         try:
-            stored = await self._bus.commit(
-                tenant_id,
-                session_id,
-                lambda now: store.create_message_with_events(
-                    message, time=now, payloads=submitted, hand_off=True
-                ),
-            )
+            stored = await self._create(message, submitted, hand_off=True)
         except BaseException:
             subscription.close()
             raise
@@ -209,6 +200,34 @@ class Messages:
         self._away.add(task)
         task.add_done_callback(self._away.discard)
         return stored, task
+
+    async def _create(
+        self, message: Message, submitted: tuple[MessageStateChanged], *, hand_off: bool = False
+    ) -> Message:
+        """Insert ``message`` with its events and the session's activity (which pushes back its
+        idle TTL): one store write (``hand_off``: run by the replica that owns the session)."""
+        tenant_id, session_id = message.tenant_id, message.session_id
+        store = self._store
+        inserted = evolve(message, version=0)
+
+        async def write(session: Session) -> tuple[Session, Message]:
+            async def commit(now: float) -> tuple[Changed, Sequence[Event]]:
+                change = Change(
+                    tenant_id,
+                    session_id,
+                    now,
+                    sessions=(session,),
+                    messages=(inserted,),
+                    events=submitted,
+                    hand_off=hand_off,
+                )
+                written = await store.write(change)
+                return written, written.events
+
+            written = await self._bus.commit(tenant_id, session_id, commit)
+            return written.sessions[0], written.messages[0]
+
+        return await self._sessions.with_activity(tenant_id, session_id, write)
 
     async def _stored(self, tenant_id: str, session_id: str, message_id: str) -> Message:
         message = await self._store.get_message(
