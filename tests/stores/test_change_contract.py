@@ -119,3 +119,50 @@ async def test_one_refused_part_leaves_nothing_of_the_write(store: Store, failin
     assert await store.get_message(tenant_id="acme", session_id="s1", message_id="fresh") is None
     assert await store.list_audit(tenant_id="acme") == []
     assert await store.list_events(tenant_id="acme", session_id="s1") == []
+
+
+@pytest.mark.parametrize("failing", ["", "stale session", "closed elsewhere", "taken message", "no session"])
+async def test_a_message_with_its_sessions_activity_lands_whole_or_not_at_all(
+    store: Store, failing: str
+) -> None:
+    """The write each sent message makes: the session (its activity moved on, at the version read),
+    the new message and its event. PostgreSQL runs it as one statement; it holds as a transaction."""
+    session = await store.create_session(make_session("s1"))
+    await store.create_message(make_message("taken"))
+    if failing in ("stale session", "closed elsewhere"):
+        moved = replace(session, status=SessionStatus.CLOSED) if failing == "closed elsewhere" else session
+        await store.update_session(replace(moved, updated_at=T0 + 1))
+    if failing == "no session":
+        session = replace(session, session_id="gone")
+    active = replace(session, last_activity_at=T0 + 5, updated_at=T0 + 5)
+    message = make_message("taken" if failing == "taken message" else "m2", session_id=session.session_id)
+    change = Change(
+        "acme",
+        session.session_id,
+        T0 + 5,
+        sessions=(active,),
+        messages=(message,),
+        events=(StatusChanged(SessionStatus.ACTIVE, SessionStatus.ACTIVE, "sent"),),
+    )
+    if not failing:
+        changed = await store.write(change)
+        assert changed.sessions[0].version == 2 and changed.sessions[0].last_activity_at == T0 + 5
+        assert changed.messages[0].version == 1
+        assert [e.sequence for e in changed.events] == [1]
+        assert await store.get_session(tenant_id="acme", session_id="s1") == changed.sessions[0]
+        assert (
+            await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") == changed.messages[0]
+        )
+        return
+    expected = {
+        "stale session": Conflict,
+        "closed elsewhere": Conflict,
+        "taken message": AlreadyExists,
+        "no session": NotFound,
+    }[failing]
+    with pytest.raises(expected):
+        await store.write(change)
+    stored = await store.get_session(tenant_id="acme", session_id="s1")
+    assert stored is not None and stored.last_activity_at != T0 + 5
+    assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") is None
+    assert await store.list_events(tenant_id="acme", session_id=session.session_id) == []
