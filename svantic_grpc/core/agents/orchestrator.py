@@ -53,7 +53,11 @@ class KeywordOrchestrator(Orchestrator):
     async def route(self, message: Message, metadata: MessageMetadata) -> Route:
         if metadata.target_agent:
             agent_type, _, instance_id = metadata.target_agent.partition("/")
-            skill = None if agent_type.startswith("savant:") else await self._skill_of(agent_type, message)
+            skill = (
+                None
+                if agent_type.startswith("savant:")
+                else await self._skill_of(agent_type, message, instance_id)
+            )
             return Route(agent_type, instance_id, skill, why="target_agent")
         if "plan" in metadata.action_data:
             return Route("savant:planner", why="action_data.plan")
@@ -86,9 +90,14 @@ class KeywordOrchestrator(Orchestrator):
                 best = (score, agent_type, skill)
         return None if best is None else (best[1], best[2])
 
-    async def _skill_of(self, agent_type: str, message: Message) -> Skill | None:
+    async def _skill_of(self, agent_type: str, message: Message, instance_id: str = "") -> Skill | None:
         words = _words(message.text)
-        skills = [s for _, s in await self._candidates(agent_type)]
+        if instance_id:  # that instance takes the message: its skills, one read (the dispatch reuses it)
+            store = self.scope.services.store
+            agent = await store.get_agent(tenant_id=self.scope.tenant_id, instance_id=instance_id)
+            skills = list(agent.skills) if agent is not None and agent.agent_type == agent_type else []
+        else:
+            skills = [s for _, s in await self._candidates(agent_type)]
         scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
         return scored[0] if len(skills) == 1 or (scored and words & _skill_words(scored[0])) else None
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+from svantic_grpc.core._reads import forget_reads, message_reads
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
     Outcome,
@@ -161,7 +162,8 @@ class SessionRuntime:
             await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
             return await self._carry_out(writer, route, metadata)
 
-        return await self._guarded(writer, work)
+        with message_reads():  # what routing reads, the dispatch or the chat does not read again
+            return await self._guarded(writer, work)
 
     async def _resume(self, message: Message) -> Message:
         writer = self._writer(message)
@@ -245,6 +247,7 @@ class SessionRuntime:
                 yolo=yolo,
                 parts=parts,
             )
+            forget_reads()  # a retry or the next plan step reads the agents afresh
             await self.agents.learner.learn(outcome, route.skill)
             if outcome.state is not MessageState.COMPLETED:
                 return outcome
@@ -262,6 +265,7 @@ class SessionRuntime:
         steps = await self.agents.planner.plan(metadata.action_data)
         if not signed_off:
             plan = tuple(PlanItem(step.text, step.agent_type) for step in steps)
+            forget_reads()  # a human may take minutes: the steps read the agents afresh
             refused = await sign_off_plan(self._inputs, writer, plan, yolo=metadata.yolo_mode)
             if refused is not None:
                 return refused

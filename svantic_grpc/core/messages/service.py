@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
 
+from svantic_grpc.core._reads import MessageReads
 from svantic_grpc.core._subscriptions import Subscription
 from svantic_grpc.core._validate import check_id
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
@@ -78,7 +80,8 @@ class Messages:
         self._dispatches = dispatches
         self._clock = clock
         self._ids = ids
-        self._agent_services = agent_services
+        # The internal agents' reads are made once per step of a message's run (core._reads).
+        self._agent_services = replace(agent_services, store=MessageReads(agent_services.store))
         self._classes = dict(agent_classes)
         self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
