@@ -145,7 +145,9 @@ async def _drop(schemas: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", type=Path, help="the other checkout (e.g. a `git archive` of main)")
     parser.add_argument("--store", choices=("memory", "postgresql"), default="memory")
     parser.add_argument("--messages", type=int, default=2000)
@@ -176,13 +178,17 @@ def main() -> None:
         if args.store == "postgresql":
             asyncio.run(_drop(schemas))
     print(
-        f"{args.store} store, {args.messages} messages over {args.sessions} sessions, {args.concurrency} at a "
-        f"time, {args.rounds} rounds; load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
+        f"{args.store} store, {args.messages} messages over {args.sessions} sessions, "
+        f"{args.concurrency} at a time, {args.rounds} rounds; "
+        f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
     )
-    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    medians = {
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
+    }
     for name, m in medians.items():
         print(
-            f"{name:5} cpu {m['cpu_ms']:.3f} ms/msg, {m['per_s']:.0f} msgs/s, {m['statements']:.2f} statements/msg"
+            f"{name:5} cpu {m['cpu_ms']:.3f} ms/msg, {m['per_s']:.0f} msgs/s, "
+            f"{m['statements']:.2f} statements/msg"
         )
     if "base" in medians:
         ratio = medians["new"]["cpu_ms"] / medians["base"]["cpu_ms"]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from svantic_grpc.core.models import AgentRegistration, Session
 
-__all__ = ["AgentReads", "MessageReads", "forget_reads", "message_reads"]
+__all__ = ["AgentReads", "MessageReads", "forget_reads", "message_reads", "remember_session"]
 
 
 class AgentReads(Protocol):
@@ -59,6 +59,13 @@ def message_reads() -> Iterator[None]:
         yield
     finally:
         _MEMO.reset(token)
+
+
+def remember_session(session: Session) -> None:
+    """The session as just stored (with the message that starts the run): read from here on."""
+    memo = _MEMO.get()
+    if memo is not None:
+        memo.sessions[(session.tenant_id, session.session_id)] = session
 
 
 def forget_reads() -> None:

@@ -110,6 +110,9 @@ async def test_the_chat_reads_the_agents_once_per_message(clock: ManualClock) ->
     assert done.agent_type == "savant:chat"
     assert "worker: translate" in (done.history[-1].parts[0].text or "")
     assert store.calls["list_agents"] == 1, store.calls  # the orchestrator's list serves the chat
+    assert store.calls["get_session"] == 0, store.calls  # the session as stored with the message
+    # Sent (with the session's activity), routed and working, completed with the chat's answer.
+    assert (store.calls["write"], store.calls["update_session"]) == (3, 0), store.calls
 
 
 async def test_an_agent_registered_after_a_message_is_seen_by_the_next(clock: ManualClock) -> None:

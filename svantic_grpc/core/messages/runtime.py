@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from svantic_grpc.core._reads import forget_reads, message_reads
+from svantic_grpc.core._reads import forget_reads, message_reads, remember_session
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
     Outcome,
@@ -40,6 +40,7 @@ from svantic_grpc.core.messages.model import (
     parse_metadata,
 )
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.models import Session
 
 __all__ = ["SessionRuntime", "WriterFactory"]
 
@@ -76,9 +77,12 @@ class SessionRuntime:
         self._stops: dict[str, asyncio.Future[Message]] = {}
         self._closed = False
 
-    def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
-        """Run ``message`` in the background; the task's result is the message where it ended."""
-        return self._spawn(message, self._run(message, metadata))
+    def start(
+        self, message: Message, metadata: MessageMetadata, session: Session | None = None
+    ) -> asyncio.Task[Message]:
+        """Run ``message`` in the background; the task's result is the message where it ended.
+        ``session``: as stored with the message, read from there by the run's first step."""
+        return self._spawn(message, self._run(message, metadata, session))
 
     def resume(self, message: Message) -> asyncio.Task[Message]:
         """After a restart: wait for the human answer the message waits on, then carry on with it."""
@@ -154,7 +158,7 @@ class SessionRuntime:
     def _writer(self, message: Message) -> MessageWriter:
         return self._new_writer(message, self._stopped)
 
-    async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
+    async def _run(self, message: Message, metadata: MessageMetadata, session: Session | None) -> Message:
         writer = self._writer(message)
 
         async def work() -> Outcome:
@@ -163,6 +167,8 @@ class SessionRuntime:
             return await self._carry_out(writer, route, metadata)
 
         with message_reads():  # what routing reads, the dispatch or the chat does not read again
+            if session is not None:
+                remember_session(session)
             return await self._guarded(writer, work)
 
     async def _resume(self, message: Message) -> Message:
@@ -232,7 +238,8 @@ class SessionRuntime:
             chat = self.agents.chat
             await writer.assign(chat.agent_type, chat.instance_id)
             said = await chat.answer(replace(writer.message, parts=parts) if parts else writer.message)
-            await writer.turn(said, instance_id=chat.instance_id)
+            # Held: written with the message's end (or before the next plan step), one write for both.
+            await writer.turn(said, instance_id=chat.instance_id, hold=True)
             return Outcome(MessageState.COMPLETED, "", chat.agent_type, chat.instance_id, said)
         attempts = self._critic_retries + 1
         for attempt in range(attempts):

@@ -165,13 +165,13 @@ class Messages:
         if not here:
             return await self._hand_off(message, submitted)
         try:
-            stored = await self._create(message, submitted)
+            stored, session = await self._create(message, submitted)
         except LeaseLost:  # another replica took the session over meanwhile: it runs the message
             self._ownership.lost(caller.tenant_id, session_id)
             if await self._ownership.runs_here(caller.tenant_id, session_id):
                 raise
             return await self._hand_off(message, submitted)
-        return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
+        return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata, session)
 
     async def _hand_off(
         self, message: Message, submitted: tuple[MessageStateChanged]
@@ -181,7 +181,7 @@ class Messages:
         tenant_id, session_id, message_id = message.tenant_id, message.session_id, message.message_id
         subscription = self._bus.subscribe(tenant_id, session_id)  # before the write: no event missed
         try:
-            stored = await self._create(message, submitted, hand_off=True)
+            stored, _ = await self._create(message, submitted, hand_off=True)
         except BaseException:
             subscription.close()
             raise
@@ -206,14 +206,15 @@ class Messages:
 
     async def _create(
         self, message: Message, submitted: tuple[MessageStateChanged], *, hand_off: bool = False
-    ) -> Message:
+    ) -> tuple[Message, Session]:
         """Insert ``message`` with its events and the session's activity (which pushes back its
-        idle TTL): one store write (``hand_off``: run by the replica that owns the session)."""
+        idle TTL): one store write (``hand_off``: run by the replica that owns the session).
+        Returns both as stored."""
         tenant_id, session_id = message.tenant_id, message.session_id
         store = self._store
         inserted = evolve(message, version=0)
 
-        async def write(session: Session) -> tuple[Session, Message]:
+        async def write(session: Session) -> tuple[Session, tuple[Message, Session]]:
             async def commit(now: float) -> tuple[Changed, Sequence[Event]]:
                 change = Change(
                     tenant_id,
@@ -228,7 +229,7 @@ class Messages:
                 return written, written.events
 
             written = await self._bus.commit(tenant_id, session_id, commit)
-            return written.sessions[0], written.messages[0]
+            return written.sessions[0], (written.messages[0], written.sessions[0])
 
         return await self._sessions.with_activity(tenant_id, session_id, write)
 
