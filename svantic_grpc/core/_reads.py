@@ -20,7 +20,7 @@ from typing import Protocol
 
 from svantic_grpc.core.models import AgentRegistration, Session
 
-__all__ = ["AgentReads", "MessageReads", "forget_reads", "message_reads", "remember_session"]
+__all__ = ["AgentReads", "MessageReads", "ReadMemo", "forget_reads", "message_reads", "remember_session"]
 
 
 class AgentReads(Protocol):
@@ -33,7 +33,9 @@ class AgentReads(Protocol):
     async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]: ...
 
 
-class _Memo:
+class ReadMemo:
+    """What one step of a message's run has read (``message_reads``)."""
+
     __slots__ = ("agents", "lists", "sessions")
 
     def __init__(self) -> None:
@@ -48,13 +50,14 @@ class _Memo:
         self.sessions.clear()
 
 
-_MEMO: ContextVar[_Memo | None] = ContextVar("svantic_message_reads", default=None)
+_MEMO: ContextVar[ReadMemo | None] = ContextVar("svantic_message_reads", default=None)
 
 
 @contextlib.contextmanager
-def message_reads() -> Iterator[None]:
-    """Remember what ``MessageReads`` reads in this task until the block ends."""
-    token = _MEMO.set(_Memo())
+def message_reads(memo: ReadMemo | None = None) -> Iterator[None]:
+    """Remember what ``MessageReads`` reads in this task until the block ends (in ``memo``: what
+    an earlier block for the same message, such as its routing when sent, remembered)."""
+    token = _MEMO.set(memo if memo is not None else ReadMemo())
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from typing import Any
 
 from svantic_grpc.core.auth import TokenSettings
 from svantic_grpc.core.clock import ManualClock
+from svantic_grpc.core.events import MessageStateChanged
 from svantic_grpc.core.mesh import Mesh, MeshOptions, MessageOptions
 from svantic_grpc.core.messages.model import MessageState, Part
 from svantic_grpc.core.models import AgentRegistration, Session, Skill
@@ -95,9 +96,9 @@ async def test_a_message_to_a_named_instance_reads_that_instance_once(clock: Man
 
 async def test_a_message_writes_the_session_only_with_its_own_records(clock: ManualClock) -> None:
     store = await _second_message(clock, target("worker"))
-    # Sent (with the session's activity), routed and working, completed with what the agent said.
+    # Sent, routed and working (with the session's activity), then completed with what the agent said.
     assert store.calls["update_session"] == 0
-    assert store.calls["write"] == 3, store.calls
+    assert store.calls["write"] == 2, store.calls
 
 
 async def test_the_chat_reads_the_agents_once_per_message(clock: ManualClock) -> None:
@@ -111,8 +112,25 @@ async def test_the_chat_reads_the_agents_once_per_message(clock: ManualClock) ->
     assert "worker: translate" in (done.history[-1].parts[0].text or "")
     assert store.calls["list_agents"] == 1, store.calls  # the orchestrator's list serves the chat
     assert store.calls["get_session"] == 0, store.calls  # the session as stored with the message
-    # Sent (with the session's activity), routed and working, completed with the chat's answer.
+    # The session's first message here: sent (with the session's activity), then routed and
+    # working (its run routes it), then completed with the chat's answer.
     assert (store.calls["write"], store.calls["update_session"]) == (3, 0), store.calls
+    store.calls.clear()
+    again = await mesh.messages.send_and_wait(CALLER, session.session_id, parts=(Part(text="hello?"),))
+    assert again.state is MessageState.COMPLETED
+    # Then routed as it is sent: stored working with the session's activity, then completed.
+    assert (store.calls["write"], store.calls["list_agents"], store.calls["get_session"]) == (2, 1, 0)
+    events = await mesh.store.list_events(tenant_id="acme", session_id=session.session_id)
+    states = [
+        (e.payload.from_state, e.payload.to_state)
+        for e in events
+        if isinstance(e.payload, MessageStateChanged) and e.payload.message_id == again.message_id
+    ]
+    assert states == [
+        (None, MessageState.SUBMITTED),
+        (MessageState.SUBMITTED, MessageState.WORKING),
+        (MessageState.WORKING, MessageState.COMPLETED),
+    ]
 
 
 async def test_an_agent_registered_after_a_message_is_seen_by_the_next(clock: ManualClock) -> None:

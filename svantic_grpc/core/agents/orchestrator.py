@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from svantic_grpc.core.agents.base import InternalAgent
 from svantic_grpc.core.messages.model import Message, MessageMetadata
@@ -37,11 +38,21 @@ class Route:
     def internal(self) -> bool:
         return self.agent_type.startswith("savant:")
 
+    @property
+    def state_reason(self) -> str:
+        """Why the message is working, once routed here."""
+        return f"routed to {self.agent_type} ({self.why})"
+
 
 class Orchestrator(InternalAgent):
     """Routes messages. Subclass and override ``route`` to change the policy."""
 
     role = "orchestrator"
+
+    routes_at_once: ClassVar[bool] = False
+    """Set when ``route`` is quick (a lookup, no model call): a message is then routed as it is
+    sent and stored already working, its route in the same write (one store write fewer). Left
+    unset, a message is stored first and routed by its run, however long routing takes."""
 
     async def route(self, message: Message, metadata: MessageMetadata) -> Route:
         raise NotImplementedError
@@ -49,6 +60,8 @@ class Orchestrator(InternalAgent):
 
 class KeywordOrchestrator(Orchestrator):
     """Explicit target, then plan, then skill keywords, then chat."""
+
+    routes_at_once = True  # a read of the registered agents at most
 
     async def route(self, message: Message, metadata: MessageMetadata) -> Route:
         if metadata.target_agent:

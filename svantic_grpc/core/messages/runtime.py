@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from svantic_grpc.core._reads import forget_reads, message_reads, remember_session
+from svantic_grpc.core._reads import ReadMemo, forget_reads, message_reads, remember_session
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
     Outcome,
@@ -78,11 +78,23 @@ class SessionRuntime:
         self._closed = False
 
     def start(
-        self, message: Message, metadata: MessageMetadata, session: Session | None = None
+        self,
+        message: Message,
+        metadata: MessageMetadata,
+        session: Session | None = None,
+        *,
+        route: Route | None = None,
+        reads: ReadMemo | None = None,
     ) -> asyncio.Task[Message]:
         """Run ``message`` in the background; the task's result is the message where it ended.
-        ``session``: as stored with the message, read from there by the run's first step."""
-        return self._spawn(message, self._run(message, metadata, session))
+
+        Args:
+            session: As stored with the message: read from there by the run's first step.
+            route: Where the message was routed as it was sent (it was stored working): the run
+                carries it out without routing it again.
+            reads: What that routing read, for the run's first step.
+        """
+        return self._spawn(message, self._run(message, metadata, session, route, reads))
 
     def resume(self, message: Message) -> asyncio.Task[Message]:
         """After a restart: wait for the human answer the message waits on, then carry on with it."""
@@ -158,15 +170,24 @@ class SessionRuntime:
     def _writer(self, message: Message) -> MessageWriter:
         return self._new_writer(message, self._stopped)
 
-    async def _run(self, message: Message, metadata: MessageMetadata, session: Session | None) -> Message:
+    async def _run(
+        self,
+        message: Message,
+        metadata: MessageMetadata,
+        session: Session | None,
+        routed: Route | None,
+        reads: ReadMemo | None,
+    ) -> Message:
         writer = self._writer(message)
 
         async def work() -> Outcome:
-            route = await self.agents.orchestrator.route(writer.message, metadata)
-            await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
+            route = routed
+            if route is None:
+                route = await self.agents.orchestrator.route(writer.message, metadata)
+                await writer.state(MessageState.WORKING, route.state_reason)
             return await self._carry_out(writer, route, metadata)
 
-        with message_reads():  # what routing reads, the dispatch or the chat does not read again
+        with message_reads(reads):  # what routing reads, the dispatch or the chat does not read again
             if session is not None:
                 remember_session(session)
             return await self._guarded(writer, work)

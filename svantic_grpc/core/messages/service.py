@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from svantic_grpc.core._reads import MessageReads
+from svantic_grpc.core._reads import MessageReads, ReadMemo, message_reads
 from svantic_grpc.core._subscriptions import Subscription
 from svantic_grpc.core._validate import check_id
-from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
+from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, Route, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch import Dispatches
@@ -21,6 +21,7 @@ from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
     Message,
+    MessageMetadata,
     MessageState,
     Part,
     Role,
@@ -164,14 +165,31 @@ class Messages:
         here = self._ownership.sole or await self._ownership.runs_here(caller.tenant_id, session_id)
         if not here:
             return await self._hand_off(message, submitted)
+        runtime = self._runtimes.get((caller.tenant_id, session_id))
+        route, reads = None, ReadMemo()
+        if runtime is not None and runtime.agents.orchestrator.routes_at_once:
+            route = await self._route_now(runtime, message, metadata, reads)
         try:
-            stored, session = await self._create(message, submitted)
+            stored, session = await self._create(message, submitted, route=route)
         except LeaseLost:  # another replica took the session over meanwhile: it runs the message
             self._ownership.lost(caller.tenant_id, session_id)
             if await self._ownership.runs_here(caller.tenant_id, session_id):
                 raise
             return await self._hand_off(message, submitted)
-        return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata, session)
+        runtime = self.runtime(caller.tenant_id, session_id)
+        return stored, runtime.start(stored, metadata, session, route=route, reads=reads)
+
+    @staticmethod
+    async def _route_now(
+        runtime: SessionRuntime, message: Message, metadata: MessageMetadata, reads: ReadMemo
+    ) -> Route | None:
+        """Where ``message`` goes, found as it is sent (the orchestrator ``routes_at_once``);
+        ``None`` if routing failed: the run routes it again and ends it there, as it would have."""
+        try:
+            with message_reads(reads):
+                return await runtime.agents.orchestrator.route(message, metadata)
+        except Exception:
+            return None
 
     async def _hand_off(
         self, message: Message, submitted: tuple[MessageStateChanged]
@@ -205,14 +223,28 @@ class Messages:
         return stored, task
 
     async def _create(
-        self, message: Message, submitted: tuple[MessageStateChanged], *, hand_off: bool = False
+        self,
+        message: Message,
+        submitted: tuple[MessageStateChanged],
+        *,
+        hand_off: bool = False,
+        route: Route | None = None,
     ) -> tuple[Message, Session]:
         """Insert ``message`` with its events and the session's activity (which pushes back its
         idle TTL): one store write (``hand_off``: run by the replica that owns the session).
+        With ``route`` (routed as sent) it is stored working, both its state changes logged.
         Returns both as stored."""
         tenant_id, session_id = message.tenant_id, message.session_id
         store = self._store
         inserted = evolve(message, version=0)
+        events: tuple[MessageStateChanged, ...] = submitted
+        if route is not None:
+            reason = route.state_reason
+            inserted = evolve(inserted, state=MessageState.WORKING, state_reason=reason)
+            working = MessageStateChanged(
+                message.message_id, MessageState.SUBMITTED, MessageState.WORKING, reason
+            )
+            events = (*submitted, working)
 
         async def write(session: Session) -> tuple[Session, tuple[Message, Session]]:
             async def commit(now: float) -> tuple[Changed, Sequence[Event]]:
@@ -222,7 +254,7 @@ class Messages:
                     now,
                     sessions=(session,),
                     messages=(inserted,),
-                    events=submitted,
+                    events=events,
                     hand_off=hand_off,
                 )
                 written = await store.write(change)
