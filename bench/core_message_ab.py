@@ -4,12 +4,14 @@ Run from the repository root::
 
     .venv/bin/python bench/core_message_ab.py --base /tmp/other-checkout          # ~1 minute
     .venv/bin/python bench/core_message_ab.py --base /tmp/other-checkout --store postgresql
+    .venv/bin/python bench/core_message_ab.py --base /tmp/other-checkout --store postgresql --chat
 
 Each child process (``PYTHONPATH`` set to one checkout, started with ``subprocess``) builds a
 ``Mesh`` on the memory store (or a fresh PostgreSQL schema, dropped at the end) with a scripted
 transport standing in for a connected agent (it answers each dispatch with a working update, an
 artifact and completed, as the connected echo agent does), opens ``--sessions`` sessions and
-sends ``--messages`` messages with ``target_agent`` set, ``--concurrency`` at a time. It prints
+sends ``--messages`` messages with ``target_agent`` set (with ``--chat``: none, so the session's
+chat answers, as in ``bench/replicas.py``), ``--concurrency`` at a time. It prints
 the process's CPU per message (user + system, ``time.process_time``) and, on PostgreSQL, the SQL
 statements sent per message (asyncpg's connection calls, counted; BEGIN and COMMIT included).
 The checkouts alternate for ``--rounds`` rounds; the medians and the ratio new/base are printed
@@ -94,7 +96,10 @@ async def _child(args: argparse.Namespace) -> None:
         spec = AgentSpec(agent_type="echo", instance_id="echo-1", url="http://127.0.0.1:9/a2a")
         await mesh.registry.register(caller, spec)
         sessions = [(await mesh.sessions.init(caller)).session_id for _ in range(args.sessions)]
-        parts = (Part(text="hello"), Part(data={"target_agent": "echo"}))
+        # --chat: no target and no skill matches, so the session's chat answers (bench/replicas.py's message)
+        parts: tuple[Part, ...] = (Part(text="hello"),)
+        if not args.chat:
+            parts += (Part(data={"target_agent": "echo"}),)
         for session_id in sessions:  # the agent joins each session before the clock starts
             await mesh.messages.send_and_wait(caller, session_id, parts=parts)
         queue = [sessions[n % len(sessions)] for n in range(args.messages)]
@@ -125,7 +130,7 @@ async def _child(args: argparse.Namespace) -> None:
 def _run(tree: Path, args: argparse.Namespace, schema: str) -> dict[str, float]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", "child", "--schema", schema]
     argv += ["--store", args.store, "--messages", str(args.messages), "--sessions", str(args.sessions)]
-    argv += ["--concurrency", str(args.concurrency)]
+    argv += ["--concurrency", str(args.concurrency)] + (["--chat"] if args.chat else [])
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
@@ -154,6 +159,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chat", action="store_true", help="messages the chat answers instead of the agent")
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
     parser.add_argument("--schema", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
