@@ -762,7 +762,11 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
 
 def _few_records(change: Change) -> list[tuple[RecordKind[Any], Any]] | None:
     """The records of a change that one logged statement writes: one record, or a session and one
-    other record (a message with its session's activity); else ``None``."""
+    other record inserted (a message with its session's activity); else ``None``.
+
+    Only an insert may follow: in one statement every part runs, and an update that matches no
+    row (a version moved on) does not undo the session's update before it, whereas an insert that
+    fails (the key taken) fails the whole statement. Anything else is a transaction."""
     found = [
         (kind, record)
         for kind, records in (
@@ -773,7 +777,14 @@ def _few_records(change: Change) -> list[tuple[RecordKind[Any], Any]] | None:
         )
         for record in records
     ]
-    if len(found) == 1 or (len(found) == 2 and found[0][0] is _SESSIONS and found[1][0] is not _SESSIONS):
+    if len(found) == 1:
+        return found
+    if (
+        len(found) == 2
+        and found[0][0] is _SESSIONS
+        and found[1][0] is not _SESSIONS
+        and found[1][1].version == 0
+    ):
         return found
     return None
 

@@ -166,3 +166,37 @@ async def test_a_message_with_its_sessions_activity_lands_whole_or_not_at_all(
     assert stored is not None and stored.last_activity_at != T0 + 5
     assert await store.get_message(tenant_id="acme", session_id="s1", message_id="m2") is None
     assert await store.list_events(tenant_id="acme", session_id=session.session_id) == []
+
+
+@pytest.mark.parametrize("failing", ["stale session", "stale agent", "missing agent"])
+async def test_a_session_with_an_instance_bound_lands_whole_or_not_at_all(store: Store, failing: str) -> None:
+    """The write of an agent joining a session: the session, the instance's binding and the event.
+    The session's update must not land when the instance's is refused, and the other way round."""
+    session = await store.create_session(make_session("s1"))
+    agent = await store.create_agent(make_agent("i1"))
+    joined = SessionAgent("researcher", "i1", JoinReason.INVITED, T0)
+    bound = replace(agent, session_ids=("s1",))
+    expected: type[Exception] = Conflict
+    if failing == "stale session":
+        await store.update_session(session)
+    elif failing == "stale agent":
+        await store.update_agent(agent)
+    else:
+        bound = replace(make_agent("gone"), version=1)
+        expected = NotFound
+    before_session = await store.get_session(tenant_id="acme", session_id="s1")
+    before_agent = await store.get_agent(tenant_id="acme", instance_id="i1")
+    with pytest.raises(expected):
+        await store.write(
+            Change(
+                "acme",
+                "s1",
+                T0 + 1,
+                sessions=(replace(session, agents=(joined,)),),
+                agents=(bound,),
+                events=(AgentJoined(joined),),
+            )
+        )
+    assert await store.get_session(tenant_id="acme", session_id="s1") == before_session
+    assert await store.get_agent(tenant_id="acme", instance_id="i1") == before_agent
+    assert await store.list_events(tenant_id="acme", session_id="s1") == []
