@@ -80,10 +80,19 @@ class DeadlineHeap(Generic[K]):
         heapq.heappush(self._heap, (due, key))
         if self._heap[0][1] == key:
             self._wake.set()
+        self._compact()
 
     def forget(self, key: K) -> None:
         """Stop tracking ``key``."""
-        self._due.pop(key, None)
+        if self._due.pop(key, None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries of forgotten or moved deadlines once they are most of the heap: a
+        session closed long before its idle deadline does not stay in memory until then."""
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(due, key) for key, due in self._due.items()]
+            heapq.heapify(self._heap)
 
     def pop_due(self, now: float) -> list[tuple[K, float]]:
         """Remove and return every key whose current deadline is at or before ``now``, earliest first."""

@@ -509,9 +509,42 @@ class Sessions:
                 )
 
     async def touch(self, tenant_id: str, session_id: str) -> Session:
-        """Record activity (a message), pushing back the idle TTL; the session must be open."""
+        """Record activity, pushing back the idle TTL; the session must be open."""
         async with self._locks.hold((tenant_id, session_id)):
             return await self._changing(tenant_id, session_id, self._active_now)
+
+    async def open_record(self, tenant_id: str, session_id: str) -> Session:
+        """The open session as this process last knew it (read when it knows none): ``NotFound``,
+        or ``FailedPrecondition`` when it is closed. The write that follows checks the version."""
+        known = self._latest.get((tenant_id, session_id))
+        if known is not None:
+            return known
+        return self._keep(self._require_open(await self._get(tenant_id, session_id)))
+
+    async def with_activity(
+        self, tenant_id: str, session_id: str, write: Callable[[Session], Awaitable[tuple[Session, T]]]
+    ) -> T:
+        """Run ``write(session)`` with the open session's activity moved to now: ``write`` stores
+        that session (at the version read) with its own records in one store write and returns
+        the session as stored. A session changed meanwhile by another process is read again and
+        written once more; a closed one is ``FailedPrecondition``.
+
+        This is how a message records activity: in the message's own write, not one of its own.
+        """
+
+        async def change(session: Session) -> T:
+            now = self._clock.now()
+            active = evolve(self._require_open(session), last_activity_at=now, updated_at=now)
+            try:
+                stored, result = await write(active)
+            except BaseException:
+                self._forget(tenant_id, session_id)
+                raise
+            self._keep(stored)
+            return result
+
+        async with self._locks.hold((tenant_id, session_id)):
+            return await self._changing(tenant_id, session_id, change)
 
     async def _active_now(self, session: Session) -> Session:
         now = self._clock.now()

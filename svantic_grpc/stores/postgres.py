@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -365,7 +366,7 @@ class PostgresStore(Store):
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> list[Event]:
         key = (tenant_id, session_id)
-        _, op = _logged_op(None, key, time, payloads, self.bell_prefix, self._fence(key))
+        _, op = _logged_op((), key, time, payloads, self.bell_prefix, self._fence(key))
         return await self._write(op)
 
     async def list_events(
@@ -418,10 +419,11 @@ class PostgresStore(Store):
         key = (change.tenant_id, change.session_id)
         fence = None if change.hand_off else self._fence(key)  # a hand-off is no owner's work
         if change.events and not change.audit and not change.hand_off:
-            # The common writes (one record and its events): one statement, no transaction of its own.
-            lone = _lone_record(change)
-            if lone is not None:
-                return await self._write_logged(change, lone, fence)
+            # The common writes (a record, or a session and one other record, and their events):
+            # one statement, no transaction of its own.
+            few = _few_records(change)
+            if few is not None:
+                return await self._write_logged(change, few, fence)
         ops: list[Op[None]] = []
 
         def put(kind: RecordKind[R], records: tuple[R, ...]) -> tuple[R, ...]:
@@ -438,7 +440,7 @@ class PostgresStore(Store):
         agents = put(_AGENTS, change.agents)
         audit = _audit_op(change.audit) if change.audit else None
         append = (
-            _logged_op(None, key, change.time, change.events, self.bell_prefix, fence)[1]
+            _logged_op((), key, change.time, change.events, self.bell_prefix, fence)[1]
             if change.events
             else None
         )
@@ -461,11 +463,10 @@ class PostgresStore(Store):
         return Changed(sessions, messages, inputs, agents, tuple(numbered), tuple(events))
 
     async def _write_logged(
-        self, change: Change, lone: tuple[RecordKind[Any], Any], fence: tuple[str, int] | None
+        self, change: Change, records: Sequence[tuple[RecordKind[Any], Any]], fence: tuple[str, int] | None
     ) -> Changed:
-        kind, record = lone
         stored, logged = _logged_op(
-            (kind, record, record.version == 0),
+            [(kind, record, record.version == 0) for kind, record in records],
             (change.tenant_id, change.session_id),
             change.time,
             change.events,
@@ -473,13 +474,16 @@ class PostgresStore(Store):
             fence,
         )
         events = tuple(await self._write(logged))
-        if kind is _SESSIONS:
-            return Changed(sessions=(cast(Session, stored),), events=events)
-        if kind is _MESSAGES:
-            return Changed(messages=(cast(Message, stored),), events=events)
-        if kind is _INPUTS:
-            return Changed(inputs=(cast(InputRequest, stored),), events=events)
-        return Changed(agents=(cast(AgentRegistration, stored),), events=events)
+        written: dict[str, list[Any]] = {"sessions": [], "messages": [], "inputs": [], "agents": []}
+        for (kind, _), record in zip(records, stored, strict=True):
+            written[kind.table].append(record)  # each table is named as its field of ``Changed``
+        return Changed(
+            sessions=tuple(written["sessions"]),
+            messages=tuple(written["messages"]),
+            inputs=tuple(written["inputs"]),
+            agents=tuple(written["agents"]),
+            events=events,
+        )
 
     def _fence(self, key: SessionKey) -> tuple[str, int] | None:
         """(owner, fence) a write to ``key`` checks when this replica leases the session."""
@@ -761,22 +765,33 @@ def _audit_op(records: Sequence[AuditRecord]) -> Op[list[AuditRecord]]:
     return append
 
 
-def _lone_record(change: Change) -> tuple[RecordKind[Any], Any] | None:
-    """The kind and record of a change that writes exactly one record, else ``None``."""
+def _few_records(change: Change) -> list[tuple[RecordKind[Any], Any]] | None:
+    """The records of a change that one logged statement writes: one record, or a session and one
+    other record inserted (a message with its session's activity); else ``None``.
+
+    Only an insert may follow: in one statement every part runs, and an update that matches no
+    row (a version moved on) does not undo the session's update before it, whereas an insert that
+    fails (the key taken) fails the whole statement. Anything else is a transaction."""
     found = [
-        (kind, records)
+        (kind, record)
         for kind, records in (
             (_SESSIONS, change.sessions),
             (_MESSAGES, change.messages),
             (_INPUTS, change.inputs),
             (_AGENTS, change.agents),
         )
-        if records
+        for record in records
     ]
-    if len(found) != 1 or len(found[0][1]) != 1:
-        return None
-    kind, records = found[0]
-    return kind, records[0]
+    if len(found) == 1:
+        return found
+    if (
+        len(found) == 2
+        and found[0][0] is _SESSIONS
+        and found[1][0] is not _SESSIONS
+        and found[1][1].version == 0
+    ):
+        return found
+    return None
 
 
 class _OneStatement(Generic[T]):
@@ -791,32 +806,35 @@ class _OneStatement(Generic[T]):
 
 
 @functools.cache
-def _logged_sql(record_sql: str, first: int, fenced: bool) -> str:
-    """One statement that writes a record (``record_sql``, parameters up to ``first - 1``; or no
-    record when empty) and appends events to its session's log, and rings the session's bell,
-    all only if the record was written and, for the owner of a leased session, the lease row
-    (read with ``FOR KEY SHARE``, as ``check_fence`` does) still holds the owner's fence.
+def _logged_sql(record_sqls: tuple[str, ...], first: int, fenced: bool) -> str:
+    """One statement that writes records (``record_sqls``, in order, their parameters numbered
+    one after the other up to ``first - 1``; or none) and appends events to their session's log,
+    and rings the session's bell, all only if every record was written (each one only if those
+    before it were) and, for the owner of a leased session, the lease row (read with
+    ``FOR KEY SHARE``, as ``check_fence`` does) still holds the owner's fence.
 
     Events are numbered from the session's counter row, which also serialises appenders on
     other replicas until the transaction ends. The NOTIFY is sent only if it commits.
     Parameters from ``first``: tenant, session, event count, time, payloads, bell channel and
-    payload, then (fenced) owner and fence. Returns the record rows written, the last event
-    number, the bell's (null) result and (fenced) the fence held.
+    payload, then (fenced) owner and fence. Returns the last record's rows written, the last
+    event number, the bell's (null) result and (fenced) the fence held.
     """
     t, s, count, time, payloads, channel, payload, owner, fence = (f"${first + n}" for n in range(9))
     ctes = []
-    guard = ""
+    guards = []
     if fenced:
         ctes.append(
             f"lease AS (SELECT fence FROM leases WHERE tenant_id = {t} AND session_id = {s} "
             f"AND owner = {owner} FOR KEY SHARE)"
         )
-        guard = f"EXISTS (SELECT 1 FROM lease WHERE fence = {fence})"
-    if not record_sql:
-        ctes.append(f"rec AS (SELECT 1 WHERE {guard})" if guard else "rec AS (SELECT 1)")
-    else:
-        where = (" AND " if " WHERE " in record_sql else " WHERE ") + guard if guard else ""
-        ctes.append(f"rec AS ({record_sql}{where} RETURNING 1)")
+        guards.append(f"EXISTS (SELECT 1 FROM lease WHERE fence = {fence})")
+    if not record_sqls:
+        ctes.append(f"rec AS (SELECT 1 WHERE {guards[0]})" if guards else "rec AS (SELECT 1)")
+    for n, record_sql in enumerate(record_sqls, start=1):
+        name = "rec" if n == len(record_sqls) else f"rec{n}"
+        where = (" AND " if " WHERE " in record_sql else " WHERE ") + " AND ".join(guards) if guards else ""
+        ctes.append(f"{name} AS ({record_sql}{where} RETURNING 1)")
+        guards = [f"EXISTS (SELECT 1 FROM {name})"]  # the next record only if this one was written
     ctes.append(
         "head AS (INSERT INTO event_heads (tenant_id, session_id, last_sequence) "
         f"SELECT {t}, {s}, {count} FROM rec ON CONFLICT (tenant_id, session_id) "
@@ -837,62 +855,76 @@ def _logged_sql(record_sql: str, first: int, fenced: bool) -> str:
     return f"WITH {', '.join(ctes)} SELECT {', '.join(results)}"
 
 
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def _shifted(sql: str, by: int) -> str:
+    """``sql`` with each ``$n`` parameter renumbered ``$(n + by)``."""
+    return _PARAM.sub(lambda m: f"${int(m.group(1)) + by}", sql) if by else sql
+
+
 def _logged_op(
-    put: tuple[RecordKind[R], R, bool] | None,
+    puts: Sequence[tuple[RecordKind[Any], Any, bool]],
     key: SessionKey,
     time: float,
     payloads: Sequence[EventPayload],
     bell_prefix: str,
     fence: tuple[str, int] | None,
-) -> tuple[R | None, _OneStatement[list[Event]]]:
-    """A record (``put``: kind, record, whether inserted; or none) with events appended to its
-    session's log, as one statement (``_logged_sql``); the record as stored. A fence that moved
+) -> tuple[list[Any], _OneStatement[list[Event]]]:
+    """Records (``puts``: kind, record, whether inserted; or none) with events appended to their
+    session's log, as one statement (``_logged_sql``); the records as stored. A fence that moved
     on is ``LeaseLost``, a record changed or missing is ``Conflict`` or ``NotFound``, a key taken
     is ``AlreadyExists``: then nothing was written."""
     tenant_id, session_id = key
     frozen = [detach(p) for p in payloads]
     encoded = [_codec.dumps(_codec.encode_payload(p)) for p in frozen]
     count = len(frozen)
-    stored: R | None = None
-    record_sql = ""
+    stored: list[Any] = []
+    record_sqls: list[str] = []
     record_args: tuple[Any, ...] = ()
-    record_key: tuple[Any, ...] = ()
-    if put is not None:
-        kind: RecordKind[R] = put[0]
-        record: R = put[1]
-        insert = put[2]
-        stored = evolve(detach(record), version=1 if insert else record.version + 1)
-        values: tuple[Any, ...] = kind.row(stored)
-        text = _codec.dumps(kind.encode(stored))
-        record_key = values[: len(kind.keys)]
+    record_keys: list[tuple[Any, ...]] = []
+    for kind, record, insert in puts:
+        done = evolve(detach(record), version=1 if insert else record.version + 1)
+        stored.append(done)
+        values: tuple[Any, ...] = kind.row(done)
+        text = _codec.dumps(kind.encode(done))
+        record_keys.append(values[: len(kind.keys)])
         if insert:
-            record_sql = kind.insert_sql.replace(" VALUES (", " SELECT ", 1).removesuffix(")")
-            record_args = (*values, 1, text)
+            sql = kind.insert_sql.replace(" VALUES (", " SELECT ", 1).removesuffix(")")
+            args: tuple[Any, ...] = (*values, 1, text)
         else:
-            record_sql = kind.update_sql
-            record_args = (*values[len(kind.keys) :], stored.version, text, *record_key, record.version)
-    sql = _logged_sql(record_sql, len(record_args) + 1, fence is not None)
-    args: tuple[Any, ...] = (*record_args, tenant_id, session_id, count, time, encoded)
-    args += bell_of(bell_prefix, *key)
+            sql = kind.update_sql
+            args = (*values[len(kind.keys) :], done.version, text, *record_keys[-1], record.version)
+        record_sqls.append(_shifted(sql, len(record_args)))
+        record_args += args
+    sql = _logged_sql(tuple(record_sqls), len(record_args) + 1, fence is not None)
+    all_args: tuple[Any, ...] = (*record_args, tenant_id, session_id, count, time, encoded)
+    all_args += bell_of(bell_prefix, *key)
     if fence is not None:
-        args += fence
+        all_args += fence
 
     async def logged(conn: asyncpg.Connection) -> list[Event]:
         try:
-            written = await conn.fetchrow(sql, *args)
+            written = await conn.fetchrow(sql, *all_args)
         except asyncpg.UniqueViolationError as exc:
-            if put is None or not put[2]:
+            inserted = [(kind, record) for kind, record, insert in puts if insert]
+            if not inserted:
                 raise
-            raise put[0].exists(put[1]) from exc
+            kind, record = inserted[-1]
+            raise kind.exists(record) from exc
         assert written is not None
         if fence is not None and written[3] != fence[1]:
             raise LeaseLost(
                 f"session {session_id!r} is now run by another replica; this one's lease ended",
                 metadata={"session_id": session_id},
             )
-        if written[1] is None:  # the record was not written: its version moved on, or it is gone
-            assert put is not None
-            await _raise_lost(conn, put[0], record_key, put[1].version, put[0].what(put[1]))
+        if written[1] is None:  # a record was not written: its version moved on, or it is gone
+            for (kind, record, insert), record_key in zip(puts, record_keys, strict=True):
+                if not insert:
+                    stored_version = await conn.fetchval(kind.version_sql, *record_key)
+                    if stored_version != record.version:
+                        await _raise_lost(conn, kind, record_key, record.version, kind.what(record))
+            raise AssertionError("a logged write wrote nothing, yet every record it updates is as read")
         first = int(written[1]) - count + 1
         return [Event(tenant_id, session_id, first + n, time, p) for n, p in enumerate(frozen)]
 

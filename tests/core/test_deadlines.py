@@ -58,3 +58,17 @@ async def test_a_background_task_runs_until_stopped() -> None:
     await task.stop()
     await task.stop()
     assert not task.running
+
+
+def test_forgotten_deadlines_do_not_stay_in_memory_until_they_fall_due(clock: ManualClock) -> None:
+    """Sessions closed long before their idle deadline: the heap lets their entries go."""
+    heap: DeadlineHeap[tuple[str, str]] = DeadlineHeap(clock=clock, name="test")
+    for n in range(10_000):
+        heap.schedule(("acme", f"s{n}"), clock.now() + 3600)
+    heap.schedule(("acme", "kept"), clock.now() + 7200)
+    for n in range(10_000):
+        heap.forget(("acme", f"s{n}"))
+    assert len(heap) == 1
+    assert len(heap._heap) <= 2 * len(heap) + 64  # the entries themselves, not only the count
+    clock.advance(7200)
+    assert heap.pop_due(clock.now()) == [(("acme", "kept"), clock.now())]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from svantic_grpc.core.agents.base import InternalAgent
 from svantic_grpc.core.messages.model import Message, MessageMetadata
@@ -37,11 +38,21 @@ class Route:
     def internal(self) -> bool:
         return self.agent_type.startswith("savant:")
 
+    @property
+    def state_reason(self) -> str:
+        """Why the message is working, once routed here."""
+        return f"routed to {self.agent_type} ({self.why})"
+
 
 class Orchestrator(InternalAgent):
     """Routes messages. Subclass and override ``route`` to change the policy."""
 
     role = "orchestrator"
+
+    routes_at_once: ClassVar[bool] = False
+    """Set when ``route`` is quick (a lookup, no model call): a message is then routed as it is
+    sent and stored already working, its route in the same write (one store write fewer). Left
+    unset, a message is stored first and routed by its run, however long routing takes."""
 
     async def route(self, message: Message, metadata: MessageMetadata) -> Route:
         raise NotImplementedError
@@ -50,10 +61,16 @@ class Orchestrator(InternalAgent):
 class KeywordOrchestrator(Orchestrator):
     """Explicit target, then plan, then skill keywords, then chat."""
 
+    routes_at_once = True  # a read of the registered agents at most
+
     async def route(self, message: Message, metadata: MessageMetadata) -> Route:
         if metadata.target_agent:
             agent_type, _, instance_id = metadata.target_agent.partition("/")
-            skill = None if agent_type.startswith("savant:") else await self._skill_of(agent_type, message)
+            skill = (
+                None
+                if agent_type.startswith("savant:")
+                else await self._skill_of(agent_type, message, instance_id)
+            )
             return Route(agent_type, instance_id, skill, why="target_agent")
         if "plan" in metadata.action_data:
             return Route("savant:planner", why="action_data.plan")
@@ -86,9 +103,14 @@ class KeywordOrchestrator(Orchestrator):
                 best = (score, agent_type, skill)
         return None if best is None else (best[1], best[2])
 
-    async def _skill_of(self, agent_type: str, message: Message) -> Skill | None:
+    async def _skill_of(self, agent_type: str, message: Message, instance_id: str = "") -> Skill | None:
         words = _words(message.text)
-        skills = [s for _, s in await self._candidates(agent_type)]
+        if instance_id:  # that instance takes the message: its skills, one read (the dispatch reuses it)
+            store = self.scope.services.store
+            agent = await store.get_agent(tenant_id=self.scope.tenant_id, instance_id=instance_id)
+            skills = list(agent.skills) if agent is not None and agent.agent_type == agent_type else []
+        else:
+            skills = [s for _, s in await self._candidates(agent_type)]
         scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
         return scored[0] if len(skills) == 1 or (scored and words & _skill_words(scored[0])) else None
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
+from svantic_grpc.core._reads import MessageReads, forget_reads
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch._humans import answered, ask_human
 from svantic_grpc.core.dispatch._outcome import Outcome
@@ -93,6 +94,8 @@ class Dispatches:
         self._metrics = metrics
         self._tracing = tracing
         self._store = store
+        self._reads = MessageReads(store)
+        """The store's reads, the agent read once per step of a message's run (``core._reads``)."""
         self._registry = registry
         self._sessions = sessions
         self._dispatcher = dispatcher
@@ -229,7 +232,7 @@ class SessionDispatches:
     ) -> Outcome:
         service = self._service
         tenant_id, session_id = self.tenant_id, self.session_id
-        agent = await service._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+        agent = await service._reads.get_agent(tenant_id=tenant_id, instance_id=instance_id)
         if agent is None:
             raise NotDelivered("deregistered")
         await writer.assign(agent_type, instance_id)
@@ -354,6 +357,7 @@ class SessionDispatches:
                     made.extend(update.artifacts)
                     await writer.artifacts(update.artifacts, hold=final)
                 if update.state is MessageState.INPUT_REQUIRED:
+                    forget_reads()  # what was read before a human's answer is read again after it
                     ended = await ask_human(self._service._inputs, writer, job, update, deadline, yolo=yolo)
                     if isinstance(ended, Outcome):
                         return replace(ended, parts=tuple(said), artifacts=tuple(made))

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+from svantic_grpc.core._reads import ReadMemo, forget_reads, message_reads, remember_session
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
     Outcome,
@@ -39,6 +40,7 @@ from svantic_grpc.core.messages.model import (
     parse_metadata,
 )
 from svantic_grpc.core.messages.writer import MessageWriter
+from svantic_grpc.core.models import Session
 
 __all__ = ["SessionRuntime", "WriterFactory"]
 
@@ -79,9 +81,24 @@ class SessionRuntime:
         store as it is (input-required, its request pending), as a crash leaves it, for the next
         start to resume; only work that runs is ended."""
 
-    def start(self, message: Message, metadata: MessageMetadata) -> asyncio.Task[Message]:
-        """Run ``message`` in the background; the task's result is the message where it ended."""
-        return self._spawn(message, self._run(message, metadata))
+    def start(
+        self,
+        message: Message,
+        metadata: MessageMetadata,
+        session: Session | None = None,
+        *,
+        route: Route | None = None,
+        reads: ReadMemo | None = None,
+    ) -> asyncio.Task[Message]:
+        """Run ``message`` in the background; the task's result is the message where it ended.
+
+        Args:
+            session: As stored with the message: read from there by the run's first step.
+            route: Where the message was routed as it was sent (it was stored working): the run
+                carries it out without routing it again.
+            reads: What that routing read, for the run's first step.
+        """
+        return self._spawn(message, self._run(message, metadata, session, route, reads))
 
     def resume(self, message: Message) -> asyncio.Task[Message]:
         """After a restart: wait for the human answer the message waits on, then carry on with it."""
@@ -166,15 +183,27 @@ class SessionRuntime:
     def _writer(self, message: Message) -> MessageWriter:
         return self._new_writer(message, self._stopped)
 
-    async def _run(self, message: Message, metadata: MessageMetadata) -> Message:
+    async def _run(
+        self,
+        message: Message,
+        metadata: MessageMetadata,
+        session: Session | None,
+        routed: Route | None,
+        reads: ReadMemo | None,
+    ) -> Message:
         writer = self._writer(message)
 
         async def work() -> Outcome:
-            route = await self.agents.orchestrator.route(writer.message, metadata)
-            await writer.state(MessageState.WORKING, f"routed to {route.agent_type} ({route.why})")
+            route = routed
+            if route is None:
+                route = await self.agents.orchestrator.route(writer.message, metadata)
+                await writer.state(MessageState.WORKING, route.state_reason)
             return await self._carry_out(writer, route, metadata)
 
-        return await self._guarded(writer, work)
+        with message_reads(reads):  # what routing reads, the dispatch or the chat does not read again
+            if session is not None:
+                remember_session(session)
+            return await self._guarded(writer, work)
 
     async def _resume(self, message: Message) -> Message:
         writer = self._writer(message)
@@ -257,7 +286,8 @@ class SessionRuntime:
             chat = self.agents.chat
             await writer.assign(chat.agent_type, chat.instance_id)
             said = await chat.answer(replace(writer.message, parts=parts) if parts else writer.message)
-            await writer.turn(said, instance_id=chat.instance_id)
+            # Held: written with the message's end (or before the next plan step), one write for both.
+            await writer.turn(said, instance_id=chat.instance_id, hold=True)
             return Outcome(MessageState.COMPLETED, "", chat.agent_type, chat.instance_id, said)
         attempts = self._critic_retries + 1
         for attempt in range(attempts):
@@ -272,6 +302,7 @@ class SessionRuntime:
                 yolo=yolo,
                 parts=parts,
             )
+            forget_reads()  # a retry or the next plan step reads the agents afresh
             await self.agents.learner.learn(outcome, route.skill)
             if outcome.state is not MessageState.COMPLETED:
                 return outcome
@@ -289,6 +320,7 @@ class SessionRuntime:
         steps = await self.agents.planner.plan(metadata.action_data)
         if not signed_off:
             plan = tuple(PlanItem(step.text, step.agent_type) for step in steps)
+            forget_reads()  # a human may take minutes: the steps read the agents afresh
             refused = await sign_off_plan(self._inputs, writer, plan, yolo=metadata.yolo_mode)
             if refused is not None:
                 return refused

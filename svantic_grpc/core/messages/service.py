@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
 
+from svantic_grpc.core._reads import MessageReads, ReadMemo, message_reads
 from svantic_grpc.core._subscriptions import Subscription
 from svantic_grpc.core._validate import check_id
-from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, SessionScope, parse_plan
+from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, Route, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch import Dispatches
 from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound, Unavailable
 from svantic_grpc.core.events import Event, EventBus, MessageStateChanged
+from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
     Message,
+    MessageMetadata,
     MessageState,
     Part,
     Role,
@@ -28,9 +32,10 @@ from svantic_grpc.core.messages.model import (
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
+from svantic_grpc.core.models import Session
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
 from svantic_grpc.core.sessions import Sessions
-from svantic_grpc.core.store import MessagePage, Store
+from svantic_grpc.core.store import Change, Changed, MessagePage, Store
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
@@ -80,7 +85,8 @@ class Messages:
         self._dispatches = dispatches
         self._clock = clock
         self._ids = ids
-        self._agent_services = agent_services
+        # The internal agents' reads are made once per step of a message's run (core._reads).
+        self._agent_services = replace(agent_services, store=MessageReads(agent_services.store))
         self._classes = dict(agent_classes)
         self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
@@ -146,7 +152,8 @@ class Messages:
             parse_plan(metadata.action_data, field="message.action_data")
         if metadata.target_agent:
             check_id("message.target_agent", metadata.target_agent.partition("/")[0])
-        await self._sessions.touch(caller.tenant_id, session_id)  # NotFound, or closed
+        # NotFound, or closed; the activity is written with the message (``_create``).
+        await self._sessions.open_record(caller.tenant_id, session_id)
         now = self._clock.now()
         message = Message(
             tenant_id=caller.tenant_id,
@@ -161,22 +168,34 @@ class Messages:
             history=(Turn(role, parts, now),),
         )
         submitted = (MessageStateChanged(message.message_id, None, MessageState.SUBMITTED),)
-        store = self._store
         here = self._ownership.sole or await self._ownership.runs_here(caller.tenant_id, session_id)
         if not here:
             return await self._hand_off(message, submitted)
+        runtime = self._runtimes.get((caller.tenant_id, session_id))
+        route, reads = None, ReadMemo()
+        if runtime is not None and runtime.agents.orchestrator.routes_at_once:
+            route = await self._route_now(runtime, message, metadata, reads)
         try:
-            stored = await self._bus.commit(
-                caller.tenant_id,
-                session_id,
-                lambda now: store.create_message_with_events(message, time=now, payloads=submitted),
-            )
+            stored, session = await self._create(message, submitted, route=route)
         except LeaseLost:  # another replica took the session over meanwhile: it runs the message
             self._ownership.lost(caller.tenant_id, session_id)
             if await self._ownership.runs_here(caller.tenant_id, session_id):
                 raise
             return await self._hand_off(message, submitted)
-        return stored, self.runtime(caller.tenant_id, session_id).start(stored, metadata)
+        runtime = self.runtime(caller.tenant_id, session_id)
+        return stored, runtime.start(stored, metadata, session, route=route, reads=reads)
+
+    @staticmethod
+    async def _route_now(
+        runtime: SessionRuntime, message: Message, metadata: MessageMetadata, reads: ReadMemo
+    ) -> Route | None:
+        """Where ``message`` goes, found as it is sent (the orchestrator ``routes_at_once``);
+        ``None`` if routing failed: the run routes it again and ends it there, as it would have."""
+        try:
+            with message_reads(reads):
+                return await runtime.agents.orchestrator.route(message, metadata)
+        except Exception:
+            return None
 
     async def _hand_off(
         self, message: Message, submitted: tuple[MessageStateChanged]
@@ -185,15 +204,8 @@ class Messages:
         through the session's events until it first stops."""
         tenant_id, session_id, message_id = message.tenant_id, message.session_id, message.message_id
         subscription = self._bus.subscribe(tenant_id, session_id)  # before the write: no event missed
-        store = self._store
         try:
-            stored = await self._bus.commit(
-                tenant_id,
-                session_id,
-                lambda now: store.create_message_with_events(
-                    message, time=now, payloads=submitted, hand_off=True
-                ),
-            )
+            stored, _ = await self._create(message, submitted, hand_off=True)
         except BaseException:
             subscription.close()
             raise
@@ -215,6 +227,49 @@ class Messages:
         self._away.add(task)
         task.add_done_callback(self._away.discard)
         return stored, task
+
+    async def _create(
+        self,
+        message: Message,
+        submitted: tuple[MessageStateChanged],
+        *,
+        hand_off: bool = False,
+        route: Route | None = None,
+    ) -> tuple[Message, Session]:
+        """Insert ``message`` with its events and the session's activity (which pushes back its
+        idle TTL): one store write (``hand_off``: run by the replica that owns the session).
+        With ``route`` (routed as sent) it is stored working, both its state changes logged.
+        Returns both as stored."""
+        tenant_id, session_id = message.tenant_id, message.session_id
+        store = self._store
+        inserted = evolve(message, version=0)
+        events: tuple[MessageStateChanged, ...] = submitted
+        if route is not None:
+            reason = route.state_reason
+            inserted = evolve(inserted, state=MessageState.WORKING, state_reason=reason)
+            working = MessageStateChanged(
+                message.message_id, MessageState.SUBMITTED, MessageState.WORKING, reason
+            )
+            events = (*submitted, working)
+
+        async def write(session: Session) -> tuple[Session, tuple[Message, Session]]:
+            async def commit(now: float) -> tuple[Changed, Sequence[Event]]:
+                change = Change(
+                    tenant_id,
+                    session_id,
+                    now,
+                    sessions=(session,),
+                    messages=(inserted,),
+                    events=events,
+                    hand_off=hand_off,
+                )
+                written = await store.write(change)
+                return written, written.events
+
+            written = await self._bus.commit(tenant_id, session_id, commit)
+            return written.sessions[0], (written.messages[0], written.sessions[0])
+
+        return await self._sessions.with_activity(tenant_id, session_id, write)
 
     async def _stored(self, tenant_id: str, session_id: str, message_id: str) -> Message:
         message = await self._store.get_message(
