@@ -79,6 +79,9 @@ async def _child(args: argparse.Namespace) -> None:
         def protocol_for(self, agent: Any) -> str:
             return "scripted"
 
+        def begin_stop(self) -> None:
+            pass
+
         async def close(self) -> None:
             pass
 

@@ -49,6 +49,9 @@ WriterFactory = Callable[[Message, Callable[[Message], None] | None], MessageWri
 
 _log = logging.getLogger(__name__)
 
+_END_ATTEMPTS = 3
+"""How many cancels a message's ending outlasts (a close and a CancelMessage may both come)."""
+
 #: The states a waiting sender is released at.
 STOPS = frozenset({MessageState.INPUT_REQUIRED}) | {s for s in MessageState if s.terminal}
 
@@ -247,15 +250,23 @@ class SessionRuntime:
         except Exception as error:  # keep the failure inside this message
             _log.exception("message %s failed unexpectedly", message.message_id)
             state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
-        ending = asyncio.ensure_future(self._end(writer, state, reason))
-        try:
-            return await asyncio.shield(ending)
-        except asyncio.CancelledError:
-            # A cancel (a close, CancelMessage) that comes while the message is being ended does
-            # not cut the ending short, which would leave it working for ever: it ends as it was
-            # ending, and the late cancel finds it ended.
-            await asyncio.wait({ending})
-            return ending.result()
+        # A cancel (a close, CancelMessage) that comes while the message is being ended does not
+        # cut the ending short, which would leave it working for ever: the ending goes on (each of
+        # its steps is a no-op once done; a write cut off has landed, see ``MessageWriter``), and
+        # the late cancel finds the message ended. No task of its own: this runs for every message.
+        for attempt in range(_END_ATTEMPTS):
+            try:
+                ended = await self._end(writer, state, reason)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if attempt == _END_ATTEMPTS - 1 or task is None:
+                    raise
+                task.uncancel()
+                continue
+            if attempt:
+                self._stopped(ended)  # the cut-off write may have landed before it told the sender
+            return ended
+        raise AssertionError("unreachable")
 
     async def _end(self, writer: MessageWriter, state: MessageState, reason: str) -> Message:
         message = writer.message
