@@ -207,21 +207,33 @@ class A2AIngress:
 
 class _CheckedCompatHandler(CompatGrpcHandler):
     """A2A 0.3 over gRPC, with what is sent checked first: a2a-sdk's 0.3 conversion fails on a
-    number JSON cannot hold (NaN, an infinity in a data part or metadata) and the client would
-    get INTERNAL; here it is INVALID_ARGUMENT naming the field, as on every other door."""
+    number JSON cannot hold (NaN, an infinity in a data part or metadata) or file bytes that are
+    not base64 text, and the client would get INTERNAL; here it is INVALID_ARGUMENT naming the
+    field, as on every other door."""
 
     async def SendMessage(
         self, request: a2a_v0_3_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
     ) -> a2a_v0_3_pb2.SendMessageResponse:
-        _check_numbers(request, "")
+        _check_0_3(request)
         return await super().SendMessage(request, context)
 
     async def SendStreamingMessage(
         self, request: a2a_v0_3_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[a2a_v0_3_pb2.StreamResponse]:
-        _check_numbers(request, "")
+        _check_0_3(request)
         async for response in super().SendStreamingMessage(request, context):
             yield response
+
+
+def _check_0_3(request: a2a_v0_3_pb2.SendMessageRequest) -> None:
+    _check_numbers(request, "")
+    for index, part in enumerate(request.request.content):
+        if part.HasField("file") and part.file.HasField("file_with_bytes"):
+            try:  # 0.3 carries a file's contents as base64 text in a bytes field
+                base64.b64decode(part.file.file_with_bytes.decode("ascii"), validate=True)
+            except (UnicodeDecodeError, binascii.Error, ValueError):
+                field = f"request.content[{index}].file.file_with_bytes"
+                raise InvalidArgument(field, "must be base64 text") from None
 
 
 def _check_numbers(message: Message, path: str) -> None:

@@ -246,13 +246,25 @@ async def test_grpc_bindings_need_a_token_and_show_in_reflection() -> None:
 _ = SIGNING_ENV
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-async def test_a2a_0_3_grpc_refuses_numbers_json_cannot_hold_naming_the_field(value: float) -> None:
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ("nan", "request.content[1].data.data.n"),
+        ("inf", "request.content[1].data.data.n"),
+        ("file bytes not base64", "request.content[1].file.file_with_bytes"),  # found by a fuzzer
+    ],
+)
+async def test_a2a_0_3_grpc_refuses_what_its_conversion_cannot_take_naming_the_field(
+    bad: str, field: str
+) -> None:
     async with running_server() as client:
         request = v03.SendMessageRequest(
             request=v03.Message(message_id="m-1", role=v03.ROLE_USER, content=[v03.Part(text="hi")])
         )
-        request.request.content.add().data.data["n"] = value
+        if bad == "file bytes not base64":
+            request.request.content.add().file.file_with_bytes = bytes([0x12, 0x40, 0x93, 0xBA, 0x0C])
+        else:
+            request.request.content.add().data.data["n"] = float(bad)
         md = await client.md()
         unary = client.channel.unary_unary(
             "/a2a.v1.A2AService/SendMessage",
@@ -267,7 +279,7 @@ async def test_a2a_0_3_grpc_refuses_numbers_json_cannot_hold_naming_the_field(va
         with pytest.raises(aio.AioRpcError) as refused:
             await unary(request, metadata=md, timeout=5)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert error_details(refused)[1] == "request.content[1].data.data.n"
+        assert error_details(refused)[1] == field
         with pytest.raises(aio.AioRpcError) as refused_stream:
             async for _ in streaming(request, metadata=md, timeout=5):
                 pass
