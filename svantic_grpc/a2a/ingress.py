@@ -309,6 +309,9 @@ _BODY_DEPTH = MAX_JSON_DEPTH + 8
 class _BadBody(Exception):
     """A request body the mesh refuses before the SDK reads it: ``parse`` (not JSON at all) or not."""
 
+    request_id: str | int | None = None
+    """The JSON-RPC request's id, when the body was a request the mesh could read."""
+
     def __init__(self, message: str, *, parse: bool, field: str = "") -> None:
         super().__init__(message)
         self.parse = parse
@@ -331,8 +334,34 @@ def _read_body(body: bytes) -> Any:
     except _json.JsonTextError as exc:
         unparsable = str(exc).startswith(("is not valid JSON", "nests"))
         raise _BadBody(f"the body {exc}", parse=unparsable) from None
-    _check_files(parsed)
+    try:
+        _check_files(parsed)
+        _check_history_lengths(parsed)
+    except _BadBody as bad:
+        if isinstance(parsed, dict) and isinstance(parsed.get("id"), str | int):
+            bad.request_id = parsed["id"]  # a well-formed request's error names it
+        raise
     return parsed
+
+
+_INT32 = 2**31
+"""``historyLength`` is an int32 in A2A's protobuf: a larger one fails a2a-sdk's conversion."""
+
+
+def _check_history_lengths(parsed: Any) -> None:
+    holder = parsed.get("params", parsed) if isinstance(parsed, dict) else None
+    if not isinstance(holder, dict):
+        return
+    configuration = holder.get("configuration")
+    for field, value in (
+        ("historyLength", holder.get("historyLength")),
+        (
+            "configuration.historyLength",
+            configuration.get("historyLength") if isinstance(configuration, dict) else None,
+        ),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= _INT32:
+            raise _BadBody(f"{field}: must be below {_INT32}", parse=False, field=field)
 
 
 def _check_files(parsed: Any) -> None:
@@ -368,7 +397,7 @@ def _refused(request: Request, bad: _BadBody) -> Response:
     error: dict[str, Any] = {"code": code, "message": str(bad)}
     if bad.field:
         error["data"] = {"field": bad.field}
-    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": error})
+    return JSONResponse({"jsonrpc": "2.0", "id": bad.request_id, "error": error})
 
 
 def _session_hint(parsed: Any) -> str | None:

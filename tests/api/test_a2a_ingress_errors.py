@@ -184,6 +184,16 @@ async def test_bodies_the_sdk_cannot_read_get_the_protocols_errors_never_a_500(h
     error = await http.rpc_error(raw, headers=V1)
     assert error["code"] == -32602 and field_of(error) == "message.parts[0].raw", error
     assert await http.messages() == 0
+    # an int32 of A2A's protobuf given more than 32 bits: named, with the request's id
+    get = {"jsonrpc": "2.0", "id": 41, "method": "tasks/get", "params": {"id": "x", "historyLength": 2**40}}
+    response = (await http.post(get)).json()
+    assert response["id"] == 41 and response["error"]["code"] == -32602, response
+    assert field_of(response["error"]) == "historyLength"
+    long_history = send_v03(session_id)
+    long_history["params"]["configuration"]["historyLength"] = 2**40
+    error = await http.rpc_error(long_history)
+    assert error["code"] == -32602 and field_of(error) == "configuration.historyLength", error
+    assert await http.messages() == 0
     # and the connection is still good for a request that is fine
     get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": "nope"}}
     assert (await http.rpc_error(get))["code"] == -32001
