@@ -213,7 +213,8 @@ class Sessions:
         """
         async with self._locks.hold((tenant_id, session_id)):
             known = self._latest.get((tenant_id, session_id)) if reason is JoinReason.ROUTED else None
-            if known is not None:  # routing (right after the message's touch) to an agent already here
+            # routing (right after the message recorded activity) to an agent already here
+            if known is not None:
                 present = self._present(known, agent_type, instance_id, exclude)
                 if present is not None:
                     return present
@@ -508,11 +509,6 @@ class Sessions:
                     agents=(released,) if released else (),
                 )
 
-    async def touch(self, tenant_id: str, session_id: str) -> Session:
-        """Record activity, pushing back the idle TTL; the session must be open."""
-        async with self._locks.hold((tenant_id, session_id)):
-            return await self._changing(tenant_id, session_id, self._active_now)
-
     async def open_record(self, tenant_id: str, session_id: str) -> Session:
         """The open session as this process last knew it (read when it knows none): ``NotFound``,
         or ``FailedPrecondition`` when it is closed. The write that follows checks the version."""
@@ -545,12 +541,6 @@ class Sessions:
 
         async with self._locks.hold((tenant_id, session_id)):
             return await self._changing(tenant_id, session_id, change)
-
-    async def _active_now(self, session: Session) -> Session:
-        now = self._clock.now()
-        return await self._store_update(
-            evolve(self._require_open(session), last_activity_at=now, updated_at=now)
-        )
 
     async def _changing(
         self, tenant_id: str, session_id: str, change: Callable[[Session], Awaitable[T]]

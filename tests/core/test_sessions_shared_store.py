@@ -45,7 +45,7 @@ async def meshes(tmp_path: Path, clock: ManualClock) -> AsyncIterator[tuple[Mesh
 async def test_a_session_closed_by_the_other_mesh_takes_no_more_messages(meshes: tuple[Mesh, Mesh]) -> None:
     first, second = meshes
     session = await first.sessions.init(CALLER)
-    await first.sessions.touch("acme", session.session_id)  # `first` now remembers it open
+    await first.sessions.open_record("acme", session.session_id)  # `first` now remembers it open
     await second.sessions.close(CALLER, session.session_id, reason="done elsewhere")
 
     with pytest.raises(FailedPrecondition, match="done elsewhere"):
@@ -60,13 +60,15 @@ async def test_activity_and_close_after_the_other_mesh_wrote_keep_both_changes(
     first, second = meshes
     session = await first.sessions.init(CALLER)
     clock.advance(5)
-    touched = await second.sessions.touch("acme", session.session_id)  # version 2, written by `second`
-    clock.advance(5)
-    again = await first.sessions.touch("acme", session.session_id)  # `first` still holds version 1
-    assert again.version == touched.version + 1 and again.last_activity_at == clock.now()
-
     message = await second.messages.send_and_wait(CALLER, session.session_id, parts=(Part(text="hi"),))
-    assert message.state is MessageState.COMPLETED  # answered by chat; another session write
+    assert message.state is MessageState.COMPLETED  # answered by chat; the session's activity written
+    written = await second.sessions.get(CALLER, session.session_id)
+    clock.advance(5)
+    # `first` still holds the session as it created it: its message's write reads it again
+    again = await first.messages.send_and_wait(CALLER, session.session_id, parts=(Part(text="again"),))
+    assert again.state is MessageState.COMPLETED
+    active = await second.sessions.get(CALLER, session.session_id)
+    assert active.version > written.version and active.last_activity_at == clock.now()
     closed, closed_now = await first.sessions.close(CALLER, session.session_id, reason="bye")
     assert closed_now and closed.status is SessionStatus.CLOSED and closed.close_reason == "bye"
     stored = await second.sessions.get(CALLER, session.session_id)
@@ -99,4 +101,4 @@ async def test_a_close_cancelled_while_its_write_waits_still_leaves_the_session_
     with pytest.raises(FailedPrecondition, match="bye"):
         await first.sessions.invite(CALLER, session.session_id, agent_type="worker", instance_id="w1")
     with pytest.raises(FailedPrecondition):
-        await first.sessions.touch("acme", session.session_id)
+        await first.messages.send(CALLER, session.session_id, parts=(Part(text="late"),))
