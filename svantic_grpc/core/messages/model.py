@@ -99,9 +99,13 @@ that it, and every answer and event that carries it, stays readable by a client 
 default 4 MB receive limit. An agent whose outputs would pass it fails the message."""
 
 
+def _bytes_of(part: Part) -> int:
+    return len(part.text or "") + (len(part.file.data or b"") if part.file is not None else 0)
+
+
 def parts_bytes(parts: Iterable[Part]) -> int:
     """The bytes parts carry (text and file contents), as ``check_parts`` counts them."""
-    return sum(len(p.text or "") + len(p.file.data or b"" if p.file is not None else b"") for p in parts)
+    return sum(_bytes_of(p) for p in parts)
 
 
 def check_parts(parts: tuple[Part, ...], field: str) -> int:
@@ -121,11 +125,9 @@ def check_parts(parts: tuple[Part, ...], field: str) -> int:
             raise InvalidArgument(where, "must have exactly one of text, data or file")
         if part.data is not None:
             check_json_depth(f"{where}.data", part.data)
-        if part.file is not None:
-            if (part.file.data is None) == (not part.file.uri):
-                raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
-            total += len(part.file.data or b"")
-        total += len(part.text or "")
+        if part.file is not None and (part.file.data is None) == (not part.file.uri):
+            raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
+        total += _bytes_of(part)
     return total
 
 
