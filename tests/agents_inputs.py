@@ -587,6 +587,10 @@ class Chat:
         resolve = message_service_pb2.ConverseResolve(request_id=request_id, resolution=resolution(**answer))
         self._requests.put_nowait(message_service_pb2.ConverseRequest(resolve=resolve))
 
+    def cancel(self, message_id: str, reason: str = "") -> None:
+        cancel = message_service_pb2.ConverseCancel(message_id=message_id, reason=reason)
+        self._requests.put_nowait(message_service_pb2.ConverseRequest(cancel=cancel))
+
     async def next(self) -> message_service_pb2.ConverseResponse:
         response = await asyncio.wait_for(self.call.read(), WAIT)
         assert response is not aio.EOF, "the Converse stream ended early"

@@ -23,6 +23,12 @@ from svantic_grpc.pb import message_service_pb2_grpc as pb_grpc
 __all__ = ["MessageServicer"]
 
 _CONVERSE_BUFFER = 64
+_CANCEL_INLINE_S = 0.5
+"""How long a Converse stream's actions wait for a cancel before the next action is taken: a
+cancel of a message another replica runs waits for that replica (up to 30 s), and the stream's
+resolves and sends must not wait behind it. Its error, if any, comes when it ends."""
+_CANCELS_IN_FLIGHT = 16
+"""Cancels a stream may have waiting at once; one more waits for the oldest to end."""
 
 
 class MessageServicer(pb_grpc.MessageServiceServicer):
@@ -124,13 +130,28 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
             except MeshError as error:
                 await out.put(error)
 
+        async def act(request: pb.ConverseRequest) -> None:
+            try:
+                await self._converse_action(caller, session_id, request)
+            except MeshError as error:
+                await out.put(pb.ConverseResponse(error=_converse_error(error)))
+
+        cancels: list[asyncio.Task[None]] = []
+
         async def take_actions() -> None:
             try:
                 async for request in requests:
-                    try:
-                        await self._converse_action(caller, session_id, request)
-                    except MeshError as error:
-                        await out.put(pb.ConverseResponse(error=_converse_error(error)))
+                    if request.WhichOneof("action") != "cancel":
+                        await act(request)
+                        continue
+                    cancels[:] = [task for task in cancels if not task.done()]
+                    if len(cancels) >= _CANCELS_IN_FLIGHT:
+                        await asyncio.wait(cancels[:1])
+                    cancel = asyncio.create_task(act(request))
+                    cancels.append(cancel)
+                    # In order when the cancel is quick (this replica runs the session); otherwise
+                    # the stream goes on and the cancel's outcome arrives when it has one.
+                    await asyncio.wait({cancel}, timeout=_CANCEL_INLINE_S)
             except MeshError as error:  # the stream itself is bad (a body that does not decode): end it
                 await out.put(error)
 
@@ -141,9 +162,9 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
                     raise item
                 yield item
         finally:
-            for task in tasks:
+            for task in (*tasks, *cancels):
                 task.cancel()
-            for task in tasks:
+            for task in (*tasks, *cancels):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 

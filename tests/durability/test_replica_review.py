@@ -9,7 +9,9 @@
   over meanwhile without waiting for the next renewal;
 - a replica holding an agent's stream that stops mid-dispatch tells the session's owner at once;
 - a replica whose session was taken over before it noticed stops without an error (found by
-  these tests: its refused last writes used to end the stop half way).
+  these tests: its refused last writes used to end the stop half way);
+- a ``Converse`` stream on a replica that does not own its session goes on taking actions while
+  a cancel it sent waits for the owner (it used to hold every later action for up to 30 s).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tests import _postgres
 from tests._support import Client, running_server
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
-from tests.agents_inputs import ToolAgent, cancel_message
+from tests.agents_inputs import ToolAgent, cancel_message, chatting
 from tests.durability.test_replica_takeover import PLAN, PLANS
 
 WAIT = 5.0
@@ -296,6 +298,37 @@ async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica
         assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
         request = await other.server.mesh.inputs.get(TENANT, request_id)
         assert request.state is InputState.CANCELED
+
+
+async def test_a_converse_stream_answers_while_its_cancel_waits_for_the_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (owner, other),
+        running_agent(owner, ToolAgent(), agent_type="tools", instance_id="tools-a"),
+    ):
+        session_id = await new_session(owner)
+        calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+        asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
+        assert asked.state == INPUT_REQUIRED, asked.state_reason
+        (request_id,) = asked.input_request_ids
+        heard: list[str] = []  # the owner hears the cancel but is slow to act on it
+        monkeypatch.setattr(
+            owner.server.mesh.messages, "cancel_asked", lambda item: heard.append(item.message_id)
+        )
+        async with chatting(other, session_id) as chat:
+            chat.cancel(asked.message_id, reason="changed my mind")
+            chat.resolve(request_id, decision=message_types_pb2.DECISION_APPROVE)
+            resolved = await chat.until_event(lambda e: e.WhichOneof("event") == "input_resolved")
+            assert resolved.input_resolved.request.request_id == request_id
+            await chat.until_event(
+                lambda e: (
+                    e.WhichOneof("event") == "message_state_changed"
+                    and e.message_state_changed.to_state == COMPLETED
+                )
+            )
+        assert heard and set(heard) == {asked.message_id}  # the cancel did go to the owner
 
 
 async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cleanly() -> None:
