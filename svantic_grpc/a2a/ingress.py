@@ -200,6 +200,11 @@ class A2AIngress:
                 except _BadBody as bad:
                     return _refused(request, bad)
                 request.scope[SESSION_HINT] = _session_hint(parsed)
+            elif "status" in request.query_params:  # REST ListTasks
+                try:
+                    _check_task_state("status", request.query_params["status"])
+                except _BadBody as bad:
+                    return _refused(request, bad)
             return await endpoint(request)  # type: ignore[no-any-return]
 
         return call
@@ -337,6 +342,9 @@ def _read_body(body: bytes) -> Any:
     try:
         _check_files(parsed)
         _check_history_lengths(parsed)
+        holder = parsed.get("params") if isinstance(parsed, dict) else None
+        if isinstance(holder, dict) and "status" in holder:  # JSON-RPC ListTasks
+            _check_task_state("status", holder["status"])
     except _BadBody as bad:
         if isinstance(parsed, dict) and isinstance(parsed.get("id"), str | int):
             bad.request_id = parsed["id"]  # a well-formed request's error names it
@@ -362,6 +370,23 @@ def _check_history_lengths(parsed: Any) -> None:
     ):
         if isinstance(value, int) and not isinstance(value, bool) and value >= _INT32:
             raise _BadBody(f"{field}: must be below {_INT32}", parse=False, field=field)
+
+
+_TASK_STATES = frozenset(
+    (*a2a_pb2.TaskState.keys(), *(str(n) for n in a2a_pb2.TaskState.values()), *a2a_pb2.TaskState.values())
+)
+"""What a ``status`` filter may be: a ``TaskState`` by name or number (protobuf's JSON takes both)."""
+
+
+def _check_task_state(field: str, value: Any) -> None:
+    """A filter by a state A2A does not have is refused naming it: protobuf's JSON parsing, as
+    a2a-sdk runs it, would read it as no filter and list every task."""
+    if value is None or isinstance(value, bool) or value not in _TASK_STATES:
+        raise _BadBody(
+            f"{field}: {value!r} is not a task state (one of {', '.join(a2a_pb2.TaskState.keys()[1:])})",
+            parse=False,
+            field=field,
+        )
 
 
 def _check_files(parsed: Any) -> None:

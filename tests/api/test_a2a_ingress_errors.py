@@ -206,6 +206,27 @@ async def test_list_tasks_by_a_state_no_message_is_in_lists_none(http: Http) -> 
     assert len((await http.post(listed, headers=V1)).json()["result"]["tasks"]) == 1
     listed["params"] = {"status": "TASK_STATE_AUTH_REQUIRED"}
     assert (await http.post(listed, headers=V1)).json()["result"].get("tasks", []) == []
+    listed["params"] = {"status": 3}  # protobuf's JSON takes an enum's number too
+    assert len((await http.post(listed, headers=V1)).json()["result"]["tasks"]) == 1
+
+
+async def test_list_tasks_by_a_state_a2a_does_not_have_is_refused_naming_it(http: Http) -> None:
+    # read as no filter at all, a misspelt state used to list every task
+    session_id = await new_session(http.client)
+    assert "result" in (await http.post(send_v03(session_id))).json()
+    for status in ("COMPLETED", "done", 42, None, True):
+        listed = {"jsonrpc": "2.0", "id": 9, "method": "ListTasks", "params": {"status": status}}
+        response = (await http.post(listed, headers=V1)).json()
+        assert response["id"] == 9 and response["error"]["code"] == -32602, response
+        assert field_of(response["error"]) == "status"
+        assert "TASK_STATE_COMPLETED" in response["error"]["message"]  # what it could have been
+    token = await http.client.token()
+    rest = f"{http.base}/a2a/rest/tasks"
+    auth = {"Authorization": f"Bearer {token}", **V1}
+    refused = await http.http.get(rest, params={"status": "completed"}, headers=auth)
+    assert refused.status_code == 400 and "status" in refused.json()["error"]["message"], refused.text
+    listed_rest = await http.http.get(rest, params={"status": "TASK_STATE_COMPLETED"}, headers=auth)
+    assert listed_rest.status_code == 200 and len(listed_rest.json()["tasks"]) == 1, listed_rest.text
 
 
 async def test_unknown_tasks_and_push_configuration(http: Http) -> None:
