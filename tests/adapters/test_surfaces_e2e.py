@@ -34,6 +34,7 @@ from tests.adapters.e2e_support import (
     FAILED,
     FORGED,
     HOOK_IN,
+    POLICIES,
     TOOL,
     ApprovalAgent,
     FormAgent,
@@ -553,6 +554,46 @@ async def test_a_refused_answer_changes_nothing(refused: Any) -> None:
         await s.resolve_grpc(request_id)
         await s.finished(session_id, message_id)
         assert agent.decisions[session_id] == [True]
+
+
+async def test_a_webhook_answer_cannot_speak_for_a_slack_approver() -> None:
+    # found from outside: a callback token with "responder": "slack:UBOSS" passed for that Slack
+    # user, and the audit said so
+    only_boss = [{**POLICIES[0], "approvers": ["slack:UBOSS"]}]
+    agent = ApprovalAgent()
+    async with surfaces(agent, policies=only_boss) as s:
+        session_id, message_id, request_id = await s.ask()
+        token = (await s.notification(request_id))["callback"]["token"]
+        for answer in (
+            s.hook_token(token, responder="slack:UBOSS"),
+            s.hook_token(token),
+            s.hook_token(token, responder="UBOSS"),
+            s.hook_signed(request_id, responder="slack:UBOSS"),
+            s.hook_signed(request_id, responder="grpc:acme-full"),
+        ):
+            status, body = await answer
+            assert (status, body["error"]["reason"]) == (403, "RESPONDER_NOT_ALLOWED"), body
+        await assert_still_pending(s, session_id, request_id, agent)
+        assert await s.audit(request_id) == []
+        # The one it names answers from Slack.
+        assert await s.click(request_id, user="UBOSS") == 200
+        await s.finished(session_id, message_id)
+        done = await s.record(request_id)
+        assert done.resolution is not None and done.resolution.resolved_by == "slack:UBOSS"
+        assert agent.decisions[session_id] == [True]
+
+
+async def test_an_unqualified_approver_may_answer_through_a_webhook() -> None:
+    named = [{**POLICIES[0], "approvers": ["ops@acme"]}]
+    agent = ApprovalAgent()
+    async with surfaces(agent, policies=named) as s:
+        session_id, message_id, request_id = await s.ask()
+        token = (await s.notification(request_id))["callback"]["token"]
+        status, _ = await s.hook_token(token, responder="ops@acme")
+        assert status == 200
+        await s.finished(session_id, message_id)
+        done = await s.record(request_id)
+        assert done.resolution is not None and done.resolution.resolved_by == "ops@acme"
 
 
 async def test_a_callback_token_reused_for_another_answer_is_refused_and_changes_nothing() -> None:

@@ -208,10 +208,27 @@ class InputRequest:
         return f"fill in {self.form.title if self.form and self.form.title else 'a form'}"
 
 
+def speaks_for(responder: str) -> Surface | None:
+    """The surface ``responder`` names as its prefix (``slack:U123``), if it names one.
+
+    A responder so named may answer only through that surface: an answer through a webhook that
+    calls itself ``slack:UBOSS`` would otherwise pass for that Slack user wherever the request's
+    allowed responders name them, and the audit would record it so.
+    """
+    prefix, colon, _ = responder.partition(":")
+    if not colon:
+        return None
+    try:
+        return Surface(prefix)
+    except ValueError:
+        return None
+
+
 def responder_allowed(responder: str, allowed: Iterable[str]) -> bool:
     """Whether ``responder`` (``surface:name``, e.g. ``slack:U123``) is one of ``allowed``.
 
-    An entry may name the responder with its surface or without it (``U123``).
+    An entry may name the responder with its surface or without it (``U123``); without it, the
+    name is matched on every surface, including the name a webhook answer gives.
     """
     bare = responder.partition(":")[2] or responder
     return any(a in (responder, bare) for a in allowed)

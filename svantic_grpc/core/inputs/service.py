@@ -35,6 +35,7 @@ from svantic_grpc.core.inputs.model import (
     Resolution,
     Surface,
     ToolCall,
+    speaks_for,
 )
 from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
@@ -233,6 +234,13 @@ class Inputs:
             request = await self.get(tenant_id, request_id)
             if request.state is not InputState.PENDING:
                 raise already_answered(request)
+            claimed = speaks_for(responder)
+            if claimed is not None and claimed is not surface:
+                raise PermissionDenied(
+                    f"{responder!r} names a {claimed.value} user: an answer through {surface.value} "
+                    f"cannot speak for one (give the responder without the '{claimed.value}:' prefix)",
+                    reason="RESPONDER_NOT_ALLOWED",
+                )
             if not request.may_answer(responder):
                 allowed = ", ".join(request.allowed_responders)
                 raise PermissionDenied(
