@@ -21,7 +21,8 @@ Protobuf's decoders refuse more than 100 nested messages by default (Python, C++
 alike): 6 + 3 x 24 = 78 leaves room for wrappers such as the ``input_resolution`` part
 an agent gets, so whatever is accepted can be read back by every client and agent."""
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+"""Matched whole (``fullmatch``): with ``$``, an id ending in one newline would pass as another id."""
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> str:
@@ -34,7 +35,7 @@ def check_id(field: str, value: str, *, required: bool = True) -> str:
         if required:
             raise InvalidArgument(field, "is required")
         return value
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise InvalidArgument(
             field,
             f"{value[:40]!r} is not a valid id: use 1-128 letters, digits and . _ : @ / -, "

@@ -232,6 +232,7 @@ async def test_explicit_skills_win_over_the_agent_card(client: Client) -> None:
         pytest.param({"instance_id": ""}, "instance_id", id="empty-instance-id"),
         pytest.param({"instance_id": "has space"}, "instance_id", id="bad-instance-id"),
         pytest.param({"instance_id": "-leading-dash"}, "instance_id", id="instance-id-leading-dash"),
+        pytest.param({"instance_id": "echo-1\n"}, "instance_id", id="instance-id-trailing-newline"),
         pytest.param({"agent_type": "savant:orchestrator"}, "agent_type", id="reserved-prefix"),
         pytest.param({"url": ""}, "url", id="hosted-without-url"),
         pytest.param({"url": "ftp://agents.example.com"}, "url", id="non-http-url"),

@@ -315,7 +315,15 @@ async def test_internal_agent_types_cannot_self_join(client: Client) -> None:
 
 
 async def test_a_bad_session_id_is_invalid_argument(client: Client) -> None:
-    for session_id in ["has space", "-starts-with-dash", "x" * 129, "semi;colon", "tab\there", "ünïcode"]:
+    for session_id in [
+        "has space",
+        "-starts-with-dash",
+        "x" * 129,
+        "semi;colon",
+        "tab\there",
+        "ünïcode",
+        "s-1\n",
+    ]:
         await _rejects(
             _init(client, session_id=session_id), grpc.StatusCode.INVALID_ARGUMENT, field="session_id"
         )
