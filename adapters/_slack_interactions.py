@@ -27,7 +27,8 @@ __all__ = [
     "signed",
 ]
 
-ACTION = re.compile(r"^svantic\.(approve|approve_for_session|deny|confirm|reject|fill)$")
+ACTION = re.compile(r"\Asvantic\.(approve|approve_for_session|deny|confirm|reject|fill)\Z")
+"""Anchored with \\A and \\Z: slack-bolt searches with it, and ``$`` would also take a trailing newline."""
 DENY_VIEW = "svantic.deny"
 FORM_VIEW = "svantic.form"
 _WINDOW_S = 5 * 60  # Slack's own replay window (slack-bolt checks the same)
@@ -89,7 +90,7 @@ class Click:
     @classmethod
     def read(cls, body: Any) -> Click:
         action_id = _at(body, "actions.0.action_id", str)
-        if not ACTION.match(action_id):
+        if not ACTION.fullmatch(action_id):
             raise Malformed("actions.0.action_id: not one of this adapter's buttons")
         ref = _object(_at(body, "actions.0.value", str), "actions.0.value")
         channel = body.get("channel")
@@ -185,7 +186,7 @@ def admit(payload: Any) -> dict[str, Any]:
                 isinstance(a, dict) and isinstance(a.get("action_id"), str) for a in actions
             ):
                 raise Malformed("actions: must be objects with an action_id, at least one")
-            if any(ACTION.match(a["action_id"]) for a in actions):
+            if any(ACTION.fullmatch(a["action_id"]) for a in actions):
                 return Click.read(payload).body()
         elif kind == "view_submission" and _at(payload, "view.callback_id", str) in (DENY_VIEW, FORM_VIEW):
             return Submission.read(payload).body()
