@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import math
 import pathlib
 import secrets
@@ -98,6 +99,8 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self.env.filters["when"] = _when
+        self.env.filters["seg"] = path_segment
+        self.env.filters["json_text"] = _json_text
         self.env.globals["FIELD_PREFIX"] = FIELD_PREFIX
 
     def close(self) -> None:
@@ -271,7 +274,7 @@ class Console:
         return _sse(stream())
 
     async def resolve(self, request: Request, login: ConsoleLogin) -> Response:
-        request_id = request.path_params["request_id"]
+        request_id = _id_in_path(request, "request_id")
         current = await self.mesh.inputs.get(login.caller.tenant_id, request_id)
         form = await _form(request)
         try:
@@ -311,7 +314,7 @@ class Console:
         )
 
     async def session(self, request: Request, login: ConsoleLogin, notice: str = "") -> Response:
-        session_id = request.path_params["session_id"]
+        session_id = _id_in_path(request, "session_id")
         session = await self.mesh.sessions.get(login.caller, session_id)
         messages = await self.mesh.messages.list_messages(login.caller, session_id=session_id, page_size=100)
         pending = await self.mesh.inputs.list_pending(login.caller, session_id=session_id)
@@ -326,7 +329,7 @@ class Console:
 
     async def session_events(self, request: Request, login: ConsoleLogin) -> Response:
         sid = request.cookies.get(COOKIE, "")
-        session_id = request.path_params["session_id"]
+        session_id = _id_in_path(request, "session_id")
         after = request.headers.get("last-event-id") or request.query_params.get("after", "0")
         try:
             after_sequence = int(after)
@@ -347,11 +350,11 @@ class Console:
         return _sse(stream())
 
     async def close_session(self, request: Request, login: ConsoleLogin) -> Response:
-        session_id = request.path_params["session_id"]
+        session_id = _id_in_path(request, "session_id")
         await self.mesh.sessions.close(
             login.caller, session_id, reason=f"closed from the console by {login.caller.subject}"
         )
-        return _secured(RedirectResponse(f"/console/sessions/{session_id}", status_code=303))
+        return _secured(RedirectResponse(f"/console/sessions/{path_segment(session_id)}", status_code=303))
 
     # Agents
 
@@ -362,9 +365,33 @@ class Console:
         return self.render("agents.html", login=login, rows=rows, notice=notice)
 
     async def deregister(self, request: Request, login: ConsoleLogin) -> Response:
-        instance_id = request.path_params["instance_id"]
+        instance_id = _id_in_path(request, "instance_id")
         await self.mesh.registry.deregister(login.caller, instance_id)
         return await self.agents(request, login, notice=f"deregistered {instance_id}")
+
+
+def path_segment(value: str) -> str:
+    """An id as one path segment of a console URL, quoted twice.
+
+    Ids may hold ``/`` (and so ``..``): quoted once, the server would see the slash again
+    after it decodes the path, and a route would cut the id there; unquoted, a browser would
+    resolve ``a/../b`` to another row's id. Quoted twice, the decoded path holds ``%2F``,
+    and ``_id_in_path`` unquotes it back.
+    """
+    return urllib.parse.quote(urllib.parse.quote(value, safe=""), safe="")
+
+
+def _id_in_path(request: Request, name: str) -> str:
+    return urllib.parse.unquote(request.path_params[name])
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as indented text, exactly as written: the template's autoescape makes it safe
+    in HTML (Jinja's ``tojson`` writes ``<`` as ``\\u003c``, which an operator cannot read)."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+_LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\u2028": " ", "\u2029": " "})
 
 
 def _timeline_entry(event: Event) -> str:
@@ -372,7 +399,9 @@ def _timeline_entry(event: Event) -> str:
     line = (
         f"{_when(event.time)} #{event.sequence} {type(event.payload).__name__} {_event_line(event.payload)}"
     )
-    return f"id: {event.sequence}\nevent: timeline\ndata: {line.replace(chr(10), ' ')}\n\n"
+    # A server-sent event's fields end at CR, LF or CRLF: text an agent or client wrote (a reason)
+    # must not end the line and add fields of its own.
+    return f"id: {event.sequence}\nevent: timeline\ndata: {line.translate(_LINE_BREAKS)}\n\n"
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -7,6 +7,7 @@ import html
 import re
 import time
 
+from svantic_grpc.pb import session_service_pb2
 from tests._support import running_server
 from tests.agents_connected import WAIT, new_session, running_agent, send
 from tests.agents_inputs import ToolAgent, close_session
@@ -106,3 +107,54 @@ async def test_signing_out_ends_an_open_live_queue_at_its_next_change() -> None:
         await send(client, session_id, *tool_call_parts("crm.delete_records", {"ids": ["r1"]}))
         await asyncio.wait_for(reader, WAIT)  # the stream ended instead of telling of the request
         assert not any("event: queue" in chunk for chunk in received)
+
+
+async def test_ids_holding_slashes_act_on_their_own_row() -> None:
+    # found from outside: ids may hold "/" and "..", and put raw into the console's URLs a browser
+    # resolved "y/../victim.sess" to "victim.sess": Deregister on one row removed another agent
+    async with (
+        running_server() as client,
+        running_agent(client, ToolAgent(), agent_type="crm", instance_id="victim.sess"),
+        running_agent(client, ToolAgent(), agent_type="crm", instance_id="y/../victim.sess"),
+        signed_in(client) as web,
+    ):
+        page = (await web.http.get("/console/agents")).text
+        row = re.search(r'<tr id="agent-y/../victim.sess">(.*?)</tr>', page, flags=re.S)
+        assert row, page
+        action = re.search(r'action="([^"]+)"', row.group(1))
+        assert action and "/../" not in action.group(1)
+        gone = await web.http.post(html.unescape(action.group(1)), data={"csrf": web.csrf})
+        assert gone.status_code == 200 and "deregistered y/../victim.sess" in gone.text
+        assert 'id="agent-victim.sess"' in gone.text and 'id="agent-y/../victim.sess"' not in gone.text
+        # A session whose id holds a slash opens, streams its timeline and closes from its links.
+        session_id = await new_session(client, "team/a")
+        listed = (await web.http.get("/console/sessions")).text
+        link = re.search(r'<a href="([^"]+)">team/a</a>', listed)
+        assert link, listed
+        opened = await web.http.get(html.unescape(link.group(1)))
+        assert opened.status_code == 200 and "team/a" in opened.text
+        live = re.search(r'data-live="([^"]+)"', opened.text)
+        close = re.search(r'<form method="post" action="([^"]+)"', opened.text)
+        assert live and close
+        await close_session(client, session_id)
+        timeline = await web.http.get(html.unescape(live.group(1)))
+        assert timeline.status_code == 200 and "-> closed" in timeline.text
+
+
+async def test_a_reason_with_line_breaks_stays_one_timeline_entry() -> None:
+    # found from outside: a CR in an agent's or client's text ended the server-sent event's line,
+    # and what followed it became fields of its own (a forged entry, a Last-Event-ID)
+    async with running_server() as client, signed_in(client) as web:
+        session_id = await new_session(client)
+        forged = "bye\rid: 999999\revent: timeline\rdata: FORGED\r\ndata: more\u2028x"
+        await client.sessions.CloseSession(
+            session_service_pb2.CloseSessionRequest(session_id=session_id, reason=forged),
+            metadata=await client.md(),
+            timeout=WAIT,
+        )
+        text = (await web.http.get(f"/console/sessions/{session_id}/events")).text
+        lines = re.split(r"\r\n|\r|\n", text)
+        assert "id: 999999" not in lines
+        assert not any(line.startswith("data: FORGED") or line.startswith("data: more") for line in lines)
+        closing = [line for line in lines if "-> closed" in line]
+        assert closing and "FORGED" in closing[0]  # the reason is there, on its one line
