@@ -10,6 +10,7 @@ from grpc import aio
 
 from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.api._event_bytes import SerializedEvents
 from svantic_grpc.api.convert_inputs import request_to_pb, resolution_from_pb
 from svantic_grpc.api.convert_messages import message_state, message_to_pb, outgoing
 from svantic_grpc.api.errors import placed, status_code_for
@@ -22,7 +23,10 @@ from svantic_grpc.pb import message_service_pb2_grpc as pb_grpc
 
 __all__ = ["MessageServicer"]
 
-_CONVERSE_BUFFER = 64
+_CONVERSE_BUFFER = 16
+"""Responses a Converse stream holds for its reader (events are shared bytes, see ``SerializedEvents``);
+a reader that stops reading leaves the rest to the session's subscription, which cuts it off
+(``SUBSCRIBER_TOO_SLOW``) as it does a ``WatchSession`` reader."""
 _CANCEL_INLINE_S = 0.5
 """How long a Converse stream's actions wait for a cancel before the next action is taken: a
 cancel of a message another replica runs waits for that replica (up to 30 s), and the stream's
@@ -36,6 +40,9 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
         self._messages = mesh.messages
         self._sessions = mesh.sessions
         self._inputs = mesh.inputs
+        self._converted = SerializedEvents(
+            lambda event: pb.ConverseResponse(event=convert.event(event)).SerializeToString()
+        )
 
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: aio.ServicerContext
@@ -110,7 +117,7 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.ConverseResponse]:
+    ) -> AsyncIterator[pb.ConverseResponse | bytes]:
         caller = current_caller()
         requests = aiter(request_iterator)
         first = await anext(requests, None)
@@ -120,12 +127,13 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
             raise InvalidArgument("open", "the first request on Converse must be open (naming the session)")
         session_id = first.open.session_id
         events = await self._sessions.watch(caller, session_id, after_sequence=first.open.after_sequence)
-        out: asyncio.Queue[pb.ConverseResponse | MeshError | None] = asyncio.Queue(_CONVERSE_BUFFER)
+        out: asyncio.Queue[bytes | pb.ConverseResponse | MeshError | None] = asyncio.Queue(_CONVERSE_BUFFER)
+        converted = self._converted
 
         async def pump_events() -> None:
             try:
                 async for event in events:
-                    await out.put(pb.ConverseResponse(event=convert.event(event)))
+                    await out.put(converted.response(event))
                 await out.put(None)  # the session closed
             except MeshError as error:
                 await out.put(error)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from grpc import aio
 
 from svantic_grpc.api import convert
 from svantic_grpc.api._context import current_caller
+from svantic_grpc.api._event_bytes import SerializedEvents
 from svantic_grpc.api.convert_messages import message_to_pb
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.events import Event
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.models import Session, SessionStatus
@@ -30,7 +28,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, mesh: Mesh) -> None:
         self._sessions = mesh.sessions
         self._messages = mesh.messages
-        self._converted = _ConvertedEvents()
+        self._converted = SerializedEvents(
+            lambda event: pb.WatchSessionResponse(event=convert.event(event)).SerializeToString()
+        )
 
     def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
         return convert.session(
@@ -126,31 +126,6 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         converted = self._converted
         async for event in events:
             await context.write(converted.response(event))
-
-
-class _ConvertedEvents:
-    """The serialized ``WatchSessionResponse`` of recent events, made once for all their watchers.
-
-    Every watcher of a session reads the same ``Event`` objects from the bus, so a thousand
-    watchers cost one conversion and one serialization per event, not a thousand (the
-    interceptor sends bytes as they are).
-    """
-
-    SIZE = 256
-
-    def __init__(self) -> None:
-        self._recent: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
-
-    def response(self, event: Event) -> bytes:
-        # Keyed by identity: the entry holds the event, so its id cannot be reused meanwhile.
-        found = self._recent.get(id(event))
-        if found is not None and found[0] is event:
-            return found[1]
-        response = pb.WatchSessionResponse(event=convert.event(event)).SerializeToString()
-        self._recent[id(event)] = (event, response)
-        if len(self._recent) > self.SIZE:
-            self._recent.popitem(last=False)
-        return response
 
 
 def _fill_history(session: session_types_pb2.Session, messages: tuple[Message, ...]) -> bool:

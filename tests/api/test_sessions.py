@@ -20,6 +20,8 @@ from svantic_grpc.core.events import AgentLeft
 from svantic_grpc.pb import (
     agent_types_pb2,
     event_types_pb2,
+    message_service_pb2,
+    message_service_pb2_grpc,
     registry_service_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
@@ -1064,6 +1066,45 @@ async def test_a_slow_subscriber_is_cut_off_and_can_resume() -> None:
         assert rest[-1].status_changed.to_status == CLOSED
         # The live subscription was dropped, not leaked.
         assert client.server.mesh.bus.subscriber_count("acme", sid) == 0
+
+
+async def test_a_converse_reader_that_stops_reading_is_cut_off_like_a_watcher() -> None:
+    # found from outside: Converse kept 64 converted events of its own per stream, so a stalled
+    # reader was never behind for the session and held ~10x a watcher's memory
+    async with running_server(subscriber_buffer=4) as client:
+        md = await client.md()
+        sid = (await _init(client, md)).session_id
+        async with aio.insecure_channel(client.server.target, options=_SLOW_READER) as slow_channel:
+            requests: asyncio.Queue[message_service_pb2.ConverseRequest | None] = asyncio.Queue()
+
+            async def sent() -> AsyncIterator[message_service_pb2.ConverseRequest]:
+                while (request := await requests.get()) is not None:
+                    yield request
+
+            call = message_service_pb2_grpc.MessageServiceStub(slow_channel).Converse(sent(), metadata=md)
+            requests.put_nowait(
+                message_service_pb2.ConverseRequest(open=message_service_pb2.ConverseOpen(session_id=sid))
+            )
+            try:
+                first = await asyncio.wait_for(call.read(), WAIT)  # the stream is live; now stop reading
+                for i in range(40):  # one event at a time: a reader that kept up would never lag
+                    await _register(client, f"w-{i}", md=md)
+                    await _invite(client, sid, instance_id=f"w-{i}", md=md)
+                got, error = await _read_until_error(call)
+            finally:
+                requests.put_nowait(None)
+                call.cancel()
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = _error_info(error)
+        assert info.reason == "SUBSCRIBER_TOO_SLOW"
+        resume_at = int(info.metadata["after_sequence"])
+        got = [first.event, *got]
+        assert [e.sequence for e in got] == list(range(1, resume_at + 1))
+        assert resume_at < 7 + 40
+        await _close(client, sid, md)
+        rest = await _watch_all(client, sid, md=md, after_sequence=resume_at)
+        assert [e.sequence for e in got + rest] == list(range(1, len(got + rest) + 1))
+        assert rest[-1].status_changed.to_status == CLOSED
 
 
 async def test_a_subscriber_that_keeps_up_is_not_cut_off() -> None:
