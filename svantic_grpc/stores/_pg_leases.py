@@ -95,6 +95,9 @@ class PgLeases(Ownership):
         self._renew_s = renew_s
         self._valid_until: dict[SessionKey, float] = {}
         """Leases held, with the monotonic time until which they surely are (half a lease on)."""
+        self._recovering: set[SessionKey] = set()
+        """Leases just taken over whose sessions are being recovered: renewed like those held (a
+        recovery may outlast a lease), run here once recovered."""
         self._locks = KeyedLock()
         self._takeover: Takeover | None = None
         self._run: Callable[[HandOff], Awaitable[None]] | None = None
@@ -117,8 +120,11 @@ class PgLeases(Ownership):
         self._takeover, self._run, self._abandon, self._closed = takeover, run, abandon, closed
         await self._listen()
         await cancel_tasks(self._tasks)  # the renewal during start-up recovery: the full round now
+        # Renewal runs on its own: taking over a dead replica's sessions (their recovery may take
+        # longer than a lease) must never hold up the leases this replica already has.
         self._tasks = [
-            asyncio.create_task(self._keep(), name="svantic-leases"),
+            asyncio.create_task(self._every(self._renew_all), name="svantic-leases"),
+            asyncio.create_task(self._every(self._sweep), name="svantic-take-over"),
             asyncio.create_task(self._take_hand_offs(), name="svantic-hand-offs"),
         ]
 
@@ -149,7 +155,7 @@ class PgLeases(Ownership):
         if taken and not self._tasks:
             # Renewed from now on, not once the recovery is done: a recovery longer than a lease
             # would otherwise let them lapse to another replica while this one recovers them.
-            self._tasks = [asyncio.create_task(self._keep(sweep=False), name="svantic-leases-renewal")]
+            self._tasks = [asyncio.create_task(self._every(self._renew_all), name="svantic-leases-renewal")]
         return {key for key, _ in taken}, handed
 
     async def runs_here(self, tenant_id: str, session_id: str) -> bool:
@@ -295,13 +301,13 @@ class PgLeases(Ownership):
 
     # Background work
 
-    async def _keep(self, *, sweep: bool = True) -> None:
-        """Every ``renew_s``: renew what is held, forget leases of closed sessions, take over
-        expired leases (a batch at a time; without ``sweep``, during start-up recovery: only renew)."""
+    async def _every(self, step: Callable[[], Awaitable[object]]) -> None:
+        """``step`` every ``renew_s``: the renewal of what is held (and the forgetting of leases of
+        closed sessions), or the take-over of expired leases, each in a task of its own."""
         while True:
             await asyncio.sleep(self._renew_s)
             try:
-                await (self.tick() if sweep else self._renew_all())
+                await step()
             except (OSError, asyncpg.PostgresError) as exc:
                 _log.warning("leases: cannot reach PostgreSQL (%s); trying again", exc)
             except Exception:
@@ -310,6 +316,11 @@ class PgLeases(Ownership):
     async def tick(self, batch: int = 100) -> int:
         """One renewal and take-over round; returns how many sessions were taken over."""
         await self._renew_all()
+        return await self._sweep(batch)
+
+    async def _sweep(self, batch: int = 100) -> int:
+        """Take over expired leases, a batch at a time, and recover their sessions; returns how
+        many were taken over."""
         taken = 0
         while True:
             async with self._store.pool.acquire() as conn, conn.transaction():
@@ -331,19 +342,22 @@ class PgLeases(Ownership):
                 async with contextlib.AsyncExitStack() as locked:
                     for key in sorted(keys):  # a send to one of them waits until it is recovered
                         await locked.enter_async_context(self._locks.hold(key))
+                    self._recovering.update(keys)
                     try:
                         await self._recover(keys, handed)
                     except Exception:
                         _log.exception("recovering %d session(s) taken over failed; given back", len(keys))
                         return taken  # the next tick (here or elsewhere) tries them again
+                    finally:
+                        self._recovering.difference_update(keys)
             taken += len(keys)
             if len(rows) < batch:
                 return taken
 
     async def _renew_all(self) -> None:
-        if not self._valid_until:
+        held = [*self._valid_until, *(k for k in self._recovering if k not in self._valid_until)]
+        if not held:
             return
-        held = list(self._valid_until)
         tenants, sessions = _columns(held)
         fences = [self._store.fences.get(k, 0) for k in held]
         pool = self._store.pool

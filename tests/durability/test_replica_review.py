@@ -135,6 +135,56 @@ async def test_a_replica_keeps_its_leases_while_a_long_start_up_recovery_runs(
         assert await again.server.mesh.ownership.runs_here(TENANT, session_id)
 
 
+async def test_a_replica_keeps_its_own_leases_while_it_recovers_sessions_it_took_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found from outside: the take-over's recovery ran inside the renewal round, so a recovery
+    # longer than a lease let every lease of the (live) replica lapse to another one
+    lease_s = 1.0
+    async with _schema() as schema, AsyncExitStack() as stack:
+        settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
+
+        def replica(replica_id: str) -> Any:
+            return running_server(
+                env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}})
+            )
+
+        dying, taker = [await stack.enter_async_context(replica(name)) for name in ("a", "b")]
+        orphan = await new_session(dying)
+        own = await new_session(taker)
+        recover = Recovery._recover
+        slow = [True]
+
+        async def long_recovery(self: Recovery, work: Any, handed: Any, **kw: Any) -> tuple[int, int]:
+            if slow and work is not None and any(s.session_id == orphan for s in work.sessions):
+                slow.clear()  # only the take-over of "a"'s session is long: three leases
+                await asyncio.sleep(3 * lease_s)
+            return await recover(self, work, handed, **kw)
+
+        monkeypatch.setattr(Recovery, "_recover", long_recovery)
+        _stop_sweeping(dying)  # "a" hangs: its lease runs out and "b" takes the session over
+        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+        try:
+            await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', orphan)
+        finally:
+            await conn.close()
+        for _ in range(50):
+            if not slow:
+                break
+            await asyncio.sleep(0.1)
+        assert not slow, "the take-over never started"
+        # While "b" recovers, "c" comes up and sweeps for lapsed leases every 0.2 s.
+        bystander = await stack.enter_async_context(replica("c"))
+        for _ in range(100):
+            if await taker.server.mesh.ownership.runs_here(TENANT, orphan):
+                break
+            await asyncio.sleep(0.1)
+        assert await _lease(schema, orphan) == ("b", 2)
+        assert (await _lease(schema, own) or ("", 0))[0] == "b"  # its own session stayed its own
+        assert await taker.server.mesh.ownership.runs_here(TENANT, own)
+        assert (TENANT, own) not in bystander.server.mesh.messages._runtimes
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)
