@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -110,6 +111,10 @@ class Reply:
     prefilled: list[message_types_pb2.InputRequest] = field(default_factory=list)
     """Answers that came with the dispatch: given before a mesh restart to a question this
     handler asked then. ``request_input`` uses a matching one instead of asking again."""
+    message_id: str = ""
+    _sequels: _Sequels | None = None
+    _sequel: _Sequel | None = field(default=None, init=False)
+    """What this handler sent since its last answer, kept in case that answer comes again."""
 
     async def _update(
         self, state: int = 0, *, say: Any = None, artifacts: Any = None, reason: str = ""
@@ -126,6 +131,11 @@ class Reply:
             message_types_pb2.MESSAGE_STATE_SUBMITTED,
         ):
             self.done = True
+        await self._sent(update)
+
+    async def _sent(self, update: registry_service_pb2.DispatchUpdate) -> None:
+        if self._sequel is not None:
+            self._sequel.updates.append(update)
         await self._send(update)
 
     async def say(self, content: PartLike | Iterable[PartLike]) -> None:
@@ -173,7 +183,7 @@ class Reply:
         """
         for index, answer in enumerate(self.prefilled):
             if answer.kind == request.kind and answer.tool_call.tool_name == request.tool_call.tool_name:
-                return self.prefilled.pop(index)
+                return self._took(self.prefilled.pop(index))
         update = registry_service_pb2.DispatchUpdate(
             dispatch_id=self.dispatch_id,
             state=message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED,
@@ -181,8 +191,14 @@ class Reply:
         )
         if say is not None:
             update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
-        await self._send(update)
-        return await self._answer_queue().get()
+        await self._sent(update)
+        return self._took(await self._answer_queue().get())
+
+    def _took(self, answer: message_types_pb2.InputRequest) -> message_types_pb2.InputRequest:
+        """From an answer on, what the handler sends is kept (``_Sequels``)."""
+        if self._sequels is not None and answer.request_id and self.message_id:
+            self._sequel = self._sequels.begin(self.message_id, answer.request_id, self)
+        return answer
 
     def _answer_queue(self) -> asyncio.Queue[message_types_pb2.InputRequest]:
         if self._answers is None:
@@ -271,6 +287,7 @@ class ConnectedAgent:
         """Whether the mesh said (in its welcome) that it reads update batches."""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, Reply] = {}
+        self._sequels = _Sequels()
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
         """Requests for the stream, and updates (framed together by ``_requests``); ``None`` ends it."""
         self._keys: dict[str, Any] = {}
@@ -434,16 +451,81 @@ class ConnectedAgent:
         async def send(update: registry_service_pb2.DispatchUpdate) -> None:
             outbox.put_nowait(update)  # copied once, into its frame
 
-        reply = Reply(dispatch.dispatch_id, send, prefilled=_answers_in(dispatch.message))
+        prefilled = _answers_in(dispatch.message)
+        message_id = dispatch.message.message_id
+        sequel = self._sequels.find(message_id, prefilled)
+        if sequel is not None and sequel.running is not None:
+            # The answer came again (the mesh restarted, or the replica running the session died,
+            # before it stored what the handler said next), while the handler that got it the
+            # first time still runs: it goes on for this dispatch, and what it said so far is
+            # said again here. Its work is not done twice.
+            reply, task = sequel.running
+            self._forget(reply.dispatch_id)  # a late cancel of the dispatch it replaces is not for it
+            reply.dispatch_id = dispatch.dispatch_id
+            replay = [_readdressed(u, dispatch.dispatch_id) for u in sequel.updates]
+            sequel.updates[:] = replay
+            self._running[dispatch.dispatch_id] = task
+            self._replies[dispatch.dispatch_id] = reply
+            self._outbox.put_nowait(
+                registry_service_pb2.DispatchUpdate(
+                    dispatch_id=dispatch.dispatch_id, state=message_types_pb2.MESSAGE_STATE_WORKING
+                )
+            )
+            for update in replay:
+                self._outbox.put_nowait(update)
+            task.add_done_callback(lambda _: self._forget(dispatch.dispatch_id))
+            return
+        if sequel is not None:
+            # ... and the handler had already finished: what it sent after that answer, again.
+            task = asyncio.create_task(
+                self._replay(dispatch, sequel.updates), name=f"dispatch-{dispatch.dispatch_id}"
+            )
+            self._running[dispatch.dispatch_id] = task
+            task.add_done_callback(lambda _: self._forget(dispatch.dispatch_id))
+            return
+        reply = Reply(
+            dispatch.dispatch_id, send, prefilled=prefilled, message_id=message_id, _sequels=self._sequels
+        )
         task = asyncio.create_task(self._handle(dispatch, reply), name=f"dispatch-{dispatch.dispatch_id}")
         self._running[dispatch.dispatch_id] = task
         self._replies[dispatch.dispatch_id] = reply
 
         def finished(_: object) -> None:
-            self._running.pop(dispatch.dispatch_id, None)
-            self._replies.pop(dispatch.dispatch_id, None)
+            self._forget(dispatch.dispatch_id)
+            self._sequels.ended(reply, completed=not task.cancelled() and reply.done)
 
         task.add_done_callback(finished)
+
+    def _forget(self, dispatch_id: str) -> None:
+        self._running.pop(dispatch_id, None)
+        self._replies.pop(dispatch_id, None)
+
+    async def _replay(
+        self, dispatch: registry_service_pb2.Dispatch, updates: list[registry_service_pb2.DispatchUpdate]
+    ) -> None:
+        if self._verify_dispatches:
+            try:
+                self._verify(dispatch)
+            except jwt.InvalidTokenError as error:
+                self._outbox.put_nowait(
+                    registry_service_pb2.DispatchUpdate(
+                        dispatch_id=dispatch.dispatch_id,
+                        state=message_types_pb2.MESSAGE_STATE_REJECTED,
+                        reason=f"dispatch token rejected: {error}",
+                    )
+                )
+                return
+        _log.info(
+            "dispatch %s brings an answer this agent already acted on: its outcome is sent again",
+            dispatch.dispatch_id,
+        )
+        self._outbox.put_nowait(
+            registry_service_pb2.DispatchUpdate(
+                dispatch_id=dispatch.dispatch_id, state=message_types_pb2.MESSAGE_STATE_WORKING
+            )
+        )
+        for update in updates:
+            self._outbox.put_nowait(_readdressed(update, dispatch.dispatch_id))
 
     async def _handle(self, dispatch: registry_service_pb2.Dispatch, reply: Reply) -> None:
         claims: dict[str, Any] = {}
@@ -483,6 +565,76 @@ class ConnectedAgent:
         if claims.get("session_id") != dispatch.session_id:
             raise jwt.InvalidTokenError("token is for another session")
         return claims
+
+
+@dataclass
+class _Sequel:
+    """What one handler sent after it got the answer to one request."""
+
+    updates: list[registry_service_pb2.DispatchUpdate] = field(default_factory=list)
+    running: tuple[Reply, asyncio.Task[None]] | None = None
+    """The handler, while it runs."""
+    completed: bool = False
+    """It ended with a final state sent (not cancelled half way)."""
+
+
+class _Sequels:
+    """What handlers sent after each answer they got, by (message, request), for the last 256.
+
+    The mesh keeps a message waiting for its human until the agent reports after the answer, so
+    a mesh that restarts (or a replica that dies) after delivering an answer but before storing
+    what the agent said next delivers the answer again with the message. An agent that already
+    acted on it sends what it said then instead of acting twice: the handler that is still at
+    work carries on for the new dispatch, and one that finished has its outcome sent again. An
+    agent process that itself restarted has nothing kept, and its handler runs again.
+    """
+
+    SIZE = 256
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[str, str], _Sequel] = OrderedDict()
+        self._by_reply: dict[int, _Sequel] = {}
+
+    def begin(self, message_id: str, request_id: str, reply: Reply) -> _Sequel:
+        task = asyncio.current_task()
+        sequel = _Sequel(running=(reply, task) if task is not None else None)
+        previous = self._by_reply.pop(id(reply), None)
+        if previous is not None:
+            previous.running = None  # it asked again: that answer's sequel ends with the question
+        self._kept[(message_id, request_id)] = sequel
+        self._by_reply[id(reply)] = sequel
+        while len(self._kept) > self.SIZE:
+            self._kept.popitem(last=False)
+        return sequel
+
+    def find(self, message_id: str, answers: list[message_types_pb2.InputRequest]) -> _Sequel | None:
+        """The sequel of one of ``answers`` that can stand in for running the handler again."""
+        for answer in answers:
+            sequel = self._kept.get((message_id, answer.request_id))
+            if sequel is None:
+                continue
+            if sequel.running is not None or (sequel.completed and not _asks(sequel.updates)):
+                return sequel
+        return None
+
+    def ended(self, reply: Reply, *, completed: bool) -> None:
+        sequel = self._by_reply.pop(id(reply), None)
+        if sequel is not None:
+            sequel.running = None
+            sequel.completed = completed
+
+
+def _asks(updates: list[registry_service_pb2.DispatchUpdate]) -> bool:
+    return any(u.state == message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED for u in updates)
+
+
+def _readdressed(
+    update: registry_service_pb2.DispatchUpdate, dispatch_id: str
+) -> registry_service_pb2.DispatchUpdate:
+    copy = registry_service_pb2.DispatchUpdate()
+    copy.CopyFrom(update)
+    copy.dispatch_id = dispatch_id
+    return copy
 
 
 _BATCH_MAX = 64

@@ -22,6 +22,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 
 from svantic_grpc.connected_agent import Dispatch, Reply
@@ -31,10 +32,10 @@ from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.recovery import Recovery
 from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
-from tests._support import Client, running_server
+from tests._support import Client, code_of, error_details, running_server
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
-from tests.agents_inputs import ToolAgent, cancel_message, chatting
+from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
 from tests.durability.test_replica_takeover import PLAN, PLANS
 
 WAIT = 5.0
@@ -183,6 +184,116 @@ async def test_a_replica_keeps_its_own_leases_while_it_recovers_sessions_it_took
         assert (await _lease(schema, own) or ("", 0))[0] == "b"  # its own session stayed its own
         assert await taker.server.mesh.ownership.runs_here(TENANT, own)
         assert (TENANT, own) not in bystander.server.mesh.messages._runtimes
+
+
+async def test_a_send_waiting_on_a_replica_that_loses_the_session_is_told_it_moved() -> None:
+    # found from outside: the waiting SendMessage got INTERNAL ("ended without a final state")
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
+        working = asyncio.Event()
+
+        async def work(dispatch: Dispatch, reply: Reply) -> None:
+            working.set()
+            await asyncio.sleep(60)
+
+        async with running_agent(owner, work, agent_type="worker", instance_id="worker-a"):
+            session_id = await new_session(owner)
+            sending = asyncio.create_task(send(owner, session_id, "work", data({"target_agent": "worker"})))
+            await asyncio.wait_for(working.wait(), WAIT)
+            _stop_sweeping(owner)  # "a" hangs; its lease runs out and "b" takes the session
+            _stop_sweeping(other)
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" notices
+            with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                await asyncio.wait_for(sending, WAIT)
+        assert code_of(excinfo) == grpc.StatusCode.UNAVAILABLE
+        assert error_details(excinfo)[0] == "MESSAGE_INTERRUPTED"
+
+
+async def test_an_answer_delivered_again_after_the_owner_died_does_not_run_the_agents_work_twice() -> None:
+    # found from outside: the owner died after the answer reached the agent (on another replica)
+    # and before it stored what the agent did with it; the replica that took the session over
+    # resumed the message and the agent ran its approved work a second time
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
+        runs: list[bool] = []
+        finished = asyncio.Event()
+
+        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+            runs.append(approved)  # the work an approval allows: once
+            await reply.artifact(f"approved: {approved}")
+            await reply.complete()
+            finished.set()
+
+        async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            # "a" stops hearing from "b" (as if it died now): what the agent says next is lost.
+            owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
+            await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+            await asyncio.wait_for(finished.wait(), WAIT)
+            _stop_sweeping(owner)
+            _stop_sweeping(other)
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            done = await wait_for_state(other, session_id, asked.message_id, COMPLETED, FAILED)
+            await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
+        assert done.state == COMPLETED, done.state_reason
+        assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
+        assert runs == [True]
+
+
+async def test_an_answer_delivered_again_while_the_agent_still_works_on_it_joins_that_work() -> None:
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
+        runs: list[bool] = []
+        got_answer, go_on = asyncio.Event(), asyncio.Event()
+
+        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+            runs.append(approved)
+            got_answer.set()
+            await go_on.wait()  # still at work, reporting nothing, when the owner dies
+            await reply.artifact(f"approved: {approved}")
+            await reply.complete()
+
+        async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+            await asyncio.wait_for(got_answer.wait(), WAIT)
+            owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
+            _stop_sweeping(owner)
+            _stop_sweeping(other)
+            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+            try:
+                await conn.execute(
+                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
+                )
+            finally:
+                await conn.close()
+            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await asyncio.sleep(0.3)  # the resumed dispatch reaches the agent
+            await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
+            await asyncio.sleep(0.3)  # and its dispatch's cancel reaches the agent too
+            go_on.set()
+            done = await wait_for_state(other, session_id, asked.message_id, COMPLETED, FAILED)
+        assert done.state == COMPLETED, done.state_reason
+        assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
+        assert runs == [True]
 
 
 async def _terminate(conn: asyncpg.Connection) -> None:

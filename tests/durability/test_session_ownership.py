@@ -96,7 +96,7 @@ async def _lapse(session_id: str, owner: Client, *bystanders: Client, taker: Cli
         for task in replica.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
             task.cancel()
     for task in taker.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
-        if task.get_name() == "svantic-leases":
+        if task.get_name() in ("svantic-leases", "svantic-take-over"):
             task.cancel()
     schema = str(owner.server.mesh.store.schema)  # type: ignore[attr-defined]
     conn = await asyncpg.connect(_postgres.POSTGRES_DSN)

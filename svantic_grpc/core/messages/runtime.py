@@ -28,7 +28,7 @@ from svantic_grpc.core.dispatch import (
     plan_refusal,
     sign_off_plan,
 )
-from svantic_grpc.core.errors import MeshError
+from svantic_grpc.core.errors import MeshError, Unavailable
 from svantic_grpc.core.inputs.model import InputKind, PlanItem
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import (
@@ -116,8 +116,20 @@ class SessionRuntime:
         def finished(_: object) -> None:
             self._tasks.pop(message_id, None)
             stop = self._stops.pop(message_id, None)
-            if stop is not None and not stop.done():
+            if stop is None or stop.done():
+                return
+            if task.cancelled() or self._closed:  # taken over by another replica, or the server stopping
+                stop.set_exception(
+                    Unavailable(
+                        f"message {message_id!r} stopped running here before it ended (its session "
+                        "moved to another replica, or the server is stopping); GetMessage shows how it ends",
+                        reason="MESSAGE_INTERRUPTED",
+                        metadata={"message_id": message_id},
+                    )
+                )
+            else:
                 stop.set_exception(RuntimeError(f"message {message_id} ended without a final state"))
+            stop.exception()  # whoever waits on it is told; nobody waiting is no error of its own
 
         task.add_done_callback(finished)
         return task
