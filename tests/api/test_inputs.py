@@ -26,6 +26,7 @@ from grpc import aio
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.events import InputEnded, InputRaised
 from svantic_grpc.core.inputs.model import Resolution, Surface
 from svantic_grpc.pb import (
     message_types_pb2,
@@ -742,7 +743,17 @@ async def test_a_sensitive_form_resolves_through_grpc_and_never_through_slack_or
         resolved = await resolve(client, listed.request_id, values={"api_key": "sk-123", "account": "ops"})
         assert resolved.state == RESOLVED
         await wait_for_state(client, session_id, message.message_id, COMPLETED)
-        assert form.values == [{"api_key": "sk-123", "account": "ops"}]
+        assert form.values == [{"api_key": "sk-123", "account": "ops"}]  # the agent gets it
+        # Found from outside: the session's events (to every watcher, read-only credentials too,
+        # and in the stored log) carried the secret.
+        await close_session(client, session_id)
+        events = await replay(client, session_id)
+        [ended] = [e for e in events if e.WhichOneof("event") == "input_resolved"]
+        assert json_format.MessageToDict(ended.input_resolved.request.resolution.values) == {"account": "ops"}
+        asked = [e for e in events if e.WhichOneof("event") in ("input_required", "input_resolved")]
+        assert len(asked) == 2 and "sk-123" not in str(asked)  # (the agent's own artifact echoes it)
+        log = await client.server.mesh.store.list_events(tenant_id="acme", session_id=session_id, limit=1000)
+        assert "sk-123" not in repr([e for e in log if isinstance(e.payload, InputRaised | InputEnded)])
 
 
 async def test_a_connected_agents_field_defaults_are_shown_but_never_a_sensitive_one() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from svantic_grpc.core.frozen import freeze
@@ -193,6 +193,23 @@ class InputRequest:
     def sensitive(self) -> bool:
         """Must be answered through the API or chat, never shown on Slack or webhooks."""
         return self.form is not None and self.form.sensitive
+
+    def for_watchers(self) -> InputRequest:
+        """The request as its session's events carry it (to every watcher, read-only ones too, and
+        into the stored event log): without what was entered in its private fields (sensitive or
+        password) nor their defaults. Only the agent's own dispatch gets those, read from the store."""
+        if not self.sensitive or self.form is None:
+            return self
+        private = {f.name for f in self.form.fields if f.private}
+        form = replace(
+            self.form,
+            fields=tuple(replace(f, default=None) if f.private else f for f in self.form.fields),
+        )
+        resolution = self.resolution
+        if resolution is not None and private & set(resolution.values):
+            values = {k: v for k, v in resolution.values.items() if k not in private}
+            resolution = replace(resolution, values=values)
+        return replace(self, form=form, resolution=resolution)
 
     @property
     def summary(self) -> str:

@@ -144,7 +144,9 @@ class Inputs:
             policy=policy,
         )
         # The request, its input_raised event and the session paused: one write.
-        change = Change(tenant_id, session_id, inputs=(draft,), events=(InputRaised(as_stored(draft)),))
+        change = Change(
+            tenant_id, session_id, inputs=(draft,), events=(InputRaised(as_stored(draft).for_watchers()),)
+        )
         (request,) = (await self._write(change, f"waiting for a human: {draft.summary}")).inputs
         self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
         self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
@@ -328,7 +330,7 @@ class Inputs:
             ended.session_id,
             inputs=(ended,),
             audit=(self._audit_record(stored),),
-            events=(InputEnded(stored),),
+            events=(InputEnded(stored.for_watchers()),),
         )
         (saved,) = (await self._write(change, f"{ended.summary}: {outcome_text(ended)}")).inputs
         return saved
@@ -431,7 +433,7 @@ class Inputs:
             while current.state is InputState.PENDING:
                 payload = (await subscription.next()).payload
                 if isinstance(payload, InputEnded) and payload.request.request_id == request_id:
-                    current = payload.request
+                    current = await self.get(tenant_id, request_id)  # the event's lacks private values
             return current
 
         heard = asyncio.ensure_future(elsewhere())
