@@ -9,10 +9,12 @@ client on this machine can dial.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
 import socket
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +59,16 @@ DEV_CLIENT_SECRET = "your-secret"
 _DEV_SIGNING_KEY = "svantic-grpc-DEVELOPMENT-ONLY-signing-key-not-for-production"
 
 
+_MAX_S = 10 * 365 * 86_400
+"""Ten years: the longest duration a setting may give (a time that far ahead is still a timestamp)."""
+_MAX_MS = _MAX_S * 1000
+_SCRYPT_MAXMEM = 32 * 1024 * 1024
+"""What OpenSSL's scrypt (``hashlib.scrypt``) allows by default."""
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
+"""What the API accepts as an id (``core._validate``): tenant and client ids in settings too."""
+
+
 class SettingsError(ValueError):
     """settings.json is unreadable or invalid; the message names each bad key."""
 
@@ -68,16 +80,35 @@ class _Model(BaseModel):
 class CredentialSettings(_Model):
     """One client credential of a tenant."""
 
-    client_id: str = Field(min_length=1)
+    client_id: str = Field(pattern=_ID_PATTERN)
     secret_hash: str = Field(pattern=r"^scrypt\$\d{1,8}\$\d{1,3}\$\d{1,3}\$[A-Za-z0-9_=-]+\$[A-Za-z0-9_=-]+$")
     """Made with `svantic-grpc hash-secret`; never the secret itself."""
     scopes: list[Literal["read", "full", "admin"]] = ["full"]
+
+    @field_validator("secret_hash")
+    @classmethod
+    def _usable_hash(cls, value: str) -> str:
+        """A hash scrypt can check: else every sign-in would be 'wrong client_secret', silently."""
+        _, n, r, p, salt, digest = value.split("$")
+        cost, block, parallel = int(n), int(r), int(p)
+        memory = 128 * block * (cost + 2) + 128 * block * parallel  # as OpenSSL counts it
+        if cost < 2 or cost & (cost - 1) or block < 1 or parallel < 1 or memory > _SCRYPT_MAXMEM:
+            raise ValueError(
+                "is not a usable scrypt hash (its cost must be a power of two above 1, within 32 MiB of "
+                "memory): make it with `svantic-grpc hash-secret`"
+            )
+        try:
+            base64.urlsafe_b64decode(salt)
+            base64.urlsafe_b64decode(digest)
+        except ValueError:
+            raise ValueError("is not a usable scrypt hash (salt or digest is not base64)") from None
+        return value
 
 
 class TenantSettings(_Model):
     """A tenant (account) and its credentials."""
 
-    tenant_id: str = Field(min_length=1)
+    tenant_id: str = Field(pattern=_ID_PATTERN)
     credentials: list[CredentialSettings] = []
 
 
@@ -86,7 +117,7 @@ class AttemptLimitSettings(_Model):
 
     burst: int = Field(gt=0)
     """Failures allowed in a row; the next attempt is refused (RESOURCE_EXHAUSTED with a retry delay)."""
-    refill_s: float = Field(gt=0)
+    refill_s: float = Field(gt=0, le=_MAX_S)
     """Seconds after which one more attempt is allowed; the bucket is full again after burst x refill_s."""
 
     def limit(self) -> AttemptLimit:
@@ -108,9 +139,9 @@ class AuthSettings(_Model):
     issuer: str = "svantic-grpc"
     signing_key_env: str = "SVANTIC_SIGNING_KEY"
     """Environment variable holding the HS256 signing key (at least 32 bytes)."""
-    token_ttl_s: int = Field(default=86_400, gt=0)
-    max_token_ttl_s: int = Field(default=7 * 86_400, gt=0)
-    clock_skew_s: int = Field(default=60, ge=0)
+    token_ttl_s: int = Field(default=86_400, gt=0, le=_MAX_S)
+    max_token_ttl_s: int = Field(default=7 * 86_400, gt=0, le=_MAX_S)
+    clock_skew_s: int = Field(default=60, ge=0, le=_MAX_S)
     """How far in the future a token's ``iat`` may lie before the token is refused."""
     failed_attempts: FailedAttemptSettings = FailedAttemptSettings()
 
@@ -131,9 +162,9 @@ class MetricsSettings(_Model):
 class DispatchSettings(_Model):
     """How messages are handed to remote agents."""
 
-    timeout_ms: int = Field(default=60_000, gt=0)
+    timeout_ms: int = Field(default=60_000, gt=0, le=_MAX_MS)
     """How long one dispatch may take before its message fails."""
-    connect_timeout_ms: int = Field(default=5_000, gt=0)
+    connect_timeout_ms: int = Field(default=5_000, gt=0, le=_MAX_MS)
     """How long to wait for a hosted agent's connection (then fail over)."""
     failover_attempts: int = Field(default=2, ge=0)
     """Other instances tried when a dispatch could not be delivered."""
@@ -141,7 +172,7 @@ class DispatchSettings(_Model):
     """Re-dispatches when a result does not fit the skill's declared output."""
     max_dispatches_per_session: int = Field(default=1000, ge=0)
     """Guardrail budget per session; 0 is unlimited."""
-    token_ttl_s: int = Field(default=300, gt=0)
+    token_ttl_s: int = Field(default=300, gt=0, le=_MAX_S)
     """Lifetime of the signed token sent with each dispatch."""
     signing_key_env: str = "SVANTIC_DISPATCH_KEY"
     """Env var with the Ed25519 private key (PEM) for dispatch tokens; unset: a new key per run."""
@@ -187,8 +218,9 @@ class GuardrailSettings(_Model):
 class PostgresSettings(_Model):
     """The PostgreSQL store (``"store": "postgresql://user@host:port/db"``)."""
 
-    schema_name: str = Field(default="svantic", min_length=1, max_length=63)
-    """Schema holding the mesh's tables (created at start-up); replicas sharing state name the same one."""
+    schema_name: str = Field(default="svantic", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    """Schema holding the mesh's tables (created at start-up); replicas sharing state name the same one.
+    Lower-case letters, digits and ``_`` (PostgreSQL folds an unquoted name to lower case)."""
     pool_size: int = Field(default=10, ge=2, le=1000)
     """Most connections one replica holds."""
 
@@ -199,10 +231,10 @@ class ReplicaSettings(_Model):
     id: str = Field(default="", max_length=200)
     """This replica's name in session leases; unique among the replicas. Empty: host name and gRPC
     port (with the process id when the port is 0)."""
-    lease_ms: int = Field(default=10_000, ge=500)
+    lease_ms: int = Field(default=10_000, ge=500, le=_MAX_MS)
     """How long a replica holds a session without renewing: a replica that dies has its sessions
     taken over by the others this long after its last renewal."""
-    renew_ms: int = Field(default=3_000, gt=0)
+    renew_ms: int = Field(default=3_000, gt=0, le=_MAX_MS)
     """How often a replica renews its leases and looks for expired ones to take over."""
 
     @model_validator(mode="after")
@@ -215,12 +247,12 @@ class ReplicaSettings(_Model):
 class RetentionSettings(_Model):
     """How long what is finished is kept."""
 
-    closed_sessions_s: int = Field(default=86_400, ge=0)
+    closed_sessions_s: int = Field(default=86_400, ge=0, le=_MAX_S)
     """A closed session, its messages, input requests and event log are deleted this long after it
     closed; 0 keeps them for ever. The audit trail is kept."""
     max_events_per_session: int = Field(default=10_000, ge=0)
     """A session's event log keeps its newest this many events (plus at most 64); 0 keeps all."""
-    sweep_interval_s: float = Field(default=60.0, gt=0)
+    sweep_interval_s: float = Field(default=60.0, gt=0, le=_MAX_S)
     """How often closed sessions past their retention are looked for."""
 
 
@@ -235,13 +267,13 @@ class Settings(_Model):
     """How callers reach that HTTP server (webhook callback URLs); default http://<bound http_address>."""
     http_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     """Largest HTTP request body; a larger one is refused with 413 before it is read whole."""
-    session_ttl_ms: int = Field(default=1_800_000, ge=0)
+    session_ttl_ms: int = Field(default=1_800_000, ge=0, le=_MAX_MS)
     """Idle time after which a session is closed; 0 disables."""
-    input_request_ttl_ms: int = Field(default=3_600_000, gt=0)
+    input_request_ttl_ms: int = Field(default=3_600_000, gt=0, le=_MAX_MS)
     """How long an input request waits for a human before it expires."""
-    heartbeat_timeout_ms: int = Field(default=90_000, gt=0)
+    heartbeat_timeout_ms: int = Field(default=90_000, gt=0, le=_MAX_MS)
     """Silence after which a registered instance is unhealthy."""
-    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=_MAX_S)
     """How long in-flight calls may finish on shutdown."""
     subscriber_buffer: int = Field(default=1024, gt=0)
     """Events a live stream subscriber may fall behind before it is cut off."""
@@ -272,6 +304,16 @@ class Settings(_Model):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"policy names must be unique: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("http_public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parsed = urllib.parse.urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ValueError("must be an http(s) URL with a host, for example https://mesh.example.com")
         return value
 
     @field_validator("grpc_address", "http_address")

@@ -144,6 +144,11 @@ def test_every_problem_is_reported_at_once() -> None:
         pytest.param({"heartbeat_timeout_ms": 0}, id="zero-heartbeat-timeout"),
         pytest.param({"input_request_ttl_ms": -5}, id="negative-input-ttl"),
         pytest.param({"auth": {"token_ttl_s": 0}}, id="zero-token-ttl"),
+        # found from outside: durations past any timestamp started, then broke every call
+        pytest.param({"session_ttl_ms": 10**30}, id="session-ttl-past-any-timestamp"),
+        pytest.param({"input_request_ttl_ms": 10**20}, id="input-ttl-past-any-timestamp"),
+        pytest.param({"dispatch": {"timeout_ms": 10**20}}, id="dispatch-timeout-past-any-timestamp"),
+        pytest.param({"retention": {"closed_sessions_s": 10**15}}, id="retention-past-any-timestamp"),
     ],
 )
 def test_out_of_range_numbers_are_refused(data: dict[str, Any]) -> None:
@@ -316,3 +321,36 @@ def test_an_unknown_store_is_a_settings_error() -> None:
     with pytest.raises(SettingsError) as excinfo:
         MeshServer(parse_settings({"store": "mongodb://nowhere", "grpc_address": "127.0.0.1:0"}), env={})
     assert "store" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        # found from outside: each started (or crashed after creating the schema) and failed later
+        pytest.param(
+            {"postgres": {"schema_name": "Review_Upper"}}, "postgres.schema_name", id="upper-case-schema"
+        ),
+        pytest.param(
+            {"postgres": {"schema_name": "bad-schema; drop"}}, "postgres.schema_name", id="schema-sql"
+        ),
+        pytest.param({"http_public_url": "not a url"}, "http_public_url", id="public-url-not-a-url"),
+        pytest.param(
+            {"http_public_url": "ftp://mesh.example.com"}, "http_public_url", id="public-url-not-http"
+        ),
+        pytest.param({"tenants": [{"tenant_id": "has space"}]}, "tenants[0].tenant_id", id="tenant-id-space"),
+    ],
+)
+def test_values_the_mesh_cannot_use_are_refused_naming_the_key(data: dict[str, Any], path: str) -> None:
+    assert f"{path}:" in _error(data)
+
+
+def test_a_secret_hash_scrypt_cannot_check_is_refused() -> None:
+    tenants = tenant_settings()
+    good = tenants[0]["credentials"][0]["secret_hash"]
+    _, n, r, p, salt, digest = good.split("$")
+    for cost in ("99999999", "1", "3"):  # not a power of two above 1
+        tenants[0]["credentials"][0]["secret_hash"] = "$".join(("scrypt", cost, r, p, salt, digest))
+        message = _error({"tenants": tenants})
+        assert "tenants[0].credentials[0].secret_hash" in message and "hash-secret" in message
+    tenants[0]["credentials"][0]["secret_hash"] = "$".join(("scrypt", str(2**20), r, p, salt, digest))
+    assert "32 MiB" in _error({"tenants": tenants})  # more memory than scrypt may use here
