@@ -347,7 +347,7 @@ def test_values_the_mesh_cannot_use_are_refused_naming_the_key(data: dict[str, A
 def test_a_secret_hash_scrypt_cannot_check_is_refused() -> None:
     tenants = tenant_settings()
     good = tenants[0]["credentials"][0]["secret_hash"]
-    _, n, r, p, salt, digest = good.split("$")
+    _, _cost, r, p, salt, digest = good.split("$")
     for cost in ("99999999", "1", "3"):  # not a power of two above 1
         tenants[0]["credentials"][0]["secret_hash"] = "$".join(("scrypt", cost, r, p, salt, digest))
         message = _error({"tenants": tenants})

@@ -14,10 +14,13 @@ import asyncio
 
 import grpc
 import pytest
+from a2a.types import ListTasksRequest
+from a2a.utils.constants import TransportProtocol
 
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import event_types_pb2, message_service_pb2, message_types_pb2, session_service_pb2
 from tests._support import Client, error_details
+from tests.a2a_ingress_support import a2a_client, call
 from tests.agents_connected import data, new_session, running_agent, send
 
 pb = message_types_pb2
@@ -64,3 +67,36 @@ async def test_an_agent_cannot_grow_a_message_past_what_a_default_client_reads(c
                     break
         watched.cancel()
         assert seen[-1].message_state_changed.message_id == ended.message_id
+
+
+async def test_a_page_of_large_messages_ends_early_and_pages_through_them_all(client: Client) -> None:
+    # found from outside: 50 ordinary 100 KB messages made a 10 MB ListMessages page (and A2A
+    # ListTasks over gRPC the same) that no default client could read
+    session_id = await new_session(client)
+    sent = [(await send(client, session_id, f"{i:03d}" + "z" * 200_000)).message_id for i in range(24)]
+    md = await client.md()
+    listed: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await client.messages.ListMessages(
+            message_service_pb2.ListMessagesRequest(session_id=session_id, page_token=token), metadata=md
+        )  # a default channel: each page must fit its 4 MB limit
+        assert page.ByteSize() < 4 * MB
+        listed += [m.message_id for m in page.messages]
+        pages += 1
+        if not (token := page.next_page_token):
+            break
+    assert listed == sent and pages > 1
+    # A2A ListTasks over gRPC, with a2a-sdk's own client (a default channel too), pages the same way.
+    tasks: list[str] = []
+    token = ""
+    async with a2a_client(client.server.http.url, TransportProtocol.GRPC, streaming=False) as a2a:
+        while True:
+            listed_tasks = await a2a.list_tasks(
+                ListTasksRequest(context_id=session_id, page_token=token), context=call(await client.token())
+            )
+            tasks += [t.id for t in listed_tasks.tasks]
+            if not (token := listed_tasks.next_page_token):
+                break
+    assert tasks == sent

@@ -24,6 +24,7 @@ __all__ = [
     "Role",
     "Turn",
     "check_parts",
+    "message_bytes",
     "parse_metadata",
     "parts_bytes",
 ]
@@ -106,6 +107,15 @@ def _bytes_of(part: Part) -> int:
 def parts_bytes(parts: Iterable[Part]) -> int:
     """The bytes parts carry (text and file contents), as ``check_parts`` counts them."""
     return sum(_bytes_of(p) for p in parts)
+
+
+def message_bytes(message: Message) -> int:
+    """The bytes a message carries in all: its parts, its history's and its artifacts'."""
+    return (
+        parts_bytes(message.parts)
+        + sum(parts_bytes(t.parts) for t in message.history)
+        + sum(parts_bytes(a.parts) for a in message.artifacts)
+    )
 
 
 def check_parts(parts: tuple[Part, ...], field: str) -> int:

@@ -27,6 +27,7 @@ from svantic_grpc.core.messages.model import (
     Role,
     Turn,
     check_parts,
+    message_bytes,
     parse_metadata,
 )
 from svantic_grpc.core.messages.runtime import STOPS, SessionRuntime
@@ -46,6 +47,9 @@ _AWAY = "handed-off-"
 MAX_TOTAL_BYTES = 1024 * 1024
 """What a sent message's parts may carry: they are kept twice (the parts and the first turn of the
 history), and the agent's outputs need room too, within ``MAX_MESSAGE_BYTES``."""
+PAGE_MAX_BYTES = 2 * 1024 * 1024
+"""What one page of messages carries at most (one message alone may carry more, up to
+``MAX_MESSAGE_BYTES``): a page ends early, with its token for the rest."""
 _CANCEL_WAIT_S = 30.0
 """How long ``CancelMessage`` on a replica that does not own the session waits for the owner."""
 _CANCEL_RECHECK_S = 0.5
@@ -369,13 +373,28 @@ class Messages:
         check_id("session_id", session_id, required=False)
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
-        return await self._store.list_messages(
+        states = tuple(states)
+        page = await self._store.list_messages(
             tenant_id=caller.tenant_id,
             session_id=session_id,
             states=states,
             page_size=page_size or 50,
             cursor=page_token,
         )
+        carried = 0
+        for index, message in enumerate(page.messages):
+            carried += message_bytes(message)
+            if carried > PAGE_MAX_BYTES and index > 0:
+                # The page ends before this message (the store's cursor for the shorter page): a
+                # page stays readable by a client with gRPC's default 4 MB receive limit.
+                return await self._store.list_messages(
+                    tenant_id=caller.tenant_id,
+                    session_id=session_id,
+                    states=states,
+                    page_size=index,
+                    cursor=page_token,
+                )
+        return page
 
     async def cancel(self, caller: Caller, session_id: str, message_id: str, *, reason: str = "") -> Message:
         """Cancel a message that has not ended; a terminal one is ``FailedPrecondition``."""
