@@ -208,6 +208,8 @@ class EventBus:
         self._metrics = metrics
         self._clock = clock
         self._buffer = subscriber_buffer
+        self.shut_down = False
+        """``shutdown`` ended every subscription: the server is stopping."""
         self._max_events = max_events_per_session
         self._locks = KeyedLock()
         self._feeds: dict[tuple[str, str], Feed] = {}
@@ -414,6 +416,7 @@ class EventBus:
 
     def shutdown(self) -> None:
         """End every live subscription (server stopping); readers are told to reconnect."""
+        self.shut_down = True
         for feed in tuple(self._feeds.values()):
             for subscription in tuple(feed.subscribers):
                 subscription.end(Unavailable("the server is shutting down", reason="SERVER_SHUTTING_DOWN"))

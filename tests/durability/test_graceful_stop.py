@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
@@ -22,16 +24,34 @@ from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import message_service_pb2
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
 from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
+from tests import _postgres
 from tests.agents_a2a import HostedAgent, hosted_agents
 from tests.durability._approvals import APPROVE, approval_mesh, ask_to_delete, crm_agent, ended, pb
 from tests.durability.test_restart import WAIT, _client, _server, _until_serving
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """Settings of the store the servers share (found from outside: on PostgreSQL the stop failed
+    messages waiting for a human, "the server is shutting down; resume with after_sequence=...")."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    _postgres.require_postgres()
+    schema = _postgres.new_schema()
+    try:
+        yield {"store": _postgres.POSTGRES_DSN, "postgres": {"schema_name": schema, "pool_size": 4}}
+    finally:
+        await _postgres.drop_schema(schema)
+
+
 @pytest.mark.timeout(120)
-async def test_sigterm_leaves_approvals_pending_for_the_next_start(tmp_path: Path) -> None:
+async def test_sigterm_leaves_approvals_pending_for_the_next_start(
+    tmp_path: Path, store: dict[str, Any]
+) -> None:
     # The hosted agent outlives the mesh's restart (only the mesh stops); it reads the mesh's
     # dispatch keys once, so the mesh keeps its key across the restart.
-    mesh = approval_mesh(tmp_path, keep_dispatch_key=True, shutdown_grace_s=1)
+    mesh = approval_mesh(tmp_path, keep_dispatch_key=True, shutdown_grace_s=1, **store)
     ran: list[bool] = []
 
     async def deleting(dispatch: Dispatch, reply: Reply) -> None:

@@ -21,7 +21,7 @@ from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id, check_json_depth
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from svantic_grpc.core.errors import Conflict, InvalidArgument, MeshError, NotFound, PermissionDenied
 from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
 from svantic_grpc.core.inputs.checks import already_answered, check_ask, checked_resolution, outcome_text
 from svantic_grpc.core.inputs.model import (
@@ -429,20 +429,32 @@ class Inputs:
         subscription = bus.subscribe(tenant_id, request.session_id)
 
         async def elsewhere() -> InputRequest:
-            current = await self.get(tenant_id, request_id)  # read after subscribing: nothing missed
-            while current.state is InputState.PENDING:
-                payload = (await subscription.next()).payload
-                if isinstance(payload, InputEnded) and payload.request.request_id == request_id:
-                    current = await self.get(tenant_id, request_id)  # the event's lacks private values
-            return current
+            nonlocal subscription
+            while True:
+                current = await self.get(tenant_id, request_id)  # read after subscribing: nothing missed
+                try:
+                    while current.state is InputState.PENDING:
+                        payload = (await subscription.next()).payload
+                        if isinstance(payload, InputEnded) and payload.request.request_id == request_id:
+                            # read back: the event's request lacks what private fields were given
+                            current = await self.get(tenant_id, request_id)
+                    return current
+                except MeshError:
+                    # The subscription ended: this is no outcome of the request. The server stopping
+                    # (the message is parked, the request stays pending) leaves only an answer given
+                    # here, or the stop's cancellation; a subscription cut off for lagging is renewed.
+                    subscription.close()
+                    if bus.shut_down:
+                        await asyncio.Event().wait()
+                    subscription = bus.subscribe(tenant_id, request.session_id)
 
         heard = asyncio.ensure_future(elsewhere())
         try:
             await asyncio.wait({future, heard}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            subscription.close()
             if not heard.done():
-                heard.cancel()
+                heard.cancel()  # it subscribes again only right after an error, never once cancelled
+            subscription.close()
         if future.done():
             return future.result()
         ended = heard.result()
