@@ -11,7 +11,9 @@ the change is then made once more from a fresh read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import replace
@@ -218,21 +220,32 @@ class Sessions:
                 present = self._present(known, agent_type, instance_id, exclude)
                 if present is not None:
                     return present
-            session = self._keep(self._require_open(await self._get(tenant_id, session_id)))
-            present = self._present(session, agent_type, instance_id, exclude)
-            if present is not None:
-                return present
-            async with self._binding(tenant_id, session_id, agent_type, instance_id, exclude, rank) as agent:
-                now = self._clock.now()
-                joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
-                grown = replace(
-                    session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
-                )
-                # The agent in the session, its agent_joined event and the instance's binding to
-                # the session: one write, so a crash leaves both or neither.
-                bound = self._registry.bound(agent, session_id)
-                await self._store_update(grown, AgentJoined(joined), agents=(bound,) if bound else ())
-            return joined
+            for tries in range(_CONFLICT_TRIES):
+                session = self._keep(self._require_open(await self._get(tenant_id, session_id)))
+                present = self._present(session, agent_type, instance_id, exclude)
+                if present is not None:
+                    return present
+                try:
+                    async with self._binding(
+                        tenant_id, session_id, agent_type, instance_id, exclude, rank
+                    ) as agent:
+                        now = self._clock.now()
+                        joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
+                        grown = replace(
+                            session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
+                        )
+                        # The agent in the session, its agent_joined event and the instance's binding
+                        # to the session: one write, so a crash leaves both or neither.
+                        bound = self._registry.bound(agent, session_id)
+                        await self._store_update(grown, AgentJoined(joined), agents=(bound,) if bound else ())
+                    return joined
+                except Conflict:
+                    # Another replica bound or released the instance between the read and the write
+                    # (its record changed): read both again, check again, write again.
+                    if tries == _CONFLICT_TRIES - 1:
+                        raise
+                    await _jitter(tries)
+            raise AssertionError("unreachable")
 
     @staticmethod
     def _present(
@@ -485,29 +498,39 @@ class Sessions:
     ) -> None:
         """A remote instance leaves an open session (unreachable, deregistered)."""
         async with self._locks.hold((tenant_id, session_id)):
-            session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
-            if session is None or session.status is SessionStatus.CLOSED:
-                return
-            present = session.find_agent(instance_id=instance_id)
-            if present is None or present.internal:
-                return
-            now = self._clock.now()
-            agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
-            left = AgentLeft(present.agent_type, instance_id, reason)
-            async with self._registry.locks.hold((tenant_id, instance_id)):
-                registration = (
-                    await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-                    if unbind
-                    else None
-                )
-                released = self._registry.released(registration, session_id) if registration else None
-                # The agent gone from the session, its agent_left event and the instance released:
-                # one write.
-                await self._store_update(
-                    replace(session, agents=agents, updated_at=now),
-                    left,
-                    agents=(released,) if released else (),
-                )
+            for tries in range(_CONFLICT_TRIES):
+                try:
+                    await self._remove(tenant_id, session_id, instance_id, reason=reason, unbind=unbind)
+                    return
+                except Conflict:  # the session or the instance changed on another replica: again
+                    if tries == _CONFLICT_TRIES - 1:
+                        raise
+                    await _jitter(tries)
+
+    async def _remove(
+        self, tenant_id: str, session_id: str, instance_id: str, *, reason: str, unbind: bool
+    ) -> None:
+        session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+        if session is None or session.status is SessionStatus.CLOSED:
+            return
+        present = session.find_agent(instance_id=instance_id)
+        if present is None or present.internal:
+            return
+        now = self._clock.now()
+        agents = tuple(replace(a, left_at=now) if a is present else a for a in session.agents)
+        left = AgentLeft(present.agent_type, instance_id, reason)
+        async with self._registry.locks.hold((tenant_id, instance_id)):
+            registration = (
+                await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id) if unbind else None
+            )
+            released = self._registry.released(registration, session_id) if registration else None
+            # The agent gone from the session, its agent_left event and the instance released:
+            # one write.
+            await self._store_update(
+                replace(session, agents=agents, updated_at=now),
+                left,
+                agents=(released,) if released else (),
+            )
 
     async def open_record(self, tenant_id: str, session_id: str) -> Session:
         """The open session as this process last knew it (read when it knows none): ``NotFound``,
@@ -553,7 +576,15 @@ class Sessions:
                 return await change(known)
             except Conflict:
                 self._forget(tenant_id, session_id)
-        return await change(self._keep(await self._get(tenant_id, session_id)))
+        for tries in range(_CONFLICT_TRIES):
+            try:
+                return await change(self._keep(await self._get(tenant_id, session_id)))
+            except Conflict:  # e.g. an instance it releases was bound meanwhile on another replica
+                self._forget(tenant_id, session_id)
+                if tries == _CONFLICT_TRIES - 1:
+                    raise
+                await _jitter(tries)
+        raise AssertionError("unreachable")
 
     async def _store_update(
         self, session: Session, *events: EventPayload, agents: Sequence[AgentRegistration] = ()
@@ -618,3 +649,15 @@ class Sessions:
                 reason="SESSION_CLOSED",
             )
         return session
+
+
+_CONFLICT_TRIES = 20
+"""Times a change of a session with the instances it binds or releases is read and written again
+when another replica changed one of them in between (each instance's record holds its bindings:
+with many sessions of several replicas joining one instance at once, a write may lose a few times)."""
+
+
+async def _jitter(tries: int) -> None:
+    """A random wait before trying again, growing with the tries (2 ms, 4 ms ... at most 50 ms), so
+    replicas racing for one record do not race again in step."""
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(tries, 5))))
