@@ -20,7 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from svantic_grpc.core.auth import AttemptLimit, Credential, Scope, TokenSettings, hash_secret
 
@@ -265,6 +273,9 @@ class Settings(_Model):
     """host:port for the HTTP server, always on (/healthz, /readyz, adapters' routes); port 0 picks one."""
     http_public_url: str = ""
     """How callers reach that HTTP server (webhook callback URLs); default http://<bound http_address>."""
+    grpc_public_address: str = ""
+    """host:port clients on other machines dial for gRPC (the A2A agent card's gRPC bindings); default
+    the host of `http_public_url` with the bound gRPC port when that is set, else the bound address."""
     http_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     """Largest HTTP request body; a larger one is refused with 413 before it is read whole."""
     session_ttl_ms: int = Field(default=1_800_000, ge=0, le=_MAX_MS)
@@ -316,13 +327,24 @@ class Settings(_Model):
             raise ValueError("must be an http(s) URL with a host, for example https://mesh.example.com")
         return value
 
-    @field_validator("grpc_address", "http_address")
+    @field_validator("grpc_address", "http_address", "grpc_public_address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.field_name == "grpc_public_address":
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError("must be host:port, for example 127.0.0.1:50051")
         return value
+
+    def public_grpc_target(self, port: int) -> str:
+        """``host:port`` of the gRPC server for clients elsewhere (see ``grpc_public_address``)."""
+        if self.grpc_public_address:
+            return self.grpc_public_address
+        if self.http_public_url:
+            host = urllib.parse.urlsplit(self.http_public_url).hostname or ""
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return dial_address(self.grpc_address, port)
 
 
 def parse_settings(data: Any, *, source: str = "settings") -> Settings:

@@ -262,7 +262,7 @@ class MeshServer:
             raise SettingsError(f"grpc_address: cannot bind {self.settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
-        self.a2a.grpc_target = self.target
+        self.a2a.grpc_target = self.settings.public_grpc_target(self.port)
         self.mesh.now_serving()
         self._ready = True
         for name in ("", *SERVICE_NAMES):

@@ -110,6 +110,32 @@ async def test_the_public_card_names_the_mesh_its_bindings_and_bearer_auth(mesh:
     assert card["capabilities"]["streaming"] is True
 
 
+@pytest.mark.parametrize(
+    ("settings", "grpc_host"),
+    [
+        ({"http_public_url": "https://mesh.example.com"}, "mesh.example.com"),
+        (
+            {"http_public_url": "https://mesh.example.com", "grpc_public_address": "grpc.example.com:443"},
+            "grpc.example.com",
+        ),
+    ],
+    ids=["host-of-the-public-url", "grpc-public-address"],
+)
+async def test_a_public_card_sends_grpc_clients_where_the_public_can_reach(
+    settings: dict[str, Any], grpc_host: str
+) -> None:
+    # found from outside: behind a public URL (bound to 0.0.0.0), the card sent remote A2A clients
+    # to 127.0.0.1 for both gRPC bindings
+    async with running_server(**settings) as client, httpx.AsyncClient() as http:
+        card = (await http.get(f"{client.server.http.url}/.well-known/agent-card.json")).json()
+    grpc_urls = {i["url"] for i in card["supportedInterfaces"] if i["protocolBinding"] == "GRPC"}
+    port = client.server.port
+    expected = settings.get("grpc_public_address", f"{grpc_host}:{port}")
+    assert grpc_urls == {expected}
+    http_urls = {i["url"] for i in card["supportedInterfaces"] if i["protocolBinding"] != "GRPC"}
+    assert all(u.startswith("https://mesh.example.com/") for u in http_urls), http_urls
+
+
 @pytest.mark.parametrize(("binding", "version"), BINDINGS, ids=IDS)
 async def test_send_get_and_stream_over_each_binding(mesh: Mesh, binding: str, version: str) -> None:
     token = await mesh.token()
