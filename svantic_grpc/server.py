@@ -191,7 +191,7 @@ class MeshServer:
         self.a2a = A2AIngress(self.mesh)
         """The mesh as an A2A agent: its gRPC bindings on the gRPC server, its HTTP routes on ``http``."""
         self.http.mount(self.a2a.routes())
-        self.console = Console(self.mesh)
+        self.console = Console(self.mesh, public_url=settings.http_public_url)
         """The operator console at ``/console``."""
         self.http.mount(self.console.routes())
         if self.metrics is not None:

@@ -88,8 +88,11 @@ def _when(t: float | None) -> str:
 class Console:
     """The console's state (logins, the queue feed) and its routes; ``close`` ends live streams."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, *, public_url: str = "") -> None:
         self.mesh = mesh
+        self.tls = public_url.startswith("https://")
+        """Reached over TLS (``http_public_url`` says https): cookies are ``Secure`` even when a proxy
+        in front ends TLS and this server sees plain HTTP."""
         self.logins = ConsoleLogins(tokens=mesh.tokens, store=mesh.store, clock=mesh.clock)
         self.feed = QueueFeed()
         mesh.inputs.add_listener(self.feed)
@@ -172,7 +175,7 @@ class Console:
         pre = secrets.token_urlsafe(24)
         response = self.render("login.html", status, pre=pre, message=message)
         response.set_cookie(
-            _PRE, pre, httponly=True, samesite="strict", path="/console", secure=_https(request)
+            _PRE, pre, httponly=True, samesite="strict", path="/console", secure=self.tls or _https(request)
         )
         return response
 
@@ -197,7 +200,7 @@ class Console:
         except MeshError as exc:
             return await self.login_page(request, message=str(exc), status=401)
         response = _secured(RedirectResponse("/console/queue", status_code=303))
-        secure = _https(request)
+        secure = self.tls or _https(request)
         response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/console", secure=secure)
         response.delete_cookie(_PRE, path="/console")
         return response

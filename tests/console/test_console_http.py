@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from svantic_grpc.pb import message_types_pb2, session_service_pb2
-from tests._support import Client, code_of, running_server
+from tests._support import SECRET, Client, code_of, running_server
 from tests.agents_connected import WAIT, data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ConfirmAgent, FormAgent, ToolAgent, pending_ids, resolve
-from tests.console._console import DELETES, sign_in_on, signed_in, tool_call_parts
+from tests.console._console import DELETES, csrf_of, sign_in_on, signed_in, tool_call_parts
 
 pb = message_types_pb2
 INPUT_REQUIRED = pb.MESSAGE_STATE_INPUT_REQUIRED
@@ -46,6 +46,40 @@ async def test_sign_in_sets_a_strict_httponly_cookie_and_a_wrong_secret_is_refus
         assert "acme-full · acme" in queue.text
         csp = queue.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+async def test_cookies_are_secure_when_the_public_url_is_https_behind_a_tls_proxy() -> None:
+    # found from outside: behind a proxy that ends TLS the server sees http, and set its cookies
+    # without Secure
+    async with (
+        running_server(http_public_url="https://mesh.example.com") as client,
+        httpx.AsyncClient(base_url=client.server.http.url, timeout=WAIT) as http,
+    ):
+        page = await http.get("/console/login")
+        pre = page.headers["set-cookie"]
+        assert "secure" in pre.lower()  # the sign-in form's cookie
+        # (an http client keeps a Secure cookie to itself: it is sent here as the browser behind
+        # the proxy would)
+        ok = await http.post(
+            "/console/login",
+            data={"csrf": csrf_of(page.text), "client_id": "acme-full", "client_secret": SECRET},
+            headers={"cookie": pre.split(";")[0]},
+        )
+        assert ok.status_code == 303 and "secure" in ok.headers["set-cookie"].lower()
+
+
+async def test_a_request_only_others_may_answer_shows_who_instead_of_buttons() -> None:
+    only_boss = {**DELETES, "approvers": ["slack:UBOSS"]}
+    async with (
+        running_server(policies=[only_boss]) as client,
+        running_agent(client, ToolAgent(), agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        _, message = await _asked(client)
+        items = (await web.http.get("/console/queue/items")).text
+        assert message.input_request_ids[0] in items
+        assert "Only slack:UBOSS may answer this request." in items
+        assert 'class="resolve"' not in items and "Approve" not in items
 
 
 async def test_an_oversized_sign_in_form_is_refused_413_on_the_sign_in_page() -> None:
