@@ -197,6 +197,7 @@ class A2AIngress:
             if request.method == "POST":
                 try:
                     parsed = _read_body(await request.body())
+                    _check_version_of_method(request, parsed)
                 except _BadBody as bad:
                     return _refused(request, bad)
                 request.scope[SESSION_HINT] = _session_hint(parsed)
@@ -316,6 +317,8 @@ class _BadBody(Exception):
 
     request_id: str | int | None = None
     """The JSON-RPC request's id, when the body was a request the mesh could read."""
+    code: int | None = None
+    """The JSON-RPC error code, when not -32700 / -32602."""
 
     def __init__(self, message: str, *, parse: bool, field: str = "") -> None:
         super().__init__(message)
@@ -372,6 +375,27 @@ def _check_history_lengths(parsed: Any) -> None:
             raise _BadBody(f"{field}: must be below {_INT32}", parse=False, field=field)
 
 
+def _check_version_of_method(request: Request, parsed: Any) -> None:
+    """A JSON-RPC method of A2A 0.3 (``tasks/get``) sent with ``A2A-Version: 1.0`` is the client's
+    mistake, named (-32601) rather than left to a2a-sdk's 0.3 handler (-32603, an internal error)."""
+    if request.url.path.startswith(REST_PREFIX) or not isinstance(parsed, dict):
+        return
+    method = parsed.get("method")
+    version = request.headers.get("a2a-version", "").strip()
+    if isinstance(method, str) and "/" in method and version and not version.startswith("0."):
+        bad = _BadBody(
+            f"method {method!r} is A2A 0.3; with 'A2A-Version: {version}' call its {version} name "
+            "(SendMessage, SendStreamingMessage, GetTask, CancelTask, SubscribeToTask, ListTasks), "
+            "or send no A2A-Version header for 0.3",
+            parse=False,
+            field="method",
+        )
+        bad.code = -32601
+        if isinstance(parsed.get("id"), str | int):
+            bad.request_id = parsed["id"]
+        raise bad
+
+
 _TASK_STATES = frozenset(
     (*a2a_pb2.TaskState.keys(), *(str(n) for n in a2a_pb2.TaskState.values()), *a2a_pb2.TaskState.values())
 )
@@ -418,7 +442,7 @@ def _refused(request: Request, bad: _BadBody) -> Response:
         return JSONResponse(
             {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": str(bad)}}, status_code=400
         )
-    code = -32700 if bad.parse else -32602
+    code = bad.code or (-32700 if bad.parse else -32602)
     error: dict[str, Any] = {"code": code, "message": str(bad)}
     if bad.field:
         error["data"] = {"field": bad.field}

@@ -229,6 +229,17 @@ async def test_list_tasks_by_a_state_a2a_does_not_have_is_refused_naming_it(http
     assert listed_rest.status_code == 200 and len(listed_rest.json()["tasks"]) == 1, listed_rest.text
 
 
+async def test_a_0_3_method_with_the_1_0_header_is_named_not_an_internal_error(http: Http) -> None:
+    # found from outside: -32603 "A2A version '1.0' is not supported by this handler"
+    for method in ("tasks/get", "message/send"):
+        body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": {"id": "x"}}
+        response = (await http.post(body, path="/a2a/jsonrpc", headers=V1)).json()
+        assert response["id"] == 7 and response["error"]["code"] == -32601, response
+        assert field_of(response["error"]) == "method" and "GetTask" in response["error"]["message"]
+    get = {"jsonrpc": "2.0", "id": 8, "method": "tasks/get", "params": {"id": "x"}}
+    assert (await http.rpc_error(get, path="/a2a/jsonrpc"))["code"] == -32001  # 0.3 without the header
+
+
 async def test_unknown_tasks_and_push_configuration(http: Http) -> None:
     get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": {"id": "nope"}}
     assert (await http.rpc_error(get))["code"] == -32001
