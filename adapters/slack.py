@@ -367,16 +367,15 @@ class SlackAdapter(Adapter):
         channel = click.channel or self.settings.channel
         try:
             checked = await self._check(click.tenant_id, click.request_id, click.user)
+            answer = _answer_of(click.what)
             if isinstance(checked, _Verdict):
+                if answer is not None and _already_given(checked.ended, click.user, answer):
+                    return  # a retried delivery of the click that was recorded: nothing to tell
                 await self._ephemeral(channel, click.user, checked.text)
                 return
             request, verdict = checked, None
-            if click.what in ("approve", "approve_for_session"):
-                verdict = await self._resolve(request, Resolution(decision=Decision(click.what)), click.user)
-            elif click.what in ("confirm", "reject"):
-                verdict = await self._resolve(
-                    request, Resolution(confirmed=click.what == "confirm"), click.user
-                )
+            if answer is not None:
+                verdict = await self._resolve(request, answer, click.user)
             elif click.what == "deny":
                 view = _deny_view(request, channel)
                 await self._client.views_open(trigger_id=click.trigger_id, view=view)
@@ -425,7 +424,7 @@ class SlackAdapter(Adapter):
         except MeshError as e:
             return _Verdict(f"This request cannot be answered: {_esc(e.message)}")
         if request.state is not InputState.PENDING:
-            return _Verdict(_too_late(request))
+            return _Verdict(_too_late(request), ended=request)
         # The core's rule, checked before a modal opens; the core checks it again when answered. The
         # adapter's own list narrows who in Slack answers requests that name no responders.
         responder = f"slack:{user}"
@@ -453,6 +452,8 @@ class SlackAdapter(Adapter):
                 )
             except MeshError:
                 return _Verdict(f"Not recorded: {_esc(e.message)}")
+            if _already_given(ended, user, resolution):
+                return None  # Slack delivered this click again: it is the answer recorded
             return _Verdict(_too_late(ended))
         except InvalidArgument as e:
             return _Verdict(f"Not recorded: {_esc(e.message)}", field=e.field.rpartition(".")[2])
@@ -477,9 +478,35 @@ class _Verdict:
     """Block id -> message, to show under inputs of a still-open modal."""
     field: str = ""
     """The form field the mesh refused, if it named one."""
+    ended: InputRequest | None = None
+    """The request, when it had already ended."""
 
 
 _FAILED = _Verdict("Not recorded: the mesh could not take this answer; please try again.")
+
+
+def _answer_of(what: str) -> Resolution | None:
+    """What a button answers by itself (deny and forms open a modal first)."""
+    if what in ("approve", "approve_for_session"):
+        return Resolution(decision=Decision(what))
+    if what in ("confirm", "reject"):
+        return Resolution(confirmed=what == "confirm")
+    return None
+
+
+def _already_given(ended: InputRequest | None, user: str, answer: Resolution) -> bool:
+    """Whether ``ended`` was answered by this Slack user, this way: Slack retries a delivery it
+    thinks was lost (``X-Slack-Retry-Num``), and the clicker is not told their own answer lost."""
+    if ended is None or ended.state is not InputState.RESOLVED or ended.resolution is None:
+        return False
+    given = ended.resolution
+    return (
+        given.surface is Surface.SLACK
+        and given.resolved_by == f"slack:{user}"
+        and given.decision == answer.decision
+        and given.confirmed == answer.confirmed
+        and dict(given.values) == dict(answer.values)
+    )
 
 
 def _verdict_of(task: asyncio.Task[_Verdict | None]) -> _Verdict | None:

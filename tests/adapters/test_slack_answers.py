@@ -155,6 +155,25 @@ async def test_a_losing_click_names_a_slack_winner_as_a_mention() -> None:
         assert record.resolution.resolved_by == "slack:U2"
 
 
+async def test_a_click_slack_delivers_again_is_the_answer_recorded_not_a_lost_one() -> None:
+    # found from outside: Slack's retry of a click (X-Slack-Retry-Num) told the clicker that their
+    # own answer was "Not recorded: this request was already answered ... by <@U1>"
+    async with surfaces(ApprovalAgent()) as s:
+        _, _, request_id = await s.ask()
+        await s.slack_post(request_id)
+        assert await s.click(request_id, "approve", user="U1") == 200
+        await until(lambda: s.slack_updates(request_id), "the outcome in Slack")
+        assert await s.click(request_id, "approve", user="U1") == 200  # delivered again
+        assert await s.click(request_id, "approve_for_session", user="U1") == 200  # another answer
+        (told,) = await until(lambda: s.ephemerals("U1"), "the ephemeral to U1")
+        assert told.startswith("Not recorded: this request was already answered.")  # only that one
+        await asyncio.sleep(0.1)
+        assert len(s.ephemerals("U1")) == 1
+        record = await s.record(request_id)
+        assert record.resolution is not None and record.resolution.resolved_by == "slack:U1"
+        assert len(await s.audit(request_id)) == 1
+
+
 # ---------------------------------------------------------------- bad bodies at the door
 
 
