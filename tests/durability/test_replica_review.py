@@ -318,6 +318,30 @@ async def test_messages_racing_to_one_agent_from_two_replicas_all_complete() -> 
         assert agent is not None and set(agent.session_ids) == set(sessions)  # every binding kept
 
 
+async def test_a_cancel_that_loses_to_an_answer_on_the_owner_is_not_ok(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found from outside: CancelMessage through another replica answered OK with the message
+    # COMPLETED (an approval on the owner won the race): the cancel did nothing
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
+        tools = ToolAgent()
+        async with running_agent(owner, tools, agent_type="tools", instance_id="tools-a"):
+            session_id = await new_session(owner)
+            calls = {"calls": [{"tool": "crm.delete_records", "arguments": {"ids": [1]}}]}
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "tools", **calls}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            monkeypatch.setattr(owner.server.mesh.messages, "cancel_asked", lambda item: None)  # slow owner
+            cancelling = asyncio.create_task(cancel_message(other, session_id, asked.message_id))
+            await asyncio.sleep(0.3)  # the cancel is on its way to the owner
+            await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+            await wait_for_state(owner, session_id, asked.message_id, COMPLETED)
+            with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                await asyncio.wait_for(cancelling, WAIT)
+        assert code_of(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_details(excinfo)[0] == "MESSAGE_TERMINAL"
+        assert "completed before the cancel took effect" in excinfo.value.details()
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)

@@ -413,8 +413,18 @@ class Messages:
             or self.relay is None
             or await self._ownership.runs_here(tenant_id, session_id)
         ):
-            return await self._cancel_here(tenant_id, session_id, message_id, reason)
-        return await self._cancel_at_owner(tenant_id, session_id, message_id, reason)
+            ended = await self._cancel_here(tenant_id, session_id, message_id, reason)
+        else:
+            ended = await self._cancel_at_owner(tenant_id, session_id, message_id, reason)
+        if ended.state is not MessageState.CANCELED:
+            # It ended otherwise first (an answer let it complete while the cancel was on its way):
+            # the caller is told so, never OK for a cancel that did nothing.
+            raise FailedPrecondition(
+                f"message {message_id!r} ended {ended.state.value} before the cancel took effect",
+                reason="MESSAGE_TERMINAL",
+                metadata={"state": ended.state.value},
+            )
+        return ended
 
     async def _cancel_here(self, tenant_id: str, session_id: str, message_id: str, reason: str) -> Message:
         """Cancel a message of a session this replica runs: its running work stops (the agent is
