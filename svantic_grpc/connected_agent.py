@@ -273,6 +273,7 @@ class ConnectedAgent:
         max_concurrent_sessions: int = 0,
         reconnect_delay_s: float = 1.0,
         verify_dispatches: bool = False,
+        keep_answered_s: float = 120.0,
     ) -> None:
         self.target = target
         self.instance_id = instance_id
@@ -283,6 +284,10 @@ class ConnectedAgent:
         self._max_sessions = max_concurrent_sessions
         self._reconnect_delay_s = reconnect_delay_s
         self._verify_dispatches = verify_dispatches
+        self._keep_answered_s = keep_answered_s
+        """How long a handler at work on an answer outlives the stream it came on: the mesh that
+        delivered it delivers it again once it is back (a restart), and the handler carries on for
+        that dispatch instead of running again; not claimed by then, it is cancelled."""
         self._batch_updates = False
         """Whether the mesh said (in its welcome) that it reads update batches."""
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -397,8 +402,19 @@ class ConnectedAgent:
             stopping.cancel()
             if heartbeat is not None:
                 heartbeat.cancel()
-            for task in list(self._running.values()):
+            self._stream_ended()
+
+    def _stream_ended(self) -> None:
+        """The stream dropped: its handlers are cancelled, except those at work on an answer the
+        mesh will deliver again once it is back (``keep_answered_s``; ``_Sequels``)."""
+        loop = asyncio.get_running_loop()
+        keep = self._keep_answered_s > 0 and not self._stopping.is_set()
+        for dispatch_id, task in list(self._running.items()):
+            reply = self._replies.get(dispatch_id)
+            if reply is None or not keep or self._sequels.running_of(reply) is None:
                 task.cancel()
+                continue
+            loop.call_later(self._keep_answered_s, _cancel_unclaimed, task, reply, dispatch_id)
 
     async def _cancel_when_stopping(self, call: Any) -> None:
         await self._stopping.wait()
@@ -446,10 +462,10 @@ class ConnectedAgent:
             self._outbox.put_nowait(registry_service_pb2.ConnectRequest(heartbeat=beat))
 
     def _start(self, dispatch: registry_service_pb2.Dispatch) -> None:
-        outbox = self._outbox
 
         async def send(update: registry_service_pb2.DispatchUpdate) -> None:
-            outbox.put_nowait(update)  # copied once, into its frame
+            # The stream of the moment: a handler kept across a reconnect sends on the new one.
+            self._outbox.put_nowait(update)  # copied once, into its frame
 
         prefilled = _answers_in(dispatch.message)
         message_id = dispatch.message.message_id
@@ -617,11 +633,22 @@ class _Sequels:
                 return sequel
         return None
 
+    def running_of(self, reply: Reply) -> _Sequel | None:
+        """The sequel ``reply``'s handler is at work on, if any."""
+        sequel = self._by_reply.get(id(reply))
+        return sequel if sequel is not None and sequel.running is not None else None
+
     def ended(self, reply: Reply, *, completed: bool) -> None:
         sequel = self._by_reply.pop(id(reply), None)
         if sequel is not None:
             sequel.running = None
             sequel.completed = completed
+
+
+def _cancel_unclaimed(task: asyncio.Task[None], reply: Reply, dispatch_id: str) -> None:
+    """A handler kept across a dropped stream that no dispatch took over meanwhile ends."""
+    if reply.dispatch_id == dispatch_id and not task.done():
+        task.cancel()
 
 
 def _asks(updates: list[registry_service_pb2.DispatchUpdate]) -> bool:

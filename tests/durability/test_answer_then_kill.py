@@ -3,8 +3,9 @@
 the restart failed it as "interrupted" and the answer was lost for the agent).
 
 The message now stays input-required until the agent reports after the answer; the restart
-then resumes it, the agent gets the answer again with the message (the Python helper answers
-its question from it without asking), and the message completes.
+then resumes it, the agent gets the answer again with the message, and the message completes.
+The Python helper keeps the handler that was at work on that answer through the reconnect, and
+that handler carries on for the new dispatch: the approved work is done once.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ async def test_a_kill_between_the_answer_and_the_agents_next_report_resumes_the_
 ) -> None:
     mesh = approval_mesh(tmp_path)
     answers: list[bool] = []
-    got_answer = asyncio.Event()
+    got_answer, go_on = asyncio.Event(), asyncio.Event()
 
     async def deleting(dispatch: Dispatch, reply: Reply) -> None:
         approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
         answers.append(approved)
         got_answer.set()
-        if len(answers) == 1:
-            await asyncio.sleep(60)  # still at work, reporting nothing, when the server dies
+        await go_on.wait()  # still at work, reporting nothing, when the server dies
         await reply.artifact(f"approved: {approved}")
         await reply.complete()
 
@@ -59,11 +59,14 @@ async def test_a_kill_between_the_answer_and_the_agents_next_report_resumes_the_
 
         with _server(mesh.settings, mesh.env, tmp_path / "second.log") as second:
             await _until_serving(mesh.target, second, tmp_path / "second.log")
+            await asyncio.wait_for(agent.connected.wait(), WAIT)
+            await asyncio.sleep(0.5)  # the resumed message reaches the agent
+            go_on.set()
             async with _client(mesh.target) as (channel, md):
                 done = await ended(channel, md, "s1")
                 assert done.state == pb.MESSAGE_STATE_COMPLETED, done.state_reason
                 assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
-        assert answers == [True, True]  # given live, then again with the resumed message
+        assert answers == [True]  # given live; given again with the resumed message, to the same work
     finally:
         await agent.stop()
         await asyncio.wait_for(running, WAIT)
