@@ -429,8 +429,8 @@ class SlackAdapter(Adapter):
         # adapter's own list narrows who in Slack answers requests that name no responders.
         responder = f"slack:{user}"
         narrowed = not request.allowed_responders and self.settings.allowed_responders
-        if not request.may_answer(responder) or (
-            narrowed and not responder_allowed(responder, self.settings.allowed_responders)
+        if not request.may_answer(responder, Surface.SLACK) or (
+            narrowed and not responder_allowed(responder, self.settings.allowed_responders, Surface.SLACK)
         ):
             return _Verdict("You are not one of the allowed responders for this request.")
         return request

@@ -103,6 +103,7 @@ class Console:
         )
         self.env.filters["when"] = _when
         self.env.filters["seg"] = path_segment
+        self.env.globals["CONSOLE"] = Surface.CONSOLE
         self.env.filters["json_text"] = _json_text
         self.env.globals["FIELD_PREFIX"] = FIELD_PREFIX
 

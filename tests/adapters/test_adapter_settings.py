@@ -14,7 +14,7 @@ from adapters.slack import SlackAdapter
 from adapters.webhook import WebhookAdapter
 from svantic_grpc.adapter import AdapterSettingsError
 from svantic_grpc.config import SettingsError, parse_settings
-from svantic_grpc.core.inputs.model import InputKind, responder_allowed
+from svantic_grpc.core.inputs.model import InputKind, Surface, responder_allowed
 from svantic_grpc.server import MeshServer
 from tests._support import SIGNING_ENV
 from tests.adapters import test_slack, test_webhook
@@ -74,19 +74,29 @@ def test_the_server_names_the_adapter_key_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("responder", "allowed", "expected"),
+    ("responder", "surface", "allowed", "expected"),
     [
-        ("slack:U1", ("slack:U1",), True),
-        ("slack:U1", ("U1",), True),
-        ("slack:U1", ("slack:U2", "U3"), False),
-        ("grpc:alice", ("alice",), True),
-        ("alice", ("alice",), True),
+        ("slack:U1", Surface.SLACK, ("slack:U1",), True),
+        ("slack:U1", Surface.SLACK, ("U1",), True),
+        ("slack:U1", Surface.SLACK, ("slack:U2", "U3"), False),
+        ("grpc:alice", Surface.GRPC, ("alice",), True),
+        ("alice", Surface.GRPC, ("alice",), True),
+        ("alice", Surface.GRPC, ("grpc:alice",), True),
+        ("alice", Surface.WEBHOOK, ("grpc:alice",), False),
+        ("ops@acme", Surface.WEBHOOK, ("ops@acme",), True),
+        # found from outside: a webhook answer naming itself with a second prefix passed for Slack's user
+        ("x:slack:UBOSS", Surface.WEBHOOK, ("slack:UBOSS",), False),
+        ("webhook:slack:UBOSS", Surface.WEBHOOK, ("slack:UBOSS",), False),
+        ("UBOSS", Surface.WEBHOOK, ("slack:UBOSS",), False),
+        ("x:alice", Surface.WEBHOOK, ("alice",), False),
     ],
 )
-def test_the_one_responder_rule(responder: str, allowed: tuple[str, ...], expected: bool) -> None:
-    assert responder_allowed(responder, allowed) is expected
+def test_the_one_responder_rule(
+    responder: str, surface: Surface, allowed: tuple[str, ...], expected: bool
+) -> None:
+    assert responder_allowed(responder, allowed, surface) is expected
     request = make_request(InputKind.TOOL_APPROVAL, allowed_responders=allowed)
-    assert request.may_answer(responder) is expected
+    assert request.may_answer(responder, surface) is expected
 
 
 async def test_slack_refuses_before_a_modal_a_user_the_request_does_not_allow() -> None:

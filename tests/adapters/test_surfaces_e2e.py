@@ -566,6 +566,8 @@ async def test_a_webhook_answer_cannot_speak_for_a_slack_approver() -> None:
         token = (await s.notification(request_id))["callback"]["token"]
         for answer in (
             s.hook_token(token, responder="slack:UBOSS"),
+            s.hook_token(token, responder="x:slack:UBOSS"),  # (found in a second review)
+            s.hook_token(token, responder="webhook:slack:UBOSS"),
             s.hook_token(token),
             s.hook_token(token, responder="UBOSS"),
             s.hook_signed(request_id, responder="slack:UBOSS"),

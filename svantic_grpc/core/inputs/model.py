@@ -185,9 +185,10 @@ class InputRequest:
     """Why it ended when nobody resolved it (expired, canceled)."""
     version: int = 0
 
-    def may_answer(self, responder: str) -> bool:
-        """Whether ``responder`` may answer this request: anyone when it names no responders."""
-        return not self.allowed_responders or responder_allowed(responder, self.allowed_responders)
+    def may_answer(self, responder: str, surface: Surface) -> bool:
+        """Whether ``responder`` may answer this request through ``surface``: anyone when it names
+        no responders."""
+        return not self.allowed_responders or responder_allowed(responder, self.allowed_responders, surface)
 
     @property
     def sensitive(self) -> bool:
@@ -241,11 +242,16 @@ def speaks_for(responder: str) -> Surface | None:
         return None
 
 
-def responder_allowed(responder: str, allowed: Iterable[str]) -> bool:
-    """Whether ``responder`` (``surface:name``, e.g. ``slack:U123``) is one of ``allowed``.
+def responder_allowed(responder: str, allowed: Iterable[str], surface: Surface) -> bool:
+    """Whether ``responder``, answering through ``surface``, is one of ``allowed``.
 
-    An entry may name the responder with its surface or without it (``U123``); without it, the
-    name is matched on every surface, including the name a webhook answer gives.
+    An entry ``surface:name`` (``slack:U123``) names a responder of that surface only; an entry
+    without a surface (``U123``, ``ops@acme``) names one on every surface, including the name a
+    webhook answer gives. The responder's own prefix of the answer's surface belongs to the
+    surface (``slack:U123`` through Slack is ``U123``); anything else is part of its name, so a
+    webhook answer calling itself ``x:slack:U123`` is never Slack's ``U123``.
     """
-    bare = responder.partition(":")[2] or responder
-    return any(a in (responder, bare) for a in allowed)
+    own = f"{surface.value}:"
+    name = responder[len(own) :] if responder.startswith(own) else responder
+    qualified = own + name
+    return any(a == qualified or (a == name and speaks_for(a) is None) for a in allowed)

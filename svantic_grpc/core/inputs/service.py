@@ -243,7 +243,7 @@ class Inputs:
                     f"cannot speak for one (give the responder without the '{claimed.value}:' prefix)",
                     reason="RESPONDER_NOT_ALLOWED",
                 )
-            if not request.may_answer(responder):
+            if not request.may_answer(responder, surface):
                 allowed = ", ".join(request.allowed_responders)
                 raise PermissionDenied(
                     f"{responder} may not answer this request; allowed: {allowed}",
