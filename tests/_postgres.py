@@ -62,6 +62,17 @@ def new_schema() -> str:
     return f"svantic_test_{uuid.uuid4().hex[:12]}"
 
 
+@contextlib.asynccontextmanager
+async def store_settings() -> AsyncIterator[dict[str, Any]]:
+    """Server settings of a PostgreSQL store in a schema of its own, dropped afterwards."""
+    require_postgres()
+    schema = new_schema()
+    try:
+        yield {"store": POSTGRES_DSN, "postgres": {"schema_name": schema, "pool_size": 4}}
+    finally:
+        await drop_schema(schema)
+
+
 async def fresh_store(schema: str | None = None) -> PostgresStore:
     """A connected store in a schema of its own."""
     require_postgres()

@@ -37,12 +37,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]
     if request.param == "sqlite":
         yield {}
         return
-    _postgres.require_postgres()
-    schema = _postgres.new_schema()
-    try:
-        yield {"store": _postgres.POSTGRES_DSN, "postgres": {"schema_name": schema, "pool_size": 4}}
-    finally:
-        await _postgres.drop_schema(schema)
+    async with _postgres.store_settings() as settings:
+        yield settings
 
 
 @pytest.mark.timeout(120)

@@ -30,12 +30,8 @@ async def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
     elif request.param == "sqlite":
         yield {"store": f"sqlite:///{tmp_path / 'mesh.db'}"}
     else:
-        _postgres.require_postgres()
-        schema = _postgres.new_schema()
-        try:
-            yield {"store": _postgres.POSTGRES_DSN, "postgres": {"schema_name": schema, "pool_size": 4}}
-        finally:
-            await _postgres.drop_schema(schema)
+        async with _postgres.store_settings() as settings:
+            yield settings
 
 
 @asynccontextmanager

@@ -92,6 +92,15 @@ async def _replicas_a_and_b(schema: str) -> AsyncIterator[tuple[Client, Client]]
         yield a, b
 
 
+async def _expire(schema: str, session_id: str) -> None:
+    """The session's lease runs out now (its owner stopped renewing it)."""
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id)
+    finally:
+        await conn.close()
+
+
 def _stop_sweeping(client: Client) -> None:
     """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
     for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
@@ -164,11 +173,7 @@ async def test_a_replica_keeps_its_own_leases_while_it_recovers_sessions_it_took
 
         monkeypatch.setattr(Recovery, "_recover", long_recovery)
         _stop_sweeping(dying)  # "a" hangs: its lease runs out and "b" takes the session over
-        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-        try:
-            await conn.execute(f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', orphan)
-        finally:
-            await conn.close()
+        await _expire(schema, orphan)
         for _ in range(50):
             if not slow:
                 break
@@ -201,13 +206,7 @@ async def test_a_send_waiting_on_a_replica_that_loses_the_session_is_told_it_mov
             await asyncio.wait_for(working.wait(), WAIT)
             _stop_sweeping(owner)  # "a" hangs; its lease runs out and "b" takes the session
             _stop_sweeping(other)
-            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-            try:
-                await conn.execute(
-                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-                )
-            finally:
-                await conn.close()
+            await _expire(schema, session_id)
             assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" notices
             with pytest.raises(grpc.aio.AioRpcError) as excinfo:
@@ -241,13 +240,7 @@ async def test_an_answer_delivered_again_after_the_owner_died_does_not_run_the_a
             await asyncio.wait_for(finished.wait(), WAIT)
             _stop_sweeping(owner)
             _stop_sweeping(other)
-            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-            try:
-                await conn.execute(
-                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-                )
-            finally:
-                await conn.close()
+            await _expire(schema, session_id)
             assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
             done = await wait_for_state(other, session_id, asked.message_id, COMPLETED, FAILED)
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
@@ -278,13 +271,7 @@ async def test_an_answer_delivered_again_while_the_agent_still_works_on_it_joins
             owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
             _stop_sweeping(owner)
             _stop_sweeping(other)
-            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-            try:
-                await conn.execute(
-                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-                )
-            finally:
-                await conn.close()
+            await _expire(schema, session_id)
             assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
             await asyncio.sleep(0.3)  # the resumed dispatch reaches the agent
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
@@ -493,13 +480,7 @@ async def test_a_cancel_for_a_session_whose_owner_is_gone_is_done_by_the_replica
         # "a" hangs: it renews nothing any more and its lease runs out.
         _stop_sweeping(owner)
         _stop_sweeping(other)  # "b" takes the session for the cancel, not by its own sweep
-        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-        try:
-            await conn.execute(
-                f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-            )
-        finally:
-            await conn.close()
+        await _expire(schema, session_id)
         canceled = await cancel_message(other, session_id, asked.message_id, reason="never mind")
         assert canceled.state == CANCELED and canceled.state_reason == "never mind"
         assert await _lease(schema, session_id) == ("b", 2)  # "b" took the session to do it
@@ -553,13 +534,7 @@ async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cl
             # "a" hangs; "b" takes the session over; "a" is stopped before it noticed.
             _stop_sweeping(owner)
             _stop_sweeping(other)
-            conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
-            try:
-                await conn.execute(
-                    f'UPDATE "{schema}".leases SET expires_at = 0 WHERE session_id = $1', session_id
-                )
-            finally:
-                await conn.close()
+            await _expire(schema, session_id)
             assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
             # Its stop cancels the message still running there; the writes that go with it are
             # refused (the lease moved on), and the stop carries on regardless.
