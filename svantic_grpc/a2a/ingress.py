@@ -100,6 +100,11 @@ class A2AIngress:
                 protocol_binding=TransportProtocol.JSONRPC,
                 protocol_version=PROTOCOL_VERSION_0_3,
             ),
+            AgentInterface(  # a 0.3 client adds /v1/... to it
+                url=f"{base}{REST_PREFIX}",
+                protocol_binding=TransportProtocol.HTTP_JSON,
+                protocol_version=PROTOCOL_VERSION_0_3,
+            ),
         ]
         if self.grpc_target:
             for version in (PROTOCOL_VERSION_1_0, PROTOCOL_VERSION_0_3):

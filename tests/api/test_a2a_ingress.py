@@ -41,6 +41,7 @@ BINDINGS = [
     (TransportProtocol.JSONRPC, PROTOCOL_VERSION_1_0),
     (TransportProtocol.JSONRPC, PROTOCOL_VERSION_0_3),
     (TransportProtocol.HTTP_JSON, PROTOCOL_VERSION_1_0),
+    (TransportProtocol.HTTP_JSON, PROTOCOL_VERSION_0_3),  # (listed in the card since a second review)
     (TransportProtocol.GRPC, PROTOCOL_VERSION_1_0),
     (TransportProtocol.GRPC, PROTOCOL_VERSION_0_3),
 ]
@@ -108,6 +109,9 @@ async def test_the_public_card_names_the_mesh_its_bindings_and_bearer_auth(mesh:
     assert f"{mesh.base}/send" in urls and mesh.client.server.target in urls
     assert card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]["scheme"] == "Bearer"
     assert card["capabilities"]["streaming"] is True
+    # what an A2A 0.3 client reads: every 0.3 binding (HTTP+JSON was missing: found in a second review)
+    assert card["preferredTransport"] == "JSONRPC" and card["url"] == f"{mesh.base}/send"
+    assert {i["transport"] for i in card["additionalInterfaces"]} >= {"HTTP+JSON", "GRPC"}
 
 
 @pytest.mark.parametrize(
