@@ -4,7 +4,9 @@ The agent's card (fetched once per URL) says whether to speak JSON-RPC or gRPC.
 An agent that needs a human answers ``input-required``; a data part
 ``{"input_request": {...}}`` in its status message says what it needs (see
 ``core.inputs.asks``; without one it is a free-text question). The human's answer
-goes back on the same task as ``{"input_resolution": {...}}``.
+goes back on the same task as ``{"input_resolution": {...}}``; an agent that lost that task
+(it restarted with its tasks in memory: "task not found") gets the request and the answers
+again as a new task in the same context, so an answer the mesh acknowledged is never dropped.
 Each dispatch streams (``message/stream``), so progress, turns and artifacts
 reach the session as they happen. The A2A context id is the session id, so an
 agent shared by many sessions keeps their conversations apart. The dispatch
@@ -48,7 +50,7 @@ from a2a.types import Message as A2AMessage
 from a2a.types import Part as A2APart
 from a2a.types import Role as A2ARole
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
-from a2a.utils.errors import A2AError
+from a2a.utils.errors import A2AError, TaskNotFoundError
 from google.protobuf import json_format
 
 from svantic_grpc._json import whole
@@ -170,6 +172,9 @@ class A2ATransport:
         if job.resume_task_id and job.answer is not None:
             task_id = job.resume_task_id  # the agent still waits on its task: answer it there
             message = _answer_message(job, task_id, job.answer)
+        answers: list[InputRequest] = []
+        """The human answers given on the agent's task in this dispatch (``job.answer`` is in
+        ``job.message`` already): a fresh task carries them if the agent lost that one."""
         delivered = False
         ended = False
         try:
@@ -179,28 +184,46 @@ class A2ATransport:
                 context = _signed(job)
                 call = client.send_message(_request(message), context=context)
                 first = True
-                async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
-                    async for event in stream:
-                        delivered = True
-                        if first and message.task_id and _still_asking(event):
+                try:
+                    async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
+                        async for event in stream:
+                            delivered = True
+                            if first and message.task_id and _still_asking(event):
+                                first = False
+                                continue  # the task as it stood when the answer went out: no new question
                             first = False
-                            continue  # the task as it stood when the answer went out: no new question
-                        first = False
-                        update, task_id = _update_from(event, task_id)
-                        if update is None:
-                            continue
-                        if update.state is MessageState.INPUT_REQUIRED:
-                            answer = yield update
-                            break
-                        # Mark the end before yielding: the caller stops reading after a final update.
-                        ended = update.state in _ENDS
-                        if ended:
-                            await _drain(stream)
-                        yield update
-                        if ended:
-                            return
+                            update, task_id = _update_from(event, task_id)
+                            if update is None:
+                                continue
+                            if update.state is MessageState.INPUT_REQUIRED:
+                                answer = yield update
+                                break
+                            # Mark the end before yielding: the caller stops reading after a final update.
+                            ended = update.state in _ENDS
+                            if ended:
+                                await _drain(stream)
+                            yield update
+                            if ended:
+                                return
+                except TaskNotFoundError:
+                    if not (message.task_id and first):
+                        raise
+                    # The agent no longer has the task that asked (it restarted with its tasks in
+                    # memory): the human's answer must still reach it, so the request and the
+                    # answers go again as a new task in the same context.
+                    _log.warning(
+                        "%s instance %r lost its task %s: sending the request and the answer as a new task",
+                        job.agent.agent_type,
+                        job.agent.instance_id,
+                        message.task_id,
+                        extra={"dispatch_id": job.dispatch_id, "instance_id": job.agent.instance_id},
+                    )
+                    task_id = ""
+                    message = _afresh(job, answers)
+                    continue
                 if answer is None:
                     break
+                answers.append(answer)
                 message = _answer_message(job, task_id, answer)
         except A2AClientTimeoutError as exc:
             if not delivered and _never_sent(exc.__cause__):  # it timed out connecting
@@ -378,6 +401,16 @@ def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2
         role=A2ARole.ROLE_USER,
         parts=[A2APart(text=text), new_data_part({"input_resolution": answer})],
     )
+
+
+def _afresh(job: DispatchJob, answers: list[InputRequest]) -> A2AMessage:
+    """The dispatch's request as a new task, for an agent that lost the one it asked on: the
+    message as first sent, then each answer given since as ``_answer_message`` words it."""
+    message = _to_a2a_message(job)
+    message.message_id = f"{job.dispatch_id}-afresh-{len(answers)}"
+    for answer in answers:
+        message.parts.extend(_answer_message(job, "", answer).parts)
+    return message
 
 
 def _to_a2a_part(part: Part) -> A2APart:
