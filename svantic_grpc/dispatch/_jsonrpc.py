@@ -27,7 +27,7 @@ unreachable, timed out connecting) is an ``aiohttp.ClientConnectorError`` or
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 from uuid import uuid4
 
@@ -48,6 +48,7 @@ __all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport"]
 
 _ERRORS = {code: error for error, code in JSON_RPC_ERROR_CODE_MAP.items()}
 _ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _HEADERS = {
     "Accept": "text/event-stream",
     "Cache-Control": "no-store",
@@ -82,29 +83,33 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         self, request: SendMessageRequest, *, context: ClientCallContext | None = None
     ) -> AsyncGenerator[StreamResponse]:
         """The agent's events for ``request`` as they come, to the end of its stream."""
-        return self.stream(json_format.MessageToDict(request), context=context)
+        headers = context.service_parameters if context is not None else None
+        limit = context.timeout if context is not None else None
+        return self.stream(json_format.MessageToDict(request), headers=headers, timeout_s=limit)
 
     async def stream(
-        self, params: dict[str, Any], *, context: ClientCallContext | None = None
+        self,
+        params: dict[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> AsyncGenerator[StreamResponse]:
-        """``SendStreamingMessage`` with ``params`` (a ``SendMessageRequest`` as ProtoJSON): the
-        agent's events as they come, to the end of its stream."""
+        """``SendStreamingMessage`` with ``params`` (a ``SendMessageRequest`` as ProtoJSON) and
+        ``headers`` besides the protocol's: the agent's events as they come, to the end of its
+        stream. ``timeout_s`` bounds each phase (connect, each read) instead of the transport's
+        timeouts, as a ``ClientCallContext.timeout`` does in a2a-sdk."""
         payload = {"jsonrpc": "2.0", "id": str(uuid4()), "method": "SendStreamingMessage", "params": params}
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = _HEADERS
+        body = _encode(payload).encode()
+        sent = {**_HEADERS, **headers} if headers else _HEADERS
         timeout = self._timeout
-        if context is not None:
-            if context.service_parameters:
-                headers = {**_HEADERS, **context.service_parameters}
-            if context.timeout is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
-                limit = context.timeout
-                timeout = aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=limit)
+        if timeout_s is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
+            timeout = aiohttp.ClientTimeout(connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
         session = self._session()
         if session.closed:
             raise A2AClientError("HTTP client is closed")
         try:
             # No redirect is followed (as a2a-sdk's httpx client does not): a redirect is an error.
-            call = session.post(self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+            call = session.post(self.url, data=body, headers=sent, timeout=timeout, allow_redirects=False)
             async with call as response:
                 if response.status >= 300:
                     text = await response.text(errors="replace")

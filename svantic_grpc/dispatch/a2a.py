@@ -178,12 +178,13 @@ class A2ATransport:
             while True:  # one A2A call per turn: the first, then one per human answer
                 answer: InputRequest | None = None
                 # A fresh token per call: an answer may come long after the first token expired.
-                context = _signed(job)
+                headers = _headers(job)
                 params = {"message": message, "configuration": _NO_HISTORY}
                 call: AsyncIterator[Any]
                 if direct is not None:  # the JSON-RPC streaming call without the Client around it
-                    call = direct.stream(params, context=context)
+                    call = direct.stream(params, headers=headers)
                 else:
+                    context = ClientCallContext(service_parameters=headers)
                     call = client.send_message(parse(params, SendMessageRequest), context=context)
                 first = True
                 try:
@@ -245,7 +246,8 @@ class A2ATransport:
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
             if task_id and not ended and not self._stopping:
-                await _cancel_quietly(client, task_id, _signed(job))
+                context = ClientCallContext(service_parameters=_headers(job))
+                await _cancel_quietly(client, task_id, context)
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
 
@@ -282,12 +284,10 @@ _NO_HISTORY = {"historyLength": 0}
 """The mesh keeps the conversation itself: the agent need not send the task's history back."""
 
 
-def _signed(job: DispatchJob) -> ClientCallContext:
-    """Call context carrying a dispatch token signed now, so it is valid when the call goes out,
-    and the dispatch's W3C trace headers (``traceparent``) when traced."""
-    return ClientCallContext(
-        service_parameters={**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
-    )
+def _headers(job: DispatchJob) -> dict[str, str]:
+    """The headers of one call: a dispatch token signed now, so it is valid when the call goes
+    out, and the dispatch's W3C trace headers (``traceparent``) when traced."""
+    return {**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
 
 
 def _protocol_of(card: AgentCard) -> str | None:
