@@ -4,15 +4,19 @@ An a2a-sdk agent with its tasks in memory asks a question, then restarts (same p
 store) while the human thinks. When the answer comes, the agent says "task not found" to it. The
 human's answer is acknowledged, so the mesh does not fail the message for that: it sends the
 original request and the answer to the agent as a new task in the same context, and the message
-completes with what the agent made of them.
+completes with what the agent made of them. The same when the mesh restarts too (SQLite, killed)
+and resumes the agent's task with the answer after its start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,15 +26,20 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from a2a.utils.constants import TransportProtocol
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from grpc import aio
 
-from svantic_grpc.pb import agent_types_pb2, message_types_pb2, registry_service_pb2
+from svantic_grpc.pb import agent_types_pb2, message_service_pb2, message_types_pb2, registry_service_pb2
+from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
+from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
 from tests._support import running_server
 from tests.agents_a2a import serve_a2a, serve_a2a_grpc
 from tests.agents_connected import WAIT, data, new_session, send, wait_for_state
 from tests.agents_inputs import artifact_texts, pending, resolve
 from tests.api.test_inputs import COMPLETED, INPUT_REQUIRED
+from tests.durability._approvals import approval_mesh, ask_to_delete, ended
+from tests.durability.test_restart import WAIT as RESTART_WAIT
+from tests.durability.test_restart import _client, _server, _until_serving
 
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 
@@ -161,4 +170,50 @@ async def test_an_answer_to_an_agent_that_lost_its_task_reaches_it_as_a_new_task
     assert afresh.continued is False
     assert afresh.texts == ["book a table", "Ada"]
     assert afresh.resolution["request_id"] == question.request_id
+    assert afresh.resolution["values"] == {"answer": "Ada"}
+
+
+@pytest.mark.timeout(120)
+async def test_after_both_restart_the_answer_reaches_the_agent_as_a_new_task(tmp_path: Path) -> None:
+    # The mesh (SQLite) is killed while the human thinks, and the agent restarts too: the next
+    # mesh resumes the agent's task with the answer, which the agent no longer has.
+    mesh = approval_mesh(tmp_path)
+    port, grpc_port = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{port}/forgetful-1"
+    agent = ForgetfulAgent(url, TransportProtocol.JSONRPC, url)
+    registration = registry_service_pb2.RegisterAgentRequest(
+        agent_type="forgetful",
+        instance_id="forgetful-1",
+        url=url,
+        deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_HOSTED,
+    )
+    async with _serving(port, grpc_port, agent):
+        with _server(mesh.settings, mesh.env, tmp_path / "first.log") as first:
+            await _until_serving(mesh.target, first, tmp_path / "first.log")
+            async with _client(mesh.target) as (channel, md):
+                await RegistryServiceStub(channel).RegisterAgent(registration, metadata=md)
+                asked = await ask_to_delete(channel, md, "s1", "forgetful")
+                [request_id] = asked.input_request_ids
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, RESTART_WAIT)
+    async with _serving(port, grpc_port, agent):  # back, with no tasks
+        with _server(mesh.settings, mesh.env, tmp_path / "second.log") as second:
+            await _until_serving(mesh.target, second, tmp_path / "second.log")
+            async with _client(mesh.target) as (channel, md):
+                answer = struct_pb2.Struct()
+                answer.update({"answer": "Ada"})
+                await MessageServiceStub(channel).ResolveInput(
+                    message_service_pb2.ResolveInputRequest(
+                        request_id=request_id, resolution=message_types_pb2.Resolution(values=answer)
+                    ),
+                    metadata=md,
+                )
+                done = await ended(channel, md, "s1")
+
+    assert done.state == COMPLETED, done.state_reason
+    assert artifact_texts(done) == ["Nice to meet you, Ada (delete record 7)"]
+    asking, afresh = agent.turns
+    assert (asking.continued, asking.texts, asking.resolution) == (False, ["delete record 7"], {})
+    assert (afresh.continued, afresh.texts) == (False, ["delete record 7"])
+    assert afresh.resolution["request_id"] == request_id
     assert afresh.resolution["values"] == {"answer": "Ada"}
