@@ -207,7 +207,7 @@ def _result(data: bytes) -> StreamResponse:
     """One JSON-RPC response's result as a2a-sdk's ``StreamResponse``; its error raised as the
     A2A error its code maps to."""
     try:
-        response = json.loads(data)
+        response = json.loads(data.decode())  # SSE is UTF-8: no encoding to detect
     except ValueError as exc:
         raise A2AClientError(f"Invalid JSON-RPC response in SSE stream: {exc}") from exc
     if not isinstance(response, dict):
