@@ -1,8 +1,8 @@
 """What a hosted agent receives: the message as the mesh holds it, whatever binding the agent speaks.
 
 A real a2a-sdk agent on loopback records the A2A message each call brings (as its request
-handler parsed it) and answers with an artifact. The mesh's transport sends it text, a data
-part of every JSON type, file bytes that are no text, and a file by URL.
+handler parsed it), its headers and tenant, and answers with an artifact. The mesh's transport
+sends it text, a data part of every JSON type, file bytes that are no text, and a file by URL.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Recorder(AgentExecutor):
     def __init__(self) -> None:
         self.received: list[A2AMessage] = []
         self.headers: list[dict[str, str]] = []
+        self.tenants: list[str] = []
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         assert context.message is not None
@@ -53,6 +54,7 @@ class Recorder(AgentExecutor):
         received.CopyFrom(context.message)
         received.ClearField("task_id")  # the request handler's, for the task it made
         self.received.append(received)
+        self.tenants.append(context.tenant)
         self.headers.append(
             dict(context.call_context.state.get("headers") or {}) if context.call_context else {}
         )
@@ -66,13 +68,13 @@ class Recorder(AgentExecutor):
         raise NotImplementedError
 
 
-def _card(interface_url: str, binding: str, streaming: bool) -> AgentCard:
+def _card(interface_url: str, binding: str, streaming: bool, tenant: str) -> AgentCard:
     return AgentCard(
         name="recorder",
         description="records what it receives",
         version="1.0.0",
         supported_interfaces=[
-            AgentInterface(url=interface_url, protocol_binding=binding, protocol_version="1.0")
+            AgentInterface(url=interface_url, protocol_binding=binding, protocol_version="1.0", tenant=tenant)
         ],
         capabilities=AgentCapabilities(streaming=streaming),
         default_input_modes=["text/plain"],
@@ -82,7 +84,7 @@ def _card(interface_url: str, binding: str, streaming: bool) -> AgentCard:
 
 
 @contextlib.asynccontextmanager
-async def _recorder(binding: str, streaming: bool) -> AsyncIterator[tuple[str, Recorder]]:
+async def _recorder(binding: str, streaming: bool, tenant: str) -> AsyncIterator[tuple[str, Recorder]]:
     sock = _listening_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/recorder"
     recorder = Recorder()
@@ -91,7 +93,7 @@ async def _recorder(binding: str, streaming: bool) -> AsyncIterator[tuple[str, R
     if binding == TransportProtocol.GRPC:
         server = aio.server(options=[("grpc.so_reuseport", 0)])
         interface_url = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    card = _card(interface_url, binding, streaming)
+    card = _card(interface_url, binding, streaming, tenant)
     async with serve_a2a(sock, [("recorder", recorder, card)]) as [handler]:
         if server is None:
             yield url, recorder
@@ -101,15 +103,16 @@ async def _recorder(binding: str, streaming: bool) -> AsyncIterator[tuple[str, R
 
 
 @pytest.mark.parametrize(
-    ("binding", "streaming"),
+    ("binding", "streaming", "tenant"),
     [
-        pytest.param(TransportProtocol.JSONRPC, True, id="jsonrpc"),
-        pytest.param(TransportProtocol.JSONRPC, False, id="jsonrpc-not-streaming"),
-        pytest.param(TransportProtocol.GRPC, True, id="grpc"),
+        pytest.param(TransportProtocol.JSONRPC, True, "", id="jsonrpc"),
+        pytest.param(TransportProtocol.JSONRPC, False, "", id="jsonrpc-not-streaming"),
+        pytest.param(TransportProtocol.JSONRPC, True, "tenant-9", id="jsonrpc-tenant"),
+        pytest.param(TransportProtocol.GRPC, True, "", id="grpc"),
     ],
 )
 async def test_the_agent_receives_every_kind_of_part_as_the_mesh_holds_it(
-    binding: str, streaming: bool
+    binding: str, streaming: bool, tenant: str
 ) -> None:
     parts = (
         Part(text="hello ✓"),
@@ -118,7 +121,7 @@ async def test_the_agent_receives_every_kind_of_part_as_the_mesh_holds_it(
         Part(file=FilePart("", "", uri="https://files.example/report.pdf")),
         Part(file=FilePart("photo.png", "image/png", uri="https://files.example/photo.png")),
     )
-    async with _recorder(binding, streaming) as (url, recorder):
+    async with _recorder(binding, streaming, tenant) as (url, recorder):
         transport = A2ATransport()
         agent = AgentRegistration("acme", "recorder", "recorder-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
         message = Message("acme", "s1", "m1", Role.USER, parts, MessageState.WORKING, 0.0, 0.0)
@@ -152,6 +155,7 @@ async def test_the_agent_receives_every_kind_of_part_as_the_mesh_holds_it(
         metadata={"svantic": {"session_id": "s1", "message_id": "m1"}},
     )
     assert received == expected
+    assert recorder.tenants == [tenant]  # the card's interface names it: the agent gets it
     [headers] = recorder.headers
     assert headers["authorization"] == "Bearer the-token"
     assert headers["traceparent"] == "00-ab"
