@@ -8,9 +8,10 @@ tree first on ``PYTHONPATH``) have the same a2a-sdk JSON-RPC echo agent register
 (``bench/_hosted.py``). This process is the client: ``SendMessage`` to a mesh, a session per
 client task, as ``message_roundtrip.py --hosted`` does. It sends to one mesh for ``--seconds``,
 then to the other, and again, swapping which goes first each cycle, so both see the same
-machine load; per block it reads each mesh server's CPU from /proc. It prints, per mesh, the
-median CPU per message and msgs/s, and the medians of the per-cycle after/before ratios: on a
-shared machine the ratios are far steadier than either figure alone.
+machine load; per block it reads each mesh server's CPU from /proc and times each call. It
+prints, per mesh, the median CPU per message, msgs/s and p50 latency, and the medians of the
+per-cycle after/before ratios (and of the p50 differences): on a shared machine these are far
+steadier than either figure alone.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def _worker(call: _hosted.Call, stop: float, done: list[int]) -> None:
-    while time.perf_counter() < stop:
+async def _worker(call: _hosted.Call, stop: float, latencies: list[float]) -> None:
+    while (started := time.perf_counter()) < stop:
         await call()
-        done[0] += 1
+        latencies.append(time.perf_counter() - started)
 
 
 async def _start(tree: Path, role: str, max_seconds: float) -> tuple[asyncio.subprocess.Process, str]:
@@ -75,29 +76,35 @@ async def main(args: argparse.Namespace) -> None:
             }
             for name in trees:  # warm-up: connections, agent card, first sessions
                 await asyncio.gather(*(call() for call in calls[name] for _ in range(3)))
-            blocks: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+            # Per block: CPU ms per message, msgs/s, p50 latency in ms.
+            blocks: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
             loads = []
             for cycle in range(args.cycles):
                 for name in list(trees) if cycle % 2 == 0 else list(reversed(trees)):
-                    done = [0]
+                    latencies: list[float] = []
                     stop = time.perf_counter() + args.seconds
                     cpu, wall = _cpu_s(pids[name]), time.perf_counter()
-                    await asyncio.gather(*(_worker(call, stop, done) for call in calls[name]))
+                    await asyncio.gather(*(_worker(call, stop, latencies) for call in calls[name]))
                     cpu, wall = _cpu_s(pids[name]) - cpu, time.perf_counter() - wall
-                    blocks[name].append((cpu * 1000 / done[0], done[0] / wall))
+                    done = len(latencies)
+                    p50 = statistics.median(latencies) * 1000
+                    blocks[name].append((cpu * 1000 / done, done / wall, p50))
                 loads.append(os.getloadavg()[0])
             for name in trees:
                 ms = [b[0] for b in blocks[name]]
                 rate = [b[1] for b in blocks[name]]
+                p50s = [b[2] for b in blocks[name]]
                 print(
                     f"c={concurrency} {name:6s}: mesh server cpu {statistics.median(ms):.2f} ms/msg "
-                    f"(blocks {', '.join(f'{x:.2f}' for x in ms)}), {statistics.median(rate):.0f} msgs/s"
+                    f"(blocks {', '.join(f'{x:.2f}' for x in ms)}), {statistics.median(rate):.0f} msgs/s, "
+                    f"p50 {statistics.median(p50s):.2f} ms"
                 )
             pairs = list(zip(blocks["after"], blocks["before"], strict=True))
             print(
                 f"c={concurrency} after/before per cycle (median): cpu per message "
                 f"{statistics.median(a[0] / b[0] for a, b in pairs):.2f}x, "
-                f"msgs/s {statistics.median(a[1] / b[1] for a, b in pairs):.2f}x "
+                f"msgs/s {statistics.median(a[1] / b[1] for a, b in pairs):.2f}x, "
+                f"p50 latency {statistics.median(a[2] - b[2] for a, b in pairs):+.2f} ms "
                 f"| load average {min(loads):.1f}-{max(loads):.1f}"
             )
     finally:

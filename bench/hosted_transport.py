@@ -5,9 +5,10 @@
 One a2a-sdk JSON-RPC echo agent in its own process (``bench/_hosted.py``). This process runs,
 in alternating blocks of ``--calls`` dispatches:
 
-* **mesh**: ``A2ATransport.dispatch`` as the mesh calls it (a2a-sdk's ``Client`` over the
-  mesh's streaming JSON-RPC call, a dispatch token signed per call, the events read as they
-  come and turned into updates), read to the final update;
+* **mesh**: ``A2ATransport.dispatch`` as the mesh calls it (the request built as ProtoJSON, the
+  mesh's streaming JSON-RPC call on the transport a2a-sdk's ``ClientFactory`` made, a dispatch
+  token signed per call, the events read as they come and turned into updates), read to the
+  final update;
 * **floor**: one aiohttp POST of the same JSON-RPC request with a token signed the same
   way, the response read whole at once: what the HTTP exchange itself costs here.
 

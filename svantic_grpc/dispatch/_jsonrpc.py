@@ -13,6 +13,12 @@ Every other call (cancel, get task, ...) is a2a-sdk's own, over httpx. The mesh 
 for JSON-RPC agents with ``ClientFactory.register``, a2a-sdk's seam for client transports,
 and keeps a2a-sdk's ``Client`` above it.
 
+The mesh's own dispatches skip the protobuf request and the ``Client`` layers too: the producer
+(``JsonRpcProducer``) keeps the transport it made for an agent that streams (``take``), and the
+mesh hands its ``stream`` the request's ProtoJSON, built as JSON from the mesh's message. The
+``Client`` adds nothing to that call with the mesh's configuration (no interceptors, polling,
+push notifications or output modes); an interface with a tenant goes through the ``Client``.
+
 Errors keep the cause the mesh's fail-over rule reads: a connection never made (refused,
 unreachable, timed out connecting) is an ``aiohttp.ClientConnectorError`` or
 ``aiohttp.ConnectionTimeoutError`` under ``A2AClientError``; anything later is not.
@@ -21,7 +27,7 @@ unreachable, timed out connecting) is an ``aiohttp.ClientConnectorError`` or
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 from uuid import uuid4
 
@@ -38,10 +44,11 @@ from google.protobuf import json_format
 
 from svantic_grpc.dispatch._protojson import parse
 
-__all__ = ["StreamingJsonRpcTransport", "jsonrpc_producer"]
+__all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport"]
 
 _ERRORS = {code: error for error, code in JSON_RPC_ERROR_CODE_MAP.items()}
 _ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _HEADERS = {
     "Accept": "text/event-stream",
     "Cache-Control": "no-store",
@@ -72,31 +79,37 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         self._session = session
         self._timeout = timeout
 
-    async def send_message_streaming(
+    def send_message_streaming(
         self, request: SendMessageRequest, *, context: ClientCallContext | None = None
     ) -> AsyncGenerator[StreamResponse]:
         """The agent's events for ``request`` as they come, to the end of its stream."""
-        payload = {
-            "jsonrpc": "2.0",
-            "id": str(uuid4()),
-            "method": "SendStreamingMessage",
-            "params": json_format.MessageToDict(request),
-        }
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = _HEADERS
+        headers = context.service_parameters if context is not None else None
+        limit = context.timeout if context is not None else None
+        return self.stream(json_format.MessageToDict(request), headers=headers, timeout_s=limit)
+
+    async def stream(
+        self,
+        params: dict[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[StreamResponse]:
+        """``SendStreamingMessage`` with ``params`` (a ``SendMessageRequest`` as ProtoJSON) and
+        ``headers`` besides the protocol's: the agent's events as they come, to the end of its
+        stream. ``timeout_s`` bounds each phase (connect, each read) instead of the transport's
+        timeouts, as a ``ClientCallContext.timeout`` does in a2a-sdk."""
+        payload = {"jsonrpc": "2.0", "id": str(uuid4()), "method": "SendStreamingMessage", "params": params}
+        body = _encode(payload).encode()
+        sent = {**_HEADERS, **headers} if headers else _HEADERS
         timeout = self._timeout
-        if context is not None:
-            if context.service_parameters:
-                headers = {**_HEADERS, **context.service_parameters}
-            if context.timeout is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
-                limit = context.timeout
-                timeout = aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=limit)
+        if timeout_s is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
+            timeout = aiohttp.ClientTimeout(connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
         session = self._session()
         if session.closed:
             raise A2AClientError("HTTP client is closed")
         try:
             # No redirect is followed (as a2a-sdk's httpx client does not): a redirect is an error.
-            call = session.post(self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+            call = session.post(self.url, data=body, headers=sent, timeout=timeout, allow_redirects=False)
             async with call as response:
                 if response.status >= 300:
                     text = await response.text(errors="replace")
@@ -114,25 +127,48 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
             raise A2AClientError(f"Network communication error: {exc}") from exc
 
 
-def jsonrpc_producer(
-    httpx_client: httpx.AsyncClient,
-    session: Callable[[], aiohttp.ClientSession],
-    timeout: aiohttp.ClientTimeout,
-) -> Callable[[AgentCard, str, ClientConfig], ClientTransport]:
+class JsonRpcProducer:
     """A ``ClientFactory`` producer for JSON-RPC: ``StreamingJsonRpcTransport``, or a2a-sdk's
-    own 0.3 transport for an agent whose interface speaks that older protocol version."""
+    own 0.3 transport for an agent whose interface speaks that older protocol version.
 
-    def produce(card: AgentCard, url: str, config: ClientConfig) -> ClientTransport:
-        versions = [
-            interface.protocol_version
+    Args:
+        httpx_client: For every call but the streaming one (shared: never closed here).
+        session: Returns the aiohttp session the streaming calls use (made in the event loop).
+        timeout: Connect and read timeouts of a streaming call.
+    """
+
+    def __init__(
+        self,
+        httpx_client: httpx.AsyncClient,
+        session: Callable[[], aiohttp.ClientSession],
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._httpx_client = httpx_client
+        self._session = session
+        self._timeout = timeout
+        self._made: StreamingJsonRpcTransport | None = None
+
+    def __call__(self, card: AgentCard, url: str, config: ClientConfig) -> ClientTransport:
+        interfaces = [
+            interface
             for interface in card.supported_interfaces
             if interface.protocol_binding == TransportProtocol.JSONRPC and interface.url == url
         ]
-        if versions and is_legacy_version(versions[0]):
-            return CompatJsonRpcTransport(httpx_client, card, url, is_shared_httpx=True)
-        return StreamingJsonRpcTransport(httpx_client, card, url, session=session, timeout=timeout)
+        if interfaces and is_legacy_version(interfaces[0].protocol_version):
+            self._made = None
+            return CompatJsonRpcTransport(self._httpx_client, card, url, is_shared_httpx=True)
+        transport = StreamingJsonRpcTransport(
+            self._httpx_client, card, url, session=self._session, timeout=self._timeout
+        )
+        streams = config.streaming and card.capabilities.streaming
+        self._made = transport if streams and not any(i.tenant for i in interfaces) else None
+        return transport
 
-    return produce
+    def take(self) -> StreamingJsonRpcTransport | None:
+        """The transport the last call made, if the mesh may call its ``stream`` directly (the
+        agent streams, over 1.0, with no tenant); ``None`` otherwise. Once per transport."""
+        made, self._made = self._made, None
+        return made
 
 
 async def _events(content: aiohttp.StreamReader) -> AsyncGenerator[tuple[str, bytes]]:
@@ -171,7 +207,7 @@ def _result(data: bytes) -> StreamResponse:
     """One JSON-RPC response's result as a2a-sdk's ``StreamResponse``; its error raised as the
     A2A error its code maps to."""
     try:
-        response = json.loads(data)
+        response = json.loads(data.decode())  # SSE is UTF-8: no encoding to detect
     except ValueError as exc:
         raise A2AClientError(f"Invalid JSON-RPC response in SSE stream: {exc}") from exc
     if not isinstance(response, dict):

@@ -4,7 +4,9 @@ The agent's card (fetched once per URL) says whether to speak JSON-RPC or gRPC.
 An agent that needs a human answers ``input-required``; a data part
 ``{"input_request": {...}}`` in its status message says what it needs (see
 ``core.inputs.asks``; without one it is a free-text question). The human's answer
-goes back on the same task as ``{"input_resolution": {...}}``.
+goes back on the same task as ``{"input_resolution": {...}}``; an agent that lost that task
+(it restarted with its tasks in memory: "task not found") gets the request and the answers
+again as a new task in the same context, so an answer the mesh acknowledged is never dropped.
 Each dispatch streams (``message/stream``), so progress, turns and artifacts
 reach the session as they happen. The A2A context id is the session id, so an
 agent shared by many sessions keeps their conversations apart. The dispatch
@@ -15,11 +17,12 @@ answer to a human's question may come long after the first token expired).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, NamedTuple, cast
 
 import aiohttp
 import grpc
@@ -35,20 +38,15 @@ from a2a.client import (
     ClientFactory,
 )
 from a2a.client.card_resolver import parse_agent_card
-from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
-    SendMessageConfiguration,
     SendMessageRequest,
     TaskState,
 )
 from a2a.types import Artifact as A2AArtifact
-from a2a.types import Message as A2AMessage
-from a2a.types import Part as A2APart
-from a2a.types import Role as A2ARole
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
-from a2a.utils.errors import A2AError
+from a2a.utils.errors import A2AError, TaskNotFoundError
 from google.protobuf import json_format
 
 from svantic_grpc._json import whole
@@ -64,7 +62,8 @@ from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.dispatch._aiohttp import AgentHttpClient
-from svantic_grpc.dispatch._jsonrpc import jsonrpc_producer
+from svantic_grpc.dispatch._jsonrpc import JsonRpcProducer, StreamingJsonRpcTransport
+from svantic_grpc.dispatch._protojson import parse
 
 __all__ = ["A2ATransport"]
 
@@ -124,10 +123,9 @@ class A2ATransport:
         )
         # The streaming call of JSON-RPC agents (every hosted message) over aiohttp directly.
         stream_timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout_s, sock_read=read_timeout_s)
-        self._factory.register(
-            TransportProtocol.JSONRPC, jsonrpc_producer(self._http, self._http.session, stream_timeout)
-        )
-        self._clients: dict[str, Client] = {}
+        self._jsonrpc = JsonRpcProducer(self._http, self._http.session, stream_timeout)
+        self._factory.register(TransportProtocol.JSONRPC, self._jsonrpc)
+        self._clients: dict[str, _Agent] = {}
         self._protocols: dict[str, str] = {}
         """Per agent URL: the binding of its client (kept when the client is dropped, until the next)."""
         self._lock = asyncio.Lock()
@@ -145,62 +143,90 @@ class A2ATransport:
                 protocol = None  # the card served at the URL decides at the first call
         return protocol or ""
 
-    async def _client(self, url: str) -> Client:
-        client = self._clients.get(url)
-        if client is not None:
-            return client
+    async def _client(self, url: str) -> _Agent:
+        agent = self._clients.get(url)
+        if agent is not None:
+            return agent
         async with self._lock:
-            client = self._clients.get(url)
-            if client is None:
+            agent = self._clients.get(url)
+            if agent is None:
                 try:
                     card = await A2ACardResolver(self._http, url).get_agent_card()
+                    self._jsonrpc.take()
                     client = self._factory.create(card)
                 except (AgentCardResolutionError, A2AClientError, httpx.HTTPError) as exc:
                     raise NotDelivered(f"cannot read the agent card at {url}: {exc}") from exc
                 except ValueError as exc:  # the card offers no binding the mesh speaks
                     raise NotDelivered(f"cannot use the agent card at {url}: {exc}") from exc
-                self._clients[url] = client
+                agent = self._clients[url] = _Agent(client, self._jsonrpc.take())
                 self._protocols[url] = _protocol_of(card) or ""
-            return client
+            return agent
 
     async def dispatch(self, job: DispatchJob) -> AsyncGenerator[DispatchUpdate, InputRequest | None]:
-        client = await self._client(job.agent.url)
+        client, direct = await self._client(job.agent.url)
         message = _to_a2a_message(job)
         task_id = ""
         if job.resume_task_id and job.answer is not None:
             task_id = job.resume_task_id  # the agent still waits on its task: answer it there
             message = _answer_message(job, task_id, job.answer)
+        answers: list[InputRequest] = []
+        """The human answers given on the agent's task in this dispatch (``job.answer`` is in
+        ``job.message`` already): a fresh task carries them if the agent lost that one."""
         delivered = False
         ended = False
         try:
             while True:  # one A2A call per turn: the first, then one per human answer
                 answer: InputRequest | None = None
                 # A fresh token per call: an answer may come long after the first token expired.
-                context = _signed(job)
-                call = client.send_message(_request(message), context=context)
+                headers = _headers(job)
+                params = {"message": message, "configuration": _NO_HISTORY}
+                call: AsyncIterator[Any]
+                if direct is not None:  # the JSON-RPC streaming call without the Client around it
+                    call = direct.stream(params, headers=headers)
+                else:
+                    context = ClientCallContext(service_parameters=headers)
+                    call = client.send_message(parse(params, SendMessageRequest), context=context)
                 first = True
-                async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
-                    async for event in stream:
-                        delivered = True
-                        if first and message.task_id and _still_asking(event):
+                try:
+                    async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
+                        async for event in stream:
+                            delivered = True
+                            if first and "taskId" in message and _still_asking(event):
+                                first = False
+                                continue  # the task as it stood when the answer went out: no new question
                             first = False
-                            continue  # the task as it stood when the answer went out: no new question
-                        first = False
-                        update, task_id = _update_from(event, task_id)
-                        if update is None:
-                            continue
-                        if update.state is MessageState.INPUT_REQUIRED:
-                            answer = yield update
-                            break
-                        # Mark the end before yielding: the caller stops reading after a final update.
-                        ended = update.state in _ENDS
-                        if ended:
-                            await _drain(stream)
-                        yield update
-                        if ended:
-                            return
+                            update, task_id = _update_from(event, task_id)
+                            if update is None:
+                                continue
+                            if update.state is MessageState.INPUT_REQUIRED:
+                                answer = yield update
+                                break
+                            # Mark the end before yielding: the caller stops reading after a final update.
+                            ended = update.state in _ENDS
+                            if ended:
+                                await _drain(stream)
+                            yield update
+                            if ended:
+                                return
+                except TaskNotFoundError:
+                    if not ("taskId" in message and first):
+                        raise
+                    # The agent no longer has the task that asked (it restarted with its tasks in
+                    # memory): the human's answer must still reach it, so the request and the
+                    # answers go again as a new task in the same context.
+                    _log.warning(
+                        "%s instance %r lost its task %s: sending the request and the answer as a new task",
+                        job.agent.agent_type,
+                        job.agent.instance_id,
+                        message["taskId"],
+                        extra={"dispatch_id": job.dispatch_id, "instance_id": job.agent.instance_id},
+                    )
+                    task_id = ""
+                    message = _afresh(job, answers)
+                    continue
                 if answer is None:
                     break
+                answers.append(answer)
                 message = _answer_message(job, task_id, answer)
         except A2AClientTimeoutError as exc:
             if not delivered and _never_sent(exc.__cause__):  # it timed out connecting
@@ -220,7 +246,8 @@ class A2ATransport:
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
         finally:
             if task_id and not ended and not self._stopping:
-                await _cancel_quietly(client, task_id, _signed(job))
+                context = ClientCallContext(service_parameters=_headers(job))
+                await _cancel_quietly(client, task_id, context)
         if not ended:
             raise DispatchFailed("the agent closed the stream without a final state")
 
@@ -239,26 +266,28 @@ class A2ATransport:
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
-        for client in clients.values():
+        for agent in clients.values():
             with contextlib.suppress(Exception):
-                await client.close()
+                await agent.client.close()
         await self._http.aclose()
 
 
-_NO_HISTORY = SendMessageConfiguration(history_length=0)
+class _Agent(NamedTuple):
+    """What the mesh calls an agent URL with."""
+
+    client: Client
+    direct: StreamingJsonRpcTransport | None
+    """The client's own JSON-RPC transport when the mesh may call its streaming call directly."""
+
+
+_NO_HISTORY = {"historyLength": 0}
 """The mesh keeps the conversation itself: the agent need not send the task's history back."""
 
 
-def _request(message: A2AMessage) -> SendMessageRequest:
-    return SendMessageRequest(message=message, configuration=_NO_HISTORY)
-
-
-def _signed(job: DispatchJob) -> ClientCallContext:
-    """Call context carrying a dispatch token signed now, so it is valid when the call goes out,
-    and the dispatch's W3C trace headers (``traceparent``) when traced."""
-    return ClientCallContext(
-        service_parameters={**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
-    )
+def _headers(job: DispatchJob) -> dict[str, str]:
+    """The headers of one call: a dispatch token signed now, so it is valid when the call goes
+    out, and the dispatch's W3C trace headers (``traceparent``) when traced."""
+    return {**job.trace_context, "Authorization": f"Bearer {job.sign()}"}
 
 
 def _protocol_of(card: AgentCard) -> str | None:
@@ -350,18 +379,19 @@ def _reason(state: MessageState | None, said: tuple[Part, ...]) -> str:
     return ""
 
 
-def _to_a2a_message(job: DispatchJob) -> A2AMessage:
+def _to_a2a_message(job: DispatchJob) -> dict[str, Any]:
+    """The A2A message for the job, as ProtoJSON: what the agent receives, built as JSON."""
     message = job.message
-    return A2AMessage(
-        message_id=job.dispatch_id,
-        context_id=job.session_id,
-        role=A2ARole.ROLE_USER if message.role is Role.USER else A2ARole.ROLE_AGENT,
-        parts=[_to_a2a_part(p) for p in message.parts],
-        metadata={"svantic": {"session_id": job.session_id, "message_id": message.message_id}},
-    )
+    return {
+        "messageId": job.dispatch_id,
+        "contextId": job.session_id,
+        "role": "ROLE_USER" if message.role is Role.USER else "ROLE_AGENT",
+        "parts": [_to_a2a_part(p) for p in message.parts],
+        "metadata": {"svantic": {"session_id": job.session_id, "message_id": message.message_id}},
+    }
 
 
-def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2AMessage:
+def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> dict[str, Any]:
     """The human's answer, sent on the agent's task: a text line and ``{"input_resolution": ...}``."""
     resolution = request.resolution
     answer = resolution_json(request)
@@ -371,25 +401,44 @@ def _answer_message(job: DispatchJob, task_id: str, request: InputRequest) -> A2
             text += f" ({resolution.reason})"
         if isinstance(resolution.values.get("answer"), str):
             text = resolution.values["answer"]  # the human's reply to the agent's question, as is
-    return A2AMessage(
-        message_id=f"{job.dispatch_id}-{request.request_id}",
-        context_id=job.session_id,
-        task_id=task_id,
-        role=A2ARole.ROLE_USER,
-        parts=[A2APart(text=text), new_data_part({"input_resolution": answer})],
-    )
+    message = {
+        "messageId": f"{job.dispatch_id}-{request.request_id}",
+        "contextId": job.session_id,
+        "role": "ROLE_USER",
+        "parts": [{"text": text}, {"data": {"input_resolution": answer}}],
+    }
+    if task_id:
+        message["taskId"] = task_id
+    return message
 
 
-def _to_a2a_part(part: Part) -> A2APart:
+def _afresh(job: DispatchJob, answers: list[InputRequest]) -> dict[str, Any]:
+    """The dispatch's request as a new task, for an agent that lost the one it asked on: the
+    message as first sent, then each answer given since as ``_answer_message`` words it."""
+    message = _to_a2a_message(job)
+    message["messageId"] = f"{job.dispatch_id}-afresh-{len(answers)}"
+    for answer in answers:
+        message["parts"] += _answer_message(job, "", answer)["parts"]
+    return message
+
+
+def _to_a2a_part(part: Part) -> dict[str, Any]:
+    """A part as A2A ProtoJSON (``Part``): text, data (any JSON value), file bytes (base64) or URL."""
     if part.text is not None:
-        return A2APart(text=part.text)
+        return {"text": part.text}
     if part.data is not None:
-        return new_data_part(part.data)
+        return {"data": part.data}
     file = part.file
     assert file is not None
     if file.data is not None:
-        return A2APart(raw=file.data, media_type=file.media_type, filename=file.name)
-    return A2APart(url=file.uri, media_type=file.media_type, filename=file.name)
+        json_part = {"raw": base64.b64encode(file.data).decode("ascii")}
+    else:
+        json_part = {"url": file.uri or ""}
+    if file.media_type:
+        json_part["mediaType"] = file.media_type
+    if file.name:
+        json_part["filename"] = file.name
+    return json_part
 
 
 def _parts_from(parts: Any) -> tuple[Part, ...]:
