@@ -124,7 +124,8 @@ class HostedLiveness:
                 await self._probe(agent)
         except Exception as exc:  # the agent did not answer: it is left to turn unhealthy
             _log.debug("probe of hosted agent %s/%s failed: %s", *key, exc)
-            self._registry.probe_failed(*key, str(exc) or type(exc).__name__)
+            # The same words whatever failed: the details would map the network for a registrant.
+            self._registry.probe_failed(*key, "the agent did not serve its agent card")
         else:
             self._registry.saw(*key)
         # Probe again after another idle period either way: an agent that comes back is seen.

@@ -155,7 +155,10 @@ class A2ATransport:
                     self._jsonrpc.take()
                     client = self._factory.create(card)
                 except (AgentCardResolutionError, A2AClientError, httpx.HTTPError) as exc:
-                    raise NotDelivered(f"cannot read the agent card at {url}: {exc}") from exc
+                    # What failed stays in the log: told to whoever registered the URL, "refused",
+                    # "HTTP 500" or "not JSON" would map the mesh's network for them.
+                    _log.warning("cannot read the agent card at %s: %s", url, exc)
+                    raise NotDelivered(f"cannot read an A2A agent card at {url}") from exc
                 except ValueError as exc:  # the card offers no binding the mesh speaks
                     raise NotDelivered(f"cannot use the agent card at {url}: {exc}") from exc
                 agent = self._clients[url] = _Agent(client, self._jsonrpc.take())
@@ -231,12 +234,14 @@ class A2ATransport:
         except A2AClientTimeoutError as exc:
             if not delivered and _never_sent(exc.__cause__):  # it timed out connecting
                 self._clients.pop(job.agent.url, None)
-                raise NotDelivered(f"cannot reach the agent: {exc}") from exc
+                _log.warning("cannot reach the agent at %s: %s", job.agent.url, exc)
+                raise NotDelivered("cannot reach the agent") from exc
             raise DispatchFailed(f"the agent went silent: {exc}") from exc
         except A2AClientError as exc:
             if not delivered and _never_sent(exc.__cause__):
                 self._clients.pop(job.agent.url, None)  # the agent may come back elsewhere
-                raise NotDelivered(f"cannot reach the agent: {exc}") from exc
+                _log.warning("cannot reach the agent at %s: %s", job.agent.url, exc)
+                raise NotDelivered("cannot reach the agent") from exc
             cause = exc.__cause__
             if isinstance(cause, grpc.aio.AioRpcError):
                 raise DispatchFailed(f"the agent answered with an error: {cause.details()}") from exc

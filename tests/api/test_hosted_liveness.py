@@ -8,13 +8,17 @@ routable, and when idle a probe of its agent card does. The clock is injected
 
 from __future__ import annotations
 
+import socket
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import urlparse
 
+from aiohttp import web
+
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.liveness import HostedLiveness
-from svantic_grpc.pb import agent_types_pb2, message_types_pb2
+from svantic_grpc.pb import agent_types_pb2, message_types_pb2, registry_service_pb2
 from tests._support import Client, running_server
 from tests.agents_a2a import HostedAgent
 from tests.agents_connected import WAIT, data, eventually, get_agent, new_session, send
@@ -124,3 +128,58 @@ async def test_after_a_restart_idle_hosted_agents_are_probed_and_stay_routable(t
         assert await liveness(client).run_once() == 1
         message = await echo_in_new_session(client, "back?")
         assert message.state == COMPLETED, message.state_reason
+
+
+async def test_what_failed_at_a_hosted_agents_url_is_not_told_to_the_registrant() -> None:
+    # found from outside: the failure reason and GetAgent's last_error said "refused", "HTTP 500"
+    # or "not JSON": registering URLs mapped the mesh's network for any full-scope client
+    async def status_500(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="boom")
+
+    async def not_a_card(request: web.Request) -> web.Response:
+        return web.Response(text="<html>an intranet page</html>", content_type="text/html")
+
+    clock = ManualClock(start=time.time())
+    async with AsyncExitStack() as stack:
+        urls = {"closed": f"http://127.0.0.1:{_closed_port()}"}
+        for name, handler in (("http500", status_500), ("html", not_a_card)):
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            urls[name] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        client = await stack.enter_async_context(running_server(clock=clock))
+        md = await client.md()
+        reasons, errors = set(), set()
+        for name, url in urls.items():
+            registration = registry_service_pb2.RegisterAgentRequest(
+                agent_type=f"t-{name}",
+                instance_id=f"i-{name}",
+                url=url,
+                deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_HOSTED,
+            )
+            await client.registry.RegisterAgent(registration, metadata=md, timeout=WAIT)
+            session_id = await new_session(client)
+            message = await send(client, session_id, "hello", data({"target_agent": f"t-{name}"}))
+            assert message.state == FAILED
+            reasons.add(message.state_reason.replace(url, "URL").replace(name, "NAME"))
+        clock.advance(TIMEOUT_S / 3 + 1)
+        await liveness(client).run_once()
+        for name, url in urls.items():
+            shown = (await get_agent(client, f"i-{name}")).connection.last_error
+            errors.add(shown.replace(url, "URL"))
+    assert len(reasons) == 1, reasons  # the same words for a closed port, an error page, a web page
+    # whichever came last, a dispatch or a probe, its words are the same for the three
+    assert errors <= {
+        "not delivered: cannot read an A2A agent card at URL",
+        "probe: the agent did not serve its agent card",
+    }, errors
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # nobody listens on it once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
