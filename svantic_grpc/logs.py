@@ -19,7 +19,7 @@ import orjson
 
 from svantic_grpc.core.log_context import SESSION_ID
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -58,6 +58,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """The classic text line, with line breaks and other control characters in the message shown
+    escaped: a reason an agent or client wrote (``"oops\\rid: 1"``) cannot start a line of its own
+    or rewrite one on a terminal. A traceback after the message keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not message.isprintable():
+            record.message = message.translate(_ESCAPED)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
 CHATTY = ("httpx", "httpcore", "a2a", "aiohttp.access", "uvicorn.access")
 """Libraries that log every request (httpx a line per call to a hosted agent, a2a-sdk each card
 it reads, whole) at INFO: below WARNING they speak only when the server logs at DEBUG."""
@@ -66,7 +90,7 @@ it reads, whole) at INFO: below WARNING they speak only when the server logs at 
 def configure(level: str, fmt: Literal["text", "json"] = "text") -> None:
     """Send the process's logs to stderr at ``level``, as text lines or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
     for name in CHATTY:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from svantic_grpc.config import SettingsError, parse_settings
-from svantic_grpc.logs import JsonFormatter
+from svantic_grpc.logs import JsonFormatter, TextFormatter
 from tests._support import running_server
 from tests.agents_connected import new_session, wait_for_state
 from tests.agents_inputs import resolve
@@ -114,3 +114,24 @@ def test_serve_with_log_format_json_writes_only_json_lines(tmp_path: Path) -> No
     assert any(m.startswith("DEVELOPMENT MODE") for m in messages), messages
     assert messages[-1] == "svantic-grpc stopped"
     assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
+
+
+def test_a_text_line_keeps_what_an_agent_wrote_on_that_one_line() -> None:
+    # found from outside: a failure reason with CR rewrote the line on a terminal (log spoofing)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("svantic_grpc.test_text_line")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("dispatch failed: %s", "oops\rid: 999999\nFORGED \x1b[2K line\u2028x")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("with a traceback: %s", "ü ok")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "WARNING dispatch failed: oops\\rid: 999999\\nFORGED \\x1b[2K line\\u2028x"
+    assert lines[1] == "ERROR with a traceback: ü ok" and lines[2].startswith("Traceback")

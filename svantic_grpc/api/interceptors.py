@@ -231,6 +231,11 @@ async def _fail(context: aio.ServicerContext, error: Exception, method: str) -> 
     """End the call for ``error``: a ``MeshError`` as its status, anything else as INTERNAL (logged)."""
     if isinstance(error, aio.AbortError):  # the call was already ended with a status
         raise error
+    if context.cancelled() or type(error).__name__ == "ExecuteBatchError":
+        # The client went away (a closed terminal or browser, a cancelled call) and a write to it
+        # failed: an ordinary end of a stream, not an error of the server's.
+        _log.debug("%s: the client went away (%s)", method, type(error).__name__)
+        raise asyncio.CancelledError
     if isinstance(error, MeshError):
         status = to_grpc_status(error)
         _log.debug("%s -> %s %s", method, status.code.name, error.message)

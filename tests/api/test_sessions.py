@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -1105,6 +1107,60 @@ async def test_a_converse_reader_that_stops_reading_is_cut_off_like_a_watcher() 
         rest = await _watch_all(client, sid, md=md, after_sequence=resume_at)
         assert [e.sequence for e in got + rest] == list(range(1, len(got + rest) + 1))
         assert rest[-1].status_changed.to_status == CLOSED
+
+
+_GOES_AWAY = """
+import asyncio, sys
+from grpc import aio
+from svantic_grpc.pb import session_service_pb2, session_service_pb2_grpc
+
+async def main() -> None:
+    target, token, session_id = sys.argv[1:4]
+    small = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    channel = aio.insecure_channel(target, options=small)
+    stub = session_service_pb2_grpc.SessionServiceStub(channel)
+    call = stub.WatchSession(
+        session_service_pb2.WatchSessionRequest(session_id=session_id),
+        metadata=(("authorization", f"Bearer {token}"),),
+    )
+    await call.read()
+    print("reading no more", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_clients_that_go_away_mid_stream_are_no_error_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # found from outside: every closed terminal or browser with unread frames logged an ERROR with
+    # a traceback ("unexpected error in .../WatchSession", ExecuteBatchError)
+    async with running_server(subscriber_buffer=10_000) as client:
+        md = await client.md()
+        sid = (await _init(client, md)).session_id
+        token = await client.token()
+        with caplog.at_level(logging.INFO):
+            for _ in range(3):
+                watcher = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    _GOES_AWAY,
+                    client.server.target,
+                    token,
+                    sid,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                assert watcher.stdout is not None
+                await asyncio.wait_for(watcher.stdout.readline(), WAIT)  # live; it never reads again
+                for i in range(30):  # more than its window holds: the server's writes wait
+                    await client.server.mesh.bus.publish("acme", sid, AgentLeft("w", f"x-{i}", "x" * 20_000))
+                watcher.kill()  # the client goes away with frames unread
+                await watcher.wait()
+                await asyncio.sleep(0.3)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+        await _close(client, sid, md)  # the server still serves the session
 
 
 async def test_a_subscriber_that_keeps_up_is_not_cut_off() -> None:
