@@ -24,6 +24,10 @@ which also gives the W3C headers for the agent). This runs exactly that code, on
 * **before**: the code this replaced (``start_as_current_span`` twice, ``propagate.extract`` and
   ``propagate.inject``, ``set_attribute`` of the status) with the OTLP exporter, for comparison.
 
+``--child`` measures the exporting child instead: its CPU per span to turn a batch read from the
+pipe into the OTLP request's bytes, the spans rebuilt and encoded by the exporter's
+``encode_spans`` (before) against ``_span_export.Encoder`` (now).
+
 The variants alternate over ``--rounds`` rounds of ``--messages`` messages each; the figure is
 the median of the process's CPU time (all threads: the export thread's encoding included) per
 message, the batch processor flushed at the end of each round. With ``--mesh-ms``, the mesh
@@ -210,6 +214,55 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
         )
 
 
+def child_encoding(args: argparse.Namespace) -> None:
+    """``--child``: the exporting child's CPU per span to turn a batch from the pipe into the OTLP
+    request's bytes: the SDK's spans rebuilt and encoded by the exporter's ``encode_spans`` (before)
+    against ``Encoder`` (now), alternated; the post itself is the same for both and left out."""
+    import pickle
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from svantic_grpc._span_export import Encoder, Rebuilder
+
+    class Kept(ChildExporter):
+        def send(self, new: Any, spans: Any) -> bool:
+            self.batches.append(pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+
+    kept = Kept()
+    kept.batches = []
+    own = TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, kept)
+    message = _mesh_message(own.get_tracer("svantic_grpc"), None)
+
+    async def messages() -> None:
+        for _ in range(256):  # one batch of 512 spans, as the server hands them over
+            await message()
+
+    asyncio.run(messages())
+    own.force_flush()
+    body = kept.batches[0]
+    count = len(pickle.loads(body)[1])
+
+    def before() -> bytes:
+        return encode_spans(Rebuilder().spans(*pickle.loads(body))).SerializePartialToString()
+
+    def now() -> bytes:
+        return Encoder().request(*pickle.loads(body)).SerializePartialToString()
+
+    assert before() == now()
+    cost: dict[str, list[float]] = {"rebuilt + encode_spans": [], "Encoder": []}
+    for _ in range(args.rounds):
+        for name, encode in zip(cost, (before, now), strict=True):
+            began = time.process_time()
+            for _ in range(10):
+                encode()
+            cost[name].append((time.process_time() - began) / (10 * count) * 1e6)
+    print(f"{args.rounds} rounds of 10 batches of {count} spans (the server's two spans per message)")
+    for name, values in cost.items():
+        median = statistics.median(values)
+        print(f"{name:<24}{median:>6.1f} µs per span, {2 * median:>6.1f} per message (CPU, median)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 1,000 messages are 2,000 spans: within the batch processor's queue (2,048), so none is dropped
@@ -217,7 +270,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1000, help="messages per variant per round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--mesh-ms", type=float, default=0.0, help="mesh-off server CPU ms per message")
+    parser.add_argument(
+        "--child",
+        action="store_true",
+        help="instead: the exporting child's encoding per span, before and now",
+    )
     args = parser.parse_args()
+    if args.child:
+        child_encoding(args)
+        return
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None

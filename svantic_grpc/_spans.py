@@ -7,8 +7,8 @@ Why not the SDK's ``TracerProvider`` here: its span costs ~11 µs to start and ~
 processor fan-out), then the batch is flattened again for the child: ~80 µs of the server's CPU
 per message for its two spans, where this takes ~20 (``bench/tracing_floor.py``). What the SDK
 decides is kept: its sampler (``OTEL_TRACES_SAMPLER``) and id generator, built from the
-environment as the SDK builds them, and the child rebuilds the SDK's ``ReadableSpan`` (cleaning
-the attributes by the SDK's limits) for OpenTelemetry's own OTLP exporter. A provider passed
+environment as the SDK builds them, and the child encodes the OTLP request the SDK's exporter
+would make of these spans and posts it with OpenTelemetry's own OTLP exporter. A provider passed
 to the server (tests, an application's own SDK setup) is used as it is instead.
 
 Batching is the SDK's: up to ``OTEL_BSP_MAX_QUEUE_SIZE`` spans wait (2,048; more are dropped
