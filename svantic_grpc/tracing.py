@@ -20,7 +20,7 @@ resolution answering it is its child, linked to the call that carried the answer
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -40,7 +40,14 @@ from opentelemetry.trace import (
 from svantic_grpc._spans import TupleTracerProvider
 from svantic_grpc.core.tracing import Tracing
 
-__all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of", "traces_requested"]
+__all__ = [
+    "OtelTracing",
+    "dropped_spans_of",
+    "http_middleware",
+    "provider_from_env",
+    "tracer_of",
+    "traces_requested",
+]
 
 _OPEN_INPUTS = 10_000
 """Input request spans kept open at most; past it the oldest ends (as ``unknown``)."""
@@ -170,3 +177,11 @@ def provider_from_env(env: Mapping[str, str]) -> TupleTracerProvider | None:
 
 def tracer_of(provider: TracerProvider | None) -> Tracer | None:
     return provider.get_tracer("svantic_grpc") if provider is not None else None
+
+
+def dropped_spans_of(provider: TracerProvider | None) -> Callable[[], int] | None:
+    """What reads how many spans ``provider`` dropped (its queue full, or its exporting child
+    lagging or gone), for the metrics; ``None`` for a provider that does not say (the SDK's)."""
+    if isinstance(provider, TupleTracerProvider):
+        return lambda: provider.dropped
+    return None
