@@ -26,7 +26,9 @@ from typing import Any
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
     Link,
     NonRecordingSpan,
     Span,
@@ -115,8 +117,9 @@ class _Current(AbstractContextManager[Mapping[str, str]]):
         self._span = span
 
     def __enter__(self) -> Mapping[str, str]:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-        return w3c_headers(self._span.get_span_context())
+        current = trace.set_span_in_context(self._span)
+        self._token = otel_context.attach(current)
+        return w3c_headers(self._span.get_span_context(), current)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if isinstance(error, Exception) and self._span.is_recording():
@@ -126,18 +129,23 @@ class _Current(AbstractContextManager[Mapping[str, str]]):
         otel_context.detach(self._token)
 
 
-def w3c_headers(span_context: SpanContext) -> dict[str, str]:
+def w3c_headers(span_context: SpanContext, current: Context | None = None) -> dict[str, str]:
     """The W3C ``traceparent`` (and ``tracestate``) continuing ``span_context``, formatted as
-    OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the current context,
-    the global propagator's headers (which add it)."""
-    if baggage.get_all():
+    OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the ``current`` context
+    (default: the current one), the global propagator's headers (which add it)."""
+    if baggage.get_all(current):
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
         return headers
-    ids = f"{span_context.trace_id:032x}-{span_context.span_id:016x}"
-    headers = {"traceparent": f"00-{ids}-{span_context.trace_flags:02x}"}
-    if span_context.trace_state:
-        headers["tracestate"] = span_context.trace_state.to_header()
+    trace_id, span_id, flags, state = (
+        span_context.trace_id,
+        span_context.span_id,
+        span_context.trace_flags,
+        span_context.trace_state,
+    )
+    headers = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
+    if state is not DEFAULT_TRACE_STATE and state:
+        headers["tracestate"] = state.to_header()
     return headers
 
 

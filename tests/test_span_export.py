@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -19,7 +20,7 @@ REMOTE = SpanContext(
     0x00F067AA0BA902B7,
     True,
     TraceFlags(1),
-    TraceState([("vendor", "a=1")]),
+    TraceState([("vendor", "abc")]),
 )
 
 
@@ -156,3 +157,35 @@ def test_a_value_the_exporter_cannot_encode_is_left_out_as_it_leaves_it_out() ->
     )
     [span] = request.resource_spans[0].scope_spans[0].spans
     assert [a.key for a in span.attributes] == ["ok"]
+
+
+@pytest.mark.parametrize("tuple_layout", [True, False])
+def test_span_contexts_and_exported_spans_are_the_same_whichever_way_the_context_is_read(
+    monkeypatch: pytest.MonkeyPatch, tuple_layout: bool
+) -> None:
+    # The provider reads and makes SpanContext as the tuple it is; were its layout ever to change,
+    # it reads the properties instead: the same spans either way.
+    from opentelemetry import trace
+
+    from svantic_grpc import _spans
+
+    monkeypatch.setattr(_spans, "_TUPLE_LAYOUT", tuple_layout)
+    exporter = _Recording({})
+    exporter.send = lambda new, spans: exporter.batches.append((new, spans)) or True  # type: ignore[method-assign]
+    provider = TupleTracerProvider(Resource.create({}), {}, exporter)
+    tracer = provider.get_tracer("t")
+    remote = trace.set_span_in_context(trace.NonRecordingSpan(REMOTE))
+    with (
+        tracer.start_as_current_span("parent", remote) as parent,
+        tracer.start_as_current_span("child") as child,
+    ):
+        pass
+    provider.force_flush()
+    p, c = parent.get_span_context(), child.get_span_context()
+    assert c == SpanContext(p.trace_id, c.span_id, False, p.trace_flags, p.trace_state)
+    assert p.trace_id == REMOTE.trace_id and p.trace_state == REMOTE.trace_state and c.is_valid
+    [(_, spans)] = exporter.batches
+    assert [(s[0], s[1], s[2], s[4], s[5]) for s in spans] == [
+        ("child", p.trace_id, c.span_id, "vendor=abc", (p.span_id, False)),
+        ("parent", p.trace_id, p.span_id, "vendor=abc", (REMOTE.span_id, True)),
+    ]
