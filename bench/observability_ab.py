@@ -78,9 +78,10 @@ def _provider(variant: str, endpoint: str, base: Path | None = None) -> Any:
 
         assert base is not None, "traced-base needs --base"
         env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
-        command = [str(base / ".venv" / "bin" / "python"), "-m", "svantic_grpc._span_export"]
-        exporter = ChildExporter(env, command=command)
-        exporter._env["PYTHONPATH"] = str(base)  # its package, whatever the current directory
+        # Its package first on the path: ``-m`` would put the current directory (this checkout) first.
+        run = f"import sys; sys.path.insert(0, {str(base)!r}); from svantic_grpc import _span_export as e"
+        run += "; e.child_main()"
+        exporter = ChildExporter(env, command=[str(base / ".venv" / "bin" / "python"), "-c", run])
         return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), env, exporter)
     if variant in MORE:
         from opentelemetry.sdk.resources import Resource
