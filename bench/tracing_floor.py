@@ -24,6 +24,11 @@ which also gives the W3C headers for the agent). This runs exactly that code, on
 * **before**: the code this replaced (``start_as_current_span`` twice, ``propagate.extract`` and
   ``propagate.inject``, ``set_attribute`` of the status) with the OTLP exporter, for comparison.
 
+``--instructions`` counts instead the instructions one message of the metrics-only wrapper and of
+the server's own spans take (their batches handed to nothing), under valgrind's callgrind, with
+``--base PATH`` also for that checkout's code: a before/after figure that other work on a shared
+machine does not move.
+
 ``--child`` measures the exporting child instead: its CPU per span to turn a batch read from the
 pipe into the OTLP request's bytes, the spans rebuilt and encoded by the exporter's
 ``encode_spans`` (before) against ``_span_export.Encoder`` (now).
@@ -41,15 +46,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("SVANTIC_FLOOR_ROOT") or Path(__file__).resolve().parents[1])
+"""The checkout whose code is measured (``--instructions --base`` runs this script against another)."""
 sys.path.insert(0, str(ROOT))
 
 from opentelemetry import propagate  # noqa: E402
@@ -263,6 +272,74 @@ def child_encoding(args: argparse.Namespace) -> None:
         print(f"{name:<24}{median:>6.1f} µs per span, {2 * median:>6.1f} per message (CPU, median)")
 
 
+def count_role(variant: str, messages: int) -> None:
+    """Under callgrind: the message loop of ``variant`` (``metrics``, or ``own``: the server's own
+    spans, their batches handed to nothing), counted from after a warm-up to its end."""
+
+    class Nowhere(ChildExporter):
+        def send(self, new: Any, spans: Any) -> bool:
+            return True
+
+    own = TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, Nowhere())
+    tracer = own.get_tracer("svantic_grpc") if variant == "own" else None
+    message = _mesh_message(tracer, PrometheusMetrics().rpc_done)
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(os.getpid())], stdout=subprocess.DEVNULL, check=True)
+
+    async def loop() -> None:
+        for _ in range(300):
+            await message()
+        own.force_flush()
+        control("--zero")
+        for _ in range(messages):
+            await message()
+        own.force_flush()
+        control("--dump")
+
+    asyncio.run(loop())
+
+
+def instructions(args: argparse.Namespace) -> None:
+    """``--instructions``: the instructions (valgrind's callgrind) each variant's message takes, this
+    checkout's and ``--base``'s: unlike CPU time, the count does not move with other work on the
+    machine, so a change of a few percent shows."""
+    checkouts = {"this": (ROOT, Path(sys.executable))}
+    if args.base:
+        checkouts["base"] = (args.base, args.base / ".venv" / "bin" / "python")
+    counts: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (root, python) in checkouts.items():
+            for variant in ("metrics", "own"):
+                out = Path(tmp) / f"{name}-{variant}"
+                subprocess.run(
+                    [
+                        "valgrind",
+                        "--tool=callgrind",
+                        f"--callgrind-out-file={out}.%p",
+                        str(python),
+                        str(Path(__file__).resolve()),
+                        "--count-role",
+                        variant,
+                        "--messages",
+                        str(args.messages),
+                    ],
+                    env={**os.environ, "SVANTIC_FLOOR_ROOT": str(root)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=True,
+                )
+                [dump] = Path(tmp).glob(f"{name}-{variant}.*.1")  # the one made by --dump
+                total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+                assert total is not None, f"no summary in {dump}"
+                counts[(name, variant)] = int(total[1]) / args.messages
+    print(f"instructions per message (callgrind, {args.messages} messages after 300 of warm-up)")
+    print(f"{'checkout':<10}{'metrics':>12}{'own spans':>12}{'tracing adds':>14}")
+    for name, (root, _) in checkouts.items():
+        metrics, own = counts[(name, "metrics")], counts[(name, "own")]
+        print(f"{name:<10}{metrics:>12,.0f}{own:>12,.0f}{own - metrics:>14,.0f}   {root}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 1,000 messages are 2,000 spans: within the batch processor's queue (2,048), so none is dropped
@@ -275,7 +352,20 @@ def main() -> None:
         action="store_true",
         help="instead: the exporting child's encoding per span, before and now",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: instructions per message under valgrind's callgrind (with --base: that checkout too)",
+    )
+    parser.add_argument("--base", type=Path, default=None, help="with --instructions: a checkout to compare")
+    parser.add_argument("--count-role", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_role:
+        count_role(args.count_role, args.messages)
+        return
+    if args.instructions:
+        instructions(args)
+        return
     if args.child:
         child_encoding(args)
         return

@@ -3,7 +3,7 @@ child encodes them as OTLP protobuf and posts them with OpenTelemetry's own OTLP
 
 The child's encoding (``Encoder``) fills the request straight from the tuples, the same message
 field for field as the exporter's ``encode_spans`` makes of the SDK's ``ReadableSpan``s, at ~4 µs a
-span instead of ~25 for rebuilding those spans and encoding them (``bench/tracing_floor.py``
+span instead of ~28 for rebuilding those spans and encoding them (``bench/tracing_floor.py``
 ``--child``): on a 2-core machine the child's CPU is taken from the mesh too.
 
 Why: encoding spans as OTLP protobuf (~25 µs a span) and posting them is CPU the server's
