@@ -673,7 +673,7 @@ def _print_observability(rows: list[Row], concurrency: int, mode: str = "mesh") 
         )
     else:
         variant = mode.removeprefix("mesh-")
-        what = TRACE_VARIANTS.get(variant, variant)
+        what = TRACE_VARIANTS.get(variant, "the traced mesh of --base" if variant == "base" else variant)
         print(f"c={concurrency}: {mode} ({what}): {on_rate:.0f} msgs/s, {kept:.2f}x mesh-off's")
     on_ms = statistics.median(_cpu_ms(r, "server") for r in on.values())
     off_ms = statistics.median(_cpu_ms(r, "server") for r in off.values())
@@ -901,6 +901,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     modes += ["mesh-off"] if args.observability else []
     variants = [v for v in args.trace_variants.split(",") if v] if args.observability else []
     modes += [f"mesh-{v}" for v in variants]
+    modes += ["mesh-base"] if args.observability and args.base else []
     if not args.bare:
         modes.remove("bare")
     modes += ["direct", "hosted"] if args.hosted else []
@@ -967,6 +968,33 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             children.append(variant_agent)
             await variant_agent.expect("READY", 60)
             variant_servers[f"mesh-{variant}"] = (target, {"server": server, "agent": variant_agent})
+        if args.observability and args.base:
+            # The same traced server and agent, run from the other checkout (its code, its venv).
+            base_script = args.base / "bench" / SCRIPT.name
+            python = str(args.base / ".venv" / "bin" / "python")
+
+            async def spawn_base(name: str, role: str, *extra: str) -> MeasuredChild:
+                process = await asyncio.create_subprocess_exec(
+                    python,
+                    str(base_script),
+                    "--role",
+                    role,
+                    "--max-seconds",
+                    str(life),
+                    *extra,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=args.base,
+                )
+                return MeasuredChild(name, process)
+
+            server = await spawn_base("mesh-base-server", "mesh-server", "--otlp-endpoint", sink)
+            children.append(server)
+            target = f"{HOST}:{await server.expect('PORT', 60)}"
+            base_agent = await spawn_base("agent-base", "agent", "--target", target)
+            children.append(base_agent)
+            await base_agent.expect("READY", 60)
+            variant_servers["mesh-base"] = (target, {"server": server, "agent": base_agent})
         if args.hosted:
             hosted_agent = await spawn("hosted-agent", "hosted-agent", life)
             children.append(hosted_agent)
@@ -1029,6 +1057,8 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
         _print_observability(rows, concurrency)
         for variant in variants:
             _print_observability(rows, concurrency, f"mesh-{variant}")
+        if args.observability and args.base:
+            _print_observability(rows, concurrency, "mesh-base")
     if args.hosted:
         _hosted.print_hosted(rows, concurrencies, _median)
     if args.observability:
@@ -1083,6 +1113,12 @@ def main() -> None:
         default="",
         help="with --observability: also traced servers leaving out one part each, a comma list of "
         + ", ".join(TRACE_VARIANTS),
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="with --observability: also the traced mesh of this checkout (e.g. /work/wt/base), as mesh-base",
     )
     parser.add_argument(
         "--bare", action=argparse.BooleanOptionalAction, default=True, help="measure the bare echo"

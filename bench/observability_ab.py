@@ -21,7 +21,11 @@ one's server (and agent) does more. Variants:
 * **traced-nochild**, **traced-noheaders**, **traced-nodispatch** (only when named): as traced, the
   batches handed to nothing (no child); then also no trace headers to the agent; then no dispatch span;
 * **traced-sdk**: metrics on, the SDK's ``TracerProvider`` with its ``BatchSpanProcessor`` and
-  OTLP/HTTP exporter in this process (how the server traced before).
+  OTLP/HTTP exporter in this process (how the server traced before);
+* **traced-base** (with ``--base PATH``, e.g. ``/work/wt/base``): as traced, but the exporting child
+  is the one of the checkout at PATH (its ``svantic_grpc._span_export``, run by its ``.venv``'s
+  Python): the child's CPU per message before and after a change to it, in the same run. The
+  server's side is this checkout's for both.
 
 Every span is sampled. ``--concurrency`` calls are in flight per variant while it runs.
 """
@@ -63,9 +67,22 @@ without the dispatch span (only the RPC's); the dispatch span made but not curre
 during the dispatch but no span recorded."""
 
 
-def _provider(variant: str, endpoint: str) -> Any:
+def _provider(variant: str, endpoint: str, base: Path | None = None) -> Any:
     if variant == "traced":
         return provider_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+    if variant == "traced-base":
+        from opentelemetry.sdk.resources import Resource
+
+        from svantic_grpc._span_export import ChildExporter
+        from svantic_grpc._spans import TupleTracerProvider
+
+        assert base is not None, "traced-base needs --base"
+        env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
+        # Its package first on the path: ``-m`` would put the current directory (this checkout) first.
+        run = f"import sys; sys.path.insert(0, {str(base)!r}); from svantic_grpc import _span_export as e"
+        run += "; e.child_main()"
+        exporter = ChildExporter(env, command=[str(base / ".venv" / "bin" / "python"), "-c", run])
+        return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), env, exporter)
     if variant in MORE:
         from opentelemetry.sdk.resources import Resource
 
@@ -139,19 +156,16 @@ class _OnlyCurrent(OtelTracing):
         return current()
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's children (the exporting child; the sink is excluded by pid)."""
-    total = 0.0
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if "sink" in Path(f"/proc/{pid}/cmdline").read_text():
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+def _child_cpu(provider: Any) -> float:
+    """CPU seconds of ``provider``'s exporting child process so far (0 without one)."""
+    pid = getattr(getattr(provider, "_exporter", None), "pid", None)
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(args: argparse.Namespace, endpoint: str) -> None:
@@ -170,7 +184,7 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
                 "metrics": {"enabled": variant != "off"},
             }
         )
-        provider = _provider(variant, endpoint)
+        provider = _provider(variant, endpoint, args.base)
         server = MeshServer(settings, env={}, tracer_provider=provider)
         if variant == "traced-nodispatch":
             server.mesh.dispatches._tracing = NO_TRACING
@@ -198,14 +212,16 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
                 left -= 1
                 await call()
 
-        child_before = _children_cpu()
+        provider = trios[variant][2][2]
+        child_before = _child_cpu(provider)
         began = time.process_time()
         await asyncio.gather(*(worker(c) for c in calls))
-        provider = trios[variant][2][2]
         if provider is not None:
             provider.force_flush()  # the spans of these messages are handed over (or exported) now
         spent = (time.process_time() - began) / count * 1e3
-        return spent, (_children_cpu() - child_before) / count * 1e3
+        # The child exports what it was handed in the background: what it has not done by now is
+        # counted in the variant's next round (the mean over rounds is its cost).
+        return spent, (_child_cpu(provider) - child_before) / count * 1e3
 
     for variant in args.variants:  # warm up
         await round_of(variant, min(args.messages, 300))
@@ -253,7 +269,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=600, help="messages per variant per round")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument(
+        "--base", type=Path, default=None, help="a checkout whose exporting child runs as traced-base"
+    )
     args = parser.parse_args()
+    if args.base is not None and "traced-base" not in args.variants:
+        args.variants.append("traced-base")
     sink = subprocess.Popen([sys.executable, "-c", SINK, "sink"], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None

@@ -24,6 +24,15 @@ which also gives the W3C headers for the agent). This runs exactly that code, on
 * **before**: the code this replaced (``start_as_current_span`` twice, ``propagate.extract`` and
   ``propagate.inject``, ``set_attribute`` of the status) with the OTLP exporter, for comparison.
 
+``--instructions`` counts instead the instructions one message of the metrics-only wrapper and of
+the server's own spans take (their batches handed to nothing), under valgrind's callgrind, with
+``--base PATH`` also for that checkout's code: a before/after figure that other work on a shared
+machine does not move.
+
+``--child`` measures the exporting child instead: its CPU per span to turn a batch read from the
+pipe into the OTLP request's bytes, the spans rebuilt and encoded by the exporter's
+``encode_spans`` (before) against ``_span_export.Encoder`` (now).
+
 The variants alternate over ``--rounds`` rounds of ``--messages`` messages each; the figure is
 the median of the process's CPU time (all threads: the export thread's encoding included) per
 message, the batch processor flushed at the end of each round. With ``--mesh-ms``, the mesh
@@ -37,15 +46,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("SVANTIC_FLOOR_ROOT") or Path(__file__).resolve().parents[1])
+"""The checkout whose code is measured (``--instructions --base`` runs this script against another)."""
 sys.path.insert(0, str(ROOT))
 
 from opentelemetry import propagate  # noqa: E402
@@ -210,6 +223,123 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
         )
 
 
+def child_encoding(args: argparse.Namespace) -> None:
+    """``--child``: the exporting child's CPU per span to turn a batch from the pipe into the OTLP
+    request's bytes: the SDK's spans rebuilt and encoded by the exporter's ``encode_spans`` (before)
+    against ``Encoder`` (now), alternated; the post itself is the same for both and left out."""
+    import pickle
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from svantic_grpc._span_export import Encoder, Rebuilder
+
+    class Kept(ChildExporter):
+        def send(self, new: Any, spans: Any) -> bool:
+            self.batches.append(pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+
+    kept = Kept()
+    kept.batches = []
+    own = TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, kept)
+    message = _mesh_message(own.get_tracer("svantic_grpc"), None)
+
+    async def messages() -> None:
+        for _ in range(256):  # one batch of 512 spans, as the server hands them over
+            await message()
+
+    asyncio.run(messages())
+    own.force_flush()
+    body = kept.batches[0]
+    count = len(pickle.loads(body)[1])
+
+    def before() -> bytes:
+        return encode_spans(Rebuilder().spans(*pickle.loads(body))).SerializePartialToString()
+
+    def now() -> bytes:
+        return Encoder().request(*pickle.loads(body)).SerializePartialToString()
+
+    assert before() == now()
+    cost: dict[str, list[float]] = {"rebuilt + encode_spans": [], "Encoder": []}
+    for _ in range(args.rounds):
+        for name, encode in zip(cost, (before, now), strict=True):
+            began = time.process_time()
+            for _ in range(10):
+                encode()
+            cost[name].append((time.process_time() - began) / (10 * count) * 1e6)
+    print(f"{args.rounds} rounds of 10 batches of {count} spans (the server's two spans per message)")
+    for name, values in cost.items():
+        median = statistics.median(values)
+        print(f"{name:<24}{median:>6.1f} µs per span, {2 * median:>6.1f} per message (CPU, median)")
+
+
+def count_role(variant: str, messages: int) -> None:
+    """Under callgrind: the message loop of ``variant`` (``metrics``, or ``own``: the server's own
+    spans, their batches handed to nothing), counted from after a warm-up to its end."""
+
+    class Nowhere(ChildExporter):
+        def send(self, new: Any, spans: Any) -> bool:
+            return True
+
+    own = TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), {}, Nowhere())
+    tracer = own.get_tracer("svantic_grpc") if variant == "own" else None
+    message = _mesh_message(tracer, PrometheusMetrics().rpc_done)
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(os.getpid())], stdout=subprocess.DEVNULL, check=True)
+
+    async def loop() -> None:
+        for _ in range(300):
+            await message()
+        own.force_flush()
+        control("--zero")
+        for _ in range(messages):
+            await message()
+        own.force_flush()
+        control("--dump")
+
+    asyncio.run(loop())
+
+
+def instructions(args: argparse.Namespace) -> None:
+    """``--instructions``: the instructions (valgrind's callgrind) each variant's message takes, this
+    checkout's and ``--base``'s: unlike CPU time, the count does not move with other work on the
+    machine, so a change of a few percent shows."""
+    checkouts = {"this": (ROOT, Path(sys.executable))}
+    if args.base:
+        checkouts["base"] = (args.base, args.base / ".venv" / "bin" / "python")
+    counts: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (root, python) in checkouts.items():
+            for variant in ("metrics", "own"):
+                out = Path(tmp) / f"{name}-{variant}"
+                subprocess.run(
+                    [
+                        "valgrind",
+                        "--tool=callgrind",
+                        f"--callgrind-out-file={out}.%p",
+                        str(python),
+                        str(Path(__file__).resolve()),
+                        "--count-role",
+                        variant,
+                        "--messages",
+                        str(args.messages),
+                    ],
+                    env={**os.environ, "SVANTIC_FLOOR_ROOT": str(root)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=True,
+                )
+                [dump] = Path(tmp).glob(f"{name}-{variant}.*.1")  # the one made by --dump
+                total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+                assert total is not None, f"no summary in {dump}"
+                counts[(name, variant)] = int(total[1]) / args.messages
+    print(f"instructions per message (callgrind, {args.messages} messages after 300 of warm-up)")
+    print(f"{'checkout':<10}{'metrics':>12}{'own spans':>12}{'tracing adds':>14}")
+    for name, (root, _) in checkouts.items():
+        metrics, own = counts[(name, "metrics")], counts[(name, "own")]
+        print(f"{name:<10}{metrics:>12,.0f}{own:>12,.0f}{own - metrics:>14,.0f}   {root}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 1,000 messages are 2,000 spans: within the batch processor's queue (2,048), so none is dropped
@@ -217,7 +347,28 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1000, help="messages per variant per round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--mesh-ms", type=float, default=0.0, help="mesh-off server CPU ms per message")
+    parser.add_argument(
+        "--child",
+        action="store_true",
+        help="instead: the exporting child's encoding per span, before and now",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: instructions per message under valgrind's callgrind (with --base: that checkout too)",
+    )
+    parser.add_argument("--base", type=Path, default=None, help="with --instructions: a checkout to compare")
+    parser.add_argument("--count-role", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_role:
+        count_role(args.count_role, args.messages)
+        return
+    if args.instructions:
+        instructions(args)
+        return
+    if args.child:
+        child_encoding(args)
+        return
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None

@@ -7,8 +7,8 @@ Why not the SDK's ``TracerProvider`` here: its span costs ~11 µs to start and ~
 processor fan-out), then the batch is flattened again for the child: ~80 µs of the server's CPU
 per message for its two spans, where this takes ~20 (``bench/tracing_floor.py``). What the SDK
 decides is kept: its sampler (``OTEL_TRACES_SAMPLER``) and id generator, built from the
-environment as the SDK builds them, and the child rebuilds the SDK's ``ReadableSpan`` (cleaning
-the attributes by the SDK's limits) for OpenTelemetry's own OTLP exporter. A provider passed
+environment as the SDK builds them, and the child encodes the OTLP request the SDK's exporter
+would make of these spans and posts it with OpenTelemetry's own OTLP exporter. A provider passed
 to the server (tests, an application's own SDK setup) is used as it is instead.
 
 Batching is the SDK's: up to ``OTEL_BSP_MAX_QUEUE_SIZE`` spans wait (2,048; more are dropped
@@ -24,13 +24,15 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from random import getrandbits as _getrandbits
 from typing import Any
 
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision, Sampler
 from opentelemetry.trace import (
     Link,
@@ -40,7 +42,9 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
+    TraceState,
 )
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 from svantic_grpc._span_export import ChildExporter, _link
@@ -71,6 +75,12 @@ class TupleTracerProvider(trace_api.TracerProvider):
         self._sampler: Sampler = sdk.sampler
         self._ids = sdk.id_generator
         self._random = self._ids.is_trace_id_random()
+        if type(self._ids) is RandomIdGenerator:  # what it does, without a call through it per id
+            self._new_trace_id: Callable[[], int] = _random_trace_id
+            self._new_span_id: Callable[[], int] = _random_span_id
+        else:
+            self._new_trace_id = self._ids.generate_trace_id
+            self._new_span_id = self._ids.generate_span_id
         self._exporter = exporter or ChildExporter(env)
         self._new: list[tuple[int, str, Any]] = [
             (0, "resource", (dict(resource.attributes), resource.schema_url))
@@ -181,16 +191,18 @@ class _Tracer(trace_api.Tracer):
     ) -> trace_api.Span:
         provider = self._provider
         parent: SpanContext | None = trace_api.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+        # The context's tuple read directly, as _fields has it: its properties cost a call each.
+        if parent is not None and (fields := parent if _TUPLE_LAYOUT else _fields(parent))[5]:
+            trace_id, _, _, flags, state, _ = fields
         else:
-            parent, trace_id, state = None, provider._ids.generate_trace_id(), None
+            parent, trace_id, state = None, provider._new_trace_id(), None
             flags = _SAMPLED_RANDOM if provider._random else _SAMPLED
         sampler = provider._sampler
-        if sampler is ALWAYS_ON or (sampler is DEFAULT_ON and (parent is None or flags.sampled)):
+        if sampler is ALWAYS_ON or (sampler is DEFAULT_ON and (parent is None or flags & 1)):
             # What these two samplers decide without asking them (~2 µs a span): sample, and keep
             # the parent's trace state.
-            flags = TraceFlags(flags | TraceFlags.SAMPLED)
+            if not flags & 1:
+                flags = TraceFlags(flags | TraceFlags.SAMPLED)
         else:
             result = sampler.should_sample(context, trace_id, name, kind, attributes, links)
             state = result.trace_state
@@ -202,11 +214,10 @@ class _Tracer(trace_api.Tracer):
             flags = TraceFlags(flags | TraceFlags.SAMPLED)
             if result.attributes:
                 attributes = {**(attributes or {}), **result.attributes}
-        span_context = SpanContext(trace_id, provider._ids.generate_span_id(), False, flags, state)
         return _Span(
             self,
             name,
-            span_context,
+            _span_context(trace_id, provider._new_span_id(), flags, state),
             parent,
             kind,
             dict(attributes) if attributes else {},
@@ -244,6 +255,22 @@ class _Tracer(trace_api.Tracer):
 class _Span(trace_api.Span):
     """A recording span: what the OTLP export needs, kept in plain values until it ends."""
 
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_end",
+        "_events",
+        "_kind",
+        "_links",
+        "_name",
+        "_parent",
+        "_record_exception",
+        "_set_status_on_exception",
+        "_start",
+        "_status",
+        "_tracer",
+    )
+
     def __init__(
         self,
         tracer: _Tracer,
@@ -267,7 +294,8 @@ class _Span(trace_api.Span):
         self._events: list[tuple[str, int, dict[str, Any]]] | None = None
         self._start = start
         self._end: int | None = None
-        self._status = Status()
+        self._status: Status | None = None
+        """``None`` while unset (most spans end so: no ``Status`` made for them)."""
         self._record_exception = record_exception
         self._set_status_on_exception = set_status_on_exception
 
@@ -275,23 +303,24 @@ class _Span(trace_api.Span):
         if self._end is not None:
             return
         self._end = end_time or time.time_ns()
-        context, parent, status = self._context, self._parent, self._status
+        parent, status = self._parent, self._status
+        trace_id, span_id, _, flags, state, _ = self._context if _TUPLE_LAYOUT else _fields(self._context)
         self._tracer._provider._finished(
             (
                 self._name,
-                context.trace_id,
-                context.span_id,
-                int(context.trace_flags),
-                context.trace_state.to_header() if context.trace_state else "",
+                trace_id,
+                span_id,
+                int(flags),
+                "" if state is DEFAULT_TRACE_STATE or not state else state.to_header(),
                 (parent.span_id, parent.is_remote) if parent is not None else None,
-                self._kind.value,
+                self._kind._value_,  # an enum's value, without the call its ``value`` costs
                 self._start,
                 self._end,
                 self._attributes or None,
                 self._events,
                 [_link(link) for link in self._links] if self._links else None,
-                status.status_code.value,
-                status.description,
+                status.status_code._value_ if status is not None else 0,
+                status.description if status is not None else None,
                 0,
                 self._tracer._scope,
                 (0, 0, 0),
@@ -335,7 +364,7 @@ class _Span(trace_api.Span):
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         # As the SDK: OK is final, UNSET changes nothing, a description goes with ERROR only.
-        if self._end is not None or self._status.status_code is StatusCode.OK:
+        if self._end is not None or (self._status is not None and self._status.status_code is StatusCode.OK):
             return
         status = status if isinstance(status, Status) else Status(status, description)
         if status.status_code is not StatusCode.UNSET:
@@ -372,3 +401,53 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError:
         return default
     return value if value > 0 else default
+
+
+def _random_trace_id() -> int:
+    trace_id = _getrandbits(128)
+    while not trace_id:
+        trace_id = _getrandbits(128)
+    return trace_id
+
+
+def _random_span_id() -> int:
+    span_id = _getrandbits(64)
+    while not span_id:
+        span_id = _getrandbits(64)
+    return span_id
+
+
+def _checked_layout() -> bool:
+    """Whether ``SpanContext`` is the tuple ``_span_context`` makes and ``start_span`` and ``end``
+    read (trace id, span id, remote, flags, state, valid), as it has been so far."""
+    made = tuple.__new__(SpanContext, (3, 5, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
+    sample = SpanContext(3, 5, False, _SAMPLED, None)
+    fields = (sample.trace_id, sample.span_id, sample.is_remote, sample.trace_flags, sample.trace_state)
+    return made == sample and tuple(sample) == (*fields, sample.is_valid)
+
+
+_TUPLE_LAYOUT = _checked_layout()
+
+
+def _fields(context: SpanContext) -> tuple[int, int, bool, TraceFlags, TraceState, bool]:
+    """What ``SpanContext`` has, in the order of its tuple (the tuple itself when ``_TUPLE_LAYOUT``)."""
+    return (
+        context.trace_id,
+        context.span_id,
+        context.is_remote,
+        context.trace_flags,
+        context.trace_state,
+        context.is_valid,
+    )
+
+
+def _span_context(trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None) -> SpanContext:
+    """``SpanContext(trace_id, span_id, False, flags, state)`` of ids from the id generator (valid),
+    made directly as its tuple when its layout is the known one (a third of the cost)."""
+    if _TUPLE_LAYOUT and trace_id <= _MAX_TRACE_ID and span_id <= _MAX_SPAN_ID and trace_id and span_id:
+        state = state if state is not None else DEFAULT_TRACE_STATE
+        return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
+    return SpanContext(trace_id, span_id, False, flags, state)
+
+
+_MAX_TRACE_ID, _MAX_SPAN_ID = (1 << 128) - 1, (1 << 64) - 1

@@ -8,13 +8,15 @@ read from the mesh when scraped, so the hot path pays nothing for them.
 
 Names follow the OpenTelemetry conventions where one exists (``grpc_server_call_duration_seconds``
 is gRFC A66's ``grpc.server.call.duration``), the rest carry the ``svantic_`` prefix. Label
-values are bounded: method names the server registered, status codes, agent types,
-transports, states, surfaces; never a session, message or request id.
+values are bounded: method names the server registered, status codes, transports, states,
+surfaces; never a session, message or request id. Agent types are chosen by whoever registers
+an agent, so any number of them may come and go: the first ``agent_types`` (100) a process
+dispatches to are labelled by name, later ones as ``other``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -25,6 +27,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -38,11 +42,20 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _HUMAN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 86400)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+AGENT_TYPES = 100
+"""Agent types labelled by name in one process; the ones dispatched to after these are ``other``."""
+
+OTHER = "other"
+
 
 class PrometheusMetrics(Metrics):
     """The mesh's metrics in a registry of their own; ``routes`` serves them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, agent_types: int = AGENT_TYPES) -> None:
+        """
+        Args:
+            agent_types: How many agent types get a label of their own (the rest are ``other``).
+        """
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._rpc = Histogram(
@@ -119,10 +132,18 @@ class PrometheusMetrics(Metrics):
         """The RPC histogram's child per (method, code): ``labels()`` looked up once, not per call."""
         self._dispatch_series: dict[tuple[str, ...], Any] = {}
         self._message_series: dict[tuple[str, ...], Any] = {}
+        self._agent_types: set[str] = set()
+        """Agent types labelled by name (at most ``agent_types``)."""
+        self._max_agent_types = agent_types
 
     # The core's events
 
     def dispatch_done(self, *, agent_type: str, transport: str, outcome: str, latency_s: float) -> None:
+        if agent_type not in self._agent_types:
+            if len(self._agent_types) < self._max_agent_types:
+                self._agent_types.add(agent_type)
+            else:
+                agent_type = OTHER
         _series(self._dispatch_series, self._dispatch, agent_type, transport or "unknown", outcome).observe(
             latency_s
         )
@@ -148,6 +169,11 @@ class PrometheusMetrics(Metrics):
     def rpc_done(self, method: str, code: str, latency_s: float) -> None:
         """One gRPC call ended with ``code`` (a ``grpc.StatusCode`` name) after ``latency_s``."""
         _series(self._rpc_series, self._rpc, method, code).observe(latency_s)
+
+    def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
+        """``svantic_trace_spans_dropped_total``: spans never exported, ``dropped()`` read on each
+        scrape (the server's tracer provider: its queue was full, or the exporting child lagged)."""
+        self.registry.register(_DroppedSpans(dropped))
 
     # Scraping
 
@@ -183,3 +209,15 @@ def _replace(gauge: Gauge, values: dict[str, int]) -> None:
     gauge.clear()  # a state with nothing in it left: its series goes rather than staying stale
     for label, value in values.items():
         gauge.labels(label).set(value)
+
+
+class _DroppedSpans(Collector):
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "svantic_trace_spans_dropped",
+            "Spans never exported: the span queue was full, or the exporting child process lagged",
+            value=self._dropped(),
+        )

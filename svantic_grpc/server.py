@@ -58,7 +58,13 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
 )
 from svantic_grpc.stores import MemoryStore, open_store
-from svantic_grpc.tracing import OtelTracing, http_middleware, provider_from_env, tracer_of
+from svantic_grpc.tracing import (
+    OtelTracing,
+    dropped_spans_of,
+    http_middleware,
+    provider_from_env,
+    tracer_of,
+)
 
 __all__ = ["SERVICE_NAMES", "MeshServer"]
 
@@ -121,6 +127,8 @@ class MeshServer:
         self.tracer_provider = tracer_provider or self._own_tracing
         """Spans of gRPC calls and hosted dispatches; ``None`` (tracing off) unless OTEL_* asks."""
         self._tracer = tracer_of(self.tracer_provider)
+        if self.metrics is not None and (dropped := dropped_spans_of(self.tracer_provider)) is not None:
+            self.metrics.count_dropped_spans(dropped)
         hosted = A2ATransport(
             connect_timeout_s=dispatch.connect_timeout_ms / 1000,
             read_timeout_s=dispatch.timeout_ms / 1000,

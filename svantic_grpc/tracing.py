@@ -20,13 +20,15 @@ resolution answering it is its child, linked to the call that carried the answer
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
     Link,
     NonRecordingSpan,
     Span,
@@ -40,7 +42,14 @@ from opentelemetry.trace import (
 from svantic_grpc._spans import TupleTracerProvider
 from svantic_grpc.core.tracing import Tracing
 
-__all__ = ["OtelTracing", "http_middleware", "provider_from_env", "tracer_of", "traces_requested"]
+__all__ = [
+    "OtelTracing",
+    "dropped_spans_of",
+    "http_middleware",
+    "provider_from_env",
+    "tracer_of",
+    "traces_requested",
+]
 
 _OPEN_INPUTS = 10_000
 """Input request spans kept open at most; past it the oldest ends (as ``unknown``)."""
@@ -108,8 +117,9 @@ class _Current(AbstractContextManager[Mapping[str, str]]):
         self._span = span
 
     def __enter__(self) -> Mapping[str, str]:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-        return w3c_headers(self._span.get_span_context())
+        current = trace.set_span_in_context(self._span)
+        self._token = otel_context.attach(current)
+        return w3c_headers(self._span.get_span_context(), current)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if isinstance(error, Exception) and self._span.is_recording():
@@ -119,18 +129,23 @@ class _Current(AbstractContextManager[Mapping[str, str]]):
         otel_context.detach(self._token)
 
 
-def w3c_headers(span_context: SpanContext) -> dict[str, str]:
+def w3c_headers(span_context: SpanContext, current: Context | None = None) -> dict[str, str]:
     """The W3C ``traceparent`` (and ``tracestate``) continuing ``span_context``, formatted as
-    OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the current context,
-    the global propagator's headers (which add it)."""
-    if baggage.get_all():
+    OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the ``current`` context
+    (default: the current one), the global propagator's headers (which add it)."""
+    if baggage.get_all(current):
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
         return headers
-    ids = f"{span_context.trace_id:032x}-{span_context.span_id:016x}"
-    headers = {"traceparent": f"00-{ids}-{span_context.trace_flags:02x}"}
-    if span_context.trace_state:
-        headers["tracestate"] = span_context.trace_state.to_header()
+    trace_id, span_id, flags, state = (
+        span_context.trace_id,
+        span_context.span_id,
+        span_context.trace_flags,
+        span_context.trace_state,
+    )
+    headers = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
+    if state is not DEFAULT_TRACE_STATE and state:
+        headers["tracestate"] = state.to_header()
     return headers
 
 
@@ -170,3 +185,11 @@ def provider_from_env(env: Mapping[str, str]) -> TupleTracerProvider | None:
 
 def tracer_of(provider: TracerProvider | None) -> Tracer | None:
     return provider.get_tracer("svantic_grpc") if provider is not None else None
+
+
+def dropped_spans_of(provider: TracerProvider | None) -> Callable[[], int] | None:
+    """What reads how many spans ``provider`` dropped (its queue full, or its exporting child
+    lagging or gone), for the metrics; ``None`` for a provider that does not say (the SDK's)."""
+    if isinstance(provider, TupleTracerProvider):
+        return lambda: provider.dropped
+    return None

@@ -14,12 +14,14 @@ import grpc
 import httpx
 import pytest
 from grpc import aio
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from svantic_grpc.core.events import AgentLeft
+from svantic_grpc.metrics import AGENT_TYPES, PrometheusMetrics
 from svantic_grpc.pb import session_service_pb2
 from tests import _postgres
-from tests._support import Client, running_server
+from tests._support import SIGNING_ENV, Client, running_server
 from tests.agents_connected import WAIT, new_session, wait_for_state
 from tests.agents_inputs import pending_ids, resolve
 from tests.api.test_inputs import (
@@ -32,6 +34,7 @@ from tests.api.test_inputs import (
     crm_agent,
     real_time_clock,
 )
+from tests.test_tracing import otlp_sink
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -194,3 +197,41 @@ async def test_events_from_another_replica_are_timed_on_arrival() -> None:
             assert value(await scrape(writer), f"{delays}_count") == 0
     finally:
         await _postgres.drop_schema(schema)
+
+
+async def test_spans_dropped_on_the_way_to_the_exporter_are_counted() -> None:
+    # A span queue of one, never handed over before the server stops: every span after the first is
+    # dropped, and the scrape says how many.
+    with otlp_sink() as (endpoint, _):
+        env = {
+            **SIGNING_ENV,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_MAX_QUEUE_SIZE": "1",
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        }
+        async with running_server(env=env) as client:
+            metadata = await client.md()
+            init = session_service_pb2.InitSessionRequest()
+            await client.sessions.InitSession(init, metadata=metadata)  # the queue is full from here on
+            before = value(await scrape(client), "svantic_trace_spans_dropped_total")
+            for _ in range(5):
+                await client.sessions.InitSession(init, metadata=metadata)
+            after = value(await scrape(client), "svantic_trace_spans_dropped_total")
+    assert after - before == 5
+
+
+async def test_agent_types_past_the_first_hundred_are_labelled_other() -> None:
+    # Agent types are whatever agents register as: the label's values stay bounded all the same.
+    metrics = PrometheusMetrics()
+    for n in range(AGENT_TYPES + 20):
+        metrics.dispatch_done(
+            agent_type=f"type-{n}", transport="connected", outcome="completed", latency_s=0.01
+        )
+    metrics.dispatch_done(agent_type="type-0", transport="connected", outcome="completed", latency_s=0.01)
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            if sample.name == "svantic_dispatch_duration_seconds_count":
+                counts[sample.labels["agent_type"]] = sample.value
+    assert len(counts) == AGENT_TYPES + 1
+    assert counts["type-0"] == 2 and counts[f"type-{AGENT_TYPES - 1}"] == 1 and counts["other"] == 20
