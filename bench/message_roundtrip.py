@@ -487,6 +487,10 @@ class MeasuredChild(Child):
             return 0.0
         return sum(_cpu_of(pid) for pid in pids)
 
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+
 
 def _cpu_of(pid: int) -> float:
     try:
@@ -494,10 +498,6 @@ def _cpu_of(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signum)
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> MeasuredChild:
