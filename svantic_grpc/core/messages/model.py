@@ -120,12 +120,16 @@ def check_parts(parts: tuple[Part, ...], field: str) -> int:
     """
     total = 0
     for index, part in enumerate(parts):
-        where = f"{field}[{index}]"
-        if sum(x is not None for x in (part.text, part.data, part.file)) != 1:
+        text, data, file = part.text, part.data, part.file
+        if text is not None and data is None and file is None:  # the common part: nothing more to check
+            total += len(text)
+            continue
+        where = f"{field}[{index}]"  # named only when needed: this runs for every part of every message
+        if (text is not None) + (data is not None) + (file is not None) != 1:
             raise InvalidArgument(where, "must have exactly one of text, data or file")
-        if part.data is not None:
-            check_json_depth(f"{where}.data", part.data)
-        if part.file is not None and (part.file.data is None) == (not part.file.uri):
+        if data is not None:
+            check_json_depth(f"{where}.data", data)
+        if file is not None and (file.data is None) == (not file.uri):
             raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
         total += _bytes_of(part)
     return total
