@@ -45,6 +45,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}
+        self._tenant_agents: dict[str, set[tuple[str, str]]] = {}
+        """Per tenant, the keys of its agents: a listing reads the tenant's, not every tenant's."""
         self._index = SessionIndex()
         self._events: dict[tuple[str, str], CompactLog] = {}
         # Insertion order is creation order, which list_messages pages through.
@@ -96,7 +98,10 @@ class MemoryStore(Store):
 
     async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
         exists = AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
-        return _insert(self._agents, (agent.tenant_id, agent.instance_id), agent, exists)
+        key = (agent.tenant_id, agent.instance_id)
+        stored = _insert(self._agents, key, agent, exists)
+        self._tenant_agents.setdefault(agent.tenant_id, set()).add(key)
+        return stored
 
     async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
         return detach(self._agents.get((tenant_id, instance_id)))
@@ -109,12 +114,17 @@ class MemoryStore(Store):
         key = (tenant_id, instance_id)
         _current(self._agents, key, version, f"agent instance {instance_id!r}", "AGENT_NOT_FOUND")
         del self._agents[key]
+        keys = self._tenant_agents[tenant_id]
+        keys.discard(key)
+        if not keys:
+            del self._tenant_agents[tenant_id]
 
     async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        agents = self._agents
         rows = [
             a
-            for (tenant, _), a in self._agents.items()
-            if tenant == tenant_id and (not agent_type or a.agent_type == agent_type)
+            for a in (agents[key] for key in self._tenant_agents.get(tenant_id, ()))
+            if not agent_type or a.agent_type == agent_type
         ]
         rows.sort(key=lambda a: (a.agent_type, a.instance_id))
         return detach(rows)
@@ -315,6 +325,8 @@ class MemoryStore(Store):
             for record, key in zip(stored, found, strict=True):
                 if table is self._sessions:
                     self._index.put(table.get(key), record)
+                elif table is self._agents and key not in table:
+                    self._tenant_agents.setdefault(key[0], set()).add(key)
                 table[key] = record
             stored_by_kind.append(stored)
         audit = tuple([await self.append_audit(record) for record in change.audit]) if change.audit else ()
