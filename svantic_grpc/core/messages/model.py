@@ -197,6 +197,15 @@ class MessageMetadata:
     action_data: dict[str, Any] = field(default_factory=dict)
 
 
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "target_agent": (str,),
+    "yolo_mode": (bool,),
+    "context": (dict,),
+    "files": (list,),
+    "action_data": (dict,),
+}
+
+
 def parse_metadata(parts: tuple[Part, ...]) -> MessageMetadata:
     """Collect the metadata keys from data parts; wrong types name the part and key."""
     found: dict[str, Any] = {}
@@ -207,16 +216,9 @@ def parse_metadata(parts: tuple[Part, ...]) -> MessageMetadata:
             if key in part.data:
                 found[key] = (index, part.data[key])
     result: dict[str, Any] = {}
-    expected: dict[str, tuple[type, ...]] = {
-        "target_agent": (str,),
-        "yolo_mode": (bool,),
-        "context": (dict,),
-        "files": (list,),
-        "action_data": (dict,),
-    }
     for key, (index, value) in found.items():
-        if not isinstance(value, expected[key]):
-            kind = expected[key][0].__name__.replace("dict", "object").replace("list", "array")
+        if not isinstance(value, _METADATA_TYPES[key]):
+            kind = _METADATA_TYPES[key][0].__name__.replace("dict", "object").replace("list", "array")
             raise InvalidArgument(f"message.parts[{index}].data.{key}", f"must be a {kind}")
         result[key] = tuple(value) if isinstance(value, list) else value
     return MessageMetadata(**result)
