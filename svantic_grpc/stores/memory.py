@@ -15,7 +15,16 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
-from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    ArtifactAdded,
+    Event,
+    EventPayload,
+    MessageStateChanged,
+    StatusChanged,
+    TurnAdded,
+)
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
@@ -288,7 +297,10 @@ class MemoryStore(Store):
         session = self._sessions.get(key)
         created_at = None if session is None else session.created_at
         first = log.next_sequence
-        events = [Event(tenant_id, session_id, first + n, time, detach(p)) for n, p in enumerate(payloads)]
+        events = [
+            Event(tenant_id, session_id, first + n, time, p if type(p) in _FROZEN_PAYLOADS else detach(p))
+            for n, p in enumerate(payloads)
+        ]
         for event in events:
             log.append(time, event.payload, session_id=session_id, created_at=created_at)
         return events
@@ -374,6 +386,12 @@ class MemoryStore(Store):
 
 
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
+
+_FROZEN_PAYLOADS = frozenset(
+    {AgentJoined, AgentLeft, StatusChanged, MessageStateChanged, TurnAdded, ArtifactAdded}
+)
+"""Event payloads with nothing mutable inside (``detach`` returns them as they are: its ``_SHARED``),
+kept without asking it: a session's open and close log eight events each."""
 
 
 def _session_slot(record: Session) -> Any:
