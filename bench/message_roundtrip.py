@@ -487,6 +487,10 @@ class MeasuredChild(Child):
             return 0.0
         return sum(_cpu_of(pid) for pid in pids)
 
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+
 
 def _cpu_of(pid: int) -> float:
     try:
@@ -495,13 +499,18 @@ def _cpu_of(pid: int) -> float:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signum)
 
-
-async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> MeasuredChild:
-    process = await start_role(SCRIPT, role, max_seconds, *extra)
+async def spawn(
+    name: str, role: str, max_seconds: float, *extra: str, tree: Path | None = None
+) -> MeasuredChild:
+    """A child of this benchmark; with ``tree``, the same role run from another checkout (its
+    own copy of this script, its code first on ``PYTHONPATH``), for ``--base``."""
+    if tree is None:
+        process = await start_role(SCRIPT, role, max_seconds, *extra)
+    else:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        script = tree / "bench" / SCRIPT.name
+        process = await start_role(script, role, max_seconds, *extra, env=env, cwd=tree)
     return MeasuredChild(name, process)
 
 
@@ -647,6 +656,31 @@ def _print_two_hop_summary(rows: list[Row], concurrency: int) -> None:
     if concurrency == 32:
         ok = server <= MESH_SERVER_MS
         line += f"  (target <= {MESH_SERVER_MS:.1f} ms at 32 clients: {'MET' if ok else 'NOT MET'})"
+    print(line)
+
+
+def _print_base(rows: list[Row], concurrency: int) -> None:
+    """``--base``: this checkout's mesh against the other's, round by round (same machine load)."""
+    new = {r.round: r for r in rows if r.mode == "mesh" and r.concurrency == concurrency}
+    base = {r.round: r for r in rows if r.mode == "mesh-base" and r.concurrency == concurrency}
+    both = [n for n in sorted(new) if n in base]
+    if not both:
+        return
+    rate = [new[n].result["rate"] / base[n].result["rate"] for n in both]
+    cpu = [_cpu_ms(new[n], "server") / _cpu_ms(base[n], "server") for n in both]
+    agent = [_cpu_ms(new[n], "agent") / _cpu_ms(base[n], "agent") for n in both]
+    relay = {r.round: r for r in rows if r.mode == "relay" and r.concurrency == concurrency}
+    print(
+        f"c={concurrency}: mesh (this checkout) / mesh-base, each round: msgs/s "
+        f"{', '.join(f'{x:.2f}' for x in rate)} (median {statistics.median(rate):.2f}x); server CPU per "
+        f"message {', '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f}x); agent CPU "
+        f"per message median {statistics.median(agent):.2f}x"
+    )
+    base_ms = statistics.median(_cpu_ms(base[n], "server") for n in both)
+    line = f"c={concurrency}: mesh-base server CPU {base_ms:.2f} ms/msg"
+    if relay:
+        base_rate = _median([base[n] for n in both], "rate")
+        line += f", mesh-base/relay {base_rate / _median(list(relay.values()), 'rate'):.2f}"
     print(line)
 
 
@@ -897,7 +931,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     if args.profile:
         print("PROFILING: cProfile slows the mesh processes; the ratio below is not the benchmark figure.")
     sys.stdout.flush()
-    modes = ["bare", "mesh", *(["relay"] if args.relay else [])]
+    modes = ["bare", "mesh", *(["relay"] if args.relay else []), *(["mesh-base"] if args.base else [])]
     modes += ["mesh-off"] if args.observability else []
     variants = [v for v in args.trace_variants.split(",") if v] if args.observability else []
     modes += [f"mesh-{v}" for v in variants]
@@ -951,6 +985,15 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             )
             children.append(relay_agent)
             await relay_agent.expect("READY", 30)
+        if args.base:
+            base_tree = Path(args.base)  # made absolute by main
+            mesh_base = await spawn("mesh-base-server", "mesh-server", life, tree=base_tree)
+            children.append(mesh_base)
+            mesh_base_target = f"{HOST}:{await mesh_base.expect('PORT', 60)}"
+            target = mesh_base_target
+            agent_base = await spawn("agent-base", "agent", life, "--target", target, tree=base_tree)
+            children.append(agent_base)
+            await agent_base.expect("READY", 60)
         if args.observability:
             mesh_off = await spawn("mesh-off-server", "mesh-server", life, "--metrics-off")
             children.append(mesh_off)
@@ -1009,6 +1052,10 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                         row = await measure(
                             args, "bare", concurrency, round_no, bare_target, {"server": bare}, []
                         )
+                    elif mode == "mesh-base":
+                        servers = {"server": mesh_base, "agent": agent_base}
+                        target = mesh_base_target
+                        row = await measure(args, "mesh-base", concurrency, round_no, target, servers, [])
                     elif mode == "mesh-off":
                         servers = {"server": mesh_off, "agent": agent_off}
                         target = mesh_off_target
@@ -1053,6 +1100,8 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     print()
     for concurrency in concurrencies:
         _print_two_hop_summary(rows, concurrency)
+    for concurrency in concurrencies:
+        _print_base(rows, concurrency)
     for concurrency in concurrencies:
         _print_observability(rows, concurrency)
         for variant in variants:
@@ -1128,6 +1177,12 @@ def main() -> None:
         action="store_true",
         help="also a hosted a2a-sdk JSON-RPC echo agent: called directly, and through the mesh",
     )
+    parser.add_argument(
+        "--base",
+        default="",
+        help="another checkout (with its own svantic_grpc): its mesh server and agent measured too, "
+        "alternating with this one's (mesh-base), and the per-round ratios printed",
+    )
     parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
     parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
     parser.add_argument(
@@ -1149,6 +1204,8 @@ def main() -> None:
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():
             raise SystemExit(f"--py-spy: {PY_SPY} not found (pip install py-spy into this environment)")
+        if args.base:
+            args.base = str(Path(args.base).resolve())
         raise SystemExit(asyncio.run(parent(args, _revision())))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:

@@ -70,43 +70,63 @@ def session_agent(agent: SessionAgent) -> session_pb.SessionAgent:
     )
 
 
-def session(record: Session, *, expires_at: float | None, include_agents: bool = True) -> session_pb.Session:
-    # Each time converted once: most of a session's times are the same few (InitSession and
-    # CloseSession answer with the session and its agents, and that is most of their work here).
-    times: dict[float | None, timestamp_pb2.Timestamp | None] = {None: None}
+def session(
+    record: Session,
+    *,
+    expires_at: float | None,
+    include_agents: bool = True,
+    into: session_pb.Session | None = None,
+) -> session_pb.Session:
+    """The session in protobuf form, written into ``into`` (an empty field of a response) when given.
 
-    def at(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-        if seconds not in times:
-            times[seconds] = timestamp(seconds)
-        return times[seconds]
-
-    message = session_pb.Session(
-        session_id=record.session_id,
-        status=SESSION_STATUS[record.status],
-        user_id=record.user_id,
-        created_by=record.created_by,
-        creator_agent_type=record.creator_agent_type,
-        created_at=at(record.created_at),
-        updated_at=at(record.updated_at),
-        last_activity_at=at(record.last_activity_at),
-        expires_at=at(expires_at),
-        closed_at=at(record.closed_at),
-        close_reason=record.close_reason,
-        version=record.version,
-    )
+    Filled in place, each time set by its fields: InitSession and CloseSession answer with the
+    session and its seven agents, and building each Timestamp and agent to copy it in was most
+    of their work here.
+    """
+    message = session_pb.Session() if into is None else into
+    message.session_id = record.session_id
+    message.status = SESSION_STATUS[record.status]
+    message.user_id = record.user_id
+    message.created_by = record.created_by
+    message.creator_agent_type = record.creator_agent_type
+    _set_time(message.created_at, record.created_at)
+    _set_time(message.updated_at, record.updated_at)
+    _set_time(message.last_activity_at, record.last_activity_at)
+    if expires_at is not None:
+        _set_time(message.expires_at, expires_at)
+    if record.closed_at is not None:
+        _set_time(message.closed_at, record.closed_at)
+    message.close_reason = record.close_reason
+    message.version = record.version
     if include_agents:
-        message.agents.extend(
-            session_pb.SessionAgent(
-                agent_type=a.agent_type,
-                instance_id=a.instance_id,
-                join_reason=JOIN_REASON[a.join_reason],
-                joined_at=at(a.joined_at),
-                internal=a.internal,
-                left_at=at(a.left_at),
-            )
-            for a in record.all_agents()
-        )
+        # Most agents share the session's few times: each converted once.
+        times: dict[float, tuple[int, int]] = {}
+        add = message.agents.add
+        for a in record.all_agents():
+            target = add()
+            target.agent_type = a.agent_type
+            target.instance_id = a.instance_id
+            target.join_reason = JOIN_REASON[a.join_reason]
+            joined = times.get(a.joined_at)
+            if joined is None:
+                joined = times[a.joined_at] = _nanos(a.joined_at)
+            target.joined_at.seconds, target.joined_at.nanos = joined
+            target.internal = a.internal
+            if a.left_at is not None:
+                left = times.get(a.left_at)
+                if left is None:
+                    left = times[a.left_at] = _nanos(a.left_at)
+                target.left_at.seconds, target.left_at.nanos = left
     return message
+
+
+def _nanos(seconds: float) -> tuple[int, int]:
+    """Epoch ``seconds`` as a Timestamp's (seconds, nanos), as ``_wkt.timestamp`` rounds them."""
+    return divmod(round(seconds * 1e9), 1_000_000_000)
+
+
+def _set_time(target: timestamp_pb2.Timestamp, seconds: float) -> None:
+    target.seconds, target.nanos = _nanos(seconds)
 
 
 def event(record: Event) -> event_pb.SessionEvent:

@@ -102,7 +102,13 @@ def part_from_pb(part: pb.Part, field: str) -> Part:
 
 
 def parts_from_pb(parts: Iterable[pb.Part], field: str) -> tuple[Part, ...]:
-    return tuple(part_from_pb(p, f"{field}[{i}]") for i, p in enumerate(parts))
+    converted = []
+    for index, part in enumerate(parts):
+        if part.WhichOneof("content") == "text" and not part.data_json:  # the common part, as part_from_pb
+            converted.append(Part(text=part.text))
+        else:
+            converted.append(part_from_pb(part, f"{field}[{index}]"))
+    return tuple(converted)
 
 
 def turn_to_pb(turn: Turn) -> pb.Turn:

@@ -32,9 +32,15 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             lambda event: pb.WatchSessionResponse(event=convert.event(event)).SerializeToString()
         )
 
-    def _session(self, record: Session, *, include_agents: bool = True) -> session_types_pb2.Session:
+    def _session(
+        self,
+        record: Session,
+        *,
+        include_agents: bool = True,
+        into: session_types_pb2.Session | None = None,
+    ) -> session_types_pb2.Session:
         return convert.session(
-            record, expires_at=self._sessions.expires_at(record), include_agents=include_agents
+            record, expires_at=self._sessions.expires_at(record), include_agents=include_agents, into=into
         )
 
     async def InitSession(
@@ -47,7 +53,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             self_agent_type=request.self_agent_type,
             self_instance_id=request.self_instance_id,
         )
-        return pb.InitSessionResponse(session=self._session(session))
+        response = pb.InitSessionResponse()
+        self._session(session, into=response.session)  # filled in place: no copy of the session
+        return response
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: aio.ServicerContext
@@ -113,7 +121,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         session, closed_now = await self._sessions.close(
             current_caller(), request.session_id, reason=request.reason
         )
-        return pb.CloseSessionResponse(session=self._session(session), closed_now=closed_now)
+        response = pb.CloseSessionResponse(closed_now=closed_now)
+        self._session(session, into=response.session)  # filled in place: no copy of the session
+        return response
 
     async def WatchSession(self, request: pb.WatchSessionRequest, context: aio.ServicerContext) -> None:
         # A coroutine writing each response, not an async generator yielding it: with a

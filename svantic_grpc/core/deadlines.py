@@ -115,8 +115,11 @@ class DeadlineHeap(Generic[K]):
                 sleep = self._max_sleep_s
                 if self._heap:
                     sleep = min(sleep, max(self._heap[0][0] - self._clock.now(), 0.0))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that comes
+                # as the event fires, and the loop would sleep on through ``stop``.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+                    async with asyncio.timeout(sleep):
+                        await self._wake.wait()
 
         self._task.start(run)
 

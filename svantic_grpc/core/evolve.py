@@ -30,13 +30,13 @@ def evolve(record: T, **changes: Any) -> T:
         TypeError: a name in ``changes`` is not a field of the record (as ``replace`` does).
     """
     cls = type(record)
-    names = _FIELDS.get(cls, ())
-    if names == ():
+    names = _FIELDS.get(cls)
+    if names is None and cls not in _FIELDS:
         names = _FIELDS[cls] = _copyable_fields(cls)
     if names is None:
         return dataclasses.replace(record, **changes)  # type: ignore[type-var]
-    unknown = changes.keys() - names
-    if unknown:
+    if not names.issuperset(changes):  # no set built on the way that succeeds
+        unknown = changes.keys() - names
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
     copy = object.__new__(cls)
     slots = _SLOTS.get(cls)

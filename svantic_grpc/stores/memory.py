@@ -10,13 +10,21 @@ page costs the same whatever the total and an idle session costs little memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from itertools import accumulate
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from svantic_grpc.core.errors import AlreadyExists, Conflict, NotFound
-from svantic_grpc.core.events import Event, EventPayload
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    ArtifactAdded,
+    Event,
+    EventPayload,
+    MessageStateChanged,
+    StatusChanged,
+    TurnAdded,
+)
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import GRANTING_DECISIONS, InputRequest, InputState
 from svantic_grpc.core.messages.model import Message, MessageState
@@ -46,6 +54,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._agents: dict[tuple[str, str], AgentRegistration] = {}
+        self._tenant_agents: dict[str, set[tuple[str, str]]] = {}
+        """Per tenant, the keys of its agents: a listing reads the tenant's, not every tenant's."""
         self._index = SessionIndex()
         self._events: dict[tuple[str, str], CompactLog] = {}
         # Insertion order is creation order, which list_messages pages through.
@@ -97,7 +107,10 @@ class MemoryStore(Store):
 
     async def create_agent(self, agent: AgentRegistration) -> AgentRegistration:
         exists = AlreadyExists(f"agent instance {agent.instance_id!r} already registered")
-        return _insert(self._agents, (agent.tenant_id, agent.instance_id), agent, exists)
+        key = (agent.tenant_id, agent.instance_id)
+        stored = _insert(self._agents, key, agent, exists)
+        self._tenant_agents.setdefault(agent.tenant_id, set()).add(key)
+        return stored
 
     async def get_agent(self, *, tenant_id: str, instance_id: str) -> AgentRegistration | None:
         return detach(self._agents.get((tenant_id, instance_id)))
@@ -110,12 +123,17 @@ class MemoryStore(Store):
         key = (tenant_id, instance_id)
         _current(self._agents, key, version, f"agent instance {instance_id!r}", "AGENT_NOT_FOUND")
         del self._agents[key]
+        keys = self._tenant_agents[tenant_id]
+        keys.discard(key)
+        if not keys:
+            del self._tenant_agents[tenant_id]
 
     async def list_agents(self, *, tenant_id: str, agent_type: str = "") -> Sequence[AgentRegistration]:
+        agents = self._agents
         rows = [
             a
-            for (tenant, _), a in self._agents.items()
-            if tenant == tenant_id and (not agent_type or a.agent_type == agent_type)
+            for a in (agents[key] for key in self._tenant_agents.get(tenant_id, ()))
+            if not agent_type or a.agent_type == agent_type
         ]
         rows.sort(key=lambda a: (a.agent_type, a.instance_id))
         return detach(rows)
@@ -267,6 +285,11 @@ class MemoryStore(Store):
     async def append_events(
         self, *, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
     ) -> Sequence[Event]:
+        return self._append(tenant_id, session_id, time, payloads)
+
+    def _append(
+        self, tenant_id: str, session_id: str, time: float, payloads: Sequence[EventPayload]
+    ) -> list[Event]:
         key = (tenant_id, session_id)
         log = self._events.get(key)
         if log is None:
@@ -274,65 +297,56 @@ class MemoryStore(Store):
         session = self._sessions.get(key)
         created_at = None if session is None else session.created_at
         first = log.next_sequence
-        events = [Event(tenant_id, session_id, first + n, time, detach(p)) for n, p in enumerate(payloads)]
+        events = [
+            Event(tenant_id, session_id, first + n, time, p if type(p) in _FROZEN_PAYLOADS else detach(p))
+            for n, p in enumerate(payloads)
+        ]
         for event in events:
             log.append(time, event.payload, session_id=session_id, created_at=created_at)
         return events
 
     async def write(self, change: Change) -> Changed:
-        records: tuple[Session | Message | InputRequest | AgentRegistration, ...] = (
-            *change.sessions,
-            *change.messages,
-            *change.inputs,
-            *change.agents,
+        # Written out for the hot path (every message makes two or three of these): no coroutine
+        # per helper, no per-record isinstance chain, nothing built for the empty kinds.
+        kinds: tuple[tuple[tuple[Any, ...], dict[Any, Any], Callable[[Any], Any]], ...] = (
+            (change.sessions, self._sessions, _session_slot),
+            (change.messages, self._messages, _message_slot),
+            (change.inputs, self._inputs, _input_slot),
+            (change.agents, self._agents, _agent_slot),
         )
-        slots = [self._slot(record) for record in records]
         # Every check first, then every change: a refused part leaves nothing behind.
-        for record, (table, key, what, not_found) in zip(records, slots, strict=True):
-            if record.version == 0:
-                if key in table:
-                    raise _exists(record)
-            else:
-                _current(table, key, record.version, what, not_found)
-        stored = [evolve(detach(record), version=record.version + 1) for record in records]
-        for record, (table, key, _, _) in zip(stored, slots, strict=True):
-            if isinstance(record, Session):
-                self._index.put(table.get(key), record)
-            table[key] = record
-        audit = tuple([await self.append_audit(record) for record in change.audit])
-        events = tuple(
-            await self.append_events(
-                tenant_id=change.tenant_id,
-                session_id=change.session_id,
-                time=change.time,
-                payloads=change.events,
-            )
-        )
-        ends = list(accumulate((len(change.sessions), len(change.messages), len(change.inputs))))
-        return Changed(
-            sessions=cast(tuple[Session, ...], tuple(stored[: ends[0]])),
-            messages=cast(tuple[Message, ...], tuple(stored[ends[0] : ends[1]])),
-            inputs=cast(tuple[InputRequest, ...], tuple(stored[ends[1] : ends[2]])),
-            agents=cast(tuple[AgentRegistration, ...], tuple(stored[ends[2] :])),
-            audit=audit,
-            events=events,
-        )
-
-    def _slot(
-        self, record: Session | Message | InputRequest | AgentRegistration
-    ) -> tuple[dict[Any, Any], Any, str, str]:
-        """Where a record lives: its table and key, and how a missing one is named."""
-        if isinstance(record, Session):
-            key: tuple[str, ...] = (record.tenant_id, record.session_id)
-            return self._sessions, key, f"session {record.session_id!r}", "SESSION_NOT_FOUND"
-        if isinstance(record, Message):
-            key = (record.tenant_id, record.session_id, record.message_id)
-            return self._messages, key, f"message {record.message_id!r}", "MESSAGE_NOT_FOUND"
-        if isinstance(record, InputRequest):
-            key = (record.tenant_id, record.request_id)
-            return self._inputs, key, f"input request {record.request_id!r}", "INPUT_NOT_FOUND"
-        key = (record.tenant_id, record.instance_id)
-        return self._agents, key, f"agent instance {record.instance_id!r}", "AGENT_NOT_FOUND"
+        keys: list[list[Any]] = []
+        for records, table, slot in kinds:
+            found = []
+            for record in records:
+                key = slot(record)
+                version = record.version
+                if version == 0:
+                    if key in table:
+                        raise _exists(record)
+                elif (current := table.get(key)) is None or current.version != version:
+                    _current(table, key, version, *_missing(record))  # raises, naming the record
+                found.append(key)
+            keys.append(found)
+        stored_by_kind: list[tuple[Any, ...]] = []
+        for (records, table, _), found in zip(kinds, keys, strict=True):
+            if not records:
+                stored_by_kind.append(())
+                continue
+            stored = tuple(evolve(detach(record), version=record.version + 1) for record in records)
+            for record, key in zip(stored, found, strict=True):
+                if table is self._sessions:
+                    self._index.put(table.get(key), record)
+                elif table is self._agents and key not in table:
+                    self._tenant_agents.setdefault(key[0], set()).add(key)
+                table[key] = record
+            stored_by_kind.append(stored)
+        audit = tuple([await self.append_audit(record) for record in change.audit]) if change.audit else ()
+        events: tuple[Event, ...] = ()
+        if change.events:
+            events = tuple(self._append(change.tenant_id, change.session_id, change.time, change.events))
+        sessions, messages, inputs, agents = stored_by_kind
+        return Changed(sessions, messages, inputs, agents, audit, events)
 
     async def list_events(
         self, *, tenant_id: str, session_id: str, after_sequence: int = 0, limit: int = 500
@@ -372,6 +386,40 @@ class MemoryStore(Store):
 
 
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
+
+_FROZEN_PAYLOADS = frozenset(
+    {AgentJoined, AgentLeft, StatusChanged, MessageStateChanged, TurnAdded, ArtifactAdded}
+)
+"""Event payloads with nothing mutable inside (``detach`` returns them as they are: its ``_SHARED``),
+kept without asking it: a session's open and close log eight events each."""
+
+
+def _session_slot(record: Session) -> Any:
+    """A record's key in its table."""
+    return (record.tenant_id, record.session_id)
+
+
+def _message_slot(record: Message) -> Any:
+    return (record.tenant_id, record.session_id, record.message_id)
+
+
+def _input_slot(record: InputRequest) -> Any:
+    return (record.tenant_id, record.request_id)
+
+
+def _agent_slot(record: AgentRegistration) -> Any:
+    return (record.tenant_id, record.instance_id)
+
+
+def _missing(record: Session | Message | InputRequest | AgentRegistration) -> tuple[str, str]:
+    """How a record is named when it is missing or changed, and its not-found reason."""
+    if isinstance(record, Session):
+        return f"session {record.session_id!r}", "SESSION_NOT_FOUND"
+    if isinstance(record, Message):
+        return f"message {record.message_id!r}", "MESSAGE_NOT_FOUND"
+    if isinstance(record, InputRequest):
+        return f"input request {record.request_id!r}", "INPUT_NOT_FOUND"
+    return f"agent instance {record.instance_id!r}", "AGENT_NOT_FOUND"
 
 
 def _exists(record: Session | Message | InputRequest | AgentRegistration) -> AlreadyExists:

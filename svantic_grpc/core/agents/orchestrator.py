@@ -104,15 +104,17 @@ class KeywordOrchestrator(Orchestrator):
         return None if best is None else (best[1], best[2])
 
     async def _skill_of(self, agent_type: str, message: Message, instance_id: str = "") -> Skill | None:
-        words = _words(message.text)
         if instance_id:  # that instance takes the message: its skills, one read (the dispatch reuses it)
             store = self.scope.services.store
             agent = await store.get_agent(tenant_id=self.scope.tenant_id, instance_id=instance_id)
             skills = list(agent.skills) if agent is not None and agent.agent_type == agent_type else []
         else:
             skills = [s for _, s in await self._candidates(agent_type)]
+        if len(skills) == 1:  # the one skill is the match, whatever the words (no text to scan)
+            return skills[0]
+        words = _words(message.text)
         scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
-        return scored[0] if len(skills) == 1 or (scored and words & _skill_words(scored[0])) else None
+        return scored[0] if scored and words & _skill_words(scored[0]) else None
 
 
 def _words(text: str) -> set[str]:

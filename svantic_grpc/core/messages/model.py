@@ -130,12 +130,16 @@ def check_parts(parts: tuple[Part, ...], field: str) -> int:
     """
     total = 0
     for index, part in enumerate(parts):
-        where = f"{field}[{index}]"
-        if sum(x is not None for x in (part.text, part.data, part.file)) != 1:
+        text, data, file = part.text, part.data, part.file
+        if text is not None and data is None and file is None:  # the common part: nothing more to check
+            total += len(text)
+            continue
+        where = f"{field}[{index}]"  # named only when needed: this runs for every part of every message
+        if (text is not None) + (data is not None) + (file is not None) != 1:
             raise InvalidArgument(where, "must have exactly one of text, data or file")
-        if part.data is not None:
-            check_json_depth(f"{where}.data", part.data)
-        if part.file is not None and (part.file.data is None) == (not part.file.uri):
+        if data is not None:
+            check_json_depth(f"{where}.data", data)
+        if file is not None and (file.data is None) == (not file.uri):
             raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
         total += _bytes_of(part)
     return total
@@ -203,6 +207,15 @@ class MessageMetadata:
     action_data: dict[str, Any] = field(default_factory=dict)
 
 
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "target_agent": (str,),
+    "yolo_mode": (bool,),
+    "context": (dict,),
+    "files": (list,),
+    "action_data": (dict,),
+}
+
+
 def parse_metadata(parts: tuple[Part, ...]) -> MessageMetadata:
     """Collect the metadata keys from data parts; wrong types name the part and key."""
     found: dict[str, Any] = {}
@@ -213,16 +226,9 @@ def parse_metadata(parts: tuple[Part, ...]) -> MessageMetadata:
             if key in part.data:
                 found[key] = (index, part.data[key])
     result: dict[str, Any] = {}
-    expected: dict[str, tuple[type, ...]] = {
-        "target_agent": (str,),
-        "yolo_mode": (bool,),
-        "context": (dict,),
-        "files": (list,),
-        "action_data": (dict,),
-    }
     for key, (index, value) in found.items():
-        if not isinstance(value, expected[key]):
-            kind = expected[key][0].__name__.replace("dict", "object").replace("list", "array")
+        if not isinstance(value, _METADATA_TYPES[key]):
+            kind = _METADATA_TYPES[key][0].__name__.replace("dict", "object").replace("list", "array")
             raise InvalidArgument(f"message.parts[{index}].data.{key}", f"must be a {kind}")
         result[key] = tuple(value) if isinstance(value, list) else value
     return MessageMetadata(**result)
