@@ -320,7 +320,8 @@ class ConnectedAgent:
                     delay_s = max(delay_s, _pushback_s(error))
                 self.connected.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay_s)
+                    async with asyncio.timeout(delay_s):  # (not wait_for: it can drop a cancel on 3.11)
+                        await self._stopping.wait()
 
     async def _register(
         self, auth: AuthServiceStub, registry: RegistryServiceStub

@@ -90,7 +90,8 @@ class PostgresBell:
         """Listen on what is watched, let go of what no longer is, reconnect when dropped."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # (not wait_for: it can drop a cancel on 3.11)
+                    await self._changed.wait()
             self._changed.clear()
             try:
                 await self._follow_watches()

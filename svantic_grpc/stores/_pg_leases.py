@@ -428,7 +428,8 @@ class PgLeases(Ownership):
         A listening connection that dropped is opened again first (each round until it is)."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._renew_s)
+                async with asyncio.timeout(self._renew_s):  # (not wait_for: it can drop a cancel on 3.11)
+                    await self._wake.wait()
             self._wake.clear()
             if self._listener is None or self._listener.is_closed():
                 try:

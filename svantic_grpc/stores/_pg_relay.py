@@ -90,7 +90,8 @@ class PgRelay(Relay):
         assert self._receive is not None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+                async with asyncio.timeout(self._poll_s):  # (not wait_for: it can drop a cancel on 3.11)
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self._listener is None or self._listener.is_closed():

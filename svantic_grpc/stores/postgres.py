@@ -570,7 +570,8 @@ class PostgresStore(Store):
         if not self._waiting and not self._closing:
             self._queued = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queued, self._LINGER_S)
+                async with asyncio.timeout(self._LINGER_S):  # (not wait_for: it can drop a cancel on 3.11)
+                    await self._queued
             self._queued = None
         if not self._waiting:
             self._committer = None  # at once: a write from now on starts another committer
