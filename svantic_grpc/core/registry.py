@@ -196,6 +196,10 @@ class Registry:
                 await hook(session_id, current, "deregistered")
         return current.session_ids
 
+    async def read(self, tenant_id: str, instance_id: str) -> AgentRegistration | None:
+        """The instance as stored now: the mesh's own read (no caller to check)."""
+        return await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+
     async def get(self, caller: Caller, instance_id: str) -> AgentRegistration:
         """One instance of the caller's tenant."""
         caller.require(Scope.READ)

@@ -110,7 +110,7 @@ class ApprovalAgent:
         if self.hold is not None:
             await asyncio.wait_for(self.hold.wait(), WAIT)
         # A second answer for this dispatch would be waiting in the reply's queue.
-        self.extra_answers[dispatch.session_id] = reply._answers.qsize()
+        self.extra_answers[dispatch.session_id] = reply._answers.qsize() if reply._answers else 0
         await reply.artifact(f"decision: {'approved' if approved else 'denied'}", name="decision")
         await reply.complete()
 

@@ -1313,24 +1313,6 @@ async def test_yolo_mode_signs_off_a_plan_that_needs_approval() -> None:
         assert steps.texts == ["step one", "step two"]
 
 
-async def test_an_agent_that_drops_while_waiting_ends_its_message_and_withdraws_its_request() -> None:
-    async with running_server(policies=[DELETES]) as client:
-        session_id = await new_session(client)
-        async with crm_agent(client):
-            message = await ask_tools(client, session_id, DELETE_RECORDS)
-            assert message.state == INPUT_REQUIRED
-        # The agent stopped: its stream is closed.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        current = await get_message(client, session_id, message.message_id)
-        while current.state == INPUT_REQUIRED and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-            current = await get_message(client, session_id, message.message_id)
-        assert current.state == FAILED, current.state_reason
-        assert await pending_ids(client) == []
-        assert (await get_session(client, session_id)).status == ACTIVE
-
-
 async def test_converse_names_the_offending_field_of_a_resolution_by_its_path_in_the_request() -> None:
     async with running_server(policies=[DELETES]) as client, crm_agent(client):
         session_id = await new_session(client)
@@ -1341,3 +1323,32 @@ async def test_converse_names_the_offending_field_of_a_resolution_by_its_path_in
             assert (await chat.error()).field == "resolve.resolution.decision"
             chat.resolve(request_id, decision=DENY)
             assert (await chat.error()).field == "resolve.resolution.reason"
+
+
+async def test_an_agent_that_leaves_while_a_human_thinks_gets_the_answer_when_it_is_back() -> None:
+    # found from outside: the agent's stream dropping (its process restarted, or the replica
+    # holding it stopped for a deploy) failed the message and withdrew the approval
+    runs: list[bool] = []
+
+    async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+        approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+        runs.append(approved)
+        await reply.artifact(f"approved: {approved}")
+        await reply.complete()
+
+    async with running_server(policies=[DELETES]) as client:
+        async with running_agent(client, deleting, agent_type="crm", instance_id="crm-1"):
+            session_id = await new_session(client)
+            asked = await send(client, session_id, "clean up", data({"target_agent": "crm"}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            (request_id,) = asked.input_request_ids
+        await asyncio.sleep(0.3)  # the agent is gone, its stream closed
+        waiting = await get_message(client, session_id, asked.message_id)
+        assert waiting.state == INPUT_REQUIRED, waiting.state_reason
+        assert await pending_ids(client) == [request_id]  # the approval is still asked
+        async with running_agent(client, deleting, agent_type="crm", instance_id="crm-1"):
+            await resolve(client, request_id, decision=APPROVE)
+            done = await wait_for_state(client, session_id, asked.message_id, COMPLETED, FAILED)
+        assert done.state == COMPLETED, done.state_reason
+        assert artifact_texts(done) == ["approved: True"]
+        assert runs == [True]  # the agent back got the answer with the message, and did it once

@@ -329,6 +329,39 @@ async def test_a_cancel_that_loses_to_an_answer_on_the_owner_is_not_ok(
         assert "completed before the cancel took effect" in excinfo.value.details()
 
 
+async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found from outside: the replica holding the agent died (kill -9) while a human thought; the
+    # agent reconnected to a live replica, the human answered, and the answer went to the dead
+    # replica's dispatch: the message failed at the dispatch timeout, the agent never got it
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, holder):
+        runs: list[bool] = []
+
+        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+            runs.append(approved)
+            await reply.complete(f"approved: {approved}")
+
+        async with running_agent(holder, deleting, agent_type="crm", instance_id="crm-1"):
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            # "b" dies without a word: it neither hears nor tells anything any more.
+            monkeypatch.setattr(holder.server.mesh.connections, "relayed", lambda item: None)
+
+            async def silent(*args: Any, **kwargs: Any) -> None:
+                return None
+
+            monkeypatch.setattr(holder.server.mesh.connections.relay, "send", silent)
+        # The agent comes back on "a"; then the human answers.
+        async with running_agent(owner, deleting, agent_type="crm", instance_id="crm-1"):
+            await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+            done = await wait_for_state(owner, session_id, asked.message_id, COMPLETED, FAILED)
+        assert done.state == COMPLETED, done.state_reason
+        assert runs == [True]
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)
@@ -406,11 +439,17 @@ async def test_a_replica_holding_the_agents_stream_that_stops_mid_dispatch_tells
 
             relay.send = slow_from_the_dispatch  # type: ignore[method-assign]
             await holder.server.stop()
-            # The owner hears of both now, not at the dispatch's timeout nor the request's expiry.
-            await wait_for_state(owner, asking, asked.message_id, FAILED)
+            # The owner hears of the work at once, not at the dispatch's timeout.
             await wait_for_state(owner, busy, (await sending).message_id, FAILED)
+        # What waits for a human keeps waiting (a rolling deploy of the agent's replica is no
+        # reason to drop an approval: found from outside); its answer will go to the agent with
+        # the message, wherever the agent is then.
         request = await owner.server.mesh.inputs.get(TENANT, request_id)
-        assert request.state is InputState.CANCELED  # withdrawn: nobody is asked any more
+        assert request.state is InputState.PENDING
+        waiting = await owner.server.mesh.store.get_message(
+            tenant_id=TENANT, session_id=asking, message_id=asked.message_id
+        )
+        assert waiting is not None and waiting.state is MessageState.INPUT_REQUIRED
 
 
 async def test_a_cancel_sent_to_a_replica_that_does_not_own_the_session_stops_the_owners_work() -> None:

@@ -28,7 +28,13 @@ from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
-from svantic_grpc.core.dispatch._seam import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
+from svantic_grpc.core.dispatch._seam import (
+    AgentGone,
+    DispatchFailed,
+    DispatchJob,
+    DispatchUpdate,
+    NotDelivered,
+)
 from svantic_grpc.core.errors import Conflict, FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState
@@ -402,6 +408,12 @@ class ConnectedAgents:
                     if finished:
                         return
                     if answer is not None:  # a human answered what the agent asked: pass it on
+                        if await self._gone_from(holder, job):
+                            # The replica holding the agent died meanwhile (or the agent reconnected
+                            # since): nobody would take the answer there. It goes with the message
+                            # to the agent where it is now, as after a restart.
+                            finished = True
+                            raise AgentGone(answer)
                         await relay.send(
                             holder, Relayed(RelayKind.ANSWER, job.dispatch_id, me, answer=answer)
                         )
@@ -409,6 +421,16 @@ class ConnectedAgents:
             self._remote.pop(job.dispatch_id, None)
             if not finished and not self._stopping:  # the mesh stopped following: the holder tells the agent
                 self._later(relay.send(holder, Relayed(RelayKind.CANCEL, job.dispatch_id, me)))
+
+    async def _gone_from(self, holder: str, job: DispatchJob) -> bool:
+        """Whether the agent's stream that ``holder`` held for ``job`` is gone: the instance
+        reconnected since (a new stream, here or on another replica), or shows no sign of life."""
+        now = await self._registry.read(job.tenant_id, job.agent.instance_id)
+        if now is None or not now.connection.connected or now.connection.replica != holder:
+            return True
+        if now.connection.connected_since != job.agent.connection.connected_since:
+            return True
+        return self._clock.now() - self._registry.last_seen(now) > self._registry.heartbeat_timeout_s
 
     def relayed(self, item: Relayed) -> None:
         """An item another replica sent this one (the relay calls this, in order)."""

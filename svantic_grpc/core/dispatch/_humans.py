@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 
 from svantic_grpc.core.dispatch._outcome import Outcome, input_outcome
-from svantic_grpc.core.dispatch._seam import DispatchJob, DispatchUpdate
+from svantic_grpc.core.dispatch._seam import AgentGone, DispatchJob, DispatchUpdate
 from svantic_grpc.core.inputs.asks import question_form
 from svantic_grpc.core.inputs.model import Decision, InputAsk, InputKind, InputRequest, PlanItem
 from svantic_grpc.core.inputs.policies import Enforcement
@@ -129,8 +129,10 @@ async def wait_for_human(
     """Park the message on ``request`` until it ends; a resolution resumes it (``working``), at
     once or, with ``resume_now`` false, when the caller says so (``answered``).
 
-    The dispatch timeout does not run while a human thinks. If the agent goes away
-    meanwhile (``lost``), the request is withdrawn and the message fails.
+    The dispatch timeout does not run while a human thinks. If the agent goes away meanwhile
+    (``lost``: its stream dropped, or the replica holding it stopped), the request stays
+    pending: the answer, when it comes, raises ``AgentGone`` for the caller to dispatch the
+    message again with it, as after a restart (the agent gets the answer with the message).
     """
     await writer.input_required(request)
     loop = asyncio.get_running_loop()
@@ -140,16 +142,17 @@ async def wait_for_human(
         deadline.reschedule(None)
     try:
         ended = await _first_of(inputs.wait(request.tenant_id, request.request_id), lost)
-        if ended is None:
-            reason = "the agent disconnected while waiting for a human"
-            await inputs.withdraw(request.tenant_id, request.request_id, reason)
-            return Outcome(MessageState.FAILED, reason)
+        gone = ended is None
+        if ended is None:  # the agent went away: its answer waits for it all the same
+            ended = await inputs.wait(request.tenant_id, request.request_id)
     finally:
         if deadline is not None and remaining is not None:
             deadline.reschedule(loop.time() + remaining)
     outcome = input_outcome(ended)
     if not outcome.goes_on:
         return Outcome(outcome.state, outcome.reason)
+    if gone:
+        raise AgentGone(ended)
     if resume_now:
         await writer.state(MessageState.WORKING, outcome.reason)
     return ended

@@ -21,6 +21,7 @@ from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch._humans import answered, ask_human
 from svantic_grpc.core.dispatch._outcome import Outcome
 from svantic_grpc.core.dispatch._seam import (
+    AgentGone,
     Dispatcher,
     DispatchFailed,
     DispatchJob,
@@ -195,7 +196,21 @@ class SessionDispatches:
                     agent_type,
                 )
             try:
-                return await self._once(writer, member.agent_type, member.instance_id, parts, yolo, resume)
+                while True:
+                    try:
+                        return await self._once(
+                            writer, member.agent_type, member.instance_id, parts, yolo, resume
+                        )
+                    except AgentGone as gone:
+                        # The agent went away while a human thought; the answer came: it goes to
+                        # the agent with the message once it is back, as after a restart.
+                        _log.info(
+                            "agent %s/%s went away before the answer to %s: dispatching it again",
+                            member.agent_type,
+                            member.instance_id,
+                            gone.answer.request_id,
+                        )
+                        resume = gone.answer
             except NotDelivered as exc:
                 last_error = f"{member.instance_id}: {exc}"
                 excluded.add(member.instance_id)

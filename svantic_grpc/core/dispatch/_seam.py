@@ -23,6 +23,7 @@ from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Pa
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 
 __all__ = [
+    "AgentGone",
     "DispatchFailed",
     "DispatchJob",
     "DispatchUpdate",
@@ -161,3 +162,12 @@ class Dispatcher:
     async def close(self) -> None:
         for transport in self._transports.values():
             await transport.close()
+
+
+class AgentGone(Exception):
+    """The agent went away while a human thought, and the human answered: the message is to be
+    dispatched again with ``answer`` (to the instance once it is back, or another of its type)."""
+
+    def __init__(self, answer: InputRequest) -> None:
+        super().__init__(f"the agent went away before the answer to {answer.request_id}")
+        self.answer = answer
