@@ -64,6 +64,12 @@ SUBMITTED = message_types_pb2.MESSAGE_STATE_SUBMITTED
 WORKING = message_types_pb2.MESSAGE_STATE_WORKING
 INPUT_REQUIRED = message_types_pb2.MESSAGE_STATE_INPUT_REQUIRED
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
+TERMINAL = (
+    message_types_pb2.MESSAGE_STATE_COMPLETED,
+    message_types_pb2.MESSAGE_STATE_FAILED,
+    message_types_pb2.MESSAGE_STATE_CANCELED,
+    message_types_pb2.MESSAGE_STATE_REJECTED,
+)
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
 REJECTED = message_types_pb2.MESSAGE_STATE_REJECTED
@@ -1301,3 +1307,37 @@ async def test_batched_frames_stay_far_below_grpcs_message_limit() -> None:
     assert await frames_for(10, 10, 10) == [3]
     agent_side._batch_updates = False  # a mesh that did not say so gets one update a frame
     assert await frames_for(10, 10, 10) == [1, 1, 1]
+
+
+async def test_messages_sent_while_their_session_closes_all_end() -> None:
+    # found from outside: a SendMessage racing a CloseSession answered UNAVAILABLE ("moved to another
+    # replica") and its message stayed submitted in the closed session for ever (7 of 20 rounds)
+    async with running_server() as client:
+        md = await client.md()
+        for _ in range(20):
+            session_id = await new_session(client)
+            sends = [
+                client.messages.SendMessage(
+                    message_service_pb2.SendMessageRequest(
+                        session_id=session_id, message=outgoing(f"hi {i}")
+                    ),
+                    metadata=md,
+                    timeout=WAIT,
+                )
+                for i in range(4)
+            ]
+            close = client.sessions.CloseSession(
+                session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=md, timeout=WAIT
+            )
+            results = await asyncio.gather(*sends, close, return_exceptions=True)
+            for result in results[:-1]:
+                if isinstance(result, grpc.aio.AioRpcError):
+                    assert result.code() == grpc.StatusCode.FAILED_PRECONDITION, result  # "closed"
+                else:
+                    assert result.message.state in TERMINAL, result.message.state_reason
+            listed = await client.messages.ListMessages(
+                message_service_pb2.ListMessagesRequest(session_id=session_id), metadata=md
+            )
+            assert all(m.state in TERMINAL for m in listed.messages), [
+                (m.state, m.state_reason) for m in listed.messages
+            ]

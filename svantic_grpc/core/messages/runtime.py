@@ -78,6 +78,10 @@ class SessionRuntime:
         self._tasks: dict[str, asyncio.Task[Message]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._stops: dict[str, list[asyncio.Future[Message]]] = {}
+        self._begun: set[str] = set()
+        """Messages whose run has taken its first step."""
+        self._canceled_early: set[str] = set()
+        """Messages canceled before their run began: it ends them canceled at once."""
         """Per running message that has not stopped yet: the futures of those waiting for it to
         stop (``stopped``), each its own: a waiter that goes away cancels only its own future."""
         self._closed = False
@@ -117,6 +121,8 @@ class SessionRuntime:
 
         def finished(_: object) -> None:
             self._tasks.pop(message_id, None)
+            self._begun.discard(message_id)
+            self._canceled_early.discard(message_id)
             waiters = self._stops.pop(message_id, ())
             if task.cancelled() or self._closed:  # taken over by another replica, or the server stopping
                 error: Exception = Unavailable(
@@ -167,10 +173,24 @@ class SessionRuntime:
         if task is None:
             return None
         self._cancel_reasons[message_id] = reason
-        task.cancel()
+        if message_id not in self._begun:
+            # Not begun yet: a task cancelled before its first step runs none of its code and
+            # would leave the message as it was sent. It ends canceled at its first step instead.
+            self._canceled_early.add(message_id)
+        else:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             return await asyncio.shield(task)
         return None
+
+    async def _canceled_before_start(self, message: Message, writer: MessageWriter) -> Message | None:
+        """At a run's first step: the message canceled (``cancel``) before it began, else ``None``."""
+        message_id = message.message_id
+        self._begun.add(message_id)
+        if message_id not in self._canceled_early:
+            return None
+        self._canceled_early.discard(message_id)
+        return await writer.state(MessageState.CANCELED, self._cancel_reasons.pop(message_id, "canceled"))
 
     def park(self) -> None:
         """The server is stopping (see ``parking``)."""
@@ -212,6 +232,8 @@ class SessionRuntime:
         reads: ReadMemo | None,
     ) -> Message:
         writer = self._writer(message)
+        if (canceled := await self._canceled_before_start(message, writer)) is not None:
+            return canceled
 
         async def work() -> Outcome:
             route = routed
@@ -227,6 +249,8 @@ class SessionRuntime:
 
     async def _resume(self, message: Message) -> Message:
         writer = self._writer(message)
+        if (canceled := await self._canceled_before_start(message, writer)) is not None:
+            return canceled
 
         async def work() -> Outcome:
             metadata = parse_metadata(message.parts)  # accepted when sent; this process had not read it

@@ -50,6 +50,8 @@ history), and the agent's outputs need room too, within ``MAX_MESSAGE_BYTES``.""
 PAGE_MAX_BYTES = 2 * 1024 * 1024
 """What one page of messages carries at most (one message alone may carry more, up to
 ``MAX_MESSAGE_BYTES``): a page ends early, with its token for the rest."""
+_CLOSING_S = 60.0
+"""How long a session being closed is remembered as closing (``Messages._closing``)."""
 _CANCEL_WAIT_S = 30.0
 """How long ``CancelMessage`` on a replica that does not own the session waits for the owner."""
 _CANCEL_RECHECK_S = 0.5
@@ -94,6 +96,8 @@ class Messages:
         self._classes = dict(agent_classes)
         self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
+        self._closing: dict[tuple[str, str], str] = {}
+        """Sessions being closed here, with the reason (see ``_session_closing``)."""
         self.relay: Relay | None = None
         """With replicas: carries a cancel to the replica that owns the session (``cancel``)."""
         self._cancels: set[asyncio.Task[None]] = set()
@@ -186,8 +190,18 @@ class Messages:
             if await self._ownership.runs_here(caller.tenant_id, session_id):
                 raise
             return await self._hand_off(message, submitted)
+        closing = self._closing.get((caller.tenant_id, session_id))
+        if closing is not None:
+            # Written just before the session's close: it does not start in a session that is
+            # closing (it would run on after the close, or be left submitted), it ends canceled.
+            return stored, asyncio.create_task(
+                self._end_in_closing(stored, closing), name=f"{_AWAY}{message.message_id}"
+            )
         runtime = self.runtime(caller.tenant_id, session_id)
         return stored, runtime.start(stored, metadata, session, route=route, reads=reads)
+
+    async def _end_in_closing(self, message: Message, reason: str) -> Message:
+        return await self._writer(message).state(MessageState.CANCELED, f"session closed ({reason})")
 
     @staticmethod
     async def _route_now(
@@ -288,6 +302,10 @@ class Messages:
             tenant_id=hand_off.tenant_id, session_id=hand_off.session_id, message_id=hand_off.message_id
         )
         if message is None or message.state is not MessageState.SUBMITTED:
+            return
+        closing = self._closing.get((message.tenant_id, message.session_id))
+        if closing is not None:
+            await self._end_in_closing(message, closing)
             return
         self.runtime(message.tenant_id, message.session_id).start(message, parse_metadata(message.parts))
 
@@ -585,7 +603,12 @@ class Messages:
                 await runtime.abandon()
 
     async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
-        runtime = self._runtimes.pop((tenant_id, session_id), None)
+        key = (tenant_id, session_id)
+        # A message sent while the close goes on (written before the session is) ends canceled
+        # instead of starting (``send``); remembered for a minute, well past the close's write.
+        self._closing[key] = reason
+        asyncio.get_running_loop().call_later(_CLOSING_S, self._closing.pop, key, None)
+        runtime = self._runtimes.pop(key, None)
         if runtime is not None:
             await runtime.close(f"session closed ({reason})")
 
