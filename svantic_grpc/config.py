@@ -144,7 +144,7 @@ class FailedAttemptSettings(_Model):
 class AuthSettings(_Model):
     """How tokens are made."""
 
-    issuer: str = "svantic-grpc"
+    issuer: str = Field(default="svantic-grpc", min_length=1)
     signing_key_env: str = "SVANTIC_SIGNING_KEY"
     """Environment variable holding the HS256 signing key (at least 32 bytes)."""
     token_ttl_s: int = Field(default=86_400, gt=0, le=_MAX_S)
@@ -286,9 +286,9 @@ class Settings(_Model):
     """Silence after which a registered instance is unhealthy."""
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=_MAX_S)
     """How long in-flight calls may finish on shutdown."""
-    subscriber_buffer: int = Field(default=1024, gt=0)
+    subscriber_buffer: int = Field(default=1024, gt=0, le=1_000_000)
     """Events a live stream subscriber may fall behind before it is cut off."""
-    store: str = "memory"
+    store: str = Field(default="memory", pattern=r"^(memory|sqlite://.+|postgres(ql)?://.+)$")
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

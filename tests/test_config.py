@@ -338,6 +338,10 @@ def test_an_unknown_store_is_a_settings_error() -> None:
             {"http_public_url": "ftp://mesh.example.com"}, "http_public_url", id="public-url-not-http"
         ),
         pytest.param({"tenants": [{"tenant_id": "has space"}]}, "tenants[0].tenant_id", id="tenant-id-space"),
+        pytest.param({"store": ""}, "store", id="empty-store"),
+        pytest.param({"store": "mysql://x"}, "store", id="unknown-store"),
+        pytest.param({"auth": {"issuer": ""}}, "auth.issuer", id="empty-issuer"),
+        pytest.param({"subscriber_buffer": 10**12}, "subscriber_buffer", id="huge-subscriber-buffer"),
     ],
 )
 def test_values_the_mesh_cannot_use_are_refused_naming_the_key(data: dict[str, Any], path: str) -> None:
