@@ -931,7 +931,8 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
     if args.profile:
         print("PROFILING: cProfile slows the mesh processes; the ratio below is not the benchmark figure.")
     sys.stdout.flush()
-    modes = ["bare", "mesh", *(["relay"] if args.relay else []), *(["mesh-base"] if args.base else [])]
+    untraced_base = bool(args.base) and not args.observability  # (with it: the traced base, below)
+    modes = ["bare", "mesh", *(["relay"] if args.relay else []), *(["mesh-base"] if untraced_base else [])]
     modes += ["mesh-off"] if args.observability else []
     variants = [v for v in args.trace_variants.split(",") if v] if args.observability else []
     modes += [f"mesh-{v}" for v in variants]
@@ -985,7 +986,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
             )
             children.append(relay_agent)
             await relay_agent.expect("READY", 30)
-        if args.base:
+        if untraced_base:
             base_tree = Path(args.base)  # made absolute by main
             mesh_base = await spawn("mesh-base-server", "mesh-server", life, tree=base_tree)
             children.append(mesh_base)
@@ -1164,12 +1165,6 @@ def main() -> None:
         + ", ".join(TRACE_VARIANTS),
     )
     parser.add_argument(
-        "--base",
-        type=Path,
-        default=None,
-        help="with --observability: also the traced mesh of this checkout (e.g. /work/wt/base), as mesh-base",
-    )
-    parser.add_argument(
         "--bare", action=argparse.BooleanOptionalAction, default=True, help="measure the bare echo"
     )
     parser.add_argument(
@@ -1180,8 +1175,9 @@ def main() -> None:
     parser.add_argument(
         "--base",
         default="",
-        help="another checkout (with its own svantic_grpc): its mesh server and agent measured too, "
-        "alternating with this one's (mesh-base), and the per-round ratios printed",
+        help="another checkout (with its own svantic_grpc and .venv): its mesh server and agent "
+        "measured too, alternating with this one's (mesh-base), and the per-round ratios printed; "
+        "with --observability, its traced mesh instead",
     )
     parser.add_argument("--payload", type=int, default=64, help="bare echo payload bytes")
     parser.add_argument("--profile", action="store_true", help="cProfile the mesh server and agent")
@@ -1204,8 +1200,7 @@ def main() -> None:
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():
             raise SystemExit(f"--py-spy: {PY_SPY} not found (pip install py-spy into this environment)")
-        if args.base:
-            args.base = str(Path(args.base).resolve())
+        args.base = Path(args.base).resolve() if args.base else None
         raise SystemExit(asyncio.run(parent(args, _revision())))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:
