@@ -288,7 +288,7 @@ class Settings(_Model):
     """How long in-flight calls may finish on shutdown."""
     subscriber_buffer: int = Field(default=1024, gt=0, le=1_000_000)
     """Events a live stream subscriber may fall behind before it is cut off."""
-    store: str = Field(default="memory", pattern=r"^(memory|sqlite://.+|postgres(ql)?://.+)$")
+    store: str = "memory"
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -315,6 +315,16 @@ class Settings(_Model):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"policy names must be unique: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_kind(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError(
+                f"unknown store {value!r}: use memory, sqlite:///path/to/mesh.db or "
+                "postgresql://user@host:port/db"
+            )
         return value
 
     @field_validator("http_public_url")

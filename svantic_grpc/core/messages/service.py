@@ -438,7 +438,8 @@ class Messages:
             # It ended otherwise first (an answer let it complete while the cancel was on its way):
             # the caller is told so, never OK for a cancel that did nothing.
             raise FailedPrecondition(
-                f"message {message_id!r} ended {ended.state.value} before the cancel took effect",
+                f"message {message_id!r} ended {ended.state.value} before the cancel took effect "
+                "and cannot be canceled",
                 reason="MESSAGE_TERMINAL",
                 metadata={"state": ended.state.value},
             )
