@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -101,6 +101,16 @@ async def _expire(schema: str, session_id: str) -> None:
         await conn.close()
 
 
+def _quick_replicas(schema: str, lease_s: float) -> Callable[[str], Any]:
+    """Replicas on ``schema`` with a short lease, renewed every 0.2 s: ``replica(name)`` serves one."""
+    settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
+
+    def replica(replica_id: str) -> Any:
+        return running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}}))
+
+    return replica
+
+
 def _stop_sweeping(client: Client) -> None:
     """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
     for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
@@ -112,12 +122,7 @@ async def test_a_replica_keeps_its_leases_while_a_long_start_up_recovery_runs(
 ) -> None:
     lease_s = 1.0
     async with _schema() as schema, AsyncExitStack() as stack:
-        settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
-
-        def replica(replica_id: str) -> Any:
-            return running_server(
-                env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}})
-            )
+        replica = _quick_replicas(schema, lease_s)
 
         bystander = await stack.enter_async_context(replica("b"))
         _stop_sweeping(bystander)
@@ -152,12 +157,7 @@ async def test_a_replica_keeps_its_own_leases_while_it_recovers_sessions_it_took
     # longer than a lease let every lease of the (live) replica lapse to another one
     lease_s = 1.0
     async with _schema() as schema, AsyncExitStack() as stack:
-        settings = _settings(schema, "", lease_ms=int(lease_s * 1000), renew_ms=200)
-
-        def replica(replica_id: str) -> Any:
-            return running_server(
-                env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}})
-            )
+        replica = _quick_replicas(schema, lease_s)
 
         dying, taker = [await stack.enter_async_context(replica(name)) for name in ("a", "b")]
         orphan = await new_session(dying)
