@@ -471,34 +471,8 @@ class ConnectedAgent:
         prefilled = _answers_in(dispatch.message)
         message_id = dispatch.message.message_id
         sequel = self._sequels.find(message_id, prefilled)
-        if sequel is not None and sequel.running is not None:
-            # The answer came again (the mesh restarted, or the replica running the session died,
-            # before it stored what the handler said next), while the handler that got it the
-            # first time still runs: it goes on for this dispatch, and what it said so far is
-            # said again here. Its work is not done twice.
-            reply, task = sequel.running
-            self._forget(reply.dispatch_id)  # a late cancel of the dispatch it replaces is not for it
-            reply.dispatch_id = dispatch.dispatch_id
-            replay = [_readdressed(u, dispatch.dispatch_id) for u in sequel.updates]
-            sequel.updates[:] = replay
-            self._running[dispatch.dispatch_id] = task
-            self._replies[dispatch.dispatch_id] = reply
-            self._outbox.put_nowait(
-                registry_service_pb2.DispatchUpdate(
-                    dispatch_id=dispatch.dispatch_id, state=message_types_pb2.MESSAGE_STATE_WORKING
-                )
-            )
-            for update in replay:
-                self._outbox.put_nowait(update)
-            task.add_done_callback(lambda _: self._forget(dispatch.dispatch_id))
-            return
         if sequel is not None:
-            # ... and the handler had already finished: what it sent after that answer, again.
-            task = asyncio.create_task(
-                self._replay(dispatch, sequel.updates), name=f"dispatch-{dispatch.dispatch_id}"
-            )
-            self._running[dispatch.dispatch_id] = task
-            task.add_done_callback(lambda _: self._forget(dispatch.dispatch_id))
+            self._again(dispatch, sequel)
             return
         reply = Reply(
             dispatch.dispatch_id, send, prefilled=prefilled, message_id=message_id, _sequels=self._sequels
@@ -517,32 +491,41 @@ class ConnectedAgent:
         self._running.pop(dispatch_id, None)
         self._replies.pop(dispatch_id, None)
 
-    async def _replay(
-        self, dispatch: registry_service_pb2.Dispatch, updates: list[registry_service_pb2.DispatchUpdate]
-    ) -> None:
+    def _again(self, dispatch: registry_service_pb2.Dispatch, sequel: _Sequel) -> None:
+        """An answer the agent already acted on, delivered again (the mesh restarted, or the
+        replica running the session died, before it stored what the handler said next): what the
+        handler said after it is said again for this dispatch, and a handler still at work goes on
+        for it. The work is not done twice."""
+        dispatch_id = dispatch.dispatch_id
         if self._verify_dispatches:
             try:
                 self._verify(dispatch)
             except jwt.InvalidTokenError as error:
-                self._outbox.put_nowait(
-                    registry_service_pb2.DispatchUpdate(
-                        dispatch_id=dispatch.dispatch_id,
-                        state=message_types_pb2.MESSAGE_STATE_REJECTED,
-                        reason=f"dispatch token rejected: {error}",
-                    )
+                self._state(
+                    dispatch_id, message_types_pb2.MESSAGE_STATE_REJECTED, f"dispatch token rejected: {error}"
                 )
                 return
-        _log.info(
-            "dispatch %s brings an answer this agent already acted on: its outcome is sent again",
-            dispatch.dispatch_id,
-        )
-        self._outbox.put_nowait(
-            registry_service_pb2.DispatchUpdate(
-                dispatch_id=dispatch.dispatch_id, state=message_types_pb2.MESSAGE_STATE_WORKING
+        self._state(dispatch_id, message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledged: delivered
+        updates = [_readdressed(update, dispatch_id) for update in sequel.updates]
+        if sequel.running is not None:  # still at work: from now on, for this dispatch
+            reply, task = sequel.running
+            self._forget(reply.dispatch_id)  # a late cancel of the dispatch it replaces is not for it
+            reply.dispatch_id = dispatch_id
+            sequel.updates[:] = updates
+            self._running[dispatch_id] = task
+            self._replies[dispatch_id] = reply
+            task.add_done_callback(lambda _: self._forget(dispatch_id))
+        else:
+            _log.info(
+                "dispatch %s brings an answer this agent already acted on: its outcome again", dispatch_id
             )
-        )
         for update in updates:
-            self._outbox.put_nowait(_readdressed(update, dispatch.dispatch_id))
+            self._outbox.put_nowait(update)
+
+    def _state(self, dispatch_id: str, state: int, reason: str = "") -> None:
+        self._outbox.put_nowait(
+            registry_service_pb2.DispatchUpdate(dispatch_id=dispatch_id, state=state, reason=reason)  # type: ignore[arg-type]
+        )
 
     async def _handle(self, dispatch: registry_service_pb2.Dispatch, reply: Reply) -> None:
         claims: dict[str, Any] = {}

@@ -220,32 +220,35 @@ class Sessions:
                 present = self._present(known, agent_type, instance_id, exclude)
                 if present is not None:
                     return present
-            for tries in range(_CONFLICT_TRIES):
-                session = self._keep(self._require_open(await self._get(tenant_id, session_id)))
-                present = self._present(session, agent_type, instance_id, exclude)
-                if present is not None:
-                    return present
-                try:
-                    async with self._binding(
-                        tenant_id, session_id, agent_type, instance_id, exclude, rank
-                    ) as agent:
-                        now = self._clock.now()
-                        joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
-                        grown = replace(
-                            session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now
-                        )
-                        # The agent in the session, its agent_joined event and the instance's binding
-                        # to the session: one write, so a crash leaves both or neither.
-                        bound = self._registry.bound(agent, session_id)
-                        await self._store_update(grown, AgentJoined(joined), agents=(bound,) if bound else ())
-                    return joined
-                except Conflict:
-                    # Another replica bound or released the instance between the read and the write
-                    # (its record changed): read both again, check again, write again.
-                    if tries == _CONFLICT_TRIES - 1:
-                        raise
-                    await _jitter(tries)
-            raise AssertionError("unreachable")
+            # Another replica may bind or release the instance between the read and the write (its
+            # record changed): then both are read again, checked again and written again.
+            return await _again_on_conflict(
+                lambda: self._join(tenant_id, session_id, agent_type, instance_id, reason, exclude, rank)
+            )
+
+    async def _join(
+        self,
+        tenant_id: str,
+        session_id: str,
+        agent_type: str,
+        instance_id: str,
+        reason: JoinReason,
+        exclude: Collection[str],
+        rank: Callable[[AgentRegistration], float] | None,
+    ) -> SessionAgent:
+        session = self._keep(self._require_open(await self._get(tenant_id, session_id)))
+        present = self._present(session, agent_type, instance_id, exclude)
+        if present is not None:
+            return present
+        async with self._binding(tenant_id, session_id, agent_type, instance_id, exclude, rank) as agent:
+            now = self._clock.now()
+            joined = SessionAgent(agent.agent_type, agent.instance_id, reason, now)
+            grown = replace(session, agents=(*session.agents, joined), updated_at=now, last_activity_at=now)
+            # The agent in the session, its agent_joined event and the instance's binding to the
+            # session: one write, so a crash leaves both or neither.
+            bound = self._registry.bound(agent, session_id)
+            await self._store_update(grown, AgentJoined(joined), agents=(bound,) if bound else ())
+        return joined
 
     @staticmethod
     def _present(
@@ -498,14 +501,10 @@ class Sessions:
     ) -> None:
         """A remote instance leaves an open session (unreachable, deregistered)."""
         async with self._locks.hold((tenant_id, session_id)):
-            for tries in range(_CONFLICT_TRIES):
-                try:
-                    await self._remove(tenant_id, session_id, instance_id, reason=reason, unbind=unbind)
-                    return
-                except Conflict:  # the session or the instance changed on another replica: again
-                    if tries == _CONFLICT_TRIES - 1:
-                        raise
-                    await _jitter(tries)
+            # The session or the instance may change on another replica between read and write.
+            await _again_on_conflict(
+                lambda: self._remove(tenant_id, session_id, instance_id, reason=reason, unbind=unbind)
+            )
 
     async def _remove(
         self, tenant_id: str, session_id: str, instance_id: str, *, reason: str, unbind: bool
@@ -576,15 +575,15 @@ class Sessions:
                 return await change(known)
             except Conflict:
                 self._forget(tenant_id, session_id)
-        for tries in range(_CONFLICT_TRIES):
+
+        async def fresh() -> T:
             try:
                 return await change(self._keep(await self._get(tenant_id, session_id)))
             except Conflict:  # e.g. an instance it releases was bound meanwhile on another replica
                 self._forget(tenant_id, session_id)
-                if tries == _CONFLICT_TRIES - 1:
-                    raise
-                await _jitter(tries)
-        raise AssertionError("unreachable")
+                raise
+
+        return await _again_on_conflict(fresh)
 
     async def _store_update(
         self, session: Session, *events: EventPayload, agents: Sequence[AgentRegistration] = ()
@@ -657,7 +656,13 @@ when another replica changed one of them in between (each instance's record hold
 with many sessions of several replicas joining one instance at once, a write may lose a few times)."""
 
 
-async def _jitter(tries: int) -> None:
-    """A random wait before trying again, growing with the tries (2 ms, 4 ms ... at most 50 ms), so
-    replicas racing for one record do not race again in step."""
-    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(tries, 5))))
+async def _again_on_conflict(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, once more after a random wait each time it loses a race (``Conflict``), at most
+    ``_CONFLICT_TRIES`` times; the waits grow (2 ms, 4 ms ... at most 50 ms) so that replicas racing
+    for one record do not race again in step."""
+    for tries in range(_CONFLICT_TRIES - 1):
+        try:
+            return await attempt()
+        except Conflict:
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(tries, 5))))
+    return await attempt()

@@ -5,16 +5,17 @@ and waiting for it to end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from svantic_grpc.connected_agent import ConnectedAgent, Handler
+from svantic_grpc.connected_agent import ConnectedAgent, Dispatch, Handler, Reply
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
 from svantic_grpc.pb.session_service_pb2_grpc import SessionServiceStub
@@ -33,6 +34,28 @@ class Mesh:
     http_port: int
     settings: Path
     env: dict[str, str]
+
+
+@dataclass
+class Deleting:
+    """A ``crm`` handler: asks approval to delete record 7, does the work the answer allows
+    (``runs`` counts it), waits for ``go_on`` when given, then reports ``approved: <answer>`` as an
+    artifact and completes."""
+
+    go_on: asyncio.Event | None = None
+    runs: list[bool] = field(default_factory=list)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, dispatch: Dispatch, reply: Reply) -> None:
+        approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+        self.runs.append(approved)
+        self.answered.set()
+        if self.go_on is not None:
+            await self.go_on.wait()  # still at work, reporting nothing
+        await reply.artifact(f"approved: {approved}")
+        await reply.complete()
+        self.finished.set()
 
 
 def approval_mesh(tmp_path: Path, *, keep_dispatch_key: bool = False, **settings: Any) -> Mesh:

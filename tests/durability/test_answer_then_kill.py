@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.pb import message_service_pb2
 from svantic_grpc.pb.message_service_pb2_grpc import MessageServiceStub
-from tests.durability._approvals import APPROVE, approval_mesh, ask_to_delete, crm_agent, ended, pb
+from tests.durability._approvals import APPROVE, Deleting, approval_mesh, ask_to_delete, crm_agent, ended, pb
 from tests.durability.test_restart import WAIT, _client, _server, _until_serving
 
 
@@ -28,17 +27,8 @@ async def test_a_kill_between_the_answer_and_the_agents_next_report_resumes_the_
     tmp_path: Path,
 ) -> None:
     mesh = approval_mesh(tmp_path)
-    answers: list[bool] = []
-    got_answer, go_on = asyncio.Event(), asyncio.Event()
-
-    async def deleting(dispatch: Dispatch, reply: Reply) -> None:
-        approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
-        answers.append(approved)
-        got_answer.set()
-        await go_on.wait()  # still at work, reporting nothing, when the server dies
-        await reply.artifact(f"approved: {approved}")
-        await reply.complete()
-
+    go_on = asyncio.Event()
+    deleting = Deleting(go_on)  # still at work, reporting nothing, when the server dies
     agent = crm_agent(mesh.target, deleting)
     running = asyncio.create_task(agent.run())
     try:
@@ -53,7 +43,7 @@ async def test_a_kill_between_the_answer_and_the_agents_next_report_resumes_the_
                     ),
                     metadata=md,
                 )
-                await asyncio.wait_for(got_answer.wait(), WAIT)  # the agent has it, says nothing yet
+                await asyncio.wait_for(deleting.answered.wait(), WAIT)  # the agent has it, says nothing yet
             first.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.wait, WAIT)
 
@@ -66,7 +56,7 @@ async def test_a_kill_between_the_answer_and_the_agents_next_report_resumes_the_
                 done = await ended(channel, md, "s1")
                 assert done.state == pb.MESSAGE_STATE_COMPLETED, done.state_reason
                 assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
-        assert answers == [True]  # given live; given again with the resumed message, to the same work
+        assert deleting.runs == [True]  # given live; given again with the resumed message, to the same work
     finally:
         await agent.stop()
         await asyncio.wait_for(running, WAIT)

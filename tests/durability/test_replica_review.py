@@ -36,6 +36,7 @@ from tests._support import Client, code_of, error_details, running_server
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
+from tests.durability._approvals import Deleting
 from tests.durability.test_replica_takeover import PLAN, PLANS
 
 WAIT = 5.0
@@ -109,6 +110,15 @@ def _quick_replicas(schema: str, lease_s: float) -> Callable[[str], Any]:
         return running_server(env=ENV, **(settings | {"replica": settings["replica"] | {"id": replica_id}}))
 
     return replica
+
+
+async def _hand_over(schema: str, session_id: str, owner: Client, *, to: Client) -> None:
+    """``owner`` hangs (it renews nothing), its lease of the session runs out, and ``to`` takes the
+    session over at its sweep; neither sweeps by itself afterwards (a test calls ``tick``)."""
+    _stop_sweeping(owner)
+    _stop_sweeping(to)
+    await _expire(schema, session_id)
+    assert await to.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
 
 
 def _stop_sweeping(client: Client) -> None:
@@ -204,10 +214,9 @@ async def test_a_send_waiting_on_a_replica_that_loses_the_session_is_told_it_mov
             session_id = await new_session(owner)
             sending = asyncio.create_task(send(owner, session_id, "work", data({"target_agent": "worker"})))
             await asyncio.wait_for(working.wait(), WAIT)
-            _stop_sweeping(owner)  # "a" hangs; its lease runs out and "b" takes the session
-            _stop_sweeping(other)
-            await _expire(schema, session_id)
-            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await _hand_over(
+                schema, session_id, owner, to=other
+            )  # "a" hangs; its lease runs out and "b" takes the session
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" notices
             with pytest.raises(grpc.aio.AioRpcError) as excinfo:
                 await asyncio.wait_for(sending, WAIT)
@@ -220,15 +229,7 @@ async def test_an_answer_delivered_again_after_the_owner_died_does_not_run_the_a
     # and before it stored what the agent did with it; the replica that took the session over
     # resumed the message and the agent ran its approved work a second time
     async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
-        runs: list[bool] = []
-        finished = asyncio.Event()
-
-        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
-            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
-            runs.append(approved)  # the work an approval allows: once
-            await reply.artifact(f"approved: {approved}")
-            await reply.complete()
-            finished.set()
+        deleting = Deleting()
 
         async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
             session_id = await new_session(owner)
@@ -237,42 +238,28 @@ async def test_an_answer_delivered_again_after_the_owner_died_does_not_run_the_a
             # "a" stops hearing from "b" (as if it died now): what the agent says next is lost.
             owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
-            await asyncio.wait_for(finished.wait(), WAIT)
-            _stop_sweeping(owner)
-            _stop_sweeping(other)
-            await _expire(schema, session_id)
-            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await asyncio.wait_for(deleting.finished.wait(), WAIT)
+            await _hand_over(schema, session_id, owner, to=other)
             done = await wait_for_state(other, session_id, asked.message_id, COMPLETED, FAILED)
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
         assert done.state == COMPLETED, done.state_reason
         assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
-        assert runs == [True]
+        assert deleting.runs == [True]
 
 
 async def test_an_answer_delivered_again_while_the_agent_still_works_on_it_joins_that_work() -> None:
     async with _schema() as schema, _replicas_a_and_b(schema) as (owner, other):
-        runs: list[bool] = []
-        got_answer, go_on = asyncio.Event(), asyncio.Event()
-
-        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
-            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
-            runs.append(approved)
-            got_answer.set()
-            await go_on.wait()  # still at work, reporting nothing, when the owner dies
-            await reply.artifact(f"approved: {approved}")
-            await reply.complete()
+        go_on = asyncio.Event()
+        deleting = Deleting(go_on)  # still at work, reporting nothing, when the owner dies
 
         async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
             session_id = await new_session(owner)
             asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
             assert asked.state == INPUT_REQUIRED, asked.state_reason
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
-            await asyncio.wait_for(got_answer.wait(), WAIT)
+            await asyncio.wait_for(deleting.answered.wait(), WAIT)
             owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
-            _stop_sweeping(owner)
-            _stop_sweeping(other)
-            await _expire(schema, session_id)
-            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await _hand_over(schema, session_id, owner, to=other)
             await asyncio.sleep(0.3)  # the resumed dispatch reaches the agent
             await owner.server.mesh.ownership.tick()  # type: ignore[attr-defined]  # "a" lets go
             await asyncio.sleep(0.3)  # and its dispatch's cancel reaches the agent too
@@ -280,7 +267,7 @@ async def test_an_answer_delivered_again_while_the_agent_still_works_on_it_joins
             done = await wait_for_state(other, session_id, asked.message_id, COMPLETED, FAILED)
         assert done.state == COMPLETED, done.state_reason
         assert [p.text for a in done.artifacts for p in a.parts] == ["approved: True"]
-        assert runs == [True]
+        assert deleting.runs == [True]
 
 
 async def test_messages_racing_to_one_agent_from_two_replicas_all_complete() -> None:
@@ -336,12 +323,7 @@ async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_
     # agent reconnected to a live replica, the human answered, and the answer went to the dead
     # replica's dispatch: the message failed at the dispatch timeout, the agent never got it
     async with _schema() as schema, _replicas_a_and_b(schema) as (owner, holder):
-        runs: list[bool] = []
-
-        async def deleting(dispatch: Dispatch, reply: Reply) -> None:
-            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
-            runs.append(approved)
-            await reply.complete(f"approved: {approved}")
+        deleting = Deleting()
 
         async with running_agent(holder, deleting, agent_type="crm", instance_id="crm-1"):
             session_id = await new_session(owner)
@@ -359,7 +341,7 @@ async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
             done = await wait_for_state(owner, session_id, asked.message_id, COMPLETED, FAILED)
         assert done.state == COMPLETED, done.state_reason
-        assert runs == [True]
+        assert deleting.runs == [True]
 
 
 async def _terminate(conn: asyncpg.Connection) -> None:
@@ -571,10 +553,7 @@ async def test_a_replica_whose_session_was_taken_over_before_it_noticed_stops_cl
             assert asked.state == INPUT_REQUIRED, asked.state_reason
             (request_id,) = asked.input_request_ids
             # "a" hangs; "b" takes the session over; "a" is stopped before it noticed.
-            _stop_sweeping(owner)
-            _stop_sweeping(other)
-            await _expire(schema, session_id)
-            assert await other.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+            await _hand_over(schema, session_id, owner, to=other)
             # Its stop cancels the message still running there; the writes that go with it are
             # refused (the lease moved on), and the stop carries on regardless.
             await owner.server.mesh.messages.close()
