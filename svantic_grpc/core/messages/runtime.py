@@ -78,12 +78,12 @@ class SessionRuntime:
         self._tasks: dict[str, asyncio.Task[Message]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._stops: dict[str, list[asyncio.Future[Message]]] = {}
+        """Per running message that has not stopped yet: the futures of those waiting for it to
+        stop (``stopped``), each its own: a waiter that goes away cancels only its own future."""
         self._begun: set[str] = set()
         """Messages whose run has taken its first step."""
         self._canceled_early: set[str] = set()
         """Messages canceled before their run began: it ends them canceled at once."""
-        """Per running message that has not stopped yet: the futures of those waiting for it to
-        stop (``stopped``), each its own: a waiter that goes away cancels only its own future."""
         self._closed = False
         self.parking = False
         """The server is stopping: a message cancelled while it waits for a human is left in the
