@@ -328,7 +328,8 @@ class Messages:
     async def first_stop(self, message: Message, task: asyncio.Task[Message]) -> Message:
         """``message`` (with the task ``send`` returned) when it first stops: terminal, or waiting
         for a human; wherever it runs."""
-        if task.get_name().startswith(_AWAY):  # handed to the owner: its task follows it there
+        if task.get_name().startswith(_AWAY):  # not run by a runtime here: its own task follows it
+            # (handed to the owner, or ended at once as its session closes)
             return await asyncio.shield(task)
         return await self.runtime(message.tenant_id, message.session_id).stopped(message.message_id)
 
