@@ -69,6 +69,8 @@ _STATUS = {
 _KEEPALIVE_S = 15.0
 _REPLICA_POLL_S = 2.0
 """How often an open queue page on a replica looks for requests raised or ended on the others."""
+QUEUE_SHOWN = 200
+"""The queue shows this many pending requests, the oldest first, and says when more wait."""
 _MAX_FORM = 256 * 1024
 
 Handler = Callable[[Request, ConsoleLogin], Awaitable[Response]]
@@ -214,24 +216,34 @@ class Console:
 
     # The approval queue
 
-    async def _pending(self, login: ConsoleLogin) -> list[Any]:
-        page = await self.mesh.inputs.list_pending(login.caller, page_size=200)
-        return list(page.requests)
+    async def _pending(self, login: ConsoleLogin) -> tuple[list[Any], bool]:
+        """The oldest pending requests the queue shows, and whether more wait behind them."""
+        page = await self.mesh.inputs.list_pending(login.caller, page_size=QUEUE_SHOWN)
+        return list(page.requests), bool(page.next_cursor)
 
     async def queue(self, request: Request, login: ConsoleLogin, **extra: Any) -> Response:
         status = extra.pop("status", 200)
-        requests = await self._pending(login)
+        requests, more = await self._pending(login)
         return self.render(
-            "queue.html", status, login=login, requests=requests, now=self.mesh.clock.now(), **extra
+            "queue.html",
+            status,
+            login=login,
+            requests=requests,
+            more=more,
+            now=self.mesh.clock.now(),
+            **extra,
         )
 
     async def _queue_state(self, login: ConsoleLogin) -> frozenset[tuple[str, int]]:
         """What the queue holds now: its requests and their versions."""
-        return frozenset((r.request_id, r.version) for r in await self._pending(login))
+        requests, _ = await self._pending(login)
+        return frozenset((r.request_id, r.version) for r in requests)
 
     async def queue_items(self, request: Request, login: ConsoleLogin) -> Response:
-        requests = await self._pending(login)
-        return self.render("queue_items.html", login=login, requests=requests, now=self.mesh.clock.now())
+        requests, more = await self._pending(login)
+        return self.render(
+            "queue_items.html", login=login, requests=requests, more=more, now=self.mesh.clock.now()
+        )
 
     async def queue_events(self, request: Request, login: ConsoleLogin) -> Response:
         sid = request.cookies.get(COOKIE, "")

@@ -357,3 +357,21 @@ async def test_the_console_cookie_is_no_token_for_the_grpc_api() -> None:
                 session_service_pb2.InitSessionRequest(), metadata=(("authorization", f"Bearer {cookie}"),)
             )
         assert code_of(refused) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_queue_says_when_more_requests_wait_than_it_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("svantic_grpc.console.app.QUEUE_SHOWN", 2)
+    tool = ToolAgent()
+    async with (
+        running_server(policies=[DELETES]) as client,
+        running_agent(client, tool, agent_type="crm", instance_id="crm-1"),
+        signed_in(client) as web,
+    ):
+        asked = [(await _asked(client, {"ids": [f"r{n}"]}))[1].input_request_ids[0] for n in range(3)]
+        page = (await web.http.get("/console/queue")).text
+        assert [r for r in asked if f'id="req-{r}"' in page] == asked[:2]  # the oldest first
+        assert 'id="queue-more"' in page and "The oldest 2 pending requests are shown" in page
+        await resolve(client, asked[0], decision=pb.DECISION_APPROVE)
+        items = (await web.http.get("/console/queue/items")).text
+        assert [r for r in asked if f'id="req-{r}"' in items] == asked[1:]
+        assert 'id="queue-more"' not in items  # everything pending is shown now
