@@ -23,8 +23,10 @@ from a2a.helpers import new_data_part
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from grpc import aio
 
-from svantic_grpc.core.events import AgentLeft
+from svantic_grpc.core.events import AgentLeft, MessageStateChanged, StatusChanged
 from svantic_grpc.core.inputs.model import InputState, Surface
+from svantic_grpc.core.messages.model import MessageState
+from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.ownership import LeaseLost
 from svantic_grpc.core.store import Change
 from svantic_grpc.pb import message_service_pb2, message_types_pb2, session_service_pb2
@@ -42,7 +44,16 @@ from tests.adapters.e2e_support import (
     until,
 )
 from tests.adapters.webhook_receiver import receiving
-from tests.agents_connected import data, new_session, outgoing, running_agent, send, wait_for_state
+from tests.agents_connected import (
+    data,
+    eventually,
+    get_message,
+    new_session,
+    outgoing,
+    running_agent,
+    send,
+    wait_for_state,
+)
 from tests.agents_inputs import chatting, resolution
 from tests.test_metrics import scrape, value
 
@@ -85,6 +96,10 @@ async def _owner(client: Client, session_id: str) -> str | None:
     finally:
         await conn.close()
     return str(owner) if owner is not None else None
+
+
+async def _no_owner(client: Client, session_id: str) -> bool:
+    return await _owner(client, session_id) is None
 
 
 async def _lapse(session_id: str, owner: Client, *bystanders: Client, taker: Client) -> str:
@@ -270,15 +285,58 @@ async def test_a_session_closed_on_another_replica_ends_the_work_on_its_owner(re
         await b.sessions.CloseSession(
             session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await b.md()
         )
-        # Within a renewal period the owner cancels the message and withdraws what it asked.
-        ended = await wait_for_state(
-            c, session_id, message.message_id, message_types_pb2.MESSAGE_STATE_CANCELED
-        )
-        assert "closed" in ended.state_reason
+        # The owner canceled the message and withdrew what it asked before the close returned.
+        ended = await get_message(c, session_id, message.message_id)
+        assert ended.state == message_types_pb2.MESSAGE_STATE_CANCELED and "closed" in ended.state_reason
         request = await c.server.mesh.inputs.get(TENANT, request_id)
         assert request.state is InputState.CANCELED
-        assert await _owner(a, session_id) is None  # the lease of a closed session goes
+        # Within a renewal period the owner lets the closed session's lease go.
+        await asyncio.wait_for(eventually(lambda: _no_owner(a, session_id)), 10)
         assert (TENANT, session_id) not in a.server.mesh.messages._runtimes
+
+
+async def test_a_close_on_another_replica_has_the_owner_cancel_running_work_before_it_returns(
+    replicas: list[Client],
+) -> None:
+    a, b, c = replicas
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(dispatch: Any, reply: Any) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with running_agent(a, slow, agent_type=AGENT_TYPE, instance_id="crm-1"):
+        session_id = await new_session(a)
+        sending = asyncio.create_task(
+            send(c, session_id, "work slowly", data({"target_agent": AGENT_TYPE}), message_id="m-slow")
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        await b.sessions.CloseSession(
+            session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await b.md()
+        )
+        # Already ended when the close returns (not at the owner's next renewal), the agent told.
+        message = await get_message(b, session_id, "m-slow")
+        assert message.state == message_types_pb2.MESSAGE_STATE_CANCELED, message.state_reason
+        assert "session closed" in message.state_reason
+        assert (await sending).state == message_types_pb2.MESSAGE_STATE_CANCELED
+        await asyncio.wait_for(cancelled.wait(), 10)
+        # Its end comes before the close in the session's events.
+        events = await b.server.mesh.store.list_events(tenant_id=TENANT, session_id=session_id)
+        canceled = [
+            e.sequence
+            for e in events
+            if isinstance(e.payload, MessageStateChanged) and e.payload.to_state is MessageState.CANCELED
+        ]
+        closed = [
+            e.sequence
+            for e in events
+            if isinstance(e.payload, StatusChanged) and e.payload.to_status is SessionStatus.CLOSED
+        ]
+        assert len(canceled) == 1 and len(closed) == 1 and canceled[0] < closed[0]
 
 
 async def test_an_a2a_send_to_another_replica_answers_from_the_owner(replicas: list[Client]) -> None:

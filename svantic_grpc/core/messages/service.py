@@ -57,6 +57,10 @@ _CANCEL_WAIT_S = 30.0
 _CANCEL_RECHECK_S = 0.5
 """How often that wait reads the message and the lease again (an owner that died, a missed event)."""
 _CANCEL_RESEND_S = 2.0
+_CLOSE_WAIT_S = 5.0
+"""How long a close on a replica that does not own the session waits for the owner to cancel the
+session's running messages (``Messages._end_at_owner``)."""
+_UNFINISHED = tuple(s for s in MessageState if not s.terminal)
 
 
 class Messages:
@@ -81,9 +85,9 @@ class Messages:
         self._metrics = metrics
         self._ownership = ownership or SoleOwner()
         self._away: set[asyncio.Task[Message]] = set()
+        """Waits for messages handed to the replica that owns their session."""
         self._parking = False
         """The server is stopping (``begin_stop``)."""
-        """Waits for messages handed to the replica that owns their session."""
         self._store = store
         self._bus = bus
         self._sessions = sessions
@@ -613,6 +617,32 @@ class Messages:
         runtime = self._runtimes.pop(key, None)
         if runtime is not None:
             await runtime.close(f"session closed ({reason})")
+        elif self.relay is not None:
+            owner = await self._ownership.owner_of(tenant_id, session_id)
+            if owner and owner != self.relay.replica_id:
+                await self._end_at_owner(tenant_id, session_id, f"session closed ({reason})")
+
+    async def _end_at_owner(self, tenant_id: str, session_id: str, reason: str) -> None:
+        """A close on a replica that does not own the session: the owner cancels the session's
+        unfinished messages (through the relay, as ``CancelMessage`` here would) before the close
+        is written, so none of them runs on after the close. An owner that does not answer within
+        ``_CLOSE_WAIT_S`` ends them when it sees the session closed (at its next renewal)."""
+        page = await self._store.list_messages(
+            tenant_id=tenant_id, session_id=session_id, states=_UNFINISHED, page_size=500
+        )
+        if not page.messages:
+            return
+        cancels = [self._cancel_at_owner(tenant_id, session_id, m.message_id, reason) for m in page.messages]
+        try:
+            async with asyncio.timeout(_CLOSE_WAIT_S):
+                await asyncio.gather(*cancels, return_exceptions=True)
+        except TimeoutError:
+            _log.warning(
+                "the owner of session %s did not end its messages within %gs of its close here; "
+                "it ends them at its next renewal",
+                session_id,
+                _CLOSE_WAIT_S,
+            )
 
 
 def _check_parts(parts: tuple[Part, ...]) -> None:
