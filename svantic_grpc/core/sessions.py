@@ -71,6 +71,7 @@ class Sessions:
         """Each open session's record as this process last read or wrote it."""
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
+        self._close_failed_hooks: list[Callable[[str, str], None]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
         self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
         registry.on_release(self._agent_released)
@@ -83,9 +84,17 @@ class Sessions:
         """Call ``hook(tenant_id, session_id)`` once a new session is stored (to take its lease)."""
         self._open_hooks.append(hook)
 
-    def on_close(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
-        """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its work)."""
+    def on_close(
+        self,
+        hook: Callable[[str, str, str], Awaitable[None]],
+        failed: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """Call ``hook(tenant_id, session_id, reason)`` when a session starts closing (to cancel its
+        work), and ``failed(tenant_id, session_id)`` if the close is then not written (the session
+        stays open: what the hook held back for the close goes on)."""
         self._close_hooks.append(hook)
+        if failed is not None:
+            self._close_failed_hooks.append(failed)
 
     @property
     def ttl_s(self) -> float:
@@ -333,8 +342,13 @@ class Sessions:
         # The hooks do nothing for a session without work (closed, unknown, another tenant's).
         for hook in self._close_hooks:
             await hook(tenant_id, session_id, reason)
-        async with self._locks.hold((tenant_id, session_id)):
-            return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
+        try:
+            async with self._locks.hold((tenant_id, session_id)):
+                return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
+        except Exception:
+            for failed in self._close_failed_hooks:
+                failed(tenant_id, session_id)
+            raise
 
     async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
         """The session was closed by another process while this one ran its work: that work ends

@@ -37,6 +37,7 @@ from svantic_grpc.pb import (
     registry_service_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
+    session_types_pb2,
 )
 from tests._support import SECRET, Client, code_of, error_details, rpc_error, running_server
 from tests.agents_connected import (
@@ -914,7 +915,7 @@ async def test_the_helper_agent_resumes_after_the_mesh_restarts() -> None:
         await eventually(disconnected)
         # The same address, a fresh process: nothing registered, a new dispatch signing key.
         async with running_server(grpc_address=f"127.0.0.1:{port}") as client:
-            await asyncio.wait_for(agent.connected.wait(), 1.0)
+            await asyncio.wait_for(agent.connected.wait(), 5.0)  # 1 s was too tight at load 7
             assert (await get_agent(client, "echo-1")).connection.connected
             session_id = await new_session(client)
             message = await send(client, session_id, "echo after restart")
@@ -1341,3 +1342,31 @@ async def test_messages_sent_while_their_session_closes_all_end() -> None:
             assert all(m.state in TERMINAL for m in listed.messages), [
                 (m.state, m.state_reason) for m in listed.messages
             ]
+
+
+async def test_after_a_close_that_failed_to_be_written_the_open_session_takes_messages_again() -> None:
+    async with running_server() as client:
+        session_id = await new_session(client)
+        store = client.server.mesh.store
+        write = store.update_session_with_events
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("the disk is full")
+
+        store.update_session_with_events = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(aio.AioRpcError):
+                await client.sessions.CloseSession(
+                    session_service_pb2.CloseSessionRequest(session_id=session_id),
+                    metadata=await client.md(),
+                    timeout=WAIT,
+                )
+        finally:
+            store.update_session_with_events = write  # type: ignore[method-assign]
+        # The session is still open and a message sent to it runs (it ended canceled for a minute).
+        response = await client.sessions.GetSession(
+            session_service_pb2.GetSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        assert response.session.status != session_types_pb2.SESSION_STATUS_CLOSED
+        message = await send(client, session_id, "hello", data({"target_agent": "savant:chat"}))
+        assert message.state == COMPLETED, message.state_reason

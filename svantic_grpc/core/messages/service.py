@@ -106,7 +106,7 @@ class Messages:
         """With replicas: carries a cancel to the replica that owns the session (``cancel``)."""
         self._cancels: set[asyncio.Task[None]] = set()
         """Cancels other replicas asked this one (the owner) to make."""
-        sessions.on_close(self._session_closing)
+        sessions.on_close(self._session_closing, failed=self._close_failed)
         sessions.busy_when(self._has_running_work)
 
     def _writer(self, message: Message, on_stop: Callable[[Message], None] | None = None) -> MessageWriter:
@@ -621,6 +621,10 @@ class Messages:
             owner = await self._ownership.owner_of(tenant_id, session_id)
             if owner and owner != self.relay.replica_id:
                 await self._end_at_owner(tenant_id, session_id, f"session closed ({reason})")
+
+    def _close_failed(self, tenant_id: str, session_id: str) -> None:
+        """The close was not written (the session is open): messages sent to it start again."""
+        self._closing.pop((tenant_id, session_id), None)
 
     async def _end_at_owner(self, tenant_id: str, session_id: str, reason: str) -> None:
         """A close on a replica that does not own the session: the owner cancels the session's
