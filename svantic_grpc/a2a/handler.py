@@ -68,6 +68,8 @@ CALLER = "svantic.caller"
 """``ServerCallContext.state`` key of the verified ``Caller``, set by each binding."""
 SESSION_HINT = "svantic.session_id"
 """``ServerCallContext.state`` key of ``configuration.sessionId`` from the raw JSON body."""
+_CARD_MAX_BYTES = 2 * 1024 * 1024
+"""The extended card lists the registered agents' skills up to about this many bytes."""
 _INDEX = "a2a"
 """Namespace of the task id -> session index in the store's key-value seam: A2A names a task by
 its id alone, the mesh a message by session and id. Written once per message sent over A2A."""
@@ -231,12 +233,18 @@ class MeshRequestHandler(RequestHandler):
         with _mapped():
             agents = await self._mesh.registry.list_agents(caller)
         seen: set[str] = set()
-        for agent in agents:
+        carried = card.ByteSize()
+        for agent in sorted(agents, key=lambda a: (a.agent_type, a.instance_id)):
             for skill in agent.skills:
                 skill_id = f"{agent.agent_type}/{skill.id}"
                 if skill_id in seen:
                     continue
                 seen.add(skill_id)
+                carried += len(skill_id) + len(skill.name) + len(skill.description) + 64
+                lists = (*skill.tags, *skill.examples, *skill.input_modes, *skill.output_modes)
+                carried += sum(map(len, lists))
+                if carried > _CARD_MAX_BYTES:
+                    return card  # readable with gRPC's default 4 MB receive limit, as every answer
                 card.skills.add(
                     id=skill_id,
                     name=skill.name or skill.id,

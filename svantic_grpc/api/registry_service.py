@@ -66,10 +66,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        agents = await self._registry.list_agents(
-            current_caller(), agent_type=request.agent_type, routable_only=request.routable_only
+        agents, next_token = await self._registry.page_of_agents(
+            current_caller(),
+            agent_type=request.agent_type,
+            routable_only=request.routable_only,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
-        return pb.ListAgentsResponse(agents=[self._agent(a) for a in agents])
+        return pb.ListAgentsResponse(agents=[self._agent(a) for a in agents], next_page_token=next_token)
 
     async def GetAgent(
         self, request: pb.GetAgentRequest, context: aio.ServicerContext

@@ -8,7 +8,7 @@ from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
 
-__all__ = ["MAX_JSON_DEPTH", "check_id", "check_json_depth", "nests_deeper_than"]
+__all__ = ["MAX_JSON_DEPTH", "check_id", "check_json_depth", "json_bytes", "nests_deeper_than"]
 
 MAX_JSON_DEPTH = 24
 """How deep a JSON value (a data part, tool arguments, form values, an agent card) may nest
@@ -72,3 +72,25 @@ def nests_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def json_bytes(value: Any) -> int:
+    """About the bytes ``value`` takes as compact JSON (strings counted by characters, numbers as 8):
+    what size limits hold a JSON value to, without encoding it. Iterative, like ``nests_deeper_than``."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, Mapping):
+            total += 2
+            for key, child in item.items():
+                total += len(key) + 4
+                stack.append(child)
+        elif isinstance(item, list | tuple):
+            total += 2 + len(item)
+            stack.extend(item)
+        else:
+            total += 8
+    return total

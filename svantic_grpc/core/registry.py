@@ -10,13 +10,15 @@ successful dispatch or a successful probe of a hosted agent's card (``saw``).
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id, check_json_depth
+from svantic_grpc.core._validate import check_id, check_json_depth, json_bytes
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -217,6 +219,40 @@ class Registry:
         agents = await self._store.list_agents(tenant_id=caller.tenant_id, agent_type=agent_type)
         return [self.with_counters(a) for a in agents if not routable_only or self.is_routable(a)]
 
+    async def page_of_agents(
+        self,
+        caller: Caller,
+        *,
+        agent_type: str = "",
+        routable_only: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[Sequence[AgentRegistration], str]:
+        """A page of the tenant's instances, by agent type then instance id, and the token of the
+        next page (empty on the last). A page ends early once it carries ``AGENT_PAGE_MAX_BYTES``."""
+        if page_size < 0 or page_size > 500:
+            raise InvalidArgument("page_size", "must be between 0 and 500")
+        after = _after(page_token)
+        agents = sorted(
+            (
+                a
+                for a in await self.list_agents(caller, agent_type=agent_type, routable_only=routable_only)
+                if after is None or (a.agent_type, a.instance_id) > after
+            ),
+            key=lambda a: (a.agent_type, a.instance_id),
+        )
+        page: list[AgentRegistration] = []
+        carried = 0
+        for agent in agents[: page_size or 500]:
+            carried += declared_bytes(agent) + _AGENT_OVERHEAD
+            if carried > AGENT_PAGE_MAX_BYTES and page:
+                break
+            page.append(agent)
+        if len(page) == len(agents):
+            return page, ""
+        last = page[-1]
+        return page, _token((last.agent_type, last.instance_id))
+
     async def pick(
         self,
         tenant_id: str,
@@ -345,6 +381,57 @@ class Registry:
         return self.last_seen(agent) + self._heartbeat_timeout_s
 
 
+MAX_SKILLS = 200
+MAX_TOOLS = 500
+MAX_DECLARED_BYTES = 256 * 1024
+"""What one registration declares at most, its card, skills, tools and MCP servers together: the
+answers that carry registrations (``GetAgent``, a page of ``ListAgents``, the chat's list of what
+agents can do) stay readable by a client with gRPC's default 4 MB receive limit."""
+
+
+def declared_bytes(agent: AgentSpec | AgentRegistration) -> int:
+    """About the bytes of what ``agent`` declared (as ``MAX_DECLARED_BYTES`` counts them)."""
+    return sum(_declared_sizes(agent).values())
+
+
+def _declared_sizes(agent: AgentSpec | AgentRegistration) -> dict[str, int]:
+    skills = sum(
+        json_bytes((s.id, s.name, s.description, s.tags, s.examples, s.input_modes, s.output_modes))
+        for s in agent.skills
+    )
+    tools = sum(json_bytes((t.name, t.description)) + json_bytes(t.input_schema) for t in agent.tools)
+    return {
+        "agent_card": json_bytes(agent.agent_card),
+        "skills": skills,
+        "tools": tools,
+        "mcp_servers": json_bytes(agent.mcp_servers),
+    }
+
+
+AGENT_PAGE_MAX_BYTES = 2 * 1024 * 1024
+"""What one page of ``ListAgents`` carries at most (one registration alone may carry less than
+``MAX_DECLARED_BYTES``, so a page always holds one)."""
+_AGENT_OVERHEAD = 1024
+"""What an instance's answer carries beside what it declared (ids, URL, status, connection)."""
+
+
+def _token(after: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(after).encode()).decode()
+
+
+def _after(token: str) -> tuple[str, str] | None:
+    """The (agent type, instance id) a page token says the next page starts after."""
+    if not token:
+        return None
+    try:
+        agent_type, instance_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(agent_type, str) and isinstance(instance_id, str):
+            return agent_type, instance_id
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArgument("page_token", "is not a token a ListAgents page gave")
+
+
 _DECLARED = ("url", "agent_card", "skills", "tools", "mcp_servers", "max_concurrent_sessions")
 """The fields of ``AgentSpec`` a registration takes as declared, each time the agent registers."""
 
@@ -379,4 +466,17 @@ def _validated(spec: AgentSpec) -> AgentSpec:
         check_json_depth(f"tools[{index}].input_schema", tool.input_schema)
     check_json_depth("agent_card", spec.agent_card)
     check_json_depth("mcp_servers", spec.mcp_servers)
+    if len(spec.skills) > MAX_SKILLS:
+        raise InvalidArgument("skills", f"declares {len(spec.skills)} skills; at most {MAX_SKILLS}")
+    if len(spec.tools) > MAX_TOOLS:
+        raise InvalidArgument("tools", f"declares {len(spec.tools)} tools; at most {MAX_TOOLS}")
+    sizes = _declared_sizes(spec)
+    if sum(sizes.values()) > MAX_DECLARED_BYTES:
+        largest = max(sizes, key=lambda name: sizes[name])
+        raise InvalidArgument(
+            largest,
+            f"carries about {sizes[largest]} bytes, and the registration {sum(sizes.values())} in all "
+            f"(agent card, skills, tools and MCP servers); a registration declares at most "
+            f"{MAX_DECLARED_BYTES} bytes",
+        )
     return spec

@@ -29,7 +29,7 @@ from . import agent_types_pb2 as svantic_dot_v1_dot_agent__types__pb2
 from . import message_types_pb2 as svantic_dot_v1_dot_message__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!svantic/v1/registry_service.proto\x12\nsvantic.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csvantic/v1/agent_types.proto\x1a\x1esvantic/v1/message_types.proto\"\xcb\x02\n\x14RegisterAgentRequest\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x33\n\x0f\x64\x65ployment_mode\x18\x04 \x01(\x0e\x32\x1a.svantic.v1.DeploymentMode\x12+\n\nagent_card\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06skills\x18\x06 \x03(\x0b\x32\x16.svantic.v1.AgentSkill\x12$\n\x05tools\x18\x07 \x03(\x0b\x32\x15.svantic.v1.AgentTool\x12,\n\x0bmcp_servers\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1f\n\x17max_concurrent_sessions\x18\t \x01(\x05\"J\n\x15RegisterAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"j\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.svantic.v1.AgentStatus\x12\x18\n\x10\x63urrent_sessions\x18\x03 \x01(\x05\"p\n\x11HeartbeatResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x39\n\x15next_heartbeat_before\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x16\x44\x65registerAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"7\n\x17\x44\x65registerAgentResponse\x12\x1c\n\x14released_session_ids\x18\x01 \x03(\t\">\n\x11ListAgentsRequest\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x15\n\rroutable_only\x18\x02 \x01(\x08\"7\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.svantic.v1.Agent\"&\n\x0fGetAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"4\n\x10GetAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\"s\n\x0c\x43onnectHello\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1b\n\x13resume_dispatch_ids\x18\x02 \x03(\t\x12\x17\n\x0f\x64ispatch_tokens\x18\x03 \x01(\x08\x12\x18\n\x10\x64ispatch_batches\x18\x04 \x01(\x08\"i\n\x0e\x43onnectWelcome\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\x12\x16\n\x0eupdate_batches\x18\x03 \x01(\x08\"\x93\x02\n\x08\x44ispatch\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12$\n\x07message\x18\x03 \x01(\x0b\x32\x13.svantic.v1.Message\x12\x16\n\x0e\x64ispatch_token\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\rtrace_context\x18\x06 \x03(\x0b\x32&.svantic.v1.Dispatch.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\rDispatchBatch\x12(\n\ndispatches\x18\x01 \x03(\x0b\x32\x14.svantic.v1.Dispatch\"5\n\x0e\x44ispatchCancel\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd8\x01\n\x0e\x44ispatchUpdate\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x1e\n\x04turn\x18\x03 \x01(\x0b\x32\x10.svantic.v1.Turn\x12\'\n\tartifacts\x18\x04 \x03(\x0b\x32\x14.svantic.v1.Artifact\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\rinput_request\x18\x06 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"B\n\x13\x44ispatchUpdateBatch\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.svantic.v1.DispatchUpdate\"M\n\x0bInputAnswer\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"\xe0\x01\n\x0e\x43onnectRequest\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.svantic.v1.ConnectHelloH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.svantic.v1.DispatchUpdateH\x00\x12\x31\n\theartbeat\x18\x03 \x01(\x0b\x32\x1c.svantic.v1.HeartbeatRequestH\x00\x12\x37\n\x0cupdate_batch\x18\x04 \x01(\x0b\x32\x1f.svantic.v1.DispatchUpdateBatchH\x00\x42\t\n\x07payload\"\x89\x02\n\x0f\x43onnectResponse\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.svantic.v1.ConnectWelcomeH\x00\x12(\n\x08\x64ispatch\x18\x02 \x01(\x0b\x32\x14.svantic.v1.DispatchH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.svantic.v1.DispatchCancelH\x00\x12/\n\x0cinput_answer\x18\x04 \x01(\x0b\x32\x17.svantic.v1.InputAnswerH\x00\x12\x33\n\x0e\x64ispatch_batch\x18\x05 \x01(\x0b\x32\x19.svantic.v1.DispatchBatchH\x00\x42\t\n\x07payload2\xe9\x03\n\x0fRegistryService\x12T\n\rRegisterAgent\x12 .svantic.v1.RegisterAgentRequest\x1a!.svantic.v1.RegisterAgentResponse\x12H\n\tHeartbeat\x12\x1c.svantic.v1.HeartbeatRequest\x1a\x1d.svantic.v1.HeartbeatResponse\x12Z\n\x0f\x44\x65registerAgent\x12\".svantic.v1.DeregisterAgentRequest\x1a#.svantic.v1.DeregisterAgentResponse\x12K\n\nListAgents\x12\x1d.svantic.v1.ListAgentsRequest\x1a\x1e.svantic.v1.ListAgentsResponse\x12\x45\n\x08GetAgent\x12\x1b.svantic.v1.GetAgentRequest\x1a\x1c.svantic.v1.GetAgentResponse\x12\x46\n\x07\x43onnect\x12\x1a.svantic.v1.ConnectRequest\x1a\x1b.svantic.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!svantic/v1/registry_service.proto\x12\nsvantic.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csvantic/v1/agent_types.proto\x1a\x1esvantic/v1/message_types.proto\"\xcb\x02\n\x14RegisterAgentRequest\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x33\n\x0f\x64\x65ployment_mode\x18\x04 \x01(\x0e\x32\x1a.svantic.v1.DeploymentMode\x12+\n\nagent_card\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06skills\x18\x06 \x03(\x0b\x32\x16.svantic.v1.AgentSkill\x12$\n\x05tools\x18\x07 \x03(\x0b\x32\x15.svantic.v1.AgentTool\x12,\n\x0bmcp_servers\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1f\n\x17max_concurrent_sessions\x18\t \x01(\x05\"J\n\x15RegisterAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"j\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.svantic.v1.AgentStatus\x12\x18\n\x10\x63urrent_sessions\x18\x03 \x01(\x05\"p\n\x11HeartbeatResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x39\n\x15next_heartbeat_before\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x16\x44\x65registerAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"7\n\x17\x44\x65registerAgentResponse\x12\x1c\n\x14released_session_ids\x18\x01 \x03(\t\"e\n\x11ListAgentsRequest\x12\x12\n\nagent_type\x18\x01 \x01(\t\x12\x15\n\rroutable_only\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"P\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.svantic.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x0fGetAgentRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"4\n\x10GetAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\"s\n\x0c\x43onnectHello\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1b\n\x13resume_dispatch_ids\x18\x02 \x03(\t\x12\x17\n\x0f\x64ispatch_tokens\x18\x03 \x01(\x08\x12\x18\n\x10\x64ispatch_batches\x18\x04 \x01(\x08\"i\n\x0e\x43onnectWelcome\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.svantic.v1.Agent\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\x12\x16\n\x0eupdate_batches\x18\x03 \x01(\x08\"\x93\x02\n\x08\x44ispatch\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12$\n\x07message\x18\x03 \x01(\x0b\x32\x13.svantic.v1.Message\x12\x16\n\x0e\x64ispatch_token\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\rtrace_context\x18\x06 \x03(\x0b\x32&.svantic.v1.Dispatch.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\rDispatchBatch\x12(\n\ndispatches\x18\x01 \x03(\x0b\x32\x14.svantic.v1.Dispatch\"5\n\x0e\x44ispatchCancel\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd8\x01\n\x0e\x44ispatchUpdate\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.svantic.v1.MessageState\x12\x1e\n\x04turn\x18\x03 \x01(\x0b\x32\x10.svantic.v1.Turn\x12\'\n\tartifacts\x18\x04 \x03(\x0b\x32\x14.svantic.v1.Artifact\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\rinput_request\x18\x06 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"B\n\x13\x44ispatchUpdateBatch\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.svantic.v1.DispatchUpdate\"M\n\x0bInputAnswer\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.svantic.v1.InputRequest\"\xe0\x01\n\x0e\x43onnectRequest\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.svantic.v1.ConnectHelloH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.svantic.v1.DispatchUpdateH\x00\x12\x31\n\theartbeat\x18\x03 \x01(\x0b\x32\x1c.svantic.v1.HeartbeatRequestH\x00\x12\x37\n\x0cupdate_batch\x18\x04 \x01(\x0b\x32\x1f.svantic.v1.DispatchUpdateBatchH\x00\x42\t\n\x07payload\"\x89\x02\n\x0f\x43onnectResponse\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.svantic.v1.ConnectWelcomeH\x00\x12(\n\x08\x64ispatch\x18\x02 \x01(\x0b\x32\x14.svantic.v1.DispatchH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.svantic.v1.DispatchCancelH\x00\x12/\n\x0cinput_answer\x18\x04 \x01(\x0b\x32\x17.svantic.v1.InputAnswerH\x00\x12\x33\n\x0e\x64ispatch_batch\x18\x05 \x01(\x0b\x32\x19.svantic.v1.DispatchBatchH\x00\x42\t\n\x07payload2\xe9\x03\n\x0fRegistryService\x12T\n\rRegisterAgent\x12 .svantic.v1.RegisterAgentRequest\x1a!.svantic.v1.RegisterAgentResponse\x12H\n\tHeartbeat\x12\x1c.svantic.v1.HeartbeatRequest\x1a\x1d.svantic.v1.HeartbeatResponse\x12Z\n\x0f\x44\x65registerAgent\x12\".svantic.v1.DeregisterAgentRequest\x1a#.svantic.v1.DeregisterAgentResponse\x12K\n\nListAgents\x12\x1d.svantic.v1.ListAgentsRequest\x1a\x1e.svantic.v1.ListAgentsResponse\x12\x45\n\x08GetAgent\x12\x1b.svantic.v1.GetAgentRequest\x1a\x1c.svantic.v1.GetAgentResponse\x12\x46\n\x07\x43onnect\x12\x1a.svantic.v1.ConnectRequest\x1a\x1b.svantic.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERAGENTRESPONSE']._serialized_start=853
   _globals['_DEREGISTERAGENTRESPONSE']._serialized_end=908
   _globals['_LISTAGENTSREQUEST']._serialized_start=910
-  _globals['_LISTAGENTSREQUEST']._serialized_end=972
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=974
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1029
-  _globals['_GETAGENTREQUEST']._serialized_start=1031
-  _globals['_GETAGENTREQUEST']._serialized_end=1069
-  _globals['_GETAGENTRESPONSE']._serialized_start=1071
-  _globals['_GETAGENTRESPONSE']._serialized_end=1123
-  _globals['_CONNECTHELLO']._serialized_start=1125
-  _globals['_CONNECTHELLO']._serialized_end=1240
-  _globals['_CONNECTWELCOME']._serialized_start=1242
-  _globals['_CONNECTWELCOME']._serialized_end=1347
-  _globals['_DISPATCH']._serialized_start=1350
-  _globals['_DISPATCH']._serialized_end=1625
-  _globals['_DISPATCH_TRACECONTEXTENTRY']._serialized_start=1574
-  _globals['_DISPATCH_TRACECONTEXTENTRY']._serialized_end=1625
-  _globals['_DISPATCHBATCH']._serialized_start=1627
-  _globals['_DISPATCHBATCH']._serialized_end=1684
-  _globals['_DISPATCHCANCEL']._serialized_start=1686
-  _globals['_DISPATCHCANCEL']._serialized_end=1739
-  _globals['_DISPATCHUPDATE']._serialized_start=1742
-  _globals['_DISPATCHUPDATE']._serialized_end=1958
-  _globals['_DISPATCHUPDATEBATCH']._serialized_start=1960
-  _globals['_DISPATCHUPDATEBATCH']._serialized_end=2026
-  _globals['_INPUTANSWER']._serialized_start=2028
-  _globals['_INPUTANSWER']._serialized_end=2105
-  _globals['_CONNECTREQUEST']._serialized_start=2108
-  _globals['_CONNECTREQUEST']._serialized_end=2332
-  _globals['_CONNECTRESPONSE']._serialized_start=2335
-  _globals['_CONNECTRESPONSE']._serialized_end=2600
-  _globals['_REGISTRYSERVICE']._serialized_start=2603
-  _globals['_REGISTRYSERVICE']._serialized_end=3092
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1011
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1013
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1093
+  _globals['_GETAGENTREQUEST']._serialized_start=1095
+  _globals['_GETAGENTREQUEST']._serialized_end=1133
+  _globals['_GETAGENTRESPONSE']._serialized_start=1135
+  _globals['_GETAGENTRESPONSE']._serialized_end=1187
+  _globals['_CONNECTHELLO']._serialized_start=1189
+  _globals['_CONNECTHELLO']._serialized_end=1304
+  _globals['_CONNECTWELCOME']._serialized_start=1306
+  _globals['_CONNECTWELCOME']._serialized_end=1411
+  _globals['_DISPATCH']._serialized_start=1414
+  _globals['_DISPATCH']._serialized_end=1689
+  _globals['_DISPATCH_TRACECONTEXTENTRY']._serialized_start=1638
+  _globals['_DISPATCH_TRACECONTEXTENTRY']._serialized_end=1689
+  _globals['_DISPATCHBATCH']._serialized_start=1691
+  _globals['_DISPATCHBATCH']._serialized_end=1748
+  _globals['_DISPATCHCANCEL']._serialized_start=1750
+  _globals['_DISPATCHCANCEL']._serialized_end=1803
+  _globals['_DISPATCHUPDATE']._serialized_start=1806
+  _globals['_DISPATCHUPDATE']._serialized_end=2022
+  _globals['_DISPATCHUPDATEBATCH']._serialized_start=2024
+  _globals['_DISPATCHUPDATEBATCH']._serialized_end=2090
+  _globals['_INPUTANSWER']._serialized_start=2092
+  _globals['_INPUTANSWER']._serialized_end=2169
+  _globals['_CONNECTREQUEST']._serialized_start=2172
+  _globals['_CONNECTREQUEST']._serialized_end=2396
+  _globals['_CONNECTRESPONSE']._serialized_start=2399
+  _globals['_CONNECTRESPONSE']._serialized_end=2664
+  _globals['_REGISTRYSERVICE']._serialized_start=2667
+  _globals['_REGISTRYSERVICE']._serialized_end=3156
 # @@protoc_insertion_point(module_scope)

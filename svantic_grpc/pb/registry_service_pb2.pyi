@@ -74,18 +74,24 @@ class DeregisterAgentResponse(_message.Message):
     def __init__(self, released_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
-    __slots__ = ("agent_type", "routable_only")
+    __slots__ = ("agent_type", "routable_only", "page_size", "page_token")
     AGENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     ROUTABLE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agent_type: str
     routable_only: bool
-    def __init__(self, agent_type: _Optional[str] = ..., routable_only: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, agent_type: _Optional[str] = ..., routable_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "next_page_token")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[_agent_types_pb2.Agent]
-    def __init__(self, agents: _Optional[_Iterable[_Union[_agent_types_pb2.Agent, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, agents: _Optional[_Iterable[_Union[_agent_types_pb2.Agent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetAgentRequest(_message.Message):
     __slots__ = ("instance_id",)

@@ -69,6 +69,28 @@ async def test_an_agent_cannot_grow_a_message_past_what_a_default_client_reads(c
         assert seen[-1].message_state_changed.message_id == ended.message_id
 
 
+async def test_data_parts_count_toward_what_a_message_carries(client: Client) -> None:
+    # found from outside: only text and file bytes were counted, so data artifacts grew a message
+    # past what a default client reads
+    async def flooding(dispatch: Dispatch, reply: Reply) -> None:
+        for index in range(4):
+            await reply.artifact({"rows": ["z" * 1000] * 1500}, name=f"rows-{index}")
+        await reply.complete()
+
+    async with running_agent(client, flooding, agent_type="flood", instance_id="flood-1"):
+        session_id = await new_session(client)
+        ended = await send(client, session_id, "go", data({"target_agent": "flood"}))
+        assert ended.state == pb.MESSAGE_STATE_FAILED
+        assert "a message carries at most 3145728" in ended.state_reason
+        assert ended.ByteSize() < 4 * MB
+        got = await client.messages.GetMessage(
+            message_service_pb2.GetMessageRequest(session_id=session_id, message_id=ended.message_id),
+            metadata=await client.md(),
+        )
+        # 1.5 MB of JSON each, sent twice (a Struct and its exact text): the second would pass 3 MiB
+        assert len(got.message.artifacts) == 1
+
+
 async def test_a_page_of_large_messages_ends_early_and_pages_through_them_all(client: Client) -> None:
     # found from outside: 50 ordinary 100 KB messages made a 10 MB ListMessages page (and A2A
     # ListTasks over gRPC the same) that no default client could read

@@ -654,3 +654,102 @@ async def test_connect_needs_a_token_and_a_registered_connected_instance(client:
             pass
     assert code_of(hosted) == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(hosted)[0] == "NOT_A_CONNECTED_AGENT"
+
+
+# --- sizes: what carries registrations stays readable with gRPC's default 4 MB limit ----------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"skills": [_skill(f"s{n}") for n in range(201)]}, "skills", "declares 201 skills; at most 200"),
+        ({"tools": [agent_types_pb2.AgentTool(name=f"t{n}") for n in range(501)]}, "tools", "at most 500"),
+        ({"agent_card": _struct({"blob": "x" * 300_000})}, "agent_card", "at most 262144 bytes"),
+        (
+            {"skills": [_skill(f"s{n}", description="d" * 2000) for n in range(150)]},
+            "skills",
+            "at most 262144 bytes",
+        ),
+    ],
+)
+async def test_an_oversized_registration_is_refused_naming_the_field(
+    fields: dict[str, Any], field: str, words: str
+) -> None:
+    # found from outside: a 2.1 MB registration (50,000 skills) was accepted, and ListAgents, the
+    # chat's answers and the watchers of its sessions then failed for every default client
+    async with running_server() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _register(client, **fields)
+        assert code_of(refused) == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(refused)[1] == field
+        assert words in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await _get(client)
+        assert code_of(gone) == grpc.StatusCode.NOT_FOUND  # nothing of it was kept
+
+
+async def test_list_agents_pages_by_count_and_by_size() -> None:
+    async with running_server() as client:
+        big = {"agent_card": _struct({"blob": "x" * 200_000})}  # under the limit, ~200 KB each
+        for n in range(14):
+            await _register(client, instance_id=f"tl-{n:02d}", **big)
+        for n in range(3):
+            await _register(client, agent_type="cliq", instance_id=f"c-{n}")
+        md = await client.md()
+        seen: list[tuple[str, str]] = []
+        pages: list[int] = []
+        token = ""
+        for _ in range(20):
+            page = await client.registry.ListAgents(
+                registry_service_pb2.ListAgentsRequest(page_size=0, page_token=token), metadata=md
+            )
+            assert page.ByteSize() < 4 * 1024 * 1024
+            pages.append(len(page.agents))
+            seen += [(a.agent_type, a.instance_id) for a in page.agents]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == sorted(seen) and len(seen) == len(set(seen)) == 17  # every one, once, in order
+        assert len(pages) > 1  # 14 x 200 KB do not fit one 2 MiB page
+        small = await client.registry.ListAgents(
+            registry_service_pb2.ListAgentsRequest(agent_type="cliq", page_size=2), metadata=md
+        )
+        assert [a.instance_id for a in small.agents] == ["c-0", "c-1"] and small.next_page_token
+        rest = await client.registry.ListAgents(
+            registry_service_pb2.ListAgentsRequest(
+                agent_type="cliq", page_size=2, page_token=small.next_page_token
+            ),
+            metadata=md,
+        )
+        assert [a.instance_id for a in rest.agents] == ["c-2"] and not rest.next_page_token
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await client.registry.ListAgents(
+                registry_service_pb2.ListAgentsRequest(page_token="not-a-token"), metadata=md
+            )
+        assert code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT and error_details(bad)[1] == "page_token"
+
+
+async def test_the_chat_lists_what_agents_can_do_within_bounds() -> None:
+    async with running_server() as client:
+        for n in range(40):
+            await _register(
+                client,
+                agent_type=f"type-{n:02d}",
+                instance_id=f"i-{n:02d}",
+                skills=[_skill(f"skill-{n:02d}-{k:03d}-" + "s" * 40) for k in range(200)],
+            )
+        md = await client.md()
+        session = await client.sessions.InitSession(session_service_pb2.InitSessionRequest(), metadata=md)
+        answer = await client.messages.SendMessage(
+            message_service_pb2.SendMessageRequest(
+                session_id=session.session.session_id,
+                message=message_service_pb2.OutgoingMessage(
+                    parts=[{"text": "what can you do?"}]  # type: ignore[list-item]
+                ),
+            ),
+            metadata=md,
+        )
+        text = answer.message.history[-1].parts[0].text
+        assert "type-00: skill-00-000-" in text  # it still says what there is, in order
+        assert "more skills (ListAgents lists every agent)" in text
+        assert answer.message.ByteSize() < 512 * 1024

@@ -40,5 +40,6 @@ def test_well_formed_parts_pass_and_their_bytes_are_counted() -> None:
         Part(file=FilePart("f", data=b"12345")),
         Part(file=FilePart(uri="u")),
     )
-    assert check_parts(parts, "message.parts") == 8
+    # text 3, file 5, and the data part's JSON (counted as 18 bytes: 9 as text) twice: a Struct and its text
+    assert check_parts(parts, "message.parts") == 3 + 5 + 2 * 18
     check_update(DispatchUpdate(parts=parts))

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svantic_grpc.core._validate import check_json_depth
+from svantic_grpc.core._validate import check_json_depth, json_bytes
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.frozen import freeze
 
@@ -101,11 +101,16 @@ default 4 MB receive limit. An agent whose outputs would pass it fails the messa
 
 
 def _bytes_of(part: Part) -> int:
-    return len(part.text or "") + (len(part.file.data or b"") if part.file is not None else 0)
+    if part.text is not None:
+        return len(part.text)
+    if part.data is not None:  # twice: it goes out as a Struct and as exact JSON text beside it
+        return 2 * json_bytes(part.data)
+    return len(part.file.data or b"") if part.file is not None else 0
 
 
 def parts_bytes(parts: Iterable[Part]) -> int:
-    """The bytes parts carry (text and file contents), as ``check_parts`` counts them."""
+    """The bytes parts carry (text, file contents, data twice: as a Struct and as JSON text), as
+    ``check_parts`` counts them."""
     return sum(_bytes_of(p) for p in parts)
 
 
