@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -63,6 +64,47 @@ REST_PREFIX = "/a2a/rest"
 _SCHEME = "bearer"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+_SDK_LOGGERS = (
+    "a2a.server.routes.jsonrpc_dispatcher",
+    "a2a.compat.v0_3.jsonrpc_adapter",
+    "a2a.utils.error_handlers",
+)
+"""a2a-sdk's request routes the mesh mounts: they log every refused request themselves."""
+_BAD_INPUT = frozenset(
+    {
+        "Failed to validate base JSON-RPC request",
+        "Failed to validate base JSON-RPC request for v0.3",
+        "Failed to parse request params",
+    }
+)
+"""What they log at ERROR, with a traceback, about a body the client got wrong."""
+
+
+class _ClientErrorsAtDebug(logging.Filter):
+    """A request the client got wrong is answered with the protocol's error; a2a-sdk also logs it,
+    at WARNING (with the client's data) or at ERROR with a traceback, once per request: any caller
+    with a token could fill the log and trip alerts. Those lines go out at DEBUG, without the
+    traceback; an internal error (JSON-RPC -32603, an unhandled exception) stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        client_error = record.levelno == logging.WARNING or (
+            record.levelno == logging.ERROR and record.msg in _BAD_INPUT
+        )
+        if not client_error:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_client_errors() -> None:
+    for name in _SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ClientErrorsAtDebug) for f in logger.filters):
+            logger.addFilter(_ClientErrorsAtDebug())
 
 
 class A2AIngress:
@@ -156,6 +198,7 @@ class A2AIngress:
         async def current_card(_: AgentCard) -> AgentCard:
             return self.card()
 
+        _quiet_client_errors()
         routes: list[BaseRoute] = list(create_agent_card_routes(self.card(), card_modifier=current_card))
         builder = _HttpContext()
         dispatcher = JsonRpcDispatcher(self.handler, context_builder=builder, enable_v0_3_compat=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from a2a.compat.v0_3 import a2a_v0_3_pb2 as v03
 from grpc import aio
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from svantic_grpc.a2a.ingress import JSONRPC_PATHS
 from svantic_grpc.pb import message_service_pb2, session_service_pb2
 from tests._support import SIGNING_ENV, Client, error_details, running_server
 from tests.a2a_ingress_support import ingress_http
@@ -328,3 +330,25 @@ async def test_a2a_0_3_grpc_refuses_what_its_conversion_cannot_take_naming_the_f
         assert refused_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         listed = await client.messages.ListMessages(message_service_pb2.ListMessagesRequest(), metadata=md)
         assert len(listed.messages) == 0
+
+
+async def test_bodies_a_client_got_wrong_are_not_logged_as_server_errors(
+    http: Http, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found from outside: each such request logged an ERROR with a 10-30 line traceback from a2a-sdk
+    # (and a WARNING with the client's data), unthrottled, for any caller with a token
+    caplog.set_level(logging.INFO)
+    bodies: list[Any] = [
+        [],
+        {"jsonrpc": "2.0", "id": 1},
+        {"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": [1]},
+        {"jsonrpc": "2.0", "id": {"x": 1}, "method": "tasks/get", "params": {"id": "t"}},
+        send_v03(parts=[{"kind": "nonsense"}]),
+    ]
+    for body in bodies:
+        for path in JSONRPC_PATHS:
+            error = await http.rpc_error(body, path=path)
+            assert error["code"] in (-32600, -32601, -32602), error
+    noisy = [r for r in caplog.records if r.name.startswith("a2a.") and r.levelno >= logging.WARNING]
+    assert noisy == [], [(r.name, r.levelname, r.getMessage()[:80]) for r in noisy]
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith("a2a."))
