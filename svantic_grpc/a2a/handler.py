@@ -103,7 +103,7 @@ class MeshRequestHandler(RequestHandler):
         history = _history_length(params.configuration, "history_length")
         with _mapped():
             if params.message.task_id:
-                message = await self._locate(caller, params.message.task_id, field="message.task_id")
+                message = await self._follow_up(caller, params, context)
                 # subscribed before answering, so no state the answer leads to is missed
                 follow = self._mesh.bus.subscribe(caller.tenant_id, message.session_id)
                 try:
@@ -136,7 +136,7 @@ class MeshRequestHandler(RequestHandler):
         _refuse_push(params)
         with _mapped():
             if params.message.task_id:
-                message = await self._locate(caller, params.message.task_id, field="message.task_id")
+                message = await self._follow_up(caller, params, context)
                 subscription = self._mesh.bus.subscribe(caller.tenant_id, message.session_id)
                 try:
                     await self._answer(caller, message, params.message)
@@ -284,14 +284,9 @@ class MeshRequestHandler(RequestHandler):
         self, caller: Caller, params: SendMessageRequest, context: ServerCallContext
     ) -> tuple[str, str]:
         """The session to send in, and the request field that named it ("" for a new one)."""
-        hint = context.state.get(SESSION_HINT)
-        if isinstance(hint, str) and hint:
-            return hint, "configuration.sessionId"
-        metadata = json_format.MessageToDict(params.metadata) if params.HasField("metadata") else {}
-        if isinstance(metadata.get("sessionId"), str) and metadata["sessionId"]:
-            return str(metadata["sessionId"]), "metadata.sessionId"
-        if params.message.context_id:
-            return params.message.context_id, "message.context_id"
+        named = _named_session(params, context)
+        if named is not None:
+            return named
         session = await self._mesh.sessions.init(
             caller,
             self_agent_type=caller.agent_type or "a2a-client",
@@ -328,6 +323,21 @@ class MeshRequestHandler(RequestHandler):
             session=(caller.tenant_id, session_id),
         )
         return result
+
+    async def _follow_up(
+        self, caller: Caller, params: SendMessageRequest, context: ServerCallContext
+    ) -> Message:
+        """The task a message with a ``taskId`` continues. A session the request also names must be
+        the task's: an answer meant for another conversation is refused, never given here."""
+        message = await self._locate(caller, params.message.task_id, field="message.task_id")
+        named = _named_session(params, context)
+        if named is not None and named[0] != message.session_id:
+            session_id, field = named
+            raise InvalidArgument(
+                field,
+                f"task {message.message_id!r} belongs to context {message.session_id!r}, not {session_id!r}",
+            )
+        return message
 
     async def _locate(self, caller: Caller, task_id: str, *, field: str = "id") -> Message:
         if not task_id:
@@ -369,6 +379,19 @@ class MeshRequestHandler(RequestHandler):
         return await self._mesh.inputs.resolve_as(
             caller, request_id, resolution, surface=Surface.A2A, session_id=message.session_id
         )
+
+
+def _named_session(params: SendMessageRequest, context: ServerCallContext) -> tuple[str, str] | None:
+    """The session a send names, and the field that names it; ``None`` when it names none."""
+    hint = context.state.get(SESSION_HINT)
+    if isinstance(hint, str) and hint:
+        return hint, "configuration.sessionId"
+    metadata = json_format.MessageToDict(params.metadata) if params.HasField("metadata") else {}
+    if isinstance(metadata.get("sessionId"), str) and metadata["sessionId"]:
+        return str(metadata["sessionId"]), "metadata.sessionId"
+    if params.message.context_id:
+        return params.message.context_id, "message.context_id"
+    return None
 
 
 def _index_key(caller: Caller, task_id: str) -> str:

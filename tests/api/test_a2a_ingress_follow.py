@@ -154,6 +154,17 @@ async def test_input_required_carries_the_request_and_a_follow_up_answers_it(cli
         assert asked["request_id"] in await pending_ids(client, session_id)
         task_id = stopped.task_id
 
+        # An answer naming another context is refused naming the field, and answers nothing.
+        other = await new_session(client)
+        with pytest.raises(A2AError) as refused:
+            async for _ in a2a.send_message(
+                SendMessageRequest(message=user("checking", task_id=task_id, context_id=other)),
+                context=call(token),
+            ):
+                pass
+        assert "message.context_id" in str(refused.value) and "belongs to context" in str(refused.value)
+        assert asked["request_id"] in await pending_ids(client, session_id)
+
         answered = [
             e
             async for e in a2a.send_message(
