@@ -8,7 +8,15 @@ from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
 
-__all__ = ["MAX_JSON_DEPTH", "check_id", "check_json_depth", "json_bytes", "nests_deeper_than"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "RESERVED_PREFIX",
+    "check_agent_type",
+    "check_id",
+    "check_json_depth",
+    "json_bytes",
+    "nests_deeper_than",
+]
 
 MAX_JSON_DEPTH = 24
 """How deep a JSON value (a data part, tool arguments, form values, an agent card) may nest
@@ -41,6 +49,18 @@ def check_id(field: str, value: str, *, required: bool = True) -> str:
             f"{value[:40]!r} is not a valid id: use 1-128 letters, digits and . _ : @ / -, "
             "starting with a letter or digit",
         )
+    return value
+
+
+RESERVED_PREFIX = "savant:"
+"""The agent types of the mesh's own per-session agents: no caller or registration takes one."""
+
+
+def check_agent_type(field: str, value: str) -> str:
+    """``check_id`` for an agent type a caller gives itself, refusing the internal agents' prefix."""
+    check_id(field, value)
+    if value.startswith(RESERVED_PREFIX):
+        raise InvalidArgument(field, f"the {RESERVED_PREFIX!r} prefix is reserved for internal agents")
     return value
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import jwt
 
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import check_agent_type
 from svantic_grpc.core.auth_guard import AttemptLimit, SignInLimits, VerifiedSecrets, address_key
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -192,7 +192,8 @@ class TokenIssuer:
             raise InvalidArgument("client_secret", "is required")
         if not agent_type:
             raise InvalidArgument("agent_type", "is required (for example 'a2ui-terminal')")
-        check_id("agent_type", agent_type)  # it travels in every call's token and names the caller's joins
+        # it travels in every call's token and names the caller's joins: never an internal agent's
+        check_agent_type("agent_type", agent_type)
         if expires_in < 0:
             raise InvalidArgument("expires_in", "must be 0 (server default) or a positive number of seconds")
         requested = parse_scopes(scopes)

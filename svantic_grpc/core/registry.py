@@ -18,7 +18,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id, check_json_depth, json_bytes
+from svantic_grpc.core._validate import (
+    check_agent_type,
+    check_id,
+    check_json_depth,
+    json_bytes,
+)
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -37,7 +42,6 @@ __all__ = ["ROUTABLE", "AgentSpec", "Registry"]
 
 #: Only these effective statuses are picked by routing and invitation.
 ROUTABLE = frozenset({AgentStatus.AVAILABLE, AgentStatus.UNKNOWN})
-RESERVED_PREFIX = "savant:"
 
 ReleaseHook = Callable[[str, AgentRegistration, str], Awaitable[None]]
 
@@ -441,10 +445,8 @@ def _declared(spec: AgentSpec) -> dict[str, Any]:
 
 
 def _validated(spec: AgentSpec) -> AgentSpec:
-    check_id("agent_type", spec.agent_type)
+    check_agent_type("agent_type", spec.agent_type)
     check_id("instance_id", spec.instance_id)
-    if spec.agent_type.startswith(RESERVED_PREFIX):
-        raise InvalidArgument("agent_type", f"the {RESERVED_PREFIX!r} prefix is reserved for internal agents")
     if spec.max_concurrent_sessions < 0:
         raise InvalidArgument("max_concurrent_sessions", "must be 0 (unlimited) or positive")
     if spec.url:

@@ -55,7 +55,9 @@ async def test_wrong_secret_and_unknown_client_are_unauthenticated_alike(client:
 
 
 @pytest.mark.parametrize(
-    "agent_type", ["", "my agent", "a\nb", "a" * 10_000], ids=["empty", "space", "newline", "huge"]
+    "agent_type",
+    ["", "my agent", "a\nb", "a" * 10_000, "savant:orchestrator"],
+    ids=["empty", "space", "newline", "huge", "internal"],  # internal: it created sessions as the mesh
 )
 async def test_a_missing_or_unusable_agent_type_names_the_field(client: Client, agent_type: str) -> None:
     # a 10,000-character type made a 13.6 KB token that every later call refused (metadata limit)
