@@ -32,6 +32,19 @@ of server CPU instead of ~40 s (``bench/scale_tokens.py --cost 10``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can be caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`svantic-grpc pending --json | head`): end quietly, as other tools
+        # do; stdout goes to /dev/null so the interpreter's last flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command ended by it
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="svantic-grpc", description="An agent mesh served over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the mesh server")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from svantic_grpc.cli import main
@@ -406,3 +407,40 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+async def test_a_session_that_is_not_there_is_named_not_listed_empty(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # found from outside: `pending --session <typo>` printed "no pending input requests" and exited 0
+    async with mesh() as m:
+        await m.ask("delete record 1")
+        run = await cli(capsys, "pending", "--target", m.target, "--session", "ses_typo")
+        assert run.code == 1
+        assert "NOT_FOUND SESSION_NOT_FOUND: session 'ses_typo' not found" in run.err
+        for call in (m.client.messages.ListPendingInputs, m.client.messages.ListMessages):
+            request_type = (
+                message_service_pb2.ListPendingInputsRequest
+                if call is m.client.messages.ListPendingInputs
+                else message_service_pb2.ListMessagesRequest
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(request_type(session_id="ses_typo"), metadata=m.md)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pending_into_a_closed_pipe_ends_quietly() -> None:
+    # found from outside: `pending --json | head -c 400` ended with a BrokenPipeError traceback
+    async with mesh() as m:
+        for n in range(30):
+            await m.ask(f"delete record {n}")
+        process = await asyncio.create_subprocess_shell(
+            f"{sys.executable} -m svantic_grpc pending --json --target {m.target} | head -c 100",
+            cwd=REPO_ROOT,
+            env={"PATH": "/usr/bin:/bin", "SVANTIC_CLIENT_ID": DEV[0], "SVANTIC_CLIENT_SECRET": DEV[1]},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), WAIT * 5)
+        assert len(out) == 100
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()

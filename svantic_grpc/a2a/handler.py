@@ -184,13 +184,16 @@ class MeshRequestHandler(RequestHandler):
         if params.status and not states:  # a state no mesh message is ever in: none has it
             return ListTasksResponse(tasks=[], next_page_token="", page_size=0)
         with _mapped():
-            page = await self._mesh.messages.list_messages(
-                caller,
-                session_id=params.context_id,
-                states=states,
-                page_size=params.page_size,
-                page_token=params.page_token,
-            )
+            try:
+                page = await self._mesh.messages.list_messages(
+                    caller,
+                    session_id=params.context_id,
+                    states=states,
+                    page_size=params.page_size,
+                    page_token=params.page_token,
+                )
+            except NotFound:  # a context that is not there (or another tenant's) has no tasks
+                return ListTasksResponse(tasks=[], next_page_token="", page_size=0)
         history = _history_length(params, "history_length")
         return ListTasksResponse(
             tasks=[task_of(m, history_length=history) for m in page.messages],

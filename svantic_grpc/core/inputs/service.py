@@ -399,6 +399,11 @@ class Inputs:
         """The approval queue of a session or of the whole tenant, oldest first."""
         caller.require(Scope.READ)
         check_id("session_id", session_id, required=False)
+        if (
+            session_id
+            and await self._store.get_session(tenant_id=caller.tenant_id, session_id=session_id) is None
+        ):
+            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
         return await self._store.list_inputs(

@@ -393,7 +393,8 @@ class Messages:
         page_token: str = "",
     ) -> MessagePage:
         caller.require(Scope.READ)
-        check_id("session_id", session_id, required=False)
+        if session_id:
+            await self._sessions.get(caller, session_id)  # NOT_FOUND for a session not there, as elsewhere
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
         states = tuple(states)
