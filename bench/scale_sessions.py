@@ -157,8 +157,10 @@ class Server:
         self.pid = child.process.pid
 
     @classmethod
-    async def spawn(cls, role: str, max_seconds: float) -> Server:
-        process = await start_role(SCRIPT, role, max_seconds)
+    async def spawn(cls, role: str, max_seconds: float, code: Path | None = None) -> Server:
+        """Start a server child; with ``code``, its ``svantic_grpc`` is that checkout's."""
+        env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
+        process = await start_role(SCRIPT, role, max_seconds, env=env)
         child = Child(role, process)
         return cls(child, int(await child.expect("PORT", 60)))
 
@@ -321,19 +323,29 @@ async def memory_and_listing(args: argparse.Namespace) -> dict[str, object]:
 async def churn(args: argparse.Namespace) -> dict[str, object]:
     server = await Server.spawn("mesh", args.max_seconds)
     bare = await Server.spawn("bare", args.max_seconds)
+    base = await Server.spawn("mesh", args.max_seconds, args.base) if args.base else None
     rounds: list[dict[str, float]] = []
     try:
         async with (
             aio.insecure_channel(f"{HOST}:{server.port}") as channel,
             aio.insecure_channel(f"{HOST}:{bare.port}") as bare_channel,
+            aio.insecure_channel(f"{HOST}:{base.port if base else bare.port}") as base_channel,
         ):
             mesh = await Mesh.connect(channel)
+            base_mesh = await Mesh.connect(base_channel) if base else None
             echo = bare_channel.unary_unary(ECHO_METHOD)
             payload = b"x" * 64
 
+            async def pair_of(client: Mesh) -> None:
+                _, session_id = await client.init()
+                await client.close(session_id)
+
             async def mesh_pair() -> None:
-                _, session_id = await mesh.init()
-                await mesh.close(session_id)
+                await pair_of(mesh)
+
+            async def base_pair() -> None:
+                assert base_mesh is not None
+                await pair_of(base_mesh)
 
             async def bare_pair() -> None:
                 await echo(payload)
@@ -375,6 +387,8 @@ async def churn(args: argparse.Namespace) -> dict[str, object]:
 
             for n in range(args.rounds):
                 order = [("bare", bare_pair, bare), ("mesh", mesh_pair, server)]
+                if base is not None:  # the other checkout's mesh server, in the same rounds
+                    order.append(("base", base_pair, base))
                 if n % 2:
                     order.reverse()
                 row: dict[str, float] = {}
@@ -383,11 +397,19 @@ async def churn(args: argparse.Namespace) -> dict[str, object]:
                     row[f"{name}_rate"], row[f"{name}_cpu_ms"] = rate, cpu_ms
                     row[f"{name}_client_ms"] = client_ms
                 row["ratio"] = row["mesh_rate"] / row["bare_rate"]
+                row["load"] = os.getloadavg()[0]
+                line = f"  churn round {n + 1}: mesh/bare {row['ratio']:.2f}"
+                if base is not None:
+                    row["base_ratio"] = row["base_rate"] / row["bare_rate"]
+                    row["mesh_base"] = row["mesh_rate"] / row["base_rate"]
+                    line += f", base/bare {row['base_ratio']:.2f}, mesh/base {row['mesh_base']:.2f}"
                 rounds.append(row)
-                print(f"  churn round {n + 1}: mesh/bare {row['ratio']:.2f}", flush=True)
+                print(line, flush=True)
     finally:
         await server.child.stop()
         await bare.child.stop()
+        if base is not None:
+            await base.child.stop()
     return {"rounds": rounds}
 
 
@@ -433,6 +455,16 @@ def report(
             )
         ratio = statistics.median(r["ratio"] for r in rows)  # type: ignore[attr-defined]
         print(f"  median mesh/bare {ratio:.2f}x   target >= 0.75x: {_verdict(ratio >= 0.75)}")
+        if args.base:
+            for n, row in enumerate(rows, 1):  # type: ignore[arg-type]
+                print(
+                    f"  round {n}: base {row['base_rate']:8.0f} pairs/s ({row['base_cpu_ms']:.2f} ms/pair)"
+                    f", base/bare {row['base_ratio']:.2f}, mesh/base {row['mesh_base']:.2f}"
+                )
+            base_ratio = statistics.median(r["base_ratio"] for r in rows)  # type: ignore[attr-defined]
+            print(f"  median base/bare {base_ratio:.2f}x (--base {args.base})")
+        loads = [r["load"] for r in rows]  # type: ignore[attr-defined]
+        print(f"  load average (1 min) at the rounds' ends: {min(loads):.1f}-{max(loads):.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"memory": memory, "churn": churned}, indent=1))
 
@@ -461,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per (b) point")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each (b) point")
     parser.add_argument("--rounds", type=int, default=3, help="alternating bare/mesh rounds in (b)")
+    parser.add_argument(
+        "--base", type=Path, default=None, help="(b): also a mesh server of this checkout, in the same rounds"
+    )
     parser.add_argument("--parts", default="churn,memory", help="which parts to run: churn, memory")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)

@@ -246,6 +246,11 @@ class MeshServer:
             ],
             options=[("grpc.so_reuseport", 0)],
         )
+        # Every service is served by the generic handler its add_*_to_server adds, not also as
+        # grpc's "registered methods": grpc.aio keeps a request outstanding per registered method
+        # and waits on all of them for every call it accepts (48 methods here: about 270,000 CPU
+        # instructions more per call, callgrind, a third of a bare unary call's cost).
+        server.add_registered_method_handlers = _not_registered
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.mesh), server)
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.mesh), server)
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.mesh), server)
@@ -360,3 +365,7 @@ def _refuse_an_unusable_database(store: Store) -> None:
             pass  # needed even when the file exists: SQLite keeps its write-ahead log beside it
     except OSError as exc:
         raise SettingsError(f"store: directory {directory} is not writable: {exc.strerror}") from None
+
+
+def _not_registered(service_name: str, method_handlers: Mapping[str, object]) -> None:
+    """Drop a service's registration as grpc "registered methods" (its generic handler serves it)."""

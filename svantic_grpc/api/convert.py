@@ -12,6 +12,7 @@ from svantic_grpc.api.convert_messages import message_event
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, StatusChanged
 from svantic_grpc.core.models import (
+    INTERNAL_AGENTS,
     AgentRegistration,
     AgentStatus,
     DeploymentMode,
@@ -99,10 +100,28 @@ def session(
     message.close_reason = record.close_reason
     message.version = record.version
     if include_agents:
+        add = message.agents.add
+        # The six internal agents (``Session.internal_agents``) straight from the session, without
+        # building them: the first set field by field, each other one a copy of it with its own
+        # type and instance.
+        session_id = record.session_id
+        first: session_pb.SessionAgent | None = None
+        for agent_type, prefix in INTERNAL_AGENTS:
+            target = add()
+            if first is None:
+                first = target
+                target.join_reason = agent_pb.JOIN_REASON_AUTO
+                _set_time(target.joined_at, record.created_at)
+                target.internal = True
+                if record.closed_at is not None:
+                    _set_time(target.left_at, record.closed_at)
+            else:
+                target.CopyFrom(first)
+            target.agent_type = agent_type
+            target.instance_id = prefix + session_id
         # Most agents share the session's few times: each converted once.
         times: dict[float, tuple[int, int]] = {}
-        add = message.agents.add
-        for a in record.all_agents():
+        for a in record.agents:
             target = add()
             target.agent_type = a.agent_type
             target.instance_id = a.instance_id

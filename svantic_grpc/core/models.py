@@ -16,6 +16,7 @@ from typing import Any
 from svantic_grpc.core.frozen import freeze
 
 __all__ = [
+    "INTERNAL_AGENTS",
     "INTERNAL_ROLES",
     "AgentRegistration",
     "AgentStatus",
@@ -69,7 +70,10 @@ class AgentStatus(enum.Enum):
 #: The per-session internal agents, in the order they are created.
 INTERNAL_ROLES: tuple[str, ...] = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
 
-_INTERNAL_TYPES = tuple(sys.intern(f"savant:{role}") for role in INTERNAL_ROLES)
+#: Per internal role: its agent type and the prefix of its instance id (the session id follows).
+INTERNAL_AGENTS: tuple[tuple[str, str], ...] = tuple(
+    (sys.intern(f"savant:{role}"), sys.intern(f"{role}-")) for role in INTERNAL_ROLES
+)
 
 
 # Records are slotted: at 100,000 open sessions, a dict per record was a third of the memory.
@@ -116,8 +120,8 @@ class Session:
         """The six internal agents: joined when the session was created, left when it closed."""
         session_id, joined, left = self.session_id, self.created_at, self.closed_at
         return tuple(
-            SessionAgent(agent_type, f"{role}-{session_id}", JoinReason.AUTO, joined, True, left)
-            for role, agent_type in zip(INTERNAL_ROLES, _INTERNAL_TYPES, strict=True)
+            SessionAgent(agent_type, prefix + session_id, JoinReason.AUTO, joined, True, left)
+            for agent_type, prefix in INTERNAL_AGENTS
         )
 
     def all_agents(self, *, include_departed: bool = True) -> tuple[SessionAgent, ...]:

@@ -29,6 +29,7 @@ from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, Ev
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.models import (
+    INTERNAL_AGENTS,
     AgentRegistration,
     JoinReason,
     Session,
@@ -340,7 +341,7 @@ class Sessions:
         )
 
     async def _close(self, tenant_id: str, session_id: str, reason: str) -> tuple[Session, bool]:
-        check_id("session_id", session_id)
+        """Close a session whose id is checked (``close``) or known (the idle TTL)."""
         # Cancel running work first, outside the session lock: cancellation writes to the session.
         # The hooks do nothing for a session without work (closed, unknown, another tenant's).
         key = (tenant_id, session_id)
@@ -374,12 +375,14 @@ class Sessions:
         if session.status is SessionStatus.CLOSED:
             return session, False
         now = self._clock.now()
-        leaving = (*session.internal_agents, *session.present_agents())
+        present = session.present_agents()
         agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-        events: list[EventPayload] = []
-        for agent in leaving:
-            left_reason = "session closed" if agent.internal else "released: session closed"
-            events.append(AgentLeft(agent.agent_type, agent.instance_id, left_reason))
+        # The internal agents leave by their type and instance: not built as records to be read.
+        events: list[EventPayload] = [
+            AgentLeft(agent_type, prefix + session_id, "session closed")
+            for agent_type, prefix in INTERNAL_AGENTS
+        ]
+        events.extend(AgentLeft(a.agent_type, a.instance_id, "released: session closed") for a in present)
         events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
         ended = evolve(
             session,
@@ -389,9 +392,7 @@ class Sessions:
             close_reason=reason,
             updated_at=now,
         )
-        released = sorted(
-            a.instance_id for a in leaving if not a.internal and a.join_reason is not JoinReason.SELF
-        )
+        released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
         async with contextlib.AsyncExitStack() as held:
             unbound: list[AgentRegistration] = []
             for instance_id in released:  # in one order, so two closes never wait on each other

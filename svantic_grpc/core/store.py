@@ -358,7 +358,7 @@ class Store(ABC):
             session.tenant_id,
             session.session_id,
             time,
-            sessions=(evolve(session, version=0),),
+            sessions=(session if session.version == 0 else evolve(session, version=0),),
             events=tuple(payloads),
         )
         written = await self.write(change)

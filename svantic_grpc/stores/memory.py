@@ -296,13 +296,20 @@ class MemoryStore(Store):
             log = self._events[key] = CompactLog()
         session = self._sessions.get(key)
         created_at = None if session is None else session.created_at
-        first = log.next_sequence
-        events = [
-            Event(tenant_id, session_id, first + n, time, p if type(p) in _FROZEN_PAYLOADS else detach(p))
-            for n, p in enumerate(payloads)
-        ]
-        for event in events:
-            log.append(time, event.payload, session_id=session_id, created_at=created_at)
+        sequence = log.next_sequence
+        events = []
+        for payload in payloads:
+            if type(payload) not in _FROZEN_PAYLOADS:
+                payload = detach(payload)
+            # Set as evolve sets a record: Event's __init__ only assigns, one object.__setattr__
+            # per field (a session's open and close append eight events each).
+            event = _new_event(Event)
+            event.__dict__.update(
+                tenant_id=tenant_id, session_id=session_id, sequence=sequence, time=time, payload=payload
+            )
+            events.append(event)
+            log.append(time, payload, session_id=session_id, created_at=created_at)
+            sequence += 1
         return events
 
     async def write(self, change: Change) -> Changed:
@@ -386,6 +393,8 @@ class MemoryStore(Store):
 
 
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
+
+_new_event = object.__new__
 
 _FROZEN_PAYLOADS = frozenset(
     {AgentJoined, AgentLeft, StatusChanged, MessageStateChanged, TurnAdded, ArtifactAdded}

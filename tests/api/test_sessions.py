@@ -258,6 +258,26 @@ async def test_init_generates_an_id_and_creates_the_six_internal_agents(client: 
     assert got.status == ACTIVE
 
 
+async def test_the_services_are_served_by_their_generic_handlers_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No service is also registered as grpc "registered methods": grpc.aio then waits, for every
+    call it accepts, on an outstanding request per registered method (a cost on every RPC)."""
+    from grpc.aio import _server
+
+    registered: list[str] = []
+    monkeypatch.setattr(
+        _server.Server,
+        "add_registered_method_handlers",
+        lambda self, service_name, method_handlers: registered.append(service_name),
+    )
+    async with running_server() as fresh:
+        session = await _init(fresh)
+        closed = await _close(fresh, session.session_id)
+    assert closed.closed_now
+    assert registered == []
+
+
 async def test_init_with_a_given_id_and_user(client: Client) -> None:
     session = await _init(client, session_id="my-session-001", user_id="user-42")
     assert session.session_id == "my-session-001"
