@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "MAX_REASON_CHARS",
     "RESERVED_PREFIX",
     "check_agent_type",
     "check_id",
     "check_json_depth",
+    "check_reason",
     "json_bytes",
     "nests_deeper_than",
 ]
@@ -95,13 +98,17 @@ def nests_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 def json_bytes(value: Any) -> int:
-    """About the bytes ``value`` takes as compact JSON (strings counted by characters, numbers as 8):
-    what size limits hold a JSON value to, without encoding it. Iterative, like ``nests_deeper_than``."""
+    """About the bytes ``value`` takes as compact JSON (strings counted by characters, numbers as 8;
+    a dataclass as an object of its fields): what size limits hold a value to, without encoding it.
+    Iterative, like ``nests_deeper_than``."""
     total = 0
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
+        if is_dataclass(item) and not isinstance(item, type):  # a record: its fields, as an object
+            total += 2
+            stack.extend(getattr(item, f.name) for f in fields(item))
+        elif isinstance(item, str):
             total += len(item) + 2
         elif isinstance(item, Mapping):
             total += 2
@@ -114,3 +121,15 @@ def json_bytes(value: Any) -> int:
         else:
             total += 8
     return total
+
+
+MAX_REASON_CHARS = 4096
+"""A reason a person or an agent gives (a denial, a failure): it is stored, sent to the agent and to
+every watcher, and quoted in the error a later answer gets, which must fit gRPC's 16 KB metadata."""
+
+
+def check_reason(field: str, reason: str, *, limit: int = MAX_REASON_CHARS) -> str:
+    """``reason`` if it is at most ``limit`` characters, else ``InvalidArgument`` naming ``field``."""
+    if len(reason) > limit:
+        raise InvalidArgument(field, f"is {len(reason)} characters long; at most {limit}")
+    return reason

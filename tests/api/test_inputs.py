@@ -32,7 +32,7 @@ from svantic_grpc.pb import (
     message_types_pb2,
     session_types_pb2,
 )
-from tests._support import Client, running_server
+from tests._support import Client, error_details, running_server
 from tests.agents_connected import (
     WAIT,
     data,
@@ -1368,3 +1368,88 @@ async def test_closing_a_paused_session_goes_from_paused_to_closed() -> None:
         assert statuses[-2:] == [("status", ACTIVE, PAUSED), ("status", PAUSED, CLOSED)], statuses
         withdrawn = await client.server.mesh.inputs.get("acme", asked.input_request_ids[0])
         assert withdrawn.state.value == "canceled"
+
+
+# --- sizes: what a human or an agent sends stays readable by every default client ---------------
+
+
+async def test_oversized_answers_and_reasons_are_refused_naming_the_field() -> None:
+    # found from outside: a 2.5 MB form answer dropped the agent's stream (failing another session's
+    # work on it), and after a 1 MB denial every later answer got RESOURCE_EXHAUSTED instead of who won
+    form = FormAgent("Export settings", [pb.FormField(name="name", label="Name", type="textarea")])
+    async with (
+        running_server() as client,
+        running_agent(client, form, agent_type="exporter", instance_id="exp-1"),
+    ):
+        session_id = await new_session(client)
+        message = await send(client, session_id, "export", data({"target_agent": "exporter"}))
+        [request_id] = message.input_request_ids
+        for answer, field in (
+            ({"values": {"name": "x" * 600_000}}, "resolution.values"),
+            ({"values": {"name": "ok"}, "reason": "r" * 5000}, "resolution.reason"),
+        ):
+            with pytest.raises(aio.AioRpcError) as refused:
+                await resolve(client, request_id, **answer)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_details(refused)[1] == field
+        assert await pending_ids(client, session_id) == [request_id]  # nothing of it was kept
+        await resolve(client, request_id, values={"name": "n" * 400_000})  # big, within bounds
+        ended = await wait_for_state(client, session_id, message.message_id, COMPLETED)
+        assert ended.ByteSize() < 4 * 1024 * 1024
+        with pytest.raises(aio.AioRpcError) as lost:  # a later answer is told who won, readably
+            await resolve(client, request_id, values={"name": "again"})
+        assert lost.value.code() == grpc.StatusCode.ABORTED
+
+        asking = await send(client, session_id, "export", data({"target_agent": "exporter"}))
+        with pytest.raises(aio.AioRpcError) as long_cancel:
+            await cancel_message(client, session_id, asking.message_id, "c" * 2000)
+        assert long_cancel.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(long_cancel)[1] == "reason"
+
+
+async def test_an_agents_oversized_request_or_reason_fails_its_work_not_the_queue() -> None:
+    # found from outside: 1 MB forms made the tenant's whole ListPendingInputs unreadable, and a 3.9 MB
+    # failure reason cut every watcher of the session at that event
+    huge_form = [pb.FormField(name=f"f{n}", label="l" * 1000, type="text") for n in range(1000)]
+
+    async def agent(dispatch: Dispatch, reply: Reply) -> None:
+        if "form" in dispatch.text:
+            await reply.ask_form("Huge", huge_form)
+        else:
+            await reply.fail("e" * 10_000)
+
+    async with running_server() as client, running_agent(client, agent, agent_type="big", instance_id="b-1"):
+        session_id = await new_session(client)
+        asked = await send(client, session_id, "form", data({"target_agent": "big"}))
+        assert asked.state == FAILED and "input_request" in asked.state_reason, asked.state_reason
+        assert await pending_ids(client) == []
+        failed = await send(client, session_id, "fail", data({"target_agent": "big"}))
+        assert failed.state == FAILED and "update.reason" in failed.state_reason
+        assert len(failed.state_reason) < 1000
+
+
+async def test_a_page_of_large_pending_requests_ends_early_and_pages_through_them_all() -> None:
+    fields = [pb.FormField(name=f"f{n}", label="l" * 1000, type="text") for n in range(200)]  # ~210 KB
+    forms = [FormAgent("Large", fields) for _ in range(12)]
+    async with running_server() as client, contextlib.AsyncExitStack() as stack:
+        for n, form in enumerate(forms):
+            await stack.enter_async_context(
+                running_agent(client, form, agent_type=f"l{n}", instance_id=f"l-{n}")
+            )
+        asked = []
+        for n in range(12):
+            session_id = await new_session(client)
+            message = await send(client, session_id, "go", data({"target_agent": f"l{n}"}))
+            assert message.state == INPUT_REQUIRED, message.state_reason
+            asked += list(message.input_request_ids)
+        seen: list[str] = []
+        token, pages = "", 0
+        for _ in range(12):
+            page = await pending(client, page_size=50, page_token=token)
+            assert page.ByteSize() < 4 * 1024 * 1024
+            seen += [r.request_id for r in page.requests]
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == asked and pages > 1

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from svantic_grpc.core._validate import check_json_depth
+from svantic_grpc.core._validate import check_json_depth, check_reason
 from svantic_grpc.core.inputs.model import InputAsk, InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Part, check_parts
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
@@ -85,6 +85,8 @@ def check_update(update: DispatchUpdate) -> None:
     check_parts(update.parts, "update.turn.parts")
     for index, artifact in enumerate(update.artifacts):
         check_parts(artifact.parts, f"update.artifacts[{index}].parts")
+    if update.reason:
+        check_reason("update.reason", update.reason)
     ask = update.ask
     if ask is None:
         return

@@ -15,6 +15,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from svantic_grpc.core._validate import check_reason, json_bytes
 from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument
 from svantic_grpc.core.inputs.model import (
     FIELD_TYPES,
@@ -93,9 +94,22 @@ def outcome_text(request: InputRequest) -> str:
     return "form submitted"
 
 
+MAX_ASK_BYTES = 256 * 1024
+"""What one input request asks at most (its tool call, form or plan): the pending queue, the
+request's events and the answers that carry it stay readable with gRPC's default 4 MB limit."""
+MAX_ANSWER_BYTES = 512 * 1024
+"""What one answer's values and payload carry at most (as JSON; they go out twice, as a Struct
+and as exact text), so the answer, its event and what the agent gets stay readable."""
+
+
 def check_ask(
     kind: InputKind, tool_call: ToolCall | None, form: Form | None, plan: tuple[PlanItem, ...]
 ) -> None:
+    asked = json_bytes((tool_call, form, plan))
+    if asked > MAX_ASK_BYTES:
+        raise InvalidArgument(
+            "input_request", f"carries about {asked} bytes (tool call, form, plan); at most {MAX_ASK_BYTES}"
+        )
     if kind in (InputKind.TOOL_APPROVAL, InputKind.CONFIRMATION) and (
         tool_call is None or not tool_call.tool_name
     ):
@@ -117,6 +131,17 @@ def check_ask(
                 raise InvalidArgument(f"{where}.type", f"must be one of {', '.join(sorted(FIELD_TYPES))}")
             if field.type == "select" and not field.options:
                 raise InvalidArgument(f"{where}.options", "a select field needs options")
+
+
+def check_answer_size(resolution: Resolution) -> None:
+    """Hold an answer, from any surface, to ``MAX_REASON_CHARS`` and ``MAX_ANSWER_BYTES``."""
+    check_reason("resolution.reason", resolution.reason)
+    for name in ("values", "payload"):
+        carried = json_bytes(getattr(resolution, name))
+        if carried > MAX_ANSWER_BYTES:
+            raise InvalidArgument(
+                f"resolution.{name}", f"carries about {carried} bytes; at most {MAX_ANSWER_BYTES}"
+            )
 
 
 def checked_resolution(request: InputRequest, resolution: Resolution) -> Resolution:

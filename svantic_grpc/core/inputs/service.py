@@ -18,12 +18,18 @@ from dataclasses import replace
 from typing import Protocol
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id, check_json_depth
+from svantic_grpc.core._validate import check_id, check_json_depth, json_bytes
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import Conflict, InvalidArgument, MeshError, NotFound, PermissionDenied
 from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
-from svantic_grpc.core.inputs.checks import already_answered, check_ask, checked_resolution, outcome_text
+from svantic_grpc.core.inputs.checks import (
+    already_answered,
+    check_answer_size,
+    check_ask,
+    checked_resolution,
+    outcome_text,
+)
 from svantic_grpc.core.inputs.model import (
     APPROVAL_DECISIONS,
     Decision,
@@ -47,6 +53,8 @@ from svantic_grpc.core.tracing import NO_TRACING, Tracing
 __all__ = ["InputListener", "Inputs"]
 
 _log = logging.getLogger(__name__)
+PAGE_MAX_BYTES = 2 * 1024 * 1024
+"""What one page of pending requests carries at most (as ``ListMessages``): a page ends early."""
 
 
 class InputListener(Protocol):
@@ -229,6 +237,7 @@ class Inputs:
         check_id("request_id", request_id)
         check_json_depth("resolution.values", resolution.values)
         check_json_depth("resolution.payload", resolution.payload)
+        check_answer_size(resolution)
         current = await self.get(tenant_id, request_id)
         if current.state is InputState.PENDING and self._clock.now() >= current.expires_at:
             await self._expire(tenant_id, request_id)  # too late, even if the timer has not run yet
@@ -406,13 +415,27 @@ class Inputs:
             raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
-        return await self._store.list_inputs(
+        page = await self._store.list_inputs(
             tenant_id=caller.tenant_id,
             session_id=session_id,
             states=(InputState.PENDING,),
             page_size=page_size or 50,
             cursor=page_token,
         )
+        carried = 0
+        for index, request in enumerate(page.requests):
+            carried += json_bytes(request)
+            if carried > PAGE_MAX_BYTES and index > 0:
+                # The page ends before this request (the store's cursor for the shorter page): it
+                # stays readable by a client with gRPC's default 4 MB receive limit.
+                return await self._store.list_inputs(
+                    tenant_id=caller.tenant_id,
+                    session_id=session_id,
+                    states=(InputState.PENDING,),
+                    page_size=index,
+                    cursor=page_token,
+                )
+        return page
 
     async def wait(self, tenant_id: str, request_id: str) -> InputRequest:
         """Until the request ends (resolved, expired or canceled)."""

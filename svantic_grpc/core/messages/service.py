@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from svantic_grpc.core._reads import MessageReads, ReadMemo, message_reads
 from svantic_grpc.core._subscriptions import Subscription
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import check_id, check_reason
 from svantic_grpc.core.agents import AgentServices, AgentSet, InternalAgent, Route, SessionScope, parse_plan
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -423,6 +423,7 @@ class Messages:
     async def cancel(self, caller: Caller, session_id: str, message_id: str, *, reason: str = "") -> Message:
         """Cancel a message that has not ended; a terminal one is ``FailedPrecondition``."""
         caller.require(Scope.FULL)
+        check_reason("reason", reason, limit=1024)  # as CloseSession's
         message = await self.get(caller, session_id, message_id)
         reason = reason or f"canceled by {caller.subject}"
         if message.state.terminal:
