@@ -153,6 +153,8 @@ async def _loop(messages: int, concurrency: int, warmup: int, mark: Any) -> floa
     # As ``MeshServer.start`` leaves the collector once it serves.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    if os.environ.get("SVANTIC_LOOP_NO_GC"):  # what the collector costs (an experiment, not the figure)
+        gc.disable()
 
     set_caller(client_caller)
     sessions = [(await mesh.sessions.init(client_caller)).session_id for _ in range(concurrency)]

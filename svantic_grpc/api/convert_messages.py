@@ -101,13 +101,16 @@ def part_from_pb(part: pb.Part, field: str) -> Part:
     return Part()
 
 
-def parts_from_pb(parts: Iterable[pb.Part], field: str) -> tuple[Part, ...]:
+def parts_from_pb(parts: Iterable[pb.Part], field: str, within: int | None = None) -> tuple[Part, ...]:
+    """``within``: the parts of ``field[within]`` (an artifact's): named so in an error, the name
+    made only then."""
     converted = []
     for index, part in enumerate(parts):
         if part.WhichOneof("content") == "text" and not part.data_json:  # the common part, as part_from_pb
             converted.append(Part(text=part.text))
         else:
-            converted.append(part_from_pb(part, f"{field}[{index}]"))
+            name = f"{field}[{index}]" if within is None else f"{field}[{within}].parts[{index}]"
+            converted.append(part_from_pb(part, name))
     return tuple(converted)
 
 
@@ -216,14 +219,17 @@ def dispatch_to_pb(
 
 
 def update_from_pb(update: registry_pb.DispatchUpdate) -> DispatchUpdate:
+    value = update.state
     state = None
-    if update.state != pb.MESSAGE_STATE_UNSPECIFIED:
-        state = message_state(update.state, "update.state")
+    if value:  # MESSAGE_STATE_UNSPECIFIED: progress
+        state = MESSAGE_STATE_FROM_PB.get(value) or message_state(value, "update.state")
     parts = parts_from_pb(update.turn.parts, "update.turn.parts") if update.HasField("turn") else ()
-    artifacts = tuple(
-        Artifact(a.artifact_id, parts_from_pb(a.parts, f"update.artifacts[{i}].parts"), a.name)
-        for i, a in enumerate(update.artifacts)
-    )
+    artifacts: tuple[Artifact, ...] = ()
+    if listed := update.artifacts:  # (each access of a repeated field makes a wrapper: once)
+        artifacts = tuple(
+            Artifact(a.artifact_id, parts_from_pb(a.parts, "update.artifacts", i), a.name)
+            for i, a in enumerate(listed)
+        )
     ask = ask_from_pb(update.input_request) if update.HasField("input_request") else None
     if ask is not None and state is None:
         state = MessageState.INPUT_REQUIRED
