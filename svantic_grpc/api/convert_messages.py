@@ -128,7 +128,8 @@ def _fill_turn(target: pb.Turn, turn: Turn, converted: Any = None) -> None:
     else:
         _fill_parts(target.parts, turn.parts)
     _set_time(target.time, turn.time)
-    target.instance_id = turn.instance_id
+    if turn.instance_id:  # (an empty target: a field left at its default costs no write)
+        target.instance_id = turn.instance_id
 
 
 def artifact_to_pb(artifact: Artifact) -> pb.Artifact:
@@ -151,18 +152,29 @@ def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Messag
     target.role = ROLE[message.role]
     _fill_parts(target.parts, message.parts)
     target.state = MESSAGE_STATE[message.state]
-    target.state_reason = message.state_reason
-    for turn in message.history:
-        # The first turn is the message as sent: its parts are the message's own, converted above.
-        _fill_turn(target.history.add(), turn, target.parts if turn.parts is message.parts else None)
-    for artifact in message.artifacts:
-        _fill_artifact(target.artifacts.add(), artifact)
-    target.agent_type = message.agent_type
-    target.instance_id = message.instance_id
-    target.sender = message.sender
+    # ``target`` is empty: fields left at their default (empty) are not written (each write of a
+    # protobuf field from Python costs about as much as a small function call).
+    if message.state_reason:
+        target.state_reason = message.state_reason
+    if message.history:
+        history = target.history
+        for turn in message.history:
+            # The first turn is the message as sent: its parts are the message's own, converted above.
+            _fill_turn(history.add(), turn, target.parts if turn.parts is message.parts else None)
+    if message.artifacts:
+        artifacts = target.artifacts
+        for artifact in message.artifacts:
+            _fill_artifact(artifacts.add(), artifact)
+    if message.agent_type:
+        target.agent_type = message.agent_type
+    if message.instance_id:
+        target.instance_id = message.instance_id
+    if message.sender:
+        target.sender = message.sender
     _set_time(target.created_at, message.created_at)
     _set_time(target.updated_at, message.updated_at)
-    target.input_request_ids.extend(message.input_request_ids)
+    if message.input_request_ids:
+        target.input_request_ids.extend(message.input_request_ids)
     return target
 
 
@@ -214,7 +226,8 @@ def dispatch_to_pb(
     if token:
         target.dispatch_token = job.sign()
     _set_time(target.deadline, job.deadline)
-    target.trace_context.update(job.trace_context)
+    if job.trace_context:  # (tracing off: none)
+        target.trace_context.update(job.trace_context)
     return target
 
 
