@@ -430,6 +430,7 @@ class ConnectedAgent:
             while not outbox.empty():
                 queued.append(outbox.get_nowait())
             updates: list[registry_service_pb2.DispatchUpdate] = []
+            last: dict[str, int] = {}  # per dispatch, where its latest update in ``updates`` is
             size = 0
             for item in queued:
                 if isinstance(item, registry_service_pb2.ConnectRequest) and item.HasField("update"):
@@ -437,15 +438,24 @@ class ConnectedAgent:
                 if isinstance(item, registry_service_pb2.DispatchUpdate):
                     item_size = item.ByteSize()
                     size += item_size
+                    at = last.get(item.dispatch_id)
+                    if at is not None and size <= _BATCH_MAX_BYTES:
+                        folded = _folded(updates[at], item)
+                        if folded is not None:
+                            updates[at] = folded
+                            continue
                     full = len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES
                     if updates and (full or not self._batch_updates):
                         yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
                         updates, size = [], item_size
+                        last.clear()
+                    last[item.dispatch_id] = len(updates)
                     updates.append(item)
                     continue
                 if updates:
                     yield _update_frame(updates)
                     updates, size = [], 0
+                    last.clear()
                 if item is None:
                     return
                 yield item
@@ -650,6 +660,37 @@ def _readdressed(
 
 _BATCH_MAX = 64
 _BATCH_MAX_BYTES = 1 << 20
+
+
+_PROGRESS_STATES = (
+    message_types_pb2.MESSAGE_STATE_UNSPECIFIED,
+    message_types_pb2.MESSAGE_STATE_SUBMITTED,
+    message_types_pb2.MESSAGE_STATE_WORKING,
+)
+
+
+def _folded(
+    previous: registry_service_pb2.DispatchUpdate, update: registry_service_pb2.DispatchUpdate
+) -> registry_service_pb2.DispatchUpdate | None:
+    """``previous`` and ``update`` (the next of the same dispatch, in the same frame) as one update,
+    when the mesh would fold them itself (``core.dispatch._connected._merged``): ``previous`` only
+    says "working" and carries nothing, or carries only outputs before a bare change of state. The
+    mesh then reads one update instead of two (the acknowledgement, the artifact and the completion
+    of an echo are one); the same records and events. ``None`` when they stay apart."""
+    if (
+        previous.state not in _PROGRESS_STATES
+        or previous.HasField("input_request")
+        or previous.HasField("turn")
+        or (
+            previous.artifacts
+            and (update.HasField("turn") or update.artifacts or update.HasField("input_request"))
+        )
+    ):
+        return None
+    folded = registry_service_pb2.DispatchUpdate()
+    folded.artifacts.extend(previous.artifacts)
+    folded.MergeFrom(update)  # its state, turn, reason and question; its outputs after those before
+    return folded
 
 
 def _update_frame(updates: list[registry_service_pb2.DispatchUpdate]) -> registry_service_pb2.ConnectRequest:

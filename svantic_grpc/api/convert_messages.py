@@ -101,13 +101,16 @@ def part_from_pb(part: pb.Part, field: str) -> Part:
     return Part()
 
 
-def parts_from_pb(parts: Iterable[pb.Part], field: str) -> tuple[Part, ...]:
+def parts_from_pb(parts: Iterable[pb.Part], field: str, within: int | None = None) -> tuple[Part, ...]:
+    """``within``: the parts of ``field[within]`` (an artifact's): named so in an error, the name
+    made only then."""
     converted = []
     for index, part in enumerate(parts):
         if part.WhichOneof("content") == "text" and not part.data_json:  # the common part, as part_from_pb
             converted.append(Part(text=part.text))
         else:
-            converted.append(part_from_pb(part, f"{field}[{index}]"))
+            name = f"{field}[{index}]" if within is None else f"{field}[{within}].parts[{index}]"
+            converted.append(part_from_pb(part, name))
     return tuple(converted)
 
 
@@ -125,7 +128,8 @@ def _fill_turn(target: pb.Turn, turn: Turn, converted: Any = None) -> None:
     else:
         _fill_parts(target.parts, turn.parts)
     _set_time(target.time, turn.time)
-    target.instance_id = turn.instance_id
+    if turn.instance_id:  # (an empty target: a field left at its default costs no write)
+        target.instance_id = turn.instance_id
 
 
 def artifact_to_pb(artifact: Artifact) -> pb.Artifact:
@@ -148,18 +152,29 @@ def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Messag
     target.role = ROLE[message.role]
     _fill_parts(target.parts, message.parts)
     target.state = MESSAGE_STATE[message.state]
-    target.state_reason = message.state_reason
-    for turn in message.history:
-        # The first turn is the message as sent: its parts are the message's own, converted above.
-        _fill_turn(target.history.add(), turn, target.parts if turn.parts is message.parts else None)
-    for artifact in message.artifacts:
-        _fill_artifact(target.artifacts.add(), artifact)
-    target.agent_type = message.agent_type
-    target.instance_id = message.instance_id
-    target.sender = message.sender
+    # ``target`` is empty: fields left at their default (empty) are not written (each write of a
+    # protobuf field from Python costs about as much as a small function call).
+    if message.state_reason:
+        target.state_reason = message.state_reason
+    if message.history:
+        history = target.history
+        for turn in message.history:
+            # The first turn is the message as sent: its parts are the message's own, converted above.
+            _fill_turn(history.add(), turn, target.parts if turn.parts is message.parts else None)
+    if message.artifacts:
+        artifacts = target.artifacts
+        for artifact in message.artifacts:
+            _fill_artifact(artifacts.add(), artifact)
+    if message.agent_type:
+        target.agent_type = message.agent_type
+    if message.instance_id:
+        target.instance_id = message.instance_id
+    if message.sender:
+        target.sender = message.sender
     _set_time(target.created_at, message.created_at)
     _set_time(target.updated_at, message.updated_at)
-    target.input_request_ids.extend(message.input_request_ids)
+    if message.input_request_ids:
+        target.input_request_ids.extend(message.input_request_ids)
     return target
 
 
@@ -211,19 +226,23 @@ def dispatch_to_pb(
     if token:
         target.dispatch_token = job.sign()
     _set_time(target.deadline, job.deadline)
-    target.trace_context.update(job.trace_context)
+    if job.trace_context:  # (tracing off: none)
+        target.trace_context.update(job.trace_context)
     return target
 
 
 def update_from_pb(update: registry_pb.DispatchUpdate) -> DispatchUpdate:
+    value = update.state
     state = None
-    if update.state != pb.MESSAGE_STATE_UNSPECIFIED:
-        state = message_state(update.state, "update.state")
+    if value:  # MESSAGE_STATE_UNSPECIFIED: progress
+        state = MESSAGE_STATE_FROM_PB.get(value) or message_state(value, "update.state")
     parts = parts_from_pb(update.turn.parts, "update.turn.parts") if update.HasField("turn") else ()
-    artifacts = tuple(
-        Artifact(a.artifact_id, parts_from_pb(a.parts, f"update.artifacts[{i}].parts"), a.name)
-        for i, a in enumerate(update.artifacts)
-    )
+    artifacts: tuple[Artifact, ...] = ()
+    if listed := update.artifacts:  # (each access of a repeated field makes a wrapper: once)
+        artifacts = tuple(
+            Artifact(a.artifact_id, parts_from_pb(a.parts, "update.artifacts", i), a.name)
+            for i, a in enumerate(listed)
+        )
     ask = ask_from_pb(update.input_request) if update.HasField("input_request") else None
     if ask is not None and state is None:
         state = MessageState.INPUT_REQUIRED

@@ -1310,6 +1310,50 @@ async def test_batched_frames_stay_far_below_grpcs_message_limit() -> None:
     assert await frames_for(10, 10, 10) == [1, 1, 1]
 
 
+async def test_the_helper_folds_what_one_dispatch_says_in_one_frame_as_the_mesh_would() -> None:
+    # An echo's acknowledgement, artifact and completion, queued together, go as one update (the
+    # mesh reads one instead of three); the mesh makes the same updates of either.
+    from svantic_grpc.api.convert_messages import update_from_pb
+    from svantic_grpc.core.dispatch._connected import _merged
+
+    agent_side = ConnectedAgent(
+        "127.0.0.1:9", client_id="c", client_secret="s", agent_type="echo", instance_id="e1", handler=echo
+    )
+    agent_side._batch_updates = True
+    working, completed = message_types_pb2.MESSAGE_STATE_WORKING, message_types_pb2.MESSAGE_STATE_COMPLETED
+
+    def update(dispatch_id: str, **fields: Any) -> registry_service_pb2.DispatchUpdate:
+        return registry_service_pb2.DispatchUpdate(dispatch_id=dispatch_id, **fields)
+
+    def artifact(name: str) -> message_types_pb2.Artifact:
+        return message_types_pb2.Artifact(name=name, parts=[text(name)])
+
+    queued = [
+        update("d1", state=working),
+        update("d2", state=working),
+        update("d1", artifacts=[artifact("a")]),
+        update("d1", state=completed),
+        update("d2", artifacts=[artifact("b")]),
+        update("d2", turn=message_types_pb2.Turn(parts=[text("hi")]), state=completed),  # stays apart
+        update("d3", state=working, reason="on it"),
+    ]
+    for item in [*queued, None]:
+        agent_side._outbox.put_nowait(item)
+    [frame] = [r async for r in agent_side._requests()]
+    sent = list(frame.update_batch.updates)
+    assert [(u.dispatch_id, u.state, [a.name for a in u.artifacts], u.HasField("turn")) for u in sent] == [
+        ("d1", completed, ["a"], False),
+        ("d2", message_types_pb2.MESSAGE_STATE_UNSPECIFIED, ["b"], False),
+        ("d2", completed, [], True),
+        ("d3", working, [], False),
+    ]
+    for dispatch_id in ("d1", "d2", "d3"):
+        as_queued = _merged([update_from_pb(u) for u in queued if u.dispatch_id == dispatch_id])
+        as_sent = _merged([update_from_pb(u) for u in sent if u.dispatch_id == dispatch_id])
+        assert as_sent == as_queued
+    assert queued[0].state == working and not queued[2].HasField("turn")  # what the handler sent: as it was
+
+
 async def test_messages_sent_while_their_session_closes_all_end() -> None:
     # found from outside: a SendMessage racing a CloseSession answered UNAVAILABLE ("moved to another
     # replica") and its message stayed submitted in the closed session for ever (7 of 20 rounds)

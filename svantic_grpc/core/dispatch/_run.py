@@ -288,7 +288,8 @@ class SessionDispatches:
             trace_context=trace_context,
         )
         started = service._clock.now()
-        loop_started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        loop_started = loop.time()
         try:
             async with asyncio.timeout(timeout) as deadline:
                 outcome = await self._follow(writer, job, deadline, yolo)
@@ -304,7 +305,7 @@ class SessionDispatches:
                 agent_type=agent_type,
                 transport=service._dispatcher.protocol_for(agent),
                 outcome="not-delivered",
-                latency_s=asyncio.get_running_loop().time() - loop_started,
+                latency_s=loop.time() - loop_started,
             )
             await service._registry.record_dispatch(
                 tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
@@ -315,7 +316,7 @@ class SessionDispatches:
             outcome = Outcome(MessageState.FAILED, reason)
         except DispatchFailed as exc:
             outcome = Outcome(MessageState.FAILED, f"{agent_type} instance {instance_id!r} failed: {exc}")
-        loop_latency = asyncio.get_running_loop().time() - loop_started
+        loop_latency = loop.time() - loop_started
         latency = max(loop_latency, service._clock.now() - started, 0.0)
         outcome = evolve(outcome, agent_type=agent_type, instance_id=instance_id, latency_s=latency)
         ok = outcome.state is MessageState.COMPLETED

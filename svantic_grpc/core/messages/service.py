@@ -264,7 +264,7 @@ class Messages:
         Returns both as stored."""
         tenant_id, session_id = message.tenant_id, message.session_id
         store = self._store
-        inserted = evolve(message, version=0)
+        inserted = message if message.version == 0 else evolve(message, version=0)  # (records are immutable)
         events: tuple[MessageStateChanged, ...] = submitted
         if route is not None:
             reason = route.state_reason
