@@ -301,6 +301,16 @@ class MeshRequestHandler(RequestHandler):
         self, caller: Caller, session_id: str, field: str, sent: A2AMessage
     ) -> tuple[Message, Any]:
         role = Role.AGENT if sent.role == A2ARole.ROLE_AGENT else Role.USER
+        if sent.message_id:
+            # Its id becomes the task's, which A2A names alone (tasks/get, a follow-up without a
+            # context): one task per id in the tenant, never two in two contexts.
+            indexed = await self._mesh.store.get_adapter_value(_INDEX, _index_key(caller, sent.message_id))
+            if indexed is not None and indexed.get("session_id") != session_id:
+                raise InvalidArgument(
+                    "message.message_id",
+                    f"{sent.message_id!r} is already the id of a task in another context; "
+                    "give each message its own id",
+                )
         try:
             result = await self._mesh.messages.send(
                 caller,
@@ -332,15 +342,21 @@ class MeshRequestHandler(RequestHandler):
     ) -> Message:
         """The task a message with a ``taskId`` continues. A session the request also names must be
         the task's: an answer meant for another conversation is refused, never given here."""
-        message = await self._locate(caller, params.message.task_id, field="message.task_id")
+        task_id = params.message.task_id
         named = _named_session(params, context)
-        if named is not None and named[0] != message.session_id:
-            session_id, field = named
+        if named is None:
+            return await self._locate(caller, task_id, field="message.task_id")
+        # Within the context it names: a message id may repeat in another session (over gRPC), and
+        # an answer must reach the request of the conversation the human saw.
+        session_id, field = named
+        try:
+            return await self._mesh.messages.get(caller, session_id, task_id)
+        except NotFound:
+            elsewhere = await self._locate(caller, task_id, field="message.task_id")
             raise InvalidArgument(
                 field,
-                f"task {message.message_id!r} belongs to context {message.session_id!r}, not {session_id!r}",
-            )
-        return message
+                f"task {task_id!r} belongs to context {elsewhere.session_id!r}, not {session_id!r}",
+            ) from None
 
     async def _locate(self, caller: Caller, task_id: str, *, field: str = "id") -> Message:
         if not task_id:

@@ -265,3 +265,38 @@ async def test_a_task_is_found_after_a_restart(tmp_path: Path) -> None:
         task = await a2a.get_task(GetTaskRequest(id=sent.task.id), context=call(await second.token()))
     assert task.context_id == session_id and task.status.state == COMPLETED
     assert [p.text for a in task.artifacts for p in a.parts] == ["echo: please echo me"]
+
+
+async def test_a_task_id_repeated_in_two_contexts_is_answered_in_the_one_named(client: Client) -> None:
+    # found from outside: an answer naming session S1 approved the request waiting in session S0
+    # (the same message id, chosen by the client, in both)
+    async with (
+        ingress_http(client) as base,
+        running_agent(client, ask, agent_type="ask", instance_id="ask-1", skills=[skill("ask", "ask")]),
+        a2a_client(base) as a2a,
+    ):
+        token = await client.token()
+        first, second = await new_session(client), await new_session(client)
+        for session_id in (first, second):
+            sent = await send(client, session_id, "ask me", data({"target_agent": "ask"}), message_id="m-1")
+            assert sent.state == pb.MESSAGE_STATE_INPUT_REQUIRED
+        answered = [
+            e
+            async for e in a2a.send_message(
+                SendMessageRequest(message=user("savings", task_id="m-1", context_id=second)),
+                context=call(token),
+            )
+        ]
+        assert state_of(answered[-1]) == COMPLETED
+        assert len(await pending_ids(client, first)) == 1  # the other conversation still waits
+        assert await pending_ids(client, second) == []
+
+        # Over A2A alone, one id is one task: the same messageId in another context is refused.
+        fresh = await new_session(client)
+        again = user("hello", context_id=first)
+        again.message_id = "a2a-once"
+        [_ async for _ in a2a.send_message(SendMessageRequest(message=again), context=call(token))]
+        again.context_id = fresh
+        with pytest.raises(A2AError) as refused:
+            [_ async for _ in a2a.send_message(SendMessageRequest(message=again), context=call(token))]
+        assert "message.message_id" in str(refused.value)
