@@ -130,9 +130,21 @@ class Sessions:
         check_id("self_instance_id", self_instance_id, required=False)
         if self_agent_type.startswith("savant:"):
             raise InvalidArgument("self_agent_type", "internal agents never create sessions")
+        if self_instance_id:
+            registered = await self._store.get_agent(tenant_id=caller.tenant_id, instance_id=self_instance_id)
+            if registered is not None and registered.agent_type != self_agent_type:
+                # Else work routed to the made-up type would run on that instance, unchecked by
+                # the policies on its own type.
+                raise InvalidArgument(
+                    "self_instance_id",
+                    f"{self_instance_id!r} is a registered {registered.agent_type!r} instance, "
+                    f"not a {self_agent_type!r}",
+                )
         if len(user_id) > 256:
             raise InvalidArgument("user_id", "is longer than 256 characters")
         session_id = session_id or self._ids.new_id("ses_")
+        if any(self_instance_id == prefix + session_id for _, prefix in INTERNAL_AGENTS):
+            raise InvalidArgument("self_instance_id", "is the id of one of the session's internal agents")
         now = self._clock.now()
         # The internal agents are not stored: the session derives them (``Session.internal_agents``).
         agents = (

@@ -24,12 +24,14 @@ from svantic_grpc.pb import (
     event_types_pb2,
     message_service_pb2,
     message_service_pb2_grpc,
+    message_types_pb2,
     registry_service_pb2,
     session_service_pb2,
     session_service_pb2_grpc,
     session_types_pb2,
 )
 from tests._support import Client, code_of, error_details, rpc_error, running_server
+from tests.agents_connected import data, running_agent, send
 
 ROLES = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
 WAIT = 3.0
@@ -336,6 +338,40 @@ async def test_internal_agent_types_cannot_self_join(client: Client) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         field="self_agent_type",
     )
+
+
+async def test_a_self_join_cannot_borrow_a_registered_instance_of_another_type(client: Client) -> None:
+    # found from outside: a self-join as a made-up type with a registered 'victim' instance's id made
+    # work routed to the made-up type run on that instance, past the plan policy on 'victim'
+    await client.registry.RegisterAgent(
+        registry_service_pb2.RegisterAgentRequest(
+            agent_type="victim", instance_id="v1", deployment_mode=agent_types_pb2.DEPLOYMENT_MODE_CONNECTED
+        ),
+        metadata=await client.md(),
+    )
+    await _rejects(
+        _init(client, self_agent_type="other", self_instance_id="v1"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="self_instance_id",
+    )
+    assert (await _init(client, self_agent_type="victim", self_instance_id="v1")).session_id  # its own type
+    await _rejects(
+        _init(client, session_id="s-own", self_agent_type="other", self_instance_id="chat-s-own"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="self_instance_id",
+    )
+    # Registered only after the self-join: work for the made-up type still never runs on it.
+    early = await _init(client, self_agent_type="other", self_instance_id="v2")
+    ran: list[str] = []
+
+    async def victim(dispatch: Any, reply: Any) -> None:
+        ran.append(dispatch.text)
+        await reply.complete()
+
+    async with running_agent(client, victim, agent_type="victim", instance_id="v2"):
+        sent = await send(client, early.session_id, "step", data({"target_agent": "other"}))
+        assert sent.state == message_types_pb2.MESSAGE_STATE_FAILED, sent.state_reason
+        assert ran == []
 
 
 async def test_a_bad_session_id_is_invalid_argument(client: Client) -> None:

@@ -250,6 +250,10 @@ class SessionDispatches:
         agent = await service._reads.get_agent(tenant_id=tenant_id, instance_id=instance_id)
         if agent is None:
             raise NotDelivered("deregistered")
+        if agent.agent_type != agent_type:
+            # In the session under another type (a self-join naming a registered instance): the
+            # work, the policies that judged it and the records must all name what runs it.
+            raise NotDelivered(f"instance {instance_id!r} is registered as {agent.agent_type!r}")
         await writer.assign(agent_type, instance_id)
         dispatch_id = service._ids.new_id("dsp_")
 
