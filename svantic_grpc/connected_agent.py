@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -245,6 +247,12 @@ def _approved(answer: message_types_pb2.InputRequest) -> bool:
 Handler = Callable[[Dispatch, Reply], Awaitable[None]]
 
 
+class _Renewal:
+    """Whether a stream was closed here to renew its token (``ConnectedAgent._renew_when_idle``)."""
+
+    closed = False
+
+
 class ConnectedAgent:
     """A connected-mode agent process: register, connect, serve dispatches until stopped.
 
@@ -291,6 +299,8 @@ class ConnectedAgent:
         self._batch_updates = False
         """Whether the mesh said (in its welcome) that it reads update batches."""
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._idle = asyncio.Event()
+        """Set when the last running handler ended (``_renew_when_idle`` waits for it)."""
         self._replies: dict[str, Reply] = {}
         self._sequels = _Sequels()
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
@@ -310,8 +320,9 @@ class ConnectedAgent:
                 try:
                     # Every (re)connection starts afresh: a restarted mesh may have forgotten the
                     # registration, rotated its dispatch key, and the old token may have expired.
-                    metadata = await self._register(auth, registry)
-                    await self._serve_stream(registry, metadata)
+                    metadata, life_s = await self._register(auth, registry)
+                    if await self._serve_stream(registry, metadata, life_s):
+                        continue  # renewed before the token expired: a new token and stream now
                 except aio.AioRpcError as error:
                     if not self._stopping.is_set():  # else: the call we cancelled to stop
                         _log.warning(
@@ -325,13 +336,17 @@ class ConnectedAgent:
 
     async def _register(
         self, auth: AuthServiceStub, registry: RegistryServiceStub
-    ) -> tuple[tuple[str, str], ...]:
+    ) -> tuple[tuple[tuple[str, str], ...], float]:
+        """Sign in and register; the call metadata and the token's life in seconds."""
         client_id, client_secret = self._credential
         token = await auth.GetToken(
             auth_service_pb2.GetTokenRequest(
                 client_id=client_id, client_secret=client_secret, agent_type=self._agent_type
             )
         )
+        life_s = token.expires_at.ToSeconds() - time.time() if token.HasField("expires_at") else math.inf
+        if life_s <= 0:
+            life_s = math.inf  # the clocks disagree: the mesh's end of the stream is the renewal then
         metadata = (("authorization", f"Bearer {token.token}"),)
         keys = await auth.GetDispatchKeys(auth_service_pb2.GetDispatchKeysRequest())
         self._issuer = keys.issuer
@@ -347,7 +362,7 @@ class ConnectedAgent:
             ),
             metadata=metadata,
         )
-        return metadata
+        return metadata, life_s
 
     async def stop(self) -> None:
         """Stop serving: running handlers are cancelled and the stream closes."""
@@ -356,8 +371,10 @@ class ConnectedAgent:
             task.cancel()
 
     async def _serve_stream(
-        self, registry: RegistryServiceStub, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
+        self, registry: RegistryServiceStub, metadata: tuple[tuple[str, str], ...], life_s: float = math.inf
+    ) -> bool:
+        """Serve one stream until it ends; ``True`` when it was closed here to renew the token
+        (the mesh ends a stream when its token expires: renewing while idle loses no work)."""
         hello = registry_service_pb2.ConnectRequest(
             hello=registry_service_pb2.ConnectHello(
                 instance_id=self.instance_id,
@@ -369,6 +386,8 @@ class ConnectedAgent:
         self._outbox.put_nowait(hello)
         call = registry.Connect(self._requests(), metadata=metadata)
         stopping = asyncio.create_task(self._cancel_when_stopping(call))
+        renewing = _Renewal()
+        renewal = asyncio.create_task(self._renew_when_idle(call, life_s, renewing))
         heartbeat: asyncio.Task[None] | None = None
         try:
             # One reader for the stream's life: no task and no wait per frame.
@@ -393,17 +412,32 @@ class ConnectedAgent:
                     if reply is not None:
                         reply._answer(response.input_answer.request)
         except asyncio.CancelledError:
-            # grpc raises this from a call we cancelled (``stop``); a cancellation of this task
-            # itself goes on up.
+            # grpc raises this from a call we cancelled (``stop``, or to renew the token); a
+            # cancellation of this task itself goes on up.
             current = asyncio.current_task()
-            if not (self._stopping.is_set() and current is not None and not current.cancelling()):
+            ours = self._stopping.is_set() or renewing.closed
+            if not (ours and current is not None and not current.cancelling()):
                 raise
         finally:
             self._outbox.put_nowait(None)  # ends the request stream of this connection
             stopping.cancel()
+            renewal.cancel()
             if heartbeat is not None:
                 heartbeat.cancel()
             self._stream_ended()
+        return renewing.closed
+
+    async def _renew_when_idle(self, call: Any, life_s: float, renewing: _Renewal) -> None:
+        """From 80% of the token's life on, close the stream at the first moment no handler runs
+        (``run`` then connects again with a new token); past its end the mesh closes it anyway."""
+        if life_s == math.inf:
+            return
+        await asyncio.sleep(life_s * 0.8)
+        while self._running:
+            self._idle.clear()
+            await self._idle.wait()
+        renewing.closed = True
+        call.cancel()
 
     def _stream_ended(self) -> None:
         """The stream dropped: its handlers are cancelled, except those at work on an answer the
@@ -500,6 +534,8 @@ class ConnectedAgent:
     def _forget(self, dispatch_id: str) -> None:
         self._running.pop(dispatch_id, None)
         self._replies.pop(dispatch_id, None)
+        if not self._running:
+            self._idle.set()
 
     def _again(self, dispatch: registry_service_pb2.Dispatch, sequel: _Sequel) -> None:
         """An answer the agent already acted on, delivered again (the mesh restarted, or the

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -102,21 +103,28 @@ def _wrap(
     tracer: Tracer | None = None,
 ) -> grpc.RpcMethodHandler:
     streamed_requests = handler.request_streaming
+    stream = streamed_requests or handler.response_streaming
 
-    async def prepare(request: Any, context: aio.ServicerContext) -> Any:
+    async def prepare(request: Any, context: aio.ServicerContext) -> tuple[Any, float]:
+        """The request, checked, and the seconds a stream may stay open (its token's life)."""
         if isinstance(request, Undecodable):
             raise refuse(request, method, undecodable)
         set_caller(None)
         if not streamed_requests:
             SESSION_ID.set(getattr(request, "session_id", ""))  # this call's task only: its log lines
+        left = math.inf
         if issuer is not None:
             try:
-                set_caller(issuer.verify(_bearer_token(context)))
+                if stream:
+                    caller, left = issuer.verify_for_stream(_bearer_token(context))
+                else:
+                    caller = issuer.verify(_bearer_token(context))
+                set_caller(caller)
             except MeshError:
                 if streamed_requests:
                     await drain_refused(request)
                 raise
-        return checked(request, method, undecodable) if streamed_requests else request
+        return (checked(request, method, undecodable) if streamed_requests else request), left
 
     streamed = handler.unary_stream or handler.stream_stream
     if streamed is None or not inspect.isasyncgenfunction(streamed):
@@ -125,7 +133,11 @@ def _wrap(
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             try:
-                return await behavior(await prepare(request, context), context)
+                prepared, left = await prepare(request, context)
+                if left == math.inf:
+                    return await behavior(prepared, context)
+                async with _token_life(left):
+                    return await behavior(prepared, context)
             except Exception as error:
                 await _fail(context, error, method)
 
@@ -142,8 +154,10 @@ def _wrap(
 
     async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(await prepare(request, context), context):
-                yield response
+            prepared, left = await prepare(request, context)
+            async with _token_life(left):
+                async for response in behavior(prepared, context):
+                    yield response
         except Exception as error:
             await _fail(context, error, method)
 
@@ -158,6 +172,27 @@ def _wrap(
         else grpc.stream_stream_rpc_method_handler
     )
     return _like(handler, factory, streaming)
+
+
+@contextlib.asynccontextmanager
+async def _token_life(seconds: float) -> AsyncIterator[None]:
+    """End what runs inside when the stream's token expires: ``UNAUTHENTICATED`` (TOKEN_EXPIRED),
+    so a stream never keeps the access of a token past its ``exp`` (the client reconnects with a
+    new token, as the connected-agent helper does)."""
+    if seconds == math.inf:
+        yield
+        return
+    life = asyncio.timeout(max(seconds, 0.0))
+    try:
+        async with life:
+            yield
+    except TimeoutError:
+        if not life.expired():
+            raise  # the handler's own timeout, not the token's
+        raise Unauthenticated(
+            "the token expired while the stream was open; reconnect with a new one from GetToken",
+            reason="TOKEN_EXPIRED",
+        ) from None
 
 
 def _like(handler: grpc.RpcMethodHandler, factory: Any, behavior: Any) -> grpc.RpcMethodHandler:

@@ -289,6 +289,13 @@ class TokenIssuer:
             )
         return caller
 
+    def verify_for_stream(self, token: str) -> tuple[Caller, float]:
+        """``verify``, and the seconds the token has left by this issuer's clock: a stream opened
+        with it ends then, as a new call with it would be refused."""
+        caller = self.verify(token)
+        expires = self._verified[token][2]  # just verified: in the cache
+        return caller, expires - self._clock.now()
+
     def _decode(self, token: str) -> tuple[Caller, float, float]:
         try:
             claims = jwt.decode(

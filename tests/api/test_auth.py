@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import grpc
 import jwt
@@ -10,8 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from svantic_grpc.pb import auth_service_pb2, session_service_pb2
+from svantic_grpc.connected_agent import Dispatch, Reply
+from svantic_grpc.pb import auth_service_pb2, message_types_pb2, session_service_pb2
 from tests._support import SECRET, SIGNING_ENV, Client, code_of, error_details, running_server
+from tests.agents_connected import data, new_session, running_agent, send
 
 SIGNING_KEY = SIGNING_ENV["SVANTIC_SIGNING_KEY"]
 
@@ -213,3 +217,67 @@ async def test_configured_signing_key_turns_the_development_credential_off(clien
             )
         )
     assert code_of(excinfo) == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- a stream lives no longer than its token ------------------------------------------------------
+
+
+async def test_open_streams_end_when_their_token_expires() -> None:
+    # found from outside: after exp, an open Converse still sent messages and WatchSession streamed
+    async with running_server() as client:
+        session_id = await new_session(client)
+        short = await client.auth.GetToken(
+            auth_service_pb2.GetTokenRequest(
+                client_id="acme-full", client_secret=SECRET, agent_type="a2ui-terminal", expires_in=2
+            )
+        )
+        md = (("authorization", f"Bearer {short.token}"),)
+        watch = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=md
+        )
+        converse = client.messages.Converse(metadata=md)
+        started = time.monotonic()
+
+        async def drained(call: Any) -> grpc.aio.AioRpcError:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(10):
+                    async for _ in call:
+                        pass
+            return ended.value
+
+        for ended in await asyncio.gather(drained(watch), drained(converse)):
+            assert ended.code() == grpc.StatusCode.UNAUTHENTICATED, ended.details()
+            assert "token expired" in (ended.details() or "")
+        assert time.monotonic() - started > 0.9  # at its exp (whole seconds), and by itself (10 s bound)
+        # a new token opens a new stream
+        again = client.sessions.WatchSession(
+            session_service_pb2.WatchSessionRequest(session_id=session_id), metadata=await client.md()
+        )
+        assert (await anext(aiter(again))).event.sequence == 1
+        again.cancel()
+
+
+async def test_the_agent_helper_renews_its_token_before_the_mesh_ends_its_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies: list[str] = []
+
+    async def echo(dispatch: Dispatch, reply: Reply) -> None:
+        replies.append(dispatch.text)
+        await reply.complete(f"echo {dispatch.text}")
+
+    async with (
+        running_server(auth={"token_ttl_s": 3, "max_token_ttl_s": 3}) as client,
+        running_agent(client, echo, agent_type="echo", instance_id="e-1") as agent,
+    ):
+        session_id = await new_session(client)
+        first = await send(client, session_id, "one", data({"target_agent": "echo"}))
+        assert first.state == message_types_pb2.MESSAGE_STATE_COMPLETED
+        await asyncio.sleep(4.5)  # past the first token's end: renewed at 80% of its life, while idle
+        assert agent.connected.is_set()
+        client._tokens.clear()  # the test's own token lived 3 s too
+        second = await send(client, session_id, "two", data({"target_agent": "echo"}))
+        assert second.state == message_types_pb2.MESSAGE_STATE_COMPLETED, second.state_reason
+        assert replies == ["one", "two"]
+    # renewed while idle: the mesh never had to end its stream for an expired token
+    assert not [r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage()]
