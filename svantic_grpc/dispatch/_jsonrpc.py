@@ -15,7 +15,9 @@ and keeps a2a-sdk's ``Client`` above it.
 
 The mesh's own dispatches skip the protobuf request and the ``Client`` layers too: the producer
 (``JsonRpcProducer``) keeps the transport it made for an agent that streams (``take``), and the
-mesh hands its ``stream`` the request's ProtoJSON, built as JSON from the mesh's message. The
+mesh hands its ``results`` the request's ProtoJSON, built as JSON from the mesh's message, and
+reads each result's JSON itself (``_events``). Closed at the final update, ``results`` does not
+wait for the stream's end: the connection goes back to the pool when it comes. The
 ``Client`` adds nothing to that call with the mesh's configuration (no interceptors, polling,
 push notifications or output modes); an interface with a tenant goes through the ``Client``.
 
