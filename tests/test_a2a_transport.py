@@ -410,6 +410,46 @@ async def test_a_stream_that_does_not_end_after_the_final_update_loses_its_conne
         await transport.close()
 
 
+async def test_an_agent_silent_longer_than_the_read_timeout_mid_stream_fails_the_dispatch() -> None:
+    # Events 0.15 s apart for longer than the 0.4 s timeout (each silence is shorter: not cut),
+    # then nothing: "the agent went silent", not a hang.
+    async def call(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(6):
+            working = {"statusUpdate": {"taskId": "t1", "status": {"state": "TASK_STATE_WORKING"}}}
+            event = {"jsonrpc": "2.0", "id": body["id"], "result": working}
+            await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+            await asyncio.sleep(0.15)
+        await asyncio.sleep(30)  # silent (the test ends long before)
+        return response
+
+    runner = web.AppRunner(web.Application(), handler_cancellation=True)
+    runner.app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    transport = A2ATransport(read_timeout_s=0.4)
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            agent = AgentRegistration("acme", "mute", "mute-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+            message = Message(
+                "acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0
+            )
+            job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+            updates: list[DispatchUpdate] = []
+            async with asyncio.timeout(10):
+                with pytest.raises(DispatchFailed, match="went silent"):
+                    async for update in transport.dispatch(job):
+                        updates.append(update)
+            assert [u.state for u in updates] == [MessageState.WORKING] * 6
+    finally:
+        await transport.close()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("status", "chunks", "said"),
     [
