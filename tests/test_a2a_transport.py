@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import itertools
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -36,6 +37,8 @@ from starlette.types import Message as Message_
 from svantic_grpc.core.dispatch import DispatchFailed, DispatchJob, DispatchUpdate, NotDelivered
 from svantic_grpc.core.messages.model import Message, MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
+from svantic_grpc.dispatch import _jsonrpc
+from svantic_grpc.dispatch._events import Seen, seen_in, seen_in_json
 from svantic_grpc.dispatch._protojson import parse
 from svantic_grpc.dispatch.a2a import A2ATransport
 
@@ -308,6 +311,145 @@ async def test_events_cut_anywhere_with_comments_and_long_lines_reach_the_messag
     assert {u.task_ref for u in updates} == {"t1"}
 
 
+class _HeldAgent:
+    """An agent that streams its final update at once and holds the stream's end until told."""
+
+    def __init__(self) -> None:
+        self.peers: list[Any] = []
+        """The mesh's end of the connection of each call (address, port)."""
+        self.end = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.dropped = asyncio.Event()
+        """The mesh closed a connection while the agent held the stream's end."""
+
+    async def call(self, request: web.Request) -> web.StreamResponse:
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        body = await request.json()
+        done = {"statusUpdate": {"taskId": "t1", "status": {"state": "TASK_STATE_COMPLETED"}}}
+        artifact = {
+            "artifactUpdate": {"taskId": "t1", "artifact": {"artifactId": "a1", "parts": [{"text": "hi"}]}}
+        }
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for result in ({"task": {"id": "t1", "status": {"state": "TASK_STATE_WORKING"}}}, artifact, done):
+            event = {"jsonrpc": "2.0", "id": body["id"], "result": result}
+            await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+        while not self.end.is_set():
+            if request.transport is None or request.transport.is_closing():
+                self.dropped.set()
+                return response
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.end.wait(), 0.01)
+        try:
+            await response.write_eof()
+        except ConnectionError:  # the mesh had closed it
+            self.dropped.set()
+        finally:
+            self.ended.set()
+        return response
+
+
+@asynccontextmanager
+async def _held_agent() -> AsyncIterator[tuple[str, _HeldAgent]]:
+    agent = _HeldAgent()
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_post("/", agent.call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            yield url, agent
+    finally:
+        agent.end.set()
+        await runner.cleanup()
+
+
+async def _completed(transport: A2ATransport, url: str, n: int) -> None:
+    agent = AgentRegistration("acme", "held", "held-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+    message = Message("acme", "s1", f"m{n}", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+    job = DispatchJob(f"dsp_{n}", "acme", "s1", agent, message, lambda: "token", 0.0)
+    async with aclosing(transport.dispatch(job)) as updates:  # closed at the final update, as the mesh does
+        async with asyncio.timeout(10):
+            async for update in updates:
+                if update.state is MessageState.COMPLETED:
+                    return
+    raise AssertionError("no final update")
+
+
+async def test_the_final_update_does_not_wait_for_the_streams_end_and_the_connection_is_kept() -> None:
+    # The agent ends its stream only once the mesh has the final update: the mesh must not wait
+    # for that end to answer, and the connection goes back to the pool when it comes.
+    transport = A2ATransport()
+    try:
+        async with _held_agent() as (url, agent):
+            await _completed(transport, url, 1)
+            agent.end.set()  # now the agent ends the stream
+            await asyncio.wait_for(agent.ended.wait(), 10)
+            await asyncio.sleep(0.05)  # the mesh's loop reads the stream's end
+            await _completed(transport, url, 2)
+            assert agent.peers[0] == agent.peers[1], "the second call did not reuse the connection"
+            assert not agent.dropped.is_set()
+    finally:
+        await transport.close()
+
+
+async def test_a_stream_that_does_not_end_after_the_final_update_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_jsonrpc, "_TAIL_S", 0.05)
+    transport = A2ATransport()
+    try:
+        async with _held_agent() as (url, agent):
+            await _completed(transport, url, 1)
+            await asyncio.wait_for(agent.dropped.wait(), 10)  # never ended: the mesh hung up
+            await _completed(transport, url, 2)
+            assert agent.peers[0] != agent.peers[1]
+    finally:
+        await transport.close()
+
+
+async def test_an_agent_silent_longer_than_the_read_timeout_mid_stream_fails_the_dispatch() -> None:
+    # Events 0.15 s apart for longer than the 0.4 s timeout (each silence is shorter: not cut),
+    # then nothing: "the agent went silent", not a hang.
+    async def call(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(6):
+            working = {"statusUpdate": {"taskId": "t1", "status": {"state": "TASK_STATE_WORKING"}}}
+            event = {"jsonrpc": "2.0", "id": body["id"], "result": working}
+            await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+            await asyncio.sleep(0.15)
+        await asyncio.sleep(30)  # silent (the test ends long before)
+        return response
+
+    runner = web.AppRunner(web.Application(), handler_cancellation=True)
+    runner.app.router.add_post("/", call)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    transport = A2ATransport(read_timeout_s=0.4)
+    try:
+        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+            agent = AgentRegistration("acme", "mute", "mute-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+            message = Message(
+                "acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0
+            )
+            job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+            updates: list[DispatchUpdate] = []
+            async with asyncio.timeout(10):
+                with pytest.raises(DispatchFailed, match="went silent"):
+                    async for update in transport.dispatch(job):
+                        updates.append(update)
+            assert [u.state for u in updates] == [MessageState.WORKING] * 6
+    finally:
+        await transport.close()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("status", "chunks", "said"),
     [
@@ -370,81 +512,137 @@ _STATUS_ASK = {
 }
 
 
-@pytest.mark.parametrize(
-    "result",
-    [
-        pytest.param(
-            {"task": {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_SUBMITTED"}}}, id="task"
-        ),
+_EVENTS = [
+    pytest.param(
+        {"task": {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_SUBMITTED"}}}, id="task"
+    ),
+    pytest.param(
+        {
+            "artifactUpdate": {
+                "taskId": "t1",
+                "contextId": "s1",
+                "append": True,
+                "lastChunk": False,
+                "artifact": {"artifactId": "a1", "name": "echo", "parts": [{"text": "echo: hi"}]},
+                "metadata": {"k": "v"},
+            }
+        },
+        id="artifact-update",
+    ),
+    pytest.param({"statusUpdate": {"taskId": "t1", "contextId": "s1", "status": _STATUS_ASK}}, id="ask"),
+    pytest.param(
+        {
+            "task": {
+                "id": "t1",
+                "context_id": "s1",  # the field's own name, as ProtoJSON also allows
+                "status": {"state": 3, "timestamp": "2026-01-31T23:59:59.123456789Z"},
+                "artifacts": [
+                    {"artifactId": "a1", "parts": [{"text": "x"}]},
+                    {"artifactId": "a2", "parts": []},
+                ],
+                "history": [_STATUS_ASK["message"]],
+            }
+        },
+        id="task-whole",
+    ),
+    pytest.param(
+        {"message": {"messageId": "m1", "role": "ROLE_AGENT", "parts": [{"text": "done"}]}}, id="message"
+    ),
+    *(
         pytest.param(
             {
-                "artifactUpdate": {
+                "statusUpdate": {
                     "taskId": "t1",
-                    "contextId": "s1",
-                    "append": True,
-                    "lastChunk": False,
-                    "artifact": {"artifactId": "a1", "name": "echo", "parts": [{"text": "echo: hi"}]},
-                    "metadata": {"k": "v"},
+                    "status": {"state": "TASK_STATE_WORKING", "timestamp": stamp},
                 }
             },
-            id="artifact-update",
-        ),
-        pytest.param({"statusUpdate": {"taskId": "t1", "contextId": "s1", "status": _STATUS_ASK}}, id="ask"),
-        pytest.param(
-            {
-                "task": {
-                    "id": "t1",
-                    "context_id": "s1",  # the field's own name, as ProtoJSON also allows
-                    "status": {"state": 3, "timestamp": "2026-01-31T23:59:59.123456789Z"},
-                    "artifacts": [
-                        {"artifactId": "a1", "parts": [{"text": "x"}]},
-                        {"artifactId": "a2", "parts": []},
-                    ],
-                    "history": [_STATUS_ASK["message"]],
-                }
-            },
-            id="task-whole",
-        ),
-        pytest.param(
-            {"message": {"messageId": "m1", "role": "ROLE_AGENT", "parts": [{"text": "done"}]}}, id="message"
-        ),
-        *(
-            pytest.param(
-                {
-                    "statusUpdate": {
-                        "taskId": "t1",
-                        "status": {"state": "TASK_STATE_WORKING", "timestamp": stamp},
-                    }
+            id=stamp,
+        )
+        for stamp in (
+            "2026-12-07T08:58:52Z",
+            "2026-12-07T08:58:52.5Z",
+            "2026-12-07T08:58:52+01:00",
+            "1970-01-01T00:00:00.000001Z",
+        )
+    ),
+    # what the fast path leaves to a2a-sdk's parser
+    pytest.param(
+        {"message": {"messageId": "m1", "parts": [{"raw": "aGVsbG8=", "mediaType": "text/plain"}]}},
+        id="bytes",
+    ),
+    pytest.param({"message": {"messageId": "m1", "parts": [{"data": [1, 2]}]}}, id="data-not-an-object"),
+    pytest.param({"task": {"id": "t1", "somethingNew": {"a": 1}}}, id="unknown-field"),
+    pytest.param({"task": {"id": "t1", "status": None}}, id="null"),
+    pytest.param(
+        {"task": {"id": "t1", "status": {"state": "TASK_STATE_NOT_YET_INVENTED"}}}, id="unknown-enum"
+    ),
+    pytest.param({"message": {"messageId": "m1", "extensions": "urn:x"}}, id="list-expected"),
+    pytest.param({"task": {"id": 7}}, id="wrong-type"),
+    pytest.param({"task": {"id": "t1"}, "message": {"messageId": "m1"}}, id="two-of-a-oneof"),
+    pytest.param({"task": {"id": "t1", "contextId": "a", "context_id": "b"}}, id="both-names"),
+    pytest.param(
+        {"statusUpdate": {"taskId": "t1", "status": {"timestamp": "2026-13-07T08:58:52Z"}}}, id="bad-date"
+    ),
+]
+"""Events as agents send them, usual and not."""
+_MORE_EVENTS = [
+    pytest.param(
+        {
+            "statusUpdate": {
+                "taskId": "t1",
+                "contextId": "s1",
+                "status": {
+                    "state": "TASK_STATE_FAILED",
+                    "message": {
+                        "messageId": "m2",
+                        "role": "ROLE_AGENT",
+                        "parts": [
+                            {
+                                "data": {
+                                    "n": 2.0,
+                                    "big": 2**60,
+                                    "edge": 2**53 + 1,
+                                    "x": -0.0,
+                                    "l": [1, {"z": None}],
+                                }
+                            },
+                            {"data": "text as data"},
+                            {"text": "", "metadata": {"a": [1]}, "mediaType": "text/plain"},
+                            {"metadata": {"no": "content"}},
+                        ],
+                    },
                 },
-                id=stamp,
-            )
-            for stamp in (
-                "2026-12-07T08:58:52Z",
-                "2026-12-07T08:58:52.5Z",
-                "2026-12-07T08:58:52+01:00",
-                "1970-01-01T00:00:00.000001Z",
-            )
-        ),
-        # what the fast path leaves to a2a-sdk's parser
-        pytest.param(
-            {"message": {"messageId": "m1", "parts": [{"raw": "aGVsbG8=", "mediaType": "text/plain"}]}},
-            id="bytes",
-        ),
-        pytest.param({"message": {"messageId": "m1", "parts": [{"data": [1, 2]}]}}, id="data-not-an-object"),
-        pytest.param({"task": {"id": "t1", "somethingNew": {"a": 1}}}, id="unknown-field"),
-        pytest.param({"task": {"id": "t1", "status": None}}, id="null"),
-        pytest.param(
-            {"task": {"id": "t1", "status": {"state": "TASK_STATE_NOT_YET_INVENTED"}}}, id="unknown-enum"
-        ),
-        pytest.param({"message": {"messageId": "m1", "extensions": "urn:x"}}, id="list-expected"),
-        pytest.param({"task": {"id": 7}}, id="wrong-type"),
-        pytest.param({"task": {"id": "t1"}, "message": {"messageId": "m1"}}, id="two-of-a-oneof"),
-        pytest.param({"task": {"id": "t1", "contextId": "a", "context_id": "b"}}, id="both-names"),
-        pytest.param(
-            {"statusUpdate": {"taskId": "t1", "status": {"timestamp": "2026-13-07T08:58:52Z"}}}, id="bad-date"
-        ),
-    ],
-)
+            }
+        },
+        id="data-numbers",
+    ),
+    pytest.param({"artifactUpdate": {"taskId": "t1"}}, id="artifact-update-without-artifact"),
+    pytest.param({"task": {"id": "t1", "history": []}}, id="empty-history"),
+    pytest.param({"task": {"id": "t1"}}, id="task-without-status"),
+    pytest.param({}, id="no-payload"),
+    pytest.param({"message": {"messageId": "m1", "role": 2}}, id="role-as-number"),
+    pytest.param({"message": {"messageId": "m1", "role": "ROLE_ROBOT"}}, id="unknown-role"),
+    pytest.param({"message": {"parts": [{"text": "a", "url": "b"}]}}, id="part-with-two-contents"),
+    pytest.param({"message": {"parts": [{"data": None}]}}, id="null-data"),
+    pytest.param({"message": {"parts": [{"data": {"n": 2**1100}}]}}, id="number-beyond-a-double"),
+    pytest.param({"message": {"parts": [{"data": {"n": float("nan")}}]}}, id="nan"),
+    pytest.param(
+        {"message": {"parts": [{"data": functools.reduce(lambda v, _: {"a": v}, range(120), {})}]}}, id="deep"
+    ),
+    pytest.param(
+        {"message": {"metadata": functools.reduce(lambda v, _: [v], range(120), 1)}}, id="deep-metadata"
+    ),
+    pytest.param({"statusUpdate": {"taskId": 3}}, id="task-id-a-number"),
+    pytest.param(
+        {"statusUpdate": {"status": {"state": "TASK_STATE_COMPLETED", "timestamp": 5}}}, id="stamp-a-number"
+    ),
+    pytest.param({"artifactUpdate": {"append": "yes"}}, id="bool-expected"),
+    pytest.param([{"task": {"id": "t1"}}], id="not-an-object"),
+]
+"""More for the mesh's reading of events straight from their JSON."""
+
+
+@pytest.mark.parametrize("result", _EVENTS)
 def test_events_are_read_as_a2a_sdk_reads_them(result: dict[str, Any]) -> None:
     """The mesh's reading of an agent's event is a2a-sdk's own, field for field, or the same error."""
     try:
@@ -456,6 +654,31 @@ def test_events_are_read_as_a2a_sdk_reads_them(result: dict[str, Any]) -> None:
             parse(copy.deepcopy(result), StreamResponse)
     else:
         assert parse(copy.deepcopy(result), StreamResponse) == expected
+
+
+@pytest.mark.parametrize("result", [*_EVENTS, *_MORE_EVENTS])
+def test_the_mesh_reads_events_from_their_json_as_from_a2a_sdks_parse(result: Any) -> None:
+    """What the mesh reads straight from an event's JSON is what it reads of a2a-sdk's parse of
+    it. What it does not read so (``None``) goes through a2a-sdk's parser, and so does every
+    event the parser refuses."""
+    try:
+        expected: Seen | None = seen_in(parse_lenient(copy.deepcopy(result), StreamResponse()))
+    except Exception:
+        expected = None
+    seen = seen_in_json(copy.deepcopy(result))
+    assert seen is None or seen == expected
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param(*event.values, id=event.id)
+        for event in (*_EVENTS, *_MORE_EVENTS)
+        if event.id in {"task", "artifact-update", "ask", "message", "data-numbers", "2026-12-07T08:58:52Z"}
+    ],
+)
+def test_usual_events_are_read_straight_from_their_json(result: dict[str, Any]) -> None:
+    assert seen_in_json(result) is not None
 
 
 async def test_an_agent_that_speaks_a2a_0_3_is_called_in_0_3() -> None:

@@ -15,7 +15,9 @@ and keeps a2a-sdk's ``Client`` above it.
 
 The mesh's own dispatches skip the protobuf request and the ``Client`` layers too: the producer
 (``JsonRpcProducer``) keeps the transport it made for an agent that streams (``take``), and the
-mesh hands its ``stream`` the request's ProtoJSON, built as JSON from the mesh's message. The
+mesh hands its ``results`` the request's ProtoJSON, built as JSON from the mesh's message, and
+reads each result's JSON itself (``_events``). Closed at the final update, ``results`` does not
+wait for the stream's end: the connection goes back to the pool when it comes. The
 ``Client`` adds nothing to that call with the mesh's configuration (no interceptors, polling,
 push notifications or output modes); an interface with a tenant goes through the ``Client``.
 
@@ -26,6 +28,8 @@ unreachable, timed out connecting) is an ``aiohttp.ClientConnectorError`` or
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
@@ -33,6 +37,7 @@ from uuid import uuid4
 
 import aiohttp
 import httpx
+import orjson
 from a2a.client import A2AClientError, A2AClientTimeoutError, ClientCallContext, ClientConfig
 from a2a.client.transports import ClientTransport, JsonRpcTransport
 from a2a.compat.v0_3.jsonrpc_transport import CompatJsonRpcTransport
@@ -48,7 +53,9 @@ __all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport"]
 
 _ERRORS = {code: error for error, code in JSON_RPC_ERROR_CODE_MAP.items()}
 _ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_TAIL_S = 0.5
+"""How long the rest of a stream its caller stopped reading may take to end before its
+connection is dropped instead of going back to the pool."""
 _HEADERS = {
     "Accept": "text/event-stream",
     "Cache-Control": "no-store",
@@ -94,12 +101,30 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[StreamResponse]:
+        """``results`` as a2a-sdk's ``StreamResponse``s."""
+        async with contextlib.aclosing(self.results(params, headers=headers, timeout_s=timeout_s)) as results:
+            async for result in results:
+                yield parse(result, StreamResponse)
+
+    async def results(
+        self,
+        params: dict[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[Any]:
         """``SendStreamingMessage`` with ``params`` (a ``SendMessageRequest`` as ProtoJSON) and
-        ``headers`` besides the protocol's: the agent's events as they come, to the end of its
+        ``headers`` besides the protocol's: the ``result`` of each JSON-RPC response the agent
+        streams (a ``StreamResponse`` as decoded ProtoJSON), as they come, to the end of its
         stream. ``timeout_s`` bounds each phase (connect, each read) instead of the transport's
-        timeouts, as a ``ClientCallContext.timeout`` does in a2a-sdk."""
+        timeouts, as a ``ClientCallContext.timeout`` does in a2a-sdk.
+
+        Closed before the stream's end (its caller has what it needs: an A2A server ends the
+        stream after a final or interrupted state), it does not wait for the rest: the response
+        goes on arriving, and its connection goes back to the pool when the stream ends, or is
+        closed if that takes longer than ``_TAIL_S``."""
         payload = {"jsonrpc": "2.0", "id": str(uuid4()), "method": "SendStreamingMessage", "params": params}
-        body = _encode(payload).encode()
+        body = _encode(payload)
         sent = {**_HEADERS, **headers} if headers else _HEADERS
         timeout = self._timeout
         if timeout_s is not None:  # each phase, as a2a-sdk's httpx.Timeout(timeout)
@@ -107,24 +132,40 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         session = self._session()
         if session.closed:
             raise A2AClientError("HTTP client is closed")
+        response: aiohttp.ClientResponse | None = None
         try:
             # No redirect is followed (as a2a-sdk's httpx client does not): a redirect is an error.
-            call = session.post(self.url, data=body, headers=sent, timeout=timeout, allow_redirects=False)
-            async with call as response:
-                if response.status >= 300:
-                    text = await response.text(errors="replace")
-                    raise A2AClientError(f"HTTP Error {response.status}: {text[:500]}")
-                if "text/event-stream" not in response.headers.get("Content-Type", ""):
-                    yield _result(await response.read())  # e.g. a JSON-RPC error answered at once
-                    return
-                async for event, data in _events(response.content):
-                    if event == "error":
+            response = await session.post(
+                self.url, data=body, headers=sent, timeout=timeout, allow_redirects=False
+            )
+            if response.status >= 300:
+                text = await response.text(errors="replace")
+                raise A2AClientError(f"HTTP Error {response.status}: {text[:500]}")
+            if "text/event-stream" not in response.headers.get("Content-Type", ""):
+                yield _result(await response.read())  # e.g. a JSON-RPC error answered at once
+                return
+            events = _Events()
+            async for chunk in response.content.iter_any():
+                for name, data in events.feed(chunk):
+                    if name == "error":
                         raise _sse_error(data)
                     yield _result(data)
+            for name, data in events.end():
+                if name == "error":
+                    raise _sse_error(data)
+                yield _result(data)
+        except GeneratorExit:
+            if response is not None:  # closed by its caller at a result: the rest may end on its own
+                _leave(response)
+                response = None
+            raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise A2AClientTimeoutError("Client Request timed out") from exc
         except aiohttp.ClientError as exc:
             raise A2AClientError(f"Network communication error: {exc}") from exc
+        finally:
+            if response is not None:  # read to its end (the connection is back in the pool), or failed
+                response.release()
 
 
 class JsonRpcProducer:
@@ -171,26 +212,67 @@ class JsonRpcProducer:
         return made
 
 
-async def _events(content: aiohttp.StreamReader) -> AsyncGenerator[tuple[str, bytes]]:
-    """Server-sent events as (event name, data): lines end with LF or CRLF, a blank line ends an
-    event, ``:`` starts a comment; events with empty data are skipped (as a2a-sdk does)."""
-    pending = bytearray()
-    name = "message"
-    data: list[bytes] = []
-    async for chunk in content.iter_any():
-        pending += chunk
-        end = pending.rfind(b"\n")
-        if end < 0:
-            continue
-        lines = bytes(pending[:end]).split(b"\n")
-        del pending[: end + 1]
+def _leave(response: aiohttp.ClientResponse) -> None:
+    """Let the rest of ``response`` arrive unread: aiohttp puts its connection back in the pool
+    when the response ends (as when it is read to its end), and ``response.close()`` drops the
+    connection if that has not happened after ``_TAIL_S`` (an agent that keeps the stream open)."""
+    if response.closed:  # ended already: its connection is back in the pool
+        return
+    timer = asyncio.get_running_loop().call_later(_TAIL_S, response.close)
+    response.content.on_eof(timer.cancel)
+
+
+class _Events:
+    """Server-sent events from chunks cut anywhere, as (event name, data): lines end with LF or
+    CRLF, a blank line ends an event, ``:`` starts a comment; events with empty data are skipped
+    (as a2a-sdk does)."""
+
+    __slots__ = ("_data", "_name", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._name = "message"
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """The events that ``chunk`` completes."""
+        pending = self._pending
+        if pending:
+            pending += chunk
+            end = pending.rfind(b"\n")
+            if end < 0:
+                return []
+            lines = bytes(pending[:end]).split(b"\n")
+            del pending[: end + 1]
+        else:
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                pending += chunk
+                return []
+            lines = chunk[:end].split(b"\n") if end + 1 < len(chunk) else chunk.split(b"\n")[:-1]
+            if end + 1 < len(chunk):
+                pending += chunk[end + 1 :]
+        return self._lines(lines)
+
+    def end(self) -> list[tuple[str, bytes]]:
+        """The last event of a stream that ends without its blank line (and without a line end)."""
+        lines = [bytes(self._pending)] if self._pending else []
+        self._pending = bytearray()
+        events = self._lines(lines)
+        if any(self._data):
+            events.append((self._name, b"\n".join(self._data)))
+        return events
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        events = []
+        data = self._data
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if any(data):
-                    yield name, b"\n".join(data)
-                name, data = "message", []
+                    events.append((self._name, data[0] if len(data) == 1 else b"\n".join(data)))
+                self._name, data = "message", []
                 continue
             field, _, value = line.partition(b":")
             if value.startswith(b" "):
@@ -198,18 +280,15 @@ async def _events(content: aiohttp.StreamReader) -> AsyncGenerator[tuple[str, by
             if field == b"data":
                 data.append(value)
             elif field == b"event":
-                name = value.decode(errors="replace")
-    if any(data):  # a stream that ends without the last blank line
-        yield name, b"\n".join(data)
+                self._name = value.decode(errors="replace")
+        self._data = data
+        return events
 
 
-def _result(data: bytes) -> StreamResponse:
-    """One JSON-RPC response's result as a2a-sdk's ``StreamResponse``; its error raised as the
-    A2A error its code maps to."""
-    try:
-        response = json.loads(data.decode())  # SSE is UTF-8: no encoding to detect
-    except ValueError as exc:
-        raise A2AClientError(f"Invalid JSON-RPC response in SSE stream: {exc}") from exc
+def _result(data: bytes) -> Any:
+    """One JSON-RPC response's result (as decoded JSON); its error raised as the A2A error its
+    code maps to."""
+    response = _loads(data)
     if not isinstance(response, dict):
         raise A2AClientError(f"Invalid JSON-RPC response: expected an object, got {type(response).__name__}")
     error = response.get("error")
@@ -219,7 +298,28 @@ def _result(data: bytes) -> StreamResponse:
         raise _rpc_error(error)
     if "result" not in response:
         raise A2AClientError("Invalid JSON-RPC response: it has neither 'result' nor 'error'")
-    return parse(response["result"], StreamResponse)
+    return response["result"]
+
+
+def _loads(data: bytes) -> Any:
+    """JSON as ``json.loads`` reads it (SSE is UTF-8: no encoding to detect), with orjson first:
+    what orjson refuses (``NaN``, integers beyond 64 bits, lone surrogates) is read by ``json``."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data.decode())
+    except ValueError as exc:
+        raise A2AClientError(f"Invalid JSON-RPC response in SSE stream: {exc}") from exc
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    """The request's JSON (orjson; ``json`` for an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _sse_error(data: bytes) -> Exception:

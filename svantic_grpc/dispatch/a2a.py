@@ -38,18 +38,10 @@ from a2a.client import (
     ClientFactory,
 )
 from a2a.client.card_resolver import parse_agent_card
-from a2a.types import (
-    AgentCard,
-    CancelTaskRequest,
-    SendMessageRequest,
-    TaskState,
-)
-from a2a.types import Artifact as A2AArtifact
+from a2a.types import AgentCard, CancelTaskRequest, SendMessageRequest, StreamResponse
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
 from a2a.utils.errors import A2AError, TaskNotFoundError
-from google.protobuf import json_format
 
-from svantic_grpc._json import whole
 from svantic_grpc.core.dispatch import (
     DispatchFailed,
     DispatchJob,
@@ -59,9 +51,10 @@ from svantic_grpc.core.dispatch import (
 )
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
 from svantic_grpc.core.inputs.model import InputRequest
-from svantic_grpc.core.messages.model import Artifact, FilePart, MessageState, Part, Role
+from svantic_grpc.core.messages.model import MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.dispatch._aiohttp import AgentHttpClient
+from svantic_grpc.dispatch._events import Seen, seen_in, seen_in_json
 from svantic_grpc.dispatch._jsonrpc import JsonRpcProducer, StreamingJsonRpcTransport
 from svantic_grpc.dispatch._protojson import parse
 
@@ -69,16 +62,6 @@ __all__ = ["A2ATransport"]
 
 _log = logging.getLogger(__name__)
 
-_STATES = {
-    TaskState.TASK_STATE_SUBMITTED: None,
-    TaskState.TASK_STATE_WORKING: MessageState.WORKING,
-    TaskState.TASK_STATE_COMPLETED: MessageState.COMPLETED,
-    TaskState.TASK_STATE_FAILED: MessageState.FAILED,
-    TaskState.TASK_STATE_CANCELED: MessageState.CANCELED,
-    TaskState.TASK_STATE_INPUT_REQUIRED: MessageState.INPUT_REQUIRED,
-    TaskState.TASK_STATE_REJECTED: MessageState.REJECTED,
-    TaskState.TASK_STATE_AUTH_REQUIRED: MessageState.INPUT_REQUIRED,
-}
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
 _BINDINGS: dict[str, str] = {
     TransportProtocol.JSONRPC: "a2a-jsonrpc",
@@ -87,7 +70,8 @@ _BINDINGS: dict[str, str] = {
 }
 """The A2A bindings the mesh speaks, in its order of preference, and their names in GetAgent."""
 _DRAIN_S = 0.5
-"""How long the end of a stream may take to come after the agent's final update."""
+"""How long the end of a stream read through a2a-sdk's ``Client`` may take to come after the
+agent's final update."""
 
 
 class A2ATransport:
@@ -185,7 +169,7 @@ class A2ATransport:
                 params = {"message": message, "configuration": _NO_HISTORY}
                 call: AsyncIterator[Any]
                 if direct is not None:  # the JSON-RPC streaming call without the Client around it
-                    call = direct.stream(params, headers=headers)
+                    call = direct.results(params, headers=headers)
                 else:
                     context = ClientCallContext(service_parameters=headers)
                     call = client.send_message(parse(params, SendMessageRequest), context=context)
@@ -194,11 +178,12 @@ class A2ATransport:
                     async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
                         async for event in stream:
                             delivered = True
-                            if first and "taskId" in message and _still_asking(event):
+                            seen = _seen(event) if direct is not None else seen_in(event)
+                            if first and "taskId" in message and _still_asking(seen):
                                 first = False
                                 continue  # the task as it stood when the answer went out: no new question
                             first = False
-                            update, task_id = _update_from(event, task_id)
+                            update, task_id = _update_from(seen, task_id)
                             if update is None:
                                 continue
                             if update.state is MessageState.INPUT_REQUIRED:
@@ -206,8 +191,10 @@ class A2ATransport:
                                 break
                             # Mark the end before yielding: the caller stops reading after a final update.
                             ended = update.state in _ENDS
-                            if ended:
+                            if ended and direct is None:
                                 await _drain(stream)
+                            # The mesh's own call does not wait for the stream's end: closed here, it
+                            # leaves the rest to arrive and the connection goes back to the pool then.
                             yield update
                             if ended:
                                 return
@@ -337,39 +324,33 @@ async def _cancel_quietly(client: Client, task_id: str, context: ClientCallConte
         _log.debug("cancel of A2A task %s failed: %s", task_id, exc)
 
 
-def _still_asking(event: Any) -> bool:
+def _still_asking(seen: Seen) -> bool:
     """Whether the first event of a turn that answers the agent is the task as it stood before the
     answer: an A2A 1.0 server begins every stream with the task (``@a2a-js/sdk`` insists on it),
     and until the agent has read the answer that task still says input-required. Taken as a new
     question, the mesh would ask the human the same thing again, for ever."""
-    return event.WhichOneof("payload") == "task" and _STATES.get(event.task.status.state) is (
-        MessageState.INPUT_REQUIRED
-    )
+    return seen.kind == "task" and seen.state is MessageState.INPUT_REQUIRED
 
 
-def _update_from(event: Any, task_id: str) -> tuple[DispatchUpdate | None, str]:
+def _seen(result: Any) -> Seen:
+    """What the mesh's own streaming call's ``result`` says: read straight from its JSON, or,
+    when it is unusual, through a2a-sdk's parser (which raises what a2a-sdk raises)."""
+    seen = seen_in_json(result)
+    return seen if seen is not None else seen_in(parse(result, StreamResponse))
+
+
+def _update_from(seen: Seen, task_id: str) -> tuple[DispatchUpdate | None, str]:
     """The update an A2A event says (its ``task_ref`` the agent's task id), and that task id."""
-    kind = event.WhichOneof("payload")
+    kind = seen.kind
     if kind == "message":  # a direct reply: the whole answer
-        parts = _parts_from(event.message.parts)
-        return DispatchUpdate(MessageState.COMPLETED, parts, task_ref=task_id), task_id
-    if kind == "task":
-        task = event.task
-        state = _STATES.get(task.status.state)
-        said = _parts_from(task.status.message.parts) if task.status.HasField("message") else ()
-        artifacts = tuple(_artifact_from(a) for a in task.artifacts)
+        return DispatchUpdate(MessageState.COMPLETED, seen.said, task_ref=task_id), task_id
+    if kind == "task" or kind == "status":
+        state, said = seen.state, seen.said
         ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        return DispatchUpdate(state, said, artifacts, _reason(state, said), ask, task.id), task.id
-    if kind == "status_update":
-        status = event.status_update.status
-        state = _STATES.get(status.state)
-        said = _parts_from(status.message.parts) if status.HasField("message") else ()
-        ask = parse_ask(said) if state is MessageState.INPUT_REQUIRED else None
-        task_id = event.status_update.task_id or task_id
-        return DispatchUpdate(state, said, (), _reason(state, said), ask, task_id), task_id
-    if kind == "artifact_update":
-        artifact = _artifact_from(event.artifact_update.artifact)
-        return DispatchUpdate(artifacts=(artifact,), task_ref=task_id), task_id
+        task_id = seen.task_id if kind == "task" else seen.task_id or task_id
+        return DispatchUpdate(state, said, seen.artifacts, _reason(state, said), ask, task_id), task_id
+    if kind == "artifact":
+        return DispatchUpdate(artifacts=seen.artifacts, task_ref=task_id), task_id
     return None, task_id
 
 
@@ -444,24 +425,3 @@ def _to_a2a_part(part: Part) -> dict[str, Any]:
     if file.name:
         json_part["filename"] = file.name
     return json_part
-
-
-def _parts_from(parts: Any) -> tuple[Part, ...]:
-    result = []
-    for part in parts:
-        kind = part.WhichOneof("content")
-        if kind == "text":
-            result.append(Part(text=part.text))
-        elif kind == "data":
-            # a2a-sdk holds data as a protobuf Value (doubles): whole numbers back to ints
-            value = whole(json_format.MessageToDict(part.data))
-            result.append(Part(data=value if isinstance(value, dict) else {"value": value}))
-        elif kind == "raw":
-            result.append(Part(file=FilePart(part.filename, part.media_type, data=part.raw)))
-        elif kind == "url":
-            result.append(Part(file=FilePart(part.filename, part.media_type, uri=part.url)))
-    return tuple(result)
-
-
-def _artifact_from(artifact: A2AArtifact) -> Artifact:
-    return Artifact(artifact.artifact_id, _parts_from(artifact.parts), artifact.name)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -21,6 +21,13 @@ from svantic_grpc.core.clock import Clock
 __all__ = ["DispatchTokens"]
 
 _ALGORITHM = "EdDSA"
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+"""JSON as PyJWT writes a token's parts (compact, ASCII)."""
+
+
+def _segment(data: bytes) -> bytes:
+    """One part of a compact JWS: base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 class DispatchTokens:
@@ -49,6 +56,8 @@ class DispatchTokens:
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self._public_x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
+        # The header is the same for every token: encoded once (PyJWT would encode it per token).
+        self._header = _segment(_compact({"alg": _ALGORITHM, "kid": self.key_id, "typ": "JWT"}).encode())
 
     def sign(
         self, *, tenant_id: str, agent_type: str, instance_id: str, session_id: str, dispatch_id: str
@@ -68,8 +77,11 @@ class DispatchTokens:
             "iat": int(now),
             "exp": expires,
         }
-        token = jwt.encode(claims, self._key, algorithm=_ALGORITHM, headers={"kid": self.key_id})
-        return token, float(expires)
+        # The bytes PyJWT's ``jwt.encode(claims, key, "EdDSA", headers={"kid": ...})`` makes, with
+        # the one signature each dispatch needs and none of the per-call header and key work.
+        signed = self._header + b"." + _segment(_compact(claims).encode())
+        token = signed + b"." + _segment(self._key.sign(signed))
+        return token.decode("ascii"), float(expires)
 
     def jwks(self) -> dict[str, Any]:
         """The public key set that verifies these tokens."""
