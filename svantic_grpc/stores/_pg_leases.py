@@ -9,8 +9,9 @@ any replica with ``FOR UPDATE SKIP LOCKED``, oldest first (an index on the expir
 taken once, and the cost of a sweep does not grow with the leases that are not due.
 
 A message sent to a replica that does not own its session is written with a ``handoffs`` row
-naming the owner and a ``NOTIFY`` in the same transaction; the owner claims its rows (again
-``SKIP LOCKED``), on the bell and on every renewal tick in case a bell was missed.
+naming the owner and a ``NOTIFY`` on the owner's channel in the same transaction (the other
+replicas do not hear it); the owner claims its rows (again ``SKIP LOCKED``), on the bell and on
+every renewal tick in case a bell was missed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncpg
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SessionKey, Takeover
-from svantic_grpc.stores._pg_listen import cancel_tasks, stop_listening
+from svantic_grpc.stores._pg_listen import cancel_tasks, replica_channel, stop_listening
 
 if TYPE_CHECKING:
     from svantic_grpc.stores.postgres import PostgresStore
@@ -411,7 +412,7 @@ class PgLeases(Ownership):
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
-        await conn.add_listener(self._store.handoff_channel, self._rung)
+        await conn.add_listener(replica_channel(self._store.handoff_channel, self.replica_id), self._rung)
         conn.add_termination_listener(self._dropped)
         self._listener = conn
 
@@ -508,9 +509,10 @@ async def check_fence(conn: asyncpg.Connection, key: SessionKey, owner: str, fen
 
 
 async def record_hand_offs(
-    conn: asyncpg.Connection, key: SessionKey, message_ids: list[str], channel: str
+    conn: asyncpg.Connection, key: SessionKey, message_ids: list[str], prefix: str
 ) -> None:
-    """Hand new messages to the session's owner and ring it (delivered only if the write commits)."""
+    """Hand new messages to the session's owner and ring it, on its own channel (``prefix`` and
+    its id: ``replica_channel``; delivered only if the write commits)."""
     owner = await conn.fetchval(
         "SELECT owner FROM leases WHERE tenant_id = $1 AND session_id = $2 FOR KEY SHARE", *key
     )
@@ -522,4 +524,4 @@ async def record_hand_offs(
         message_ids,
     )
     if owner:
-        await conn.execute("SELECT pg_notify($1, $2)", channel, owner)
+        await conn.execute("SELECT pg_notify($1, $2)", replica_channel(prefix, owner), owner)

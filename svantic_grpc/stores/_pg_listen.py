@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import Collection
 
 import asyncpg
 
-__all__ = ["cancel_tasks", "stop_listening"]
+__all__ = ["cancel_tasks", "replica_channel", "stop_listening"]
+
+
+def replica_channel(prefix: str, replica_id: str) -> str:
+    """The channel that rings one replica (hand-offs, relay): ``prefix`` and a hash of its id, so a
+    bell wakes only the replica it is for, not every replica listening (a hash that two replicas
+    share only costs the other a wake-up: the payload still names the replica)."""
+    return f"{prefix}_{zlib.crc32(replica_id.encode()):08x}"
 
 
 async def cancel_tasks(tasks: Collection[asyncio.Task[None]]) -> None:

@@ -1,10 +1,11 @@
 """Dispatches to connected agents whose stream another replica holds, relayed through PostgreSQL.
 
 Each item (``core.dispatch._relay.Relayed``) is a row of ``relay`` naming the replica it is for,
-written with a ``NOTIFY`` naming that replica in the same statement (delivered only if it
-commits). The replica takes its rows with ``DELETE ... FOR UPDATE SKIP LOCKED`` in id order, on
-the bell and every ``poll_s`` in case a bell was missed, so each item is handled once. At start a
-replica deletes the rows left for its former life: the dispatches they belong to died with it.
+written with a ``NOTIFY`` on that replica's channel, naming it, in the same statement (delivered
+only if it commits; the other replicas do not hear it). The replica takes its rows with ``DELETE
+... FOR UPDATE SKIP LOCKED`` in id order, on the bell and every ``poll_s`` in case a bell was
+missed, so each item is handled once. At start a replica deletes the rows left for its former
+life: the dispatches they belong to died with it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from svantic_grpc.core.dispatch._relay import Relay, Relayed, RelayKind
 from svantic_grpc.core.dispatch._seam import DispatchJob, DispatchUpdate
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.stores import _codec
-from svantic_grpc.stores._pg_listen import stop_listening
+from svantic_grpc.stores._pg_listen import replica_channel, stop_listening
 
 if TYPE_CHECKING:
     from svantic_grpc.stores.postgres import PostgresStore
@@ -51,7 +52,7 @@ class PgRelay(Relay):
         self._store = store
         self.replica_id = replica_id
         self._poll_s = poll_s
-        self._channel = store.relay_channel
+        self._prefix = store.relay_channel
         self._receive: Callable[[Relayed], None] | None = None
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
@@ -64,7 +65,8 @@ class PgRelay(Relay):
         self._task = asyncio.create_task(self._take(), name="svantic-relay")
 
     async def send(self, to_replica: str, item: Relayed) -> None:
-        await self._store.pool.execute(_SEND, to_replica, _codec.dumps(encode_item(item)), self._channel)
+        channel = replica_channel(self._prefix, to_replica)
+        await self._store.pool.execute(_SEND, to_replica, _codec.dumps(encode_item(item)), channel)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -73,7 +75,7 @@ class PgRelay(Relay):
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self._store.dsn, timeout=10)
-        await conn.add_listener(self._channel, self._rung)
+        await conn.add_listener(replica_channel(self._prefix, self.replica_id), self._rung)
         conn.add_termination_listener(self._dropped)
         self._listener = conn
 

@@ -85,9 +85,11 @@ class PostgresStore(Store):
         self.bell_prefix = f"svantic_events_{zlib.crc32(schema.encode()):08x}_"
         """Where the channels of this schema's event bell start (``bell_of`` names a session's)."""
         self.handoff_channel = f"svantic_handoffs_{zlib.crc32(schema.encode()):08x}"
-        """The channel that tells a replica a message was handed to it (the payload names it)."""
+        """Where the channels that tell a replica a message was handed to it start (a channel per
+        replica, ``replica_channel``; the payload names the replica)."""
         self.relay_channel = f"svantic_relay_{zlib.crc32(schema.encode()):08x}"
-        """The channel that tells a replica a dispatch item was relayed to it (the payload names it)."""
+        """Where the channels that tell a replica a dispatch item was relayed to it start (a channel
+        per replica, ``replica_channel``; the payload names the replica)."""
         self.replica_id = ""
         """This replica's name in lease rows (set by ``ownership``)."""
         self.fences: dict[SessionKey, int] = {}

@@ -23,6 +23,7 @@ from a2a.helpers import new_data_part
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from grpc import aio
 
+from svantic_grpc.core.dispatch._relay import Relayed, RelayKind
 from svantic_grpc.core.events import AgentLeft, MessageStateChanged, StatusChanged
 from svantic_grpc.core.inputs.model import InputState, Surface
 from svantic_grpc.core.messages.model import MessageState
@@ -145,6 +146,34 @@ async def test_a_message_sent_to_another_replica_runs_on_the_owner(replicas: lis
     assert states[0] == message_types_pb2.MESSAGE_STATE_SUBMITTED and states[-1] == COMPLETED
     assert (TENANT, session_id) not in c.server.mesh.messages._runtimes
     assert await _owner(c, session_id) == a.server.mesh.ownership.replica_id
+
+
+async def _bells(listener: asyncpg.Connection, into: list[str]) -> None:
+    """Every payload ``listener`` hears from now on, on whichever channels it listens on, goes to ``into``."""
+    for channel in list(listener._listeners):  # type: ignore[attr-defined]
+        await listener.add_listener(channel, lambda conn, pid, channel, payload: into.append(payload))
+
+
+async def test_a_hand_off_or_a_relayed_item_rings_only_the_replica_it_is_for(replicas: list[Client]) -> None:
+    a, b, _ = replicas
+    names = [r.server.mesh.ownership.replica_id for r in replicas]
+    hand_offs: dict[str, list[str]] = {name: [] for name in names}
+    relayed: dict[str, list[str]] = {name: [] for name in names}
+    for replica, name in zip(replicas, names, strict=True):
+        await _bells(replica.server.mesh.ownership._listener, hand_offs[name])  # type: ignore[attr-defined]
+        await _bells(replica.server.mesh.relay._listener, relayed[name])  # type: ignore[union-attr]
+    session_id = await new_session(a)
+    answered = await send(b, session_id, "hello from b", data({"target_agent": "savant:chat"}))
+    assert answered.state == COMPLETED
+    relay = b.server.mesh.relay
+    assert relay is not None
+    # An item about no dispatch in flight: the receiver drops it.
+    await relay.send(names[0], Relayed(RelayKind.CANCEL, dispatch_id="none", sender=names[1]))
+    await until(lambda: relayed[names[0]], "the relayed item rang its replica")
+    await asyncio.sleep(0.2)  # a bell on the others would have come by now
+    # Only the owner was woken (at three replicas every hand-off and relayed item rang all three).
+    assert hand_offs == {names[0]: [names[0]], names[1]: [], names[2]: []}
+    assert relayed == {names[0]: [names[0]], names[1]: [], names[2]: []}
 
 
 async def test_a_replica_whose_lease_was_taken_over_cannot_write(
