@@ -95,7 +95,10 @@ class A2ATransport:
         # aiohttp carries the bytes: far less CPU per call than httpx's own stack.
         self._http = AgentHttpClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            # An idle connection goes after 2 s, before the agent's server closes it (uvicorn: 5 s,
+            # httpx's own default too): a call reusing one just as the agent closed it failed with
+            # "Server disconnected" as a failed dispatch.
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0),
         )
         self._factory = ClientFactory(
             ClientConfig(
