@@ -410,6 +410,20 @@ async def test_a_stream_that_does_not_end_after_the_final_update_loses_its_conne
         await transport.close()
 
 
+async def test_closing_the_transport_closes_the_streams_left_to_end() -> None:
+    # found in the full suite: a stream left to end by itself (answered at its final update) whose
+    # agent held it open past the transport's close kept its connection, warned about at collection
+    transport = A2ATransport()
+    async with _held_agent() as (url, agent):
+        try:
+            await _completed(transport, url, 1)
+            assert len(_jsonrpc._LEFT) == 1  # the tail is still arriving (the agent holds it open)
+        finally:
+            await transport.close()
+        assert not _jsonrpc._LEFT
+        await asyncio.wait_for(agent.dropped.wait(), 10)  # its connection was closed, not leaked
+
+
 async def test_an_agent_silent_longer_than_the_read_timeout_mid_stream_fails_the_dispatch() -> None:
     # Events 0.15 s apart for longer than the 0.4 s timeout (each silence is shorter: not cut),
     # then nothing: "the agent went silent", not a hang.

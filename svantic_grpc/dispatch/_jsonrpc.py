@@ -49,7 +49,7 @@ from google.protobuf import json_format
 
 from svantic_grpc.dispatch._protojson import parse
 
-__all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport"]
+__all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport", "close_left"]
 
 _ERRORS = {code: error for error, code in JSON_RPC_ERROR_CODE_MAP.items()}
 _ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -212,14 +212,35 @@ class JsonRpcProducer:
         return made
 
 
+_LEFT: set[aiohttp.ClientResponse] = set()
+"""Responses left to end by themselves (``_leave``), until they do or are closed."""
+
+
 def _leave(response: aiohttp.ClientResponse) -> None:
     """Let the rest of ``response`` arrive unread: aiohttp puts its connection back in the pool
     when the response ends (as when it is read to its end), and ``response.close()`` drops the
     connection if that has not happened after ``_TAIL_S`` (an agent that keeps the stream open)."""
     if response.closed:  # ended already: its connection is back in the pool
         return
-    timer = asyncio.get_running_loop().call_later(_TAIL_S, response.close)
-    response.content.on_eof(timer.cancel)
+    _LEFT.add(response)
+
+    def close() -> None:
+        _LEFT.discard(response)
+        response.close()
+
+    timer = asyncio.get_running_loop().call_later(_TAIL_S, close)
+
+    def ended() -> None:
+        timer.cancel()
+        _LEFT.discard(response)
+
+    response.content.on_eof(ended)
+
+
+def close_left() -> None:
+    """Close every response still left to end (the client is closing: none may outlive it)."""
+    while _LEFT:
+        _LEFT.pop().close()
 
 
 class _Events:

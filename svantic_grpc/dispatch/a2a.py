@@ -55,7 +55,7 @@ from svantic_grpc.core.messages.model import MessageState, Part, Role
 from svantic_grpc.core.models import AgentRegistration
 from svantic_grpc.dispatch._aiohttp import AgentHttpClient
 from svantic_grpc.dispatch._events import Seen, seen_in, seen_in_json
-from svantic_grpc.dispatch._jsonrpc import JsonRpcProducer, StreamingJsonRpcTransport
+from svantic_grpc.dispatch._jsonrpc import JsonRpcProducer, StreamingJsonRpcTransport, close_left
 from svantic_grpc.dispatch._protojson import parse
 
 __all__ = ["A2ATransport"]
@@ -264,6 +264,7 @@ class A2ATransport:
         for agent in clients.values():
             with contextlib.suppress(Exception):
                 await agent.client.close()
+        close_left()  # streams still ending by themselves: their connections go with the pool
         await self._http.aclose()
 
 
