@@ -28,6 +28,11 @@ one's server (and agent) does more. Variants:
   server's side is this checkout's for both.
 
 Every span is sampled. ``--concurrency`` calls are in flight per variant while it runs.
+
+``--instructions`` counts instead the instructions the **server alone** executes per message
+(valgrind's callgrind; all its threads, grpc's included; not the exporting child), each variant's
+server in a process of its own under callgrind, the client and the agent in this one: unlike CPU
+time, the count does not move with other work on the machine, so a change of a few µs shows.
 """
 
 from __future__ import annotations
@@ -36,15 +41,18 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -156,6 +164,21 @@ class _OnlyCurrent(OtelTracing):
         return current()
 
 
+def _settings(variant: str) -> Any:
+    return parse_settings(
+        {
+            "grpc_address": "127.0.0.1:0",
+            "http_address": "127.0.0.1:0",
+            "session_ttl_ms": 0,
+            "shutdown_grace_s": 0,
+            "store": "memory",
+            "log_level": "WARNING",
+            "dispatch": {"max_dispatches_per_session": 0},
+            "metrics": {"enabled": variant != "off"},
+        }
+    )
+
+
 def _child_cpu(provider: Any) -> float:
     """CPU seconds of ``provider``'s exporting child process so far (0 without one)."""
     pid = getattr(getattr(provider, "_exporter", None), "pid", None)
@@ -172,20 +195,8 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
     os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
     trios: dict[str, tuple[MeshServer, Any, Any, list[Any]]] = {}
     for variant in args.variants:
-        settings = parse_settings(
-            {
-                "grpc_address": "127.0.0.1:0",
-                "http_address": "127.0.0.1:0",
-                "session_ttl_ms": 0,
-                "shutdown_grace_s": 0,
-                "store": "memory",
-                "log_level": "WARNING",
-                "dispatch": {"max_dispatches_per_session": 0},
-                "metrics": {"enabled": variant != "off"},
-            }
-        )
         provider = _provider(variant, endpoint, args.base)
-        server = MeshServer(settings, env={}, tracer_provider=provider)
+        server = MeshServer(_settings(variant), env={}, tracer_provider=provider)
         if variant == "traced-nodispatch":
             server.mesh.dispatches._tracing = NO_TRACING
         elif variant == "traced-noheaders":
@@ -263,6 +274,91 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
         )
 
 
+async def serve(variant: str, endpoint: str) -> None:
+    """``--serve``: one variant's server alone (under callgrind for ``--instructions``) until stdin closes."""
+    os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+    provider = _provider(variant, endpoint)
+    server = MeshServer(_settings(variant), env={}, tracer_provider=provider)
+    await server.start()
+    print(server.target, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+    if provider is not None:
+        provider.shutdown()
+
+
+async def _server_instructions(args: argparse.Namespace, variant: str, endpoint: str, out: Path) -> float:
+    """One variant's server under callgrind: its instructions per message (callgrind's files in ``out``)."""
+    server = await asyncio.create_subprocess_exec(
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out / variant}.%p",
+        sys.executable,
+        str(SCRIPT),
+        "--serve",
+        variant,
+        "--endpoint",
+        endpoint,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert server.stdout is not None and server.stdin is not None
+    target = (await asyncio.wait_for(server.stdout.readline(), 300)).decode().strip()
+    agent = make_agent(target, f"echo-{variant}")
+    agent_task = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.connected.wait(), 300)
+    channel = aio.insecure_channel(target)
+    calls = await _mesh_calls(channel, args.concurrency, args.concurrency)
+
+    async def send(count: int) -> None:
+        left = count
+
+        async def worker(call: Any) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call()
+
+        await asyncio.gather(*(worker(c) for c in calls))
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(server.pid)], stdout=subprocess.DEVNULL, check=True)
+
+    await send(100)  # warm-up
+    await asyncio.to_thread(control, "--zero")
+    await send(args.messages)
+    await asyncio.to_thread(control, "--dump")
+    await channel.close()
+    await agent.stop()
+    agent_task.cancel()
+    server.stdin.close()
+    await asyncio.wait_for(server.wait(), 300)
+    dump = out / f"{variant}.{server.pid}.1"  # the one made by --dump
+    total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+    assert total is not None, f"no summary in {dump}"
+    return int(total[1]) / args.messages
+
+
+async def instructions(args: argparse.Namespace, endpoint: str) -> None:
+    """``--instructions``: each variant's server in its own process under callgrind; its instructions
+    per message over ``--messages`` messages sent after a warm-up (the counters zeroed, then dumped)."""
+    counts: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.keep or Path(scratch)
+        out.mkdir(parents=True, exist_ok=True)
+        for variant in args.variants:
+            counts[variant] = await _server_instructions(args, variant, endpoint, out)
+    print(
+        f"server instructions per message (callgrind, all its threads; {args.messages} messages after a"
+        f" warm-up, {args.concurrency} in flight); load average"
+        f" {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    base = counts.get("off", float("nan"))
+    for variant, count in counts.items():
+        print(f"{variant:<20}{count:>12,.0f}{count - base:>+12,.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -272,13 +368,29 @@ def main() -> None:
     parser.add_argument(
         "--base", type=Path, default=None, help="a checkout whose exporting child runs as traced-base"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: the server's instructions per message under valgrind's callgrind, per variant",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files there"
+    )
+    parser.add_argument("--serve", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.endpoint))
+        return
+    if args.instructions and args.variants == list(VARIANTS):
+        args.variants = ["off", "metrics", "traced"]
     if args.base is not None and "traced-base" not in args.variants:
         args.variants.append("traced-base")
     sink = subprocess.Popen([sys.executable, "-c", SINK, "sink"], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None
-        asyncio.run(run(args, f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"))
+        endpoint = f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"
+        asyncio.run(instructions(args, endpoint) if args.instructions else run(args, endpoint))
     finally:
         sink.kill()
         sink.wait()
