@@ -89,7 +89,8 @@ def _provider(variant: str, endpoint: str, base: Path | None = None) -> Any:
         # Its package first on the path: ``-m`` would put the current directory (this checkout) first.
         run = f"import sys; sys.path.insert(0, {str(base)!r}); from svantic_grpc import _span_export as e"
         run += "; e.child_main()"
-        exporter = ChildExporter(env, command=[str(base / ".venv" / "bin" / "python"), "-c", run])
+        venv = base / ".venv" / "bin" / "python"  # its own, else this one's (its code first on the path)
+        exporter = ChildExporter(env, command=[str(venv if venv.exists() else sys.executable), "-c", run])
         return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), env, exporter)
     if variant in MORE:
         from opentelemetry.sdk.resources import Resource
