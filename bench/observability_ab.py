@@ -56,6 +56,8 @@ ROOT = SCRIPT.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
+if os.environ.get("SVANTIC_AB_CODE"):  # a --serve child of --instructions --base: that checkout's mesh
+    sys.path.insert(0, os.environ["SVANTIC_AB_CODE"])
 
 from echo_agent import make_agent  # noqa: E402
 from grpc import aio  # noqa: E402
@@ -288,12 +290,16 @@ async def serve(variant: str, endpoint: str) -> None:
         provider.shutdown()
 
 
-async def _server_instructions(args: argparse.Namespace, variant: str, endpoint: str, out: Path) -> float:
-    """One variant's server under callgrind: its instructions per message (callgrind's files in ``out``)."""
+async def _server_instructions(
+    args: argparse.Namespace, variant: str, endpoint: str, out: Path, code: Path | None
+) -> float:
+    """One variant's server under callgrind, of this checkout or of ``code``: its instructions per
+    message (callgrind's files in ``out``)."""
+    name = variant if code is None else f"{variant}-base"
     server = await asyncio.create_subprocess_exec(
         "valgrind",
         "--tool=callgrind",
-        f"--callgrind-out-file={out / variant}.%p",
+        f"--callgrind-out-file={out / name}.%p",
         sys.executable,
         str(SCRIPT),
         "--serve",
@@ -303,6 +309,7 @@ async def _server_instructions(args: argparse.Namespace, variant: str, endpoint:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "SVANTIC_AB_CODE": str(code or "")},
     )
     assert server.stdout is not None and server.stdin is not None
     target = (await asyncio.wait_for(server.stdout.readline(), 300)).decode().strip()
@@ -335,7 +342,7 @@ async def _server_instructions(args: argparse.Namespace, variant: str, endpoint:
     agent_task.cancel()
     server.stdin.close()
     await asyncio.wait_for(server.wait(), 300)
-    dump = out / f"{variant}.{server.pid}.1"  # the one made by --dump
+    dump = out / f"{name}.{server.pid}.1"  # the one made by --dump
     total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
     assert total is not None, f"no summary in {dump}"
     return int(total[1]) / args.messages
@@ -343,21 +350,26 @@ async def _server_instructions(args: argparse.Namespace, variant: str, endpoint:
 
 async def instructions(args: argparse.Namespace, endpoint: str) -> None:
     """``--instructions``: each variant's server in its own process under callgrind; its instructions
-    per message over ``--messages`` messages sent after a warm-up (the counters zeroed, then dumped)."""
-    counts: dict[str, float] = {}
+    per message over ``--messages`` messages sent after a warm-up (the counters zeroed, then dumped).
+    With ``--base``, each variant's server of that checkout too (its code first on the path)."""
+    codes: dict[str, Path | None] = {"this": None, **({"base": args.base} if args.base else {})}
+    counts: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         out = args.keep or Path(scratch)
         out.mkdir(parents=True, exist_ok=True)
         for variant in args.variants:
-            counts[variant] = await _server_instructions(args, variant, endpoint, out)
+            for checkout, code in codes.items():
+                counts[(checkout, variant)] = await _server_instructions(args, variant, endpoint, out, code)
+                print(f"{checkout} {variant}: {counts[(checkout, variant)]:,.0f}", flush=True)
     print(
         f"server instructions per message (callgrind, all its threads; {args.messages} messages after a"
         f" warm-up, {args.concurrency} in flight); load average"
         f" {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
-    base = counts.get("off", float("nan"))
-    for variant, count in counts.items():
-        print(f"{variant:<20}{count:>12,.0f}{count - base:>+12,.0f}")
+    print(f"{'checkout':<10}{'variant':<12}{'per message':>14}{'vs off':>10}")
+    for (checkout, variant), count in counts.items():
+        off = counts.get((checkout, "off"), float("nan"))
+        print(f"{checkout:<10}{variant:<12}{count:>14,.0f}{count - off:>+10,.0f}")
 
 
 def main() -> None:
@@ -385,7 +397,7 @@ def main() -> None:
         return
     if args.instructions and args.variants == list(VARIANTS):
         args.variants = ["off", "metrics", "traced"]
-    if args.base is not None and "traced-base" not in args.variants:
+    if args.base is not None and not args.instructions and "traced-base" not in args.variants:
         args.variants.append("traced-base")
     sink = subprocess.Popen([sys.executable, "-c", SINK, "sink"], stdout=subprocess.PIPE, text=True)
     try:

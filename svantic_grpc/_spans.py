@@ -56,6 +56,7 @@ __all__ = ["TupleTracerProvider", "attach_span", "current_context", "detach", "s
 
 _log = logging.getLogger(__name__)
 
+_time_ns = time.time_ns
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
@@ -197,13 +198,22 @@ class _Tracer(trace_api.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
         provider = self._provider
-        parent: SpanContext | None = _parent_of(context)
+        parent: SpanContext | None
+        if _CURRENT is None:
+            parent = trace_api.get_current_span(context).get_span_context()
+        else:  # what get_current_span(context) reads, without its three calls
+            span = (_CURRENT.get() if context is None else context).get(_SPAN_KEY)
+            if type(span) is _Span:
+                parent = span._context
+            else:
+                parent = span.get_span_context() if isinstance(span, trace_api.Span) else None
         # The context's tuple read directly, as _fields has it: its properties cost a call each.
         if parent is not None and (fields := parent if _TUPLE_LAYOUT else _fields(parent))[5]:
             trace_id, _, _, flags, state, _ = fields
         else:
-            parent, trace_id, state = None, provider._new_trace_id(), None
-            flags = provider._root_flags
+            parent, state, flags = None, None, provider._root_flags
+            own_ids = provider._own_ids
+            trace_id = (_getrandbits(128) or _random_trace_id()) if own_ids else provider._new_trace_id()
         if provider._sample_all or (provider._sample_parented and (parent is None or flags & 1)):
             # What these two samplers decide without asking them (~2 µs a span): sample, and keep
             # the parent's trace state.
@@ -244,7 +254,7 @@ class _Tracer(trace_api.Tracer):
             kind,
             dict(attributes) if attributes else {},
             list(links) if links else None,
-            start_time or time.time_ns(),
+            start_time or _time_ns(),
             record_exception,
             set_status_on_exception,
         )
@@ -324,7 +334,7 @@ class _Span(trace_api.Span):
     def end(self, end_time: int | None = None) -> None:
         if self._end is not None:
             return
-        self._end = end = end_time or time.time_ns()
+        self._end = end = end_time or _time_ns()
         provider = self._tracer._provider
         queue = provider._queue
         if len(queue) >= provider._max_queue:
@@ -528,17 +538,6 @@ def detach(token: Token[Context]) -> None:
         _CURRENT.reset(token)
     except Exception:
         _log.exception("Failed to detach context")
-
-
-def _parent_of(context: Context | None) -> SpanContext | None:
-    """``trace.get_current_span(context).get_span_context()`` (``None`` for no span): the parent of a
-    span started in ``context`` (default: the current one)."""
-    if _CURRENT is None:
-        return trace_api.get_current_span(context).get_span_context()
-    span = (_CURRENT.get() if context is None else context).get(_SPAN_KEY)
-    if type(span) is _Span:
-        return span._context
-    return span.get_span_context() if isinstance(span, trace_api.Span) else None
 
 
 def span_context_fields(span_context: SpanContext) -> tuple[int, int, bool, TraceFlags, TraceState, bool]:

@@ -139,7 +139,7 @@ def w3c_headers(span_context: SpanContext, current: Context | None = None) -> di
     OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the ``current`` context
     (default: the current one), the global propagator's headers (which add it)."""
     # What baggage.get_all(current) reads, without its three calls.
-    if (current if current is not None else current_context()).get(_BAGGAGE_KEY):
+    if (current_context() if current is None else current).get(_BAGGAGE_KEY):
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
         return headers
