@@ -312,7 +312,7 @@ async def _server_instructions(
         env={**os.environ, "SVANTIC_AB_CODE": str(code or "")},
     )
     assert server.stdout is not None and server.stdin is not None
-    target = (await asyncio.wait_for(server.stdout.readline(), 300)).decode().strip()
+    target = (await asyncio.wait_for(server.stdout.readline(), 1800)).decode().strip()  # slow under load
     agent = make_agent(target, f"echo-{variant}")
     agent_task = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.connected.wait(), 300)

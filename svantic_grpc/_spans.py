@@ -51,8 +51,10 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
 from svantic_grpc._span_export import ChildExporter, _link
+from svantic_grpc._w3c import TUPLE_LAYOUT as _TUPLE_LAYOUT
+from svantic_grpc._w3c import span_context_fields as _fields
 
-__all__ = ["TupleTracerProvider", "attach_span", "current_context", "detach", "span_context_fields"]
+__all__ = ["TupleTracerProvider", "attach_span", "current_context", "detach"]
 
 _log = logging.getLogger(__name__)
 
@@ -460,30 +462,6 @@ def _random_span_id() -> int:
     return span_id
 
 
-def _checked_layout() -> bool:
-    """Whether ``SpanContext`` is the tuple ``_span_context`` makes and ``start_span`` and ``end``
-    read (trace id, span id, remote, flags, state, valid), as it has been so far."""
-    made = tuple.__new__(SpanContext, (3, 5, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
-    sample = SpanContext(3, 5, False, _SAMPLED, None)
-    fields = (sample.trace_id, sample.span_id, sample.is_remote, sample.trace_flags, sample.trace_state)
-    return made == sample and tuple(sample) == (*fields, sample.is_valid)
-
-
-_TUPLE_LAYOUT = _checked_layout()
-
-
-def _fields(context: SpanContext) -> tuple[int, int, bool, TraceFlags, TraceState, bool]:
-    """What ``SpanContext`` has, in the order of its tuple (the tuple itself when ``_TUPLE_LAYOUT``)."""
-    return (
-        context.trace_id,
-        context.span_id,
-        context.is_remote,
-        context.trace_flags,
-        context.trace_state,
-        context.is_valid,
-    )
-
-
 def _span_context(trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None) -> SpanContext:
     """``SpanContext(trace_id, span_id, False, flags, state)`` of ids from the id generator (valid),
     made directly as its tuple when its layout is the known one (a third of the cost)."""
@@ -538,9 +516,3 @@ def detach(token: Token[Context]) -> None:
         _CURRENT.reset(token)
     except Exception:
         _log.exception("Failed to detach context")
-
-
-def span_context_fields(span_context: SpanContext) -> tuple[int, int, bool, TraceFlags, TraceState, bool]:
-    """``span_context``'s trace id, span id, remote, flags, state and validity (the tuple itself
-    when its layout is the known one)."""
-    return span_context if _TUPLE_LAYOUT else _fields(span_context)

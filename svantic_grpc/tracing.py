@@ -39,13 +39,8 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
-from svantic_grpc._spans import (
-    TupleTracerProvider,
-    attach_span,
-    current_context,
-    detach,
-    span_context_fields,
-)
+from svantic_grpc._spans import TupleTracerProvider, attach_span, current_context, detach
+from svantic_grpc._w3c import span_context_fields
 from svantic_grpc.core.tracing import Tracing
 
 __all__ = [

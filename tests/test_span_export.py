@@ -167,9 +167,10 @@ def test_span_contexts_and_exported_spans_are_the_same_whichever_way_the_context
     # it reads the properties instead: the same spans either way.
     from opentelemetry import trace
 
-    from svantic_grpc import _spans
+    from svantic_grpc import _spans, _w3c
 
     monkeypatch.setattr(_spans, "_TUPLE_LAYOUT", tuple_layout)
+    monkeypatch.setattr(_w3c, "TUPLE_LAYOUT", tuple_layout)
     exporter = _Recording({})
     exporter.send = lambda new, spans: exporter.batches.append((new, spans)) or True  # type: ignore[method-assign]
     provider = TupleTracerProvider(Resource.create({}), {}, exporter)

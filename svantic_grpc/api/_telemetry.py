@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from svantic_grpc._spans import attach_span, detach
+from svantic_grpc._w3c import extracted
 
 __all__ = [
     "Observe",
@@ -120,7 +120,7 @@ def _parent(context: aio.ServicerContext) -> Context:
     metadata = dict(context.invocation_metadata() or ())
     if "traceparent" not in metadata:
         return _NO_PARENT
-    return propagate.extract({key: value for key, value in metadata.items() if key[:5] == "trace"})
+    return extracted({key: value for key, value in metadata.items() if key[:5] == "trace"})
 
 
 _NO_PARENT = Context()
