@@ -24,15 +24,20 @@ one's server (and agent) does more. Variants:
   OTLP/HTTP exporter in this process (how the server traced before);
 * **traced-base** (with ``--base PATH``, e.g. ``/work/wt/base``): as traced, but the exporting child
   is the one of the checkout at PATH (its ``svantic_grpc._span_export``, run by its ``.venv``'s
-  Python): the child's CPU per message before and after a change to it, in the same run. The
-  server's side is this checkout's for both.
+  Python, or this one's when it has none): the child's CPU per message before and after a change to
+  it, in the same run. The server's side is this checkout's for both.
 
 Every span is sampled. ``--concurrency`` calls are in flight per variant while it runs.
 
 ``--instructions`` counts instead the instructions the **server alone** executes per message
 (valgrind's callgrind; all its threads, grpc's included; not the exporting child), each variant's
 server in a process of its own under callgrind, the client and the agent in this one: unlike CPU
-time, the count does not move with other work on the machine, so a change of a few µs shows.
+time, the count does not move with other work on the machine, so a change of a few µs shows (runs
+of one code differ by ~1% all the same: how many event-loop turns a message takes varies). With
+``--base PATH`` each variant's server of that checkout runs too (``--keep DIR`` keeps the files)::
+
+    .venv/bin/python bench/observability_ab.py --instructions --messages 300 --concurrency 4 \\
+        --base /work/wt/base
 """
 
 from __future__ import annotations
@@ -379,7 +384,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument(
-        "--base", type=Path, default=None, help="a checkout whose exporting child runs as traced-base"
+        "--base",
+        type=Path,
+        default=None,
+        help="a checkout whose exporting child runs as traced-base (--instructions: whose servers run too)",
     )
     parser.add_argument(
         "--instructions",
