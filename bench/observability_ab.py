@@ -24,10 +24,20 @@ one's server (and agent) does more. Variants:
   OTLP/HTTP exporter in this process (how the server traced before);
 * **traced-base** (with ``--base PATH``, e.g. ``/work/wt/base``): as traced, but the exporting child
   is the one of the checkout at PATH (its ``svantic_grpc._span_export``, run by its ``.venv``'s
-  Python): the child's CPU per message before and after a change to it, in the same run. The
-  server's side is this checkout's for both.
+  Python, or this one's when it has none): the child's CPU per message before and after a change to
+  it, in the same run. The server's side is this checkout's for both.
 
 Every span is sampled. ``--concurrency`` calls are in flight per variant while it runs.
+
+``--instructions`` counts instead the instructions the **server alone** executes per message
+(valgrind's callgrind; all its threads, grpc's included; not the exporting child), each variant's
+server in a process of its own under callgrind, the client and the agent in this one: unlike CPU
+time, the count does not move with other work on the machine, so a change of a few µs shows (runs
+of one code differ by ~1% all the same: how many event-loop turns a message takes varies). With
+``--base PATH`` each variant's server of that checkout runs too (``--keep DIR`` keeps the files)::
+
+    .venv/bin/python bench/observability_ab.py --instructions --messages 300 --concurrency 4 \\
+        --base /work/wt/base
 """
 
 from __future__ import annotations
@@ -36,18 +46,23 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
+if os.environ.get("SVANTIC_AB_CODE"):  # a --serve child of --instructions --base: that checkout's mesh
+    sys.path.insert(0, os.environ["SVANTIC_AB_CODE"])
 
 from echo_agent import make_agent  # noqa: E402
 from grpc import aio  # noqa: E402
@@ -81,7 +96,8 @@ def _provider(variant: str, endpoint: str, base: Path | None = None) -> Any:
         # Its package first on the path: ``-m`` would put the current directory (this checkout) first.
         run = f"import sys; sys.path.insert(0, {str(base)!r}); from svantic_grpc import _span_export as e"
         run += "; e.child_main()"
-        exporter = ChildExporter(env, command=[str(base / ".venv" / "bin" / "python"), "-c", run])
+        venv = base / ".venv" / "bin" / "python"  # its own, else this one's (its code first on the path)
+        exporter = ChildExporter(env, command=[str(venv if venv.exists() else sys.executable), "-c", run])
         return TupleTracerProvider(Resource.create({"service.name": "svantic-grpc"}), env, exporter)
     if variant in MORE:
         from opentelemetry.sdk.resources import Resource
@@ -156,6 +172,21 @@ class _OnlyCurrent(OtelTracing):
         return current()
 
 
+def _settings(variant: str) -> Any:
+    return parse_settings(
+        {
+            "grpc_address": "127.0.0.1:0",
+            "http_address": "127.0.0.1:0",
+            "session_ttl_ms": 0,
+            "shutdown_grace_s": 0,
+            "store": "memory",
+            "log_level": "WARNING",
+            "dispatch": {"max_dispatches_per_session": 0},
+            "metrics": {"enabled": variant != "off"},
+        }
+    )
+
+
 def _child_cpu(provider: Any) -> float:
     """CPU seconds of ``provider``'s exporting child process so far (0 without one)."""
     pid = getattr(getattr(provider, "_exporter", None), "pid", None)
@@ -172,20 +203,8 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
     os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
     trios: dict[str, tuple[MeshServer, Any, Any, list[Any]]] = {}
     for variant in args.variants:
-        settings = parse_settings(
-            {
-                "grpc_address": "127.0.0.1:0",
-                "http_address": "127.0.0.1:0",
-                "session_ttl_ms": 0,
-                "shutdown_grace_s": 0,
-                "store": "memory",
-                "log_level": "WARNING",
-                "dispatch": {"max_dispatches_per_session": 0},
-                "metrics": {"enabled": variant != "off"},
-            }
-        )
         provider = _provider(variant, endpoint, args.base)
-        server = MeshServer(settings, env={}, tracer_provider=provider)
+        server = MeshServer(_settings(variant), env={}, tracer_provider=provider)
         if variant == "traced-nodispatch":
             server.mesh.dispatches._tracing = NO_TRACING
         elif variant == "traced-noheaders":
@@ -263,6 +282,101 @@ async def run(args: argparse.Namespace, endpoint: str) -> None:
         )
 
 
+async def serve(variant: str, endpoint: str) -> None:
+    """``--serve``: one variant's server alone (under callgrind for ``--instructions``) until stdin closes."""
+    os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+    provider = _provider(variant, endpoint)
+    server = MeshServer(_settings(variant), env={}, tracer_provider=provider)
+    await server.start()
+    print(server.target, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+    if provider is not None:
+        provider.shutdown()
+
+
+async def _server_instructions(
+    args: argparse.Namespace, variant: str, endpoint: str, out: Path, code: Path | None
+) -> float:
+    """One variant's server under callgrind, of this checkout or of ``code``: its instructions per
+    message (callgrind's files in ``out``)."""
+    name = variant if code is None else f"{variant}-base"
+    server = await asyncio.create_subprocess_exec(
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out / name}.%p",
+        sys.executable,
+        str(SCRIPT),
+        "--serve",
+        variant,
+        "--endpoint",
+        endpoint,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "SVANTIC_AB_CODE": str(code or "")},
+    )
+    assert server.stdout is not None and server.stdin is not None
+    target = (await asyncio.wait_for(server.stdout.readline(), 1800)).decode().strip()  # slow under load
+    agent = make_agent(target, f"echo-{variant}")
+    agent_task = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.connected.wait(), 300)
+    channel = aio.insecure_channel(target)
+    calls = await _mesh_calls(channel, args.concurrency, args.concurrency)
+
+    async def send(count: int) -> None:
+        left = count
+
+        async def worker(call: Any) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call()
+
+        await asyncio.gather(*(worker(c) for c in calls))
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(server.pid)], stdout=subprocess.DEVNULL, check=True)
+
+    await send(100)  # warm-up
+    await asyncio.to_thread(control, "--zero")
+    await send(args.messages)
+    await asyncio.to_thread(control, "--dump")
+    await channel.close()
+    await agent.stop()
+    agent_task.cancel()
+    server.stdin.close()
+    await asyncio.wait_for(server.wait(), 300)
+    dump = out / f"{name}.{server.pid}.1"  # the one made by --dump
+    total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+    assert total is not None, f"no summary in {dump}"
+    return int(total[1]) / args.messages
+
+
+async def instructions(args: argparse.Namespace, endpoint: str) -> None:
+    """``--instructions``: each variant's server in its own process under callgrind; its instructions
+    per message over ``--messages`` messages sent after a warm-up (the counters zeroed, then dumped).
+    With ``--base``, each variant's server of that checkout too (its code first on the path)."""
+    codes: dict[str, Path | None] = {"this": None, **({"base": args.base} if args.base else {})}
+    counts: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.keep or Path(scratch)
+        out.mkdir(parents=True, exist_ok=True)
+        for variant in args.variants:
+            for checkout, code in codes.items():
+                counts[(checkout, variant)] = await _server_instructions(args, variant, endpoint, out, code)
+                print(f"{checkout} {variant}: {counts[(checkout, variant)]:,.0f}", flush=True)
+    print(
+        f"server instructions per message (callgrind, all its threads; {args.messages} messages after a"
+        f" warm-up, {args.concurrency} in flight); load average"
+        f" {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(f"{'checkout':<10}{'variant':<12}{'per message':>14}{'vs off':>10}")
+    for (checkout, variant), count in counts.items():
+        off = counts.get((checkout, "off"), float("nan"))
+        print(f"{checkout:<10}{variant:<12}{count:>14,.0f}{count - off:>+10,.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -270,15 +384,34 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument(
-        "--base", type=Path, default=None, help="a checkout whose exporting child runs as traced-base"
+        "--base",
+        type=Path,
+        default=None,
+        help="a checkout whose exporting child runs as traced-base (--instructions: whose servers run too)",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: the server's instructions per message under valgrind's callgrind, per variant",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files there"
+    )
+    parser.add_argument("--serve", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.base is not None and "traced-base" not in args.variants:
+    if args.serve:
+        asyncio.run(serve(args.serve, args.endpoint))
+        return
+    if args.instructions and args.variants == list(VARIANTS):
+        args.variants = ["off", "metrics", "traced"]
+    if args.base is not None and not args.instructions and "traced-base" not in args.variants:
         args.variants.append("traced-base")
     sink = subprocess.Popen([sys.executable, "-c", SINK, "sink"], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None
-        asyncio.run(run(args, f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"))
+        endpoint = f"http://127.0.0.1:{sink.stdout.readline().strip()}/v1/traces"
+        asyncio.run(instructions(args, endpoint) if args.instructions else run(args, endpoint))
     finally:
         sink.kill()
         sink.wait()

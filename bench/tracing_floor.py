@@ -306,7 +306,9 @@ def instructions(args: argparse.Namespace) -> None:
     machine, so a change of a few percent shows."""
     checkouts = {"this": (ROOT, Path(sys.executable))}
     if args.base:
-        checkouts["base"] = (args.base, args.base / ".venv" / "bin" / "python")
+        # Its own venv if it has one, else this one's Python (its code first on the path: ROOT).
+        venv = args.base / ".venv" / "bin" / "python"
+        checkouts["base"] = (args.base, venv if venv.exists() else Path(sys.executable))
     counts: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (root, python) in checkouts.items():

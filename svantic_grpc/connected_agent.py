@@ -40,9 +40,9 @@ import jwt
 from google.protobuf import json_format
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
 
 from svantic_grpc import _json
+from svantic_grpc._w3c import extracted
 from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
 from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
@@ -583,7 +583,7 @@ class ConnectedAgent:
                 return
         await reply._update(message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledge: delivered
         if dispatch.trace_context:  # the mesh traces: the handler's spans continue its trace
-            otel_context.attach(propagate.extract(dict(dispatch.trace_context)))  # this task's only
+            otel_context.attach(extracted(dict(dispatch.trace_context)))  # this task's only
         try:
             await self._handler(
                 Dispatch(dispatch.dispatch_id, dispatch.session_id, dispatch.message, claims), reply

@@ -16,8 +16,9 @@ dispatches to are labelled by name, later ones as ``other``.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.values import MutexValue
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -128,10 +130,11 @@ class PrometheusMetrics(Metrics):
             ("change",),
             registry=r,
         )
-        self._rpc_series: dict[tuple[str, ...], Any] = {}
-        """The RPC histogram's child per (method, code): ``labels()`` looked up once, not per call."""
-        self._dispatch_series: dict[tuple[str, ...], Any] = {}
-        self._message_series: dict[tuple[str, ...], Any] = {}
+        self._rpc_series: dict[tuple[str, ...], Observe] = {}
+        """What observes the RPC histogram's child per (method, code): ``labels()`` looked up once,
+        not per call."""
+        self._dispatch_series: dict[tuple[str, ...], Observe] = {}
+        self._message_series: dict[tuple[str, ...], Observe] = {}
         self._agent_types: set[str] = set()
         """Agent types labelled by name (at most ``agent_types``)."""
         self._max_agent_types = agent_types
@@ -144,12 +147,10 @@ class PrometheusMetrics(Metrics):
                 self._agent_types.add(agent_type)
             else:
                 agent_type = OTHER
-        _series(self._dispatch_series, self._dispatch, agent_type, transport or "unknown", outcome).observe(
-            latency_s
-        )
+        _series(self._dispatch_series, self._dispatch, agent_type, transport or "unknown", outcome)(latency_s)
 
     def message_done(self, *, state: str, latency_s: float) -> None:
-        _series(self._message_series, self._message, state).observe(latency_s)
+        _series(self._message_series, self._message, state)(latency_s)
 
     def input_ended(self, *, surface: str, outcome: str, latency_s: float) -> None:
         self._input.labels(surface, outcome).observe(latency_s)
@@ -168,7 +169,10 @@ class PrometheusMetrics(Metrics):
 
     def rpc_done(self, method: str, code: str, latency_s: float) -> None:
         """One gRPC call ended with ``code`` (a ``grpc.StatusCode`` name) after ``latency_s``."""
-        _series(self._rpc_series, self._rpc, method, code).observe(latency_s)
+        observe = self._rpc_series.get((method, code))
+        if observe is None:
+            observe = _series(self._rpc_series, self._rpc, method, code)
+        observe(latency_s)
 
     def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
         """``svantic_trace_spans_dropped_total``: spans never exported, ``dropped()`` read on each
@@ -196,13 +200,51 @@ class PrometheusMetrics(Metrics):
         return [Route("/metrics", scrape, methods=["GET"])]
 
 
-def _series(cache: dict[tuple[str, ...], Any], histogram: Histogram, *labels: str) -> Any:
-    """``histogram``'s child for ``labels``, from ``cache`` once made (label values are bounded:
-    methods, codes, agent types, transports, states), so the hot path skips ``labels()``'s checks."""
-    series = cache.get(labels)
-    if series is None:
-        series = cache[labels] = histogram.labels(*labels)
-    return series
+Observe = Callable[[float], None]
+
+
+def _series(cache: dict[tuple[str, ...], Observe], histogram: Histogram, *labels: str) -> Observe:
+    """What observes ``histogram``'s child for ``labels``, from ``cache`` once made (label values
+    are bounded: methods, codes, agent types, transports, states), so the hot path skips
+    ``labels()``'s checks."""
+    observe = cache.get(labels)
+    if observe is None:
+        observe = cache[labels] = _observer(histogram.labels(*labels))
+    return observe
+
+
+def _observer(child: Histogram) -> Observe:
+    """``child.observe``, or what it does in fewer steps when the child is laid out as
+    ``prometheus_client`` has long laid it out (bounds ending at +Inf, one in-process value per
+    bucket and one for the sum): the bucket found by bisection instead of a scan, its value and
+    the sum added to under their own locks, as ``MutexValue.inc`` adds. The text scraped is the
+    same; anything else (multiprocess mode, another layout) observes through ``observe``."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if not (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets) > 0
+        and bounds == sorted(bounds)
+        and bounds[-1] == math.inf
+        and type(total) is MutexValue
+        and all(type(bucket) is MutexValue for bucket in buckets)
+        and all(hasattr(value, "_value") and hasattr(value, "_lock") for value in (total, *buckets))
+    ):
+        return child.observe
+    counted: list[MutexValue] = buckets
+    summed: MutexValue = total
+
+    def observe(amount: float) -> None:
+        with summed._lock:
+            summed._value += amount
+        if amount == amount:  # NaN falls in no bucket, as with observe
+            bucket = counted[bisect_left(bounds, amount)]  # the first bound >= amount
+            with bucket._lock:
+                bucket._value += 1
+
+    return observe
 
 
 def _replace(gauge: Gauge, values: dict[str, int]) -> None:

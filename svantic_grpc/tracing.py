@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from opentelemetry import baggage, propagate, trace
-from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context
 from opentelemetry.trace import (
     DEFAULT_TRACE_STATE,
@@ -39,7 +39,8 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
-from svantic_grpc._spans import TupleTracerProvider
+from svantic_grpc._spans import TupleTracerProvider, attach_span, current_context, detach
+from svantic_grpc._w3c import span_context_fields
 from svantic_grpc.core.tracing import Tracing
 
 __all__ = [
@@ -117,32 +118,27 @@ class _Current(AbstractContextManager[Mapping[str, str]]):
         self._span = span
 
     def __enter__(self) -> Mapping[str, str]:
-        current = trace.set_span_in_context(self._span)
-        self._token = otel_context.attach(current)
-        return w3c_headers(self._span.get_span_context(), current)
+        self._token = attach_span(self._span)
+        return w3c_headers(self._span.get_span_context())
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if isinstance(error, Exception) and self._span.is_recording():
             self._span.record_exception(error)
             self._span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
         self._span.end()
-        otel_context.detach(self._token)
+        detach(self._token)
 
 
 def w3c_headers(span_context: SpanContext, current: Context | None = None) -> dict[str, str]:
     """The W3C ``traceparent`` (and ``tracestate``) continuing ``span_context``, formatted as
     OpenTelemetry's ``TraceContextTextMapPropagator`` does; with baggage in the ``current`` context
     (default: the current one), the global propagator's headers (which add it)."""
-    if baggage.get_all(current):
+    # What baggage.get_all(current) reads, without its three calls.
+    if (current_context() if current is None else current).get(_BAGGAGE_KEY):
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
         return headers
-    trace_id, span_id, flags, state = (
-        span_context.trace_id,
-        span_context.span_id,
-        span_context.trace_flags,
-        span_context.trace_state,
-    )
+    trace_id, span_id, _, flags, state, _ = span_context_fields(span_context)
     headers = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
     if state is not DEFAULT_TRACE_STATE and state:
         headers["tracestate"] = state.to_header()

@@ -167,9 +167,10 @@ def test_span_contexts_and_exported_spans_are_the_same_whichever_way_the_context
     # it reads the properties instead: the same spans either way.
     from opentelemetry import trace
 
-    from svantic_grpc import _spans
+    from svantic_grpc import _spans, _w3c
 
     monkeypatch.setattr(_spans, "_TUPLE_LAYOUT", tuple_layout)
+    monkeypatch.setattr(_w3c, "TUPLE_LAYOUT", tuple_layout)
     exporter = _Recording({})
     exporter.send = lambda new, spans: exporter.batches.append((new, spans)) or True  # type: ignore[method-assign]
     provider = TupleTracerProvider(Resource.create({}), {}, exporter)
@@ -189,3 +190,27 @@ def test_span_contexts_and_exported_spans_are_the_same_whichever_way_the_context
         ("child", p.trace_id, c.span_id, "vendor=abc", (p.span_id, False)),
         ("parent", p.trace_id, p.span_id, "vendor=abc", (REMOTE.span_id, True)),
     ]
+
+
+def test_a_value_marshal_cannot_carry_goes_all_the_same() -> None:
+    # Batches go to the child marshalled; one holding a value of a type marshal does not carry (an
+    # int enum here) goes pickled, and the collector receives both as OpenTelemetry encodes them.
+    from http import HTTPStatus
+
+    from svantic_grpc._span_export import _MARSHALLED, _PICKLED, _encoded_batch
+
+    with otlp_sink() as (endpoint, bodies):
+        exporter = _Recording({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{endpoint}/v1/traces"})
+        provider = TupleTracerProvider(Resource.create({"service.name": "mesh-under-test"}), {}, exporter)
+        tracer = provider.get_tracer("t")
+        tracer.start_span("plain", attributes={"code": 200}).end()
+        provider.force_flush()
+        tracer.start_span("enum", attributes={"code": HTTPStatus.OK}).end()
+        provider.shutdown()
+    assert [_encoded_batch(new, spans)[:1] for new, spans in exporter.batches] == [_MARSHALLED, _PICKLED]
+    rebuilder = Rebuilder()
+    expected = [
+        encode_spans(rebuilder.spans(new, spans)).SerializePartialToString()
+        for new, spans in exporter.batches
+    ]
+    assert len(expected) == 2 and bodies == expected

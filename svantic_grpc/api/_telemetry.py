@@ -13,10 +13,11 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import context as otel_context
-from opentelemetry import propagate
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from svantic_grpc._spans import attach_span, detach
+from svantic_grpc._w3c import extracted
 
 __all__ = [
     "Observe",
@@ -24,7 +25,6 @@ __all__ = [
     "Unary",
     "observed_stream",
     "observed_unary",
-    "traced_stream",
 ]
 
 Observe = Callable[[str, str, float], None]
@@ -38,7 +38,7 @@ def observed_unary(behavior: Unary, method: str, observe: Observe | None, tracer
     """``behavior`` reported to ``observe`` (metrics) and/or run in a server span of ``tracer``.
 
     One wrapper for both, on the path of every unary call: the status code is read once, and
-    the span is started and made current directly (``start_span`` and ``attach``), which is
+    the span is started and made current directly (``start_span`` and ``attach_span``), which is
     what ``start_as_current_span`` does through two generator context managers per call.
     """
     if tracer is None and observe is None:
@@ -50,7 +50,7 @@ def observed_unary(behavior: Unary, method: str, observe: Observe | None, tracer
         span = None
         if tracer is not None:
             span = tracer.start_span(method, _parent(context), SpanKind.SERVER, attributes)
-            token = otel_context.attach(set_span_in_context(span))
+            token = attach_span(span)
         code = "UNKNOWN"
         try:
             response = await behavior(request, context)
@@ -65,17 +65,34 @@ def observed_unary(behavior: Unary, method: str, observe: Observe | None, tracer
         finally:
             if span is not None:
                 _end(span, code)
-                otel_context.detach(token)
+                detach(token)
             if observe is not None:
                 observe(method, code, time.perf_counter() - began)
 
     return observed
 
 
-def observed_stream(behavior: Streaming, method: str, observe: Observe) -> Streaming:
+def observed_stream(
+    behavior: Streaming, method: str, observe: Observe | None, tracer: Tracer | None
+) -> Streaming:
+    """``behavior``'s responses reported to ``observe`` and/or run in a server span of ``tracer``,
+    current while it runs (an exception that ends it recorded, as ``use_span`` records it).
+
+    One generator for both: each response of a long stream (an agent's ``Connect``) passes
+    through one layer more, not two.
+    """
+    if tracer is None and observe is None:
+        return behavior
+    attributes = _rpc_attributes(method)
+
     async def observed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         began = time.perf_counter()
+        span = None
+        if tracer is not None:
+            span = tracer.start_span(method, _parent(context), SpanKind.SERVER, attributes)
+            token = attach_span(span)
         code = "UNKNOWN"
+        failure: BaseException | None = None
         try:
             async for response in behavior(request, context):
                 yield response
@@ -83,33 +100,27 @@ def observed_stream(behavior: Streaming, method: str, observe: Observe) -> Strea
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
-        except BaseException:
+        except BaseException as error:
             code = _code(context, "UNKNOWN")
+            failure = error
             raise
         finally:
-            observe(method, code, time.perf_counter() - began)
+            if span is not None:
+                detach(token)
+                _end(span, _code(context, "OK"), failure)
+            if observe is not None:
+                observe(method, code, time.perf_counter() - began)
 
     return observed
 
 
-def traced_stream(behavior: Streaming, method: str, tracer: Tracer) -> Streaming:
-    async def traced(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        with tracer.start_as_current_span(
-            method, context=_parent(context), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
-        ) as span:
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            finally:
-                _end(span, _code(context, "OK"), ended=False)
-
-    return traced
-
-
 def _parent(context: aio.ServicerContext) -> Context:
-    """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata."""
-    carrier = {key: value for key, value in context.invocation_metadata() or () if key[:5] == "trace"}
-    return propagate.extract(carrier) if carrier else _NO_PARENT
+    """The caller's trace context from the call's ``traceparent``/``tracestate`` metadata (W3C: a
+    ``tracestate`` without ``traceparent`` continues nothing)."""
+    metadata = dict(context.invocation_metadata() or ())
+    if "traceparent" not in metadata:
+        return _NO_PARENT
+    return extracted({key: value for key, value in metadata.items() if key[:5] == "trace"})
 
 
 _NO_PARENT = Context()
@@ -127,14 +138,16 @@ def _rpc_attributes(method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.method": method.lstrip("/"), "rpc.grpc.status_code": "OK"}
 
 
-def _end(span: Span, code: str, *, ended: bool = True) -> None:
-    """Give ``span`` the call's status ``code`` (unless ``OK``, given at its start); end it unless
-    its context manager does."""
+def _end(span: Span, code: str, failure: BaseException | None = None) -> None:
+    """Give ``span`` the call's status ``code`` (unless ``OK``, given at its start) and the
+    exception that ended a stream (recorded as ``use_span`` records it), and end it."""
     if code != "OK":
         span.set_attribute("rpc.grpc.status_code", code)
         span.set_status(StatusCode.ERROR, code)
-    if ended:
-        span.end()
+    if isinstance(failure, Exception) and span.is_recording():
+        span.record_exception(failure)
+        span.set_status(Status(StatusCode.ERROR, f"{type(failure).__name__}: {failure}"))
+    span.end()
 
 
 def _code(context: aio.ServicerContext, default: str) -> str:

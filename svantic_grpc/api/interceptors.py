@@ -30,14 +30,7 @@ from opentelemetry.trace import Tracer
 
 from svantic_grpc.api._context import set_caller
 from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
-from svantic_grpc.api._telemetry import (
-    Observe,
-    Streaming,
-    Unary,
-    observed_stream,
-    observed_unary,
-    traced_stream,
-)
+from svantic_grpc.api._telemetry import Observe, Streaming, Unary, observed_stream, observed_unary
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
@@ -161,11 +154,7 @@ def _wrap(
         except Exception as error:
             await _fail(context, error, method)
 
-    streaming: Streaming = (
-        stream_response if observe is None else observed_stream(stream_response, method, observe)
-    )
-    if tracer is not None:
-        streaming = traced_stream(streaming, method, tracer)
+    streaming: Streaming = observed_stream(stream_response, method, observe, tracer)
     factory = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
