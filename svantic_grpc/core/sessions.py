@@ -73,9 +73,6 @@ class Sessions:
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._close_failed_hooks: list[Callable[[str, str], None]] = []
-        self._closing: set[tuple[str, str]] = set()
-        """Sessions whose close runs here: the requests their hooks withdraw leave them paused, and
-        the close moves them from there (never "resumed" just before it closes)."""
         self._busy_checks: list[Callable[[str, str], bool]] = []
         self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
         registry.on_release(self._agent_released)
@@ -356,22 +353,15 @@ class Sessions:
         """Close a session whose id is checked (``close``) or known (the idle TTL)."""
         # Cancel running work first, outside the session lock: cancellation writes to the session.
         # The hooks do nothing for a session without work (closed, unknown, another tenant's).
-        key = (tenant_id, session_id)
-        self._closing.add(key)
+        for hook in self._close_hooks:
+            await hook(tenant_id, session_id, reason)
         try:
-            for hook in self._close_hooks:
-                await hook(tenant_id, session_id, reason)
-            async with self._locks.hold(key):
+            async with self._locks.hold((tenant_id, session_id)):
                 return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
         except Exception:
-            self._closing.discard(key)
             for failed in self._close_failed_hooks:
                 failed(tenant_id, session_id)
-            with contextlib.suppress(Exception):  # paused or active again, as its requests say
-                await self.write_inputs(Change(tenant_id, session_id), "the session's close failed")
             raise
-        finally:
-            self._closing.discard(key)
 
     async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
         """The session was closed by another process while this one ran its work: that work ends
@@ -459,8 +449,6 @@ class Sessions:
             if session is not None and is_open:
                 paused = raising or await self._still_pending(change)
                 target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
-                if not paused and (tenant_id, session_id) in self._closing:
-                    target = session.status
                 if session.status is not target:
                     now = self._clock.now()
                     moved = replace(session, status=target, updated_at=now, last_activity_at=now)

@@ -1356,20 +1356,6 @@ async def test_an_agent_that_leaves_while_a_human_thinks_gets_the_answer_when_it
         assert runs == [True]  # the agent back got the answer with the message, and did it once
 
 
-async def test_closing_a_paused_session_goes_from_paused_to_closed() -> None:
-    # found from outside: the withdrawn request first published paused -> active (a "resume" that
-    # never happened), then active -> closed
-    async with running_server(policies=[DELETES]) as client, crm_agent(client):
-        session_id = await new_session(client)
-        asked = await ask_tools(client, session_id, DELETE_RECORDS)
-        assert asked.state == INPUT_REQUIRED
-        await close_session(client, session_id)
-        statuses = [v for v in (view(e) for e in await replay(client, session_id)) if v[0] == "status"]
-        assert statuses[-2:] == [("status", ACTIVE, PAUSED), ("status", PAUSED, CLOSED)], statuses
-        withdrawn = await client.server.mesh.inputs.get("acme", asked.input_request_ids[0])
-        assert withdrawn.state.value == "canceled"
-
-
 # --- sizes: what a human or an agent sends stays readable by every default client ---------------
 
 
