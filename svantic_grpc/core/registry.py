@@ -36,7 +36,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
-from svantic_grpc.core.store import Store
+from svantic_grpc.core.store import Store, fitting
 
 __all__ = ["ROUTABLE", "AgentSpec", "Registry"]
 
@@ -233,7 +233,7 @@ class Registry:
         page_token: str = "",
     ) -> tuple[Sequence[AgentRegistration], str]:
         """A page of the tenant's instances, by agent type then instance id, and the token of the
-        next page (empty on the last). A page ends early once it carries ``AGENT_PAGE_MAX_BYTES``."""
+        next page (empty on the last). A page ends early once it carries ``PAGE_MAX_BYTES``."""
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
         after = _after(page_token)
@@ -245,13 +245,8 @@ class Registry:
             ),
             key=lambda a: (a.agent_type, a.instance_id),
         )
-        page: list[AgentRegistration] = []
-        carried = 0
-        for agent in agents[: page_size or 500]:
-            carried += declared_bytes(agent) + _AGENT_OVERHEAD
-            if carried > AGENT_PAGE_MAX_BYTES and page:
-                break
-            page.append(agent)
+        page = agents[: page_size or 500]
+        page = page[: fitting(page, lambda agent: declared_bytes(agent) + _AGENT_OVERHEAD)]
         if len(page) == len(agents):
             return page, ""
         last = page[-1]
@@ -412,9 +407,6 @@ def _declared_sizes(agent: AgentSpec | AgentRegistration) -> dict[str, int]:
     }
 
 
-AGENT_PAGE_MAX_BYTES = 2 * 1024 * 1024
-"""What one page of ``ListAgents`` carries at most (one registration alone may carry less than
-``MAX_DECLARED_BYTES``, so a page always holds one)."""
 _AGENT_OVERHEAD = 1024
 """What an instance's answer carries beside what it declared (ids, URL, status, connection)."""
 

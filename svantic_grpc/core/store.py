@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from svantic_grpc.core.dispatch._relay import Relay
 
 __all__ = [
+    "PAGE_MAX_BYTES",
     "AuditRecord",
     "Change",
     "Changed",
@@ -34,9 +35,11 @@ __all__ = [
     "SessionPage",
     "Store",
     "as_stored",
+    "fitting",
 ]
 
 _R = TypeVar("_R", Session, Message, InputRequest, AgentRegistration)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,21 @@ class Changed:
     agents: tuple[AgentRegistration, ...] = ()
     audit: tuple[AuditRecord, ...] = ()
     events: tuple[Event, ...] = ()
+
+
+PAGE_MAX_BYTES = 2 * 1024 * 1024
+"""What one page of a listing carries at most (one item alone may carry more): a page ends early,
+so it stays readable by a client with gRPC's default 4 MB receive limit."""
+
+
+def fitting(items: Sequence[_T], size: Callable[[_T], int], limit: int = PAGE_MAX_BYTES) -> int:
+    """How many of ``items``, in order, fit in ``limit`` bytes by ``size`` (at least one)."""
+    carried = 0
+    for index, item in enumerate(items):
+        carried += size(item)
+        if carried > limit and index > 0:
+            return index
+    return len(items)
 
 
 def as_stored(record: _R) -> _R:

@@ -47,14 +47,12 @@ from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
-from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored
+from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored, fitting
 from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["InputListener", "Inputs"]
 
 _log = logging.getLogger(__name__)
-PAGE_MAX_BYTES = 2 * 1024 * 1024
-"""What one page of pending requests carries at most (as ``ListMessages``): a page ends early."""
 
 
 class InputListener(Protocol):
@@ -422,20 +420,17 @@ class Inputs:
             page_size=page_size or 50,
             cursor=page_token,
         )
-        carried = 0
-        for index, request in enumerate(page.requests):
-            carried += json_bytes(request)
-            if carried > PAGE_MAX_BYTES and index > 0:
-                # The page ends before this request (the store's cursor for the shorter page): it
-                # stays readable by a client with gRPC's default 4 MB receive limit.
-                return await self._store.list_inputs(
-                    tenant_id=caller.tenant_id,
-                    session_id=session_id,
-                    states=(InputState.PENDING,),
-                    page_size=index,
-                    cursor=page_token,
-                )
-        return page
+        fit = fitting(page.requests, json_bytes)
+        if fit == len(page.requests):
+            return page
+        # The page ends early (the store's cursor for the shorter page).
+        return await self._store.list_inputs(
+            tenant_id=caller.tenant_id,
+            session_id=session_id,
+            states=(InputState.PENDING,),
+            page_size=fit,
+            cursor=page_token,
+        )
 
     async def wait(self, tenant_id: str, request_id: str) -> InputRequest:
         """Until the request ends (resolved, expired or canceled)."""

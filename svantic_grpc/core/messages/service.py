@@ -36,7 +36,7 @@ from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import Session
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
 from svantic_grpc.core.sessions import Sessions
-from svantic_grpc.core.store import Change, Changed, MessagePage, Store
+from svantic_grpc.core.store import Change, Changed, MessagePage, Store, fitting
 
 __all__ = ["MAX_PARTS", "MAX_TOTAL_BYTES", "Messages"]
 
@@ -47,9 +47,6 @@ _AWAY = "handed-off-"
 MAX_TOTAL_BYTES = 1024 * 1024
 """What a sent message's parts may carry: they are kept twice (the parts and the first turn of the
 history), and the agent's outputs need room too, within ``MAX_MESSAGE_BYTES``."""
-PAGE_MAX_BYTES = 2 * 1024 * 1024
-"""What one page of messages carries at most (one message alone may carry more, up to
-``MAX_MESSAGE_BYTES``): a page ends early, with its token for the rest."""
 _CLOSING_S = 60.0
 """How long a session being closed is remembered as closing (``Messages._closing``)."""
 _CANCEL_WAIT_S = 30.0
@@ -405,20 +402,13 @@ class Messages:
             page_size=page_size or 50,
             cursor=page_token,
         )
-        carried = 0
-        for index, message in enumerate(page.messages):
-            carried += message_bytes(message)
-            if carried > PAGE_MAX_BYTES and index > 0:
-                # The page ends before this message (the store's cursor for the shorter page): a
-                # page stays readable by a client with gRPC's default 4 MB receive limit.
-                return await self._store.list_messages(
-                    tenant_id=caller.tenant_id,
-                    session_id=session_id,
-                    states=states,
-                    page_size=index,
-                    cursor=page_token,
-                )
-        return page
+        fit = fitting(page.messages, message_bytes)
+        if fit == len(page.messages):
+            return page
+        # The page ends early (the store's cursor for the shorter page).
+        return await self._store.list_messages(
+            tenant_id=caller.tenant_id, session_id=session_id, states=states, page_size=fit, cursor=page_token
+        )
 
     async def cancel(self, caller: Caller, session_id: str, message_id: str, *, reason: str = "") -> Message:
         """Cancel a message that has not ended; a terminal one is ``FailedPrecondition``."""
