@@ -1414,3 +1414,25 @@ async def test_after_a_close_that_failed_to_be_written_the_open_session_takes_me
         assert response.session.status != session_types_pb2.SESSION_STATUS_CLOSED
         message = await send(client, session_id, "hello", data({"target_agent": "savant:chat"}))
         assert message.state == COMPLETED, message.state_reason
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["working", "input-required"])
+async def test_the_agent_is_told_why_its_work_was_canceled(waiting: bool) -> None:
+    # found from outside: the message's reason was the caller's, the agent's DispatchCancel said
+    # "canceled by the mesh"
+    async with running_server() as client, raw_agent(client, "raw-1") as raw:
+        session_id = await new_session(client)
+        sending = asyncio.create_task(send(client, session_id, "work", data({"target_agent": "echo"})))
+        dispatch = await raw.dispatch()
+        await acknowledge(client, raw, dispatch)
+        if waiting:
+            raw.update(
+                dispatch.dispatch_id, INPUT_REQUIRED, turn=message_types_pb2.Turn(parts=[text("which?")])
+            )
+            await wait_for_state(client, session_id, dispatch.message.message_id, INPUT_REQUIRED)
+        canceled = await cancel_message(client, session_id, dispatch.message.message_id, "changed my mind")
+        assert (canceled.state, canceled.state_reason) == (CANCELED, "changed my mind")
+        told = await raw.receive()
+        assert told.WhichOneof("payload") == "cancel"
+        assert (told.cancel.dispatch_id, told.cancel.reason) == (dispatch.dispatch_id, "changed my mind")
+        await sending

@@ -20,6 +20,7 @@ from svantic_grpc.core.dispatch._humans import plan_refusal, sign_off_plan, wait
 from svantic_grpc.core.dispatch._outcome import InputOutcome, Outcome, input_outcome
 from svantic_grpc.core.dispatch._run import Dispatches, DispatchHooks, SessionDispatches
 from svantic_grpc.core.dispatch._seam import (
+    CANCEL_REASONS,
     Dispatcher,
     DispatchFailed,
     DispatchJob,
@@ -32,6 +33,7 @@ from svantic_grpc.core.dispatch._tokens import DispatchTokens
 from svantic_grpc.core.inputs.model import InputAsk
 
 __all__ = [
+    "CANCEL_REASONS",
     "AgentConnection",
     "ConnectedAgents",
     "DispatchFailed",

@@ -34,6 +34,7 @@ from svantic_grpc.core.dispatch._seam import (
     DispatchJob,
     DispatchUpdate,
     NotDelivered,
+    cancel_reason,
 )
 from svantic_grpc.core.errors import Conflict, FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
@@ -351,7 +352,8 @@ class ConnectedAgents:
             connection.acknowledged.discard(job.dispatch_id)
             if not finished and not connection.closed and not self._stopping:
                 # The mesh stopped following (cancel, timeout): tell the agent to stop too.
-                connection.outbox.put_nowait(Outbound(job.dispatch_id, cancel_reason="canceled by the mesh"))
+                reason = cancel_reason(job.message.message_id)
+                connection.outbox.put_nowait(Outbound(job.dispatch_id, cancel_reason=reason))
 
     async def _arrival(self, key: tuple[str, str]) -> AgentConnection:
         """The next stream the instance opens."""

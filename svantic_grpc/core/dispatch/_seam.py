@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from svantic_grpc.core._validate import check_json_depth, check_reason
@@ -23,6 +25,7 @@ from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Pa
 from svantic_grpc.core.models import AgentRegistration, DeploymentMode
 
 __all__ = [
+    "CANCEL_REASONS",
     "AgentGone",
     "DispatchFailed",
     "DispatchJob",
@@ -30,8 +33,21 @@ __all__ = [
     "Dispatcher",
     "NotDelivered",
     "Transport",
+    "cancel_reason",
     "check_update",
 ]
+
+
+CANCEL_REASONS: ContextVar[Mapping[str, str]] = ContextVar(
+    "svantic_cancel_reasons", default=MappingProxyType({})
+)
+"""Why a message's work was cancelled, by message id, as its session's runtime was told (set in the
+context of each message's task): a transport tells its agent, as the message's state reason says."""
+
+
+def cancel_reason(message_id: str) -> str:
+    """Why the work of ``message_id`` is cancelled, for its agent."""
+    return CANCEL_REASONS.get().get(message_id) or "canceled by the mesh"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -22,6 +23,7 @@ from typing import Any
 from svantic_grpc.core._reads import ReadMemo, forget_reads, message_reads, remember_session
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
+    CANCEL_REASONS,
     Outcome,
     SessionDispatches,
     input_outcome,
@@ -116,7 +118,9 @@ class SessionRuntime:
     def _spawn(self, message: Message, work: Coroutine[Any, Any, Message]) -> asyncio.Task[Message]:
         message_id = message.message_id
         self._stops[message_id] = []
-        task = asyncio.create_task(work, name=f"message-{message_id}")
+        context = contextvars.copy_context()
+        context.run(CANCEL_REASONS.set, self._cancel_reasons)  # the agent is told why, if cancelled
+        task = asyncio.create_task(work, name=f"message-{message_id}", context=context)
         self._tasks[message_id] = task
 
         def finished(_: object) -> None:
