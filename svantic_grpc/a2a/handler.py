@@ -54,6 +54,7 @@ from svantic_grpc.a2a.convert import (
     task_of,
 )
 from svantic_grpc.a2a.errors import to_a2a_error
+from svantic_grpc.core._validate import json_bytes
 from svantic_grpc.core.auth import Caller
 from svantic_grpc.core.errors import InvalidArgument, MeshError, NotFound
 from svantic_grpc.core.events import Event, MessageStateChanged
@@ -243,9 +244,7 @@ class MeshRequestHandler(RequestHandler):
                 if skill_id in seen:
                     continue
                 seen.add(skill_id)
-                carried += len(skill_id) + len(skill.name) + len(skill.description) + 64
-                lists = (*skill.tags, *skill.examples, *skill.input_modes, *skill.output_modes)
-                carried += sum(map(len, lists))
+                carried += json_bytes(skill) + len(skill_id)
                 if carried > _CARD_MAX_BYTES:
                     return card  # readable with gRPC's default 4 MB receive limit, as every answer
                 card.skills.add(

@@ -31,6 +31,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "session_not_found",
 ]
 
 
@@ -67,6 +68,11 @@ class NotFound(MeshError):
     """The thing does not exist, or belongs to another tenant."""
 
     default_reason = "NOT_FOUND"
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The one error for a session that is not there (or is another tenant's)."""
+    return NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
 
 
 class AlreadyExists(MeshError):

@@ -21,10 +21,17 @@ from functools import partial
 from typing import TypeVar
 
 from svantic_grpc.core._locks import KeyedLock
-from svantic_grpc.core._validate import check_id
+from svantic_grpc.core._validate import RESERVED_PREFIX, check_id
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from svantic_grpc.core.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    session_not_found,
+)
 from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
@@ -125,7 +132,7 @@ class Sessions:
             raise InvalidArgument(missing, "self-join needs both self_agent_type and self_instance_id")
         check_id("self_agent_type", self_agent_type, required=False)
         check_id("self_instance_id", self_instance_id, required=False)
-        if self_agent_type.startswith("savant:"):
+        if self_agent_type.startswith(RESERVED_PREFIX):
             raise InvalidArgument("self_agent_type", "internal agents never create sessions")
         if self_instance_id:
             registered = await self._store.get_agent(tenant_id=caller.tenant_id, instance_id=self_instance_id)
@@ -664,7 +671,7 @@ class Sessions:
         check_id("session_id", session_id)
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
         if session is None:
-            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+            raise session_not_found(session_id)
         return session
 
     @staticmethod

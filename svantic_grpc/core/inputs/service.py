@@ -21,7 +21,14 @@ from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._validate import check_id, check_json_depth, json_bytes
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
-from svantic_grpc.core.errors import Conflict, InvalidArgument, MeshError, NotFound, PermissionDenied
+from svantic_grpc.core.errors import (
+    Conflict,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    PermissionDenied,
+    session_not_found,
+)
 from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
 from svantic_grpc.core.inputs.checks import (
     already_answered,
@@ -410,7 +417,7 @@ class Inputs:
             session_id
             and await self._store.get_session(tenant_id=caller.tenant_id, session_id=session_id) is None
         ):
-            raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND")
+            raise session_not_found(session_id)
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
         page = await self._store.list_inputs(
