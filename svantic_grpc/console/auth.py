@@ -8,9 +8,10 @@ from the mesh's token signing key, for the console's audience only) in an ``Http
 and it is no bearer token for the gRPC API. Every state-changing request must also carry
 the login's CSRF token, derived from the login under the same key.
 
-Signing out is kept in the store (a small record naming the login), so a copied cookie is
-worthless from then on, on every replica. The records are not deleted when their login
-expires (the README says so).
+Signing out is kept in the store (a small record naming the login, with the login's expiry),
+so a copied cookie is worthless from then on, on every replica. Each sign-out also deletes the
+records of logins that have expired since (their cookies are refused for their age): the store
+holds a record only for a signed-out login that would otherwise still be good.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class ConsoleLogins:
             await self._store.put_adapter_value(
                 _ADAPTER, _signed_out(login), {"expires_at": login.expires_at}
             )
+            await self._store.purge_expired_adapter_values(_ADAPTER, before=self._clock.now())
 
     def _decode(self, cookie: str) -> ConsoleLogin | None:
         if not cookie:

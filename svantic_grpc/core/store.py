@@ -342,6 +342,11 @@ class Store(ABC):
         """Drop a kept value; nothing happens if there is none."""
 
     @abstractmethod
+    async def purge_expired_adapter_values(self, adapter: str, *, before: float) -> int:
+        """Delete ``adapter``'s values whose ``expires_at`` (a number in the value) is earlier
+        than ``before``; values without one stay. Returns how many went."""
+
+    @abstractmethod
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         """Add to the tenant's audit trail; returns it with its sequence."""
 

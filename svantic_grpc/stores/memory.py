@@ -273,6 +273,16 @@ class MemoryStore(Store):
         self._adapter_values.pop((adapter, key), None)
         self._unlink(adapter, key)
 
+    async def purge_expired_adapter_values(self, adapter: str, *, before: float) -> int:
+        due = [
+            entry
+            for entry, text in self._adapter_values.items()
+            if entry[0] == adapter and _expired(json.loads(text), before)
+        ]
+        for entry in due:
+            await self.delete_adapter_value(*entry)
+        return len(due)
+
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         trail = self._audit.setdefault(record.tenant_id, [])
         stored = replace(record, sequence=len(trail) + 1)
@@ -473,3 +483,9 @@ def _replace(table: dict[Any, Record], key: Any, record: Record, what: str, not_
     stored = evolve(detach(record), version=current.version + 1)
     table[key] = stored
     return stored
+
+
+def _expired(value: Mapping[str, Any], before: float) -> bool:
+    """Whether a kept adapter value holds a number ``expires_at`` earlier than ``before``."""
+    expires_at = value.get("expires_at")
+    return isinstance(expires_at, int | float) and not isinstance(expires_at, bool) and expires_at < before

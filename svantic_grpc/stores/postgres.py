@@ -349,6 +349,19 @@ class PostgresStore(Store):
 
         await self._write(delete)
 
+    async def purge_expired_adapter_values(self, adapter: str, *, before: float) -> int:
+        async def purge(conn: asyncpg.Connection) -> int:
+            status = await conn.execute(
+                "DELETE FROM adapter_values WHERE adapter = $1 AND CASE "
+                "WHEN jsonb_typeof(value::jsonb -> 'expires_at') = 'number' "
+                "THEN (value::jsonb ->> 'expires_at')::float8 < $2 ELSE false END",
+                adapter,
+                before,
+            )
+            return int(status.split()[-1])
+
+        return await self._write(purge)
+
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         (stored,) = await self._write(_audit_op((record,)))
         return stored

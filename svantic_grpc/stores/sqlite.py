@@ -340,6 +340,18 @@ class SqliteStore(Store):
 
         await self._write(delete)
 
+    async def purge_expired_adapter_values(self, adapter: str, *, before: float) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM adapter_values WHERE adapter = ? "
+                "AND json_type(value, '$.expires_at') IN ('integer', 'real') "
+                "AND json_extract(value, '$.expires_at') < ?",
+                (adapter, before),
+            )
+            return int(cursor.rowcount)
+
+        return await self._write(purge)
+
     async def append_audit(self, record: AuditRecord) -> AuditRecord:
         (stored,) = await self._write(_audit_op((record,)))
         return stored

@@ -688,6 +688,22 @@ async def test_adapter_values_are_kept_per_adapter_and_key(store: Store) -> None
     assert await store.get_adapter_value("webhook", "post/acme/r1") == {"other": True}
 
 
+async def test_expired_adapter_values_are_purged_by_their_expires_at(store: Store) -> None:
+    await store.put_adapter_value("console", "out/a", {"expires_at": T0 - 1})
+    await store.put_adapter_value("console", "out/b", {"expires_at": int(T0) - 5})  # a whole number
+    await store.put_adapter_value("console", "out/c", {"expires_at": T0 + 60})  # still good
+    await store.put_adapter_value("console", "out/d", {"expires_at": "yesterday"})  # not a number
+    await store.put_adapter_value("console", "out/e", {"other": 1})  # none
+    await store.put_adapter_value("slack", "out/a", {"expires_at": T0 - 1})  # another adapter's
+    assert await store.purge_expired_adapter_values("console", before=T0) == 2
+    assert await store.get_adapter_value("console", "out/a") is None
+    assert await store.get_adapter_value("console", "out/b") is None
+    for key in ("out/c", "out/d", "out/e"):
+        assert await store.get_adapter_value("console", key) is not None, key
+    assert await store.get_adapter_value("slack", "out/a") == {"expires_at": T0 - 1}
+    assert await store.purge_expired_adapter_values("console", before=T0) == 0
+
+
 async def test_a_session_is_listed_under_its_current_status_only(store: Store) -> None:
     first = await store.create_session(make_session("s1", created_at=T0))
     second = await store.create_session(make_session("s2", created_at=T0 + 1))
