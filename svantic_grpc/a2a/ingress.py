@@ -100,6 +100,16 @@ class _ClientErrorsAtDebug(logging.Filter):
         return True
 
 
+def _task_id_whole(path: str) -> tuple[str, bool]:
+    """A REST route of one task with its ``{id}`` taking the rest of the path, and whether it was
+    changed: a task id may hold ``/`` (a message id sent over gRPC, ``core._validate.check_id``),
+    which a client sends as it is or as ``%2F`` and the router sees as a ``/`` either way. The push
+    configuration routes keep theirs (``{id}`` then more path)."""
+    if "/tasks/{id}" not in path or "pushNotificationConfigs" in path:
+        return path, False
+    return path.replace("{id}", "{id:path}"), True
+
+
 def _quiet_client_errors() -> None:
     for name in _SDK_LOGGERS:
         logger = logging.getLogger(name)
@@ -204,18 +214,20 @@ class A2AIngress:
         dispatcher = JsonRpcDispatcher(self.handler, context_builder=builder, enable_v0_3_compat=True)
         for path in JSONRPC_PATHS:
             routes.append(Route(path, self._authenticated(dispatcher.handle_requests), methods=["POST"]))
+        by_task: list[BaseRoute] = []
         for route in create_rest_routes(
             self.handler, context_builder=builder, enable_v0_3_compat=True, path_prefix=REST_PREFIX
         ):
             # The SDK also mounts every route under "/{tenant}", which would shadow the other apps'
             # routes; tenancy comes from the token here.
             if isinstance(route, Route):
-                routes.append(
-                    Route(
-                        route.path, self._authenticated(route.endpoint), methods=sorted(route.methods or ())
-                    )
+                path, whole = _task_id_whole(route.path)
+                (by_task if whole else routes).append(
+                    Route(path, self._authenticated(route.endpoint), methods=sorted(route.methods or ()))
                 )
-        return routes
+        # After every other route (push configurations, the task list), in the SDK's order (a task's
+        # ``:cancel`` and ``:subscribe`` before the task itself).
+        return routes + by_task
 
     def add_to(self, server: aio.Server) -> tuple[str, ...]:
         """Serve the gRPC bindings (1.0 and 0.3) on ``server``; returns their service names."""

@@ -19,7 +19,7 @@ from svantic_grpc.a2a.ingress import JSONRPC_PATHS
 from svantic_grpc.pb import message_service_pb2, session_service_pb2
 from tests._support import SIGNING_ENV, Client, error_details, running_server
 from tests.a2a_ingress_support import ingress_http
-from tests.agents_connected import new_session
+from tests.agents_connected import new_session, send
 
 V1 = {"A2A-Version": "1.0"}
 
@@ -256,6 +256,30 @@ async def test_unknown_tasks_and_push_configuration(http: Http) -> None:
     assert (await http.rpc_error(push))["code"] == -32004
     response = await http.post({}, path="/a2a/rest/tasks/nope", headers=V1)
     assert response.status_code in (404, 405)
+
+
+async def test_rest_reaches_a_task_whose_id_holds_a_slash(http: Http) -> None:
+    # found from outside: a gRPC client's message id "batch/7" could be listed over REST but not read
+    session_id = await new_session(http.client)
+    await send(http.client, session_id, "hello", message_id="batch/7")
+    bearer = {"Authorization": f"Bearer {await http.client.token()}"}
+    auth = {**bearer, **V1}
+    for path, headers in (
+        ("/a2a/rest/tasks/batch%2F7", auth),
+        ("/a2a/rest/tasks/batch/7", auth),
+        ("/a2a/rest/v1/tasks/batch%2F7", bearer),  # A2A 0.3
+    ):
+        got = await http.http.get(f"{http.base}{path}", headers=headers)
+        assert got.status_code == 200, (path, got.text)
+        assert got.json()["id"] == "batch/7" and got.json()["contextId"] == session_id, got.text
+    cancel = await http.http.post(f"{http.base}/a2a/rest/tasks/batch%2F7:cancel", headers=auth)
+    assert cancel.status_code == 400 and "TASK_NOT_CANCELABLE" in cancel.text, cancel.text  # it has ended
+    missing = await http.http.get(f"{http.base}/a2a/rest/tasks/batch%2F8", headers=auth)
+    assert missing.status_code == 404, missing.text
+    listed = await http.http.get(f"{http.base}/a2a/rest/tasks", headers=auth)  # the list is still the list
+    assert [t["id"] for t in listed.json()["tasks"]] == ["batch/7"], listed.text
+    push = await http.http.get(f"{http.base}/a2a/rest/tasks/batch7/pushNotificationConfigs", headers=auth)
+    assert push.status_code == 400 and "UNSUPPORTED" in push.text.upper(), push.text
 
 
 async def test_a_read_only_token_cannot_send(http: Http) -> None:
