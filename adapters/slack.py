@@ -22,7 +22,13 @@ Configuration (``adapters.<name>`` in settings.json)::
 
     {"channel": "C0123", "mode": "http", "allowed_responders": ["U0456"],
      "bot_token_env": "SLACK_BOT_TOKEN", "signing_secret_env": "SLACK_SIGNING_SECRET",
-     "app_token_env": "SLACK_APP_TOKEN", "api_base_url": null, "timeout_s": 10}
+     "app_token_env": "SLACK_APP_TOKEN", "api_base_url": null, "timeout_s": 10, "retries": 4}
+
+A Web API call Slack answers with 429 (its rate limit: about one post per second per channel)
+is tried again after its ``Retry-After``, one answered with a 5xx, timed out or cut off again
+after a backoff, ``retries`` times (slack_sdk's retry handlers), so a request raised while Slack
+is busy is still posted and an outcome still reaches its message. A post still in progress when
+its request ends is finished first and then updated.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.request.internals import parse_body
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -129,6 +143,9 @@ class SlackConfig(AdapterSettings):
     empty: anyone in the channel. A request's own list is the core's to check."""
     timeout_s: int = Field(default=10, gt=0)
     """Timeout of one Slack Web API call."""
+    retries: int = Field(default=4, ge=0, le=10)
+    """How many times a call Slack answered with 429 or a 5xx, or that timed out or was cut off,
+    is tried again (after ``Retry-After`` for a 429, with backoff otherwise)."""
 
     @field_validator("bot_token_env", "signing_secret_env", "app_token_env")
     @classmethod
@@ -136,6 +153,23 @@ class SlackConfig(AdapterSettings):
         if info.data.get("mode") in _SECRET_MODES[str(info.field_name)]:
             env_value(info, variable)  # set, in the modes that use it
         return variable
+
+
+class _Transient(AsyncRetryHandler):
+    """Tries again a call Slack answered with any 5xx or that timed out, with slack_sdk's backoff
+    (its own ``AsyncServerErrorRetryHandler`` takes 500 and 503 only)."""
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        if response is not None:
+            return response.status_code >= 500
+        return isinstance(error, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -161,9 +195,15 @@ class SlackAdapter(Adapter):
         client_args: dict[str, Any] = (
             {"base_url": self.settings.api_base_url} if self.settings.api_base_url else {}
         )
+        retries = self.settings.retries
         self._client = AsyncWebClient(
             token=env[self.settings.bot_token_env],
             timeout=self.settings.timeout_s,
+            retry_handlers=[
+                AsyncRateLimitErrorRetryHandler(max_retry_count=retries),
+                AsyncConnectionErrorRetryHandler(max_retry_count=retries),
+                _Transient(max_retry_count=retries),
+            ],
             **client_args,
         )
         self._signing_secret = env[self.settings.signing_secret_env] if http else ""
@@ -255,20 +295,22 @@ class SlackAdapter(Adapter):
         posted = self._posts.pop((request.tenant_id, request.request_id), None)
         try:
             if posted is not None:
-                # on_request may still be posting when the outcome arrives.
-                where = await asyncio.wait_for(asyncio.shield(posted), timeout=self.settings.timeout_s)
+                # on_request may still be posting when the outcome arrives (trying again, perhaps):
+                # it ends either way, bounded by its retries.
+                where = await asyncio.shield(posted)
             else:  # posted before a restart, perhaps
                 kept = await self.context.recall(_post_key(request))
                 where = None if kept is None else _Posted(channel=str(kept["channel"]), ts=str(kept["ts"]))
             if where is None:
                 return
-            await self.context.forget(_post_key(request))
             await self._client.chat_update(
                 channel=where.channel,
                 ts=where.ts,
                 text=f"{request.summary}: {_outcome_line(request)}",
                 blocks=[*_description_blocks(request), _section(_outcome_line(request))],
             )
+            # Once the message is final (a failed update keeps it: retention deletes it with the session).
+            await self.context.forget(_post_key(request))
         except Exception:
             logger.exception("slack: updating the message of request %s failed", request.request_id)
 

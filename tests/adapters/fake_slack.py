@@ -32,7 +32,14 @@ class FakeSlack:
     calls: list[SlackCall] = field(default_factory=list)
     failing: bool = False
     """When set, every call answers HTTP 500."""
+    scripted: dict[str, list[int]] = field(default_factory=dict)
+    """Per method, the HTTP statuses its next calls answer before it answers normally again
+    (429 with ``Retry-After: 0``, like Slack's rate limit); see ``fail_next``."""
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def fail_next(self, method: str, *statuses: int) -> None:
+        """The next calls of ``method`` answer these statuses, in order."""
+        self.scripted.setdefault(method, []).extend(statuses)
 
     def of(self, method: str) -> list[dict[str, Any]]:
         """Arguments of every call to ``method``, oldest first."""
@@ -48,6 +55,14 @@ class FakeSlack:
         self.calls.append(SlackCall(method, args, token))
         if self.failing:
             return web.json_response({"ok": False, "error": "internal_error"}, status=500)
+        scripted = self.scripted.get(method)
+        if scripted:
+            status = scripted.pop(0)
+            if status == 429:
+                return web.json_response(
+                    {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "0"}
+                )
+            return web.Response(text="<html>bad gateway</html>", content_type="text/html", status=status)
         answer: dict[str, Any] = {"ok": True}
         if method == "auth.test":
             answer |= {

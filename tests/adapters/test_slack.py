@@ -702,23 +702,61 @@ async def test_a_post_made_before_a_restart_is_updated_after_it() -> None:
 # -- Slack down --------------------------------------------------------------------------------
 
 
-async def test_slack_failing_is_logged_and_never_raises(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    h.slack.failing = True
+async def test_slack_failing_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(retries=1) as h:
+        h.slack.failing = True
+        request = make_request(InputKind.TOOL_APPROVAL)
+
+        with caplog.at_level(logging.ERROR, logger="adapters.slack"):
+            await h.announce(request)
+            await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
+
+        assert any(request.request_id in r.getMessage() for r in caplog.records)
+        assert h.slack.of("chat.update") == []
+
+
+async def test_a_post_and_an_update_slack_is_too_busy_for_are_tried_again(h: Harness) -> None:
+    # found from outside: a 429 (Slack's limit is about a post a second per channel) or a 5xx lost
+    # the post for good, and a failed update left the buttons live
+    h.slack.fail_next("chat.postMessage", 429, 502)
     request = make_request(InputKind.TOOL_APPROVAL)
+    posted = await h.announce(request)
+    assert len(h.slack.of("chat.postMessage")) == 3 and action_ids(posted) != []
+    assert h.mesh.kept == {f"post/acme/{request.request_id}": {"channel": "C1", "ts": "1.000100"}}
+    h.slack.fail_next("chat.update", 500)
+    await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
+    updates = h.slack.of("chat.update")
+    assert len(updates) == 2 and action_ids(updates[-1]) == [] and "Expired" in text_of(updates[-1])
+    assert h.mesh.kept == {}  # forgotten once the message is final
 
-    with caplog.at_level(logging.ERROR, logger="adapters.slack"):
-        await h.announce(request)
-        await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
 
-    assert any(request.request_id in r.getMessage() for r in caplog.records)
-    assert h.slack.of("chat.update") == []
+async def test_an_outcome_during_a_post_being_tried_again_updates_it_once_posted(h: Harness) -> None:
+    h.slack.fail_next("chat.postMessage", 429, 429)
+    request = h.mesh.add(make_request(InputKind.TOOL_APPROVAL))
+    posting = asyncio.create_task(h.adapter.on_request(request))
+    await until(lambda: len(h.slack.of("chat.postMessage")) >= 1)
+    await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))  # waits for the post
+    await posting
+    assert len(h.slack.of("chat.postMessage")) == 3
+    (update,) = h.slack.of("chat.update")
+    assert update["ts"] == "1.000100" and action_ids(update) == []
+
+
+async def test_a_post_that_keeps_failing_gives_up_after_its_retries(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(retries=2) as h:
+        h.slack.fail_next("chat.postMessage", 500, 500, 500, 500)
+        with caplog.at_level(logging.ERROR, logger="adapters.slack"):
+            await h.announce(h.mesh.add(make_request(InputKind.TOOL_APPROVAL)))
+        assert len(h.slack.of("chat.postMessage")) == 3  # the first call and two more
+        assert any("posting request" in r.getMessage() for r in caplog.records)
+        assert h.mesh.kept == {}
 
 
 async def test_slack_unreachable_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    async with running(api_base_url=f"http://127.0.0.1:{closed_port}/api/", timeout_s=2) as h:
+    async with running(api_base_url=f"http://127.0.0.1:{closed_port}/api/", timeout_s=2, retries=1) as h:
         request = h.mesh.add(make_request(InputKind.TOOL_APPROVAL))
         with caplog.at_level(logging.ERROR, logger="adapters.slack"):
             await h.adapter.on_request(request)
