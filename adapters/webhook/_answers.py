@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.inputs.checks import check_responder
 from svantic_grpc.core.inputs.model import Decision, Resolution, Surface
 
 __all__ = ["Answer"]
@@ -52,7 +53,7 @@ class Answer:
         return cls(
             request_id=text("request_id"),
             tenant_id=text("tenant_id"),
-            responder=text("responder") or "webhook",
+            responder=check_responder(text("responder")) or "webhook",
             decision=Decision(decision) if decision else None,
             reason=text("reason"),
             values=obj("values"),

@@ -26,7 +26,16 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc import aio
 
-from svantic_grpc.core.inputs.model import Form, FormField, InputKind, InputState, Surface
+from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.inputs.model import (
+    Decision,
+    Form,
+    FormField,
+    InputKind,
+    InputState,
+    Resolution,
+    Surface,
+)
 from svantic_grpc.pb import message_types_pb2
 from tests._support import code_of, error_details
 from tests.adapters.e2e_support import (
@@ -35,6 +44,7 @@ from tests.adapters.e2e_support import (
     FORGED,
     HOOK_IN,
     POLICIES,
+    TENANT,
     TOOL,
     ApprovalAgent,
     FormAgent,
@@ -660,3 +670,41 @@ async def test_a_broken_adapter_never_blocks_the_mesh(broken: str) -> None:
             assert (await s.notification(request_id, "input.resolved"))["request"]["state"] == "resolved"
         elif broken.startswith("receiver"):
             assert action_ids(await s.slack_update(request_id)) == []
+
+
+async def test_a_webhook_responder_longer_than_a_name_is_refused_and_changes_nothing() -> None:
+    # found from outside: a 5 MB "responder" was kept in the request, its audit entry and its event,
+    # and every WatchSession of the session died at that event (over gRPC's 4 MB limit) for good
+    agent = ApprovalAgent()
+    async with surfaces(agent) as s:
+        session_id, message_id, request_id = await s.ask()
+        token = (await s.notification(request_id))["callback"]["token"]
+        for answer in (
+            partial(s.hook_token, token, responder="x" * 100_000),
+            partial(s.hook_signed, request_id, responder="y" * 257),
+        ):
+            status, body = await answer()
+            assert (status, body["error"]["field"]) == (422, "responder"), body
+            assert "at most 256" in body["error"]["message"]
+        await assert_still_pending(s, session_id, request_id, agent)
+        assert await s.audit(request_id) == []
+        status, _ = await s.hook_token(token, responder="o" * 256)  # the token was not used up
+        assert status == 200
+        await s.finished(session_id, message_id)
+        assert agent.decisions[session_id] == [True]
+
+
+async def test_the_core_refuses_a_responder_longer_than_a_name_from_any_surface() -> None:
+    agent = ApprovalAgent()
+    async with surfaces(agent) as s:
+        session_id, _, request_id = await s.ask()
+        with pytest.raises(InvalidArgument) as refused:
+            await s.client.server.mesh.inputs.resolve(
+                tenant_id=TENANT,
+                request_id=request_id,
+                resolution=Resolution(decision=Decision.APPROVE),
+                responder="z" * 257,
+                surface=Surface.SLACK,
+            )
+        assert refused.value.field == "responder"
+        await assert_still_pending(s, session_id, request_id, agent)

@@ -34,6 +34,7 @@ from svantic_grpc.core.inputs.checks import (
     already_answered,
     check_answer_size,
     check_ask,
+    check_responder,
     checked_resolution,
     outcome_text,
 )
@@ -243,6 +244,7 @@ class Inputs:
         check_json_depth("resolution.values", resolution.values)
         check_json_depth("resolution.payload", resolution.payload)
         check_answer_size(resolution)
+        check_responder(responder)
         current = await self.get(tenant_id, request_id)
         if current.state is InputState.PENDING and self._clock.now() >= current.expires_at:
             await self._expire(tenant_id, request_id)  # too late, even if the timer has not run yet
