@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
-from svantic_grpc.core.inputs.checks import check_responder
-from svantic_grpc.core.inputs.model import Decision, Resolution, Surface
+from svantic_grpc.core.inputs.model import Decision, Resolution, Surface, check_responder
 
 __all__ = ["Answer"]
 

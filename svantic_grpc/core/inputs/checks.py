@@ -29,19 +29,7 @@ from svantic_grpc.core.inputs.model import (
     ToolCall,
 )
 
-__all__ = [
-    "MAX_RESPONDER_CHARS",
-    "already_answered",
-    "check_ask",
-    "check_responder",
-    "checked_resolution",
-    "form_number",
-    "outcome_text",
-]
-
-MAX_RESPONDER_CHARS = 256
-"""Longest name of who answers (a webhook body's ``responder``, a subject, a Slack user): it is
-kept in the request, its audit entry and its event, shown in Slack and sent to webhooks."""
+__all__ = ["already_answered", "check_ask", "checked_resolution", "form_number", "outcome_text"]
 
 _INT64 = 2**63
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
@@ -143,11 +131,6 @@ def check_ask(
                 raise InvalidArgument(f"{where}.type", f"must be one of {', '.join(sorted(FIELD_TYPES))}")
             if field.type == "select" and not field.options:
                 raise InvalidArgument(f"{where}.options", "a select field needs options")
-
-
-def check_responder(responder: str, *, field: str = "responder") -> str:
-    """``responder`` if it is a name of at most ``MAX_RESPONDER_CHARS``, else ``InvalidArgument``."""
-    return check_reason(field, responder, limit=MAX_RESPONDER_CHARS)
 
 
 def check_answer_size(resolution: Resolution) -> None:

@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.frozen import freeze
 
 __all__ = [
     "APPROVAL_DECISIONS",
     "FIELD_TYPES",
+    "MAX_RESPONDER_CHARS",
     "Decision",
     "Form",
     "FormField",
@@ -23,8 +25,20 @@ __all__ = [
     "Resolution",
     "Surface",
     "ToolCall",
+    "check_responder",
     "responder_allowed",
 ]
+
+MAX_RESPONDER_CHARS = 256
+"""Longest name of who answers (a webhook body's ``responder``, a subject, a Slack user): it is
+kept in the request, its audit entry and its event, shown in Slack and sent to webhooks."""
+
+
+def check_responder(responder: str, *, field: str = "responder") -> str:
+    """``responder`` if it is a name of at most ``MAX_RESPONDER_CHARS``, else ``InvalidArgument``."""
+    if len(responder) > MAX_RESPONDER_CHARS:
+        raise InvalidArgument(field, f"is {len(responder)} characters long; at most {MAX_RESPONDER_CHARS}")
+    return responder
 
 
 class InputKind(enum.Enum):

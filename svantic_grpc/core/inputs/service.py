@@ -34,7 +34,6 @@ from svantic_grpc.core.inputs.checks import (
     already_answered,
     check_answer_size,
     check_ask,
-    check_responder,
     checked_resolution,
     outcome_text,
 )
@@ -49,6 +48,7 @@ from svantic_grpc.core.inputs.model import (
     Resolution,
     Surface,
     ToolCall,
+    check_responder,
     speaks_for,
 )
 from svantic_grpc.core.inputs.policies import PolicyEngine
