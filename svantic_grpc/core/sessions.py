@@ -438,13 +438,16 @@ class Sessions:
             caller.tenant_id, session_id, after_sequence=after_sequence, follow=follow
         )
 
-    async def write_inputs(self, change: Change, reason: str) -> Changed:
+    async def write_inputs(
+        self, change: Change, reason: str, *, landed: Callable[[Changed], None] | None = None
+    ) -> Changed:
         """Write a change to the session's input requests together with the session's status.
 
         In the same store write, the session becomes paused when a request of it is pending
         afterwards and active when none is (``reason`` goes with the status change), so the
         two never disagree, even after a crash. A new pending request in a closed session is
-        refused (``FailedPrecondition``).
+        refused (``FailedPrecondition``). ``landed`` is told what was stored as soon as it is,
+        even if the caller is cancelled meanwhile (the write lands all the same).
         """
         tenant_id, session_id = change.tenant_id, change.session_id
         async with self._locks.hold((tenant_id, session_id)):
@@ -470,6 +473,8 @@ class Sessions:
 
             async def write(now: float) -> tuple[Changed, Sequence[Event]]:
                 written = await store.write(replace(change, time=now))
+                if landed is not None:
+                    landed(written)
                 return written, written.events
 
             try:

@@ -102,11 +102,15 @@ def crm_agent(target: str, handler: Handler) -> ConnectedAgent:
     )
 
 
-async def ask_to_delete(channel: Any, md: Metadata, session_id: str, target_agent: str = "crm") -> pb.Message:
-    """Open ``session_id`` and send it ``m1`` (delete record 7) for ``target_agent``; it waits for a human."""
-    await SessionServiceStub(channel).InitSession(
-        session_service_pb2.InitSessionRequest(session_id=session_id), metadata=md
-    )
+async def ask_to_delete(
+    channel: Any, md: Metadata, session_id: str, target_agent: str = "crm", *, init: bool = True
+) -> pb.Message:
+    """Open ``session_id`` (unless ``init`` is false: it is open) and send it ``m1`` (delete record 7)
+    for ``target_agent``; it waits for a human."""
+    if init:
+        await SessionServiceStub(channel).InitSession(
+            session_service_pb2.InitSessionRequest(session_id=session_id), metadata=md
+        )
     sent = await MessageServiceStub(channel).SendMessage(
         message_service_pb2.SendMessageRequest(
             session_id=session_id,

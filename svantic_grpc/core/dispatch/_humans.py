@@ -73,6 +73,7 @@ async def ask_human(
         plan=ask.plan,
         policy=policy,
         allowed_responders=responders,
+        waiting=writer.waiting_on,
     )
     # The message stays input-required until the agent shows it has the answer (its next update):
     # a crash in between resumes it with the answer instead of failing it as interrupted.
@@ -102,6 +103,7 @@ async def sign_off_plan(
         plan=plan,
         policy=policy.name,
         allowed_responders=policy.approvers,
+        waiting=writer.waiting_on,
     )
     ended = await wait_for_human(writer, inputs, request)
     if isinstance(ended, Outcome):
@@ -126,15 +128,16 @@ async def wait_for_human(
     lost: asyncio.Event | None = None,
     resume_now: bool = True,
 ) -> InputRequest | Outcome:
-    """Park the message on ``request`` until it ends; a resolution resumes it (``working``), at
-    once or, with ``resume_now`` false, when the caller says so (``answered``).
+    """Park the message on ``request`` (raised with the message waiting on it: ``Inputs.ask``'s
+    ``waiting``) until it ends; a resolution resumes it (``working``), at once or, with
+    ``resume_now`` false, when the caller says so (``answered``).
 
     The dispatch timeout does not run while a human thinks. If the agent goes away meanwhile
     (``lost``: its stream dropped, or the replica holding it stopped), the request stays
     pending: the answer, when it comes, raises ``AgentGone`` for the caller to dispatch the
     message again with it, as after a restart (the agent gets the answer with the message).
     """
-    await writer.input_required(request)
+    writer.stopped()
     loop = asyncio.get_running_loop()
     when = deadline.when() if deadline is not None else None
     remaining = None if when is None else max(when - loop.time(), 0.0)

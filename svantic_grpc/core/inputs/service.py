@@ -29,7 +29,7 @@ from svantic_grpc.core.errors import (
     PermissionDenied,
     session_not_found,
 )
-from svantic_grpc.core.events import EventBus, InputEnded, InputRaised
+from svantic_grpc.core.events import EventBus, EventPayload, InputEnded, InputRaised
 from svantic_grpc.core.inputs.checks import (
     already_answered,
     check_answer_size,
@@ -52,15 +52,20 @@ from svantic_grpc.core.inputs.model import (
     speaks_for,
 )
 from svantic_grpc.core.inputs.policies import PolicyEngine
+from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored, fitting
 from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
-__all__ = ["InputListener", "Inputs"]
+__all__ = ["InputListener", "Inputs", "WaitingMessage"]
 
 _log = logging.getLogger(__name__)
+
+WaitingMessage = Callable[[InputRequest], tuple[Message, tuple[EventPayload, ...], Callable[[Message], None]]]
+"""A message to wait on a request being raised: given the request, the message as it is to be
+written, its events, and what to tell once it is stored (``MessageWriter.waiting_on``)."""
 
 
 class InputListener(Protocol):
@@ -78,7 +83,7 @@ class Inputs:
         self,
         *,
         store: Store,
-        write: Callable[[Change, str], Awaitable[Changed]],
+        write: Callable[..., Awaitable[Changed]],
         clock: Clock,
         ids: IdGenerator,
         policies: PolicyEngine,
@@ -90,7 +95,8 @@ class Inputs:
         self._tracing = tracing
         self._store = store
         self._write = write
-        """Writes a change to requests with the session's paused/active status (``Sessions.write_inputs``)."""
+        """Writes a change to requests with the session's paused/active status (``Sessions.write_inputs``:
+        the change, the status's reason, and ``landed``, told what was stored)."""
         self._clock = clock
         self._ids = ids
         self.policies = policies
@@ -133,8 +139,15 @@ class Inputs:
         policy: str = "",
         allowed_responders: Iterable[str] = (),
         ttl_s: float | None = None,
+        waiting: WaitingMessage | None = None,
     ) -> InputRequest:
-        """Raise a pending request for a human; the session pauses until no request is pending."""
+        """Raise a pending request for a human; the session pauses until no request is pending.
+
+        ``waiting`` is the message that waits on the request (``MessageWriter.waiting_on``): it
+        becomes input-required in the same store write as the request is raised, so a crash never
+        leaves a human asked by a message that is still working (recovery would fail it as
+        interrupted and withdraw the question).
+        """
         check_ask(kind, tool_call, form, plan)
         now = self._clock.now()
         decisions: tuple[Decision, ...] = ()
@@ -157,11 +170,20 @@ class Inputs:
             allowed_responders=tuple(allowed_responders),
             policy=policy,
         )
-        # The request, its input_raised event and the session paused: one write.
+        # The request, its input_raised event, the message waiting on it and the session paused: one write.
         change = Change(
             tenant_id, session_id, inputs=(draft,), events=(InputRaised(as_stored(draft).for_watchers()),)
         )
-        (request,) = (await self._write(change, f"waiting for a human: {draft.summary}")).inputs
+        landed: Callable[[Changed], None] | None = None
+        if waiting is not None:
+            message, events, stored = waiting(draft)
+            change = replace(change, messages=(message,), events=(*change.events, *events))
+
+            def landed(written: Changed) -> None:
+                stored(written.messages[0])
+
+        written = await self._write(change, f"waiting for a human: {draft.summary}", landed=landed)
+        (request,) = written.inputs
         self._pending.setdefault((tenant_id, session_id), set()).add(request.request_id)
         self.expiry.schedule(tenant_id, request.request_id, request.expires_at)
         self._tracing.input_raised(request_id=request.request_id, kind=kind.value, session_id=session_id)

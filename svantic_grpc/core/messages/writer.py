@@ -11,7 +11,14 @@ from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import ResourceExhausted
-from svantic_grpc.core.events import ArtifactAdded, Event, EventBus, MessageStateChanged, TurnAdded
+from svantic_grpc.core.events import (
+    ArtifactAdded,
+    Event,
+    EventBus,
+    EventPayload,
+    MessageStateChanged,
+    TurnAdded,
+)
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import (
@@ -25,7 +32,7 @@ from svantic_grpc.core.messages.model import (
     parts_bytes,
 )
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
-from svantic_grpc.core.store import Store
+from svantic_grpc.core.store import Store, as_stored
 
 __all__ = ["MessageWriter"]
 
@@ -130,13 +137,40 @@ class MessageWriter:
             self._on_stop(saved)
         return saved
 
-    async def input_required(self, request: InputRequest) -> Message:
-        """The message waits for a human on ``request``."""
-        return await self.state(
-            MessageState.INPUT_REQUIRED,
-            f"waiting for a human: {request.summary}",
-            input_request_ids=(*self.message.input_request_ids, request.request_id),
+    def waiting_on(
+        self, request: InputRequest
+    ) -> tuple[Message, tuple[EventPayload, ...], Callable[[Message], None]]:
+        """The message input-required on ``request``, written with the request as it is raised
+        (``Inputs.ask``): the message to write (with what is pending or held), its events, and what
+        takes the stored message in; ``stopped`` then says it stopped."""
+        pending, held = dict(self._pending), list(self._held)
+        current = self.message
+        reason = f"waiting for a human: {request.summary}"
+        draft = evolve(
+            current,
+            **pending,
+            updated_at=self._clock.now(),
+            state=MessageState.INPUT_REQUIRED,
+            state_reason=reason,
+            input_request_ids=(*current.input_request_ids, request.request_id),
         )
+        stored = as_stored(draft)
+        events: list[EventPayload] = [event for made in held for event in made(stored)]
+        events.append(MessageStateChanged(current.message_id, current.state, draft.state, reason, stored))
+
+        def take(saved: Message) -> None:
+            self.message = saved
+            for name, value in pending.items():
+                if self._pending.get(name) is value:
+                    del self._pending[name]
+            del self._held[: len(held)]
+
+        return draft, tuple(events), take
+
+    def stopped(self) -> None:
+        """The message, as written elsewhere (``waiting_on``), stopped for now."""
+        if self._on_stop is not None:
+            self._on_stop(self.message)
 
     def _carry(self, parts: Iterable[Part]) -> None:
         """Count outputs in before they are added; refuse what would make the message larger
