@@ -574,6 +574,25 @@ async def test_a_bulk_evaluator_asks_only_above_its_threshold() -> None:
         assert json_format.MessageToDict(listed.tool_call.arguments) == {"ids": ["r1", "r2", "r3"]}
 
 
+async def test_a_bulk_evaluator_asks_when_it_cannot_count() -> None:
+    # found from outside: "all", a filter, or no ids at all counted as 0 items and ran unasked
+    bulk = {
+        **DELETES,
+        "name": "bulk-deletes",
+        "evaluator": {"type": "bulk", "argument": "ids", "threshold": 2},
+    }
+    async with running_server(policies=[bulk]) as client, crm_agent(client):
+        for arguments in ({"ids": "all"}, {"ids": {"all": True}}, {"where": "created < 2020"}, {"ids": True}):
+            session_id = await new_session(client)
+            call = {"tool": "crm.delete_records", "arguments": arguments}
+            asked = await ask_tools(client, session_id, call)
+            assert asked.state == INPUT_REQUIRED, (arguments, asked.state_reason)
+        counted = await ask_tools(
+            client, await new_session(client), {"tool": "crm.delete_records", "arguments": {"ids": 2}}
+        )
+        assert counted.state == COMPLETED, counted.state_reason  # a number is a count
+
+
 async def test_the_guardrail_budget_denies_the_third_tool_call_of_a_session() -> None:
     reads = [{"tool": "crm.read_records", "arguments": {"ids": [f"r{i}"]}} for i in range(3)]
     async with (

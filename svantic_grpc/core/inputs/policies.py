@@ -35,7 +35,9 @@ class BulkEvaluator:
     """Fires when the call touches more than ``threshold`` items.
 
     The count is the length of the list argument ``argument`` (or its value when
-    it is a number).
+    it is a number). An argument it cannot count (missing, a string such as ``"all"``,
+    an object such as a filter) fires too: the calls that touch everything are the
+    ones an approval exists for, and the agent chooses the shape.
     """
 
     argument: str
@@ -43,8 +45,11 @@ class BulkEvaluator:
 
     def fires(self, call: ToolCall) -> bool:
         value: Any = call.arguments.get(self.argument)
-        count = len(value) if isinstance(value, list) else value if isinstance(value, int | float) else 0
-        return bool(count > self.threshold)
+        if isinstance(value, list):
+            return len(value) > self.threshold
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return bool(value > self.threshold)
+        return True
 
 
 @dataclass(frozen=True)
