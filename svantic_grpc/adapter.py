@@ -119,6 +119,12 @@ class AdapterContext(Protocol):
         """A request of the tenant (``NotFound`` otherwise)."""
         ...
 
+    def shared_key(self, purpose: str) -> bytes | None:
+        """A 32-byte key for ``purpose``, derived from the mesh's token signing key: the same on
+        every replica and after a restart with the same signing key, and nothing a token verifies
+        under. ``None`` on the development default (a key anyone could derive)."""
+        ...
+
     async def remember(
         self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
     ) -> None:

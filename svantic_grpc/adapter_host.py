@@ -11,7 +11,7 @@ mesh or the other adapters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -45,6 +45,10 @@ class _Context:
         self._store = store
         self.clock = clock
         self.ids = ids
+
+    def shared_key(self, purpose: str) -> bytes | None:
+        derive = self._host.derive_key
+        return None if derive is None else derive(f"adapter {self._name}: {purpose}")
 
     async def remember(
         self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
@@ -89,8 +93,12 @@ class AdapterHost:
         clock: Clock,
         ids: IdGenerator,
         env: Mapping[str, str],
+        derive_key: Callable[[str], bytes] | None = None,
     ) -> None:
         self._configs = {name: dict(c) for name, c in configs.items() if c.get("enabled", True) is not False}
+        self.derive_key = derive_key
+        """Keys derived from the token signing key (``TokenIssuer.derived_key``); ``None`` on the
+        development default."""
         self.http = http
         self._inputs = inputs
         self._store = store

@@ -10,6 +10,7 @@ client on this machine can dial.
 from __future__ import annotations
 
 import base64
+import hmac
 import ipaddress
 import json
 import os
@@ -20,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -473,7 +476,21 @@ def resolve_auth(settings: Settings, env: Mapping[str, str] | None = None) -> Re
         failed_per_peer=auth.failed_attempts.per_peer.limit(),
     )
     dispatch_key = env.get(settings.dispatch.signing_key_env) or None
+    if dispatch_key is None and not development:
+        dispatch_key = _derived_dispatch_key(key)
     return ResolvedAuth(tokens, credentials, development, dispatch_key)
+
+
+def _derived_dispatch_key(signing_key: str) -> str:
+    """An Ed25519 dispatch key (PEM) derived from the token signing key, as ``TokenIssuer.derived_key``
+    derives keys: every replica and every restart with the same signing key signs dispatch tokens
+    with the same key, so an agent that fetched ``GetDispatchKeys`` from any of them verifies them."""
+    seed = hmac.new(signing_key.encode(), b"svantic-grpc derived key: dispatch tokens", "sha256").digest()
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem.decode()
 
 
 def replica_id(settings: Settings) -> str:

@@ -601,8 +601,10 @@ class ConnectedAgent:
     def _verify(self, dispatch: registry_service_pb2.Dispatch) -> dict[str, Any]:
         header = jwt.get_unverified_header(dispatch.dispatch_token)
         key = self._keys.get(header.get("kid", ""))
-        if key is None:
-            raise jwt.InvalidKeyError("unknown signing key")
+        if key is None:  # an InvalidTokenError, so the dispatch is rejected, not left unanswered
+            raise jwt.InvalidTokenError(
+                f"signed with a key this agent does not know ({header.get('kid', '')!r})"
+            )
         claims: dict[str, Any] = jwt.decode(
             dispatch.dispatch_token, key, algorithms=["EdDSA"], audience=self.instance_id, issuer=self._issuer
         )

@@ -190,6 +190,7 @@ class MeshServer:
             clock=self.mesh.clock,
             ids=self.mesh.ids,
             env=env,
+            derive_key=None if self.development else self.mesh.tokens.derived_key,
         )
         try:
             self.adapters.load()

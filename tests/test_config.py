@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from svantic_grpc.config import (
     DEV_CLIENT_ID,
@@ -18,6 +20,8 @@ from svantic_grpc.config import (
     resolve_auth,
 )
 from svantic_grpc.core.auth import Scope, hash_secret, verify_secret
+from svantic_grpc.core.clock import ManualClock
+from svantic_grpc.core.dispatch import DispatchTokens
 from svantic_grpc.server import MeshServer
 from tests._support import SIGNING_ENV, tenant_settings
 
@@ -229,6 +233,25 @@ def test_a_signing_key_turns_development_mode_off() -> None:
     by_id = {c.client_id: c for c in auth.credentials}
     assert by_id["globex-full"].tenant_id == "globex"
     assert by_id["acme-read"].scopes == (Scope.READ,)
+
+
+def test_the_dispatch_key_is_derived_from_the_signing_key_unless_set() -> None:
+    # found from outside: replicas (and restarts) without SVANTIC_DISPATCH_KEY each signed dispatch
+    # tokens with a key of their own, which agents that fetched another replica's keys refused
+    def key_id(env: dict[str, str]) -> str | None:
+        pem = resolve_auth(parse_settings({"tenants": tenant_settings()}), env=env).dispatch_key_pem
+        if pem is None:
+            return None
+        return DispatchTokens(clock=ManualClock(), issuer="t", ttl_s=60, private_key_pem=pem).key_id
+
+    one, same = key_id({KEY_ENV: GOOD_KEY}), key_id({KEY_ENV: GOOD_KEY})
+    assert one is not None and one == same  # every replica and restart with this signing key
+    assert key_id({KEY_ENV: "another-signing-key-of-32-bytes-or-more!"}) not in (None, one)
+    own = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    assert key_id({KEY_ENV: GOOD_KEY, "SVANTIC_DISPATCH_KEY": own.decode()}) not in (None, one)
+    assert resolve_auth(parse_settings({}), env={}).dispatch_key_pem is None  # development: per process
 
 
 def test_the_signing_key_env_name_comes_from_settings() -> None:

@@ -65,3 +65,12 @@ def test_a_token_made_for_other_work_is_refused(session: str, dispatch: str, why
     agent, key = _agent_and_signer()
     with pytest.raises(jwt.InvalidTokenError, match=why):
         agent._verify(_dispatch(key, session=session, dispatch=dispatch))
+
+
+def test_a_token_under_a_key_the_agent_does_not_know_is_refused_as_a_bad_token() -> None:
+    # found from outside: the helper raised jwt.InvalidKeyError, which its handler does not catch as
+    # a bad token, so the dispatch was neither rejected nor run and the message waited for its timeout
+    agent, key = _agent_and_signer()
+    agent._keys = {"k0": Ed25519PrivateKey.generate().public_key()}  # another replica's, a rotated one
+    with pytest.raises(jwt.InvalidTokenError, match="does not know"):
+        agent._verify(_dispatch(key, session="s1", dispatch="d1"))

@@ -84,7 +84,9 @@ class WebhookAdapter(Adapter):
         settings = self.settings
         self._targets = tuple(Target(t.url, signer(env, t.secret_env)) for t in settings.targets)
         self._inbound = settings.inbound(env)
-        self._token_key = settings.token_key(env)
+        # Without a key of its own: one derived from the mesh's signing key, so a token outlives a
+        # restart and any replica sharing that key takes it (a random one on the development default).
+        self._token_key = settings.token_key(env) or context.shared_key("callback tokens")
         self._deliveries = Deliveries(
             Retries(settings.max_attempts, settings.backoff_ms, settings.max_backoff_ms, settings.timeout_ms),
             context.clock,
@@ -105,8 +107,9 @@ class WebhookAdapter(Adapter):
         if self._inbound is None:
             _log.info("webhook adapter %s: no inbound secret; only callback tokens resolve", self.name)
         if self._token_key is None:
-            _log.info(
-                "webhook adapter %s: no callback_token_key_env; callback tokens end with this process",
+            _log.warning(
+                "webhook adapter %s: no callback_token_key_env and the development signing key; "
+                "callback tokens end with this process",
                 self.name,
             )
 

@@ -78,6 +78,9 @@ class FakeMesh:
         self.requests[(request.tenant_id, request.request_id)] = request
         return request
 
+    def shared_key(self, purpose: str) -> bytes | None:
+        return None
+
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
         try:
             return self.requests[(tenant_id, request_id)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import random
@@ -78,6 +79,13 @@ class FakeMesh:
         self.requests: dict[tuple[str, str], InputRequest] = {}
         self.resolved = 0
         self.kept: dict[str, dict[str, Any]] = {}
+        self.signing_key: bytes | None = None
+        """The mesh's own signing key (``None``: the development default)."""
+
+    def shared_key(self, purpose: str) -> bytes | None:
+        if self.signing_key is None:
+            return None
+        return hmac.new(self.signing_key, purpose.encode(), "sha256").digest()
 
     async def remember(
         self, key: str, value: dict[str, Any], *, session: tuple[str, str] | None = None
@@ -539,6 +547,25 @@ async def test_with_a_token_key_a_token_outlives_the_adapter_that_sent_it(build:
     status, body = await after.post(answer("r2", second, responder="late"))  # ...then again after it
     assert status == 409 and "first" in body["error"]["message"]
     assert after.mesh.state("r2").resolution.resolved_by == "first"  # type: ignore[union-attr]
+
+
+async def test_without_a_token_key_a_token_outlives_the_adapter_under_the_meshs_signing_key(
+    build: Build,
+) -> None:
+    # found from outside: each replica (and each restart) signed callback tokens with a key of its
+    # own, so two answers in three were refused behind a balancer and a restart killed every token
+    mesh = FakeMesh()
+    mesh.signing_key = b"the-mesh-signing-key-of-32-bytes-or-more"
+    before = await build(mesh=mesh)
+    token = (await before.announce(tool_request("r1")))["callback"]["token"]
+    after = await build(mesh=mesh)  # another replica, or the restart, with the same signing key
+    status, body = await after.post(answer("r1", token, responder="ops@acme"))
+    assert (status, body["request"]["resolution"]["resolved_by"]) == (200, "ops@acme")
+    other = FakeMesh()
+    other.signing_key = b"another-mesh-signing-key-of-32-bytes!!"
+    stranger = await build(mesh=other)
+    status, body = await stranger.post(answer("r1", token))
+    assert (status, body["error"]["reason"]) == (401, "INVALID_CALLBACK_TOKEN")
 
 
 async def test_without_a_token_key_tokens_end_with_the_adapter(build: Build) -> None:
