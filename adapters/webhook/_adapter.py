@@ -22,6 +22,7 @@ values and no callback token, and a webhook cannot answer them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import secrets
@@ -94,7 +95,12 @@ class WebhookAdapter(Adapter):
         )
         self._stopped = False
         self._announcing: dict[_Key, set[asyncio.Task[None]]] = {}
-        self._tokens = CallbackTokens(self._token_key or secrets.token_bytes(MIN_TOKEN_KEY_BYTES))
+        token_key = self._token_key or secrets.token_bytes(MIN_TOKEN_KEY_BYTES)
+        self._tokens = CallbackTokens(token_key)
+        self._key_tag = hashlib.sha256(token_key).hexdigest()[:8]
+        """Names the token key in an announcement's id: made again after a restart under the same key
+        (whose tokens still answer), it is a duplicate a receiver may drop; under a new key (the
+        development default's, one per process), it is a new message with the token that answers."""
         self._winners = Winners(context)
         self._seen = SeenIds(settings.tolerance_s)
 
@@ -183,6 +189,8 @@ class WebhookAdapter(Adapter):
 
     def _message(self, request: InputRequest, notification: Mapping[str, Any], target: int) -> Message:
         kind = str(notification["type"]).replace(".", "_")
+        if "callback" in notification:
+            kind += f"_{self._key_tag}"
         return Message(
             # One id per request, kind and target: an announcement made again after a restart (the
             # first may have died with the process) is one its receiver can drop as a duplicate.

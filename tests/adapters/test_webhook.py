@@ -568,6 +568,30 @@ async def test_without_a_token_key_a_token_outlives_the_adapter_under_the_meshs_
     assert (status, body["error"]["reason"]) == (401, "INVALID_CALLBACK_TOKEN")
 
 
+@pytest.mark.parametrize("signing_key", [b"the-mesh-signing-key-of-32-bytes-or-more", None])
+async def test_an_announcement_made_again_is_a_duplicate_only_if_its_token_still_answers(
+    build: Build, signing_key: bytes | None
+) -> None:
+    # found from outside: after a restart on a per-process key the request was announced again under
+    # the same webhook-id, which a receiver drops as a duplicate, keeping only the dead token
+    mesh = FakeMesh()
+    mesh.signing_key = signing_key
+    request = tool_request("r1")
+    before = await build(mesh=mesh)
+    first = (await before.announce(request))["callback"]["token"]
+    after = await build(mesh=mesh)  # the restart announces the pending request again
+    second = (await after.announce(request))["callback"]["token"]
+    ids = [
+        before.receiver.deliveries[0].headers["webhook-id"],
+        after.receiver.deliveries[0].headers["webhook-id"],
+    ]
+    first_answers = (await after.post(answer("r1", first)))[0] == 200
+    assert first_answers is (signing_key is not None)
+    assert (ids[0] == ids[1]) is first_answers  # a receiver that drops the duplicate keeps a live token
+    if not first_answers:
+        assert (await after.post(answer("r1", second)))[0] == 200
+
+
 async def test_without_a_token_key_tokens_end_with_the_adapter(build: Build) -> None:
     before = await build()
     token = (await before.announce(tool_request("r1")))["callback"]["token"]
