@@ -468,7 +468,9 @@ class Store(ABC):
         """Delete up to ``limit`` sessions closed before ``closed_before``, with their messages,
         input requests and event logs, in one write; returns how many sessions went.
 
-        The audit trail stays: it is the record of who decided what.
+        The audit trail stays: it is the record of who decided what. So does a request answered
+        ``approve_always`` (``InputRequest.grants_always``): it is the tenant's grant, read back at
+        start-up, not the session's.
         """
 
     # Other processes sharing the store

@@ -397,7 +397,7 @@ class MemoryStore(Store):
         for message_key in [k for k in self._messages if (k[0], k[1]) in gone]:
             del self._messages[message_key]
         for input_key, r in list(self._inputs.items()):
-            if (r.tenant_id, r.session_id) in gone:
+            if (r.tenant_id, r.session_id) in gone and not r.grants_always:
                 del self._inputs[input_key]
         return len(due)
 

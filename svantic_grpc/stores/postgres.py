@@ -423,7 +423,10 @@ class PostgresStore(Store):
             )
             keys = [(row[0], row[1]) for row in due]
             for table in ("events", "event_heads", "inputs", "messages", "adapter_values", "sessions"):
-                await conn.executemany(f"DELETE FROM {table} WHERE tenant_id = $1 AND session_id = $2", keys)
+                sql = f"DELETE FROM {table} WHERE tenant_id = $1 AND session_id = $2"
+                if table == "inputs":  # an approve_always is the tenant's grant: it outlives its session
+                    sql += " AND COALESCE(record::jsonb #>> '{resolution,decision}', '') <> 'approve_always'"
+                await conn.executemany(sql, keys)
             return len(keys)
 
         return await self._write(purge)

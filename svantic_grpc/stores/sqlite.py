@@ -414,7 +414,12 @@ class SqliteStore(Store):
                 (closed_before, max(limit, 0)),
             ).fetchall()
             for table in ("events", "inputs", "messages", "adapter_values", "sessions"):
-                conn.executemany(f"DELETE FROM {table} WHERE tenant_id = ? AND session_id = ?", due)
+                sql = f"DELETE FROM {table} WHERE tenant_id = ? AND session_id = ?"
+                if table == "inputs":  # an approve_always is the tenant's grant: it outlives its session
+                    sql += (
+                        " AND COALESCE(json_extract(record, '$.resolution.decision'), '') != 'approve_always'"
+                    )
+                conn.executemany(sql, due)
             return len(due)
 
         return await self._write(purge)

@@ -13,6 +13,7 @@ from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.inputs.model import Decision, InputKind, Resolution, Surface, ToolCall
 from svantic_grpc.core.inputs.policies import Enforcement, Policy
 from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.stores.sqlite import SqliteStore
 
 CALLER = Caller("acme", "acme-full", "terminal", (Scope.FULL,), "tok_1")
@@ -95,3 +96,38 @@ async def test_a_fresh_store_has_no_grants(tmp_path: Path, clock: ManualClock) -
         assert verdict(again, session_id, "crm.delete_records") is Enforcement.REQUIRE_APPROVAL
     finally:
         await again.stop()
+
+
+async def test_an_always_approval_outlives_its_session_after_retention_and_a_restart(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    # found from outside: retention deleted the answer with its session, so the next restart (the
+    # first deploy a day after that session closed, on the defaults) asked again
+    path = tmp_path / "mesh.db"
+    before = mesh_on(path, clock)
+    await before.start()
+    try:
+        given = (await before.sessions.init(CALLER)).session_id
+        await approve(before, given, "crm.delete_records", "deletes", Decision.APPROVE_ALWAYS)
+        await approve(before, given, "crm.export_all", "exports", Decision.APPROVE_FOR_SESSION)
+        await before.sessions.close(CALLER, given)
+        clock.advance(2)
+        sweeper = RetentionSweeper(store=before.store, clock=clock, retention=Retention(closed_sessions_s=1))
+        assert await sweeper.run_once() == 1
+        assert await before.store.get_session(tenant_id="acme", session_id=given) is None
+    finally:
+        await before.stop()
+
+    after = mesh_on(path, clock)
+    await after.start()
+    try:
+        later = (await after.sessions.init(CALLER)).session_id
+        assert verdict(after, later, "crm.delete_contacts") is Enforcement.ALLOW  # the tenant's grant
+        assert (
+            verdict(after, later, "crm.export_all") is Enforcement.REQUIRE_APPROVAL
+        )  # went with its session
+        assert [r.resolution.decision for r in await after.store.granting_inputs() if r.resolution] == [
+            Decision.APPROVE_ALWAYS
+        ]
+    finally:
+        await after.stop()

@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from svantic_grpc.core.events import StatusChanged
-from svantic_grpc.core.inputs.model import InputKind, InputRequest, ToolCall
+from svantic_grpc.core.inputs.model import (
+    Decision,
+    InputKind,
+    InputRequest,
+    InputState,
+    Resolution,
+    Surface,
+    ToolCall,
+)
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.store import Store
 from tests.stores.test_contract import T0, make_message, make_session, store
@@ -105,6 +113,30 @@ async def test_purge_takes_closed_sessions_with_their_messages_requests_and_even
         assert await _sequences(store, kept) == [1, 2]
     assert await store.get_input(tenant_id="acme", request_id="r-recent") is not None
     assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 0
+
+
+async def test_purge_keeps_an_always_approval_the_tenants_grant(store: Store) -> None:
+    created = await store.create_session(make_session("old"))
+    await store.update_session(replace(created, status=SessionStatus.CLOSED, closed_at=T0 + 10))
+    for request_id, decision in (
+        ("always", Decision.APPROVE_ALWAYS),
+        ("session", Decision.APPROVE_FOR_SESSION),
+    ):
+        asked = await store.create_input(
+            InputRequest("acme", request_id, "old", "m1", InputKind.TOOL_APPROVAL, T0, T0 + 9, ToolCall("t"))
+        )
+        answered = Resolution(decision=decision, resolved_by="ops", surface=Surface.GRPC, resolved_at=T0 + 1)
+        await store.update_input(replace(asked, state=InputState.RESOLVED, resolution=answered))
+    await store.create_input(
+        InputRequest("acme", "pending", "old", "m1", InputKind.TOOL_APPROVAL, T0, T0 + 9, ToolCall("t"))
+    )
+    assert await store.purge_closed_sessions(closed_before=T0 + 50, limit=100) == 1
+    assert await store.get_session(tenant_id="acme", session_id="old") is None
+    assert await store.get_input(tenant_id="acme", request_id="session") is None
+    assert await store.get_input(tenant_id="acme", request_id="pending") is None
+    kept = await store.get_input(tenant_id="acme", request_id="always")
+    assert kept is not None and kept.grants_always
+    assert [r.request_id for r in await store.granting_inputs()] == ["always"]
 
 
 async def test_purge_goes_in_batches_of_limit(store: Store) -> None:

@@ -205,6 +205,11 @@ class InputRequest:
         return not self.allowed_responders or responder_allowed(responder, self.allowed_responders, surface)
 
     @property
+    def grants_always(self) -> bool:
+        """Answered ``approve_always``: the tenant's grant, kept when its session is deleted."""
+        return self.resolution is not None and self.resolution.decision is Decision.APPROVE_ALWAYS
+
+    @property
     def sensitive(self) -> bool:
         """Must be answered through the API or chat, never shown on Slack or webhooks."""
         return self.form is not None and self.form.sensitive
