@@ -60,11 +60,12 @@ class WebhookSettings(AdapterSettings):
     inbound_secret_env: str | None = Field(default=None, min_length=1)
     """Environment variable holding the secret that signs inbound resolutions; not given:
     ``SVANTIC_WEBHOOK_SECRET`` when set, otherwise only callback tokens resolve."""
-    max_attempts: int = Field(default=5, ge=1)
-    """Deliveries tried per notification and target, the first included."""
-    backoff_ms: int = Field(default=500, ge=0)
+    max_attempts: int = Field(default=12, ge=1)
+    """Deliveries tried per notification and target, the first included (the defaults span about
+    five minutes: a receiver's deploy or a short outage still hears of every request)."""
+    backoff_ms: int = Field(default=1_000, ge=0)
     """Delay before the first retry; doubles on each one, with jitter."""
-    max_backoff_ms: int = Field(default=30_000, ge=0)
+    max_backoff_ms: int = Field(default=60_000, ge=0)
     """Cap on the delay between two attempts."""
     timeout_ms: int = Field(default=5_000, ge=1)
     """Time allowed for one attempt, connection and answer included."""

@@ -28,6 +28,9 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from adapters.webhook import WebhookAdapter
+from adapters.webhook._delivery import Deliveries, Retries
+from adapters.webhook._settings import WebhookSettings
+from svantic_grpc.adapter import parse_adapter_settings
 from svantic_grpc.core.clock import Clock, IdGenerator, UuidGenerator
 from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument, NotFound, PermissionDenied
 from svantic_grpc.core.inputs.model import (
@@ -366,6 +369,18 @@ async def test_client_errors_are_not_retried(build: Build, caplog: pytest.LogCap
         await h.settle()
     assert len(h.receiver.deliveries) == 1
     assert "HTTP 400; not retried" in caplog.text
+
+
+def test_the_default_retries_span_minutes_not_seconds() -> None:
+    # found from outside: with the defaults a receiver down for ~8 s never heard of the request
+    settings = parse_adapter_settings(WebhookSettings, "webhook", {}, {})
+    deliveries = Deliveries(
+        Retries(settings.max_attempts, settings.backoff_ms, settings.max_backoff_ms, settings.timeout_ms),
+        WallClock(),
+        random.Random(7),
+    )
+    waits = [deliveries._backoff_s(attempt, None) for attempt in range(1, settings.max_attempts)]
+    assert 180 <= sum(waits) <= 600, sum(waits)
 
 
 async def test_delivery_gives_up_after_max_attempts(build: Build, caplog: pytest.LogCaptureFixture) -> None:
