@@ -217,7 +217,7 @@ async def _agent_loop(messages: int, concurrency: int, warmup: int, mark: Any) -
     from echo_agent import echo  # the example agent's handler, as message_roundtrip's agent runs it
 
     from svantic_grpc.connected_agent import ConnectedAgent
-    from svantic_grpc.pb import agent_types_pb2, message_types_pb2
+    from svantic_grpc.pb import message_types_pb2
     from svantic_grpc.pb import registry_service_pb2 as reg_pb
 
     # A dispatch as the mesh sends message_roundtrip's message (built here, the same bytes for
@@ -269,9 +269,7 @@ async def _agent_loop(messages: int, concurrency: int, warmup: int, mark: Any) -
             async for request in requests:
                 frame = reg_pb.ConnectRequest.FromString(request.SerializeToString())
                 kind = frame.WhichOneof("payload")
-                updates = (
-                    [frame.update] if kind == "update" else frame.update_batch.updates if kind else []
-                )
+                updates = [frame.update] if kind == "update" else frame.update_batch.updates if kind else []
                 for update in updates:
                     if update.state in finals:
                         future = waiting.pop(update.dispatch_id, None)
@@ -301,7 +299,7 @@ async def _agent_loop(messages: int, concurrency: int, warmup: int, mark: Any) -
             return reg_pb.ConnectResponse.FromString(frame.SerializeToString())
 
     class Registry:
-        def Connect(self, requests: Any, metadata: Any = None) -> Call:  # noqa: N802 (grpc's name)
+        def Connect(self, requests: Any, metadata: Any = None) -> Call:
             return Call(requests)
 
     agent = ConnectedAgent(
@@ -460,7 +458,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--side", choices=("mesh", "agent"), default="mesh", help="the mesh server's work, or the agent helper's"
+        "--side", choices=("mesh", "agent"), default="mesh", help="the mesh server's work, or the helper's"
     )
     parser.add_argument("--base", type=Path, default=None, help="another checkout, measured alternately")
     parser.add_argument("--instructions", action="store_true", help="callgrind instruction counts instead")
