@@ -128,7 +128,7 @@ async def _loop(messages: int, concurrency: int, warmup: int, mark: Any) -> floa
     if os.environ.get("SVANTIC_LOOP_NO_FOLD"):  # each update in its own place (as before the helper folded)
         import svantic_grpc.connected_agent as helper_module
 
-        helper_module._folded = lambda previous, update: None  # type: ignore[attr-defined]
+        helper_module._folded = lambda previous, update, own: None  # type: ignore[attr-defined]
 
     def answer(dispatch: Any) -> None:
         """The echo agent's three updates for ``dispatch``: its acknowledgement, artifact and completion."""

@@ -43,6 +43,7 @@ from opentelemetry import context as otel_context
 
 from svantic_grpc import _json
 from svantic_grpc._w3c import extracted
+from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
 from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
@@ -303,7 +304,7 @@ class ConnectedAgent:
         """Set when the last running handler ended (``_renew_when_idle`` waits for it)."""
         self._replies: dict[str, Reply] = {}
         self._sequels = _Sequels()
-        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._outbox: Mailbox[_Outgoing] = Mailbox()
         """Requests for the stream, and updates (framed together by ``_requests``); ``None`` ends it."""
         self._keys: dict[str, Any] = {}
         self._issuer = ""
@@ -382,7 +383,7 @@ class ConnectedAgent:
                 dispatch_batches=True,
             )
         )
-        self._outbox = asyncio.Queue()
+        self._outbox = Mailbox()  # (lighter than an asyncio.Queue: one reader, ``_requests``)
         self._outbox.put_nowait(hello)
         call = registry.Connect(self._requests(), metadata=metadata)
         stopping = asyncio.create_task(self._cancel_when_stopping(call))
@@ -465,6 +466,7 @@ class ConnectedAgent:
                 queued.append(outbox.get_nowait())
             updates: list[registry_service_pb2.DispatchUpdate] = []
             last: dict[str, int] = {}  # per dispatch, where its latest update in ``updates`` is
+            made: set[int] = set()  # where ``updates`` holds a fold made here (not a handler's own)
             size = 0
             for item in queued:
                 if isinstance(item, registry_service_pb2.ConnectRequest) and item.HasField("update"):
@@ -474,15 +476,17 @@ class ConnectedAgent:
                     size += item_size
                     at = last.get(item.dispatch_id)
                     if at is not None and size <= _BATCH_MAX_BYTES:
-                        folded = _folded(updates[at], item)
+                        folded = _folded(updates[at], item, at in made)
                         if folded is not None:
                             updates[at] = folded
+                            made.add(at)
                             continue
                     full = len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES
                     if updates and (full or not self._batch_updates):
                         yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
                         updates, size = [], item_size
                         last.clear()
+                        made.clear()
                     last[item.dispatch_id] = len(updates)
                     updates.append(item)
                     continue
@@ -490,6 +494,7 @@ class ConnectedAgent:
                     yield _update_frame(updates)
                     updates, size = [], 0
                     last.clear()
+                    made.clear()
                 if item is None:
                     return
                 yield item
@@ -706,13 +711,16 @@ _PROGRESS_STATES = (
 
 
 def _folded(
-    previous: registry_service_pb2.DispatchUpdate, update: registry_service_pb2.DispatchUpdate
+    previous: registry_service_pb2.DispatchUpdate, update: registry_service_pb2.DispatchUpdate, own: bool
 ) -> registry_service_pb2.DispatchUpdate | None:
     """``previous`` and ``update`` (the next of the same dispatch, in the same frame) as one update,
     when the mesh would fold them itself (``core.dispatch._connected._merged``): ``previous`` only
     says "working" and carries nothing, or carries only outputs before a bare change of state. The
     mesh then reads one update instead of two (the acknowledgement, the artifact and the completion
-    of an echo are one); the same records and events. ``None`` when they stay apart."""
+    of an echo are one); the same records and events. ``None`` when they stay apart.
+
+    ``own``: ``previous`` is a fold made here, changed in place (a handler's own update, which a
+    ``_Sequel`` may keep, is copied first)."""
     if (
         previous.state not in _PROGRESS_STATES
         or previous.HasField("input_request")
@@ -723,8 +731,14 @@ def _folded(
         )
     ):
         return None
-    folded = registry_service_pb2.DispatchUpdate()
-    folded.artifacts.extend(previous.artifacts)
+    if own:
+        folded = previous
+    else:
+        folded = registry_service_pb2.DispatchUpdate()
+        folded.CopyFrom(previous)
+    # ``previous`` has no turn and no question: what stays of it is its outputs (and the id).
+    folded.ClearField("state")
+    folded.ClearField("reason")
     folded.MergeFrom(update)  # its state, turn, reason and question; its outputs after those before
     return folded
 
