@@ -87,8 +87,13 @@ exact_json = _json.exact_object
 PartLike = str | dict[str, Any] | message_types_pb2.Part
 
 
+_ONE_PART = (str, dict, message_types_pb2.Part)
+
+
 def _parts(content: PartLike | Iterable[PartLike]) -> list[message_types_pb2.Part]:
-    items = [content] if isinstance(content, str | dict | message_types_pb2.Part) else list(content)
+    if isinstance(content, str):  # the common reply: one text
+        return [message_types_pb2.Part(text=content)]
+    items = [content] if isinstance(content, _ONE_PART) else list(content)
     parts = []
     for item in items:
         if isinstance(item, message_types_pb2.Part):
@@ -126,13 +131,10 @@ class Reply:
             raise RuntimeError(f"dispatch {self.dispatch_id} already ended")
         update = registry_service_pb2.DispatchUpdate(dispatch_id=self.dispatch_id, state=state, reason=reason)  # type: ignore[arg-type]
         if say is not None:
-            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
-        update.artifacts.extend(artifacts or ())
-        if state not in (
-            0,
-            message_types_pb2.MESSAGE_STATE_WORKING,
-            message_types_pb2.MESSAGE_STATE_SUBMITTED,
-        ):
+            _say(update, say)
+        if artifacts:
+            update.artifacts.extend(artifacts)
+        if state not in _PROGRESS_STATES:
             self.done = True
         await self._sent(update)
 
@@ -193,7 +195,7 @@ class Reply:
             input_request=request,
         )
         if say is not None:
-            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
+            _say(update, say)
         await self._sent(update)
         return self._took(await self._answer_queue().get())
 
@@ -234,6 +236,14 @@ class Reply:
         if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
             return None
         return exact_json(answer.resolution.values, answer.resolution.values_json)
+
+
+def _say(update: registry_service_pb2.DispatchUpdate, say: PartLike | Iterable[PartLike]) -> None:
+    """The agent's turn, written into ``update`` (no Turn built and copied in)."""
+    parts = _parts(say)
+    turn = update.turn
+    turn.role = message_types_pb2.ROLE_AGENT
+    turn.parts.extend(parts)
 
 
 def _approved(answer: message_types_pb2.InputRequest) -> bool:
