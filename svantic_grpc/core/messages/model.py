@@ -109,16 +109,19 @@ def _bytes_of(part: Part) -> int:
 
 
 _COUNTED: dict[int, tuple[tuple[Part, ...], int]] = {}
-"""Bytes of parts tuples counted lately, by identity (the tuple is held, so its id is not reused).
-A message's parts are one tuple for its whole run, and its first turn shares it: they are counted
-as they are sent (``check_parts``) and again before the agent's outputs are added (the writer)."""
-_COUNTED_MAX = 1024
+"""Bytes of small parts tuples counted lately, by identity (the tuple is held, so its id is not
+reused). A message's parts are one tuple for its whole run, and its first turn shares it: they are
+counted as they are sent (``check_parts``) and again before the agent's outputs are added (the
+writer). At most ``_COUNTED_MAX`` tuples of at most ``_COUNTED_BYTES`` each are held (~4 MB)."""
+_COUNTED_MAX = 256
+_COUNTED_BYTES = 16 * 1024
 
 
 def _counted(parts: tuple[Part, ...], total: int) -> int:
-    if len(_COUNTED) >= _COUNTED_MAX:
-        _COUNTED.clear()
-    _COUNTED[id(parts)] = (parts, total)
+    if total <= _COUNTED_BYTES:
+        if len(_COUNTED) >= _COUNTED_MAX:
+            _COUNTED.clear()
+        _COUNTED[id(parts)] = (parts, total)
     return total
 
 
