@@ -6,6 +6,7 @@ Run from the repository root::
     .venv/bin/python bench/connected_loop.py --base /work/wt/base     # the same, two checkouts alternating
     .venv/bin/python bench/connected_loop.py --instructions [--base PATH]   # callgrind counts instead
     .venv/bin/python bench/connected_loop.py --profile                # cProfile of one run
+    .venv/bin/python bench/connected_loop.py --side agent [--instructions] [--base PATH]  # the helper's work
 
 What runs is what ``bench/message_roundtrip.py``'s mesh server does for a message, minus grpc's
 transport and the interceptor: the ``MeshServer``'s mesh (memory store, metrics on, as that bench
@@ -16,6 +17,13 @@ answers every dispatch as ``examples/echo_agent.py`` does through ``ConnectedAge
 an artifact, completed: one ``update_batch`` frame, parsed by the server from its bytes).
 ``--concurrency`` clients, each with its own session, send ``--messages`` in all.
 
+``--side agent`` measures the other end instead: the connected agent's own work per message, the
+helper (``ConnectedAgent``, its real ``_serve_stream`` reader, ``_start``/``Reply`` and ``_requests``
+framing) running ``examples/echo_agent.py``'s handler, against a stand-in mesh in the same loop that
+sends each dispatch as the mesh frames it (one frame, or a batch of those queued together; parsed by
+the helper from its bytes) and reads the helper's frames from their bytes. No gRPC transport: what
+``bench/message_roundtrip.py`` shows as the agent's CPU per message, minus grpc's part.
+
 The count (``--instructions``, valgrind's callgrind, from after a warm-up to the end) does not
 move with other work on the machine: the figure to compare two commits by. CPU time
 (``time.process_time``, median of ``--rounds`` alternating rounds) is printed otherwise.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -119,7 +128,7 @@ async def _loop(messages: int, concurrency: int, warmup: int, mark: Any) -> floa
     if os.environ.get("SVANTIC_LOOP_NO_FOLD"):  # each update in its own place (as before the helper folded)
         import svantic_grpc.connected_agent as helper_module
 
-        helper_module._folded = lambda previous, update: None  # type: ignore[attr-defined]
+        helper_module._folded = lambda previous, update, own: None  # type: ignore[attr-defined]
 
     def answer(dispatch: Any) -> None:
         """The echo agent's three updates for ``dispatch``: its acknowledgement, artifact and completion."""
@@ -201,6 +210,137 @@ async def _loop(messages: int, concurrency: int, warmup: int, mark: Any) -> floa
     return cpu
 
 
+async def _agent_loop(messages: int, concurrency: int, warmup: int, mark: Any) -> float:
+    """The connected agent's side: ``warmup`` then ``messages`` dispatches through the helper;
+    ``mark(name)`` is called at "start" and "end". Returns the CPU seconds of the measured part."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from echo_agent import echo  # the example agent's handler, as message_roundtrip's agent runs it
+
+    from svantic_grpc.connected_agent import ConnectedAgent
+    from svantic_grpc.pb import message_types_pb2
+    from svantic_grpc.pb import registry_service_pb2 as reg_pb
+
+    # A dispatch as the mesh sends message_roundtrip's message (built here, the same bytes for
+    # every checkout measured): its parts, the first turn of its history, who sent it, the times.
+    target = message_types_pb2.Part(data_json='{"target_agent":"echo"}')
+    target.data.update({"target_agent": "echo"})
+    parts = [message_types_pb2.Part(text="hello from client 1"), target]
+    template = reg_pb.Dispatch(
+        session_id="ses_0123456789abcdef0123456789abcdef",
+        message=message_types_pb2.Message(
+            message_id="msg_0123456789abcdef0123456789abcdef",
+            session_id="ses_0123456789abcdef0123456789abcdef",
+            role=message_types_pb2.ROLE_USER,
+            parts=parts,
+            state=message_types_pb2.MESSAGE_STATE_WORKING,
+            state_reason="routed to echo/echo-bench-1 (target_agent)",
+            history=[message_types_pb2.Turn(role=message_types_pb2.ROLE_USER, parts=parts)],
+            agent_type="echo",
+            instance_id="echo-bench-1",
+            sender="bench-client",
+        ),
+    )
+    for stamp in (template.message.created_at, template.message.updated_at, template.message.history[0].time):
+        stamp.seconds, stamp.nanos = 1_800_000_000, 123_456_789
+    template.deadline.seconds = 1_800_000_300
+    finals = {
+        message_types_pb2.MESSAGE_STATE_COMPLETED,
+        message_types_pb2.MESSAGE_STATE_FAILED,
+        message_types_pb2.MESSAGE_STATE_REJECTED,
+        message_types_pb2.MESSAGE_STATE_CANCELED,
+    }
+    loop = asyncio.get_running_loop()
+    queued: list[reg_pb.Dispatch] = []
+    wake = asyncio.Event()
+    waiting: dict[str, asyncio.Future[None]] = {}
+    welcome = reg_pb.ConnectResponse(
+        welcome=reg_pb.ConnectWelcome(heartbeat_interval_ms=3_600_000, update_batches=True)
+    ).SerializeToString()
+
+    class Call:
+        """The stand-in mesh's end of ``Connect``: dispatches out as the mesh frames them, the
+        helper's frames read back from their bytes."""
+
+        def __init__(self, requests: Any) -> None:
+            self._reader = asyncio.create_task(self._read(requests))
+            self._sent_welcome = False
+
+        async def _read(self, requests: Any) -> None:
+            async for request in requests:
+                frame = reg_pb.ConnectRequest.FromString(request.SerializeToString())
+                kind = frame.WhichOneof("payload")
+                updates = [frame.update] if kind == "update" else frame.update_batch.updates if kind else []
+                for update in updates:
+                    if update.state in finals:
+                        future = waiting.pop(update.dispatch_id, None)
+                        if future is not None:
+                            future.set_result(None)
+
+        def cancel(self) -> None:
+            self._reader.cancel()
+
+        def __aiter__(self) -> Call:
+            return self
+
+        async def __anext__(self) -> reg_pb.ConnectResponse:
+            if not self._sent_welcome:
+                self._sent_welcome = True
+                return reg_pb.ConnectResponse.FromString(welcome)
+            while not queued:
+                wake.clear()
+                await wake.wait()
+            taken = queued[:64]
+            del queued[:64]
+            frame = reg_pb.ConnectResponse()
+            if len(taken) == 1:
+                frame.dispatch.CopyFrom(taken[0])
+            else:
+                frame.dispatch_batch.dispatches.extend(taken)
+            return reg_pb.ConnectResponse.FromString(frame.SerializeToString())
+
+    class Registry:
+        def Connect(self, requests: Any, metadata: Any = None) -> Call:
+            return Call(requests)
+
+    agent = ConnectedAgent(
+        "127.0.0.1:9",
+        client_id="-",
+        client_secret="-",
+        agent_type="echo",
+        instance_id="echo-bench-1",
+        handler=echo,
+    )
+    serving = asyncio.create_task(agent._serve_stream(Registry(), ()))  # type: ignore[arg-type]
+    await asyncio.wait_for(agent.connected.wait(), 10)
+    numbers = iter(range(10**9))
+
+    async def client(index: int, count: int) -> None:
+        for _ in range(count):
+            dispatch = reg_pb.Dispatch()
+            dispatch.CopyFrom(template)
+            dispatch.dispatch_id = dispatch_id = f"dsp_{index}_{next(numbers)}"
+            future = waiting[dispatch_id] = loop.create_future()
+            queued.append(dispatch)
+            wake.set()
+            await future
+
+    async def run(total: int) -> None:
+        share, extra = divmod(total, concurrency)
+        await asyncio.gather(*(client(i, share + (i < extra)) for i in range(concurrency)))
+
+    await run(warmup)
+    mark("start")
+    began = time.process_time()
+    await run(messages)
+    cpu = time.process_time() - began
+    mark("end")
+    await agent.stop()
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    return cpu
+
+
 def _child(args: argparse.Namespace) -> None:
     def mark(name: str) -> None:
         if args.callgrind:
@@ -217,7 +357,8 @@ def _child(args: argparse.Namespace) -> None:
     import cProfile
 
     profile = cProfile.Profile()
-    cpu = asyncio.run(_loop(args.messages, args.concurrency, args.warmup, mark))
+    run = _agent_loop if args.side == "agent" else _loop
+    cpu = asyncio.run(run(args.messages, args.concurrency, args.warmup, mark))
     if args.profile:
         import pstats
 
@@ -246,6 +387,8 @@ def _argv(args: argparse.Namespace, *extra: str) -> list[str]:
         str(args.concurrency),
         "--warmup",
         str(args.warmup),
+        "--side",
+        args.side,
         *extra,
     ]
 
@@ -314,6 +457,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--side", choices=("mesh", "agent"), default="mesh", help="the mesh server's work, or the helper's"
+    )
     parser.add_argument("--base", type=Path, default=None, help="another checkout, measured alternately")
     parser.add_argument("--instructions", action="store_true", help="callgrind instruction counts instead")
     parser.add_argument("--profile", action="store_true", help="cProfile one run of this checkout")

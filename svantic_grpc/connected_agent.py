@@ -43,6 +43,7 @@ from opentelemetry import context as otel_context
 
 from svantic_grpc import _json
 from svantic_grpc._w3c import extracted
+from svantic_grpc.core._mailbox import Mailbox
 from svantic_grpc.pb import agent_types_pb2, auth_service_pb2, message_types_pb2, registry_service_pb2
 from svantic_grpc.pb.auth_service_pb2_grpc import AuthServiceStub
 from svantic_grpc.pb.registry_service_pb2_grpc import RegistryServiceStub
@@ -86,8 +87,13 @@ exact_json = _json.exact_object
 PartLike = str | dict[str, Any] | message_types_pb2.Part
 
 
+_ONE_PART = (str, dict, message_types_pb2.Part)
+
+
 def _parts(content: PartLike | Iterable[PartLike]) -> list[message_types_pb2.Part]:
-    items = [content] if isinstance(content, str | dict | message_types_pb2.Part) else list(content)
+    if isinstance(content, str):  # the common reply: one text
+        return [message_types_pb2.Part(text=content)]
+    items = [content] if isinstance(content, _ONE_PART) else list(content)
     parts = []
     for item in items:
         if isinstance(item, message_types_pb2.Part):
@@ -125,13 +131,10 @@ class Reply:
             raise RuntimeError(f"dispatch {self.dispatch_id} already ended")
         update = registry_service_pb2.DispatchUpdate(dispatch_id=self.dispatch_id, state=state, reason=reason)  # type: ignore[arg-type]
         if say is not None:
-            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
-        update.artifacts.extend(artifacts or ())
-        if state not in (
-            0,
-            message_types_pb2.MESSAGE_STATE_WORKING,
-            message_types_pb2.MESSAGE_STATE_SUBMITTED,
-        ):
+            _say(update, say)
+        if artifacts:
+            update.artifacts.extend(artifacts)
+        if state not in _PROGRESS_STATES:
             self.done = True
         await self._sent(update)
 
@@ -192,7 +195,7 @@ class Reply:
             input_request=request,
         )
         if say is not None:
-            update.turn.CopyFrom(message_types_pb2.Turn(role=message_types_pb2.ROLE_AGENT, parts=_parts(say)))
+            _say(update, say)
         await self._sent(update)
         return self._took(await self._answer_queue().get())
 
@@ -233,6 +236,14 @@ class Reply:
         if answer.state != message_types_pb2.INPUT_STATE_RESOLVED:
             return None
         return exact_json(answer.resolution.values, answer.resolution.values_json)
+
+
+def _say(update: registry_service_pb2.DispatchUpdate, say: PartLike | Iterable[PartLike]) -> None:
+    """The agent's turn, written into ``update`` (no Turn built and copied in)."""
+    parts = _parts(say)
+    turn = update.turn
+    turn.role = message_types_pb2.ROLE_AGENT
+    turn.parts.extend(parts)
 
 
 def _approved(answer: message_types_pb2.InputRequest) -> bool:
@@ -303,7 +314,7 @@ class ConnectedAgent:
         """Set when the last running handler ended (``_renew_when_idle`` waits for it)."""
         self._replies: dict[str, Reply] = {}
         self._sequels = _Sequels()
-        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._outbox: Mailbox[_Outgoing] = Mailbox()
         """Requests for the stream, and updates (framed together by ``_requests``); ``None`` ends it."""
         self._keys: dict[str, Any] = {}
         self._issuer = ""
@@ -382,7 +393,7 @@ class ConnectedAgent:
                 dispatch_batches=True,
             )
         )
-        self._outbox = asyncio.Queue()
+        self._outbox = Mailbox()  # (lighter than an asyncio.Queue: one reader, ``_requests``)
         self._outbox.put_nowait(hello)
         call = registry.Connect(self._requests(), metadata=metadata)
         stopping = asyncio.create_task(self._cancel_when_stopping(call))
@@ -465,6 +476,7 @@ class ConnectedAgent:
                 queued.append(outbox.get_nowait())
             updates: list[registry_service_pb2.DispatchUpdate] = []
             last: dict[str, int] = {}  # per dispatch, where its latest update in ``updates`` is
+            made: set[int] = set()  # where ``updates`` holds a fold made here (not a handler's own)
             size = 0
             for item in queued:
                 if isinstance(item, registry_service_pb2.ConnectRequest) and item.HasField("update"):
@@ -474,15 +486,17 @@ class ConnectedAgent:
                     size += item_size
                     at = last.get(item.dispatch_id)
                     if at is not None and size <= _BATCH_MAX_BYTES:
-                        folded = _folded(updates[at], item)
+                        folded = _folded(updates[at], item, at in made)
                         if folded is not None:
                             updates[at] = folded
+                            made.add(at)
                             continue
                     full = len(updates) >= _BATCH_MAX or size > _BATCH_MAX_BYTES
                     if updates and (full or not self._batch_updates):
                         yield _update_frame(updates)  # a frame stays well under gRPC's 4 MiB
                         updates, size = [], item_size
                         last.clear()
+                        made.clear()
                     last[item.dispatch_id] = len(updates)
                     updates.append(item)
                     continue
@@ -490,6 +504,7 @@ class ConnectedAgent:
                     yield _update_frame(updates)
                     updates, size = [], 0
                     last.clear()
+                    made.clear()
                 if item is None:
                     return
                 yield item
@@ -708,13 +723,16 @@ _PROGRESS_STATES = (
 
 
 def _folded(
-    previous: registry_service_pb2.DispatchUpdate, update: registry_service_pb2.DispatchUpdate
+    previous: registry_service_pb2.DispatchUpdate, update: registry_service_pb2.DispatchUpdate, own: bool
 ) -> registry_service_pb2.DispatchUpdate | None:
     """``previous`` and ``update`` (the next of the same dispatch, in the same frame) as one update,
     when the mesh would fold them itself (``core.dispatch._connected._merged``): ``previous`` only
     says "working" and carries nothing, or carries only outputs before a bare change of state. The
     mesh then reads one update instead of two (the acknowledgement, the artifact and the completion
-    of an echo are one); the same records and events. ``None`` when they stay apart."""
+    of an echo are one); the same records and events. ``None`` when they stay apart.
+
+    ``own``: ``previous`` is a fold made here, changed in place (a handler's own update, which a
+    ``_Sequel`` may keep, is copied first)."""
     if (
         previous.state not in _PROGRESS_STATES
         or previous.HasField("input_request")
@@ -725,8 +743,14 @@ def _folded(
         )
     ):
         return None
-    folded = registry_service_pb2.DispatchUpdate()
-    folded.artifacts.extend(previous.artifacts)
+    if own:
+        folded = previous
+    else:
+        folded = registry_service_pb2.DispatchUpdate()
+        folded.CopyFrom(previous)
+    # ``previous`` has no turn and no question: what stays of it is its outputs (and the id).
+    folded.ClearField("state")
+    folded.ClearField("reason")
     folded.MergeFrom(update)  # its state, turn, reason and question; its outputs after those before
     return folded
 

@@ -8,6 +8,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.frozen import FrozenDict
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -97,6 +98,10 @@ def nests_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+_OBJECTS = (dict, FrozenDict)
+_SCALARS = (int, float, bool, type(None))
+
+
 def json_bytes(value: Any) -> int:
     """About the bytes ``value`` takes as compact JSON (strings counted by characters, numbers as 8;
     a dataclass as an object of its fields): what size limits hold a value to, without encoding it.
@@ -105,7 +110,17 @@ def json_bytes(value: Any) -> int:
     stack = [value]
     while stack:
         item = stack.pop()
-        if is_dataclass(item) and not isinstance(item, type):  # a record: its fields, as an object
+        kind = type(item)
+        if kind is str:  # the JSON types first, by exact type (none of them is a record)
+            total += len(item) + 2
+        elif kind in _OBJECTS:
+            total += 2
+            for key, child in item.items():
+                total += len(key) + 4
+                stack.append(child)
+        elif kind in _SCALARS:
+            total += 8
+        elif is_dataclass(item) and not isinstance(item, type):  # a record: its fields, as an object
             total += 2
             stack.extend(getattr(item, f.name) for f in fields(item))
         elif isinstance(item, str):

@@ -50,10 +50,16 @@ class Scope(enum.Enum):
     FULL = "full"
     ADMIN = "admin"
 
+    __hash__ = object.__hash__  # by identity, as MessageState's (Enum's own hashes the name in Python)
+
     def satisfied_by(self, granted: Iterable[Scope]) -> bool:
         """True when any granted scope covers this one."""
-        rank = {Scope.READ: 0, Scope.FULL: 1, Scope.ADMIN: 2}
-        return any(rank[g] >= rank[self] for g in granted)
+        needed = _RANK[self]
+        return any(_RANK[g] >= needed for g in granted)
+
+
+_RANK = {Scope.READ: 0, Scope.FULL: 1, Scope.ADMIN: 2}
+"""What each scope covers (``Scope.satisfied_by``; checked on every call)."""
 
 
 def hash_secret(secret: str, *, cost: int = _SCRYPT_N) -> str:

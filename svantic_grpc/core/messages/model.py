@@ -108,10 +108,32 @@ def _bytes_of(part: Part) -> int:
     return len(part.file.data or b"") if part.file is not None else 0
 
 
+_COUNTED: dict[int, tuple[tuple[Part, ...], int]] = {}
+"""Bytes of small parts tuples counted lately, by identity (the tuple is held, so its id is not
+reused). A message's parts are one tuple for its whole run, and its first turn shares it: they are
+counted as they are sent (``check_parts``) and again before the agent's outputs are added (the
+writer). At most ``_COUNTED_MAX`` tuples of at most ``_COUNTED_BYTES`` each are held (~4 MB)."""
+_COUNTED_MAX = 256
+_COUNTED_BYTES = 16 * 1024
+
+
+def _counted(parts: tuple[Part, ...], total: int) -> int:
+    if total <= _COUNTED_BYTES:
+        if len(_COUNTED) >= _COUNTED_MAX:
+            _COUNTED.clear()
+        _COUNTED[id(parts)] = (parts, total)
+    return total
+
+
 def parts_bytes(parts: Iterable[Part]) -> int:
     """The bytes parts carry (text, file contents, data twice: as a Struct and as JSON text), as
     ``check_parts`` counts them."""
-    return sum(_bytes_of(p) for p in parts)
+    if type(parts) is not tuple:
+        return sum(_bytes_of(p) for p in parts)
+    known = _COUNTED.get(id(parts))
+    if known is not None and known[0] is parts:  # parts are immutable: counted once
+        return known[1]
+    return _counted(parts, sum(_bytes_of(p) for p in parts))
 
 
 def message_bytes(message: Message) -> int:
@@ -147,7 +169,7 @@ def check_parts(parts: tuple[Part, ...], field: str) -> int:
         if file is not None and (file.data is None) == (not file.uri):
             raise InvalidArgument(f"{where}.file", "needs exactly one of bytes or uri")
         total += _bytes_of(part)
-    return total
+    return _counted(parts, total) if type(parts) is tuple else total
 
 
 @dataclass(frozen=True)
