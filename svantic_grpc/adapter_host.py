@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 
 from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter, AdapterSettingsError
 from svantic_grpc.core.clock import Clock, IdGenerator
+from svantic_grpc.core.errors import NotFound
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.store import Store
@@ -34,10 +35,18 @@ class AdapterLoadError(ValueError):
 
 
 class _Context:
-    """What adapters may do with the mesh (``svantic_grpc.adapter.AdapterContext``)."""
+    """What adapters may do with the mesh (``svantic_grpc.adapter.AdapterContext``), within the
+    tenants the adapter serves (``tenants``; ``None``: all): another tenant's request is not found."""
 
     def __init__(
-        self, host: AdapterHost, name: str, inputs: Inputs, store: Store, clock: Clock, ids: IdGenerator
+        self,
+        host: AdapterHost,
+        name: str,
+        inputs: Inputs,
+        store: Store,
+        clock: Clock,
+        ids: IdGenerator,
+        tenants: frozenset[str] | None = None,
     ) -> None:
         self._host = host
         self._name = name
@@ -45,6 +54,14 @@ class _Context:
         self._store = store
         self.clock = clock
         self.ids = ids
+        self.tenants = tenants
+
+    def serves(self, tenant_id: str) -> bool:
+        return self.tenants is None or tenant_id in self.tenants
+
+    def _check(self, tenant_id: str, request_id: str) -> None:
+        if not self.serves(tenant_id):
+            raise NotFound(f"input request {request_id!r} not found", reason="INPUT_NOT_FOUND")
 
     def shared_key(self, purpose: str) -> bytes | None:
         derive = self._host.derive_key
@@ -66,11 +83,13 @@ class _Context:
         return self._host.http.public_url
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
+        self._check(tenant_id, request_id)
         return await self._inputs.get(tenant_id, request_id)
 
     async def resolve(
         self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface
     ) -> InputRequest:
+        self._check(tenant_id, request_id)
         return await self._inputs.resolve(
             tenant_id=tenant_id,
             request_id=request_id,
@@ -106,6 +125,7 @@ class AdapterHost:
         self._ids = ids
         self._env = env
         self.adapters: dict[str, Adapter] = {}
+        self._contexts: dict[str, _Context] = {}
 
     def load(self) -> None:
         """Find and construct every enabled adapter (at start-up, before serving).
@@ -117,7 +137,9 @@ class AdapterHost:
             return
         available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
         for name, config in self._configs.items():
-            context = _Context(self, name, self._inputs, self._store, self._clock, self._ids)
+            tenants = _tenants(name, config.pop("tenants", None))
+            context = _Context(self, name, self._inputs, self._store, self._clock, self._ids, tenants)
+            self._contexts[name] = context
             entry = available.get(name)
             if entry is None:
                 known = ", ".join(sorted(available)) or "none installed"
@@ -144,7 +166,7 @@ class AdapterHost:
                 _log.exception("adapter %s failed to start; it is disabled", name)
                 del self.adapters[name]
                 continue
-            self._inputs.add_listener(adapter)
+            self._inputs.add_listener(_Scoped(adapter, self._contexts[name]))
         if self.adapters:
             _log.info("adapters on: %s", ", ".join(self.adapters))
 
@@ -156,3 +178,31 @@ class AdapterHost:
             except Exception:
                 _log.exception("adapter %s failed to stop cleanly", name)
         self.adapters = {}
+
+
+class _Scoped:
+    """An adapter told only of the requests of the tenants it serves."""
+
+    def __init__(self, adapter: Adapter, context: _Context) -> None:
+        self._adapter = adapter
+        self._context = context
+
+    def __repr__(self) -> str:
+        return repr(self._adapter)
+
+    async def on_request(self, request: InputRequest) -> None:
+        if self._context.serves(request.tenant_id):
+            await self._adapter.on_request(request)
+
+    async def on_outcome(self, request: InputRequest) -> None:
+        if self._context.serves(request.tenant_id):
+            await self._adapter.on_outcome(request)
+
+
+def _tenants(name: str, value: Any) -> frozenset[str] | None:
+    """``adapters.<name>.tenants``: the tenant ids the adapter serves (absent: every tenant)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise AdapterLoadError(f"adapters.{name}.tenants: must be a non-empty list of tenant ids")
+    return frozenset(value)

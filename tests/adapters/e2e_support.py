@@ -361,21 +361,23 @@ async def surfaces(
     hook_url: str | None = None,
     slack_api: str | None = None,
     webhook: dict[str, Any] | None = None,
+    tenants: dict[str, list[str]] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Surfaces]:
     """Fake Slack, a receiver, a real server with both adapters, and a connected agent serving ``handler``.
 
     ``slack_api`` and ``hook_url`` point the adapters elsewhere (a broken Slack or receiver);
-    ``webhook`` adds settings of the webhook adapter.
+    ``webhook`` adds settings of the webhook adapter; ``tenants`` the tenants an adapter serves.
     """
     async with AsyncExitStack() as stack:
         slack = await stack.enter_async_context(fake_slack())
         receiver = await stack.enter_async_context(receiving())
+        adapters = adapter_settings(slack_api or slack.base_url, hook_url or receiver.url, **(webhook or {}))
+        for name, served in (tenants or {}).items():
+            adapters[name]["tenants"] = served
         settings: dict[str, Any] = {
             "http_address": "127.0.0.1:0",
-            "adapters": adapter_settings(
-                slack_api or slack.base_url, hook_url or receiver.url, **(webhook or {})
-            ),
+            "adapters": adapters,
             "policies": POLICIES,
         }
         client = await stack.enter_async_context(running_server(env=ENV, **(settings | overrides)))

@@ -26,6 +26,7 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc import aio
 
+from svantic_grpc.config import SettingsError
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.inputs.model import (
     Decision,
@@ -708,3 +709,28 @@ async def test_the_core_refuses_a_responder_longer_than_a_name_from_any_surface(
             )
         assert refused.value.field == "responder"
         await assert_still_pending(s, session_id, request_id, agent)
+
+
+async def test_an_adapter_scoped_to_tenants_neither_shows_nor_answers_another_tenants_requests() -> None:
+    # found from outside: every tenant's requests went to the one Slack channel and webhook targets,
+    # and whoever answered there answered for every tenant
+    agent = ApprovalAgent()
+    async with surfaces(agent, tenants={"slack": ["globex"], "webhook": [TENANT]}) as s:
+        session_id, message_id, request_id = await s.ask()
+        await s.notification(request_id)  # the webhook serves acme: told
+        await asyncio.sleep(0.1)
+        assert s.slack.of("chat.postMessage") == []  # Slack serves globex only: not shown
+        value = json.dumps({"tenant_id": TENANT, "request_id": request_id})
+        assert await s.click(request_id, value=value, user="U_GLOBEX") == 200  # a crafted button
+        await until(lambda: s.ephemerals("U_GLOBEX"), "the clicker told")
+        assert "not found" in s.ephemerals("U_GLOBEX")[0].lower()
+        await assert_still_pending(s, session_id, request_id, agent)
+        await s.resolve_grpc(request_id)
+        await s.finished(session_id, message_id)
+        assert agent.decisions[session_id] == [True]
+
+
+async def test_an_adapters_tenants_must_be_a_list_of_ids() -> None:
+    with pytest.raises(SettingsError, match=r"adapters\.slack\.tenants"):
+        async with surfaces(tenants={"slack": "acme"}):  # type: ignore[dict-item]
+            pass
