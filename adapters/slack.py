@@ -52,6 +52,7 @@ from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.request.internals import parse_body
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -113,6 +114,10 @@ _BUTTONS = {
 _SENSITIVE_NOTE = (
     ":lock: This request asks for sensitive information, so it is not shown in Slack. "
     "Complete it through the API (ResolveInput) or in the session's chat."
+)
+_TOO_BIG_NOTE = (
+    "This form is larger than a Slack modal can hold (fields or options). "
+    "Complete it in the console, through the API (ResolveInput) or in the session's chat."
 )
 
 
@@ -419,17 +424,34 @@ class SlackAdapter(Adapter):
             if answer is not None:
                 verdict = await self._resolve(request, answer, click.user)
             elif click.what == "deny":
-                view = _deny_view(request, channel)
-                await self._client.views_open(trigger_id=click.trigger_id, view=view)
+                await self._open(click, channel, _deny_view(request, channel))
             elif not _form_in_slack(request):
-                await self._client.chat_postEphemeral(channel=channel, user=click.user, text=_SENSITIVE_NOTE)
+                await self._client.chat_postEphemeral(
+                    channel=channel, user=click.user, text=_elsewhere_note(request)
+                )
             else:
-                view = _form_view(request, channel)
-                await self._client.views_open(trigger_id=click.trigger_id, view=view)
+                await self._open(click, channel, _form_view(request, channel))
             if verdict is not None:
                 await self._ephemeral(channel, click.user, verdict.text)
         except Exception:
             logger.exception("slack: handling a button failed")
+
+    async def _open(self, click: Click, channel: str, view: dict[str, Any]) -> None:
+        """Open a modal for the clicker; one Slack will not open (its trigger expired, a view it
+        refuses) is said to them, not dropped."""
+        try:
+            await self._client.views_open(trigger_id=click.trigger_id, view=view)
+        except SlackApiError as error:
+            logger.warning(
+                "slack: a modal for %s could not open: %s", click.request_id, error.response.get("error")
+            )
+            await self._ephemeral(
+                channel,
+                click.user,
+                "Not recorded: the form could not open in Slack "
+                f"({error.response.get('error') or 'refused'}); click again, or answer through the "
+                "console, the API (ResolveInput) or the session's chat.",
+            )
 
     async def _answer_deny(self, submission: Submission) -> _Verdict | None:
         checked = await self._check(submission.tenant_id, submission.request_id, submission.user)
@@ -443,7 +465,7 @@ class SlackAdapter(Adapter):
         if isinstance(checked, _Verdict):
             return checked
         if checked.form is None or not _form_in_slack(checked):
-            return _Verdict(_SENSITIVE_NOTE)
+            return _Verdict(_elsewhere_note(checked))
         try:
             values = _form_values(checked.form, submission.state)
         except _BadValue as e:  # shown under its input; the modal stays open
@@ -616,9 +638,25 @@ def _sensitive(request: InputRequest) -> bool:
     )
 
 
+def _elsewhere_note(request: InputRequest) -> str:
+    """Why a form is answered elsewhere than in Slack."""
+    return _SENSITIVE_NOTE if _sensitive(request) else _TOO_BIG_NOTE
+
+
+_MAX_OPTIONS = {"select": 100, "action": 10}
+"""Most options Block Kit takes in a ``static_select`` and in ``radio_buttons``."""
+
+
 def _form_in_slack(request: InputRequest) -> bool:
-    """Whether the form can be filled in a modal (at most 100 blocks, nothing sensitive)."""
-    return request.form is not None and not _sensitive(request) and len(request.form.fields) < 100
+    """Whether the form can be filled in a modal: at most 100 blocks, options within Block Kit's
+    limits, nothing sensitive."""
+    form = request.form
+    return (
+        form is not None
+        and not _sensitive(request)
+        and len(form.fields) < 100
+        and all(len(f.options) <= _MAX_OPTIONS.get(f.type, len(f.options)) for f in form.fields)
+    )
 
 
 def _description_blocks(request: InputRequest) -> list[dict[str, Any]]:
@@ -670,7 +708,7 @@ def _request_blocks(request: InputRequest) -> list[dict[str, Any]]:
     elif _form_in_slack(request):
         buttons = [_button(request, "fill", "Fill in", "primary")]
     else:
-        return [*blocks, _section(_SENSITIVE_NOTE)]
+        return [*blocks, _section(_elsewhere_note(request))]
     return (
         [*blocks, {"type": "actions", "block_id": "svantic.actions", "elements": buttons}]
         if buttons
@@ -737,7 +775,7 @@ def _element(f: FormField) -> dict[str, Any]:
         }
         if default in f.options:
             el["initial_option"] = el["options"][f.options.index(default)]
-    elif f.type in ("checkbox", "action"):
+    elif f.type == "checkbox":  # (an action without options is the text it names, as in the console)
         el |= {"type": "checkboxes", "options": [{"text": _plain(f.label or f.name, 75), "value": "true"}]}
         if default:
             el["initial_options"] = el["options"]

@@ -32,13 +32,14 @@ class FakeSlack:
     calls: list[SlackCall] = field(default_factory=list)
     failing: bool = False
     """When set, every call answers HTTP 500."""
-    scripted: dict[str, list[int]] = field(default_factory=dict)
-    """Per method, the HTTP statuses its next calls answer before it answers normally again
-    (429 with ``Retry-After: 0``, like Slack's rate limit); see ``fail_next``."""
+    scripted: dict[str, list[int | str]] = field(default_factory=dict)
+    """Per method, what its next calls answer before it answers normally again: an HTTP status
+    (429 with ``Retry-After: 0``, like Slack's rate limit) or a Slack error code (200 with
+    ``ok: false``); see ``fail_next``."""
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    def fail_next(self, method: str, *statuses: int) -> None:
-        """The next calls of ``method`` answer these statuses, in order."""
+    def fail_next(self, method: str, *statuses: int | str) -> None:
+        """The next calls of ``method`` answer these statuses or Slack errors, in order."""
         self.scripted.setdefault(method, []).extend(statuses)
 
     def of(self, method: str) -> list[dict[str, Any]]:
@@ -58,6 +59,8 @@ class FakeSlack:
         scripted = self.scripted.get(method)
         if scripted:
             status = scripted.pop(0)
+            if isinstance(status, str):
+                return web.json_response({"ok": False, "error": status})
             if status == 429:
                 return web.json_response(
                     {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "0"}
