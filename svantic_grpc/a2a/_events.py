@@ -23,6 +23,7 @@ async def task_events(
     *,
     stop_at_input: bool,
     replay: bool = False,
+    answered: bool = False,
 ) -> AsyncIterator[A2AEvent]:
     """``message``'s events among ``events`` as A2A events, until it ends (or, with ``stop_at_input``,
     waits for a human).
@@ -33,6 +34,9 @@ async def task_events(
         requests: What a message snapshot waits on, for an input-required status.
         stop_at_input: End at input-required (``message/stream``) or follow through it.
         replay: The events start at the message's creation: yield the task as it was created.
+        answered: The events follow an answer to what the message waits on: those before it leaves
+            input-required are from before the answer (a replica that does not own the session may
+            hear of the question itself after the answer was given) and are left out.
     """
     task_id, context_id = message.message_id, message.session_id
     state = TASK_STATE[message.state]
@@ -40,6 +44,13 @@ async def task_events(
         if event.message_id != task_id:
             continue
         payload = event.payload
+        if answered:
+            if (
+                not isinstance(payload, MessageStateChanged)
+                or payload.from_state is not MessageState.INPUT_REQUIRED
+            ):
+                continue
+            answered = False
         if isinstance(payload, MessageStateChanged):
             state = TASK_STATE[payload.to_state]
             if payload.from_state is None:

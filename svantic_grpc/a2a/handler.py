@@ -111,14 +111,20 @@ class MeshRequestHandler(RequestHandler):
                     await self._answer(caller, message, params.message)
                     if params.configuration.return_immediately:
                         return await self._task(caller, await self._get(caller, message), history)
+                    # Until the message leaves input-required, a state change is one from before the
+                    # answer (on a replica that does not own the session, the bell of the question
+                    # itself may ring after this subscription began).
+                    left = False
                     while True:
                         event = await follow.next()
                         payload = event.payload
                         if (
-                            isinstance(payload, MessageStateChanged)
-                            and payload.message_id == message.message_id
-                            and payload.to_state in STOPS
+                            not isinstance(payload, MessageStateChanged)
+                            or payload.message_id != message.message_id
                         ):
+                            continue
+                        left = left or payload.from_state is MessageState.INPUT_REQUIRED
+                        if left and payload.to_state in STOPS:
                             break
                 finally:
                     follow.close()
@@ -163,7 +169,9 @@ class MeshRequestHandler(RequestHandler):
                     yield await subscription.next()
 
             with _mapped():  # a stream cut off (server shutdown, too slow a reader) ends as an A2A error
-                async for event in task_events(message, live(), self._requests, stop_at_input=True):
+                async for event in task_events(
+                    message, live(), self._requests, stop_at_input=True, answered=first is None
+                ):
                     yield event
         finally:
             subscription.close()

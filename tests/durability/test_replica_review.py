@@ -24,6 +24,9 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from a2a.helpers import new_data_part
+from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from a2a.utils.constants import TransportProtocol
 
 from svantic_grpc.connected_agent import Dispatch, Reply
 from svantic_grpc.core.events import MessageStateChanged
@@ -33,6 +36,7 @@ from svantic_grpc.core.recovery import Recovery
 from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
+from tests.a2a_ingress_support import a2a_client, call
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
@@ -597,3 +601,61 @@ async def test_a_replica_whose_start_up_recovery_fails_lets_its_claimed_leases_g
         finally:
             await conn.close()
         assert left is not None and left < 0, "the failed replica still renews the lease"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["blocking", "streaming"])
+async def test_an_a2a_answer_sent_to_a_replica_that_does_not_own_the_session_returns_what_followed(
+    streaming: bool,
+) -> None:
+    # found from outside: the follow-up's reply was the task still input-required (the question's
+    # own event reached that replica's bus after the answer), though the answer was recorded
+    async with _schema() as schema, AsyncExitStack() as stack:
+        owner, asked_on, answered_on = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=400, policies=POLICIES)
+                )
+            )
+            for name in ("a", "b", "c")
+        ]
+        agent = ApprovalAgent()
+        await stack.enter_async_context(
+            running_agent(owner, agent, agent_type=AGENT_TYPE, instance_id="crm-1")
+        )
+        for n in range(3):
+            session_id = await new_session(owner)
+            sent = Message(
+                message_id=f"m{n}",
+                role=Role.ROLE_USER,
+                parts=[Part(text="clean"), new_data_part({"target_agent": AGENT_TYPE})],
+                context_id=session_id,
+            )
+            async with a2a_client(asked_on.server.http.url, TransportProtocol.JSONRPC, streaming=False) as c:
+                asked = [
+                    e
+                    async for e in c.send_message(
+                        SendMessageRequest(message=sent), context=call(await asked_on.token())
+                    )
+                ]
+            task = asked[-1].task
+            assert task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+            answer = Message(
+                message_id=f"a{n}",
+                role=Role.ROLE_USER,
+                parts=[Part(text="approve")],
+                task_id=task.id,
+                context_id=session_id,
+            )
+            async with a2a_client(
+                answered_on.server.http.url, TransportProtocol.JSONRPC, streaming=streaming
+            ) as c:
+                got = [
+                    e
+                    async for e in c.send_message(
+                        SendMessageRequest(message=answer), context=call(await answered_on.token())
+                    )
+                ]
+            last = got[-1]
+            state = last.task.status.state if last.HasField("task") else last.status_update.status.state
+            assert state == TaskState.TASK_STATE_COMPLETED, (n, got)
+            assert agent.decisions[session_id] == [True]
