@@ -8,6 +8,7 @@ other ingress mounted here with ``self.http.mount(routes)`` before ``start``.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
@@ -15,6 +16,7 @@ import sqlite3
 import tempfile
 from collections.abc import Mapping
 from types import TracebackType
+from typing import IO
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -209,6 +211,8 @@ class MeshServer:
         self._server: aio.Server | None = None
         self.port = 0
         self._stopped = False
+        self._database_hold: IO[bytes] | None = None
+        """An exclusive lock on the SQLite file's ``.serving`` companion while this server runs."""
 
     async def start(self) -> None:
         """Bind, start serving and start background work."""
@@ -220,20 +224,21 @@ class MeshServer:
                 self.settings.auth.signing_key_env,
             )
         _refuse_an_unusable_database(self.mesh.store)
+        self._database_hold = _hold_the_database(self.mesh.store)
         try:
             await self.mesh.start(serving=False)  # serving once the port is bound, below
         except (ValueError, OSError, sqlite3.Error) as exc:  # the store refused or could not open its file
-            await self.mesh.stop()
+            await self._stop_starting()
             raise SettingsError(f"store: {exc}") from None
         except BaseException:
             # Whatever else failed (a recovery query timing out, a cancel): nothing started keeps
             # running, so the leases claimed so far lapse to another replica instead of being renewed.
-            await self.mesh.stop()
+            await self._stop_starting()
             raise
         try:
             await self.http.start()
         except HttpServerError as exc:
-            await self.mesh.stop()
+            await self._stop_starting()
             raise SettingsError(str(exc)) from None
         self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
         await self.adapters.start()
@@ -292,6 +297,16 @@ class MeshServer:
         _log.info("svantic-grpc serving gRPC on %s:%d (store: %s)", host, self.port, self.settings.store)
         _log.info("svantic-grpc serving HTTP on %s:%d", self.http.host, self.http.port)
 
+    async def _stop_starting(self) -> None:
+        """A start that failed: the mesh stops and the database is let go."""
+        await self.mesh.stop()
+        self._let_go_of_the_database()
+
+    def _let_go_of_the_database(self) -> None:
+        if self._database_hold is not None:
+            self._database_hold.close()  # the lock goes with it (and with the process, however it ends)
+            self._database_hold = None
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health NOT_SERVING, background work stops, in-flight calls get ``grace``.
 
@@ -312,6 +327,7 @@ class MeshServer:
         await self.http.stop(grace)
         await self.adapters.stop()
         await self.mesh.stop()
+        self._let_go_of_the_database()
         if self._own_tracing is not None:
             self._own_tracing.shutdown()  # flush the batched spans; a provider passed in is its owner's
         _log.info("svantic-grpc stopped")
@@ -366,6 +382,28 @@ def _refuse_an_unusable_database(store: Store) -> None:
             pass  # needed even when the file exists: SQLite keeps its write-ahead log beside it
     except OSError as exc:
         raise SettingsError(f"store: directory {directory} is not writable: {exc.strerror}") from None
+
+
+def _hold_the_database(store: Store) -> IO[bytes] | None:
+    """Lock a SQLite file for this server: a second server on the same file would take the first
+    one's running work for a crash's leftovers (start-up recovery) and end it. The lock is on a
+    companion file (``<file>.serving``), so the database itself is untouched; the system drops it
+    when the process ends, even by ``kill -9``. Several servers share PostgreSQL, never a file."""
+    from svantic_grpc.stores.sqlite import SqliteStore
+
+    if not isinstance(store, SqliteStore):
+        return None
+    path = store.path.absolute()
+    hold = open(path.with_name(path.name + ".serving"), "ab")  # noqa: SIM115 (held until stop)
+    try:
+        fcntl.flock(hold.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        hold.close()
+        raise SettingsError(
+            f"store: {path} is served by another svantic-grpc process (it holds {hold.name}); a SQLite "
+            "file is one server's: stop that one, or run several replicas on PostgreSQL"
+        ) from None
+    return hold
 
 
 def _not_registered(service_name: str, method_handlers: Mapping[str, object]) -> None:
