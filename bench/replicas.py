@@ -5,6 +5,7 @@ default the local one)::
 
     .venv/bin/python bench/replicas.py                    # ~2 minutes
     .venv/bin/python bench/replicas.py --ops 300 --clients 6 --rounds 3
+    .venv/bin/python bench/replicas.py --instructions     # callgrind counts instead, ~5 minutes
 
 Every replica is a real ``python -m svantic_grpc serve`` process (PostgreSQL ones on one fresh
 schema per run, dropped at the end). ``--clients`` clients, each on a channel of its own, are
@@ -24,6 +25,12 @@ operation (user + system from /proc, summed over the replicas: what the work cos
 runs). Then, on two replicas, how long an event written on one replica takes to reach a
 ``WatchSession`` on the other (from the event's stamp to its arrival; the same replica beside).
 
+``--instructions`` counts instead, with valgrind's callgrind, the instructions per message of one
+replica (the first of a setup, its instrumentation switched on once every client's warm-up is
+done): one replica with every client, one with a third of them, one of three. CPU time on a
+machine with fewer cores than replicas (and other work) grows with the processes sharing them;
+the instruction count says whether a replica's own work per message does.
+
 Targets (issue 13): CPU per message at three replicas within 1.3x of one replica; the event
 delay from one replica to another p99 under 10 ms.
 """
@@ -35,6 +42,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import sys
@@ -87,7 +96,11 @@ class Replica:
 
 
 @asynccontextmanager
-async def _replica(folder: Path, name: str, store: str, schema: str) -> AsyncIterator[Replica]:
+async def _replica(
+    folder: Path, name: str, store: str, schema: str, callgrind: Path | None = None
+) -> AsyncIterator[Replica]:
+    """A ``serve`` process; with ``callgrind``, under valgrind's callgrind writing there, its
+    instrumentation off until ``_instructions`` switches it on."""
     target = f"127.0.0.1:{_free_port()}"
     settings = folder / f"{name}.json"
     settings.write_text(
@@ -106,10 +119,18 @@ async def _replica(folder: Path, name: str, store: str, schema: str) -> AsyncIte
     )
     env = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}  # development credential
     log = (Path(os.environ.get("BENCH_LOGS", folder)) / f"{name}.log").open("ab")
+    argv = [sys.executable, "-m", "svantic_grpc", "serve", "--settings", str(settings)]
+    if callgrind is not None:
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={callgrind}",
+            *argv,
+        ]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "svantic_grpc", "serve", "--settings", str(settings),
-        cwd=ROOT, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        *argv, cwd=ROOT, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
+    )
     try:
         async with aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             token = await AuthServiceStub(channel).GetToken(
@@ -117,14 +138,14 @@ async def _replica(folder: Path, name: str, store: str, schema: str) -> AsyncIte
                     client_id="svantic", client_secret="your-secret", agent_type="bench"
                 ),
                 wait_for_ready=True,
-                timeout=30,
+                timeout=30 if callgrind is None else 300,  # valgrind starts Python slowly
             )
             yield Replica(process, target, channel, (("authorization", f"Bearer {token.token}"),))
     finally:
         if process.returncode is None:
             process.terminate()  # this child only, by its own handle
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                await asyncio.wait_for(process.wait(), 10 if callgrind is None else 60)
             except TimeoutError:
                 process.kill()
                 await process.wait()
@@ -132,7 +153,10 @@ async def _replica(folder: Path, name: str, store: str, schema: str) -> AsyncIte
 
 
 @asynccontextmanager
-async def _setup(folder: Path, store: str, count: int) -> AsyncIterator[list[Replica]]:
+async def _setup(
+    folder: Path, store: str, count: int, callgrind: Path | None = None
+) -> AsyncIterator[list[Replica]]:
+    """``count`` replicas on one fresh schema; with ``callgrind``, the first under callgrind."""
     schema = f"svantic_bench_{uuid.uuid4().hex[:10]}"
     uri = {"memory": "memory", "sqlite": f"sqlite:///{folder / f'{schema}.db'}", "postgresql": DSN}[store]
     try:
@@ -140,7 +164,9 @@ async def _setup(folder: Path, store: str, count: int) -> AsyncIterator[list[Rep
             replicas = []
             for n in range(count):
                 replicas.append(
-                    await stack.enter_async_context(_replica(folder, f"{schema}-{n}", uri, schema))
+                    await stack.enter_async_context(
+                        _replica(folder, f"{schema}-{n}", uri, schema, callgrind if n == 0 else None)
+                    )
                 )
             yield replicas
     finally:
@@ -255,9 +281,101 @@ async def _event_delays(replicas: list[Replica], count: int) -> dict[str, list[f
     return delays
 
 
+async def _callgrind_control(flag: str, pid: str) -> None:
+    control = await asyncio.create_subprocess_exec(
+        "callgrind_control", flag, pid, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    if await control.wait() != 0:
+        raise SystemExit(f"callgrind_control {flag} {pid} failed")
+
+
+async def _instructions(folder: Path, count: int, clients: int, ops: int) -> float:
+    """Callgrind instructions per message of the first of ``count`` PostgreSQL replicas, with
+    ``clients`` clients spread over the replicas (client ``i`` on replica ``i % count``) sending
+    ``ops`` messages each; counted from when every client's warm-up (a session and 3 messages) is
+    done, so first-use work (imports, caches) is not in it."""
+    out = folder / f"callgrind-{uuid.uuid4().hex[:10]}.out"
+    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
+    warmed = measured = 0
+    ready = asyncio.Event()
+    async with _setup(folder, "postgresql", count, callgrind=out) as replicas:
+
+        async def client(n: int) -> None:
+            nonlocal warmed, measured
+            replica = replicas[n % count]
+            messages = MessageServiceStub(replica.channel)
+            created = await SessionServiceStub(replica.channel).InitSession(
+                session_service_pb2.InitSessionRequest(), metadata=replica.md
+            )
+            request = message_service_pb2.SendMessageRequest(
+                session_id=created.session.session_id, message=chat
+            )
+            for _ in range(3):
+                await messages.SendMessage(request, metadata=replica.md)
+            warmed += 1
+            await ready.wait()
+            for _ in range(ops):
+                await messages.SendMessage(request, metadata=replica.md)
+                measured += n % count == 0
+
+        tasks = [asyncio.create_task(client(n)) for n in range(clients)]
+        while warmed < clients:
+            if failed := [t for t in tasks if t.done() and t.exception()]:
+                await failed[0]
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # what the warm-up left running (the committer's linger) ends
+        pid = str(replicas[0].process.pid)
+        await _callgrind_control("--instr=on", pid)
+        ready.set()
+        await asyncio.gather(*tasks)
+        for flag in ("--instr=off", "--dump"):
+            await _callgrind_control(flag, pid)
+    dump = Path(f"{out}.1")  # the one made by --dump ("summary" is 0 there: instrumentation is off)
+    total = re.search(r"^totals: (\d+)", await asyncio.to_thread(dump.read_text), re.MULTILINE)
+    assert total is not None, f"no totals in {dump}"
+    return int(total[1]) / measured
+
+
+async def instructions(args: argparse.Namespace) -> None:
+    """``--instructions``: the work per message of one replica, alone and as one of three."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (callgrind) on the PATH")
+    per = args.clients_per_replica
+    setups = {
+        "postgresql x1": (1, per or args.clients),
+        **({} if per else {"postgresql x1 at 1/3": (1, max(1, round(args.clients / 3)))}),
+        "postgresql x3": (3, 3 * per if per else args.clients),
+    }
+    counts: dict[str, list[float]] = {name: [] for name in setups}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_no in range(args.rounds):
+            order = list(setups.items()) if round_no % 2 == 0 else list(reversed(setups.items()))
+            for name, (count, clients) in order:
+                got = await _instructions(Path(folder), count, clients, args.ops)
+                counts[name].append(got)
+                print(
+                    f"  round {round_no + 1} {name} ({clients} clients): {got:,.0f} instructions per message"
+                )
+    print(f"\n{revision('svantic_grpc', 'bench')}; Python {sys.version.split()[0]}; ", end="")
+    print(f"{args.ops} messages per client after a warm-up; callgrind on the first replica of each setup")
+    median = {name: statistics.median(values) for name, values in counts.items()}
+    for name, value in median.items():
+        print(f"{name:22} {value:>12,.0f} instructions per message of one replica")
+    one, three = median["postgresql x1"], median["postgresql x3"]
+    print(f"instructions per message, one of 3 replicas / 1 replica: {three / one:.3f}x")
+    if "postgresql x1 at 1/3" in median:
+        third = median["postgresql x1 at 1/3"]
+        print(f"  1 replica at 1/3 of the clients / with all of them: {third / one:.3f}x")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", type=int, default=150, help="operations per client, phase and round")
+    parser.add_argument(
+        "--ops",
+        type=int,
+        default=0,
+        help="operations per client, phase and round (150; 40 with --instructions)",
+    )
     parser.add_argument("--clients", type=int, default=6, help="clients in all, spread over the replicas")
     parser.add_argument(
         "--clients-per-replica",
@@ -269,7 +387,16 @@ async def main() -> None:
     parser.add_argument(
         "--events", type=int, default=100, help="messages whose events are timed across replicas"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: callgrind instruction counts per message of one replica (needs valgrind)",
+    )
     args = parser.parse_args()
+    args.ops = args.ops or (40 if args.instructions else 150)
+    if args.instructions:
+        await instructions(args)
+        return
     setups = SETUPS if args.clients_per_replica else (*SETUPS, THIRD)
     results: dict[tuple[str, int], dict[str, list[dict[str, float]]]] = {
         s: {"session": [], "message": []} for s in setups

@@ -37,6 +37,8 @@ class PostgresBell:
     watcher, so a session watched again soon costs nothing. A dropped connection is opened
     again (every second until it works), and then the bell rings with ``None`` so the bus reads
     every watched session's log: rings sent while it was away are lost, the events are not.
+    Its task wakes for a change of watches, a dropped connection, or (only while a channel
+    lingers) to let go: an idle replica's bell costs nothing between rings.
     """
 
     LINGER_S = 2.0
@@ -56,7 +58,7 @@ class PostgresBell:
 
     async def start(self, ring: RingHandler) -> None:
         self._ring = ring
-        self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        self._conn = await self._connect()
         self._task = asyncio.create_task(self._keep_listening(), name="svantic-event-bell")
 
     async def stop(self) -> None:
@@ -77,6 +79,16 @@ class PostgresBell:
             keys.pop(key, None)
             if not keys:
                 del self._watched[channel]  # let go of by a later round, if not watched again
+                self._changed.set()  # that round starts its linger
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self._dsn, timeout=10)
+        conn.add_termination_listener(self._dropped)
+        return conn
+
+    def _dropped(self, conn: object) -> None:
+        """The listening connection closed: the task opens another at once and rings for everything."""
+        self._changed.set()
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         keys = self._watched.get(channel)
@@ -89,8 +101,10 @@ class PostgresBell:
     async def _keep_listening(self) -> None:
         """Listen on what is watched, let go of what no longer is, reconnect when dropped."""
         while True:
+            # A timer only while a channel lingers: nothing else here needs a round of its own.
+            lingering = any(since is not None for since in self._listening.values())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):  # (not wait_for: it can drop a cancel on 3.11)
+                async with asyncio.timeout(1.0 if lingering else None):  # (not wait_for: 3.11 drops cancels)
                     await self._changed.wait()
             self._changed.clear()
             try:
@@ -104,7 +118,7 @@ class PostgresBell:
         conn = self._conn
         if conn is None or conn.is_closed():
             self._listening.clear()
-            conn = self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            conn = self._conn = await self._connect()
             again = bool(self._watched)
         else:
             again = False

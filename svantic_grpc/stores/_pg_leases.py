@@ -66,11 +66,21 @@ _TAKE_OVER_DUE = f"""
     WITH due AS (
         SELECT tenant_id, session_id, owner FROM leases WHERE expires_at < {_NOW}
         ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED
+    ), taken AS (
+        UPDATE leases AS l SET owner = $1, fence = l.fence + 1, expires_at = {_NOW} + $2
+        FROM due WHERE l.tenant_id = due.tenant_id AND l.session_id = due.session_id
+        RETURNING l.tenant_id, l.session_id, l.fence, due.owner
+    ), handed AS (
+        DELETE FROM handoffs WHERE (tenant_id, session_id) IN (SELECT tenant_id, session_id FROM taken)
+        RETURNING tenant_id, session_id, message_id
     )
-    UPDATE leases AS l SET owner = $1, fence = l.fence + 1, expires_at = {_NOW} + $2
-    FROM due WHERE l.tenant_id = due.tenant_id AND l.session_id = due.session_id
-    RETURNING l.tenant_id, l.session_id, l.fence, due.owner
+    SELECT t.tenant_id, t.session_id, t.fence, t.owner, ARRAY(
+        SELECT h.message_id FROM handed AS h WHERE h.tenant_id = t.tenant_id AND h.session_id = t.session_id
+    ) FROM taken AS t
 """
+"""Take over expired leases, oldest first, with the hand-offs waiting in their sessions (the new
+owner runs them): one statement, so a sweep that finds nothing due (nearly every one) is one round
+trip, no ``BEGIN``/``COMMIT``."""
 
 _ADOPT = """
     DELETE FROM handoffs WHERE (tenant_id, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
@@ -324,10 +334,9 @@ class PgLeases(Ownership):
         many were taken over."""
         taken = 0
         while True:
-            async with self._store.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_TAKE_OVER_DUE, self.replica_id, self._lease_s, batch)
-                keys = [(r[0], r[1]) for r in rows]
-                handed = await self._adopt(conn, keys)
+            rows = await self._store.pool.fetch(_TAKE_OVER_DUE, self.replica_id, self._lease_s, batch)
+            keys = [(r[0], r[1]) for r in rows]
+            handed = {(r[0], r[1], message_id) for r in rows for message_id in r[4]}
             for row in rows:
                 self._store.fences[(row[0], row[1])] = int(row[2])  # valid here once recovered
             for row in rows:

@@ -464,3 +464,36 @@ async def test_a_take_over_whose_recovery_fails_gives_the_session_back_for_the_n
         assert await _owner(b, session_id) == leases.replica_id
     finally:
         await conn.close()
+
+
+async def test_a_message_handed_to_an_owner_that_died_before_taking_it_runs_on_the_replica_that_takes_over(
+    replicas: list[Client],
+) -> None:
+    a, b, c = replicas
+    session_id = await new_session(a)
+    for task in a.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
+        task.cancel()  # a hangs: it takes no hand-offs and renews nothing
+    sending = asyncio.create_task(send(c, session_id, "hello", data({"target_agent": "savant:chat"})))
+    schema = str(a.server.mesh.store.schema)  # type: ignore[attr-defined]
+    conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+    try:
+        for _ in range(200):  # c hands the message to a (at most 2 s)
+            if await conn.fetchval(
+                f'SELECT count(*) FROM "{schema}".handoffs WHERE session_id = $1', session_id
+            ):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the message was not handed to the owner")
+        await _lapse(session_id, a, c, taker=b)  # a died
+        assert await b.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
+        # The sweep took the hand-off with the lease: b runs it, and the row is gone.
+        answered = await asyncio.wait_for(sending, 10)
+        assert answered.state == COMPLETED, answered.state_reason
+        assert await _owner(b, session_id) == b.server.mesh.ownership.replica_id  # type: ignore[attr-defined]
+        left = await conn.fetchval(
+            f'SELECT count(*) FROM "{schema}".handoffs WHERE session_id = $1', session_id
+        )
+        assert left == 0
+    finally:
+        await conn.close()
