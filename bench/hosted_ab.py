@@ -12,6 +12,11 @@ machine load; per block it reads each mesh server's CPU from /proc and times eac
 prints, per mesh, the median CPU per message, msgs/s and p50 latency, and the medians of the
 per-cycle after/before ratios (and of the p50 differences): on a shared machine these are far
 steadier than either figure alone.
+
+With ``--instructions`` each mesh server runs under valgrind's callgrind instead, one after the
+other: ``--messages`` hosted messages after a warm-up (the counters zeroed, then dumped), and it
+prints the server's instructions per message (all its threads). Unlike CPU time, the count barely
+moves with the machine's load. ``--keep DIR`` keeps callgrind's files for ``callgrind_annotate``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +59,89 @@ async def _start(tree: Path, role: str, max_seconds: float) -> tuple[asyncio.sub
     if len(line) < 2:
         raise RuntimeError(f"{role} from {tree} did not start")
     return process, line[1]
+
+
+async def _instructions(args: argparse.Namespace, tree: Path, url: str, out: Path, name: str) -> float:
+    """The mesh server of ``tree`` under callgrind: its instructions per hosted message."""
+    from grpc import aio
+
+    script = tree / "bench" / "message_roundtrip.py"
+    mesh = await asyncio.create_subprocess_exec(
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out / name}.%p",
+        sys.executable,
+        str(script),
+        "--role",
+        "mesh-server",
+        "--max-seconds",
+        "3600",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+    )
+    assert mesh.stdout is not None and mesh.stdin is not None
+    try:
+        port = (await asyncio.wait_for(mesh.stdout.readline(), 1800)).decode().split()[1]
+        await _hosted.register(f"127.0.0.1:{port}", url)
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            calls = await _hosted.hosted_calls(channel, args.concurrency[0])
+
+            async def send(count: int) -> None:
+                left = count
+
+                async def worker(call: _hosted.Call) -> None:
+                    nonlocal left
+                    while left > 0:
+                        left -= 1
+                        await call()
+
+                await asyncio.gather(*(worker(call) for call in calls))
+
+            def control(flag: str) -> None:
+                subprocess.run(
+                    ["callgrind_control", flag, str(mesh.pid)], stdout=subprocess.DEVNULL, check=True
+                )
+
+            await send(args.warmup)
+            await asyncio.to_thread(control, "--zero")
+            await send(args.messages)
+            await asyncio.to_thread(control, "--dump")
+    finally:
+        mesh.stdin.close()
+        try:
+            await asyncio.wait_for(mesh.wait(), 300)
+        except TimeoutError:
+            mesh.kill()
+            await mesh.wait()
+    dump = out / f"{name}.{mesh.pid}.1"  # the one --dump made
+    total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+    assert total is not None, f"no summary in {dump}"
+    return int(total[1]) / args.messages
+
+
+async def instructions(args: argparse.Namespace) -> None:
+    trees = {"before": args.before, "after": ROOT}
+    agent, url = await _start(ROOT, "hosted-agent", 7200)
+    counts: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            out = args.keep or Path(scratch)
+            out.mkdir(parents=True, exist_ok=True)
+            for name, tree in trees.items():
+                counts[name] = await _instructions(args, tree, url, out, name)
+                print(f"{name} ({tree}): {counts[name]:,.0f} instructions per hosted message", flush=True)
+    finally:
+        if agent.stdin is not None:
+            agent.stdin.close()
+        await agent.wait()
+    print(
+        f"mesh server instructions per hosted message (callgrind, all threads; {args.messages} messages "
+        f"after {args.warmup}, {args.concurrency[0]} in flight): after/before "
+        f"{counts['after'] / counts['before']:.3f}x ({counts['after'] - counts['before']:+,.0f})"
+    )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -131,4 +223,17 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,16", type=lambda s: [int(c) for c in s.split(",")])
     parser.add_argument("--cycles", type=int, default=6, help="before/after pairs of blocks per concurrency")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one block")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: each mesh server's instructions per message (callgrind)",
+    )
+    parser.add_argument("--messages", type=int, default=400, help="with --instructions: messages counted")
+    parser.add_argument(
+        "--warmup", type=int, default=100, help="with --instructions: messages before counting"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files there"
+    )
+    parsed = parser.parse_args()
+    asyncio.run(instructions(parsed) if parsed.instructions else main(parsed))
