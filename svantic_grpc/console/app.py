@@ -36,6 +36,7 @@ from svantic_grpc.core.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from svantic_grpc.core.events import (
     AgentJoined,
@@ -332,14 +333,22 @@ class Console:
     async def session(self, request: Request, login: ConsoleLogin, notice: str = "") -> Response:
         session_id = _id_in_path(request, "session_id")
         session = await self.mesh.sessions.get(login.caller, session_id)
-        messages = await self.mesh.messages.list_messages(login.caller, session_id=session_id, page_size=100)
+        messages = await self.mesh.messages.list_messages(
+            login.caller,
+            session_id=session_id,
+            page_size=100,
+            page_token=request.query_params.get("page", ""),
+        )
         pending = await self.mesh.inputs.list_pending(login.caller, session_id=session_id)
         return self.render(
             "session.html",
             login=login,
             session=session,
             messages=messages.messages,
+            next_messages=messages.next_cursor,
+            paged=bool(request.query_params.get("page")),
             pending=pending.requests,
+            more_pending=bool(pending.next_cursor),
             notice=notice,
         )
 
@@ -360,8 +369,13 @@ class Console:
                     if await self.logins.get(sid) is None:
                         return  # signed out (or expired) meanwhile
                     yield _timeline_entry(event)
+            except (Unavailable, ResourceExhausted):
+                return  # the server is stopping, or this page fell behind: the browser resumes later
             except MeshError:
-                return  # the server is stopping (the bus ended the stream); the browser resumes later
+                pass  # nothing to follow from there (events no longer kept, say): as at the end
+            # The session closed (or cannot be followed): the page's script stops following, where
+            # a stream that just ended would be opened again by the browser every two seconds.
+            yield "event: end\ndata: \n\n"
 
         return _sse(stream())
 

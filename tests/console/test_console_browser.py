@@ -237,3 +237,20 @@ async def test_a_click_after_a_webhook_answer_is_told_the_webhook_won(browser: A
         await lost.wait_for(timeout=MS)
         assert "already answered by ops@acme via webhook at" in await lost.inner_text()
         assert agent.decisions[session_id] == [True]
+
+
+async def test_a_closed_sessions_timeline_is_shown_once_and_not_asked_for_again(browser: Any) -> None:
+    # found from outside: the ended stream of a closed session was opened again every two seconds
+    # for as long as the page stayed open
+    async with running_server() as client:
+        session_id = await new_session(client)
+        await close_session(client, session_id)
+        page = await browser.new_page()
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url) if r.url.endswith(f"{session_id}/events") else None)
+        await _sign_in(page, client)
+        await page.goto(f"{client.server.http.url}/console/sessions/{session_id}")
+        await page.wait_for_selector("#timeline li", timeout=MS)
+        await page.wait_for_timeout(4500)  # two of the browser's reconnect delays
+        entries = await page.locator("#timeline li").count()
+        assert entries > 3 and len(asked) == 1, (entries, asked)

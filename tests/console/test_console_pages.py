@@ -44,6 +44,32 @@ async def test_a_session_timeline_resumes_after_the_last_event_it_saw() -> None:
         assert await ids(**{"Last-Event-ID": "3"}) == everything[3:]
 
 
+async def test_a_closed_or_unfollowable_timeline_says_it_ended() -> None:
+    async with running_server() as client, signed_in(client) as web:
+        session_id = await new_session(client)
+        await close_session(client, session_id)
+        ended = await web.http.get(f"/console/sessions/{session_id}/events")
+        assert ended.text.rstrip().endswith("event: end\ndata:"), ended.text[-200:]
+        past = await web.http.get(f"/console/sessions/{session_id}/events?after=999")
+        assert "event: end" in past.text  # nothing to follow from there: the page stops asking
+
+
+async def test_a_session_page_pages_through_its_messages() -> None:
+    # found from outside: only the oldest 100 messages were shown, and nothing said so
+    async with running_server() as client, signed_in(client) as web:
+        session_id = await new_session(client)
+        for n in range(130):
+            await send(client, session_id, f"note {n}", message_id=f"note-{n:03d}")
+        first = (await web.http.get(f"/console/sessions/{session_id}")).text
+        shown = re.findall(r"<td>(note-\d{3})</td>", first)
+        assert shown == [f"note-{n:03d}" for n in range(100)]
+        later = re.search(r'id="next-messages" href="([^"]+)"', first)
+        assert later, "no link to the later messages"
+        rest = (await web.http.get(html.unescape(later.group(1)))).text
+        assert re.findall(r"<td>(note-\d{3})</td>", rest) == [f"note-{n:03d}" for n in range(100, 130)]
+        assert 'id="next-messages"' not in rest and 'id="first-messages"' in rest
+
+
 async def test_the_agents_page_lists_an_instance_and_deregisters_it() -> None:
     async with (
         running_server() as client,

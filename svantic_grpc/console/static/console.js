@@ -27,6 +27,8 @@
       item.textContent = e.data;
       list.appendChild(item);
     });
+    // The session closed: nothing more will come, and a browser would reopen an ended stream.
+    source.addEventListener("end", function () { source.close(); });
   }
   document.addEventListener("DOMContentLoaded", function () {
     var queue = document.getElementById("queue");
