@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -56,3 +57,23 @@ def test_generator_is_pinned_to_the_version_that_wrote_the_code() -> None:
     assert pin.operator == "=="
     (generated,) = _stamped(r"GRPC_GENERATED_VERSION = '([\d.]+)'", "*_pb2_grpc.py")
     assert Version(pin.version) == Version(generated)
+
+
+def test_the_freshness_check_names_a_generator_other_than_the_pinned_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # found from outside: after a non-dev install (another grpcio-tools) the check said "stale"
+    from svantic_grpc import _codegen
+
+    made = _codegen._generate
+
+    def by_another(into: Path) -> None:
+        made(into)
+        first = sorted(into.glob("*_pb2_grpc.py"))[0]
+        first.write_text(first.read_text().replace("1.85.1", "1.99.0"))
+
+    monkeypatch.setattr(_codegen, "_generate", by_another)
+    monkeypatch.setattr(_codegen.metadata, "version", lambda name: "1.99.0")
+    assert _codegen.main(["--check"]) == 1
+    said = capsys.readouterr().out
+    assert "grpcio-tools 1.99.0 is installed" in said and "pip install -e '.[dev]'" in said

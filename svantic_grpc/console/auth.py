@@ -23,7 +23,7 @@ from typing import Any
 
 import jwt
 
-from svantic_grpc.core.auth import Caller, TokenIssuer, parse_scopes
+from svantic_grpc.core.auth import Caller, Scope, TokenIssuer, parse_scopes
 from svantic_grpc.core.clock import Clock
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.store import Store
@@ -45,6 +45,11 @@ class ConsoleLogin:
     caller: Caller
     csrf: str
     expires_at: float
+
+    @property
+    def can_answer(self) -> bool:
+        """Whether the credential may answer requests (the ``full`` scope), not only read them."""
+        return Scope.FULL.satisfied_by(self.caller.scopes)
 
     def csrf_ok(self, presented: str) -> bool:
         return bool(presented) and hmac.compare_digest(presented.encode(), self.csrf.encode())

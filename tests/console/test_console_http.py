@@ -145,7 +145,10 @@ async def test_a_read_credential_sees_the_queue_but_cannot_resolve() -> None:
     ):
         _, message = await _asked(client)
         [request_id] = message.input_request_ids
-        assert request_id in (await web.http.get("/console/queue")).text
+        queue = (await web.http.get("/console/queue")).text
+        assert request_id in queue
+        # no buttons that can only answer 403 (found from outside), and the page says why
+        assert 'value="approve"' not in queue and "needs one with the <code>full</code> scope" in queue
         refused = await web.resolve(request_id, action="approve")
         assert refused.status_code == 403
         assert "needs the &#39;full&#39; scope" in refused.text
