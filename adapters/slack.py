@@ -295,6 +295,22 @@ class SlackAdapter(Adapter):
                 )
             except Exception:
                 logger.exception("slack: could not keep where request %s was posted", request.request_id)
+            await self._ended_while_posting(request)
+
+    async def _ended_while_posting(self, request: InputRequest) -> None:
+        """A request that ended while it was being posted, where this adapter was not told (another
+        replica took the answer and found no post to update yet): its post is updated now."""
+        key = (request.tenant_id, request.request_id)
+        if key not in self._posts:
+            return  # told here already: ``on_outcome`` updates it
+        try:
+            current = await self.context.get_request(
+                tenant_id=request.tenant_id, request_id=request.request_id
+            )
+        except MeshError:
+            return
+        if current.state is not InputState.PENDING and self._posts.pop(key, None) is not None:
+            await self.on_outcome(current)
 
     async def on_outcome(self, request: InputRequest) -> None:
         posted = self._posts.pop((request.tenant_id, request.request_id), None)

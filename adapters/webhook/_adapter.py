@@ -160,9 +160,24 @@ class WebhookAdapter(Adapter):
                     "token": token,
                     "expires_at": iso(expires_at),
                 }
-            task = self._deliveries.send(target, self._message(request, notification, index))
+            task = self._deliveries.send(
+                target,
+                self._message(request, notification, index),
+                still_news=partial(self._pending, request),
+            )
             self._announcing.setdefault(key, set()).add(task)
             task.add_done_callback(partial(self._announced, key))
+
+    async def _pending(self, request: InputRequest) -> bool:
+        """Whether ``request`` still waits: an announcement still retrying stops once it ended, on
+        this replica or another one (whose outcome this adapter may never hear of)."""
+        try:
+            current = await self.context.get_request(
+                tenant_id=request.tenant_id, request_id=request.request_id
+            )
+        except MeshError:
+            return False  # gone (its session deleted)
+        return current.state is InputState.PENDING
 
     def _announced(self, key: _Key, task: asyncio.Task[None]) -> None:
         tasks = self._announcing.get(key)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -76,11 +76,19 @@ class Deliveries:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def send(
-        self, target: Target, message: Message, after: Iterable[asyncio.Task[None]] = ()
+        self,
+        target: Target,
+        message: Message,
+        after: Iterable[asyncio.Task[None]] = (),
+        *,
+        still_news: Callable[[], Awaitable[bool]] | None = None,
     ) -> asyncio.Task[None]:
-        """Deliver ``message`` to ``target`` once the tasks ``after`` ended; the delivery's task."""
+        """Deliver ``message`` to ``target`` once the tasks ``after`` ended; the delivery's task.
+        ``still_news`` is asked before each retry: once it says no (what the message announces
+        is over), the delivery ends."""
         task = asyncio.create_task(
-            self._deliver(target, message, tuple(after)), name=f"webhook {message.webhook_id} -> {target.url}"
+            self._deliver(target, message, tuple(after), still_news),
+            name=f"webhook {message.webhook_id} -> {target.url}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -109,13 +117,22 @@ class Deliveries:
             )
         return self._client
 
-    async def _deliver(self, target: Target, message: Message, after: tuple[asyncio.Task[None], ...]) -> None:
+    async def _deliver(
+        self,
+        target: Target,
+        message: Message,
+        after: tuple[asyncio.Task[None], ...],
+        still_news: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
         if after:
             await asyncio.wait(after)
         attempts = self._retries.max_attempts
         last = ""
         try:
             for attempt in range(1, attempts + 1):
+                if attempt > 1 and still_news is not None and not await still_news():
+                    _log.info("webhook %s to %s: no longer news; not tried again", message, target.url)
+                    return
                 retry_after: float | None = None
                 try:
                     status, retry_after = await self._post(target, message)

@@ -681,6 +681,18 @@ async def test_the_message_is_updated_after_any_outcome(
         assert "not on a Friday" in text_of(update)
 
 
+async def test_a_request_answered_elsewhere_while_it_was_posted_is_updated_once_posted(h: Harness) -> None:
+    # found from outside: answered on another replica while the owner was still posting, the post
+    # kept its buttons for good (that replica found no post to update, and this one was never told)
+    request = make_request(InputKind.TOOL_APPROVAL)
+    h.mesh.add(replace(request, state=InputState.EXPIRED))  # how the store has it by now
+    await h.adapter.on_request(request)  # the announcement, made while it was pending
+    (update,) = h.slack.of("chat.update")
+    assert action_ids(update) == [] and "Expired" in text_of(update)
+    await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))  # told after all: no second update
+    assert len(h.slack.of("chat.update")) == 1
+
+
 async def test_outcome_of_a_request_never_posted_changes_nothing(h: Harness) -> None:
     await h.adapter.on_outcome(replace(make_request(InputKind.TOOL_APPROVAL), state=InputState.EXPIRED))
     assert h.slack.calls == []

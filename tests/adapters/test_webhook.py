@@ -361,6 +361,24 @@ async def test_failed_delivery_is_retried_under_the_same_id(build: Build, status
     assert len(h.receiver.deliveries) == 3
 
 
+async def test_an_announcement_still_retrying_stops_once_its_request_ended_elsewhere(build: Build) -> None:
+    # found from outside: answered on another replica (whose outcome this adapter is never told), the
+    # owner's retries went on and input.required reached the receiver after input.resolved
+    h = await build(max_attempts=6)
+    h.receiver.fail(50, 503)
+    await h.adapter.on_request(h.mesh.add(tool_request()))
+    await h.receiver.wait_for(2)
+    await h.mesh.resolve(
+        tenant_id="acme",
+        request_id="r1",
+        resolution=Resolution(decision=Decision.APPROVE),
+        responder="ops",
+        surface=Surface.GRPC,
+    )
+    await h.settle()
+    assert len(h.receiver.deliveries) <= 3, [d.payload["type"] for d in h.receiver.deliveries]
+
+
 async def test_client_errors_are_not_retried(build: Build, caplog: pytest.LogCaptureFixture) -> None:
     h = await build()
     h.receiver.fail(1, 400)
