@@ -348,6 +348,34 @@ async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_
         assert deleting.runs == [True]
 
 
+async def test_an_answer_sent_to_a_replica_that_died_before_taking_it_reaches_the_agent_where_it_is_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found from outside: answered just after the replica holding the agent died, before the agent
+    # had reconnected elsewhere, the answer went to the dead replica: the message failed at the
+    # dispatch timeout and the agent never got the human's answer
+    async with _schema() as schema, _replicas_a_and_b(schema) as (owner, holder):
+        deleting = Deleting()
+        async with running_agent(holder, deleting, agent_type="crm", instance_id="crm-1"):
+            session_id = await new_session(owner)
+            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            # "b" dies without a word: it neither hears nor tells anything any more...
+            monkeypatch.setattr(holder.server.mesh.connections, "relayed", lambda item: None)
+
+            async def silent(*args: Any, **kwargs: Any) -> None:
+                return None
+
+            monkeypatch.setattr(holder.server.mesh.connections.relay, "send", silent)
+            # ...and the human answers at once, before the agent notices.
+            await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+        # The agent comes back on "a".
+        async with running_agent(owner, deleting, agent_type="crm", instance_id="crm-1"):
+            done = await wait_for_state(owner, session_id, asked.message_id, COMPLETED, FAILED)
+        assert done.state == COMPLETED, done.state_reason
+        assert deleting.runs == [True]
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)

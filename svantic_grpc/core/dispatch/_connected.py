@@ -70,6 +70,11 @@ class _Dropped:
     """Relayed from the holder: the agent never took the dispatch (a local stream tells by its acks)."""
 
 
+_ANSWER_CHECK_S = 1.0
+"""How often an owner whose answer the holder of the agent's stream has not followed up looks
+whether that holder (or the agent's stream there) is gone."""
+
+
 class _Inbox:
     """What the agent sent for one dispatch, taken all at once by the dispatch it is for.
 
@@ -89,12 +94,16 @@ class _Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def take(self) -> list[DispatchUpdate | _Dropped]:
-        """Everything queued, waiting for the first item when there is none."""
+    async def take(self, within: float | None = None) -> list[DispatchUpdate | _Dropped]:
+        """Everything queued, waiting for the first item when there is none (at most ``within``
+        seconds, when given: nothing, then)."""
         if not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await self.waiter
+                if within is None:
+                    await waiter
+                else:
+                    await asyncio.wait((waiter,), timeout=within)
             finally:
                 self.waiter = None
         items, self.items = self.items, []
@@ -396,10 +405,22 @@ class ConnectedAgents:
         inbox = _Inbox()
         self._remote[job.dispatch_id] = (inbox, job)
         finished = False
+        relayed: InputRequest | None = None
+        """An answer sent to the holder that nothing from it has followed yet."""
         try:
             await relay.send(holder, Relayed(RelayKind.JOB, job.dispatch_id, me, job=job, token=job.sign()))
             while True:
-                for item in _merged(await inbox.take()):
+                items = await inbox.take(within=None if relayed is None else _ANSWER_CHECK_S)
+                if not items:
+                    # The holder has said nothing since the answer went to it: if it died (or the
+                    # agent reconnected elsewhere) before it took the answer, nobody will pass it
+                    # on there. It goes with the message to the agent where it is now.
+                    if relayed is not None and await self._gone_from(holder, job):
+                        finished = True
+                        raise AgentGone(relayed)
+                    continue
+                relayed = None
+                for item in _merged(items):
                     if isinstance(item, _Dropped):
                         finished = True
                         if item.not_delivered:
@@ -419,6 +440,7 @@ class ConnectedAgents:
                         await relay.send(
                             holder, Relayed(RelayKind.ANSWER, job.dispatch_id, me, answer=answer)
                         )
+                        relayed = answer
         finally:
             self._remote.pop(job.dispatch_id, None)
             if not finished and not self._stopping:  # the mesh stopped following: the holder tells the agent
