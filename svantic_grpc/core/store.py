@@ -323,6 +323,11 @@ class Store(ABC):
         """Every tenant's tool approvals answered ``approve_for_session`` or ``approve_always``,
         oldest first: the answers that outlive their request (for start-up recovery)."""
 
+    @abstractmethod
+    async def approved_always(self, *, tenant_id: str, policy: str) -> bool:
+        """Whether a request of the tenant under ``policy`` was answered ``approve_always`` (by any
+        process sharing the store)."""
+
     # Adapters' own values
 
     @abstractmethod

@@ -248,6 +248,11 @@ class MemoryStore(Store):
             and r.resolution.decision in GRANTING_DECISIONS
         ]
 
+    async def approved_always(self, *, tenant_id: str, policy: str) -> bool:
+        return any(
+            r.tenant_id == tenant_id and r.policy == policy and r.grants_always for r in self._inputs.values()
+        )
+
     async def put_adapter_value(
         self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
     ) -> None:

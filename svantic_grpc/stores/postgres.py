@@ -318,6 +318,14 @@ class PostgresStore(Store):
         )
         return await self._all(_INPUTS, sql, decisions)
 
+    async def approved_always(self, *, tenant_id: str, policy: str) -> bool:
+        sql = (
+            "SELECT 1 FROM inputs WHERE tenant_id = $1 AND state = 'resolved' "
+            "AND (record::jsonb #>> '{resolution,decision}') = 'approve_always' "
+            "AND (record::jsonb ->> 'policy') = $2 LIMIT 1"
+        )
+        return await self._pool_or_fail().fetchval(sql, tenant_id, policy) is not None
+
     async def put_adapter_value(
         self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
     ) -> None:

@@ -313,6 +313,15 @@ class SqliteStore(Store):
         )
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql, decisions)))
 
+    async def approved_always(self, *, tenant_id: str, policy: str) -> bool:
+        sql = (
+            "SELECT 1 FROM inputs WHERE tenant_id = ? AND state = 'resolved' "
+            "AND json_extract(record, '$.resolution.decision') = 'approve_always' "
+            "AND json_extract(record, '$.policy') = ? LIMIT 1"
+        )
+        row = await self._read(lambda conn: conn.execute(sql, (tenant_id, policy)).fetchone())
+        return row is not None
+
     async def put_adapter_value(
         self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
     ) -> None:

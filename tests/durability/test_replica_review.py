@@ -40,6 +40,7 @@ from tests.a2a_ingress_support import a2a_client, call
 from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
+from tests.console._console import DELETES, tool_call_parts
 from tests.durability._approvals import Deleting
 from tests.durability.test_replica_takeover import PLAN, PLANS
 
@@ -687,3 +688,35 @@ async def test_an_a2a_answer_sent_to_a_replica_that_does_not_own_the_session_ret
             state = last.task.status.state if last.HasField("task") else last.status_update.status.state
             assert state == TaskState.TASK_STATE_COMPLETED, (n, got)
             assert agent.decisions[session_id] == [True]
+
+
+async def test_an_always_approval_holds_on_every_replica() -> None:
+    # found from outside: approve_always reached only the replica that took the answer and the
+    # session's owner; sessions run by any other replica kept asking for the tool until its restart
+    async with _schema() as schema, AsyncExitStack() as stack:
+        a, b, c = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV, **_settings(schema, name, lease_ms=2000, renew_ms=400, policies=[DELETES])
+                )
+            )
+            for name in ("a", "b", "c")
+        ]
+        tool = ToolAgent()
+        await stack.enter_async_context(running_agent(a, tool, agent_type="crm", instance_id="crm-1"))
+
+        async def ask(replica: Client, session_id: str) -> Any:
+            sent = await send(replica, session_id, *tool_call_parts("crm.delete_records", {"ids": [7]}))
+            return await wait_for_state(replica, session_id, sent.message_id, INPUT_REQUIRED, COMPLETED)
+
+        first = await new_session(a)
+        asked = await ask(a, first)
+        assert asked.state == INPUT_REQUIRED
+        await resolve(b, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE_ALWAYS)
+        await wait_for_state(a, first, asked.message_id, COMPLETED)
+        elsewhere = await new_session(
+            c
+        )  # run by a replica that neither took the answer nor owns that session
+        later = await ask(c, elsewhere)
+        assert later.state == COMPLETED, later.state_reason
+        assert list(later.input_request_ids) == [] or tool.answers[-1].resolved_by.startswith("policy")

@@ -148,3 +148,31 @@ async def test_purge_goes_in_batches_of_limit(store: Store) -> None:
     assert await store.purge_closed_sessions(closed_before=T0 + 1, limit=2) == 1
     page = await store.list_sessions(tenant_id="acme")
     assert page.sessions == ()
+
+
+async def test_an_always_approval_is_found_by_tenant_and_policy(store: Store) -> None:
+    await store.create_session(make_session("s1"))
+    for request_id, tenant, policy, decision in (
+        ("r1", "acme", "deletes", Decision.APPROVE_ALWAYS),
+        ("r2", "acme", "exports", Decision.APPROVE),
+        ("r3", "globex", "imports", Decision.APPROVE_ALWAYS),
+    ):
+        asked = await store.create_input(
+            InputRequest(
+                tenant,
+                request_id,
+                "s1",
+                "m1",
+                InputKind.TOOL_APPROVAL,
+                T0,
+                T0 + 9,
+                ToolCall("t"),
+                policy=policy,
+            )
+        )
+        answered = Resolution(decision=decision, resolved_by="ops", surface=Surface.GRPC, resolved_at=T0 + 1)
+        await store.update_input(replace(asked, state=InputState.RESOLVED, resolution=answered))
+    assert await store.approved_always(tenant_id="acme", policy="deletes")
+    assert not await store.approved_always(tenant_id="acme", policy="exports")  # approved once only
+    assert not await store.approved_always(tenant_id="acme", policy="imports")  # another tenant's
+    assert await store.approved_always(tenant_id="globex", policy="imports")

@@ -62,6 +62,16 @@ async def ask_human(
                 reason=verdict.reason or verdict.enforcement.value,
             )
         assert verdict.policy is not None
+        if await inputs.approved_always_elsewhere(tenant_id, policy):
+            return await inputs.decided_by_policy(
+                tenant_id=tenant_id,
+                session_id=session_id,
+                message_id=message_id,
+                tool_call=call,
+                decision=Decision.APPROVE,
+                policy=policy,
+                reason=f"policy {policy!r} approved always for the tenant",
+            )
         responders = verdict.policy.approvers or responders
     request = await inputs.ask(
         tenant_id=tenant_id,

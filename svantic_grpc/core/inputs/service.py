@@ -321,6 +321,17 @@ class Inputs:
         if decision is Decision.APPROVE_ALWAYS and request.policy:
             self.policies.allow_always(request.tenant_id, request.policy)
 
+    async def approved_always_elsewhere(self, tenant_id: str, policy: str) -> bool:
+        """With replicas sharing the store: whether another replica took an ``approve_always`` for
+        ``policy`` that this one has not heard of (it applies it from now on). A replica hears of the
+        answers it takes and those of the sessions it owns; this is asked only before a human would be."""
+        if self.shared is None or not policy:
+            return False
+        if not await self._store.approved_always(tenant_id=tenant_id, policy=policy):
+            return False
+        self.policies.allow_always(tenant_id, policy)
+        return True
+
     # Ending without an answer
 
     async def cancel_for_message(self, tenant_id: str, session_id: str, message_id: str, reason: str) -> None:
