@@ -314,8 +314,11 @@ async def test_each_dispatch_has_its_own_token_bound_to_the_instance(
 
 
 async def test_an_agent_trusting_another_mesh_rejects_the_dispatch(agents: HostedAgents) -> None:
-    """The agents verify with the first mesh's key; a second mesh's tokens do not verify."""
-    async with running_server() as other_mesh:
+    """The agents verify with the first mesh's key; a second mesh's tokens do not verify (a mesh
+    with another signing key: one with the same key derives the same dispatch key, as replicas do)."""
+    async with running_server(
+        env={"SVANTIC_SIGNING_KEY": "another-mesh-signing-key-0123456789abcdef"}
+    ) as other_mesh:
         await register(other_mesh, agents["echo-1"])
         session_id = await new_session(other_mesh)
         message = await send(other_mesh, session_id, text("hi"), target("echo-agent"))
