@@ -64,7 +64,9 @@ def observed_unary(behavior: Unary, method: str, observe: Observe | None, tracer
             raise
         finally:
             if span is not None:
-                _end(span, code)
+                if code != "OK":  # (OK was given at its start)
+                    _failed(span, code)
+                span.end()
                 detach(token)
             if observe is not None:
                 observe(method, code, time.perf_counter() - began)
@@ -142,12 +144,17 @@ def _end(span: Span, code: str, failure: BaseException | None = None) -> None:
     """Give ``span`` the call's status ``code`` (unless ``OK``, given at its start) and the
     exception that ended a stream (recorded as ``use_span`` records it), and end it."""
     if code != "OK":
-        span.set_attribute("rpc.grpc.status_code", code)
-        span.set_status(StatusCode.ERROR, code)
+        _failed(span, code)
     if isinstance(failure, Exception) and span.is_recording():
         span.record_exception(failure)
         span.set_status(Status(StatusCode.ERROR, f"{type(failure).__name__}: {failure}"))
     span.end()
+
+
+def _failed(span: Span, code: str) -> None:
+    """Give ``span`` the status ``code`` its call ended with, other than ``OK``."""
+    span.set_attribute("rpc.grpc.status_code", code)
+    span.set_status(StatusCode.ERROR, code)
 
 
 def _code(context: aio.ServicerContext, default: str) -> str:
