@@ -566,9 +566,8 @@ _get_current: Callable[[], Context] = _CURRENT.get if _CURRENT is not None else 
 """``opentelemetry.context.get_current``, read directly from its variable when it can be."""
 
 
-def current_context() -> Context:
-    """``opentelemetry.context.get_current()``."""
-    return _get_current()
+current_context = _get_current
+"""``opentelemetry.context.get_current()`` (the variable's own ``get`` when it can be: no call of ours)."""
 
 
 def attach_span(span: trace_api.Span) -> Token[Context]:
