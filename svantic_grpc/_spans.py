@@ -275,7 +275,10 @@ class _Tracer(trace_api.Tracer):
             self._scope,
             _NONE_DROPPED,
         ]
-        return _Span(provider, made, record, record_exception, set_status_on_exception)
+        span = _new_span(_Span)  # its slots filled here: no __init__ frame for every span
+        span._provider, span._context, span._record = provider, made, record
+        span._record_exception, span._set_status_on_exception = record_exception, set_status_on_exception
+        return span
 
     def _start(
         self,
@@ -393,6 +396,8 @@ def _record(
         _NONE_DROPPED,
     ]
 
+
+_new_span = object.__new__
 
 _NONE_DROPPED = (0, 0, 0)
 """Attributes, events and links dropped: none (nothing here bounds them)."""
