@@ -1,6 +1,6 @@
 """The server's own spans when it exports them (``OTEL_*`` asks): OpenTelemetry's tracing API
-with the least work per span, each finished span queued as a plain tuple for the OTLP exporter
-in a child process (``_span_export``).
+with the least work per span, each span's plain values (its record, a list filled from its start)
+queued as it ends for the OTLP exporter in a child process (``_span_export``).
 
 Why not the SDK's ``TracerProvider`` here: its span costs ~11 µs to start and ~4 µs to end
 (attribute validation through abstract-class checks, locks, a ``ReadableSpan`` copy at the end,
@@ -66,7 +66,7 @@ _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
 
 class TupleTracerProvider(trace_api.TracerProvider):
-    """Tracers whose finished spans go, as tuples, to the OTLP exporter in a child process."""
+    """Tracers whose finished spans go, as plain values, to the OTLP exporter in a child process."""
 
     def __init__(
         self, resource: Resource, env: Mapping[str, str], exporter: ChildExporter | None = None
