@@ -398,6 +398,7 @@ def _record(
 
 
 _new_span = object.__new__
+"""Makes a ``_Span`` whose slots ``start_span`` then fills (``__init__``'s frame saved on every span)."""
 
 _NONE_DROPPED = (0, 0, 0)
 """Attributes, events and links dropped: none (nothing here bounds them)."""
