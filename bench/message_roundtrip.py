@@ -1053,7 +1053,7 @@ async def parent(args: argparse.Namespace, revision: str) -> int:
                         row = await measure(
                             args, "bare", concurrency, round_no, bare_target, {"server": bare}, []
                         )
-                    elif mode == "mesh-base":
+                    elif mode == "mesh-base" and mode not in variant_servers:  # (traced: below)
                         servers = {"server": mesh_base, "agent": agent_base}
                         target = mesh_base_target
                         row = await measure(args, "mesh-base", concurrency, round_no, target, servers, [])

@@ -113,7 +113,7 @@ def _mesh_message(tracer: Tracer | None, observe: Any) -> Message:
     tracing = OtelTracing(tracer) if tracer is not None else None
     context = _Context()
 
-    async def handler(request: Any, context: Any) -> Any:
+    async def handler(request: Any, context: Any, metadata: Any = None) -> Any:
         if tracing is not None:
             with tracing.dispatch(agent_type="echo", instance_id="echo-bench-1") as headers:
                 assert headers["traceparent"]

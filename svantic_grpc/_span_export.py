@@ -101,13 +101,14 @@ class ChildExporter(SpanExporter):
                 flat.append(_flat(span, resource, scope))
             return SpanExportResult.SUCCESS if self._send(new, flat) else SpanExportResult.FAILURE
 
-    def send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
-        """Hands the child ``spans`` already flat (as ``_flat`` makes them), with the resources and
-        scopes first used in them (``(number, "resource" or "scope", value)``); ``False``: dropped."""
+    def send(self, new: list[tuple[int, str, Any]], spans: list[Any]) -> bool:
+        """Hands the child ``spans`` already flat (as ``_flat`` makes them: tuples, or the lists the
+        server's own spans fill in the same order), with the resources and scopes first used in
+        them (``(number, "resource" or "scope", value)``); ``False``: dropped."""
         with self._lock:
             return self._send(new, spans)
 
-    def _send(self, new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bool:
+    def _send(self, new: list[tuple[int, str, Any]], spans: list[Any]) -> bool:
         if self._stopped:
             return False
         if self._child is None:
@@ -231,7 +232,7 @@ def _flat(span: ReadableSpan, resource: int, scope: int) -> tuple[Any, ...]:
     )
 
 
-def _encoded_batch(new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]) -> bytes:
+def _encoded_batch(new: list[tuple[int, str, Any]], spans: list[Any]) -> bytes:
     """A batch's bytes for the child (``_decoded_batch`` reads them)."""
     try:
         return _MARSHALLED + marshal.dumps((new, spans))
@@ -239,7 +240,7 @@ def _encoded_batch(new: list[tuple[int, str, Any]], spans: list[tuple[Any, ...]]
         return _PICKLED + pickle.dumps((new, spans), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _decoded_batch(body: bytes) -> tuple[list[tuple[int, str, Any]], list[tuple[Any, ...]]]:
+def _decoded_batch(body: bytes) -> tuple[list[tuple[int, str, Any]], list[Sequence[Any]]]:
     """What ``_encoded_batch`` encoded: the resources and scopes first used, and the spans."""
     encoded = memoryview(body)[1:]
     if body[:1] == _MARSHALLED:
@@ -258,7 +259,7 @@ def _link(link: Any) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------- the child
 
 
-def _rebuild(flat: tuple[Any, ...], resources: dict[int, Any], scopes: dict[int, Any]) -> ReadableSpan:
+def _rebuild(flat: Sequence[Any], resources: dict[int, Any], scopes: dict[int, Any]) -> ReadableSpan:
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import Event
     from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
@@ -325,7 +326,7 @@ class Rebuilder:
             else:
                 self._scopes[number] = InstrumentationScope(*value) if value is not None else None
 
-    def spans(self, new: list[tuple[int, str, Any]], flat: list[tuple[Any, ...]]) -> list[ReadableSpan]:
+    def spans(self, new: list[tuple[int, str, Any]], flat: Sequence[Sequence[Any]]) -> list[ReadableSpan]:
         self.learn(new)
         return [_rebuild(span, self._resources, self._scopes) for span in flat]
 
@@ -345,7 +346,7 @@ class Encoder(Rebuilder):
         self._encoded: dict[int, tuple[Any, Any]] = {}
         """Resources and scopes encoded, by ``id`` (each kept alive beside its encoding)."""
 
-    def request(self, new: list[tuple[int, str, Any]], flat: list[tuple[Any, ...]]) -> Any:
+    def request(self, new: list[tuple[int, str, Any]], flat: Sequence[Sequence[Any]]) -> Any:
         from opentelemetry.exporter.otlp.proto.common._internal import (
             _encode_instrumentation_scope,
             _encode_resource,
@@ -353,14 +354,14 @@ class Encoder(Rebuilder):
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         self.learn(new)
-        numbered: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+        numbered: dict[tuple[int, int], list[Sequence[Any]]] = {}
         for span in flat:
             key = (span[14], span[15])
             spans = numbered.get(key)
             if spans is None:
                 spans = numbered[key] = []
             spans.append(span)
-        groups: dict[Any, dict[Any, list[tuple[Any, ...]]]] = {}
+        groups: dict[Any, dict[Any, list[Sequence[Any]]]] = {}
         for (resource_number, scope_number), spans in numbered.items():
             # By resource, then scope, in order of first use, equal ones together (as encode_spans groups)
             groups.setdefault(self._resources[resource_number], {}).setdefault(
@@ -396,7 +397,7 @@ _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
 """OTLP ``SpanFlags``: whether the parent (or linked) span is remote is known, and it is."""
 
 
-def _encode(pb: Any, flat: tuple[Any, ...]) -> None:
+def _encode(pb: Any, flat: Sequence[Any]) -> None:
     """Fills the OTLP ``Span`` ``pb`` from a span as ``_flat`` makes it, as ``encode_spans`` does."""
     (name, trace_id, span_id, _flags, state, parent, kind, start, end, attributes, events, links) = flat[:12]
     code, description, (dropped_attributes, dropped_events, dropped_links) = flat[12], flat[13], flat[16]

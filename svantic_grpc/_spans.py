@@ -1,6 +1,6 @@
 """The server's own spans when it exports them (``OTEL_*`` asks): OpenTelemetry's tracing API
-with the least work per span, each finished span queued as a plain tuple for the OTLP exporter
-in a child process (``_span_export``).
+with the least work per span, each span's plain values (its record, a list filled from its start)
+queued as it ends for the OTLP exporter in a child process (``_span_export``).
 
 Why not the SDK's ``TracerProvider`` here: its span costs ~11 µs to start and ~4 µs to end
 (attribute validation through abstract-class checks, locks, a ``ReadableSpan`` copy at the end,
@@ -26,6 +26,8 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
+from itertools import repeat
+from operator import call as _call
 from random import getrandbits as _getrandbits
 from typing import Any
 
@@ -64,7 +66,7 @@ _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
 
 class TupleTracerProvider(trace_api.TracerProvider):
-    """Tracers whose finished spans go, as tuples, to the OTLP exporter in a child process."""
+    """Tracers whose finished spans go, as plain values, to the OTLP exporter in a child process."""
 
     def __init__(
         self, resource: Resource, env: Mapping[str, str], exporter: ChildExporter | None = None
@@ -89,6 +91,8 @@ class TupleTracerProvider(trace_api.TracerProvider):
         self._own_ids = type(self._ids) is RandomIdGenerator
         """Ids drawn here as the SDK's RandomIdGenerator draws them (valid by construction), without
         a call through it per id."""
+        self._quick = self._own_ids and _TUPLE_LAYOUT and (self._sample_all or self._sample_parented)
+        """Spans started in fewer steps (``_Tracer.start_span``): the usual setup."""
         if self._own_ids:
             self._new_trace_id: Callable[[], int] = _random_trace_id
             self._new_span_id: Callable[[], int] = _random_span_id
@@ -101,7 +105,8 @@ class TupleTracerProvider(trace_api.TracerProvider):
         ]
         """Resources and scopes not sent to the child yet (taken by the export thread)."""
         self._scopes: dict[tuple[str, str | None, str | None], int] = {}
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[list[Any]] = deque()
+        """Finished spans' records (see ``_Tracer.start_span``), oldest first."""
         self._max_queue = _int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self._batch = _int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self._delay_s = _int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
@@ -175,7 +180,7 @@ class TupleTracerProvider(trace_api.TracerProvider):
             while self._queue and (everything or first or len(self._queue) >= self._batch):
                 first = False
                 count = min(self._batch, len(self._queue))
-                spans = [self._queue.popleft() for _ in range(count)]
+                spans = list(map(_call, repeat(self._queue.popleft, count)))  # popped in C
                 with self._lock:
                     new, self._new = self._new, []
                 if not self._exporter.send(new, spans) and new:
@@ -200,25 +205,105 @@ class _Tracer(trace_api.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
         provider = self._provider
+        # The parent: what get_current_span(context).get_span_context() reads, without its calls.
+        span = (_get_current() if context is None else context).get(_SPAN_KEY)
         parent: SpanContext | None
-        if _CURRENT is None:
-            parent = trace_api.get_current_span(context).get_span_context()
-        else:  # what get_current_span(context) reads, without its three calls
-            span = (_CURRENT.get() if context is None else context).get(_SPAN_KEY)
-            if type(span) is _Span:
-                parent = span._context
-            else:
-                parent = span.get_span_context() if isinstance(span, trace_api.Span) else None
+        if type(span) is _Span:
+            parent = span._context
+        elif span is None:
+            parent = None
+        else:
+            parent = span.get_span_context() if isinstance(span, trace_api.Span) else None
+        if not provider._quick:
+            return self._start(
+                name,
+                context,
+                parent,
+                kind,
+                attributes,
+                links,
+                start_time,
+                record_exception,
+                set_status_on_exception,
+            )
+        # Every span of the mesh's usual setup in fewer steps (what _start does for it): ids drawn
+        # here, the parent's SpanContext read as its tuple, the sampler's decision known without
+        # asking it (ALWAYS_ON; DEFAULT_ON for a root or a sampled parent: sample, keep the parent's
+        # trace state).
+        if parent is None or not parent[5]:  # a root
+            trace_id = _getrandbits(128) or _random_trace_id()
+            flags, state, header, parent_ids = provider._root_flags, DEFAULT_TRACE_STATE, "", None
+        elif parent[3] & 1 or provider._sample_all:
+            trace_id, parent_id, remote, flags, state, _ = parent
+            if not flags & 1:
+                flags = TraceFlags(flags | TraceFlags.SAMPLED)
+            header = "" if state is DEFAULT_TRACE_STATE or not state else state.to_header()
+            parent_ids = (parent_id, remote)
+        else:  # a parent that did not sample: the sampler decides
+            return self._start(
+                name,
+                context,
+                parent,
+                kind,
+                attributes,
+                links,
+                start_time,
+                record_exception,
+                set_status_on_exception,
+            )
+        span_id = _getrandbits(64) or _random_span_id()
+        # SpanContext(trace_id, span_id, False, flags, state) made as its tuple (a third of the cost):
+        # the ids drawn here are in range and not zero.
+        made = tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
+        # The span's record, as _record lays it out (inline here: this runs for every span).
+        record = [
+            name,
+            trace_id,
+            span_id,
+            flags & 0xFF,
+            header,
+            parent_ids,
+            kind._value_,
+            start_time or _time_ns(),
+            None,
+            dict(attributes) if attributes else None,
+            None,
+            [_link(link) for link in links] if links else None,
+            0,
+            None,
+            0,
+            self._scope,
+            _NONE_DROPPED,
+        ]
+        span = _new_span(_Span)  # its slots filled here: no __init__ frame for every span
+        span._provider, span._context, span._record = provider, made, record
+        span._record_exception, span._set_status_on_exception = record_exception, set_status_on_exception
+        return span
+
+    def _start(
+        self,
+        name: str,
+        context: Context | None,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: types.Attributes,
+        links: Sequence[Link] | None,
+        start_time: int | None,
+        record_exception: bool,
+        set_status_on_exception: bool,
+    ) -> trace_api.Span:
+        """``start_span`` of a span whose parent context is ``parent``, for any sampler, id generator
+        and ``SpanContext`` layout."""
+        provider = self._provider
         # The context's tuple read directly, as _fields has it: its properties cost a call each.
         if parent is not None and (fields := parent if _TUPLE_LAYOUT else _fields(parent))[5]:
-            trace_id, _, _, flags, state, _ = fields
+            trace_id, parent_id, remote, flags, state, _ = fields
+            decided = provider._sample_all or (provider._sample_parented and flags & 1)
         else:
             parent, state, flags = None, None, provider._root_flags
-            own_ids = provider._own_ids
-            trace_id = (_getrandbits(128) or _random_trace_id()) if own_ids else provider._new_trace_id()
-        if provider._sample_all or (provider._sample_parented and (parent is None or flags & 1)):
-            # What these two samplers decide without asking them (~2 µs a span): sample, and keep
-            # the parent's trace state.
+            trace_id = provider._new_trace_id()
+            decided = provider._sample_all or provider._sample_parented  # a root: sampled by both
+        if decided:  # what these samplers decide, without asking them
             if not flags & 1:
                 flags = TraceFlags(flags | TraceFlags.SAMPLED)
         else:
@@ -232,34 +317,24 @@ class _Tracer(trace_api.Tracer):
             flags = TraceFlags(flags | TraceFlags.SAMPLED)
             if result.attributes:
                 attributes = {**(attributes or {}), **result.attributes}
-        if provider._own_ids and _TUPLE_LAYOUT:
-            # SpanContext(trace_id, span_id, False, flags, state) made as its tuple (a third of the
-            # cost): the ids drawn here are in range and not zero.
-            made = tuple.__new__(
-                SpanContext,
-                (
-                    trace_id,
-                    _getrandbits(64) or _random_span_id(),
-                    False,
-                    flags,
-                    DEFAULT_TRACE_STATE if state is None else state,
-                    True,
-                ),
-            )
-        else:
-            made = _span_context(trace_id, provider._new_span_id(), flags, state)
-        return _Span(
-            self,
+        if state is None:
+            state = DEFAULT_TRACE_STATE
+        span_id = provider._new_span_id()
+        record = _record(
             name,
-            made,
-            parent,
+            trace_id,
+            span_id,
+            flags,
+            "" if state is DEFAULT_TRACE_STATE or not state else state.to_header(),
+            (parent_id, remote) if parent is not None else None,
             kind,
-            dict(attributes) if attributes else {},
-            list(links) if links else None,
             start_time or _time_ns(),
-            record_exception,
-            set_status_on_exception,
+            attributes,
+            links,
+            self._scope,
         )
+        made = _span_context(trace_id, span_id, flags, state)
+        return _Span(provider, made, record, record_exception, set_status_on_exception)
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]
@@ -286,89 +361,84 @@ class _Tracer(trace_api.Tracer):
             yield current
 
 
-class _Span(trace_api.Span):
-    """A recording span: what the OTLP export needs, kept in plain values until it ends."""
+def _record(
+    name: str,
+    trace_id: int,
+    span_id: int,
+    flags: int,
+    trace_state: str,
+    parent: tuple[int, bool] | None,
+    kind: SpanKind,
+    start: int,
+    attributes: types.Attributes,
+    links: Sequence[Link] | None,
+    scope: int,
+) -> list[Any]:
+    """A new span's record, as the exporting child reads it (``_span_export._flat``): filled at the
+    start, its end time and what is set later written into it in place, queued as it is by ``end``."""
+    return [
+        name,
+        trace_id,
+        span_id,
+        flags & 0xFF,  # a plain int (marshal carries no int subclass such as TraceFlags)
+        trace_state,
+        parent,  # (its span id, whether it is remote)
+        kind._value_,  # an enum's value, without the call its ``value`` costs
+        start,
+        None,  # the end time: None while the span is open
+        dict(attributes) if attributes else None,
+        None,  # events
+        [_link(link) for link in links] if links else None,
+        0,  # status code: UNSET
+        None,  # status description
+        0,  # resource: the provider's only one
+        scope,
+        _NONE_DROPPED,
+    ]
 
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_end",
-        "_events",
-        "_kind",
-        "_links",
-        "_name",
-        "_parent",
-        "_record_exception",
-        "_set_status_on_exception",
-        "_start",
-        "_status",
-        "_tracer",
-    )
+
+_new_span = object.__new__
+"""Makes a ``_Span`` whose slots ``start_span`` then fills (``__init__``'s frame saved on every span)."""
+
+_NONE_DROPPED = (0, 0, 0)
+"""Attributes, events and links dropped: none (nothing here bounds them)."""
+
+# A span's record, by position (_span_export._flat lays it out); the hot paths above and in end()
+# write the literal positions.
+_NAME, _KIND, _END, _ATTRIBUTES, _EVENTS, _LINKS, _CODE, _DESCRIPTION = 0, 6, 8, 9, 10, 11, 12, 13
+
+
+class _Span(trace_api.Span):
+    """A recording span: its record (what the OTLP export needs, in plain values) filled as it goes,
+    queued as it is when the span ends."""
+
+    __slots__ = ("_context", "_provider", "_record", "_record_exception", "_set_status_on_exception")
 
     def __init__(
         self,
-        tracer: _Tracer,
-        name: str,
+        provider: TupleTracerProvider,
         context: SpanContext,
-        parent: SpanContext | None,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-        links: list[Link] | None,
-        start: int,
+        record: list[Any],
         record_exception: bool,
         set_status_on_exception: bool,
     ) -> None:
-        self._tracer = tracer
-        self._name = name
+        self._provider = provider
         self._context = context
-        self._parent = parent
-        self._kind = kind
-        self._attributes = attributes
-        self._links = links
-        self._events: list[tuple[str, int, dict[str, Any]]] | None = None
-        self._start = start
-        self._end: int | None = None
-        self._status: Status | None = None
-        """``None`` while unset (most spans end so: no ``Status`` made for them)."""
+        self._record = record
         self._record_exception = record_exception
         self._set_status_on_exception = set_status_on_exception
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end is not None:
+        record = self._record
+        if record[8] is not None:  # ended already
             return
-        self._end = end = end_time or _time_ns()
-        provider = self._tracer._provider
+        record[8] = end_time or _time_ns()
+        provider = self._provider
         queue = provider._queue
         if len(queue) >= provider._max_queue:
             provider._dropped_one()
             return
-        status = self._status
-        trace_id, span_id, _, flags, state, _ = self._context if _TUPLE_LAYOUT else _fields(self._context)
-        parent = None
-        if self._parent is not None:
-            parent_fields = self._parent if _TUPLE_LAYOUT else _fields(self._parent)
-            parent = (parent_fields[1], parent_fields[2])  # span id, remote
-        queue.append(
-            (
-                self._name,
-                trace_id,
-                span_id,
-                int(flags),
-                "" if state is DEFAULT_TRACE_STATE or not state else state.to_header(),
-                parent,
-                self._kind._value_,  # an enum's value, without the call its ``value`` costs
-                self._start,
-                end,
-                self._attributes or None,
-                self._events,
-                [_link(link) for link in self._links] if self._links else None,
-                status.status_code._value_ if status is not None else 0,
-                status.description if status is not None else None,
-                0,
-                self._tracer._scope,
-                (0, 0, 0),
-            )
-        )
+        queue.append(record)
         if len(queue) >= provider._batch and not provider._wake.is_set():
             provider._wake.set()
 
@@ -378,42 +448,48 @@ class _Span(trace_api.Span):
     @property
     def kind(self) -> SpanKind:
         """As the SDK's span has it (OpenTelemetry's ASGI middleware reads it)."""
-        return self._kind
+        return SpanKind(self._record[_KIND])
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        if self._end is None:
-            self._attributes.update(attributes)
+        record = self._record
+        if record[_END] is None:
+            if record[_ATTRIBUTES] is None:
+                record[_ATTRIBUTES] = {}
+            record[_ATTRIBUTES].update(attributes)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if self._end is None:
-            self._attributes[key] = value
+        self.set_attributes({key: value})
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
-        if self._end is None:
-            if self._events is None:
-                self._events = []
-            self._events.append((name, timestamp or time.time_ns(), dict(attributes or {})))
+        record = self._record
+        if record[_END] is None:
+            if record[_EVENTS] is None:
+                record[_EVENTS] = []
+            record[_EVENTS].append((name, timestamp or time.time_ns(), dict(attributes or {})))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if self._end is None and context.is_valid:
-            if self._links is None:
-                self._links = []
-            self._links.append(Link(context, attributes))
+        record = self._record
+        if record[_END] is None and context.is_valid:
+            if record[_LINKS] is None:
+                record[_LINKS] = []
+            record[_LINKS].append(_link(Link(context, attributes)))
 
     def update_name(self, name: str) -> None:
-        if self._end is None:
-            self._name = name
+        if self._record[_END] is None:
+            self._record[_NAME] = name
 
     def is_recording(self) -> bool:
-        return self._end is None
+        return self._record[_END] is None
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         # As the SDK: OK is final, UNSET changes nothing, a description goes with ERROR only.
-        if self._end is not None or (self._status is not None and self._status.status_code is StatusCode.OK):
+        record = self._record
+        if record[_END] is not None or record[_CODE] == StatusCode.OK._value_:
             return
         status = status if isinstance(status, Status) else Status(status, description)
         if status.status_code is not StatusCode.UNSET:
-            self._status = status
+            record[_CODE] = status.status_code._value_
+            record[_DESCRIPTION] = status.description
 
     def record_exception(
         self,
@@ -492,10 +568,12 @@ def _checked_context() -> ContextVar[Context] | None:
 
 _CURRENT = _checked_context()
 
+_get_current: Callable[[], Context] = _CURRENT.get if _CURRENT is not None else otel_context.get_current
+"""``opentelemetry.context.get_current``, read directly from its variable when it can be."""
 
-def current_context() -> Context:
-    """``opentelemetry.context.get_current()``."""
-    return _CURRENT.get() if _CURRENT is not None else otel_context.get_current()
+
+current_context = _get_current
+"""``opentelemetry.context.get_current()`` (the variable's own ``get`` when it can be: no call of ours)."""
 
 
 def attach_span(span: trace_api.Span) -> Token[Context]:

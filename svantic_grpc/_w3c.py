@@ -12,6 +12,7 @@ baggage) or propagator configuration goes through ``propagate.extract`` as befor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from opentelemetry import propagate
@@ -57,6 +58,10 @@ def span_context_fields(context: SpanContext) -> tuple[int, int, bool, TraceFlag
 _PATTERN = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
 _MAXIMUM_LENGTH = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
 _NO_TRACE, _NO_SPAN = "0" * 32, "0" * 16
+_USUAL = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+"""A version 00 header and nothing more, as the mesh and OpenTelemetry write it: where it matches,
+the propagator's pattern (whitespace around, an optional tail, searched) matches with the same
+trace id, span id and flags, version 00 and no tail."""
 
 _defaults: list[TextMapPropagator] = []
 """The global propagator last found to be the default one (W3C trace context, then W3C baggage)."""
@@ -68,12 +73,18 @@ def extracted(carrier: Mapping[str, str]) -> Context:
     if header is None or len(carrier) != 1 or not _default_propagators():
         return propagate.extract(carrier)
     # TraceContextTextMapPropagator.extract of a lone traceparent; W3CBaggagePropagator adds nothing.
-    match = _PATTERN.search(header) if len(header) <= _MAXIMUM_LENGTH else None
-    if match is None:
-        return propagate.extract(carrier)  # (and its warning when too long)
-    version, trace_id, span_id, flags, rest = match.groups()
-    if trace_id == _NO_TRACE or span_id == _NO_SPAN or (version == "00" and rest) or version == "ff":
-        return Context()
+    usual = _USUAL.fullmatch(header)
+    if usual is not None:  # what the propagator's pattern matches in it, in a third of the time
+        trace_id, span_id, flags = usual.groups()
+        if trace_id == _NO_TRACE or span_id == _NO_SPAN:
+            return Context()
+    else:
+        match = _PATTERN.search(header) if len(header) <= _MAXIMUM_LENGTH else None
+        if match is None:
+            return propagate.extract(carrier)  # (and its warning when too long)
+        version, trace_id, span_id, flags, rest = match.groups()
+        if trace_id == _NO_TRACE or span_id == _NO_SPAN or (version == "00" and rest) or version == "ff":
+            return Context()
     if TUPLE_LAYOUT:  # valid: 32 and 16 hex digits, not all zero
         fields = (
             int(trace_id, 16),

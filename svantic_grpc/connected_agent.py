@@ -598,7 +598,7 @@ class ConnectedAgent:
                 return
         await reply._update(message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledge: delivered
         if dispatch.trace_context:  # the mesh traces: the handler's spans continue its trace
-            otel_context.attach(extracted(dict(dispatch.trace_context)))  # this task's only
+            otel_context.attach(extracted(dispatch.trace_context))  # this task's only
         try:
             await self._handler(
                 Dispatch(dispatch.dispatch_id, dispatch.session_id, dispatch.message, claims), reply

@@ -14,6 +14,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from svantic_grpc import _w3c
 from svantic_grpc._w3c import extracted
+from svantic_grpc.pb import registry_service_pb2
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 CARRIERS = [
@@ -28,6 +29,10 @@ CARRIERS = [
     {"traceparent": f"01-{TRACE}-{SPAN}-01-extra"},
     {"traceparent": f"00-{TRACE.upper()}-{SPAN}-01"},
     {"traceparent": f"00-{TRACE}-{SPAN}-1"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-0A"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01\n"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01-"},
+    {"traceparent": f"00-{TRACE}0-{SPAN}-01"},
     {"traceparent": f"00-{TRACE}-{SPAN}-01" + " " * 600},
     {"traceparent": ""},
     {"traceparent": "garbage"},
@@ -75,3 +80,11 @@ def test_another_propagator_configuration_is_asked_itself(trace_context_only: No
     assert seen(extracted(carrier)) == seen(propagate.extract(carrier))
     assert Counting.calls == 2
     assert not _w3c._default_propagators()
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_a_dispatchs_trace_context_map_is_read_as_its_headers_are(carrier: dict[str, str]) -> None:
+    # A connected agent reads the map of the Dispatch it receives as it is, without a copy.
+    dispatch = registry_service_pb2.Dispatch()
+    dispatch.trace_context.update(carrier)
+    assert seen(extracted(dispatch.trace_context)) == seen(propagate.extract(carrier))

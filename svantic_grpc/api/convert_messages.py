@@ -227,7 +227,9 @@ def dispatch_to_pb(
         target.dispatch_token = job.sign()
     _set_time(target.deadline, job.deadline)
     if job.trace_context:  # (tracing off: none)
-        target.trace_context.update(job.trace_context)
+        trace_context = target.trace_context
+        for key, value in job.trace_context.items():  # (the map's update() is Python: 3x the time)
+            trace_context[key] = value
     return target
 
 

@@ -30,7 +30,14 @@ from opentelemetry.trace import Tracer
 
 from svantic_grpc.api._context import set_caller
 from svantic_grpc.api._decoding import Undecodable, UndecodableLog, checked, refuse, tolerant
-from svantic_grpc.api._telemetry import Observe, Streaming, Unary, observed_stream, observed_unary
+from svantic_grpc.api._telemetry import (
+    Metadata,
+    Observe,
+    Streaming,
+    Unary,
+    observed_stream,
+    observed_unary,
+)
 from svantic_grpc.api.errors import to_grpc_status
 from svantic_grpc.core.auth import TokenIssuer
 from svantic_grpc.core.errors import MeshError, Unauthenticated
@@ -98,8 +105,9 @@ def _wrap(
     streamed_requests = handler.request_streaming
     stream = streamed_requests or handler.response_streaming
 
-    async def prepare(request: Any, context: aio.ServicerContext) -> tuple[Any, float]:
-        """The request, checked, and the seconds a stream may stay open (its token's life)."""
+    async def prepare(request: Any, context: aio.ServicerContext, metadata: Metadata) -> tuple[Any, float]:
+        """The request, checked, and the seconds a stream may stay open (its token's life);
+        ``metadata``: the call's, when the tracing wrapper already read it."""
         if isinstance(request, Undecodable):
             raise refuse(request, method, undecodable)
         set_caller(None)
@@ -108,10 +116,11 @@ def _wrap(
         left = math.inf
         if issuer is not None:
             try:
+                token = _bearer_token(context.invocation_metadata() if metadata is None else metadata)
                 if stream:
-                    caller, left = issuer.verify_for_stream(_bearer_token(context))
+                    caller, left = issuer.verify_for_stream(token)
                 else:
-                    caller = issuer.verify(_bearer_token(context))
+                    caller = issuer.verify(token)
                 set_caller(caller)
             except MeshError:
                 if streamed_requests:
@@ -124,9 +133,11 @@ def _wrap(
         # One response, or responses sent with context.write() (grpc's health Watch): a coroutine.
         behavior = handler.unary_unary or handler.stream_unary or streamed
 
-        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_response(
+            request: Any, context: aio.ServicerContext, metadata: Metadata = None
+        ) -> Any:
             try:
-                prepared, left = await prepare(request, context)
+                prepared, left = await prepare(request, context, metadata)
                 if left == math.inf:
                     return await behavior(prepared, context)
                 async with _token_life(left):
@@ -145,9 +156,11 @@ def _wrap(
 
     behavior = handler.unary_stream or handler.stream_stream
 
-    async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_response(
+        request: Any, context: aio.ServicerContext, metadata: Metadata = None
+    ) -> AsyncIterator[Any]:
         try:
-            prepared, left = await prepare(request, context)
+            prepared, left = await prepare(request, context, metadata)
             async with _token_life(left):
                 async for response in behavior(prepared, context):
                     yield response
@@ -215,8 +228,8 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
     raise ValueError("a method handler without a behaviour")
 
 
-def _bearer_token(context: aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _bearer_token(metadata: Metadata) -> str:
+    for key, value in metadata or ():
         if key == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
