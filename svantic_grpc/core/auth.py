@@ -52,8 +52,17 @@ class Scope(enum.Enum):
 
     def satisfied_by(self, granted: Iterable[Scope]) -> bool:
         """True when any granted scope covers this one."""
-        rank = {Scope.READ: 0, Scope.FULL: 1, Scope.ADMIN: 2}
-        return any(rank[g] >= rank[self] for g in granted)
+        # By identity, not a dict of ranks: every call checks a scope, and an Enum's hash is Python code.
+        covering = _COVERING[self._value_]
+        return any(g is c for g in granted for c in covering)
+
+
+_COVERING: dict[str, tuple[Scope, ...]] = {
+    "read": (Scope.READ, Scope.FULL, Scope.ADMIN),
+    "full": (Scope.FULL, Scope.ADMIN),
+    "admin": (Scope.ADMIN,),
+}
+"""Per scope (by its value): the scopes that cover it."""
 
 
 def hash_secret(secret: str, *, cost: int = _SCRYPT_N) -> str:

@@ -169,6 +169,9 @@ def _expand(entry: Entry, session_id: str, created_at: float | None) -> EventPay
     return entry
 
 
+_new_event = object.__new__
+
+
 class Appended(Sequence[Event]):
     """The events one write appended (``entries``, numbered from ``first``), each ``Event`` built
     when first read: with no live subscriber, the bus reads at most the last one (to trim)."""
@@ -210,7 +213,15 @@ class Appended(Sequence[Event]):
                 index += len(self.entries)
             entry = self.entries[index]
             payload = _expand(entry, self.session_id, self.created_at)
-            event = Event(self.tenant_id, self.session_id, self.first + index, self.time, payload)
+            # Set as the memory store sets an appended event (Event's __init__ only assigns).
+            event = _new_event(Event)
+            event.__dict__.update(
+                tenant_id=self.tenant_id,
+                session_id=self.session_id,
+                sequence=self.first + index,
+                time=self.time,
+                payload=payload,
+            )
             self._built[index] = event
         return event
 
