@@ -54,7 +54,7 @@ class Scope(enum.Enum):
         """True when any granted scope covers this one."""
         # By identity, not a dict of ranks: every call checks a scope, and an Enum's hash is Python code.
         covering = _COVERING[self._value_]
-        return any(g is c for g in granted for c in covering)
+        return any(scope in covering for scope in granted)  # a tuple of members: by identity
 
 
 _COVERING: dict[str, tuple[Scope, ...]] = {

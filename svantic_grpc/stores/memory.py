@@ -98,7 +98,7 @@ class MemoryStore(Store):
         key = (session.tenant_id, session.session_id)
         if key in self._sessions:
             raise _exists(session)
-        stored = evolve(detach(session), version=1)
+        stored = evolve(session, version=1)  # nothing in a Session is mutable: ``detach`` shares it
         self._index.put(None, stored)
         self._sessions[key] = stored
         return stored, self._append_lazily(stored, time, payloads)
@@ -122,7 +122,7 @@ class MemoryStore(Store):
         current = self._sessions.get(key)
         if current is None or current.version != version:
             _current(self._sessions, key, version, *_missing(session))  # raises, naming it
-        stored = evolve(detach(session), version=version + 1)
+        stored = evolve(session, version=version + 1)  # shared by ``detach``, as above
         self._index.put(current, stored)
         self._sessions[key] = stored
         return stored, self._append_lazily(stored, time, payloads)

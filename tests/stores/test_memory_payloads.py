@@ -7,7 +7,10 @@ from svantic_grpc.stores import _copy, memory
 
 
 def test_payloads_kept_uncopied_are_those_detach_shares() -> None:
+    from svantic_grpc.core.models import Session
+
     assert set(_copy._SHARED) >= memory._FROZEN_PAYLOADS
+    assert Session in _copy._SHARED  # a session is written with its events without ``detach``
 
 
 async def test_events_are_those_their_constructor_makes() -> None:
