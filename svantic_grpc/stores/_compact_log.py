@@ -47,6 +47,8 @@ class _Left:
 
 _JOINED = tuple(_Joined(n) for n in range(len(INTERNAL_ROLES)))
 _LEFT: dict[tuple[int, str], _Left] = {}
+_LEFT_ALL: dict[str, tuple[_Left, ...]] = {}
+"""Per reason: every internal role's leave marker (the six a close appends), when all are kept."""
 _MAX_LEFT_REASONS = 64
 """Leave markers kept for sharing; an unusual reason beyond these is stored as it came."""
 _ROLE_OF = {f"savant:{role}": n for n, role in enumerate(INTERNAL_ROLES)}
@@ -87,10 +89,14 @@ class CompactLog:
             else:
                 entries = []
         elif type(payloads) is InternalAgentsLeft and payloads.session_id == session_id:
-            markers = [_left(role, payloads.reason) for role in range(len(INTERNAL_ROLES))]
+            markers = _LEFT_ALL.get(payloads.reason)
+            if markers is None:
+                found = [_left(role, payloads.reason) for role in range(len(INTERNAL_ROLES))]
+                if all(found):
+                    markers = _LEFT_ALL[payloads.reason] = tuple(found)  # type: ignore[arg-type]
             entries = []
-            if all(markers):
-                entries, rest = markers, payloads.rest  # type: ignore[assignment]
+            if markers is not None:
+                entries, rest = list(markers), payloads.rest
         else:
             entries = []
         entries.extend(_compact(payload, session_id, created_at) for payload in rest)

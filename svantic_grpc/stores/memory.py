@@ -360,7 +360,7 @@ class MemoryStore(Store):
             log = self._events[key] = CompactLog()
         first = log.next_sequence
         rest = payloads.rest if isinstance(payloads, (InternalAgentsJoined, InternalAgentsLeft)) else payloads
-        if any(type(payload) not in _FROZEN_PAYLOADS for payload in rest):  # copied, as ``_append`` does
+        if not _FROZEN_PAYLOADS.issuperset(map(type, rest)):  # the others copied, as ``_append`` does
             payloads = [p if type(p) in _FROZEN_PAYLOADS else detach(p) for p in payloads]
         entries = log.extend(time, payloads, session_id=session.session_id, created_at=session.created_at)
         return Appended(session.tenant_id, session.session_id, first, time, entries, session.created_at)
