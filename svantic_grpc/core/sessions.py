@@ -156,7 +156,7 @@ class Sessions:
         if len(user_id) > 256:
             raise InvalidArgument("user_id", "is longer than 256 characters")
         session_id = session_id or self._ids.new_id("ses_")
-        if any(self_instance_id == prefix + session_id for _, prefix in INTERNAL_AGENTS):
+        if self_instance_id and any(self_instance_id == prefix + session_id for _, prefix in INTERNAL_AGENTS):
             raise InvalidArgument("self_instance_id", "is the id of one of the session's internal agents")
         now = self._clock.now()
         # The internal agents are not stored: the session derives them (``Session.internal_agents``).
