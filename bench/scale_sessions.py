@@ -19,6 +19,10 @@ the gRPC client.
   ``bench/message_roundtrip.py``). ``--concurrency`` tasks each do, until the time is up,
   ``InitSession`` then ``CloseSession`` (mesh) or two echo calls (bare): pairs/s,
   alternating for ``--rounds`` rounds, and each server's CPU (user+sys) per pair.
+  With ``--instructions``, instead: each server under valgrind's callgrind (all its
+  threads), its instructions per pair over ``--pairs`` pairs after a warm-up, the same
+  on every machine load; with ``--profile FILE`` the mesh server's own Python under
+  ``cProfile`` during the first round's measured window (its stats written to FILE).
 * **(c) listing**: on the (a) server, at each count of ``--list-at``: ``ListSessions``
   pages of 50 (first page; a deep page from a cursor at the middle; a page filtered on
   active and paused), ``--list-calls`` each, one at a time; p50 and p90 client latency,
@@ -36,8 +40,11 @@ import contextlib
 import gc
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -116,7 +123,18 @@ async def run_mesh(args: argparse.Namespace) -> None:
         if line == "RSS":  # after a full collection, so garbage of the last calls does not count
             gc.collect()
             return f"RSS {_own_rss()}"
+        if line == "PROFILE":
+            profiler.enable()
+            return "PROFILING"
+        if line.startswith("PROFILED "):
+            profiler.disable()
+            profiler.dump_stats(line.split(" ", 1)[1])
+            return "PROFILED"
         return None
+
+    import cProfile
+
+    profiler = cProfile.Profile()
 
     try:
         await _commands(handle)
@@ -155,14 +173,59 @@ class Server:
         self.child = child
         self.port = port
         self.pid = child.process.pid
+        self.callgrind: Path | None = None
+        self.dumps = 0
 
     @classmethod
-    async def spawn(cls, role: str, max_seconds: float, code: Path | None = None) -> Server:
-        """Start a server child; with ``code``, its ``svantic_grpc`` is that checkout's."""
+    async def spawn(
+        cls, role: str, max_seconds: float, code: Path | None = None, callgrind: Path | None = None
+    ) -> Server:
+        """Start a server child; with ``code``, its ``svantic_grpc`` is that checkout's; with
+        ``callgrind``, under valgrind's callgrind writing its files there (``count`` reads them)."""
         env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
-        process = await start_role(SCRIPT, role, max_seconds, env=env)
+        if callgrind is None:
+            process = await start_role(SCRIPT, role, max_seconds, env=env)
+        else:
+            name = f"{role}-base" if code is not None else role
+            process = await asyncio.create_subprocess_exec(
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={callgrind / name}.%p",
+                sys.executable,
+                str(SCRIPT),
+                "--role",
+                role,
+                "--max-seconds",
+                str(max_seconds),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=ROOT,
+                env=env,
+            )
         child = Child(role, process)
-        return cls(child, int(await child.expect("PORT", 60)))
+        server = cls(child, int(await child.expect("PORT", 60 if callgrind is None else 1800)))
+        server.callgrind = callgrind
+        return server
+
+    async def count(self, flag: str) -> int:
+        """Under callgrind: ``--zero`` its counters, or ``--dump`` them and return the instructions
+        since the zero (every thread of the process)."""
+        await asyncio.to_thread(
+            subprocess.run,
+            ["callgrind_control", flag, str(self.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        if flag == "--zero":
+            return 0
+        assert self.callgrind is not None
+        self.dumps += 1
+        dump = next(self.callgrind.glob(f"*.{self.pid}.{self.dumps}"))  # the one this --dump wrote
+        found = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+        assert found is not None, f"no summary in {dump}"
+        return int(found[1])
 
     async def rss(self) -> int:
         """The server's RSS after a full garbage collection."""
@@ -325,6 +388,7 @@ async def churn(args: argparse.Namespace) -> dict[str, object]:
     bare = await Server.spawn("bare", args.max_seconds)
     base = await Server.spawn("mesh", args.max_seconds, args.base) if args.base else None
     rounds: list[dict[str, float]] = []
+    profiled: list[str] = []
     try:
         async with (
             aio.insecure_channel(f"{HOST}:{server.port}") as channel,
@@ -365,15 +429,23 @@ async def churn(args: argparse.Namespace) -> dict[str, object]:
                         if measuring:
                             count += 1
 
+                profile = bool(args.profile) and target is server and not profiled
+                if profile:
+                    profiled.append(args.profile)
+
                 async def clock() -> None:
                     nonlocal stop_at, measuring, cpu0, t0
                     await asyncio.sleep(args.warmup * 0.9)
+                    if profile:
+                        await target.ask("PROFILE", "PROFILING")
                     measuring, cpu0, t0 = True, target.cpu_s(), time.perf_counter()
                     stop_at = t0 + args.duration
 
                 await asyncio.gather(clock(), *(worker() for _ in range(args.concurrency)))
                 elapsed = time.perf_counter() - t0
                 cpu = target.cpu_s() - cpu0
+                if profile:
+                    await target.ask(f"PROFILED {args.profile}", "PROFILED")
                 return count / elapsed, cpu * 1000 / max(count, 1)
 
             async def measure_with_client(
@@ -413,6 +485,47 @@ async def churn(args: argparse.Namespace) -> dict[str, object]:
     return {"rounds": rounds}
 
 
+async def _pairs_counted(server: Server, role: str, args: argparse.Namespace) -> float:
+    """A server's instructions per pair (``role`` mesh or bare) over ``--pairs`` after a warm-up."""
+    async with aio.insecure_channel(f"{HOST}:{server.port}") as channel:
+        if role == "bare":
+            echo = channel.unary_unary(ECHO_METHOD)
+
+            async def pair(_: int) -> None:
+                await echo(b"x" * 64)
+                await echo(b"x" * 64)
+
+        else:
+            mesh = await Mesh.connect(channel)
+
+            async def pair(_: int) -> None:
+                _, session_id = await mesh.init()
+                await mesh.close(session_id)
+
+        await _in_parallel(args.warmup_pairs, args.concurrency, pair)
+        await server.count("--zero")
+        await _in_parallel(args.pairs, args.concurrency, pair)
+        return await server.count("--dump") / args.pairs
+
+
+async def churn_instructions(args: argparse.Namespace) -> dict[str, object]:
+    """(b) by instructions: each server under callgrind in turn, ``--pairs`` pairs after a warm-up."""
+    counts: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.keep or Path(scratch)  # --keep is made by main
+        kinds: list[tuple[str, str, Path | None]] = [("bare", "bare", None), ("mesh", "mesh", None)]
+        if args.base:
+            kinds.append(("base", "mesh", args.base))
+        for name, role, code in kinds:
+            server = await Server.spawn(role, args.max_seconds, code, callgrind=out)
+            try:
+                counts[name] = await _pairs_counted(server, role, args)
+            finally:
+                await server.child.stop()
+            print(f"  {name}: {counts[name]:,.0f} instructions per pair", flush=True)
+    return {"instructions": counts, "load": os.getloadavg()[0]}
+
+
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -442,7 +555,17 @@ def report(
             print(f"  {row['sessions']:>8} | " + " | ".join(cells))
             worst = max(worst, *(row[k][0] for k in ("first", "deep", "open only")))
         print(f"  slowest page p50 {worst:.2f} ms   target <= 5 ms: {_verdict(worst <= 5)}")
-    if churned is not None:
+    if churned is not None and "instructions" in churned:
+        counts: dict[str, float] = churned["instructions"]  # type: ignore[assignment]
+        print(
+            f"\n(b) server instructions per InitSession+CloseSession pair (callgrind, every thread;"
+            f" {args.pairs} pairs after {args.warmup_pairs}, {args.concurrency} in flight)"
+        )
+        for name, count in counts.items():
+            print(f"  {name:<5} {count:>12,.0f}   {count / counts['bare']:.2f}x bare")
+        if "base" in counts:
+            print(f"  mesh/base {counts['mesh'] / counts['base']:.3f} (--base {args.base})")
+    elif churned is not None:
         rows = churned["rounds"]
         print(f"\n(b) InitSession+CloseSession vs two bare echo calls, {args.concurrency} clients")
         print("  cpu ms/pair: server / client (about; the client process's CPU over warm-up and window)")
@@ -473,7 +596,7 @@ async def parent(args: argparse.Namespace) -> int:
     memory = churned = None
     if "churn" in args.parts:
         print("(b) churn ...", flush=True)
-        churned = await churn(args)
+        churned = await (churn_instructions(args) if args.instructions else churn(args))
     if "memory" in args.parts:
         print(f"(a)+(c) memory and listing, {args.sessions} sessions ...", flush=True)
         memory = await memory_and_listing(args)
@@ -496,6 +619,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--base", type=Path, default=None, help="(b): also a mesh server of this checkout, in the same rounds"
     )
+    parser.add_argument(
+        "--instructions", action="store_true", help="(b): each server's instructions per pair (callgrind)"
+    )
+    parser.add_argument("--pairs", type=int, default=400, help="pairs counted with --instructions")
+    parser.add_argument("--warmup-pairs", type=int, default=100, help="pairs before the count")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files here"
+    )
+    parser.add_argument(
+        "--profile", default="", help="(b): cProfile the mesh server's first measured window into this file"
+    )
     parser.add_argument("--parts", default="churn,memory", help="which parts to run: churn, memory")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
@@ -503,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.list_at = sorted({int(n) for n in args.list_at.split(",") if n and int(n) <= args.sessions})
     args.parts = set(args.parts.split(","))
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())  # the server child writes it
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     if args.role == "mesh":
         watchdog(args.max_seconds)
         asyncio.run(run_mesh(args))

@@ -90,13 +90,22 @@ def session(
     message.user_id = record.user_id
     message.created_by = record.created_by
     message.creator_agent_type = record.creator_agent_type
-    _set_time(message.created_at, record.created_at)
-    _set_time(message.updated_at, record.updated_at)
-    _set_time(message.last_activity_at, record.last_activity_at)
+    # The session's times are mostly one or two values (opened: created, updated and last active
+    # at once; closed: updated when closed): each converted once.
+    created = _nanos(record.created_at)
+    message.created_at.seconds, message.created_at.nanos = created
+    updated = created if record.updated_at == record.created_at else _nanos(record.updated_at)
+    message.updated_at.seconds, message.updated_at.nanos = updated
+    active = record.last_activity_at
+    message.last_activity_at.seconds, message.last_activity_at.nanos = (
+        created if active == record.created_at else updated if active == record.updated_at else _nanos(active)
+    )
     if expires_at is not None:
         _set_time(message.expires_at, expires_at)
+    closed = None
     if record.closed_at is not None:
-        _set_time(message.closed_at, record.closed_at)
+        closed = updated if record.closed_at == record.updated_at else _nanos(record.closed_at)
+        message.closed_at.seconds, message.closed_at.nanos = closed
     message.close_reason = record.close_reason
     message.version = record.version
     if include_agents:
@@ -111,10 +120,10 @@ def session(
             if first is None:
                 first = target
                 target.join_reason = agent_pb.JOIN_REASON_AUTO
-                _set_time(target.joined_at, record.created_at)
+                target.joined_at.seconds, target.joined_at.nanos = created
                 target.internal = True
-                if record.closed_at is not None:
-                    _set_time(target.left_at, record.closed_at)
+                if closed is not None:
+                    target.left_at.seconds, target.left_at.nanos = closed
             else:
                 target.CopyFrom(first)
             target.agent_type = agent_type

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._subscriptions import Feed, Subscription
@@ -19,7 +19,7 @@ from svantic_grpc.core.errors import OutOfRange, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
-from svantic_grpc.core.models import SessionAgent, SessionStatus
+from svantic_grpc.core.models import INTERNAL_AGENTS, JoinReason, SessionAgent, SessionStatus
 
 if TYPE_CHECKING:
     from svantic_grpc.core.clock import Clock
@@ -37,6 +37,8 @@ __all__ = [
     "EventPayload",
     "InputEnded",
     "InputRaised",
+    "InternalAgentsJoined",
+    "InternalAgentsLeft",
     "MessageStateChanged",
     "RingHandler",
     "StatusChanged",
@@ -130,6 +132,78 @@ EventPayload: TypeAlias = (
     | InputRaised
     | InputEnded
 )
+
+
+class _InternalAgentEvents(Sequence[EventPayload]):
+    """One event per internal agent of a session (``INTERNAL_AGENTS`` order), each built when it
+    is read, then ``rest``: a session's open and close append six of them, which a store that
+    keeps them in short form (the memory store) takes from here without building them."""
+
+    __slots__ = ("rest", "session_id")
+
+    def __init__(self, session_id: str, rest: Sequence[EventPayload]) -> None:
+        self.session_id = session_id
+        self.rest = rest
+
+    def internal(self, index: int) -> EventPayload:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(INTERNAL_AGENTS) + len(self.rest)
+
+    @overload
+    def __getitem__(self, index: int) -> EventPayload: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[EventPayload]: ...
+
+    def __getitem__(self, index: int | slice) -> EventPayload | Sequence[EventPayload]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+            if index < 0:
+                raise IndexError(index)
+        if index < len(INTERNAL_AGENTS):
+            return self.internal(index)
+        return self.rest[index - len(INTERNAL_AGENTS)]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list of the same events, as a list
+
+
+class InternalAgentsJoined(_InternalAgentEvents):
+    """A new session's internal agents joining at ``joined_at`` (its ``created_at``), then ``rest``."""
+
+    __slots__ = ("joined_at",)
+
+    def __init__(self, session_id: str, joined_at: float, rest: Sequence[EventPayload] = ()) -> None:
+        super().__init__(session_id, rest)
+        self.joined_at = joined_at
+
+    def internal(self, index: int) -> EventPayload:
+        agent_type, prefix = INTERNAL_AGENTS[index]
+        return AgentJoined(
+            SessionAgent(agent_type, prefix + self.session_id, JoinReason.AUTO, self.joined_at, True)
+        )
+
+
+class InternalAgentsLeft(_InternalAgentEvents):
+    """A closing session's internal agents leaving for ``reason``, then ``rest``."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, session_id: str, reason: str, rest: Sequence[EventPayload] = ()) -> None:
+        super().__init__(session_id, rest)
+        self.reason = reason
+
+    def internal(self, index: int) -> EventPayload:
+        agent_type, prefix = INTERNAL_AGENTS[index]
+        return AgentLeft(agent_type, prefix + self.session_id, self.reason)
 
 
 @dataclass(frozen=True)
@@ -268,6 +342,15 @@ class EventBus:
         still reach live subscribers (who would otherwise see a gap).
         """
         key = (tenant_id, session_id)
+        if not self._store.suspends and self._bell is None:
+            # Nothing here awaits anything that suspends (the store's calls each run to the end in
+            # one step; with no bell nothing is read from other processes): no other commit of the
+            # session can come in between, so the session's lock would only be taken and let go.
+            result, events = await write(self._clock.now())
+            self._deliver(key, events)
+            if self._trim_due(events):
+                await self._trim(key, events)
+            return result
         async with self._locks.hold(key):
             if self._store.suspends:
                 landing = asyncio.ensure_future(self._write_and_deliver(key, write))

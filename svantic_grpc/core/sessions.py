@@ -32,7 +32,16 @@ from svantic_grpc.core.errors import (
     Unavailable,
     session_not_found,
 )
-from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventBus, EventPayload, StatusChanged
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    Event,
+    EventBus,
+    EventPayload,
+    InternalAgentsJoined,
+    InternalAgentsLeft,
+    StatusChanged,
+)
 from svantic_grpc.core.evolve import evolve
 from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.models import (
@@ -147,7 +156,7 @@ class Sessions:
         if len(user_id) > 256:
             raise InvalidArgument("user_id", "is longer than 256 characters")
         session_id = session_id or self._ids.new_id("ses_")
-        if any(self_instance_id == prefix + session_id for _, prefix in INTERNAL_AGENTS):
+        if self_instance_id and any(self_instance_id == prefix + session_id for _, prefix in INTERNAL_AGENTS):
             raise InvalidArgument("self_instance_id", "is the id of one of the session's internal agents")
         now = self._clock.now()
         # The internal agents are not stored: the session derives them (``Session.internal_agents``).
@@ -174,7 +183,9 @@ class Sessions:
             opened = StatusChanged(
                 SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
             )
-            events: list[EventPayload] = [*(AgentJoined(a) for a in active.all_agents()), opened]
+            # The internal agents' joins are built only if read (a live subscriber, a store that
+            # writes them out): the memory store keeps them as markers.
+            events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
             session = await self._bus.commit(
                 caller.tenant_id,
                 session_id,
@@ -386,13 +397,15 @@ class Sessions:
         now = self._clock.now()
         present = session.present_agents()
         agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-        # The internal agents leave by their type and instance: not built as records to be read.
-        events: list[EventPayload] = [
-            AgentLeft(agent_type, prefix + session_id, "session closed")
-            for agent_type, prefix in INTERNAL_AGENTS
-        ]
-        events.extend(AgentLeft(a.agent_type, a.instance_id, "released: session closed") for a in present)
-        events.append(StatusChanged(session.status, SessionStatus.CLOSED, reason))
+        # The internal agents leave by their type and instance, built only if read (as they join).
+        events = InternalAgentsLeft(
+            session_id,
+            "session closed",
+            (
+                *(AgentLeft(a.agent_type, a.instance_id, "released: session closed") for a in present),
+                StatusChanged(session.status, SessionStatus.CLOSED, reason),
+            ),
+        )
         ended = evolve(
             session,
             status=SessionStatus.CLOSED,
@@ -402,9 +415,11 @@ class Sessions:
             updated_at=now,
         )
         released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
-        async with contextlib.AsyncExitStack() as held:
+        # Most sessions have no instance to release: no stack of instance locks to hold for them.
+        async with contextlib.AsyncExitStack() if released else _NOTHING_HELD as held:
             unbound: list[AgentRegistration] = []
             for instance_id in released:  # in one order, so two closes never wait on each other
+                assert held is not None
                 await held.enter_async_context(self._registry.locks.hold((tenant_id, instance_id)))
                 registration = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
                 change = self._registry.released(registration, session_id) if registration else None
@@ -688,6 +703,9 @@ class Sessions:
             )
         return session
 
+
+_NOTHING_HELD = contextlib.nullcontext()
+"""What a close holds when it releases no instance (``nullcontext`` keeps no state: one is shared)."""
 
 _CONFLICT_TRIES = 20
 """Times a change of a session with the instances it binds or releases is read and written again

@@ -10,10 +10,20 @@ exactly as it was appended (the agent joined when the session was created).
 
 from __future__ import annotations
 
-from svantic_grpc.core.events import AgentJoined, AgentLeft, Event, EventPayload
+from collections.abc import Sequence
+from typing import overload
+
+from svantic_grpc.core.events import (
+    AgentJoined,
+    AgentLeft,
+    Event,
+    EventPayload,
+    InternalAgentsJoined,
+    InternalAgentsLeft,
+)
 from svantic_grpc.core.models import INTERNAL_ROLES, JoinReason, SessionAgent
 
-__all__ = ["CompactLog"]
+__all__ = ["Appended", "CompactLog"]
 
 
 class _Joined:
@@ -37,6 +47,8 @@ class _Left:
 
 _JOINED = tuple(_Joined(n) for n in range(len(INTERNAL_ROLES)))
 _LEFT: dict[tuple[int, str], _Left] = {}
+_LEFT_ALL: dict[str, tuple[_Left, ...]] = {}
+"""Per reason: every internal role's leave marker (the six a close appends), when all are kept."""
 _MAX_LEFT_REASONS = 64
 """Leave markers kept for sharing; an unusual reason beyond these is stored as it came."""
 _ROLE_OF = {f"savant:{role}": n for n, role in enumerate(INTERNAL_ROLES)}
@@ -63,6 +75,34 @@ class CompactLog:
         """Add one event; ``created_at`` is the session's (``None`` when the store has no such session)."""
         self.times.append(time)
         self.payloads.append(_compact(payload, session_id, created_at))
+
+    def extend(
+        self, time: float, payloads: Sequence[EventPayload], *, session_id: str, created_at: float | None
+    ) -> list[Entry]:
+        """Add events at one ``time``; returns their entries. The internal agents' joins or leaves of
+        ``InternalAgentsJoined`` / ``InternalAgentsLeft`` go in as markers without being built."""
+        entries: list[Entry]
+        rest: Sequence[EventPayload] = payloads
+        if type(payloads) is InternalAgentsJoined and payloads.session_id == session_id:
+            if payloads.joined_at == created_at:  # as ``_expand`` gives them back
+                entries, rest = list(_JOINED), payloads.rest
+            else:
+                entries = []
+        elif type(payloads) is InternalAgentsLeft and payloads.session_id == session_id:
+            markers = _LEFT_ALL.get(payloads.reason)
+            if markers is None:
+                found = [_left(role, payloads.reason) for role in range(len(INTERNAL_ROLES))]
+                if all(found):
+                    markers = _LEFT_ALL[payloads.reason] = tuple(found)  # type: ignore[arg-type]
+            entries = []
+            if markers is not None:
+                entries, rest = list(markers), payloads.rest
+        else:
+            entries = []
+        entries.extend(_compact(payload, session_id, created_at) for payload in rest)
+        self.times.extend([time] * len(entries))
+        self.payloads.extend(entries)
+        return entries
 
     def read(
         self, tenant_id: str, session_id: str, created_at: float | None, *, after: int, limit: int
@@ -109,12 +149,18 @@ def _compact(payload: EventPayload, session_id: str, created_at: float | None) -
     elif isinstance(payload, AgentLeft):
         role = _ROLE_OF.get(payload.agent_type)
         if role is not None and payload.instance_id == f"{INTERNAL_ROLES[role]}-{session_id}":
-            marker = _LEFT.get((role, payload.reason))
-            if marker is None and len(_LEFT) < _MAX_LEFT_REASONS:
-                marker = _LEFT[(role, payload.reason)] = _Left(role, payload.reason)
+            marker = _left(role, payload.reason)
             if marker is not None:
                 return marker
     return payload
+
+
+def _left(role: int, reason: str) -> _Left | None:
+    """The shared leave marker of this role and reason (``None`` past ``_MAX_LEFT_REASONS``)."""
+    marker = _LEFT.get((role, reason))
+    if marker is None and len(_LEFT) < _MAX_LEFT_REASONS:
+        marker = _LEFT[(role, reason)] = _Left(role, reason)
+    return marker
 
 
 def _expand(entry: Entry, session_id: str, created_at: float | None) -> EventPayload:
@@ -127,3 +173,67 @@ def _expand(entry: Entry, session_id: str, created_at: float | None) -> EventPay
         role = INTERNAL_ROLES[entry.role]
         return AgentLeft(f"savant:{role}", f"{role}-{session_id}", entry.reason)
     return entry
+
+
+_new_event = object.__new__
+
+
+class Appended(Sequence[Event]):
+    """The events one write appended (``entries``, numbered from ``first``), each ``Event`` built
+    when first read: with no live subscriber, the bus reads at most the last one (to trim)."""
+
+    __slots__ = ("_built", "created_at", "entries", "first", "session_id", "tenant_id", "time")
+
+    def __init__(
+        self,
+        tenant_id: str,
+        session_id: str,
+        first: int,
+        time: float,
+        entries: list[Entry],
+        created_at: float | None,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.first = first
+        self.time = time
+        self.entries = entries
+        self.created_at = created_at
+        self._built: list[Event | None] = [None] * len(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Event]: ...
+
+    def __getitem__(self, index: int | slice) -> Event | Sequence[Event]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self.entries)))]
+        event = self._built[index]  # IndexError past either end, as a list
+        if event is None:
+            if index < 0:
+                index += len(self.entries)
+            entry = self.entries[index]
+            payload = _expand(entry, self.session_id, self.created_at)
+            # Set as the memory store sets an appended event (Event's __init__ only assigns).
+            event = _new_event(Event)
+            event.__dict__.update(
+                tenant_id=self.tenant_id,
+                session_id=self.session_id,
+                sequence=self.first + index,
+                time=self.time,
+                payload=payload,
+            )
+            self._built[index] = event
+        return event
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list of the same events, as a list

@@ -27,7 +27,9 @@ class SessionIndex:
     """Sessions' keys by tenant and status in page order, and closed sessions by when they closed."""
 
     def __init__(self) -> None:
-        self._by_status: dict[tuple[str, SessionStatus], SortedList[Key]] = {}
+        self._by_status: dict[tuple[str, str], SortedList[Key]] = {}
+        """Per (tenant, status value): a status's value, not the status, in the key, as an Enum member
+        hashes in Python code (``Enum.__hash__``) and every open and close looks up two lists."""
         self._closed: SortedList[tuple[float, str, str]] = SortedList()
         """(closed_at, tenant_id, session_id) of closed sessions, oldest closure first."""
 
@@ -47,11 +49,11 @@ class SessionIndex:
 
     def remove(self, session: Session) -> None:
         """Forget a session."""
-        keys = self._by_status.get((session.tenant_id, session.status))
+        keys = self._by_status.get((session.tenant_id, session.status._value_))
         if keys is not None:
             keys.discard((session.created_at, session.session_id))
             if not keys:
-                del self._by_status[(session.tenant_id, session.status)]
+                del self._by_status[(session.tenant_id, session.status._value_)]
         if session.status is SessionStatus.CLOSED and session.closed_at is not None:
             self._closed.discard((session.closed_at, session.tenant_id, session.session_id))
 
@@ -63,7 +65,7 @@ class SessionIndex:
         wanted = set(statuses) or set(SessionStatus)
         runs: list[Iterator[Key]] = []
         for status in wanted:
-            keys = self._by_status.get((tenant_id, status))
+            keys = self._by_status.get((tenant_id, status._value_))
             if keys:
                 runs.append(keys.irange(maximum=before, inclusive=(True, False), reverse=True))
         merged = runs[0] if len(runs) == 1 else heapq.merge(*runs, reverse=True)
@@ -76,7 +78,7 @@ class SessionIndex:
         return [(tenant, session) for _, tenant, session in itertools.islice(found, max(limit, 0))]
 
     def _list(self, tenant_id: str, status: SessionStatus) -> SortedList[Key]:
-        keys = self._by_status.get((tenant_id, status))
+        keys = self._by_status.get((tenant_id, status._value_))
         if keys is None:
-            keys = self._by_status[(tenant_id, status)] = SortedList()
+            keys = self._by_status[(tenant_id, status._value_)] = SortedList()
         return keys

@@ -21,6 +21,8 @@ from svantic_grpc.core.events import (
     ArtifactAdded,
     Event,
     EventPayload,
+    InternalAgentsJoined,
+    InternalAgentsLeft,
     MessageStateChanged,
     StatusChanged,
     TurnAdded,
@@ -38,7 +40,7 @@ from svantic_grpc.core.store import (
     SessionPage,
     Store,
 )
-from svantic_grpc.stores._compact_log import CompactLog
+from svantic_grpc.stores._compact_log import Appended, CompactLog
 from svantic_grpc.stores._copy import detach
 from svantic_grpc.stores._cursor import decode_cursor, encode_cursor
 from svantic_grpc.stores._session_index import SessionIndex
@@ -86,6 +88,44 @@ class MemoryStore(Store):
         )
         self._index.put(old, stored)
         return stored
+
+    async def create_session_with_events(
+        self, session: Session, *, time: float, payloads: Sequence[EventPayload]
+    ) -> tuple[Session, Sequence[Event]]:
+        # What ``write`` does for one new session and its events, without building the Change it
+        # takes and the Changed it returns or going through its four kinds of record: every
+        # InitSession is one of these.
+        key = (session.tenant_id, session.session_id)
+        if key in self._sessions:
+            raise _exists(session)
+        stored = evolve(session, version=1)  # nothing in a Session is mutable: ``detach`` shares it
+        self._index.put(None, stored)
+        self._sessions[key] = stored
+        return stored, self._append_lazily(stored, time, payloads)
+
+    async def update_session_with_events(
+        self,
+        session: Session,
+        *,
+        time: float,
+        payloads: Sequence[EventPayload],
+        agents: Sequence[AgentRegistration] = (),
+    ) -> tuple[Session, Sequence[Event]]:
+        if agents or session.version == 0:  # instances bound or released with it: the full write
+            return await super().update_session_with_events(
+                session, time=time, payloads=payloads, agents=agents
+            )
+        # As ``write`` does for one session and its events (every close of a session without
+        # remote agents, every join and leave of one): checked, then stored, then the events.
+        key = (session.tenant_id, session.session_id)
+        version = session.version
+        current = self._sessions.get(key)
+        if current is None or current.version != version:
+            _current(self._sessions, key, version, *_missing(session))  # raises, naming it
+        stored = evolve(session, version=version + 1)  # shared by ``detach``, as above
+        self._index.put(current, stored)
+        self._sessions[key] = stored
+        return stored, self._append_lazily(stored, time, payloads)
 
     async def list_sessions(
         self,
@@ -326,6 +366,19 @@ class MemoryStore(Store):
             log.append(time, payload, session_id=session_id, created_at=created_at)
             sequence += 1
         return events
+
+    def _append_lazily(self, session: Session, time: float, payloads: Sequence[EventPayload]) -> Appended:
+        """Append to the log of ``session`` (just stored); its ``Event`` objects are built when read."""
+        key = (session.tenant_id, session.session_id)
+        log = self._events.get(key)
+        if log is None:
+            log = self._events[key] = CompactLog()
+        first = log.next_sequence
+        rest = payloads.rest if isinstance(payloads, (InternalAgentsJoined, InternalAgentsLeft)) else payloads
+        if not _FROZEN_PAYLOADS.issuperset(map(type, rest)):  # the others copied, as ``_append`` does
+            payloads = [p if type(p) in _FROZEN_PAYLOADS else detach(p) for p in payloads]
+        entries = log.extend(time, payloads, session_id=session.session_id, created_at=session.created_at)
+        return Appended(session.tenant_id, session.session_id, first, time, entries, session.created_at)
 
     async def write(self, change: Change) -> Changed:
         # Written out for the hot path (every message makes two or three of these): no coroutine
