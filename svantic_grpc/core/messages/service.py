@@ -97,8 +97,9 @@ class Messages:
         self._classes = dict(agent_classes)
         self._critic_retries = critic_retries
         self._runtimes: dict[tuple[str, str], SessionRuntime] = {}
-        self._closing: dict[tuple[str, str], str] = {}
-        """Sessions being closed here, with the reason (see ``_session_closing``)."""
+        self._closing: dict[tuple[str, str], tuple[str, float]] = {}
+        """Sessions being closed here, with the reason and until when (the event loop's clock) they
+        are remembered, oldest first (see ``_session_closing``)."""
         self.relay: Relay | None = None
         """With replicas: carries a cancel to the replica that owns the session (``cancel``)."""
         self._cancels: set[asyncio.Task[None]] = set()
@@ -191,7 +192,7 @@ class Messages:
             if await self._ownership.runs_here(caller.tenant_id, session_id):
                 raise
             return await self._hand_off(message, submitted)
-        closing = self._closing.get((caller.tenant_id, session_id))
+        closing = self._closing_reason(caller.tenant_id, session_id)
         if closing is not None:
             # Written just before the session's close: it does not start in a session that is
             # closing (it would run on after the close, or be left submitted), it ends canceled.
@@ -304,7 +305,7 @@ class Messages:
         )
         if message is None or message.state is not MessageState.SUBMITTED:
             return
-        closing = self._closing.get((message.tenant_id, message.session_id))
+        closing = self._closing_reason(message.tenant_id, message.session_id)
         if closing is not None:
             await self._end_in_closing(message, closing)
             return
@@ -604,8 +605,16 @@ class Messages:
         key = (tenant_id, session_id)
         # A message sent while the close goes on (written before the session is) ends canceled
         # instead of starting (``send``); remembered for a minute, well past the close's write.
-        self._closing[key] = reason
-        asyncio.get_running_loop().call_later(_CLOSING_S, self._closing.pop, key, None)
+        # Those remembered longer go as the next close comes (no timer per close).
+        now = asyncio.get_running_loop().time()
+        closing = self._closing
+        while closing:
+            oldest = next(iter(closing))
+            if closing[oldest][1] > now:
+                break
+            del closing[oldest]
+        closing.pop(key, None)  # (put again at the end: the dict stays in the order of expiry)
+        closing[key] = (reason, now + _CLOSING_S)
         runtime = self._runtimes.pop(key, None)
         if runtime is not None:
             await runtime.close(f"session closed ({reason})")
@@ -613,6 +622,13 @@ class Messages:
             owner = await self._ownership.owner_of(tenant_id, session_id)
             if owner and owner != self.relay.replica_id:
                 await self._end_at_owner(tenant_id, session_id, f"session closed ({reason})")
+
+    def _closing_reason(self, tenant_id: str, session_id: str) -> str | None:
+        """Why the session is being closed here, if it is (within the last ``_CLOSING_S``)."""
+        entry = self._closing.get((tenant_id, session_id))
+        if entry is None or entry[1] <= asyncio.get_running_loop().time():
+            return None
+        return entry[0]
 
     def _close_failed(self, tenant_id: str, session_id: str) -> None:
         """The close was not written (the session is open): messages sent to it start again."""
