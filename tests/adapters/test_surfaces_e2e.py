@@ -56,6 +56,7 @@ from tests.adapters.e2e_support import (
     surfaces,
     until,
 )
+from tests.adapters.test_slack_answers import submission
 from tests.agents_connected import new_session
 
 T = TypeVar("T")
@@ -747,20 +748,7 @@ async def test_an_action_field_is_answered_from_slack_with_the_text_it_names() -
         inputs = [b for b in view["blocks"] if b["type"] == "input"]
         assert [b["element"]["type"] for b in inputs] == ["plain_text_input", "plain_text_input"]
         values = {b["block_id"]: {"value": {"type": "plain_text_input", "value": "yes"}} for b in inputs}
-        payload = {
-            "type": "view_submission",
-            "team": {"id": "T1"},
-            "user": {"id": "U1", "team_id": "T1"},
-            "api_app_id": "A1",
-            "view": {
-                "id": "V1",
-                "type": "modal",
-                "callback_id": view["callback_id"],
-                "private_metadata": view["private_metadata"],
-                "state": {"values": values},
-            },
-        }
-        assert await s.slack_interact(payload) == 200
+        assert await s.slack_interact(submission(view, values)) == 200
         done = await s.record(request_id)
         assert done.state is InputState.RESOLVED and done.resolution is not None
         assert dict(done.resolution.values) == {"user": "yes", "go": "yes"}

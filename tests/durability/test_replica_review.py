@@ -321,6 +321,16 @@ async def test_a_cancel_that_loses_to_an_answer_on_the_owner_is_not_ok(
         assert "completed before the cancel took effect" in excinfo.value.details()
 
 
+def _dies_without_a_word(monkeypatch: pytest.MonkeyPatch, replica: Client) -> None:
+    """``replica`` stops hearing and telling anything through the relay, as if killed now."""
+    monkeypatch.setattr(replica.server.mesh.connections, "relayed", lambda item: None)
+
+    async def silent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(replica.server.mesh.connections.relay, "send", silent)
+
+
 async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_now(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -334,13 +344,7 @@ async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_
             session_id = await new_session(owner)
             asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
             assert asked.state == INPUT_REQUIRED, asked.state_reason
-            # "b" dies without a word: it neither hears nor tells anything any more.
-            monkeypatch.setattr(holder.server.mesh.connections, "relayed", lambda item: None)
-
-            async def silent(*args: Any, **kwargs: Any) -> None:
-                return None
-
-            monkeypatch.setattr(holder.server.mesh.connections.relay, "send", silent)
+            _dies_without_a_word(monkeypatch, holder)
         # The agent comes back on "a"; then the human answers.
         async with running_agent(owner, deleting, agent_type="crm", instance_id="crm-1"):
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
@@ -361,14 +365,8 @@ async def test_an_answer_sent_to_a_replica_that_died_before_taking_it_reaches_th
             session_id = await new_session(owner)
             asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
             assert asked.state == INPUT_REQUIRED, asked.state_reason
-            # "b" dies without a word: it neither hears nor tells anything any more...
-            monkeypatch.setattr(holder.server.mesh.connections, "relayed", lambda item: None)
-
-            async def silent(*args: Any, **kwargs: Any) -> None:
-                return None
-
-            monkeypatch.setattr(holder.server.mesh.connections.relay, "send", silent)
-            # ...and the human answers at once, before the agent notices.
+            _dies_without_a_word(monkeypatch, holder)
+            # The human answers at once, before the agent notices.
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
         # The agent comes back on "a".
         async with running_agent(owner, deleting, agent_type="crm", instance_id="crm-1"):
