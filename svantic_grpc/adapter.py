@@ -126,11 +126,18 @@ class AdapterContext(Protocol):
         ...
 
     async def remember(
-        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
         """Keep a small JSON object under ``key`` for this adapter, in the mesh's store: with a
         durable store it is still there after a restart. With ``session`` (tenant id, session id)
-        it goes when retention deletes that session; without, it stays until ``forget``."""
+        it goes when retention deletes that session; without, it stays until ``forget``. With
+        ``if_absent`` only if nothing is kept under ``key`` (decided by the store, across every
+        process sharing it). Returns whether it was kept."""
         ...
 
     async def recall(self, key: str) -> dict[str, Any] | None:

@@ -68,9 +68,16 @@ class _Context:
         return None if derive is None else derive(f"adapter {self._name}: {purpose}")
 
     async def remember(
-        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
-        await self._store.put_adapter_value(self._name, key, value, session=session)
+        self,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        return await self._store.put_adapter_value(
+            self._name, key, value, session=session, if_absent=if_absent
+        )
 
     async def recall(self, key: str) -> dict[str, Any] | None:
         return await self._store.get_adapter_value(self._name, key)

@@ -51,6 +51,10 @@ __all__ = ["RECEIVE_PATH", "WebhookAdapter"]
 
 _log = logging.getLogger(__name__)
 
+_CLAIM_WAIT_S = 2.0
+"""How long an answer waits for another claim on its request (another replica answering it) to end
+before taking that claim for one left by a process that died before its answer reached the mesh."""
+
 RECEIVE_PATH = "/webhooks/receive"
 
 _Key = tuple[str, str]
@@ -167,6 +171,17 @@ class WebhookAdapter(Adapter):
             )
             self._announcing.setdefault(key, set()).add(task)
             task.add_done_callback(partial(self._announced, key))
+
+    async def _once_answered(self, request: InputRequest) -> InputRequest:
+        """``request`` once another claim's answer has ended it, or as it is after ``_CLAIM_WAIT_S``."""
+        deadline = self.context.clock.now() + _CLAIM_WAIT_S
+        current = request
+        while current.state is InputState.PENDING and self.context.clock.now() < deadline:
+            await asyncio.sleep(0.05)
+            current = await self.context.get_request(
+                tenant_id=request.tenant_id, request_id=request.request_id
+            )
+        return current
 
     async def _pending(self, request: InputRequest) -> bool:
         """Whether ``request`` still waits: an announcement still retrying stops once it ended, on
@@ -298,10 +313,21 @@ class WebhookAdapter(Adapter):
                     raise Refused(401, "CALLBACK_TOKEN_EXPIRED", "callback token expired")
                 if current.sensitive:
                     raise Refused(422, "SENSITIVE_INPUT", SENSITIVE_NOTE, "values")
-                await self._winners.claim(
-                    current, credential=credential, answer=answered, responder=answer.responder
+                claim = partial(
+                    self._winners.claim,
+                    current,
+                    credential=credential,
+                    answer=answered,
+                    responder=answer.responder,
                 )
-            else:
+                if not await claim():
+                    # Another replica is answering it (the same retry sent to two, say): learn how that
+                    # ends. Still pending after a while: a claim left by a process that died first.
+                    current = await self._once_answered(current)
+                    pending = current.state is InputState.PENDING
+                    if pending:
+                        await claim(over=True)
+            if not pending:
                 won = await self._winners.won(current, credential)
                 if won == answered:  # a retry of the answer that won: the same success, marked
                     body = {"status": "resolved", "repeat": True, "request": request_json(current)}

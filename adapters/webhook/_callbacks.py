@@ -118,14 +118,19 @@ class Winners:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    async def claim(self, request: InputRequest, *, credential: str, answer: str, responder: str) -> None:
-        """Record ``credential`` as answering; call under ``hold`` before resolving. The record
-        belongs to the request's session: retention deletes it with the session."""
+    async def claim(
+        self, request: InputRequest, *, credential: str, answer: str, responder: str, over: bool = False
+    ) -> bool:
+        """Record ``credential`` as answering; call under ``hold`` before resolving. Only if no claim
+        is recorded (by this process or another one sharing the store), unless ``over`` (a claim
+        left by a process that died before its answer reached the mesh). Returns whether it claimed.
+        The record belongs to the request's session: retention deletes it with the session."""
         record = {"by": credential, "answer": answer, "responder": responder}
-        await self._context.remember(
+        return await self._context.remember(
             _record_key(request.tenant_id, request.request_id),
             record,
             session=(request.tenant_id, request.session_id),
+            if_absent=not over,
         )
 
     async def release(self, tenant_id: str, request_id: str) -> None:

@@ -332,11 +332,18 @@ class Store(ABC):
 
     @abstractmethod
     async def put_adapter_value(
-        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
-        """Keep a small JSON object for ``adapter`` under ``key`` (replacing what was there). With
-        ``session`` (tenant id, session id) it belongs to that session: ``purge_closed_sessions``
-        deletes it with the session."""
+        self,
+        adapter: str,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        """Keep a small JSON object for ``adapter`` under ``key`` (replacing what was there, unless
+        ``if_absent``: then only if nothing is there, decided in the store, so two processes cannot
+        both think they put it). Returns whether it was put. With ``session`` (tenant id, session id)
+        it belongs to that session: ``purge_closed_sessions`` deletes it with the session."""
 
     @abstractmethod
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:

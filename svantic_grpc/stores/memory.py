@@ -294,13 +294,22 @@ class MemoryStore(Store):
         )
 
     async def put_adapter_value(
-        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        adapter: str,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        if if_absent and (adapter, key) in self._adapter_values:
+            return False
         self._adapter_values[(adapter, key)] = json.dumps(dict(value))
         self._unlink(adapter, key)  # a value put again belongs to the session it is put with now
         if session is not None:
             self._session_values.setdefault(session, set()).add((adapter, key))
             self._value_session[(adapter, key)] = session
+        return True
 
     def _unlink(self, adapter: str, key: str) -> None:
         session = self._value_session.pop((adapter, key), None)

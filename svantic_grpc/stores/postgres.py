@@ -327,24 +327,36 @@ class PostgresStore(Store):
         return await self._pool_or_fail().fetchval(sql, tenant_id, policy) is not None
 
     async def put_adapter_value(
-        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        adapter: str,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
         text = _codec.dumps(dict(value))
         tenant_id, session_id = session or ("", "")
+        conflict = (
+            "DO NOTHING"
+            if if_absent
+            else "DO UPDATE SET value = EXCLUDED.value, tenant_id = EXCLUDED.tenant_id, "
+            "session_id = EXCLUDED.session_id"
+        )
 
-        async def put(conn: asyncpg.Connection) -> None:
-            await conn.execute(
+        async def put(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute(
                 "INSERT INTO adapter_values (adapter, key, value, tenant_id, session_id) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (adapter, key) DO UPDATE SET "
-                "value = EXCLUDED.value, tenant_id = EXCLUDED.tenant_id, session_id = EXCLUDED.session_id",
+                f"VALUES ($1, $2, $3, $4, $5) ON CONFLICT (adapter, key) {conflict}",
                 adapter,
                 key,
                 text,
                 tenant_id,
                 session_id,
             )
+            return bool(status.endswith(" 1"))
 
-        await self._write(put)
+        return await self._write(put)
 
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         sql = "SELECT value FROM adapter_values WHERE adapter = $1 AND key = $2"

@@ -323,19 +323,27 @@ class SqliteStore(Store):
         return row is not None
 
     async def put_adapter_value(
-        self, adapter: str, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        adapter: str,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
         text = _codec.dumps(dict(value))
         tenant_id, session_id = session or ("", "")
+        verb = "INSERT OR IGNORE" if if_absent else "INSERT OR REPLACE"
 
-        def put(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO adapter_values (adapter, key, value, tenant_id, session_id) "
+        def put(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"{verb} INTO adapter_values (adapter, key, value, tenant_id, session_id) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (adapter, key, text, tenant_id, session_id),
             )
+            return cursor.rowcount == 1
 
-        await self._write(put)
+        return await self._write(put)
 
     async def get_adapter_value(self, adapter: str, key: str) -> dict[str, Any] | None:
         sql = "SELECT value FROM adapter_values WHERE adapter = ? AND key = ?"

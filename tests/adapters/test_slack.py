@@ -60,9 +60,17 @@ class FakeMesh:
         """What the adapter remembered (the mesh's store); survives a new adapter on this mesh."""
 
     async def remember(
-        self, key: str, value: Mapping[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        if if_absent and key in self.kept:
+            return False
         self.kept[key] = dict(value)
+        return True
 
     async def recall(self, key: str) -> dict[str, Any] | None:
         return self.kept.get(key)

@@ -91,9 +91,17 @@ class FakeMesh:
         return hmac.new(self.signing_key, purpose.encode(), "sha256").digest()
 
     async def remember(
-        self, key: str, value: dict[str, Any], *, session: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        key: str,
+        value: dict[str, Any],
+        *,
+        session: tuple[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        if if_absent and key in self.kept:
+            return False
         self.kept[key] = dict(value)
+        return True
 
     async def recall(self, key: str) -> dict[str, Any] | None:
         return self.kept.get(key)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
@@ -37,7 +38,18 @@ from svantic_grpc.pb import message_types_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
 from tests.a2a_ingress_support import a2a_client, call
-from tests.adapters.e2e_support import AGENT_TYPE, ENV, INPUT_REQUIRED, POLICIES, TENANT, ApprovalAgent
+from tests.adapters.e2e_support import (
+    AGENT_TYPE,
+    ENV,
+    INPUT_REQUIRED,
+    POLICIES,
+    TENANT,
+    ApprovalAgent,
+    Surfaces,
+    adapter_settings,
+)
+from tests.adapters.fake_slack import fake_slack
+from tests.adapters.webhook_receiver import receiving
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
 from tests.console._console import DELETES, tool_call_parts
@@ -718,3 +730,37 @@ async def test_an_always_approval_holds_on_every_replica() -> None:
         later = await ask(c, elsewhere)
         assert later.state == COMPLETED, later.state_reason
         assert list(later.input_request_ids) == [] or tool.answers[-1].resolved_by.startswith("policy")
+
+
+async def test_the_same_token_answer_sent_to_two_replicas_at_once_wins_once_and_both_learn_it() -> None:
+    # found from outside: both replicas claimed, the loser's release deleted the winner's claim, and
+    # every later retry of the winning answer was told 409 instead of "repeat": true
+    async with _schema() as schema, AsyncExitStack() as stack:
+        slack = await stack.enter_async_context(fake_slack())
+        receiver = await stack.enter_async_context(receiving())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        adapters = adapter_settings(slack.base_url, receiver.url)
+        a, b = [
+            await stack.enter_async_context(
+                running_server(
+                    env=ENV,
+                    **_settings(
+                        schema, name, lease_ms=2000, renew_ms=500, policies=POLICIES, adapters=adapters
+                    ),
+                )
+            )
+            for name in ("a", "b")
+        ]
+        agent = ApprovalAgent()
+        await stack.enter_async_context(running_agent(a, agent, agent_type=AGENT_TYPE, instance_id="crm-1"))
+        on_a, on_b = Surfaces(a, slack, receiver, http), Surfaces(b, slack, receiver, http)
+        for _ in range(3):
+            session_id, message_id, request_id = await on_a.ask()
+            token = (await on_a.notification(request_id))["callback"]["token"]
+            answers = await asyncio.gather(on_a.hook_token(token), on_b.hook_token(token))
+            assert [status for status, _ in answers] == [200, 200], answers
+            assert sorted(body["repeat"] for _, body in answers) == [False, True], answers
+            status, again = await on_b.hook_token(token)  # the sender's retry, later
+            assert (status, again["repeat"]) == (200, True), again
+            await on_a.finished(session_id, message_id)
+            assert agent.decisions[session_id] == [True]

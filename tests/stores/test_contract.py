@@ -688,6 +688,16 @@ async def test_adapter_values_are_kept_per_adapter_and_key(store: Store) -> None
     assert await store.get_adapter_value("webhook", "post/acme/r1") == {"other": True}
 
 
+async def test_an_adapter_value_put_if_absent_is_put_once(store: Store) -> None:
+    assert await store.put_adapter_value("webhook", "answered/acme/r1", {"by": "a"}, if_absent=True)
+    assert not await store.put_adapter_value("webhook", "answered/acme/r1", {"by": "b"}, if_absent=True)
+    assert await store.get_adapter_value("webhook", "answered/acme/r1") == {"by": "a"}  # the first stays
+    assert await store.put_adapter_value("webhook", "answered/acme/r1", {"by": "c"})  # a plain put replaces
+    assert await store.get_adapter_value("webhook", "answered/acme/r1") == {"by": "c"}
+    await store.delete_adapter_value("webhook", "answered/acme/r1")
+    assert await store.put_adapter_value("webhook", "answered/acme/r1", {"by": "d"}, if_absent=True)
+
+
 async def test_expired_adapter_values_are_purged_by_their_expires_at(store: Store) -> None:
     await store.put_adapter_value("console", "out/a", {"expires_at": T0 - 1})
     await store.put_adapter_value("console", "out/b", {"expires_at": int(T0) - 5})  # a whole number
