@@ -178,21 +178,20 @@ class WebhookAdapter(Adapter):
         current = request
         while current.state is InputState.PENDING and self.context.clock.now() < deadline:
             await asyncio.sleep(0.05)
-            current = await self.context.get_request(
-                tenant_id=request.tenant_id, request_id=request.request_id
-            )
+            current = await self._current(request)
         return current
 
     async def _pending(self, request: InputRequest) -> bool:
         """Whether ``request`` still waits: an announcement still retrying stops once it ended, on
         this replica or another one (whose outcome this adapter may never hear of)."""
         try:
-            current = await self.context.get_request(
-                tenant_id=request.tenant_id, request_id=request.request_id
-            )
+            return (await self._current(request)).state is InputState.PENDING
         except MeshError:
             return False  # gone (its session deleted)
-        return current.state is InputState.PENDING
+
+    async def _current(self, request: InputRequest) -> InputRequest:
+        """``request`` as the mesh has it now."""
+        return await self.context.get_request(tenant_id=request.tenant_id, request_id=request.request_id)
 
     def _announced(self, key: _Key, task: asyncio.Task[None]) -> None:
         tasks = self._announcing.get(key)

@@ -16,7 +16,7 @@ from svantic_grpc.core.dispatch._outcome import Outcome, input_outcome
 from svantic_grpc.core.dispatch._seam import AgentGone, DispatchJob, DispatchUpdate
 from svantic_grpc.core.inputs.asks import question_form
 from svantic_grpc.core.inputs.model import Decision, InputAsk, InputKind, InputRequest, PlanItem
-from svantic_grpc.core.inputs.policies import Enforcement
+from svantic_grpc.core.inputs.policies import Enforcement, approved_always
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.messages.writer import MessageWriter
@@ -70,7 +70,7 @@ async def ask_human(
                 tool_call=call,
                 decision=Decision.APPROVE,
                 policy=policy,
-                reason=f"policy {policy!r} approved always for the tenant",
+                reason=approved_always(policy),
             )
         responders = verdict.policy.approvers or responders
     request = await inputs.ask(

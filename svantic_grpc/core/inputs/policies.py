@@ -19,7 +19,7 @@ from typing import Any
 
 from svantic_grpc.core.inputs.model import ToolCall
 
-__all__ = ["BulkEvaluator", "Enforcement", "Policy", "PolicyEngine", "Verdict"]
+__all__ = ["BulkEvaluator", "Enforcement", "Policy", "PolicyEngine", "Verdict", "approved_always"]
 
 
 class Enforcement(enum.Enum):
@@ -50,6 +50,11 @@ class BulkEvaluator:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return bool(value > self.threshold)
         return True
+
+
+def approved_always(policy: str) -> str:
+    """Why a tool call a policy gates runs without a human: the tenant approved it always."""
+    return f"policy {policy!r} approved always for the tenant"
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,7 @@ class PolicyEngine:
             reason = f"blocked by policy {policy.name!r}" if policy.enforcement is Enforcement.BLOCK else ""
             return Verdict(policy.enforcement, policy, reason)
         if (tenant_id, policy.name) in self._tenant_allows:
-            return Verdict(
-                Enforcement.ALLOW, policy, f"policy {policy.name!r} approved always for the tenant"
-            )
+            return Verdict(Enforcement.ALLOW, policy, approved_always(policy.name))
         if (tenant_id, session_id, call.tool_name) in self._session_grants:
             return Verdict(Enforcement.ALLOW, policy, f"{call.tool_name} approved for this session")
         if yolo:

@@ -7,6 +7,7 @@ store write, so the record and the event log never disagree, even after a crash.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -94,11 +95,7 @@ class MessageWriter:
             # Taken in here, not from what ``commit`` returns: a writer cancelled while the store
             # works still learns the version its write stored (the bus lets the write land), so its
             # last write (CANCELED) does not start from the version before and lose a race with itself.
-            self.message = saved
-            for name, value in pending.items():
-                if self._pending.get(name) is value:
-                    del self._pending[name]
-            del self._held[: len(held)]
+            self._took(saved, pending, held)
             return saved, events
 
         await self._bus.commit(draft.tenant_id, draft.session_id, write)
@@ -158,14 +155,21 @@ class MessageWriter:
         events: list[EventPayload] = [event for made in held for event in made(stored)]
         events.append(MessageStateChanged(current.message_id, current.state, draft.state, reason, stored))
 
-        def take(saved: Message) -> None:
-            self.message = saved
-            for name, value in pending.items():
-                if self._pending.get(name) is value:
-                    del self._pending[name]
-            del self._held[: len(held)]
+        return draft, tuple(events), partial(self._took, pending=pending, held=held)
 
-        return draft, tuple(events), take
+    def _took(
+        self,
+        saved: Message,
+        pending: dict[str, Any],
+        held: list[Callable[[Message], Sequence[MessageEvent]]],
+    ) -> None:
+        """``saved`` was stored with ``pending`` and ``held`` (as they were when the write was made):
+        it is the message now, and those are let go (what was added since stays for the next save)."""
+        self.message = saved
+        for name, value in pending.items():
+            if self._pending.get(name) is value:
+                del self._pending[name]
+        del self._held[: len(held)]
 
     def stopped(self) -> None:
         """The message, as written elsewhere (``waiting_on``), stopped for now."""
