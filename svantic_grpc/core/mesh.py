@@ -281,7 +281,7 @@ class Mesh:
 
     def _relayed(self, item: Relayed) -> None:
         """An item another replica sent this one: a message's cancel, or about a dispatch."""
-        if item.kind is RelayKind.CANCEL_MESSAGE:
+        if item.kind is RelayKind.CANCEL_MESSAGE or item.kind is RelayKind.END_FOR_CLOSE:
             self.messages.cancel_asked(item)
         else:
             self.connections.relayed(item)

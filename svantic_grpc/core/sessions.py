@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
@@ -60,6 +61,8 @@ __all__ = ["MAX_PAGE_SIZE", "Sessions"]
 
 T = TypeVar("T")
 
+_log = logging.getLogger(__name__)
+
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
@@ -91,6 +94,10 @@ class Sessions:
         self._close_failed_hooks: list[Callable[[str, str], None]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
         self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
+        self._closing: dict[tuple[str, str], asyncio.TimerHandle | None] = {}
+        """Sessions whose close has begun: their work ends before the close is written, and what it
+        withdraws leaves them paused (``paused → closed``, never through ``active``)."""
+        self._settling: set[asyncio.Task[None]] = set()
         registry.on_release(self._agent_released)
 
     def busy_when(self, check: Callable[[str, str], bool]) -> None:
@@ -371,15 +378,54 @@ class Sessions:
         """Close a session whose id is checked (``close``) or known (the idle TTL)."""
         # Cancel running work first, outside the session lock: cancellation writes to the session.
         # The hooks do nothing for a session without work (closed, unknown, another tenant's).
-        for hook in self._close_hooks:
-            await hook(tenant_id, session_id, reason)
+        key = (tenant_id, session_id)
+        self._closing[key] = None
         try:
-            async with self._locks.hold((tenant_id, session_id)):
+            for hook in self._close_hooks:
+                await hook(tenant_id, session_id, reason)
+            async with self._locks.hold(key):
                 return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
-        except Exception:
+        except BaseException:  # cancelled too: what the hooks withdrew must not leave it paused
             for failed in self._close_failed_hooks:
                 failed(tenant_id, session_id)
+            self._closing.pop(key, None)
+            self._settle_soon(tenant_id, session_id)
             raise
+        finally:
+            self._closing.pop(key, None)
+
+    def _settle_soon(self, tenant_id: str, session_id: str) -> None:
+        """A close that began was not written: the session, kept paused for it while its work
+        ended, becomes paused or active as what is pending in it says (in a task of its own, so a
+        cancelled close still settles it)."""
+
+        async def settle() -> None:
+            try:
+                await self.settle_status(tenant_id, session_id, "the close did not complete")
+            except Exception:  # the store unreachable: start-up recovery settles it
+                _log.exception("session %s: status not settled after its close failed", session_id)
+
+        task = asyncio.create_task(settle(), name="svantic-settle")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def closing_elsewhere(self, tenant_id: str, session_id: str) -> None:
+        """Another replica closes this session, which this one runs, and asked it to end its work
+        first: what that withdraws leaves the session paused for the close, as ``_close`` does. If
+        the close is not written within ``_CLOSING_ELSEWHERE_S`` (that replica died), the session
+        is made paused or active as what is pending in it says."""
+        key = (tenant_id, session_id)
+        if key in self._closing:
+            handle = self._closing[key]
+            if handle is None:
+                return  # closing here too: ``_close`` settles it if its write fails
+            handle.cancel()
+
+        def expired() -> None:
+            self._closing.pop(key, None)
+            self._settle_soon(tenant_id, session_id)
+
+        self._closing[key] = asyncio.get_running_loop().call_later(_CLOSING_ELSEWHERE_S, expired)
 
     async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
         """The session was closed by another process while this one ran its work: that work ends
@@ -474,6 +520,8 @@ class Sessions:
             if session is not None and is_open:
                 paused = raising or await self._still_pending(change)
                 target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
+                if target is SessionStatus.ACTIVE and (tenant_id, session_id) in self._closing:
+                    target = session.status  # a paused session closes from paused (``_close``)
                 if session.status is not target:
                     now = self._clock.now()
                     moved = replace(session, status=target, updated_at=now, last_activity_at=now)
@@ -705,6 +753,9 @@ class Sessions:
 
 
 _NOTHING_HELD = contextlib.nullcontext()
+
+_CLOSING_ELSEWHERE_S = 30.0
+"""How long a replica keeps a session it runs paused for a close another replica began."""
 """What a close holds when it releases no instance (``nullcontext`` keeps no state: one is shared)."""
 
 _CONFLICT_TRIES = 20

@@ -1044,9 +1044,46 @@ async def test_closing_a_session_cancels_its_pending_requests() -> None:
         views = [view(e) for e in await replay(client, session_id)]
         for request_id in request_ids:
             assert ("input_resolved", request_id, WITHDRAWN) in views
-        assert views[-1] == ("status", views[-1][1], CLOSED)
+        # paused -> closed, as the lifecycle says: withdrawing its requests for the close does not
+        # make the session active first.
+        statuses = [v for v in views if v[0] == "status"]
+        assert statuses[-2:] == [("status", ACTIVE, PAUSED), ("status", PAUSED, CLOSED)]
+        assert views[-1] == ("status", PAUSED, CLOSED)
         await asyncio.wait_for(tool.cancelled.wait(), WAIT)
         assert tool.answers == []
+
+
+async def test_a_paused_session_whose_close_failed_is_active_again_with_nothing_pending() -> None:
+    # Its requests were withdrawn for the close and the session kept paused for it; the close's
+    # own write failed, so the open session must not stay paused with nothing pending.
+    async with running_server(policies=[DELETES]) as client, crm_agent(client):
+        session_id = await new_session(client)
+        await ask_tools(client, session_id, DELETE_RECORDS)
+        assert (await get_session(client, session_id)).status == PAUSED
+        store = client.server.mesh.store
+        write = store.update_session_with_events
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("the disk is full")
+
+        store.update_session_with_events = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(aio.AioRpcError):
+                await close_session(client, session_id)
+        finally:
+            store.update_session_with_events = write  # type: ignore[method-assign]
+        assert await pending_ids(client) == []
+        deadline = time.monotonic() + WAIT
+        while (await get_session(client, session_id)).status != ACTIVE:
+            assert time.monotonic() < deadline, "the session stayed paused with nothing pending"
+            await asyncio.sleep(0.02)
+        await close_session(client, session_id)  # the close, written this time, ends its log
+        statuses = [v for v in map(view, await replay(client, session_id)) if v[0] == "status"]
+        assert statuses[-3:] == [
+            ("status", ACTIVE, PAUSED),
+            ("status", PAUSED, ACTIVE),
+            ("status", ACTIVE, CLOSED),
+        ]
 
 
 # --- who may answer ------------------------------------------------------------------------------

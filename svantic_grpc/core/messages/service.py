@@ -458,7 +458,7 @@ class Messages:
         return await self._writer(current).state(MessageState.CANCELED, reason)
 
     async def _cancel_at_owner(
-        self, tenant_id: str, session_id: str, message_id: str, reason: str
+        self, tenant_id: str, session_id: str, message_id: str, reason: str, *, closing: bool = False
     ) -> Message:
         """Ask the replica that owns the session to cancel the message (through the relay) and
         answer with the message once it ended there. An owner that dies meanwhile is replaced by
@@ -479,7 +479,7 @@ class Messages:
                 owner = await self._ownership.owner_of(tenant_id, session_id)
                 if owner and (owner != asked or loop.time() >= asked_at + _CANCEL_RESEND_S):
                     item = Relayed(
-                        RelayKind.CANCEL_MESSAGE,
+                        RelayKind.END_FOR_CLOSE if closing else RelayKind.CANCEL_MESSAGE,
                         "",
                         relay.replica_id,
                         reason=reason,
@@ -536,6 +536,8 @@ class Messages:
         try:
             if not await self._ownership.runs_here(tenant_id, session_id):
                 return  # moved on: the asking replica asks the new owner
+            if item.kind is RelayKind.END_FOR_CLOSE:
+                self._sessions.closing_elsewhere(tenant_id, session_id)
             await self._cancel_here(tenant_id, session_id, message_id, item.reason)
         except MeshError:
             return  # ended meanwhile, or gone: the asking replica reads what happened
@@ -644,7 +646,10 @@ class Messages:
         )
         if not page.messages:
             return
-        cancels = [self._cancel_at_owner(tenant_id, session_id, m.message_id, reason) for m in page.messages]
+        cancels = [
+            self._cancel_at_owner(tenant_id, session_id, m.message_id, reason, closing=True)
+            for m in page.messages
+        ]
         try:
             async with asyncio.timeout(_CLOSE_WAIT_S):
                 await asyncio.gather(*cancels, return_exceptions=True)
