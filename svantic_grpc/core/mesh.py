@@ -179,6 +179,9 @@ class Mesh:
         """Which sessions this process runs (all of them, unless replicas share the store)."""
         self.relay = store.agent_relay(replica_id=self.ownership.replica_id, poll_s=options.renew_s)
         """Reaches agents whose ``Connect`` stream another replica holds (``None``: one process)."""
+        self._renew_s = options.renew_s
+        self._orphans: asyncio.Task[None] | None = None
+        """With replicas: ends dispatches held here whose owner stopped running their session."""
         if self.relay is not None:
             self.connections.relay = self.relay
             self.registry.held_elsewhere = self.connections.held_elsewhere
@@ -273,11 +276,25 @@ class Mesh:
         )
         if self.relay is not None:
             await self.relay.start(self._relayed)
+            self._orphans = asyncio.create_task(self._ending_orphans(), name="svantic-orphans")
         if self.liveness is not None:
             await self.liveness.recover(self._tenant_ids)
             self.liveness.start()
         if serving:
             self.now_serving()
+
+    async def _ending_orphans(self) -> None:
+        """Every renewal period: the dispatches this replica runs for another replica whose
+        session that replica no longer owns end here (``ConnectedAgents.end_orphaned``)."""
+        while True:
+            await asyncio.sleep(self._renew_s)
+            try:
+                ended = await self.connections.end_orphaned(self.ownership.owner_of)
+            except Exception:  # the store unreachable: the next period tries again
+                _log.exception("could not check the owners of the dispatches held here")
+                continue
+            if ended:
+                _log.info("ended %d dispatch(es) whose owner no longer runs their session", ended)
 
     def _relayed(self, item: Relayed) -> None:
         """An item another replica sent this one: a message's cancel, or about a dispatch."""
@@ -329,6 +346,10 @@ class Mesh:
         await self.messages.close()
         await self.inputs.close()
         await self.ownership.stop()  # after the running work ended: its last writes still carry the fence
+        if self._orphans is not None:
+            self._orphans.cancel()
+            await asyncio.gather(self._orphans, return_exceptions=True)
+            self._orphans = None
         if self.relay is not None:
             await self.relay.stop()
         await self.dispatcher.close()

@@ -387,6 +387,39 @@ async def test_an_answer_sent_to_a_replica_that_died_before_taking_it_reaches_th
         assert deleting.runs == [True]
 
 
+async def test_an_agents_work_for_an_owner_that_died_is_cancelled_by_the_replica_holding_its_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # found from outside (review 4, R19): the owner died (kill -9) while the agent, its stream on
+    # another replica, worked on a dispatch; the replica that took the session over ended the
+    # message as interrupted, but the agent was never told and went on with work nobody would read
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(dispatch: Dispatch, reply: Reply) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (owner, holder),
+        running_agent(holder, slow, agent_type="crm", instance_id="crm-b"),
+    ):
+        session_id = await new_session(owner)
+        sending = asyncio.create_task(send(owner, session_id, "work", data({"target_agent": "crm"})))
+        await asyncio.wait_for(started.wait(), WAIT)
+        _dies_without_a_word(monkeypatch, owner)
+        await _hand_over(schema, session_id, owner, to=holder)
+        messages = await holder.server.mesh.store.unfinished_messages()
+        assert [m.session_id for m in messages] == []  # interrupted by the take-over
+        await asyncio.wait_for(cancelled.wait(), WAIT)  # and the agent told to stop
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)

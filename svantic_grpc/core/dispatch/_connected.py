@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -204,9 +204,9 @@ class ConnectedAgents:
         """Reaches streams other replicas hold (set by the composition root when replicas share the store)."""
         self._remote: dict[str, tuple[_Inbox, DispatchJob]] = {}
         """Owner side: dispatches sent to a stream another replica holds, by dispatch id."""
-        self._served: dict[str, tuple[asyncio.Task[None], _Answers, str]] = {}
-        """Dispatches run here for another replica: their task, answers and owner (the sender)."""
-        """Holder side: dispatches another replica sent to a stream held here, by dispatch id."""
+        self._served: dict[str, tuple[asyncio.Task[None], _Answers, str, tuple[str, str]]] = {}
+        """Holder side: dispatches another replica sent to a stream held here, by dispatch id: their
+        task, answers, owner (the sender) and session."""
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         """The server is stopping (``begin_stop``): streams end because it goes, not the agents."""
@@ -382,8 +382,8 @@ class ConnectedAgents:
 
     async def close(self) -> None:
         """End every stream (server shutdown)."""
-        served = [(dispatch_id, owner) for dispatch_id, (_, _, owner) in self._served.items()]
-        for task, _, _ in list(self._served.values()):
+        served = [(dispatch_id, owner) for dispatch_id, (_, _, owner, _) in self._served.items()]
+        for task, _, _, _ in list(self._served.values()):
             task.cancel()
         if served and self.relay is not None:
             # Their owners are told now, not at the dispatch's timeout (or a human's answer).
@@ -462,7 +462,9 @@ class ConnectedAgents:
         if kind is RelayKind.JOB:
             answers = _Answers()
             task = asyncio.create_task(self._serve(item, answers), name="svantic-relayed-dispatch")
-            self._served[item.dispatch_id] = (task, answers, item.sender)
+            assert item.job is not None
+            key = (item.job.tenant_id, item.job.session_id)
+            self._served[item.dispatch_id] = (task, answers, item.sender, key)
             return
         if kind is RelayKind.ANSWER or kind is RelayKind.CANCEL:
             served = self._served.get(item.dispatch_id)
@@ -534,6 +536,22 @@ class ConnectedAgents:
                 await tell(RelayKind.FAILED, reason=f"the replica holding the stream failed: {exc}")
         finally:
             self._served.pop(job.dispatch_id, None)
+
+    async def end_orphaned(self, owner_of: Callable[[str, str], Awaitable[str | None]]) -> int:
+        """Holder side: end the dispatches whose owner no longer runs their session (it died or
+        stopped; another replica takes the session over, or has): the agent is told to stop, as on
+        the owner's cancel, and the session's new owner recovers the message as a restart does
+        (what ran is interrupted; what waits for a human waits again, and its answer goes with the
+        message to the agent). Returns how many ended."""
+        owners: dict[tuple[str, str], str | None] = {}
+        ended = 0
+        for task, _, owner, key in list(self._served.values()):
+            if key not in owners:
+                owners[key] = await owner_of(*key)
+            if owners[key] != owner and not task.done():
+                task.cancel()
+                ended += 1
+        return ended
 
     async def _tell_lost(self, dispatch_id: str, owner: str) -> None:
         relay = self.relay
