@@ -67,7 +67,41 @@ def loads(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonTextError(f"is not valid JSON ({exc})") from None
     if nests_deeper_than(value, max_depth):
         raise JsonTextError(_too_deep(max_depth))
+    # A lone surrogate can only come from a ``\\uD800``-``\\uDFFF`` escape: text that is valid
+    # UTF-8 (all a protobuf string can be) holds none. Kept, it would fail every later encoding
+    # of the value (the responses, the stores' JSON, the console), for every reader.
+    if "\\u" in text and (where := _lone_surrogate(value)) is not None:
+        raise JsonTextError(f"holds a lone surrogate escape in {where}, which is not a Unicode character")
     return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Where in ``value`` a string (or key) holds a lone surrogate: ``a string``/``a key``; else ``None``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _encodes(item):
+                return "a string"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _encodes(key):
+                    return "a key"
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate); ASCII text is known to be at once."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def exact_object(struct: struct_pb2.Struct, text: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -178,6 +179,11 @@ async def test_bodies_the_sdk_cannot_read_get_the_protocols_errors_never_a_500(h
     huge["params"]["message"]["parts"] = [{"kind": "data", "data": {"n": 10**30}}]
     error = await http.rpc_error(huge)
     assert error["code"] == -32602 and "64 bits" in error["message"], error
+    # found from outside: a lone surrogate escape answered -32603 with Python's codec error
+    lone = send_v03(session_id)
+    lone["params"]["message"]["parts"] = [{"kind": "text", "text": "LONE"}]
+    error = await http.rpc_error(json.dumps(lone).replace("LONE", "\\ud800").encode())
+    assert error["code"] == -32602 and "lone surrogate" in error["message"], error
     bad_file = send_v03(session_id)
     bad_file["params"]["message"]["parts"] = [{"kind": "file", "file": {"bytes": "!!!notb64", "name": "f"}}]
     error = await http.rpc_error(bad_file)

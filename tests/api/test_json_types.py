@@ -212,6 +212,8 @@ async def test_exact_json_that_is_not_strict_json_is_refused_naming_the_field() 
             ({"payload_json": '{"n": 18446744073709551616}'}, "resolution.payload_json", "64 bits"),
             ({"payload_json": '{"n": 1e999}'}, "resolution.payload_json", "range"),
             ({"values_json": '{"n": '}, "resolution.values_json", "not valid JSON"),
+            ({"values_json": '{"n": "\\ud800"}'}, "resolution.values_json", "lone surrogate"),
+            ({"payload_json": '{"\\udc00": 1}'}, "resolution.payload_json", "lone surrogate"),
             (
                 {"values_json": nested(MAX_DEPTH + 1)},
                 "resolution.values_json",
@@ -227,6 +229,46 @@ async def test_exact_json_that_is_not_strict_json_is_refused_naming_the_field() 
         bad_part = pb.Part(text="hi", data_json="{}")
         code, _, _, named = await refused(send(client, session_id, bad_part))
         assert (code, named) == (grpc.StatusCode.INVALID_ARGUMENT, "message.parts[0].data_json")
+
+        # found from outside: a lone surrogate escape was stored, and every later read of the
+        # message (its session's stream, the tenant's message list) failed with INTERNAL
+        lone = pb.Part(data_json='{"a": ["ok", "\\ud800"]}')
+        code, _, _, named = await refused(send(client, session_id, lone))
+        assert (code, named) == (grpc.StatusCode.INVALID_ARGUMENT, "message.parts[0].data_json")
+        paired = pb.Part(data_json='{"a": "\\ud83d\\ude00"}')  # a pair is one character: kept
+        message = await send(client, session_id, "smile", paired)
+        assert json.loads(message.parts[1].data_json) == {"a": "\U0001f600"}
+        listed = await client.messages.ListMessages(message_service_pb2.ListMessagesRequest(), metadata=md)
+        assert [m.message_id for m in listed.messages] == [message.message_id]
+
+
+async def test_an_agents_json_with_a_lone_surrogate_fails_its_message_and_poisons_nothing() -> None:
+    # found from outside: an agent's artifact (or tool call) holding a lone surrogate escape was
+    # stored, and from then on the tenant's message list and approval queue answered INTERNAL
+    async def handler(dispatch: Dispatch, reply: Reply) -> None:
+        if dispatch.text == "artifact":
+            await reply.artifact([pb.Part(data_json='{"r": "\\ud800"}')])
+        else:
+            call = pb.ToolCall(tool_name="crm.delete_all", arguments_json='{"x": "\\udc00"}')
+            await reply.request_input(pb.InputRequest(kind=pb.INPUT_KIND_TOOL_APPROVAL, tool_call=call))
+        await reply.complete("done")
+
+    async with running_server() as client, running_agent(client, handler, agent_type="crm"):
+        md = await client.md()
+        for what, field in [
+            ("artifact", "update.artifacts[0].parts[0].data_json"),
+            ("ask", "update.input_request.tool_call.arguments_json"),
+        ]:
+            session_id = await new_session(client)
+            message = await send(client, session_id, what, data({"target_agent": "crm"}))
+            assert message.state == pb.MESSAGE_STATE_FAILED, message.state_reason
+            assert field in message.state_reason and "lone surrogate" in message.state_reason
+        listed = await client.messages.ListMessages(message_service_pb2.ListMessagesRequest(), metadata=md)
+        assert len(listed.messages) == 2
+        queue = await client.messages.ListPendingInputs(
+            message_service_pb2.ListPendingInputsRequest(), metadata=md
+        )
+        assert list(queue.requests) == []
 
 
 async def test_a_hosted_agents_whole_numbers_arrive_as_integers() -> None:
