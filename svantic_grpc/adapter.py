@@ -97,7 +97,8 @@ def strict_json(text: str, *, max_depth: int) -> Any:
 
     Raises:
         ValueError: not JSON, ``NaN``/``Infinity``, a number beyond a double's range, an
-            integer beyond 64 bits, or nested deeper than ``max_depth``; the message says which
+            integer beyond 64 bits, a lone surrogate escape in a string or key, or nested deeper
+            than ``max_depth``; the message says which
             and reads after a subject ("body " + message).
     """
     return _json.loads(text, max_depth=max_depth)

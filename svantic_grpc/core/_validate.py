@@ -144,7 +144,20 @@ every watcher, and quoted in the error a later answer gets, which must fit gRPC'
 
 
 def check_reason(field: str, reason: str, *, limit: int = MAX_REASON_CHARS) -> str:
-    """``reason`` if it is at most ``limit`` characters, else ``InvalidArgument`` naming ``field``."""
+    """``reason`` if it is at most ``limit`` characters of Unicode text, else ``InvalidArgument``
+    naming ``field``."""
     if len(reason) > limit:
         raise InvalidArgument(field, f"is {len(reason)} characters long; at most {limit}")
-    return reason
+    return check_unicode(field, reason)
+
+
+def check_unicode(field: str, text: str) -> str:
+    """``text`` if it is Unicode text, else ``InvalidArgument`` naming ``field``: a lone surrogate
+    (what a ``\\uD800`` escape in JSON read by a lenient parser gives) cannot be encoded, so kept
+    it would fail every later answer, event and stream that carries it. ASCII costs nothing."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument(field, "holds a lone surrogate, which is not a Unicode character") from None
+    return text

@@ -561,6 +561,12 @@ async def test_refused_answer_leaves_the_token_usable(build: Build) -> None:
     status, body = await h.post(answer("r1", token, decision="deny"))
     assert (status, body["error"]["field"]) == (422, "resolution.reason")
     assert h.mesh.state("r1").state is InputState.PENDING
+    # found from outside: a reason holding a lone surrogate escape was recorded, answered 500, and
+    # then ended the agent's stream and every replay of the session
+    lone = json.dumps(answer("r1", token, decision="deny", reason="LONE")).replace("LONE", "bad \\ud800")
+    status, body = await h.post(lone)
+    assert status in (400, 422) and "lone surrogate" in body["error"]["message"], body
+    assert h.mesh.state("r1").state is InputState.PENDING
     status, body = await h.post(answer("r1", token, decision="deny", reason="no bulk deletes on Fridays"))
     assert status == 200
     assert body["request"]["resolution"]["reason"] == "no bulk deletes on Fridays"

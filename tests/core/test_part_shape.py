@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from svantic_grpc.core.dispatch import DispatchUpdate, check_update
 from svantic_grpc.core.errors import InvalidArgument
+from svantic_grpc.core.inputs.model import check_responder
 from svantic_grpc.core.messages.model import Artifact, FilePart, Part, check_parts
 
 
@@ -43,3 +46,19 @@ def test_well_formed_parts_pass_and_their_bytes_are_counted() -> None:
     # text 3, file 5, and the data part's JSON (counted as 18 bytes: 9 as text) twice: a Struct and its text
     assert check_parts(parts, "message.parts") == 3 + 5 + 2 * 18
     check_update(DispatchUpdate(parts=parts))
+
+
+@pytest.mark.parametrize(
+    ("check", "field"),
+    [
+        pytest.param(lambda text: check_responder(text), "responder", id="responder"),
+        pytest.param(lambda text: check_update(DispatchUpdate(reason=text)), "update.reason", id="reason"),
+    ],
+)
+def test_words_a_person_or_agent_gives_are_unicode_text(check: Any, field: str) -> None:
+    # Slack, the console and adapters read JSON with parsers that let a lone surrogate escape
+    # through: kept, it fails every later encoding of what carries it (answers, events, streams).
+    assert check("Zoë approves ✓") in ("Zoë approves ✓", None)
+    with pytest.raises(InvalidArgument) as excinfo:
+        check("bad \ud800")
+    assert excinfo.value.field == field

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from svantic_grpc.core._validate import check_unicode
 from svantic_grpc.core.errors import InvalidArgument
 from svantic_grpc.core.frozen import freeze
 
@@ -38,7 +39,7 @@ def check_responder(responder: str, *, field: str = "responder") -> str:
     """``responder`` if it is a name of at most ``MAX_RESPONDER_CHARS``, else ``InvalidArgument``."""
     if len(responder) > MAX_RESPONDER_CHARS:
         raise InvalidArgument(field, f"is {len(responder)} characters long; at most {MAX_RESPONDER_CHARS}")
-    return responder
+    return check_unicode(field, responder)
 
 
 class InputKind(enum.Enum):
