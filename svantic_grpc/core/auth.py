@@ -12,6 +12,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -318,21 +319,31 @@ class TokenIssuer:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="INVALID_TOKEN") from exc
         try:
-            expires = float(claims["exp"])
-            issued = float(claims["iat"])
+            # Only what this server issues is accepted: even under the right key, a claim of
+            # another type (a tenant ``5`` or ``["acme"]``, an ``exp`` written as a string) or an
+            # empty name is no token of its.
+            expires, issued = claims["exp"], claims["iat"]
+            if not all(type(n) in (int, float) and math.isfinite(n) for n in (expires, issued)):
+                raise TypeError("exp and iat must be numbers")
             scopes = claims["scopes"]
             if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
                 raise TypeError("scopes must be a list of strings")
+            tenant_id, subject, token_id = claims["tenant_id"], claims["sub"], claims["jti"]
+            agent_type = claims.get("agent_type", "")
+            if not all(isinstance(c, str) and c for c in (tenant_id, subject, token_id)):
+                raise TypeError("tenant_id, sub and jti must be non-empty strings")
+            if not isinstance(agent_type, str):
+                raise TypeError("agent_type must be a string")
             caller = Caller(
-                tenant_id=str(claims["tenant_id"]),
-                subject=str(claims["sub"]),
-                agent_type=str(claims.get("agent_type", "")),
+                tenant_id=tenant_id,
+                subject=subject,
+                agent_type=agent_type,
                 scopes=parse_scopes(scopes),
-                token_id=str(claims["jti"]),
+                token_id=token_id,
             )
         except (KeyError, InvalidArgument, TypeError, ValueError) as exc:
             raise Unauthenticated("token claims are malformed", reason="INVALID_TOKEN") from exc
-        return caller, issued, expires
+        return caller, float(issued), float(expires)
 
 
 def parse_scopes(values: Iterable[str]) -> tuple[Scope, ...]:

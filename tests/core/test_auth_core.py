@@ -271,6 +271,31 @@ def test_a_well_formed_token_verifies(clock: ManualClock) -> None:
     assert caller == Caller("acme", "acme-full", "a2ui-terminal", (Scope.FULL,), "tok_x")
 
 
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"tenant_id": 5},
+        {"tenant_id": ""},
+        {"tenant_id": ["acme"]},
+        {"sub": ""},
+        {"sub": {"name": "x"}},
+        {"jti": 7},
+        {"agent_type": ["w"]},
+        {"exp": "9999999999"},
+        {"iat": True},
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}" for k, v in c.items()),
+)
+def test_a_token_under_the_right_key_with_claims_this_server_never_issues_is_rejected(
+    clock: ManualClock, claims: dict[str, Any]
+) -> None:
+    # found from outside: such tokens were accepted and made sessions in tenants named "5", ""
+    # and "['acme']"
+    with pytest.raises(Unauthenticated) as excinfo:
+        _issuer(clock).verify(_sign(_claims(clock, **claims)))
+    assert excinfo.value.reason == "INVALID_TOKEN"
+
+
 @pytest.mark.parametrize("missing", ["exp", "iat", "sub", "jti", "iss", "tenant_id"])
 def test_token_missing_a_claim_is_rejected(clock: ManualClock, missing: str) -> None:
     with pytest.raises(Unauthenticated):
