@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 
 from svantic_grpc.core.errors import InvalidArgument
 
@@ -22,6 +23,13 @@ def decode_cursor(cursor: str, *, field: str = "page_token") -> tuple[float, str
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, key = json.loads(raw)
-        return float(created_at), str(key)
-    except (binascii.Error, ValueError, TypeError) as exc:
+        # What ``encode_cursor`` writes: a finite number and a string of Unicode text (a lone
+        # surrogate escape would fail the query's encoding), nothing else.
+        if type(created_at) not in (int, float) or not math.isfinite(created_at):
+            raise TypeError("not a time")
+        if not isinstance(key, str):
+            raise TypeError("not a key")
+        key.encode()
+        return float(created_at), key
+    except (binascii.Error, ValueError, TypeError) as exc:  # UnicodeError is a ValueError
         raise InvalidArgument(field, "is not a page token this server issued") from exc
