@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +44,7 @@ from a2a.types import (
     a2a_pb2_grpc,
 )
 from a2a.utils.constants import PROTOCOL_VERSION_0_3, PROTOCOL_VERSION_1_0, TransportProtocol
+from a2a.utils.error_handlers import rest_error_handler
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from grpc import aio
@@ -222,8 +224,11 @@ class A2AIngress:
             # routes; tenancy comes from the token here.
             if isinstance(route, Route):
                 path, whole = _task_id_whole(route.path)
+                endpoint = route.endpoint
+                if path.endswith((":stream", ":subscribe")):
+                    endpoint = _refused_before_streaming(endpoint)
                 (by_task if whole else routes).append(
-                    Route(path, self._authenticated(route.endpoint), methods=sorted(route.methods or ()))
+                    Route(path, self._authenticated(endpoint), methods=sorted(route.methods or ()))
                 )
         # After every other route (push configurations, the task list), in the SDK's order (a task's
         # ``:cancel`` and ``:subscribe`` before the task itself).
@@ -269,6 +274,41 @@ class A2AIngress:
             return await endpoint(request)  # type: ignore[no-any-return]
 
         return call
+
+
+def _refused_before_streaming(endpoint: Any) -> Endpoint:
+    """``endpoint`` (a REST stream) with its first event taken before the response starts, so a
+    refusal (an unknown task, a body the SDK cannot read) is the binding's error with its status
+    instead of a ``200 text/event-stream`` cut off at once. The 1.0 binding does this itself;
+    a2a-sdk's 0.3 REST adapter does not."""
+
+    async def call(request: Request) -> Response:
+        response = await endpoint(request)
+        events = getattr(response, "body_iterator", None)
+        if not inspect.isasyncgen(events):
+            return response  # type: ignore[no-any-return]
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            return response  # type: ignore[no-any-return]
+        except Exception as error:  # what the SDK maps to its REST errors, as before a stream
+            return await _rest_error(error)
+
+        async def rest() -> AsyncIterator[Any]:
+            yield first
+            async for event in events:
+                yield event
+
+        response.body_iterator = rest()
+        return response  # type: ignore[no-any-return]
+
+    return call
+
+
+@rest_error_handler
+async def _rest_error(error: Exception) -> Response:
+    """The REST binding's answer to ``error`` (the SDK's own mapping of its errors)."""
+    raise error
 
 
 class _CheckedCompatHandler(CompatGrpcHandler):

@@ -288,6 +288,34 @@ async def test_rest_reaches_a_task_whose_id_holds_a_slash(http: Http) -> None:
     assert push.status_code == 400 and "UNSUPPORTED" in push.text.upper(), push.text
 
 
+async def test_a_refused_rest_stream_is_an_error_with_its_status_on_both_versions(http: Http) -> None:
+    # found from outside: A2A 0.3's REST streams answered 200 text/event-stream and then cut the
+    # connection for an unknown task or a body it could not read (the 1.0 binding answered errors)
+    bearer = {"Authorization": f"Bearer {await http.client.token()}", "content-type": "application/json"}
+    for path, body, headers, status in (
+        ("/a2a/rest/v1/tasks/nope:subscribe", "", bearer, 404),
+        ("/a2a/rest/v1/message:stream", "{}", bearer, 400),
+        ("/a2a/rest/v1/message:stream", '{"message": true}', bearer, 400),
+        ("/a2a/rest/tasks/nope:subscribe", "", {**bearer, **V1}, 404),
+        ("/a2a/rest/message:stream", '{"message": true}', {**bearer, **V1}, 400),
+    ):
+        response = await http.http.post(f"{http.base}{path}", content=body, headers=headers)
+        assert response.status_code == status, (path, body, response.status_code, response.text)
+        assert "event-stream" not in response.headers.get("content-type", ""), path
+        assert response.json(), path  # a whole JSON error, not a cut-off stream
+    # and a stream that has events still streams them (the 0.3 REST body is the 0.3 protobuf's JSON)
+    session_id = await new_session(http.client)
+    ok = {
+        "message": {"messageId": "m-ok", "role": "ROLE_USER", "content": [{"text": "hi"}]},
+        "metadata": {"sessionId": session_id},
+    }
+    path = f"{http.base}/a2a/rest/v1/message:stream"
+    async with http.http.stream("POST", path, json=ok, headers=bearer) as streamed:
+        got = [line async for line in streamed.aiter_lines() if line.startswith("data:")]
+        assert streamed.status_code == 200 and "event-stream" in streamed.headers["content-type"], got
+    assert got and "COMPLETED" in got[-1].upper(), got
+
+
 async def test_a_read_only_token_cannot_send(http: Http) -> None:
     session_id = await new_session(http.client)
     error = await http.rpc_error(send_v03(session_id), token=await http.client.token("acme-read"))
