@@ -45,6 +45,7 @@ from a2a.types import (
 )
 from a2a.utils.constants import PROTOCOL_VERSION_0_3, PROTOCOL_VERSION_1_0, TransportProtocol
 from a2a.utils.error_handlers import rest_error_handler
+from a2a.utils.errors import A2AError
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from grpc import aio
@@ -53,9 +54,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from svantic_grpc import _json
+from svantic_grpc.a2a.errors import to_a2a_error
 from svantic_grpc.a2a.handler import CALLER, SESSION_HINT, MeshRequestHandler
 from svantic_grpc.api._context import current_caller
 from svantic_grpc.core._validate import MAX_JSON_DEPTH
+from svantic_grpc.core.auth import Scope
 from svantic_grpc.core.errors import InvalidArgument, MeshError, Unauthenticated
 from svantic_grpc.core.mesh import Mesh
 
@@ -227,8 +230,13 @@ class A2AIngress:
                 endpoint = route.endpoint
                 if path.endswith((":stream", ":subscribe")):
                     endpoint = _refused_before_streaming(endpoint)
+                writes = path.endswith((":send", ":stream", ":cancel"))  # the core checks again
                 (by_task if whole else routes).append(
-                    Route(path, self._authenticated(endpoint), methods=sorted(route.methods or ()))
+                    Route(
+                        path,
+                        self._authenticated(endpoint, needs=Scope.FULL if writes else None),
+                        methods=sorted(route.methods or ()),
+                    )
                 )
         # After every other route (push configurations, the task list), in the SDK's order (a task's
         # ``:cancel`` and ``:subscribe`` before the task itself).
@@ -237,7 +245,7 @@ class A2AIngress:
     def add_to(self, server: aio.Server) -> tuple[str, ...]:
         """Serve the gRPC bindings (1.0 and 0.3) on ``server``; returns their service names."""
         builder = _GrpcContext()
-        a2a_pb2_grpc.add_A2AServiceServicer_to_server(GrpcHandler(self.handler, builder), server)  # type: ignore[no-untyped-call]
+        a2a_pb2_grpc.add_A2AServiceServicer_to_server(_GrpcBinding(self.handler, builder), server)  # type: ignore[no-untyped-call]
         a2a_v0_3_pb2_grpc.add_A2AServiceServicer_to_server(
             _CheckedCompatHandler(self.handler, builder), server
         )  # type: ignore[no-untyped-call]
@@ -246,7 +254,9 @@ class A2AIngress:
             a2a_v0_3_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name,
         )
 
-    def _authenticated(self, endpoint: Any) -> Endpoint:
+    def _authenticated(self, endpoint: Any, *, needs: Scope | None = None) -> Endpoint:
+        """``endpoint`` for a caller with a valid token (and, over REST, ``needs``: a token without
+        that scope is 403 before the SDK reads the request, which would answer 400)."""
         issuer = self.mesh.tokens
 
         async def call(request: Request) -> Response:
@@ -259,6 +269,11 @@ class A2AIngress:
                     headers={"WWW-Authenticate": 'Bearer realm="svantic"'},
                 )
             request.scope[CALLER] = caller
+            if needs is not None:
+                try:
+                    caller.require(needs)
+                except MeshError as error:
+                    return await _rest_error(to_a2a_error(error))
             if request.method == "POST":
                 try:
                     parsed = _read_body(await request.body())
@@ -305,17 +320,48 @@ def _refused_before_streaming(endpoint: Any) -> Endpoint:
     return call
 
 
-@rest_error_handler
 async def _rest_error(error: Exception) -> Response:
-    """The REST binding's answer to ``error`` (the SDK's own mapping of its errors)."""
+    """The REST binding's answer to ``error``: the SDK's own mapping of its errors, with a token
+    that lacks the scope told 403 ``PERMISSION_DENIED``."""
+    if _missing_scope(error):
+        message = getattr(error, "message", str(error))
+        body = {"code": 403, "status": "PERMISSION_DENIED", "message": message, "reason": "MISSING_SCOPE"}
+        return JSONResponse({"error": body}, status_code=403)
+    return await _sdk_rest_error(error)
+
+
+@rest_error_handler
+async def _sdk_rest_error(error: Exception) -> Response:
     raise error
+
+
+def _missing_scope(error: Any) -> bool:
+    """Whether an A2A error says the token lacks a scope (``to_a2a_error`` keeps the core's reason):
+    A2A has no error of its own for it, so each binding shows it as its own "permission denied"."""
+    data = getattr(error, "data", None)
+    return isinstance(data, dict) and data.get("reason") == "MISSING_SCOPE"
+
+
+class _GrpcBinding(GrpcHandler):
+    """a2a-sdk's A2A 1.0 gRPC binding, with a token that lacks the scope told PERMISSION_DENIED (as
+    on the mesh's own services) instead of the INVALID_ARGUMENT its request error maps to."""
+
+    async def abort_context(self, error: A2AError, context: grpc.aio.ServicerContext) -> None:
+        if _missing_scope(error):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, error.message)
+        await super().abort_context(error, context)
 
 
 class _CheckedCompatHandler(CompatGrpcHandler):
     """A2A 0.3 over gRPC, with what is sent checked first: a2a-sdk's 0.3 conversion fails on a
     number JSON cannot hold (NaN, an infinity in a data part or metadata) or file bytes that are
     not base64 text, and the client would get INTERNAL; here it is INVALID_ARGUMENT naming the
-    field, as on every other door."""
+    field, as on every other door. A missing scope is PERMISSION_DENIED, as on 1.0."""
+
+    async def abort_context(self, error: Any, context: grpc.aio.ServicerContext) -> None:
+        if _missing_scope(error):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, error.message)
+        await super().abort_context(error, context)
 
     async def SendMessage(
         self, request: a2a_v0_3_pb2.SendMessageRequest, context: grpc.aio.ServicerContext

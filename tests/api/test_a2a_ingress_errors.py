@@ -318,8 +318,38 @@ async def test_a_refused_rest_stream_is_an_error_with_its_status_on_both_version
 
 async def test_a_read_only_token_cannot_send(http: Http) -> None:
     session_id = await new_session(http.client)
-    error = await http.rpc_error(send_v03(session_id), token=await http.client.token("acme-read"))
-    assert error["code"] == -32600 and "full" in error["message"]
+    read = await http.client.token("acme-read")
+    error = await http.rpc_error(send_v03(session_id), token=read)
+    assert error["code"] == -32600 and "full" in error["message"]  # JSON-RPC has no "forbidden"
+    assert error["data"]["reason"] == "MISSING_SCOPE", error
+    # found from outside: REST said 400 INVALID_ARGUMENT and the A2A gRPC bindings INVALID_ARGUMENT,
+    # as if the request were malformed; the mesh's own services say PERMISSION_DENIED
+    body = {"message": {"messageId": "r-1", "role": "ROLE_USER", "parts": [{"text": "x"}]}}
+    for path, headers in (
+        ("/a2a/rest/message:send", V1),
+        ("/a2a/rest/message:stream", V1),
+        ("/a2a/rest/tasks/x:cancel", V1),
+        ("/a2a/rest/v1/message:send", {}),
+    ):
+        response = await http.post(body, token=read, path=path, headers=headers)
+        assert response.status_code == 403, (path, response.text)
+        assert response.json()["error"]["status"] == "PERMISSION_DENIED", response.text
+    from a2a.compat.v0_3 import a2a_v0_3_pb2_grpc
+    from a2a.types import Message, Part, Role, SendMessageRequest, a2a_pb2_grpc
+
+    md = (("authorization", f"Bearer {read}"),)
+    message = Message(message_id="r-2", role=Role.ROLE_USER, parts=[Part(text="x")], context_id=session_id)
+    v1 = a2a_pb2_grpc.A2AServiceStub(http.client.channel)  # type: ignore[no-untyped-call]
+    with pytest.raises(aio.AioRpcError) as raised:
+        await v1.SendMessage(SendMessageRequest(message=message), metadata=md)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
+    old = a2a_v0_3_pb2_grpc.A2AServiceStub(http.client.channel)  # type: ignore[no-untyped-call]
+    request = v03.SendMessageRequest(
+        request=v03.Message(message_id="r-3", role=v03.ROLE_USER, content=[v03.Part(text="x")])
+    )
+    with pytest.raises(aio.AioRpcError) as raised:
+        await old.SendMessage(request, metadata=md)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
     assert await http.messages() == 0
 
 
