@@ -25,7 +25,16 @@ from google.protobuf import struct_pb2
 
 from svantic_grpc.core._validate import MAX_JSON_DEPTH, nests_deeper_than
 
-__all__ = ["EXACT_INT", "JsonTextError", "dumps", "exact_object", "exact_value", "loads", "whole"]
+__all__ = [
+    "EXACT_INT",
+    "JsonTextError",
+    "dumps",
+    "exact_object",
+    "exact_value",
+    "loads",
+    "lone_surrogate",
+    "whole",
+]
 
 EXACT_INT = 2**53
 """Beyond this a double no longer holds every integer."""
@@ -70,12 +79,12 @@ def loads(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
     # A lone surrogate can only come from a ``\\uD800``-``\\uDFFF`` escape: text that is valid
     # UTF-8 (all a protobuf string can be) holds none. Kept, it would fail every later encoding
     # of the value (the responses, the stores' JSON, the console), for every reader.
-    if "\\u" in text and (where := _lone_surrogate(value)) is not None:
+    if "\\u" in text and (where := lone_surrogate(value)) is not None:
         raise JsonTextError(f"holds a lone surrogate escape in {where}, which is not a Unicode character")
     return value
 
 
-def _lone_surrogate(value: Any) -> str | None:
+def lone_surrogate(value: Any) -> str | None:
     """Where in ``value`` a string (or key) holds a lone surrogate: ``a string``/``a key``; else ``None``."""
     stack = [value]
     while stack:

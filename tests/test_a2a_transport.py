@@ -494,6 +494,24 @@ async def test_an_agent_silent_longer_than_the_read_timeout_mid_stream_fails_the
         pytest.param(503, [b"data: overloaded\r\n\r\n"], "HTTP Error 503", id="http-status"),
         pytest.param(307, [b"data: elsewhere\r\n\r\n"], "HTTP Error 307", id="redirect-not-followed"),
         pytest.param(200, [b"data: {not json\r\n\r\n"], "Invalid JSON-RPC response", id="not-json"),
+        # found from outside: a lone surrogate escape from a hosted agent was stored, and every later
+        # read of the message and its session's stream answered INTERNAL
+        pytest.param(
+            200,
+            [
+                b'data: {"jsonrpc": "2.0", "id": "1", "result": {"statusUpdate": {"taskId": "t1", '
+                b'"contextId": "s1", "status": {"state": "TASK_STATE_COMPLETED", "message": '
+                b'{"messageId": "m", "role": "ROLE_AGENT", "parts": [{"text": "\\ud800"}]}}}}}\r\n\r\n'
+            ],
+            "lone surrogate",
+            id="lone-surrogate",
+        ),
+        pytest.param(
+            200,
+            [b'data: {"jsonrpc": "2.0", "id": "1", "error": {"code": -32603, "message": "\\udc00"}}\r\n\r\n'],
+            "lone surrogate",
+            id="lone-surrogate-in-error",
+        ),
     ],
 )
 async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why(

@@ -47,6 +47,7 @@ from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER, Transp
 from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP
 from google.protobuf import json_format
 
+from svantic_grpc._json import lone_surrogate
 from svantic_grpc.dispatch._protojson import parse
 
 __all__ = ["JsonRpcProducer", "StreamingJsonRpcTransport", "close_left"]
@@ -324,15 +325,23 @@ def _result(data: bytes) -> Any:
 
 def _loads(data: bytes) -> Any:
     """JSON as ``json.loads`` reads it (SSE is UTF-8: no encoding to detect), with orjson first:
-    what orjson refuses (``NaN``, integers beyond 64 bits, lone surrogates) is read by ``json``."""
+    what orjson refuses (``NaN``, integers beyond 64 bits, lone surrogates) is read by ``json``,
+    except a lone surrogate escape: kept, it would fail every later encoding of the message that
+    stores it (its answers, its session's stream), so the agent's response is refused."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(data.decode())
+        value = json.loads(data.decode())
     except ValueError as exc:
         raise A2AClientError(f"Invalid JSON-RPC response in SSE stream: {exc}") from exc
+    if (where := lone_surrogate(value)) is not None:
+        raise A2AClientError(
+            f"Invalid JSON-RPC response: it holds a lone surrogate escape in {where}, "
+            "which is not a Unicode character"
+        )
+    return value
 
 
 def _encode(payload: dict[str, Any]) -> bytes:
@@ -345,8 +354,8 @@ def _encode(payload: dict[str, Any]) -> bytes:
 
 def _sse_error(data: bytes) -> Exception:
     try:
-        response = json.loads(data)
-    except ValueError:
+        response = _loads(data)
+    except A2AClientError:
         response = None
     if isinstance(response, dict) and isinstance(response.get("error"), dict):
         return _rpc_error(response["error"])
