@@ -289,12 +289,18 @@ class Mesh:
         while True:
             await asyncio.sleep(self._renew_s)
             try:
-                ended = await self.connections.end_orphaned(self.ownership.owner_of)
+                ended = await self.connections.end_orphaned(self.ownership.owner_of, self._message_ended)
             except Exception:  # the store unreachable: the next period tries again
                 _log.exception("could not check the owners of the dispatches held here")
                 continue
             if ended:
                 _log.info("ended %d dispatch(es) whose owner no longer runs their session", ended)
+
+    async def _message_ended(self, tenant_id: str, session_id: str, message_id: str) -> bool:
+        message = await self.store.get_message(
+            tenant_id=tenant_id, session_id=session_id, message_id=message_id
+        )
+        return message is None or message.state.terminal
 
     def _relayed(self, item: Relayed) -> None:
         """An item another replica sent this one: a message's cancel, or about a dispatch."""

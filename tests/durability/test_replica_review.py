@@ -420,6 +420,43 @@ async def test_an_agents_work_for_an_owner_that_died_is_cancelled_by_the_replica
         await asyncio.gather(sending, return_exceptions=True)
 
 
+async def test_an_agent_waiting_for_a_human_when_its_owner_died_is_left_to_wait_until_its_message_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The replica that took the session over sends the answer with the message again; until the
+    # message ends, the dispatch that asked stays with the agent (an agent may take the answer up
+    # where it asked), and once it has ended the agent is told to drop it.
+    asks: list[str] = []
+    cancelled = asyncio.Event()
+
+    async def asking(dispatch: Dispatch, reply: Reply) -> None:
+        asks.append(dispatch.dispatch_id)
+        try:
+            approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        await reply.complete(f"approved: {approved}")
+
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (owner, holder),
+        running_agent(holder, asking, agent_type="crm", instance_id="crm-b"),
+    ):
+        session_id = await new_session(owner)
+        asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+        assert asked.state == INPUT_REQUIRED, asked.state_reason
+        _dies_without_a_word(monkeypatch, owner)
+        await _hand_over(schema, session_id, owner, to=holder)
+        await asyncio.sleep(1.5)  # three of the holder's checks of the owners
+        assert not cancelled.is_set()  # still waiting where it asked
+        await resolve(holder, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
+        done = await wait_for_state(holder, session_id, asked.message_id, COMPLETED, FAILED)
+        assert done.state == COMPLETED, done.state_reason
+        await asyncio.wait_for(cancelled.wait(), WAIT)  # the message ended: the first ask is dropped
+        assert len(asks) == 2  # the answer came with the message again (the agent asked once more)
+
+
 async def _terminate(conn: asyncpg.Connection) -> None:
     """The database ends that connection (as a restart, a failover or an idle timeout would)."""
     killer = await asyncpg.connect(_postgres.POSTGRES_DSN)

@@ -113,11 +113,13 @@ class _Inbox:
 class _Answers:
     """Holder side: the human answers the owner relays for one dispatch."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("asking", "items", "waiter")
 
     def __init__(self) -> None:
         self.items: list[InputRequest] = []
         self.waiter: asyncio.Event = asyncio.Event()
+        self.asking = False
+        """The agent asked a human and waits for the answer (``take`` is waiting)."""
 
     def put(self, answer: InputRequest) -> None:
         self.items.append(answer)
@@ -125,6 +127,13 @@ class _Answers:
 
     async def take(self, lost: asyncio.Event | None) -> InputRequest | None:
         """The next answer, or ``None`` if ``lost`` is set first."""
+        self.asking = True
+        try:
+            return await self._take(lost)
+        finally:
+            self.asking = False
+
+    async def _take(self, lost: asyncio.Event | None) -> InputRequest | None:
         while not self.items:
             if lost is not None and lost.is_set():
                 return None
@@ -204,9 +213,9 @@ class ConnectedAgents:
         """Reaches streams other replicas hold (set by the composition root when replicas share the store)."""
         self._remote: dict[str, tuple[_Inbox, DispatchJob]] = {}
         """Owner side: dispatches sent to a stream another replica holds, by dispatch id."""
-        self._served: dict[str, tuple[asyncio.Task[None], _Answers, str, tuple[str, str]]] = {}
+        self._served: dict[str, tuple[asyncio.Task[None], _Answers, str, DispatchJob]] = {}
         """Holder side: dispatches another replica sent to a stream held here, by dispatch id: their
-        task, answers, owner (the sender) and session."""
+        task, answers, owner (the sender) and job."""
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         """The server is stopping (``begin_stop``): streams end because it goes, not the agents."""
@@ -463,8 +472,7 @@ class ConnectedAgents:
             answers = _Answers()
             task = asyncio.create_task(self._serve(item, answers), name="svantic-relayed-dispatch")
             assert item.job is not None
-            key = (item.job.tenant_id, item.job.session_id)
-            self._served[item.dispatch_id] = (task, answers, item.sender, key)
+            self._served[item.dispatch_id] = (task, answers, item.sender, item.job)
             return
         if kind is RelayKind.ANSWER or kind is RelayKind.CANCEL:
             served = self._served.get(item.dispatch_id)
@@ -537,21 +545,30 @@ class ConnectedAgents:
         finally:
             self._served.pop(job.dispatch_id, None)
 
-    async def end_orphaned(self, owner_of: Callable[[str, str], Awaitable[str | None]]) -> int:
+    async def end_orphaned(
+        self,
+        owner_of: Callable[[str, str], Awaitable[str | None]],
+        ended: Callable[[str, str, str], Awaitable[bool]],
+    ) -> int:
         """Holder side: end the dispatches whose owner no longer runs their session (it died or
         stopped; another replica takes the session over, or has): the agent is told to stop, as on
         the owner's cancel, and the session's new owner recovers the message as a restart does
-        (what ran is interrupted; what waits for a human waits again, and its answer goes with the
-        message to the agent). Returns how many ended."""
+        (what ran is interrupted). A dispatch whose agent waits for a human's answer is left to the
+        agent until its message has ended (``ended``): the new owner sends that answer with the
+        message again, and an agent may take it up where it asked. Returns how many ended."""
         owners: dict[tuple[str, str], str | None] = {}
-        ended = 0
-        for task, _, owner, key in list(self._served.values()):
+        count = 0
+        for task, answers, owner, job in list(self._served.values()):
+            key = (job.tenant_id, job.session_id)
             if key not in owners:
                 owners[key] = await owner_of(*key)
-            if owners[key] != owner and not task.done():
-                task.cancel()
-                ended += 1
-        return ended
+            if owners[key] == owner or task.done():
+                continue
+            if answers.asking and not await ended(job.tenant_id, job.session_id, job.message.message_id):
+                continue
+            task.cancel()
+            count += 1
+        return count
 
     async def _tell_lost(self, dispatch_id: str, owner: str) -> None:
         relay = self.relay
