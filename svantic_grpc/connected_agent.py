@@ -123,6 +123,8 @@ class Reply:
     _sequels: _Sequels | None = None
     _sequel: _Sequel | None = field(default=None, init=False)
     """What this handler sent since its last answer, kept in case that answer comes again."""
+    _asking: message_types_pb2.InputRequest | None = field(default=None, init=False)
+    """What the handler asked and waits for the answer to (``request_input``)."""
 
     async def _update(
         self, state: int = 0, *, say: Any = None, artifacts: Any = None, reason: str = ""
@@ -187,7 +189,7 @@ class Reply:
         may come at once (allowed or blocked by policy) or after a human decides.
         """
         for index, answer in enumerate(self.prefilled):
-            if answer.kind == request.kind and answer.tool_call.tool_name == request.tool_call.tool_name:
+            if _answers(answer, request):
                 return self._took(self.prefilled.pop(index))
         update = registry_service_pb2.DispatchUpdate(
             dispatch_id=self.dispatch_id,
@@ -197,7 +199,11 @@ class Reply:
         if say is not None:
             _say(update, say)
         await self._sent(update)
-        return self._took(await self._answer_queue().get())
+        self._asking = request
+        try:
+            return self._took(await self._answer_queue().get())
+        finally:
+            self._asking = None
 
     def _took(self, answer: message_types_pb2.InputRequest) -> message_types_pb2.InputRequest:
         """From an answer on, what the handler sends is kept (``_Sequels``)."""
@@ -452,14 +458,19 @@ class ConnectedAgent:
 
     def _stream_ended(self) -> None:
         """The stream dropped: its handlers are cancelled, except those at work on an answer the
-        mesh will deliver again once it is back (``keep_answered_s``; ``_Sequels``)."""
+        mesh will deliver again once it is back (``keep_answered_s``; ``_Sequels``) and those
+        waiting for an answer the mesh will send with the message (``_answered``)."""
         loop = asyncio.get_running_loop()
         keep = self._keep_answered_s > 0 and not self._stopping.is_set()
         for dispatch_id, task in list(self._running.items()):
             reply = self._replies.get(dispatch_id)
-            if reply is None or not keep or self._sequels.running_of(reply) is None:
+            at_work = reply is not None and (
+                self._sequels.running_of(reply) is not None or reply._asking is not None
+            )
+            if not keep or not at_work:
                 task.cancel()
                 continue
+            assert reply is not None
             loop.call_later(self._keep_answered_s, _cancel_unclaimed, task, reply, dispatch_id)
 
     async def _cancel_when_stopping(self, call: Any) -> None:
@@ -533,6 +544,9 @@ class ConnectedAgent:
         if sequel is not None:
             self._again(dispatch, sequel)
             return
+        if prefilled and (asked := self._asked(message_id, prefilled)) is not None:
+            self._answered(dispatch, *asked)
+            return
         reply = Reply(
             dispatch.dispatch_id, send, prefilled=prefilled, message_id=message_id, _sequels=self._sequels
         )
@@ -582,6 +596,45 @@ class ConnectedAgent:
             )
         for update in updates:
             self._outbox.put_nowait(update)
+
+    def _asked(
+        self, message_id: str, answers: list[message_types_pb2.InputRequest]
+    ) -> tuple[Reply, message_types_pb2.InputRequest] | None:
+        """A handler of this message still waiting where it asked what one of ``answers`` answers."""
+        for reply in self._replies.values():
+            asking = reply._asking
+            if reply.message_id != message_id or asking is None:
+                continue
+            for answer in reversed(answers):  # the latest: what it asked last
+                if _answers(answer, asking):
+                    return reply, answer
+        return None
+
+    def _answered(
+        self, dispatch: registry_service_pb2.Dispatch, reply: Reply, answer: message_types_pb2.InputRequest
+    ) -> None:
+        """The answer to what a handler asked, sent again with its message (the mesh restarted, or
+        the replica running the session died, while a human decided): the handler that asked takes
+        it where it waits and goes on for this dispatch. What it did before asking is not done twice."""
+        dispatch_id = dispatch.dispatch_id
+        if self._verify_dispatches:
+            try:
+                self._verify(dispatch)
+            except jwt.InvalidTokenError as error:
+                self._state(
+                    dispatch_id, message_types_pb2.MESSAGE_STATE_REJECTED, f"dispatch token rejected: {error}"
+                )
+                return
+        task = self._running.get(reply.dispatch_id)
+        if task is None:
+            return
+        self._state(dispatch_id, message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledged: delivered
+        self._forget(reply.dispatch_id)  # a late cancel of the dispatch it replaces is not for it
+        reply.dispatch_id = dispatch_id
+        self._running[dispatch_id] = task
+        self._replies[dispatch_id] = reply
+        task.add_done_callback(lambda _: self._forget(dispatch_id))
+        reply._answer(answer)
 
     def _state(self, dispatch_id: str, state: int, reason: str = "") -> None:
         self._outbox.put_nowait(
@@ -696,6 +749,11 @@ def _cancel_unclaimed(task: asyncio.Task[None], reply: Reply, dispatch_id: str) 
     """A handler kept across a dropped stream that no dispatch took over meanwhile ends."""
     if reply.dispatch_id == dispatch_id and not task.done():
         task.cancel()
+
+
+def _answers(answer: message_types_pb2.InputRequest, asked: message_types_pb2.InputRequest) -> bool:
+    """Whether ``answer`` (an ended request) answers what was ``asked``."""
+    return answer.kind == asked.kind and answer.tool_call.tool_name == asked.tool_call.tool_name
 
 
 def _asks(updates: list[registry_service_pb2.DispatchUpdate]) -> bool:

@@ -49,8 +49,10 @@ async def test_sigterm_leaves_approvals_pending_for_the_next_start(
     # dispatch keys once, so the mesh keeps its key across the restart.
     mesh = approval_mesh(tmp_path, keep_dispatch_key=True, shutdown_grace_s=1, **store)
     ran: list[bool] = []
+    started: list[str] = []
 
     async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+        started.append(dispatch.dispatch_id)  # the work before the question
         approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
         ran.append(approved)
         await reply.artifact(f"approved: {approved}")
@@ -105,6 +107,9 @@ async def test_sigterm_leaves_approvals_pending_for_the_next_start(
                         done = await ended(channel, md, session_id)
                         assert done.state == pb.MESSAGE_STATE_COMPLETED, done.state_reason
                     assert ran == [True]  # the connected agent acted once, approved
+                    # and took the answer where it asked, kept across the restart: the handler
+                    # did not run again from the start (it does when the agent itself restarted)
+                    assert len(started) == 1, started
                     assert [t.text for t in ask.accepted] == ["delete record 7", "Ada"]
     finally:
         await agent.stop()

@@ -420,17 +420,19 @@ async def test_an_agents_work_for_an_owner_that_died_is_cancelled_by_the_replica
         await asyncio.gather(sending, return_exceptions=True)
 
 
-async def test_an_agent_waiting_for_a_human_when_its_owner_died_is_left_to_wait_until_its_message_ends(
+async def test_an_agent_waiting_for_a_human_when_its_owner_died_takes_the_answer_where_it_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The replica that took the session over sends the answer with the message again; until the
-    # message ends, the dispatch that asked stays with the agent (an agent may take the answer up
-    # where it asked), and once it has ended the agent is told to drop it.
-    asks: list[str] = []
+    # found from outside (review 4, R13): the owner died while the agent, its stream on another
+    # replica, waited for a human; the replica that took the session over sent the answer with the
+    # message again and the handler ran again from the start, doing its work before the question
+    # twice. The holder now leaves the waiting dispatch to the agent until its message ends, and
+    # the helper gives the answer to the handler that asked.
+    before_asking: list[str] = []
     cancelled = asyncio.Event()
 
     async def asking(dispatch: Dispatch, reply: Reply) -> None:
-        asks.append(dispatch.dispatch_id)
+        before_asking.append(dispatch.dispatch_id)  # work done before the question
         try:
             approved = await reply.ask_approval("crm.delete_records", {"ids": [7]})
         except asyncio.CancelledError:
@@ -448,13 +450,14 @@ async def test_an_agent_waiting_for_a_human_when_its_owner_died_is_left_to_wait_
         assert asked.state == INPUT_REQUIRED, asked.state_reason
         _dies_without_a_word(monkeypatch, owner)
         await _hand_over(schema, session_id, owner, to=holder)
-        await asyncio.sleep(1.5)  # three of the holder's checks of the owners
-        assert not cancelled.is_set()  # still waiting where it asked
+        await asyncio.sleep(1.5)  # three of the holder's checks of the owners: nothing dropped
         await resolve(holder, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
         done = await wait_for_state(holder, session_id, asked.message_id, COMPLETED, FAILED)
-        assert done.state == COMPLETED, done.state_reason
-        await asyncio.wait_for(cancelled.wait(), WAIT)  # the message ended: the first ask is dropped
-        assert len(asks) == 2  # the answer came with the message again (the agent asked once more)
+        await asyncio.sleep(1.0)  # the holder's checks once the message has ended
+    assert done.state == COMPLETED, done.state_reason
+    assert "approved: True" in [p.text for t in done.history for p in t.parts], done.history
+    assert len(before_asking) == 1, before_asking  # not run again from the start
+    assert not cancelled.is_set()
 
 
 async def _terminate(conn: asyncpg.Connection) -> None:
