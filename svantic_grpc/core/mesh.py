@@ -187,6 +187,7 @@ class Mesh:
             self.registry.held_elsewhere = self.connections.held_elsewhere
         if not self.ownership.sole:
             self.inputs.shared = self.bus
+            self.sessions.shared = True
             ownership = self.ownership
             self.sessions.on_open(lambda tenant_id, session_id: ownership.runs_here(tenant_id, session_id))
         self.serving = asyncio.Event()

@@ -98,6 +98,9 @@ class Sessions:
         """Sessions whose close has begun: their work ends before the close is written, and what it
         withdraws leaves them paused (``paused → closed``, never through ``active``)."""
         self._settling: set[asyncio.Task[None]] = set()
+        self.shared = False
+        """Replicas share the store: another process may write a session while this one does
+        (set by the composition of the mesh)."""
         registry.on_release(self._agent_released)
 
     def busy_when(self, check: Callable[[str, str], bool]) -> None:
@@ -512,42 +515,73 @@ class Sessions:
         """
         tenant_id, session_id = change.tenant_id, change.session_id
         async with self._locks.hold((tenant_id, session_id)):
-            session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
-            is_open = session is not None and session.status is not SessionStatus.CLOSED
-            raising = any(r.state is InputState.PENDING for r in change.inputs)
-            if raising and not is_open:
-                raise FailedPrecondition(f"session {session_id!r} is closed", reason="SESSION_CLOSED")
-            if session is not None and is_open:
-                paused = raising or await self._still_pending(change)
-                target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
-                if target is SessionStatus.ACTIVE and (tenant_id, session_id) in self._closing:
-                    target = session.status  # a paused session closes from paused (``_close``)
-                if session.status is not target:
-                    now = self._clock.now()
-                    moved = replace(session, status=target, updated_at=now, last_activity_at=now)
-                    change = replace(
-                        change,
-                        sessions=(*change.sessions, moved),
-                        events=(*change.events, StatusChanged(session.status, target, reason)),
-                    )
-            if not (change.sessions or change.inputs or change.audit or change.events):
-                return Changed()
-            store = self._store
+            for tries in range(_CONFLICT_TRIES):
+                try:
+                    return await self._write_inputs(change, reason, landed)
+                except Conflict:
+                    # With replicas, another one may have written the session meanwhile (its
+                    # status, its activity): read again and decide again, unless what lost the
+                    # race is a request this change ends (someone else ended it first).
+                    if tries + 1 == _CONFLICT_TRIES or not self.shared or not await self._as_read(change):
+                        raise
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(tries, 5))))
+            raise AssertionError("unreachable")
 
-            async def write(now: float) -> tuple[Changed, Sequence[Event]]:
-                written = await store.write(replace(change, time=now))
-                if landed is not None:
-                    landed(written)
-                return written, written.events
+    async def _write_inputs(
+        self, change: Change, reason: str, landed: Callable[[Changed], None] | None
+    ) -> Changed:
+        tenant_id, session_id = change.tenant_id, change.session_id
+        session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
+        is_open = session is not None and session.status is not SessionStatus.CLOSED
+        raising = any(r.state is InputState.PENDING for r in change.inputs)
+        if raising and not is_open:
+            raise FailedPrecondition(f"session {session_id!r} is closed", reason="SESSION_CLOSED")
+        if session is not None and is_open:
+            paused = raising or await self._still_pending(change)
+            target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
+            if target is SessionStatus.ACTIVE and (tenant_id, session_id) in self._closing:
+                target = session.status  # a paused session closes from paused (``_close``)
+            if session.status is not target:
+                now = self._clock.now()
+                moved = replace(session, status=target, updated_at=now, last_activity_at=now)
+                change = replace(
+                    change,
+                    sessions=(*change.sessions, moved),
+                    events=(*change.events, StatusChanged(session.status, target, reason)),
+                )
+            elif self.shared and change.inputs and not change.sessions:
+                # Written as read (its version moves on): two replicas each ending one of the
+                # session's last two requests cannot both see the other pending and leave it
+                # paused with nothing pending; one of them loses the race and decides again.
+                change = replace(change, sessions=(session,))
+        if not (change.sessions or change.inputs or change.audit or change.events):
+            return Changed()
+        store = self._store
 
-            try:
-                written = await self._bus.commit(tenant_id, session_id, write)
-            except BaseException:
-                self._forget(tenant_id, session_id)
-                raise
-            for stored in written.sessions:
-                self._keep(stored)
-            return written
+        async def write(now: float) -> tuple[Changed, Sequence[Event]]:
+            written = await store.write(replace(change, time=now))
+            if landed is not None:
+                landed(written)
+            return written, written.events
+
+        try:
+            written = await self._bus.commit(tenant_id, session_id, write)
+        except BaseException:
+            self._forget(tenant_id, session_id)
+            raise
+        for stored in written.sessions:
+            self._keep(stored)
+        return written
+
+    async def _as_read(self, change: Change) -> bool:
+        """Whether every request ``change`` replaces is still stored at the version it was read."""
+        for request in change.inputs:
+            if request.version == 0:
+                continue
+            stored = await self._store.get_input(tenant_id=request.tenant_id, request_id=request.request_id)
+            if stored is None or stored.version != request.version:
+                return False
+        return True
 
     async def _still_pending(self, change: Change) -> bool:
         """Whether a request of the session other than those ``change`` ends stays pending."""

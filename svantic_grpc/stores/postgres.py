@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import re
 import time
 import zlib
@@ -565,8 +566,20 @@ class PostgresStore(Store):
         The write joins the queue for the next transaction; a committer task takes
         everything queued each time the previous transaction is done, so concurrent
         writers share one commit. A caller that is cancelled while waiting does not
-        stop its write.
+        stop its write. A write PostgreSQL chose as a deadlock's victim (two replicas'
+        writes locking one session's rows in opposite orders) or refused on a
+        serialization failure wrote nothing: it runs again, a few times.
         """
+        for tries in range(_RETRIED_WRITES):
+            try:
+                return await self._queued_write(op)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if tries + 1 == _RETRIED_WRITES:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**tries))
+        raise AssertionError("unreachable")
+
+    async def _queued_write(self, op: Op[T]) -> T:
         self._pool_or_fail()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._waiting.append((op, future))
@@ -703,6 +716,9 @@ def _redacted(dsn: str) -> str:
 
 
 _FAILURES = (asyncpg.PostgresError, NotFound, Conflict, AlreadyExists, LeaseLost)
+
+_RETRIED_WRITES = 5
+"""How many times a write that lost to a deadlock or a serialization failure is made in all."""
 """What a write may fail with alone (the others of its batch still land)."""
 
 

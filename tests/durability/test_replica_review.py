@@ -34,7 +34,7 @@ from svantic_grpc.core.events import MessageStateChanged
 from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.recovery import Recovery
-from svantic_grpc.pb import message_types_pb2
+from svantic_grpc.pb import message_types_pb2, session_types_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
 from tests.a2a_ingress_support import a2a_client, call
@@ -51,7 +51,7 @@ from tests.adapters.e2e_support import (
 from tests.adapters.fake_slack import fake_slack
 from tests.adapters.webhook_receiver import receiving
 from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
-from tests.agents_inputs import ToolAgent, cancel_message, chatting, resolve
+from tests.agents_inputs import ToolAgent, cancel_message, chatting, get_session, resolve
 from tests.console._console import DELETES, tool_call_parts
 from tests.durability._approvals import Deleting
 from tests.durability.test_replica_takeover import PLAN, PLANS
@@ -60,6 +60,7 @@ WAIT = 5.0
 COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 CANCELED = message_types_pb2.MESSAGE_STATE_CANCELED
+ACTIVE = session_types_pb2.SESSION_STATUS_ACTIVE
 
 
 def _settings(schema: str, replica_id: str, *, lease_ms: int, renew_ms: int, **more: Any) -> dict[str, Any]:
@@ -458,6 +459,52 @@ async def test_an_agent_waiting_for_a_human_when_its_owner_died_takes_the_answer
     assert "approved: True" in [p.text for t in done.history for p in t.parts], done.history
     assert len(before_asking) == 1, before_asking  # not run again from the start
     assert not cancelled.is_set()
+
+
+async def test_the_last_two_requests_of_a_session_answered_on_two_replicas_at_once_leave_it_active() -> None:
+    # found from outside (review 5, F10): each replica's write read the other request as still
+    # pending, so neither made the session active: paused with nothing pending, for good
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (a, b),
+        running_agent(a, Deleting(), agent_type="crm", instance_id="crm-a"),
+    ):
+        for _ in range(6):
+            session_id = await new_session(a)
+            asked = [
+                await send(a, session_id, f"clean up {n}", data({"target_agent": "crm"})) for n in (1, 2)
+            ]
+            assert [m.state for m in asked] == [INPUT_REQUIRED] * 2
+            await asyncio.gather(
+                resolve(a, asked[0].input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE),
+                resolve(b, asked[1].input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE),
+            )
+            for message in asked:
+                done = await wait_for_state(a, session_id, message.message_id, COMPLETED, FAILED)
+                assert done.state == COMPLETED, done.state_reason
+            assert (await get_session(a, session_id)).status == ACTIVE
+
+
+async def test_an_answer_on_one_replica_while_the_owner_takes_a_message_is_not_lost() -> None:
+    # found from outside (review 5, F11): the answer lost a race with the owner's write of the
+    # session and was refused INPUT_ALREADY_RESOLVED "already ended: pending", the request still
+    # pending; the owner's write sometimes failed INTERNAL (a PostgreSQL deadlock)
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (a, b),
+        running_agent(a, Deleting(), agent_type="crm", instance_id="crm-a"),
+    ):
+        for _ in range(6):
+            session_id = await new_session(a)
+            asked = await send(a, session_id, "clean up", data({"target_agent": "crm"}))
+            answered, chatted = await asyncio.gather(
+                resolve(b, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE),
+                send(a, session_id, "hello", data({"target_agent": "savant:chat"})),
+            )
+            assert answered.state == message_types_pb2.INPUT_STATE_RESOLVED
+            assert chatted.state == COMPLETED, chatted.state_reason
+            done = await wait_for_state(a, session_id, asked.message_id, COMPLETED, FAILED)
+            assert done.state == COMPLETED, done.state_reason
 
 
 async def _terminate(conn: asyncpg.Connection) -> None:

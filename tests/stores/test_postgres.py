@@ -14,6 +14,7 @@ from svantic_grpc.core.errors import AlreadyExists, Conflict
 from svantic_grpc.core.events import StatusChanged
 from svantic_grpc.core.models import SessionStatus
 from svantic_grpc.core.ownership import LeaseLost
+from svantic_grpc.core.store import AuditRecord, Change
 from svantic_grpc.stores._pg_bell import bell_of
 from svantic_grpc.stores._schema import ForeignDatabaseError, StoreVersionError
 from svantic_grpc.stores.postgres import PostgresStore
@@ -283,4 +284,44 @@ async def test_a_write_with_events_whose_fence_moved_on_writes_nothing(schema: s
         await store.update_message_with_events(created, time=T0, payloads=lambda m: (payload,))
         assert len(await store.list_events(tenant_id="acme", session_id="s1")) == len(before) + 1
     finally:
+        await store.close()
+
+
+async def test_a_write_chosen_as_a_deadlocks_victim_runs_again_and_lands(schema: str) -> None:
+    # found from outside (review 5, F11): two replicas' writes locked one session's rows in opposite
+    # orders; PostgreSQL aborted one of them and its caller got INTERNAL for a write that was lost.
+    # Here another connection holds the session's row and then waits for its event log's head,
+    # which the store's write holds while it waits for the row: the store's write (detecting the
+    # deadlock first) is the victim.
+    [store] = await _replicas(schema, 1)
+    other = await asyncpg.connect(_postgres.POSTGRES_DSN, server_settings={"search_path": schema})
+    try:
+        session = await store.create_session(make_session())
+        await store.write(
+            Change("acme", "s1", events=(StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED),))
+        )
+        record = AuditRecord("acme", "r1", "s1", "m1", "tool_approval", "approve", "ada", "grpc", T0)
+        paused = replace(session, status=SessionStatus.PAUSED)
+        change = Change(
+            "acme",
+            "s1",
+            sessions=(paused,),
+            audit=(record,),  # (the write of several statements: its events first, then the records)
+            events=(StatusChanged(SessionStatus.ACTIVE, SessionStatus.PAUSED),),
+        )
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '20s'")  # so the store detects it first
+            await other.execute("UPDATE sessions SET version = version WHERE session_id = 's1'")
+            writing = asyncio.create_task(store.write(change))
+            await asyncio.sleep(0.3)  # it holds the log's head and waits for the session's row
+            await other.execute(
+                "UPDATE event_heads SET last_sequence = last_sequence WHERE session_id = 's1'"
+            )
+        written = await asyncio.wait_for(writing, 30)
+        assert written.sessions[0].status is SessionStatus.PAUSED
+        assert [e.sequence for e in written.events] == [2]
+        stored = await store.get_session(tenant_id="acme", session_id="s1")
+        assert stored is not None and stored.status is SessionStatus.PAUSED
+    finally:
+        await other.close()
         await store.close()

@@ -304,7 +304,15 @@ class Inputs:
                 saved = await self._end(resolved)
             except Conflict:
                 # Another process answered first: report who won, never overwrite.
-                raise already_answered(await self.get(tenant_id, request_id)) from None
+                now = await self.get(tenant_id, request_id)
+                if now.state is InputState.PENDING:  # nobody did: the session kept changing
+                    raise Conflict(
+                        f"input request {request_id!r} is still pending: its session changed on "
+                        "another replica while this answer was written; send it again",
+                        reason="SESSION_CHANGED",
+                        metadata={"state": now.state.value},
+                    ) from None
+                raise already_answered(now) from None
         self._grant(saved)
         self._ended(saved)
         return saved
