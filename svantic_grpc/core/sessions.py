@@ -92,6 +92,7 @@ class Sessions:
         self.reaper = IdleReaper(clock=clock, close=self._close_idle, load=self._load_for_reaper)
         self._close_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._close_failed_hooks: list[Callable[[str, str], None]] = []
+        self._closed_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
         self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
         self._closing: dict[tuple[str, str], asyncio.TimerHandle | None] = {}
@@ -122,6 +123,10 @@ class Sessions:
         self._close_hooks.append(hook)
         if failed is not None:
             self._close_failed_hooks.append(failed)
+
+    def on_closed(self, hook: Callable[[str, str, str], Awaitable[None]]) -> None:
+        """Call ``hook(tenant_id, session_id, reason)`` once a close here is written."""
+        self._closed_hooks.append(hook)
 
     @property
     def ttl_s(self) -> float:
@@ -387,7 +392,11 @@ class Sessions:
             for hook in self._close_hooks:
                 await hook(tenant_id, session_id, reason)
             async with self._locks.hold(key):
-                return await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
+                closed, now = await self._changing(tenant_id, session_id, partial(self._end, reason=reason))
+            if now:
+                for after in self._closed_hooks:
+                    await after(tenant_id, session_id, reason)
+            return closed, now
         except BaseException:  # cancelled too: what the hooks withdrew must not leave it paused
             for failed in self._close_failed_hooks:
                 failed(tenant_id, session_id)
@@ -534,7 +543,10 @@ class Sessions:
         session = await self._store.get_session(tenant_id=tenant_id, session_id=session_id)
         is_open = session is not None and session.status is not SessionStatus.CLOSED
         raising = any(r.state is InputState.PENDING for r in change.inputs)
-        if raising and not is_open:
+        answering = any(r.state is InputState.RESOLVED for r in change.inputs)
+        if (raising or answering) and not is_open:
+            # (answering: with replicas, a request raised on the owner just before the close on
+            # another replica may still be pending for a moment; what it asked must not be done)
             raise FailedPrecondition(f"session {session_id!r} is closed", reason="SESSION_CLOSED")
         if session is not None and is_open:
             paused = raising or await self._still_pending(change)

@@ -34,7 +34,7 @@ from svantic_grpc.core.events import MessageStateChanged
 from svantic_grpc.core.inputs.model import InputState
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.recovery import Recovery
-from svantic_grpc.pb import message_types_pb2, session_types_pb2
+from svantic_grpc.pb import message_types_pb2, session_service_pb2, session_types_pb2
 from tests import _postgres
 from tests._support import Client, code_of, error_details, running_server
 from tests.a2a_ingress_support import a2a_client, call
@@ -50,7 +50,7 @@ from tests.adapters.e2e_support import (
 )
 from tests.adapters.fake_slack import fake_slack
 from tests.adapters.webhook_receiver import receiving
-from tests.agents_connected import data, new_session, running_agent, send, wait_for_state
+from tests.agents_connected import data, eventually, new_session, running_agent, send, wait_for_state
 from tests.agents_inputs import ToolAgent, cancel_message, chatting, get_session, resolve
 from tests.console._console import DELETES, tool_call_parts
 from tests.durability._approvals import Deleting
@@ -505,6 +505,45 @@ async def test_an_answer_on_one_replica_while_the_owner_takes_a_message_is_not_l
             assert chatted.state == COMPLETED, chatted.state_reason
             done = await wait_for_state(a, session_id, asked.message_id, COMPLETED, FAILED)
             assert done.state == COMPLETED, done.state_reason
+
+
+async def test_a_close_on_another_replica_racing_a_new_question_leaves_nothing_answerable() -> None:
+    # found from outside (review 5, F12): CloseSession through a replica that does not own the
+    # session, at the moment the owner took a new message that asked a human: the close answered
+    # OK, the new request stayed pending in the closed session, and answering it made the agent run
+    # the approved tool after the close
+    deleting = Deleting()
+    async with (
+        _schema() as schema,
+        _replicas_a_and_b(schema) as (a, b),
+        running_agent(a, deleting, agent_type="crm", instance_id="crm-a"),
+    ):
+        for n in range(6):
+            owner, other = (a, b) if n % 2 == 0 else (b, a)
+            session_id = await new_session(owner)
+            first = await send(owner, session_id, "clean up 0", data({"target_agent": "crm"}))
+            close = other.sessions.CloseSession(
+                session_service_pb2.CloseSessionRequest(session_id=session_id), metadata=await other.md()
+            )
+            results = await asyncio.gather(
+                close,
+                send(owner, session_id, "clean up 1", data({"target_agent": "crm"})),
+                resolve(other, first.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE),
+                return_exceptions=True,
+            )
+            assert not isinstance(results[0], BaseException), results[0]
+            runs_at_close = len(deleting.runs)
+            pending = await a.server.mesh.store.list_inputs(
+                tenant_id=TENANT, session_id=session_id, states=(InputState.PENDING,), page_size=10
+            )
+            assert not pending.requests, pending.requests  # nothing pending once the close answered
+
+            async def ended(session_id: str = session_id) -> bool:
+                unfinished = await a.server.mesh.store.unfinished_messages()
+                return all(m.session_id != session_id for m in unfinished)
+
+            await asyncio.wait_for(eventually(ended), WAIT)  # what asked it ends (canceled)
+            assert len(deleting.runs) == runs_at_close  # no work done after the close
 
 
 async def _terminate(conn: asyncpg.Connection) -> None:
