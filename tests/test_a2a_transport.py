@@ -66,16 +66,14 @@ def _silent_port() -> Iterator[int]:
 
 
 @asynccontextmanager
-async def _card_for(interface_url: str) -> AsyncIterator[str]:
-    """An agent card, served over HTTP on loopback, whose JSON-RPC interface is ``interface_url``."""
+async def _card_for(interface_url: str, binding: str = TransportProtocol.JSONRPC) -> AsyncIterator[str]:
+    """An agent card, served over HTTP on loopback, whose ``binding`` interface is ``interface_url``."""
     card = AgentCard(
         name="remote",
         description="an agent at the other end of the interface",
         version="1.0.0",
         supported_interfaces=[
-            AgentInterface(
-                url=interface_url, protocol_binding=TransportProtocol.JSONRPC, protocol_version="1.0"
-            )
+            AgentInterface(url=interface_url, protocol_binding=binding, protocol_version="1.0")
         ],
         capabilities=AgentCapabilities(streaming=True),
         default_input_modes=["text/plain"],
@@ -237,7 +235,10 @@ async def test_a_cookie_an_agent_sets_in_one_session_is_not_sent_in_another(
 
 @asynccontextmanager
 async def _scripted_agent(
-    answer: Callable[[dict[str, Any]], list[bytes]], status: int = 200, headers: dict[str, str] | None = None
+    answer: Callable[[dict[str, Any]], list[bytes]],
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    binding: str = TransportProtocol.JSONRPC,
 ) -> AsyncIterator[str]:
     """An agent card whose JSON-RPC interface answers each call with ``answer(request body)``'s byte
     chunks, written one write each (an SSE stream unless the first chunk says otherwise)."""
@@ -256,13 +257,13 @@ async def _scripted_agent(
         return response
 
     runner = web.AppRunner(web.Application())
-    runner.app.router.add_post("/", call)
+    runner.app.router.add_post("/{path:.*}", call)  # (REST: "/message:stream")
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with _card_for(f"http://127.0.0.1:{port}/") as url:
+        async with _card_for(f"http://127.0.0.1:{port}/", binding) as url:
             yield url
     finally:
         await runner.cleanup()
@@ -520,6 +521,48 @@ async def test_an_agent_that_answers_with_an_error_fails_the_dispatch_saying_why
     # Each answer redirects to the agent's own interface: a redirect followed would be answered again.
     async with _scripted_agent(lambda _body: chunks, status=status, headers={"Location": "/"}) as url:
         with pytest.raises(DispatchFailed, match=said):
+            await _dispatch_to(url)
+
+
+async def test_an_update_about_another_task_of_the_agent_is_not_this_dispatchs() -> None:
+    # found from outside (review 5, F9): a status update naming another task completed the message
+    def answer(body: dict[str, Any]) -> list[bytes]:
+        def event(result: dict[str, Any]) -> bytes:
+            return f"data: {json.dumps({'jsonrpc': '2.0', 'id': body['id'], 'result': result})}\n\n".encode()
+
+        def status(task_id: str, state: str, text: str) -> dict[str, Any]:
+            said = {"messageId": f"m-{text}", "role": "ROLE_AGENT", "parts": [{"text": text}]}
+            return {
+                "statusUpdate": {
+                    "taskId": task_id,
+                    "contextId": "s1",
+                    "status": {"state": state, "message": said},
+                }
+            }
+
+        return [
+            event({"task": {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_WORKING"}}}),
+            event(status("other", "TASK_STATE_COMPLETED", "not yours")),
+            event(status("t1", "TASK_STATE_COMPLETED", "yours")),
+        ]
+
+    async with _scripted_agent(answer) as url:
+        updates = await _dispatch_to(url)
+    final = [u for u in updates if u.state is MessageState.COMPLETED]
+    assert [[p.text for p in u.parts] for u in final] == [["yours"]], updates
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"{not json", b'{"statusUpdate": {"taskId": "t1", "status": {"state": 99999999999}}}'],
+    ids=["not-json", "not-a2a"],
+)
+async def test_an_http_json_agents_unreadable_response_fails_the_dispatch_saying_so(data: bytes) -> None:
+    # found from outside (review 5, F9): the message failed "internal error: ParseError"
+    async with _scripted_agent(
+        lambda _body: [b"data: " + data + b"\n\n"], binding=TransportProtocol.HTTP_JSON
+    ) as url:
+        with pytest.raises(DispatchFailed, match="the agent sent a response the mesh cannot read"):
             await _dispatch_to(url)
 
 

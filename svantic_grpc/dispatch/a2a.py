@@ -41,6 +41,7 @@ from a2a.client.card_resolver import parse_agent_card
 from a2a.types import AgentCard, CancelTaskRequest, SendMessageRequest, StreamResponse
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
 from a2a.utils.errors import A2AError, TaskNotFoundError
+from google.protobuf import json_format
 
 from svantic_grpc.core.dispatch import (
     DispatchFailed,
@@ -239,6 +240,9 @@ class A2ATransport:
         except A2AError as exc:
             detail = getattr(exc, "message", "") or exc
             raise DispatchFailed(f"the agent answered with an error: {detail}") from exc
+        except (ValueError, json_format.ParseError) as exc:  # what a2a-sdk's parse of the agent's JSON raises
+            said = str(exc).encode("utf-8", "backslashreplace").decode()  # (it may quote a lone surrogate)
+            raise DispatchFailed(f"the agent sent a response the mesh cannot read: {said}") from exc
         finally:
             if task_id and not ended and not self._stopping:
                 context = ClientCallContext(service_parameters=_headers(job))
@@ -346,6 +350,11 @@ def _seen(result: Any) -> Seen:
 def _update_from(seen: Seen, task_id: str) -> tuple[DispatchUpdate | None, str]:
     """The update an A2A event says (its ``task_ref`` the agent's task id), and that task id."""
     kind = seen.kind
+    if task_id and seen.task_id and seen.task_id != task_id:
+        return (
+            None,
+            task_id,
+        )  # about another task of the agent's: not this dispatch's (as A2A clients drop it)
     if kind == "message":  # a direct reply: the whole answer
         return DispatchUpdate(MessageState.COMPLETED, seen.said, task_ref=task_id), task_id
     if kind == "task" or kind == "status":
