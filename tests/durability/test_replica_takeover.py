@@ -390,3 +390,67 @@ async def test_open_on_one_watch_on_every_one_send_on_another_to_an_agent_held_b
             assert len(message.artifacts) == 1  # it ran once
         finally:
             await store.close()
+
+
+@pytest.mark.timeout(90)
+async def test_an_answer_the_agent_acted_on_when_its_replica_was_killed_completes_its_message_once(
+    tmp_path: Path,
+) -> None:
+    # found from outside (review 5, F13): the agent's stream and the session on r1; the human
+    # answered through r2; the agent got the answer and did the work; r1 was killed before the
+    # agent's report came back, r2 took the session over and dispatched the message again with the
+    # answer, to r1, dead. The agent reconnected to r1 restarted, but the dispatch waited out its
+    # timeout there: the message FAILED although the tool ran (a retry runs it twice).
+    deletes = {"name": "deletes", "match": {"tool": "crm.delete_*"}, "enforcement": "require_approval"}
+    events: list[str] = []
+
+    async def deleting(dispatch: Dispatch, reply: Reply) -> None:
+        approved = await reply.ask_approval("crm.delete_records", {"ids": [1]})
+        events.append("answered")
+        await asyncio.sleep(1.0)  # the kill lands here
+        events.append("deleted" if approved else "kept")
+        await reply.complete("deleted" if approved else "kept")
+
+    async with replicas(tmp_path, policies=[deletes]) as (r1, r2, _):
+        schema = _schema(r1)
+        agent = ConnectedAgent(
+            r1.target,
+            client_id="svantic",
+            client_secret="your-secret",
+            agent_type="crm",
+            instance_id="crm-1",
+            handler=deleting,
+            reconnect_delay_s=0.2,
+        )
+        serving = asyncio.create_task(agent.run())
+        try:
+            await asyncio.wait_for(agent.connected.wait(), WAIT)
+            await r1.open("s1")
+            asked = await r1.send("s1", "m1", "clean up", {"target_agent": "crm"})
+            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            await r2.resolve(asked.input_request_ids[0])
+            await _eventually(lambda: _true(events == ["answered"]), "the agent to get the answer")
+            r1.kill()
+            await _eventually(lambda: _owned_elsewhere(schema, "s1", "r1"), "another replica to take s1")
+            environment = {k: v for k, v in os.environ.items() if k != "SVANTIC_SIGNING_KEY"}
+            async with r1.running(environment):  # restarted: the agent reconnects there
+                done = await _eventually(lambda: _ended(r2, "s1", "m1"), "m1 to end", within_s=30)
+            assert done.state == COMPLETED, done.state_reason
+            assert events == ["answered", "deleted"]  # the work done once
+        finally:
+            await agent.stop()
+            await asyncio.wait_for(serving, WAIT)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _owned_elsewhere(schema: str, session_id: str, former: str) -> bool:
+    owner = (await _owners(schema)).get(session_id)
+    return owner is not None and owner != former
+
+
+async def _ended(replica: Replica, session_id: str, message_id: str) -> Any:
+    message = await replica.message(session_id, message_id)
+    return message if message.state not in (INPUT_REQUIRED, message_types_pb2.MESSAGE_STATE_WORKING) else None

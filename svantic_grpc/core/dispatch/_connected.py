@@ -12,7 +12,9 @@ With several replicas on one store (a ``relay``), an instance whose stream anoth
 holds is reached through that replica: the job, the human's answers and a cancel go there, the
 agent's updates and the end come back (``_relay``), and the dispatch run sees them as if the
 stream were here. If the holder dies, nothing comes back and the dispatch times out: it never
-runs twice. Without a relay nothing of this costs anything.
+runs twice. Only a human's answer the holder was given (relayed, or carried by the job) goes
+again to the agent where it is once it is back: an agent that acted on it already sends what it
+did then instead of acting again. Without a relay nothing of this costs anything.
 """
 
 from __future__ import annotations
@@ -416,10 +418,14 @@ class ConnectedAgents:
         finished = False
         relayed: InputRequest | None = None
         """An answer sent to the holder that nothing from it has followed yet."""
+        carried = job.answer
+        """The answer the job carries (the message dispatched again with it), until the holder
+        says anything: if the holder died, it goes again to the agent once the agent is back."""
         try:
             await relay.send(holder, Relayed(RelayKind.JOB, job.dispatch_id, me, job=job, token=job.sign()))
             while True:
-                items = await inbox.take(within=None if relayed is None else _ANSWER_CHECK_S)
+                watching = relayed is not None or carried is not None
+                items = await inbox.take(within=_ANSWER_CHECK_S if watching else None)
                 if not items:
                     # The holder has said nothing since the answer went to it: if it died (or the
                     # agent reconnected elsewhere) before it took the answer, nobody will pass it
@@ -427,8 +433,14 @@ class ConnectedAgents:
                     if relayed is not None and await self._gone_from(holder, job):
                         finished = True
                         raise AgentGone(relayed)
+                    # Likewise the answer the job carries, once the agent is back on another stream
+                    # (until then the dispatch's timeout runs): an agent that acted on it already
+                    # sends what it did then instead of acting again.
+                    if carried is not None and await self._reconnected(holder, job):
+                        finished = True
+                        raise AgentGone(carried)
                     continue
-                relayed = None
+                relayed = carried = None
                 for item in _merged(items):
                     if isinstance(item, _Dropped):
                         finished = True
@@ -454,6 +466,16 @@ class ConnectedAgents:
             self._remote.pop(job.dispatch_id, None)
             if not finished and not self._stopping:  # the mesh stopped following: the holder tells the agent
                 self._later(relay.send(holder, Relayed(RelayKind.CANCEL, job.dispatch_id, me)))
+
+    async def _reconnected(self, holder: str, job: DispatchJob) -> bool:
+        """Whether the agent holds a stream other than the one ``holder`` held for ``job``."""
+        now = await self._registry.read(job.tenant_id, job.agent.instance_id)
+        if now is None or not now.connection.connected:
+            return False
+        connection = now.connection
+        return (
+            connection.replica != holder or connection.connected_since != job.agent.connection.connected_since
+        )
 
     async def _gone_from(self, holder: str, job: DispatchJob) -> bool:
         """Whether the agent's stream that ``holder`` held for ``job`` is gone: the instance
