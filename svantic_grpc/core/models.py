@@ -55,7 +55,7 @@ class DeploymentMode(enum.Enum):
     HOSTED = "hosted"
     CONNECTED = "connected"
 
-    __hash__ = object.__hash__  # by identity, as MessageState's: the dispatcher looks the mode up per dispatch
+    __hash__ = object.__hash__  # by identity, as MessageState's: looked up per dispatch
 
 
 class AgentStatus(enum.Enum):
