@@ -184,7 +184,11 @@ def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Messag
         target.MergeFromString(known[7])
     else:
         _fill_prefix(target, message, first)
-        if parts_bytes(parts) <= _PREFIX_BYTES and (first is None or first.parts is parts):
+        if (
+            type(parts) is tuple  # (immutable: what is held cannot change under its id)
+            and (first is None or first.parts is parts)
+            and parts_bytes(parts) <= _PREFIX_BYTES
+        ):
             if len(_PREFIXES) >= _PREFIXES_MAX:
                 del _PREFIXES[next(iter(_PREFIXES))]  # the oldest
             _PREFIXES[id(parts)] = (
