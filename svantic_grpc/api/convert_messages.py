@@ -17,7 +17,16 @@ from svantic_grpc.core.events import (
     MessageStateChanged,
     TurnAdded,
 )
-from svantic_grpc.core.messages.model import Artifact, FilePart, Message, MessageState, Part, Role, Turn
+from svantic_grpc.core.messages.model import (
+    Artifact,
+    FilePart,
+    Message,
+    MessageState,
+    Part,
+    Role,
+    Turn,
+    parts_bytes,
+)
 from svantic_grpc.pb import event_types_pb2 as event_pb
 from svantic_grpc.pb import message_service_pb2 as service_pb
 from svantic_grpc.pb import message_types_pb2 as pb
@@ -144,23 +153,63 @@ def _fill_artifact(target: pb.Artifact, artifact: Artifact) -> None:
     _fill_parts(target.parts, artifact.parts)
 
 
+_PREFIXES: dict[int, tuple[tuple[Part, ...], Turn | None, str, str, Role, str, float, bytes]] = {}
+"""What does not change in a message while it runs (its ids, role, parts, first turn, sender and
+creation time), in protobuf form, for messages converted lately: by the identity of the parts tuple
+(held, so its id is not reused), with the rest compared as it is used. A message is converted at each
+step someone sees: in the dispatch to a connected agent, in the answer to ``SendMessage``, in the
+snapshot of each event that stops it. Its parts and first turn (the message as sent) are the same
+objects every time: converted once (Python code, a data part's Struct most of it), then merged from
+bytes (C). At most ``_PREFIXES_MAX`` messages whose parts carry at most ``_PREFIX_BYTES``."""
+_PREFIXES_MAX = 256
+_PREFIX_BYTES = 4 * 1024
+
+
 def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Message:
     """The message in protobuf form, written into ``into`` (an empty field of a response) when given."""
     target = pb.Message() if into is None else into
-    target.message_id = message.message_id
-    target.session_id = message.session_id
-    target.role = ROLE[message.role]
-    _fill_parts(target.parts, message.parts)
+    parts, history = message.parts, message.history
+    first = history[0] if history else None
+    known = _PREFIXES.get(id(parts))
+    if (
+        known is not None
+        and known[0] is parts
+        and known[1] is first
+        and known[2] == message.message_id
+        and known[3] == message.session_id
+        and known[4] is message.role
+        and known[5] == message.sender
+        and known[6] == message.created_at
+    ):
+        target.MergeFromString(known[7])
+    else:
+        _fill_prefix(target, message, first)
+        if (
+            type(parts) is tuple  # (immutable: what is held cannot change under its id)
+            and (first is None or first.parts is parts)
+            and parts_bytes(parts) <= _PREFIX_BYTES
+        ):
+            if len(_PREFIXES) >= _PREFIXES_MAX:
+                del _PREFIXES[next(iter(_PREFIXES))]  # the oldest
+            _PREFIXES[id(parts)] = (
+                parts,
+                first,
+                message.message_id,
+                message.session_id,
+                message.role,
+                message.sender,
+                message.created_at,
+                target.SerializeToString(),  # (``target`` holds the prefix alone so far)
+            )
     target.state = MESSAGE_STATE[message.state]
     # ``target`` is empty: fields left at their default (empty) are not written (each write of a
     # protobuf field from Python costs about as much as a small function call).
     if message.state_reason:
         target.state_reason = message.state_reason
-    if message.history:
-        history = target.history
-        for turn in message.history:
-            # The first turn is the message as sent: its parts are the message's own, converted above.
-            _fill_turn(history.add(), turn, target.parts if turn.parts is message.parts else None)
+    if len(history) > 1:
+        turns = target.history
+        for turn in history[1:]:
+            _fill_turn(turns.add(), turn)
     if message.artifacts:
         artifacts = target.artifacts
         for artifact in message.artifacts:
@@ -169,13 +218,24 @@ def message_to_pb(message: Message, into: pb.Message | None = None) -> pb.Messag
         target.agent_type = message.agent_type
     if message.instance_id:
         target.instance_id = message.instance_id
-    if message.sender:
-        target.sender = message.sender
-    _set_time(target.created_at, message.created_at)
     _set_time(target.updated_at, message.updated_at)
     if message.input_request_ids:
         target.input_request_ids.extend(message.input_request_ids)
     return target
+
+
+def _fill_prefix(target: pb.Message, message: Message, first: Turn | None) -> None:
+    """The fields of ``_PREFIXES`` (the first turn only of the history) into an empty ``target``."""
+    target.message_id = message.message_id
+    target.session_id = message.session_id
+    target.role = ROLE[message.role]
+    _fill_parts(target.parts, message.parts)
+    if first is not None:
+        # The first turn is the message as sent: its parts are the message's own, converted above.
+        _fill_turn(target.history.add(), first, target.parts if first.parts is message.parts else None)
+    if message.sender:
+        target.sender = message.sender
+    _set_time(target.created_at, message.created_at)
 
 
 def outgoing(message: service_pb.OutgoingMessage) -> dict[str, Any]:

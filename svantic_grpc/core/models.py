@@ -55,6 +55,8 @@ class DeploymentMode(enum.Enum):
     HOSTED = "hosted"
     CONNECTED = "connected"
 
+    __hash__ = object.__hash__  # by identity, as MessageState's: looked up per dispatch
+
 
 class AgentStatus(enum.Enum):
     """An instance's availability."""
