@@ -227,6 +227,9 @@ class SlackAdapter(Adapter):
         self._app_token = "" if http else env[self.settings.app_token_env]
         self._socket: AsyncSocketModeHandler | None = None
         self._posts: dict[tuple[str, str], asyncio.Future[_Posted | None]] = {}
+        self._updating: set[tuple[str, str]] = set()
+        """Requests whose post is being updated with their outcome (told twice at once: the
+        outcome, and ``_ended_while_posting``; once it is done, the post is forgotten)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
@@ -313,6 +316,16 @@ class SlackAdapter(Adapter):
             await self.on_outcome(current)
 
     async def on_outcome(self, request: InputRequest) -> None:
+        key = (request.tenant_id, request.request_id)
+        if key in self._updating:
+            return  # being updated already: one chat.update per outcome
+        self._updating.add(key)
+        try:
+            await self._update_post(request)
+        finally:
+            self._updating.discard(key)
+
+    async def _update_post(self, request: InputRequest) -> None:
         posted = self._posts.pop((request.tenant_id, request.request_id), None)
         try:
             if posted is not None:

@@ -722,6 +722,21 @@ async def test_a_post_made_before_a_restart_is_updated_after_it() -> None:
         assert len(after.slack.of("chat.update")) == 1
 
 
+async def test_an_outcome_told_twice_at_once_updates_the_post_once() -> None:
+    # found under load (the three-surface race test): the outcome came while the post was being
+    # updated for a request that ended while it was posted; both found the post in the store
+    # (forgotten only once updated) and Slack got two chat.update calls
+    request = make_request(InputKind.TOOL_APPROVAL)
+    async with running() as before:
+        await before.announce(request)
+        mesh = before.mesh
+    async with running(mesh=mesh) as after:
+        ended = replace(request, state=InputState.EXPIRED)
+        await asyncio.gather(after.adapter.on_outcome(ended), after.adapter.on_outcome(ended))
+        assert len(after.slack.of("chat.update")) == 1
+        assert mesh.kept == {}
+
+
 # -- Slack down --------------------------------------------------------------------------------
 
 
