@@ -516,6 +516,8 @@ async def churn_instructions(args: argparse.Namespace) -> dict[str, object]:
         kinds: list[tuple[str, str, Path | None]] = [("bare", "bare", None), ("mesh", "mesh", None)]
         if args.base:
             kinds.append(("base", "mesh", args.base))
+        if args.servers:  # e.g. only the two meshes, when the bare server's figure is known
+            kinds = [kind for kind in kinds if kind[0] in args.servers.split(",")]
         for name, role, code in kinds:
             server = await Server.spawn(role, args.max_seconds, code, callgrind=out)
             try:
@@ -562,8 +564,9 @@ def report(
             f" {args.pairs} pairs after {args.warmup_pairs}, {args.concurrency} in flight)"
         )
         for name, count in counts.items():
-            print(f"  {name:<5} {count:>12,.0f}   {count / counts['bare']:.2f}x bare")
-        if "base" in counts:
+            against = f"   {count / counts['bare']:.2f}x bare" if "bare" in counts else ""
+            print(f"  {name:<5} {count:>12,.0f}{against}")
+        if "base" in counts and "mesh" in counts:
             print(f"  mesh/base {counts['mesh'] / counts['base']:.3f} (--base {args.base})")
     elif churned is not None:
         rows = churned["rounds"]
@@ -623,6 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--instructions", action="store_true", help="(b): each server's instructions per pair (callgrind)"
     )
     parser.add_argument("--pairs", type=int, default=400, help="pairs counted with --instructions")
+    parser.add_argument(
+        "--servers", default="", help="with --instructions: only these of bare,mesh,base (default all)"
+    )
     parser.add_argument("--warmup-pairs", type=int, default=100, help="pairs before the count")
     parser.add_argument(
         "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files here"

@@ -242,16 +242,18 @@ class MeshServer:
             raise SettingsError(str(exc)) from None
         self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
         await self.adapters.start()
-        server = aio.server(
-            interceptors=[
-                MeshInterceptor(
-                    self.mesh.tokens,
-                    observe=self.metrics.rpc_done if self.metrics is not None else None,
-                    tracer=self._tracer,
-                )
-            ],
-            options=[("grpc.so_reuseport", 0)],
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        # Every service is added wrapped by the interceptor (authentication, errors, metrics,
+        # tracing), not given to grpc.aio as an interceptor: it would run as a chain of three
+        # coroutines on every call to find what is the same wrapped handler for every call of a
+        # method (callgrind, server process: 1.55M -> 1.53M instructions per InitSession+CloseSession).
+        interceptor = MeshInterceptor(
+            self.mesh.tokens,
+            observe=self.metrics.rpc_done if self.metrics is not None else None,
+            tracer=self._tracer,
         )
+        add_handlers = server.add_generic_rpc_handlers
+        server.add_generic_rpc_handlers = lambda handlers: add_handlers(interceptor.around(handlers))
         # Every service is served by the generic handler its add_*_to_server adds, not also as
         # grpc's "registered methods": grpc.aio keeps a request outstanding per registered method
         # and waits on all of them for every call it accepts (48 methods here: about 270,000 CPU

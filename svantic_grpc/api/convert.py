@@ -80,9 +80,8 @@ def session(
 ) -> session_pb.Session:
     """The session in protobuf form, written into ``into`` (an empty field of a response) when given.
 
-    Filled in place, each time set by its fields: InitSession and CloseSession answer with the
-    session and its seven agents, and building each Timestamp and agent to copy it in was most
-    of their work here.
+    Filled in place, each time set by its fields: InitSession answers with the session and its
+    seven agents, and building each Timestamp and agent to copy it in was most of its work here.
     """
     message = session_pb.Session() if into is None else into
     message.session_id = record.session_id

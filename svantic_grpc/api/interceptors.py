@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -77,7 +77,19 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method: str = handler_call_details.method
+        return self.wrapped(handler_call_details.method, handler)
+
+    def around(self, handlers: Sequence[grpc.GenericRpcHandler]) -> tuple[grpc.GenericRpcHandler, ...]:
+        """``handlers``, each serving its methods wrapped as ``intercept_service`` wraps them.
+
+        What the server adds its services through (``MeshServer``), instead of this class as a
+        grpc.aio interceptor: grpc.aio runs its interceptors as a chain of coroutines on every
+        call, to find a handler that here is the same for every call of a method.
+        """
+        return tuple(_Around(handler, self) for handler in handlers)
+
+    def wrapped(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` of ``method`` wrapped: authenticated, errors mapped (made once per method)."""
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -92,6 +104,20 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class _Around(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose methods are wrapped by the interceptor."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: MeshInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._interceptor.wrapped(handler_call_details.method, handler)
 
 
 def _wrap(

@@ -122,7 +122,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             current_caller(), request.session_id, reason=request.reason
         )
         response = pb.CloseSessionResponse(closed_now=closed_now)
-        self._session(session, into=response.session)  # filled in place: no copy of the session
+        # Without its agents: a closed session has none present (``Session.agents``), as
+        # ListSessionAgents says; GetSession with include_agents lists those that left.
+        self._session(session, include_agents=False, into=response.session)
         return response
 
     async def WatchSession(self, request: pb.WatchSessionRequest, context: aio.ServicerContext) -> None:

@@ -378,9 +378,18 @@ class EventBus:
 
     def _trim_due(self, events: Sequence[Event]) -> bool:
         """True when these events crossed a multiple of ``TRIM_EVERY`` past the cap."""
-        if not self._max_events or not events or events[-1].sequence <= self._max_events:
+        if not self._max_events or not events:
             return False
-        return (events[0].sequence - 1) // self.TRIM_EVERY != events[-1].sequence // self.TRIM_EVERY
+        # A store that builds its events when read (the memory store's ``Appended``) says where
+        # they start: reading the last one to learn its number would build it on every write.
+        first = getattr(events, "first", None)
+        if type(first) is int:
+            last = first + len(events) - 1
+        else:
+            first, last = events[0].sequence, events[-1].sequence
+        if last <= self._max_events:
+            return False
+        return (first - 1) // self.TRIM_EVERY != last // self.TRIM_EVERY
 
     async def _trim(self, key: tuple[str, str], events: Sequence[Event]) -> None:
         tenant_id, session_id = key

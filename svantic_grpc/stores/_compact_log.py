@@ -180,7 +180,7 @@ _new_event = object.__new__
 
 class Appended(Sequence[Event]):
     """The events one write appended (``entries``, numbered from ``first``), each ``Event`` built
-    when first read: with no live subscriber, the bus reads at most the last one (to trim)."""
+    when first read: with no live subscriber, the bus reads none of them (it trims by ``first``)."""
 
     __slots__ = ("_built", "created_at", "entries", "first", "session_id", "tenant_id", "time")
 

@@ -750,12 +750,15 @@ async def test_close_session(client: Client) -> None:
     assert closed.close_reason == "closed by acme-full"
     assert closed.HasField("closed_at")
     assert not closed.HasField("expires_at")
-    assert len(closed.agents) == 6
-    assert all(a.HasField("left_at") for a in closed.agents)
+    assert list(closed.agents) == []  # none present any more
     got = await _get(client, sid)
     assert got.status == CLOSED
     assert got.closed_at == closed.closed_at
     assert await _agents(client, sid) == []
+    # Those that left are still there for who asks: each with when it left, the close.
+    departed = (await _get(client, sid, include_agents=True)).agents
+    assert len(departed) == 6
+    assert all(a.left_at == closed.closed_at for a in departed)
 
 
 async def test_close_with_a_reason_and_closing_twice_is_harmless(client: Client) -> None:
