@@ -83,7 +83,11 @@ class PostgresStore(Store):
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._queued: asyncio.Future[None] | None = None
-        """Done when a write joins the queue while the committer waits for more."""
+        """Done when a write joins the queue while the committer waits for more (or it waited
+        ``_LINGER_S``)."""
+        self._waits_since = 0.0
+        """When the committer began its current wait (loop time)."""
+        self._linger: asyncio.TimerHandle | None = None
         self._closing = False
         self._readers: list[asyncpg.pool.PoolConnectionProxy] = []
         """Pooled connections kept for reads while no read uses them (``_read``)."""
@@ -622,6 +626,20 @@ class PostgresStore(Store):
             self._wake_committer()
         return await future
 
+    def _lingered(self) -> None:
+        """The committer's linger timer: it ends the committer's wait once it has waited
+        ``_LINGER_S`` for a write, else it is set again for when that will be."""
+        self._linger = None
+        wait = self._queued
+        if wait is None or wait.done():
+            return  # the committer is at work: its next wait sets the timer again
+        loop = wait.get_loop()
+        due = self._waits_since + self._LINGER_S
+        if loop.time() < due:
+            self._linger = loop.call_at(due, self._lingered)
+        else:
+            wait.set_result(None)
+
     def _wake_committer(self) -> None:
         wake = self._queued
         if wake is not None and not wake.done():
@@ -652,10 +670,12 @@ class PostgresStore(Store):
 
     async def _more_to_commit(self) -> bool:
         if not self._waiting and not self._closing:
-            self._queued = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._LINGER_S):  # (not wait_for: it can drop a cancel on 3.11)
-                    await self._queued
+            loop = asyncio.get_running_loop()
+            self._queued = loop.create_future()
+            self._waits_since = loop.time()
+            if self._linger is None:  # one timer per linger period, not one per write
+                self._linger = loop.call_at(self._waits_since + self._LINGER_S, self._lingered)
+            await self._queued
             self._queued = None
         if not self._waiting:
             self._committer = None  # at once: a write from now on starts another committer
