@@ -114,6 +114,9 @@ async def _replica(
                 "shutdown_grace_s": 0,
                 "log_level": "WARNING",
                 "metrics": {"enabled": False},
+                # Under callgrind a replica runs ~50x slower: with the default lease (10 s) one
+                # on a loaded machine lost its sessions to the others mid-count.
+                **({"replica": {"lease_ms": 120000}} if callgrind is not None else {}),
             }
         )
     )
@@ -336,6 +339,127 @@ async def _instructions(folder: Path, count: int, clients: int, ops: int) -> flo
     return int(total[1]) / measured
 
 
+async def _kernel_counts(folder: Path, count: int, clients: int, ops: int) -> dict[str, float]:
+    """Per message, summed over the ``count`` PostgreSQL replicas of a setup (``clients`` clients
+    spread over them, ``ops`` messages each, counted from when every client's warm-up is done):
+    system calls and context switches of every thread (``perf stat``'s software events), and the
+    user and system CPU milliseconds from /proc."""
+    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
+    warmed = 0
+    ready = asyncio.Event()
+    events = "raw_syscalls:sys_enter,context-switches"
+    async with _setup(folder, "postgresql", count) as replicas:
+
+        async def client(n: int) -> None:
+            nonlocal warmed
+            replica = replicas[n % count]
+            messages = MessageServiceStub(replica.channel)
+            created = await SessionServiceStub(replica.channel).InitSession(
+                session_service_pb2.InitSessionRequest(), metadata=replica.md
+            )
+            request = message_service_pb2.SendMessageRequest(
+                session_id=created.session.session_id, message=chat
+            )
+            for _ in range(3):
+                await messages.SendMessage(request, metadata=replica.md)
+            warmed += 1
+            await ready.wait()
+            for _ in range(ops):
+                await messages.SendMessage(request, metadata=replica.md)
+
+        tasks = [asyncio.create_task(client(n)) for n in range(clients)]
+        while warmed < clients:
+            if failed := [t for t in tasks if t.done() and t.exception()]:
+                await failed[0]
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        outs = [folder / f"perf-{uuid.uuid4().hex[:10]}.csv" for _ in replicas]
+        perfs = [
+            await asyncio.create_subprocess_exec(
+                "perf",
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                events,
+                "-o",
+                str(out),
+                "-p",
+                str(r.process.pid),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for r, out in zip(replicas, outs, strict=True)
+        ]
+        await asyncio.sleep(0.5)  # perf attached
+        times = [_cpu_split(r.process.pid) for r in replicas]
+        ready.set()
+        await asyncio.gather(*tasks)
+        after = [_cpu_split(r.process.pid) for r in replicas]
+        for perf in perfs:
+            perf.send_signal(2)  # SIGINT: perf writes its counts (this child only, by its handle)
+            await perf.wait()
+    done = clients * ops
+    got = {"syscalls": 0.0, "switches": 0.0}
+    for out in outs:
+        for line in out.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].isdigit():
+                got["syscalls" if "syscalls" in fields[2] else "switches"] += int(fields[0])
+    got = {k: v / done for k, v in got.items()}
+    for n, name in enumerate(("user ms", "sys ms", "main ms", "main sleeps", "main preempted")):
+        scale = 1000 if name.endswith("ms") else 1
+        got[name] = sum(a[n] - b[n] for a, b in zip(after, times, strict=True)) / done * scale
+    return got
+
+
+def _cpu_split(pid: int) -> tuple[float, float, float, float, float]:
+    """User and system CPU seconds of a process so far (tick-sampled, scaled to its run time),
+    then its main thread's: run time in seconds (the scheduler's, to the nanosecond), voluntary
+    and involuntary context switches."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ran = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    status = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+    )
+    return (
+        int(fields[11]) / TICK,
+        int(fields[12]) / TICK,
+        ran,
+        float(status["voluntary_ctxt_switches"]),
+        float(status["nonvoluntary_ctxt_switches"]),
+    )
+
+
+async def kernel_counts(args: argparse.Namespace) -> None:
+    """``--syscalls``: system calls, context switches and user/system CPU per message, summed over
+    the replicas of each setup (one replica with every client, one with a third, three)."""
+    if shutil.which("perf") is None:
+        raise SystemExit("--syscalls needs perf on the PATH")
+    setups = {
+        "postgresql x1": (1, args.clients),
+        "postgresql x1 at 1/3": (1, max(1, round(args.clients / 3))),
+        "postgresql x3": (3, args.clients),
+    }
+    counts: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_no in range(args.rounds):
+            order = list(setups.items()) if round_no % 2 == 0 else list(reversed(setups.items()))
+            for name, (count, clients) in order:
+                got = await _kernel_counts(Path(folder), count, clients, args.ops)
+                counts[name].append(got)
+                print(
+                    f"  round {round_no + 1} {name} ({clients} clients): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
+                    flush=True,
+                )
+    print(f"\n{revision('svantic_grpc', 'bench')}; Python {sys.version.split()[0]}; ", end="")
+    print(f"{args.ops} messages per client after a warm-up; per message, summed over the replicas")
+    for name, runs in counts.items():
+        m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"{name:22} " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
+
+
 async def instructions(args: argparse.Namespace) -> None:
     """``--instructions``: the work per message of one replica, alone and as one of three."""
     if shutil.which("valgrind") is None:
@@ -392,12 +516,27 @@ async def main() -> None:
         action="store_true",
         help="instead: callgrind instruction counts per message of one replica (needs valgrind)",
     )
+    parser.add_argument(
+        "--postgres-only",
+        action="store_true",
+        help="only the setups of the issue's ratio: one and three PostgreSQL replicas (and one at 1/3)",
+    )
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="instead: system calls, context switches and user/system CPU per message (needs perf)",
+    )
     args = parser.parse_args()
     args.ops = args.ops or (40 if args.instructions else 150)
     if args.instructions:
         await instructions(args)
         return
+    if args.syscalls:
+        await kernel_counts(args)
+        return
     setups = SETUPS if args.clients_per_replica else (*SETUPS, THIRD)
+    if args.postgres_only:
+        setups = tuple(s for s in setups if s[0] == "postgresql" and s[1] != 2)
     results: dict[tuple[str, int], dict[str, list[dict[str, float]]]] = {
         s: {"session": [], "message": []} for s in setups
     }

@@ -325,3 +325,46 @@ async def test_a_write_chosen_as_a_deadlocks_victim_runs_again_and_lands(schema:
     finally:
         await other.close()
         await store.close()
+
+
+async def test_reads_go_on_after_the_server_ended_the_connections_kept_for_them(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    try:
+        await store.create_session(make_session("s1"))
+        # Several reads at once: the store keeps more than one connection for reads after them.
+        await asyncio.gather(*(store.get_session(tenant_id="acme", session_id="s1") for _ in range(4)))
+        kept = [conn.get_server_pid() for conn in store._readers]
+        assert kept
+        conn = await asyncpg.connect(_postgres.POSTGRES_DSN)
+        try:
+            cut = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM unnest($1::int[]) AS pid", kept
+            )
+            assert cut == len(kept)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2)  # the client sees its connections closed
+        for _ in range(3):
+            stored = await store.get_session(tenant_id="acme", session_id="s1")
+            assert stored is not None and stored.session_id == "s1"
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_read_leaves_reads_working_and_the_store_closes(schema: str) -> None:
+    (store,) = await _replicas(schema, 1)
+    closed = False
+    try:
+        await store.create_session(make_session("s1"))
+        slow = asyncio.create_task(store._fetchval("SELECT pg_sleep(5)"))
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        stored = await asyncio.wait_for(store.get_session(tenant_id="acme", session_id="s1"), 3)
+        assert stored is not None
+        await asyncio.wait_for(store.close(), 5)  # every connection went back to the pool
+        closed = True
+    finally:
+        if not closed:
+            await store.close()
