@@ -572,14 +572,8 @@ class ConnectedAgent:
         handler said after it is said again for this dispatch, and a handler still at work goes on
         for it. The work is not done twice."""
         dispatch_id = dispatch.dispatch_id
-        if self._verify_dispatches:
-            try:
-                self._verify(dispatch)
-            except jwt.InvalidTokenError as error:
-                self._state(
-                    dispatch_id, message_types_pb2.MESSAGE_STATE_REJECTED, f"dispatch token rejected: {error}"
-                )
-                return
+        if not self._taken(dispatch):
+            return
         self._state(dispatch_id, message_types_pb2.MESSAGE_STATE_WORKING)  # acknowledged: delivered
         updates = [_readdressed(update, dispatch_id) for update in sequel.updates]
         if sequel.running is not None:  # still at work: from now on, for this dispatch
@@ -596,6 +590,18 @@ class ConnectedAgent:
             )
         for update in updates:
             self._outbox.put_nowait(update)
+
+    def _taken(self, dispatch: registry_service_pb2.Dispatch) -> bool:
+        """Whether a dispatch that carries an answer again may be taken: its token checked, if
+        dispatches are verified (one that fails it is rejected, saying why)."""
+        if self._verify_dispatches:
+            try:
+                self._verify(dispatch)
+            except jwt.InvalidTokenError as error:
+                reason = f"dispatch token rejected: {error}"
+                self._state(dispatch.dispatch_id, message_types_pb2.MESSAGE_STATE_REJECTED, reason)
+                return False
+        return True
 
     def _asked(
         self, message_id: str, answers: list[message_types_pb2.InputRequest]
@@ -617,14 +623,8 @@ class ConnectedAgent:
         the replica running the session died, while a human decided): the handler that asked takes
         it where it waits and goes on for this dispatch. What it did before asking is not done twice."""
         dispatch_id = dispatch.dispatch_id
-        if self._verify_dispatches:
-            try:
-                self._verify(dispatch)
-            except jwt.InvalidTokenError as error:
-                self._state(
-                    dispatch_id, message_types_pb2.MESSAGE_STATE_REJECTED, f"dispatch token rejected: {error}"
-                )
-                return
+        if not self._taken(dispatch):
+            return
         task = self._running.get(reply.dispatch_id)
         if task is None:
             return

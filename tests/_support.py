@@ -8,8 +8,8 @@ read from the process environment.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +134,19 @@ def error_details(excinfo: object) -> tuple[str, str]:
             detail.Unpack(bad)
             field = bad.field_violations[0].field
     return reason, field
+
+
+@contextmanager
+def closes_failing(client: Client) -> Iterator[None]:
+    """While inside, the server's store fails every close of a session (as a full disk would)."""
+    store = client.server.mesh.store
+    write = store.update_session_with_events
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("the disk is full")
+
+    store.update_session_with_events = failing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        store.update_session_with_events = write  # type: ignore[method-assign]

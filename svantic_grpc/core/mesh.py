@@ -240,23 +240,18 @@ class Mesh:
     async def _session_closing(self, tenant_id: str, session_id: str, reason: str) -> None:
         """Pending requests of a closing session fail; its grants and budgets go."""
         self.inputs.policies.forget_session(tenant_id, session_id)
-        if not self.inputs.has_pending(tenant_id, session_id):
-            return
-        page = await self.store.list_inputs(
-            tenant_id=tenant_id, session_id=session_id, states=(InputState.PENDING,), page_size=500
-        )
-        for message_id in {r.message_id for r in page.requests}:
-            await self.inputs.cancel_for_message(
-                tenant_id, session_id, message_id, f"session closed ({reason})"
-            )
+        if self.inputs.has_pending(tenant_id, session_id):
+            await self._withdraw_pending(tenant_id, session_id, reason)
 
     async def _session_closed(self, tenant_id: str, session_id: str, reason: str) -> None:
         """With replicas, once a close is written: a request the session's owner raised while the
         close was on its way here (after its work was ended, before the close was written) is
         withdrawn now, not at the owner's next renewal. Requests raised after the close are
         refused (the close moved the session on), so none is left pending in a closed session."""
-        if not self.sessions.shared:
-            return
+        if self.sessions.shared:
+            await self._withdraw_pending(tenant_id, session_id, reason)
+
+    async def _withdraw_pending(self, tenant_id: str, session_id: str, reason: str) -> None:
         page = await self.store.list_inputs(
             tenant_id=tenant_id, session_id=session_id, states=(InputState.PENDING,), page_size=500
         )

@@ -32,7 +32,7 @@ from svantic_grpc.pb import (
     message_types_pb2,
     session_types_pb2,
 )
-from tests._support import Client, error_details, running_server
+from tests._support import Client, closes_failing, error_details, running_server
 from tests.agents_connected import (
     WAIT,
     data,
@@ -1060,18 +1060,8 @@ async def test_a_paused_session_whose_close_failed_is_active_again_with_nothing_
         session_id = await new_session(client)
         await ask_tools(client, session_id, DELETE_RECORDS)
         assert (await get_session(client, session_id)).status == PAUSED
-        store = client.server.mesh.store
-        write = store.update_session_with_events
-
-        async def failing(*args: Any, **kwargs: Any) -> Any:
-            raise OSError("the disk is full")
-
-        store.update_session_with_events = failing  # type: ignore[method-assign]
-        try:
-            with pytest.raises(aio.AioRpcError):
-                await close_session(client, session_id)
-        finally:
-            store.update_session_with_events = write  # type: ignore[method-assign]
+        with closes_failing(client), pytest.raises(aio.AioRpcError):
+            await close_session(client, session_id)
         assert await pending_ids(client) == []
         deadline = time.monotonic() + WAIT
         while (await get_session(client, session_id)).status != ACTIVE:

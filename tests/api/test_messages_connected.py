@@ -39,7 +39,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
     session_types_pb2,
 )
-from tests._support import SECRET, Client, code_of, error_details, rpc_error, running_server
+from tests._support import SECRET, Client, closes_failing, code_of, error_details, rpc_error, running_server
 from tests.agents_connected import (
     WAIT,
     RawAgent,
@@ -1391,22 +1391,12 @@ async def test_messages_sent_while_their_session_closes_all_end() -> None:
 async def test_after_a_close_that_failed_to_be_written_the_open_session_takes_messages_again() -> None:
     async with running_server() as client:
         session_id = await new_session(client)
-        store = client.server.mesh.store
-        write = store.update_session_with_events
-
-        async def failing(*args: Any, **kwargs: Any) -> Any:
-            raise OSError("the disk is full")
-
-        store.update_session_with_events = failing  # type: ignore[method-assign]
-        try:
-            with pytest.raises(aio.AioRpcError):
-                await client.sessions.CloseSession(
-                    session_service_pb2.CloseSessionRequest(session_id=session_id),
-                    metadata=await client.md(),
-                    timeout=WAIT,
-                )
-        finally:
-            store.update_session_with_events = write  # type: ignore[method-assign]
+        with closes_failing(client), pytest.raises(aio.AioRpcError):
+            await client.sessions.CloseSession(
+                session_service_pb2.CloseSessionRequest(session_id=session_id),
+                metadata=await client.md(),
+                timeout=WAIT,
+            )
         # The session is still open and a message sent to it runs (it ended canceled for a minute).
         response = await client.sessions.GetSession(
             session_service_pb2.GetSessionRequest(session_id=session_id), metadata=await client.md()
