@@ -139,6 +139,15 @@ async def _hand_over(schema: str, session_id: str, owner: Client, *, to: Client)
     assert await to.server.mesh.ownership.tick() == 1  # type: ignore[attr-defined]
 
 
+async def _asking(owner: Client) -> tuple[str, Any]:
+    """A new session on ``owner`` and a message in it that asks a human (the ``crm`` agent's
+    approval): its session id and the message, input-required."""
+    session_id = await new_session(owner)
+    asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
+    assert asked.state == INPUT_REQUIRED, asked.state_reason
+    return session_id, asked
+
+
 def _stop_sweeping(client: Client) -> None:
     """The replica no longer renews nor takes over by itself: a test calls ``tick`` on it."""
     for task in client.server.mesh.ownership._tasks:  # type: ignore[attr-defined]
@@ -250,9 +259,7 @@ async def test_an_answer_delivered_again_after_the_owner_died_does_not_run_the_a
         deleting = Deleting()
 
         async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
-            session_id = await new_session(owner)
-            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
-            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            session_id, asked = await _asking(owner)
             # "a" stops hearing from "b" (as if it died now): what the agent says next is lost.
             owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
@@ -271,9 +278,7 @@ async def test_an_answer_delivered_again_while_the_agent_still_works_on_it_joins
         deleting = Deleting(go_on)  # still at work, reporting nothing, when the owner dies
 
         async with running_agent(other, deleting, agent_type="crm", instance_id="crm-b"):
-            session_id = await new_session(owner)
-            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
-            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            session_id, asked = await _asking(owner)
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
             await asyncio.wait_for(deleting.answered.wait(), WAIT)
             owner.server.mesh.connections.relayed = lambda item: None  # type: ignore[method-assign]
@@ -354,9 +359,7 @@ async def test_an_answer_for_an_agent_whose_replica_died_reaches_it_where_it_is_
         deleting = Deleting()
 
         async with running_agent(holder, deleting, agent_type="crm", instance_id="crm-1"):
-            session_id = await new_session(owner)
-            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
-            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            session_id, asked = await _asking(owner)
             _dies_without_a_word(monkeypatch, holder)
         # The agent comes back on "a"; then the human answers.
         async with running_agent(owner, deleting, agent_type="crm", instance_id="crm-1"):
@@ -375,9 +378,7 @@ async def test_an_answer_sent_to_a_replica_that_died_before_taking_it_reaches_th
     async with _schema() as schema, _replicas_a_and_b(schema) as (owner, holder):
         deleting = Deleting()
         async with running_agent(holder, deleting, agent_type="crm", instance_id="crm-1"):
-            session_id = await new_session(owner)
-            asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
-            assert asked.state == INPUT_REQUIRED, asked.state_reason
+            session_id, asked = await _asking(owner)
             _dies_without_a_word(monkeypatch, holder)
             # The human answers at once, before the agent notices.
             await resolve(owner, asked.input_request_ids[0], decision=message_types_pb2.DECISION_APPROVE)
@@ -446,9 +447,7 @@ async def test_an_agent_waiting_for_a_human_when_its_owner_died_takes_the_answer
         _replicas_a_and_b(schema) as (owner, holder),
         running_agent(holder, asking, agent_type="crm", instance_id="crm-b"),
     ):
-        session_id = await new_session(owner)
-        asked = await send(owner, session_id, "clean up", data({"target_agent": "crm"}))
-        assert asked.state == INPUT_REQUIRED, asked.state_reason
+        session_id, asked = await _asking(owner)
         _dies_without_a_word(monkeypatch, owner)
         await _hand_over(schema, session_id, owner, to=holder)
         await asyncio.sleep(1.5)  # three of the holder's checks of the owners: nothing dropped
