@@ -36,6 +36,7 @@ from svantic_grpc.core.models import (
     Skill,
     Tool,
 )
+from svantic_grpc.core.pages import PageScope
 from svantic_grpc.core.store import Store, fitting
 
 __all__ = ["ROUTABLE", "AgentSpec", "Registry"]
@@ -236,7 +237,8 @@ class Registry:
         next page (empty on the last). A page ends early once it carries ``PAGE_MAX_BYTES``."""
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
-        after = _after(page_token)
+        scope = PageScope("ListAgents", caller.tenant_id, (agent_type, str(routable_only)))
+        after = _after(scope.cursor(page_token))
         agents = sorted(
             (
                 a
@@ -250,7 +252,7 @@ class Registry:
         if len(page) == len(agents):
             return page, ""
         last = page[-1]
-        return page, _token((last.agent_type, last.instance_id))
+        return page, scope.token(_token((last.agent_type, last.instance_id)))
 
     async def pick(
         self,

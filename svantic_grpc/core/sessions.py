@@ -53,6 +53,7 @@ from svantic_grpc.core.models import (
     SessionAgent,
     SessionStatus,
 )
+from svantic_grpc.core.pages import PageScope
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.store import Change, Changed, SessionPage, Store
@@ -230,12 +231,15 @@ class Sessions:
         caller.require(Scope.READ)
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-        return await self._store.list_sessions(
+        statuses = tuple(statuses)
+        scope = PageScope("ListSessions", caller.tenant_id, tuple(sorted({s.value for s in statuses})))
+        page = await self._store.list_sessions(
             tenant_id=caller.tenant_id,
             statuses=statuses,
             page_size=page_size or DEFAULT_PAGE_SIZE,
-            cursor=page_token,
+            cursor=scope.cursor(page_token),
         )
+        return replace(page, next_cursor=scope.token(page.next_cursor))
 
     async def invite(
         self, caller: Caller, session_id: str, *, agent_type: str, instance_id: str = ""

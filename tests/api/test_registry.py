@@ -727,6 +727,13 @@ async def test_list_agents_pages_by_count_and_by_size() -> None:
                 registry_service_pb2.ListAgentsRequest(page_token="not-a-token"), metadata=md
             )
         assert code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT and error_details(bad)[1] == "page_token"
+        # The token of the `cliq` list is not a position in the list of every type.
+        with pytest.raises(grpc.aio.AioRpcError) as other_list:
+            await client.registry.ListAgents(
+                registry_service_pb2.ListAgentsRequest(page_token=small.next_page_token), metadata=md
+            )
+        assert code_of(other_list) == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(other_list)[1] == "page_token"
 
 
 async def test_the_chat_lists_what_agents_can_do_within_bounds() -> None:

@@ -448,6 +448,42 @@ async def test_list_sessions_pages_newest_first(clock: ManualClock) -> None:
         assert seen == list(reversed(created))  # each exactly once, newest first
 
 
+async def test_a_page_token_only_serves_the_list_that_gave_it(client: Client) -> None:
+    """A kept page token sent with other filters, to another list or by another tenant is refused
+    naming ``page_token`` (AIP-158), instead of being taken as a position in the other list."""
+    for i in range(3):
+        await _init(client, session_id=f"bound-{i}")
+    globex = await client.md("globex-full")
+    for i in range(3):
+        await _init(client, globex, session_id=f"bound-g-{i}")
+    first = await _list(client, page_size=1, statuses=[ACTIVE])
+    token = first.next_page_token
+    assert token
+    # The same request goes on from where the page ended.
+    second = await _list(client, page_size=1, statuses=[ACTIVE], page_token=token)
+    assert second.sessions[0].session_id != first.sessions[0].session_id
+    for other in (
+        _list(client, page_size=1, statuses=[CLOSED], page_token=token),
+        _list(client, page_size=1, page_token=token),
+        _list(client, globex, page_size=1, statuses=[ACTIVE], page_token=token),
+        client.messages.ListMessages(
+            message_service_pb2.ListMessagesRequest(page_token=token), metadata=await client.md()
+        ),
+        client.messages.ListPendingInputs(
+            message_service_pb2.ListPendingInputsRequest(page_token=token), metadata=await client.md()
+        ),
+    ):
+        await _rejects(other, grpc.StatusCode.INVALID_ARGUMENT, field="page_token")
+    # A token of the right list whose position was made by hand is still read strictly.
+    digest = token.partition(".")[0]
+    for inner in (_b64(b'[true, "x"]'), _b64(b'[0, "\\ud800"]'), "", "!"):
+        await _rejects(
+            _list(client, page_size=1, statuses=[ACTIVE], page_token=f"{digest}.{inner}"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            field="page_token",
+        )
+
+
 async def test_list_sessions_filters_by_status(client: Client) -> None:
     a = (await _init(client, session_id="st-a")).session_id
     b = (await _init(client, session_id="st-b")).session_id

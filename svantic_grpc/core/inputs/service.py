@@ -55,6 +55,7 @@ from svantic_grpc.core.inputs.policies import PolicyEngine
 from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import SessionStatus
+from svantic_grpc.core.pages import PageScope
 from svantic_grpc.core.reaper import IdleReaper
 from svantic_grpc.core.store import AuditRecord, Change, Changed, InputPage, Store, as_stored, fitting
 from svantic_grpc.core.tracing import NO_TRACING, Tracing
@@ -463,24 +464,26 @@ class Inputs:
             raise session_not_found(session_id)
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
+        scope = PageScope("ListPendingInputs", caller.tenant_id, (session_id,))
+        cursor = scope.cursor(page_token)
         page = await self._store.list_inputs(
             tenant_id=caller.tenant_id,
             session_id=session_id,
             states=(InputState.PENDING,),
             page_size=page_size or 50,
-            cursor=page_token,
+            cursor=cursor,
         )
         fit = fitting(page.requests, json_bytes)
-        if fit == len(page.requests):
-            return page
-        # The page ends early (the store's cursor for the shorter page).
-        return await self._store.list_inputs(
-            tenant_id=caller.tenant_id,
-            session_id=session_id,
-            states=(InputState.PENDING,),
-            page_size=fit,
-            cursor=page_token,
-        )
+        if fit != len(page.requests):
+            # The page ends early (the store's cursor for the shorter page).
+            page = await self._store.list_inputs(
+                tenant_id=caller.tenant_id,
+                session_id=session_id,
+                states=(InputState.PENDING,),
+                page_size=fit,
+                cursor=cursor,
+            )
+        return replace(page, next_cursor=scope.token(page.next_cursor))
 
     async def wait(self, tenant_id: str, request_id: str) -> InputRequest:
         """Until the request ends (resolved, expired or canceled)."""

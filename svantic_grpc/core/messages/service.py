@@ -35,6 +35,7 @@ from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import Session
 from svantic_grpc.core.ownership import HandOff, LeaseLost, Ownership, SoleOwner
+from svantic_grpc.core.pages import PageScope
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Change, Changed, MessagePage, Store, fitting
 
@@ -396,20 +397,22 @@ class Messages:
         if page_size < 0 or page_size > 500:
             raise InvalidArgument("page_size", "must be between 0 and 500")
         states = tuple(states)
+        scope = PageScope("ListMessages", caller.tenant_id, (session_id, *sorted({s.value for s in states})))
+        cursor = scope.cursor(page_token)
         page = await self._store.list_messages(
             tenant_id=caller.tenant_id,
             session_id=session_id,
             states=states,
             page_size=page_size or 50,
-            cursor=page_token,
+            cursor=cursor,
         )
         fit = fitting(page.messages, message_bytes)
-        if fit == len(page.messages):
-            return page
-        # The page ends early (the store's cursor for the shorter page).
-        return await self._store.list_messages(
-            tenant_id=caller.tenant_id, session_id=session_id, states=states, page_size=fit, cursor=page_token
-        )
+        if fit != len(page.messages):
+            # The page ends early (the store's cursor for the shorter page).
+            page = await self._store.list_messages(
+                tenant_id=caller.tenant_id, session_id=session_id, states=states, page_size=fit, cursor=cursor
+            )
+        return replace(page, next_cursor=scope.token(page.next_cursor))
 
     async def cancel(self, caller: Caller, session_id: str, message_id: str, *, reason: str = "") -> Message:
         """Cancel a message that has not ended; a terminal one is ``FailedPrecondition``."""
