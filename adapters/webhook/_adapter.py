@@ -13,7 +13,8 @@ token with the same answer again, say after a lost response, gets that 200 again
 ``"repeat": true``, at any time and after a restart; any other answer to an ended
 request gets 409 naming who answered. A signed message is processed once per
 ``webhook-id`` (``_replay``); a replay gets ``{"status": "duplicate"}`` and changes
-nothing. Refusals are JSON with a reason (``_http``).
+nothing; the same id with another body is 409 ``WEBHOOK_ID_REUSED``. Refusals are JSON
+with a reason (``_http``).
 
 Sensitive forms never leave the mesh: their notifications carry no defaults, no
 values and no callback token, and a webhook cannot answer them.
@@ -39,7 +40,7 @@ from adapters.webhook._callbacks import CallbackTokens, Winners, fingerprint
 from adapters.webhook._delivery import Deliveries, Message, Retries, Target
 from adapters.webhook._http import Refused, error, mesh_error
 from adapters.webhook._notifications import OUTCOME_TYPES, SENSITIVE_NOTE, dumps, iso, request_json
-from adapters.webhook._replay import SeenIds
+from adapters.webhook._replay import SeenIds, body_digest
 from adapters.webhook._settings import MIN_TOKEN_KEY_BYTES, WebhookSettings, signer
 from adapters.webhook._signatures import signature_headers, verify
 from adapters.webhook._strict_json import MalformedJson, parse_object
@@ -252,9 +253,18 @@ class WebhookAdapter(Adapter):
                     now=self.context.clock.now(),
                     tolerance_s=self.settings.tolerance_s,
                 )
-                if signed.webhook_id in self._seen:
+                digest = body_digest(text)
+                seen = self._seen.body_of(signed.webhook_id)
+                if seen == digest:
                     return JSONResponse({"status": "duplicate"})
-                return await self._resolve_signed(body, signed.webhook_id, timestamp)
+                if seen is not None:
+                    raise Refused(
+                        409,
+                        "WEBHOOK_ID_REUSED",
+                        "this webhook-id was already used for another body: each message needs its own id",
+                        "webhook-id",
+                    )
+                return await self._resolve_signed(body, signed.webhook_id, timestamp, digest)
             if isinstance(body.get("callback_token"), str):
                 return await self._resolve_with_token(body)
             raise Refused(401, "UNAUTHENTICATED", "needs a valid webhook-signature or callback_token")
@@ -266,9 +276,11 @@ class WebhookAdapter(Adapter):
             _log.exception("webhook adapter %s: resolving through %s failed", self.name, RECEIVE_PATH)
             return error(500, "INTERNAL", "the mesh could not take this answer; try again")
 
-    async def _resolve_signed(self, body: dict[str, Any], webhook_id: str, timestamp: int) -> JSONResponse:
+    async def _resolve_signed(
+        self, body: dict[str, Any], webhook_id: str, timestamp: int, digest: bytes
+    ) -> JSONResponse:
         # Remembered before awaiting: a concurrent replay is a duplicate.
-        self._seen.remember(webhook_id, timestamp, now=self.context.clock.now())
+        self._seen.remember(webhook_id, timestamp, digest, now=self.context.clock.now())
         try:
             answer = Answer.parse(body)
             if not answer.request_id:

@@ -677,6 +677,23 @@ async def test_signed_resolution_is_processed_once_per_webhook_id(build: Build) 
     assert h.mesh.resolved == 1
 
 
+async def test_a_webhook_id_reused_for_another_body_is_a_conflict_not_a_duplicate(build: Build) -> None:
+    """Two messages under one id are the sender's mistake: the second is refused naming the
+    header, not dropped as if it had been processed (its answer would be lost in silence)."""
+    h = await build()
+    await h.announce(tool_request("r1"))
+    await h.announce(tool_request("r2"))
+    status, _ = await h.post_signed(answer("r1"), webhook_id="msg_1")
+    assert status == 200
+    status, body = await h.post_signed(answer("r2"), webhook_id="msg_1")
+    assert status == 409
+    assert (body["error"]["reason"], body["error"]["field"]) == ("WEBHOOK_ID_REUSED", "webhook-id")
+    assert h.mesh.state("r2").state is InputState.PENDING
+    status, body = await h.post_signed(answer("r2"), webhook_id="msg_2")  # under its own id it is taken
+    assert (status, body["status"]) == (200, "resolved")
+    assert h.mesh.resolved == 2
+
+
 async def test_forged_and_stale_signatures_change_nothing(build: Build) -> None:
     h = await build()
     await h.announce(tool_request())
