@@ -142,7 +142,7 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
             try:
                 await self._converse_action(caller, session_id, request)
             except MeshError as error:
-                await out.put(pb.ConverseResponse(error=_converse_error(error)))
+                await out.put(pb.ConverseResponse(error=_converse_error(error, request)))
 
         cancels: list[asyncio.Task[None]] = []
 
@@ -201,10 +201,20 @@ class MessageServicer(pb_grpc.MessageServiceServicer):
             raise InvalidArgument("action", "set one of send, cancel or resolve")
 
 
-def _converse_error(error: MeshError) -> pb.ConverseError:
+def _converse_error(error: MeshError, request: pb.ConverseRequest) -> pb.ConverseError:
+    """The error of one action, naming the action and the id it named, so that a client with
+    several actions in flight knows which one failed."""
+    action = request.WhichOneof("action") or ""
+    subject = {
+        "send": request.send.message_id,
+        "cancel": request.cancel.message_id,
+        "resolve": request.resolve.request_id,
+    }.get(action, "")
     return pb.ConverseError(
         code=status_code_for(error).value[0],
         reason=error.reason,
         message=error.message,
         field=getattr(error, "field", ""),
+        action=action,
+        subject_id=subject,
     )

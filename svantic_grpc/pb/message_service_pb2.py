@@ -27,7 +27,7 @@ from . import event_types_pb2 as svantic_dot_v1_dot_event__types__pb2
 from . import message_types_pb2 as svantic_dot_v1_dot_message__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n svantic/v1/message_service.proto\x12\nsvantic.v1\x1a\x1csvantic/v1/event_types.proto\x1a\x1esvantic/v1/message_types.proto\"f\n\x0fOutgoingMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x03 \x03(\x0b\x32\x10.svantic.v1.Part\"V\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessage\";\n\x13SendMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"_\n\x1bSendStreamingMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessage\"G\n\x1cSendStreamingMessageResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionEvent\":\n\x0c\x43onverseOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"4\n\x0e\x43onverseCancel\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x0f\x43onverseResolve\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\nresolution\x18\x02 \x01(\x0b\x32\x16.svantic.v1.Resolution\"\xd0\x01\n\x0f\x43onverseRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.svantic.v1.ConverseOpenH\x00\x12+\n\x04send\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessageH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.svantic.v1.ConverseCancelH\x00\x12.\n\x07resolve\x18\x04 \x01(\x0b\x32\x1b.svantic.v1.ConverseResolveH\x00\x42\x08\n\x06\x61\x63tion\"M\n\rConverseError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"t\n\x10\x43onverseResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionEventH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.svantic.v1.ConverseErrorH\x00\x42\t\n\x07payload\";\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\":\n\x12GetMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"z\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06states\x18\x02 \x03(\x0e\x32\x18.svantic.v1.MessageState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"V\n\x14ListMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.svantic.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x14\x43\x61ncelMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x15\x43\x61ncelMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"U\n\x18ListPendingInputsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x19ListPendingInputsResponse\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.svantic.v1.InputRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x13ResolveInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\nresolution\x18\x02 \x01(\x0b\x32\x16.svantic.v1.Resolution\"A\n\x14ResolveInputResponse\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest2\xc3\x05\n\x0eMessageService\x12N\n\x0bSendMessage\x12\x1e.svantic.v1.SendMessageRequest\x1a\x1f.svantic.v1.SendMessageResponse\x12k\n\x14SendStreamingMessage\x12\'.svantic.v1.SendStreamingMessageRequest\x1a(.svantic.v1.SendStreamingMessageResponse0\x01\x12I\n\x08\x43onverse\x12\x1b.svantic.v1.ConverseRequest\x1a\x1c.svantic.v1.ConverseResponse(\x01\x30\x01\x12K\n\nGetMessage\x12\x1d.svantic.v1.GetMessageRequest\x1a\x1e.svantic.v1.GetMessageResponse\x12Q\n\x0cListMessages\x12\x1f.svantic.v1.ListMessagesRequest\x1a .svantic.v1.ListMessagesResponse\x12T\n\rCancelMessage\x12 .svantic.v1.CancelMessageRequest\x1a!.svantic.v1.CancelMessageResponse\x12`\n\x11ListPendingInputs\x12$.svantic.v1.ListPendingInputsRequest\x1a%.svantic.v1.ListPendingInputsResponse\x12Q\n\x0cResolveInput\x12\x1f.svantic.v1.ResolveInputRequest\x1a .svantic.v1.ResolveInputResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n svantic/v1/message_service.proto\x12\nsvantic.v1\x1a\x1csvantic/v1/event_types.proto\x1a\x1esvantic/v1/message_types.proto\"f\n\x0fOutgoingMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.svantic.v1.Role\x12\x1f\n\x05parts\x18\x03 \x03(\x0b\x32\x10.svantic.v1.Part\"V\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessage\";\n\x13SendMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"_\n\x1bSendStreamingMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessage\"G\n\x1cSendStreamingMessageResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionEvent\":\n\x0c\x43onverseOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"4\n\x0e\x43onverseCancel\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x0f\x43onverseResolve\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\nresolution\x18\x02 \x01(\x0b\x32\x16.svantic.v1.Resolution\"\xd0\x01\n\x0f\x43onverseRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.svantic.v1.ConverseOpenH\x00\x12+\n\x04send\x18\x02 \x01(\x0b\x32\x1b.svantic.v1.OutgoingMessageH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.svantic.v1.ConverseCancelH\x00\x12.\n\x07resolve\x18\x04 \x01(\x0b\x32\x1b.svantic.v1.ConverseResolveH\x00\x42\x08\n\x06\x61\x63tion\"q\n\rConverseError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x12\n\nsubject_id\x18\x06 \x01(\t\"t\n\x10\x43onverseResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.svantic.v1.SessionEventH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.svantic.v1.ConverseErrorH\x00\x42\t\n\x07payload\";\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\":\n\x12GetMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"z\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06states\x18\x02 \x03(\x0e\x32\x18.svantic.v1.MessageState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"V\n\x14ListMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.svantic.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x14\x43\x61ncelMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x15\x43\x61ncelMessageResponse\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.svantic.v1.Message\"U\n\x18ListPendingInputsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x19ListPendingInputsResponse\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.svantic.v1.InputRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x13ResolveInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\nresolution\x18\x02 \x01(\x0b\x32\x16.svantic.v1.Resolution\"A\n\x14ResolveInputResponse\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.svantic.v1.InputRequest2\xc3\x05\n\x0eMessageService\x12N\n\x0bSendMessage\x12\x1e.svantic.v1.SendMessageRequest\x1a\x1f.svantic.v1.SendMessageResponse\x12k\n\x14SendStreamingMessage\x12\'.svantic.v1.SendStreamingMessageRequest\x1a(.svantic.v1.SendStreamingMessageResponse0\x01\x12I\n\x08\x43onverse\x12\x1b.svantic.v1.ConverseRequest\x1a\x1c.svantic.v1.ConverseResponse(\x01\x30\x01\x12K\n\nGetMessage\x12\x1d.svantic.v1.GetMessageRequest\x1a\x1e.svantic.v1.GetMessageResponse\x12Q\n\x0cListMessages\x12\x1f.svantic.v1.ListMessagesRequest\x1a .svantic.v1.ListMessagesResponse\x12T\n\rCancelMessage\x12 .svantic.v1.CancelMessageRequest\x1a!.svantic.v1.CancelMessageResponse\x12`\n\x11ListPendingInputs\x12$.svantic.v1.ListPendingInputsRequest\x1a%.svantic.v1.ListPendingInputsResponse\x12Q\n\x0cResolveInput\x12\x1f.svantic.v1.ResolveInputRequest\x1a .svantic.v1.ResolveInputResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSEREQUEST']._serialized_start=731
   _globals['_CONVERSEREQUEST']._serialized_end=939
   _globals['_CONVERSEERROR']._serialized_start=941
-  _globals['_CONVERSEERROR']._serialized_end=1018
-  _globals['_CONVERSERESPONSE']._serialized_start=1020
-  _globals['_CONVERSERESPONSE']._serialized_end=1136
-  _globals['_GETMESSAGEREQUEST']._serialized_start=1138
-  _globals['_GETMESSAGEREQUEST']._serialized_end=1197
-  _globals['_GETMESSAGERESPONSE']._serialized_start=1199
-  _globals['_GETMESSAGERESPONSE']._serialized_end=1257
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1259
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1381
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1383
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1469
-  _globals['_CANCELMESSAGEREQUEST']._serialized_start=1471
-  _globals['_CANCELMESSAGEREQUEST']._serialized_end=1549
-  _globals['_CANCELMESSAGERESPONSE']._serialized_start=1551
-  _globals['_CANCELMESSAGERESPONSE']._serialized_end=1612
-  _globals['_LISTPENDINGINPUTSREQUEST']._serialized_start=1614
-  _globals['_LISTPENDINGINPUTSREQUEST']._serialized_end=1699
-  _globals['_LISTPENDINGINPUTSRESPONSE']._serialized_start=1701
-  _globals['_LISTPENDINGINPUTSRESPONSE']._serialized_end=1797
-  _globals['_RESOLVEINPUTREQUEST']._serialized_start=1799
-  _globals['_RESOLVEINPUTREQUEST']._serialized_end=1884
-  _globals['_RESOLVEINPUTRESPONSE']._serialized_start=1886
-  _globals['_RESOLVEINPUTRESPONSE']._serialized_end=1951
-  _globals['_MESSAGESERVICE']._serialized_start=1954
-  _globals['_MESSAGESERVICE']._serialized_end=2661
+  _globals['_CONVERSEERROR']._serialized_end=1054
+  _globals['_CONVERSERESPONSE']._serialized_start=1056
+  _globals['_CONVERSERESPONSE']._serialized_end=1172
+  _globals['_GETMESSAGEREQUEST']._serialized_start=1174
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1233
+  _globals['_GETMESSAGERESPONSE']._serialized_start=1235
+  _globals['_GETMESSAGERESPONSE']._serialized_end=1293
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1295
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1417
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1419
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1505
+  _globals['_CANCELMESSAGEREQUEST']._serialized_start=1507
+  _globals['_CANCELMESSAGEREQUEST']._serialized_end=1585
+  _globals['_CANCELMESSAGERESPONSE']._serialized_start=1587
+  _globals['_CANCELMESSAGERESPONSE']._serialized_end=1648
+  _globals['_LISTPENDINGINPUTSREQUEST']._serialized_start=1650
+  _globals['_LISTPENDINGINPUTSREQUEST']._serialized_end=1735
+  _globals['_LISTPENDINGINPUTSRESPONSE']._serialized_start=1737
+  _globals['_LISTPENDINGINPUTSRESPONSE']._serialized_end=1833
+  _globals['_RESOLVEINPUTREQUEST']._serialized_start=1835
+  _globals['_RESOLVEINPUTREQUEST']._serialized_end=1920
+  _globals['_RESOLVEINPUTRESPONSE']._serialized_start=1922
+  _globals['_RESOLVEINPUTRESPONSE']._serialized_end=1987
+  _globals['_MESSAGESERVICE']._serialized_start=1990
+  _globals['_MESSAGESERVICE']._serialized_end=2697
 # @@protoc_insertion_point(module_scope)

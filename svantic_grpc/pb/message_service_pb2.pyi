@@ -84,16 +84,20 @@ class ConverseRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[ConverseOpen, _Mapping]] = ..., send: _Optional[_Union[OutgoingMessage, _Mapping]] = ..., cancel: _Optional[_Union[ConverseCancel, _Mapping]] = ..., resolve: _Optional[_Union[ConverseResolve, _Mapping]] = ...) -> None: ...
 
 class ConverseError(_message.Message):
-    __slots__ = ("code", "reason", "message", "field")
+    __slots__ = ("code", "reason", "message", "field", "action", "subject_id")
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     code: int
     reason: str
     message: str
     field: str
-    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    action: str
+    subject_id: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., action: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
     __slots__ = ("event", "error")

@@ -1368,7 +1368,9 @@ async def test_converse_names_the_offending_field_of_a_resolution_by_its_path_in
         [request_id] = message.input_request_ids
         async with chatting(client, session_id) as chat:
             chat.resolve(request_id, decision=99)
-            assert (await chat.error()).field == "resolve.resolution.decision"
+            error = await chat.error()
+            assert error.field == "resolve.resolution.decision"
+            assert (error.action, error.subject_id) == ("resolve", request_id)
             chat.resolve(request_id, decision=DENY)
             assert (await chat.error()).field == "resolve.resolution.reason"
 

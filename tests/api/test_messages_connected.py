@@ -1189,18 +1189,23 @@ async def test_converse_reports_bad_actions_without_closing_the_stream() -> None
         )
         assert error.message
 
-        conv.send("hi", data({"target_agent": 7}))
+        conv.send("hi", data({"target_agent": 7}), message_id="m-bad")
         error = await conv.error()
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert error.field == "send.parts[1].data.target_agent"
+        # Each error names the action and the id it named: with several in flight, the client
+        # knows which one failed.
+        assert (error.action, error.subject_id) == ("send", "m-bad")
 
         conv.cancel("no-such-message")
         error = await conv.error()
         assert error.code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert (error.action, error.subject_id) == ("cancel", "no-such-message")
 
         conv.open(session_id)  # already bound
         error = await conv.error()
         assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "open")
+        assert (error.action, error.subject_id) == ("open", "")
 
         # Still open: a good message goes through on the same stream.
         conv.send("echo still here", message_id="ok")
