@@ -347,6 +347,7 @@ class SlackAdapter(Adapter):
             await self.context.forget(_post_key(request))
         except Exception:
             logger.exception("slack: updating the message of request %s failed", request.request_id)
+            raise  # the mesh tells the outcome again at the next start
 
     # -- inbound -----------------------------------------------------------------------------
 

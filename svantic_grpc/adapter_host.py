@@ -159,6 +159,8 @@ class AdapterHost:
                 raise AdapterLoadError(str(exc)) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise AdapterLoadError(f"adapters.{name}: {exc}") from None
+        # Before recovery: what it ends is kept untold for the adapters (told once they listen).
+        self._inputs.tells_outcomes = bool(self.adapters)
 
     def routes(self) -> list[BaseRoute]:
         """Every loaded adapter's inbound routes (for the HTTP server)."""
@@ -176,6 +178,8 @@ class AdapterHost:
             self._inputs.add_listener(_Scoped(adapter, self._contexts[name]))
         if self.adapters:
             _log.info("adapters on: %s", ", ".join(self.adapters))
+        if told := await self._inputs.start_telling():
+            _log.info("told the adapters %d outcome(s) again that they may not have been told", told)
 
     async def stop(self) -> None:
         """Stop the adapters; safe to call twice."""

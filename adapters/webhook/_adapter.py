@@ -142,10 +142,15 @@ class WebhookAdapter(Adapter):
             _log.exception("webhook adapter %s: could not announce %s", self.name, request.request_id)
 
     async def on_outcome(self, request: InputRequest) -> None:
-        try:
-            self._report(request)
-        except Exception:
-            _log.exception("webhook adapter %s: could not report %s", self.name, request.request_id)
+        """Returns once every target got the outcome, refused it or was given up on; raises when the
+        adapter stopped first (the mesh tells the outcome again at the next start)."""
+        deliveries = self._report(request)
+        if deliveries:
+            await asyncio.wait(deliveries)
+        if self._stopped or any(task.cancelled() for task in deliveries):
+            raise RuntimeError(
+                f"webhook adapter {self.name} stopped before {request.request_id}'s outcome went out"
+            )
 
     def _announce(self, request: InputRequest) -> None:
         if self._stopped:
@@ -201,21 +206,24 @@ class WebhookAdapter(Adapter):
             if not tasks:
                 del self._announcing[key]
 
-    def _report(self, request: InputRequest) -> None:
+    def _report(self, request: InputRequest) -> list[asyncio.Task[None]]:
+        """Send the outcome to every target; the deliveries' tasks."""
         kind = OUTCOME_TYPES.get(request.state)
         if kind is None:
             _log.warning("webhook adapter %s: %s has not ended", self.name, request.request_id)
-            return
+            return []
         key = (request.tenant_id, request.request_id)
         # An announcement still retrying is moot now; it ends before the outcome goes out.
         earlier = tuple(self._announcing.pop(key, ()))
         for task in earlier:
             task.cancel()
         if self._stopped:
-            return
+            return []
         notification = {"type": kind, "request": request_json(request)}
-        for index, target in enumerate(self._targets):
+        return [
             self._deliveries.send(target, self._message(request, notification, index), after=earlier)
+            for index, target in enumerate(self._targets)
+        ]
 
     def _message(self, request: InputRequest, notification: Mapping[str, Any], target: int) -> Message:
         kind = str(notification["type"]).replace(".", "_")

@@ -75,6 +75,8 @@ class Recovery:
                 if r.resolution is not None and r.resolution.decision in GRANTING_DECISIONS
             )
         interrupted, resumed = await self._recover(work, handed, announce=True)
+        for tenant_id, session_id in sorted(keys):  # outcomes the dead replica may not have told
+            await self._inputs.tell_untold(tenant_id, session_id)
         _log.info(
             "took over %d session(s): %d message(s) interrupted, %d waiting for a human again, %d handed on",
             len(keys),

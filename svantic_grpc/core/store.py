@@ -319,6 +319,11 @@ class Store(ABC):
         """Every pending request of every tenant (for start-up recovery of expiries)."""
 
     @abstractmethod
+    async def untold_outcomes(self, *, tenant_id: str = "", session_id: str = "") -> Sequence[InputRequest]:
+        """Ended requests whose outcome the adapters were not told yet (``outcome_told`` false), of
+        every tenant, or of one session when both are given; oldest first."""
+
+    @abstractmethod
     async def granting_inputs(self) -> Sequence[InputRequest]:
         """Every tenant's tool approvals answered ``approve_for_session`` or ``approve_always``,
         oldest first: the answers that outlive their request (for start-up recovery)."""

@@ -505,6 +505,7 @@ def encode_input(r: InputRequest) -> JSON:
         "state": r.state.value,
         "resolution": None if r.resolution is None else _encode_resolution(r.resolution),
         "outcome_reason": r.outcome_reason,
+        "outcome_told": r.outcome_told,
         "version": r.version,
     }
 
@@ -528,6 +529,8 @@ def decode_input(d: JSON) -> InputRequest:
         state=InputState(d["state"]),
         resolution=None if resolution is None else _decode_resolution(resolution),
         outcome_reason=d["outcome_reason"],
+        # Written before outcomes were marked told: taken as told (never told again).
+        outcome_told=d.get("outcome_told", True),
         version=d["version"],
     )
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from svantic_grpc.core.errors import AlreadyExists
-from svantic_grpc.core.inputs.model import InputRequest
+from svantic_grpc.core.inputs.model import InputRequest, InputState
 from svantic_grpc.core.messages.model import Message
 from svantic_grpc.core.models import AgentRegistration, Session
 from svantic_grpc.stores import _codec
@@ -130,8 +130,16 @@ class Kinds:
         self.inputs = RecordKind[InputRequest](
             "inputs",
             ("tenant_id", "request_id"),
-            ("session_id", "message_id", "state", "created_at"),
-            lambda r: (r.tenant_id, r.request_id, r.session_id, r.message_id, r.state.value, r.created_at),
+            ("session_id", "message_id", "state", "created_at", "untold"),
+            lambda r: (
+                r.tenant_id,
+                r.request_id,
+                r.session_id,
+                r.message_id,
+                r.state.value,
+                r.created_at,
+                r.state is not InputState.PENDING and not r.outcome_told,
+            ),
             _codec.encode_input,
             _codec.decode_input,
             lambda r: AlreadyExists(f"input request {r.request_id!r} already exists"),

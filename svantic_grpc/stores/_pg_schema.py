@@ -169,7 +169,13 @@ _V6 = (
     "COMMENT ON TABLE svantic_meta IS 'svantic-grpc: event bells on per-session channels since version 6'",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+_V7 = (
+    # Ended requests whose outcome the adapters have not been told yet (told again at start-up).
+    "ALTER TABLE inputs ADD COLUMN untold BOOLEAN NOT NULL DEFAULT false",
+    "CREATE INDEX inputs_untold ON inputs (tenant_id, session_id) WHERE untold",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 """Forward migrations, each a list of statements; append only. The code's schema version is their count."""
 
 _MARK = "svantic-grpc"

@@ -153,7 +153,13 @@ def _v5(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4, _v5)
+def _v6(conn: sqlite3.Connection) -> None:
+    """Ended requests whose outcome the adapters have not been told yet (told again at start-up)."""
+    conn.execute("ALTER TABLE inputs ADD COLUMN untold INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX inputs_untold ON inputs (tenant_id, session_id) WHERE untold = 1")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 """Forward migrations; append only. The code's schema version is their count."""
 
 

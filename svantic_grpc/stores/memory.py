@@ -279,6 +279,18 @@ class MemoryStore(Store):
     async def pending_inputs(self) -> Sequence[InputRequest]:
         return [r for r in self._inputs.values() if r.state is InputState.PENDING]
 
+    async def untold_outcomes(self, *, tenant_id: str = "", session_id: str = "") -> Sequence[InputRequest]:
+        return sorted(
+            (
+                r
+                for r in self._inputs.values()
+                if r.state is not InputState.PENDING
+                and not r.outcome_told
+                and (not session_id or (r.tenant_id, r.session_id) == (tenant_id, session_id))
+            ),
+            key=lambda r: (r.created_at, r.request_id),
+        )
+
     async def granting_inputs(self) -> Sequence[InputRequest]:
         return [
             r

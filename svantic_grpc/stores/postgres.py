@@ -324,6 +324,17 @@ class PostgresStore(Store):
             _INPUTS, "SELECT record FROM inputs WHERE state = 'pending' ORDER BY created_at"
         )
 
+    async def untold_outcomes(self, *, tenant_id: str = "", session_id: str = "") -> Sequence[InputRequest]:
+        if session_id:
+            sql = (
+                "SELECT record FROM inputs WHERE untold AND tenant_id = $1 AND session_id = $2 "
+                "ORDER BY created_at, request_id"
+            )
+            return await self._all(_INPUTS, sql, tenant_id, session_id)
+        return await self._all(
+            _INPUTS, "SELECT record FROM inputs WHERE untold ORDER BY created_at, request_id"
+        )
+
     async def granting_inputs(self) -> Sequence[InputRequest]:
         decisions = [d.value for d in GRANTING_DECISIONS]
         sql = (

@@ -305,6 +305,18 @@ class SqliteStore(Store):
         sql = "SELECT record FROM inputs WHERE state = 'pending' ORDER BY rowid"
         return await self._read(lambda conn: _records(_INPUTS, conn.execute(sql)))
 
+    async def untold_outcomes(self, *, tenant_id: str = "", session_id: str = "") -> Sequence[InputRequest]:
+        if session_id:
+            sql = (
+                "SELECT record FROM inputs WHERE untold = 1 AND tenant_id = ? AND session_id = ? "
+                "ORDER BY created_at, request_id"
+            )
+            return await self._read(
+                lambda conn: _records(_INPUTS, conn.execute(sql, (tenant_id, session_id)))
+            )
+        every = "SELECT record FROM inputs WHERE untold = 1 ORDER BY created_at, request_id"
+        return await self._read(lambda conn: _records(_INPUTS, conn.execute(every)))
+
     async def granting_inputs(self) -> Sequence[InputRequest]:
         decisions = tuple(d.value for d in GRANTING_DECISIONS)
         sql = (

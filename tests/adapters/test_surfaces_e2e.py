@@ -618,7 +618,12 @@ async def test_a_callback_token_reused_for_another_answer_is_refused_and_changes
         status, _ = await s.hook_token(token, responder="first@acme")
         assert status == 200
         await s.finished(session_id, message_id)
-        before = await s.record(request_id)
+        for _ in range(200):  # the outcome told on both surfaces, and marked told
+            before = await s.record(request_id)
+            if before.outcome_told:
+                break
+            await asyncio.sleep(0.01)
+        assert before.outcome_told
 
         status, body = await s.hook_token(token, decision="deny", reason="changed my mind", responder="x")
         assert (status, body["error"]["reason"]) == (409, "INPUT_ALREADY_RESOLVED")

@@ -668,6 +668,38 @@ async def test_granting_inputs_are_the_resolved_session_and_always_approvals(sto
     ]
 
 
+async def test_untold_outcomes_are_the_ended_requests_not_yet_marked_told(store: Store) -> None:
+    def request(request_id: str, session_id: str = "s1", at: float = T0) -> InputRequest:
+        return InputRequest(
+            "acme",
+            request_id,
+            session_id,
+            "m1",
+            InputKind.TOOL_APPROVAL,
+            at,
+            at + 600,
+            ToolCall("crm.delete"),
+        )
+
+    ended: dict[str, InputRequest] = {}
+    for n, (request_id, session_id) in enumerate((("a", "s1"), ("b", "s2"), ("c", "s1"))):
+        created = await store.create_input(request(request_id, session_id, T0 + n))
+        ended[request_id] = await store.update_input(
+            replace(created, state=InputState.CANCELED, outcome_reason="withdrawn")
+        )
+    await store.create_input(request("pending"))  # nothing to tell yet
+    told = await store.create_input(request("told", at=T0 + 9))
+    await store.update_input(replace(told, state=InputState.EXPIRED, outcome_told=True))
+
+    assert [r.request_id for r in await store.untold_outcomes()] == ["a", "b", "c"]
+    one_session = await store.untold_outcomes(tenant_id="acme", session_id="s1")
+    assert [r.request_id for r in one_session] == ["a", "c"]
+    assert one_session[0] == ended["a"]  # the record as stored, version and all
+    await store.write(Change("acme", "s1", inputs=(replace(ended["a"], outcome_told=True),)))
+    assert [r.request_id for r in await store.untold_outcomes()] == ["b", "c"]
+    assert await store.untold_outcomes(tenant_id="globex", session_id="s1") == []
+
+
 # Adapters' values
 
 

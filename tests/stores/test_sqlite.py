@@ -183,6 +183,7 @@ def full_input() -> InputRequest:
             resolved_at=T0 + 5,
         ),
         outcome_reason="answered",
+        outcome_told=True,
     )
 
 
@@ -747,7 +748,7 @@ async def test_a_file_of_the_first_schema_is_migrated_and_keeps_its_records(
         assert await store.get_session(tenant_id="acme", session_id="s1") == written
         await store.put_adapter_value("slack", "post/acme/r1", {"channel": "C1", "ts": "1.0"})
         assert await store.get_adapter_value("slack", "post/acme/r1") == {"channel": "C1", "ts": "1.0"}
-    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 5
+    assert _pragma(db_path, "PRAGMA user_version") == _schema.schema_version() == 6
     # v3: the retention sweep finds closed sessions by an index, not a scan of every session.
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {_CLOSED_SQL}"))

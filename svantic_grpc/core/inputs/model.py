@@ -198,6 +198,10 @@ class InputRequest:
     resolution: Resolution | None = None
     outcome_reason: str = ""
     """Why it ended when nobody resolved it (expired, canceled)."""
+    outcome_told: bool = False
+    """Ended, and every adapter has been told its outcome. An ended request is written untold (in
+    the write that ends it) and marked told once the adapters returned, so that one whose outcome
+    was in flight when the process died is told again after the restart (at least once)."""
     version: int = 0
 
     def may_answer(self, responder: str, surface: Surface) -> bool:

@@ -15,9 +15,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from svantic_grpc.core._locks import KeyedLock
+from svantic_grpc.core._tasks import to_the_end
 from svantic_grpc.core._validate import check_id, check_json_depth, json_bytes
 from svantic_grpc.core.auth import Caller, Scope
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -74,7 +75,9 @@ class InputListener(Protocol):
 
     async def on_request(self, request: InputRequest) -> None: ...
 
-    async def on_outcome(self, request: InputRequest) -> None: ...
+    async def on_outcome(self, request: InputRequest) -> None:
+        """Returns once the outcome is delivered or given up for good; raises when it was not (the
+        adapter stopped first), and the mesh tells it again at the next start."""
 
 
 class Inputs:
@@ -105,11 +108,19 @@ class Inputs:
         self._locks = KeyedLock()
         self._waiters: dict[tuple[str, str], list[asyncio.Future[InputRequest]]] = {}
         self._listeners: list[InputListener] = []
-        self._notifications: set[asyncio.Task[None]] = set()
+        self._notifications: set[asyncio.Task[Any]] = set()
         self._pending: dict[tuple[str, str], set[str]] = {}
         """Pending request ids per (tenant, session) in this process: spares store reads on the hot path."""
         self._recovered: list[InputRequest] = []
         """Pending requests start-up recovery kept, announced again to each listener added after it."""
+        self.tells_outcomes = False
+        """Set (by the adapter host, before recovery) when adapters are to be told outcomes: an
+        ended request is then written untold and marked told once they returned, so that an
+        outcome in flight when the process died is told again after the restart. Without adapters
+        it is written told: nothing to tell again."""
+        self._telling = False
+        """Whether the adapters listen yet (``start_telling``): outcomes written before that (start-up
+        recovery's withdrawals) stay untold in the store, for ``start_telling`` to find."""
         self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
         self.shared: EventBus | None = None
         """With replicas sharing the store: the bus that brings other replicas' answers (a request
@@ -215,6 +226,7 @@ class Inputs:
             tool_call=tool_call,
             policy=policy,
             state=InputState.RESOLVED,
+            outcome_told=True,  # nobody is asked, so no adapter is told
             resolution=Resolution(
                 decision=decision,
                 reason=reason,
@@ -302,7 +314,9 @@ class Inputs:
                 ),
             )
             try:
-                saved = await self._end(resolved)
+                # Written and followed through (the grant, the waiter, the adapters) even if this
+                # caller goes away meanwhile: an answer stored must reach the agent.
+                saved = await to_the_end(self._ending(resolved, grant=True))
             except Conflict:
                 # Another process answered first: report who won, never overwrite.
                 now = await self.get(tenant_id, request_id)
@@ -314,7 +328,13 @@ class Inputs:
                         metadata={"state": now.state.value},
                     ) from None
                 raise already_answered(now) from None
-        self._grant(saved)
+        return saved
+
+    async def _ending(self, ended: InputRequest, *, grant: bool = False) -> InputRequest:
+        """Write an ended request (``_end``), then do what follows in this process (``_ended``)."""
+        saved = await self._end(ended)
+        if grant:
+            self._grant(saved)
         self._ended(saved)
         return saved
 
@@ -374,15 +394,14 @@ class Inputs:
             if request is None or request.state is not InputState.PENDING:
                 return
             try:
-                saved = await self._end(replace(request, state=state, outcome_reason=reason))
+                await to_the_end(self._ending(replace(request, state=state, outcome_reason=reason)))
             except Conflict:
                 return  # answered meanwhile: that answer stands
-        self._ended(saved)
 
     async def _end(self, ended: InputRequest) -> InputRequest:
         """Write an ended request with its audit record, its input_ended event and the session's
         status (active again when nothing else is pending): one store write, all or nothing."""
-        stored = as_stored(ended)
+        stored = as_stored(replace(ended, outcome_told=not self.tells_outcomes))
         change = Change(
             ended.tenant_id,
             ended.session_id,
@@ -423,7 +442,55 @@ class Inputs:
         for waiter in self._waiters.pop((request.tenant_id, request.request_id), []):
             if not waiter.done():
                 waiter.set_result(request)
-        self._notify("on_outcome", request)
+        self._tell(request)
+
+    def _tell(self, request: InputRequest) -> None:
+        """Tell the listeners an ended request's outcome; one written untold is marked told once
+        every listener returned without raising (an adapter returns once it delivered the outcome
+        or gave up on it for good), in a write of its own: if the process dies before that, or an
+        adapter raised, ``start_telling`` tells it again at the next start (at least once)."""
+        if request.outcome_told:
+            self._notify("on_outcome", request)
+        elif self._telling:
+            task = asyncio.create_task(
+                self._tell_and_mark(request, tuple(self._listeners)), name=f"tell-{request.request_id}"
+            )
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
+        # else: start-up, before the adapters listen: it stays untold, for ``start_telling``
+
+    async def _tell_and_mark(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
+        told_all = await asyncio.gather(*(_call(listener, "on_outcome", request) for listener in listeners))
+        if not all(told_all):
+            return  # an adapter could not tell it (stopped, failed): told again at the next start
+        told = replace(request, outcome_told=True)
+        try:
+            await self._store.write(Change(request.tenant_id, request.session_id, inputs=(told,)))
+        except Conflict:
+            pass  # written again since (deleted by retention, or told and marked by another process)
+        except Exception:
+            _log.warning(
+                "input request %s: its outcome was told, but could not be marked told; it is told "
+                "again at the next start",
+                request.request_id,
+                exc_info=True,
+            )
+
+    async def start_telling(self) -> int:
+        """Once the adapters listen (start-up): tell them every outcome the store has untold (one
+        in flight when a process died, or a withdrawal of start-up recovery), and from now on each
+        as it ends. Returns how many were told again."""
+        self._telling = True
+        untold = await self._store.untold_outcomes() if self.tells_outcomes else ()
+        for request in untold:
+            self._tell(request)
+        return len(untold)
+
+    async def tell_untold(self, tenant_id: str, session_id: str) -> None:
+        """Tell again the untold outcomes of a session taken over from a replica that died."""
+        if self.tells_outcomes and self._telling:
+            for request in await self._store.untold_outcomes(tenant_id=tenant_id, session_id=session_id):
+                self._tell(request)
 
     def _audit_record(self, request: InputRequest) -> AuditRecord:
         resolution = request.resolution
@@ -605,13 +672,19 @@ class Inputs:
     ) -> None:
         """Tell every listener, each in its own task: a slow or broken adapter never blocks the mesh."""
         for listener in self._listeners if listeners is None else listeners:
-
-            async def call(listener: InputListener = listener) -> None:
-                try:
-                    await getattr(listener, hook)(request)
-                except Exception:
-                    _log.exception("adapter %r failed in %s for %s", listener, hook, request.request_id)
-
-            task = asyncio.create_task(call(), name=f"notify-{hook}-{request.request_id}")
+            task = asyncio.create_task(
+                _call(listener, hook, request), name=f"notify-{hook}-{request.request_id}"
+            )
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
+
+
+async def _call(listener: InputListener, hook: str, request: InputRequest) -> bool:
+    """One listener's hook, and whether it returned; what it raises is logged (a broken adapter
+    never breaks the mesh)."""
+    try:
+        await getattr(listener, hook)(request)
+    except Exception:
+        _log.exception("adapter %r failed in %s for %s", listener, hook, request.request_id)
+        return False
+    return True

@@ -1,0 +1,129 @@
+"""The adapters are told every outcome at least once, across restarts: an ended request is
+written untold and marked told once every adapter returned, and at start-up the mesh tells the
+adapters again what is still untold (found from outside: an outcome in flight at a kill, and a
+request start-up recovery withdrew before the adapters listened, were never told)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from svantic_grpc.core.auth import Caller, Scope, TokenSettings
+from svantic_grpc.core.clock import ManualClock
+from svantic_grpc.core.inputs.model import InputKind, InputRequest, InputState, ToolCall
+from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.stores.sqlite import SqliteStore
+
+CALLER = Caller("acme", "acme-full", "terminal", (Scope.FULL,), "tok_1")
+
+
+class Adapter:
+    """An input listener that records outcomes; it fails while ``failing``."""
+
+    def __init__(self, *, failing: bool = False) -> None:
+        self.outcomes: list[InputRequest] = []
+        self.failing = failing
+
+    async def on_request(self, request: InputRequest) -> None:
+        pass
+
+    async def on_outcome(self, request: InputRequest) -> None:
+        self.outcomes.append(request)
+        if self.failing:
+            raise ConnectionError("the adapter's service is down")
+
+
+async def started(path: Path, clock: ManualClock, adapter: Adapter) -> Mesh:
+    """A mesh on ``path`` started as the server starts it with an adapter."""
+    mesh = Mesh(
+        store=SqliteStore(path),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        options=MeshOptions(session_ttl_s=0),
+        clock=clock,
+    )
+    mesh.inputs.tells_outcomes = True  # as the adapter host sets it, before recovery
+    await mesh.start()
+    mesh.inputs.add_listener(adapter)
+    await mesh.inputs.start_telling()
+    return mesh
+
+
+async def settled(mesh: Mesh) -> list[str]:
+    """The ids of what is still untold once the mesh's telling is done."""
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        untold = [r.request_id for r in await mesh.store.untold_outcomes()]
+        if not untold:
+            break
+    return untold
+
+
+async def test_a_request_withdrawn_at_start_up_is_told_to_the_adapters(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    path = tmp_path / "mesh.db"
+    before = await started(path, clock, Adapter())
+    try:
+        session_id = (await before.sessions.init(CALLER)).session_id
+        request = await before.inputs.ask(
+            tenant_id="acme",
+            session_id=session_id,
+            message_id="gone",  # no such message: start-up recovery withdraws what it asked
+            kind=InputKind.TOOL_APPROVAL,
+            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+        )
+    finally:
+        await before.stop()
+
+    adapter = Adapter()
+    after = await started(path, clock, adapter)
+    try:
+        assert await settled(after) == []
+        assert [(r.request_id, r.state) for r in adapter.outcomes] == [
+            (request.request_id, InputState.CANCELED)
+        ]
+        assert adapter.outcomes[0].outcome_reason.startswith("withdrawn at start-up")
+    finally:
+        await after.stop()
+
+    again = Adapter()
+    third = await started(path, clock, again)
+    try:
+        await asyncio.sleep(0.05)
+        assert again.outcomes == []  # told and marked: not told again
+    finally:
+        await third.stop()
+
+
+async def test_an_outcome_an_adapter_could_not_tell_is_told_again_at_the_next_start(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    path = tmp_path / "mesh.db"
+    down = Adapter(failing=True)
+    before = await started(path, clock, down)
+    try:
+        session_id = (await before.sessions.init(CALLER)).session_id
+        request = await before.inputs.ask(
+            tenant_id="acme",
+            session_id=session_id,
+            message_id="m1",
+            kind=InputKind.TOOL_APPROVAL,
+            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+        )
+        await before.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        await asyncio.sleep(0.05)
+        assert [r.request_id for r in down.outcomes] == [request.request_id]
+        assert [r.request_id for r in await before.store.untold_outcomes()] == [request.request_id]
+    finally:
+        await before.stop()
+
+    up = Adapter()
+    after = await started(path, clock, up)
+    try:
+        assert await settled(after) == []
+        assert [(r.request_id, r.state, r.outcome_reason) for r in up.outcomes] == [
+            (request.request_id, InputState.CANCELED, "not needed")
+        ]
+    finally:
+        await after.stop()
