@@ -144,6 +144,7 @@ class MeshServer:
                     session_ttl_s=settings.session_ttl_ms / 1000,
                     heartbeat_timeout_s=settings.heartbeat_timeout_ms / 1000,
                     subscriber_buffer=settings.subscriber_buffer,
+                    max_streams_per_tenant=settings.max_streams_per_tenant,
                     messages=MessageOptions(
                         dispatch_timeout_s=dispatch.timeout_ms / 1000,
                         max_dispatches_per_session=dispatch.max_dispatches_per_session,

@@ -144,7 +144,7 @@ class MeshRequestHandler(RequestHandler):
         with _mapped():
             if params.message.task_id:
                 message = await self._follow_up(caller, params, context)
-                subscription = self._mesh.bus.subscribe(caller.tenant_id, message.session_id)
+                subscription = self._mesh.bus.subscribe(caller.tenant_id, message.session_id, for_client=True)
                 try:
                     await self._answer(caller, message, params.message)
                 except BaseException:
@@ -153,7 +153,7 @@ class MeshRequestHandler(RequestHandler):
                 first: Message | None = None
             else:
                 session_id, field = await self._session_for(caller, params, context)
-                subscription = self._mesh.bus.subscribe(caller.tenant_id, session_id)
+                subscription = self._mesh.bus.subscribe(caller.tenant_id, session_id, for_client=True)
                 try:
                     message, _ = await self._send(caller, session_id, field, params.message)
                 except BaseException:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._subscriptions import Feed, Subscription
-from svantic_grpc.core.errors import OutOfRange, Unavailable
+from svantic_grpc.core.errors import OutOfRange, ResourceExhausted, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
@@ -275,10 +275,15 @@ class EventBus:
         clock: Clock,
         subscriber_buffer: int = 1024,
         max_events_per_session: int = 0,
+        max_streams_per_tenant: int = 0,
         bell: EventBell | None = None,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self._store = store
+        self._max_streams = max_streams_per_tenant
+        """Clients' live event streams a tenant may hold open in this process (0: no limit)."""
+        self._streams: dict[str, int] = {}
+        """Clients' live event streams open per tenant."""
         self._metrics = metrics
         self._clock = clock
         self._buffer = subscriber_buffer
@@ -484,18 +489,43 @@ class EventBus:
             default=0,
         )
 
-    def subscribe(self, tenant_id: str, session_id: str) -> Subscription:
-        """Start receiving the session's new events. Close the subscription when done."""
-        key = (tenant_id, session_id)
+    def subscribe(self, tenant_id: str, session_id: str, *, for_client: bool = False) -> Subscription:
+        """Start receiving the session's new events. Close the subscription when done.
 
+        ``for_client``: a client's stream (WatchSession, Converse, a streaming send): at most
+        ``max_streams_per_tenant`` of a tenant are open at once in this process, so one credential
+        cannot grow the server's memory without bound; one more is ``ResourceExhausted``."""
+        key = (tenant_id, session_id)
+        on_close = self._unsubscribe
+        if for_client:
+            open_now = self._streams.get(tenant_id, 0)
+            if self._max_streams and open_now >= self._max_streams:
+                raise ResourceExhausted(
+                    f"tenant {tenant_id!r} has {open_now} live event streams open on this server, the "
+                    "most it may (max_streams_per_tenant): close one first, or spread them over replicas",
+                    reason="TOO_MANY_STREAMS",
+                    retry_after_s=1.0,
+                    metadata={"limit": str(self._max_streams)},
+                )
+            self._streams[tenant_id] = open_now + 1
+            on_close = self._client_unsubscribe
         feed = self._feeds.get(key)
         if feed is None:
             feed = self._feeds[key] = Feed(key)
             if self._bell is not None:
                 self._bell.watch(key)
-        subscription = Subscription(feed, self._buffer, self._unsubscribe)
+        subscription = Subscription(feed, self._buffer, on_close)
         feed.subscribers.add(subscription)
         return subscription
+
+    def _client_unsubscribe(self, subscription: Subscription) -> None:
+        tenant_id = subscription.feed.key[0]
+        left = self._streams.get(tenant_id, 1) - 1
+        if left:
+            self._streams[tenant_id] = left
+        else:
+            self._streams.pop(tenant_id, None)
+        self._unsubscribe(subscription)
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         feed = subscription.feed
@@ -533,7 +563,14 @@ class EventBus:
             )
 
     async def replay_then_follow(
-        self, tenant_id: str, session_id: str, *, after_sequence: int, follow: bool = True, page: int = 500
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        after_sequence: int,
+        follow: bool = True,
+        page: int = 500,
+        for_client: bool = True,
     ) -> AsyncIterator[Event]:
         """Every stored event after ``after_sequence``, then (with ``follow``) live ones, in order.
 
@@ -541,7 +578,7 @@ class EventBus:
         oldest event kept; resuming after a sequence whose successors retention already let go
         raises ``OutOfRange`` naming the oldest one kept, rather than skipping the gap silently.
         """
-        subscription = self.subscribe(tenant_id, session_id)
+        subscription = self.subscribe(tenant_id, session_id, for_client=for_client)
         subscription.acknowledge(after_sequence)
         try:
             last = after_sequence

@@ -58,6 +58,8 @@ class MeshOptions:
     """Silence after which an instance is unhealthy."""
     subscriber_buffer: int = 1024
     """Events a live subscriber may fall behind before it is cut off."""
+    max_streams_per_tenant: int = 2000
+    """Clients' live event streams a tenant may hold open in one process (0: no limit)."""
     messages: MessageOptions = field(default_factory=MessageOptions)
     dispatch_token_ttl_s: float = 300.0
     dispatch_signing_key_pem: str | None = None
@@ -124,6 +126,7 @@ class Mesh:
             store=store,
             clock=self.clock,
             subscriber_buffer=options.subscriber_buffer,
+            max_streams_per_tenant=options.max_streams_per_tenant,
             max_events_per_session=options.retention.max_events_per_session,
             bell=store.event_bell(),
             metrics=metrics,

@@ -1276,3 +1276,48 @@ async def test_a_subscriber_that_keeps_up_is_not_cut_off() -> None:
             tail = await _read_to_end(call)
         assert tail[-1].status_changed.to_status == CLOSED
         assert len(tail) == 6 + 20 + 1
+
+
+async def test_a_tenant_holds_at_most_max_streams_per_tenant_live_streams() -> None:
+    """Found from outside (review 6, V2): every stream cost the server ~25 KB and one credential
+    could open them without end. Past the limit a stream is refused with a clear reason; closing
+    one frees its place; another tenant is not affected."""
+    async with running_server(max_streams_per_tenant=2) as client:
+        md = await client.md()
+        sid = (await _init(client, md)).session_id
+        async with _watching(client, sid, md=md) as first, _watching(client, sid, md=md) as second:
+            await asyncio.wait_for(first.read(), WAIT)  # both live: the session's first event
+            await asyncio.wait_for(second.read(), WAIT)
+            async with _watching(client, sid, md=md) as third:
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await asyncio.wait_for(third.read(), WAIT)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _error_info(refused).reason == "TOO_MANY_STREAMS"
+            assert "max_streams_per_tenant" in (refused.value.details() or "")
+            # A streaming send is a stream too.
+            streaming = client.messages.SendStreamingMessage(
+                message_service_pb2.SendStreamingMessageRequest(
+                    session_id=sid,
+                    message=message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hi")]),
+                ),
+                metadata=md,
+            )
+            with pytest.raises(aio.AioRpcError) as also_refused:
+                await asyncio.wait_for(streaming.read(), WAIT)
+            assert _error_info(also_refused).reason == "TOO_MANY_STREAMS"
+            # Another tenant has its own allowance.
+            globex = await client.md("globex-full")
+            other = (await _init(client, globex)).session_id
+            async with _watching(client, other, md=globex) as theirs:
+                assert (await asyncio.wait_for(theirs.read(), WAIT)).event.sequence == 1
+            first.cancel()
+            for _ in range(100):  # the cancelled stream's place is given back
+                async with _watching(client, sid, md=md) as again:
+                    try:
+                        await asyncio.wait_for(again.read(), WAIT)
+                        break
+                    except aio.AioRpcError as error:
+                        assert _error_info(error).reason == "TOO_MANY_STREAMS"
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("a closed stream's place was never given back")

@@ -347,7 +347,7 @@ class Messages:
     ) -> AsyncIterator[Event]:
         """Send, then yield the message's events until it is terminal or input-required."""
         caller.require(Scope.FULL)
-        subscription = self._bus.subscribe(caller.tenant_id, session_id)
+        subscription = self._bus.subscribe(caller.tenant_id, session_id, for_client=True)
         try:
             message, _ = await self.send(caller, session_id, message_id=message_id, role=role, parts=parts)
         except BaseException:
