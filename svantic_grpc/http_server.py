@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from svantic_grpc.config import dial_address
 
@@ -72,10 +73,12 @@ class HttpServer:
         ready: Callable[[], bool],
         public_url: str = "",
         max_body_bytes: int = 8 * 1024 * 1024,
+        read_timeout_s: float = 30.0,
         wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.address = address
         self._max_body = max_body_bytes
+        self._read_timeout_s = read_timeout_s
         self._wrap = wrap
         """Wraps the ASGI application before it serves (the tracing middleware), when given."""
         self._ready = ready
@@ -131,7 +134,7 @@ class HttpServer:
         """
         if self._server is not None:
             return
-        app: Any = BodyLimit(self.app(), self._max_body)
+        app: Any = BodyLimit(self.app(), self._max_body, read_timeout_s=self._read_timeout_s)
         if self._wrap is not None:
             app = self._wrap(app)
         port = int(self.address.rpartition(":")[2])
@@ -150,6 +153,7 @@ class HttpServer:
             log_level="warning",
             access_log=False,
             server_header=False,
+            http=_protocol_with_header_timeout(self._read_timeout_s),
         )
         server = _Uvicorn(config)
         self._server = server
@@ -192,9 +196,11 @@ class BodyLimit:
     the client leave (``http.disconnect``).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, *, read_timeout_s: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.read_timeout_s = read_timeout_s
+        """How long the whole body may take to arrive: a client that trickles it gets 408."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,18 +212,27 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before its body ended
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await _refuse(receive, send, self.limit, more=message.get("more_body", False))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left before its body ended
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limit:
+                        await _refuse(receive, send, self.limit, more=message.get("more_body", False))
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _answer_and_close(
+                send,
+                408,
+                {"error": "the request body did not arrive in time", "reason": "REQUEST_TIMEOUT"},
+            )
+            return
         body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         async def replay() -> Message:
@@ -256,13 +271,18 @@ async def _refuse(receive: Receive, send: Send, limit: int, *, more: bool = True
                     return  # gone: nobody to answer
                 drained += len(message.get("body", b""))
                 more = message.get("more_body", False)
-    body = json.dumps(
-        {"error": "request body too large", "reason": "BODY_TOO_LARGE", "limit_bytes": limit}
-    ).encode()
+    await _answer_and_close(
+        send, 413, {"error": "request body too large", "reason": "BODY_TOO_LARGE", "limit_bytes": limit}
+    )
+
+
+async def _answer_and_close(send: Send, status: int, error: dict[str, Any]) -> None:
+    """A JSON refusal after which the connection closes."""
+    body = json.dumps(error).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -271,6 +291,44 @@ async def _refuse(receive: Receive, send: Send, limit: int, *, more: bool = True
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _protocol_with_header_timeout(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request line and headers do not
+    arrive within ``timeout_s`` (uvicorn itself waits for ever: a client that sends them a byte at
+    a time, or never, would hold the connection and its file descriptor as long as it likes).
+    Armed when the connection opens and after each response (keep-alive); a request whose
+    headers arrived, a response streaming for long included, is never cut."""
+
+    class _HeaderTimeout(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            armed_for = self.cycle
+
+            def too_slow() -> None:
+                idle = self.cycle is None or self.cycle.response_complete
+                if self.cycle is armed_for and idle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self._header_timer = self.loop.call_later(timeout_s, too_slow)
+
+    return _HeaderTimeout
 
 
 class _Uvicorn(uvicorn.Server):

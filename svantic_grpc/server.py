@@ -182,6 +182,7 @@ class MeshServer:
             ready=lambda: self._ready,
             public_url=settings.http_public_url,
             max_body_bytes=settings.http_max_body_bytes,
+            read_timeout_s=settings.http_read_timeout_s,
             wrap=(lambda app: http_middleware(app, provider)) if provider is not None else None,
         )
         """The HTTP server; mount further routes on it with ``self.http.mount(routes)`` before start."""

@@ -212,3 +212,54 @@ async def test_every_route_of_the_mesh_is_bounded_by_http_max_body_bytes() -> No
 def test_http_max_body_bytes_must_be_positive() -> None:
     with pytest.raises(SettingsError, match="http_max_body_bytes"):
         parse_settings({"http_max_body_bytes": 0})
+
+
+async def _raw(server: HttpServer, first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(first)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_slow_clients_do_not_hold_connections_for_ever() -> None:
+    """Found from outside (review 6, V5): a client that sent its headers or its body a byte at a
+    time, or never finished them, held its connection (and a file descriptor) for ever."""
+    got: list[int] = []
+
+    async def upload(request: Request) -> JSONResponse:
+        got.append(len(await request.body()))
+        return JSONResponse({"bytes": got[-1]})
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await asyncio.sleep(0.8)  # longer than the read timeout: an answer being made is never cut
+        return PlainTextResponse("done")
+
+    server = HttpServer("127.0.0.1:0", ready=lambda: True, read_timeout_s=0.3)
+    server.mount([Route("/upload", upload, methods=["POST"]), Route("/slow", slow)])
+    await server.start()
+    try:
+        # Headers never finished: the server closes the connection.
+        reader, writer = await _raw(server, b"POST /upload HTTP/1.1\r\nHost: x\r\n")
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, without an answer
+        writer.close()
+        # A connection that never sends anything is closed too.
+        reader, writer = await _raw(server, b"")
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+        # A body that does not arrive in time: 408 with a reason, and the route never runs.
+        reader, writer = await _raw(
+            server, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+        )
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'"reason": "REQUEST_TIMEOUT"' in answer
+        writer.close()
+        assert got == []
+        # A client that keeps up is served, however long the answer takes, also on a kept-alive
+        # connection after a first request.
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as web:
+            assert (await web.post("/upload", content=b"x" * 10)).json() == {"bytes": 10}
+            slow_answer = await web.get("/slow")
+            assert (slow_answer.status_code, slow_answer.text) == (200, "done")
+    finally:
+        await server.stop()
