@@ -6,9 +6,10 @@ session / Deny, Confirm / Reject, or "Fill in" for a form). Interactions arrive 
 timestamp window (5 minutes) are checked before the body is read (401 otherwise);
 a signed body that is not one of this adapter's buttons or modals, or lacks what
 it must carry, gets 400 or 404 (see ``_slack_interactions``); the rest goes through
-a slack-bolt ``AsyncApp``. A click is acked at once and answered in a task this
-adapter owns; what the clicker should know (say, that someone else answered first)
-comes as an ephemeral. A modal is answered before its ack, so a refusal shows in
+a slack-bolt ``AsyncApp``. A click is answered in a task this adapter owns and acked
+once its answer is stored (within ``_ACK_WITHIN_S``; a click that opens a modal at once);
+what the clicker should know (say, that someone else answered first) comes as an ephemeral.
+A modal is answered before its ack, so a refusal shows in
 the modal itself: replaced by what happened, or an error under the input the mesh
 refused; an answer slower than ``_ACK_WITHIN_S`` reports by ephemeral instead.
 Winners are named as Slack shows people: ``<@U123>`` for a Slack user, the surface
@@ -386,13 +387,19 @@ class SlackAdapter(Adapter):
         return JSONResponse({"error": refused.message}, status_code=refused.status)
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await ack()
+        """A click that answers is acked once its answer is stored (within ``_ACK_WITHIN_S``, as a
+        modal): acked before, a crash in between lost an answer Slack had been told was taken,
+        and the clicker was told nothing. Any other click (one that opens a modal) is acked at once."""
         try:
             click = Click.read(body)
         except Malformed as e:  # only over Socket Mode: the HTTP door refuses these
             logger.warning("slack: ignored a malformed button click: %s", e)
+            await ack()
             return
-        self._spawn(self._answer_action(click))
+        task = self._spawn(self._answer_action(click))
+        if task is not None and _answer_of(click.what) is not None:
+            await asyncio.wait({task}, timeout=_ACK_WITHIN_S)
+        await ack()
 
     async def _on_deny_submitted(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self._submitted(ack, body, self._answer_deny)
