@@ -35,6 +35,7 @@ its request ends is finished first and then updated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -453,6 +454,8 @@ class SlackAdapter(Adapter):
             checked = await self._check(click.tenant_id, click.request_id, click.user)
             answer = _answer_of(click.what)
             if isinstance(checked, _Verdict):
+                if checked.ended is not None:  # a post whose update failed is brought up to date now
+                    self._spawn(self._update_quietly(checked.ended))
                 if answer is not None and _already_given(checked.ended, click.user, answer):
                     return  # a retried delivery of the click that was recorded: nothing to tell
                 await self._ephemeral(channel, click.user, checked.text)
@@ -472,6 +475,12 @@ class SlackAdapter(Adapter):
                 await self._ephemeral(channel, click.user, verdict.text)
         except Exception:
             logger.exception("slack: handling a button failed")
+
+    async def _update_quietly(self, request: InputRequest) -> None:
+        """``on_outcome`` for an ended request someone clicked: a post whose update failed (its
+        location is kept until one succeeds) loses its buttons now; otherwise nothing."""
+        with contextlib.suppress(Exception):  # logged by _update_post
+            await self.on_outcome(request)
 
     async def _open(self, click: Click, channel: str, view: dict[str, Any]) -> None:
         """Open a modal for the clicker; one Slack will not open (its trigger expired, a view it
