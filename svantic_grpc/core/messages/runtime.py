@@ -85,11 +85,6 @@ class SessionRuntime:
         stop (``stopped``), each its own: a waiter that goes away cancels only its own future."""
         self._begun: set[str] = set()
         """Messages whose run has taken its first step."""
-        self._starting: set[str] = set()
-        """Messages whose run is taking its first step, as they are sent (``_spawn``)."""
-        self._stopped_first: dict[str, Message] = {}
-        """Messages that stopped in that first step (an ended route, a plan to sign off), before
-        their sender could wait: ``stopped`` gives the sender where they stopped."""
         self._canceled_early: set[str] = set()
         """Messages canceled before their run began: it ends them canceled at once."""
         self._closed = False
@@ -129,7 +124,6 @@ class SessionRuntime:
 
         def finished(task: asyncio.Task[Message]) -> None:
             self._tasks.pop(message_id, None)
-            self._stopped_first.pop(message_id, None)
             self._begun.discard(message_id)
             self._canceled_early.discard(message_id)
             waiters = self._stops.pop(message_id, ())
@@ -153,17 +147,10 @@ class SessionRuntime:
 
         # Its first step runs now, in the sender's turn of the event loop: the agent's stream
         # writer is woken for the next turn, not the one after it (``start_eagerly``).
-        self._starting.add(message_id)
-        try:
-            return start_eagerly(work, name=f"message-{message_id}", context=context, made=made)
-        finally:
-            self._starting.discard(message_id)
+        return start_eagerly(work, name=f"message-{message_id}", context=context, made=made)
 
     async def stopped(self, message_id: str) -> Message:
         """The message when it first stops: terminal, or waiting for a human (input-required)."""
-        first = self._stopped_first.pop(message_id, None)
-        if first is not None:  # stopped as it was sent, before anyone could wait
-            return first
         waiters = self._stops.get(message_id)
         if waiters is None:
             task = self._tasks.get(message_id)
@@ -177,8 +164,6 @@ class SessionRuntime:
         return await waiter
 
     def _stopped(self, message: Message) -> None:
-        if message.message_id in self._starting:
-            self._stopped_first[message.message_id] = message
         for waiter in self._stops.pop(message.message_id, ()):
             if not waiter.done():
                 waiter.set_result(message)
