@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
-from asyncio.tasks import _enter_task, _leave_task
+from asyncio.tasks import _enter_task, _leave_task  # type: ignore[attr-defined]
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
