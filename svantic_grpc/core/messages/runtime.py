@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from svantic_grpc.core._eager import start_eagerly
 from svantic_grpc.core._reads import ReadMemo, forget_reads, message_reads, remember_session
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
@@ -121,8 +120,10 @@ class SessionRuntime:
         self._stops[message_id] = []
         context = contextvars.copy_context()
         context.run(CANCEL_REASONS.set, self._cancel_reasons)  # the agent is told why, if cancelled
+        task = asyncio.create_task(work, name=f"message-{message_id}", context=context)
+        self._tasks[message_id] = task
 
-        def finished(task: asyncio.Task[Message]) -> None:
+        def finished(_: object) -> None:
             self._tasks.pop(message_id, None)
             self._begun.discard(message_id)
             self._canceled_early.discard(message_id)
@@ -141,13 +142,8 @@ class SessionRuntime:
                     waiter.set_exception(error)
                     waiter.exception()  # whoever waits on it is told; nobody waiting is no error of its own
 
-        def made(task: asyncio.Task[Message]) -> None:
-            self._tasks[message_id] = task
-            task.add_done_callback(finished)
-
-        # Its first step runs now, in the sender's turn of the event loop: the agent's stream
-        # writer is woken for the next turn, not the one after it (``start_eagerly``).
-        return start_eagerly(work, name=f"message-{message_id}", context=context, made=made)
+        task.add_done_callback(finished)
+        return task
 
     async def stopped(self, message_id: str) -> Message:
         """The message when it first stops: terminal, or waiting for a human (input-required)."""
