@@ -16,7 +16,9 @@ about 1% run to run), of the whole server process (its Python, grpc's C core and
 The relay's count is the floor of a two-hop design in this stack; what the mesh counts above it is
 its own work. A server spends its CPU on these instructions, so mesh/relay by count is roughly what
 CPU time per message and throughput would show on a quiet machine (issue 12.2: throughput >= 0.70x
-the relay's means the mesh's count may be at most ~1.43x the relay's).
+the relay's means the mesh's count may be at most ~1.43x the relay's). Each server's count is also
+printed by the binary it ran in: the interpreter (``libpython``: Python code, the mesh's and grpc.aio's
+and asyncio's), grpc's ``cygrpc`` (its C core linked in), protobuf's ``_message``, libc.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +64,32 @@ def _control(flag: str, pid: int) -> None:
     )
 
 
-def _summary(tmp: Path, name: str) -> int:
-    """The instructions counted in the dump ``--dump`` made (callgrind numbers it 1)."""
+def _summary(tmp: Path, name: str) -> tuple[int, Counter[str]]:
+    """The instructions counted in the dump ``--dump`` made (callgrind numbers it 1), in all and
+    by the binary they ran in (the interpreter, grpc's ``cygrpc`` with its C core, protobuf's ...)."""
     [dump] = [p for p in tmp.glob(f"{name}.*") if p.name.endswith(".1")]
-    total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+    text = dump.read_text(errors="replace")
+    total = re.search(r"^summary: (\d+)", text, re.MULTILINE)
     assert total is not None, f"no summary in {dump}"
-    return int(total[1])
+    names: dict[str, str] = {}
+    own: Counter[str] = Counter()
+    current, inclusive = "", False  # the cost line after ``calls=`` is the callee's: not own
+    for line in text.splitlines():
+        if line.startswith(("ob=", "cob=")):
+            found = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if found is not None:
+                if found[2]:
+                    names[found[1]] = Path(found[2]).name
+                if line.startswith("ob="):
+                    current = found[1]
+        elif line.startswith("calls="):
+            inclusive = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if inclusive:
+                inclusive = False
+            elif len(fields := line.split()) > 1:
+                own[current] += int(fields[1])
+    return int(total[1]), Counter({names.get(key, key): value for key, value in own.items()})
 
 
 async def count(tree: Path, mode: str, concurrency: int, messages: int, tmp: Path) -> float:
@@ -129,8 +152,11 @@ async def count(tree: Path, mode: str, concurrency: int, messages: int, tmp: Pat
                 child.stdin.close()
         await asyncio.wait_for(agent.wait(), 60)
         await asyncio.wait_for(server.wait(), 300)
-    total = await asyncio.to_thread(_summary, tmp, out.name)
-    return total / (messages // concurrency * concurrency)
+    total, by_binary = await asyncio.to_thread(_summary, tmp, out.name)
+    counted = messages // concurrency * concurrency
+    top = ", ".join(f"{name} {value / counted:,.0f}" for name, value in by_binary.most_common(4))
+    print(f"  c={concurrency} {mode} server ({tree}): {total / counted:,.0f} per message: {top}", flush=True)
+    return total / counted
 
 
 async def main() -> None:
