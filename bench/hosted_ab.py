@@ -17,6 +17,9 @@ With ``--instructions`` each mesh server runs under valgrind's callgrind instead
 other: ``--messages`` hosted messages after a warm-up (the counters zeroed, then dumped), and it
 prints the server's instructions per message (all its threads). Unlike CPU time, the count barely
 moves with the machine's load. ``--keep DIR`` keeps callgrind's files for ``callgrind_annotate``.
+With ``--connected`` the same server then also counts ``--messages`` messages to the example echo
+agent over ``Connect`` (message_roundtrip's mesh mode), and prints hosted/connected: what a hosted
+message costs beyond a connected one, in one setup.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ async def _start(tree: Path, role: str, max_seconds: float) -> tuple[asyncio.sub
     return process, line[1]
 
 
-async def _instructions(args: argparse.Namespace, tree: Path, url: str, out: Path, name: str) -> float:
-    """The mesh server of ``tree`` under callgrind: its instructions per hosted message."""
+async def _instructions(
+    args: argparse.Namespace, tree: Path, url: str, out: Path, name: str
+) -> tuple[float, float | None]:
+    """The mesh server of ``tree`` under callgrind: its instructions per hosted message, and with
+    ``--connected`` per message to a connected echo agent (the same server, counted apart)."""
     from grpc import aio
+    from message_roundtrip import _mesh_calls
 
     script = tree / "bench" / "message_roundtrip.py"
     mesh = await asyncio.create_subprocess_exec(
@@ -83,13 +90,14 @@ async def _instructions(args: argparse.Namespace, tree: Path, url: str, out: Pat
         env={**os.environ, "PYTHONPATH": str(tree)},
     )
     assert mesh.stdout is not None and mesh.stdin is not None
+    agent: asyncio.subprocess.Process | None = None
     try:
         port = (await asyncio.wait_for(mesh.stdout.readline(), 1800)).decode().split()[1]
-        await _hosted.register(f"127.0.0.1:{port}", url)
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            calls = await _hosted.hosted_calls(channel, args.concurrency[0])
+        target = f"127.0.0.1:{port}"
+        await _hosted.register(target, url)
+        async with aio.insecure_channel(target) as channel:
 
-            async def send(count: int) -> None:
+            async def send(calls: list[_hosted.Call], count: int) -> None:
                 left = count
 
                 async def worker(call: _hosted.Call) -> None:
@@ -105,21 +113,46 @@ async def _instructions(args: argparse.Namespace, tree: Path, url: str, out: Pat
                     ["callgrind_control", flag, str(mesh.pid)], stdout=subprocess.DEVNULL, check=True
                 )
 
-            await send(args.warmup)
-            await asyncio.to_thread(control, "--zero")
-            await send(args.messages)
-            await asyncio.to_thread(control, "--dump")
+            async def count(calls: list[_hosted.Call]) -> None:
+                await send(calls, args.warmup)
+                await asyncio.to_thread(control, "--zero")
+                await send(calls, args.messages)
+                await asyncio.to_thread(control, "--dump")
+
+            await count(await _hosted.hosted_calls(channel, args.concurrency[0]))
+            if args.connected:  # the example echo agent over Connect, as message_roundtrip's mesh mode
+                agent = await start_role(
+                    tree / "bench" / "message_roundtrip.py",
+                    "agent",
+                    3600,
+                    "--target",
+                    target,
+                    env={**os.environ, "PYTHONPATH": str(tree)},
+                    cwd=tree,
+                )
+                assert agent.stdout is not None
+                while b"READY" not in await asyncio.wait_for(agent.stdout.readline(), 600):
+                    pass
+                await count(await _mesh_calls(channel, args.concurrency[0], args.concurrency[0]))
     finally:
+        if agent is not None and agent.stdin is not None:
+            agent.stdin.close()
+            await agent.wait()
         mesh.stdin.close()
         try:
             await asyncio.wait_for(mesh.wait(), 300)
         except TimeoutError:
             mesh.kill()
             await mesh.wait()
-    dump = out / f"{name}.{mesh.pid}.1"  # the one --dump made
-    total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
-    assert total is not None, f"no summary in {dump}"
-    return int(total[1]) / args.messages
+
+    def per_message(dump: Path) -> float:
+        total = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+        assert total is not None, f"no summary in {dump}"
+        return int(total[1]) / args.messages
+
+    hosted = per_message(out / f"{name}.{mesh.pid}.1")  # the first --dump
+    connected = per_message(out / f"{name}.{mesh.pid}.2") if args.connected else None
+    return hosted, connected
 
 
 async def instructions(args: argparse.Namespace) -> None:
@@ -131,8 +164,14 @@ async def instructions(args: argparse.Namespace) -> None:
             out = args.keep or Path(scratch)
             out.mkdir(parents=True, exist_ok=True)
             for name, tree in trees.items():
-                counts[name] = await _instructions(args, tree, url, out, name)
-                print(f"{name} ({tree}): {counts[name]:,.0f} instructions per hosted message", flush=True)
+                counts[name], connected = await _instructions(args, tree, url, out, name)
+                said = f"{name} ({tree}): {counts[name]:,.0f} instructions per hosted message"
+                if connected is not None:
+                    said += (
+                        f", {connected:,.0f} per connected message in the same server "
+                        f"(hosted/connected {counts[name] / connected:.2f}x)"
+                    )
+                print(said, flush=True)
     finally:
         if agent.stdin is not None:
             agent.stdin.close()
@@ -234,6 +273,11 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--keep", type=Path, default=None, help="with --instructions: keep callgrind's files there"
+    )
+    parser.add_argument(
+        "--connected",
+        action="store_true",
+        help="with --instructions: also count messages to a connected echo agent in the same server",
     )
     parsed = parser.parse_args()
     asyncio.run(instructions(parsed) if parsed.instructions else main(parsed))

@@ -307,9 +307,61 @@ async def test_events_cut_anywhere_with_comments_and_long_lines_reach_the_messag
 
     async with _scripted_agent(answer) as url:
         updates = await _dispatch_to(url)
-    assert [u.state for u in updates if u.state] == [MessageState.WORKING, MessageState.COMPLETED]
+    # (the working task folds into what follows when a read brings both)
+    assert [u.state for u in updates if u.state][-1:] == [MessageState.COMPLETED]
+    assert {u.state for u in updates} <= {MessageState.WORKING, MessageState.COMPLETED, None}
     assert [a.parts[0].text for u in updates for a in u.artifacts] == [long_text]
     assert {u.task_ref for u in updates} == {"t1"}
+
+
+def _echo_events(body: dict[str, Any], *, then: bytes = b"") -> bytes:
+    """An echo's acknowledgement, artifact and completion as SSE, in one write, and ``then``."""
+
+    def event(result: dict[str, Any]) -> str:
+        return f"data: {json.dumps({'jsonrpc': '2.0', 'id': body['id'], 'result': result})}\n\n"
+
+    task = {"id": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_SUBMITTED"}}
+    artifact = {
+        "taskId": "t1",
+        "contextId": "s1",
+        "artifact": {"artifactId": "a1", "parts": [{"text": "echo"}]},
+    }
+    done = {"taskId": "t1", "contextId": "s1", "status": {"state": "TASK_STATE_COMPLETED"}}
+    events = event({"task": task}) + event({"artifactUpdate": artifact})
+    return (events + event({"statusUpdate": done}) if not then else events).encode() + then
+
+
+async def test_an_agents_events_read_together_are_one_update_the_message_writes_at_once() -> None:
+    # An echo's acknowledgement, artifact and completion arrive in one read: the message gets one
+    # update (one store write) with the artifact and the completion, as from a connected agent.
+    async with _scripted_agent(lambda body: [_echo_events(body)]) as url:
+        updates = await _dispatch_to(url)
+    [update] = updates
+    assert (update.state, [a.parts[0].text for a in update.artifacts], update.task_ref) == (
+        MessageState.COMPLETED,
+        ["echo"],
+        "t1",
+    )
+
+
+async def test_what_an_agent_said_before_an_error_in_the_same_read_still_reaches_the_message() -> None:
+    error = (
+        b'event: error\ndata: {"jsonrpc": "2.0", "id": "x", "error": {"code": -32603, "message": "boom"}}\n\n'
+    )
+    async with _scripted_agent(lambda body: [_echo_events(body, then=error)]) as url:
+        transport = A2ATransport()
+        agent = AgentRegistration("acme", "scripted", "scripted-1", DeploymentMode.HOSTED, 0.0, 0.0, url=url)
+        message = Message("acme", "s1", "m1", Role.USER, (Part(text="hi"),), MessageState.WORKING, 0.0, 0.0)
+        job = DispatchJob("dsp_1", "acme", "s1", agent, message, lambda: "token", 0.0)
+        seen: list[DispatchUpdate] = []
+        try:
+            with pytest.raises(DispatchFailed, match="boom"):
+                async for update in transport.dispatch(job):
+                    seen.append(update)
+        finally:
+            await transport.close()
+    assert [a.artifact_id for u in seen for a in u.artifacts] == ["a1"]
+    assert {u.state for u in seen} == {None}
 
 
 class _HeldAgent:

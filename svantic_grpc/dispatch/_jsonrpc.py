@@ -104,8 +104,9 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
     ) -> AsyncGenerator[StreamResponse]:
         """``results`` as a2a-sdk's ``StreamResponse``s."""
         async with contextlib.aclosing(self.results(params, headers=headers, timeout_s=timeout_s)) as results:
-            async for result in results:
-                yield parse(result, StreamResponse)
+            async for read in results:
+                for result in read:
+                    yield parse(result, StreamResponse)
 
     async def results(
         self,
@@ -113,11 +114,12 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
         *,
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncGenerator[Any]:
+    ) -> AsyncGenerator[list[Any]]:
         """``SendStreamingMessage`` with ``params`` (a ``SendMessageRequest`` as ProtoJSON) and
         ``headers`` besides the protocol's: the ``result`` of each JSON-RPC response the agent
         streams (a ``StreamResponse`` as decoded ProtoJSON), as they come, to the end of its
-        stream. ``timeout_s`` bounds each phase (connect, each read) instead of the transport's
+        stream, a list per read (those that arrived together, which the mesh may write at once).
+        ``timeout_s`` bounds each phase (connect, each read) instead of the transport's
         timeouts, as a ``ClientCallContext.timeout`` does in a2a-sdk.
 
         Closed before the stream's end (its caller has what it needs: an A2A server ends the
@@ -143,18 +145,20 @@ class StreamingJsonRpcTransport(JsonRpcTransport):
                 text = await response.text(errors="replace")
                 raise A2AClientError(f"HTTP Error {response.status}: {text[:500]}")
             if "text/event-stream" not in response.headers.get("Content-Type", ""):
-                yield _result(await response.read())  # e.g. a JSON-RPC error answered at once
+                yield [_result(await response.read())]  # e.g. a JSON-RPC error answered at once
                 return
             events = _Events()
             async for chunk in response.content.iter_any():
-                for name, data in events.feed(chunk):
-                    if name == "error":
-                        raise _sse_error(data)
-                    yield _result(data)
-            for name, data in events.end():
-                if name == "error":
-                    raise _sse_error(data)
-                yield _result(data)
+                read, error = _results(events.feed(chunk))
+                if read:
+                    yield read
+                if error is not None:
+                    raise error
+            read, error = _results(events.end())
+            if read:
+                yield read
+            if error is not None:
+                raise error
         except GeneratorExit:
             if response is not None:  # closed by its caller at a result: the rest may end on its own
                 _leave(response)
@@ -305,6 +309,21 @@ class _Events:
                 self._name = value.decode(errors="replace")
         self._data = data
         return events
+
+
+def _results(events: list[tuple[str, bytes]]) -> tuple[list[Any], Exception | None]:
+    """The results of events read together, up to the first that is an error (an error event,
+    a JSON-RPC error, a response that cannot be read), and that error: the results before it
+    go to the caller first, as when they are read one by one."""
+    results = []
+    for name, data in events:
+        try:
+            if name == "error":
+                raise _sse_error(data)
+            results.append(_result(data))
+        except Exception as exc:  # what _result raises: the A2A error the response maps to
+            return results, exc
+    return results, None
 
 
 def _result(data: bytes) -> Any:

@@ -48,6 +48,7 @@ from svantic_grpc.core.dispatch import (
     DispatchJob,
     DispatchUpdate,
     NotDelivered,
+    fold,
     input_outcome,
 )
 from svantic_grpc.core.inputs.asks import parse_ask, resolution_json
@@ -63,6 +64,7 @@ __all__ = ["A2ATransport"]
 
 _log = logging.getLogger(__name__)
 
+_PROGRESS = (None, MessageState.SUBMITTED, MessageState.WORKING)
 _ENDS = {MessageState.COMPLETED, MessageState.FAILED, MessageState.CANCELED, MessageState.REJECTED}
 _BINDINGS: dict[str, str] = {
     TransportProtocol.JSONRPC: "a2a-jsonrpc",
@@ -178,30 +180,45 @@ class A2ATransport:
                     context = ClientCallContext(service_parameters=headers)
                     call = client.send_message(parse(params, SendMessageRequest), context=context)
                 first = True
+                asked = False
                 try:
                     async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", call)) as stream:
-                        async for event in stream:
+                        async for read in stream:  # the mesh's own call: a list per read; else one event
                             delivered = True
-                            seen = _seen(event) if direct is not None else seen_in(event)
-                            if first and "taskId" in message and _still_asking(seen):
+                            updates: list[DispatchUpdate] = []
+                            for event in read if direct is not None else (read,):
+                                seen = _seen(event) if direct is not None else seen_in(event)
+                                if first and "taskId" in message and _still_asking(seen):
+                                    first = False
+                                    continue  # the task as it stood when the answer went out: no new question
                                 first = False
-                                continue  # the task as it stood when the answer went out: no new question
-                            first = False
-                            update, task_id = _update_from(seen, task_id)
-                            if update is None:
-                                continue
-                            if update.state is MessageState.INPUT_REQUIRED:
-                                answer = yield update
+                                update, task_id = _update_from(seen, task_id)
+                                if update is None:
+                                    continue
+                                # Updates read together are written together where they fold.
+                                folded = fold(updates[-1], update) if updates else None
+                                if folded is not None:
+                                    updates[-1] = folded
+                                else:
+                                    updates.append(update)
+                                if update.state not in _PROGRESS:
+                                    break  # the caller stops reading here (a final state, a question)
+                            for update in updates:
+                                if update.state is MessageState.INPUT_REQUIRED:
+                                    asked = True
+                                    answer = yield update
+                                    break
+                                # Mark the end before yielding: the caller stops reading after a final update.
+                                ended = update.state in _ENDS
+                                if ended and direct is None:
+                                    await _drain(stream)
+                                # The mesh's own call does not wait for the stream's end: closed here, it
+                                # leaves the rest to arrive and the connection goes back to the pool then.
+                                yield update
+                                if ended:
+                                    return
+                            if asked:
                                 break
-                            # Mark the end before yielding: the caller stops reading after a final update.
-                            ended = update.state in _ENDS
-                            if ended and direct is None:
-                                await _drain(stream)
-                            # The mesh's own call does not wait for the stream's end: closed here, it
-                            # leaves the rest to arrive and the connection goes back to the pool then.
-                            yield update
-                            if ended:
-                                return
                 except TaskNotFoundError:
                     if not ("taskId" in message and first):
                         raise

@@ -28,6 +28,7 @@ from svantic_grpc.core.dispatch._seam import (
     NotDelivered,
     Transport,
     check_update,
+    fold,
 )
 from svantic_grpc.core.dispatch._tokens import DispatchTokens
 from svantic_grpc.core.inputs.model import InputAsk
@@ -51,6 +52,7 @@ __all__ = [
     "SessionDispatches",
     "Transport",
     "check_update",
+    "fold",
     "input_outcome",
     "plan_refusal",
     "sign_off_plan",

@@ -37,6 +37,7 @@ from svantic_grpc.core.dispatch._seam import (
     DispatchUpdate,
     NotDelivered,
     cancel_reason,
+    fold,
 )
 from svantic_grpc.core.errors import Conflict, FailedPrecondition
 from svantic_grpc.core.inputs.model import InputRequest
@@ -50,7 +51,6 @@ _log = logging.getLogger(__name__)
 
 #: States in which a dispatch goes on (input-required waits for the answer on the same stream).
 _GOING_ON = (MessageState.SUBMITTED, MessageState.WORKING, MessageState.INPUT_REQUIRED)
-_PROGRESS = (None, MessageState.SUBMITTED, MessageState.WORKING)
 _NO_FINAL_STATE = "the agent ended the dispatch without a final state"
 _DROPPED_WHILE_ASKING = "the agent's stream dropped while a human decided"
 
@@ -152,35 +152,17 @@ class _Answers:
 
 
 def _merged(updates: list[DispatchUpdate | _Dropped]) -> list[DispatchUpdate | _Dropped]:
-    """Updates that arrived together, with each one that only says "working" and carries
-    nothing, or that only carries outputs before a bare change of state (no turn, no outputs,
-    no question), folded into the next.
-
-    The run then writes what they carry in fewer store writes: the same records and the
-    same events, in the same order (an agent's ack, its artifact and its completion become
-    one update).
-    """
+    """Updates that arrived together, folded where they fold (``fold``): the run writes what
+    they carry in fewer store writes, the same records and events in the same order."""
     out: list[DispatchUpdate | _Dropped] = []
     for update in updates:
         previous = out[-1] if out else None
-        if (
-            isinstance(update, DispatchUpdate)
-            and isinstance(previous, DispatchUpdate)
-            and previous.state in _PROGRESS
-            and previous.ask is None
-            and not previous.parts
-            and (not previous.artifacts or not (update.parts or update.artifacts or update.ask))
-        ):
-            out[-1] = DispatchUpdate(
-                update.state,
-                update.parts,
-                previous.artifacts + update.artifacts,
-                update.reason,
-                update.ask,
-                update.task_ref or previous.task_ref,
-            )
-        else:
-            out.append(update)
+        if isinstance(update, DispatchUpdate) and isinstance(previous, DispatchUpdate):
+            folded = fold(previous, update)
+            if folded is not None:
+                out[-1] = folded
+                continue
+        out.append(update)
     return out
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Transport",
     "cancel_reason",
     "check_update",
+    "fold",
 ]
 
 
@@ -89,6 +90,35 @@ class DispatchUpdate:
     """With state ``input-required``: what the agent needs; ``None`` means a free-text question."""
     task_ref: str = ""
     """The agent's own id for the work (A2A task id), when it has one."""
+
+
+_PROGRESS = (None, MessageState.SUBMITTED, MessageState.WORKING)
+
+
+def fold(previous: DispatchUpdate, update: DispatchUpdate) -> DispatchUpdate | None:
+    """Two updates that arrived together as one, when ``previous`` only says "working" and
+    carries nothing, or only carries outputs before a bare change of state (no turn, no
+    outputs, no question); ``None`` when they do not fold.
+
+    The run then writes what they carry in one store write instead of two: the same records
+    and the same events, in the same order (an agent's ack, its artifact and its completion
+    become one update).
+    """
+    if (
+        previous.state in _PROGRESS
+        and previous.ask is None
+        and not previous.parts
+        and (not previous.artifacts or not (update.parts or update.artifacts or update.ask))
+    ):
+        return DispatchUpdate(
+            update.state,
+            update.parts,
+            previous.artifacts + update.artifacts,
+            update.reason,
+            update.ask,
+            update.task_ref or previous.task_ref,
+        )
+    return None
 
 
 def check_update(update: DispatchUpdate) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from svantic_grpc.core.clock import Clock
 
@@ -50,6 +51,12 @@ class DispatchTokens:
         else:
             key = Ed25519PrivateKey.generate()
         self._key = key
+        # Signing with libsodium: an Ed25519 signature is deterministic, so the same bytes as
+        # ``key.sign`` gives, in about half the CPU (every dispatch to a hosted agent signs one).
+        seed = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        self._signing = SigningKey(seed)
         self._clock = clock
         self.issuer = issuer
         self._ttl_s = ttl_s
@@ -80,7 +87,7 @@ class DispatchTokens:
         # The bytes PyJWT's ``jwt.encode(claims, key, "EdDSA", headers={"kid": ...})`` makes, with
         # the one signature each dispatch needs and none of the per-call header and key work.
         signed = self._header + b"." + _segment(_compact(claims).encode())
-        token = signed + b"." + _segment(self._key.sign(signed))
+        token = signed + b"." + _segment(self._signing.sign(signed).signature)
         return token.decode("ascii"), float(expires)
 
     def jwks(self) -> dict[str, Any]:
