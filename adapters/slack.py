@@ -107,6 +107,20 @@ T = TypeVar("T")
 
 RECEIVE_PATH = "/webhooks/receive/slack"
 _ACK_WITHIN_S = 2.0  # Slack waits 3 s for a modal's ack
+_NEVER_UPDATABLE = frozenset(
+    {
+        "message_not_found",
+        "channel_not_found",
+        "is_archived",
+        "not_in_channel",
+        "cant_update_message",
+        "edit_window_closed",
+        "invalid_blocks",
+        "msg_too_long",
+    }
+)
+"""chat.update errors no later try would get past (the post or its channel is gone, or Slack will
+never take the update): the outcome is given up on for that post instead of told again at every start."""
 _MAX_TEXT = 2900  # a section's text may hold 3000 characters
 _BUTTONS = {
     Decision.APPROVE: ("approve", "Approve", "primary"),
@@ -229,9 +243,10 @@ class SlackAdapter(Adapter):
         self._app_token = "" if http else env[self.settings.app_token_env]
         self._socket: AsyncSocketModeHandler | None = None
         self._posts: dict[tuple[str, str], asyncio.Future[_Posted | None]] = {}
-        self._updating: set[tuple[str, str]] = set()
-        """Requests whose post is being updated with their outcome (told twice at once: the
-        outcome, and ``_ended_while_posting``; once it is done, the post is forgotten)."""
+        self._updating: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Requests whose post is being updated with their outcome, and that update: told twice at
+        once (the outcome, and ``_ended_while_posting``, or a restart's telling again), the second
+        waits for the first's one chat.update and fails if it fails."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
@@ -319,13 +334,16 @@ class SlackAdapter(Adapter):
 
     async def on_outcome(self, request: InputRequest) -> None:
         key = (request.tenant_id, request.request_id)
-        if key in self._updating:
-            return  # being updated already: one chat.update per outcome
-        self._updating.add(key)
-        try:
-            await self._update_post(request)
-        finally:
-            self._updating.discard(key)
+        updating = self._updating.get(key)
+        if updating is None:  # one chat.update per outcome
+            updating = self._updating[key] = asyncio.ensure_future(self._update_post(request))
+            updating.add_done_callback(partial(self._updated, key))
+        await asyncio.shield(updating)
+
+    def _updated(self, key: tuple[str, str], update: asyncio.Future[None]) -> None:
+        del self._updating[key]
+        if not update.cancelled():
+            update.exception()  # told to whoever awaits it; nobody waiting is no error of its own
 
     async def _update_post(self, request: InputRequest) -> None:
         posted = self._posts.pop((request.tenant_id, request.request_id), None)
@@ -346,6 +364,16 @@ class SlackAdapter(Adapter):
                 blocks=[*_description_blocks(request), _section(_outcome_line(request))],
             )
             # Once the message is final (a failed update keeps it: retention deletes it with the session).
+            await self.context.forget(_post_key(request))
+        except SlackApiError as error:
+            if error.response.get("error") not in _NEVER_UPDATABLE:
+                logger.exception("slack: updating the message of request %s failed", request.request_id)
+                raise  # the mesh tells the outcome again at the next start
+            logger.warning(
+                "slack: the message of request %s cannot be updated (%s): given up",
+                request.request_id,
+                error.response.get("error"),
+            )
             await self.context.forget(_post_key(request))
         except Exception:
             logger.exception("slack: updating the message of request %s failed", request.request_id)

@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack import RECEIVE_PATH, SlackAdapter
@@ -737,6 +738,35 @@ async def test_a_request_answered_elsewhere_while_it_was_posted_is_updated_once_
     assert action_ids(update) == [] and "Expired" in text_of(update)
     await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))  # told after all: no second update
     assert len(h.slack.of("chat.update")) == 1
+
+
+async def test_a_post_slack_will_never_update_is_given_up_not_told_again_for_ever(h: Harness) -> None:
+    """A post deleted (or its channel archived) answers every chat.update with the same error: the
+    outcome is given up on for that post (on_outcome returns), not told again at every start."""
+    request = make_request(InputKind.TOOL_APPROVAL)
+    await h.announce(request)
+    h.slack.fail_next("chat.update", "message_not_found")
+    await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))  # returns: given up
+    assert await h.adapter.context.recall(f"post/acme/{request.request_id}") is None
+    h.slack.fail_next("chat.update", "ratelimited")  # a passing error is told again later
+    second = make_request(InputKind.TOOL_APPROVAL)
+    await h.announce(second)
+    with pytest.raises(SlackApiError):
+        await h.adapter.on_outcome(replace(second, state=InputState.EXPIRED))
+
+
+async def test_an_outcome_told_twice_at_once_fails_for_both_when_its_update_fails(h: Harness) -> None:
+    """Found by review: the second teller returned as told while the one update in flight failed,
+    and the mesh marked the outcome told: it was never told again."""
+    request = make_request(InputKind.TOOL_APPROVAL)
+    await h.announce(request)
+    h.slack.fail_next("chat.update", "ratelimited")
+    ended = replace(request, state=InputState.EXPIRED)
+    first, second = await asyncio.gather(
+        h.adapter.on_outcome(ended), h.adapter.on_outcome(ended), return_exceptions=True
+    )
+    assert isinstance(first, SlackApiError) and isinstance(second, SlackApiError)
+    assert len(h.slack.of("chat.update")) == 1  # one update for both
 
 
 async def test_outcome_of_a_request_never_posted_changes_nothing(h: Harness) -> None:

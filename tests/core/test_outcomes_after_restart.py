@@ -6,12 +6,14 @@ request start-up recovery withdrew before the adapters listened, were never told
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from svantic_grpc.core.auth import Caller, Scope, TokenSettings
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.inputs.model import InputKind, InputRequest, InputState, ToolCall
 from svantic_grpc.core.mesh import Mesh, MeshOptions
+from svantic_grpc.core.store import Change, Changed
 from svantic_grpc.stores.sqlite import SqliteStore
 
 CALLER = Caller("acme", "acme-full", "terminal", (Scope.FULL,), "tok_1")
@@ -124,6 +126,81 @@ async def test_an_outcome_an_adapter_could_not_tell_is_told_again_at_the_next_st
         assert await settled(after) == []
         assert [(r.request_id, r.state, r.outcome_reason) for r in up.outcomes] == [
             (request.request_id, InputState.CANCELED, "not needed")
+        ]
+    finally:
+        await after.stop()
+
+
+class CountingStore(SqliteStore):
+    """Counts the writes that carry input requests."""
+
+    input_writes = 0
+
+    async def write(self, change: Change) -> Changed:
+        if change.inputs:
+            self.input_writes += 1
+        return await super().write(change)
+
+
+async def test_without_adapters_an_outcome_is_written_told_in_one_write(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Found by review: the end wrote the pending record's flag, so every answer without adapters
+    took a second write to mark it told (or stayed untold for good)."""
+    store = CountingStore(tmp_path / "mesh.db")
+    mesh = Mesh(store=store, tokens=TokenSettings(signing_key="k" * 32), credentials=(), clock=clock)
+    await mesh.start()
+    await mesh.inputs.start_telling()  # as the adapter host does, with no adapter
+    try:
+        session_id = (await mesh.sessions.init(CALLER)).session_id
+        request = await mesh.inputs.ask(
+            tenant_id="acme",
+            session_id=session_id,
+            message_id="m1",
+            kind=InputKind.TOOL_APPROVAL,
+            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+        )
+        before = store.input_writes
+        await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        await asyncio.sleep(0.05)
+        assert store.input_writes - before == 1
+        assert await store.untold_outcomes() == []
+        ended = await store.get_input(tenant_id="acme", request_id=request.request_id)
+        assert ended is not None and ended.outcome_told
+    finally:
+        await mesh.stop()
+
+
+async def test_a_request_pending_since_before_the_upgrade_is_told_when_it_ends(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A record written before outcomes were marked reads as told; ending it must still leave its
+    outcome untold for the adapters (found by review: the withdrawal at the first start on the new
+    version was never told)."""
+    path = tmp_path / "mesh.db"
+    before = await started(path, clock, Adapter())
+    try:
+        session_id = (await before.sessions.init(CALLER)).session_id
+        request = await before.inputs.ask(
+            tenant_id="acme",
+            session_id=session_id,
+            message_id="gone",
+            kind=InputKind.TOOL_APPROVAL,
+            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+        )
+        pending = await before.store.get_input(tenant_id="acme", request_id=request.request_id)
+        assert pending is not None
+        # As the old version stored it: no outcome_told in the record (decoded as told).
+        await before.store.write(Change("acme", session_id, inputs=(replace(pending, outcome_told=True),)))
+    finally:
+        await before.stop()
+
+    adapter = Adapter()
+    after = await started(path, clock, adapter)
+    try:
+        assert await settled(after) == []
+        assert [(r.request_id, r.state) for r in adapter.outcomes] == [
+            (request.request_id, InputState.CANCELED)
         ]
     finally:
         await after.stop()

@@ -65,6 +65,9 @@ __all__ = ["InputListener", "Inputs", "WaitingMessage"]
 
 _log = logging.getLogger(__name__)
 
+_TELL_AGAIN_AT_ONCE = 16
+"""Outcomes told again at once (``start_telling``, a take-over)."""
+
 WaitingMessage = Callable[[InputRequest], tuple[Message, tuple[EventPayload, ...], Callable[[Message], None]]]
 """A message to wait on a request being raised: given the request, the message as it is to be
 written, its events, and what to tell once it is stored (``MessageWriter.waiting_on``)."""
@@ -401,7 +404,8 @@ class Inputs:
     async def _end(self, ended: InputRequest) -> InputRequest:
         """Write an ended request with its audit record, its input_ended event and the session's
         status (active again when nothing else is pending): one store write, all or nothing."""
-        stored = as_stored(replace(ended, outcome_told=not self.tells_outcomes))
+        ended = replace(ended, outcome_told=not self.tells_outcomes)
+        stored = as_stored(ended)
         change = Change(
             ended.tenant_id,
             ended.session_id,
@@ -481,16 +485,30 @@ class Inputs:
         in flight when a process died, or a withdrawal of start-up recovery), and from now on each
         as it ends. Returns how many were told again."""
         self._telling = True
-        untold = await self._store.untold_outcomes() if self.tells_outcomes else ()
-        for request in untold:
-            self._tell(request)
+        untold = list(await self._store.untold_outcomes()) if self.tells_outcomes else []
+        self._tell_again(untold)
         return len(untold)
 
     async def tell_untold(self, tenant_id: str, session_id: str) -> None:
         """Tell again the untold outcomes of a session taken over from a replica that died."""
         if self.tells_outcomes and self._telling:
-            for request in await self._store.untold_outcomes(tenant_id=tenant_id, session_id=session_id):
-                self._tell(request)
+            self._tell_again(
+                list(await self._store.untold_outcomes(tenant_id=tenant_id, session_id=session_id))
+            )
+
+    def _tell_again(self, untold: list[InputRequest]) -> None:
+        """Tell ``untold`` outcomes again, ``_TELL_AGAIN_AT_ONCE`` at a time: after an outage
+        there may be many, and the adapters' services limit how fast they take them."""
+
+        async def in_batches() -> None:
+            for start in range(0, len(untold), _TELL_AGAIN_AT_ONCE):
+                batch = untold[start : start + _TELL_AGAIN_AT_ONCE]
+                await asyncio.gather(*(self._tell_and_mark(r, tuple(self._listeners)) for r in batch))
+
+        if untold:
+            task = asyncio.create_task(in_batches(), name="tell-again")
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
 
     def _audit_record(self, request: InputRequest) -> AuditRecord:
         resolution = request.resolution
