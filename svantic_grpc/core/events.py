@@ -309,6 +309,12 @@ class EventBus:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    @property
+    def atomic(self) -> bool:
+        """True when a ``commit`` runs to its end without suspending (a store whose calls never
+        suspend, nothing heard from other processes): no other task runs while it does."""
+        return not self._store.suspends and self._bell is None
+
     async def publish(self, tenant_id: str, session_id: str, payload: EventPayload) -> Event:
         """Record ``payload`` in the session's log and deliver it live."""
         (event,) = await self.publish_many(tenant_id, session_id, (payload,))
@@ -342,7 +348,7 @@ class EventBus:
         still reach live subscribers (who would otherwise see a gap).
         """
         key = (tenant_id, session_id)
-        if not self._store.suspends and self._bell is None:
+        if self.atomic:
             # Nothing here awaits anything that suspends (the store's calls each run to the end in
             # one step; with no bell nothing is read from other processes): no other commit of the
             # session can come in between, so the session's lock would only be taken and let go.

@@ -194,7 +194,9 @@ class Sessions:
             creator_agent_type=sys.intern(caller.agent_type),
             agents=agents,
         )
-        async with self._locks.hold((caller.tenant_id, session_id)):
+        # The session's lock keeps other writes of it out while this one suspends; a commit that
+        # never suspends (the memory store) is alone while it runs: no lock to take and let go.
+        async with _NOTHING_HELD if self._bus.atomic else self._locks.hold((caller.tenant_id, session_id)):
             opened = StatusChanged(
                 SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
             )
@@ -453,17 +455,20 @@ class Sessions:
         if session.status is SessionStatus.CLOSED:
             return session, False
         now = self._clock.now()
-        present = session.present_agents()
-        agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-        # The internal agents leave by their type and instance, built only if read (as they join).
-        events = InternalAgentsLeft(
-            session_id,
-            "session closed",
-            (
+        changed = StatusChanged(session.status, SessionStatus.CLOSED, reason)
+        agents = session.agents
+        if agents:
+            present = session.present_agents()
+            agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in agents)
+            leaving: tuple[EventPayload, ...] = (
                 *(AgentLeft(a.agent_type, a.instance_id, "released: session closed") for a in present),
-                StatusChanged(session.status, SessionStatus.CLOSED, reason),
-            ),
-        )
+                changed,
+            )
+            released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
+        else:  # no agent from outside (most sessions): none to leave or release
+            leaving, released = (changed,), []
+        # The internal agents leave by their type and instance, built only if read (as they join).
+        events = InternalAgentsLeft(session_id, "session closed", leaving)
         ended = evolve(
             session,
             status=SessionStatus.CLOSED,
@@ -472,7 +477,6 @@ class Sessions:
             close_reason=reason,
             updated_at=now,
         )
-        released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
         # Most sessions have no instance to release: no stack of instance locks to hold for them.
         async with contextlib.AsyncExitStack() if released else _NOTHING_HELD as held:
             unbound: list[AgentRegistration] = []
