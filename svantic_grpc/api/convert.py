@@ -90,13 +90,17 @@ def session(
     message.created_by = record.created_by
     message.creator_agent_type = record.creator_agent_type
     # The session's times are mostly one or two values (opened: created, updated and last active
-    # at once; closed: updated when closed): each converted once.
+    # at once; closed: updated when closed): each converted once, and each Timestamp field read
+    # once (every read of it makes its Python wrapper anew).
     created = _nanos(record.created_at)
-    message.created_at.seconds, message.created_at.nanos = created
+    stamp = message.created_at
+    stamp.seconds, stamp.nanos = created
     updated = created if record.updated_at == record.created_at else _nanos(record.updated_at)
-    message.updated_at.seconds, message.updated_at.nanos = updated
+    stamp = message.updated_at
+    stamp.seconds, stamp.nanos = updated
     active = record.last_activity_at
-    message.last_activity_at.seconds, message.last_activity_at.nanos = (
+    stamp = message.last_activity_at
+    stamp.seconds, stamp.nanos = (
         created if active == record.created_at else updated if active == record.updated_at else _nanos(active)
     )
     if expires_at is not None:
@@ -104,7 +108,8 @@ def session(
     closed = None
     if record.closed_at is not None:
         closed = updated if record.closed_at == record.updated_at else _nanos(record.closed_at)
-        message.closed_at.seconds, message.closed_at.nanos = closed
+        stamp = message.closed_at
+        stamp.seconds, stamp.nanos = closed
     message.close_reason = record.close_reason
     message.version = record.version
     if include_agents:
@@ -119,10 +124,12 @@ def session(
             if first is None:
                 first = target
                 target.join_reason = agent_pb.JOIN_REASON_AUTO
-                target.joined_at.seconds, target.joined_at.nanos = created
+                joined_at = target.joined_at
+                joined_at.seconds, joined_at.nanos = created
                 target.internal = True
                 if closed is not None:
-                    target.left_at.seconds, target.left_at.nanos = closed
+                    left_at = target.left_at
+                    left_at.seconds, left_at.nanos = closed
             else:
                 target.CopyFrom(first)
             target.agent_type = agent_type
