@@ -38,6 +38,8 @@ SESSION_STATUS = {
     SessionStatus.CLOSED: session_pb.SESSION_STATUS_CLOSED,
 }
 SESSION_STATUS_FROM_PB = {v: k for k, v in SESSION_STATUS.items()}
+_SESSION_STATUS_BY_VALUE = {k._value_: v for k, v in SESSION_STATUS.items()}
+"""``SESSION_STATUS`` by the status's value: a status as a key hashes in Python (``Enum.__hash__``)."""
 JOIN_REASON = {
     JoinReason.AUTO: agent_pb.JOIN_REASON_AUTO,
     JoinReason.SELF: agent_pb.JOIN_REASON_SELF,
@@ -85,7 +87,7 @@ def session(
     """
     message = session_pb.Session() if into is None else into
     message.session_id = record.session_id
-    message.status = SESSION_STATUS[record.status]
+    message.status = _SESSION_STATUS_BY_VALUE[record.status._value_]
     message.user_id = record.user_id
     message.created_by = record.created_by
     message.creator_agent_type = record.creator_agent_type

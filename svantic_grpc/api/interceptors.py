@@ -230,10 +230,10 @@ def _unary(
             try:
                 if isinstance(request, Undecodable):
                     raise refuse(request, method, undecodable)
-                set_caller(None)
                 SESSION_ID.set(getattr(request, "session_id", ""))  # this call's task only: its log lines
-                if issuer is not None:
-                    set_caller(issuer.verify(_bearer_token(context.invocation_metadata())))
+                set_caller(
+                    None if issuer is None else issuer.verify(_bearer_token(context.invocation_metadata()))
+                )
                 response = await behavior(request, context)
             except Exception as error:
                 await _fail(context, error, method)  # ends the call with the error's status
