@@ -384,13 +384,17 @@ class EventBus:
 
     def _trim_due(self, events: Sequence[Event]) -> bool:
         """True when these events crossed a multiple of ``TRIM_EVERY`` past the cap."""
-        if not self._max_events or not events:
+        if not self._max_events:
             return False
         # A store that builds its events when read (the memory store's ``Appended``) says where
         # they start: reading the last one to learn its number would build it on every write.
         first = getattr(events, "first", None)
         if type(first) is int:
-            last = first + len(events) - 1
+            last = first + len(events) - 1  # (its length asked once: a Python __len__)
+            if last < first:
+                return False
+        elif not events:
+            return False
         else:
             first, last = events[0].sequence, events[-1].sequence
         if last <= self._max_events:

@@ -150,12 +150,15 @@ class Sessions:
     ) -> Session:
         """Create a session with its internal agents and, optionally, the caller."""
         caller.require(Scope.FULL)
-        check_id("session_id", session_id, required=False)
+        # Each optional id checked only when given (most sessions: none of them).
+        if session_id:
+            check_id("session_id", session_id)
         if bool(self_agent_type) != bool(self_instance_id):
             missing = "self_instance_id" if self_agent_type else "self_agent_type"
             raise InvalidArgument(missing, "self-join needs both self_agent_type and self_instance_id")
-        check_id("self_agent_type", self_agent_type, required=False)
-        check_id("self_instance_id", self_instance_id, required=False)
+        if self_agent_type:
+            check_id("self_agent_type", self_agent_type)
+            check_id("self_instance_id", self_instance_id)
         if self_agent_type.startswith(RESERVED_PREFIX):
             raise InvalidArgument("self_agent_type", "internal agents never create sessions")
         if self_instance_id:
