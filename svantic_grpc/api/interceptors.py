@@ -157,10 +157,12 @@ def _wrap(
         return (checked(request, method, undecodable) if streamed_requests else request), left
 
     if not stream and tracer is None:
-        return _like(
-            handler,
-            grpc.unary_unary_rpc_method_handler,
+        # Its response serialized as the servicer's: a unary servicer answers with a message (only
+        # streams write bytes serialized once for many, ``_passing_bytes``).
+        return grpc.unary_unary_rpc_method_handler(
             _unary(handler, method, issuer, undecodable, observe),
+            request_deserializer=tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
         )
 
     streamed = handler.unary_stream or handler.stream_stream
