@@ -289,6 +289,9 @@ class EventBus:
         self._feeds: dict[tuple[str, str], Feed] = {}
         """Per watched session, its live tail and its subscribers in this process."""
         self._bell = bell
+        self.atomic = not store.suspends and bell is None
+        """True when a ``commit`` runs to its end without suspending (a store whose calls never
+        suspend, nothing heard from other processes): no other task runs while it does."""
         self._offered: dict[tuple[str, str], int] = {}
         """With a bell: per watched session, the highest sequence offered to its subscribers."""
         self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -308,12 +311,6 @@ class EventBus:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    @property
-    def atomic(self) -> bool:
-        """True when a ``commit`` runs to its end without suspending (a store whose calls never
-        suspend, nothing heard from other processes): no other task runs while it does."""
-        return not self._store.suspends and self._bell is None
 
     async def publish(self, tenant_id: str, session_id: str, payload: EventPayload) -> Event:
         """Record ``payload`` in the session's log and deliver it live."""

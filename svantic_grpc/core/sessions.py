@@ -197,21 +197,29 @@ class Sessions:
             creator_agent_type=sys.intern(caller.agent_type),
             agents=agents,
         )
-        # The session's lock keeps other writes of it out while this one suspends; a commit that
-        # never suspends (the memory store) is alone while it runs: no lock to take and let go.
-        async with _NOTHING_HELD if self._bus.atomic else self._locks.hold((caller.tenant_id, session_id)):
-            opened = StatusChanged(
-                SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
-            )
-            # The internal agents' joins are built only if read (a live subscriber, a store that
-            # writes them out): the memory store keeps them as markers.
-            events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        opened = StatusChanged(
+            SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
+        )
+        # The internal agents' joins are built only if read (a live subscriber, a store that
+        # writes them out): the memory store keeps them as markers.
+        events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        store, tenant_id = self._store, caller.tenant_id
+        if self._bus.atomic:
+            # A commit that never suspends (the memory store) is alone while it runs: no session
+            # lock to take and let go around it.
             session = await self._bus.commit(
-                caller.tenant_id,
+                tenant_id,
                 session_id,
-                lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
+                lambda at: store.create_session_with_events(active, time=at, payloads=events),
             )
-            self._keep(session)
+        else:  # the session's lock keeps its other writes out while this one suspends
+            async with self._locks.hold((tenant_id, session_id)):
+                session = await self._bus.commit(
+                    tenant_id,
+                    session_id,
+                    lambda at: store.create_session_with_events(active, time=at, payloads=events),
+                )
+        self._keep(session)
         for hook in self._open_hooks:
             await hook(caller.tenant_id, session_id)
         if self._ttl_s:
