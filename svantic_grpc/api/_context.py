@@ -17,8 +17,8 @@ __all__ = ["current_caller", "peer_host", "set_caller"]
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("svantic_caller", default=None)
 
 
-def set_caller(caller: Caller | None) -> None:
-    _caller.set(caller)
+set_caller = _caller.set
+"""Make ``caller`` (or ``None``) the caller of this RPC (the variable's own ``set``: no call between)."""
 
 
 def current_caller() -> Caller:

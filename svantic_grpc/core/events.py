@@ -294,6 +294,9 @@ class EventBus:
         self._feeds: dict[tuple[str, str], Feed] = {}
         """Per watched session, its live tail and its subscribers in this process."""
         self._bell = bell
+        self.atomic = not store.suspends and bell is None
+        """True when a ``commit`` runs to its end without suspending (a store whose calls never
+        suspend, nothing heard from other processes): no other task runs while it does."""
         self._offered: dict[tuple[str, str], int] = {}
         """With a bell: per watched session, the highest sequence offered to its subscribers."""
         self._catching_up: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -347,7 +350,7 @@ class EventBus:
         still reach live subscribers (who would otherwise see a gap).
         """
         key = (tenant_id, session_id)
-        if not self._store.suspends and self._bell is None:
+        if self.atomic:
             # Nothing here awaits anything that suspends (the store's calls each run to the end in
             # one step; with no bell nothing is read from other processes): no other commit of the
             # session can come in between, so the session's lock would only be taken and let go.
@@ -383,13 +386,17 @@ class EventBus:
 
     def _trim_due(self, events: Sequence[Event]) -> bool:
         """True when these events crossed a multiple of ``TRIM_EVERY`` past the cap."""
-        if not self._max_events or not events:
+        if not self._max_events:
             return False
         # A store that builds its events when read (the memory store's ``Appended``) says where
         # they start: reading the last one to learn its number would build it on every write.
         first = getattr(events, "first", None)
         if type(first) is int:
-            last = first + len(events) - 1
+            last = first + len(events) - 1  # (its length asked once: a Python __len__)
+            if last < first:
+                return False
+        elif not events:
+            return False
         else:
             first, last = events[0].sequence, events[-1].sequence
         if last <= self._max_events:

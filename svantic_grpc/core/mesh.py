@@ -176,7 +176,6 @@ class Mesh:
             tracing=tracing,
         )
         self.sessions.on_close(self._session_closing)
-        self.sessions.on_closed(self._session_closed)
         self.ownership = store.ownership(
             replica_id=options.replica_id, lease_s=options.lease_s, renew_s=options.renew_s
         )
@@ -192,6 +191,9 @@ class Mesh:
         if not self.ownership.sole:
             self.inputs.shared = self.bus
             self.sessions.shared = True
+            # Only replicas withdraw what the owner raised while a close was on its way (one
+            # process has nothing to: no hook awaited after each close).
+            self.sessions.on_closed(self._session_closed)
             ownership = self.ownership
             self.sessions.on_open(lambda tenant_id, session_id: ownership.runs_here(tenant_id, session_id))
         self.serving = asyncio.Event()

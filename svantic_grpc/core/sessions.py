@@ -151,12 +151,15 @@ class Sessions:
     ) -> Session:
         """Create a session with its internal agents and, optionally, the caller."""
         caller.require(Scope.FULL)
-        check_id("session_id", session_id, required=False)
+        # Each optional id checked only when given (most sessions: none of them).
+        if session_id:
+            check_id("session_id", session_id)
         if bool(self_agent_type) != bool(self_instance_id):
             missing = "self_instance_id" if self_agent_type else "self_agent_type"
             raise InvalidArgument(missing, "self-join needs both self_agent_type and self_instance_id")
-        check_id("self_agent_type", self_agent_type, required=False)
-        check_id("self_instance_id", self_instance_id, required=False)
+        if self_agent_type:
+            check_id("self_agent_type", self_agent_type)
+            check_id("self_instance_id", self_instance_id)
         if self_agent_type.startswith(RESERVED_PREFIX):
             raise InvalidArgument("self_agent_type", "internal agents never create sessions")
         if self_instance_id:
@@ -195,19 +198,29 @@ class Sessions:
             creator_agent_type=sys.intern(caller.agent_type),
             agents=agents,
         )
-        async with self._locks.hold((caller.tenant_id, session_id)):
-            opened = StatusChanged(
-                SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
-            )
-            # The internal agents' joins are built only if read (a live subscriber, a store that
-            # writes them out): the memory store keeps them as markers.
-            events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        opened = StatusChanged(
+            SessionStatus.OPENING, SessionStatus.ACTIVE, sys.intern(f"opened by {caller.subject}")
+        )
+        # The internal agents' joins are built only if read (a live subscriber, a store that
+        # writes them out): the memory store keeps them as markers.
+        events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        store, tenant_id = self._store, caller.tenant_id
+        if self._bus.atomic:
+            # A commit that never suspends (the memory store) is alone while it runs: no session
+            # lock to take and let go around it.
             session = await self._bus.commit(
-                caller.tenant_id,
+                tenant_id,
                 session_id,
-                lambda now: self._store.create_session_with_events(active, time=now, payloads=events),
+                lambda at: store.create_session_with_events(active, time=at, payloads=events),
             )
-            self._keep(session)
+        else:  # the session's lock keeps its other writes out while this one suspends
+            async with self._locks.hold((tenant_id, session_id)):
+                session = await self._bus.commit(
+                    tenant_id,
+                    session_id,
+                    lambda at: store.create_session_with_events(active, time=at, payloads=events),
+                )
+        self._keep(session)
         for hook in self._open_hooks:
             await hook(caller.tenant_id, session_id)
         if self._ttl_s:
@@ -457,17 +470,20 @@ class Sessions:
         if session.status is SessionStatus.CLOSED:
             return session, False
         now = self._clock.now()
-        present = session.present_agents()
-        agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in session.agents)
-        # The internal agents leave by their type and instance, built only if read (as they join).
-        events = InternalAgentsLeft(
-            session_id,
-            "session closed",
-            (
+        changed = StatusChanged(session.status, SessionStatus.CLOSED, reason)
+        agents = session.agents
+        if agents:
+            present = session.present_agents()
+            agents = tuple(a if a.left_at is not None else replace(a, left_at=now) for a in agents)
+            leaving: tuple[EventPayload, ...] = (
                 *(AgentLeft(a.agent_type, a.instance_id, "released: session closed") for a in present),
-                StatusChanged(session.status, SessionStatus.CLOSED, reason),
-            ),
-        )
+                changed,
+            )
+            released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
+        else:  # no agent from outside (most sessions): none to leave or release
+            leaving, released = (changed,), []
+        # The internal agents leave by their type and instance, built only if read (as they join).
+        events = InternalAgentsLeft(session_id, "session closed", leaving)
         ended = evolve(
             session,
             status=SessionStatus.CLOSED,
@@ -476,7 +492,6 @@ class Sessions:
             close_reason=reason,
             updated_at=now,
         )
-        released = sorted(a.instance_id for a in present if a.join_reason is not JoinReason.SELF)
         # Most sessions have no instance to release: no stack of instance locks to hold for them.
         async with contextlib.AsyncExitStack() if released else _NOTHING_HELD as held:
             unbound: list[AgentRegistration] = []

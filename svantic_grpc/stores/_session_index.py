@@ -51,9 +51,9 @@ class SessionIndex:
         """Forget a session."""
         keys = self._by_status.get((session.tenant_id, session.status._value_))
         if keys is not None:
+            # An emptied list stays (at most one per tenant and status): a tenant's only active
+            # session closing would otherwise drop the list the next one makes anew.
             keys.discard((session.created_at, session.session_id))
-            if not keys:
-                del self._by_status[(session.tenant_id, session.status._value_)]
         if session.status is SessionStatus.CLOSED and session.closed_at is not None:
             self._closed.discard((session.closed_at, session.tenant_id, session.session_id))
 

@@ -395,7 +395,9 @@ class MemoryStore(Store):
         if log is None:
             log = self._events[key] = CompactLog()
         first = log.next_sequence
-        rest = payloads.rest if isinstance(payloads, (InternalAgentsJoined, InternalAgentsLeft)) else payloads
+        # By exact type (which mypy does not narrow by): an isinstance that fails against one of
+        # these (a Sequence, so an ABC) runs the ABC's own check in Python.
+        rest = payloads.rest if type(payloads) in _INTERNAL_EVENTS else payloads  # type: ignore[attr-defined]
         if not _FROZEN_PAYLOADS.issuperset(map(type, rest)):  # the others copied, as ``_append`` does
             payloads = [p if type(p) in _FROZEN_PAYLOADS else detach(p) for p in payloads]
         entries = log.extend(time, payloads, session_id=session.session_id, created_at=session.created_at)
@@ -484,6 +486,8 @@ class MemoryStore(Store):
 Record = TypeVar("Record", Session, AgentRegistration, Message, InputRequest)
 
 _new_event = object.__new__
+
+_INTERNAL_EVENTS = (InternalAgentsJoined, InternalAgentsLeft)
 
 _FROZEN_PAYLOADS = frozenset(
     {AgentJoined, AgentLeft, StatusChanged, MessageStateChanged, TurnAdded, ArtifactAdded}

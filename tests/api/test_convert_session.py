@@ -59,3 +59,16 @@ def test_a_session_converts_as_each_of_its_agents_does(record: Session, expires_
         record, expires_at
     ).SerializeToString(deterministic=True)
     assert [a.instance_id for a in converted.agents][:6] == [a.instance_id for a in record.internal_agents]
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_internal_agents_convert_the_same_for_ids_of_every_length(closed: bool) -> None:
+    # Their encoding comes from a template per id length (a length byte may be a "%"), and ids
+    # too long for one-byte lengths are set field by field: every allowed length, both ways.
+    for length in range(1, 129):
+        session_id = ("s%" * 64)[:length]
+        record = replace(CLOSED if closed else OPEN, session_id=session_id)
+        converted = convert.session(record, expires_at=None if closed else NOW + 600)
+        assert converted.SerializeToString(deterministic=True) == _reference(
+            record, None if closed else NOW + 600
+        ).SerializeToString(deterministic=True), length

@@ -105,7 +105,8 @@ class PolicyEngine:
     def __init__(self, policies: Iterable[Policy], *, max_tool_calls_per_session: int = 0) -> None:
         self._policies = sorted(policies, key=lambda p: p.priority)
         self._max_calls = max_tool_calls_per_session
-        self._session_grants: set[tuple[str, str, str]] = set()
+        self._session_grants: dict[tuple[str, str], set[str]] = {}
+        """Per session: the tools approved for it (dropped whole when it closes, not searched for)."""
         self._tenant_allows: set[tuple[str, str]] = set()
         self._calls: dict[tuple[str, str], int] = {}
 
@@ -128,7 +129,7 @@ class PolicyEngine:
             return Verdict(policy.enforcement, policy, reason)
         if (tenant_id, policy.name) in self._tenant_allows:
             return Verdict(Enforcement.ALLOW, policy, approved_always(policy.name))
-        if (tenant_id, session_id, call.tool_name) in self._session_grants:
+        if call.tool_name in self._session_grants.get(key, ()):
             return Verdict(Enforcement.ALLOW, policy, f"{call.tool_name} approved for this session")
         if yolo:
             return Verdict(Enforcement.ALLOW, policy, "yolo_mode")
@@ -146,15 +147,16 @@ class PolicyEngine:
         return None
 
     def grant_for_session(self, tenant_id: str, session_id: str, tool_name: str) -> None:
-        self._session_grants.add((tenant_id, session_id, tool_name))
+        self._session_grants.setdefault((tenant_id, session_id), set()).add(tool_name)
 
     def allow_always(self, tenant_id: str, policy_name: str) -> None:
         self._tenant_allows.add((tenant_id, policy_name))
 
     def forget_session(self, tenant_id: str, session_id: str) -> None:
         """Drop a closed session's grants and budget."""
-        self._calls.pop((tenant_id, session_id), None)
-        self._session_grants = {g for g in self._session_grants if g[:2] != (tenant_id, session_id)}
+        key = (tenant_id, session_id)
+        self._calls.pop(key, None)
+        self._session_grants.pop(key, None)  # every close: one pop, not a new set of every other grant
 
     @staticmethod
     def from_settings(items: Iterable[Mapping[str, Any]]) -> list[Policy]:
