@@ -336,7 +336,10 @@ class SlackAdapter(Adapter):
         key = (request.tenant_id, request.request_id)
         updating = self._updating.get(key)
         if updating is None:  # one chat.update per outcome
-            updating = self._updating[key] = asyncio.ensure_future(self._update_post(request))
+            spawned = self._spawn(self._update_post(request))  # stop() waits for it, then cancels
+            if spawned is None:
+                raise RuntimeError(f"slack adapter stopped before the outcome of {request.request_id}")
+            updating = self._updating[key] = spawned
             updating.add_done_callback(partial(self._updated, key))
         await asyncio.shield(updating)
 
@@ -425,9 +428,12 @@ class SlackAdapter(Adapter):
             logger.warning("slack: ignored a malformed button click: %s", e)
             await ack()
             return
-        task = self._spawn(self._answer_action(click))
+        decided = asyncio.Event()
+        task = self._spawn(self._answer_action(click, decided))
         if task is not None and _answer_of(click.what) is not None:
-            await asyncio.wait({task}, timeout=_ACK_WITHIN_S)
+            waiting = asyncio.ensure_future(decided.wait())
+            await asyncio.wait({task, waiting}, timeout=_ACK_WITHIN_S, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
         await ack()
 
     async def _on_deny_submitted(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -476,12 +482,16 @@ class SlackAdapter(Adapter):
             channel = submission.channel or self.settings.channel
             self._spawn(self._ephemeral(channel, submission.user, verdict.text))
 
-    async def _answer_action(self, click: Click) -> None:
+    async def _answer_action(self, click: Click, decided: asyncio.Event | None = None) -> None:
+        """Answer a click; ``decided`` is set once its answer is stored or refused (what the
+        clicker is told after that, an ephemeral, is not waited for by the ack)."""
         channel = click.channel or self.settings.channel
         try:
             checked = await self._check(click.tenant_id, click.request_id, click.user)
             answer = _answer_of(click.what)
             if isinstance(checked, _Verdict):
+                if decided is not None:
+                    decided.set()
                 if checked.ended is not None:  # a post whose update failed is brought up to date now
                     self._spawn(self._update_quietly(checked.ended))
                 if answer is not None and _already_given(checked.ended, click.user, answer):
@@ -491,6 +501,8 @@ class SlackAdapter(Adapter):
             request, verdict = checked, None
             if answer is not None:
                 verdict = await self._resolve(request, answer, click.user)
+                if decided is not None:
+                    decided.set()
             elif click.what == "deny":
                 await self._open(click, channel, _deny_view(request, channel))
             elif not _form_in_slack(request):

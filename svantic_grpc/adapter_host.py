@@ -172,8 +172,13 @@ class AdapterHost:
             try:
                 await adapter.start()
             except Exception:
-                _log.exception("adapter %s failed to start; it is disabled", name)
+                _log.exception(
+                    "adapter %s failed to start; it is disabled, and the outcomes the others are told "
+                    "stay untold for it, told again at the next start",
+                    name,
+                )
                 del self.adapters[name]
+                self._inputs.marks_told = False
                 continue
             self._inputs.add_listener(_Scoped(adapter, self._contexts[name]))
         if self.adapters:

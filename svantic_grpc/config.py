@@ -280,11 +280,11 @@ class Settings(_Model):
     """host:port clients on other machines dial for gRPC (the A2A agent card's gRPC bindings); default
     the host of `http_public_url` with the bound gRPC port when that is set, else the bound address."""
     http_max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    """Largest HTTP request body; a larger one is refused with 413 before it is read whole."""
     http_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """How long a request's line and headers, and then its body, may take to arrive: a connection
     whose headers are late is closed, a body that is late is answered 408 (slow clients would
     otherwise hold connections for ever)."""
-    """Largest HTTP request body; a larger one is refused with 413 before it is read whole."""
     session_ttl_ms: int = Field(default=1_800_000, ge=0, le=_MAX_MS)
     """Idle time after which a session is closed; 0 disables."""
     input_request_ttl_ms: int = Field(default=3_600_000, gt=0, le=_MAX_MS)

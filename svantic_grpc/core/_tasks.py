@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["to_the_end"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 
 async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
@@ -23,7 +27,10 @@ async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # its error, if any, is the cancelled caller's no more
+        while not task.done():  # cancelled again meanwhile: still until it ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Nobody is left to be told: it is said here, not lost.
+            _log.warning("work whose caller went away failed: %r", error, exc_info=error)
         raise

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
+import pytest
+
+from svantic_grpc.core._tasks import to_the_end
 from svantic_grpc.core.auth import Caller, Scope, TokenSettings
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.inputs.model import (
@@ -130,3 +134,33 @@ async def test_a_withdrawal_stored_after_its_caller_left_wakes_the_waiter(clock:
         assert (withdrawn.state, withdrawn.outcome_reason) == (InputState.CANCELED, "not needed")
     finally:
         await mesh.stop()
+
+
+async def test_work_run_to_the_end_is_waited_for_through_a_second_cancel_and_its_error_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by review: cancelled twice, the caller let go of its locks while the work still ran,
+    and an error of the work whose caller had gone was dropped without a word."""
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def work() -> str:
+        await release.wait()
+        done.append("written")
+        raise RuntimeError("the store refused it")
+
+    caller = asyncio.create_task(to_the_end(work()))
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.sleep(0)
+    caller.cancel()  # a second cancel (the server stopping after the client left)
+    await asyncio.sleep(0.01)
+    assert not caller.done()  # still waiting for the work: its locks are not let go early
+    release.set()
+    with (
+        caplog.at_level(logging.WARNING, logger="svantic_grpc.core._tasks"),
+        pytest.raises(asyncio.CancelledError),
+    ):
+        await caller
+    assert done == ["written"]
+    assert any("the store refused it" in r.getMessage() for r in caplog.records)

@@ -121,6 +121,9 @@ class Inputs:
         ended request is then written untold and marked told once they returned, so that an
         outcome in flight when the process died is told again after the restart. Without adapters
         it is written told: nothing to tell again."""
+        self.marks_told = True
+        """Cleared (by the adapter host) when a configured adapter failed to start: outcomes told
+        to the others stay untold for the next start, when it may be back."""
         self._telling = False
         """Whether the adapters listen yet (``start_telling``): outcomes written before that (start-up
         recovery's withdrawals) stay untold in the store, for ``start_telling`` to find."""
@@ -465,8 +468,8 @@ class Inputs:
 
     async def _tell_and_mark(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
         told_all = await asyncio.gather(*(_call(listener, "on_outcome", request) for listener in listeners))
-        if not all(told_all):
-            return  # an adapter could not tell it (stopped, failed): told again at the next start
+        if not all(told_all) or not self.marks_told:
+            return  # an adapter could not tell it (stopped, failed, not started): again at the next start
         told = replace(request, outcome_told=True)
         try:
             await self._store.write(Change(request.tenant_id, request.session_id, inputs=(told,)))
@@ -500,13 +503,17 @@ class Inputs:
         """Tell ``untold`` outcomes again, ``_TELL_AGAIN_AT_ONCE`` at a time: after an outage
         there may be many, and the adapters' services limit how fast they take them."""
 
-        async def in_batches() -> None:
-            for start in range(0, len(untold), _TELL_AGAIN_AT_ONCE):
-                batch = untold[start : start + _TELL_AGAIN_AT_ONCE]
-                await asyncio.gather(*(self._tell_and_mark(r, tuple(self._listeners)) for r in batch))
+        window = asyncio.Semaphore(_TELL_AGAIN_AT_ONCE)  # one slow target holds one place, not a batch
+
+        async def one(request: InputRequest) -> None:
+            async with window:
+                await self._tell_and_mark(request, tuple(self._listeners))
+
+        async def all_of_them() -> None:
+            await asyncio.gather(*(one(request) for request in untold))
 
         if untold:
-            task = asyncio.create_task(in_batches(), name="tell-again")
+            task = asyncio.create_task(all_of_them(), name="tell-again")
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
 

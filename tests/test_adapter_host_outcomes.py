@@ -1,0 +1,93 @@
+"""The adapter host and outcomes told at least once: an adapter that fails to start is not told
+what the others are, so those outcomes stay untold for the next start (found by review: they were
+marked told, and the adapter that was down never got them)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svantic_grpc import adapter_host
+from svantic_grpc.adapter import Adapter
+from svantic_grpc.adapter_host import AdapterHost
+from svantic_grpc.core.auth import Caller, Scope, TokenSettings
+from svantic_grpc.core.clock import ManualClock
+from svantic_grpc.core.inputs.model import InputKind, InputRequest, ToolCall
+from svantic_grpc.core.mesh import Mesh
+from svantic_grpc.http_server import HttpServer
+from svantic_grpc.stores.sqlite import SqliteStore
+
+CALLER = Caller("acme", "acme-full", "terminal", (Scope.FULL,), "tok_1")
+told: list[str] = []
+
+
+class Good(Adapter):
+    async def on_outcome(self, request: InputRequest) -> None:
+        told.append(request.request_id)
+
+
+class Broken(Adapter):
+    async def start(self) -> None:
+        raise ConnectionError("its service is down at start-up")
+
+
+@dataclass
+class _EntryPoint:
+    name: str
+    adapter: type[Adapter]
+
+    def load(self) -> type[Adapter]:
+        return self.adapter
+
+
+async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def entry_points(group: str) -> list[Any]:
+        return [_EntryPoint("good", Good), _EntryPoint("broken", Broken)]
+
+    monkeypatch.setattr(adapter_host, "entry_points", entry_points)
+    mesh = Mesh(
+        store=SqliteStore(tmp_path / "mesh.db"),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        clock=clock,
+    )
+    host = AdapterHost(
+        configs={"good": {}, "broken": {}},
+        http=HttpServer("127.0.0.1:0", ready=lambda: True),
+        inputs=mesh.inputs,
+        store=mesh.store,
+        clock=clock,
+        ids=mesh.ids,
+        env={},
+    )
+    host.load()
+    await mesh.start()
+    await host.start()
+    try:
+        assert list(host.adapters) == ["good"]
+        session_id = (await mesh.sessions.init(CALLER)).session_id
+        request = await mesh.inputs.ask(
+            tenant_id="acme",
+            session_id=session_id,
+            message_id="m1",
+            kind=InputKind.TOOL_APPROVAL,
+            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+        )
+        await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        for _ in range(100):
+            if told:
+                break
+            await asyncio.sleep(0.01)
+        assert told == [request.request_id]  # the adapter that is up is told
+        await asyncio.sleep(0.05)
+        # ... and the outcome stays untold, for the broken one at the next start.
+        assert [r.request_id for r in await mesh.store.untold_outcomes()] == [request.request_id]
+    finally:
+        await host.stop()
+        await mesh.stop()
