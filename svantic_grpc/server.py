@@ -84,12 +84,6 @@ GC_YOUNG_THRESHOLD = 10_000
 # TOO_MANY_STREAMS); a call still queued after 30 s is dropped by core all the same.
 MAX_PENDING_CALLS = 1_000_000
 
-# One connection may hold the streams its tenant may (max_streams_per_tenant) and this many calls
-# more; past that its client queues its calls itself (HTTP/2 MAX_CONCURRENT_STREAMS) instead of
-# filling the server's queue above, so other connections are still taken up (another client's
-# GetSession during a burst of 20,000 streams on one connection: 9.0 s -> 1.3 s).
-CALLS_BESIDE_STREAMS = 100
-
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
     for module, name in (
@@ -259,7 +253,7 @@ class MeshServer:
             raise SettingsError(str(exc)) from None
         self.a2a.http_base_url = self.http.public_url  # the agent card names where it is served
         await self.adapters.start()
-        server = aio.server(options=_server_options(self.settings.max_streams_per_tenant))
+        server = aio.server(options=_server_options())
         # Every service is added wrapped by the interceptor (authentication, errors, metrics,
         # tracing), not given to grpc.aio as an interceptor: it would run as a chain of three
         # coroutines on every call to find what is the same wrapped handler for every call of a
@@ -425,22 +419,16 @@ def _hold_the_database(store: Store) -> IO[bytes] | None:
     return hold
 
 
-def _server_options(max_streams_per_tenant: int) -> list[tuple[str, int]]:
-    options = [
+def _server_options() -> list[tuple[str, int]]:
+    # Not grpc.max_concurrent_streams per connection: measured, it cut another connection's wait
+    # during a burst of 20,000 cheap streams (9.0 s -> 1.3 s) but made the bursting connection's own
+    # later calls wait behind its queued streams (30 s instead of 0.1 s with 3,000 replaying streams),
+    # and would leave calls waiting without an error on a connection shared by several tenants.
+    return [
         ("grpc.so_reuseport", 0),
         ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
-    if max_streams_per_tenant:  # 0: no limit on a tenant's streams, none on a connection's either
-        options += [
-            ("grpc.max_concurrent_streams", max_streams_per_tenant + CALLS_BESIDE_STREAMS),
-            # By default core counts a stream until its memory is freed, a moment after it ended,
-            # and refuses new ones past the limit meanwhile (RST_STREAM REFUSED_STREAM: the client
-            # sees UNAVAILABLE, no reason: 389 of a burst of 5,000). Count the open streams only,
-            # as the client does: it then waits for a place instead.
-            ("grpc.http.overload_protection", 0),
-        ]
-    return options
 
 
 def _not_registered(service_name: str, method_handlers: Mapping[str, object]) -> None:

@@ -23,8 +23,8 @@ async def test_a_burst_of_streams_is_refused_with_a_reason_and_another_client_is
     arriving calls at random with status CANCELLED and no reason, another client's calls among
     them. Every call of the burst past the tenant's limit is refused with RESOURCE_EXHAUSTED
     TOO_MANY_STREAMS; a call from another client on its own connection during the burst is
-    answered, and so is the burst's own client once it holds the most streams it may: its
-    connection has room for calls beside them."""
+    answered, and so is the burst's own client on the burst's connections once it holds the most
+    streams it may."""
     async with running_server(max_streams_per_tenant=LIVE) as client, contextlib.AsyncExitStack() as stack:
         md = await client.md()
         init = session_service_pb2.InitSessionRequest()
