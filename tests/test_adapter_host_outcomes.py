@@ -16,10 +16,11 @@ from svantic_grpc.adapter import Adapter
 from svantic_grpc.adapter_host import AdapterHost
 from svantic_grpc.core.auth import Caller, Scope, TokenSettings
 from svantic_grpc.core.clock import ManualClock
-from svantic_grpc.core.inputs.model import InputKind, InputRequest, ToolCall
+from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.mesh import Mesh
 from svantic_grpc.http_server import HttpServer
 from svantic_grpc.stores.sqlite import SqliteStore
+from tests.core.test_outcomes_after_restart import ask_to_delete
 
 CALLER = Caller("acme", "acme-full", "terminal", (Scope.FULL,), "tok_1")
 told: list[str] = []
@@ -72,13 +73,7 @@ async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
     try:
         assert list(host.adapters) == ["good"]
         session_id = (await mesh.sessions.init(CALLER)).session_id
-        request = await mesh.inputs.ask(
-            tenant_id="acme",
-            session_id=session_id,
-            message_id="m1",
-            kind=InputKind.TOOL_APPROVAL,
-            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
-        )
+        request = await ask_to_delete(mesh, session_id, "m1")
         await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
         for _ in range(100):
             if told:

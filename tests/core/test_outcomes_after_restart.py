@@ -35,6 +35,17 @@ class Adapter:
             raise ConnectionError("the adapter's service is down")
 
 
+async def ask_to_delete(mesh: Mesh, session_id: str, message_id: str = "m1") -> InputRequest:
+    """A pending tool approval in ``session_id`` for ``message_id`` (which need not exist)."""
+    return await mesh.inputs.ask(
+        tenant_id="acme",
+        session_id=session_id,
+        message_id=message_id,
+        kind=InputKind.TOOL_APPROVAL,
+        tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
+    )
+
+
 async def started(path: Path, clock: ManualClock, adapter: Adapter) -> Mesh:
     """A mesh on ``path`` started as the server starts it with an adapter."""
     mesh = Mesh(
@@ -61,6 +72,17 @@ async def settled(mesh: Mesh) -> list[str]:
     return untold
 
 
+async def told_at_the_next_start(path: Path, clock: ManualClock) -> list[InputRequest]:
+    """What an adapter is told when a mesh starts again on ``path``, once the telling is done."""
+    adapter = Adapter()
+    mesh = await started(path, clock, adapter)
+    try:
+        assert await settled(mesh) == []
+        return adapter.outcomes
+    finally:
+        await mesh.stop()
+
+
 async def test_a_request_withdrawn_at_start_up_is_told_to_the_adapters(
     tmp_path: Path, clock: ManualClock
 ) -> None:
@@ -68,26 +90,14 @@ async def test_a_request_withdrawn_at_start_up_is_told_to_the_adapters(
     before = await started(path, clock, Adapter())
     try:
         session_id = (await before.sessions.init(CALLER)).session_id
-        request = await before.inputs.ask(
-            tenant_id="acme",
-            session_id=session_id,
-            message_id="gone",  # no such message: start-up recovery withdraws what it asked
-            kind=InputKind.TOOL_APPROVAL,
-            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
-        )
+        # No such message: start-up recovery withdraws what it asked.
+        request = await ask_to_delete(before, session_id, "gone")
     finally:
         await before.stop()
 
-    adapter = Adapter()
-    after = await started(path, clock, adapter)
-    try:
-        assert await settled(after) == []
-        assert [(r.request_id, r.state) for r in adapter.outcomes] == [
-            (request.request_id, InputState.CANCELED)
-        ]
-        assert adapter.outcomes[0].outcome_reason.startswith("withdrawn at start-up")
-    finally:
-        await after.stop()
+    told = await told_at_the_next_start(path, clock)
+    assert [(r.request_id, r.state) for r in told] == [(request.request_id, InputState.CANCELED)]
+    assert told[0].outcome_reason.startswith("withdrawn at start-up")
 
     again = Adapter()
     third = await started(path, clock, again)
@@ -106,13 +116,7 @@ async def test_an_outcome_an_adapter_could_not_tell_is_told_again_at_the_next_st
     before = await started(path, clock, down)
     try:
         session_id = (await before.sessions.init(CALLER)).session_id
-        request = await before.inputs.ask(
-            tenant_id="acme",
-            session_id=session_id,
-            message_id="m1",
-            kind=InputKind.TOOL_APPROVAL,
-            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
-        )
+        request = await ask_to_delete(before, session_id, "m1")
         await before.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
         await asyncio.sleep(0.05)
         assert [r.request_id for r in down.outcomes] == [request.request_id]
@@ -153,13 +157,7 @@ async def test_without_adapters_an_outcome_is_written_told_in_one_write(
     await mesh.inputs.start_telling()  # as the adapter host does, with no adapter
     try:
         session_id = (await mesh.sessions.init(CALLER)).session_id
-        request = await mesh.inputs.ask(
-            tenant_id="acme",
-            session_id=session_id,
-            message_id="m1",
-            kind=InputKind.TOOL_APPROVAL,
-            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
-        )
+        request = await ask_to_delete(mesh, session_id, "m1")
         before = store.input_writes
         await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
         await asyncio.sleep(0.05)
@@ -181,13 +179,7 @@ async def test_a_request_pending_since_before_the_upgrade_is_told_when_it_ends(
     before = await started(path, clock, Adapter())
     try:
         session_id = (await before.sessions.init(CALLER)).session_id
-        request = await before.inputs.ask(
-            tenant_id="acme",
-            session_id=session_id,
-            message_id="gone",
-            kind=InputKind.TOOL_APPROVAL,
-            tool_call=ToolCall("crm.delete_records", {"ids": [7]}),
-        )
+        request = await ask_to_delete(before, session_id, "gone")
         pending = await before.store.get_input(tenant_id="acme", request_id=request.request_id)
         assert pending is not None
         # As the old version stored it: no outcome_told in the record (decoded as told).
@@ -195,12 +187,5 @@ async def test_a_request_pending_since_before_the_upgrade_is_told_when_it_ends(
     finally:
         await before.stop()
 
-    adapter = Adapter()
-    after = await started(path, clock, adapter)
-    try:
-        assert await settled(after) == []
-        assert [(r.request_id, r.state) for r in adapter.outcomes] == [
-            (request.request_id, InputState.CANCELED)
-        ]
-    finally:
-        await after.stop()
+    told = await told_at_the_next_start(path, clock)
+    assert [(r.request_id, r.state) for r in told] == [(request.request_id, InputState.CANCELED)]
