@@ -371,7 +371,7 @@ class SlackAdapter(Adapter):
         except SlackApiError as error:
             if error.response.get("error") not in _NEVER_UPDATABLE:
                 logger.exception("slack: updating the message of request %s failed", request.request_id)
-                raise  # the mesh tells the outcome again at the next start
+                raise  # the mesh tells the outcome again later
             logger.warning(
                 "slack: the message of request %s cannot be updated (%s): given up",
                 request.request_id,
@@ -380,7 +380,7 @@ class SlackAdapter(Adapter):
             await self.context.forget(_post_key(request))
         except Exception:
             logger.exception("slack: updating the message of request %s failed", request.request_id)
-            raise  # the mesh tells the outcome again at the next start
+            raise  # the mesh tells the outcome again later
 
     # -- inbound -----------------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ class WebhookAdapter(Adapter):
 
     async def on_outcome(self, request: InputRequest) -> None:
         """Returns once every target got the outcome, refused it or was given up on; raises when the
-        adapter stopped first (the mesh tells the outcome again at the next start)."""
+        adapter stopped first (the mesh tells the outcome again later)."""
         deliveries = self._report(request)
         if deliveries:
             await asyncio.wait(deliveries)

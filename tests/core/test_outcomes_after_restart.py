@@ -46,8 +46,9 @@ async def ask_to_delete(mesh: Mesh, session_id: str, message_id: str = "m1") -> 
     )
 
 
-async def started(path: Path, clock: ManualClock, adapter: Adapter) -> Mesh:
-    """A mesh on ``path`` started as the server starts it with an adapter."""
+async def started(path: Path, clock: ManualClock, adapter: Adapter, *, look_every_s: float = 600.0) -> Mesh:
+    """A mesh on ``path`` started as the server starts it with an adapter (``look_every_s``: how
+    often it looks for outcomes still untold)."""
     mesh = Mesh(
         store=SqliteStore(path),
         tokens=TokenSettings(signing_key="k" * 32),
@@ -56,6 +57,7 @@ async def started(path: Path, clock: ManualClock, adapter: Adapter) -> Mesh:
         clock=clock,
     )
     mesh.inputs.tells_outcomes = True  # as the adapter host sets it, before recovery
+    mesh.inputs.tell_again_every_s = look_every_s
     await mesh.start()
     mesh.inputs.add_listener(adapter)
     await mesh.inputs.start_telling()
@@ -189,3 +191,26 @@ async def test_a_request_pending_since_before_the_upgrade_is_told_when_it_ends(
 
     told = await told_at_the_next_start(path, clock)
     assert [(r.request_id, r.state) for r in told] == [(request.request_id, InputState.CANCELED)]
+
+
+async def test_an_outcome_an_adapter_could_not_tell_is_told_again_without_a_restart(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Slack or a webhook target down for a while: once it is back, the outcome it missed is told
+    (found by review for replicas: one whose teller died with its session's lease waited for a
+    process to start)."""
+    adapter = Adapter(failing=True)
+    mesh = await started(tmp_path / "mesh.db", clock, adapter, look_every_s=0.05)
+    try:
+        session_id = (await mesh.sessions.init(CALLER)).session_id
+        request = await ask_to_delete(mesh, session_id)
+        await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        await asyncio.sleep(0.02)
+        assert [r.request_id for r in adapter.outcomes] == [request.request_id]  # tried, failed
+        adapter.failing = False  # the service is back
+        assert await settled(mesh) == []
+        assert [r.request_id for r in adapter.outcomes] == [request.request_id] * 2
+        await asyncio.sleep(0.2)  # told and marked: not told a third time
+        assert len(adapter.outcomes) == 2
+    finally:
+        await mesh.stop()

@@ -12,6 +12,7 @@ that waits on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -80,7 +81,7 @@ class InputListener(Protocol):
 
     async def on_outcome(self, request: InputRequest) -> None:
         """Returns once the outcome is delivered or given up for good; raises when it was not (the
-        adapter stopped first), and the mesh tells it again at the next start."""
+        adapter stopped first), and the mesh tells it again later."""
 
 
 class Inputs:
@@ -125,6 +126,13 @@ class Inputs:
         """Cleared (by the adapter host) when a configured adapter failed to start: outcomes told
         to the others stay untold for the next start, when it may be back."""
         self._telling = False
+        self.tell_again_every_s = 600.0
+        """How often outcomes still untold are looked for: one untold at two looks this far apart and
+        not being told by this process was dropped (its adapter failed, or the replica telling it
+        died), and is told again (at least once, without waiting for a restart)."""
+        self._being_told: set[tuple[str, str]] = set()
+        """Outcomes this process is telling now (tenant, request)."""
+        self._looking: asyncio.Task[None] | None = None
         """Whether the adapters listen yet (``start_telling``): outcomes written before that (start-up
         recovery's withdrawals) stay untold in the store, for ``start_telling`` to find."""
         self.expiry = IdleReaper(clock=clock, close=self._expire, load=self._deadline)
@@ -455,7 +463,8 @@ class Inputs:
         """Tell the listeners an ended request's outcome; one written untold is marked told once
         every listener returned without raising (an adapter returns once it delivered the outcome
         or gave up on it for good), in a write of its own: if the process dies before that, or an
-        adapter raised, ``start_telling`` tells it again at the next start (at least once)."""
+        adapter raised, it is told again later (``_look_for_dropped``) or at the next start (at
+        least once)."""
         if request.outcome_told:
             self._notify("on_outcome", request)
         elif self._telling:
@@ -467,9 +476,17 @@ class Inputs:
         # else: start-up, before the adapters listen: it stays untold, for ``start_telling``
 
     async def _tell_and_mark(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
+        key = (request.tenant_id, request.request_id)
+        self._being_told.add(key)
+        try:
+            await self._tell_and_mark_once(request, listeners)
+        finally:
+            self._being_told.discard(key)
+
+    async def _tell_and_mark_once(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
         told_all = await asyncio.gather(*(_call(listener, "on_outcome", request) for listener in listeners))
         if not all(told_all) or not self.marks_told:
-            return  # an adapter could not tell it (stopped, failed, not started): again at the next start
+            return  # an adapter could not tell it (stopped, failed, not started): told again later
         told = replace(request, outcome_told=True)
         try:
             await self._store.write(Change(request.tenant_id, request.session_id, inputs=(told,)))
@@ -478,7 +495,7 @@ class Inputs:
         except Exception:
             _log.warning(
                 "input request %s: its outcome was told, but could not be marked told; it is told "
-                "again at the next start",
+                "again later",
                 request.request_id,
                 exc_info=True,
             )
@@ -490,7 +507,31 @@ class Inputs:
         self._telling = True
         untold = list(await self._store.untold_outcomes()) if self.tells_outcomes else []
         self._tell_again(untold)
+        if self.tells_outcomes and self._looking is None:
+            self._looking = asyncio.create_task(self._look_for_dropped(), name="untold-outcomes")
         return len(untold)
+
+    async def _look_for_dropped(self) -> None:
+        """Every ``tell_again_every_s``: tell again what was untold at the last look too and is not
+        being told here (an adapter that failed, a replica that died while telling it, its session's
+        lease gone with it). One cheap query of a partial index a period."""
+        seen: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(self.tell_again_every_s)
+            try:
+                untold = await self._store.untold_outcomes()
+            except Exception:
+                _log.warning("could not read the outcomes still untold; looking again later", exc_info=True)
+                continue
+            dropped = [
+                r
+                for r in untold
+                if (r.tenant_id, r.request_id) in seen and (r.tenant_id, r.request_id) not in self._being_told
+            ]
+            seen = {(r.tenant_id, r.request_id) for r in untold}
+            if dropped:
+                _log.info("telling the adapters %d outcome(s) again that they were not told", len(dropped))
+            self._tell_again(dropped)
 
     async def tell_untold(self, tenant_id: str, session_id: str) -> None:
         """Tell again the untold outcomes of a session taken over from a replica that died."""
@@ -687,6 +728,11 @@ class Inputs:
 
     async def close(self) -> None:
         await self.expiry.stop()
+        if self._looking is not None:
+            self._looking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._looking
+            self._looking = None
         tasks = list(self._notifications)
         for task in tasks:
             task.cancel()
