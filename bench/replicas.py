@@ -50,10 +50,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from _child import ROOT, revision
@@ -292,51 +293,64 @@ async def _callgrind_control(flag: str, pid: str) -> None:
         raise SystemExit(f"callgrind_control {flag} {pid} failed")
 
 
+async def _warmed_clients(
+    replicas: Sequence[Replica], clients: int, ops: int
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Start ``clients`` clients spread over ``replicas`` (client ``i`` on replica ``i % count``):
+    each opens a session and sends 3 messages. Returns once every one has (and what the warm-up
+    left running, the committer's linger, has ended), with what to await to let each send ``ops``
+    more messages and wait for them."""
+    count = len(replicas)
+    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
+    warmed = 0
+    ready = asyncio.Event()
+
+    async def client(n: int) -> None:
+        nonlocal warmed
+        replica = replicas[n % count]
+        messages = MessageServiceStub(replica.channel)
+        created = await SessionServiceStub(replica.channel).InitSession(
+            session_service_pb2.InitSessionRequest(), metadata=replica.md
+        )
+        request = message_service_pb2.SendMessageRequest(session_id=created.session.session_id, message=chat)
+        for _ in range(3):
+            await messages.SendMessage(request, metadata=replica.md)
+        warmed += 1
+        await ready.wait()
+        for _ in range(ops):
+            await messages.SendMessage(request, metadata=replica.md)
+
+    tasks = [asyncio.create_task(client(n)) for n in range(clients)]
+    while warmed < clients:
+        if failed := [t for t in tasks if t.done() and t.exception()]:
+            await failed[0]
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+
+    async def send() -> None:
+        ready.set()
+        await asyncio.gather(*tasks)
+
+    return send
+
+
 async def _instructions(folder: Path, count: int, clients: int, ops: int) -> float:
     """Callgrind instructions per message of the first of ``count`` PostgreSQL replicas, with
     ``clients`` clients spread over the replicas (client ``i`` on replica ``i % count``) sending
     ``ops`` messages each; counted from when every client's warm-up (a session and 3 messages) is
     done, so first-use work (imports, caches) is not in it."""
     out = folder / f"callgrind-{uuid.uuid4().hex[:10]}.out"
-    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
-    warmed = measured = 0
-    ready = asyncio.Event()
     async with _setup(folder, "postgresql", count, callgrind=out) as replicas:
-
-        async def client(n: int) -> None:
-            nonlocal warmed, measured
-            replica = replicas[n % count]
-            messages = MessageServiceStub(replica.channel)
-            created = await SessionServiceStub(replica.channel).InitSession(
-                session_service_pb2.InitSessionRequest(), metadata=replica.md
-            )
-            request = message_service_pb2.SendMessageRequest(
-                session_id=created.session.session_id, message=chat
-            )
-            for _ in range(3):
-                await messages.SendMessage(request, metadata=replica.md)
-            warmed += 1
-            await ready.wait()
-            for _ in range(ops):
-                await messages.SendMessage(request, metadata=replica.md)
-                measured += n % count == 0
-
-        tasks = [asyncio.create_task(client(n)) for n in range(clients)]
-        while warmed < clients:
-            if failed := [t for t in tasks if t.done() and t.exception()]:
-                await failed[0]
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # what the warm-up left running (the committer's linger) ends
+        send = await _warmed_clients(replicas, clients, ops)
         pid = str(replicas[0].process.pid)
         await _callgrind_control("--instr=on", pid)
-        ready.set()
-        await asyncio.gather(*tasks)
+        await send()
         for flag in ("--instr=off", "--dump"):
             await _callgrind_control(flag, pid)
     dump = Path(f"{out}.1")  # the one made by --dump ("summary" is 0 there: instrumentation is off)
     total = re.search(r"^totals: (\d+)", await asyncio.to_thread(dump.read_text), re.MULTILINE)
     assert total is not None, f"no totals in {dump}"
-    return int(total[1]) / measured
+    return int(total[1]) / (ops * len(range(0, clients, count)))  # the messages of the replica counted
 
 
 async def _kernel_counts(folder: Path, count: int, clients: int, ops: int) -> dict[str, float]:
@@ -344,35 +358,9 @@ async def _kernel_counts(folder: Path, count: int, clients: int, ops: int) -> di
     spread over them, ``ops`` messages each, counted from when every client's warm-up is done):
     system calls and context switches of every thread (``perf stat``'s software events), and the
     user and system CPU milliseconds from /proc."""
-    chat = message_service_pb2.OutgoingMessage(parts=[message_types_pb2.Part(text="hello")])
-    warmed = 0
-    ready = asyncio.Event()
     events = "raw_syscalls:sys_enter,context-switches"
     async with _setup(folder, "postgresql", count) as replicas:
-
-        async def client(n: int) -> None:
-            nonlocal warmed
-            replica = replicas[n % count]
-            messages = MessageServiceStub(replica.channel)
-            created = await SessionServiceStub(replica.channel).InitSession(
-                session_service_pb2.InitSessionRequest(), metadata=replica.md
-            )
-            request = message_service_pb2.SendMessageRequest(
-                session_id=created.session.session_id, message=chat
-            )
-            for _ in range(3):
-                await messages.SendMessage(request, metadata=replica.md)
-            warmed += 1
-            await ready.wait()
-            for _ in range(ops):
-                await messages.SendMessage(request, metadata=replica.md)
-
-        tasks = [asyncio.create_task(client(n)) for n in range(clients)]
-        while warmed < clients:
-            if failed := [t for t in tasks if t.done() and t.exception()]:
-                await failed[0]
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
+        send = await _warmed_clients(replicas, clients, ops)
         outs = [folder / f"perf-{uuid.uuid4().hex[:10]}.csv" for _ in replicas]
         perfs = [
             await asyncio.create_subprocess_exec(
@@ -393,8 +381,7 @@ async def _kernel_counts(folder: Path, count: int, clients: int, ops: int) -> di
         ]
         await asyncio.sleep(0.5)  # perf attached
         times = [_cpu_split(r.process.pid) for r in replicas]
-        ready.set()
-        await asyncio.gather(*tasks)
+        await send()
         after = [_cpu_split(r.process.pid) for r in replicas]
         for perf in perfs:
             perf.send_signal(2)  # SIGINT: perf writes its counts (this child only, by its handle)
