@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._subscriptions import Feed, Subscription
+from svantic_grpc.core._tasks import to_the_end
 from svantic_grpc.core.errors import OutOfRange, ResourceExhausted, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
@@ -361,14 +362,9 @@ class EventBus:
             return result
         async with self._locks.hold(key):
             if self._store.suspends:
-                landing = asyncio.ensure_future(self._write_and_deliver(key, write))
-                try:
-                    return await asyncio.shield(landing)
-                except asyncio.CancelledError:
-                    # The session's next write waits for this one to land (it holds the lock until
-                    # then), so it starts from what this one stored.
-                    await asyncio.wait({landing})
-                    raise
+                # The session's next write waits for this one to land (it holds the lock until
+                # then, its caller cancelled or not), so it starts from what this one stored.
+                return await to_the_end(self._write_and_deliver(key, write))
             result, events = await write(self._clock.now())  # runs to the end: nothing to shield
             await self._deliver_in_order(key, events)
             if self._trim_due(events):
