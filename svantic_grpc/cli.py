@@ -114,8 +114,36 @@ async def _run(settings: Settings) -> None:
     try:
         await stop.wait()
         logging.getLogger("svantic_grpc").info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
-    finally:
+    except BaseException:
         await server.stop()
+        raise
+    stop.clear()
+    await _stop_within(server, settings, again=stop)
+
+
+async def _stop_within(server: MeshServer, settings: Settings, *, again: asyncio.Event) -> None:
+    """Stop ``server``, but never for longer than the grace and ``shutdown_timeout_s``, nor past a
+    second signal: a stop waits for the store writes under way (they run to their end), and a store
+    that stopped answering would otherwise keep the process for ever, deaf to SIGTERM. Exiting then
+    is what a crash does, which the store is built for: what was acknowledged is kept, and what was
+    running resumes at the next start."""
+    stopping = asyncio.ensure_future(server.stop())
+    signalled = asyncio.ensure_future(again.wait())
+    limit = settings.shutdown_grace_s + settings.shutdown_timeout_s
+    await asyncio.wait({stopping, signalled}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if stopping.done():
+        stopping.result()  # its error, if any, is the command's
+        return
+    waiting = sorted(task.get_name() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+    logging.getLogger("svantic_grpc").error(
+        "the stop did not finish (%s); exiting now, as a crash would: every acknowledged write is in "
+        "the store and the next start resumes what was running. Still under way: %s",
+        "a second signal" if again.is_set() else f"still stopping after {limit:g}s",
+        ", ".join(waiting[:8]) + (f" and {len(waiting) - 8} more" if len(waiting) > 8 else ""),
+    )
+    logging.shutdown()
+    os._exit(1)  # not SystemExit: that would wait for the very work that does not end
 
 
 if __name__ == "__main__":
