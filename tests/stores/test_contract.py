@@ -284,7 +284,12 @@ def _b64(raw: bytes) -> str:
         _b64(b'["x", "y"]'),
         _b64(b'{"a": 1}'),
         _b64(b"[1, 2, 3]"),
+        # Forged behind a valid page token's digest (found from outside: each was INTERNAL):
+        _b64(b"[1" + b"0" * 400 + b', "k"]'),  # a time too large for a float
+        _b64(b"[" * 100_000),  # nested past the parser's stack
+        _b64(b'[1.0, "a\\u0000b"]'),  # a NUL, which PostgreSQL's text cannot hold
     ],
+    ids=lambda cursor: cursor[:24],
 )
 async def test_foreign_cursor_is_invalid_argument(store: Store, cursor: str) -> None:
     await store.create_session(make_session())
