@@ -242,6 +242,7 @@ class SlackAdapter(Adapter):
         self._app.view(FORM_VIEW)(self._on_form_submitted)
         self._app_token = "" if http else env[self.settings.app_token_env]
         self._socket: AsyncSocketModeHandler | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._posts: dict[tuple[str, str], asyncio.Future[_Posted | None]] = {}
         self._updating: dict[tuple[str, str], asyncio.Future[None]] = {}
         """Requests whose post is being updated with their outcome, and that update: told twice at
@@ -258,13 +259,28 @@ class SlackAdapter(Adapter):
     async def start(self) -> None:
         if self.settings.mode == "socket":
             self._socket = AsyncSocketModeHandler(self._app, self._app_token)
-            await self._socket.connect_async()  # type: ignore[no-untyped-call]
+            # In the background: slack_sdk retries a connection Slack refuses (an outage, a revoked
+            # app token) for ever, and the mesh serves meanwhile; requests are posted through the
+            # Web API all the same, and clicks arrive once the socket is up.
+            self._connecting = asyncio.create_task(self._connect(self._socket), name="slack-socket-connect")
+
+    async def _connect(self, socket: AsyncSocketModeHandler) -> None:
+        try:
+            await socket.connect_async()  # type: ignore[no-untyped-call]
+        except Exception:
+            logger.exception("slack: socket mode could not connect; no clicks arrive until a restart")
+        else:
+            logger.info("slack: socket mode connected")
 
     async def stop(self) -> None:
         """Let in-flight answers finish (briefly), then cancel the rest; idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
         if self._tasks:

@@ -186,7 +186,9 @@ class Adapter:
         return ()
 
     async def start(self) -> None:
-        """Called once after routes are mounted, before any request is announced."""
+        """Called once after routes are mounted, before any request is announced. It must return
+        within ``adapter_host.START_TIMEOUT_S`` (30 s), or the adapter is disabled: a connection that
+        may take long (a socket to a service that may be down) belongs in a background task."""
 
     async def stop(self) -> None:
         """Called once at shutdown; release clients and background tasks."""

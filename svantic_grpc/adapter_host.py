@@ -10,6 +10,8 @@ mesh or the other adapters.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
@@ -25,7 +27,10 @@ from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.store import Store
 from svantic_grpc.http_server import HttpServer
 
-__all__ = ["AdapterHost", "AdapterLoadError"]
+__all__ = ["START_TIMEOUT_S", "AdapterHost", "AdapterLoadError"]
+
+START_TIMEOUT_S = 30.0
+"""How long an adapter's ``start`` may take before it is disabled and the mesh serves without it."""
 
 _log = logging.getLogger(__name__)
 
@@ -170,15 +175,23 @@ class AdapterHost:
         """Start the adapters (their routes are served already) and subscribe them to input requests."""
         for name, adapter in list(self.adapters.items()):
             try:
-                await adapter.start()
-            except Exception:
-                _log.exception(
-                    "adapter %s failed to start; it is disabled, and the outcomes the others are told "
+                # Bounded: an adapter whose service does not answer must not keep the mesh from
+                # serving (longer work belongs in the adapter's own background task).
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    await adapter.start()
+            except Exception as exc:
+                _log.error(
+                    "adapter %s failed to start%s; it is disabled, and the outcomes the others are told "
                     "stay untold for it, told again at the next start",
                     name,
+                    f" within {START_TIMEOUT_S:g}s" if isinstance(exc, TimeoutError) else "",
+                    exc_info=not isinstance(exc, TimeoutError),
                 )
                 del self.adapters[name]
                 self._inputs.marks_told = False
+                with contextlib.suppress(Exception):  # what it opened before it failed
+                    async with asyncio.timeout(START_TIMEOUT_S):
+                        await adapter.stop()
                 continue
             self._inputs.add_listener(_Scoped(adapter, self._contexts[name]))
         if self.adapters:

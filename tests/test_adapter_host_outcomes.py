@@ -86,3 +86,53 @@ async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
     finally:
         await host.stop()
         await mesh.stop()
+
+
+stopped: list[str] = []
+
+
+class Hanging(Adapter):
+    """Its service never answers at start-up (Slack's socket retried for ever)."""
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        stopped.append(self.name)
+
+
+async def test_an_adapter_whose_start_never_ends_is_disabled_and_the_mesh_goes_on(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found from outside (review 7): Slack's Socket Mode start waited for ever on a Slack that
+    refused the socket, and the server never served."""
+    monkeypatch.setattr(
+        adapter_host,
+        "entry_points",
+        lambda group: [_EntryPoint("hanging", Hanging), _EntryPoint("good", Good)],
+    )
+    monkeypatch.setattr(adapter_host, "START_TIMEOUT_S", 0.2)
+    mesh = Mesh(
+        store=SqliteStore(tmp_path / "mesh.db"),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        clock=clock,
+    )
+    host = AdapterHost(
+        configs={"hanging": {}, "good": {}},
+        http=HttpServer("127.0.0.1:0", ready=lambda: True),
+        inputs=mesh.inputs,
+        store=mesh.store,
+        clock=clock,
+        ids=mesh.ids,
+        env={},
+    )
+    host.load()
+    await mesh.start()
+    try:
+        await asyncio.wait_for(host.start(), 5)
+        assert list(host.adapters) == ["good"]  # the next one started too
+        assert stopped == ["hanging"]  # what it had opened is let go
+    finally:
+        await host.stop()
+        await mesh.stop()
