@@ -110,9 +110,16 @@ async def _run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await server.start()
     try:
-        await stop.wait()
+        starting = asyncio.ensure_future(server.start())
+        signalled = asyncio.ensure_future(stop.wait())
+        # A signal during start-up (a store or a service that does not answer) is heard too.
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # its error, if any, is the command's
+            await signalled
+        else:
+            starting.cancel()
         logging.getLogger("svantic_grpc").info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
     except BaseException:
         await server.stop()

@@ -102,3 +102,33 @@ async def test_a_stop_held_by_a_silent_store_ends_within_its_bound(
                 assert again.session.session_id == kept.session.session_id
             second.send_signal(signal.SIGTERM)
             assert await _exit_code(second, within=10.0) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_signal_during_a_start_that_waits_on_the_store_is_heard(tmp_path: Path) -> None:
+    """Found from outside (review 7): a start that waited on a service (Slack's socket, a database
+    that accepts and never answers) ignored SIGTERM until that gave up, if it ever did."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # held open, never a byte back
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings, _ = _settings(tmp_path, {"store": f"postgresql://postgres@127.0.0.1:{port}/test"})
+    log = tmp_path / "server.log"
+    try:
+        with _server(settings, {**os.environ, "PYTHONUNBUFFERED": "1"}, log) as server:
+            for _ in range(300):  # up to 15 s for the interpreter to start and dial the store
+                if accepted:
+                    break
+                await asyncio.sleep(0.05)
+            assert accepted, log.read_text()
+            server.send_signal(signal.SIGTERM)
+            # Before: it waited for the store's connect timeout (10 s), then failed with status 2.
+            assert await _exit_code(server, within=3.0) == 0, log.read_text()
+    finally:
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
