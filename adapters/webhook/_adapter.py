@@ -266,12 +266,7 @@ class WebhookAdapter(Adapter):
                 if seen == digest:
                     return JSONResponse({"status": "duplicate"})
                 if seen is not None:
-                    raise Refused(
-                        409,
-                        "WEBHOOK_ID_REUSED",
-                        "this webhook-id was already used for another body: each message needs its own id",
-                        "webhook-id",
-                    )
+                    raise _reused()
                 return await self._resolve_signed(body, signed.webhook_id, timestamp, digest)
             if isinstance(body.get("callback_token"), str):
                 return await self._resolve_with_token(body)
@@ -295,10 +290,32 @@ class WebhookAdapter(Adapter):
                 raise InvalidArgument("request_id", "required")
             if not answer.tenant_id:
                 raise InvalidArgument("tenant_id", "required with a signature")
-            return await self._resolve(answer.tenant_id, answer.request_id, answer, f"signature:{webhook_id}")
+            kept = await self._keep_id(answer.tenant_id, answer.request_id, webhook_id, digest)
+            try:
+                return await self._resolve(
+                    answer.tenant_id, answer.request_id, answer, f"signature:{webhook_id}"
+                )
+            except Exception:
+                if kept:
+                    await self.context.forget(kept)
+                raise
         except Exception:
             self._seen.forget(webhook_id)  # refused: nothing changed, so a resend is no duplicate
             raise
+
+    async def _keep_id(self, tenant_id: str, request_id: str, webhook_id: str, digest: bytes) -> str:
+        """Keep ``webhook_id`` with its body's digest in the store, for as long as the request's
+        session, so that the same id with another body is refused by whichever replica it reaches
+        (``SeenIds`` is this process's). Returns the key when this call kept it, "" for a resend of
+        the same body (which the answer's own credential then finds answered)."""
+        request = await self.context.get_request(tenant_id=tenant_id, request_id=request_id)
+        key = f"webhook-id:{webhook_id}"
+        value = {"body": digest.hex()}
+        if await self.context.remember(key, value, session=(tenant_id, request.session_id), if_absent=True):
+            return key
+        if await self.context.recall(key) not in (None, value):
+            raise _reused()
+        return ""
 
     async def _resolve_with_token(self, body: dict[str, Any]) -> JSONResponse:
         grant = self._tokens.check(str(body["callback_token"]))
@@ -371,3 +388,12 @@ class WebhookAdapter(Adapter):
                     await self._winners.release(tenant_id, request_id)  # refused: it changed nothing
                 raise
         return JSONResponse({"status": "resolved", "repeat": False, "request": request_json(resolved)})
+
+
+def _reused() -> Refused:
+    return Refused(
+        409,
+        "WEBHOOK_ID_REUSED",
+        "this webhook-id was already used for another body: each message needs its own id",
+        "webhook-id",
+    )

@@ -793,3 +793,21 @@ async def test_refusals_map_to_http_statuses(build: Build) -> None:
 def test_bad_config_names_the_key(config: dict[str, Any], env: dict[str, str], key: str) -> None:
     with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
         WebhookAdapter("webhook", config, FakeMesh(), env)
+
+
+async def test_a_webhook_id_reused_for_another_body_is_a_conflict_on_every_replica(build: Build) -> None:
+    """Found from outside (review 7, W3): the ids were this process's only, so behind a balancer the
+    same id with another body was refused by one replica and acted on by the next."""
+    first = await build()
+    second = await build(mesh=first.mesh)  # another replica on the same store
+    await first.announce(tool_request("r1"))
+    await first.announce(tool_request("r2"))
+    status, _ = await first.post_signed(answer("r1"), webhook_id="msg_1")
+    assert status == 200
+    status, body = await second.post_signed(answer("r2"), webhook_id="msg_1")
+    assert status == 409
+    assert (body["error"]["reason"], body["error"]["field"]) == ("WEBHOOK_ID_REUSED", "webhook-id")
+    assert first.mesh.state("r2").state is InputState.PENDING
+    status, body = await second.post_signed(answer("r1"), webhook_id="msg_1")  # the same body again
+    assert (status, body["status"], body["repeat"]) == (200, "resolved", True)
+    assert first.mesh.resolved == 1
