@@ -207,3 +207,59 @@ async def test_a_holder_that_stops_answering_fails_the_message_at_the_timeout(re
         assert failed.state == FAILED, (failed.state, failed.state_reason)
         assert "did not finish within 1.5s" in failed.state_reason, failed.state_reason
         assert runs == []  # and never runs later: c's rows are deleted when it starts again
+
+
+@pytest.fixture
+async def patient_replicas() -> AsyncIterator[list[Client]]:
+    """As ``replicas``, with a dispatch timeout far longer than the test waits."""
+    _postgres.require_postgres()
+    schema = _postgres.new_schema()
+    try:
+        async with AsyncExitStack() as stack:
+            settings: dict[str, Any] = {
+                "store": _postgres.POSTGRES_DSN,
+                "postgres": {"schema_name": schema, "pool_size": 4},
+                "replica": {"lease_ms": 2000, "renew_ms": 500},
+                "dispatch": {"timeout_ms": 60_000},
+            }
+            yield [await stack.enter_async_context(running_server(env=ENV, **settings)) for _ in range(3)]
+    finally:
+        await _postgres.drop_schema(schema)
+
+
+async def test_work_on_a_holder_that_died_fails_once_the_agent_is_back_elsewhere(
+    patient_replicas: list[Client],
+) -> None:
+    """Found from outside (review 7, W4): the holder of the agent's stream killed -9 mid-work, the
+    agent back on another replica within milliseconds, and the message waited out the whole dispatch
+    timeout (60 s) with nobody running it. Here c stops taking and sending relayed items, as a dead
+    replica would, and the agent connects again on b: the owner fails the message within seconds,
+    and nothing runs it again."""
+    a, b, c = patient_replicas
+    runs: list[str] = []
+    started = asyncio.Event()
+
+    async def stuck(dispatch: Dispatch, reply: Reply) -> None:
+        runs.append(dispatch.session_id)
+        await reply.say("started")
+        started.set()
+        await asyncio.sleep(WAIT)
+
+    session_id = await new_session(a)
+    async with running_agent(c, stuck, agent_type="slow", instance_id="slow-1"):
+        sending = asyncio.create_task(send(a, session_id, "go", data({"target_agent": "slow"})))
+        await asyncio.wait_for(started.wait(), WAIT)
+        relay = c.server.mesh.relay
+        assert relay is not None
+        await relay.stop()  # c takes nothing relayed to it any more and sends nothing, as if it had died
+
+        async def dead(to_replica: str, item: object) -> None:
+            await asyncio.Event().wait()
+
+        relay.send = dead  # type: ignore[method-assign]
+        async with running_agent(b, stuck, agent_type="slow", instance_id="slow-1"):
+            failed = await asyncio.wait_for(sending, 10)  # not the 60 s dispatch timeout
+            assert failed.state == FAILED, (failed.state, failed.state_reason)
+            assert "connected again" in failed.state_reason, failed.state_reason
+            await asyncio.sleep(0.5)
+            assert runs == [session_id]

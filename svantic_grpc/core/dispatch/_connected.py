@@ -11,10 +11,11 @@ another instance; one it was working on fails with the reason.
 With several replicas on one store (a ``relay``), an instance whose stream another replica
 holds is reached through that replica: the job, the human's answers and a cancel go there, the
 agent's updates and the end come back (``_relay``), and the dispatch run sees them as if the
-stream were here. If the holder dies, nothing comes back and the dispatch times out: it never
-runs twice. Only a human's answer the holder was given (relayed, or carried by the job) goes
-again to the agent where it is once it is back: an agent that acted on it already sends what it
-did then instead of acting again. Without a relay nothing of this costs anything.
+stream were here. If the holder dies, nothing comes back: the dispatch fails once the agent is
+connected on another stream, or times out if it never is; it never runs twice. Only a human's
+answer the holder was given (relayed, or carried by the job) goes again to the agent where it is
+once it is back: an agent that acted on it already sends what it did then instead of acting
+again. Without a relay nothing of this costs anything.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class _Dropped:
 
 
 _ANSWER_CHECK_S = 1.0
-"""How often an owner whose answer the holder of the agent's stream has not followed up looks
-whether that holder (or the agent's stream there) is gone."""
+"""How often an owner that heard nothing from the holder of the agent's stream for that long looks
+whether that holder (or the agent's stream there) is gone: with an answer it sent, to send it where
+the agent is now; with the agent at work, to fail the message instead of waiting out its timeout."""
 
 
 class _Inbox:
@@ -406,8 +408,7 @@ class ConnectedAgents:
         try:
             await relay.send(holder, Relayed(RelayKind.JOB, job.dispatch_id, me, job=job, token=job.sign()))
             while True:
-                watching = relayed is not None or carried is not None
-                items = await inbox.take(within=_ANSWER_CHECK_S if watching else None)
+                items = await inbox.take(within=_ANSWER_CHECK_S)
                 if not items:
                     # The holder has said nothing since the answer went to it: if it died (or the
                     # agent reconnected elsewhere) before it took the answer, nobody will pass it
@@ -421,6 +422,16 @@ class ConnectedAgents:
                     if carried is not None and await self._reconnected(holder, job):
                         finished = True
                         raise AgentGone(carried)
+                    # The agent at work, silent: if it holds another stream now, the one the job
+                    # went to is gone with what it was doing (its holder died without a word: a
+                    # holder that lives says so). Failed, as a local stream's drop fails it, not
+                    # left to the dispatch's timeout; never sent again: it may have run.
+                    if relayed is None and carried is None and await self._reconnected(holder, job):
+                        finished = True
+                        raise DispatchFailed(
+                            f"the agent's stream on replica {holder} is gone (the instance connected "
+                            "again since): the work it had there was dropped"
+                        )
                     continue
                 relayed = carried = None
                 for item in _merged(items):
