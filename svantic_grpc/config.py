@@ -300,8 +300,8 @@ class Settings(_Model):
     subscriber_buffer: int = Field(default=1024, gt=0, le=1_000_000)
     """Events a live stream subscriber may fall behind before it is cut off."""
     max_streams_per_tenant: int = Field(default=2000, ge=0, le=1_000_000)
-    """Live event streams (WatchSession, Converse, streaming sends) a tenant may hold open on one
-    server; one more is RESOURCE_EXHAUSTED `TOO_MANY_STREAMS`. 0: no limit."""
+    """Live streams (WatchSession, Converse, streaming sends, agents' Connect) a tenant may hold
+    open on one server; one more is RESOURCE_EXHAUSTED `TOO_MANY_STREAMS`. 0: no limit."""
     store: str = "memory"
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

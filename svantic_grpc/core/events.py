@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 from svantic_grpc.core._locks import KeyedLock
 from svantic_grpc.core._subscriptions import Feed, Subscription
 from svantic_grpc.core._tasks import to_the_end
-from svantic_grpc.core.errors import OutOfRange, ResourceExhausted, Unavailable
+from svantic_grpc.core.errors import OutOfRange, Unavailable
 from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import Artifact, Message, MessageState, Turn
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
 from svantic_grpc.core.models import INTERNAL_AGENTS, JoinReason, SessionAgent, SessionStatus
+from svantic_grpc.core.stream_quota import StreamQuota
 
 if TYPE_CHECKING:
     from svantic_grpc.core.clock import Clock
@@ -277,14 +278,13 @@ class EventBus:
         subscriber_buffer: int = 1024,
         max_events_per_session: int = 0,
         max_streams_per_tenant: int = 0,
+        quota: StreamQuota | None = None,
         bell: EventBell | None = None,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self._store = store
-        self._max_streams = max_streams_per_tenant
-        """Clients' live event streams a tenant may hold open in this process (0: no limit)."""
-        self._streams: dict[str, int] = {}
-        """Clients' live event streams open per tenant."""
+        self._quota = quota if quota is not None else StreamQuota(max_streams_per_tenant)
+        """Clients' live streams a tenant may hold open in this process (shared with agents' streams)."""
         self._metrics = metrics
         self._clock = clock
         self._buffer = subscriber_buffer
@@ -501,16 +501,7 @@ class EventBus:
         key = (tenant_id, session_id)
         on_close = self._unsubscribe
         if for_client:
-            open_now = self._streams.get(tenant_id, 0)
-            if self._max_streams and open_now >= self._max_streams:
-                raise ResourceExhausted(
-                    f"tenant {tenant_id!r} has {open_now} live event streams open on this server, the "
-                    "most it may (max_streams_per_tenant): close one first, or spread them over replicas",
-                    reason="TOO_MANY_STREAMS",
-                    retry_after_s=1.0,
-                    metadata={"limit": str(self._max_streams)},
-                )
-            self._streams[tenant_id] = open_now + 1
+            self._quota.take(tenant_id)
             on_close = self._client_unsubscribe
         feed = self._feeds.get(key)
         if feed is None:
@@ -522,12 +513,7 @@ class EventBus:
         return subscription
 
     def _client_unsubscribe(self, subscription: Subscription) -> None:
-        tenant_id = subscription.feed.key[0]
-        left = self._streams.get(tenant_id, 1) - 1
-        if left:
-            self._streams[tenant_id] = left
-        else:
-            self._streams.pop(tenant_id, None)
+        self._quota.give_back(subscription.feed.key[0])
         self._unsubscribe(subscription)
 
     def _unsubscribe(self, subscription: Subscription) -> None:

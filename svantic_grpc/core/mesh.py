@@ -27,6 +27,7 @@ from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.retention import Retention, RetentionSweeper
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
+from svantic_grpc.core.stream_quota import StreamQuota
 from svantic_grpc.core.tracing import NO_TRACING, Tracing
 
 __all__ = ["Mesh", "MeshOptions", "MessageOptions"]
@@ -122,11 +123,13 @@ class Mesh:
             ttl_s=options.dispatch_token_ttl_s,
             private_key_pem=options.dispatch_signing_key_pem,
         )
+        self.streams = StreamQuota(options.max_streams_per_tenant)
+        """Live streams per tenant in this process: clients' event streams and agents' Connect."""
         self.bus = EventBus(
             store=store,
             clock=self.clock,
             subscriber_buffer=options.subscriber_buffer,
-            max_streams_per_tenant=options.max_streams_per_tenant,
+            quota=self.streams,
             max_events_per_session=options.retention.max_events_per_session,
             bell=store.event_bell(),
             metrics=metrics,
@@ -143,7 +146,7 @@ class Mesh:
             ids=self.ids,
             ttl_s=options.session_ttl_s,
         )
-        self.connections = ConnectedAgents(registry=self.registry, clock=self.clock)
+        self.connections = ConnectedAgents(registry=self.registry, clock=self.clock, quota=self.streams)
         self.registry.is_live = self.connections.is_connected
         self.liveness: HostedLiveness | None = None
         """Probes idle hosted agents (they cannot heartbeat); ``None`` without a ``probe``."""

@@ -31,7 +31,7 @@ from svantic_grpc.pb import (
     session_types_pb2,
 )
 from tests._support import Client, code_of, error_details, rpc_error, running_server
-from tests.agents_connected import data, running_agent, send
+from tests.agents_connected import RawAgent, data, raw_agent, register_connected, running_agent, send
 
 ROLES = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
 WAIT = 3.0
@@ -1321,3 +1321,31 @@ async def test_a_tenant_holds_at_most_max_streams_per_tenant_live_streams() -> N
                 await asyncio.sleep(0.02)
             else:
                 raise AssertionError("a closed stream's place was never given back")
+
+
+async def test_agents_connect_streams_count_against_the_same_allowance() -> None:
+    """Found from outside (review 7, W6): Connect streams were not counted, and one credential held
+    2,000 of them (~28 KB each) on a server allowing 50 streams. They share the tenant's allowance
+    with its event streams; a reconnect of an instance takes its own stream's place and is never
+    refused; a place given back is taken by the next stream."""
+    async with running_server(max_streams_per_tenant=2) as client:
+        md = await client.md()
+        sid = (await _init(client, md)).session_id
+        async with raw_agent(client, "one"), _watching(client, sid, md=md) as watch:
+            await asyncio.wait_for(watch.read(), WAIT)  # live: the session's first event
+            await register_connected(client, "two")
+            refused_agent = RawAgent(client, md, "two")
+            try:
+                refused_agent.hello()
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await refused_agent.receive()
+            finally:
+                refused_agent.close()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _error_info(refused).reason == "TOO_MANY_STREAMS"
+            # The same instance connecting again replaces its stream, in its place.
+            async with raw_agent(client, "one", register=False) as again:
+                assert again.welcomed.agent.instance_id == "one"
+        # Both streams are gone: their places are free for anything.
+        async with raw_agent(client, "two", register=False), raw_agent(client, "three"):
+            pass

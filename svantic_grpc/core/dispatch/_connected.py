@@ -45,6 +45,7 @@ from svantic_grpc.core.inputs.model import InputRequest
 from svantic_grpc.core.messages.model import MessageState
 from svantic_grpc.core.models import AgentRegistration, AgentStatus, DeploymentMode
 from svantic_grpc.core.registry import Registry
+from svantic_grpc.core.stream_quota import StreamQuota
 
 __all__ = ["AgentConnection", "ConnectedAgents", "Outbound"]
 
@@ -180,6 +181,9 @@ class AgentConnection:
     jobs: dict[str, DispatchJob] = field(default_factory=dict)
     acknowledged: set[str] = field(default_factory=set)
     closed: bool = False
+    counted: bool = False
+    """It holds one of its tenant's places in the ``StreamQuota`` (given back once, on detach; a
+    newer stream of the same instance takes its place over)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -189,9 +193,11 @@ class AgentConnection:
 class ConnectedAgents:
     """The registry of open agent streams, and the transport that uses them."""
 
-    def __init__(self, *, registry: Registry, clock: Clock) -> None:
+    def __init__(self, *, registry: Registry, clock: Clock, quota: StreamQuota | None = None) -> None:
         self._registry = registry
         self._clock = clock
+        self._quota = quota if quota is not None else StreamQuota()
+        """Agents' streams count with clients' event streams against ``max_streams_per_tenant``."""
         self._live: dict[tuple[str, str], AgentConnection] = {}
         self._awaited: dict[tuple[str, str], list[asyncio.Future[AgentConnection]]] = {}
         """Dispatches waiting for an instance to (re)connect, by (tenant, instance)."""
@@ -241,6 +247,11 @@ class ConnectedAgents:
             )
         connection = AgentConnection(caller, agent)
         previous = self._live.get(connection.key)
+        if previous is not None and previous.counted:
+            previous.counted = False  # the newer stream takes its place: a reconnect is never refused
+        else:
+            self._quota.take(agent.tenant_id)
+        connection.counted = True
         if previous is not None:
             self._drop(previous, "replaced by a newer stream of the same instance")
         self._live[connection.key] = connection
@@ -249,14 +260,22 @@ class ConnectedAgents:
                 waiting.set_result(connection)
         now = self._clock.now()
         held: dict[str, Any] = {"replica": self.relay.replica_id} if self.relay is not None else {}
-        updated = await self._registry.set_connection(
-            agent.tenant_id,
-            instance_id,
-            transport="connect-stream",
-            connected=True,
-            connected_since=now,
-            **held,
-        )
+        try:
+            updated = await self._registry.set_connection(
+                agent.tenant_id,
+                instance_id,
+                transport="connect-stream",
+                connected=True,
+                connected_since=now,
+                **held,
+            )
+        except BaseException:  # the servicer detaches only a stream attach returned
+            if self._live.get(connection.key) is connection:
+                del self._live[connection.key]
+            self._drop(connection, "the agent's stream could not be recorded")
+            connection.counted = False
+            self._quota.give_back(agent.tenant_id)
+            raise
         connection.agent = updated or agent
         _log.info(
             "agent connected: %s/%s (tenant %s)",
@@ -269,6 +288,9 @@ class ConnectedAgents:
 
     async def detach(self, connection: AgentConnection, reason: str) -> None:
         """The stream ended: fail or release what was in flight; safe to call twice."""
+        if connection.counted:
+            connection.counted = False
+            self._quota.give_back(connection.agent.tenant_id)
         if self._live.get(connection.key) is connection:
             del self._live[connection.key]
             relay = self.relay
