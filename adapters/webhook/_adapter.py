@@ -364,7 +364,7 @@ class WebhookAdapter(Adapter):
                     if pending:
                         await claim(over=True)
             if not pending:
-                won = await self._winners.won(current, credential)
+                won = await self._winners.won(current, credential, answered)
                 if won == answered:  # a retry of the answer that won: the same success, marked
                     body = {"status": "resolved", "repeat": True, "request": request_json(current)}
                     return JSONResponse(body)
@@ -385,7 +385,9 @@ class WebhookAdapter(Adapter):
                 )
             except MeshError:
                 if pending:
-                    await self._winners.release(tenant_id, request_id)  # refused: it changed nothing
+                    await self._winners.release(  # refused: it changed nothing
+                        tenant_id, request_id, credential=credential, answer=answered
+                    )
                 raise
         return JSONResponse({"status": "resolved", "repeat": False, "request": request_json(resolved)})
 

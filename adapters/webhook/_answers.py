@@ -71,6 +71,18 @@ class Answer:
             "payload": self.payload,
         }
 
+    @staticmethod
+    def content_of(resolution: Resolution) -> dict[str, Any]:
+        """``content`` of the answer that made ``resolution``."""
+        return {
+            "responder": resolution.resolved_by,
+            "decision": resolution.decision.value if resolution.decision else None,
+            "reason": resolution.reason,
+            "values": resolution.values,
+            "confirmed": resolution.confirmed,
+            "payload": resolution.payload,
+        }
+
     def resolution(self, now: float) -> Resolution:
         return Resolution(
             decision=self.decision,

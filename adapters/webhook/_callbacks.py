@@ -25,6 +25,7 @@ from typing import Any
 
 import jwt
 
+from adapters.webhook._answers import Answer
 from adapters.webhook._http import Refused
 from svantic_grpc.adapter import AdapterContext
 from svantic_grpc.core.inputs.model import InputRequest, InputState, Surface
@@ -133,17 +134,28 @@ class Winners:
             if_absent=not over,
         )
 
-    async def release(self, tenant_id: str, request_id: str) -> None:
-        """Drop a claim whose answer the mesh refused (it changed nothing); under ``hold``."""
-        await self._context.forget(_record_key(tenant_id, request_id))
+    async def release(self, tenant_id: str, request_id: str, *, credential: str, answer: str) -> None:
+        """Drop the claim of an answer the mesh refused (it changed nothing); under ``hold``. Only
+        if the record is still that answer's: another replica may have claimed over it since."""
+        key = _record_key(tenant_id, request_id)
+        record = await self._context.recall(key)
+        if record is not None and (record.get("by"), record.get("answer")) == (credential, answer):
+            await self._context.forget(key)
 
-    async def won(self, request: InputRequest, credential: str) -> str | None:
-        """The fingerprint of the answer ``credential`` gave, if that answer won ``request``."""
+    async def won(self, request: InputRequest, credential: str, answer: str) -> str | None:
+        """The fingerprint of the answer ``credential`` gave, if that answer won ``request``;
+        ``answer`` is the fingerprint of the one given now."""
         resolution = request.resolution
         if request.state is not InputState.RESOLVED or resolution is None:
             return None
         if resolution.surface is not Surface.WEBHOOK:
             return None  # a claim left by a crash before its answer reached the mesh
+        # What the mesh stored says first what won: the same answer (its responder included)
+        # through a webhook is this one's retry, whatever the record says. Replicas that took over
+        # a dead one's claim at once overwrite each other's records, and the one the mesh refused
+        # lets its own go (found from outside: the sender whose answer won was told it had lost).
+        if fingerprint(Answer.content_of(resolution)) == answer:
+            return answer
         record = await self._context.recall(_record_key(request.tenant_id, request.request_id))
         if record is None or record.get("by") != credential:
             return None

@@ -156,3 +156,28 @@ async def test_a_claim_left_by_a_crash_before_the_answer_landed_claims_nothing(s
             status, body = await s.hook_token(token, responder="ops@acme")
             assert _won(status, body, "ops@acme") and body["repeat"] is True
         await s.finished(session_id, message_id)
+
+
+@pytest.mark.parametrize("record", ["overwritten", "let-go"])
+async def test_the_winning_answer_hears_it_won_whatever_became_of_its_claim(store: str, record: str) -> None:
+    """Found from outside (review 7, W5): two replicas took over a dead one's claim at once (approve
+    and deny, with one callback token): the approval won, the denial's replica had overwritten the
+    claim with its own and, refused, let it go; the sender's retry of the approval that won then got
+    409, told it had lost. What the mesh stored says what won."""
+    agent = ApprovalAgent()
+    async with surfaces(agent, store=store) as s:
+        session_id, message_id, request_id, token = await _asked(s)
+        status, first = await s.hook_token(token, responder="ops@acme")
+        assert _won(status, first, "ops@acme")
+        key = f"answered/acme/{request_id}"
+        kept = s.client.server.mesh.store
+        if record == "overwritten":  # the losing replica's claim, over the winner's
+            denial = {"by": _credential(token), "answer": "the denial's fingerprint", "responder": "ops@acme"}
+            await kept.put_adapter_value("webhook", key, denial)
+        else:
+            await kept.delete_adapter_value("webhook", key)
+        status, again = await s.hook_token(token, responder="ops@acme")
+        assert _won(status, again, "ops@acme") and again["repeat"] is True, again
+        status, body = await s.hook_token(token, responder="ops@acme", decision="deny")
+        assert status == 409, body  # another answer still hears it lost
+        await s.finished(session_id, message_id)
