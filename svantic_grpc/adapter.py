@@ -138,7 +138,8 @@ class AdapterContext(Protocol):
         durable store it is still there after a restart. With ``session`` (tenant id, session id)
         it goes when retention deletes that session; without, it stays until ``forget``. With
         ``if_absent`` only if nothing is kept under ``key`` (decided by the store, across every
-        process sharing it). Returns whether it was kept."""
+        process sharing it). Returns whether it was kept. Keys starting ``svantic-host/`` are the
+        mesh's own."""
         ...
 
     async def recall(self, key: str) -> dict[str, Any] | None:

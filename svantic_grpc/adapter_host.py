@@ -29,6 +29,9 @@ from svantic_grpc.http_server import HttpServer
 
 __all__ = ["START_TIMEOUT_S", "AdapterHost", "AdapterLoadError"]
 
+RESERVED_PREFIX = "svantic-host/"
+"""Keys of an adapter's stored values that start with this are the host's (``remember``)."""
+
 START_TIMEOUT_S = 30.0
 """How long an adapter's ``start`` may take before it is disabled and the mesh serves without it."""
 
@@ -224,8 +227,21 @@ class _Scoped:
             await self._adapter.on_request(request)
 
     async def on_outcome(self, request: InputRequest) -> None:
-        if self._context.serves(request.tenant_id):
+        if not self._context.serves(request.tenant_id):
+            return
+        if request.outcome_told:  # written told: nobody tells it again
             await self._adapter.on_outcome(request)
+            return
+        # Written untold: told again until every adapter was told (after a restart, a take-over,
+        # or every ten minutes while one adapter's service is down). Each adapter is told once:
+        # kept in the store, with the session, beside the adapter's own values (found from
+        # outside: a webhook receiver got an outcome again every ten minutes, from every replica,
+        # while Slack was down).
+        key = f"{RESERVED_PREFIX}outcome-told/{request.tenant_id}/{request.request_id}"
+        if await self._context.recall(key) is not None:
+            return
+        await self._adapter.on_outcome(request)
+        await self._context.remember(key, {}, session=(request.tenant_id, request.session_id))
 
 
 def _tenants(name: str, value: Any) -> frozenset[str] | None:

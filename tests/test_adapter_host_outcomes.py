@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -133,6 +133,82 @@ async def test_an_adapter_whose_start_never_ends_is_disabled_and_the_mesh_goes_o
         await asyncio.wait_for(host.start(), 5)
         assert list(host.adapters) == ["good"]  # the next one started too
         assert stopped == ["hanging"]  # what it had opened is let go
+    finally:
+        await host.stop()
+        await mesh.stop()
+
+
+class Counting(Adapter):
+    told: ClassVar[list[str]] = []
+
+    async def on_outcome(self, request: InputRequest) -> None:
+        Counting.told.append(request.request_id)
+
+
+class DownAtFirst(Adapter):
+    """Its service fails the first outcome (Slack's chat.update answering 503), then recovers."""
+
+    told: ClassVar[list[str]] = []
+    failures = 1
+
+    async def on_outcome(self, request: InputRequest) -> None:
+        if DownAtFirst.failures:
+            DownAtFirst.failures -= 1
+            raise ConnectionError("503 from the service")
+        DownAtFirst.told.append(request.request_id)
+
+
+async def _until(check: Any) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_an_outcome_told_again_reaches_only_the_adapters_not_told_yet(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found from outside (review 7, W7): while one adapter could not deliver an outcome, every
+    replica told it again every ten minutes to every adapter, and the webhook receiver that had it
+    the first time got it again each time."""
+    monkeypatch.setattr(
+        adapter_host,
+        "entry_points",
+        lambda group: [_EntryPoint("hook", Counting), _EntryPoint("slack", DownAtFirst)],
+    )
+    mesh = Mesh(
+        store=SqliteStore(tmp_path / "mesh.db"),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        clock=clock,
+    )
+    host = AdapterHost(
+        configs={"hook": {}, "slack": {}},
+        http=HttpServer("127.0.0.1:0", ready=lambda: True),
+        inputs=mesh.inputs,
+        store=mesh.store,
+        clock=clock,
+        ids=mesh.ids,
+        env={},
+    )
+    host.load()
+    await mesh.start()
+    await host.start()
+    try:
+        session_id = (await mesh.sessions.init(CALLER)).session_id
+        request = await ask_to_delete(mesh, session_id, "m1")
+        await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        await _until(lambda: Counting.told == [request.request_id] and not DownAtFirst.failures)
+        await asyncio.sleep(0.05)
+        assert [r.request_id for r in await mesh.store.untold_outcomes()] == [request.request_id]
+        for _ in range(2):  # told again, twice (a later look, another replica taking over)
+            await mesh.inputs.tell_untold("acme", session_id)
+            await _until(lambda: DownAtFirst.told == [request.request_id])
+            await asyncio.sleep(0.05)
+        assert Counting.told == [request.request_id]  # once, not at every telling again
+        assert DownAtFirst.told == [request.request_id]
+        assert await mesh.store.untold_outcomes() == []  # every adapter told: marked told
     finally:
         await host.stop()
         await mesh.stop()
