@@ -9,6 +9,7 @@ the core's tenant and scope checks apply exactly as for the gRPC API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -256,6 +257,20 @@ class Console:
         wait_s = _REPLICA_POLL_S if shared else _KEEPALIVE_S
 
         async def stream() -> AsyncIterator[str]:
+            tenant_id = login.caller.tenant_id
+            try:  # a live stream like any other: it counts against max_streams_per_tenant
+                self.mesh.streams.take(tenant_id)
+            except ResourceExhausted as exc:
+                yield _refused(exc)
+                return
+            try:
+                async with contextlib.aclosing(follow()) as entries:
+                    async for entry in entries:
+                        yield entry
+            finally:
+                self.mesh.streams.give_back(tenant_id)
+
+        async def follow() -> AsyncIterator[str]:
             async with self.feed.subscribe(login.caller.tenant_id) as changes:
                 yield "retry: 2000\n\n"
                 seen = await self._queue_state(login) if shared else None
@@ -369,8 +384,12 @@ class Console:
                     if await self.logins.get(sid) is None:
                         return  # signed out (or expired) meanwhile
                     yield _timeline_entry(event)
-            except (Unavailable, ResourceExhausted):
-                return  # the server is stopping, or this page fell behind: the browser resumes later
+            except ResourceExhausted as exc:
+                if exc.reason == "TOO_MANY_STREAMS":
+                    yield _refused(exc)  # said on the page, not reopened every two seconds in silence
+                return  # or this page fell behind: the browser resumes later
+            except Unavailable:
+                return  # the server is stopping: the browser resumes on the next one
             except MeshError:
                 pass  # nothing to follow from there (events no longer kept, say): as at the end
             # The session closed (or cannot be followed): the page's script stops following, where
@@ -479,3 +498,10 @@ def _secured(response: Response) -> Response:
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+def _refused(error: ResourceExhausted) -> str:
+    """A stream refused for the tenant's allowance, told to the page (whose script shows it and
+    stops following) instead of a silent end the browser would reopen every two seconds."""
+    text = " ".join(error.message.split())
+    return f"event: refused\ndata: {text}\n\n"

@@ -1,8 +1,20 @@
 // The console's only script: follows the server-sent event streams. Pages work without it.
 "use strict";
 (function () {
+  // Too many live streams for this tenant: say so above the list and stop following.
+  function refusedOn(source, box) {
+    source.addEventListener("refused", function (e) {
+      source.close();
+      var note = document.createElement("p");
+      note.className = "notice";
+      note.setAttribute("role", "status");
+      note.textContent = "Not following live: " + e.data;
+      box.parentNode.insertBefore(note, box);
+    });
+  }
   function followQueue(box) {
     var source = new EventSource(box.dataset.live);
+    refusedOn(source, box);
     var busy = false, again = false;
     function refresh() {
       if (busy) { again = true; return; }
@@ -22,6 +34,7 @@
   }
   function followTimeline(list) {
     var source = new EventSource(list.dataset.live);
+    refusedOn(source, list);
     source.addEventListener("timeline", function (e) {
       var item = document.createElement("li");
       item.textContent = e.data;
