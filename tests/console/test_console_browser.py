@@ -254,3 +254,22 @@ async def test_a_closed_sessions_timeline_is_shown_once_and_not_asked_for_again(
         await page.wait_for_timeout(4500)  # two of the browser's reconnect delays
         entries = await page.locator("#timeline li").count()
         assert entries > 3 and len(asked) == 1, (entries, asked)
+
+
+async def test_a_timeline_past_the_tenants_stream_allowance_says_so_and_stops_asking(browser: Any) -> None:
+    # found from outside (review 7, W8): past max_streams_per_tenant the timeline's stream ended in
+    # silence, and the browser opened it again every two seconds for ever
+    async with running_server(max_streams_per_tenant=1) as client:
+        session_id = await new_session(client)
+        page = await browser.new_page()
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url) if r.url.endswith(f"{session_id}/events") else None)
+        await _sign_in(page, client)  # the queue page holds the one stream allowed ...
+        other = await browser.new_page()
+        await _sign_in(other, client)
+        await other.goto(f"{client.server.http.url}/console/sessions/{session_id}")  # ... so this is refused
+        other.on("request", lambda r: asked.append(r.url) if r.url.endswith(f"{session_id}/events") else None)
+        notice = other.locator("p.notice[role=status]", has_text="max_streams_per_tenant")
+        await notice.wait_for(timeout=MS)
+        await other.wait_for_timeout(4500)  # two of the browser's reconnect delays
+        assert asked == [], asked  # not asked for again
