@@ -16,7 +16,7 @@ import math
 import pathlib
 import secrets
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import jinja2
@@ -270,7 +270,7 @@ class Console:
             finally:
                 self.mesh.streams.give_back(tenant_id)
 
-        async def follow() -> AsyncIterator[str]:
+        async def follow() -> AsyncGenerator[str, None]:
             async with self.feed.subscribe(login.caller.tenant_id) as changes:
                 yield "retry: 2000\n\n"
                 seen = await self._queue_state(login) if shared else None
