@@ -86,6 +86,8 @@ class Click:
     """Where the message is ("" when Slack did not say)."""
     trigger_id: str
     """Opens a modal ("" when Slack sent none)."""
+    message_ts: str = ""
+    """The clicked message ("" when Slack did not say)."""
 
     @classmethod
     def read(cls, body: Any) -> Click:
@@ -95,6 +97,8 @@ class Click:
         ref = _object(_at(body, "actions.0.value", str), "actions.0.value")
         channel = body.get("channel")
         trigger_id = body.get("trigger_id")
+        container = body.get("container")
+        message_ts = container.get("message_ts") if isinstance(container, dict) else None
         return cls(
             what=action_id.removeprefix("svantic."),
             tenant_id=_at(ref, "tenant_id", str),
@@ -102,6 +106,7 @@ class Click:
             user=_at(body, "user.id", str),
             channel=str(channel.get("id") or "") if isinstance(channel, dict) else "",
             trigger_id=trigger_id if isinstance(trigger_id, str) else "",
+            message_ts=message_ts if isinstance(message_ts, str) else "",
         )
 
     def body(self) -> dict[str, Any]:
@@ -111,6 +116,7 @@ class Click:
             "type": "block_actions",
             "user": {"id": self.user},
             "channel": {"id": self.channel},
+            "container": {"type": "message", "message_ts": self.message_ts},
             "trigger_id": self.trigger_id,
             "actions": [{"type": "button", "action_id": f"svantic.{self.what}", "value": value}],
         }

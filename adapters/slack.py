@@ -373,17 +373,19 @@ class SlackAdapter(Adapter):
                 where = await asyncio.shield(posted)
             else:  # posted before a restart, perhaps
                 kept = await self.context.recall(_post_key(request))
+                if kept is not None and kept.get("final"):
+                    return  # updated already
                 where = None if kept is None else _Posted(channel=str(kept["channel"]), ts=str(kept["ts"]))
             if where is None:
                 return
-            await self._client.chat_update(
-                channel=where.channel,
-                ts=where.ts,
-                text=f"{request.summary}: {_outcome_line(request)}",
-                blocks=[*_description_blocks(request), _section(_outcome_line(request))],
+            await self._client.chat_update(channel=where.channel, ts=where.ts, **_ended_post(request))
+            # Kept, marked final (retention deletes it with the session): a click on another post of
+            # the request is then known for one whose location was lost (_update_quietly).
+            await self.context.remember(
+                _post_key(request),
+                {"channel": where.channel, "ts": where.ts, "final": True},
+                session=(request.tenant_id, request.session_id),
             )
-            # Once the message is final (a failed update keeps it: retention deletes it with the session).
-            await self.context.forget(_post_key(request))
         except SlackApiError as error:
             if error.response.get("error") not in _NEVER_UPDATABLE:
                 logger.exception("slack: updating the message of request %s failed", request.request_id)
@@ -508,8 +510,8 @@ class SlackAdapter(Adapter):
             if isinstance(checked, _Verdict):
                 if decided is not None:
                     decided.set()
-                if checked.ended is not None:  # a post whose update failed is brought up to date now
-                    self._spawn(self._update_quietly(checked.ended))
+                if checked.ended is not None:  # what still shows its buttons is brought up to date now
+                    self._spawn(self._update_quietly(checked.ended, click, channel))
                 if answer is not None and _already_given(checked.ended, click.user, answer):
                     return  # a retried delivery of the click that was recorded: nothing to tell
                 await self._ephemeral(channel, click.user, checked.text)
@@ -532,11 +534,17 @@ class SlackAdapter(Adapter):
         except Exception:
             logger.exception("slack: handling a button failed")
 
-    async def _update_quietly(self, request: InputRequest) -> None:
-        """``on_outcome`` for an ended request someone clicked: a post whose update failed (its
-        location is kept until one succeeds) loses its buttons now; otherwise nothing."""
+    async def _update_quietly(self, request: InputRequest, click: Click, channel: str) -> None:
+        """For an ended request someone clicked: a post whose update failed (its location is kept
+        until one succeeds) loses its buttons now, and so does the clicked message if it is another
+        post of the request: one whose location was never kept (a process died between Slack's
+        answer and the store's write, and the request was posted again), which only a click finds."""
         with contextlib.suppress(Exception):  # logged by _update_post
+            kept = await self.context.recall(_post_key(request))
             await self.on_outcome(request)
+            if click.message_ts and (kept is None or kept.get("ts") != click.message_ts):
+                # Not the post whose location is kept (updated by ``on_outcome``, or being updated)
+                await self._client.chat_update(channel=channel, ts=click.message_ts, **_ended_post(request))
 
     async def _open(self, click: Click, channel: str, view: dict[str, Any]) -> None:
         """Open a modal for the clicker; one Slack will not open (its trigger expired, a view it
@@ -816,6 +824,12 @@ def _request_blocks(request: InputRequest) -> list[dict[str, Any]]:
         if buttons
         else blocks
     )
+
+
+def _ended_post(request: InputRequest) -> dict[str, Any]:
+    """A request's post once it ended: what was asked and what became of it, without buttons."""
+    line = _outcome_line(request)
+    return {"text": f"{request.summary}: {line}", "blocks": [*_description_blocks(request), _section(line)]}
 
 
 def _outcome_line(request: InputRequest) -> str:

@@ -258,7 +258,9 @@ class Surfaces:
             posted = await self.slack_post(request_id)
             buttons = [e for b in posted["blocks"] if b["type"] == "actions" for e in b["elements"]]
             value = next(b["value"] for b in buttons if b["action_id"] == f"svantic.{action}")
-        payload = block_actions(action, value, user=user, channel=CHANNEL)
+        posts = [a for a in self.slack.of("chat.postMessage") if self._mentions(a, request_id)]
+        message_ts = self.slack.ts_of(posts[0]) if posts else "1.000100"  # the message clicked
+        payload = block_actions(action, value, user=user, channel=CHANNEL, message_ts=message_ts)
         return await self.slack_interact(payload, age_s=age_s, secret=secret)
 
     # -- the webhook receiver and its answers
@@ -292,14 +294,16 @@ class Surfaces:
         return await self.hook(json.dumps(body), signed_headers(json.dumps(body), secret, webhook_id))
 
 
-def block_actions(action: str, value: str, *, user: str, channel: str) -> dict[str, Any]:
+def block_actions(
+    action: str, value: str, *, user: str, channel: str, message_ts: str = "1.000100"
+) -> dict[str, Any]:
     return {
         "type": "block_actions",
         "team": {"id": "T1"},
         "user": {"id": user, "team_id": "T1"},
         "api_app_id": "A1",
         "channel": {"id": channel},
-        "container": {"type": "message", "channel_id": channel, "message_ts": "1.000100"},
+        "container": {"type": "message", "channel_id": channel, "message_ts": message_ts},
         "trigger_id": f"trigger-{uuid.uuid4().hex[:8]}",
         "actions": [{"type": "button", "action_id": f"svantic.{action}", "value": value}],
     }

@@ -37,6 +37,11 @@ class FakeSlack:
     (429 with ``Retry-After: 0``, like Slack's rate limit) or a Slack error code (200 with
     ``ok: false``); see ``fail_next``."""
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _posted_ts: dict[int, str] = field(default_factory=dict)
+
+    def ts_of(self, posted: dict[str, Any]) -> str:
+        """The ``ts`` Slack answered for a ``chat.postMessage`` (its arguments, from ``of``)."""
+        return self._posted_ts[id(posted)]
 
     def fail_next(self, method: str, *statuses: int | str) -> None:
         """The next calls of ``method`` answer these statuses or Slack errors, in order."""
@@ -77,6 +82,7 @@ class FakeSlack:
             }
         elif method == "chat.postMessage":
             answer |= {"channel": args.get("channel"), "ts": f"{next(self._ts)}.000100"}
+            self._posted_ts[id(args)] = answer["ts"]
         elif method == "chat.update":
             answer |= {"channel": args.get("channel"), "ts": args.get("ts")}
         elif method == "chat.postEphemeral":

@@ -196,7 +196,9 @@ class Harness:
             text = await response.text()
             return response.status, (json.loads(text) if text.strip().startswith("{") else {})
 
-    async def click(self, request: InputRequest, action: str, user: str = "U1") -> int:
+    async def click(
+        self, request: InputRequest, action: str, user: str = "U1", message_ts: str = "1.000100"
+    ) -> int:
         posted = self.slack.of("chat.postMessage")[-1]
         buttons = [e for b in posted["blocks"] if b["type"] == "actions" for e in b["elements"]]
         button = next(b for b in buttons if b["action_id"] == f"svantic.{action}")
@@ -206,7 +208,7 @@ class Harness:
             "user": {"id": user, "team_id": "T1"},
             "api_app_id": "A1",
             "channel": {"id": posted["channel"]},
-            "container": {"type": "message", "channel_id": posted["channel"], "message_ts": "1.000100"},
+            "container": {"type": "message", "channel_id": posted["channel"], "message_ts": message_ts},
             "trigger_id": f"trigger-{request.request_id}",
             "actions": [{"type": "button", "action_id": button["action_id"], "value": button["value"]}],
         }
@@ -614,6 +616,31 @@ async def test_a_post_whose_update_failed_is_updated_when_its_stale_button_is_cl
     assert len(h.slack.of("chat.update")) == failed + 1
 
 
+async def test_a_second_post_of_a_request_loses_its_buttons_when_clicked(h: Harness) -> None:
+    """Found from outside (review 7, W9): a process killed between Slack's answer to its post and
+    the store's write of where it posted; the request was posted again, and only the second post
+    got the outcome: the first kept live buttons for good. A click on it brings it up to date."""
+    request = make_request(InputKind.TOOL_APPROVAL)
+    await h.announce(request)  # the post whose location is kept (ts 1.000100)
+    await h.mesh.resolve(
+        tenant_id="acme",
+        request_id=request.request_id,
+        resolution=Resolution(decision=Decision.APPROVE),
+        responder="grpc:alice",
+        surface=Surface.GRPC,
+    )
+    await h.adapter.on_outcome(h.mesh.resolved[0])
+    assert [u["ts"] for u in h.slack.of("chat.update")] == ["1.000100"]
+    assert await h.click(request, "approve", user="U2", message_ts="7.000100") == 200  # the lost post
+    await until(lambda: len(h.slack.of("chat.update")) == 2)
+    update = h.slack.of("chat.update")[-1]
+    assert update["ts"] == "7.000100"
+    assert not any(block["type"] == "actions" for block in update["blocks"])
+    assert "Approved by `grpc:alice` via grpc" in update["text"]
+    await until(lambda: h.ephemerals("U2"))  # and the clicker is told who answered
+    assert len(h.mesh.resolved) == 1
+
+
 async def test_deny_on_an_ended_request_opens_no_modal(h: Harness) -> None:
     request = make_request(InputKind.TOOL_APPROVAL)
     await h.announce(request)
@@ -785,7 +812,7 @@ async def test_a_post_made_before_a_restart_is_updated_after_it() -> None:
         (update,) = after.slack.of("chat.update")
         assert (update["channel"], update["ts"]) == ("C1", "1.000100")
         assert action_ids(update) == [] and "Expired" in text_of(update)
-        assert mesh.kept == {}  # forgotten once the post is final
+        assert [v.get("final") for v in mesh.kept.values()] == [True]  # kept, marked final
         await after.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
         assert len(after.slack.of("chat.update")) == 1
 
@@ -802,7 +829,9 @@ async def test_an_outcome_told_twice_at_once_updates_the_post_once() -> None:
         ended = replace(request, state=InputState.EXPIRED)
         await asyncio.gather(after.adapter.on_outcome(ended), after.adapter.on_outcome(ended))
         assert len(after.slack.of("chat.update")) == 1
-        assert mesh.kept == {}
+        assert [v.get("final") for v in mesh.kept.values()] == [True]
+        await after.adapter.on_outcome(ended)  # told again later: the post is final already
+        assert len(after.slack.of("chat.update")) == 1
 
 
 # -- Slack down --------------------------------------------------------------------------------
@@ -833,7 +862,7 @@ async def test_a_post_and_an_update_slack_is_too_busy_for_are_tried_again(h: Har
     await h.adapter.on_outcome(replace(request, state=InputState.EXPIRED))
     updates = h.slack.of("chat.update")
     assert len(updates) == 2 and action_ids(updates[-1]) == [] and "Expired" in text_of(updates[-1])
-    assert h.mesh.kept == {}  # forgotten once the message is final
+    assert [v.get("final") for v in h.mesh.kept.values()] == [True]  # kept, marked final
 
 
 async def test_an_outcome_during_a_post_being_tried_again_updates_it_once_posted(h: Harness) -> None:
