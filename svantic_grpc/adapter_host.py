@@ -227,21 +227,27 @@ class _Scoped:
             await self._adapter.on_request(request)
 
     async def on_outcome(self, request: InputRequest) -> None:
+        if self._context.serves(request.tenant_id):
+            await self._adapter.on_outcome(request)
+
+    async def on_outcome_again(self, request: InputRequest) -> None:
+        """Told again (a later look, a take-over, a restart): only if not told already."""
         if not self._context.serves(request.tenant_id):
             return
-        if request.outcome_told:  # written told: nobody tells it again
-            await self._adapter.on_outcome(request)
-            return
-        # Written untold: told again until every adapter was told (after a restart, a take-over,
-        # or every ten minutes while one adapter's service is down). Each adapter is told once:
-        # kept in the store, with the session, beside the adapter's own values (found from
-        # outside: a webhook receiver got an outcome again every ten minutes, from every replica,
-        # while Slack was down).
-        key = f"{RESERVED_PREFIX}outcome-told/{request.tenant_id}/{request.request_id}"
-        if await self._context.recall(key) is not None:
+        if await self._context.recall(self._told_key(request)) is not None:
             return
         await self._adapter.on_outcome(request)
-        await self._context.remember(key, {}, session=(request.tenant_id, request.session_id))
+        await self.told(request)
+
+    async def told(self, request: InputRequest) -> None:
+        """Keep, with the session, that this adapter was told (only when another was not)."""
+        if self._context.serves(request.tenant_id):
+            key = self._told_key(request)
+            await self._context.remember(key, {}, session=(request.tenant_id, request.session_id))
+
+    @staticmethod
+    def _told_key(request: InputRequest) -> str:
+        return f"{RESERVED_PREFIX}outcome-told/{request.tenant_id}/{request.request_id}"
 
 
 def _tenants(name: str, value: Any) -> frozenset[str] | None:

@@ -212,3 +212,44 @@ async def test_an_outcome_told_again_reaches_only_the_adapters_not_told_yet(
     finally:
         await host.stop()
         await mesh.stop()
+
+
+async def test_an_outcome_every_adapter_was_told_keeps_nothing_per_adapter(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code review (K1): keeping which adapters were told cost every outcome a read and a write per
+    adapter, and a row each for the session's life; it is needed only when one was not told."""
+    monkeypatch.setattr(adapter_host, "entry_points", lambda group: [_EntryPoint("good", Good)])
+    mesh = Mesh(
+        store=SqliteStore(tmp_path / "mesh.db"),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        clock=clock,
+    )
+    host = AdapterHost(
+        configs={"good": {}},
+        http=HttpServer("127.0.0.1:0", ready=lambda: True),
+        inputs=mesh.inputs,
+        store=mesh.store,
+        clock=clock,
+        ids=mesh.ids,
+        env={},
+    )
+    host.load()
+    await mesh.start()
+    await host.start()
+    try:
+        session_id = (await mesh.sessions.init(CALLER)).session_id
+        request = await ask_to_delete(mesh, session_id, "m1")
+        await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
+        await _until(lambda: request.request_id in told)
+        for _ in range(100):
+            if not await mesh.store.untold_outcomes():
+                break
+            await asyncio.sleep(0.01)
+        assert await mesh.store.untold_outcomes() == []  # marked told
+        key = f"{adapter_host.RESERVED_PREFIX}outcome-told/acme/{request.request_id}"
+        assert await mesh.store.get_adapter_value("good", key) is None
+    finally:
+        await host.stop()
+        await mesh.stop()

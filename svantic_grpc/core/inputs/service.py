@@ -475,18 +475,33 @@ class Inputs:
             task.add_done_callback(self._notifications.discard)
         # else: start-up, before the adapters listen: it stays untold, for ``start_telling``
 
-    async def _tell_and_mark(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
+    async def _tell_and_mark(
+        self, request: InputRequest, listeners: Sequence[InputListener], *, again: bool = False
+    ) -> None:
         key = (request.tenant_id, request.request_id)
         self._being_told.add(key)
         try:
-            await self._tell_and_mark_once(request, listeners)
+            await self._tell_and_mark_once(request, listeners, again=again)
         finally:
             self._being_told.discard(key)
 
-    async def _tell_and_mark_once(self, request: InputRequest, listeners: Sequence[InputListener]) -> None:
-        told_all = await asyncio.gather(*(_call(listener, "on_outcome", request) for listener in listeners))
+    async def _tell_and_mark_once(
+        self, request: InputRequest, listeners: Sequence[InputListener], *, again: bool = False
+    ) -> None:
+        hooks = [
+            "on_outcome_again" if again and hasattr(listener, "on_outcome_again") else "on_outcome"
+            for listener in listeners
+        ]
+        told_all = await asyncio.gather(
+            *(_call(listener, hook, request) for listener, hook in zip(listeners, hooks, strict=True))
+        )
         if not all(told_all) or not self.marks_told:
-            return  # an adapter could not tell it (stopped, failed, not started): told again later
+            # An adapter could not tell it (stopped, failed, not started): told again later, only
+            # to those not told (each listener that returned keeps that it was told).
+            for listener, ok in zip(listeners, told_all, strict=True):
+                if ok and hasattr(listener, "told"):
+                    await _call(listener, "told", request)
+            return
         told = replace(request, outcome_told=True)
         try:
             await self._store.write(Change(request.tenant_id, request.session_id, inputs=(told,)))
@@ -548,7 +563,7 @@ class Inputs:
 
         async def one(request: InputRequest) -> None:
             async with window:
-                await self._tell_and_mark(request, tuple(self._listeners))
+                await self._tell_and_mark(request, tuple(self._listeners), again=True)
 
         async def all_of_them() -> None:
             await asyncio.gather(*(one(request) for request in untold))
