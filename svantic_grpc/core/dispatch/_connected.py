@@ -79,6 +79,10 @@ _ANSWER_CHECK_S = 1.0
 whether that holder (or the agent's stream there) is gone: with an answer it sent, to send it where
 the agent is now; with the agent at work, to fail the message instead of waiting out its timeout."""
 
+_SILENT_CHECK_MAX_S = 32.0
+"""The longest an owner goes without looking whether the agent at work, silent, holds another
+stream now (its holder dead): the looks come after 1, 2, 4 ... seconds of silence, then every 32."""
+
 
 class _Inbox:
     """What the agent sent for one dispatch, taken all at once by the dispatch it is for.
@@ -429,8 +433,12 @@ class ConnectedAgents:
         says anything: if the holder died, it goes again to the agent once the agent is back."""
         try:
             await relay.send(holder, Relayed(RelayKind.JOB, job.dispatch_id, me, job=job, token=job.sign()))
+            silent_s = _ANSWER_CHECK_S
+            """How long the agent at work may be silent before the next look: doubled at each look
+            (a long job is mostly silence; one read a second each would load the shared store)."""
             while True:
-                items = await inbox.take(within=_ANSWER_CHECK_S)
+                watching = relayed is not None or carried is not None
+                items = await inbox.take(within=_ANSWER_CHECK_S if watching else silent_s)
                 if not items:
                     # The holder has said nothing since the answer went to it: if it died (or the
                     # agent reconnected elsewhere) before it took the answer, nobody will pass it
@@ -448,14 +456,17 @@ class ConnectedAgents:
                     # went to is gone with what it was doing (its holder died without a word: a
                     # holder that lives says so). Failed, as a local stream's drop fails it, not
                     # left to the dispatch's timeout; never sent again: it may have run.
-                    if relayed is None and carried is None and await self._reconnected(holder, job):
-                        finished = True
-                        raise DispatchFailed(
-                            f"the agent's stream on replica {holder} is gone (the instance connected "
-                            "again since): the work it had there was dropped"
-                        )
+                    if not watching:
+                        if await self._reconnected(holder, job):
+                            finished = True
+                            raise DispatchFailed(
+                                f"the agent's stream on replica {holder} is gone (the instance "
+                                "connected again since): the work it had there was dropped"
+                            )
+                        silent_s = min(silent_s * 2, _SILENT_CHECK_MAX_S)
                     continue
                 relayed = carried = None
+                silent_s = _ANSWER_CHECK_S
                 for item in _merged(items):
                     if isinstance(item, _Dropped):
                         finished = True
