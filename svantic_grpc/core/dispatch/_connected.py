@@ -277,8 +277,9 @@ class ConnectedAgents:
             if self._live.get(connection.key) is connection:
                 del self._live[connection.key]
             self._drop(connection, "the agent's stream could not be recorded")
-            connection.counted = False
-            self._quota.give_back(agent.tenant_id)
+            if connection.counted:  # a newer stream of the instance may have taken its place
+                connection.counted = False
+                self._quota.give_back(agent.tenant_id)
             raise
         connection.agent = updated or agent
         _log.info(
@@ -458,7 +459,8 @@ class ConnectedAgents:
                     # left to the dispatch's timeout; never sent again: it may have run.
                     if not watching:
                         if await self._reconnected(holder, job):
-                            finished = True
+                            # Not ``finished``: a CANCEL goes to the holder all the same, should it
+                            # live after all (the agent stops instead of working for nobody).
                             raise DispatchFailed(
                                 f"the agent's stream on replica {holder} is gone (the instance "
                                 "connected again since): the work it had there was dropped"
