@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -88,6 +89,9 @@ PartLike = str | dict[str, Any] | message_types_pb2.Part
 
 
 _ONE_PART = (str, dict, message_types_pb2.Part)
+
+_MAX_BACKOFF_S = 60.0
+"""The longest wait between two tries to reach the mesh after failing again and again."""
 
 
 def _parts(content: PartLike | Iterable[PartLike]) -> list[message_types_pb2.Part]:
@@ -332,6 +336,7 @@ class ConnectedAgent:
         """Serve until ``stop``; reconnects (and re-registers) when the stream drops or the mesh restarts."""
         async with aio.insecure_channel(self.target) as channel:
             auth, registry = AuthServiceStub(channel), RegistryServiceStub(channel)
+            failures = 0
             while not self._stopping.is_set():
                 delay_s = self._reconnect_delay_s
                 try:
@@ -345,7 +350,11 @@ class ConnectedAgent:
                         _log.warning(
                             "connection to the mesh failed: %s %s", error.code().name, error.details()
                         )
-                    delay_s = max(delay_s, _pushback_s(error))
+                    # Failing again and again (the mesh away, or refusing): wait longer each time,
+                    # up to a minute, spread so a fleet does not come back in step.
+                    failures = 0 if self.connected.is_set() else failures + 1
+                    backoff_s = min(_MAX_BACKOFF_S, self._reconnect_delay_s * 2 ** max(failures - 1, 0))
+                    delay_s = max(delay_s, _pushback_s(error), backoff_s * random.uniform(0.5, 1.0))
                 self.connected.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay_s):  # (not wait_for: it can drop a cancel on 3.11)

@@ -25,9 +25,10 @@ class StreamQuota:
         """How many streams ``tenant_id`` holds open here."""
         return self._open.get(tenant_id, 0)
 
-    def take(self, tenant_id: str) -> None:
-        """Count one more stream of ``tenant_id``, or refuse it (``ResourceExhausted``); every
-        ``take`` that returns is matched by one ``give_back``."""
+    def take(self, tenant_id: str, *, retry_after_s: float = 1.0) -> None:
+        """Count one more stream of ``tenant_id``, or refuse it (``ResourceExhausted``, asking the
+        caller to wait ``retry_after_s``); every ``take`` that returns is matched by one
+        ``give_back``."""
         open_now = self._open.get(tenant_id, 0)
         if self.limit and open_now >= self.limit:
             raise ResourceExhausted(
@@ -35,7 +36,7 @@ class StreamQuota:
                 "streams) open on this server, the most it may (max_streams_per_tenant): close one "
                 "first, or spread them over replicas",
                 reason="TOO_MANY_STREAMS",
-                retry_after_s=1.0,
+                retry_after_s=retry_after_s,
                 metadata={"limit": str(self.limit)},
             )
         self._open[tenant_id] = open_now + 1

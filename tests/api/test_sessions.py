@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
+from svantic_grpc.connected_agent import ConnectedAgent
 from svantic_grpc.core.clock import ManualClock
 from svantic_grpc.core.events import AgentLeft
 from svantic_grpc.pb import (
@@ -30,7 +31,7 @@ from svantic_grpc.pb import (
     session_service_pb2_grpc,
     session_types_pb2,
 )
-from tests._support import Client, code_of, error_details, rpc_error, running_server
+from tests._support import SECRET, Client, code_of, error_details, rpc_error, running_server
 from tests.agents_connected import RawAgent, data, raw_agent, register_connected, running_agent, send
 
 ROLES = ("orchestrator", "executor", "planner", "chat", "critic", "learner")
@@ -1349,3 +1350,42 @@ async def test_agents_connect_streams_count_against_the_same_allowance() -> None
         # Both streams are gone: their places are free for anything.
         async with raw_agent(client, "two", register=False), raw_agent(client, "three"):
             pass
+
+
+async def test_an_agent_refused_for_the_allowance_waits_before_it_tries_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Code review (K9): a refused agent of our own SDK signed in and registered again every second
+    (a registration write each time, for every agent over the allowance). The refusal of a Connect
+    asks for a longer wait, and the SDK waits it."""
+    async with running_server(max_streams_per_tenant=1) as client:
+        registry = client.server.mesh.registry
+        registered: list[str] = []
+        register = registry.register
+
+        async def counting(caller: Any, spec: Any) -> Any:
+            registered.append(spec.instance_id)
+            return await register(caller, spec)
+
+        monkeypatch.setattr(registry, "register", counting)
+        async with raw_agent(client, "one"):
+            agent = ConnectedAgent(
+                client.server.target,
+                client_id="acme-full",
+                client_secret=SECRET,
+                agent_type="echo",
+                instance_id="two",
+                handler=_never_called,
+                reconnect_delay_s=0.05,
+            )
+            running = asyncio.create_task(agent.run())
+            try:
+                await asyncio.sleep(2.5)
+            finally:
+                await agent.stop()
+                await asyncio.wait_for(running, WAIT)
+        assert registered.count("two") == 1, registered  # refused once, then waiting (15 s)
+
+
+async def _never_called(dispatch: Any, reply: Any) -> None:
+    raise AssertionError("not connected: nothing is dispatched to it")

@@ -79,6 +79,9 @@ _ANSWER_CHECK_S = 1.0
 whether that holder (or the agent's stream there) is gone: with an answer it sent, to send it where
 the agent is now; with the agent at work, to fail the message instead of waiting out its timeout."""
 
+_CONNECT_RETRY_AFTER_S = 15.0
+"""The wait asked of an agent whose ``Connect`` its tenant's stream allowance refused."""
+
 _SILENT_CHECK_MAX_S = 32.0
 """The longest an owner goes without looking whether the agent at work, silent, holds another
 stream now (its holder dead): the looks come after 1, 2, 4 ... seconds of silence, then every 32."""
@@ -254,7 +257,9 @@ class ConnectedAgents:
         if previous is not None and previous.counted:
             previous.counted = False  # the newer stream takes its place: a reconnect is never refused
         else:
-            self._quota.take(agent.tenant_id)
+            # An agent refused signs in and registers again before its next try: asked to wait
+            # longer than a client's stream, as a place seldom frees within a second.
+            self._quota.take(agent.tenant_id, retry_after_s=_CONNECT_RETRY_AFTER_S)
         connection.counted = True
         if previous is not None:
             self._drop(previous, "replaced by a newer stream of the same instance")
