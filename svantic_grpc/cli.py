@@ -119,7 +119,8 @@ async def _run(settings: Settings) -> None:
             starting.result()  # its error, if any, is the command's
             await signalled
         else:
-            starting.cancel()
+            starting.cancel()  # its own clean-up runs before the stop (within the stop's bound)
+            await asyncio.wait({starting}, timeout=settings.shutdown_timeout_s)
         logging.getLogger("svantic_grpc").info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
     except BaseException:
         await server.stop()
@@ -136,7 +137,7 @@ async def _stop_within(server: MeshServer, settings: Settings, *, again: asyncio
     running resumes at the next start."""
     stopping = asyncio.ensure_future(server.stop())
     signalled = asyncio.ensure_future(again.wait())
-    limit = settings.shutdown_grace_s + settings.shutdown_timeout_s
+    limit = 2 * settings.shutdown_grace_s + settings.shutdown_timeout_s  # gRPC's grace, then HTTP's
     await asyncio.wait({stopping, signalled}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
     signalled.cancel()
     if stopping.done():

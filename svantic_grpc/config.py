@@ -294,9 +294,10 @@ class Settings(_Model):
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=_MAX_S)
     """How long in-flight calls may finish on shutdown."""
     shutdown_timeout_s: float = Field(default=30.0, gt=0, le=_MAX_S)
-    """How much longer than the grace a stop may take (a store that stopped answering holds the
-    writes under way); past it, or at a second SIGINT/SIGTERM, the process exits at once, as a crash
-    would: every acknowledged write is already in the store and the next start resumes the rest."""
+    """How much longer than the grace (gRPC's, then HTTP's) a stop may take (a store that stopped
+    answering holds the writes under way); past it, or at a second SIGINT/SIGTERM, the process exits
+    at once, as a crash would: every acknowledged write is in the store and the next start resumes
+    the rest."""
     subscriber_buffer: int = Field(default=1024, gt=0, le=1_000_000)
     """Events a live stream subscriber may fall behind before it is cut off."""
     max_streams_per_tenant: int = Field(default=2000, ge=0, le=1_000_000)
