@@ -297,7 +297,12 @@ class WebhookAdapter(Adapter):
                 )
             except Exception:
                 if kept:
-                    await self.context.forget(kept)
+                    try:  # its own error is what the sender is told, not the store's
+                        await self.context.forget(kept)
+                    except Exception:
+                        _log.warning(
+                            "webhook adapter %s: could not let %s go", self.name, kept, exc_info=True
+                        )
                 raise
         except Exception:
             self._seen.forget(webhook_id)  # refused: nothing changed, so a resend is no duplicate
@@ -311,10 +316,15 @@ class WebhookAdapter(Adapter):
         request = await self.context.get_request(tenant_id=tenant_id, request_id=request_id)
         key = f"webhook-id:{webhook_id}"
         value = {"body": digest.hex()}
-        if await self.context.remember(key, value, session=(tenant_id, request.session_id), if_absent=True):
-            return key
-        if await self.context.recall(key) not in (None, value):
-            raise _reused()
+        session = (tenant_id, request.session_id)
+        for _ in range(3):  # kept by another answer, which may be refused and let it go meanwhile
+            if await self.context.remember(key, value, session=session, if_absent=True):
+                return key
+            kept = await self.context.recall(key)
+            if kept == value:
+                return ""
+            if kept is not None:
+                raise _reused()
         return ""
 
     async def _resolve_with_token(self, body: dict[str, Any]) -> JSONResponse:
