@@ -120,6 +120,11 @@ class AdapterContext(Protocol):
         """A request of the tenant (``NotFound`` otherwise)."""
         ...
 
+    def as_stored(self, request: InputRequest, resolution: Resolution) -> Resolution:
+        """``resolution`` as ``resolve`` would store it for ``request`` (a confirmation's approve
+        stored as confirmed, say); ``InvalidArgument`` naming the field if it would refuse it."""
+        ...
+
     def shared_key(self, purpose: str) -> bytes | None:
         """A 32-byte key for ``purpose``, derived from the mesh's token signing key: the same on
         every replica and after a restart with the same signing key, and nothing a token verifies

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter, AdapterSettingsError
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.errors import NotFound
+from svantic_grpc.core.inputs.checks import checked_resolution
 from svantic_grpc.core.inputs.model import InputRequest, Resolution, Surface
 from svantic_grpc.core.inputs.service import Inputs
 from svantic_grpc.core.store import Store
@@ -100,6 +101,9 @@ class _Context:
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
         self._check(tenant_id, request_id)
         return await self._inputs.get(tenant_id, request_id)
+
+    def as_stored(self, request: InputRequest, resolution: Resolution) -> Resolution:
+        return checked_resolution(request, resolution)
 
     async def resolve(
         self, *, tenant_id: str, request_id: str, resolution: Resolution, responder: str, surface: Surface

@@ -374,7 +374,7 @@ class WebhookAdapter(Adapter):
                     if pending:
                         await claim(over=True)
             if not pending:
-                won = await self._winners.won(current, credential, answered)
+                won = await self._winners.won(current, credential, answered, answer)
                 if won == answered:  # a retry of the answer that won: the same success, marked
                     body = {"status": "resolved", "repeat": True, "request": request_json(current)}
                     return JSONResponse(body)

@@ -15,6 +15,7 @@ any crash or restart the record names the winner whenever a webhook answer won.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
@@ -28,6 +29,7 @@ import jwt
 from adapters.webhook._answers import Answer
 from adapters.webhook._http import Refused
 from svantic_grpc.adapter import AdapterContext
+from svantic_grpc.core.errors import MeshError
 from svantic_grpc.core.inputs.model import InputRequest, InputState, Surface
 
 __all__ = ["CallbackTokens", "Grant", "Winners", "fingerprint"]
@@ -142,9 +144,9 @@ class Winners:
         if record is not None and (record.get("by"), record.get("answer")) == (credential, answer):
             await self._context.forget(key)
 
-    async def won(self, request: InputRequest, credential: str, answer: str) -> str | None:
+    async def won(self, request: InputRequest, credential: str, answer: str, given: Answer) -> str | None:
         """The fingerprint of the answer ``credential`` gave, if that answer won ``request``;
-        ``answer`` is the fingerprint of the one given now."""
+        ``answer`` is the fingerprint of the one ``given`` now."""
         resolution = request.resolution
         if request.state is not InputState.RESOLVED or resolution is None:
             return None
@@ -154,8 +156,12 @@ class Winners:
         # through a webhook is this one's retry, whatever the record says. Replicas that took over
         # a dead one's claim at once overwrite each other's records, and the one the mesh refused
         # lets its own go (found from outside: the sender whose answer won was told it had lost).
-        if fingerprint(Answer.content_of(resolution)) == answer:
-            return answer
+        with contextlib.suppress(MeshError):  # as the mesh would store it (a confirmation's approve
+            # is stored confirmed, a form's decision dropped); an answer it would refuse never won
+            if Answer.content_of(
+                self._context.as_stored(request, given.resolution(0.0))
+            ) == Answer.content_of(resolution):
+                return answer
         record = await self._context.recall(_record_key(request.tenant_id, request.request_id))
         if record is None or record.get("by") != credential:
             return None

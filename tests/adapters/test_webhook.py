@@ -33,6 +33,7 @@ from adapters.webhook._settings import WebhookSettings
 from svantic_grpc.adapter import parse_adapter_settings
 from svantic_grpc.core.clock import Clock, IdGenerator, UuidGenerator
 from svantic_grpc.core.errors import AlreadyResolved, InvalidArgument, NotFound, PermissionDenied
+from svantic_grpc.core.inputs.checks import checked_resolution
 from svantic_grpc.core.inputs.model import (
     Decision,
     Form,
@@ -115,6 +116,9 @@ class FakeMesh:
 
     def state(self, request_id: str, tenant_id: str = "acme") -> InputRequest:
         return self.requests[(tenant_id, request_id)]
+
+    def as_stored(self, request: InputRequest, resolution: Resolution) -> Resolution:
+        return checked_resolution(request, resolution)
 
     async def get_request(self, *, tenant_id: str, request_id: str) -> InputRequest:
         try:

@@ -19,6 +19,7 @@ import pytest
 
 from svantic_grpc.core.inputs.model import InputState, Surface
 from tests.adapters.e2e_support import ApprovalAgent, Surfaces, surfaces
+from tests.agents_inputs import ConfirmAgent
 
 GRPC_USER = "acme-full"  # the subject of the test client's token
 
@@ -158,13 +159,18 @@ async def test_a_claim_left_by_a_crash_before_the_answer_landed_claims_nothing(s
         await s.finished(session_id, message_id)
 
 
+@pytest.mark.parametrize("kind", ["approval", "confirmation"])
 @pytest.mark.parametrize("record", ["overwritten", "let-go"])
-async def test_the_winning_answer_hears_it_won_whatever_became_of_its_claim(store: str, record: str) -> None:
+async def test_the_winning_answer_hears_it_won_whatever_became_of_its_claim(
+    store: str, record: str, kind: str
+) -> None:
     """Found from outside (review 7, W5): two replicas took over a dead one's claim at once (approve
     and deny, with one callback token): the approval won, the denial's replica had overwritten the
     claim with its own and, refused, let it go; the sender's retry of the approval that won then got
     409, told it had lost. What the mesh stored says what won."""
-    agent = ApprovalAgent()
+    # A confirmation answered "approve" is stored as confirmed: the retry is compared with what the
+    # mesh stored, as the mesh stores it (code review K5).
+    agent = ApprovalAgent() if kind == "approval" else ConfirmAgent("crm.delete_records", {"ids": [1]})
     async with surfaces(agent, store=store) as s:
         session_id, message_id, request_id, token = await _asked(s)
         status, first = await s.hook_token(token, responder="ops@acme")
