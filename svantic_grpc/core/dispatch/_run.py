@@ -10,13 +10,13 @@ agent) holds whatever it returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
 from svantic_grpc.core._reads import MessageReads, forget_reads
+from svantic_grpc.core._tasks import after_stop, close_after_stop
 from svantic_grpc.core.clock import Clock, IdGenerator
 from svantic_grpc.core.dispatch._humans import answered, ask_human
 from svantic_grpc.core.dispatch._outcome import Outcome
@@ -38,7 +38,7 @@ from svantic_grpc.core.log_context import SESSION_ID
 from svantic_grpc.core.messages.model import Artifact, MessageState, Part
 from svantic_grpc.core.messages.writer import MessageWriter
 from svantic_grpc.core.metrics import NO_METRICS, Metrics
-from svantic_grpc.core.models import AgentRegistration, JoinReason
+from svantic_grpc.core.models import AgentRegistration, DeploymentMode, JoinReason
 from svantic_grpc.core.registry import Registry
 from svantic_grpc.core.sessions import Sessions
 from svantic_grpc.core.store import Store
@@ -311,9 +311,7 @@ class SessionDispatches:
                 outcome="not-delivered",
                 latency_s=loop.time() - loop_started,
             )
-            await service._registry.record_dispatch(
-                tenant_id, instance_id, ok=False, error=f"not delivered: {exc}"
-            )
+            service._registry.record_dispatch(tenant_id, instance_id, ok=False, error=f"not delivered: {exc}")
             raise
         except TimeoutError:
             reason = f"{agent_type} instance {instance_id!r} did not finish within {timeout:g}s"
@@ -332,15 +330,20 @@ class SessionDispatches:
                 outcome.reason,
                 extra={"agent_type": agent_type, "instance_id": instance_id, "dispatch_id": dispatch_id},
             )
-        service._metrics.dispatch_done(
-            agent_type=agent_type,
-            transport=service._dispatcher.protocol_for(agent),
-            outcome=outcome.state.value,
-            latency_s=latency,
-        )
-        await service._registry.record_dispatch(
-            tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
-        )
+
+        def count() -> None:
+            service._metrics.dispatch_done(
+                agent_type=agent_type,
+                transport=service._dispatcher.protocol_for(agent),
+                outcome=outcome.state.value,
+                latency_s=latency,
+            )
+            service._registry.record_dispatch(
+                tenant_id, instance_id, ok=ok, error="" if ok else outcome.reason
+            )
+
+        if not after_stop(count):  # counted once the message's end is written and answered
+            count()
         return outcome
 
     async def _follow(
@@ -349,7 +352,13 @@ class SessionDispatches:
         said: list[Part] = []
         made: list[Artifact] = []
         updates = self._service._dispatcher.dispatch(job)
-        async with contextlib.aclosing(updates):  # close the transport's stream at once, not at GC
+        # The transport's stream is closed here, not at GC. A hosted agent's, read to its final
+        # update, is closed once the message's end is written and answered: what it still does
+        # (its HTTP stream left to end, its connection to go back to the pool) need not delay the
+        # answer. A connected agent's has little to do: closed at once (a task would cost more).
+        closed_later = False
+        hosted = job.agent.deployment_mode is DeploymentMode.HOSTED
+        try:
             answer: InputRequest | None = None
             given = job.answer  # an answer the agent has yet to show it has
             while True:
@@ -385,4 +394,8 @@ class SessionDispatches:
                     continue
                 if update.state not in _PROGRESS:
                     assert update.state is not None
+                    closed_later = hosted and close_after_stop(updates)
                     return Outcome(update.state, update.reason, parts=tuple(said), artifacts=tuple(made))
+        finally:
+            if not closed_later:
+                await updates.aclose()
