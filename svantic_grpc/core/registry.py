@@ -310,7 +310,7 @@ class Registry:
             return None
         return replace(agent, session_ids=tuple(s for s in agent.session_ids if s != session_id))
 
-    async def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
+    def record_dispatch(self, tenant_id: str, instance_id: str, *, ok: bool, error: str = "") -> None:
         """Count a dispatch outcome on the instance's connection state (GetAgent shows it).
 
         Counters live in this process (they would cost a store write per message);

@@ -775,6 +775,28 @@ async def test_a_plan_runs_its_steps_in_order(client: Client, agents: HostedAgen
     assert {s.context_id for s in echo.accepted} == {session_id}
 
 
+async def test_each_message_of_a_conversation_carries_a_token_of_its_own(
+    client: Client, agents: HostedAgents
+) -> None:
+    """Messages in a row to one agent (the mesh signs the next one's token once the last is
+    answered): each call's token verifies and names its own dispatch."""
+    echo = agents["echo-1"]
+    await register(client, echo)
+    session_id = await new_session(client)
+    words = ["one", "two", "three", "four"]
+    for word in words:
+        message = await send(client, session_id, text(word), data({"target_agent": "echo-agent"}))
+        assert message.state == COMPLETED, message.state_reason
+
+    assert [s.text for s in echo.accepted] == words  # every token verified (the rest are refused)
+    claims = [s.claims or {} for s in echo.accepted]
+    assert len({c["dispatch_id"] for c in claims}) == len(words)
+    assert all(c["jti"] == c["dispatch_id"] for c in claims)
+    assert {(c["session_id"], c["aud"], c["agent_type"]) for c in claims} == {
+        (session_id, "echo-1", "echo-agent")
+    }
+
+
 # --- reading and validation ---------------------------------------------------------------------
 
 

@@ -286,6 +286,36 @@ async def test_the_learner_steers_ties_to_the_instance_that_succeeds(clock: Manu
     assert (done.state, done.instance_id) == (MessageState.COMPLETED, "b-good")
 
 
+async def test_a_dispatch_ended_by_its_final_update_is_closed_after_the_sender_has_its_answer(
+    clock: ManualClock,
+) -> None:
+    """What a transport still does after the final update (an A2A stream's end arriving, its
+    connection going back to the pool) does not delay the answer, and is still done, as is the
+    instance's count of dispatches."""
+    transport = ScriptedTransport()
+    seen: list[str] = []
+
+    async def answers_then_tidies(job: DispatchJob) -> AsyncIterator[DispatchUpdate]:
+        try:
+            yield DispatchUpdate(MessageState.COMPLETED, (Part(text="done"),))
+            await asyncio.sleep(3600)  # its stream goes on after the final update
+        finally:
+            seen.append("stream closed")
+
+    transport.scripts["w1"] = answers_then_tidies
+    mesh = make_mesh(clock, transport)
+    await register(mesh, "w1")
+    session = await mesh.sessions.init(CALLER)
+    done = await mesh.messages.send_and_wait(CALLER, session.session_id, parts=target())
+    seen.append("answered")
+    assert done.state is MessageState.COMPLETED
+    for _ in range(20):  # a few turns of the event loop, no more
+        await asyncio.sleep(0)
+    assert seen == ["answered", "stream closed"]
+    agent = await mesh.registry.get(CALLER, "w1")
+    assert (agent.connection.successes, agent.connection.failures) == (1, 0)
+
+
 async def test_chat_answers_with_what_the_session_can_do(clock: ManualClock) -> None:
     mesh = make_mesh(clock, ScriptedTransport())
     await register(mesh, "w1", skills=(Skill(id="translate", tags=("translate",)),))

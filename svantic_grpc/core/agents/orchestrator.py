@@ -110,8 +110,8 @@ class KeywordOrchestrator(Orchestrator):
             skills = list(agent.skills) if agent is not None and agent.agent_type == agent_type else []
         else:
             skills = [s for _, s in await self._candidates(agent_type)]
-        if len(skills) == 1:  # the one skill is the match, whatever the words (no text to scan)
-            return skills[0]
+        if len(skills) <= 1:  # the one skill is the match, whatever the words; none, no match
+            return skills[0] if skills else None
         words = _words(message.text)
         scored = sorted(skills, key=lambda s: -len(words & _skill_words(s)))
         return scored[0] if scored and words & _skill_words(scored[0]) else None

@@ -90,6 +90,11 @@ class DispatchTokens:
         token = signed + b"." + _segment(self._signing.sign(signed).signature)
         return token.decode("ascii"), float(expires)
 
+    @property
+    def ttl_s(self) -> float:
+        """How long a token is valid after it is signed."""
+        return self._ttl_s
+
     def jwks(self) -> dict[str, Any]:
         """The public key set that verifies these tokens."""
         return {

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from svantic_grpc.core._reads import ReadMemo, forget_reads, message_reads, remember_session
+from svantic_grpc.core._tasks import deferring, run_deferred
 from svantic_grpc.core.agents import AgentSet, Route, SessionScope
 from svantic_grpc.core.dispatch import (
     CANCEL_REASONS,
@@ -281,37 +282,45 @@ class SessionRuntime:
         return await self._guarded(writer, work)
 
     async def _guarded(self, writer: MessageWriter, work: Callable[[], Awaitable[Outcome]]) -> Message:
-        """Run ``work`` and write how the message ended, whatever happens: failures stay in it."""
-        message = writer.message
+        """Run ``work`` and write how the message ended, whatever happens: failures stay in it.
+        What the run left for after its end (``core._tasks.after_stop``) runs once it is written,
+        behind its sender's answer."""
+        pending, token = deferring()
         try:
-            outcome = await work()
-            state, reason = outcome.state, outcome.reason
-        except asyncio.CancelledError:
-            if self.parking and writer.message.state is MessageState.INPUT_REQUIRED:
-                raise  # left waiting for its human: the restart resumes it
-            state, reason = MessageState.CANCELED, self._cancel_reasons.pop(message.message_id, "canceled")
-        except MeshError as error:
-            state, reason = MessageState.FAILED, error.message
-        except Exception as error:  # keep the failure inside this message
-            _log.exception("message %s failed unexpectedly", message.message_id)
-            state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
-        # A cancel (a close, CancelMessage) that comes while the message is being ended does not
-        # cut the ending short, which would leave it working for ever: the ending goes on (each of
-        # its steps is a no-op once done; a write cut off has landed, see ``MessageWriter``), and
-        # the late cancel finds the message ended. No task of its own: this runs for every message.
-        for attempt in range(_END_ATTEMPTS):
+            message = writer.message
             try:
-                ended = await self._end(writer, state, reason)
+                outcome = await work()
+                state, reason = outcome.state, outcome.reason
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if attempt == _END_ATTEMPTS - 1 or task is None:
-                    raise
-                task.uncancel()
-                continue
-            if attempt:
-                self._stopped(ended)  # the cut-off write may have landed before it told the sender
-            return ended
-        raise AssertionError("unreachable")
+                if self.parking and writer.message.state is MessageState.INPUT_REQUIRED:
+                    raise  # left waiting for its human: the restart resumes it
+                reason = self._cancel_reasons.pop(message.message_id, "canceled")
+                state = MessageState.CANCELED
+            except MeshError as error:
+                state, reason = MessageState.FAILED, error.message
+            except Exception as error:  # keep the failure inside this message
+                _log.exception("message %s failed unexpectedly", message.message_id)
+                state, reason = MessageState.FAILED, f"internal error: {type(error).__name__}"
+            # A cancel (a close, CancelMessage) that comes while the message is being ended does not
+            # cut the ending short, which would leave it working for ever: the ending goes on (each
+            # of its steps is a no-op once done; a write cut off has landed, see ``MessageWriter``),
+            # and the late cancel finds the message ended. No task of its own: this runs for every
+            # message.
+            for attempt in range(_END_ATTEMPTS):
+                try:
+                    ended = await self._end(writer, state, reason)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if attempt == _END_ATTEMPTS - 1 or task is None:
+                        raise
+                    task.uncancel()
+                    continue
+                if attempt:
+                    self._stopped(ended)  # the cut-off write may have landed before it told the sender
+                return ended
+            raise AssertionError("unreachable")
+        finally:
+            run_deferred(pending, token)
 
     async def _end(self, writer: MessageWriter, state: MessageState, reason: str) -> Message:
         message = writer.message
