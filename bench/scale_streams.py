@@ -343,6 +343,8 @@ async def run_watchers(args: argparse.Namespace) -> None:
         mesh = _Mesh(channel)
         mesh.md = (("authorization", f"Bearer {args.token}"),)
         delays: dict[int, float] = {}
+        firsts: dict[int, float] = {}
+        """Per event, the smallest delay: to the first of this process's streams."""
         counts: dict[int, int] = {}
         by_instance: dict[str, int] = {}
         disorder = 0
@@ -388,6 +390,7 @@ async def run_watchers(args: argparse.Namespace) -> None:
                 elif instance.startswith("w-"):
                     delay = now - stamp
                     delays[last] = max(delays.get(last, 0.0), delay)
+                    firsts[last] = min(firsts.get(last, delay), delay)
                     counts[last] = counts.get(last, 0) + 1
                     if args.report_each:
                         got = by_instance[instance] = by_instance.get(instance, 0) + 1
@@ -424,6 +427,8 @@ async def run_watchers(args: argparse.Namespace) -> None:
                     delay = now - stamp
                     if delay > delays.get(last, 0.0):
                         delays[last] = delay
+                    if delay < firsts.get(last, 1e9):
+                        firsts[last] = delay
                     counts[last] = counts.get(last, 0) + 1
                     if args.report_each:
                         got = by_instance[instance] = by_instance.get(instance, 0) + 1
@@ -447,10 +452,45 @@ async def run_watchers(args: argparse.Namespace) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        say("RESULT " + json.dumps({"delays": delays, "counts": counts, "disorder": disorder, "cpu": cpu_s}))
+        result = {"delays": delays, "firsts": firsts, "counts": counts, "disorder": disorder, "cpu": cpu_s}
+        say("RESULT " + json.dumps(result))
 
 
 # --------------------------------------------------------------------------- parent
+
+
+NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
+
+
+async def _spawn_watchers(
+    name: str, args: argparse.Namespace, extra: Sequence[str], count: int, report_each: bool = False
+) -> Child:
+    """A watcher process of ``--client``: this script's ``watchers`` role, or the Node one."""
+    if args.client != "node":
+        more = ("--report-each",) if report_each else ()
+        return await spawn(
+            name, "watchers", args.max_seconds, *extra, "--count", str(count), "--client", args.client, *more
+        )
+    if not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
+        raise SystemExit(
+            f"--client node needs the packages of tests/node: (cd {NODE_MODULES.parent} && npm ci)"
+        )
+    given = dict(zip(extra[::2], extra[1::2], strict=True))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(SCRIPT.parent / "node_watchers.js"),
+        str(ROOT / "proto"),
+        given["--kind"],
+        given["--target"],
+        given["--session"] or "-",
+        given["--token"] or "-",
+        str(count),
+        *(("--report-each",) if report_each else ()),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )
+    return Child(name, process)
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
@@ -611,18 +651,7 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
         async with aio.insecure_channel(target) as channel:
             write, extra = await _writer(channel, kind, target, args.events)
             for index, count in enumerate(_spread(args)):
-                watchers.append(
-                    await spawn(
-                        f"watchers-{index}",
-                        "watchers",
-                        args.max_seconds,
-                        *extra,
-                        "--count",
-                        str(count),
-                        "--client",
-                        args.client,
-                    )
-                )
+                watchers.append(await _spawn_watchers(f"watchers-{index}", args, extra, count))
             for child in watchers:
                 await child.expect("OPEN", 180)
             alone, watched_calls, cpu_per_event = await _alternating(write, server, args)
@@ -637,10 +666,13 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
             await child.stop()
         await server.stop()
     last: dict[str, float] = {}
+    first: dict[str, float] = {}
     received: dict[str, int] = {}
     for result in results:
         for seq, delay in result["delays"].items():
             last[seq] = max(last.get(seq, 0.0), delay)
+        for seq, delay in result["firsts"].items():
+            first[seq] = min(first.get(seq, delay), delay)
         for seq, count in result["counts"].items():
             received[seq] = received.get(seq, 0) + count
     delays = [d * 1000 for d in last.values()]
@@ -648,6 +680,8 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
         "complete": sum(1 for c in received.values() if c == args.subscribers),
         "disorder": sum(r["disorder"] for r in results),
         "p50": _pct(delays, 0.5),
+        "first_p50": _pct([d * 1000 for d in first.values()], 0.5),
+        "spread_p50": _pct([(last[seq] - first[seq]) * 1000 for seq in last], 0.5),
         "p99": _pct(delays, 0.99),
         "max": max(delays, default=float("nan")),
         "write_p50": _pct(watched_calls, 0.5) * 1000,
@@ -745,7 +779,7 @@ async def fanout_instructions(
                 if who == "client" and index == 0:
                     watchers.append(await _spawn_counted(f"watchers-{index}", "watchers", out, args, *more))
                 else:
-                    watchers.append(await spawn(f"watchers-{index}", "watchers", args.max_seconds, *more))
+                    watchers.append(await _spawn_watchers(f"watchers-{index}", args, extra, count, True))
             for child in watchers:
                 await child.expect("OPEN", 900)
 
@@ -842,7 +876,7 @@ async def parent(args: argparse.Namespace) -> int:
         print(
             f"{'server':<8}{'in order':>9}{'last p50':>10}{'last p99':>10}{'last max':>10}"
             f"{'write p50 none/1000':>22}{'ratio':>7}{'write p99 none/1000':>22}{'cpu us/sub/event':>18}"
-            f"{'client cpu us/msg':>19}"
+            f"{'client cpu us/msg':>19}{'first p50':>11}{'first-last p50':>16}"
         )
         for kind, f in runs.items():
             in_order = f["disorder"] == 0 and f["complete"] == args.events
@@ -851,7 +885,7 @@ async def parent(args: argparse.Namespace) -> int:
                 f"{f['p50']:>10.1f}{f['p99']:>10.1f}{f['max']:>10.1f}"
                 f"{f['alone_p50']:>11.2f} /{f['write_p50']:>8.2f}{f['write_p50'] / f['alone_p50']:>7.2f}"
                 f"{f['alone_p99']:>11.2f} /{f['write_p99']:>8.2f}{f['cpu_us']:>18.1f}"
-                f"{f['client_cpu_us']:>19.1f}"
+                f"{f['client_cpu_us']:>19.1f}{f['first_p50']:>11.1f}{f['spread_p50']:>16.1f}"
             )
         f = runs["mesh"]
         in_order = f["disorder"] == 0 and f["complete"] == args.events
@@ -909,10 +943,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-each", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--client",
-        choices=("asyncio", "lean"),
+        choices=("asyncio", "lean", "node"),
         default="asyncio",
         help="the watcher processes: grpc.aio on asyncio's loop reading with async for (the first "
-        "client), or on uvloop reading with read() and no generator layers (less CPU per message)",
+        "client), on uvloop reading with read() and no generator layers (less CPU per message), or "
+        "Node's @grpc/grpc-js (bench/node_watchers.js, the packages of tests/node)",
     )
     args = parser.parse_args(argv)
     if args.role == "parent":
