@@ -814,6 +814,8 @@ async def fanout_instructions(
 
 
 async def instructions(args: argparse.Namespace) -> None:
+    if args.client == "node" and "client" in args.count_in.split(","):
+        raise SystemExit("callgrind counts the Python watchers only: --count-in server with --client node")
     print(
         f"\n== fan-out instructions: {args.subscribers} subscribers in {args.watcher_processes} client"
         f" processes ({args.client} client), {args.count_events} events one at a time, servers on"
