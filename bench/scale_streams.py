@@ -541,7 +541,7 @@ async def memory(args: argparse.Namespace) -> dict[str, float]:
         for kind in kinds:
             # A fresh server per kind: memory freed by one kind's streams must not serve the next.
             role = "mesh-server" if kind in BARE_OF else "bare-server"
-            server = await spawn(role, role, args.max_seconds)
+            server = await spawn(role, role, args.max_seconds, "--loop", args.loop)
             try:
                 port = await server.expect("PORT", 60)
                 per_round[kind].append(await _stream_cost(args, kind, server, port))
@@ -643,7 +643,7 @@ def _spread(args: argparse.Namespace) -> list[int]:
 
 async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
     """One fan-out run on a fresh server: ``kind`` "mesh" (WatchSession, InviteAgent) or "bare"."""
-    server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds)
+    server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds, "--loop", args.loop)
     watchers: list[Child] = []
     try:
         port = await server.expect("PORT", 60)
@@ -762,9 +762,9 @@ async def fanout_instructions(
     written one at a time, each once every watcher got it."""
     out = tmp / f"{kind}-{who}"
     if who == "server":
-        server = await _spawn_counted(f"{kind}-server", f"{kind}-server", out, args)
+        server = await _spawn_counted(f"{kind}-server", f"{kind}-server", out, args, "--loop", args.loop)
     else:
-        server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds)
+        server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds, "--loop", args.loop)
     watchers: list[Child] = []
     counted = watchers_per = 0
     try:
