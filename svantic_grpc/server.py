@@ -73,6 +73,7 @@ __all__ = ["SERVICE_NAMES", "MeshServer", "event_loop_factory"]
 
 _log = logging.getLogger("svantic_grpc")
 
+
 def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
     """What makes the event loop a server with ``settings`` runs on (``event_loop``): run the
     server inside ``asyncio.Runner(loop_factory=event_loop_factory(settings))``.
@@ -80,7 +81,7 @@ def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEvent
     grpc.aio learns of each finished batch (a write to a stream, a message read) through a
     socket its poller thread writes to, and each time the loop wakes and runs a turn: with
     asyncio's own loop that turn is Python (``_run_once``, the selector), with uvloop C. An event
-    written to 1,000 ``WatchSession`` streams: ~96K → ~61K server instructions per stream
+    written to 1,000 ``WatchSession`` streams: ~98K → ~64K server instructions per stream
     (``bench/scale_streams.py --part fanout-instructions``).
     """
     if settings.event_loop == "asyncio":
