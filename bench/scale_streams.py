@@ -5,6 +5,8 @@ Run from the repository root::
     .venv/bin/python bench/scale_streams.py                     # both parts, ~2 minutes
     .venv/bin/python bench/scale_streams.py --part memory --streams 1000 --rounds 2
     .venv/bin/python bench/scale_streams.py --part fanout --subscribers 1000 --events 100
+    .venv/bin/python bench/scale_streams.py --part fanout --client lean   # a client with less CPU per message
+    .venv/bin/python bench/scale_streams.py --part fanout-instructions --count-in server,client
 
 Every server and client runs in its own process (``subprocess``), all on 127.0.0.1.
 
@@ -41,7 +43,20 @@ and the same watcher processes): what ``grpc.aio`` itself costs on this machine.
 
 The delay is measured where the client reads the event, so it includes the client
 processes' own event loops (1,000 streams over four Python processes on the same
-2 cores as the server).
+2 cores as the server). Each watcher process also reports its own CPU (user+system) over
+the run, printed per message read. ``--client asyncio`` (the default, the first client)
+reads each stream with ``async for`` through a generator of its own on asyncio's loop;
+``--client lean`` is a real client with less Python per message: uvloop, and ``read()``
+in the stream's own loop. Both servers run on ``--loop`` (the mesh's ``event_loop``
+setting; default uvloop, as ``serve``).
+
+**fanout-instructions** (``--part fanout-instructions``): the same setup with the server
+(``--count-in server``) or the first watcher process (``client``) under callgrind; after a
+warm-up, ``--count-events`` watched writes one at a time, each once every watcher process
+got it, then as many writes on the unwatched session. Printed per subscriber and event:
+the instructions of the counted process (by binary), and for the server, what the writes
+alone cost and the fan-out (the difference): a count that does not move with the machine's
+load.
 """
 
 from __future__ import annotations
@@ -54,9 +69,13 @@ import gc
 import json
 import logging
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +188,7 @@ async def run_mesh_server(args: argparse.Namespace) -> None:
             "shutdown_grace_s": 0,
             "store": "memory",
             "log_level": "WARNING",
+            "event_loop": args.loop,
         }
     )
     server = MeshServer(settings, env={})  # development signing key: loopback only
@@ -323,7 +343,10 @@ async def run_watchers(args: argparse.Namespace) -> None:
         mesh = _Mesh(channel)
         mesh.md = (("authorization", f"Bearer {args.token}"),)
         delays: dict[int, float] = {}
+        firsts: dict[int, float] = {}
+        """Per event, the smallest delay: to the first of this process's streams."""
         counts: dict[int, int] = {}
+        by_instance: dict[str, int] = {}
         disorder = 0
         ready = 0
         all_ready = asyncio.Event()
@@ -367,19 +390,107 @@ async def run_watchers(args: argparse.Namespace) -> None:
                 elif instance.startswith("w-"):
                     delay = now - stamp
                     delays[last] = max(delays.get(last, 0.0), delay)
+                    firsts[last] = min(firsts.get(last, delay), delay)
                     counts[last] = counts.get(last, 0) + 1
+                    if args.report_each:
+                        got = by_instance[instance] = by_instance.get(instance, 0) + 1
+                        if got == args.count:
+                            say(f"ALL {instance}")
 
-        tasks = [asyncio.create_task(watch()) for _ in range(args.count)]
-        await asyncio.wait_for(all_ready.wait(), 120)
+        def parse_bare(frame: bytes) -> tuple[int, float, str]:
+            seq, stamp, what = frame.decode().split(" ", 2)
+            return int(seq), float(stamp), what
+
+        def parse_mesh(response: Any) -> tuple[int, float, str]:
+            event = response.event
+            stamp = event.time.seconds + event.time.nanos / 1e9
+            return event.sequence, stamp, event.agent_joined.agent.instance_id
+
+        async def watch_lean() -> None:
+            """As ``watch``, with less Python per message: ``read()`` in the loop itself, no generators."""
+            nonlocal disorder, ready
+            if args.kind == "bare":
+                call, parse = channel.unary_stream(BARE_WATCH)(b""), parse_bare
+            else:
+                request = ses_pb.WatchSessionRequest(session_id=args.session)
+                call, parse = mesh.sessions.WatchSession(request, metadata=mesh.md), parse_mesh
+            read, eof = call.read, aio.EOF
+            last = 0
+            seen_probe = False
+            while (message := await read()) is not eof:
+                now = time.time()
+                sequence, stamp, instance = parse(message)
+                if sequence != last + 1:
+                    disorder += 1
+                last = sequence
+                if instance.startswith("w-"):
+                    delay = now - stamp
+                    if delay > delays.get(last, 0.0):
+                        delays[last] = delay
+                    if delay < firsts.get(last, 1e9):
+                        firsts[last] = delay
+                    counts[last] = counts.get(last, 0) + 1
+                    if args.report_each:
+                        got = by_instance[instance] = by_instance.get(instance, 0) + 1
+                        if got == args.count:
+                            say(f"ALL {instance}")
+                elif instance.startswith("probe") and not seen_probe:
+                    seen_probe = True
+                    ready += 1
+                    if ready == args.count:
+                        all_ready.set()
+
+        tasks = [
+            asyncio.create_task(watch_lean() if args.client == "lean" else watch()) for _ in range(args.count)
+        ]
+        await asyncio.wait_for(all_ready.wait(), 600)
+        cpu = os.times()
         say("OPEN")
         await stdin.read()
+        used = os.times()
+        cpu_s = used.user + used.system - cpu.user - cpu.system
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        say("RESULT " + json.dumps({"delays": delays, "counts": counts, "disorder": disorder}))
+        result = {"delays": delays, "firsts": firsts, "counts": counts, "disorder": disorder, "cpu": cpu_s}
+        say("RESULT " + json.dumps(result))
 
 
 # --------------------------------------------------------------------------- parent
+
+
+NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
+
+
+async def _spawn_watchers(
+    name: str, args: argparse.Namespace, extra: Sequence[str], count: int, report_each: bool = False
+) -> Child:
+    """A watcher process of ``--client``: this script's ``watchers`` role, or the Node one."""
+    if args.client != "node":
+        more = ("--report-each",) if report_each else ()
+        return await spawn(
+            name, "watchers", args.max_seconds, *extra, "--count", str(count), "--client", args.client, *more
+        )
+    if not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
+        raise SystemExit(
+            f"--client node needs the packages of tests/node: (cd {NODE_MODULES.parent} && npm ci)"
+        )
+    given = dict(zip(extra[::2], extra[1::2], strict=True))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(SCRIPT.parent / "node_watchers.js"),
+        str(ROOT / "proto"),
+        given["--kind"],
+        given["--target"],
+        given["--session"] or "-",
+        given["--token"] or "-",
+        str(count),
+        *(("--report-each",) if report_each else ()),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )
+    return Child(name, process)
 
 
 async def spawn(name: str, role: str, max_seconds: float, *extra: str) -> Child:
@@ -430,7 +541,7 @@ async def memory(args: argparse.Namespace) -> dict[str, float]:
         for kind in kinds:
             # A fresh server per kind: memory freed by one kind's streams must not serve the next.
             role = "mesh-server" if kind in BARE_OF else "bare-server"
-            server = await spawn(role, role, args.max_seconds)
+            server = await spawn(role, role, args.max_seconds, "--loop", args.loop)
             try:
                 port = await server.expect("PORT", 60)
                 per_round[kind].append(await _stream_cost(args, kind, server, port))
@@ -494,42 +605,53 @@ async def _alternating(
     return alone, watched, cpu / (per_block * args.blocks)
 
 
+async def _writer(
+    channel: aio.Channel, kind: str, target: str, events: int
+) -> tuple[Callable[[str], Awaitable[None]], list[str]]:
+    """The writer of a fan-out run on ``kind``'s server (its probe written), and the watchers' arguments.
+
+    ``write("w-N")`` appends an event the watchers see, ``write("q-N")`` one nobody watches.
+    """
+    session, token = "", ""
+    if kind == "mesh":
+        mesh = _Mesh(channel)
+        await mesh.sign_in()
+        token = mesh.md[0][1].removeprefix("Bearer ")
+        session, alone_session = await mesh.new_session(), await mesh.new_session()
+        names = ("probe", *(f"{p}-{i}" for p in ("w", "q") for i in range(events)))
+        await mesh.register(names, connected=False)
+
+        async def write(name: str) -> None:
+            # The same calls on a twin session nobody watches first (its record grows the same way).
+            await mesh.invite(alone_session if name.startswith("q") else session, name)
+    else:
+        bare_publish = channel.unary_unary(BARE_PUBLISH)
+
+        async def write(name: str) -> None:
+            await bare_publish(name.encode())
+
+    await write("probe")
+    return write, ["--kind", kind, "--target", target, "--session", session, "--token", token]
+
+
+def _spread(args: argparse.Namespace) -> list[int]:
+    """Streams per watcher process."""
+    per = [args.subscribers // args.watcher_processes] * args.watcher_processes
+    per[0] += args.subscribers - sum(per)
+    return per
+
+
 async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
     """One fan-out run on a fresh server: ``kind`` "mesh" (WatchSession, InviteAgent) or "bare"."""
-    server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds)
+    server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds, "--loop", args.loop)
     watchers: list[Child] = []
     try:
         port = await server.expect("PORT", 60)
         target = f"{HOST}:{port}"
         async with aio.insecure_channel(target) as channel:
-            session, token = "", ""
-            if kind == "mesh":
-                mesh = _Mesh(channel)
-                await mesh.sign_in()
-                token = mesh.md[0][1].removeprefix("Bearer ")
-                session, alone_session = await mesh.new_session(), await mesh.new_session()
-                names = ("probe", *(f"{p}-{i}" for p in ("w", "q") for i in range(args.events)))
-                await mesh.register(names, connected=False)
-
-                async def write(name: str) -> None:
-                    # The same calls on a twin session nobody watches first (its record grows the same way).
-                    await mesh.invite(alone_session if name.startswith("q") else session, name)
-            else:
-                bare_publish = channel.unary_unary(BARE_PUBLISH)
-
-                async def write(name: str) -> None:
-                    await bare_publish(name.encode())
-
-            await write("probe")
-            per = [args.subscribers // args.watcher_processes] * args.watcher_processes
-            per[0] += args.subscribers - sum(per)
-            for index, count in enumerate(per):
-                extra = ["--kind", kind, "--target", target, "--session", session, "--token", token]
-                watchers.append(
-                    await spawn(
-                        f"watchers-{index}", "watchers", args.max_seconds, *extra, "--count", str(count)
-                    )
-                )
+            write, extra = await _writer(channel, kind, target, args.events)
+            for index, count in enumerate(_spread(args)):
+                watchers.append(await _spawn_watchers(f"watchers-{index}", args, extra, count))
             for child in watchers:
                 await child.expect("OPEN", 180)
             alone, watched_calls, cpu_per_event = await _alternating(write, server, args)
@@ -544,10 +666,13 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
             await child.stop()
         await server.stop()
     last: dict[str, float] = {}
+    first: dict[str, float] = {}
     received: dict[str, int] = {}
     for result in results:
         for seq, delay in result["delays"].items():
             last[seq] = max(last.get(seq, 0.0), delay)
+        for seq, delay in result["firsts"].items():
+            first[seq] = min(first.get(seq, delay), delay)
         for seq, count in result["counts"].items():
             received[seq] = received.get(seq, 0) + count
     delays = [d * 1000 for d in last.values()]
@@ -555,6 +680,8 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
         "complete": sum(1 for c in received.values() if c == args.subscribers),
         "disorder": sum(r["disorder"] for r in results),
         "p50": _pct(delays, 0.5),
+        "first_p50": _pct([d * 1000 for d in first.values()], 0.5),
+        "spread_p50": _pct([(last[seq] - first[seq]) * 1000 for seq in last], 0.5),
         "p99": _pct(delays, 0.99),
         "max": max(delays, default=float("nan")),
         "write_p50": _pct(watched_calls, 0.5) * 1000,
@@ -562,7 +689,153 @@ async def fanout(args: argparse.Namespace, kind: str) -> dict[str, float]:
         "alone_p50": _pct(alone, 0.5) * 1000,
         "alone_p99": _pct(alone, 0.99) * 1000,
         "cpu_us": cpu_per_event * 1e6 / args.subscribers,
+        "client_cpu_us": sum(r["cpu"] for r in results) * 1e6 / (args.subscribers * args.events),
     }
+
+
+# --------------------------------------------------------------------------- instructions
+
+
+def _callgrind(pid: int, flag: str) -> None:
+    subprocess.run(
+        ["callgrind_control", flag, str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+
+
+def _counted(dump_prefix: Path, number: int) -> tuple[int, Counter[str]]:
+    """The instructions of the ``number``th dump ``--dump`` made, in all and by binary."""
+    [dump] = [p for p in dump_prefix.parent.glob(dump_prefix.name + ".*") if p.name.endswith(f".{number}")]
+    text = dump.read_text(errors="replace")
+    total = re.search(r"^summary: (\d+)", text, re.MULTILINE)
+    assert total is not None, f"no summary in {dump}"
+    names: dict[str, str] = {}
+    own: Counter[str] = Counter()
+    current, inclusive = "", False  # the cost line after ``calls=`` is the callee's: not own
+    for line in text.splitlines():
+        if line.startswith(("ob=", "cob=")):
+            found = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if found is not None:
+                if found[2]:
+                    names[found[1]] = Path(found[2]).name
+                if line.startswith("ob="):
+                    current = found[1]
+        elif line.startswith("calls="):
+            inclusive = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if inclusive:
+                inclusive = False
+            elif len(fields := line.split()) > 1:
+                own[current] += int(fields[1])
+    return int(total[1]), Counter({names.get(key, key): value for key, value in own.items()})
+
+
+async def _spawn_counted(name: str, role: str, out: Path, args: argparse.Namespace, *extra: str) -> Child:
+    """A child under callgrind, counting nothing until told (``--instr=on``)."""
+    process = await asyncio.create_subprocess_exec(
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}.%p",
+        sys.executable,
+        str(SCRIPT),
+        "--role",
+        role,
+        "--max-seconds",
+        str(args.max_seconds),
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    return Child(name, process)
+
+
+async def fanout_instructions(
+    args: argparse.Namespace, kind: str, who: str, tmp: Path
+) -> tuple[float, float, Counter[str]]:
+    """Instructions per subscriber and event of ``kind``'s server (``who`` "server") or of the
+    first watcher process (``who`` "client"), under callgrind, over ``--count-events`` events
+    written one at a time, each once every watcher got it."""
+    out = tmp / f"{kind}-{who}"
+    if who == "server":
+        server = await _spawn_counted(f"{kind}-server", f"{kind}-server", out, args, "--loop", args.loop)
+    else:
+        server = await spawn(f"{kind}-server", f"{kind}-server", args.max_seconds, "--loop", args.loop)
+    watchers: list[Child] = []
+    counted = watchers_per = 0
+    try:
+        port = await server.expect("PORT", 300)
+        target = f"{HOST}:{port}"
+        async with aio.insecure_channel(target) as channel:
+            warm = 5
+            write, extra = await _writer(channel, kind, target, warm + args.count_events)
+            spread = _spread(args)
+            for index, count in enumerate(spread):
+                more = (*extra, "--count", str(count), "--report-each", "--client", args.client)
+                if who == "client" and index == 0:
+                    watchers.append(await _spawn_counted(f"watchers-{index}", "watchers", out, args, *more))
+                else:
+                    watchers.append(await _spawn_watchers(f"watchers-{index}", args, extra, count, True))
+            for child in watchers:
+                await child.expect("OPEN", 900)
+
+            async def one(name: str) -> None:
+                await write(name)
+                for child in watchers:
+                    while await child.expect("ALL", 600) != name:
+                        pass
+
+            for i in range(warm):
+                await one(f"w-{i}")
+            counted_pid = server.process.pid if who == "server" else watchers[0].process.pid
+            await asyncio.to_thread(_callgrind, counted_pid, "--instr=on")
+            for i in range(warm, warm + args.count_events):
+                await one(f"w-{i}")
+            await asyncio.to_thread(_callgrind, counted_pid, "--dump")
+            # The same writes on the session nobody watches: what the writes cost without the fan-out.
+            for i in range(warm, warm + args.count_events):
+                await write(f"q-{i}")
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(_callgrind, counted_pid, "--dump")
+            counted = args.count_events
+            watchers_per = args.subscribers if who == "server" else spread[0]
+    finally:
+        for child in watchers:
+            await child.stop()
+        await server.stop()
+    total, by_binary = await asyncio.to_thread(_counted, out, 1)
+    alone, _ = await asyncio.to_thread(_counted, out, 2)
+    per = counted * watchers_per
+    return total / per, alone / per, Counter({k: v // per for k, v in by_binary.items()})
+
+
+async def instructions(args: argparse.Namespace) -> None:
+    if args.client == "node" and "client" in args.count_in.split(","):
+        raise SystemExit("callgrind counts the Python watchers only: --count-in server with --client node")
+    print(
+        f"\n== fan-out instructions: {args.subscribers} subscribers in {args.watcher_processes} client"
+        f" processes ({args.client} client), {args.count_events} events one at a time, servers on"
+        f" {args.loop}, under callgrind =="
+    )
+    with tempfile.TemporaryDirectory(prefix="svantic-fanout-") as scratch:
+        tmp = args.keep_dumps or scratch
+        os.makedirs(tmp, exist_ok=True)
+        for who in args.count_in.split(","):
+            for kind in args.kinds.split(","):
+                per, alone, by_binary = await fanout_instructions(args, kind, who, Path(tmp))
+                top = ", ".join(f"{name} {value:,}" for name, value in by_binary.most_common(4))
+                if who == "server":
+                    top += f"; the writes alone {alone:,.0f}, the fan-out {per - alone:,.0f}"
+                what = (
+                    "server, per subscriber and event"
+                    if who == "server"
+                    else "watcher process, per message read"
+                )
+                print(f"{kind:<5} {what}: {per:,.0f} instructions ({top})", flush=True)
 
 
 def _verdict(ok: bool) -> str:
@@ -592,17 +865,20 @@ async def parent(args: argparse.Namespace) -> int:
                 f"{label:<28}{cost[kind] / 1024:>10.1f}{own:>9.1f}{'<= ' + str(int(TARGET_KB[kind])):>9}  "
                 f"{_verdict(ok)}"
             )
+    if args.part == "fanout-instructions":
+        await instructions(args)
     if args.part in ("fanout", "both"):
         print(
             f"\n== fan-out: {args.subscribers} subscribers on one session in {args.watcher_processes} client "
-            f"processes, {args.events} events, a write every {args.interval_ms:g} ms in {args.blocks} "
-            "alternating blocks watched / nobody watching =="
+            f"processes ({args.client} client), {args.events} events, a write every {args.interval_ms:g} ms "
+            f"in {args.blocks} alternating blocks watched / nobody watching, servers on {args.loop} =="
         )
         args.events -= args.events % args.blocks
         runs = {kind: await fanout(args, kind) for kind in ("bare", "mesh")}
         print(
             f"{'server':<8}{'in order':>9}{'last p50':>10}{'last p99':>10}{'last max':>10}"
             f"{'write p50 none/1000':>22}{'ratio':>7}{'write p99 none/1000':>22}{'cpu us/sub/event':>18}"
+            f"{'client cpu us/msg':>19}{'first p50':>11}{'first-last p50':>16}"
         )
         for kind, f in runs.items():
             in_order = f["disorder"] == 0 and f["complete"] == args.events
@@ -611,6 +887,7 @@ async def parent(args: argparse.Namespace) -> int:
                 f"{f['p50']:>10.1f}{f['p99']:>10.1f}{f['max']:>10.1f}"
                 f"{f['alone_p50']:>11.2f} /{f['write_p50']:>8.2f}{f['write_p50'] / f['alone_p50']:>7.2f}"
                 f"{f['alone_p99']:>11.2f} /{f['write_p99']:>8.2f}{f['cpu_us']:>18.1f}"
+                f"{f['client_cpu_us']:>19.1f}{f['first_p50']:>11.1f}{f['spread_p50']:>16.1f}"
             )
         f = runs["mesh"]
         in_order = f["disorder"] == 0 and f["complete"] == args.events
@@ -634,7 +911,7 @@ async def parent(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--role``, one of its child processes); returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("memory", "fanout", "both"), default="both")
+    parser.add_argument("--part", choices=("memory", "fanout", "both", "fanout-instructions"), default="both")
     parser.add_argument("--streams", type=int, default=1000, help="streams per kind for the memory part")
     parser.add_argument("--warm", type=int, default=50, help="streams opened and closed before measuring")
     parser.add_argument("--rounds", type=int, default=2, help="memory rounds (fresh servers each)")
@@ -645,6 +922,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--blocks", type=int, default=10, help="alternating blocks of unwatched/watched writes"
     )
     parser.add_argument("--interval-ms", type=float, default=100, help="between two invites")
+    parser.add_argument("--count-events", type=int, default=20, help="events counted (fanout-instructions)")
+    parser.add_argument("--kinds", default="bare,mesh", help="servers fanout-instructions counts")
+    parser.add_argument("--keep-dumps", default="", help="a folder to keep callgrind's dumps in")
+    parser.add_argument(
+        "--count-in", default="server,client", help="what fanout-instructions counts: server, client or both"
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the servers' event loop (the mesh's setting event_loop; the bare server runs on the same)",
+    )
     parser.add_argument("--max-seconds", type=float, default=600, help="hard stop for every child")
     # Internal: how the parent starts its children.
     parser.add_argument("--role", default="parent", help=argparse.SUPPRESS)
@@ -653,6 +942,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--session", default="", help=argparse.SUPPRESS)
     parser.add_argument("--token", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--report-each", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--client",
+        choices=("asyncio", "lean", "node"),
+        default="asyncio",
+        help="the watcher processes: grpc.aio on asyncio's loop reading with async for (the first "
+        "client), on uvloop reading with read() and no generator layers (less CPU per message), or "
+        "Node's @grpc/grpc-js (bench/node_watchers.js, the packages of tests/node)",
+    )
     args = parser.parse_args(argv)
     if args.role == "parent":
         return asyncio.run(parent(args))
@@ -664,8 +962,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "streams-client": run_streams_client,
         "watchers": run_watchers,
     }
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(roles[args.role](args))
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.role.endswith("-server"):
+        from svantic_grpc.config import parse_settings
+        from svantic_grpc.server import event_loop_factory
+
+        # Both servers on the loop ``serve`` runs the mesh on with this ``event_loop`` setting.
+        factory = event_loop_factory(parse_settings({"event_loop": args.loop}))
+    elif args.role == "watchers" and args.client == "lean":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(roles[args.role](args))
     return 0
 
 

@@ -21,7 +21,7 @@ os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
 from svantic_grpc import cli_inputs, logs  # after the switch above: these load a2a-sdk
 from svantic_grpc.config import Settings, SettingsError, settings_for_serve, with_overrides
 from svantic_grpc.core.auth import hash_secret
-from svantic_grpc.server import MeshServer
+from svantic_grpc.server import MeshServer, event_loop_factory
 
 __all__ = ["GENERATED_SECRET_COST", "main"]
 
@@ -97,7 +97,8 @@ def _serve(settings_path: str | None, grpc_address: str | None, http_address: st
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("svantic_grpc").info("settings: %s", source)
     try:
-        asyncio.run(_run(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings)) as runner:
+            runner.run(_run(settings))
     except SettingsError as exc:
         print(f"svantic-grpc: {exc}", file=sys.stderr)
         return 2

@@ -305,6 +305,10 @@ class Settings(_Model):
     open on one server; one more is RESOURCE_EXHAUSTED `TOO_MANY_STREAMS`. 0: no limit."""
     store: str = "memory"
     """`memory` (default), `sqlite:///path/to/mesh.db` or `postgresql://user@host:port/db`."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The event loop `serve` runs the server on: `uvloop` (libuv's, in C) or `asyncio` (the
+    standard library's selector loop, in Python). Every completed gRPC write wakes the loop once:
+    an event to 1,000 watchers costs about a third fewer server instructions on uvloop."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per log line, with the session and trace ids when known."""

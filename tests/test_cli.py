@@ -21,7 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from svantic_grpc.core.auth import verify_secret
-from svantic_grpc.pb import auth_service_pb2, auth_service_pb2_grpc
+from svantic_grpc.pb import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 15.0
@@ -157,12 +162,16 @@ def _run(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_answers_and_stops_cleanly_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
-    settings = _settings_file(tmp_path)
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio", None], ids=["uvloop", "asyncio", "default"])
+def test_serve_answers_and_stops_cleanly_on_a_signal(
+    tmp_path: Path, signum: signal.Signals, event_loop: str | None
+) -> None:
+    settings = _settings_file(tmp_path, **({"event_loop": event_loop} if event_loop else {}))
     with _serve("--settings", str(settings)) as server:
         ready = server.wait_for("serving gRPC on")
         target = ready.rsplit("serving gRPC on ", 1)[1].split()[0]
         assert target == json.loads(settings.read_text())["grpc_address"]
+        assert f"event loop: {event_loop or 'uvloop'})" in ready  # uvloop unless told otherwise
         assert any("DEVELOPMENT MODE" in line for line in server.lines)
 
         with grpc.insecure_channel(target) as channel:
@@ -178,6 +187,21 @@ def test_serve_answers_and_stops_cleanly_on_a_signal(tmp_path: Path, signum: sig
             )
             assert token.token
             assert token.tenant_id == "dev"
+            # A session's events stream on this loop too (every write wakes it once).
+            auth_md = (("authorization", f"Bearer {token.token}"),)
+            sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+            created = sessions.InitSession(
+                session_service_pb2.InitSessionRequest(), metadata=auth_md, timeout=RPC_TIMEOUT_S
+            )
+            watch = sessions.WatchSession(
+                session_service_pb2.WatchSessionRequest(session_id=created.session.session_id),
+                metadata=auth_md,
+                timeout=RPC_TIMEOUT_S,
+            )
+            first = next(watch)
+            assert first.event.sequence == 1
+            assert first.event.session_id == created.session.session_id
+            watch.cancel()
 
         server.process.send_signal(signum)
         code, stderr = server.finish()

@@ -56,6 +56,12 @@ def test_committed_settings_file_loads_with_the_documented_defaults() -> None:
     assert is_loopback(settings.grpc_address)
     assert is_loopback(settings.http_address)
     assert settings.tenants == []
+    assert settings.event_loop == "uvloop"
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_key() -> None:
+    message = _error({"event_loop": "trio"})
+    assert "event_loop" in message
 
 
 def test_the_committed_file_says_exactly_the_embedded_defaults() -> None:
