@@ -203,7 +203,8 @@ class Sessions:
         )
         # The internal agents' joins are built only if read (a live subscriber, a store that
         # writes them out): the memory store keeps them as markers.
-        events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        joined = (AgentJoined(agents[0]), opened) if agents else (opened,)  # (a self-join: one agent)
+        events = InternalAgentsJoined(session_id, now, joined)
         store, tenant_id = self._store, caller.tenant_id
         if self._bus.atomic:
             # A commit that never suspends (the memory store) is alone while it runs: no session

@@ -99,7 +99,8 @@ class CompactLog:
                 entries, rest = list(markers), payloads.rest
         else:
             entries = []
-        entries.extend(_compact(payload, session_id, created_at) for payload in rest)
+        for payload in rest:  # (a session's open and close: one each; no generator for it)
+            entries.append(_compact(payload, session_id, created_at))
         self.times.extend([time] * len(entries))
         self.payloads.extend(entries)
         return entries
