@@ -258,7 +258,8 @@ def _unary(
             except Exception as error:
                 await _fail(context, error, method)  # ends the call with the error's status
                 response = None
-            code = _code(context, "OK")
+            # A call answered as the servicer returned has no code set: ``_code`` only when one is.
+            code = "OK" if context.code() is None else _code(context, "OK")
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"
