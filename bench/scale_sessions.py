@@ -18,7 +18,10 @@ the gRPC client.
 * **(b) churn**: a fresh mesh server and a bare ``grpc.aio`` unary echo server (as in
   ``bench/message_roundtrip.py``). ``--concurrency`` tasks each do, until the time is up,
   ``InitSession`` then ``CloseSession`` (mesh) or two echo calls (bare): pairs/s,
-  alternating for ``--rounds`` rounds, and each server's CPU (user+sys) per pair.
+  alternating for ``--rounds`` rounds, and each server's CPU (user+sys) per pair. The two
+  clients are equally lean: bytes in and out, each multi-callable, fixed request and the
+  metadata made once; the mesh pair parses InitSession's answer for the session id (as any
+  client must) and leaves CloseSession's unread, as the bare pair leaves its echoes.
   With ``--instructions``, instead: each server under valgrind's callgrind (all its
   threads), its instructions per pair over ``--pairs`` pairs after a warm-up, the same
   on every machine load; with ``--profile FILE`` the mesh server's own Python under
