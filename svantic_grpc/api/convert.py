@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from google.protobuf import timestamp_pb2
-
 from svantic_grpc.api._wkt import from_struct, struct, timestamp
 from svantic_grpc.api.convert_messages import message_event
 from svantic_grpc.core.errors import InvalidArgument
@@ -88,16 +86,25 @@ def session(
     message = session_pb.Session() if into is None else into
     message.session_id = record.session_id
     message.status = _SESSION_STATUS_BY_VALUE[record.status._value_]
-    message.user_id = record.user_id
-    message.created_by = record.created_by
-    message.creator_agent_type = record.creator_agent_type
+    # An empty string is what an empty message holds already: not set (each set is a call into
+    # protobuf; most sessions have no user_id, an open one no close_reason).
+    if record.user_id:
+        message.user_id = record.user_id
+    if record.created_by:
+        message.created_by = record.created_by
+    if record.creator_agent_type:
+        message.creator_agent_type = record.creator_agent_type
     # The session's times are mostly one or two values (opened: created, updated and last active
-    # at once; closed: updated when closed): each converted once, and each Timestamp field read
-    # once (every read of it makes its Python wrapper anew).
-    created = _nanos(record.created_at)
+    # at once; closed: updated when closed): each converted once (as ``_nanos``, written out), and
+    # each Timestamp field read once (every read of it makes its Python wrapper anew).
+    created = divmod(round(record.created_at * 1e9), _NANOS_PER_SECOND)
     stamp = message.created_at
     stamp.seconds, stamp.nanos = created
-    updated = created if record.updated_at == record.created_at else _nanos(record.updated_at)
+    updated = (
+        created
+        if record.updated_at == record.created_at
+        else divmod(round(record.updated_at * 1e9), _NANOS_PER_SECOND)
+    )
     stamp = message.updated_at
     stamp.seconds, stamp.nanos = updated
     active = record.last_activity_at
@@ -106,13 +113,15 @@ def session(
         created if active == record.created_at else updated if active == record.updated_at else _nanos(active)
     )
     if expires_at is not None:
-        _set_time(message.expires_at, expires_at)
+        stamp = message.expires_at
+        stamp.seconds, stamp.nanos = divmod(round(expires_at * 1e9), _NANOS_PER_SECOND)
     closed = None
     if record.closed_at is not None:
         closed = updated if record.closed_at == record.updated_at else _nanos(record.closed_at)
         stamp = message.closed_at
         stamp.seconds, stamp.nanos = closed
-    message.close_reason = record.close_reason
+    if record.close_reason:
+        message.close_reason = record.close_reason
     message.version = record.version
     if include_agents:
         add = message.agents.add
@@ -211,13 +220,12 @@ _TEMPLATES: dict[tuple[int, int], bytes | None] = {}
 """``_template``'s answers by (session id length, common part length): a few in practice."""
 
 
+_NANOS_PER_SECOND = 1_000_000_000
+
+
 def _nanos(seconds: float) -> tuple[int, int]:
     """Epoch ``seconds`` as a Timestamp's (seconds, nanos), as ``_wkt.timestamp`` rounds them."""
-    return divmod(round(seconds * 1e9), 1_000_000_000)
-
-
-def _set_time(target: timestamp_pb2.Timestamp, seconds: float) -> None:
-    target.seconds, target.nanos = _nanos(seconds)
+    return divmod(round(seconds * 1e9), _NANOS_PER_SECOND)
 
 
 def event(record: Event) -> event_pb.SessionEvent:

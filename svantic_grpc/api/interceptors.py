@@ -109,17 +109,35 @@ class MeshInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class _Around(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """A generic handler whose methods are wrapped by the interceptor."""
+    """A generic handler whose methods are wrapped by the interceptor.
+
+    grpc.aio asks each service's handler in turn on every call (a SessionService call asks
+    AuthService's first): each answer, the wrapped handler or ``None`` for a method this service
+    does not have, is kept by method name (the services' handlers answer by the name alone), so
+    a call costs one lookup per service asked instead of the inner handler's and the wrapper's.
+    """
 
     def __init__(self, inner: grpc.GenericRpcHandler, interceptor: MeshInterceptor) -> None:
         self._inner = inner
         self._interceptor = interceptor
+        self._answers: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        answer = self._answers.get(method, _NOT_ASKED)
+        if answer is not _NOT_ASKED:
+            return answer
         handler = self._inner.service(handler_call_details)
-        if handler is None:
-            return None
-        return self._interceptor.wrapped(handler_call_details.method, handler)
+        answer = None if handler is None else self._interceptor.wrapped(method, handler)
+        if len(self._answers) >= _MAX_ANSWERS:  # names a client made up: kept few
+            self._answers.clear()
+        self._answers[method] = answer
+        return answer
+
+
+_NOT_ASKED = object()
+_MAX_ANSWERS = 256
+"""Method names whose answer a service's handler keeps (the mesh serves about 60 methods)."""
 
 
 def _wrap(
@@ -240,7 +258,8 @@ def _unary(
             except Exception as error:
                 await _fail(context, error, method)  # ends the call with the error's status
                 response = None
-            code = _code(context, "OK")
+            # A call answered as the servicer returned has no code set: ``_code`` only when one is.
+            code = "OK" if context.code() is None else _code(context, "OK")
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"

@@ -54,7 +54,12 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             self_instance_id=request.self_instance_id,
         )
         response = pb.InitSessionResponse()
-        self._session(session, into=response.session)  # filled in place: no copy of the session
+        # Filled in place (no copy of the session), by ``convert.session`` itself: every session is
+        # opened here and closed below, a wrapper's call less on each.
+        ttl_s = self._sessions.ttl_s
+        convert.session(
+            session, expires_at=session.last_activity_at + ttl_s if ttl_s else None, into=response.session
+        )
         return response
 
     async def GetSession(
@@ -123,8 +128,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         response = pb.CloseSessionResponse(closed_now=closed_now)
         # Without its agents: a closed session has none present (``Session.agents``), as
-        # ListSessionAgents says; GetSession with include_agents lists those that left.
-        self._session(session, include_agents=False, into=response.session)
+        # ListSessionAgents says; GetSession with include_agents lists those that left. Closed, it
+        # expires no more (``Sessions.expires_at``).
+        convert.session(session, expires_at=None, include_agents=False, into=response.session)
         return response
 
     async def WatchSession(self, request: pb.WatchSessionRequest, context: aio.ServicerContext) -> None:

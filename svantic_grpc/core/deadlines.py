@@ -77,22 +77,24 @@ class DeadlineHeap(Generic[K]):
     def schedule(self, key: K, due: float) -> None:
         """Set ``key``'s deadline to ``due``, replacing an earlier one; wakes the loop if it is now first."""
         self._due[key] = due
-        heapq.heappush(self._heap, (due, key))
-        if self._heap[0][1] == key:
+        heap = self._heap
+        heapq.heappush(heap, (due, key))
+        if heap[0][1] == key:
             self._wake.set()
-        self._compact()
+        if len(heap) > 2 * len(self._due) + 64:  # (checked here: every session opened schedules)
+            self._compact()
 
     def forget(self, key: K) -> None:
         """Stop tracking ``key``."""
-        if self._due.pop(key, None) is not None:
+        if self._due.pop(key, None) is not None and len(self._heap) > 2 * len(self._due) + 64:
             self._compact()
 
     def _compact(self) -> None:
-        """Drop the entries of forgotten or moved deadlines once they are most of the heap: a
-        session closed long before its idle deadline does not stay in memory until then."""
-        if len(self._heap) > 2 * len(self._due) + 64:
-            self._heap = [(due, key) for key, due in self._due.items()]
-            heapq.heapify(self._heap)
+        """Drop the entries of forgotten or moved deadlines once they are most of the heap (the
+        callers check when): a session closed long before its idle deadline does not stay in memory
+        until then."""
+        self._heap = [(due, key) for key, due in self._due.items()]
+        heapq.heapify(self._heap)
 
     def pop_due(self, now: float) -> list[tuple[K, float]]:
         """Remove and return every key whose current deadline is at or before ``now``, earliest first."""

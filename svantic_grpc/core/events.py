@@ -184,7 +184,8 @@ class InternalAgentsJoined(_InternalAgentEvents):
     __slots__ = ("joined_at",)
 
     def __init__(self, session_id: str, joined_at: float, rest: Sequence[EventPayload] = ()) -> None:
-        super().__init__(session_id, rest)
+        self.session_id = session_id  # (set here, not through the base's __init__: one call less)
+        self.rest = rest
         self.joined_at = joined_at
 
     def internal(self, index: int) -> EventPayload:
@@ -200,7 +201,8 @@ class InternalAgentsLeft(_InternalAgentEvents):
     __slots__ = ("reason",)
 
     def __init__(self, session_id: str, reason: str, rest: Sequence[EventPayload] = ()) -> None:
-        super().__init__(session_id, rest)
+        self.session_id = session_id
+        self.rest = rest
         self.reason = reason
 
     def internal(self, index: int) -> EventPayload:
@@ -388,7 +390,7 @@ class EventBus:
         # they start: reading the last one to learn its number would build it on every write.
         first = getattr(events, "first", None)
         if type(first) is int:
-            last = first + len(events) - 1  # (its length asked once: a Python __len__)
+            last: int = getattr(events, "last")  # noqa: B009  (it says where they end too)
             if last < first:
                 return False
         elif not events:

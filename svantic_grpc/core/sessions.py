@@ -203,7 +203,8 @@ class Sessions:
         )
         # The internal agents' joins are built only if read (a live subscriber, a store that
         # writes them out): the memory store keeps them as markers.
-        events = InternalAgentsJoined(session_id, now, (*(AgentJoined(a) for a in agents), opened))
+        joined = (AgentJoined(agents[0]), opened) if agents else (opened,)  # (a self-join: one agent)
+        events = InternalAgentsJoined(session_id, now, joined)
         store, tenant_id = self._store, caller.tenant_id
         if self._bus.atomic:
             # A commit that never suspends (the memory store) is alone while it runs: no session
@@ -492,30 +493,36 @@ class Sessions:
             close_reason=reason,
             updated_at=now,
         )
-        # Most sessions have no instance to release: no stack of instance locks to hold for them.
-        async with contextlib.AsyncExitStack() if released else _NOTHING_HELD as held:
-            unbound: list[AgentRegistration] = []
-            for instance_id in released:  # in one order, so two closes never wait on each other
-                assert held is not None
-                await held.enter_async_context(self._registry.locks.hold((tenant_id, instance_id)))
-                registration = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
-                change = self._registry.released(registration, session_id) if registration else None
-                if change is not None:
-                    unbound.append(change)
-            # Forgotten before the write: even if this task is cancelled while the write is queued
-            # (it still lands), nothing here goes on believing the session open.
-            self._forget(tenant_id, session_id)
-            # The session closed, its events and its instances released: one write.
-            closed = await self._bus.commit(
-                tenant_id,
-                session_id,
-                lambda at: self._store.update_session_with_events(
-                    ended, time=at, payloads=events, agents=unbound
-                ),
-            )
-        self._forget(tenant_id, session_id)
+        if released:
+            async with contextlib.AsyncExitStack() as held:
+                unbound: list[AgentRegistration] = []
+                for instance_id in released:  # in one order, so two closes never wait on each other
+                    await held.enter_async_context(self._registry.locks.hold((tenant_id, instance_id)))
+                    registration = await self._store.get_agent(tenant_id=tenant_id, instance_id=instance_id)
+                    change = self._registry.released(registration, session_id) if registration else None
+                    if change is not None:
+                        unbound.append(change)
+                closed = await self._write_end(ended, events, unbound)
+        else:  # most sessions: no instance to release, no stack of instance locks to hold for them
+            closed = await self._write_end(ended, events, ())
+        self._latest.pop((tenant_id, session_id), None)  # (``_forget``)
         self.reaper.forget(tenant_id, session_id)
         return closed, True
+
+    async def _write_end(
+        self, ended: Session, events: InternalAgentsLeft, unbound: Sequence[AgentRegistration]
+    ) -> Session:
+        """Write the session closed with its events and its instances released: one write."""
+        tenant_id, session_id = ended.tenant_id, ended.session_id
+        # Forgotten before the write: even if this task is cancelled while the write is queued
+        # (it still lands), nothing here goes on believing the session open.
+        self._latest.pop((tenant_id, session_id), None)
+        store = self._store
+        return await self._bus.commit(
+            tenant_id,
+            session_id,
+            lambda at: store.update_session_with_events(ended, time=at, payloads=events, agents=unbound),
+        )
 
     async def watch(
         self, caller: Caller, session_id: str, *, after_sequence: int = 0
@@ -817,11 +824,8 @@ class Sessions:
         return session
 
 
-_NOTHING_HELD = contextlib.nullcontext()
-
 _CLOSING_ELSEWHERE_S = 30.0
 """How long a replica keeps a session it runs paused for a close another replica began."""
-"""What a close holds when it releases no instance (``nullcontext`` keeps no state: one is shared)."""
 
 _CONFLICT_TRIES = 20
 """Times a change of a session with the instances it binds or releases is read and written again

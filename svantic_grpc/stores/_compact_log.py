@@ -99,7 +99,10 @@ class CompactLog:
                 entries, rest = list(markers), payloads.rest
         else:
             entries = []
-        entries.extend(_compact(payload, session_id, created_at) for payload in rest)
+        for payload in rest:  # (a session's open and close: one status change each)
+            entries.append(
+                _compact(payload, session_id, created_at) if type(payload) in _AGENT_EVENTS else payload
+            )
         self.times.extend([time] * len(entries))
         self.payloads.extend(entries)
         return entries
@@ -129,6 +132,11 @@ class CompactLog:
     @property
     def next_sequence(self) -> int:
         return self.trimmed + len(self.payloads) + 1
+
+
+_AGENT_EVENTS = frozenset((AgentJoined, AgentLeft))
+"""What ``_compact`` may make a marker of (by exact type: no class derives from either); anything
+else is kept as it is."""
 
 
 def _compact(payload: EventPayload, session_id: str, created_at: float | None) -> Entry:
@@ -182,7 +190,7 @@ class Appended(Sequence[Event]):
     """The events one write appended (``entries``, numbered from ``first``), each ``Event`` built
     when first read: with no live subscriber, the bus reads none of them (it trims by ``first``)."""
 
-    __slots__ = ("_built", "created_at", "entries", "first", "session_id", "tenant_id", "time")
+    __slots__ = ("_built", "created_at", "entries", "first", "last", "session_id", "tenant_id", "time")
 
     def __init__(
         self,
@@ -196,6 +204,9 @@ class Appended(Sequence[Event]):
         self.tenant_id = tenant_id
         self.session_id = session_id
         self.first = first
+        self.last = first + len(entries) - 1
+        """The last one's sequence (``first - 1`` when none): the bus reads it to trim, without asking
+        this Sequence's length through its Python ``__len__``."""
         self.time = time
         self.entries = entries
         self.created_at = created_at

@@ -43,7 +43,10 @@ class SessionIndex:
             ):
                 return  # nothing the index orders by moved (the frequent case: activity)
             self.remove(old)
-        self._list(new.tenant_id, new.status).add((new.created_at, new.session_id))
+        keys = self._by_status.get((new.tenant_id, new.status._value_))  # (``_list``, written out)
+        if keys is None:
+            keys = self._by_status[(new.tenant_id, new.status._value_)] = SortedList()
+        keys.add((new.created_at, new.session_id))
         if new.status is SessionStatus.CLOSED and new.closed_at is not None:
             self._closed.add((new.closed_at, new.tenant_id, new.session_id))
 

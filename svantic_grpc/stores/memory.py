@@ -394,7 +394,7 @@ class MemoryStore(Store):
         log = self._events.get(key)
         if log is None:
             log = self._events[key] = CompactLog()
-        first = log.next_sequence
+        first = log.trimmed + len(log.payloads) + 1  # (``next_sequence``, without the property's call)
         # By exact type (which mypy does not narrow by): an isinstance that fails against one of
         # these (a Sequence, so an ABC) runs the ABC's own check in Python.
         rest = payloads.rest if type(payloads) in _INTERNAL_EVENTS else payloads  # type: ignore[attr-defined]
