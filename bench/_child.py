@@ -8,8 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["Child", "revision", "say", "start_role", "until_stdin_closes", "watchdog"]
 
@@ -114,3 +118,18 @@ def revision(*paths: str) -> str:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", *paths)
     return commit + (" + uncommitted changes" if dirty else "")
+
+
+LOOP_ENV = "SVANTIC_BENCH_LOOP"
+"""The event loop a benchmark's processes run on: ``uvloop`` (what ``serve`` runs on by default,
+the ``event_loop`` setting) or ``asyncio``; children inherit it from their parent's environment."""
+
+
+def run_on_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on the loop ``LOOP_ENV`` names (default uvloop, as ``serve``)."""
+    if os.environ.get(LOOP_ENV, "uvloop") == "asyncio":
+        return asyncio.run(main)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -9,9 +9,12 @@ Run from the repository root::
     .venv/bin/python bench/message_roundtrip.py --no-relay       # without the two-hop relay (no verdict)
     .venv/bin/python bench/message_roundtrip.py --observability  # + the mesh with metrics off (issue 14)
     .venv/bin/python bench/message_roundtrip.py --hosted         # + a hosted a2a-sdk agent: direct vs mesh
+    .venv/bin/python bench/message_roundtrip.py --loop asyncio   # every process on asyncio's own loop
 
 What runs, each in its own process (started with ``subprocess``) so no two
-share an event loop or the GIL, all on 127.0.0.1:
+share an event loop or the GIL, all on 127.0.0.1, every one on the event loop ``--loop``
+names (default uvloop, which ``serve`` runs on; the relay and the bare echo too, so that each
+is judged on the same loop):
 
 * **bare**: a ``grpc.aio`` server with one unary echo method (generic handler,
   bytes in, the same bytes out). This is the transport's ceiling on the machine:
@@ -110,7 +113,7 @@ from typing import Any
 
 import _hosted
 import grpc
-from _child import Child, revision, say, start_role, until_stdin_closes, watchdog
+from _child import LOOP_ENV, Child, revision, run_on_loop, say, start_role, until_stdin_closes, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -1196,11 +1199,18 @@ def main() -> None:
     parser.add_argument("--otlp-endpoint", default="", help=argparse.SUPPRESS)
     parser.add_argument("--trace-variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--agent-url", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop of every process (the mesh's event_loop setting; serve's default is uvloop)",
+    )
     args = parser.parse_args()
     if args.role == "parent":
         if args.py_spy and not PY_SPY.exists():
             raise SystemExit(f"--py-spy: {PY_SPY} not found (pip install py-spy into this environment)")
         args.base = Path(args.base).resolve() if args.base else None
+        os.environ[LOOP_ENV] = args.loop  # every process of the run: servers, agents, clients
         raise SystemExit(asyncio.run(parent(args, _revision())))
     logging.basicConfig(level=logging.ERROR)
     if args.max_seconds:
@@ -1216,7 +1226,7 @@ def main() -> None:
         "relay-agent": run_relay_agent,
         "hosted-agent": lambda _args: _hosted.run_hosted_agent(),
     }
-    asyncio.run(roles[args.role](args))
+    run_on_loop(roles[args.role](args))
 
 
 if __name__ == "__main__":
