@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from starlette.routing import BaseRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from svantic_grpc.adapter import ENTRY_POINT_GROUP, Adapter, AdapterSettingsError
 from svantic_grpc.core.clock import Clock, IdGenerator
@@ -175,8 +177,32 @@ class AdapterHost:
         self._inputs.tells_outcomes = bool(self.adapters)
 
     def routes(self) -> list[BaseRoute]:
-        """Every loaded adapter's inbound routes (for the HTTP server)."""
-        return [route for adapter in self.adapters.values() for route in adapter.routes()]
+        """Every loaded adapter's inbound routes (for the HTTP server, before ``start``); an adapter
+        that then fails to start answers on them 503 ``ADAPTER_DISABLED`` instead of reaching an
+        adapter that was stopped."""
+        adapters = self.adapters.items()
+        return [self._guarded(name, route) for name, adapter in adapters for route in adapter.routes()]
+
+    def _guarded(self, name: str, route: BaseRoute) -> BaseRoute:
+        if not isinstance(route, Route):
+            return route
+        endpoint = route.endpoint
+
+        async def guarded(request: Request) -> Response:
+            if name not in self.adapters:
+                body = {
+                    "status": "refused",
+                    "error": {
+                        "reason": "ADAPTER_DISABLED",
+                        "message": f"the {name} adapter is off on this server (it did not start); answer "
+                        "through the API, the console or the session's chat, or try again after a restart",
+                    },
+                }
+                return JSONResponse(body, status_code=503)
+            response: Response = await endpoint(request)
+            return response
+
+        return Route(route.path, guarded, methods=list(route.methods or ()), name=route.name)
 
     async def start(self) -> None:
         """Start the adapters (their routes are served already) and subscribe them to input requests."""

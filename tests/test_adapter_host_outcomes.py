@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
+from starlette.routing import Route
 
 from svantic_grpc import adapter_host
 from svantic_grpc.adapter import Adapter
@@ -252,4 +254,51 @@ async def test_an_outcome_every_adapter_was_told_keeps_nothing_per_adapter(
         assert await mesh.store.get_adapter_value("good", key) is None
     finally:
         await host.stop()
+        await mesh.stop()
+
+
+class BrokenWithRoutes(Broken):
+    async def _receive(self, request: Any) -> Any:
+        raise AssertionError("a stopped adapter was reached")
+
+    def routes(self) -> list[Any]:
+        return [Route("/webhooks/receive/broken", self._receive, methods=["POST"])]
+
+
+async def test_the_routes_of_an_adapter_that_did_not_start_answer_503(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code review (K7): an adapter disabled at start was stopped, but its routes (mounted before)
+    still reached it: a click or a signed answer then met closed clients (500)."""
+    monkeypatch.setattr(adapter_host, "entry_points", lambda group: [_EntryPoint("broken", BrokenWithRoutes)])
+    mesh = Mesh(
+        store=SqliteStore(tmp_path / "mesh.db"),
+        tokens=TokenSettings(signing_key="k" * 32),
+        credentials=(),
+        clock=clock,
+    )
+    http = HttpServer("127.0.0.1:0", ready=lambda: True)
+    host = AdapterHost(
+        configs={"broken": {}},
+        http=http,
+        inputs=mesh.inputs,
+        store=mesh.store,
+        clock=clock,
+        ids=mesh.ids,
+        env={},
+    )
+    host.load()
+    http.mount(host.routes())
+    await mesh.start()
+    await http.start()
+    try:
+        await host.start()
+        assert host.adapters == {}
+        async with httpx.AsyncClient(base_url=http.url) as client:
+            answer = await client.post("/webhooks/receive/broken", json={})
+        assert answer.status_code == 503
+        assert answer.json()["error"]["reason"] == "ADAPTER_DISABLED"
+    finally:
+        await host.stop()
+        await http.stop(0)
         await mesh.stop()
