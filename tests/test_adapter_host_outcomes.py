@@ -5,6 +5,8 @@ marked told, and the adapter that was down never got them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,13 +49,20 @@ class _EntryPoint:
         return self.adapter
 
 
-async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
-    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def entry_points(group: str) -> list[Any]:
-        return [_EntryPoint("good", Good), _EntryPoint("broken", Broken)]
-
-    monkeypatch.setattr(adapter_host, "entry_points", entry_points)
+@contextlib.asynccontextmanager
+async def hosting(
+    tmp_path: Path,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    adapters: dict[str, type[Adapter]],
+    *,
+    http: HttpServer | None = None,
+    start: bool = True,
+) -> AsyncIterator[tuple[Mesh, AdapterHost]]:
+    """A mesh on a SQLite file and an adapter host of ``adapters`` (their entry points), started
+    (the host too, unless ``start`` is False); stopped on exit."""
+    entries = [_EntryPoint(name, adapter) for name, adapter in adapters.items()]
+    monkeypatch.setattr(adapter_host, "entry_points", lambda group: entries)
     mesh = Mesh(
         store=SqliteStore(tmp_path / "mesh.db"),
         tokens=TokenSettings(signing_key="k" * 32),
@@ -61,8 +70,8 @@ async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
         clock=clock,
     )
     host = AdapterHost(
-        configs={"good": {}, "broken": {}},
-        http=HttpServer("127.0.0.1:0", ready=lambda: True),
+        configs={name: {} for name in adapters},
+        http=http or HttpServer("127.0.0.1:0", ready=lambda: True),
         inputs=mesh.inputs,
         store=mesh.store,
         clock=clock,
@@ -71,23 +80,28 @@ async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
     )
     host.load()
     await mesh.start()
-    await host.start()
     try:
+        if start:
+            await host.start()
+        yield mesh, host
+    finally:
+        await host.stop()
+        await mesh.stop()
+
+
+async def test_an_adapter_that_failed_to_start_leaves_the_outcomes_untold(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with hosting(tmp_path, clock, monkeypatch, {"good": Good, "broken": Broken}) as (mesh, host):
         assert list(host.adapters) == ["good"]
         session_id = (await mesh.sessions.init(CALLER)).session_id
         request = await ask_to_delete(mesh, session_id, "m1")
         await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
-        for _ in range(100):
-            if told:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(told))
         assert told == [request.request_id]  # the adapter that is up is told
         await asyncio.sleep(0.05)
         # ... and the outcome stays untold, for the broken one at the next start.
         assert [r.request_id for r in await mesh.store.untold_outcomes()] == [request.request_id]
-    finally:
-        await host.stop()
-        await mesh.stop()
 
 
 stopped: list[str] = []
@@ -108,36 +122,12 @@ async def test_an_adapter_whose_start_never_ends_is_disabled_and_the_mesh_goes_o
 ) -> None:
     """Found from outside (review 7): Slack's Socket Mode start waited for ever on a Slack that
     refused the socket, and the server never served."""
-    monkeypatch.setattr(
-        adapter_host,
-        "entry_points",
-        lambda group: [_EntryPoint("hanging", Hanging), _EntryPoint("good", Good)],
-    )
     monkeypatch.setattr(adapter_host, "START_TIMEOUT_S", 0.2)
-    mesh = Mesh(
-        store=SqliteStore(tmp_path / "mesh.db"),
-        tokens=TokenSettings(signing_key="k" * 32),
-        credentials=(),
-        clock=clock,
-    )
-    host = AdapterHost(
-        configs={"hanging": {}, "good": {}},
-        http=HttpServer("127.0.0.1:0", ready=lambda: True),
-        inputs=mesh.inputs,
-        store=mesh.store,
-        clock=clock,
-        ids=mesh.ids,
-        env={},
-    )
-    host.load()
-    await mesh.start()
-    try:
+    adapters = {"hanging": Hanging, "good": Good}
+    async with hosting(tmp_path, clock, monkeypatch, adapters, start=False) as (_, host):
         await asyncio.wait_for(host.start(), 5)
         assert list(host.adapters) == ["good"]  # the next one started too
         assert stopped == ["hanging"]  # what it had opened is let go
-    finally:
-        await host.stop()
-        await mesh.stop()
 
 
 class Counting(Adapter):
@@ -174,30 +164,8 @@ async def test_an_outcome_told_again_reaches_only_the_adapters_not_told_yet(
     """Found from outside (review 7, W7): while one adapter could not deliver an outcome, every
     replica told it again every ten minutes to every adapter, and the webhook receiver that had it
     the first time got it again each time."""
-    monkeypatch.setattr(
-        adapter_host,
-        "entry_points",
-        lambda group: [_EntryPoint("hook", Counting), _EntryPoint("slack", DownAtFirst)],
-    )
-    mesh = Mesh(
-        store=SqliteStore(tmp_path / "mesh.db"),
-        tokens=TokenSettings(signing_key="k" * 32),
-        credentials=(),
-        clock=clock,
-    )
-    host = AdapterHost(
-        configs={"hook": {}, "slack": {}},
-        http=HttpServer("127.0.0.1:0", ready=lambda: True),
-        inputs=mesh.inputs,
-        store=mesh.store,
-        clock=clock,
-        ids=mesh.ids,
-        env={},
-    )
-    host.load()
-    await mesh.start()
-    await host.start()
-    try:
+    adapters = {"hook": Counting, "slack": DownAtFirst}
+    async with hosting(tmp_path, clock, monkeypatch, adapters) as (mesh, _):
         session_id = (await mesh.sessions.init(CALLER)).session_id
         request = await ask_to_delete(mesh, session_id, "m1")
         await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
@@ -211,9 +179,6 @@ async def test_an_outcome_told_again_reaches_only_the_adapters_not_told_yet(
         assert Counting.told == [request.request_id]  # once, not at every telling again
         assert DownAtFirst.told == [request.request_id]
         assert await mesh.store.untold_outcomes() == []  # every adapter told: marked told
-    finally:
-        await host.stop()
-        await mesh.stop()
 
 
 async def test_an_outcome_every_adapter_was_told_keeps_nothing_per_adapter(
@@ -221,26 +186,7 @@ async def test_an_outcome_every_adapter_was_told_keeps_nothing_per_adapter(
 ) -> None:
     """Code review (K1): keeping which adapters were told cost every outcome a read and a write per
     adapter, and a row each for the session's life; it is needed only when one was not told."""
-    monkeypatch.setattr(adapter_host, "entry_points", lambda group: [_EntryPoint("good", Good)])
-    mesh = Mesh(
-        store=SqliteStore(tmp_path / "mesh.db"),
-        tokens=TokenSettings(signing_key="k" * 32),
-        credentials=(),
-        clock=clock,
-    )
-    host = AdapterHost(
-        configs={"good": {}},
-        http=HttpServer("127.0.0.1:0", ready=lambda: True),
-        inputs=mesh.inputs,
-        store=mesh.store,
-        clock=clock,
-        ids=mesh.ids,
-        env={},
-    )
-    host.load()
-    await mesh.start()
-    await host.start()
-    try:
+    async with hosting(tmp_path, clock, monkeypatch, {"good": Good}) as (mesh, _):
         session_id = (await mesh.sessions.init(CALLER)).session_id
         request = await ask_to_delete(mesh, session_id, "m1")
         await mesh.inputs.cancel_for_message("acme", session_id, "m1", "not needed")
@@ -252,9 +198,6 @@ async def test_an_outcome_every_adapter_was_told_keeps_nothing_per_adapter(
         assert await mesh.store.untold_outcomes() == []  # marked told
         key = f"{adapter_host.RESERVED_PREFIX}outcome-told/acme/{request.request_id}"
         assert await mesh.store.get_adapter_value("good", key) is None
-    finally:
-        await host.stop()
-        await mesh.stop()
 
 
 class BrokenWithRoutes(Broken):
@@ -270,35 +213,17 @@ async def test_the_routes_of_an_adapter_that_did_not_start_answer_503(
 ) -> None:
     """Code review (K7): an adapter disabled at start was stopped, but its routes (mounted before)
     still reached it: a click or a signed answer then met closed clients (500)."""
-    monkeypatch.setattr(adapter_host, "entry_points", lambda group: [_EntryPoint("broken", BrokenWithRoutes)])
-    mesh = Mesh(
-        store=SqliteStore(tmp_path / "mesh.db"),
-        tokens=TokenSettings(signing_key="k" * 32),
-        credentials=(),
-        clock=clock,
-    )
     http = HttpServer("127.0.0.1:0", ready=lambda: True)
-    host = AdapterHost(
-        configs={"broken": {}},
-        http=http,
-        inputs=mesh.inputs,
-        store=mesh.store,
-        clock=clock,
-        ids=mesh.ids,
-        env={},
-    )
-    host.load()
-    http.mount(host.routes())
-    await mesh.start()
-    await http.start()
-    try:
-        await host.start()
-        assert host.adapters == {}
-        async with httpx.AsyncClient(base_url=http.url) as client:
-            answer = await client.post("/webhooks/receive/broken", json={})
-        assert answer.status_code == 503
-        assert answer.json()["error"]["reason"] == "ADAPTER_DISABLED"
-    finally:
-        await host.stop()
-        await http.stop(0)
-        await mesh.stop()
+    adapters = {"broken": BrokenWithRoutes}
+    async with hosting(tmp_path, clock, monkeypatch, adapters, http=http, start=False) as (_, host):
+        http.mount(host.routes())
+        await http.start()
+        try:
+            await host.start()
+            assert host.adapters == {}
+            async with httpx.AsyncClient(base_url=http.url) as client:
+                answer = await client.post("/webhooks/receive/broken", json={})
+            assert answer.status_code == 503
+            assert answer.json()["error"]["reason"] == "ADAPTER_DISABLED"
+        finally:
+            await http.stop(0)

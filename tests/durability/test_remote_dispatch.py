@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -36,8 +36,9 @@ COMPLETED = message_types_pb2.MESSAGE_STATE_COMPLETED
 FAILED = message_types_pb2.MESSAGE_STATE_FAILED
 
 
-@pytest.fixture
-async def replicas() -> AsyncIterator[list[Client]]:
+@asynccontextmanager
+async def _three(dispatch_timeout_ms: int) -> AsyncIterator[list[Client]]:
+    """Three replicas on one fresh schema (dropped afterwards)."""
     _postgres.require_postgres()
     schema = _postgres.new_schema()
     try:
@@ -47,11 +48,17 @@ async def replicas() -> AsyncIterator[list[Client]]:
                 "postgres": {"schema_name": schema, "pool_size": 4},
                 "replica": {"lease_ms": 2000, "renew_ms": 500},
                 "policies": POLICIES,
-                "dispatch": {"timeout_ms": 1500},  # a human's time does not count
+                "dispatch": {"timeout_ms": dispatch_timeout_ms},
             }
             yield [await stack.enter_async_context(running_server(env=ENV, **settings)) for _ in range(3)]
     finally:
         await _postgres.drop_schema(schema)
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[Client]]:
+    async with _three(dispatch_timeout_ms=1500) as three:  # a human's time does not count
+        yield three
 
 
 def _replica(client: Client) -> str:
@@ -212,19 +219,8 @@ async def test_a_holder_that_stops_answering_fails_the_message_at_the_timeout(re
 @pytest.fixture
 async def patient_replicas() -> AsyncIterator[list[Client]]:
     """As ``replicas``, with a dispatch timeout far longer than the test waits."""
-    _postgres.require_postgres()
-    schema = _postgres.new_schema()
-    try:
-        async with AsyncExitStack() as stack:
-            settings: dict[str, Any] = {
-                "store": _postgres.POSTGRES_DSN,
-                "postgres": {"schema_name": schema, "pool_size": 4},
-                "replica": {"lease_ms": 2000, "renew_ms": 500},
-                "dispatch": {"timeout_ms": 60_000},
-            }
-            yield [await stack.enter_async_context(running_server(env=ENV, **settings)) for _ in range(3)]
-    finally:
-        await _postgres.drop_schema(schema)
+    async with _three(dispatch_timeout_ms=60_000) as three:
+        yield three
 
 
 async def test_work_on_a_holder_that_died_fails_once_the_agent_is_back_elsewhere(
