@@ -576,9 +576,11 @@ class Sessions:
             raise FailedPrecondition(f"session {session_id!r} is closed", reason="SESSION_CLOSED")
         if session is not None and is_open:
             paused = raising or await self._still_pending(change)
+            # Even for a close (a paused session's requests withdrawn before it is written closed):
+            # the session is active once nothing in it is pending, in the write that ends the last
+            # request, as the store must show at any crash point (the crash test found a kill
+            # between that write and the close's leaving it paused with nothing pending).
             target = SessionStatus.PAUSED if paused else SessionStatus.ACTIVE
-            if target is SessionStatus.ACTIVE and (tenant_id, session_id) in self._closing:
-                target = session.status  # a paused session closes from paused (``_close``)
             if session.status is not target:
                 now = self._clock.now()
                 moved = replace(session, status=target, updated_at=now, last_activity_at=now)
