@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +135,31 @@ def run_on_loop(main: Coroutine[Any, Any, T]) -> T:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def callgrind_counts(dump: Path) -> tuple[int, Counter[str]]:
+    """A callgrind dump's instructions, in all and by the binary they ran in (the interpreter,
+    grpc's ``cygrpc`` with its C core, protobuf's ...): each cost line counted as its own
+    binary's, not the callee's line after ``calls=``."""
+    text = dump.read_text(errors="replace")
+    total = re.search(r"^summary: (\d+)", text, re.MULTILINE)
+    assert total is not None, f"no summary in {dump}"
+    names: dict[str, str] = {}
+    own: Counter[str] = Counter()
+    current, inclusive = "", False  # the cost line after ``calls=`` is the callee's: not own
+    for line in text.splitlines():
+        if line.startswith(("ob=", "cob=")):
+            found = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if found is not None:
+                if found[2]:
+                    names[found[1]] = Path(found[2]).name
+                if line.startswith("ob="):
+                    current = found[1]
+        elif line.startswith("calls="):
+            inclusive = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if inclusive:
+                inclusive = False
+            elif len(fields := line.split()) > 1:
+                own[current] += int(fields[1])
+    return int(total[1]), Counter({names.get(key, key): value for key, value in own.items()})

@@ -69,7 +69,6 @@ import gc
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -81,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _child import Child, revision, say, start_role, watchdog
+from _child import Child, callgrind_counts, revision, say, start_role, watchdog
 from grpc import aio
 
 SCRIPT = Path(__file__).resolve()
@@ -708,28 +707,7 @@ def _callgrind(pid: int, flag: str) -> None:
 def _counted(dump_prefix: Path, number: int) -> tuple[int, Counter[str]]:
     """The instructions of the ``number``th dump ``--dump`` made, in all and by binary."""
     [dump] = [p for p in dump_prefix.parent.glob(dump_prefix.name + ".*") if p.name.endswith(f".{number}")]
-    text = dump.read_text(errors="replace")
-    total = re.search(r"^summary: (\d+)", text, re.MULTILINE)
-    assert total is not None, f"no summary in {dump}"
-    names: dict[str, str] = {}
-    own: Counter[str] = Counter()
-    current, inclusive = "", False  # the cost line after ``calls=`` is the callee's: not own
-    for line in text.splitlines():
-        if line.startswith(("ob=", "cob=")):
-            found = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
-            if found is not None:
-                if found[2]:
-                    names[found[1]] = Path(found[2]).name
-                if line.startswith("ob="):
-                    current = found[1]
-        elif line.startswith("calls="):
-            inclusive = True
-        elif line[:1].isdigit() or line[:1] in "+-*":
-            if inclusive:
-                inclusive = False
-            elif len(fields := line.split()) > 1:
-                own[current] += int(fields[1])
-    return int(total[1]), Counter({names.get(key, key): value for key, value in own.items()})
+    return callgrind_counts(dump)
 
 
 async def _spawn_counted(name: str, role: str, out: Path, args: argparse.Namespace, *extra: str) -> Child:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import message_roundtrip as roundtrip  # noqa: E402  (the bench's own roles and clients)
+from _child import callgrind_counts  # noqa: E402
 from grpc import aio  # noqa: E402
 
 _ROLES = {
@@ -68,28 +68,7 @@ def _summary(tmp: Path, name: str) -> tuple[int, Counter[str]]:
     """The instructions counted in the dump ``--dump`` made (callgrind numbers it 1), in all and
     by the binary they ran in (the interpreter, grpc's ``cygrpc`` with its C core, protobuf's ...)."""
     [dump] = [p for p in tmp.glob(f"{name}.*") if p.name.endswith(".1")]
-    text = dump.read_text(errors="replace")
-    total = re.search(r"^summary: (\d+)", text, re.MULTILINE)
-    assert total is not None, f"no summary in {dump}"
-    names: dict[str, str] = {}
-    own: Counter[str] = Counter()
-    current, inclusive = "", False  # the cost line after ``calls=`` is the callee's: not own
-    for line in text.splitlines():
-        if line.startswith(("ob=", "cob=")):
-            found = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
-            if found is not None:
-                if found[2]:
-                    names[found[1]] = Path(found[2]).name
-                if line.startswith("ob="):
-                    current = found[1]
-        elif line.startswith("calls="):
-            inclusive = True
-        elif line[:1].isdigit() or line[:1] in "+-*":
-            if inclusive:
-                inclusive = False
-            elif len(fields := line.split()) > 1:
-                own[current] += int(fields[1])
-    return int(total[1]), Counter({names.get(key, key): value for key, value in own.items()})
+    return callgrind_counts(dump)
 
 
 async def count(tree: Path, mode: str, concurrency: int, messages: int, tmp: Path) -> float:
