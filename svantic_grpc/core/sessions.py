@@ -96,10 +96,6 @@ class Sessions:
         self._closed_hooks: list[Callable[[str, str, str], Awaitable[None]]] = []
         self._busy_checks: list[Callable[[str, str], bool]] = []
         self._open_hooks: list[Callable[[str, str], Awaitable[object]]] = []
-        self._closing: dict[tuple[str, str], asyncio.TimerHandle | None] = {}
-        """Sessions whose close has begun: their work ends before the close is written, and what it
-        withdraws leaves them paused (``paused → closed``, never through ``active``)."""
-        self._settling: set[asyncio.Task[None]] = set()
         self.shared = False
         """Replicas share the store: another process may write a session while this one does
         (set by the composition of the mesh)."""
@@ -405,7 +401,6 @@ class Sessions:
         # Cancel running work first, outside the session lock: cancellation writes to the session.
         # The hooks do nothing for a session without work (closed, unknown, another tenant's).
         key = (tenant_id, session_id)
-        self._closing[key] = None
         try:
             for hook in self._close_hooks:
                 await hook(tenant_id, session_id, reason)
@@ -415,47 +410,10 @@ class Sessions:
                 for after in self._closed_hooks:
                     await after(tenant_id, session_id, reason)
             return closed, now
-        except BaseException:  # cancelled too: what the hooks withdrew must not leave it paused
+        except BaseException:  # cancelled too (what the hooks withdrew left the session as it says)
             for failed in self._close_failed_hooks:
                 failed(tenant_id, session_id)
-            self._closing.pop(key, None)
-            self._settle_soon(tenant_id, session_id)
             raise
-        finally:
-            self._closing.pop(key, None)
-
-    def _settle_soon(self, tenant_id: str, session_id: str) -> None:
-        """A close that began was not written: the session, kept paused for it while its work
-        ended, becomes paused or active as what is pending in it says (in a task of its own, so a
-        cancelled close still settles it)."""
-
-        async def settle() -> None:
-            try:
-                await self.settle_status(tenant_id, session_id, "the close did not complete")
-            except Exception:  # the store unreachable: start-up recovery settles it
-                _log.exception("session %s: status not settled after its close failed", session_id)
-
-        task = asyncio.create_task(settle(), name="svantic-settle")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    def closing_elsewhere(self, tenant_id: str, session_id: str) -> None:
-        """Another replica closes this session, which this one runs, and asked it to end its work
-        first: what that withdraws leaves the session paused for the close, as ``_close`` does. If
-        the close is not written within ``_CLOSING_ELSEWHERE_S`` (that replica died), the session
-        is made paused or active as what is pending in it says."""
-        key = (tenant_id, session_id)
-        if key in self._closing:
-            handle = self._closing[key]
-            if handle is None:
-                return  # closing here too: ``_close`` settles it if its write fails
-            handle.cancel()
-
-        def expired() -> None:
-            self._closing.pop(key, None)
-            self._settle_soon(tenant_id, session_id)
-
-        self._closing[key] = asyncio.get_running_loop().call_later(_CLOSING_ELSEWHERE_S, expired)
 
     async def closed_elsewhere(self, tenant_id: str, session_id: str) -> None:
         """The session was closed by another process while this one ran its work: that work ends
@@ -825,9 +783,6 @@ class Sessions:
             )
         return session
 
-
-_CLOSING_ELSEWHERE_S = 30.0
-"""How long a replica keeps a session it runs paused for a close another replica began."""
 
 _CONFLICT_TRIES = 20
 """Times a change of a session with the instances it binds or releases is read and written again

@@ -40,8 +40,8 @@ class RelayKind(enum.Enum):
     """``CancelMessage`` reached a replica that does not own the session: the owner cancels the
     message's running work (``tenant_id``, ``session_id``, ``message_id``; ``reason``)."""
     END_FOR_CLOSE = "end-for-close"
-    """As ``CANCEL_MESSAGE``, for a ``CloseSession`` on another replica: the owner also keeps the
-    session paused for the close that follows (``Sessions.closing_elsewhere``)."""
+    """As ``CANCEL_MESSAGE``, for a ``CloseSession`` on another replica (the close that follows is
+    that replica's write)."""
 
 
 @dataclass(frozen=True)

@@ -543,8 +543,6 @@ class Messages:
         try:
             if not await self._ownership.runs_here(tenant_id, session_id):
                 return  # moved on: the asking replica asks the new owner
-            if item.kind is RelayKind.END_FOR_CLOSE:
-                self._sessions.closing_elsewhere(tenant_id, session_id)
             await self._cancel_here(tenant_id, session_id, message_id, item.reason)
         except MeshError:
             return  # ended meanwhile, or gone: the asking replica reads what happened
